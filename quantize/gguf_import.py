@@ -1,0 +1,140 @@
+"""Convert a GGUF file (llama.cpp) into a Hugging Face model folder (config, fp16 safetensors, tokenizer).
+
+The quantizer and the runtime then treat it like any Hugging Face checkpoint. GGUF block-quantized
+tensors are dequantized with `gguf.quants`; the dequantized model is the fp16 reference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
+
+# GGUF tensor name (after "blk.{i}.") -> Hugging Face name (after "model.layers.{i}.")
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of the rotary halves in q/k projections. w: [n_head*hd, M]."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_config(reader, arch: str, tied: bool) -> dict:
+    def a(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    n_head = int(a("attention.head_count"))
+    hidden = int(a("embedding_length"))
+    vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    head_dim = int(a("rope.dimension_count", hidden // n_head))
+    cfg = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(a("feed_forward_length")),
+        "num_hidden_layers": int(a("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(a("attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(a("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(a("context_length", 4096)),
+        "tie_word_embeddings": tied,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float16",
+    }
+    if arch == "llama":
+        cfg["attention_bias"] = False
+        cfg["mlp_bias"] = False
+    return cfg
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write a Hugging Face folder for `gguf_path` into `out_dir` and return it."""
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception as exc:  # gguf raises assorted errors on foreign/truncated files
+        raise ValueError(f"{gguf_path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ValueError(
+            f"{gguf_path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_GGUF_ARCHS)})"
+        )
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
+    cfg = _hf_config(reader, arch, tied)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name in _GLOBAL_NAMES:
+            hf = _GLOBAL_NAMES[t.name]
+        elif t.name.startswith("blk."):
+            _, idx, rest = t.name.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r} for architecture {arch}")
+            hf = f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
+        elif t.name == "rope_freqs.weight":
+            continue  # llama3 rope factors; recomputed from config by transformers
+        else:
+            raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
+        shape = [int(s) for s in reversed(t.shape)]  # GGUF lists the fastest dim first
+        w = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        if arch == "llama" and rest_is(t.name, "attn_q.weight"):
+            w = _unpermute_rope(w, cfg["num_attention_heads"])
+        elif arch == "llama" and rest_is(t.name, "attn_k.weight"):
+            w = _unpermute_rope(w, cfg["num_key_value_heads"])
+        tensors[hf] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.float16)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(out_dir)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    log.info("converted %s -> %s (%d tensors, arch %s)", gguf_path.name, out_dir, len(tensors), arch)
+    return out_dir
+
+
+def rest_is(gguf_name: str, suffix: str) -> bool:
+    return gguf_name.startswith("blk.") and gguf_name.endswith("." + suffix)

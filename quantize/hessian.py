@@ -1,0 +1,67 @@
+"""Calibration Hessian of a linear layer: H = 2/S * sum_s x_s x_sᵀ over S input rows (tokens)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class HessianAccumulator:
+    """Running average of 2 x xᵀ over the input rows a linear layer sees (GPTQ's ``add_batch``).
+
+    The running form ``H <- H * S/(S+s) + 2/(S+s) * Xᵀ X`` keeps H at the scale of one sample, so fp32
+    accumulation does not lose precision as S grows. Every row of ``x[..., M]`` (every token) counts
+    as one sample.
+    """
+
+    def __init__(self, m: int, device=None) -> None:
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"HessianAccumulator: input dimension m must be a positive integer, got {m!r}")
+        self.m = m
+        self.H = torch.zeros(m, m, dtype=torch.float32, device=device)  # [M, M]
+        self._nsamples = 0
+
+    @property
+    def nsamples(self) -> int:
+        return self._nsamples
+
+    @torch.no_grad()
+    def add_batch(self, x: Tensor) -> None:
+        """Accumulate the rows of x [..., M]."""
+        if x.dim() < 1 or x.shape[-1] != self.m:
+            raise ValueError(f"HessianAccumulator.add_batch: expected x[..., {self.m}], got shape {tuple(x.shape)}")
+        X = x.reshape(-1, self.m).to(device=self.H.device, dtype=torch.float32)  # [s, M]
+        s = X.shape[0]
+        if s == 0:
+            return
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("HessianAccumulator.add_batch: input contains NaN or inf")
+        total = self._nsamples + s
+        self.H.mul_(self._nsamples / total)
+        self.H.addmm_(X.T, X, alpha=2.0 / total)
+        self._nsamples = total
+
+    @torch.no_grad()
+    def hessian(self, damp: float = 0.0) -> Tensor:
+        """A copy of H [M, M]: dead inputs (diag 0) get diag 1 (as GPTQ), then H += damp * mean(diag H) * I.
+
+        The quantizers in this package apply their recipe's damping themselves: pass ``damp=0``
+        for the matrix you hand to them (the proxy loss is then measured on the undamped H).
+        """
+        if self._nsamples == 0:
+            raise ValueError("HessianAccumulator.hessian: no samples were added")
+        if not damp >= 0:
+            raise ValueError(f"HessianAccumulator.hessian: damp must be >= 0, got {damp!r}")
+        H = self.H.clone()
+        H = 0.5 * (H + H.T)
+        return prepare_hessian(H, damp)
+
+
+def prepare_hessian(H: Tensor, damp: float) -> Tensor:
+    """Dead columns (diag 0) -> diag 1, then H + damp * mean(diag H) * I. Returns a new fp32 tensor."""
+    H = H.to(torch.float32).clone()
+    diag = torch.diagonal(H)
+    diag.masked_fill_(diag == 0, 1.0)
+    if damp > 0:
+        diag.add_(damp * diag.mean())
+    return H
