@@ -1,0 +1,13 @@
+"""Shared test set-up: kernels run under the Triton interpreter when there is no GPU; tests use a
+private cache folder; tiny models are built once per session."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

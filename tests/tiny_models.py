@@ -1,0 +1,91 @@
+"""Tiny random-weight Hugging Face models (Llama, Mistral, Qwen2) with a small offline tokenizer."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """A byte-level BPE (vocab 384) trained on a slice of pydoc_data.topics — offline, ~1 s."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = [topics[k] for k in sorted(topics)[:60]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text, trainer)
+    return tok.to_str()
+
+
+def save_tokenizer(folder: Path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        cfg = LlamaConfig(**{**common, "rope_theta": 10000.0, **overrides})
+    elif family == "mistral":
+        cfg = MistralConfig(**{**common, "sliding_window": 16, **overrides})
+    elif family == "qwen2":
+        cfg = Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+    else:
+        raise ValueError(family)
+    return cfg
+
+
+def make_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a random tiny model of `family` (+ tokenizer) into `folder`; return it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    # Larger-than-init weights so quantization error and attention patterns are not negligible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+def write_text(path: Path, n_topics: tuple[int, int] = (60, 90)) -> Path:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)[n_topics[0] : n_topics[1]]
+    path.write_text("\n\n".join(topics[k] for k in keys))
+    return path
