@@ -1,0 +1,333 @@
+"""The engine: `EngineCore` runs one model step at a time (plain, synchronous, single-threaded);
+`AsyncEngine` drives it from a background thread and streams `RequestOutput`s to asyncio callers.
+
+Threads: the asyncio side only puts commands ("add", "abort", "abort_all") into an inbox and wakes
+the step thread; the step thread alone touches the scheduler, the runner and the sequences, and
+hands outputs back with `loop.call_soon_threadsafe`. A command is taken in before the next step,
+so an abort frees the request's KV blocks within one step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import secrets
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from athena_runtime.batch import SequenceChunk
+from athena_runtime.block_manager import BlockManager
+from athena_runtime.engine_settings import EngineSettings
+from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
+from athena_runtime.sampler import Sample, Sampler, SampleRow
+from athena_runtime.sampling_params import SamplingParams
+from athena_runtime.scheduler import Scheduler
+from athena_runtime.sequence import Sequence
+from athena_runtime.stop_strings import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt plus max_tokens can never fit (model context length or KV cache size)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: try again later."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down or stopped."""
+
+
+class EngineCore:
+    """Scheduler + runner + sampler + detokenizer, one `step()` at a time."""
+
+    def __init__(self, runner: Any, tokenizer: Any, settings: EngineSettings,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
+        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.max_model_len = settings.max_model_len or getattr(runner, "max_model_len", None) \
+            or runner.num_blocks * runner.block_size
+        self._arrivals = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, up front, a request that could never be served."""
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt must contain at least one token")
+        total = n_prompt + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({n_prompt} in the prompt, {params.max_tokens} in the completion). "
+                "Please reduce the length of the prompt or completion.")
+        need = self.block_manager.blocks_for(total)
+        if need > self.block_manager.num_blocks:
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+            raise ContextLengthExceeded(
+                f"The KV cache holds {capacity} tokens, but this request needs up to {total} tokens "
+                f"({n_prompt} in the prompt, {params.max_tokens} in the completion). "
+                "Please reduce the length of the prompt or completion.")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.check_request(prompt_token_ids, params)
+        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        seq = Sequence(request_id, prompt_token_ids, params, self._arrivals, generator)
+        seq.stream = TextStream(self.tokenizer, seq.prompt_token_ids, params.stop)
+        self.scheduler.add(seq)
+        self._arrivals += 1
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> RequestOutput | None:
+        seq = self.scheduler.requests.get(request_id)
+        return None if seq is None else self._finish(seq, reason, "", (), None, error)
+
+    def abort_all(self, reason: str = "cancelled", error: str | None = None) -> list[RequestOutput]:
+        return [self.abort(rid, reason, error) for rid in list(self.scheduler.requests)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        chunks = [SequenceChunk(token_ids=c.seq.next_chunk(c.num_tokens), start_pos=c.seq.num_computed,
+                                block_table=c.seq.block_table[:self.block_manager.blocks_for(c.seq.num_computed + c.num_tokens)])
+                  for c in batch]
+        try:
+            logits = self.runner.execute(chunks)                                 # [len(chunks), V]
+            due_rows = [i for i, c in enumerate(batch) if c.seq.num_uncomputed == c.num_tokens]
+            due = self.scheduler.advance(batch)
+            samples = self.sampler(logits[due_rows], [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids,
+                                                                s.generator) for s in due])
+        except Exception as exc:   # a failed step fails its requests, never the engine
+            log.exception("model step failed; failing %d request(s)", len(batch))
+            message = f"{type(exc).__name__}: {exc}"
+            return [self._finish(c.seq, "error", "", (), None, message) for c in batch]
+        return [self._append(seq, sample) for seq, sample in zip(due, samples)]
+
+    def _append(self, seq: Sequence, sample: Sample) -> RequestOutput:
+        token = sample.token_id
+        seq.output_token_ids.append(token)
+        self.generation_tokens_total += 1
+        logprobs = None if sample.logprob is None else (self._token_logprob(sample),)
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return self._finish(seq, "stop", seq.stream.flush(), (token,), logprobs)
+        text, hit = seq.stream.add(token)
+        if hit:
+            return self._finish(seq, "stop", text, (token,), logprobs)
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", text + seq.stream.flush(), (token,), logprobs)
+        return self._output(seq, text, (token,), logprobs)
+
+    def _finish(self, seq: Sequence, reason: str, text: str, token_ids: tuple[int, ...],
+                logprobs: tuple[TokenLogprob, ...] | None, error: str | None = None) -> RequestOutput:
+        self.scheduler.finish(seq, reason)
+        return self._output(seq, text, token_ids, logprobs, reason, error)
+
+    @staticmethod
+    def _output(seq: Sequence, text: str, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...] | None,
+                finish_reason: str | None = None, error: str | None = None) -> RequestOutput:
+        return RequestOutput(seq.request_id, text, token_ids, finished=finish_reason is not None,
+                             finish_reason=finish_reason, logprobs=logprobs,
+                             prompt_tokens=len(seq.prompt_token_ids),
+                             completion_tokens=len(seq.output_token_ids), error=error)
+
+    def _token_logprob(self, sample: Sample) -> TokenLogprob:
+        text = self._token_text
+        top = tuple(TopLogprob(t, text(t), lp) for t, lp in sample.top)
+        return TokenLogprob(sample.token_id, text(sample.token_id), sample.logprob, top)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                           kv_blocks_total=self.block_manager.num_blocks, kv_blocks_used=self.block_manager.num_used,
+                           prompt_tokens_total=self.prompt_tokens_total,
+                           generation_tokens_total=self.generation_tokens_total,
+                           preemptions_total=self.scheduler.num_preemptions)
+
+
+def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[int, ...]:
+    """The tokenizer's eos id plus those of the folder's generation_config.json (Llama 3 has several)."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config = Path(path) / "generation_config.json" if path is not None else None
+    if config is not None and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    return tuple(sorted(ids))
+
+
+class AsyncEngine:
+    def __init__(self, runner: Any, tokenizer: Any, settings: EngineSettings, model_name: str,
+                 eos_token_ids: tuple[int, ...] | None = None) -> None:
+        if eos_token_ids is None:
+            eos_token_ids = find_eos_token_ids(tokenizer)
+        self.core = EngineCore(runner, tokenizer, settings, eos_token_ids)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.model_name = model_name
+        self.max_model_len: int = self.core.max_model_len
+        self.ready = False
+        self._closed = False
+        self._stop = False
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}   # loop thread only
+        self._live: set[str] = set()                                  # submitted, not finished (loop thread only)
+        self._submitted_unseen = 0                                   # adds not yet taken in by the step thread
+
+    @classmethod
+    def from_path(cls, path: str | Path, settings: EngineSettings, model_name: str | None = None) -> "AsyncEngine":
+        from transformers import AutoTokenizer
+
+        from athena_runtime.model_runner import ModelRunner
+
+        path = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        runner = ModelRunner.from_path(path, kv_format=settings.kv_cache, block_size=settings.block_size,
+                                       num_blocks=settings.num_blocks, kv_budget_bytes=settings.kv_budget_bytes,
+                                       device=settings.device, max_model_len=settings.max_model_len)
+        return cls(runner, tokenizer, settings, model_name or path.name, find_eos_token_ids(tokenizer, path))
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="athena-engine", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. The checks below raise at the first `__anext__`."""
+        if self._closed or self._thread is None:
+            raise EngineClosed("the engine is not running" if self._thread is None else "the engine is shutting down")
+        self.core.check_request(prompt_token_ids, params)
+        if request_id in self._queues or request_id in self._live:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if self.core.stats().waiting + self._submitted_unseen >= self.settings.max_queue:
+            raise EngineOverloaded(f"{self.settings.max_queue} requests are already waiting")
+        out_queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = out_queue
+        self._live.add(request_id)
+        self._submitted_unseen += 1
+        self._send(("add", request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                out = await out_queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:           # closed early: client gone, task cancelled
+                self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    async def shutdown(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop admitting; let live requests finish for up to `drain_timeout_s`; cancel the rest."""
+        self._closed = True
+        self.ready = False
+        if self._thread is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        while self._live and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self._send(("abort_all",))
+        self._stop = True
+        self._wake.set()
+        await loop.run_in_executor(None, self._thread.join)
+        self._thread = None
+        await asyncio.sleep(0)   # let the last outputs handed over reach their queues
+
+    # -- step thread -------------------------------------------------------------------------
+    def _send(self, command: tuple) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            outputs = self._take_commands()
+            if self._stop:
+                self._deliver_threadsafe(outputs)
+                return
+            if self.core.has_work():
+                try:
+                    outputs += self.core.step()
+                except Exception as exc:   # a bug outside the model step: fail everything, keep serving
+                    log.exception("engine step failed; failing all requests")
+                    outputs += self.core.abort_all("error", f"{type(exc).__name__}: {exc}")
+            self._deliver_threadsafe(outputs)
+            if not self.core.has_work():
+                self._wake.wait()
+
+    def _take_commands(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            kind, *args = command
+            if kind == "add":
+                request_id, prompt, params = args
+                self._call_soon(self._took_add)
+                try:
+                    self.core.add_request(request_id, prompt, params)
+                except Exception as exc:
+                    outputs.append(RequestOutput(request_id, "", (), finished=True, finish_reason="error",
+                                                 prompt_tokens=len(prompt), error=str(exc)))
+            elif kind == "abort":
+                out = self.core.abort(args[0])
+                outputs += [out] if out is not None else []
+            elif kind == "abort_all":
+                outputs += self.core.abort_all()
+
+    def _took_add(self) -> None:
+        self._submitted_unseen -= 1
+
+    def _call_soon(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:   # the event loop is closed: nobody is listening any more
+            pass
+
+    def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:
+        if outputs:
+            self._call_soon(self._deliver, outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            if out.finished:
+                self._live.discard(out.request_id)
+            out_queue = self._queues.get(out.request_id)
+            if out_queue is not None:
+                out_queue.put_nowait(out)

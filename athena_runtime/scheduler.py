@@ -1,0 +1,109 @@
+"""Continuous batching: which tokens of which sequences the next model step feeds.
+
+Each step builds one batch within `max_num_seqs` sequences and `max_num_batched_tokens` tokens:
+1. running decodes, oldest first (a decode that needs a new KV block and finds none preempts the
+   most recently admitted sequence: its blocks are freed and it goes back to the front of the
+   waiting queue, to recompute its prompt + generated tokens when it is admitted again);
+2. the next chunk of running sequences still prefilling (chunked prefill: a long prompt takes
+   several steps, so it never stalls the streams already decoding);
+3. waiting sequences, first come first served, admitted while a sequence slot and KV blocks for
+   all their tokens are free. The queue head is never overtaken, so nobody starves.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from athena_runtime.block_manager import BlockManager
+from athena_runtime.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int    # tokens of seq fed this step, from seq.num_computed on
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []     # in admission order
+        self.requests: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledChunk] = []
+        preempted = False
+        for seq in list(self.running):                       # 1. decodes
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or budget == 0:
+                continue
+            while not bm.can_grow(seq.block_table, seq.num_tokens):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                bm.grow(seq.block_table, seq.num_tokens)
+                batch.append(ScheduledChunk(seq, 1))
+                budget -= 1
+        for seq in self.running:                             # 2. prefill chunks in progress
+            if seq.num_uncomputed > 1 and budget > 0:
+                n = min(seq.num_uncomputed, budget)
+                batch.append(ScheduledChunk(seq, n))
+                budget -= n
+        while (self.waiting and not preempted and budget > 0    # 3. admissions, FCFS
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            if not bm.can_grow(seq.block_table, seq.num_tokens):
+                break
+            self.waiting.popleft()
+            bm.grow(seq.block_table, seq.num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            batch.append(ScheduledChunk(seq, n))
+            budget -= n
+        return batch
+
+    def advance(self, batch: list[ScheduledChunk]) -> list[Sequence]:
+        """Record that the batch ran; returns the sequences whose next token is now due."""
+        due = []
+        for chunk in batch:
+            chunk.seq.num_computed += chunk.num_tokens
+            if chunk.seq.num_uncomputed == 0:
+                due.append(chunk.seq)
+        return due
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove a sequence (done, cancelled or failed) and free its KV blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.requests.pop(seq.request_id, None)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq.block_table)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
