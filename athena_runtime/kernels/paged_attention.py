@@ -1,0 +1,222 @@
+"""Paged attention over the KV cache: a Triton decode kernel and its PyTorch reference.
+
+Both take the same arguments:
+    q               [T, H, D]   queries of the flat batch (RoPE applied; rotated when the cache is)
+    kv_cache, layer             the cache (`athena_runtime.kv_cache.KVCache`) and the layer to read
+    block_tables    [S, MB]     int32, physical block ids per sequence (padded with the null block)
+    seq_lens        [S]         int32, KV length of each sequence (new tokens included)
+    query_start_loc [S + 1]     int32, sequence s owns query rows [qsl[s], qsl[s+1])
+    sm_scale                    softmax scale (1/sqrt(D))
+    sliding_window              None, or W: query at position p sees keys p - W < j <= p
+and return the attention output [T, H, D] in q's dtype. The new tokens must already be written.
+
+The query rows of sequence s sit at the last positions: row qsl[s] + i has position
+seq_lens[s] - n_s + i, and attends causally to cached and new keys. The Triton kernel handles decode
+only (T == S, one query per sequence); the reference and the SDPA prefill path handle any chunk.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the reference path is used
+    triton = None
+
+log = logging.getLogger(__name__)
+
+_FORMAT_CODES = {"fp16": 0, "int8": 1, "int4": 2}  # the unquantized class may also hold float32
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch reference (any number of query tokens per sequence) and the SDPA prefill path
+# --------------------------------------------------------------------------------------------
+
+def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
+                  seq_lens_list=None, query_start_list=None, use_sdpa=False):
+    seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
+    qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
+    group = q.shape[1] // kv_cache.num_kv_heads
+    bs = kv_cache.block_size
+    out = torch.empty_like(q)
+    for s, kv_len in enumerate(seq_lens_list):
+        q0, q1 = qsl[s], qsl[s + 1]
+        pos_k = torch.arange(kv_len, device=q.device)  # [L]
+        slots = block_tables[s, pos_k // bs].long() * bs + pos_k % bs
+        k, v = kv_cache.read(layer, slots)  # float32 [L, Hkv, D]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [L, H, D]
+        pos_q = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device)  # [n]
+        visible = pos_k[None, :] <= pos_q[:, None]  # [n, L]
+        if sliding_window is not None:
+            visible &= pos_k[None, :] > pos_q[:, None] - sliding_window
+        if use_sdpa:
+            o = F.scaled_dot_product_attention(
+                q[q0:q1].transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1),
+                attn_mask=visible, scale=sm_scale)  # [H, n, D]
+            out[q0:q1] = o.transpose(0, 1)
+        else:
+            scores = torch.einsum("nhd,lhd->hnl", q[q0:q1].float(), k) * sm_scale  # [H, n, L]
+            p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+            out[q0:q1] = torch.einsum("hnl,lhd->nhd", p, v).to(q.dtype)
+    return out
+
+
+def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
+                              sliding_window=None):
+    """The spec: gather each sequence's K/V through its block table, dequantize, fp32 softmax."""
+    return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window)
+
+
+def paged_attention_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
+                            sliding_window=None, seq_lens_list=None, query_start_list=None):
+    """GPU prefill: the reference's gather, then `F.scaled_dot_product_attention` per sequence."""
+    return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
+                         seq_lens_list, query_start_list, use_sdpa=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton decode kernel: one program per (sequence, KV head), all its GQA query heads together
+# --------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _load_kv_tile(data_ptr, scale_ptr, data_offs, scale_offs, mask, offs_d,
+                      KV_FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr):
+        """One [BLOCK_SIZE, BLOCK_D] tile of K or V, dequantized to float32 in registers."""
+        if KV_FORMAT == 0:
+            x = tl.load(data_ptr + data_offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            scale = tl.load(scale_ptr + scale_offs + offs_d[None, :] // GROUP_SIZE, mask=mask, other=0.0)
+            if KV_FORMAT == 1:
+                q = tl.load(data_ptr + data_offs + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+            else:
+                packed = tl.load(data_ptr + data_offs + offs_d[None, :] // 2, mask=mask, other=0).to(tl.int32)
+                q = ((packed >> ((offs_d[None, :] % 2) * 4)) & 0xF).to(tl.float32) - 8.0
+            x = q * scale.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, out_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+        qk_scale, window,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_kt, stride_kh,
+        stride_sb, stride_st, stride_sh,
+        stride_bt,
+        QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, USE_WINDOW: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_t = tl.arange(0, BLOCK_SIZE)
+        q_mask = (offs_q[:, None] < QUERIES_PER_KV) & (offs_d[None, :] < HEAD_DIM)
+        heads = kv_head * QUERIES_PER_KV + offs_q
+        q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)  # [BLOCK_Q, BLOCK_D]
+
+        seq_len = tl.load(seq_lens_ptr + seq)
+        first = seq_len * 0  # first visible key position
+        if USE_WINDOW:
+            first = tl.maximum(seq_len - window, 0)
+        m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)  # running max (log2 units)
+        l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running sum of exp2
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+        # A while loop, not range(): TRITON_INTERPRET (numpy >= 2.4) cannot take a loaded scalar as a
+        # range bound; compiled, both lower to one loop over the sequence's logical blocks.
+        blk = first // BLOCK_SIZE
+        last = tl.cdiv(seq_len, BLOCK_SIZE)
+        while blk < last:
+            phys = tl.load(block_tables_ptr + seq * stride_bt + blk).to(tl.int64)
+            offs_tok = blk * BLOCK_SIZE + offs_t
+            t_mask = (offs_tok < seq_len) & (offs_tok >= first)  # [BLOCK_SIZE]
+            mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+            data_offs = phys * stride_kb + offs_t[:, None] * stride_kt + kv_head * stride_kh
+            scale_offs = phys * stride_sb + offs_t[:, None] * stride_st + kv_head * stride_sh
+            k = _load_kv_tile(k_ptr, k_scale_ptr, data_offs, scale_offs, mask, offs_d, KV_FORMAT, GROUP_SIZE)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale  # [BLOCK_Q, BLOCK_SIZE]
+            s = tl.where(t_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = _load_kv_tile(v_ptr, v_scale_ptr, data_offs, scale_offs, mask, offs_d, KV_FORMAT, GROUP_SIZE)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m_i = m_new
+            blk += 1
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # an empty sequence (padding) gives zeros, not NaN
+        out = acc / l_i[:, None]
+        out_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
+                           sliding_window=None):
+    """Triton decode: one query token per sequence (`query_start_loc` is then arange(S + 1))."""
+    if triton is None:
+        raise RuntimeError("paged_attention_decode needs Triton")
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = block_tables.shape[0]
+    if num_tokens != num_seqs:
+        raise ValueError(f"decode kernel takes one query per sequence: {num_tokens} queries, {num_seqs} sequences")
+    if num_heads % kv_cache.num_kv_heads or head_dim != kv_cache.head_dim:
+        raise ValueError(f"q heads {num_heads} / head_dim {head_dim} do not fit the cache {kv_cache}")
+    k, v = kv_cache.k[layer], kv_cache.v[layer]  # [NB + 1, BS, Hkv, D_stored]
+    if kv_cache.quantized:
+        k_scale, v_scale = kv_cache.k_scale[layer], kv_cache.v_scale[layer]  # [NB + 1, BS, Hkv, D / G]
+        scale_strides = k_scale.stride()[:3]
+    else:
+        k_scale = v_scale = k  # unused
+        scale_strides = (0, 0, 0)
+    assert k.stride(-1) == 1 and q.stride(-1) == 1 and block_tables.stride(-1) == 1
+    out = torch.empty_like(q)
+    queries_per_kv = num_heads // kv_cache.num_kv_heads
+    _paged_decode_kernel[(num_seqs, kv_cache.num_kv_heads)](
+        q, out, k, v, k_scale, v_scale, block_tables, seq_lens,
+        sm_scale * 1.4426950408889634, 0 if sliding_window is None else sliding_window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        *scale_strides,
+        block_tables.stride(0),
+        QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_Q=max(triton.next_power_of_2(queries_per_kv), 1),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.block_size, GROUP_SIZE=kv_cache.group_size,
+        KV_FORMAT=_FORMAT_CODES[kv_cache.fmt], USE_WINDOW=sliding_window is not None,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The one place a path is chosen
+# --------------------------------------------------------------------------------------------
+
+class PagedAttention:
+    """Picks the path for a batch and logs each path the first time it runs.
+
+    CUDA + decode + Triton -> `paged_attention_decode`; CUDA otherwise -> `paged_attention_prefill`
+    (SDPA); CPU -> `paged_attention_reference`.
+    """
+
+    def __init__(self):
+        self._logged: set[str] = set()
+
+    def _log(self, path: str, why: str) -> None:
+        if path not in self._logged:
+            self._logged.add(path)
+            log.info("paged attention: %s path (%s)", path, why)
+
+    def __call__(self, q, kv_cache, layer, attn, sm_scale, sliding_window):
+        args = (q, kv_cache, layer, attn.block_tables, attn.seq_lens, attn.query_start_loc, sm_scale, sliding_window)
+        if q.is_cuda and attn.is_decode and triton is not None:
+            self._log("triton-decode", "CUDA decode batch")
+            return paged_attention_decode(*args)
+        if q.is_cuda:
+            self._log("sdpa-prefill", "CUDA batch with prefill" if attn.is_decode is False else "no Triton")
+            return paged_attention_prefill(*args, attn.seq_lens_list, attn.query_start_list)
+        self._log("reference", f"device {q.device.type}")
+        return paged_attention_reference(*args)
