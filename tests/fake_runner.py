@@ -87,3 +87,20 @@ class FakeRunner:
         if self.banned:
             logits[:, list(self.banned)] = float("-inf")
         return logits
+
+
+def drain(core, max_steps: int = 10_000) -> dict[str, list]:
+    """Step an EngineCore until idle; returns each request's outputs in order."""
+    outputs: dict[str, list] = {}
+    for _ in range(max_steps):
+        if not core.has_work():
+            return outputs
+        for out in core.step():
+            assert not (outputs.get(out.request_id) and outputs[out.request_id][-1].finished), "output after finish"
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def joined(outs: list) -> tuple[list[int], str, str | None]:
+    """(all token ids, all text, finish reason) of one request's outputs."""
+    return [t for o in outs for t in o.token_ids], "".join(o.text for o in outs), outs[-1].finish_reason
