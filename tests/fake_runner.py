@@ -10,6 +10,7 @@ deterministic function of (history, position) only, never of the rest of the bat
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 
@@ -45,19 +46,23 @@ def _chain(prev: int, token: int, pos: int) -> int:
 
 class FakeRunner:
     def __init__(self, vocab_size: int = 300, num_blocks: int = 64, block_size: int = 4,
-                 max_model_len: int = 256, banned: tuple[int, ...] = (), fail_when=None) -> None:
+                 max_model_len: int = 256, banned: tuple[int, ...] = (), fail_when=None,
+                 delay_s: float = 0.0) -> None:
         self.vocab_size = vocab_size
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.banned = banned            # token ids whose logit is -inf (e.g. eos, for long runs)
         self.fail_when = fail_when      # callable(chunks) -> bool: raise RuntimeError in that step
+        self.delay_s = delay_s          # sleep per step (async tests: keep requests in flight)
         self.kv: dict[tuple[int, int], tuple[int, int]] = {}   # (block, slot) -> (token, chain hash)
         self.calls: list[list[SequenceChunk]] = []
 
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         assert chunks, "empty batch"
         self.calls.append(chunks)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         bs = self.block_size
         owned = [set(c.block_table[: -(-(c.start_pos + len(c.token_ids)) // bs)]) for c in chunks]
         for i in range(len(chunks)):
