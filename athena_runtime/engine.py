@@ -57,8 +57,8 @@ class EngineCore:
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens)
         self.sampler = Sampler()
-        self.max_model_len = settings.max_model_len or getattr(runner, "max_model_len", None) \
-            or runner.num_blocks * runner.block_size
+        limits = [n for n in (settings.max_model_len, getattr(runner, "max_model_len", None)) if n]
+        self.max_model_len: int = min(limits) if limits else runner.num_blocks * runner.block_size
         self._arrivals = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -207,7 +207,8 @@ class AsyncEngine:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         runner = ModelRunner.from_path(path, kv_format=settings.kv_cache, block_size=settings.block_size,
                                        num_blocks=settings.num_blocks, kv_budget_bytes=settings.kv_budget_bytes,
-                                       device=settings.device, max_model_len=settings.max_model_len)
+                                       device=settings.device, max_model_len=settings.max_model_len,
+                                       kv_hadamard=settings.kv_hadamard, use_cuda_graphs=settings.use_cuda_graphs)
         return cls(runner, tokenizer, settings, model_name or path.name, find_eos_token_ids(tokenizer, path))
 
     async def start(self) -> None:
