@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from athena_runtime.kv_cache import KVCache
+
 
 @dataclass
 class SequenceChunk:
@@ -21,6 +23,7 @@ class SequenceChunk:
 class AttentionMetadata:
     """What paged attention needs to know about the flat batch."""
 
+    kv_cache: KVCache
     slot_mapping: torch.Tensor  # [T] int64: KV slot of each new token
     block_tables: torch.Tensor  # [S, max_blocks] int32, padded with the cache's null block
     seq_lens: torch.Tensor  # [S] int32: KV length of each sequence after this step
@@ -56,8 +59,9 @@ def check_chunks(chunks: list[SequenceChunk], block_size: int, num_blocks: int) 
             raise ValueError(f"chunk {i}: block ids {bad} out of range [0, {num_blocks})")
 
 
-def prepare_batch(chunks: list[SequenceChunk], block_size: int, null_block: int, device) -> Batch:
+def prepare_batch(chunks: list[SequenceChunk], kv_cache: KVCache, device) -> Batch:
     """Flatten chunks into tensors on `device` (built on the host, copied once each)."""
+    block_size, null_block = kv_cache.block_size, kv_cache.null_block
     input_ids, positions, slots, query_start, seq_lens = [], [], [], [0], []
     max_blocks = max(-(-(c.start_pos + len(c.token_ids)) // block_size) for c in chunks)
     tables = []
@@ -76,6 +80,7 @@ def prepare_batch(chunks: list[SequenceChunk], block_size: int, null_block: int,
         return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
     attn = AttentionMetadata(
+        kv_cache=kv_cache,
         slot_mapping=tensor(slots, torch.int64),
         block_tables=tensor(tables, torch.int32),
         seq_lens=tensor(seq_lens, torch.int32),

@@ -1,0 +1,183 @@
+"""The Llama / Mistral / Qwen2 decoder, over a flat batch of tokens and the paged KV cache.
+
+Module names mirror Hugging Face's (`model.layers.3.self_attn.q_proj`, `lm_head`, ...), so checkpoint
+tensors map 1:1 onto parameters. Every linear layer comes from a `LinearFactory(prefix, in, out, bias)`:
+by default an `nn.Linear` on the meta device; the loader passes one that builds dense or `PQLinear`
+layers from the checkpoint. Embeddings and norms are created on the meta device and materialized by
+the loader.
+
+Shapes: T tokens in the flat batch, H heads, Hkv KV heads, D head_dim.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from athena_runtime.batch import AttentionMetadata
+from athena_runtime.config import ModelConfig, RopeConfig
+from athena_runtime.kernels.paged_attention import PagedAttention
+
+log = logging.getLogger(__name__)
+
+LinearFactory = Callable[[str, int, int, bool], nn.Module]  # (prefix, in_features, out_features, bias)
+
+
+def meta_linear(prefix: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
+                  max_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [D / 2] float32, computed as transformers does for each rope type.
+
+    "dynamic" (NTK) is exact for contexts up to max_position_embeddings (where it equals "default");
+    for a longer `max_len` the base is stretched once for max_len (static, as vLLM does), whereas
+    transformers re-stretches as the sequence grows.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D / 2]
+    base = rope.theta
+    if rope.rope_type == "dynamic":
+        seq_len = max(max_len or max_position_embeddings, max_position_embeddings)
+        if seq_len > max_position_embeddings:
+            log.warning("dynamic NTK rope: frequencies fixed for %d positions (transformers rescales "
+                        "per sequence length)", seq_len)
+        stretch = rope.factor * seq_len / max_position_embeddings - (rope.factor - 1)
+        base = base * stretch ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D] -> x rotated (half-split convention, as Hugging Face)."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, max_len: int | None = None):
+        super().__init__()
+        inv_freq = rope_inv_freq(config.rope, config.head_dim, config.max_position_embeddings, max_len)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D / 2] float32
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, D / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, prefix: str, linear: LinearFactory,
+                 paged_attention: PagedAttention):
+        super().__init__()
+        c = config
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
+        self.window = c.window(layer)
+        self.scale = c.head_dim**-0.5
+        self.q_proj = linear(f"{prefix}.q_proj", c.hidden_size, c.num_heads * c.head_dim, c.qkv_bias)
+        self.k_proj = linear(f"{prefix}.k_proj", c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias)
+        self.v_proj = linear(f"{prefix}.v_proj", c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias)
+        self.o_proj = linear(f"{prefix}.o_proj", c.num_heads * c.head_dim, c.hidden_size, c.o_bias)
+        self.paged_attention = paged_attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
+        k = apply_rope(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        cache = attn.kv_cache
+        cache.write(self.layer, k, v, attn.slot_mapping)
+        # With a Hadamard-rotated cache, attend in the rotated basis and rotate back (kv_cache.py).
+        o = self.paged_attention(cache.rotate(q), cache, self.layer, attn, self.scale, self.window)
+        return self.o_proj(cache.rotate(o).reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str, linear: LinearFactory):
+        super().__init__()
+        c = config
+        self.gate_proj = linear(f"{prefix}.gate_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.up_proj = linear(f"{prefix}.up_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
+        self.down_proj = linear(f"{prefix}.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, linear: LinearFactory, paged_attention: PagedAttention):
+        super().__init__()
+        prefix = f"model.layers.{layer}"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, f"{prefix}.self_attn", linear, paged_attention)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, f"{prefix}.mlp", linear)
+
+    def forward(self, x, cos, sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory, max_len: int | None):
+        super().__init__()
+        paged_attention = PagedAttention()  # one path chooser (and its log) for all layers
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, linear, paged_attention) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, max_len)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, linear: LinearFactory = meta_linear, max_len: int | None = None):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config, linear, max_len)
+        self.lm_head = None if config.tie_word_embeddings else linear(
+            "lm_head", config.hidden_size, config.vocab_size, False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> final-norm hidden states [T, hidden]; writes K/V of the T tokens."""
+        x = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [R, hidden] -> logits [R, vocab] (model dtype)."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)

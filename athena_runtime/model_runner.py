@@ -1,0 +1,162 @@
+"""The model runner: what the engine calls once per step.
+
+`execute(chunks)` flattens the chunks into one token batch, runs the decoder over the paged KV cache
+and returns float32 logits of each chunk's last token. On CUDA, decode-only batches (one token per
+chunk) replay a CUDA graph captured for the batch-size bucket (1, 2, 4, ... padded up); padded rows
+feed token 0 at position 0, write to the cache's null block and attend to nothing. Everything else
+(prefill chunks, mixed batches, CPU) runs eagerly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from athena_runtime.batch import AttentionMetadata, SequenceChunk, check_chunks, prepare_batch
+from athena_runtime.config import ModelConfig
+from athena_runtime.kernels import paged_attention
+from athena_runtime.kv_cache import KVCache, blocks_for_budget
+from athena_runtime.loader import load_model
+from athena_runtime.model import CausalLM
+
+log = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_CUDA_RESERVE_BYTES = 2 << 30  # left free for activations and graph pools when sizing the cache
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class _DecodeGraph:
+    graph: "torch.cuda.CUDAGraph"
+    logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, config: ModelConfig, kv_cache: KVCache, device,
+                 use_cuda_graphs: bool = True, max_model_len: int | None = None, max_graph_batch: int = 128):
+        self.model, self.config, self.kv_cache = model, config, kv_cache
+        self.device = torch.device(device)
+        self.block_size, self.num_blocks = kv_cache.block_size, kv_cache.num_blocks
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, self.num_blocks * self.block_size)
+        self._logged: set[str] = set()
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        if self.use_cuda_graphs and paged_attention.triton is None:
+            log.warning("CUDA graphs disabled: Triton is missing, decode runs the eager SDPA path")
+            self.use_cuda_graphs = False
+        self.graph_buckets = tuple(b for b in GRAPH_BUCKETS if b <= max_graph_batch)
+        self._graphs: dict[int, _DecodeGraph] = {}
+        if self.use_cuda_graphs:
+            self._init_graph_buffers()
+        log.info("model runner: %s, %s, max_model_len %d, CUDA graphs %s", self.device, kv_cache,
+                 self.max_model_len, "on" if self.use_cuda_graphs else "off")
+
+    @classmethod
+    def from_path(cls, path, kv_format: str = "fp16", block_size: int = 16, num_blocks: int | None = None,
+                  kv_budget_bytes: int | None = None, device=None, max_model_len: int | None = None, *,
+                  kv_hadamard: bool = False, kv_group_size: int = 32, dtype: torch.dtype | None = None,
+                  use_cuda_graphs: bool = True) -> "ModelRunner":
+        """Load a model folder and size its KV cache: `num_blocks`, else `kv_budget_bytes`, else (CUDA)
+        the free memory after loading less a reserve, or (CPU) 1 GiB. dtype: fp16 on CUDA, fp32 on CPU."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        model, config = load_model(path, device, dtype, max_len=max_model_len)
+        if num_blocks is None:
+            if kv_budget_bytes is None:
+                if device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(device)
+                    kv_budget_bytes = max(0, int(0.9 * free) - _CUDA_RESERVE_BYTES)
+                else:
+                    kv_budget_bytes = _CPU_DEFAULT_KV_BYTES
+                log.info("KV cache budget %.2f GiB (%s default)", kv_budget_bytes / 2**30, device.type)
+            num_blocks = blocks_for_budget(kv_budget_bytes, kv_format, config.num_layers, block_size,
+                                           config.num_kv_heads, config.head_dim, kv_group_size)
+            if num_blocks < 1:
+                raise ValueError(f"KV cache budget of {kv_budget_bytes} bytes holds no block of {block_size} tokens")
+        kv_cache = KVCache.create(kv_format, config.num_layers, num_blocks, block_size, config.num_kv_heads,
+                                  config.head_dim, device, hadamard=kv_hadamard, group_size=kv_group_size)
+        return cls(model, config, kv_cache, device, use_cuda_graphs=use_cuda_graphs, max_model_len=max_model_len)
+
+    def _log_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.info(msg, *args)
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """float32 logits [len(chunks), vocab] of each chunk's last token."""
+        check_chunks(chunks, self.block_size, self.num_blocks)
+        if self.use_cuda_graphs and all(len(c.token_ids) == 1 for c in chunks):
+            if len(chunks) <= self.graph_buckets[-1] and all(c.start_pos < self.max_model_len for c in chunks):
+                self._log_once("graph", "decode batches: CUDA graph replay")
+                return self._replay(chunks)
+            self._log_once("graph-miss", "decode batch too large or too long for the CUDA graphs: eager")
+        self._log_once(f"eager-{self.device.type}", "batches with prefill: eager on %s", self.device)
+        batch = prepare_batch(chunks, self.kv_cache, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn)  # [T, hidden]
+        return self.model.compute_logits(hidden[batch.logits_indices]).float()
+
+    # --- CUDA graphs ----------------------------------------------------------------------------
+    def _init_graph_buffers(self) -> None:
+        max_batch = self.graph_buckets[-1]
+        width = -(-self.max_model_len // self.block_size)
+        kw = dict(device=self.device)
+        self._ids = torch.zeros(max_batch, dtype=torch.int64, **kw)
+        self._positions = torch.zeros(max_batch, dtype=torch.int64, **kw)
+        self._slots = torch.zeros(max_batch, dtype=torch.int64, **kw)
+        self._tables = torch.full((max_batch, width), self.kv_cache.null_block, dtype=torch.int32, **kw)
+        self._seq_lens = torch.zeros(max_batch, dtype=torch.int32, **kw)
+        self._query_start = torch.arange(max_batch + 1, dtype=torch.int32, **kw)
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.graph_buckets if b >= n)
+
+    def _graph_forward(self, bucket: int) -> torch.Tensor:
+        attn = AttentionMetadata(
+            kv_cache=self.kv_cache, slot_mapping=self._slots[:bucket], block_tables=self._tables[:bucket],
+            seq_lens=self._seq_lens[:bucket], query_start_loc=self._query_start[: bucket + 1], is_decode=True)
+        hidden = self.model(self._ids[:bucket], self._positions[:bucket], attn)
+        return self.model.compute_logits(hidden).float()
+
+    def _capture(self, bucket: int) -> _DecodeGraph:
+        self._fill([], bucket)  # all rows padding: warm-up and capture write only to the null block
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm up (Triton compilation, allocator) off the capture
+            for _ in range(2):
+                self._graph_forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._graph_forward(bucket)
+        log.info("captured the decode CUDA graph for batch size %d", bucket)
+        return _DecodeGraph(graph, logits)
+
+    def _fill(self, chunks: list[SequenceChunk], bucket: int) -> None:
+        """Copy the batch into the static buffers; rows past len(chunks) become padding."""
+        n, bs, width = len(chunks), self.block_size, self._tables.shape[1]
+        null_slot = self.kv_cache.null_block * bs
+        ids = [c.token_ids[0] for c in chunks] + [0] * (bucket - n)
+        pos = [c.start_pos for c in chunks] + [0] * (bucket - n)
+        slots = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)] + [null_slot] * (bucket - n)
+        lens = [p + 1 for p in pos[:n]] + [0] * (bucket - n)
+        tables = torch.full((bucket, width), self.kv_cache.null_block, dtype=torch.int32)
+        for i, c in enumerate(chunks):
+            used = c.block_table[: -(-(c.start_pos + 1) // bs)]
+            tables[i, : len(used)] = torch.tensor(used, dtype=torch.int32)
+        self._ids[:bucket].copy_(torch.tensor(ids))
+        self._positions[:bucket].copy_(torch.tensor(pos))
+        self._slots[:bucket].copy_(torch.tensor(slots))
+        self._seq_lens[:bucket].copy_(torch.tensor(lens, dtype=torch.int32))
+        self._tables[:bucket].copy_(tables)
+
+    def _replay(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        bucket = self._bucket(len(chunks))
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        self._fill(chunks, bucket)
+        entry = self._graphs[bucket]
+        entry.graph.replay()
+        return entry.logits[: len(chunks)].clone()
