@@ -50,25 +50,24 @@ def _token_matrix(rows: list[list[int]], vocab: int, device: torch.device) -> to
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Repetition, presence and frequency penalties on logits [B, V] (returns a new tensor)."""
+    """Repetition, presence and frequency penalties on logits [B, V] (never modified in place)."""
     B, V = logits.shape
-    logits = logits.clone()
     dev = logits.device
-    rep = torch.tensor([r.params.repetition_penalty for r in rows], dtype=logits.dtype, device=dev)
-    if bool((rep != 1.0).any()):
+    if any(r.params.repetition_penalty != 1.0 for r in rows):   # decided on the host: no device sync
+        rep = torch.tensor([r.params.repetition_penalty for r in rows], dtype=logits.dtype, device=dev)
         ids = _token_matrix([r.prompt_token_ids + r.output_token_ids for r in rows], V, dev)
         seen = torch.zeros(B, V + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :V]
         p = rep[:, None].expand(B, V)
         penalized = torch.where(logits > 0, logits / p, logits * p)
         logits = torch.where(seen, penalized, logits)
-    freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=dev)
-    pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=dev)
-    if bool((freq != 0).any() or (pres != 0).any()):
+    if any(r.params.frequency_penalty or r.params.presence_penalty for r in rows):
+        freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=dev)
+        pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=dev)
         ids = _token_matrix([r.output_token_ids for r in rows], V, dev)
         counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
         counts = counts[:, :V]
-        logits -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
+        logits = logits - (freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype))
     return logits
 
 
@@ -99,9 +98,9 @@ class Sampler:
             return []
         logits = logits.float()
         processed = apply_penalties(logits, rows)
-        greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
         token_ids = processed.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(r.params.greedy for r in rows):
+            greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
             probs, sorted_ids = _filtered_sorted_probs(processed, rows)
             # one uniform per sampled row, from that request's generator (greedy rows draw nothing)
             u = torch.tensor([0.0 if r.params.greedy else torch.rand((), generator=r.generator, dtype=torch.float64).item()
