@@ -1,0 +1,356 @@
+"""OpenAI request, response and stream-chunk schemas (the subset Athena serves) as pydantic models.
+
+Requests ignore unknown fields, as OpenAI does; a known field we cannot honour (tools, JSON
+response formats, logit_bias, image/audio content, ...) fails validation with a message naming
+it, which errors.py turns into a 400 with that `param`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
+
+INT64_MAX = 2**63 - 1
+MAX_STOP = 4  # OpenAI accepts at most 4 stop sequences
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Request):
+    """Fields both endpoints share: the sampler's knobs, streaming, OpenAI's no-op fields."""
+
+    model: str
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), le=INT64_MAX)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Extras beyond OpenAI (vLLM's names).
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "SamplingRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return tuple(s for s in stops if s)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# ---- chat ----------------------------------------------------------------------------------
+
+_CONTENT_PART_TYPES = ("text",)
+_ROLES = ("system", "developer", "user", "assistant")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, v: str) -> str:
+        if v not in _ROLES:
+            raise ValueError(f"role {v!r} is not supported; use one of {', '.join(_ROLES)}")
+        return v
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind not in _CONTENT_PART_TYPES:
+                    raise ValueError(f"content parts of type {kind!r} are not supported; only 'text'")
+        return v
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> "ChatMessage":
+        if self.tool_calls or self.function_call:
+            raise ValueError("tool calls in messages are not supported by this server")
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Request):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"response_format type {v!r} is not supported; only 'text'")
+        return v
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "ChatCompletionRequest":
+        if self.tool_choice not in (None, "none"):
+            raise _unsupported("tool_choice", "only 'none' is supported (this server does not call tools)")
+        if self.tools and self.tool_choice is None:
+            raise _unsupported("tools", "tools are not supported by this server (tool_choice 'none' ignores them)")
+        if self.function_call not in (None, "none"):
+            raise _unsupported("function_call", "only 'none' is supported (this server does not call functions)")
+        if self.functions and self.function_call is None:
+            raise _unsupported("functions", "functions are not supported by this server")
+        if self.modalities is not None and any(m != "text" for m in self.modalities):
+            raise _unsupported("modalities", "only the 'text' modality is supported")
+        if self.audio is not None:
+            raise _unsupported("audio", "audio output is not supported")
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise _unsupported("top_logprobs", "top_logprobs needs logprobs to be true")
+        return self
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# ---- completions ---------------------------------------------------------------------------
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=128)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and len(v) > 2048 and isinstance(v[0], (str, list)):
+            raise ValueError("at most 2048 prompts per request")
+        return v
+
+    @model_validator(mode="after")
+    def _supported(self) -> "CompletionRequest":
+        if self.suffix:
+            raise _unsupported("suffix", "suffix (insertion) is not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise _unsupported("best_of", "best_of other than n is not supported by this server")
+        if self.echo and self.logprobs is not None:
+            raise _unsupported("echo", "echo together with logprobs is not supported (no prompt logprobs)")
+        return self
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The batch: a list of strings or a list of token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+
+class UnsupportedParameter(ValueError):
+    """Raised by a model validator; carries the parameter so the 400 can name it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _unsupported(param: str, message: str) -> UnsupportedParameter:
+    return UnsupportedParameter(param, message)
+
+
+def finite_logprob(x: float) -> float:
+    """JSON has no -inf; OpenAI sends -9999.0 for tokens the sampler ruled out."""
+    return x if math.isfinite(x) else -9999.0
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprobEntry(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobEntry]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
+
+
+class ChatResponseMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _only_set(self) -> dict[str, str]:
+        # OpenAI sends {"role": "assistant", "content": ""}, then {"content": "..."}, then {}.
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(_Response):
+    """The legacy completions format: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "athena"
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,56 @@
+"""Server settings: one pydantic-settings class, read from `ATHENA_*` environment variables and
+overridden field by field by `athena serve` flags (serve_cli.py builds one flag per field).
+
+Engine fields left at None take the engine's own default (athena_runtime/engine_settings.py).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from athena_runtime.engine_settings import EngineSettings
+
+# ServerSettings fields forwarded to EngineSettings under the same name.
+ENGINE_FIELDS: tuple[str, ...] = (
+    "kv_cache", "kv_hadamard", "block_size", "max_num_seqs", "max_model_len",
+    "max_num_batched_tokens", "kv_budget_bytes", "num_blocks", "max_queue", "device", "use_cuda_graphs",
+)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATHENA_", extra="ignore", frozen=True)
+
+    # What to serve and where.
+    model: str | None = Field(None, description="compressed checkpoint folder (default: the embedded model, quantized on first use)")
+    served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: the checkpoint's name)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to bind")
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+
+    # Engine (None: the engine's default).
+    kv_cache: Literal["fp16", "int8", "int4"] | None = Field(None, description="KV cache format")
+    kv_hadamard: bool | None = Field(None, description="Hadamard-rotate K and V before quantizing the cache")
+    block_size: int | None = Field(None, ge=1, description="tokens per KV block")
+    max_num_seqs: int | None = Field(None, ge=1, description="requests decoded together in one batch")
+    max_model_len: int | None = Field(None, ge=1, description="prompt + completion token limit (default: the model's)")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens fed to the model per step")
+    kv_budget_bytes: int | None = Field(None, ge=1, description="bytes for the KV cache")
+    num_blocks: int | None = Field(None, ge=1, description="KV blocks (overrides --kv-budget-bytes)")
+    max_queue: int | None = Field(None, ge=0, description="waiting requests before new ones get 429")
+    device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
+    use_cuda_graphs: bool | None = Field(None, description="replay decode steps as CUDA graphs")
+
+    # HTTP behaviour.
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest accepted request body (413 above)")
+    drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long running requests may finish")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
+
+    def engine_settings(self) -> "EngineSettings":
+        from athena_runtime.engine_settings import EngineSettings
+
+        given = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
+        return EngineSettings(**given)
