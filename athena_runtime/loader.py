@@ -50,6 +50,7 @@ def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | 
     if unused_layers:
         raise ValueError(f"{folder}: athena.json lists layers the model has no place for: {sorted(unused_layers)[:5]}")
     _materialize(model, tensors, torch.device(device), dtype, folder)
+    _warn_unused(model, tensors, build.built, folder)
     model.to(device)  # buffers (RoPE inverse frequencies); parameters are already there
     return model.eval(), config
 
@@ -182,6 +183,17 @@ class LinearBuilder:
         if tuple(t.shape) != shape:
             raise ValueError(f"tensor {name} has shape {list(t.shape)}, config.json implies {list(shape)}")
         return t
+
+
+def _warn_unused(model: nn.Module, tensors: dict, linears: set[str], folder: Path) -> None:
+    """Tensors nothing consumed usually mean config.json and the weights disagree: say so."""
+    params = {name for name, _ in model.named_parameters()}
+    unused = sorted(name for name in tensors if name not in params and name.rsplit(".", 1)[0] not in linears
+                    and not name.endswith("rotary_emb.inv_freq")
+                    and not (name == "lm_head.weight" and model.lm_head is None))
+    if unused:
+        log.warning("%s: %d tensors not used by the model (config.json mismatch?): %s", folder, len(unused),
+                    ", ".join(unused[:5]))
 
 
 def _materialize(model: nn.Module, tensors: dict, device: torch.device, dtype: torch.dtype, folder: Path) -> None:

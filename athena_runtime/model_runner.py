@@ -92,7 +92,8 @@ class ModelRunner:
                 self._log_once("graph", "decode batches: CUDA graph replay")
                 return self._replay(chunks)
             self._log_once("graph-miss", "decode batch too large or too long for the CUDA graphs: eager")
-        self._log_once(f"eager-{self.device.type}", "batches with prefill: eager on %s", self.device)
+        self._log_once("eager", "eager forward on %s (%s)", self.device,
+                       "prefill and mixed batches" if self.use_cuda_graphs else "CUDA graphs off")
         batch = prepare_batch(chunks, self.kv_cache, self.device)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn)  # [T, hidden]
         return self.model.compute_logits(hidden[batch.logits_indices]).float()
