@@ -115,6 +115,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return invalid_request(_validation_message(first)).response()
     param = getattr((first.get("ctx") or {}).get("error"), "param", None) or param_from_loc(tuple(first.get("loc", ())))
     message = _validation_message(first)
+    if tuple(first.get("loc", ())) == ("body",) and param is None:  # no body, not an object, not JSON-typed
+        message = "The request body must be a JSON object, sent with 'Content-Type: application/json'."
     if param:
         message = f"Invalid value for '{param}': {message}"
     return invalid_request(message, param=param).response()

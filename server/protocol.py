@@ -16,6 +16,14 @@ INT64_MAX = 2**63 - 1
 MAX_STOP = 4  # OpenAI accepts at most 4 stop sequences
 
 
+class ParameterError(ValueError):
+    """Raised by a model validator: names the parameter, so the 400 can (errors.py reads `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -66,7 +74,7 @@ class SamplingRequest(_Request):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingRequest":
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise ParameterError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def stop_sequences(self) -> tuple[str, ...]:
@@ -159,19 +167,19 @@ class ChatCompletionRequest(SamplingRequest):
     @model_validator(mode="after")
     def _supported(self) -> "ChatCompletionRequest":
         if self.tool_choice not in (None, "none"):
-            raise _unsupported("tool_choice", "only 'none' is supported (this server does not call tools)")
+            raise ParameterError("tool_choice", "only 'none' is supported (this server does not call tools)")
         if self.tools and self.tool_choice is None:
-            raise _unsupported("tools", "tools are not supported by this server (tool_choice 'none' ignores them)")
+            raise ParameterError("tools", "tools are not supported by this server (tool_choice 'none' ignores them)")
         if self.function_call not in (None, "none"):
-            raise _unsupported("function_call", "only 'none' is supported (this server does not call functions)")
+            raise ParameterError("function_call", "only 'none' is supported (this server does not call functions)")
         if self.functions and self.function_call is None:
-            raise _unsupported("functions", "functions are not supported by this server")
+            raise ParameterError("functions", "functions are not supported by this server")
         if self.modalities is not None and any(m != "text" for m in self.modalities):
-            raise _unsupported("modalities", "only the 'text' modality is supported")
+            raise ParameterError("modalities", "only the 'text' modality is supported")
         if self.audio is not None:
-            raise _unsupported("audio", "audio output is not supported")
+            raise ParameterError("audio", "audio output is not supported")
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
-            raise _unsupported("top_logprobs", "top_logprobs needs logprobs to be true")
+            raise ParameterError("top_logprobs", "top_logprobs needs logprobs to be true")
         return self
 
     def completion_limit(self) -> int | None:
@@ -203,11 +211,11 @@ class CompletionRequest(SamplingRequest):
     @model_validator(mode="after")
     def _supported(self) -> "CompletionRequest":
         if self.suffix:
-            raise _unsupported("suffix", "suffix (insertion) is not supported by this server")
+            raise ParameterError("suffix", "suffix (insertion) is not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
-            raise _unsupported("best_of", "best_of other than n is not supported by this server")
+            raise ParameterError("best_of", "best_of other than n is not supported by this server")
         if self.echo and self.logprobs is not None:
-            raise _unsupported("echo", "echo together with logprobs is not supported (no prompt logprobs)")
+            raise ParameterError("echo", "echo together with logprobs is not supported (no prompt logprobs)")
         return self
 
     def prompts(self) -> list[str] | list[list[int]]:
@@ -218,18 +226,6 @@ class CompletionRequest(SamplingRequest):
         if p and isinstance(p[0], int):
             return [p]  # type: ignore[list-item]
         return p  # type: ignore[return-value]
-
-
-class UnsupportedParameter(ValueError):
-    """Raised by a model validator; carries the parameter so the 400 can name it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def _unsupported(param: str, message: str) -> UnsupportedParameter:
-    return UnsupportedParameter(param, message)
 
 
 def finite_logprob(x: float) -> float:

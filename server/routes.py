@@ -21,7 +21,12 @@ def serving(request: Request) -> ServingContext:
     state = request.app.state
     ctx: ServingContext | None = state.serving
     if ctx is None or state.draining or not ctx.engine.ready:
-        message = "The server is shutting down." if state.draining else "The model is loading; retry shortly."
+        if state.draining:
+            message = "The server is shutting down."
+        elif state.load_failed.is_set():
+            message = "The model failed to load; see the server log."
+        else:
+            message = "The model is loading; retry shortly."
         raise errors.unavailable(message, state.settings.retry_after_s)
     return ctx
 
