@@ -54,8 +54,9 @@ def check_chunks(chunks: list[SequenceChunk], block_size: int, num_blocks: int) 
         if len(c.block_table) < need:
             raise ValueError(f"chunk {i}: block_table has {len(c.block_table)} blocks, "
                              f"positions [0, {c.start_pos + len(c.token_ids)}) need {need}")
-        bad = [b for b in c.block_table[:need] if not 0 <= b < num_blocks]
-        if bad:
+        used = c.block_table[:need]
+        if min(used) < 0 or max(used) >= num_blocks:  # C-speed check: this runs every step
+            bad = [b for b in used if not 0 <= b < num_blocks]
             raise ValueError(f"chunk {i}: block ids {bad} out of range [0, {num_blocks})")
 
 

@@ -109,7 +109,7 @@ class ModelRunner:
         self._tables = torch.full((max_batch, width), self.kv_cache.null_block, dtype=torch.int32, **kw)
         self._seq_lens = torch.zeros(max_batch, dtype=torch.int32, **kw)
         self._query_start = torch.arange(max_batch + 1, dtype=torch.int32, **kw)
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = None  # one memory pool shared by all captured buckets
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
@@ -129,6 +129,8 @@ class ModelRunner:
             for _ in range(2):
                 self._graph_forward(bucket)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._graph_forward(bucket)
@@ -136,22 +138,23 @@ class ModelRunner:
         return _DecodeGraph(graph, logits)
 
     def _fill(self, chunks: list[SequenceChunk], bucket: int) -> None:
-        """Copy the batch into the static buffers; rows past len(chunks) become padding."""
-        n, bs, width = len(chunks), self.block_size, self._tables.shape[1]
-        null_slot = self.kv_cache.null_block * bs
-        ids = [c.token_ids[0] for c in chunks] + [0] * (bucket - n)
+        """Copy the batch into the static buffers; rows past len(chunks) become padding.
+
+        Only the first `width` block-table columns are refreshed: the kernel never reads a column at
+        or past cdiv(seq_len, block_size), so older entries further right are harmless."""
+        n, bs, null = len(chunks), self.block_size, self.kv_cache.null_block
         pos = [c.start_pos for c in chunks] + [0] * (bucket - n)
-        slots = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)] + [null_slot] * (bucket - n)
+        ids = [c.token_ids[0] for c in chunks] + [0] * (bucket - n)
+        slots = [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)] + [null * bs] * (bucket - n)
         lens = [p + 1 for p in pos[:n]] + [0] * (bucket - n)
-        tables = torch.full((bucket, width), self.kv_cache.null_block, dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            used = c.block_table[: -(-(c.start_pos + 1) // bs)]
-            tables[i, : len(used)] = torch.tensor(used, dtype=torch.int32)
+        width = max([p // bs + 1 for p in pos[:n]], default=1)
+        rows = [c.block_table[: p // bs + 1] + [null] * (width - p // bs - 1) for c, p in zip(chunks, pos)]
+        rows += [[null] * width] * (bucket - n)
         self._ids[:bucket].copy_(torch.tensor(ids))
         self._positions[:bucket].copy_(torch.tensor(pos))
         self._slots[:bucket].copy_(torch.tensor(slots))
         self._seq_lens[:bucket].copy_(torch.tensor(lens, dtype=torch.int32))
-        self._tables[:bucket].copy_(tables)
+        self._tables[:bucket, :width].copy_(torch.tensor(rows, dtype=torch.int32))
 
     def _replay(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         bucket = self._bucket(len(chunks))

@@ -174,3 +174,26 @@ def test_cuda_graph_decode_matches_eager(folders, fmt):
         for row, p in enumerate(prompts):  # fp16 model and cache vs the fp32 reference
             err = (a[row].cpu() - want[row][len(p) - 4 + step]).abs().max().item() / scale
             assert err < {"fp16": 0.02, "int8": 0.04, "int4": 0.3}[fmt]
+
+
+def test_graph_buffers_give_the_eager_logits_on_cpu(folders):
+    """The CUDA-graph path's static buffers (padding rows, null block, partial table refresh), run
+    eagerly on the CPU, give the same logits as the eager path: only capture/replay is GPU-only."""
+    runner = ModelRunner.from_path(folders["mistral"], kv_format="int8", kv_group_size=16, block_size=4,
+                                   num_blocks=24, device="cpu")
+    runner._init_graph_buffers()
+    prompts = [_tokens(n, seed=n) for n in (5, 13, 9)]
+    tables = [[3, 7], [10, 1, 0, 12], [5, 20, 8]]
+    runner.execute([SequenceChunk(p[:-2], 0, t) for p, t in zip(prompts, tables)])
+    runner._fill([SequenceChunk([0], 15, [23, 22, 21, 20])] * 8, 8)  # stale wide rows left by a previous batch
+    for step in (2, 1):
+        chunks = [SequenceChunk([p[-step]], len(p) - step, t) for p, t in zip(prompts, tables)]
+        runner._fill(chunks, 4)
+        assert runner._seq_lens[3] == 0 and runner._slots[3] == runner.kv_cache.null_block * 4
+        with torch.inference_mode():
+            graph_path = runner._graph_forward(4)[:3]
+        alone = ModelRunner.from_path(folders["mistral"], kv_format="int8", kv_group_size=16, block_size=4,
+                                      num_blocks=24, device="cpu")
+        for p, t, row in zip(prompts, tables, graph_path):
+            want = alone.execute([SequenceChunk(p[: len(p) - step + 1], 0, t)])[0]
+            torch.testing.assert_close(row, want, rtol=1e-5, atol=1e-5)
