@@ -1,0 +1,151 @@
+"""Load-time repacking of an Athena layer (FORMAT.md) into the layout the PQ kernels read.
+
+Checkpoint (FORMAT.md), for W [N, M] with recipe (d, n, k), b = log2 n, G = ceil(M / d):
+    indices   uint8 [N, ceil(G·b/8)]      row-wise little-endian bit stream of I[N, G]
+    codebook  uint8|fp16 [Nb, G, n, d]    (+ fp16 scale/min [Nb, G, d] when codebook_bits == 8)
+
+Kernel layout (this module), PER_WORD = 32 // b indices per 32-bit word, GW words per row:
+    qweight   int32 [GW / 4, N_pad, 4]    word w of row i sits at qweight[w // 4, i, w % 4]
+    codebook  fp16  [Nb, PER_WORD·GW, d, n]   dequantized, l-major (the n values of one coordinate l
+                                              are contiguous), zero for padding groups
+
+Groups are split into PER_WORD "planes" of GW consecutive groups: slot s (bits s·b … s·b+b−1) of
+word w holds the index of group j = s·GW + w. So one 32-bit load yields PER_WORD indices whose
+groups are each the start of a contiguous column range, and a run of words covers PER_WORD
+contiguous column ranges (tl.dot K-tiles and x loads stay contiguous). Words are stored in
+16-byte quads, row-interleaved, so a warp whose lanes own consecutive rows reads 512 contiguous
+bytes. Unused high bits, padding groups (j >= G) and padding rows (i >= N) hold index 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GW_ALIGN = 32  # words per row are padded to a multiple of this (the widest slab any kernel uses)
+N_ALIGN = 128  # rows are padded to a multiple of this (the tallest row tile any kernel uses)
+
+
+@dataclass(frozen=True)
+class PQGeometry:
+    """Sizes of one Athena layer and of its kernel layout."""
+
+    N: int  # outputs
+    M: int  # inputs
+    d: int  # vector dimension
+    n: int  # centroids per codebook
+    k: int  # rows per codebook block
+
+    def __post_init__(self):
+        for name in ("N", "M", "d", "n", "k"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n < 2 or self.n & (self.n - 1) or self.n > 1 << 16:
+            raise ValueError(f"n must be a power of two in 2..65536, got {self.n}")
+
+    @property
+    def bits(self) -> int:  # b = log2 n
+        return self.n.bit_length() - 1
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+    @property
+    def G(self) -> int:
+        return math.ceil(self.M / self.d)
+
+    @property
+    def Nb(self) -> int:
+        return math.ceil(self.N / self.k)
+
+    @property
+    def GW(self) -> int:
+        return _round_up(math.ceil(self.G / self.per_word), GW_ALIGN)
+
+    @property
+    def G_pad(self) -> int:
+        return self.per_word * self.GW
+
+    @property
+    def N_pad(self) -> int:
+        return _round_up(self.N, N_ALIGN)
+
+    @property
+    def packed_bytes_per_row(self) -> int:  # FORMAT.md indices width
+        return math.ceil(self.G * self.bits / 8)
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+# --------------------------------------------------------------------------------- bit streams
+def unpack_bits(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """FORMAT.md bit stream -> int32 [R, count]. packed: uint8 [R, ceil(count·bits/8)]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed indices must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if not 1 <= bits <= 16:
+        raise ValueError(f"bits must be in 1..16, got {bits}")
+    if packed.shape[1] != math.ceil(count * bits / 8):
+        raise ValueError(f"packed width {packed.shape[1]} != ceil({count}·{bits}/8)")
+    R = packed.shape[0]
+    # a value of <= 16 bits starting at any bit offset lies within 3 consecutive bytes
+    b = torch.nn.functional.pad(packed.to(torch.int32), (0, 2))  # [R, B + 2]
+    bit0 = torch.arange(count, device=packed.device, dtype=torch.int64) * bits  # [count]
+    byte0, shift = bit0 // 8, (bit0 % 8).to(torch.int32)
+    window = b[:, byte0] | (b[:, byte0 + 1] << 8) | (b[:, byte0 + 2] << 16)  # [R, count]
+    return (window >> shift) & ((1 << bits) - 1) if R else window
+
+
+def pack_words(indices: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
+    """I [N, G] (values < n) -> qweight int32 [GW / 4, N_pad, 4] (module docstring)."""
+    if tuple(indices.shape) != (geo.N, geo.G):
+        raise ValueError(f"indices shape {tuple(indices.shape)} != {(geo.N, geo.G)}")
+    I = torch.zeros(geo.N_pad, geo.G_pad, dtype=torch.int64, device=indices.device)
+    I[: geo.N, : geo.G] = indices.to(torch.int64)
+    planes = I.view(geo.N_pad, geo.per_word, geo.GW)  # [N_pad, PER_WORD, GW], slot s = plane s
+    shifts = torch.arange(geo.per_word, device=I.device, dtype=torch.int64) * geo.bits
+    words = (planes << shifts[None, :, None]).sum(dim=1)  # [N_pad, GW], < 2^32
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.view(geo.N_pad, geo.GW // 4, 4).permute(1, 0, 2).contiguous()
+
+
+def unpack_words(qweight: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
+    """qweight int32 [GW / 4, N_pad, 4] -> I int64 [N, G] (inverse of pack_words)."""
+    words = qweight.permute(1, 0, 2).reshape(geo.N_pad, geo.GW).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(geo.per_word, device=words.device, dtype=torch.int64) * geo.bits
+    planes = (words[:, None, :] >> shifts[None, :, None]) & (geo.n - 1)  # [N_pad, PER_WORD, GW]
+    return planes.reshape(geo.N_pad, geo.G_pad)[: geo.N, : geo.G]
+
+
+# --------------------------------------------------------------------------------- codebooks
+def dequantize_codebook(
+    codebook: torch.Tensor, scale: torch.Tensor | None, cmin: torch.Tensor | None, dtype=torch.float16
+) -> torch.Tensor:
+    """C[β, j, c, l] = codebook · scale[β, j, l] + min[β, j, l] (uint8), or the fp16 codebook as is."""
+    if codebook.dtype == torch.uint8:
+        C = codebook.float() * scale.float()[:, :, None, :] + cmin.float()[:, :, None, :]
+    else:
+        C = codebook.float()
+    return C.to(dtype)
+
+
+def pad_codebook(C: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
+    """C [Nb, G, n, d] -> kernel codebook [Nb, G_pad, d, n]: l-major, zero for the padding groups."""
+    if tuple(C.shape) != (geo.Nb, geo.G, geo.n, geo.d):
+        raise ValueError(f"codebook shape {tuple(C.shape)} != {(geo.Nb, geo.G, geo.n, geo.d)}")
+    out = torch.zeros(geo.Nb, geo.G_pad, geo.d, geo.n, dtype=C.dtype, device=C.device)
+    out[:, : geo.G] = C.transpose(2, 3)
+    return out
+
+
+# --------------------------------------------------------------------------------- reference
+def dequantize_reference(qweight: torch.Tensor, codebook: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
+    """Ŵ [N, M] from the kernel layout: Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l] (FORMAT.md)."""
+    I = unpack_words(qweight, geo)  # [N, G]
+    blk = (torch.arange(geo.N, device=I.device) // geo.k)[:, None]  # [N, 1]
+    j = torch.arange(geo.G, device=I.device)[None, :]  # [1, G]
+    W = codebook[blk, j, :, I]  # [N, G, d] (advanced indices around a slice come first)
+    return W.reshape(geo.N, geo.G * geo.d)[:, : geo.M]

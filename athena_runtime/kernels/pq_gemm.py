@@ -1,0 +1,241 @@
+"""PQ prefill kernel (many tokens): y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias, Ŵ dequantized tile by tile in registers.
+
+A program owns a [BLOCK_M tokens, BLOCK_N rows] output tile and walks the index words in tiles of
+BLOCK_W words. With the plane layout (`layout.py`), slot s of a word tile holds groups
+j = s·GW + w0 … s·GW + w0 + BLOCK_W − 1, i.e. one contiguous run of columns per coordinate l:
+    W_sl[i, w] = C[i // k, j, l, I[i, j]]    (a gather from the l-major codebook, L1/L2 resident)
+    x_sl[t, w] = x[t, D·j + l]
+    acc += x_sl · W_slᵀ                      (tl.dot, K = BLOCK_W, fp32 accumulator)
+so each index is unpacked once per output tile and each centroid value goes straight to the
+tensor cores. The low-rank term enters as one more K-step: acc += u · A_tileᵀ with u = x Bᵀ.
+
+Few tokens (T <= BLOCK_M): SPLIT_K > 1 splits the words over programs; partial sums go to
+`pq_gemv.splitk_epilogue`, and the first row tile of every split computes its share of u.
+
+Also here: `pq_dequantize` (the whole Ŵ as fp16, for the dequantize-then-cuBLAS variant and for
+`PQLinear.dequantize_weight` on the GPU). Every wrapper has a PyTorch reference with the same
+signature.
+"""
+from __future__ import annotations
+
+import torch
+
+from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
+from athena_runtime.kernels.pq_gemv import (
+    _next_pow2, check_operands, num_sms, pq_gemv_reference, splitk_epilogue, triton,
+)
+
+if triton is not None:
+    import triton.language as tl
+
+    from athena_runtime.kernels.pq_gemv import _lowrank_partial
+
+    @triton.jit
+    def _pq_dot_kernel(
+        # pointers
+        x_ptr, qweight_ptr, codebook_ptr, u_ptr, lr_a_ptr, lr_b_ptr, bias_ptr, y_ptr, partial_ptr, u_part_ptr,
+        # sizes
+        T, N, M, GW, K_ROWS, NB, RANK,
+        # strides
+        stride_xt, stride_qq, stride_cbb, stride_ut, stride_an, stride_br, stride_yt,
+        stride_ps, stride_pt, stride_us, stride_ut2,
+        # meta
+        D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        TILES_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(T, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # grouped order: GROUP_M token tiles share a run of row tiles in L2
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # tokens
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows (< N_pad: no mask on index loads)
+        offs_w = tl.arange(0, BLOCK_W)
+        m_mask = offs_m < T
+        blk = tl.minimum(offs_n // K_ROWS, NB - 1)
+        cb_rows = codebook_ptr + blk * stride_cbb  # [BLOCK_N] codebook block of each row
+        n_tiles = GW // BLOCK_W
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ti in range(TILES_PER_SPLIT):
+            tile = pid_k * TILES_PER_SPLIT + ti
+            if tile < n_tiles:
+                w = tile * BLOCK_W + offs_w  # [BLOCK_W] word columns
+                q_ptrs = qweight_ptr + (w // 4)[None, :] * stride_qq + offs_n[:, None] * 4 + (w % 4)[None, :]
+                words = tl.load(q_ptrs)  # [BLOCK_N, BLOCK_W]
+                for s in tl.static_range(PER_WORD):
+                    idx = (words >> (s * BITS)) & (NC - 1)
+                    j = s * GW + w  # [BLOCK_W] groups of slot s
+                    for l in tl.static_range(D):
+                        col = j * D + l
+                        w_tile = tl.load(cb_rows[:, None] + ((j * D + l) * NC)[None, :] + idx)  # [BLOCK_N, BLOCK_W]
+                        x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xt + col[None, :],
+                                         mask=m_mask[:, None] & (col < M)[None, :], other=0.0)  # [BLOCK_M, BLOCK_W]
+                        acc = tl.dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), acc)
+
+        if SPLIT_K == 1:
+            if HAS_LOWRANK:  # one more K-step: u [BLOCK_M, r] · A[rows, r]ᵀ
+                offs_r = tl.arange(0, RANK_P2)
+                r_mask = offs_r < RANK
+                u = tl.load(u_ptr + offs_m[:, None] * stride_ut + offs_r[None, :],
+                            mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+                a = tl.load(lr_a_ptr + offs_n[:, None] * stride_an + offs_r[None, :],
+                            mask=(offs_n < N)[:, None] & r_mask[None, :], other=0.0)
+                acc = tl.dot(u, tl.trans(a.to(u.dtype)), acc)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+        else:
+            p_ptrs = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pt + offs_n[None, :]
+            tl.store(p_ptrs, acc, mask=m_mask[:, None])
+            if HAS_LOWRANK:
+                if pid_n == 0:
+                    _lowrank_partial(x_ptr, lr_b_ptr, u_part_ptr, T, M, GW, RANK,
+                                     pid_k * TILES_PER_SPLIT * BLOCK_W, pid_k,
+                                     stride_xt, stride_br, stride_us, stride_ut2,
+                                     BLOCK_M, D, PER_WORD, TILES_PER_SPLIT * BLOCK_W, RANK_P2, 64)
+
+    @triton.jit
+    def _pq_dequant_kernel(
+        qweight_ptr, codebook_ptr, w_ptr,
+        N, M, GW, K_ROWS, NB,
+        stride_qq, stride_cbb, stride_wn,
+        D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        """Ŵ[i, D·j + l] = C[i // K_ROWS, j, l, I[i, j]] for a [BLOCK_N rows, BLOCK_W words] tile."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        n_mask = offs_n < N
+        blk = tl.minimum(offs_n // K_ROWS, NB - 1)
+        cb_rows = codebook_ptr + blk * stride_cbb
+        words = tl.load(qweight_ptr + (w // 4)[None, :] * stride_qq + offs_n[:, None] * 4 + (w % 4)[None, :])
+        for s in tl.static_range(PER_WORD):
+            idx = (words >> (s * BITS)) & (NC - 1)
+            j = s * GW + w
+            for l in tl.static_range(D):
+                col = j * D + l
+                vals = tl.load(cb_rows[:, None] + ((j * D + l) * NC)[None, :] + idx)
+                tl.store(w_ptr + offs_n[:, None] * stride_wn + col[None, :], vals.to(w_ptr.dtype.element_ty),
+                         mask=n_mask[:, None] & (col < M)[None, :])
+
+
+# ----------------------------------------------------------------------------------- references
+def pq_gemm_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, **tuning):
+    """The spec (same as the decode reference): dequantize, then matmul in fp32."""
+    return pq_gemv_reference(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+
+
+def pq_dequantize_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16):
+    return dequantize_reference(qweight, codebook, geo).to(dtype)
+
+
+def pq_dequant_matmul_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None):
+    return pq_gemv_reference(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+
+
+# ----------------------------------------------------------------------------------- wrappers
+def default_split_k(geo: PQGeometry, n_row_tiles: int, n_w_tiles: int, device) -> int:
+    """Enough (row tile, split) programs for ~2 waves, but at least 2 word tiles per split."""
+    target = 2 * num_sms(device)
+    split = max(1, min(-(-target // n_row_tiles), n_w_tiles // 2))
+    return split
+
+
+def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
+            block_m: int | None = None, block_n: int | None = None, block_w: int = 32,
+            split_k: int | None = None, group_m: int = 8, num_warps: int | None = None, num_stages: int = 2):
+    """Triton dequantize-in-registers + tl.dot kernel. x [T, M] -> y [T, N] in x's dtype."""
+    check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+    T = x.shape[0]
+    if block_m is None:
+        block_m = 16 if T <= 16 else (64 if T <= 64 else 128)
+    if block_n is None:
+        block_n = 64 if T <= 64 else 128
+    if num_warps is None:
+        num_warps = 4 if block_m * block_n <= 64 * 64 else 8
+    if geo.GW % block_w or block_w % 4 or block_w < 16:
+        raise ValueError(f"block_w={block_w} must be a multiple of 16 dividing GW={geo.GW}")
+    if geo.N_pad % block_n:
+        raise ValueError(f"block_n={block_n} must divide N_pad={geo.N_pad}")
+    x = x.contiguous()
+    n_row_tiles = -(-geo.N // block_n)
+    n_w_tiles = geo.GW // block_w
+    n_m_tiles = -(-T // block_m)
+    if split_k is None:
+        split_k = default_split_k(geo, n_row_tiles, n_w_tiles, x.device) if n_m_tiles == 1 else 1
+    if split_k > 1 and n_m_tiles != 1:
+        raise ValueError("split_k > 1 needs T <= block_m")
+    tiles_per_split = -(-n_w_tiles // split_k)
+    split_k = -(-n_w_tiles // tiles_per_split)  # no empty splits
+    has_lr = lowrank_a is not None
+    rank = lowrank_a.shape[1] if has_lr else 0
+    rank_p2 = max(16, _next_pow2(rank))
+
+    u = None
+    if has_lr and split_k == 1:
+        u = (x @ lowrank_b.t().to(x.dtype))  # [T, r] (cuBLAS), enters as one more K-step
+    y = torch.empty(T, geo.N, device=x.device, dtype=x.dtype) if split_k == 1 else None
+    partial = torch.empty(split_k, T, geo.N_pad, device=x.device, dtype=torch.float32) if split_k > 1 else None
+    u_part = torch.empty(split_k, T, max(rank, 1), device=x.device, dtype=torch.float32) \
+        if (has_lr and split_k > 1) else None
+    dummy = x
+    grid = (n_m_tiles * n_row_tiles, split_k)
+    _pq_dot_kernel[grid](
+        x, qweight, codebook, u if u is not None else dummy, lowrank_a if has_lr else dummy,
+        lowrank_b if has_lr else dummy, bias if bias is not None else dummy,
+        y if y is not None else dummy, partial if partial is not None else dummy,
+        u_part if u_part is not None else dummy,
+        T, geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
+        x.stride(0), qweight.stride(0), codebook.stride(0),
+        u.stride(0) if u is not None else 0, lowrank_a.stride(0) if has_lr else 0,
+        lowrank_b.stride(0) if has_lr else 0, y.stride(0) if y is not None else 0,
+        partial.stride(0) if partial is not None else 0, partial.stride(1) if partial is not None else 0,
+        u_part.stride(0) if u_part is not None else 0, u_part.stride(1) if u_part is not None else 0,
+        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
+        TILES_PER_SPLIT=tiles_per_split, SPLIT_K=split_k, GROUP_M=group_m,
+        HAS_BIAS=bias is not None, HAS_LOWRANK=has_lr, RANK_P2=rank_p2,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split_k == 1:
+        return y
+    return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype)
+
+
+def pq_dequantize(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, block_n: int = 64, block_w: int = 32):
+    """Ŵ [N, M] in `dtype` by a Triton kernel (reference: pq_dequantize_reference)."""
+    if qweight.device.type != "cuda" and not _interp():
+        raise ValueError("pq_dequantize needs a CUDA device (or TRITON_INTERPRET=1)")
+    W = torch.empty(geo.N, geo.M, device=qweight.device, dtype=dtype)
+    grid = (geo.N_pad // block_n, geo.GW // block_w)
+    _pq_dequant_kernel[grid](
+        qweight, codebook, W, geo.N, geo.M, geo.GW, geo.k, geo.Nb,
+        qweight.stride(0), codebook.stride(0), W.stride(0),
+        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4,
+    )
+    return W
+
+
+def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None):
+    """Dequantize Ŵ with `pq_dequantize`, then cuBLAS: x Ŵᵀ (+ (x Bᵀ) Aᵀ + bias)."""
+    check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+    W = pq_dequantize(qweight, codebook, geo, dtype=x.dtype)
+    if lowrank_a is not None:
+        y = torch.addmm(bias.to(x.dtype), x, W.t()) if bias is not None else x @ W.t()
+        return y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
+    return torch.addmm(bias.to(x.dtype), x, W.t()) if bias is not None else x @ W.t()
+
+
+def _interp() -> bool:
+    from athena_runtime.kernels.pq_gemv import interpreting
+    return interpreting()
