@@ -65,3 +65,40 @@ def prepare_hessian(H: Tensor, damp: float) -> Tensor:
     if damp > 0:
         diag.add_(damp * diag.mean())
     return H
+
+
+_MAX_DAMP_RETRIES = 6
+
+
+def inverse_cholesky_upper(H: Tensor, damp: float, Mp: int | None = None) -> tuple[Tensor, Tensor, float]:
+    """H [M, M] -> (H_damped [M, M], U [Mp, Mp] upper with Hp⁻¹ = Uᵀ U, damp used).
+
+    H_damped has dead columns fixed and ``damp * mean(diag) * I`` added; Hp is H_damped padded to
+    Mp >= M columns with a decoupled identity block (scaled to the mean diagonal). If the
+    factorization fails, the damping is raised tenfold (a few times) before giving up. It runs in
+    fp64 on the CPU (cheap there), fp32 on accelerators.
+    """
+    M = H.shape[0]
+    Mp = M if Mp is None else Mp
+    work = torch.float64 if H.device.type == "cpu" else torch.float32
+    for _ in range(_MAX_DAMP_RETRIES):
+        Hd = prepare_hessian(H, damp)
+        Hp = Hd
+        if Mp > M:
+            Hp = torch.eye(Mp, device=H.device, dtype=torch.float32) * torch.diagonal(Hd).mean()
+            Hp[:M, :M] = Hd
+        L, info = torch.linalg.cholesky_ex(Hp.to(work))
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return Hd, U.to(torch.float32), damp
+        damp = max(damp * 10.0, 1e-4)
+    raise ValueError("quantize: the Hessian is not positive definite even with heavy damping")
+
+
+def proxy_loss(W: Tensor, W_eff: Tensor, H: Tensor) -> float:
+    """tr(E H Eᵀ) / tr(W H Wᵀ) with E = W - W_eff."""
+    E = W - W_eff
+    num = ((E @ H) * E).sum()
+    den = ((W @ H) * W).sum()
+    return float(num / den) if float(den) > 0 else float(num)
