@@ -27,7 +27,7 @@ class AthenaRecipe:
     k: int = 4096  # rows per codebook
     codebook_bits: int = 8  # 8: uint8 codes with per-dimension fp16 min/scale; 16: fp16 centroids
     lowrank: float = 0.01  # residual rank r = round(lowrank * min(N, M)); 0 disables it
-    kmeans_iters: int = 10  # fixed k-means iteration budget per column group
+    kmeans_iters: int = 8  # fixed Lloyd-iteration budget per column group (after k-means++ seeding)
     damp: float = 0.01  # H += damp * mean(diag H) * I
     block_size: int = 128  # lazy-batch width in columns for the GPTQ-style error updates
     seed: int = 0
