@@ -1,0 +1,390 @@
+"""PQ decode kernel in CUDA C++: the lookup-table kernel of `pq_gemv` with the table in shared memory.
+
+Same algorithm, grid and split-K partials as the Triton kernel (`pq_gemv.py`, which documents it),
+written in CUDA because shared memory and 32-bit addressing cut the instructions per index:
+    idx  = (word >> s·b) & (n − 1)        SHF + LOP3
+    acc += L_s[idx]                      LDS [idx + compile-time table offset], HADD2.F32, FADD
+Lanes own rows, so the 32 lanes of a warp read one group's table: with n = 64 fp16 entries that is
+128 bytes, one word per bank, and the lookup is free of bank conflicts whatever the indices.
+A thread loads its row's SLAB_W words as int4 (the next row's words are fetched while the current
+row is looked up) and keeps four independent accumulator chains.
+
+Built with `torch.utils.cpp_extension.load_inline` on first use (needs nvcc; ~1 min), for the
+(tokens, bits, slab, table dtype) combinations in VARIANTS. Only sm_80-class instructions: runs on
+Ada (sm_89) and Hopper alike. `pq_gemv_cuda_reference` is the PyTorch spec.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+import torch
+
+from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.pq_gemv import (
+    check_operands, choose_rows_per_chunk, pq_gemv_reference, row_chunks, splitk_epilogue,
+)
+
+log = logging.getLogger(__name__)
+
+THREADS = 256
+TOKENS = (1, 2, 4)  # instantiated token counts (T is padded up to the next one)
+MAX_SMEM = 48 * 1024
+
+
+def default_slab_w(bits: int, tokens: int, fp16_table: bool = True) -> int:
+    """Widest slab whose table fits in 24 KB (several CTAs per SM)."""
+    per_word, nc = 32 // bits, 1 << bits
+    slab = 32
+    while slab > 4 and per_word * slab * tokens * nc * (2 if fp16_table else 4) > 24 * 1024:
+        slab //= 2
+    return slab
+
+
+def _variants() -> list[tuple[int, int, int, bool]]:
+    """(T, BITS, SLAB_W, FP16_TABLE) instantiations: defaults for b = 4..8, a slab/table sweep at b = 6."""
+    out = set()
+    for bits in (4, 5, 6, 7, 8):
+        for t in TOKENS:
+            out.add((t, bits, default_slab_w(bits, t), True))
+    for slab in (8, 16, 32):
+        out.add((1, 6, slab, True))
+        out.add((1, 6, slab, False))
+    out.add((2, 6, 16, False))
+    out.add((4, 6, 8, False))
+    return sorted(out)
+
+
+VARIANTS = _variants()
+
+_KERNEL_SRC = r"""
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <type_traits>
+
+namespace athena_pq {
+
+__device__ __forceinline__ float tab_to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float tab_to_float(float v) { return v; }
+
+// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads. See pq_gemv.py for the algorithm.
+template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
+__global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
+    const __half* __restrict__ x, int stride_xt, int t_valid, int M,      // x [t_valid, M]
+    const int4* __restrict__ qweight, int N_pad,                          // [GW / 4, N_pad] int4
+    const __half* __restrict__ codebook, int G_pad, int D,                // [Nb, G_pad, D, NC]
+    int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
+    float* __restrict__ partial,                                          // [S, T, N_pad]
+    const __half* __restrict__ lr_b, int stride_br, int rank,             // [rank, M] or null
+    float* __restrict__ u_part)                                           // [S, T, rank]
+{
+    using TabT = typename std::conditional<FP16_TABLE, __half, float>::type;
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, SLAB_Q = SLAB_W / 4, VEC = 8, NVEC = NC / VEC;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    TabT* lut = reinterpret_cast<TabT*>(smem_raw);                        // [PER_WORD][SLAB_W][T][NC]
+
+    const int slab = blockIdx.y, w0 = slab * SLAB_W;
+    const int blk = blockIdx.x / chunks_per_blk;
+    const int row_start = blk * k_rows + (blockIdx.x % chunks_per_blk) * rows_per_chunk;
+    const int row_end = min(min(row_start + rows_per_chunk, (blk + 1) * k_rows), N);
+
+    // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
+    const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
+    for (int e = threadIdx.x; e < PER_WORD * SLAB_W * NVEC; e += THREADS) {
+        const int c0 = (e % NVEC) * VEC, sw = e / NVEC;
+        const int j = (sw / SLAB_W) * GW + w0 + sw % SLAB_W;
+        if constexpr (FP16_TABLE) {
+            __half2 acc[T][VEC / 2];
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+#pragma unroll
+                for (int v = 0; v < VEC / 2; ++v) acc[t][v] = __float2half2_rn(0.f);
+            for (int l = 0; l < D && j * D + l < M; ++l) {
+                const int4 raw = *reinterpret_cast<const int4*>(cb + ((size_t)j * D + l) * NC + c0);
+                const __half2* c2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                for (int t = 0; t < T; ++t) {
+                    if (t < t_valid) {
+                        const __half2 xv = __half2half2(x[(size_t)t * stride_xt + j * D + l]);
+#pragma unroll
+                        for (int v = 0; v < VEC / 2; ++v) acc[t][v] = __hfma2(c2[v], xv, acc[t][v]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+                *reinterpret_cast<int4*>(&lut[(sw * T + t) * NC + c0]) = *reinterpret_cast<const int4*>(acc[t]);
+        } else {
+            float acc[T][VEC];
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) acc[t][v] = 0.f;
+            for (int l = 0; l < D && j * D + l < M; ++l) {
+                const int4 raw = *reinterpret_cast<const int4*>(cb + ((size_t)j * D + l) * NC + c0);
+                const __half* ch = reinterpret_cast<const __half*>(&raw);
+#pragma unroll
+                for (int t = 0; t < T; ++t) {
+                    if (t < t_valid) {
+                        const float xv = __half2float(x[(size_t)t * stride_xt + j * D + l]);
+#pragma unroll
+                        for (int v = 0; v < VEC; ++v) acc[t][v] = fmaf(__half2float(ch[v]), xv, acc[t][v]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                float4* dst = reinterpret_cast<float4*>(&lut[(sw * T + t) * NC + c0]);
+                dst[0] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+                dst[1] = make_float4(acc[t][4], acc[t][5], acc[t][6], acc[t][7]);
+            }
+        }
+    }
+
+    // ---- low-rank share: u_part[slab, t, r] = sum over this slab's columns of x[t, col] B[r, col]
+    if (lr_b != nullptr && blockIdx.x == 0) {
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        for (int p = warp; p < rank * T; p += THREADS / 32) {
+            const int r = p / T, t = p % T;
+            float acc = 0.f;
+            if (t < t_valid) {
+                for (int s = 0; s < PER_WORD; ++s) {
+                    const int c_lo = D * (s * GW + w0);
+                    const int c_hi = min(min(c_lo + D * SLAB_W, D * (s + 1) * GW), M);
+                    for (int col = c_lo + lane; col < c_hi; col += 32)
+                        acc += __half2float(x[(size_t)t * stride_xt + col]) * __half2float(lr_b[(size_t)r * stride_br + col]);
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (lane == 0) u_part[((size_t)slab * T + t) * rank + r] = acc;
+        }
+    }
+    __syncthreads();
+
+    // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]], lane = row
+    int row = row_start + threadIdx.x;
+    int4 cur[SLAB_Q];
+#pragma unroll
+    for (int q = 0; q < SLAB_Q; ++q) cur[q] = row < row_end ? __ldcs(qweight + (size_t)(w0 / 4 + q) * N_pad + row) : make_int4(0, 0, 0, 0);
+    while (row < row_end) {
+        const int next = row + THREADS;
+        int4 nxt[SLAB_Q];
+#pragma unroll
+        for (int q = 0; q < SLAB_Q; ++q) nxt[q] = next < row_end ? __ldcs(qweight + (size_t)(w0 / 4 + q) * N_pad + next) : make_int4(0, 0, 0, 0);
+        float acc[4][T];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+#pragma unroll
+        for (int q = 0; q < SLAB_Q; ++q) {
+            const uint32_t wd[4] = {(uint32_t)cur[q].x, (uint32_t)cur[q].y, (uint32_t)cur[q].z, (uint32_t)cur[q].w};
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+#pragma unroll
+                for (int s = 0; s < PER_WORD; ++s) {
+                    const uint32_t idx = (wd[r] >> (s * BITS)) & (NC - 1);
+                    const TabT* tab = lut + ((s * SLAB_W + q * 4 + r) * T) * NC + idx;
+#pragma unroll
+                    for (int t = 0; t < T; ++t) acc[r][t] += tab_to_float(tab[t * NC]);
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t)
+            partial[((size_t)slab * T + t) * N_pad + row] = (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
+#pragma unroll
+        for (int q = 0; q < SLAB_Q; ++q) cur[q] = nxt[q];
+        row = next;
+    }
+}
+
+}  // namespace athena_pq
+"""
+
+_HOST_SRC_HEAD = r"""
+#include <torch/types.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace athena_pq {
+
+struct LutArgs {
+    const __half* x; int stride_xt, t_valid, M;
+    const int4* qweight; int N_pad;
+    const __half* codebook; int G_pad, D;
+    int N, GW, k_rows, chunks_per_blk, rows_per_chunk;
+    float* partial;
+    const __half* lr_b; int stride_br, rank;
+    float* u_part;
+};
+
+template <int T, int BITS, int SLAB_W, bool FP16_TABLE>
+void launch_lut(const LutArgs& a, dim3 grid, cudaStream_t stream) {
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
+    constexpr size_t smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
+    static_assert(smem <= 48 * 1024, "table must fit the default shared-memory limit");
+    pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS><<<grid, THREADS, smem, stream>>>(
+        a.x, a.stride_xt, a.t_valid, a.M, a.qweight, a.N_pad, a.codebook, a.G_pad, a.D,
+        a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.partial, a.lr_b, a.stride_br, a.rank, a.u_part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+                 torch::Tensor lr_b, torch::Tensor u_part,
+                 int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
+                 int64_t bits, int64_t slab_w, bool fp16_table) {
+    TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1, "x: fp16 CUDA [T, M]");
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.dim() == 3 && qweight.size(2) == 4 && qweight.is_contiguous(), "qweight: int32 [GW/4, N_pad, 4]");
+    TORCH_CHECK(codebook.scalar_type() == torch::kHalf && codebook.dim() == 4 && codebook.is_contiguous(), "codebook: fp16 [Nb, G_pad, D, NC]");
+    TORCH_CHECK(codebook.size(3) == (1 << bits), "codebook n != 2^bits");
+    TORCH_CHECK(partial.scalar_type() == torch::kFloat && partial.dim() == 3 && partial.is_contiguous(), "partial: fp32 [S, T, N_pad]");
+    TORCH_CHECK(GW % slab_w == 0 && partial.size(0) == GW / slab_w && partial.size(2) == qweight.size(1), "partial shape");
+    const bool has_lr = lr_b.numel() > 0;
+    if (has_lr) {
+        TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.stride(1) == 1 && lr_b.size(1) == x.size(1), "lowrank_b: fp16 [r, M]");
+        TORCH_CHECK(u_part.scalar_type() == torch::kFloat && u_part.is_contiguous() && u_part.size(0) == partial.size(0)
+                    && u_part.size(1) == partial.size(1) && u_part.size(2) == lr_b.size(0), "u_part: fp32 [S, T, r]");
+    }
+    const int T = partial.size(1);
+    TORCH_CHECK(x.size(0) <= T, "more tokens than the partial buffer holds");
+    const c10::cuda::CUDAGuard guard(x.device());
+    LutArgs a{reinterpret_cast<const __half*>(x.data_ptr<at::Half>()), (int)x.stride(0), (int)x.size(0), (int)x.size(1),
+              reinterpret_cast<const int4*>(qweight.data_ptr<int>()), (int)qweight.size(1),
+              reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>()), (int)codebook.size(1), (int)codebook.size(2),
+              (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk,
+              partial.data_ptr<float>(),
+              has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr,
+              has_lr ? (int)lr_b.stride(0) : 0, has_lr ? (int)lr_b.size(0) : 0,
+              has_lr ? u_part.data_ptr<float>() : nullptr};
+    const dim3 grid((unsigned)(codebook.size(0) * chunks_per_blk), (unsigned)(GW / slab_w));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+"""
+
+_HOST_SRC_TAIL = r"""
+    TORCH_CHECK(false, "pq_lut_gemv: no instantiation for T=", T, " bits=", bits, " slab_w=", slab_w, " fp16_table=", fp16_table);
+}
+
+}  // namespace athena_pq
+
+void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+                 torch::Tensor lr_b, torch::Tensor u_part,
+                 int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
+                 int64_t bits, int64_t slab_w, bool fp16_table) {
+    athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, N, GW, k_rows, chunks_per_blk,
+                           rows_per_chunk, bits, slab_w, fp16_table);
+}
+"""
+
+_CPP_DECL = """
+void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+                 torch::Tensor lr_b, torch::Tensor u_part,
+                 int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
+                 int64_t bits, int64_t slab_w, bool fp16_table);
+"""
+
+
+def cuda_source() -> str:
+    """The whole .cu translation unit (kernel, host launcher, dispatch over VARIANTS)."""
+    dispatch = "\n".join(
+        f"    if (T == {t} && bits == {b} && slab_w == {s} && fp16_table == {'true' if f else 'false'}) "
+        f"return launch_lut<{t}, {b}, {s}, {'true' if f else 'false'}>(a, grid, stream);"
+        for t, b, s, f in VARIANTS
+    )
+    return (_KERNEL_SRC.replace("namespace athena_pq {", f"namespace athena_pq {{\nconstexpr int THREADS = {THREADS};", 1)
+            + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL)
+
+
+_ext = None
+_ext_error: str | None = None
+_lock = threading.Lock()
+
+
+def load_extension(verbose: bool = False):
+    """Compile (first call, cached by torch under ~/.cache/torch_extensions) and return the module.
+    Raises RuntimeError with the compiler's message when it cannot be built."""
+    global _ext, _ext_error
+    with _lock:
+        if _ext is not None:
+            return _ext
+        if _ext_error is not None:
+            raise RuntimeError(_ext_error)
+        from torch.utils.cpp_extension import load_inline
+        src = cuda_source()
+        name = "athena_pq_cuda_" + hashlib.sha1(src.encode()).hexdigest()[:12]
+        log.info("building the CUDA PQ decode kernel %s (%d variants; first use takes about a minute)", name, len(VARIANTS))
+        try:
+            _ext = load_inline(name=name, cpp_sources=_CPP_DECL, cuda_sources=src, functions=["pq_lut_gemv"],
+                               extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+        except Exception as e:  # noqa: BLE001 - any build failure disables this kernel, loudly
+            _ext_error = f"CUDA PQ kernel build failed: {type(e).__name__}: {e}"
+            raise RuntimeError(_ext_error) from e
+        return _ext
+
+
+def cuda_kernel_available() -> bool:
+    """True when the extension is (or can be) built here; never raises (the build error is logged once)."""
+    if not torch.cuda.is_available():
+        return False
+    if _ext is not None:
+        return True
+    if _ext_error is not None:
+        return False
+    try:
+        load_extension()
+        return True
+    except RuntimeError as e:
+        log.warning("%s", e)
+        return False
+
+
+def supports(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
+    """Whether an instantiated variant serves this layer and token count."""
+    t_inst = next((t for t in TOKENS if t >= tokens), None)
+    return (t_inst is not None and dtype == torch.float16
+            and (t_inst, geo.bits, default_slab_w(geo.bits, t_inst), True) in VARIANTS
+            and geo.GW % default_slab_w(geo.bits, t_inst) == 0)
+
+
+def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
+    """`supports` and the extension builds here (built on the first call; a failure is logged once)."""
+    return supports(geo, tokens, dtype) and cuda_kernel_available()
+
+
+pq_gemv_cuda_reference = pq_gemv_reference
+
+
+def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
+                 fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None):
+    """CUDA lookup-table kernel for T <= 4 tokens, fp16. x [T, M] -> y [T, N] (fp16)."""
+    check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+    if x.device.type != "cuda" or x.dtype != torch.float16 or codebook.dtype != torch.float16:
+        raise ValueError("pq_gemv_cuda takes fp16 CUDA tensors")
+    T = x.shape[0]
+    t_inst = next((t for t in TOKENS if t >= T), None)
+    if t_inst is None:
+        raise ValueError(f"pq_gemv_cuda takes at most {TOKENS[-1]} tokens, got {T}")
+    if slab_w is None:
+        slab_w = default_slab_w(geo.bits, t_inst, fp16_table)
+    if (t_inst, geo.bits, slab_w, fp16_table) not in VARIANTS:
+        raise ValueError(f"no CUDA variant for T={t_inst} bits={geo.bits} slab_w={slab_w} fp16_table={fp16_table}")
+    if geo.GW % slab_w:
+        raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
+    ext = load_extension()
+    n_slabs = geo.GW // slab_w
+    if rows_per_chunk is None:
+        rows_per_chunk = choose_rows_per_chunk(geo, n_slabs, x.device, candidates=(1024, 512, 256))
+    chunks_per_block, _ = row_chunks(geo, rows_per_chunk)
+    has_lr = lowrank_a is not None
+    partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float32)
+    if has_lr:
+        u_part = torch.empty(n_slabs, t_inst, lowrank_b.shape[0], device=x.device, dtype=torch.float32)
+        lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
+    else:
+        u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
+    ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
+                    geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table)
+    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype)

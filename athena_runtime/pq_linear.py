@@ -1,0 +1,219 @@
+"""PQLinear: an Athena product-quantized linear layer (FORMAT.md) for inference.
+
+    y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias,   Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l]
+
+The indices stay bit-packed on the device, repacked at load time into the kernel layout
+(`kernels/layout.py`); codebooks are dequantized to fp16 once. `select_path` — the one place that
+decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
+    reference       dequantize + matmul in PyTorch: the spec; CPU
+    cuda-decode     CUDA lookup-table kernel (shared-memory table), few tokens, fp16, when it builds
+    triton-decode   Triton lookup-table kernel, few tokens (also: cuda-decode unavailable)
+    triton-prefill  Triton dequantize-in-registers + tl.dot (split-K for small token counts)
+    dequant-matmul  Triton dequantize of the whole Ŵ, then cuBLAS (many tokens)
+Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
+benchmarks); Triton paths run on CPU tensors only under TRITON_INTERPRET=1. Every (path, layer
+shape) is logged once at INFO, and a fallback (cuda-decode unavailable) once at WARNING.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from torch import nn
+
+from athena_runtime.kernels import layout
+from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.pq_gemv import interpreting, pq_gemv, pq_gemv_reference
+
+log = logging.getLogger(__name__)
+
+PATHS = ("reference", "cuda-decode", "triton-decode", "triton-prefill", "dequant-matmul")
+PATH_ENV = "ATHENA_PQ_PATH"
+LUT_MAX_TOKENS = 4  # lookup-table kernels up to this many tokens (their work grows with the token count)
+LUT_MAX_N = 256  # ... and codebooks of at most this many centroids (the table is n entries per group)
+DEQUANT_MATMUL_MIN_TOKENS = 1 << 30  # many tokens: dequantize + cuBLAS from here on (see bench/results/kernels.md)
+
+
+def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch.dtype, forced: str | None = None,
+                cuda_decode_ok=None) -> str:
+    """The path for a call of `tokens` rows. `cuda_decode_ok(geo, tokens, dtype) -> bool` says whether
+    the CUDA kernel serves it (default: ask `kernels.pq_cuda`, which builds it on first use)."""
+    if forced is not None:
+        if forced not in PATHS:
+            raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {PATHS}")
+        if forced != "reference" and device.type != "cuda" and not (forced != "cuda-decode" and interpreting()):
+            raise ValueError(f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)")
+        return forced
+    if device.type != "cuda":
+        return "reference"
+    if tokens <= LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
+        if cuda_decode_ok is None:
+            from athena_runtime.kernels import pq_cuda
+            cuda_decode_ok = pq_cuda.usable
+        return "cuda-decode" if cuda_decode_ok(geo, tokens, dtype) else "triton-decode"
+    if tokens >= DEQUANT_MATMUL_MIN_TOKENS:
+        return "dequant-matmul"
+    return "triton-prefill"
+
+
+class PQLinear(nn.Module):
+    """Inference-only Athena linear layer. Build it with `from_tensors`."""
+
+    _logged: set = set()  # (path, N, M) already logged: "once per layer shape" across all instances
+
+    def __init__(self, geo: PQGeometry, qweight: torch.Tensor, codebook: torch.Tensor,
+                 lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, codebook_bits: int = 8, path: str | None = None):
+        super().__init__()
+        self.geo = geo
+        self.codebook_bits = codebook_bits
+        self.in_features, self.out_features = geo.M, geo.N
+        self.path = path
+        if path is not None and path not in PATHS:
+            raise ValueError(f"unknown PQLinear path {path!r}; choose one of {PATHS}")
+        self.register_buffer("qweight", qweight, persistent=False)  # int32 [GW/4, N_pad, 4]
+        self.register_buffer("codebook", codebook, persistent=False)  # [Nb, G_pad, d, n]
+        self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
+        self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
+        self.register_buffer("bias", bias, persistent=False)  # [N] or None
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_tensors(cls, prefix: str, tensors: dict, meta: dict, device, dtype=torch.float16,
+                     path: str | None = None) -> "PQLinear":
+        """Build from the checkpoint tensors `prefix.indices`, `prefix.codebook`, ... (FORMAT.md) and the
+        layer's athena.json entry `meta` = {"method": "athena", "shape": [N, M], "d", "n", "k",
+        "codebook_bits", "rank"}. Raises ValueError naming the tensor or field that does not fit."""
+        geo, codebook_bits, rank = _check_meta(prefix, meta)
+        device = torch.device(device)
+
+        def get(field, dt, shape, required=True):
+            key = f"{prefix}.{field}"
+            if key not in tensors:
+                if required:
+                    raise ValueError(f"{key}: missing (layer {prefix} is athena {list(shape)})")
+                return None
+            t = tensors[key]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{key}: not a tensor")
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{key}: expected {dt} {list(shape)}, got {t.dtype} {list(t.shape)}")
+            return t
+
+        packed = get("indices", torch.uint8, (geo.N, geo.packed_bytes_per_row))
+        cb_shape = (geo.Nb, geo.G, geo.n, geo.d)
+        if codebook_bits == 8:
+            cb = get("codebook", torch.uint8, cb_shape)
+            scale = get("codebook_scale", torch.float16, (geo.Nb, geo.G, geo.d))
+            cmin = get("codebook_min", torch.float16, (geo.Nb, geo.G, geo.d))
+        else:
+            cb = get("codebook", torch.float16, cb_shape)
+            scale = cmin = None
+            for field in ("codebook_scale", "codebook_min"):
+                if f"{prefix}.{field}" in tensors:
+                    raise ValueError(f"{prefix}.{field}: unexpected with codebook_bits 16")
+        if rank > 0:
+            A = get("lowrank_a", torch.float16, (geo.N, rank))
+            B = get("lowrank_b", torch.float16, (rank, geo.M))
+        else:
+            A = B = None
+            for field in ("lowrank_a", "lowrank_b"):
+                if f"{prefix}.{field}" in tensors:
+                    raise ValueError(f"{prefix}.{field}: present but the layer's rank is 0")
+        bias = get("bias", torch.float16, (geo.N,), required=False)
+
+        indices = layout.unpack_bits(packed.to(device), geo.G, geo.bits)  # [N, G]
+        qweight = layout.pack_words(indices, geo)
+        del indices
+        C = layout.dequantize_codebook(cb.to(device), scale.to(device) if scale is not None else None,
+                                       cmin.to(device) if cmin is not None else None, dtype=dtype)
+        codebook = layout.pad_codebook(C, geo)
+        opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        return cls(geo, qweight, codebook, opt(A), opt(B), opt(bias), codebook_bits, path)
+
+    # ------------------------------------------------------------------------------ compute
+    def dequantize_weight(self) -> torch.Tensor:
+        """Ŵ [N, M] in the codebook dtype (fp16), low-rank term excluded."""
+        if self.qweight.device.type == "cuda":
+            from athena_runtime.kernels.pq_gemm import pq_dequantize
+            return pq_dequantize(self.qweight, self.codebook, self.geo, dtype=self.codebook.dtype)
+        return layout.dequantize_reference(self.qweight, self.codebook, self.geo).to(self.codebook.dtype)
+
+    def choose_path(self, tokens: int) -> str:
+        forced = self.path or os.environ.get(PATH_ENV) or None
+        path = select_path(tokens, self.qweight.device, self.geo, self.codebook.dtype, forced)
+        if forced is None and path == "triton-decode" and self.qweight.device.type == "cuda" \
+                and tokens <= LUT_MAX_TOKENS:
+            self._log_once("fallback", tokens, logging.WARNING,
+                           "cuda-decode unavailable for this layer; using triton-decode")
+        self._log_once(path, tokens)
+        return path
+
+    def _log_once(self, path: str, tokens: int, level=logging.INFO, why: str = ""):
+        key = (path, self.geo.N, self.geo.M)
+        if key not in PQLinear._logged:
+            PQLinear._logged.add(key)
+            log.log(level, "PQLinear [%d x %d] d=%d n=%d k=%d, %d tokens: path %s%s", self.geo.N, self.geo.M,
+                    self.geo.d, self.geo.n, self.geo.k, tokens, path, f" ({why})" if why else "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.geo.M:
+            raise ValueError(f"PQLinear expects [..., {self.geo.M}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.geo.M)
+        T = x2.shape[0]
+        if T == 0:
+            return x.new_empty(*lead, self.geo.N)
+        path = self.choose_path(T)
+        args = (self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, self.bias)
+        if path == "reference":
+            y = pq_gemv_reference(x2, *args)
+        else:
+            xk = x2 if x2.dtype == self.codebook.dtype else x2.to(self.codebook.dtype)
+            if path == "cuda-decode":
+                from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
+                y = pq_gemv_cuda(xk, *args)
+            elif path == "triton-decode":
+                y = pq_gemv(xk, *args)
+            elif path == "triton-prefill":
+                from athena_runtime.kernels.pq_gemm import pq_gemm
+                y = pq_gemm(xk, *args)
+            else:
+                from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
+                y = pq_dequant_matmul(xk, *args)
+            y = y.to(x.dtype)
+        return y.reshape(*lead, self.geo.N)
+
+    def extra_repr(self) -> str:
+        g = self.geo
+        rank = 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
+        return (f"in_features={g.M}, out_features={g.N}, d={g.d}, n={g.n}, k={g.k}, "
+                f"codebook_bits={self.codebook_bits}, rank={rank}, bias={self.bias is not None}")
+
+
+def _check_meta(prefix: str, meta: dict) -> tuple[PQGeometry, int, int]:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{prefix}: layer meta must be a dict, got {type(meta).__name__}")
+    if meta.get("method") != "athena":
+        raise ValueError(f"{prefix}: method must be 'athena', got {meta.get('method')!r}")
+    shape = meta.get("shape")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ValueError(f"{prefix}: shape must be [N, M] of positive ints, got {shape!r}")
+    fields = {}
+    for name in ("d", "n", "k", "codebook_bits", "rank"):
+        v = meta.get(name, 0 if name == "rank" else None)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "rank" else 1):
+            raise ValueError(f"{prefix}: {name} must be a {'non-negative' if name == 'rank' else 'positive'} int, got {v!r}")
+        fields[name] = v
+    if fields["codebook_bits"] not in (8, 16):
+        raise ValueError(f"{prefix}: codebook_bits must be 8 or 16, got {fields['codebook_bits']}")
+    n = fields["n"]
+    if n < 2 or n & (n - 1) or n > 1 << 16:
+        raise ValueError(f"{prefix}: n must be a power of two in 2..65536, got {n}")
+    if fields["rank"] > min(shape):
+        raise ValueError(f"{prefix}: rank {fields['rank']} exceeds min(N, M) = {min(shape)}")
+    geo = PQGeometry(shape[0], shape[1], fields["d"], n, fields["k"])
+    assert geo.G == math.ceil(shape[1] / fields["d"])
+    return geo, fields["codebook_bits"], fields["rank"]

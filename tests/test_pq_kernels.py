@@ -1,0 +1,164 @@
+"""PQ kernels against their PyTorch reference (the spec), on odd shapes.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py); the CUDA kernel and
+the GPU timings are checked on a GPU by bench/kernels.py, and here only when CUDA is present.
+
+Tolerances (relative Frobenius error against the fp32 reference on the same fp16 codebook):
+    fp16 x  : 4e-3  (fp16 table entries / fp16 output rounding; measured ~5e-4)
+    fp32 x  : 1e-5  (fp32 table, fp32 accumulate; the interpreter's dot is exact fp32)
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from athena_runtime.kernels import layout
+from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.pq_gemm import (
+    pq_dequant_matmul, pq_dequantize, pq_dequantize_reference, pq_gemm, pq_gemm_reference,
+)
+from athena_runtime.kernels.pq_gemv import pq_gemv, pq_gemv_reference
+
+TOL = {torch.float16: 4e-3, torch.float32: 1e-5}
+
+
+def pack_format(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """FORMAT.md bit stream, written independently of the code under test (numpy packbits)."""
+    v = values.numpy().astype(np.int64)
+    R, C = v.shape
+    bit_matrix = ((v[:, :, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(R, C * bits)
+    return torch.from_numpy(np.packbits(bit_matrix, axis=1, bitorder="little"))
+
+
+def make_layer(N, M, d, n, k, rank=0, bias=False, seed=0):
+    """Random layer in kernel layout (+ the raw I and C for spec checks)."""
+    g = torch.Generator().manual_seed(seed)
+    geo = PQGeometry(N, M, d, n, k)
+    I = torch.randint(0, n, (N, geo.G), generator=g)
+    C = (torch.randn(geo.Nb, geo.G, n, d, generator=g) * 0.5).half()
+    A = (torch.randn(N, rank, generator=g) * 0.1).half() if rank else None
+    B = (torch.randn(rank, M, generator=g) * 0.1).half() if rank else None
+    b = torch.randn(N, generator=g).half() if bias else None
+    return geo, layout.pack_words(I, geo), layout.pad_codebook(C, geo), A, B, b, I, C
+
+
+def rel_err(y, ref):
+    assert not torch.isnan(y).any(), "NaN in kernel output"
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+# ----------------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("bits,count", [(1, 13), (3, 7), (6, 11), (7, 9), (8, 5), (11, 6), (16, 3)])
+def test_unpack_bits_reads_format_stream(bits, count):
+    vals = torch.randint(0, 1 << bits, (5, count), generator=torch.Generator().manual_seed(bits))
+    packed = pack_format(vals, bits)
+    assert packed.shape == (5, -(-count * bits // 8))
+    assert torch.equal(layout.unpack_bits(packed, count, bits), vals.to(torch.int32))
+
+
+def test_unpack_bits_rejects_wrong_width():
+    with pytest.raises(ValueError, match="packed width"):
+        layout.unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 5, 6)
+
+
+@pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 301, 2, 64, 64), (5, 7, 1, 256, 3), (9, 40, 4, 2, 100)])
+def test_pack_words_roundtrip_and_dequantize_spec(N, M, d, n, k):
+    geo, qw, cb, _, _, _, I, C = make_layer(N, M, d, n, k)
+    assert qw.dtype == torch.int32 and qw.shape == (geo.GW // 4, geo.N_pad, 4)
+    assert torch.equal(layout.unpack_words(qw, geo), I)
+    W = layout.dequantize_reference(qw, cb, geo)
+    for i in (0, N // 2, N - 1):  # Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l]
+        for col in (0, M // 3, M - 1):
+            j, l = divmod(col, d)
+            assert W[i, col] == C[i // k, j, I[i, j], l]
+
+
+# ----------------------------------------------------------------------------------- kernels
+CASES = [  # N, M, d, n, k, rank, bias
+    (37, 29, 3, 16, 20, 3, True),
+    (70, 130, 2, 64, 64, 0, False),
+    (33, 17, 1, 256, 33, 2, True),
+    (45, 64, 4, 32, 100, 5, False),
+]
+
+
+@pytest.mark.parametrize("case,T", [(c, t) for c in CASES for t in (1, 3)] + [(CASES[1], 16)])
+def test_lut_gemv_matches_reference_fp16(case, T):
+    N, M, d, n, k, rank, bias = case
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, rank, bias, seed=T)
+    x = torch.randn(T, M, generator=torch.Generator().manual_seed(100 + T)).half()
+    y = pq_gemv(x, qw, cb, geo, A, B, b)
+    assert y.shape == (T, N) and y.dtype == torch.float16
+    assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+
+
+def test_lut_gemv_fp32_table_and_short_chunks():
+    geo, qw, cb, A, B, b, _, _ = make_layer(300, 70, 2, 64, 130, 4, True)  # 3 codebook blocks, ragged
+    x = torch.randn(2, 70, generator=torch.Generator().manual_seed(1))
+    ref = pq_gemv_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())
+    y = pq_gemv(x, qw, cb.float(), geo, A.float(), B.float(), b.float(), lut_fp16=False, rows_per_chunk=128,
+                slab_w=8, block_n=32)
+    assert y.dtype == torch.float32
+    assert rel_err(y, ref) < TOL[torch.float32]
+
+
+def test_lut_gemv_tokens_33():
+    geo, qw, cb, A, B, b, _, _ = make_layer(20, 24, 2, 16, 20, 2, True)
+    x = torch.randn(33, 24, generator=torch.Generator().manual_seed(2)).half()
+    assert rel_err(pq_gemv(x, qw, cb, geo, A, B, b), pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("T,split_k", [(1, None), (3, 2), (16, 1), (33, None)])
+def test_gemm_matches_reference_fp16(case, T, split_k):
+    N, M, d, n, k, rank, bias = case
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, rank, bias, seed=T)
+    x = torch.randn(T, M, generator=torch.Generator().manual_seed(200 + T)).half()
+    y = pq_gemm(x, qw, cb, geo, A, B, b, split_k=split_k, block_w=16)
+    assert y.shape == (T, N) and y.dtype == torch.float16
+    assert rel_err(y, pq_gemm_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+
+
+def test_gemm_fp32_multi_tile():
+    geo, qw, cb, A, B, b, _, _ = make_layer(150, 90, 3, 32, 64, 3, True)
+    x = torch.randn(40, 90, generator=torch.Generator().manual_seed(3))
+    ref = pq_gemm_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())
+    y = pq_gemm(x, qw, cb.float(), geo, A.float(), B.float(), b.float(), block_m=16, block_n=64, block_w=16)
+    assert rel_err(y, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 50, 2, 64, 64)])
+def test_dequantize_kernel_is_exact(N, M, d, n, k):
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, 2, True)
+    assert torch.equal(pq_dequantize(qw, cb, geo), pq_dequantize_reference(qw, cb, geo))
+    x = torch.randn(5, M, generator=torch.Generator().manual_seed(4))
+    y = pq_dequant_matmul(x, qw, cb.float(), geo, A.float(), B.float(), b.float())
+    assert rel_err(y, pq_gemm_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())) < TOL[torch.float32]
+
+
+def test_kernels_check_operands():
+    geo, qw, cb, A, B, b, _, _ = make_layer(20, 24, 2, 16, 20, 2, True)
+    x = torch.randn(2, 24).half()
+    with pytest.raises(ValueError, match="x must be"):
+        pq_gemv(x[:, :10], qw, cb, geo)
+    with pytest.raises(ValueError, match="codebook must be"):
+        pq_gemv(x, qw, cb.transpose(2, 3).contiguous(), geo)
+    with pytest.raises(ValueError, match="come together"):
+        pq_gemm(x, qw, cb, geo, A, None)
+    with pytest.raises(ValueError, match="slab_w"):
+        pq_gemv(x, qw, cb, geo, slab_w=6)
+
+
+# ----------------------------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+def test_cuda_lut_kernel_matches_reference(T):
+    from athena_runtime.kernels.pq_cuda import pq_gemv_cuda, pq_gemv_cuda_reference
+    geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2050, 2, 64, 512, 8, True)
+    dev = torch.device("cuda")
+    args = [t.to(dev) for t in (qw, cb, A, B, b)]
+    x = torch.randn(T, 2050, device=dev).half()
+    y = pq_gemv_cuda(x, args[0], args[1], geo, *args[2:])
+    ref = pq_gemv_cuda_reference(x, args[0], args[1], geo, *args[2:])
+    assert rel_err(y, ref) < TOL[torch.float16]
