@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         "seconds_propagate_layer": t_prop,
         "projected_minutes": per_layer * args.layers / 60,
         "peak_gpu_gib": peak,
-        "per_linear": {k.split(".")[-1]: {"seconds": round(v["seconds"], 2), "bits": round(v["bits"], 3),
+        "per_linear": {k.split(".")[-1]: {"seconds": round(v["seconds"], 2), "bits_per_weight": round(v["bits_per_weight"], 3),
                                            "proxy_loss": v["proxy_loss"]} for k, v in stats.items()},
     }
     print(f"{result['device']}: {args.method} layer {t_quant:.1f}s + propagate {t_prop:.1f}s -> "

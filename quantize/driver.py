@@ -63,12 +63,13 @@ class QuantizeJob:
 
     def identity(self) -> dict:
         """What must match for --resume to continue a run."""
-        return {
+        ident = {
             "model": str(Path(self.model).resolve()),
             "method": self.method,
             "recipe": self.recipe_dict(),
             "calib": dataclasses.asdict(self.calib),
         }
+        return json.loads(json.dumps(ident))  # tuples -> lists, as read back from job.json
 
 
 # ---------------------------------------------------------------- running one HF decoder layer
@@ -196,7 +197,7 @@ def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob):
             mod.weight.copy_(stored.dequantize().to(mod.weight.dtype))
             stats[full] = dict(
                 meta,
-                bits=8.0 * stored.stored_bytes() / (mod.out_features * mod.in_features),
+                bits_per_weight=8.0 * stored.stored_bytes() / (mod.out_features * mod.in_features),
                 proxy_loss=float(st.get("proxy_loss", float("nan"))),
                 seconds=float(st.get("seconds", seconds)),
             )
@@ -211,6 +212,7 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@torch.no_grad()
 def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
     """Quantize `job.model` into `job.out`. Returns the written athena.json as a dict.
 

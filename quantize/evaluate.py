@@ -55,13 +55,9 @@ def load_compressed_as_hf(path: Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if config.tie_word_embeddings:
         model.tie_weights()
-    # Buffers (rotary inv_freq) were created on meta: rebuild them on CPU.
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
-            inv_freq, scaling = module.rope_init_fn(module.config, torch.device("cpu"))
-            module.register_buffer("inv_freq", inv_freq, persistent=False)
-            module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
+    # Buffers (rotary inv_freq) were created on meta: build the rotary embedding again on CPU.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=model.config)
     model.eval()
     model.config.use_cache = False
     return model, meta

@@ -28,7 +28,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
-    return write_text(root / "calib.txt", (0, 30)), write_text(root / "heldout.txt", (100, 130))
+    return write_text(root / "calib.txt", (0, 30)), write_text(root / "heldout.txt", (40, 70))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -60,7 +60,7 @@ def test_quantize_and_eval_end_to_end(models, texts, tmp_path, family):
     assert meta["complete"] and meta["format_version"] == 1
     assert len(meta["layers"]) == 7 * 2
     for st in meta["layers"].values():
-        assert 0.0 <= st["proxy_loss"] < 0.5 and st["bits"] > 0
+        assert 0.0 <= st["proxy_loss"] < 0.5 and st["bits_per_weight"] > 0
     ref = eval_ppl(models[family], [str(texts[1])], seqlen=64, max_tokens=2048)
     q = eval_ppl(tmp_path / "q", [str(texts[1])], seqlen=64, max_tokens=2048)
     assert ref["bits_per_weight"] is None and q["bits_per_weight"] == pytest.approx(meta["bits_per_weight"]["linear"])
@@ -77,7 +77,7 @@ def test_bits_from_stored_bytes(models, texts, tmp_path):
         nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
                      if k.startswith(prefix + ".") and not k.endswith(".bias"))
         n, m = st["shape"]
-        assert st["bits"] == pytest.approx(8 * nbytes / (n * m))
+        assert st["bits_per_weight"] == pytest.approx(8 * nbytes / (n * m))
         total_bits += 8 * nbytes
         total_weights += n * m
     assert meta["bits_per_weight"]["linear"] == pytest.approx(total_bits / total_weights)
