@@ -79,10 +79,10 @@ class ServeBenchSettings:
     model: str | None = field(default=None, metadata=_opt(
         "model id to send (default: the first id of GET /v1/models)", metavar="NAME"))
     concurrency: tuple[int, ...] = field(default=(1, 8, 32, 64), metadata=_opt(
-        "comma-separated concurrency levels: requests kept in flight", _int_list, "N[,N...]"))
+        "comma-separated concurrency levels: requests kept in flight", _int_list, "N[,N...]", group="load"))
     request_rate: tuple[float, ...] | None = field(default=None, metadata=_opt(
-        "comma-separated mean arrival rates in req/s with Poisson arrivals and no concurrency cap "
-        "(inf: all at once); replaces --concurrency", _rate_list, "R[,R...]"))
+        "instead of --concurrency: comma-separated mean arrival rates in req/s, Poisson arrivals, no "
+        "concurrency cap (inf: all at once)", _rate_list, "R[,R...]", group="load"))
     num_prompts: int = field(default=64, metadata=_opt(
         f"requests per level (at most {MAX_NUM_PROMPTS})", int, "N"))
     input_len: int = field(default=128, metadata=_opt(
@@ -145,12 +145,19 @@ class ServeBenchSettings:
 
 def build_parser() -> argparse.ArgumentParser:
     doc = __doc__ or ""
-    ap = argparse.ArgumentParser(prog="athena bench serve", description=doc.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(prog="athena bench serve", description=doc.splitlines()[0])
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in dataclasses.fields(ServeBenchSettings):
         meta = {k: v for k, v in f.metadata.items() if v is not None}
+        group = meta.pop("group", None)
+        if group is not None and group not in groups:
+            groups[group] = ap.add_mutually_exclusive_group()
+        where = ap if group is None else groups[group]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **meta)
+        if default not in (None, False, True, {}) and "default" not in meta["help"]:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            meta["help"] += f" (default: {shown})"
+        where.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default, **meta)
     return ap
 
 

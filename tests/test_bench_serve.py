@@ -20,8 +20,8 @@ from bench import serve
 from bench.serve_client import SSEParser, Target, build_payload, chunk_text, v1_base
 from bench.serve_metrics import RequestRecord, percentile, stats_ms, summarize
 
-TTFT_S = 0.08  # the fake server's delay before the first token
-ITL_S = 0.025  # and between tokens
+TTFT_S = 0.10  # the fake server's delay before the first token
+ITL_S = 0.03  # and between tokens
 
 # ---------------------------------------------------------------------------------------------
 # metrics on constructed timings
@@ -151,7 +151,8 @@ def test_remote_url_is_refused_before_any_request(capsys):
 
 @pytest.mark.parametrize("argv", [["--num-prompts", "0"], ["--num-prompts", "10001"], ["--concurrency", "0"],
                                   ["--concurrency", "a,b"], ["--request-rate", "-1"], ["--extra-body", "[1]"],
-                                  ["--endpoint", "embeddings"], ["--timeout-s", "0"]])
+                                  ["--endpoint", "embeddings"], ["--timeout-s", "0"],
+                                  ["--concurrency", "2", "--request-rate", "3"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         serve.main(argv)
@@ -183,16 +184,21 @@ class FakeState:
     flaky: int = 0
 
 
-def _chunk(kind: str, text: str | None, usage: dict | None = None) -> str:
+def _chunk(kind: str, text: str | None, usage: dict | None = None, delta: dict | None = None,
+           finish: str | None = None) -> str:
+    """One SSE event; chat events end in CRLF (as sse-starlette writes them), completions in LF."""
     if kind == "chat":
-        choices = [] if text is None else [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
+        d = delta if delta is not None else {"content": text}
+        choices = [] if text is None and delta is None else [{"index": 0, "delta": d, "finish_reason": finish}]
         obj = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "fake", "choices": choices}
+        end = "\r\n\r\n"
     else:
-        choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": None}]
+        choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish}]
         obj = {"id": "c1", "object": "text_completion", "created": 0, "model": "fake", "choices": choices}
+        end = "\n\n"
     if usage is not None:
         obj["usage"] = usage
-    return f"data: {json.dumps(obj)}\n\n"
+    return f"data: {json.dumps(obj)}{end}"
 
 
 def make_app(state: FakeState) -> FastAPI:
@@ -231,6 +237,8 @@ def make_app(state: FakeState) -> FastAPI:
                 yield _chunk(kind, "x")
                 yield 'data: {"error": {"message": "engine died"}}\n\n'
                 return
+            if kind == "chat":  # an empty role chunk at once, as real servers send: not a token
+                yield _chunk(kind, None, delta={"role": "assistant", "content": ""})
             await asyncio.sleep(TTFT_S)
             for i in range(n):
                 if i:
@@ -240,6 +248,8 @@ def make_app(state: FakeState) -> FastAPI:
                     raise RuntimeError("connection dropped on purpose")
                 if i == 0:
                     yield ": keep-alive comment\n\n"
+            yield _chunk(kind, "" if kind == "completions" else None, delta={} if kind == "chat" else None,
+                         finish="length")
             if usage:
                 yield _chunk(kind, None, {"prompt_tokens": len(prompt.split()), "completion_tokens": n,
                                           "total_tokens": len(prompt.split()) + n})
@@ -307,19 +317,19 @@ def test_end_to_end_timings_json_and_plot(fake_server, capsys, tmp_path):
         assert (lv["completed"], lv["failed"], lv["errors"], lv["unfinished"]) == (8, 0, {}, 0)
         assert lv["token_counts_from"] == "usage"
         assert lv["total_output_tokens"] == 8 * 6 and lv["total_input_tokens"] == 8 * 16
-        # measured latencies against the server's known sleeps (lower bounds are physical; upper ones
-        # leave room for a busy shared machine)
-        assert TTFT_S * 1000 <= lv["ttft_ms"]["p50"] <= TTFT_S * 1000 + 40
-        assert ITL_S * 1000 * 0.7 <= lv["itl_ms"]["p50"] <= ITL_S * 1000 * 1.5
+        # measured latencies against the server's known sleeps: lower bounds are physical (the role
+        # chunk sent at once must not count as a token); upper ones leave room for a busy shared machine
+        assert TTFT_S * 1000 <= lv["ttft_ms"]["p50"] <= TTFT_S * 1000 + 100
+        assert ITL_S * 1000 * 0.6 <= lv["itl_ms"]["p50"] <= ITL_S * 1000 * 2
         assert lv["itl_ms"]["count"] == 8 * 5
-        assert ITL_S * 1000 * 0.9 <= lv["tpot_ms"]["mean"] <= ITL_S * 1000 * 1.5
-        assert e2e_known * 1000 <= lv["e2e_ms"]["p50"] <= e2e_known * 1000 + 60
+        assert ITL_S * 1000 * 0.9 <= lv["tpot_ms"]["p50"] <= ITL_S * 1000 * 2
+        assert e2e_known * 1000 <= lv["e2e_ms"]["p50"] <= e2e_known * 1000 + 150
         for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             st = lv[m]
             assert st["p50"] <= st["p90"] <= st["p99"]
     c1, c4 = res["levels"]
-    assert c1["requests_per_s"] == pytest.approx(1 / e2e_known, rel=0.3)
-    assert c4["requests_per_s"] == pytest.approx(4 / e2e_known, rel=0.35)
+    assert 0.5 / e2e_known <= c1["requests_per_s"] <= 1 / e2e_known
+    assert 2 / e2e_known <= c4["requests_per_s"] <= 4 / e2e_known
     assert c4["output_tokens_per_s"] == pytest.approx(c4["requests_per_s"] * 6, rel=1e-6)
 
     # what went over the wire: plain OpenAI fields only, fresh prompts per level
@@ -389,6 +399,14 @@ def test_connection_refused_is_counted(capsys):
     assert rc == 1 and res["levels"][0]["errors"] == {"connection": 2}
 
 
+def test_model_discovery_failure_is_a_clear_error(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = serve.main(["--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "1", "--no-progress"])
+    assert rc == 2 and "pass --model" in capsys.readouterr().err
+
+
 def test_api_key_sent_and_hidden_model_discovered(fake_server, capsys, monkeypatch):
     url, state = fake_server
     monkeypatch.delenv("ATHENA_API_KEY", raising=False)
@@ -413,7 +431,7 @@ def test_overall_deadline_cancels_and_skips(fake_server, capsys):
     assert time.monotonic() - t0 < 4
     assert rc == 1 and res["deadline_reached"] is True and res["skipped_levels"] == [4]
     (lv,) = res["levels"]
-    assert lv["unfinished"] == 5 and lv["requests"] == 0 and lv["duration_s"] == pytest.approx(0.5, abs=0.3)
+    assert lv["unfinished"] == 5 and lv["requests"] == 0 and 0.5 <= res["duration_s"] < 2
 
 
 def test_human_report_without_json(fake_server, capsys):
