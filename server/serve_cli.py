@@ -71,7 +71,7 @@ async def serve(settings: ServerSettings) -> int:
 
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            lifespan="on", timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)))
+                            lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", settings.host)

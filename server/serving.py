@@ -98,14 +98,12 @@ class ChoiceState:
 
     text: str = ""
     token_count: int = 0
-    prompt_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
         self.token_count = max(self.token_count + len(out.token_ids), out.completion_tokens)
-        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.finished:
@@ -159,8 +157,7 @@ class ChoiceStreams:
         """The output, or the client-facing error it stands for."""
         if isinstance(item, BaseException):
             self.close()
-            api_error = item if isinstance(item, errors.APIError) else errors.from_engine_error(
-                item, self._ctx.settings.retry_after_s)
+            api_error = errors.from_engine_error(item, self._ctx.settings.retry_after_s)
             if api_error is None:
                 log.error("generation failed for choice %d", index, exc_info=item)
                 api_error = errors.internal_error()
@@ -214,6 +211,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> R
     """Runs `work`; if the client disconnects first, cancels it (which aborts its generations)."""
 
     async def disconnected() -> None:
+        # The body has been read: the next message is http.disconnect, whenever the client leaves.
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
@@ -223,6 +221,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> R
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         if not task.done():
             task.cancel()
             await asyncio.wait({task})  # let it unwind: its generations get aborted
