@@ -95,9 +95,124 @@ def lowrank_residual(R: Tensor, L: Tensor, r: int, generator: torch.Generator) -
     return A.to(torch.float16), B.to(torch.float16)
 
 
+@dataclass
+class _Workspace:
+    """Fixed buffers for one lazy block of ``ng`` column groups (fixed addresses: CUDA-graph friendly)."""
+
+    W: Tensor  # [bw, R] the block's columns of Wᵀ (R = B*K padded rows), error-updated in place
+    whiten: Tensor  # [ng, d, d]   U_QQ⁻ᵀ per group
+    unwhiten: Tensor  # [ng, d, d] U_QQᵀ per group
+    U: Tensor  # [bw, bw] the block's diagonal block of U
+    seeds: Tensor  # [ng, B, n] k-means++ seed rows per group
+    idx: Tensor  # [ng, B, K] out: indices
+    codebook: Tensor  # [ng, B, d, n] out: uint8 codes or fp16 centroids
+    scale: Tensor | None  # [ng, B, d] out (codebook_bits 8)
+    minimum: Tensor | None  # [ng, B, d] out (codebook_bits 8)
+    Err: Tensor  # [bw, R] out: whitened errors, for the lazy update of later columns
+    row_loss: Tensor  # [R] Σ_groups ‖whitened error‖² per row, accumulated over all blocks
+
+    @classmethod
+    def allocate(cls, bw: int, d: int, n: int, B: int, K: int, codebook_bits: int, dev) -> "_Workspace":
+        ng, R = bw // d, B * K
+        f32 = dict(device=dev, dtype=torch.float32)
+        eight = codebook_bits == 8
+        return cls(
+            W=torch.zeros(bw, R, **f32), whiten=torch.zeros(ng, d, d, **f32), unwhiten=torch.zeros(ng, d, d, **f32),
+            U=torch.zeros(bw, bw, **f32), seeds=torch.zeros(ng, B, n, device=dev, dtype=torch.int64),
+            idx=torch.zeros(ng, B, K, device=dev, dtype=torch.int64),
+            codebook=torch.zeros(ng, B, d, n, device=dev, dtype=torch.uint8 if eight else torch.float16),
+            scale=torch.zeros(ng, B, d, device=dev, dtype=torch.float16) if eight else None,
+            minimum=torch.zeros(ng, B, d, device=dev, dtype=torch.float16) if eight else None,
+            Err=torch.zeros(bw, R, **f32), row_loss=torch.zeros(R, **f32),
+        )
+
+    def load(self, Wt_block: Tensor, whiten: Tensor, unwhiten: Tensor, U_block: Tensor) -> None:
+        w, ng = Wt_block.shape[0], whiten.shape[0]
+        self.W[:w].copy_(Wt_block)
+        self.whiten[:ng].copy_(whiten)
+        self.unwhiten[:ng].copy_(unwhiten)
+        self.U[:w, :w].copy_(U_block)
+
+
+class _GroupSteps:
+    """Steps 1-3 of DESIGN.md §1 for the column groups of one lazy block, on a _Workspace."""
+
+    def __init__(self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool) -> None:
+        self.ws, self.recipe, self.weight, self.feedback = ws, recipe, weight, feedback
+        self.row_mask = weight.unsqueeze(1)  # [B, 1, K]
+
+    def run(self, ng: int, trim: bool) -> None:
+        """Quantize groups 0..ng-1. trim: update only the columns right of each group (eager); else
+        the whole block width (fixed shapes for graph capture; U is zero left of the group and the
+        group's own columns are done, so the results are the same)."""
+        ws, r, d = self.ws, self.recipe, self.recipe.d
+        B, K = self.weight.shape
+        w = ng * d
+        for p in range(ng):
+            c0, c1 = p * d, p * d + d
+            x = ws.W[c0:c1].view(d, B, K).transpose(0, 1)  # [B, d, K]
+            z = torch.matmul(ws.whiten[p], x)  # [B, d, K] whitened sub-vectors
+            Cz = kmeans(z, r.n, r.kmeans_iters, None, self.weight, init=gather_points(z, ws.seeds[p]))  # [B, d, n]
+            Cx = torch.matmul(ws.unwhiten[p], Cz)  # [B, d, n] centroids in weight space
+            if r.codebook_bits == 8:
+                codes, s16, m16 = quantize_codebook_uint8(Cx, dim=-1)
+                ws.codebook[p].copy_(codes)
+                ws.scale[p].copy_(s16)
+                ws.minimum[p].copy_(m16)
+                Cx = dequantize_codebook_uint8(codes, s16, m16, dim=-1)
+            else:
+                Cx16 = Cx.to(torch.float16)
+                ws.codebook[p].copy_(Cx16)
+                Cx = Cx16.float()
+            Cz = torch.matmul(ws.whiten[p], Cx)  # [B, d, n] the stored codebook, whitened
+            idx, _ = assign(z, Cz)  # [B, K] re-assigned against the stored codebook
+            ws.idx[p].copy_(idx)
+            if not self.feedback:
+                continue
+            q = gather_points(Cz, idx)  # [B, d, K]
+            err = ((z - q) * self.row_mask).transpose(0, 1).reshape(d, B * K)  # [d, R]; padding stays 0
+            ws.Err[c0:c1].copy_(err)
+            ws.row_loss.add_(err.square().sum(0))
+            if trim and c1 < w:  # in-block update (eq. 10-11)
+                ws.W[c1:w].addmm_(ws.U[c0:c1, c1:w].T, err, alpha=-1.0)
+            elif not trim:
+                ws.W.addmm_(ws.U[c0:c1].T, err, alpha=-1.0)
+
+
+class _GraphedSteps:
+    """A full lazy block of group steps captured once as a CUDA graph, replayed for every full block.
+
+    The first call runs eagerly (the warm-up the capture needs; its results are the real ones),
+    then captures; later calls replay. Launch overhead per group drops from ~100 kernel launches
+    to a share of one graph launch.
+    """
+
+    def __init__(self, step: _GroupSteps, ng: int) -> None:
+        self.step, self.ng, self.graph = step, ng, None
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step.run(self.ng, trim=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step.run(self.ng, trim=False)
+        self.graph = graph
+
+
 @torch.no_grad()
 def quantize_athena(
-    weights: list[Tensor], H: Tensor, recipe: AthenaRecipe, *, _error_feedback: bool = True
+    weights: list[Tensor],
+    H: Tensor,
+    recipe: AthenaRecipe,
+    *,
+    _error_feedback: bool = True,
+    _cuda_graph: bool = True,
 ) -> list[tuple[AthenaLayer, dict]]:
     """Quantize matrices that share one Hessian, as one batched computation.
 
@@ -110,7 +225,8 @@ def quantize_athena(
     accumulated Σ‖whitened group error‖², which equals tr(E H_damped Eᵀ) before the low-rank step
     when the error feedback is exact), ``seconds`` (this matrix's share of the batched call, by
     rows) and ``seconds_batch``.
-    ``_error_feedback=False`` (tests only) skips the error updates of later columns.
+    ``_error_feedback=False`` (tests only) skips the error updates of later columns;
+    ``_cuda_graph=False`` runs the group steps eagerly on a GPU too (same results).
     """
     t_start = time.perf_counter()
     M = _check_inputs(weights, H, recipe)
@@ -142,56 +258,40 @@ def quantize_athena(
         Wt[:M, bi, : blk.rows] = Ws[blk.matrix][blk.row0 : blk.row0 + blk.rows].T
         weight[bi, : blk.rows] = 1.0
     Wt = Wt.reshape(Mp, Rtot)
-    row_mask = weight.unsqueeze(1)  # [B, 1, K]
-
-    idx_all = torch.empty(G, B, K, device=dev, dtype=torch.int64)  # I, per group
-    if recipe.codebook_bits == 8:
-        codes_all = torch.empty(G, B, d, n, device=dev, dtype=torch.uint8)
-        scale_all = torch.empty(G, B, d, device=dev, dtype=torch.float16)
-        min_all = torch.empty(G, B, d, device=dev, dtype=torch.float16)
-    else:
-        cb16_all = torch.empty(G, B, d, n, device=dev, dtype=torch.float16)
-    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
-    row_loss = torch.zeros(Rtot, device=dev, dtype=torch.float32)  # Σ_groups ‖whitened error‖² per row
 
     bw = d * max(1, recipe.block_size // d)  # lazy block width, whole groups
+    ws = _Workspace.allocate(bw, d, n, B, K, recipe.codebook_bits, dev)
+    idx_all = torch.empty(G, B, K, device=dev, dtype=torch.int64)  # I, per group
+    cb_all = torch.empty(G, B, d, n, device=dev, dtype=ws.codebook.dtype)  # stored codebooks
+    if recipe.codebook_bits == 8:
+        scale_all = torch.empty(G, B, d, device=dev, dtype=torch.float16)
+        min_all = torch.empty(G, B, d, device=dev, dtype=torch.float16)
+    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
+    step = _GroupSteps(ws, recipe, weight, feedback=_error_feedback)
+    graph = _GraphedSteps(step, bw // d) if dev.type == "cuda" and _cuda_graph and Mp >= 2 * bw else None
+
     for b0 in range(0, Mp, bw):
         b1 = min(b0 + bw, Mp)
-        j0, j1 = b0 // d, b1 // d
-        Err = torch.empty(b1 - b0, Rtot, device=dev, dtype=torch.float32)  # whitened errors of the block
+        j0, ng = b0 // d, (b1 - b0) // d
+        ws.load(Wt[b0:b1], whiten[j0 : j0 + ng], unwhiten[j0 : j0 + ng], U[b0:b1, b0:b1])
         # k-means++ seed points for all groups of the block at once, from the block-start snapshot;
         # each group then starts Lloyd from the seed rows' current (error-updated) values
-        snap = torch.matmul(whiten[j0:j1].unsqueeze(1), Wt[b0:b1].view(j1 - j0, d, B, K).transpose(1, 2))
-        seeds = kmeans_pp_seed_indices(snap.reshape(-1, d, K), n, weight.repeat(j1 - j0, 1), gen)
-        seeds = seeds.view(j1 - j0, B, n)  # [groups, B, n]
-        del snap
-        for c0 in range(b0, b1, d):
-            j, c1 = c0 // d, c0 + d
-            x = Wt[c0:c1].view(d, B, K).transpose(0, 1)  # [B, d, K]
-            z = torch.matmul(whiten[j], x)  # [B, d, K] whitened sub-vectors
-            Cz = kmeans(z, n, recipe.kmeans_iters, gen, weight, init=gather_points(z, seeds[j - j0]))  # [B, d, n]
-            Cx = torch.matmul(unwhiten[j], Cz)  # [B, d, n] centroids in weight space
-            if recipe.codebook_bits == 8:
-                codes, s16, m16 = quantize_codebook_uint8(Cx, dim=-1)
-                codes_all[j], scale_all[j], min_all[j] = codes, s16, m16
-                Cx = dequantize_codebook_uint8(codes, s16, m16, dim=-1)
-            else:
-                cb16_all[j] = Cx.to(torch.float16)
-                Cx = cb16_all[j].float()
-            Cz = torch.matmul(whiten[j], Cx)  # [B, d, n] the stored codebook, whitened
-            idx, _ = assign(z, Cz)  # [B, K] re-assigned against the stored codebook
-            idx_all[j] = idx
-            if not _error_feedback:
-                continue
-            q = Cz.gather(2, idx.unsqueeze(1).expand(B, d, K))  # [B, d, K]
-            err = ((z - q) * row_mask).transpose(0, 1).reshape(d, Rtot)  # [d, B*K]; padding stays 0
-            Err[c0 - b0 : c1 - b0] = err
-            row_loss.add_(err.square().sum(0))
-            if c1 < b1:
-                Wt[c1:b1].addmm_(U[c0:c1, c1:b1].T, err, alpha=-1.0)  # in-block update (eq. 10-11)
+        snap = torch.matmul(ws.whiten[:ng].unsqueeze(1), ws.W[: b1 - b0].view(ng, d, B, K).transpose(1, 2))
+        seeds = kmeans_pp_seed_indices(snap.reshape(ng * B, d, K), n, weight.repeat(ng, 1), gen)
+        ws.seeds[:ng].copy_(seeds.view(ng, B, n))
+        del snap, seeds
+        if graph is not None and ng == bw // d:
+            graph.run()
+        else:
+            step.run(ng, trim=True)
+        idx_all[j0 : j0 + ng] = ws.idx[:ng]
+        cb_all[j0 : j0 + ng] = ws.codebook[:ng]
+        if recipe.codebook_bits == 8:
+            scale_all[j0 : j0 + ng], min_all[j0 : j0 + ng] = ws.scale[:ng], ws.minimum[:ng]
         if _error_feedback and b1 < Mp:
-            Wt[b1:].addmm_(U[b0:b1, b1:].T, Err, alpha=-1.0)  # lazy update of the later columns
-    del Wt, Err
+            Wt[b1:].addmm_(U[b0:b1, b1:].T, ws.Err[: b1 - b0], alpha=-1.0)  # lazy update of later columns
+    row_loss = ws.row_loss
+    del Wt, ws, step, graph
 
     # per matrix: containers, low-rank residual, stats
     if recipe.lowrank > 0:
@@ -204,11 +304,9 @@ def quantize_athena(
         indices = torch.cat([idx_rows[bi, : blocks[bi].rows] for bi in mine], 0)  # [N_i, G]
         fields = {}
         if recipe.codebook_bits == 8:
-            fields["codebook"] = codes_all[:, mine].permute(1, 0, 3, 2).contiguous()  # [Nb, G, n, d]
             fields["codebook_scale"] = scale_all[:, mine].transpose(0, 1).contiguous()  # [Nb, G, d]
             fields["codebook_min"] = min_all[:, mine].transpose(0, 1).contiguous()
-        else:
-            fields["codebook"] = cb16_all[:, mine].permute(1, 0, 3, 2).contiguous()
+        fields["codebook"] = cb_all[:, mine].permute(1, 0, 3, 2).contiguous()  # [Nb, G, n, d]
         layer = AthenaLayer(shape=(Ns[i], M), d=d, n=n, k=k, codebook_bits=recipe.codebook_bits,
                             indices=indices, **fields)
         W_hat = layer.dequantize(include_lowrank=False)  # [N_i, M]
