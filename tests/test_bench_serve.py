@@ -272,7 +272,8 @@ def make_app(state: FakeState) -> FastAPI:
 @pytest.fixture(scope="module")
 def fake_server():
     state = FakeState()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP: asyncio then sets TCP_NODELAY on accepted sockets (no Nagle delay per chunk)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -444,3 +445,22 @@ def test_human_report_without_json(fake_server, capsys):
     for name in ("TTFT", "TPOT", "ITL", "E2E", "requests/s", "output tok/s"):
         assert name in out
     assert not out.strip().startswith("{")
+
+
+def test_against_athena_server_with_fake_engine(capsys):
+    """The tool speaks the real server's dialect (role chunk, usage chunk, CRLF events, 429 bodies)."""
+    fake_engine = pytest.importorskip("fake_engine")
+    server_fixtures = pytest.importorskip("server_fixtures")
+    s = server_fixtures.serve_engine(fake_engine.FakeEngine(model_name="fake-model", max_model_len=128,
+                                                            max_num_seqs=2, max_queue=1, step_delay_s=0.01))
+    try:
+        rc, res = run_json(capsys, ["--base-url", s.url, "--concurrency", "2,6", "--num-prompts", "6",
+                                    "--input-len", "8", "--output-len", "6"])
+    finally:
+        s.stop()
+    assert rc == 0 and res["model"] == "fake-model"
+    c2, c6 = res["levels"]
+    assert c2["completed"] == 6 and c2["token_counts_from"] == "usage" and c2["total_output_tokens"] == 36
+    assert c2["tpot_ms"]["p50"] >= 10 * 0.9 and c2["ttft_ms"]["p50"] > 0
+    # 2 running + 1 waiting fit; the other 3 of 6 sent at once are refused with 429
+    assert c6["errors"].get("http_429", 0) >= 1 and c6["completed"] + c6["failed"] == 6
