@@ -26,9 +26,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, TextIO
+from typing import TextIO
 from urllib.parse import urlsplit
 
 import httpx
@@ -257,16 +258,18 @@ async def run_level(client: httpx.AsyncClient, target: Target, prompts: list[Pro
     return records, loop.time() - start, timed_out
 
 
-async def run_bench(settings: ServeBenchSettings, err: TextIO) -> dict:
-    """All levels against the server; the JSON-ready result."""
+async def run_bench(settings: ServeBenchSettings, err: TextIO) -> tuple[dict, list[LevelSummary]]:
+    """All levels against the server: the JSON-ready result and the level summaries."""
     t_start = time.monotonic()
     base = v1_base(settings.base_url)
     levels = settings.concurrency if settings.request_rate is None else settings.request_rate
     result: dict = {"bench": "serve", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "base_url": base, "mode": settings.mode, "settings": settings.public_dict(),
                     "model": settings.model, "deadline_reached": False, "skipped_levels": [], "levels": []}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=max(
-        int(v) if not math.isinf(v) else settings.num_prompts for v in levels))
+    # No pool cap (a queue in the client would count as server latency); keep-alive up to the most
+    # requests that can be in flight.
+    in_flight = settings.num_prompts if settings.request_rate else min(settings.num_prompts, max(settings.concurrency))
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=in_flight)
     timeout = httpx.Timeout(settings.timeout_s)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         model = settings.model
@@ -300,8 +303,7 @@ async def run_bench(settings: ServeBenchSettings, err: TextIO) -> dict:
             print_level(summaries[-1], err if settings.json else sys.stdout)
     result["levels"] = [s.to_dict() for s in summaries]
     result["duration_s"] = time.monotonic() - t_start
-    result["_summaries"] = summaries
-    return result
+    return result, summaries
 
 
 def _fmt(v: float | None, width: int = 9) -> str:
@@ -342,11 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"athena bench serve: error: no dataset file {settings.dataset}", file=err)
         return 2
     try:
-        result = asyncio.run(run_bench(settings, err))
+        result, summaries = asyncio.run(run_bench(settings, err))
     except (RuntimeError, ValueError) as exc:
         print(f"athena bench serve: error: {exc}", file=err)
         return 2
-    summaries: list[LevelSummary] = result.pop("_summaries")
     result["plot"] = None
     if settings.plot and summaries:
         from bench.serve_plot import plot_levels

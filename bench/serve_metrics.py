@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ class RequestRecord:
 
     @property
     def itl_s(self) -> list[float]:
-        t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in pairwise(self.chunk_times)]
 
 
 @dataclass(frozen=True)

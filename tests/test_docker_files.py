@@ -115,7 +115,7 @@ def test_compose_structure():
             assert needle in text
         return
     doc = yaml.safe_load(_compose_text())
-    (name, svc), = doc["services"].items()
+    ((_name, svc),) = doc["services"].items()
     assert (ROOT / "docker" / svc["build"]["context"]).resolve() == ROOT
     assert svc["build"]["dockerfile"] == "docker/Dockerfile"
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
