@@ -12,7 +12,7 @@ import torch
 
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.pq_linear import PATH_ENV, PQLinear, select_path
-from test_pq_kernels import pack_format, rel_err
+from test_pq_kernels import DEV, pack_format, rel_err
 
 PREFIX = "model.layers.0.mlp.up_proj"
 
@@ -60,14 +60,14 @@ def spec(x, W, bvec):
 ])
 def test_reference_path_matches_format_spec(N, M, d, n, k, rank, bias, cbits):
     t, meta, W, bvec = checkpoint_layer(N, M, d, n, k, rank, bias, cbits)
-    layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
+    layer = PQLinear.from_tensors(PREFIX, t, meta, device=DEV, path="reference")
     x = torch.randn(2, 3, M).half()
-    y = layer(x)
+    y = layer(x.to(DEV)).cpu()
     assert y.shape == (2, 3, N) and y.dtype == torch.float16
     assert rel_err(y, spec(x, W, bvec)) < 4e-3
-    y32 = layer(x.float())  # reference computes in fp32 and returns x's dtype
+    y32 = layer(x.float().to(DEV)).cpu()  # reference computes in fp32 and returns x's dtype
     assert y32.dtype == torch.float32 and rel_err(y32, spec(x.float(), W, bvec)) < 1e-5
-    Wq = layer.dequantize_weight()
+    Wq = layer.dequantize_weight().cpu()
     assert Wq.dtype == torch.float16 and Wq.shape == (N, M)
     if rank == 0:
         assert torch.equal(Wq.float(), W)
@@ -77,22 +77,22 @@ def test_matches_quantize_qlayers_when_available():
     qlayers = pytest.importorskip("quantize.qlayers")
     t, meta, W, bvec = checkpoint_layer(40, 33, 3, 64, 16, rank=2, bias=True)
     theirs = qlayers.AthenaLayer.from_tensors(PREFIX, t, meta)
-    layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
+    layer = PQLinear.from_tensors(PREFIX, t, meta, device=DEV, path="reference")
     x = torch.randn(4, 33)
     ref = x @ theirs.dequantize(include_lowrank=True).t() + bvec.float()
-    assert rel_err(layer(x), ref) < 1e-3  # their fp32 codebook vs our fp16 one
+    assert rel_err(layer(x.to(DEV)).cpu(), ref) < 1e-3  # their fp32 codebook vs our fp16 one
 
 
 @pytest.mark.parametrize("path", ["triton-decode", "triton-prefill", "dequant-matmul"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_forced_paths_agree_with_reference(path, T):
     t, meta, W, bvec = checkpoint_layer(45, 70, 2, 64, 32, rank=3, bias=True, seed=T)
-    layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path=path)
-    ref_layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path="reference")
+    layer = PQLinear.from_tensors(PREFIX, t, meta, device=DEV, path=path)
+    ref_layer = PQLinear.from_tensors(PREFIX, t, meta, device=DEV, path="reference")
     x = torch.randn(T, 1, 70).half()
-    y = layer(x)
+    y = layer(x.to(DEV)).cpu()
     assert y.shape == (T, 1, 45) and y.dtype == torch.float16
-    assert rel_err(y, ref_layer(x)) < 4e-3
+    assert rel_err(y, ref_layer(x.to(DEV)).cpu()) < 4e-3
     assert rel_err(y, spec(x, W, bvec)) < 4e-3
 
 
@@ -133,8 +133,8 @@ def test_triton_path_on_cpu_needs_interpreter(monkeypatch):
 
 def test_path_logged_once_per_layer_shape(caplog):
     t, meta, _, _ = checkpoint_layer(27, 31, 2, 16, 27)  # a shape no other test uses
-    a = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
-    b = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
+    a = PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path="reference")
+    b = PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path="reference")
     with caplog.at_level(logging.INFO, logger="athena_runtime.pq_linear"):
         for layer in (a, b, a):
             layer(torch.randn(2, 31))

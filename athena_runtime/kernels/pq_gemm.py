@@ -159,10 +159,11 @@ def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
     T = x.shape[0]
     if block_m is None:
         block_m = 16 if T <= 16 else (64 if T <= 64 else 128)
-    if block_n is None:
-        block_n = 64 if T <= 64 else 128
+    if block_n is None:  # 128x128 spills on sm_89 (mma.sync accumulators in registers); fine with wgmma
+        wide = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+        block_n = 128 if (T > 64 and wide) else 64
     if num_warps is None:
-        num_warps = 4 if block_m * block_n <= 64 * 64 else 8
+        num_warps = 4 if block_m * block_n < 64 * 64 else 8
     if geo.GW % block_w or block_w % 4 or block_w < 16:
         raise ValueError(f"block_w={block_w} must be a multiple of 16 dividing GW={geo.GW}")
     if geo.N_pad % block_n:

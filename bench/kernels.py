@@ -1,0 +1,474 @@
+"""Check and time the PQ kernels on a GPU in one run; a short table is printed last.
+
+    python3 bench/kernels.py --out $OUT          (device machine: torch, triton, numpy, nvcc)
+    TRITON_INTERPRET=1 python bench/kernels.py --smoke     (CPU: exercises the plumbing only)
+
+1. checks every variant against the PyTorch reference on fresh random inputs (odd shapes too;
+   the caching allocator is poisoned with NaN first, so unwritten outputs show), and a CUDA-graph
+   capture/replay of PQLinear;
+2. measures copy bandwidth (device-to-device copy, bytes read + written);
+3. times every variant with triton.testing.do_bench (median; L2 flushed by do_bench and weight sets
+   rotated) at 7B shapes W [N, M] for several token counts, against cuBLAS fp16 (x @ W.t()), and
+   for few tokens also as CUDA-graph replays of calls over rotating weight sets (decode setting);
+4. writes kernels.json (every number) and kernels.md under --out.
+
+Recipe: d=2, n=64, k=4096, codebooks dequantized to fp16 at load (codebook_bits 8 on disk),
+low-rank rank = 1% of min(N, M), no bias. "Compressed bytes" = what the kernel must read: packed
+index words as stored (int32, 5 per word, padding included), fp16 codebook, low-rank factors, x,
+plus the output written.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from athena_runtime.kernels import layout  # noqa: E402
+from athena_runtime.kernels.layout import PQGeometry  # noqa: E402
+from athena_runtime.kernels.pq_gemm import pq_dequant_matmul, pq_gemm  # noqa: E402
+from athena_runtime.kernels.pq_gemv import pq_gemv, pq_gemv_reference  # noqa: E402
+from athena_runtime.pq_linear import PQLinear  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # W [N, M]
+TOKENS = [1, 2, 4, 8, 16, 64, 256, 2048]
+RECIPE = dict(d=2, n=64, k=4096)
+TOL = 4e-3
+
+
+# ------------------------------------------------------------------------------------ helpers
+class Clock:
+    def __init__(self, budget_s: float):
+        self.t0, self.budget = time.time(), budget_s
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.t0)
+
+    def __str__(self):
+        return f"{time.time() - self.t0:6.1f}s"
+
+
+def make_layer(N, M, d, n, k, rank, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    geo = PQGeometry(N, M, d, n, k)
+    I = torch.randint(0, n, (N, geo.G), generator=g, device=device)
+    C = (torch.randn(geo.Nb, geo.G, n, d, generator=g, device=device) * 0.02).half()
+    A = (torch.randn(N, rank, generator=g, device=device) * 0.02).half() if rank else None
+    B = (torch.randn(rank, M, generator=g, device=device) * 0.02).half() if rank else None
+    return dict(geo=geo, qweight=layout.pack_words(I, geo), codebook=layout.pad_codebook(C, geo), A=A, B=B, bias=None)
+
+
+def layer_args(L, lowrank=True):
+    return (L["qweight"], L["codebook"], L["geo"], L["A"] if lowrank else None, L["B"] if lowrank else None, L["bias"])
+
+
+def compressed_bytes(L, T, lowrank=True):
+    geo = L["geo"]
+    b = L["qweight"].numel() * 4 + L["codebook"].numel() * 2 + T * geo.M * 2 + T * geo.N * 2
+    if lowrank and L["A"] is not None:
+        b += (L["A"].numel() + L["B"].numel()) * 2
+    return b
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def poison(device):
+    if device.type == "cuda":  # freed NaN block: the next torch.empty calls get NaN-filled memory
+        p = torch.full((64 << 20,), float("nan"), device=device, dtype=torch.float32)
+        del p
+
+
+# ------------------------------------------------------------------------------------ variants
+def variants(cuda_ok):
+    """name -> (fn(x, L, lowrank), applies(T, geo))."""
+    from athena_runtime.kernels import pq_cuda
+
+    def cuda(**kw):
+        return lambda x, L, lr: pq_cuda.pq_gemv_cuda(x, *layer_args(L, lr), **kw)
+
+    def cuda_applies(T, geo, slab=None, fp16=True):
+        t_inst = next((t for t in pq_cuda.TOKENS if t >= T), None)
+        if not cuda_ok() or t_inst is None:
+            return False
+        s = slab or pq_cuda.default_slab_w(geo.bits, t_inst, fp16)
+        return (t_inst, geo.bits, s, fp16) in pq_cuda.VARIANTS and geo.GW % s == 0
+
+    v = {
+        "cuda-lut": (cuda(), lambda T, g: cuda_applies(T, g)),
+        "cuda-lut-f32tab": (cuda(fp16_table=False), lambda T, g: cuda_applies(T, g, fp16=False)),
+        "triton-lut": (lambda x, L, lr: pq_gemv(x, *layer_args(L, lr)), lambda T, g: T <= 16 and g.n <= 256),
+        "triton-lut-f32tab": (lambda x, L, lr: pq_gemv(x, *layer_args(L, lr), lut_fp16=False),
+                              lambda T, g: T <= 4 and g.n <= 256),
+        "triton-dot": (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr)), lambda T, g: True),
+        "dequant+cublas": (lambda x, L, lr: pq_dequant_matmul(x, *layer_args(L, lr)), lambda T, g: T >= 16),
+    }
+    for slab in (8, 16, 32):
+        v[f"cuda-lut-s{slab}"] = (cuda(slab_w=slab), lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s))
+        v[f"cuda-lut-f32tab-s{slab}"] = (cuda(slab_w=slab, fp16_table=False),
+                                         lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s, False))
+    for rows in (256, 512, 1024, 2048):
+        v[f"cuda-lut-r{rows}"] = (cuda(rows_per_chunk=rows), lambda T, g: T == 1 and cuda_applies(T, g))
+    for slab in (8, 16):
+        v[f"triton-lut-s{slab}"] = (lambda x, L, lr, s=slab: pq_gemv(x, *layer_args(L, lr), slab_w=s),
+                                    lambda T, g: T == 1)
+    v["triton-dot-128x64"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_m=128, block_n=64, num_warps=4),
+                              lambda T, g: T >= 256)
+    v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
+    return v
+
+
+# ------------------------------------------------------------------------------------ checks
+CHECK_CASES = [  # (N, M, d, n, k, rank, tokens)
+    (4096, 4096, 2, 64, 4096, 41, (1, 3, 16, 300)),
+    (1000, 2050, 2, 64, 512, 8, (1, 4, 33)),
+    (300, 301, 3, 16, 100, 3, (1, 17)),
+    (257, 1030, 4, 256, 128, 5, (2, 40)),
+    (11008, 4096, 2, 64, 4096, 41, (1, 4)),
+]
+SMOKE_CHECK_CASES = [(70, 130, 2, 64, 64, 2, (1, 5)), (37, 29, 3, 16, 20, 3, (2,))]
+
+
+def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096)):
+    rows = []
+    # Triton variants first: the CUDA extension builds in the background meanwhile
+    for cuda_pass in (False, True):
+        rows += _check_cases(dev, V, clock, log, cases, cuda_pass)
+        if clock.left() < 250:
+            log("checks cut short by the time budget")
+            return rows
+    rows += _check_linear(dev, log, linear_shape)
+    return rows
+
+
+def _check_cases(dev, V, clock, log, cases, cuda_pass):
+    rows = []
+    for ci, (N, M, d, n, k, rank, toks) in enumerate(cases):
+        L = make_layer(N, M, d, n, k, rank, dev, seed=10 + ci)
+        for T in toks:
+            x = torch.randn(T, M, device=dev).half()
+            ref = pq_gemv_reference(x, *layer_args(L))
+            for name, (fn, applies) in V.items():
+                if any(name.endswith(s) for s in ("-s8", "-s16", "-s32", "-r256", "-r512", "-r1024", "-r2048")):
+                    continue  # tuning variants of a checked kernel
+                if name.startswith("cuda") != cuda_pass or not applies(T, L["geo"]):
+                    continue
+                try:
+                    poison(dev)
+                    y = fn(x, L, True)
+                    e = rel_err(y, ref)
+                    nan = bool(torch.isnan(y).any())
+                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=T, variant=name, rel_err=e, nan=nan,
+                                     ok=(e < TOL and not nan)))
+                except Exception as ex:  # noqa: BLE001
+                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=T, variant=name, ok=False,
+                                     error=f"{type(ex).__name__}: {ex}"[:300]))
+                    log(f"CHECK ERROR {name} {N}x{M} T={T}: {ex}")
+            if clock.left() < 250:
+                return rows
+    return rows
+
+
+def _check_linear(dev, log, linear_shape):
+    """PQLinear: the auto path, and a CUDA-graph capture replayed on new input."""
+    rows = []
+    Nl, Ml = linear_shape
+    L = make_layer(Nl, Ml, 2, 64, 4096, 41, dev, seed=99)
+    layer = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None,
+                     path=None if dev.type == "cuda" else "triton-decode")
+    for T in (1, 4, 16, 64):
+        try:
+            path = layer.choose_path(T)
+            x = torch.randn(T, Ml, device=dev).half()
+            ref = pq_gemv_reference(x, *layer_args(L))
+            y = layer(x)
+            row = dict(shape=[Nl, Ml], T=T, variant=f"PQLinear[{path}]", rel_err=rel_err(y, ref),
+                       nan=bool(torch.isnan(y).any()))
+            if dev.type == "cuda":
+                static_x = torch.zeros_like(x)
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    layer(static_x)
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    static_y = layer(static_x)
+                x2 = torch.randn(T, Ml, device=dev).half()
+                static_x.copy_(x2)
+                g.replay()
+                torch.cuda.synchronize()
+                row["graph_rel_err"] = rel_err(static_y, pq_gemv_reference(x2, *layer_args(L)))
+            row["ok"] = row["rel_err"] < TOL and not row["nan"] and row.get("graph_rel_err", 0) < TOL
+            rows.append(row)
+        except Exception as ex:  # noqa: BLE001
+            rows.append(dict(shape=[Nl, Ml], T=T, variant="PQLinear", ok=False, error=f"{type(ex).__name__}: {ex}"[:300]))
+            log(f"CHECK ERROR PQLinear T={T}: {ex}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_call(fn, sets, dev):
+    """Median µs per call (do_bench: L2 flushed before each call; weight sets rotated)."""
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        fn(sets[0])
+        return (time.perf_counter() - t0) * 1e6
+    import triton
+    i = [0]
+
+    def call():
+        s = sets[i[0] % len(sets)]
+        i[0] += 1
+        fn(s)
+
+    return triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def time_graph(fn, sets, dev, replays=20):
+    """µs per call when calls over all weight sets are replayed back to back as one CUDA graph."""
+    if dev.type != "cuda":
+        return float("nan")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for st in sets:
+            fn(st)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for st in sets:
+            fn(st)
+    for _ in range(3):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(sets))
+
+
+def copy_bandwidth(dev):
+    if dev.type != "cuda":
+        return float("nan")
+    import triton
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
+    return 2 * n / (ms * 1e-3) / 1e9  # GB/s, bytes read + written
+
+
+def plan(smoke):
+    """(priority order) list of (T, variant names, lowrank flags, graph?)."""
+    if smoke:
+        return [(1, ["cublas", "triton-lut", "triton-dot"], (True,), False),
+                (33, ["cublas", "triton-dot", "dequant+cublas"], (True,), False)]
+    sweep = [f"cuda-lut-s{s}" for s in (8, 16, 32)] + [f"cuda-lut-f32tab-s{s}" for s in (8, 16, 32)] \
+        + [f"cuda-lut-r{r}" for r in (256, 512, 1024, 2048)] + ["triton-lut-s8", "triton-lut-s16", "triton-lut-f32tab"]
+    return [
+        (1, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True, False), True),
+        (2048, ["cublas", "triton-dot", "dequant+cublas"], (True, False), False),
+        (4, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True,), True),
+        (16, ["cublas", "triton-dot", "triton-lut", "dequant+cublas"], (True,), True),
+        (1, sweep, (False,), False),
+        (2, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True,), False),
+        (8, ["cublas", "triton-dot", "triton-lut"], (True,), False),
+        (256, ["cublas", "triton-dot", "dequant+cublas", "triton-dot-128x64", "triton-dot-bw16"], (True,), False),
+        (2048, ["triton-dot-128x64", "triton-dot-bw16"], (True,), False),
+        (64, ["cublas", "triton-dot", "dequant+cublas"], (True,), False),
+    ]
+
+
+def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes):
+    rows = []
+    layers, dense = {}, {}
+    for (N, M) in shapes:
+        rank = max(1, round(0.01 * min(N, M)))
+        one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M)
+        n_sets = 1 if smoke else max(2, min(32, math.ceil(3 * l2_bytes / compressed_bytes(one, 1))))
+        layers[(N, M)] = [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M + s)
+                                  for s in range(1, n_sets)]
+        n_dense = 1 if smoke else max(2, min(8, math.ceil(3 * l2_bytes / (N * M * 2))))
+        dense[(N, M)] = [torch.randn(N, M, device=dev).half() * 0.02 for _ in range(n_dense)]
+    for T, names, lowranks, graph in plan(smoke):
+        for (N, M) in shapes:
+            x = torch.randn(T, M, device=dev).half()
+            for name in names:
+                for lr in lowranks:
+                    if clock.left() < 40:
+                        log(f"timings cut short by the time budget at T={T} {name}")
+                        return rows
+                    try:
+                        if name == "cublas":
+                            if not lr and False in lowranks:
+                                continue  # cuBLAS has no low-rank term: time it once
+                            sets = dense[(N, M)]
+                            fn = lambda W, x=x: x @ W.t()  # noqa: E731
+                            nbytes = N * M * 2 + T * (N + M) * 2
+                        else:
+                            fnv, applies = V[name]
+                            if not applies(T, layers[(N, M)][0]["geo"]):
+                                continue
+                            sets = layers[(N, M)]
+                            fn = lambda L, x=x, fnv=fnv, lr=lr: fnv(x, L, lr)  # noqa: E731
+                            nbytes = compressed_bytes(sets[0], T, lr)
+                        us = time_call(fn, sets, dev)
+                        row = dict(shape=[N, M], T=T, variant=name, lowrank=lr if name != "cublas" else None,
+                                   us=us, bytes=nbytes, gbs=nbytes / (us * 1e-6) / 1e9)
+                        row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs if copy_gbs == copy_gbs else None
+                        if graph and lr in (True, None) and clock.left() > 60:
+                            row["graph_us"] = time_graph(fn, sets, dev)
+                        rows.append(row)
+                        log(f"{clock} T={T:5d} {N:6d}x{M:<6d} {name:22s} lr={str(lr):5s} {us:9.1f} us"
+                            + (f"  graph {row['graph_us']:8.1f} us" if "graph_us" in row else ""))
+                    except Exception as ex:  # noqa: BLE001
+                        rows.append(dict(shape=[N, M], T=T, variant=name, lowrank=lr, error=f"{type(ex).__name__}: {ex}"[:300]))
+                        log(f"TIMING ERROR T={T} {N}x{M} {name}: {ex}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------ report
+def summarize(checks, timings, copy_gbs, meta):
+    cub = {(tuple(r["shape"]), r["T"]): r for r in timings if r["variant"] == "cublas" and "us" in r}
+    for r in timings:
+        c = cub.get((tuple(r["shape"]), r["T"]))
+        if c and "us" in r:
+            r["speedup"] = c["us"] / r["us"]
+            if "graph_us" in r and "graph_us" in c:
+                r["graph_speedup"] = c["graph_us"] / r["graph_us"]
+    lines = [f"# PQ kernels: {meta['device']}, {meta['date']}, commit {meta['commit']}", "",
+             f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; recipe d=2 n=64 k=4096, rank 1%, no bias", "",
+             "## checks (rel. Frobenius error vs fp32 reference; tolerance 4e-3)", "",
+             "| shape | d | n | k | T | variant | rel err | ok |", "|---|---|---|---|---|---|---|---|"]
+    for r in checks:
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r.get('d', '')} | {r.get('n', '')} | {r.get('k', '')} | {r['T']} "
+                     f"| {r['variant']} | {r.get('rel_err', float('nan')):.2e}"
+                     f"{' graph ' + format(r['graph_rel_err'], '.1e') if 'graph_rel_err' in r else ''} "
+                     f"| {'ok' if r['ok'] else 'FAIL ' + r.get('error', 'nan' if r.get('nan') else 'err')} |")
+    lines += ["", "## timings (do_bench median, µs; speedup = cuBLAS fp16 time / variant time; graph = CUDA-graph replay)", "",
+              "| W [N x M] | T | variant | low-rank | µs | speedup | GB/s | % copy BW | graph µs | graph speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in timings:
+        if "us" not in r:
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r.get('lowrank')} | ERROR {r.get('error', '')} |||||")
+            continue
+        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r['lowrank']} | {r['us']:.1f} "
+                     f"| {r.get('speedup', float('nan')):.2f} | {r['gbs']:.0f} | {r['pct_copy_bw'] or float('nan'):.0f} "
+                     f"| {r.get('graph_us', float('nan')):.1f} | {r.get('graph_speedup', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def short_table(checks, timings):
+    out = []
+    bad = [r for r in checks if not r["ok"]]
+    out.append(f"CHECKS: {len(checks) - len(bad)}/{len(checks)} ok; max rel err "
+               f"{max((r.get('rel_err', 0) for r in checks), default=0):.2e}")
+    for r in bad[:12]:
+        out.append(f"  FAIL {r['variant']} {r['shape']} T={r['T']} {r.get('rel_err', '')} {r.get('error', '')[:120]}")
+    out.append("T     W[N x M]      variant                lr     us  speedup  %copyBW  graph_us g_speedup")
+    for r in timings:
+        if "us" not in r or r["variant"] == "cublas":
+            continue
+        out.append(f"{r['T']:<5d} {r['shape'][0]:>5d}x{r['shape'][1]:<6d} {r['variant']:22s} {str(r['lowrank'])[0]} "
+                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['pct_copy_bw'] or float('nan'):7.0f} "
+                   f"{r.get('graph_us', float('nan')):9.1f} {r.get('graph_speedup', float('nan')):7.2f}")
+    cub = [r for r in timings if r["variant"] == "cublas" and "us" in r]
+    out.append("cuBLAS fp16 us: " + " ".join(f"{r['shape'][0]}x{r['shape'][1]}@{r['T']}={r['us']:.1f}"
+                                              + (f"/g{r['graph_us']:.1f}" if "graph_us" in r else "") for r in cub))
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for kernels.json / kernels.md / log")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
+    ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
+    ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    clock = Clock(args.budget)
+    logf = open(os.path.join(args.out, "bench_log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # build the CUDA extension in the background while the Triton kernels compile and run
+    build = {"ok": None, "err": None}
+
+    def _build():
+        try:
+            from athena_runtime.kernels import pq_cuda
+            pq_cuda.load_extension()
+            build["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            build["ok"], build["err"] = False, f"{type(e).__name__}: {e}"[-2000:]
+
+    th = threading.Thread(target=_build, daemon=True)
+    if dev.type == "cuda":
+        th.start()
+
+    def cuda_ok():
+        if dev.type != "cuda":
+            return False
+        if build["ok"] is None:
+            th.join(timeout=max(1.0, clock.left() - 120))
+        return bool(build["ok"])
+
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
+    meta = dict(device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
+                torch=torch.__version__, command=" ".join(sys.argv))
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) if dev.type == "cuda" else 1 << 20
+    log(f"{clock} {meta}")
+    V = variants(cuda_ok)
+    copy_gbs = copy_bandwidth(dev)
+    log(f"{clock} copy bandwidth {copy_gbs:.0f} GB/s (read+write)")
+
+    checks, timings = [], []
+    try:
+        if args.smoke:
+            checks = run_checks(dev, V, clock, log, SMOKE_CHECK_CASES, linear_shape=(64, 40))
+        else:
+            checks = run_checks(dev, V, clock, log)
+        log(f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}")
+        shapes = [(64, 96), (128, 256)] if args.smoke else SHAPES
+        timings = run_timings(dev, V, clock, log, shapes, args.smoke, copy_gbs, l2)
+    except Exception:  # noqa: BLE001 - report what we have
+        log(traceback.format_exc())
+    meta["cuda_build"] = {k: v for k, v in build.items()}
+    md = summarize(checks, timings, copy_gbs, meta)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(dict(meta=meta, copy_gbs=copy_gbs, checks=checks, timings=timings), f, indent=1)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(md)
+    log(f"{clock} done")
+    print("\n" + short_table(checks, timings), flush=True)
+
+
+if __name__ == "__main__":
+    main()
