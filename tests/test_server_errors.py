@@ -11,7 +11,6 @@ import pytest
 import server.app as app_module
 from fake_engine import FakeEngine
 from server.app import create_app
-from server.serve_cli import serve
 from server_fixtures import LiveServer, engine_idle, make_settings, serve_engine, wait_until
 
 MODEL = "fake-model"
@@ -290,10 +289,3 @@ def test_503_while_loading_then_ready(monkeypatch):
         s.stop()
     assert s.app.state.engine.shutdown_calls == [5.0]
 
-
-def test_failed_load_exits_serve_with_1(monkeypatch):
-    def broken_build(settings):
-        raise FileNotFoundError("/no/such/checkpoint")
-
-    monkeypatch.setattr(app_module, "_build_engine", broken_build)
-    assert asyncio.run(asyncio.wait_for(serve(make_settings(port=0, log_level="critical")), 20)) == 1
