@@ -77,6 +77,16 @@ def kmeans_pp_seed_indices(
     sizes = _seed_round_sizes(n, K, growth)
     u = torch.empty(len(sizes), B, K, dtype=z.dtype, device=z.device).uniform_(generator=generator)
     race = weight / u.log_().neg_()  # [rounds, B, K] = weight / Exp(1); padding never wins
+    step = max(1, _MAX_DIST_ELEMS // (K * max(sizes)))  # problems per chunk: bounded [chunk, K, s] scratch
+    if step >= B:
+        return _seed_rounds(z, weight, race, sizes)
+    return torch.cat([_seed_rounds(z[b : b + step], weight[b : b + step], race[:, b : b + step], sizes)
+                      for b in range(0, B, step)], 0)
+
+
+def _seed_rounds(z: Tensor, weight: Tensor, race: Tensor, sizes: list[int]) -> Tensor:
+    """The D²-sampling rounds of kmeans_pp_seed_indices, given the race keys [rounds, B, K]."""
+    n = sum(sizes)
     zt = z.transpose(1, 2).contiguous()  # [B, K, d]
     zn = zt.square().sum(-1, keepdim=True)  # [B, K, 1]
     picks = []

@@ -113,3 +113,18 @@ def test_uint8_codebook_error_bound(scale):
     assert bool(((C - deq).abs() <= bound).all())
     assert torch.equal(deq[0, 0], C[0, 0])
     assert int(codes.max()) == 255 and int(codes.min()) == 0  # the full range is used
+
+
+def test_chunked_distances_give_identical_results(monkeypatch):
+    """Large n or K bound the [B, K, n] scratch by chunking; the results must not change."""
+    import quantize.kmeans as km
+
+    z = torch.randn(5, 2, 300, generator=gen(12))
+    weight = torch.ones(5, 300)
+    full_seeds = kmeans_pp_seed_indices(z, 64, weight, gen(13))
+    full = kmeans(z, 64, 4, gen(13), weight)
+    monkeypatch.setattr(km, "_MAX_DIST_ELEMS", 300 * 20)
+    assert torch.equal(kmeans_pp_seed_indices(z, 64, weight, gen(13)), full_seeds)
+    chunked = kmeans(z, 64, 4, gen(13), weight)
+    assert torch.allclose(chunked, full, atol=1e-6)
+    assert torch.equal(assign(z, chunked)[0], assign(z, full)[0])
