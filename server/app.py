@@ -109,13 +109,8 @@ def _build_engine(settings: ServerSettings) -> "AsyncEngine":
     return AsyncEngine.from_path(path, settings.engine_settings(), model_name=settings.served_model_name)
 
 
-async def _send_error(send: Send, err: errors.APIError) -> None:
-    response = err.response()
-    await response({"type": "http"}, _no_receive, send)
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
+async def _send_error(scope: Scope, receive: Receive, send: Send, err: errors.APIError) -> None:
+    await err.response()(scope, receive, send)
 
 
 class ApiKeyMiddleware:
@@ -129,14 +124,14 @@ class ApiKeyMiddleware:
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if not header:
-                await _send_error(send, errors.APIError(
+                await _send_error(scope, receive, send, errors.APIError(
                     401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
                          "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                     headers={"WWW-Authenticate": "Bearer"}))
                 return
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                await _send_error(send, errors.APIError(401, "Incorrect API key provided.", code="invalid_api_key",
-                                                        headers={"WWW-Authenticate": "Bearer"}))
+                await _send_error(scope, receive, send, errors.APIError(
+                    401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
                 return
         await self.app(scope, receive, send)
 
@@ -160,10 +155,10 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await _send_error(send, errors.invalid_request("Invalid Content-Length header."))
+                await _send_error(scope, receive, send, errors.invalid_request("Invalid Content-Length header."))
                 return
             if int(length) > self.max_bytes:
-                await _send_error(send, self._too_large())
+                await _send_error(scope, receive, send, self._too_large())
                 return
         chunks: list[bytes] = []
         size = 0
@@ -174,7 +169,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_error(send, self._too_large())
+                await _send_error(scope, receive, send, self._too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

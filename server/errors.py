@@ -56,7 +56,7 @@ def context_length_exceeded(max_model_len: int, prompt_tokens: int, completion_t
 
 def overloaded(retry_after_s: int) -> APIError:
     # OpenAI's rate-limit body: type "requests" (the limit that was hit), code "rate_limit_exceeded".
-    return APIError(429, f"The server is overloaded: too many requests are waiting. Please retry after {retry_after_s} s.",
+    return APIError(429, f"The server is overloaded: too many requests are waiting. Retry after {retry_after_s} s.",
                     type="requests", code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
 
 
@@ -94,7 +94,8 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
 
 def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
-        return "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
+        return ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+                "HTTP library correctly. The OpenAI API expects a JSON payload.)")
     msg = str(err.get("msg", "invalid value"))
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 

@@ -110,7 +110,7 @@ class ChoiceState:
             self.finish_reason = out.finish_reason
 
 
-def usage(prompt_tokens: int, states: list[ChoiceState]) -> Usage:
+def total_usage(prompt_tokens: int, states: list[ChoiceState]) -> Usage:
     completion = sum(s.token_count for s in states)
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
 

@@ -15,7 +15,7 @@ from server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatResponseMessage, TokenLogprobEntry, TopLogprobEntry, Usage, finite_logprob,
 )
-from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, usage
+from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, total_usage
 
 log = logging.getLogger("athena.server")
 
@@ -70,7 +70,7 @@ class ChatServing:
             choices=[ChatChoice(index=i, message=ChatResponseMessage(content=s.text),
                                 logprobs=chat_logprobs(s.logprobs) if req.logprobs else None,
                                 finish_reason=s.finish_reason) for i, s in enumerate(states)],
-            usage=usage(len(prompt_ids), states),
+            usage=total_usage(len(prompt_ids), states),
         )
         return Response(body.model_dump_json(), media_type="application/json")
 
@@ -94,7 +94,7 @@ class ChatServing:
                 if out.finished:
                     yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=out.finish_reason)])
             if req.include_usage:
-                yield chunk([], usage=usage(prompt_tokens, states))
+                yield chunk([], usage=total_usage(prompt_tokens, states))
         except errors.APIError as err:
             yield err.json()
         except Exception:

@@ -14,8 +14,10 @@ from starlette.responses import Response
 
 from athena_runtime.outputs import TokenLogprob
 from server import errors
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, finite_logprob
-from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, usage
+from server.protocol import (
+    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, finite_logprob,
+)
+from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, total_usage
 
 log = logging.getLogger("athena.server")
 
@@ -84,7 +86,7 @@ class CompletionServing:
                 logprobs=legacy_logprobs(s.logprobs, 0) if req.logprobs is not None else None,
             ))
         body = CompletionResponse(id=request_id, model=ctx.model_name, choices=choices,
-                                  usage=usage(prompt_tokens, states))
+                                  usage=total_usage(prompt_tokens, states))
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(self, req: CompletionRequest, request_id: str, streams: ChoiceStreams,
@@ -110,7 +112,7 @@ class CompletionServing:
                     yield chunk([CompletionChoice(index=i, text=out.text, logprobs=logprobs,
                                                   finish_reason=out.finish_reason if out.finished else None)])
             if req.include_usage:
-                yield chunk([], usage=usage(prompt_tokens, states))
+                yield chunk([], usage=total_usage(prompt_tokens, states))
         except errors.APIError as err:
             yield err.json()
         except Exception:

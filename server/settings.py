@@ -24,8 +24,10 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ATHENA_", extra="ignore", frozen=True)
 
     # What to serve and where.
-    model: str | None = Field(None, description="compressed checkpoint folder (default: the embedded model, quantized on first use)")
-    served_model_name: str | None = Field(None, description="model id clients send and /v1/models lists (default: the checkpoint's name)")
+    model: str | None = Field(
+        None, description="compressed checkpoint folder (default: the embedded model, quantized on first use)")
+    served_model_name: str | None = Field(
+        None, description="model id clients send and /v1/models lists (default: the checkpoint's name)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
