@@ -93,7 +93,7 @@ def test_non_streaming_disconnect_cancels(server):
 
 
 def test_disconnect_while_waiting_for_a_slot():
-    engine = FakeEngine(model_name=MODEL, max_model_len=512, max_num_seqs=1, step_delay_s=0.002)
+    engine = FakeEngine(model_name=MODEL, max_model_len=512, max_num_seqs=1, step_delay_s=0.01)  # holds ~4 s
     s = serve_engine(engine)
 
     async def run() -> None:
@@ -106,7 +106,7 @@ def test_disconnect_while_waiting_for_a_slot():
                     await asyncio.to_thread(wait_until, lambda: s.call(engine.stats).waiting == 1, 5.0, "waiting")
                     waiting.cancel()  # the client gives up before its request was admitted
                     await asyncio.to_thread(wait_until, lambda: s.call(engine.stats).waiting == 0, 5.0, "withdrawn")
-                assert s.call(engine.stats).running == 1
+                assert s.call(engine.stats).running == 1, "the running request ended too soon for this test"
 
     try:
         asyncio.run(run())

@@ -238,20 +238,20 @@ def r_headers(r: httpx.Response) -> httpx.Headers:
 
 
 def test_queue_full_is_429_with_retry_after():
-    engine = FakeEngine(model_name=MODEL, max_num_seqs=1, max_queue=1, step_delay_s=0.002)
+    engine = FakeEngine(model_name=MODEL, max_num_seqs=1, max_queue=1, step_delay_s=0.02)
     s = serve_engine(engine, retry_after_s=3)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=s.url, timeout=30) as http:
-            long = {**CHAT, "max_tokens": 2000 // 40, "stream": True}
+            long = {**CHAT, "max_tokens": 60, "stream": True}  # 60 steps of 20 ms: outlasts the checks below
             async with http.stream("POST", "/v1/chat/completions", json=long) as running:
                 assert running.status_code == 200      # holds the only slot
                 waiting = asyncio.create_task(http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}))
                 await asyncio.to_thread(wait_until, lambda: s.call(engine.stats).waiting == 1, 5.0, "a waiting request")
                 refused = await http.post("/v1/chat/completions", json=CHAT)
                 refused_completion = await http.post("/v1/completions", json={**COMPLETION, "stream": True})
-                async for _ in running.aiter_lines():  # let the running one finish: the waiting one gets its turn
-                    pass
+                assert s.call(engine.stats).running == 1, "the running request ended too soon for this test"
+            # the client left the running stream: the waiting request gets the slot
             assert (await waiting).status_code == 200
             return refused, refused_completion
 

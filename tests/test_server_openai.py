@@ -1,6 +1,8 @@
 """The server against the official `openai` client, over a real uvicorn on 127.0.0.1 (FakeEngine)."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -100,7 +102,6 @@ def test_chat_stream_include_usage_and_done(server):
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    import json
     chunks = [json.loads(e) for e in events[:-1]]
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 10

@@ -23,7 +23,7 @@ MAX_NUM_SEQS, MAX_QUEUE = 4, 4
 def server():
     tok = tiny_chat_tokenizer()
     runner = FakeRunner(vocab_size=len(tok), num_blocks=512, block_size=4, max_model_len=256,
-                        banned=(tok.eos_token_id,), delay_s=0.001)
+                        banned=(tok.eos_token_id,), delay_s=0.004)
     engine = AsyncEngine(runner, tok, EngineSettings(block_size=4, max_num_seqs=MAX_NUM_SEQS, max_queue=MAX_QUEUE,
                                                      max_num_batched_tokens=256), MODEL,
                          eos_token_ids=(tok.eos_token_id,))
@@ -81,7 +81,7 @@ def test_stream_disconnects_free_kv_blocks(server):
 
 
 def test_queue_full_is_429(server):
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "stream": True}
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 220, "stream": True}  # ~1 s each
 
     async def hold(http: httpx.AsyncClient, release: asyncio.Event) -> int:
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
