@@ -188,11 +188,14 @@ class _GraphedSteps:
     """
 
     def __init__(self, step: _GroupSteps, ng: int) -> None:
-        self.step, self.ng, self.graph = step, ng, None
+        self.step, self.ng, self.graph, self.eager = step, ng, None, False
 
     def run(self) -> None:
         if self.graph is not None:
             self.graph.replay()
+            return
+        if self.eager:  # capture failed once: plain launches from then on
+            self.step.run(self.ng, trim=True)
             return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -200,8 +203,12 @@ class _GraphedSteps:
             self.step.run(self.ng, trim=False)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step.run(self.ng, trim=False)
+        try:
+            with torch.cuda.graph(graph):
+                self.step.run(self.ng, trim=False)
+        except RuntimeError:  # an op that cannot be captured on this build: the results above stand
+            self.eager = True
+            return
         self.graph = graph
 
 
