@@ -252,6 +252,6 @@ def test_cuda_graph_matches_eager_on_gpu():
         for (a, sa), (b, sb) in zip(graphed, eager):
             assert torch.equal(a.indices, b.indices) and torch.equal(a.codebook, b.codebook)
             assert sa["proxy_loss"] == pytest.approx(sb["proxy_loss"], rel=1e-5)
-        cpu = quantize_athena([w.cpu() for w in Ws], H, recipe)
-        for (a, _), (c, _) in zip(graphed, cpu):  # another device, other random streams: same quality
-            assert a.indices.shape == c.indices.shape
+        cpu = quantize_athena([w.cpu() for w in Ws], H, recipe)  # other random streams: same quality
+        gpu_loss, cpu_loss = (sum(s["proxy_loss"] for _, s in res) for res in (graphed, cpu))
+        assert gpu_loss < 1.25 * cpu_loss and cpu_loss < 1.25 * gpu_loss
