@@ -53,7 +53,7 @@ def build(out: Path, d: int = 2, n: int = 64, k: int = 4096, rank_frac: float = 
           fp16_out: Path | None = None, seed: int = 0) -> dict:
     from safetensors.torch import save_file
 
-    from quantize.qlayers import AthenaLayer
+    from quantize.pack import packed_width
     from quantize.recipe import AthenaRecipe
 
     cfg = dict(LLAMA2_7B, num_hidden_layers=layers or LLAMA2_7B["num_hidden_layers"])
@@ -76,18 +76,26 @@ def build(out: Path, d: int = 2, n: int = 64, k: int = 4096, rank_frac: float = 
         for name, (rows, cols) in LINEARS.items():
             N, M = dims[rows], dims[cols]
             G, Nb, r = -(-M // d), -(-N // k), recipe.rank(N, M)
-            layer = AthenaLayer(
-                shape=(N, M), d=d, n=n, k=k, codebook_bits=8,
-                indices=torch.randint(0, n, (N, G), generator=g),
-                codebook=torch.randint(0, 256, (Nb, G, n, d), generator=g, dtype=torch.uint8),
-                codebook_scale=torch.full((Nb, G, d), 0.04 / 255, dtype=torch.float16),
-                codebook_min=torch.full((Nb, G, d), -0.02, dtype=torch.float16),
-                lowrank_a=(torch.randn(N, r, generator=g) * 0.01).half() if r else None,
-                lowrank_b=(torch.randn(r, M, generator=g) * 0.01).half() if r else None,
-            )
+            b = recipe.index_bits
             prefix = f"model.layers.{i}.{name}"
-            packed.update(layer.to_tensors(prefix))
-            stats[prefix] = dict(layer.meta(), bits_per_weight=8 * layer.stored_bytes() / (N * M), proxy_loss=None, seconds=0.0)
+            # Random packed bytes are valid indices (every b-bit pattern is < n = 2^b); clear the
+            # padding bits of the last byte as FORMAT.md requires.
+            idx = torch.randint(0, 256, (N, packed_width(G, b)), generator=g, dtype=torch.uint8)
+            if (G * b) % 8:
+                idx[:, -1] &= (1 << ((G * b) % 8)) - 1
+            layer = {
+                f"{prefix}.indices": idx,
+                f"{prefix}.codebook": torch.randint(0, 256, (Nb, G, n, d), generator=g, dtype=torch.uint8),
+                f"{prefix}.codebook_scale": torch.full((Nb, G, d), 0.04 / 255, dtype=torch.float16),
+                f"{prefix}.codebook_min": torch.full((Nb, G, d), -0.02, dtype=torch.float16),
+            }
+            if r:
+                layer[f"{prefix}.lowrank_a"] = (torch.randn(N, r, generator=g) * 0.01).half()
+                layer[f"{prefix}.lowrank_b"] = (torch.randn(r, M, generator=g) * 0.01).half()
+            packed.update(layer)
+            meta = {"method": "athena", "shape": [N, M], "d": d, "n": n, "k": k, "codebook_bits": 8, "rank": r}
+            nbytes = sum(t.numel() * t.element_size() for t in layer.values())
+            stats[prefix] = dict(meta, bits_per_weight=8 * nbytes / (N * M), proxy_loss=None, seconds=0.0)
             if fp16_out is not None:
                 fp16[f"{prefix}.weight"] = (torch.randn(N, M, generator=g) * 0.02).half()
     out.mkdir(parents=True, exist_ok=True)

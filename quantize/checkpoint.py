@@ -109,7 +109,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except Exception as exc:  # safetensors raises SafetensorError for damaged data
         raise ValueError(f"{weights}: unreadable ({exc})") from exc
     for prefix, layer_meta in meta.get("layers", {}).items():
-        layer_from_tensors(prefix, tensors, layer_meta)  # raises ValueError naming the tensor
+        layer_from_tensors(prefix, tensors, layer_meta, unpack=False)  # dtypes/shapes; ValueError naming the tensor
     return meta, tensors
 
 

@@ -4,11 +4,15 @@ An integer matrix ``Q[R, C]`` with values in ``[0, 2^b)`` is stored as ``uint8[R
 each row is one little-endian bit stream, value ``Q[r, c]`` occupies bits ``c*b .. c*b+b-1``
 (least-significant bit first), values may straddle bytes, unused high bits of the last byte are 0.
 
-Vectorized: each row chunk is expanded to its bit matrix once; the only Python loop is over row
-chunks (bounded memory for 7B-sized index matrices).
+Vectorized. Fast path: `g = 8 / gcd(b, 8)` consecutive values fill exactly `g*b/8` whole bytes, so
+they are combined into one int64 word with shifts and split into bytes (no per-bit expansion) — used
+whenever g*b <= 64, i.e. every b except odd b >= 9. Those fall back to expanding each row chunk to its
+bit matrix. The Python loops run over the g values of a word, or over row chunks, never elements.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -27,6 +31,44 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in 1..{_MAX_BITS}, got {bits!r}")
 
 
+def _word_group(bits: int) -> tuple[int, int]:
+    """(values per word group, bytes per word group) — the smallest run of values ending on a byte."""
+    g = 8 // math.gcd(bits, 8)
+    return g, g * bits // 8
+
+
+def _pack_words(values: Tensor, bits: int, nbytes: int) -> Tensor:
+    R, C = values.shape
+    g, gb = _word_group(bits)
+    groups = -(-C // g)
+    v = torch.nn.functional.pad(values.to(torch.int64), (0, groups * g - C)).view(R, groups, g)
+    word = torch.zeros(R, groups, dtype=torch.int64, device=values.device)  # [R, C/g]
+    for j in range(g):
+        word |= v[..., j] << (j * bits)
+    out = torch.empty(R, groups, gb, dtype=torch.uint8, device=values.device)
+    for j in range(gb):
+        out[..., j] = ((word >> (8 * j)) & 0xFF).to(torch.uint8)
+    return out.view(R, groups * gb)[:, :nbytes].contiguous()
+
+
+def _unpack_words(packed: Tensor, bits: int, C: int) -> Tensor:
+    R, nbytes = packed.shape
+    g, gb = _word_group(bits)
+    groups = -(-C // g)
+    p = torch.nn.functional.pad(packed, (0, groups * gb - nbytes)).view(R, groups, gb).to(torch.int64)
+    word = torch.zeros(R, groups, dtype=torch.int64, device=packed.device)  # [R, C/g]
+    for j in range(gb):
+        word |= p[..., j] << (8 * j)
+    used = C * bits
+    if used < nbytes * 8 and bool((packed[:, -1].to(torch.int32) >> (used - (nbytes - 1) * 8)).any()):
+        raise ValueError("unpack_bits: padding bits of the last byte are not zero (corrupt or foreign data)")
+    out = torch.empty(R, groups, g, dtype=torch.int64, device=packed.device)
+    mask = (1 << bits) - 1
+    for j in range(g):
+        out[..., j] = (word >> (j * bits)) & mask
+    return out.view(R, groups * g)[:, :C]
+
+
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """int [R, C] in [0, 2^bits) -> uint8 [R, ceil(C*bits/8)]."""
     _check_bits(bits)
@@ -42,6 +84,8 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
     lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= (1 << bits):
         raise ValueError(f"pack_bits: values must lie in [0, {1 << bits}) for bits={bits}, got range [{lo}, {hi}]")
+    if _word_group(bits)[0] * bits <= 64:
+        return _pack_words(values, bits, nbytes)
     shifts = torch.arange(bits, device=values.device, dtype=torch.int32)  # [b]
     byte_weights = (1 << torch.arange(8, device=values.device, dtype=torch.int32)).to(torch.int32)  # [8]
     pad = nbytes * 8 - C * bits
@@ -75,6 +119,8 @@ def unpack_bits(packed: Tensor, bits: int, C: int) -> Tensor:
     out = torch.empty(R, C, dtype=torch.int64, device=packed.device)
     if R == 0 or C == 0:
         return out
+    if _word_group(bits)[0] * bits <= 64:
+        return _unpack_words(packed, bits, C)
     bit_idx = torch.arange(8, device=packed.device, dtype=torch.int32)  # [8]
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int64))  # [b]
     used = C * bits

@@ -204,7 +204,9 @@ class AthenaLayer:
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, prefix: str, tensors: dict, meta: dict) -> "AthenaLayer":
+    def from_tensors(cls, prefix: str, tensors: dict, meta: dict, unpack: bool = True) -> "AthenaLayer | None":
+        """The layer of an athena.json entry. With unpack=False only the dtypes and shapes are checked
+        (cheap: every b-bit pattern is a valid index) and None is returned."""
         if meta.get("method") != "athena":
             raise ValueError(f"layer {prefix}: athena.json method is {meta.get('method')!r}, expected 'athena'")
         N, M = _meta_shape(meta, prefix)
@@ -217,10 +219,6 @@ class AthenaLayer:
         G, Nb, b = -(-M // d), -(-N // k), n.bit_length() - 1
         name = f"{prefix}.indices"
         _check(name, tensors.get(name), torch.uint8, (N, packed_width(G, b)))
-        try:
-            indices = unpack_bits(tensors[name], b, G)
-        except ValueError as e:
-            raise ValueError(f"tensor {name}: {e}") from None
         cb_dtype = torch.uint8 if cb_bits == 8 else torch.float16
         _check(f"{prefix}.codebook", tensors.get(f"{prefix}.codebook"), cb_dtype, (Nb, G, n, d))
         scale = minimum = None
@@ -241,6 +239,12 @@ class AthenaLayer:
             for extra in ("lowrank_a", "lowrank_b"):
                 if f"{prefix}.{extra}" in tensors:
                     raise ValueError(f"tensor {prefix}.{extra} present but athena.json says rank 0")
+        if not unpack:
+            return None
+        try:
+            indices = unpack_bits(tensors[name], b, G)
+        except ValueError as e:
+            raise ValueError(f"tensor {name}: {e}") from None
         return cls(
             shape=(N, M), d=d, n=n, k=k, codebook_bits=cb_bits, indices=indices,
             codebook=tensors[f"{prefix}.codebook"], codebook_scale=scale, codebook_min=minimum,
@@ -309,7 +313,7 @@ class ScalarLayer:
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, prefix: str, tensors: dict, meta: dict) -> "ScalarLayer":
+    def from_tensors(cls, prefix: str, tensors: dict, meta: dict, unpack: bool = True) -> "ScalarLayer | None":
         method = meta.get("method")
         if method not in ("rtn", "gptq"):
             raise ValueError(f"layer {prefix}: athena.json method is {method!r}, expected 'rtn' or 'gptq'")
@@ -319,13 +323,15 @@ class ScalarLayer:
             raise ValueError(f"layer {prefix}: invalid bits={bits} / group_size={g} in athena.json")
         name = f"{prefix}.qweight"
         _check(name, tensors.get(name), torch.uint8, (N, packed_width(M, bits)))
+        groups = -(-M // g)
+        _check(f"{prefix}.scales", tensors.get(f"{prefix}.scales"), torch.float16, (N, groups))
+        _check(f"{prefix}.zeros", tensors.get(f"{prefix}.zeros"), torch.float16, (N, groups))
+        if not unpack:
+            return None
         try:
             q = unpack_bits(tensors[name], bits, M)
         except ValueError as e:
             raise ValueError(f"tensor {name}: {e}") from None
-        groups = -(-M // g)
-        _check(f"{prefix}.scales", tensors.get(f"{prefix}.scales"), torch.float16, (N, groups))
-        _check(f"{prefix}.zeros", tensors.get(f"{prefix}.zeros"), torch.float16, (N, groups))
         return cls(shape=(N, M), bits=bits, group_size=g, method=method, q=q,
                    scales=tensors[f"{prefix}.scales"], zeros=tensors[f"{prefix}.zeros"],
                    bias=_bias_from(prefix, tensors, N))
@@ -338,13 +344,14 @@ class ScalarLayer:
         return N * packed_width(M, self.bits) + _tensor_bytes(self.scales) + _tensor_bytes(self.zeros)
 
 
-def layer_from_tensors(prefix: str, tensors: dict, meta: dict) -> AthenaLayer | ScalarLayer:
-    """Build the layer an athena.json entry describes from the tensors of model.safetensors."""
+def layer_from_tensors(prefix: str, tensors: dict, meta: dict, unpack: bool = True) -> AthenaLayer | ScalarLayer | None:
+    """Build the layer an athena.json entry describes from the tensors of model.safetensors
+    (unpack=False: only check the tensors' presence, dtypes and shapes; returns None)."""
     if not isinstance(meta, dict):
         raise ValueError(f"layer {prefix}: athena.json entry must be an object, got {type(meta).__name__}")
     method = meta.get("method")
     if method == "athena":
-        return AthenaLayer.from_tensors(prefix, tensors, meta)
+        return AthenaLayer.from_tensors(prefix, tensors, meta, unpack)
     if method in ("rtn", "gptq"):
-        return ScalarLayer.from_tensors(prefix, tensors, meta)
+        return ScalarLayer.from_tensors(prefix, tensors, meta, unpack)
     raise ValueError(f"layer {prefix}: unknown method {method!r} in athena.json (expected athena, rtn or gptq)")
