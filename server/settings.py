@@ -30,7 +30,8 @@ class ServerSettings(BaseSettings):
         None, description="model id clients send and /v1/models lists (default: the checkpoint's name)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind")
-    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    api_key: SecretStr | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on /v1 routes (prefer ATHENA_API_KEY: flags show in ps)")
 
     # Engine (None: the engine's default).
     kv_cache: Literal["fp16", "int8", "int4"] | None = Field(None, description="KV cache format")
