@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 SEED_GROWTH = 1.25  # seeding rounds add 25% more centres each: 19 rounds for n = 64
-_MAX_DIST_ELEMS = 1 << 26  # [B, K, n] distance scratch above this is computed in chunks of K
+_MAX_DIST_ELEMS = 1 << 26  # distance scratch ([B, K, n] / [B, K, s]) above this is computed in chunks
 
 
 def _seed_round_sizes(n: int, K: int, growth: float) -> list[int]:
