@@ -61,8 +61,8 @@ def test_reference_prefill_matches_dense_attention(window):
     cache, table, keys, values = _filled_cache("fp32", seq_lens, 2, 64, 16, seed=1)
     q = torch.randn(sum(new), 6, 64)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
-    out = pa.paged_attention_reference(q, cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32), qsl,
-                                       0.125, window)
+    out = pa.paged_attention_reference(q.to(DEVICE), cache, 0, table.to(DEVICE),
+                                       torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.125, window).cpu()
     for s in range(3):
         want = _dense_attention(q[qsl[s]:qsl[s + 1]], keys[s], values[s], 0.125, window)
         torch.testing.assert_close(out[qsl[s]:qsl[s + 1]].double(), want, rtol=1e-5, atol=1e-5)
