@@ -21,7 +21,7 @@ def tok():
 
 
 def make_runner(**kw) -> FakeRunner:
-    kw.setdefault("banned", (EOS,))
+    kw.setdefault("banned", (EOS, POISON))  # sampled output never hits the failure trigger by chance
     return FakeRunner(vocab_size=VOCAB, num_blocks=kw.pop("num_blocks", 64), block_size=4,
                       fail_when=lambda chunks: any(POISON in c.token_ids for c in chunks), **kw)
 
@@ -220,7 +220,7 @@ def test_shutdown_drains_running_requests(tok):
         await engine.start()
         tasks = [asyncio.create_task(collect(engine, f"r{i}", prompt(5, i), SamplingParams(max_tokens=30)))
                  for i in range(3)]
-        await asyncio.sleep(0)                                           # the three have been submitted
+        await wait_for(lambda: engine.stats().running + engine.stats().waiting == 3)  # all three admitted
         await engine.shutdown(drain_timeout_s=10.0)
         return [await t for t in tasks]
 
