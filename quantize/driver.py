@@ -220,6 +220,7 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
     """
     t_start = time.perf_counter()
     device = pick_device(job.device)
+    job = dataclasses.replace(job, calib=job.calib.resolved(device.type))
     src = resolve_source(job.model)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
