@@ -73,7 +73,7 @@ class PQLinear(nn.Module):
         self.path = path
         if path is not None and path not in PATHS:
             raise ValueError(f"unknown PQLinear path {path!r}; choose one of {PATHS}")
-        self.register_buffer("qweight", qweight, persistent=False)  # int32 [GW/4, N_pad, 4]
+        self.register_buffer("qweight", qweight, persistent=False)  # int32 [GW, N_pad]
         self.register_buffer("codebook", codebook, persistent=False)  # [Nb, G_pad, d, n]
         self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None

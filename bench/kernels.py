@@ -115,17 +115,13 @@ def variants(cuda_ok):
         "dequant+cublas": (lambda x, L, lr: pq_dequant_matmul(x, *layer_args(L, lr)), lambda T, g: T >= 16),
     }
     for slab in (8, 16, 32):
-        v[f"cuda-lut-s{slab}"] = (cuda(slab_w=slab), lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s))
-        v[f"cuda-lut-f32tab-s{slab}"] = (cuda(slab_w=slab, fp16_table=False),
-                                         lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s, False))
-    for rows in (256, 512, 1024, 2048):
-        v[f"cuda-lut-r{rows}"] = (cuda(rows_per_chunk=rows), lambda T, g: T == 1 and cuda_applies(T, g))
-    for slab in (8, 16):
+        for rows in (256, 512, 1024):
+            v[f"cuda-lut-s{slab}-r{rows}"] = (cuda(slab_w=slab, rows_per_chunk=rows),
+                                              lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s))
         v[f"triton-lut-s{slab}"] = (lambda x, L, lr, s=slab: pq_gemv(x, *layer_args(L, lr), slab_w=s),
                                     lambda T, g: T == 1)
-    v["triton-dot-128x64"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_m=128, block_n=64, num_warps=4),
-                              lambda T, g: T >= 256)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
+    v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
 
 
@@ -160,8 +156,9 @@ def _check_cases(dev, V, clock, log, cases, cuda_pass):
             x = torch.randn(T, M, device=dev).half()
             ref = pq_gemv_reference(x, *layer_args(L))
             for name, (fn, applies) in V.items():
-                if any(name.endswith(s) for s in ("-s8", "-s16", "-s32", "-r256", "-r512", "-r1024", "-r2048")):
-                    continue  # tuning variants of a checked kernel
+                if any(name.endswith(s) for s in ("-s8", "-s16", "-s32", "-r256", "-r512", "-r1024")) \
+                        or name == "PQLinear":
+                    continue  # tuning variants of a checked kernel; PQLinear is checked below
                 if name.startswith("cuda") != cuda_pass or not applies(T, L["geo"]):
                     continue
                 try:
@@ -233,7 +230,7 @@ def time_call(fn, sets, dev):
         i[0] += 1
         fn(s)
 
-    return triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median") * 1e3
+    return triton.testing.do_bench(call, warmup=5, rep=30, return_mode="median") * 1e3
 
 
 def time_graph(fn, sets, dev, replays=20):
@@ -277,21 +274,21 @@ def copy_bandwidth(dev):
 def plan(smoke):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
     if smoke:
-        return [(1, ["cublas", "triton-lut", "triton-dot"], (True,), False),
+        return [(1, ["cublas", "triton-lut", "triton-dot", "PQLinear"], (True, False), True),
                 (33, ["cublas", "triton-dot", "dequant+cublas"], (True,), False)]
-    sweep = [f"cuda-lut-s{s}" for s in (8, 16, 32)] + [f"cuda-lut-f32tab-s{s}" for s in (8, 16, 32)] \
-        + [f"cuda-lut-r{r}" for r in (256, 512, 1024, 2048)] + ["triton-lut-s8", "triton-lut-s16", "triton-lut-f32tab"]
+    sweep = [f"cuda-lut-s{s}-r{r}" for s in (8, 16, 32) for r in (256, 512, 1024)] \
+        + ["cuda-lut-f32tab", "triton-lut-s8", "triton-lut-s16", "triton-lut-s32", "triton-lut-f32tab"]
     return [
-        (1, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True, False), True),
-        (2048, ["cublas", "triton-dot", "dequant+cublas"], (True, False), False),
-        (4, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True,), True),
-        (16, ["cublas", "triton-dot", "triton-lut", "dequant+cublas"], (True,), True),
-        (1, sweep, (False,), False),
-        (2, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True,), False),
-        (8, ["cublas", "triton-dot", "triton-lut"], (True,), False),
-        (256, ["cublas", "triton-dot", "dequant+cublas", "triton-dot-128x64", "triton-dot-bw16"], (True,), False),
-        (2048, ["triton-dot-128x64", "triton-dot-bw16"], (True,), False),
-        (64, ["cublas", "triton-dot", "dequant+cublas"], (True,), False),
+        (1, ["cublas", "cuda-lut", "triton-lut", "triton-dot", "PQLinear"], (True, False), True),
+        (2048, ["cublas", "triton-dot", "dequant+cublas", "PQLinear"], (True, False), False),
+        (4, ["cublas", "cuda-lut", "triton-lut", "triton-dot", "PQLinear"], (True, False), True),
+        (16, ["cublas", "triton-dot", "triton-lut", "dequant+cublas", "PQLinear"], (True,), True),
+        (1, sweep, (False,), True),
+        (2, ["cublas", "cuda-lut", "triton-lut", "triton-dot"], (True,), True),
+        (8, ["cublas", "triton-dot", "triton-lut"], (True,), True),
+        (256, ["cublas", "triton-dot", "dequant+cublas", "triton-dot-bw16"], (True,), False),
+        (64, ["cublas", "triton-dot", "dequant+cublas"], (True,), True),
+        (2048, ["triton-dot-bw16"], (True,), False),
     ]
 
 
@@ -304,6 +301,9 @@ def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes):
         n_sets = 1 if smoke else max(2, min(32, math.ceil(3 * l2_bytes / compressed_bytes(one, 1))))
         layers[(N, M)] = [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M + s)
                                   for s in range(1, n_sets)]
+        for L in layers[(N, M)]:  # the module the runtime uses (path chosen per call)
+            L["linear"] = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None)
+            L["linear_nolr"] = PQLinear(L["geo"], L["qweight"], L["codebook"], None, None, None)
         n_dense = 1 if smoke else max(2, min(8, math.ceil(3 * l2_bytes / (N * M * 2))))
         dense[(N, M)] = [torch.randn(N, M, device=dev).half() * 0.02 for _ in range(n_dense)]
     for T, names, lowranks, graph in plan(smoke):
@@ -332,7 +332,7 @@ def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes):
                         row = dict(shape=[N, M], T=T, variant=name, lowrank=lr if name != "cublas" else None,
                                    us=us, bytes=nbytes, gbs=nbytes / (us * 1e-6) / 1e9)
                         row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs if copy_gbs == copy_gbs else None
-                        if graph and lr in (True, None) and clock.left() > 60:
+                        if graph and clock.left() > 60:
                             row["graph_us"] = time_graph(fn, sets, dev)
                         rows.append(row)
                         log(f"{clock} T={T:5d} {N:6d}x{M:<6d} {name:22s} lr={str(lr):5s} {us:9.1f} us"

@@ -68,7 +68,7 @@ def test_unpack_bits_rejects_wrong_width():
 @pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 301, 2, 64, 64), (5, 7, 1, 256, 3), (9, 40, 4, 2, 100)])
 def test_pack_words_roundtrip_and_dequantize_spec(N, M, d, n, k):
     geo, qw, cb, _, _, _, I, C = make_layer(N, M, d, n, k)
-    assert qw.dtype == torch.int32 and qw.shape == (geo.GW // 4, geo.N_pad, 4)
+    assert qw.dtype == torch.int32 and qw.shape == (geo.GW, geo.N_pad)
     assert torch.equal(layout.unpack_words(qw, geo).cpu(), I)
     W = layout.dequantize_reference(qw, cb, geo).cpu()
     for i in (0, N // 2, N - 1):  # Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l]

@@ -5,16 +5,18 @@ Checkpoint (FORMAT.md), for W [N, M] with recipe (d, n, k), b = log2 n, G = ceil
     codebook  uint8|fp16 [Nb, G, n, d]    (+ fp16 scale/min [Nb, G, d] when codebook_bits == 8)
 
 Kernel layout (this module), PER_WORD = 32 // b indices per 32-bit word, GW words per row:
-    qweight   int32 [GW / 4, N_pad, 4]    word w of row i sits at qweight[w // 4, i, w % 4]
+    qweight   int32 [GW, N_pad]           word w of row i sits at qweight[w, i] (rows contiguous)
     codebook  fp16  [Nb, PER_WORD·GW, d, n]   dequantized, l-major (the n values of one coordinate l
                                               are contiguous), zero for padding groups
 
 Groups are split into PER_WORD "planes" of GW consecutive groups: slot s (bits s·b … s·b+b−1) of
 word w holds the index of group j = s·GW + w. So one 32-bit load yields PER_WORD indices whose
 groups are each the start of a contiguous column range, and a run of words covers PER_WORD
-contiguous column ranges (tl.dot K-tiles and x loads stay contiguous). Words are stored in
-16-byte quads, row-interleaved, so a warp whose lanes own consecutive rows reads 512 contiguous
-bytes. Unused high bits, padding groups (j >= G) and padding rows (i >= N) hold index 0.
+contiguous column ranges (tl.dot K-tiles and x loads stay contiguous). Words are stored word-major
+(rows contiguous): kernels put consecutive rows on consecutive lanes, so a warp's loads are
+coalesced and, for one word, all its lanes look up the same group's codebook / table (one 128-byte
+line for n = 64 in fp16). Unused high bits, padding groups (j >= G) and padding rows (i >= N) hold
+index 0.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def unpack_bits(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
 
 
 def pack_words(indices: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
-    """I [N, G] (values < n) -> qweight int32 [GW / 4, N_pad, 4] (module docstring)."""
+    """I [N, G] (values < n) -> qweight int32 [GW, N_pad] (module docstring)."""
     if tuple(indices.shape) != (geo.N, geo.G):
         raise ValueError(f"indices shape {tuple(indices.shape)} != {(geo.N, geo.G)}")
     I = torch.zeros(geo.N_pad, geo.G_pad, dtype=torch.int64, device=indices.device)
@@ -109,12 +111,12 @@ def pack_words(indices: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
     shifts = torch.arange(geo.per_word, device=I.device, dtype=torch.int64) * geo.bits
     words = (planes << shifts[None, :, None]).sum(dim=1)  # [N_pad, GW], < 2^32
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return words.view(geo.N_pad, geo.GW // 4, 4).permute(1, 0, 2).contiguous()
+    return words.t().contiguous()
 
 
 def unpack_words(qweight: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
-    """qweight int32 [GW / 4, N_pad, 4] -> I int64 [N, G] (inverse of pack_words)."""
-    words = qweight.permute(1, 0, 2).reshape(geo.N_pad, geo.GW).to(torch.int64) & 0xFFFFFFFF
+    """qweight int32 [GW, N_pad] -> I int64 [N, G] (inverse of pack_words)."""
+    words = qweight.t().to(torch.int64) & 0xFFFFFFFF  # [N_pad, GW]
     shifts = torch.arange(geo.per_word, device=words.device, dtype=torch.int64) * geo.bits
     planes = (words[:, None, :] >> shifts[None, :, None]) & (geo.n - 1)  # [N_pad, PER_WORD, GW]
     return planes.reshape(geo.N_pad, geo.G_pad)[: geo.N, : geo.G]

@@ -4,10 +4,11 @@ Same algorithm, grid and split-K partials as the Triton kernel (`pq_gemv.py`, wh
 written in CUDA because shared memory and 32-bit addressing cut the instructions per index:
     idx  = (word >> s·b) & (n − 1)        SHF + LOP3
     acc += L_s[idx]                      LDS [idx + compile-time table offset], HADD2.F32, FADD
-Lanes own rows, so the 32 lanes of a warp read one group's table: with n = 64 fp16 entries that is
-128 bytes, one word per bank, and the lookup is free of bank conflicts whatever the indices.
-A thread loads its row's SLAB_W words as int4 (the next row's words are fetched while the current
-row is looked up) and keeps four independent accumulator chains.
+A thread owns 4 consecutive rows (one int4 per word of the word-major layout) and lane l holds rows
+4l..4l+3, so for each (word, slot, row) the 32 lanes of a warp read one group's table: with n = 64
+fp16 entries that is 128 bytes, one word per bank, and the lookup is free of bank conflicts whatever
+the indices. The four rows give four independent accumulator chains. The low-rank share of
+u = x Bᵀ is spread over all CTAs of a slab, one warp per rank.
 
 Built with `torch.utils.cpp_extension.load_inline` on first use (needs nvcc; ~1 min), for the
 (tokens, bits, slab, table dtype) combinations in VARIANTS. Only sm_80-class instructions: runs on
@@ -72,7 +73,7 @@ __device__ __forceinline__ float tab_to_float(float v) { return v; }
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
 __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     const __half* __restrict__ x, int stride_xt, int t_valid, int M,      // x [t_valid, M]
-    const int4* __restrict__ qweight, int N_pad,                          // [GW / 4, N_pad] int4
+    const int* __restrict__ qweight, int N_pad,                           // [GW, N_pad] int32
     const __half* __restrict__ codebook, int G_pad, int D,                // [Nb, G_pad, D, NC]
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
     float* __restrict__ partial,                                          // [S, T, N_pad]
@@ -142,62 +143,78 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         }
     }
 
-    // ---- low-rank share: u_part[slab, t, r] = sum over this slab's columns of x[t, col] B[r, col]
-    if (lr_b != nullptr && blockIdx.x == 0) {
+    // ---- low-rank share: u_part[slab, t, r] = sum over this slab's columns of x[t, col] B[r, col];
+    // ranks are spread over all CTAs of the slab (one warp per rank, loads unrolled: one latency)
+    if (lr_b != nullptr) {
+        constexpr int MAXC = (4 * SLAB_W + 31) / 32;  // D <= 4: at most 4 SLAB_W columns per plane
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-        for (int p = warp; p < rank * T; p += THREADS / 32) {
-            const int r = p / T, t = p % T;
-            float acc = 0.f;
-            if (t < t_valid) {
-                for (int s = 0; s < PER_WORD; ++s) {
-                    const int c_lo = D * (s * GW + w0);
-                    const int c_hi = min(min(c_lo + D * SLAB_W, D * (s + 1) * GW), M);
-                    for (int col = c_lo + lane; col < c_hi; col += 32)
-                        acc += __half2float(x[(size_t)t * stride_xt + col]) * __half2float(lr_b[(size_t)r * stride_br + col]);
+        for (int r = blockIdx.x + warp * gridDim.x; r < rank; r += gridDim.x * (THREADS / 32)) {
+            float acc[T];
+#pragma unroll
+            for (int t = 0; t < T; ++t) acc[t] = 0.f;
+#pragma unroll
+            for (int s = 0; s < PER_WORD; ++s) {
+                const int c_lo = D * (s * GW + w0);
+                const int c_hi = min(min(c_lo + D * SLAB_W, D * (s + 1) * GW), M);
+#pragma unroll
+                for (int i = 0; i < MAXC; ++i) {
+                    const int col = c_lo + lane + 32 * i;
+                    if (col < c_hi) {
+                        const float b = __half2float(lr_b[(size_t)r * stride_br + col]);
+#pragma unroll
+                        for (int t = 0; t < T; ++t)
+                            if (t < t_valid) acc[t] += b * __half2float(x[(size_t)t * stride_xt + col]);
+                    }
                 }
             }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (lane == 0) u_part[((size_t)slab * T + t) * rank + r] = acc;
+            for (int t = 0; t < T; ++t) {
+                float v = acc[t];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) u_part[((size_t)slab * T + t) * rank + r] = v;
+            }
         }
     }
     __syncthreads();
 
-    // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]], lane = row
-    int row = row_start + threadIdx.x;
-    int4 cur[SLAB_Q];
-#pragma unroll
-    for (int q = 0; q < SLAB_Q; ++q) cur[q] = row < row_end ? __ldcs(qweight + (size_t)(w0 / 4 + q) * N_pad + row) : make_int4(0, 0, 0, 0);
-    while (row < row_end) {
-        const int next = row + THREADS;
-        int4 nxt[SLAB_Q];
-#pragma unroll
-        for (int q = 0; q < SLAB_Q; ++q) nxt[q] = next < row_end ? __ldcs(qweight + (size_t)(w0 / 4 + q) * N_pad + next) : make_int4(0, 0, 0, 0);
+    // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
+    // per word); lane l holds rows 4l..4l+3, so for each (word, slot, r) the warp reads one group's table.
+    // Rows past row_end (padding or the next chunk's) are read but not stored.
+    const int4* qw4 = reinterpret_cast<const int4*>(qweight);  // [GW, N_pad / 4]
+    const int N4 = N_pad / 4;
+    for (int r4 = row_start / 4 + threadIdx.x; r4 * 4 < row_end; r4 += THREADS) {
         float acc[4][T];
 #pragma unroll
         for (int r = 0; r < 4; ++r)
 #pragma unroll
             for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
 #pragma unroll
-        for (int q = 0; q < SLAB_Q; ++q) {
-            const uint32_t wd[4] = {(uint32_t)cur[q].x, (uint32_t)cur[q].y, (uint32_t)cur[q].z, (uint32_t)cur[q].w};
+        for (int w = 0; w < SLAB_W; ++w) {
+            const int4 q = __ldcs(qw4 + (size_t)(w0 + w) * N4 + r4);
+            const uint32_t wd[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
+            for (int s = 0; s < PER_WORD; ++s) {
+                const TabT* tab = lut + ((s * SLAB_W + w) * T) * NC;
 #pragma unroll
-                for (int s = 0; s < PER_WORD; ++s) {
+                for (int r = 0; r < 4; ++r) {
                     const uint32_t idx = (wd[r] >> (s * BITS)) & (NC - 1);
-                    const TabT* tab = lut + ((s * SLAB_W + q * 4 + r) * T) * NC + idx;
 #pragma unroll
-                    for (int t = 0; t < T; ++t) acc[r][t] += tab_to_float(tab[t * NC]);
+                    for (int t = 0; t < T; ++t) acc[r][t] += tab_to_float(tab[t * NC + idx]);
                 }
             }
         }
 #pragma unroll
-        for (int t = 0; t < T; ++t)
-            partial[((size_t)slab * T + t) * N_pad + row] = (acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]);
+        for (int t = 0; t < T; ++t) {
+            float* dst = partial + ((size_t)slab * T + t) * N_pad + 4 * r4;
+            if (4 * r4 + 4 <= row_end) {
+                *reinterpret_cast<float4*>(dst) = make_float4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+            } else {
 #pragma unroll
-        for (int q = 0; q < SLAB_Q; ++q) cur[q] = nxt[q];
-        row = next;
+                for (int r = 0; r < 4; ++r)
+                    if (4 * r4 + r < row_end) dst[r] = acc[r][t];
+            }
+        }
     }
 }
 
@@ -214,7 +231,7 @@ namespace athena_pq {
 
 struct LutArgs {
     const __half* x; int stride_xt, t_valid, M;
-    const int4* qweight; int N_pad;
+    const int* qweight; int N_pad;
     const __half* codebook; int G_pad, D;
     int N, GW, k_rows, chunks_per_blk, rows_per_chunk;
     float* partial;
@@ -238,11 +255,14 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1, "x: fp16 CUDA [T, M]");
-    TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.dim() == 3 && qweight.size(2) == 4 && qweight.is_contiguous(), "qweight: int32 [GW/4, N_pad, 4]");
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.dim() == 2 && qweight.size(0) == GW && qweight.size(1) % 4 == 0
+                && qweight.is_contiguous(), "qweight: int32 [GW, N_pad]");
     TORCH_CHECK(codebook.scalar_type() == torch::kHalf && codebook.dim() == 4 && codebook.is_contiguous(), "codebook: fp16 [Nb, G_pad, D, NC]");
     TORCH_CHECK(codebook.size(3) == (1 << bits), "codebook n != 2^bits");
     TORCH_CHECK(partial.scalar_type() == torch::kFloat && partial.dim() == 3 && partial.is_contiguous(), "partial: fp32 [S, T, N_pad]");
     TORCH_CHECK(GW % slab_w == 0 && partial.size(0) == GW / slab_w && partial.size(2) == qweight.size(1), "partial shape");
+    TORCH_CHECK(codebook.size(2) <= 4 && rows_per_chunk % 4 == 0 && (k_rows % 4 == 0 || codebook.size(0) == 1),
+                "CUDA PQ kernel: d <= 4, and row chunks of whole row quads");
     const bool has_lr = lr_b.numel() > 0;
     if (has_lr) {
         TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.stride(1) == 1 && lr_b.size(1) == x.size(1), "lowrank_b: fp16 [r, M]");
@@ -253,7 +273,7 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
     TORCH_CHECK(x.size(0) <= T, "more tokens than the partial buffer holds");
     const c10::cuda::CUDAGuard guard(x.device());
     LutArgs a{reinterpret_cast<const __half*>(x.data_ptr<at::Half>()), (int)x.stride(0), (int)x.size(0), (int)x.size(1),
-              reinterpret_cast<const int4*>(qweight.data_ptr<int>()), (int)qweight.size(1),
+              qweight.data_ptr<int>(), (int)qweight.size(1),
               reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>()), (int)codebook.size(1), (int)codebook.size(2),
               (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk,
               partial.data_ptr<float>(),
@@ -344,7 +364,7 @@ def cuda_kernel_available() -> bool:
 def supports(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
     """Whether an instantiated variant serves this layer and token count."""
     t_inst = next((t for t in TOKENS if t >= tokens), None)
-    return (t_inst is not None and dtype == torch.float16
+    return (t_inst is not None and dtype == torch.float16 and geo.d <= 4 and (geo.k % 4 == 0 or geo.Nb == 1)
             and (t_inst, geo.bits, default_slab_w(geo.bits, t_inst), True) in VARIANTS
             and geo.GW % default_slab_w(geo.bits, t_inst) == 0)
 

@@ -37,13 +37,13 @@ if triton is not None:
         # sizes
         T, N, M, GW, K_ROWS, NB, RANK,
         # strides
-        stride_xt, stride_qq, stride_cbb, stride_ut, stride_an, stride_br, stride_yt,
+        stride_xt, stride_qw, stride_cbb, stride_ut, stride_an, stride_br, stride_yt,
         stride_ps, stride_pt, stride_us, stride_ut2,
         # meta
         D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
         TILES_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr, LR_ITERS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -69,17 +69,18 @@ if triton is not None:
             tile = pid_k * TILES_PER_SPLIT + ti
             if tile < n_tiles:
                 w = tile * BLOCK_W + offs_w  # [BLOCK_W] word columns
-                q_ptrs = qweight_ptr + (w // 4)[None, :] * stride_qq + offs_n[:, None] * 4 + (w % 4)[None, :]
-                words = tl.load(q_ptrs)  # [BLOCK_N, BLOCK_W]
+                # [BLOCK_W, BLOCK_N], rows contiguous: lanes own rows, so one gather instruction reads one
+                # group's codebook line
+                words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])
                 for s in tl.static_range(PER_WORD):
                     idx = (words >> (s * BITS)) & (NC - 1)
                     j = s * GW + w  # [BLOCK_W] groups of slot s
                     for l in tl.static_range(D):
                         col = j * D + l
-                        w_tile = tl.load(cb_rows[:, None] + ((j * D + l) * NC)[None, :] + idx)  # [BLOCK_N, BLOCK_W]
+                        w_tile = tl.load(cb_rows[None, :] + ((j * D + l) * NC)[:, None] + idx)  # Ŵᵀ tile [BLOCK_W, BLOCK_N]
                         x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xt + col[None, :],
                                          mask=m_mask[:, None] & (col < M)[None, :], other=0.0)  # [BLOCK_M, BLOCK_W]
-                        acc = tl.dot(x_tile, tl.trans(w_tile.to(x_tile.dtype)), acc)
+                        acc = tl.dot(x_tile, w_tile.to(x_tile.dtype), acc)
 
         if SPLIT_K == 1:
             if HAS_LOWRANK:  # one more K-step: u [BLOCK_M, r] · A[rows, r]ᵀ
@@ -97,18 +98,20 @@ if triton is not None:
         else:
             p_ptrs = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pt + offs_n[None, :]
             tl.store(p_ptrs, acc, mask=m_mask[:, None])
-            if HAS_LOWRANK:
-                if pid_n == 0:
-                    _lowrank_partial(x_ptr, lr_b_ptr, u_part_ptr, T, M, GW, RANK,
-                                     pid_k * TILES_PER_SPLIT * BLOCK_W, pid_k,
-                                     stride_xt, stride_br, stride_us, stride_ut2,
-                                     BLOCK_M, D, PER_WORD, TILES_PER_SPLIT * BLOCK_W, RANK_P2, 64)
+            if HAS_LOWRANK:  # this split's share of u = x Bᵀ, rank blocks of 16 spread over the row tiles
+                for i in tl.static_range(LR_ITERS):
+                    rb = pid + i * tl.num_programs(0)
+                    if rb * 16 < RANK:
+                        _lowrank_partial(x_ptr, lr_b_ptr, u_part_ptr, T, M, GW, RANK,
+                                         pid_k * TILES_PER_SPLIT * BLOCK_W, pid_k, rb * 16,
+                                         stride_xt, stride_br, stride_us, stride_ut2,
+                                         BLOCK_M, D, PER_WORD, TILES_PER_SPLIT * BLOCK_W, 64)
 
     @triton.jit
     def _pq_dequant_kernel(
         qweight_ptr, codebook_ptr, w_ptr,
         N, M, GW, K_ROWS, NB,
-        stride_qq, stride_cbb, stride_wn,
+        stride_qw, stride_cbb, stride_wn,
         D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
@@ -118,15 +121,23 @@ if triton is not None:
         n_mask = offs_n < N
         blk = tl.minimum(offs_n // K_ROWS, NB - 1)
         cb_rows = codebook_ptr + blk * stride_cbb
-        words = tl.load(qweight_ptr + (w // 4)[None, :] * stride_qq + offs_n[:, None] * 4 + (w % 4)[None, :])
+        words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])  # [BLOCK_W, BLOCK_N], lanes on rows
         for s in tl.static_range(PER_WORD):
             idx = (words >> (s * BITS)) & (NC - 1)
             j = s * GW + w
-            for l in tl.static_range(D):
-                col = j * D + l
-                vals = tl.load(cb_rows[:, None] + ((j * D + l) * NC)[None, :] + idx)
-                tl.store(w_ptr + offs_n[:, None] * stride_wn + col[None, :], vals.to(w_ptr.dtype.element_ty),
-                         mask=n_mask[:, None] & (col < M)[None, :])
+            if D == 2:  # interleave the two coordinates: one contiguous run of 2·BLOCK_W columns per row
+                v0 = tl.load(cb_rows[None, :] + ((j * D) * NC)[:, None] + idx)
+                v1 = tl.load(cb_rows[None, :] + ((j * D + 1) * NC)[:, None] + idx)
+                vals = tl.reshape(tl.join(tl.trans(v0), tl.trans(v1)), [BLOCK_N, 2 * BLOCK_W])
+                cols = (s * GW + tl.program_id(1) * BLOCK_W) * 2 + tl.arange(0, 2 * BLOCK_W)
+                tl.store(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], vals.to(w_ptr.dtype.element_ty),
+                         mask=n_mask[:, None] & (cols < M)[None, :])
+            else:
+                for l in tl.static_range(D):
+                    col = j * D + l
+                    vals = tl.trans(tl.load(cb_rows[None, :] + ((j * D + l) * NC)[:, None] + idx))  # [BLOCK_N, BLOCK_W]
+                    tl.store(w_ptr + offs_n[:, None] * stride_wn + col[None, :], vals.to(w_ptr.dtype.element_ty),
+                             mask=n_mask[:, None] & (col < M)[None, :])
 
 
 # ----------------------------------------------------------------------------------- references
@@ -164,7 +175,7 @@ def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
         block_n = 128 if (T > 64 and wide) else 64
     if num_warps is None:
         num_warps = 4 if block_m * block_n < 64 * 64 else 8
-    if geo.GW % block_w or block_w % 4 or block_w < 16:
+    if geo.GW % block_w or block_w < 16:
         raise ValueError(f"block_w={block_w} must be a multiple of 16 dividing GW={geo.GW}")
     if geo.N_pad % block_n:
         raise ValueError(f"block_n={block_n} must divide N_pad={geo.N_pad}")
@@ -206,6 +217,7 @@ def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_W=block_w,
         TILES_PER_SPLIT=tiles_per_split, SPLIT_K=split_k, GROUP_M=group_m,
         HAS_BIAS=bias is not None, HAS_LOWRANK=has_lr, RANK_P2=rank_p2,
+        LR_ITERS=-(-(-(-rank // 16)) // (n_m_tiles * n_row_tiles)),
         num_warps=num_warps, num_stages=num_stages,
     )
     if split_k == 1:

@@ -41,8 +41,8 @@ def check_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, 
     """Shared argument checks of the PQ kernel wrappers."""
     if x.dim() != 2 or x.shape[1] != geo.M:
         raise ValueError(f"x must be [T, {geo.M}], got {tuple(x.shape)}")
-    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (geo.GW // 4, geo.N_pad, 4):
-        raise ValueError(f"qweight must be int32 {(geo.GW // 4, geo.N_pad, 4)}, got {qweight.dtype} {tuple(qweight.shape)}")
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (geo.GW, geo.N_pad):
+        raise ValueError(f"qweight must be int32 {(geo.GW, geo.N_pad)}, got {qweight.dtype} {tuple(qweight.shape)}")
     if tuple(codebook.shape) != (geo.Nb, geo.G_pad, geo.d, geo.n):
         raise ValueError(f"codebook must be {(geo.Nb, geo.G_pad, geo.d, geo.n)}, got {tuple(codebook.shape)}")
     if (lowrank_a is None) != (lowrank_b is None):
@@ -78,19 +78,20 @@ if triton is not None:
     @triton.jit
     def _lowrank_partial(
         x_ptr, lr_b_ptr, u_part_ptr,
-        T, M, GW, RANK, w_begin, pid_s,
+        T, M, GW, RANK, w_begin, pid_s, r_begin,
         stride_xt, stride_br, stride_us, stride_ut,
         T_P2: tl.constexpr, D: tl.constexpr, PER_WORD: tl.constexpr, N_WORDS: tl.constexpr,
-        RANK_P2: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
-        """u_part[pid_s, t, r] = Σ_col x[t, col] B[r, col] over the columns of words [w_begin, w_begin + N_WORDS)."""
+        """u_part[pid_s, t, r] = Σ_col x[t, col] B[r, col] for the 16 ranks r_begin … r_begin + 15 and
+        the columns of words [w_begin, w_begin + N_WORDS). Callers spread rank blocks over programs."""
         TT: tl.constexpr = T_P2 if T_P2 > 16 else 16  # tl.dot needs >= 16 rows
         offs_t = tl.arange(0, TT)
-        offs_r = tl.arange(0, RANK_P2)
+        offs_r = r_begin + tl.arange(0, 16)
         offs_c = tl.arange(0, BLOCK_C)
         mask_t = offs_t < T
         mask_r = offs_r < RANK
-        u = tl.zeros([TT, RANK_P2], dtype=tl.float32)
+        u = tl.zeros([TT, 16], dtype=tl.float32)
         for s in tl.static_range(PER_WORD):  # plane s: columns [D(s·GW + w_begin), +D·N_WORDS), inside the plane
             c_lo = D * (s * GW + w_begin)
             c_hi = tl.minimum(tl.minimum(c_lo + D * N_WORDS, D * (s + 1) * GW), M)
@@ -100,7 +101,7 @@ if triton is not None:
                 xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + cols[None, :],
                              mask=mask_t[:, None] & mask_c[None, :], other=0.0)  # [TT, BLOCK_C]
                 bv = tl.load(lr_b_ptr + offs_r[:, None] * stride_br + cols[None, :],
-                             mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # [RANK_P2, BLOCK_C]
+                             mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # [16, BLOCK_C]
                 u = tl.dot(xv, tl.trans(bv.to(xv.dtype)), u)
         tl.store(u_part_ptr + pid_s * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :], u,
                  mask=mask_t[:, None] & mask_r[None, :])
@@ -112,11 +113,11 @@ if triton is not None:
         # sizes
         T, N, M, GW, K_ROWS, CHUNKS_PER_BLOCK, RANK,
         # strides
-        stride_xt, stride_qq, stride_cbb, stride_ps, stride_pt, stride_br, stride_us, stride_ut,
+        stride_xt, stride_qw, stride_cbb, stride_ps, stride_pt, stride_br, stride_us, stride_ut,
         # meta
         T_P2: tl.constexpr, D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
         SLAB_W: tl.constexpr, ROWS_PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, LUT_FP16: tl.constexpr,
-        HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr, LR_ITERS: tl.constexpr,
     ):
         pid_r = tl.program_id(0)  # (codebook block, row chunk)
         pid_s = tl.program_id(1)  # slab of SLAB_W words
@@ -130,7 +131,8 @@ if triton is not None:
         offs_t = tl.arange(0, T_P2)
         offs_w = tl.arange(0, SLAB_W)
         offs_c = tl.arange(0, NC)
-        # ---- 1. table L[s, w, t, c] = Σ_l C[blk, j, c, l] x[t, D j + l] for group j = s·GW + w0 + w
+        # ---- 1. table L[s, w, c, t] = Σ_l C[blk, j, l, c] x[t, D j + l] for group j = s·GW + w0 + w
+        # (tokens innermost: one vector load per index fetches every token's entry)
         cb_blk = codebook_ptr + blk * stride_cbb
         ENTRY_DTYPE: tl.constexpr = tl.float16 if LUT_FP16 else tl.float32  # fp16: two entries per HFMA2
         for s in tl.static_range(PER_WORD):
@@ -142,37 +144,38 @@ if triton is not None:
                 x_mask = (offs_t[:, None] < T) & (col[None, :] < M)
                 xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + col[None, :], mask=x_mask, other=0.0)
                 entry += xv.to(ENTRY_DTYPE)[:, :, None] * cv.to(ENTRY_DTYPE)[None, :, :]
-            lut_ptrs = lut_base + ((s * SLAB_W + offs_w)[None, :, None] * T_P2 + offs_t[:, None, None]) * NC \
-                + offs_c[None, None, :]
+            lut_ptrs = lut_base + ((s * SLAB_W + offs_w)[None, :, None] * NC + offs_c[None, None, :]) * T_P2 \
+                + offs_t[:, None, None]
             tl.store(lut_ptrs, entry)
-        if HAS_LOWRANK:
-            if pid_r == 0:
-                _lowrank_partial(x_ptr, lr_b_ptr, u_part_ptr, T, M, GW, RANK, w0, pid_s,
-                                 stride_xt, stride_br, stride_us, stride_ut,
-                                 T_P2, D, PER_WORD, SLAB_W, RANK_P2, 64)
+        if HAS_LOWRANK:  # this slab's share of u = x Bᵀ, rank blocks of 16 spread over the row programs
+            for i in tl.static_range(LR_ITERS):
+                rb = pid_r + i * tl.num_programs(0)
+                if rb * 16 < RANK:
+                    _lowrank_partial(x_ptr, lr_b_ptr, u_part_ptr, T, M, GW, RANK, w0, pid_s, rb * 16,
+                                     stride_xt, stride_br, stride_us, stride_ut,
+                                     T_P2, D, PER_WORD, SLAB_W, 64)
         tl.debug_barrier()  # the table is read by other threads of this program
 
-        # ---- 2. stream the rows: y[t, i] += L[s, w, t, I[i, s·GW + w0 + w]]
+        # ---- 2. stream the rows: y[t, i] += L[s, w, t, I[i, s·GW + w0 + w]]; lanes own consecutive rows,
+        # so for one word all lanes read the same group's table (one line)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_q = tl.arange(0, 4)
         t_mask = offs_t < T
         for r in range(ROWS_PER_CHUNK // BLOCK_N):
             r0 = row_start + r * BLOCK_N
             if r0 < row_end:
                 rows = r0 + offs_n
                 row_mask = rows < row_end
-                acc = tl.zeros([T_P2, BLOCK_N, 4], dtype=tl.float32)
-                for q in tl.static_range(SLAB_W // 4):
-                    q_ptrs = qweight_ptr + (w0 // 4 + q) * stride_qq + rows[:, None] * 4 + offs_q[None, :]
-                    words = tl.load(q_ptrs, mask=row_mask[:, None], other=0, cache_modifier=".cg")  # [BLOCK_N, 4]
+                acc = tl.zeros([BLOCK_N, T_P2], dtype=tl.float32)
+                for w in tl.static_range(SLAB_W):
+                    words = tl.load(qweight_ptr + (w0 + w) * stride_qw + rows, mask=row_mask, other=0,
+                                    cache_modifier=".cg")  # [BLOCK_N]
                     for s in tl.static_range(PER_WORD):
                         idx = (words >> (s * BITS)) & (NC - 1)
-                        tab = lut_base + ((s * SLAB_W + q * 4 + offs_q) * T_P2) * NC  # [4] table of each column
-                        v = tl.load(tab[None, None, :] + offs_t[:, None, None] * NC + idx[None, :, :])
+                        tab = lut_base + (s * SLAB_W + w) * NC * T_P2  # table of group s·GW + w0 + w
+                        v = tl.load(tab + idx[:, None] * T_P2 + offs_t[None, :])  # [BLOCK_N, T_P2]
                         acc += v.to(tl.float32)
-                y = tl.sum(acc, axis=2)  # [T_P2, BLOCK_N]
-                p_ptrs = partial_ptr + pid_s * stride_ps + offs_t[:, None] * stride_pt + rows[None, :]
-                tl.store(p_ptrs, y, mask=t_mask[:, None] & row_mask[None, :])
+                p_ptrs = partial_ptr + pid_s * stride_ps + offs_t[None, :] * stride_pt + rows[:, None]
+                tl.store(p_ptrs, acc, mask=row_mask[:, None] & t_mask[None, :])
 
     @triton.jit
     def _splitk_epilogue_kernel(
@@ -267,8 +270,8 @@ def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
     T_P2 = _next_pow2(T)
     if slab_w is None:
         slab_w = max(4, 32 // T_P2)
-    if geo.GW % slab_w or slab_w % 4:
-        raise ValueError(f"slab_w={slab_w} must be a multiple of 4 dividing GW={geo.GW}")
+    if geo.GW % slab_w:
+        raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
     n_slabs = geo.GW // slab_w
     if rows_per_chunk is None:
         rows_per_chunk = choose_rows_per_chunk(geo, n_slabs, x.device)
@@ -290,6 +293,6 @@ def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
         lowrank_b.stride(0) if has_lr else 0, u_part.stride(0), u_part.stride(1),
         T_P2=T_P2, D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word,
         SLAB_W=slab_w, ROWS_PER_CHUNK=rows_per_chunk, BLOCK_N=min(block_n, rows_per_chunk), LUT_FP16=lut_fp16,
-        HAS_LOWRANK=has_lr, RANK_P2=max(16, _next_pow2(rank)), num_warps=num_warps,
+        HAS_LOWRANK=has_lr, LR_ITERS=-(-(-(-rank // 16)) // n_row_progs), num_warps=num_warps,
     )
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype)
