@@ -133,14 +133,17 @@ def kmeans(
     zt = z.transpose(1, 2).contiguous()  # [B, K, d]
     aug = torch.cat([z, weight.unsqueeze(1)], 1)  # [B, d+1, K]: coordinates and a count row
     idx_shape = (B, d + 1, K)
-    check_sync_free = z.device.type != "cpu"  # on CPU a host check is free and skips the re-seed ops
+    on_cpu = z.device.type == "cpu"  # a host check is free there and skips the re-seed ops
     for _ in range(iters):
         idx, smin = _assign(zt, C)  # [B, K]
-        sums = z.new_zeros(B, d + 1, n).scatter_add_(2, idx.unsqueeze(1).expand(idx_shape), aug)  # [B, d+1, n]
+        if on_cpu:  # sequential, hence deterministic, and cheapest there
+            sums = z.new_zeros(B, d + 1, n).scatter_add_(2, idx.unsqueeze(1).expand(idx_shape), aug)  # [B, d+1, n]
+        else:  # atomics would make GPU runs irreproducible: one-hot [B, K, n] and a matmul instead
+            sums = torch.bmm(aug, z.new_zeros(B, K, n).scatter_(2, idx.unsqueeze(-1), 1.0))  # [B, d+1, n]
         counts = sums[:, d:]  # [B, 1, n]
         means = sums[:, :d] / counts.clamp(min=1)
         empty = counts == 0  # [B, 1, n]
-        if check_sync_free or bool(empty.any()):
+        if not on_cpu or bool(empty.any()):
             means = torch.where(empty, _far_points(z, smin, weight, empty), means)
         C = means
     return C

@@ -249,6 +249,9 @@ def test_cuda_graph_matches_eager_on_gpu():
         recipe = AthenaRecipe(k=256, codebook_bits=codebook_bits, kmeans_iters=4)
         graphed = quantize_athena(Ws, H.cuda(), recipe)
         eager = quantize_athena(Ws, H.cuda(), recipe, _cuda_graph=False)
+        again = quantize_athena(Ws, H.cuda(), recipe)
+        for (a, _), (c, _) in zip(graphed, again):  # reproducible on the GPU too
+            assert torch.equal(a.indices, c.indices) and torch.equal(a.lowrank_a, c.lowrank_a)
         for (a, sa), (b, sb) in zip(graphed, eager):
             assert torch.equal(a.indices, b.indices) and torch.equal(a.codebook, b.codebook)
             assert sa["proxy_loss"] == pytest.approx(sb["proxy_loss"], rel=1e-5)
