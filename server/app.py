@@ -99,14 +99,14 @@ async def _build_and_start(app: FastAPI) -> None:
 def _build_engine(settings: ServerSettings) -> "AsyncEngine":
     from athena_runtime.engine import AsyncEngine
 
-    path = settings.model
+    path, name = settings.model, settings.served_model_name
     if path is None:
-        from quantize.embedded import default_model_path
+        from quantize.embedded import EMBEDDED_NAME, default_model_path
 
         log.info("no model given: using the embedded default (quantized on first use)")
-        path = str(default_model_path())
+        path, name = str(default_model_path()), name or EMBEDDED_NAME
     log.info("loading %s", path)
-    return AsyncEngine.from_path(path, settings.engine_settings(), model_name=settings.served_model_name)
+    return AsyncEngine.from_path(path, settings.engine_settings(), model_name=name)
 
 
 async def _send_error(scope: Scope, receive: Receive, send: Send, err: errors.APIError) -> None:
