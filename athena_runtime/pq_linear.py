@@ -13,6 +13,7 @@ decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
 Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
 benchmarks); Triton paths run on CPU tensors only under TRITON_INTERPRET=1. Every (path, layer
 shape) is logged once at INFO, and a fallback (cuda-decode unavailable) once at WARNING.
+The thresholds below come from bench/kernels.py on an H100 (bench/results/kernels.md).
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ log = logging.getLogger(__name__)
 
 PATHS = ("reference", "cuda-decode", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
-LUT_MAX_TOKENS = 4  # lookup-table kernels up to this many tokens (their work grows with the token count)
-LUT_MAX_N = 256  # ... and codebooks of at most this many centroids (the table is n entries per group)
-DEQUANT_MATMUL_MIN_TOKENS = 1 << 30  # many tokens: dequantize + cuBLAS from here on (see bench/results/kernels.md)
+CUDA_LUT_MAX_TOKENS = 16  # CUDA lookup-table kernel up to this many tokens (work grows with the tokens)
+TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
+LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
+LOWRANK_ALIGN = 16  # low-rank factors padded with zeros to a multiple of this rank (cuBLAS tensor cores)
 
 
 def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch.dtype, forced: str | None = None,
@@ -48,14 +50,16 @@ def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch
         return forced
     if device.type != "cuda":
         return "reference"
-    if tokens <= LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
+    if tokens <= CUDA_LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
         if cuda_decode_ok is None:
             from athena_runtime.kernels import pq_cuda
             cuda_decode_ok = pq_cuda.usable
-        return "cuda-decode" if cuda_decode_ok(geo, tokens, dtype) else "triton-decode"
-    if tokens >= DEQUANT_MATMUL_MIN_TOKENS:
-        return "dequant-matmul"
-    return "triton-prefill"
+        if cuda_decode_ok(geo, tokens, dtype):
+            return "cuda-decode"
+    if tokens <= TRITON_LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
+        return "triton-decode"
+    # many tokens: dequantize + cuBLAS; the fused Triton prefill kernel measured slower (kernels.md)
+    return "dequant-matmul"
 
 
 class PQLinear(nn.Module):
@@ -78,6 +82,7 @@ class PQLinear(nn.Module):
         self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
+        self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -131,7 +136,8 @@ class PQLinear(nn.Module):
                                        cmin.to(device) if cmin is not None else None, dtype=dtype)
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
-        return cls(geo, qweight, codebook, opt(A), opt(B), opt(bias), codebook_bits, path)
+        A, B = pad_lowrank(opt(A), opt(B))
+        return cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path)
 
     # ------------------------------------------------------------------------------ compute
     def dequantize_weight(self) -> torch.Tensor:
@@ -144,14 +150,15 @@ class PQLinear(nn.Module):
     def choose_path(self, tokens: int) -> str:
         forced = self.path or os.environ.get(PATH_ENV) or None
         path = select_path(tokens, self.qweight.device, self.geo, self.codebook.dtype, forced)
-        if forced is None and path == "triton-decode" and self.qweight.device.type == "cuda" \
-                and tokens <= LUT_MAX_TOKENS:
+        if forced is None and path != "cuda-decode" and self.qweight.device.type == "cuda" \
+                and tokens <= CUDA_LUT_MAX_TOKENS and self.geo.n <= LUT_MAX_N:
             self._log_once("fallback", tokens, logging.WARNING,
                            "cuda-decode unavailable for this layer; using triton-decode")
         self._log_once(path, tokens)
         return path
 
     def _log_once(self, path: str, tokens: int, level=logging.INFO, why: str = ""):
+        """Log the first call of each (path, layer shape)."""
         key = (path, self.geo.N, self.geo.M)
         if key not in PQLinear._logged:
             PQLinear._logged.add(key)
@@ -168,7 +175,9 @@ class PQLinear(nn.Module):
             return x.new_empty(*lead, self.geo.N)
         path = self.choose_path(T)
         args = (self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, self.bias)
-        if path == "reference":
+        if path == "reference" and self.qweight.device.type == "cpu":
+            y = self._cpu_reference(x2)
+        elif path == "reference":
             y = pq_gemv_reference(x2, *args)
         else:
             xk = x2 if x2.dtype == self.codebook.dtype else x2.to(self.codebook.dtype)
@@ -186,11 +195,32 @@ class PQLinear(nn.Module):
             y = y.to(x.dtype)
         return y.reshape(*lead, self.geo.N)
 
+    def _cpu_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference path on CPU: the same dequantization, done once and kept (CPU serving is for
+        small models; dequantizing every layer on every token would dominate decode time there)."""
+        if self._cpu_weight is None:
+            W = self.dequantize_weight().float()  # [N, M]
+            if self.lowrank_a is not None:
+                W = W + self.lowrank_a.float() @ self.lowrank_b.float()
+            self._cpu_weight = W
+        y = x.float() @ self._cpu_weight.t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
         g = self.geo
         rank = 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
         return (f"in_features={g.M}, out_features={g.N}, d={g.d}, n={g.n}, k={g.k}, "
                 f"codebook_bits={self.codebook_bits}, rank={rank}, bias={self.bias is not None}")
+
+
+def pad_lowrank(A: torch.Tensor | None, B: torch.Tensor | None, align: int = LOWRANK_ALIGN):
+    """Zero-pad A [N, r] and B [r, M] to a rank that is a multiple of `align` (same product)."""
+    if A is None or A.shape[1] % align == 0:
+        return A, B
+    pad = align - A.shape[1] % align
+    return torch.nn.functional.pad(A, (0, pad)), torch.nn.functional.pad(B, (0, 0, 0, pad))
 
 
 def _check_meta(prefix: str, meta: dict) -> tuple[PQGeometry, int, int]:
