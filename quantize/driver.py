@@ -8,6 +8,7 @@ sees bit-identical activations).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -164,6 +165,20 @@ def collect_hessians(layer, index, inps, ctx, batch_size) -> dict[str, HessianAc
     return accs
 
 
+@contextlib.contextmanager
+def _cpu_threads(n: int | None):
+    """The quantizers issue many small ops: on a busy CPU, one thread beats two that stall each other."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def quantize_group(weights: list[torch.Tensor], H: torch.Tensor | None, job: QuantizeJob) -> list[tuple[object, dict]]:
     if job.method == "athena":
         return quantize_athena(weights, H, job.athena)
@@ -176,14 +191,14 @@ def quantize_group(weights: list[torch.Tensor], H: torch.Tensor | None, job: Qua
 def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob):
     """Quantize every linear of one decoder layer in place. Returns (tensors, stats)."""
     accs = collect_hessians(layer, index, inps, ctx, job.batch_size)
-    damp = job.athena.damp if job.method == "athena" else job.scalar.damp
     tensors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
     for group in LINEAR_GROUPS:
         mods = [_submodule(layer, n) for n in group]
-        H = accs[group[0]].hessian(damp)
+        H = accs[group[0]].hessian(0.0)  # undamped: the algorithms damp it (recipe.damp) and score on it
         t0 = time.perf_counter()
-        results = quantize_group([m.weight.detach().float() for m in mods], H, job)
+        with _cpu_threads(1 if H.device.type == "cpu" else None):
+            results = quantize_group([m.weight.detach().float() for m in mods], H, job)
         seconds = (time.perf_counter() - t0) / len(mods)
         for name, mod, (qlayer, st) in zip(group, mods, results):
             full = f"{prefix}.{name}"
