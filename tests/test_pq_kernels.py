@@ -155,7 +155,7 @@ def test_kernels_check_operands():
 
 # ----------------------------------------------------------------------------------- GPU only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
-@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("T", [1, 3, 8, 16])
 def test_cuda_lut_kernel_matches_reference(T):
     from athena_runtime.kernels.pq_cuda import pq_gemv_cuda, pq_gemv_cuda_reference
     geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2050, 2, 64, 512, 8, True)

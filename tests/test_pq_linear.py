@@ -113,11 +113,12 @@ def test_select_path_rules():
     yes = lambda g, t, dt: True  # noqa: E731
     no = lambda g, t, dt: False  # noqa: E731
     assert select_path(1, gpu, geo, torch.float16, cuda_decode_ok=yes) == "cuda-decode"
+    assert select_path(16, gpu, geo, torch.float16, cuda_decode_ok=yes) == "cuda-decode"
     assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=no) == "triton-decode"
-    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=yes) == "triton-prefill"
-    assert select_path(2048, gpu, geo, torch.float16, cuda_decode_ok=yes) in ("triton-prefill", "dequant-matmul")
+    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no) == "dequant-matmul"
+    assert select_path(17, gpu, geo, torch.float16, cuda_decode_ok=yes) == "dequant-matmul"
     big_n = PQGeometry(64, 64, 2, 1024, 64)
-    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes) == "triton-prefill"
+    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes) == "dequant-matmul"
     with pytest.raises(ValueError, match="unknown"):
         select_path(1, gpu, geo, torch.float16, forced="fast")
     with pytest.raises(ValueError, match="needs a CUDA device"):
@@ -140,6 +141,14 @@ def test_path_logged_once_per_layer_shape(caplog):
             layer(torch.randn(2, 31))
     msgs = [r.getMessage() for r in caplog.records if "[27 x 31]" in r.getMessage()]
     assert len(msgs) == 1 and "path reference" in msgs[0]
+
+
+def test_lowrank_padded_to_aligned_rank():
+    t, meta, W, bvec = checkpoint_layer(30, 20, 2, 16, 30, rank=3, bias=True)
+    layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path="reference")
+    assert layer.lowrank_a.shape == (30, 16) and layer.lowrank_b.shape == (16, 20)
+    x = torch.randn(2, 20)
+    assert rel_err(layer(x), spec(x, W, bvec)) < 1e-5
 
 
 def test_empty_batch():

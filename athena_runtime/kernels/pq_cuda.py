@@ -24,40 +24,53 @@ import torch
 
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import (
-    check_operands, choose_rows_per_chunk, pq_gemv_reference, row_chunks, splitk_epilogue,
+    check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
 )
 
 log = logging.getLogger(__name__)
 
 THREADS = 256
-TOKENS = (1, 2, 4)  # instantiated token counts (T is padded up to the next one)
-MAX_SMEM = 48 * 1024
+ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
+TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
 
-def default_slab_w(bits: int, tokens: int, fp16_table: bool = True) -> int:
-    """Widest slab whose table fits in 24 KB (several CTAs per SM)."""
+def max_slab_w(bits: int, tokens: int, fp16_table: bool = True) -> int:
+    """Widest slab (<= 32 words) whose table fits in 24 KB (several CTAs per SM)."""
     per_word, nc = 32 // bits, 1 << bits
     slab = 32
-    while slab > 4 and per_word * slab * tokens * nc * (2 if fp16_table else 4) > 24 * 1024:
+    while slab > 2 and per_word * slab * tokens * nc * (2 if fp16_table else 4) > 24 * 1024:
         slab //= 2
     return slab
 
 
 def _variants() -> list[tuple[int, int, int, bool]]:
-    """(T, BITS, SLAB_W, FP16_TABLE) instantiations: defaults for b = 4..8, a slab/table sweep at b = 6."""
+    """(T, BITS, SLAB_W, FP16_TABLE) instantiations: the recipe's b = 6 with 2-3 slab widths (the
+    launcher picks one per layer shape), b = 4 and 8 with two."""
     out = set()
-    for bits in (4, 5, 6, 7, 8):
+    for bits in (4, 6, 8):
         for t in TOKENS:
-            out.add((t, bits, default_slab_w(bits, t), True))
+            top = max_slab_w(bits, t)
+            for slab in ((top, top // 2, top // 4) if bits == 6 else (top,)):
+                if slab >= 2 and (32 // bits) * slab * t * (1 << bits) * 2 <= 48 * 1024:
+                    out.add((t, bits, slab, True))
     for slab in (8, 16, 32):
-        out.add((1, 6, slab, True))
-        out.add((1, 6, slab, False))
-    out.add((2, 6, 16, False))
-    out.add((4, 6, 8, False))
+        out.add((1, 6, slab, False))  # fp32 table: one instruction less per lookup, two banks per entry
     return sorted(out)
 
 
 VARIANTS = _variants()
+
+
+def choose_slab_w(geo: PQGeometry, t_inst: int, fp16_table: bool, device) -> int:
+    """The widest instantiated slab that still gives >= 1.5 CTAs per SM (else the narrowest)."""
+    slabs = sorted((s for t, b, s, f in VARIANTS if (t, b, f) == (t_inst, geo.bits, fp16_table)
+                    and geo.GW % s == 0), reverse=True)
+    slabs = [s for s in slabs if s <= 16] or slabs  # 32 words hold 128 prefetch registers: ~240 in all
+    if not slabs:
+        raise ValueError(f"no CUDA variant for T={t_inst} bits={geo.bits} fp16_table={fp16_table}")
+    _, n_row = row_chunks(geo, THREADS * ROWS_PER_THREAD)
+    target = 1.5 * num_sms(device)
+    return next((s for s in slabs if n_row * (geo.GW // s) >= target), slabs[-1])
 
 _KERNEL_SRC = r"""
 #include <cuda_fp16.h>
@@ -89,6 +102,15 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     const int blk = blockIdx.x / chunks_per_blk;
     const int row_start = blk * k_rows + (blockIdx.x % chunks_per_blk) * rows_per_chunk;
     const int row_end = min(min(row_start + rows_per_chunk, (blk + 1) * k_rows), N);
+
+    // prefetch this thread's first row quad (its words stream in while the table is built)
+    const int4* qw4 = reinterpret_cast<const int4*>(qweight);  // [GW, N_pad / 4]
+    const int N4 = N_pad / 4;
+    int r4 = row_start / 4 + threadIdx.x;
+    int4 cur[SLAB_W];
+#pragma unroll
+    for (int w = 0; w < SLAB_W; ++w)
+        cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + r4) : make_int4(0, 0, 0, 0);
 
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
@@ -181,9 +203,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
     // per word); lane l holds rows 4l..4l+3, so for each (word, slot, r) the warp reads one group's table.
     // Rows past row_end (padding or the next chunk's) are read but not stored.
-    const int4* qw4 = reinterpret_cast<const int4*>(qweight);  // [GW, N_pad / 4]
-    const int N4 = N_pad / 4;
-    for (int r4 = row_start / 4 + threadIdx.x; r4 * 4 < row_end; r4 += THREADS) {
+    for (; r4 * 4 < row_end; r4 += THREADS) {
         float acc[4][T];
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -191,7 +211,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
             for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
 #pragma unroll
         for (int w = 0; w < SLAB_W; ++w) {
-            const int4 q = __ldcs(qw4 + (size_t)(w0 + w) * N4 + r4);
+            const int4 q = cur[w];
             const uint32_t wd[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
 #pragma unroll
             for (int s = 0; s < PER_WORD; ++s) {
@@ -215,6 +235,10 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
                     if (4 * r4 + r < row_end) dst[r] = acc[r][t];
             }
         }
+        const int nxt = r4 + THREADS;  // next pass (rows_per_chunk > 1024)
+#pragma unroll
+        for (int w = 0; w < SLAB_W; ++w)
+            cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + nxt) : make_int4(0, 0, 0, 0);
     }
 }
 
@@ -365,8 +389,7 @@ def supports(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
     """Whether an instantiated variant serves this layer and token count."""
     t_inst = next((t for t in TOKENS if t >= tokens), None)
     return (t_inst is not None and dtype == torch.float16 and geo.d <= 4 and (geo.k % 4 == 0 or geo.Nb == 1)
-            and (t_inst, geo.bits, default_slab_w(geo.bits, t_inst), True) in VARIANTS
-            and geo.GW % default_slab_w(geo.bits, t_inst) == 0)
+            and any((t, b, f) == (t_inst, geo.bits, True) and geo.GW % s == 0 for t, b, s, f in VARIANTS))
 
 
 def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
@@ -379,7 +402,7 @@ pq_gemv_cuda_reference = pq_gemv_reference
 
 def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
                  fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None):
-    """CUDA lookup-table kernel for T <= 4 tokens, fp16. x [T, M] -> y [T, N] (fp16)."""
+    """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if x.device.type != "cuda" or x.dtype != torch.float16 or codebook.dtype != torch.float16:
         raise ValueError("pq_gemv_cuda takes fp16 CUDA tensors")
@@ -388,7 +411,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     if t_inst is None:
         raise ValueError(f"pq_gemv_cuda takes at most {TOKENS[-1]} tokens, got {T}")
     if slab_w is None:
-        slab_w = default_slab_w(geo.bits, t_inst, fp16_table)
+        slab_w = choose_slab_w(geo, t_inst, fp16_table, x.device)
     if (t_inst, geo.bits, slab_w, fp16_table) not in VARIANTS:
         raise ValueError(f"no CUDA variant for T={t_inst} bits={geo.bits} slab_w={slab_w} fp16_table={fp16_table}")
     if geo.GW % slab_w:
@@ -396,7 +419,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     ext = load_extension()
     n_slabs = geo.GW // slab_w
     if rows_per_chunk is None:
-        rows_per_chunk = choose_rows_per_chunk(geo, n_slabs, x.device, candidates=(1024, 512, 256))
+        rows_per_chunk = THREADS * ROWS_PER_THREAD  # one pass: every thread owns 4 rows
     chunks_per_block, _ = row_chunks(geo, rows_per_chunk)
     has_lr = lowrank_a is not None
     partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float32)

@@ -250,13 +250,12 @@ def row_chunks(geo: PQGeometry, rows_per_chunk: int) -> tuple[int, int]:
     return chunks_per_block, geo.Nb * chunks_per_block
 
 
-def choose_rows_per_chunk(geo: PQGeometry, n_slabs: int, device, candidates=(2048, 1024, 512, 256, 128)) -> int:
-    """The tallest row chunk that still gives >= 3 programs per SM (tall chunks amortize the table)."""
-    target = 3 * num_sms(device)
-    for rows in candidates:
-        if row_chunks(geo, rows)[1] * n_slabs >= target:
-            return rows
-    return candidates[-1]
+def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, device, slabs=(32, 16, 8, 4)) -> int:
+    """The widest slab that still gives >= 1.5 programs per SM (wide slabs: fewer partial sums)."""
+    _, n_row = row_chunks(geo, rows_per_chunk)
+    target = 1.5 * num_sms(device)
+    ok = [s for s in slabs if geo.GW % s == 0]
+    return next((s for s in ok if n_row * (geo.GW // s) >= target), ok[-1])
 
 
 def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
@@ -268,13 +267,14 @@ def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
         raise ValueError(f"the lookup-table kernel takes n <= 256, got n={geo.n}")
     T = x.shape[0]
     T_P2 = _next_pow2(T)
-    if slab_w is None:
-        slab_w = max(4, 32 // T_P2)
+    if rows_per_chunk is None:
+        rows_per_chunk = 1024  # tall chunks amortize the table over many rows
+    if slab_w is None:  # table <= 20 KB per program
+        slab_w = choose_slab_w(geo, rows_per_chunk, x.device,
+                               tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,))
     if geo.GW % slab_w:
         raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
     n_slabs = geo.GW // slab_w
-    if rows_per_chunk is None:
-        rows_per_chunk = choose_rows_per_chunk(geo, n_slabs, x.device)
     chunks_per_block, n_row_progs = row_chunks(geo, rows_per_chunk)
     has_lr = lowrank_a is not None
     rank = lowrank_a.shape[1] if has_lr else 0
