@@ -6,10 +6,11 @@ The indices stay bit-packed on the device, repacked at load time into the kernel
 (`kernels/layout.py`); codebooks are dequantized to fp16 once. `select_path` — the one place that
 decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
-    cuda-decode     CUDA lookup-table kernel (shared-memory table), few tokens, fp16, when it builds
-    triton-decode   Triton lookup-table kernel, few tokens (also: cuda-decode unavailable)
-    triton-prefill  Triton dequantize-in-registers + tl.dot (split-K for small token counts)
-    dequant-matmul  Triton dequantize of the whole Ŵ, then cuBLAS (many tokens)
+    cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 8 tokens, fp16, when it builds
+    triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
+    dequant-matmul  Triton dequantize of the whole Ŵ, then cuBLAS (more tokens)
+    triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
+                    than dequant-matmul on the H100, see bench/results/kernels.md)
 Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
 benchmarks); Triton paths run on CPU tensors only under TRITON_INTERPRET=1. Every (path, layer
 shape) is logged once at INFO, and a fallback (cuda-decode unavailable) once at WARNING.
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 PATHS = ("reference", "cuda-decode", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
-CUDA_LUT_MAX_TOKENS = 16  # CUDA lookup-table kernel up to this many tokens (work grows with the tokens)
+CUDA_LUT_MAX_TOKENS = 8  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
+# at 16 tokens it measured slower than the dequantize + cuBLAS path, whose dequantization alone bounds it)
 TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
 LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
 LOWRANK_ALIGN = 16  # low-rank factors padded with zeros to a multiple of this rank (cuBLAS tensor cores)

@@ -113,7 +113,8 @@ def test_select_path_rules():
     yes = lambda g, t, dt: True  # noqa: E731
     no = lambda g, t, dt: False  # noqa: E731
     assert select_path(1, gpu, geo, torch.float16, cuda_decode_ok=yes) == "cuda-decode"
-    assert select_path(16, gpu, geo, torch.float16, cuda_decode_ok=yes) == "cuda-decode"
+    assert select_path(8, gpu, geo, torch.float16, cuda_decode_ok=yes) == "cuda-decode"
+    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes) == "dequant-matmul"
     assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=no) == "triton-decode"
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no) == "dequant-matmul"
     assert select_path(17, gpu, geo, torch.float16, cuda_decode_ok=yes) == "dequant-matmul"

@@ -269,6 +269,8 @@ def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
     T_P2 = _next_pow2(T)
     if rows_per_chunk is None:
         rows_per_chunk = 1024  # tall chunks amortize the table over many rows
+    if slab_w is None and T_P2 == 1 and geo.GW % 8 == 0:
+        slab_w = 8  # T = 1: measured best or within 10% of the best on the 7B shapes (kernels.md sweep)
     if slab_w is None:  # table <= 20 KB per program
         slab_w = choose_slab_w(geo, rows_per_chunk, x.device,
                                tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,))
