@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
+#   bash bench/gpu_suite.sh STAGE... ; stages: tests chat decode engine serve quantize7b kernels
+# Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
+set -uo pipefail
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/fastapi ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+ckpt=/tmp/w/llama7b-athena
+need_ckpt() { [ -f $ckpt/athena.json ] || python3 -m bench.random_checkpoint --out $ckpt >/dev/null; }
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    tests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_paged_attention.py \
+             tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py 2>&1 | tail -4 | tee $OUT/gpu_tests.txt ;;
+    chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
+             --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
+    decode) need_ckpt; timeout 300 python3 -m bench.decode --workdir /tmp/w --json 2>$OUT/decode.err | tee $OUT/decode.txt | tail -6 ;;
+    engine) need_ckpt; timeout 300 python3 -m bench.engine --workdir /tmp/w --json 2>$OUT/engine.err | tee $OUT/engine.txt | tail -14 ;;
+    quantize7b) timeout 200 python3 -m bench.quantize_7b --json 2>$OUT/q7b.err | tee $OUT/q7b.txt | tail -2 ;;
+    serve) need_ckpt
+       (python3 -m server.cli serve $ckpt --kv-cache int4 --max-num-seqs 64 --port 8000 >$OUT/serve.log 2>&1 &)
+       for i in $(seq 1 120); do curl -sf http://127.0.0.1:8000/health >/dev/null && break; sleep 1; done
+       timeout 300 python3 -m server.cli bench serve --base-url http://127.0.0.1:8000 --concurrency 1,8,32,64 \
+         --num-prompts 64 --input-len 128 --output-len 128 --no-progress --json --plot $OUT/serve.png \
+         > $OUT/serve.json 2>$OUT/serve_report.txt; tail -30 $OUT/serve_report.txt
+       pkill -f "server.cli serve" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
