@@ -22,7 +22,8 @@ for stage in "$@"; do
     quantize7b) timeout 200 python3 -m bench.quantize_7b --json 2>$OUT/q7b.err | tee $OUT/q7b.txt | tail -2 ;;
     serve) need_ckpt
        (python3 -m server.cli serve $ckpt --kv-cache int4 --max-num-seqs 64 --port 8000 >$OUT/serve.log 2>&1 &)
-       for i in $(seq 1 120); do curl -sf http://127.0.0.1:8000/health >/dev/null && break; sleep 1; done
+       for i in $(seq 1 180); do curl -sf http://127.0.0.1:8000/health >/dev/null && break
+         pgrep -f "server.cli serve" >/dev/null || { tail -5 $OUT/serve.log; break; }; sleep 1; done
        timeout 300 python3 -m server.cli bench serve --base-url http://127.0.0.1:8000 --concurrency 1,8,32,64 \
          --num-prompts 64 --input-len 128 --output-len 128 --no-progress --json --plot $OUT/serve.png \
          > $OUT/serve.json 2>$OUT/serve_report.txt; tail -30 $OUT/serve_report.txt
