@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/fastapi ]; then
+if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 ckpt=/tmp/w/llama7b-athena
