@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-FORMATS = (("fp16", False), ("int8", False), ("int8", True), ("int4", False), ("int4", True))
+FORMATS = (("fp16", False), ("int8", False), ("int4", False), ("int4", True))
 
 
 def main(argv=None) -> int:
