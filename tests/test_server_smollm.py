@@ -51,3 +51,21 @@ def test_disconnect_frees_the_cache(server):
         lines = (line for line in r.iter_lines() if line.startswith("data: "))
         next(lines), next(lines)
     wait_until(lambda: engine_idle(server), 10.0, "the engine to go idle")
+
+
+def test_load_test_tool_against_the_embedded_model(server, capsys):
+    """`athena bench serve` with tiny sizes against our server on the real embedded model."""
+    import json
+
+    from bench.serve import main as bench_serve
+
+    rc = bench_serve(["--base-url", server.url, "--model", MODEL, "--concurrency", "1,2", "--num-prompts", "2",
+                      "--input-len", "8", "--output-len", "4", "--no-progress", "--json", "--timeout-s", "60"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    levels = result["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["completed"] == 2 and lv["failed"] == 0 and lv["errors"] == {}
+        assert lv["ttft_ms"]["p50"] > 0 and lv["output_tokens_per_s"] > 0
+    wait_until(lambda: engine_idle(server), 10.0, "the engine to go idle")
