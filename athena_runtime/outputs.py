@@ -1,7 +1,7 @@
 """What the engine streams back per request: one `RequestOutput` per step that produced text."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]

@@ -1,7 +1,7 @@
 """Per-request generation settings, shared by the engine and the server."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

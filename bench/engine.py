@@ -70,7 +70,6 @@ def main(argv=None) -> int:
         raise SystemExit("bench.engine needs a CUDA GPU")
     from athena_runtime.engine import EngineCore
     from athena_runtime.engine_settings import EngineSettings
-    from athena_runtime.kv_cache import KVCache
     from athena_runtime.model_runner import ModelRunner
     from bench.decode import weight_bytes
     from bench.random_checkpoint import build

@@ -9,15 +9,6 @@ from quantize.qlayers import AthenaLayer, layer_from_tensors
 from quantize.recipe import AthenaRecipe
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops: one thread avoids oversubscription when test workers share two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def calibration(M, S=None, seed=0):
     """Correlated inputs X [S, M] with uneven channel scales, and H = 2/S XᵀX."""
     g = torch.Generator().manual_seed(seed)

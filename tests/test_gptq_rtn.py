@@ -10,14 +10,6 @@ from quantize.recipe import ScalarRecipe
 from quantize.rtn import quantize_rtn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def calibration(M, S=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     S = S or 4 * M

@@ -13,15 +13,6 @@ from quantize.kmeans import (
 from quantize.qlayers import dequantize_codebook_uint8, quantize_codebook_uint8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny ops: one thread avoids oversubscription when test workers share two cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

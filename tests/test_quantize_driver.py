@@ -1,7 +1,6 @@
 """The layer-by-layer driver: activations match the full model; quantize + eval end to end; resume."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -10,9 +9,9 @@ from safetensors.torch import load_file
 
 from quantize.calibration import CalibConfig
 from quantize.driver import QuantizeJob, build_context, embed, run, run_layer
-from quantize.evaluate import eval_ppl, load_compressed_as_hf, perplexity
+from quantize.evaluate import eval_ppl, load_compressed_as_hf
 from quantize.recipe import AthenaRecipe, ScalarRecipe
-from quantize.source import load_hf_model, resolve_source
+from quantize.source import load_hf_model
 from tiny_models import make_tiny_model, write_text
 
 FAMILIES = ("llama", "mistral", "qwen2")
