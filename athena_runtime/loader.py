@@ -9,7 +9,6 @@ Hugging Face folder: `model.safetensors` (or sharded with its index), else `pyto
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from athena_runtime.config import ModelConfig
 from athena_runtime.model import CausalLM
+from quantize.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,7 @@ def _resolve_folder(path: Path) -> Path:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{path}: missing (a model folder needs config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+    return read_json(path)
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:

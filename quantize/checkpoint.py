@@ -70,6 +70,14 @@ def check_safetensors(path: Path, want_format: str | None = None) -> dict:
 
 # ---------------------------------------------------------------- reading
 
+def read_json(path: Path):
+    """A JSON file's content; invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+
+
 def read_meta(path: str | Path) -> dict:
     """athena.json of a checkpoint folder, validated (format, version, completeness)."""
     folder = Path(path)
@@ -78,10 +86,7 @@ def read_meta(path: str | Path) -> dict:
         raise FileNotFoundError(f"{folder}: no such directory")
     if not meta_path.is_file():
         raise ValueError(f"{folder}: no {META_FILE} (not an Athena compressed checkpoint)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_path}: invalid JSON ({exc})") from exc
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{meta_path}: not an Athena checkpoint description (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -59,6 +59,7 @@ def register(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from quantize.calibration import CalibConfig
+    from quantize.checkpoint import read_meta
     from quantize.driver import QuantizeJob, run
     from quantize.embedded import default_model_path, embedded_gguf_path
     from quantize.recipe import AthenaRecipe, ScalarRecipe
@@ -79,7 +80,7 @@ def cmd_quantize(args) -> int:
         if job != QuantizeJob(model=model, out="", calib=calib) or args.calib or args.device:
             raise ValueError("--out is required for non-default settings")
         out = default_model_path()
-        meta = json.loads((out / "athena.json").read_text())
+        meta = read_meta(out)
     else:
         job = QuantizeJob(model=model, out=args.out, method=args.method, athena=athena, scalar=scalar,
                           calib=calib, device=args.device, resume=args.resume)

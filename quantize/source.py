@@ -6,13 +6,14 @@ GGUF file once, into a cache); `load_hf_model` builds the transformers model fro
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from quantize.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,7 @@ def check_hf_folder(path: Path) -> str:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{path}: no config.json (not a Hugging Face model folder)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    cfg = read_json(cfg_path)
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = cfg.get("architectures")
