@@ -140,6 +140,20 @@ def test_dequantize_kernel_is_exact(N, M, d, n, k):
     assert rel_err(y, pq_gemm_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("N,M,d,n,k,rank", [(37, 29, 3, 16, 20, 3), (130, 50, 2, 64, 64, 5), (70, 130, 2, 64, 64, 16)])
+def test_dequantize_kernel_folds_lowrank(N, M, d, n, k, rank):
+    """W_eff = Ŵ + A B from one kernel (the low-rank term as a small tl.dot): fp32 tolerance 1e-5 of the
+    largest entry (2e-3 on a GPU, where an fp32 tl.dot runs in tf32)."""
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, rank, True)
+    W = pq_dequantize(qw, cb.float(), geo, torch.float32, A.float(), B.float())
+    ref = pq_dequantize_reference(qw, cb.float(), geo, torch.float32, A.float(), B.float())
+    assert not torch.isnan(W).any()
+    tol = 2e-3 if DEV.type == "cuda" else 1e-5
+    assert (W - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+    with pytest.raises(ValueError, match="low-rank factors"):
+        pq_dequantize(qw, cb, geo, torch.float32, A.float(), B.float()[:, :-1])
+
+
 def test_kernels_check_operands():
     geo, qw, cb, A, B, b, _, _ = make_layer(20, 24, 2, 16, 20, 2, True)
     x = torch.randn(2, 24).half().to(DEV)

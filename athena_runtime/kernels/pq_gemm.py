@@ -109,19 +109,26 @@ if triton is not None:
 
     @triton.jit
     def _pq_dequant_kernel(
-        qweight_ptr, codebook_ptr, w_ptr,
-        N, M, GW, K_ROWS, NB,
-        stride_qw, stride_cbb, stride_wn,
+        qweight_ptr, codebook_ptr, lr_a_ptr, lr_b_ptr, w_ptr,
+        N, M, GW, K_ROWS, NB, RANK,
+        stride_qw, stride_cbb, stride_an, stride_br, stride_wn,
         D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
     ):
-        """Ŵ[i, D·j + l] = C[i // K_ROWS, j, l, I[i, j]] for a [BLOCK_N rows, BLOCK_W words] tile."""
+        """Ŵ[i, D·j + l] = C[i // K_ROWS, j, l, I[i, j]] (+ Σ_r A[i, r] B[r, D·j + l] when HAS_LOWRANK)
+        for a [BLOCK_N rows, BLOCK_W words] tile: the low-rank term is one small tl.dot per column run,
+        so W_eff = Ŵ + A B costs no extra pass over [N, M]."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         n_mask = offs_n < N
         blk = tl.minimum(offs_n // K_ROWS, NB - 1)
         cb_rows = codebook_ptr + blk * stride_cbb
         words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])  # [BLOCK_W, BLOCK_N], lanes on rows
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, RANK_P2)
+            r_mask = offs_r < RANK
+            a = tl.load(lr_a_ptr + offs_n[:, None] * stride_an + offs_r[None, :],
+                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_N, RANK_P2]
         for s in tl.static_range(PER_WORD):
             idx = (words >> (s * BITS)) & (NC - 1)
             j = s * GW + w
@@ -130,12 +137,20 @@ if triton is not None:
                 v1 = tl.load(cb_rows[None, :] + ((j * D + 1) * NC)[:, None] + idx)
                 vals = tl.reshape(tl.join(tl.trans(v0), tl.trans(v1)), [BLOCK_N, 2 * BLOCK_W])
                 cols = (s * GW + tl.program_id(1) * BLOCK_W) * 2 + tl.arange(0, 2 * BLOCK_W)
+                if HAS_LOWRANK:  # [BLOCK_N, r] · [r, 2·BLOCK_W]
+                    b = tl.load(lr_b_ptr + offs_r[:, None] * stride_br + cols[None, :],
+                                mask=r_mask[:, None] & (cols < M)[None, :], other=0.0)
+                    vals = vals.to(tl.float32) + tl.dot(a, b.to(a.dtype))
                 tl.store(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], vals.to(w_ptr.dtype.element_ty),
                          mask=n_mask[:, None] & (cols < M)[None, :])
             else:
                 for l in tl.static_range(D):
                     col = j * D + l
                     vals = tl.trans(tl.load(cb_rows[None, :] + ((j * D + l) * NC)[:, None] + idx))  # [BLOCK_N, BLOCK_W]
+                    if HAS_LOWRANK:
+                        b = tl.load(lr_b_ptr + offs_r[:, None] * stride_br + col[None, :],
+                                    mask=r_mask[:, None] & (col < M)[None, :], other=0.0)
+                        vals = vals.to(tl.float32) + tl.dot(a, b.to(a.dtype))
                     tl.store(w_ptr + offs_n[:, None] * stride_wn + col[None, :], vals.to(w_ptr.dtype.element_ty),
                              mask=n_mask[:, None] & (col < M)[None, :])
 
@@ -146,8 +161,11 @@ def pq_gemm_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     return pq_gemv_reference(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
 
 
-def pq_dequantize_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16):
-    return dequantize_reference(qweight, codebook, geo).to(dtype)
+def pq_dequantize_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowrank_a=None, lowrank_b=None):
+    W = dequantize_reference(qweight, codebook, geo)
+    if lowrank_a is not None:
+        W = W + lowrank_a.float() @ lowrank_b.float()
+    return W.to(dtype)
 
 
 def pq_dequant_matmul_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None):
@@ -225,27 +243,33 @@ def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
     return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype)
 
 
-def pq_dequantize(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, block_n: int = 64, block_w: int = 32):
-    """Ŵ [N, M] in `dtype` by a Triton kernel (reference: pq_dequantize_reference)."""
+def pq_dequantize(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowrank_a=None, lowrank_b=None, *,
+                  block_n: int = 64, block_w: int = 32, num_warps: int = 4):
+    """Ŵ [N, M] (+ A B when the low-rank factors are given) in `dtype` by a Triton kernel
+    (reference: pq_dequantize_reference)."""
     if qweight.device.type != "cuda" and not _interp():
         raise ValueError("pq_dequantize needs a CUDA device (or TRITON_INTERPRET=1)")
+    has_lr = lowrank_a is not None
+    if has_lr and (lowrank_b is None or lowrank_a.shape != (geo.N, lowrank_b.shape[0]) or lowrank_b.shape[1] != geo.M):
+        raise ValueError("low-rank factors must be A [N, r] and B [r, M]")
+    rank = lowrank_a.shape[1] if has_lr else 0
     W = torch.empty(geo.N, geo.M, device=qweight.device, dtype=dtype)
     grid = (geo.N_pad // block_n, geo.GW // block_w)
     _pq_dequant_kernel[grid](
-        qweight, codebook, W, geo.N, geo.M, geo.GW, geo.k, geo.Nb,
-        qweight.stride(0), codebook.stride(0), W.stride(0),
-        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4,
+        qweight, codebook, lowrank_a if has_lr else codebook, lowrank_b if has_lr else codebook, W,
+        geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
+        qweight.stride(0), codebook.stride(0), lowrank_a.stride(0) if has_lr else 0,
+        lowrank_b.stride(0) if has_lr else 0, W.stride(0),
+        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w,
+        HAS_LOWRANK=has_lr, RANK_P2=max(16, _next_pow2(rank)), num_warps=num_warps,
     )
     return W
 
 
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None):
-    """Dequantize Ŵ with `pq_dequantize`, then cuBLAS: x Ŵᵀ (+ (x Bᵀ) Aᵀ + bias)."""
+    """W_eff = Ŵ + A B dequantized by one Triton kernel, then one cuBLAS call: x W_effᵀ (+ bias)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
-    W = pq_dequantize(qweight, codebook, geo, dtype=x.dtype)
-    if lowrank_a is not None:
-        y = torch.addmm(bias.to(x.dtype), x, W.t()) if bias is not None else x @ W.t()
-        return y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
+    W = pq_dequantize(qweight, codebook, geo, x.dtype, lowrank_a, lowrank_b)
     return torch.addmm(bias.to(x.dtype), x, W.t()) if bias is not None else x @ W.t()
 
 
