@@ -133,6 +133,11 @@ def variants(cuda_ok):
     for bn, bw in ((64, 32), (128, 16), (32, 64)):
         v[f"dequant{bn}x{bw}+cublas"] = (
             lambda x, L, lr, bn=bn, bw=bw: _dequant_mm(x, L, lr, bn, bw), lambda T, g: T >= 64)
+    from athena_runtime.kernels.pq_gemm import pq_dequant_matmul as _dmm
+    for bn, bw, nw in ((128, 16, 4), (128, 32, 8), (256, 16, 8), (64, 32, 4), (128, 8, 4)):
+        v[f"dequantT{bn}x{bw}w{nw}+cublas"] = (
+            lambda x, L, lr, bn=bn, bw=bw, nw=nw: _dmm(x, *layer_args(L, lr), block_n=bn, block_w=bw, num_warps=nw),
+            lambda T, g, bn=bn, bw=bw: T >= 2 and g.N_pad % bn == 0 and g.GW % bw == 0)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
@@ -154,7 +159,8 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096))
     rows = []
     # a few Triton checks first (the CUDA extension builds in the background meanwhile); the Triton
     # kernels passed every case of the previous run, their code is unchanged since
-    rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequant64x32+cublas"})
+    rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequant64x32+cublas",
+                                                                      "dequantT128x16w4+cublas", "dequantT256x16w8+cublas"})
     rows += _check_cases(dev, V, clock, log, cases, True, {"cuda-lut"})
     rows += _check_linear(dev, log, linear_shape)
     return rows
@@ -283,8 +289,23 @@ def copy_bandwidth(dev):
     return 2 * n / (ms * 1e-3) / 1e9  # GB/s, bytes read + written
 
 
-def plan(smoke):
+def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
+    if name == "focus":  # the decode launch with low-rank, and the dequantize(+low-rank) + cuBLAS path
+        dqt = ["dequantT128x16w4+cublas", "dequantT128x32w8+cublas", "dequantT256x16w8+cublas",
+               "dequantT64x32w4+cublas", "dequantT128x8w4+cublas"]
+        mid = ["cublas", "PQLinear", "cuda-lut", "dequantT128x16w4+cublas", "dequantT256x16w8+cublas"]
+        return [
+            (1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s8-r1024", "cuda-lut-s16-r1024",
+                 "cuda-lut-s16-r2048"], (True, False), True),
+            (2048, ["cublas", "PQLinear", "dequant+cublas"] + dqt, (True, False), False),
+            (8, mid, (True,), True),
+            (4, mid, (True,), True),
+            (16, mid, (True,), True),
+            (64, mid, (True,), True),
+            (2, mid, (True,), True),
+            (32, mid, (True,), True),
+        ]
     if smoke:
         return [(1, ["cublas", "triton-lut", "triton-dot", "PQLinear"], (True, False), True),
                 (64, ["cublas", "dequant64x32+cublas", "PQLinear"], (True,), False)]
@@ -305,7 +326,7 @@ def plan(smoke):
     ]
 
 
-def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes):
+def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes, plan_name="full"):
     rows = []
     layers, dense = {}, {}
     for (N, M) in shapes:
@@ -319,7 +340,7 @@ def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes):
             L["linear_nolr"] = PQLinear(L["geo"], L["qweight"], L["codebook"], None, None, None)
         n_dense = 1 if smoke else max(2, min(8, math.ceil(3 * l2_bytes / (N * M * 2))))
         dense[(N, M)] = [torch.randn(N, M, device=dev).half() * 0.02 for _ in range(n_dense)]
-    for T, names, lowranks, graph in plan(smoke):
+    for T, names, lowranks, graph in plan(smoke, plan_name):
         for (N, M) in shapes:
             x = torch.randn(T, M, device=dev).half()
             for name in names:
@@ -413,6 +434,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
+    ap.add_argument("--plan", default="full", choices=("full", "focus"), help="which timings (focus: decode launch "
+                    "with low-rank, dequantize + cuBLAS, 2-64 tokens)")
+    ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     clock = Clock(args.budget)
@@ -464,13 +488,15 @@ def main():
 
     checks, timings = [], []
     try:
-        if args.smoke:
+        if args.no_checks:
+            pass
+        elif args.smoke:
             checks = run_checks(dev, V, clock, log, SMOKE_CHECK_CASES, linear_shape=(64, 40))
         else:
             checks = run_checks(dev, V, clock, log)
         log(f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}")
         shapes = [(64, 96), (128, 256)] if args.smoke else SHAPES
-        timings = run_timings(dev, V, clock, log, shapes, args.smoke, copy_gbs, l2)
+        timings = run_timings(dev, V, clock, log, shapes, args.smoke, copy_gbs, l2, args.plan)
     except Exception:  # noqa: BLE001 - report what we have
         log(traceback.format_exc())
     meta["cuda_build"] = {k: v for k, v in build.items()}
