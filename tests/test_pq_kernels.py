@@ -16,7 +16,7 @@ import torch
 from athena_runtime.kernels import layout
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemm import (
-    pq_dequant_matmul, pq_dequantize, pq_dequantize_reference, pq_gemm, pq_gemm_reference,
+    pq_dequant_matmul, pq_dequantize, pq_dequantize_reference, pq_dequantize_t, pq_gemm, pq_gemm_reference,
 )
 from athena_runtime.kernels.pq_gemv import pq_gemv, pq_gemv_reference
 
@@ -152,6 +152,11 @@ def test_dequantize_kernel_folds_lowrank(N, M, d, n, k, rank):
     assert (W - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
     with pytest.raises(ValueError, match="low-rank factors"):
         pq_dequantize(qw, cb, geo, torch.float32, A.float(), B.float()[:, :-1])
+    for bn, bw in ((128, 16), (128, 32), (64, 32)):  # the transposed kernel (dequantize + cuBLAS path)
+        Wt = pq_dequantize_t(qw, cb.float(), geo, torch.float32, A.float(), B.float(), block_n=bn, block_w=bw)
+        assert Wt.shape == (M, N) and not torch.isnan(Wt).any()
+        assert (Wt.t() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+    assert torch.equal(pq_dequantize_t(qw, cb, geo).t(), pq_dequantize_reference(qw, cb, geo))
 
 
 def test_kernels_check_operands():

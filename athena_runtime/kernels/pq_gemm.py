@@ -155,6 +155,43 @@ if triton is not None:
                              mask=n_mask[:, None] & (col < M)[None, :])
 
 
+    @triton.jit
+    def _pq_dequant_t_kernel(
+        qweight_ptr, codebook_ptr, lr_a_ptr, lr_b_ptr, wt_ptr,
+        N, M, GW, K_ROWS, NB, RANK,
+        stride_qw, stride_cbb, stride_an, stride_br, stride_wm,
+        D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+    ):
+        """W_effᵀ[D·j + l, i] = C[i // K_ROWS, j, l, I[i, j]] (+ Σ_r B[r, D·j + l] A[i, r]) for a
+        [BLOCK_W words, BLOCK_N rows] tile. Transposed output: rows are contiguous in Wᵀ as they are in
+        the word-major indices, so lanes stay on rows from the index load through the gather to the
+        store and no tile changes layout."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        n_mask = offs_n < N
+        blk = tl.minimum(offs_n // K_ROWS, NB - 1)
+        cb_rows = codebook_ptr + blk * stride_cbb
+        words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])  # [BLOCK_W, BLOCK_N]
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, RANK_P2)
+            r_mask = offs_r < RANK
+            a_t = tl.load(lr_a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
+                          mask=n_mask[None, :] & r_mask[:, None], other=0.0)  # Aᵀ tile [RANK_P2, BLOCK_N]
+        for s in tl.static_range(PER_WORD):
+            idx = (words >> (s * BITS)) & (NC - 1)
+            j = s * GW + w  # [BLOCK_W]
+            for l in tl.static_range(D):
+                col = j * D + l
+                vals = tl.load(cb_rows[None, :] + (col * NC)[:, None] + idx)  # [BLOCK_W, BLOCK_N]
+                if HAS_LOWRANK:  # Bᵀ[cols, r] · Aᵀ[r, rows]
+                    b_t = tl.load(lr_b_ptr + offs_r[None, :] * stride_br + col[:, None],
+                                  mask=r_mask[None, :] & (col < M)[:, None], other=0.0)
+                    vals = vals.to(tl.float32) + tl.dot(b_t, a_t.to(b_t.dtype))
+                tl.store(wt_ptr + col[:, None] * stride_wm + offs_n[None, :], vals.to(wt_ptr.dtype.element_ty),
+                         mask=(col < M)[:, None] & n_mask[None, :])
+
+
 # ----------------------------------------------------------------------------------- references
 def pq_gemm_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, **tuning):
     """The spec (same as the decode reference): dequantize, then matmul in fp32."""
@@ -266,11 +303,36 @@ def pq_dequantize(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowra
     return W
 
 
-def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None):
-    """W_eff = Ŵ + A B dequantized by one Triton kernel, then one cuBLAS call: x W_effᵀ (+ bias)."""
+def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowrank_a=None, lowrank_b=None, *,
+                    block_n: int = 128, block_w: int = 16, num_warps: int = 4):
+    """W_effᵀ [M, N] = (Ŵ + A B)ᵀ in `dtype` by a Triton kernel that keeps one layout throughout
+    (reference: pq_dequantize_reference(...).t())."""
+    if qweight.device.type != "cuda" and not _interp():
+        raise ValueError("pq_dequantize_t needs a CUDA device (or TRITON_INTERPRET=1)")
+    has_lr = lowrank_a is not None
+    if has_lr and (lowrank_b is None or lowrank_a.shape != (geo.N, lowrank_b.shape[0]) or lowrank_b.shape[1] != geo.M):
+        raise ValueError("low-rank factors must be A [N, r] and B [r, M]")
+    if geo.N_pad % block_n or geo.GW % block_w:
+        raise ValueError(f"block_n={block_n} must divide N_pad={geo.N_pad} and block_w={block_w} GW={geo.GW}")
+    rank = lowrank_a.shape[1] if has_lr else 0
+    Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=dtype)
+    grid = (geo.N_pad // block_n, geo.GW // block_w)
+    _pq_dequant_t_kernel[grid](
+        qweight, codebook, lowrank_a if has_lr else codebook, lowrank_b if has_lr else codebook, Wt,
+        geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
+        qweight.stride(0), codebook.stride(0), lowrank_a.stride(0) if has_lr else 0,
+        lowrank_b.stride(0) if has_lr else 0, Wt.stride(0),
+        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w,
+        HAS_LOWRANK=has_lr, RANK_P2=max(16, _next_pow2(rank)), num_warps=num_warps,
+    )
+    return Wt
+
+
+def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, **tuning):
+    """W_effᵀ = (Ŵ + A B)ᵀ dequantized by one Triton kernel, then one cuBLAS call: x W_effᵀ (+ bias)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
-    W = pq_dequantize(qweight, codebook, geo, x.dtype, lowrank_a, lowrank_b)
-    return torch.addmm(bias.to(x.dtype), x, W.t()) if bias is not None else x @ W.t()
+    Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a, lowrank_b, **tuning)  # [M, N]
+    return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
 
 
 def _interp() -> bool:
