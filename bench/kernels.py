@@ -138,6 +138,11 @@ def variants(cuda_ok):
         v[f"dequantT{bn}x{bw}w{nw}+cublas"] = (
             lambda x, L, lr, bn=bn, bw=bw, nw=nw: _dmm(x, *layer_args(L, lr), block_n=bn, block_w=bw, num_warps=nw),
             lambda T, g, bn=bn, bw=bw: T >= 2 and g.N_pad % bn == 0 and g.GW % bw == 0)
+    for bm, bn, bw, sk, nw, st in GEMM_SWEEP:
+        v[f"dot-m{bm}n{bn}w{bw}s{sk}nw{nw}st{st}"] = (
+            lambda x, L, lr, bm=bm, bn=bn, bw=bw, sk=sk, nw=nw, st=st: pq_gemm(
+                x, *layer_args(L, lr), block_m=bm, block_n=bn, block_w=bw, split_k=sk, num_warps=nw, num_stages=st),
+            lambda T, g, bm=bm: T <= bm and g.N == 11008)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
@@ -289,6 +294,13 @@ def copy_bandwidth(dev):
     return 2 * n / (ms * 1e-3) / 1e9  # GB/s, bytes read + written
 
 
+GEMM_SWEEP = [  # (block_m, block_n, block_w, split_k, num_warps, num_stages) of the fused Triton kernel
+    (16, 64, 32, None, 4, 2), (16, 128, 16, None, 4, 1), (16, 128, 32, None, 8, 1), (16, 64, 16, None, 4, 1),
+    (16, 64, 32, 1, 4, 2), (16, 32, 32, None, 2, 1), (64, 64, 32, None, 4, 2), (64, 128, 16, None, 8, 2),
+    (64, 64, 16, None, 4, 1), (64, 64, 32, 1, 4, 1),
+]
+
+
 def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
     if name == "focus":  # the decode launch with low-rank, and the dequantize(+low-rank) + cuBLAS path
@@ -305,6 +317,8 @@ def plan(smoke, name="full"):
             (64, mid, (True,), True),
             (2, mid, (True,), True),
             (32, mid, (True,), True),
+            (16, [f"dot-m{c[0]}n{c[1]}w{c[2]}s{c[3]}nw{c[4]}st{c[5]}" for c in GEMM_SWEEP], (False,), True),
+            (64, [f"dot-m{c[0]}n{c[1]}w{c[2]}s{c[3]}nw{c[4]}st{c[5]}" for c in GEMM_SWEEP], (False,), True),
         ]
     if smoke:
         return [(1, ["cublas", "triton-lut", "triton-dot", "PQLinear"], (True, False), True),

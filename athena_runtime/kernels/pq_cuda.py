@@ -31,9 +31,8 @@ log = logging.getLogger(__name__)
 
 THREADS = 256
 ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
-# T = 1 without low-rank: 8-word slabs, 2048-row chunks (two passes) measured best or within 10% of
-# the best on the four 7B shapes (H100, bench/results/kernels.md). With low-rank (where the rank
-# share is spread over the row-chunk CTAs) only choose_slab_w's launch was measured: it is kept.
+# T = 1: 8-word slabs, 2048-row chunks (two passes) measured best or within 10% of the best on the
+# four 7B shapes, with and without the low-rank term (H100, bench/results/kernels.md).
 T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
@@ -414,9 +413,9 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     t_inst = next((t for t in TOKENS if t >= T), None)
     if t_inst is None:
         raise ValueError(f"pq_gemv_cuda takes at most {TOKENS[-1]} tokens, got {T}")
-    if slab_w is None and rows_per_chunk is None and t_inst == 1 and lowrank_a is None \
+    if slab_w is None and rows_per_chunk is None and t_inst == 1 \
             and (1, geo.bits, T1_SLAB_W, fp16_table) in VARIANTS and geo.GW % T1_SLAB_W == 0:
-        slab_w, rows_per_chunk = T1_SLAB_W, T1_ROWS_PER_CHUNK  # the measured-best T = 1 launch (no low-rank)
+        slab_w, rows_per_chunk = T1_SLAB_W, T1_ROWS_PER_CHUNK  # the measured-best T = 1 launch
     if slab_w is None:
         slab_w = choose_slab_w(geo, t_inst, fp16_table, x.device)
     if (t_inst, geo.bits, slab_w, fp16_table) not in VARIANTS:

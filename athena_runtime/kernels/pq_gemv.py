@@ -230,9 +230,11 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype)
     y = torch.empty(T, N, device=partial.device, dtype=out_dtype)
     has_lr = lowrank_a is not None
     rank = lowrank_a.shape[1] if has_lr else 0
-    BLOCK_N = 128
-    # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip
+    # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip;
+    # row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)
     block_s = min(64, max(16, _next_pow2(max(S, u_part.shape[0] if has_lr else 1))))
+    target = 2 * num_sms(partial.device)
+    BLOCK_N = next((b for b in (128, 64) if triton.cdiv(N, b) * T >= target), 32)
     grid = (triton.cdiv(N, BLOCK_N), T)
     _splitk_epilogue_kernel[grid](
         partial, u_part if has_lr else partial, lowrank_a if has_lr else partial, bias if bias is not None else partial, y,
@@ -241,7 +243,7 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype)
         u_part.stride(0) if has_lr else 0, u_part.stride(1) if has_lr else 0,
         lowrank_a.stride(0) if has_lr else 0, y.stride(0),
         BLOCK_N=BLOCK_N, BLOCK_S=block_s, RANK_P2=max(16, _next_pow2(rank)),
-        HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, num_warps=8 if block_s >= 64 else 4,
+        HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, num_warps=8 if block_s * BLOCK_N >= 64 * 128 else 4,
     )
     return y
 
