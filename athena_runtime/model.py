@@ -20,6 +20,7 @@ from torch import nn
 
 from athena_runtime.batch import AttentionMetadata
 from athena_runtime.config import ModelConfig, RopeConfig
+from athena_runtime.kernels.fused_ops import add_rmsnorm, rope_, silu_mul
 from athena_runtime.kernels.paged_attention import PagedAttention
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,6 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D], cos/sin [T, D] -> x rotated (half-split convention, as Hugging Face)."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
-
-
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig, max_len: int | None = None):
         super().__init__()
@@ -91,10 +82,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(r), r) with r = x + residual (or x): the residual add and the norm as one kernel on the GPU."""
+        return add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -113,8 +103,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, self.num_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rope(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        q, k = rope_(self.q_proj(x).view(T, self.num_heads, self.head_dim),  # [T, H, D]
+                     self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         cache = attn.kv_cache
         cache.write(self.layer, k, v, attn.slot_mapping)
@@ -132,7 +122,7 @@ class MLP(nn.Module):
         self.down_proj = linear(f"{prefix}.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -144,9 +134,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, f"{prefix}.mlp", linear)
 
-    def forward(self, x, cos, sin, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, cos, sin, attn):
+        """h: the previous layer's output, residual: the stream before it (None at layer 0) -> (h, residual)."""
+        x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, attn), residual)
+        return self.mlp(x), residual
 
 
 class Decoder(nn.Module):
@@ -170,11 +162,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]; writes K/V of the T tokens."""
-        x = self.model.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.model.rotary_emb(positions, x.dtype)  # [T, D]
+        h = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.model.rotary_emb(positions, h.dtype)  # [T, D]
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            h, residual = layer(h, residual, cos, sin, attn)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, hidden] -> logits [R, vocab] (model dtype)."""

@@ -1,0 +1,71 @@
+"""Fused element-wise kernels (kernels/fused_ops.py) against their PyTorch references: Triton under
+TRITON_INTERPRET=1 on CPU (conftest), on the GPU when there is one. Odd sizes (not powers of two)."""
+import pytest
+import torch
+
+from athena_runtime.kernels.fused_ops import (
+    add_rmsnorm, add_rmsnorm_reference, rope_, rope_reference, silu_mul, silu_mul_reference,
+)
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fp32: identical up to summation order; fp16: one rounding of the result (values ~1)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _close(a, b, dtype):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert not torch.isnan(a).any()
+    err = (a.float() - b.float()).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, b.float().abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,H", [(1, 64), (3, 576), (5, 100)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rmsnorm(dtype, T, H, with_residual):
+    g = torch.Generator().manual_seed(T * H)
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    res = torch.randn(T, H, generator=g).to(DEV, dtype) if with_residual else None
+    w = (1 + 0.1 * torch.randn(H, generator=g)).to(DEV, dtype)
+    y, r = add_rmsnorm(x, res, w, 1e-5, use_triton=True)
+    y_ref, r_ref = add_rmsnorm_reference(x, res, w, 1e-5)
+    _close(r, r_ref, dtype)
+    _close(y, y_ref, dtype)
+    if not with_residual:
+        assert r is x  # the stream itself, no copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,H,Hkv,D", [(1, 4, 2, 64), (3, 9, 3, 64), (2, 5, 1, 34)])
+def test_rope_in_place(dtype, T, H, Hkv, D):
+    g = torch.Generator().manual_seed(T + H + D)
+    q = torch.randn(T, H, D, generator=g).to(DEV, dtype)
+    k = torch.randn(T, Hkv, D, generator=g).to(DEV, dtype)
+    ang = torch.rand(T, D // 2, generator=g) * 100
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    q_ref, k_ref = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    q2, k2 = rope_(q, k, cos, sin, use_triton=True)
+    assert q2.data_ptr() == q.data_ptr() and k2.data_ptr() == k.data_ptr()  # in place
+    _close(q2, q_ref, dtype)
+    _close(k2, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,F", [(1, 7), (3, 1500), (4, 2048)])
+def test_silu_mul(dtype, T, F):
+    g = torch.Generator().manual_seed(T * F)
+    gate = (3 * torch.randn(T, F, generator=g)).to(DEV, dtype)
+    up = torch.randn(T, F, generator=g).to(DEV, dtype)
+    _close(silu_mul(gate, up, use_triton=True), silu_mul_reference(gate, up), dtype)
+
+
+def test_bad_shapes_are_clear_errors():
+    x = torch.randn(2, 8).to(DEV)
+    with pytest.raises(ValueError, match="add_rmsnorm"):
+        add_rmsnorm(x, torch.randn(2, 9).to(DEV), torch.ones(8).to(DEV), 1e-5, use_triton=True)
+    with pytest.raises(ValueError, match="silu_mul"):
+        silu_mul(x, torch.randn(2, 9).to(DEV), use_triton=True)
+    with pytest.raises(ValueError, match="rope_"):
+        rope_(torch.randn(2, 1, 8).to(DEV), torch.randn(2, 1, 8).to(DEV), torch.ones(2, 6).to(DEV),
+              torch.ones(2, 6).to(DEV), use_triton=True)
