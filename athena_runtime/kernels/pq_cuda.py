@@ -205,8 +205,17 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
 
     // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
     // per word); lane l holds rows 4l..4l+3, so for each (word, slot, r) the warp reads one group's table.
-    // Rows past row_end (padding or the next chunk's) are read but not stored.
+    // Rows past row_end (padding or the next chunk's) are read but not stored. With one token the next
+    // pass's words are requested before this pass's lookups (double buffer: twice the bytes in flight).
+    constexpr bool PREFETCH = (T == 1);
+    int4 nxt_words[PREFETCH ? SLAB_W : 1];
     for (; r4 * 4 < row_end; r4 += THREADS) {
+        const int nxt = r4 + THREADS;  // next pass (rows_per_chunk > 1024)
+        if constexpr (PREFETCH) {
+#pragma unroll
+            for (int w = 0; w < SLAB_W; ++w)
+                nxt_words[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + nxt) : make_int4(0, 0, 0, 0);
+        }
         float acc[4][T];
 #pragma unroll
         for (int r = 0; r < 4; ++r)
@@ -238,10 +247,11 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
                     if (4 * r4 + r < row_end) dst[r] = acc[r][t];
             }
         }
-        const int nxt = r4 + THREADS;  // next pass (rows_per_chunk > 1024)
 #pragma unroll
-        for (int w = 0; w < SLAB_W; ++w)
-            cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + nxt) : make_int4(0, 0, 0, 0);
+        for (int w = 0; w < SLAB_W; ++w) {
+            if constexpr (PREFETCH) cur[w] = nxt_words[w];
+            else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + nxt) : make_int4(0, 0, 0, 0);
+        }
     }
 }
 
