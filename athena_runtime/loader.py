@@ -25,9 +25,10 @@ HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch
                    "pytorch_model.bin")
 
 
-def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | None = None
+def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | None = None, fuse: bool = True
                ) -> tuple[CausalLM, ModelConfig]:
-    """(model in eval mode on `device`, its ModelConfig). `max_len` only matters for dynamic RoPE."""
+    """(model in eval mode on `device`, its ModelConfig). `max_len` only matters for dynamic RoPE;
+    `fuse` computes q/k/v and gate/up as one layer each where they fit (split_linear.py)."""
     folder = _resolve_folder(Path(path))
     config = ModelConfig.from_hf_config(_read_json(folder / "config.json"))
     from quantize.checkpoint import is_checkpoint, read_checkpoint
@@ -52,6 +53,9 @@ def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | 
     _materialize(model, tensors, torch.device(device), dtype, folder)
     _warn_unused(model, tensors, build.built, folder)
     model.to(device)  # buffers (RoPE inverse frequencies); parameters are already there
+    if fuse:
+        from athena_runtime.split_linear import fuse_projections
+        fuse_projections(model)
     return model.eval(), config
 
 

@@ -99,13 +99,18 @@ class Attention(nn.Module):
         self.k_proj = linear(f"{prefix}.k_proj", c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias)
         self.v_proj = linear(f"{prefix}.v_proj", c.hidden_size, c.num_kv_heads * c.head_dim, c.qkv_bias)
         self.o_proj = linear(f"{prefix}.o_proj", c.num_heads * c.head_dim, c.hidden_size, c.o_bias)
+        self.qkv_proj = None  # set by split_linear.fuse_projections after loading (then q/k/v_proj are gone)
         self.paged_attention = paged_attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q, k = rope_(self.q_proj(x).view(T, self.num_heads, self.head_dim),  # [T, H, D]
-                     self.k_proj(x).view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)  # views of one [T, (H + 2 Hkv) D] output
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = rope_(q.view(T, self.num_heads, self.head_dim),  # [T, H, D]
+                     k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         cache = attn.kv_cache
         cache.write(self.layer, k, v, attn.slot_mapping)
         # With a Hadamard-rotated cache, attend in the rotated basis and rotate back (kv_cache.py).
@@ -120,9 +125,11 @@ class MLP(nn.Module):
         self.gate_proj = linear(f"{prefix}.gate_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.up_proj = linear(f"{prefix}.up_proj", c.hidden_size, c.intermediate_size, c.mlp_bias)
         self.down_proj = linear(f"{prefix}.down_proj", c.intermediate_size, c.hidden_size, c.mlp_bias)
+        self.gate_up_proj = None  # set by split_linear.fuse_projections after loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -141,6 +141,55 @@ class PQLinear(nn.Module):
         A, B = pad_lowrank(opt(A), opt(B))
         return cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path)
 
+    @classmethod
+    def concat(cls, parts: list["PQLinear"], max_pad: float = 0.125) -> tuple["PQLinear", list[int]] | None:
+        """One PQLinear computing all `parts` (same input, same recipe) in one call, or None with the
+        reason logged when they do not fit. Returns (layer, row offsets of each part in its output).
+
+        Codebook blocks start every k rows, so each part but the last is padded with index-0 rows up to
+        a multiple of k (refused when the padding exceeds `max_pad` of the real rows: the kernels read
+        padding rows too). Low-rank factors become block-diagonal A = diag(A_p), B = [B_p] stacked."""
+        g0 = parts[0].geo
+        why = None
+        if any((p.geo.M, p.geo.d, p.geo.n, p.geo.k) != (g0.M, g0.d, g0.n, g0.k) for p in parts):
+            why = "different input size or recipe"
+        elif len({(p.codebook.dtype, p.codebook.device) for p in parts}) != 1 or any(p.path != parts[0].path for p in parts):
+            why = "different dtype, device or forced path"
+        offsets, rows = [], 0
+        for i, p in enumerate(parts):
+            offsets.append(rows)
+            rows += p.geo.N if i == len(parts) - 1 else -(-p.geo.N // g0.k) * g0.k
+        real = sum(p.geo.N for p in parts)
+        if why is None and rows - real > max_pad * real:
+            why = f"codebook blocks of {g0.k} rows would pad {rows - real} rows onto {real}"
+        if why is not None:
+            log.info("PQLinear: not fusing %d layers [%s]: %s", len(parts), ", ".join(str(p.geo.N) for p in parts), why)
+            return None
+        geo = PQGeometry(rows, g0.M, g0.d, g0.n, g0.k)
+        ref = parts[0].qweight
+        qweight = torch.zeros(geo.GW, geo.N_pad, dtype=ref.dtype, device=ref.device)
+        codebook = parts[0].codebook.new_zeros(geo.Nb, geo.G_pad, geo.d, geo.n)
+        for off, p in zip(offsets, parts):
+            qweight[:, off:off + p.geo.N] = p.qweight[:, :p.geo.N]
+            codebook[off // g0.k: off // g0.k + p.geo.Nb] = p.codebook
+        A = B = bias = None
+        ranks = [0 if p.lowrank_a is None else p.lowrank_a.shape[1] for p in parts]
+        if any(ranks):
+            A = parts[0].codebook.new_zeros(rows, sum(ranks))
+            B = parts[0].codebook.new_zeros(sum(ranks), g0.M)
+            r0 = 0
+            for off, p, r in zip(offsets, parts, ranks):
+                if r:
+                    A[off:off + p.geo.N, r0:r0 + r] = p.lowrank_a
+                    B[r0:r0 + r] = p.lowrank_b
+                    r0 += r
+        if any(p.bias is not None for p in parts):
+            bias = parts[0].codebook.new_zeros(rows)
+            for off, p in zip(offsets, parts):
+                if p.bias is not None:
+                    bias[off:off + p.geo.N] = p.bias
+        return cls(geo, qweight, codebook, A, B, bias, parts[0].codebook_bits, parts[0].path), offsets
+
     # ------------------------------------------------------------------------------ compute
     def dequantize_weight(self) -> torch.Tensor:
         """Ŵ [N, M] in the codebook dtype (fp16), low-rank term excluded."""

@@ -1,0 +1,56 @@
+"""Fused projections (split_linear.py, PQLinear.concat): the fused layer's parts equal the separate
+layers on every path (CPU reference, Triton dequantize + matmul and lookup-table under
+TRITON_INTERPRET=1), padding between codebook blocks included; refusals are logged, not errors."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from athena_runtime.pq_linear import PQLinear
+from athena_runtime.split_linear import SplitLinear, fuse
+from test_pq_linear import PREFIX, checkpoint_layer
+
+
+def _pq(N, M, rank, bias, seed, path=None, k=32):
+    t, meta, W, b = checkpoint_layer(N, M, 2, 16, k, rank=rank, bias=bias, codebook_bits=16, seed=seed)
+    return PQLinear.from_tensors(PREFIX, t, meta, "cpu", torch.float32, path=path)
+
+
+@pytest.mark.parametrize("path", [None, "dequant-matmul", "triton-decode"])
+def test_fused_pq_parts_equal_separate_layers(path):
+    # 64 rows (two blocks of 32), 40 rows (padded to 64: straddles a block), 24 rows (last: unpadded);
+    # ranks 0 / 3 / 2 and one bias: block-diagonal low-rank factors, zero bias rows
+    parts = [_pq(64, 50, 0, False, 1, path), _pq(40, 50, 3, True, 2, path), _pq(24, 50, 2, False, 3, path)]
+    fused = PQLinear.concat(parts, max_pad=1.0)
+    assert fused is not None
+    layer, offsets = fused
+    assert offsets == [0, 64, 128] and layer.geo.N == 152 and layer.geo.Nb == 5
+    split = SplitLinear(layer, offsets, [p.out_features for p in parts])
+    x = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = split(x)
+        for y, p in zip(got, parts):
+            want = p(x)
+            assert y.shape == want.shape
+            torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_fusion_refused_when_padding_is_large(caplog):
+    parts = [_pq(40, 50, 0, False, 1), _pq(24, 50, 0, False, 2)]  # 40 -> 64 rows: 24 padding on 64 real
+    with caplog.at_level(logging.INFO):
+        assert PQLinear.concat(parts) is None
+    assert "not fusing" in caplog.text
+    assert PQLinear.concat([_pq(64, 50, 0, False, 1), _pq(40, 30, 0, False, 2)]) is None  # different inputs
+
+
+def test_dense_fusion_concatenates_weights_and_biases():
+    a, b = nn.Linear(20, 8, bias=True), nn.Linear(20, 5, bias=False)
+    split = fuse([a, b])
+    x = torch.randn(4, 20)
+    ya, yb = split(x)
+    torch.testing.assert_close(ya, a(x))
+    torch.testing.assert_close(yb, b(x))
+    assert fuse([a, _pq(64, 20, 0, False, 1)]) is None  # mixed types stay separate
