@@ -303,6 +303,8 @@ GEMM_SWEEP = [  # (block_m, block_n, block_w, split_k, num_warps, num_stages) of
 
 def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
+    if name == "t1":  # one token: the decode launch, with and without low-rank
+        return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]
     if name == "focus":  # the decode launch with low-rank, and the dequantize(+low-rank) + cuBLAS path
         dqt = ["dequantT128x16w4+cublas", "dequantT128x32w8+cublas", "dequantT256x16w8+cublas",
                "dequantT64x32w4+cublas", "dequantT128x8w4+cublas"]
@@ -448,9 +450,10 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
-    ap.add_argument("--plan", default="full", choices=("full", "focus"), help="which timings (focus: decode launch "
+    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1"), help="which timings (focus: decode launch "
                     "with low-rank, dequantize + cuBLAS, 2-64 tokens)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
+    ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     clock = Clock(args.budget)
@@ -510,6 +513,8 @@ def main():
             checks = run_checks(dev, V, clock, log)
         log(f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}")
         shapes = [(64, 96), (128, 256)] if args.smoke else SHAPES
+        if args.shapes:
+            shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
         timings = run_timings(dev, V, clock, log, shapes, args.smoke, copy_gbs, l2, args.plan)
     except Exception:  # noqa: BLE001 - report what we have
         log(traceback.format_exc())
