@@ -8,7 +8,7 @@ A thread owns 4 consecutive rows (one int4 per word of the word-major layout) an
 4l..4l+3, so for each (word, slot, row) the 32 lanes of a warp read one group's table: with n = 64
 fp16 entries that is 128 bytes, one word per bank, and the lookup is free of bank conflicts whatever
 the indices. The four rows give four independent accumulator chains. The low-rank share of
-u = x Bᵀ is spread over all CTAs of a slab, one warp per rank.
+u = x Bᵀ is spread over all CTAs of a slab, one warp per rank, summed over slabs with atomics.
 
 Built with `torch.utils.cpp_extension.load_inline` on first use (needs nvcc; ~1 min), for the
 (tokens, bits, slab, table dtype) combinations in VARIANTS. Only sm_80-class instructions: runs on
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
     float* __restrict__ partial,                                          // [S, T, N_pad]
     const __half* __restrict__ lr_b, int stride_br, int rank,             // [rank, M] or null
-    float* __restrict__ u_part)                                           // [S, T, rank]
+    float* __restrict__ u_sum)                                            // [T, rank], zero on entry
 {
     using TabT = typename std::conditional<FP16_TABLE, __half, float>::type;
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, SLAB_Q = SLAB_W / 4, VEC = 8, NVEC = NC / VEC;
@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         }
     }
 
-    // ---- low-rank share: u_part[slab, t, r] = sum over this slab's columns of x[t, col] B[r, col];
-    // ranks are spread over all CTAs of the slab (one warp per rank, loads unrolled: one latency)
+    // ---- low-rank share: u_sum[t, r] += sum over this slab's columns of x[t, col] B[r, col] (atomic:
+    // the epilogue then reads u once instead of reducing slab partials in every program); ranks are
+    // spread over all CTAs of the slab (one warp per rank, loads unrolled: one latency)
     if (lr_b != nullptr) {
         constexpr int MAXC = (4 * SLAB_W + 31) / 32;  // D <= 4: at most 4 SLAB_W columns per plane
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
                 float v = acc[t];
 #pragma unroll
                 for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0) u_part[((size_t)slab * T + t) * rank + r] = v;
+                if (lane == 0) atomicAdd(u_sum + (size_t)t * rank + r, v);  // u = x Bᵀ summed over slabs here
             }
         }
     }
@@ -303,8 +304,8 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
     const bool has_lr = lr_b.numel() > 0;
     if (has_lr) {
         TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.stride(1) == 1 && lr_b.size(1) == x.size(1), "lowrank_b: fp16 [r, M]");
-        TORCH_CHECK(u_part.scalar_type() == torch::kFloat && u_part.is_contiguous() && u_part.size(0) == partial.size(0)
-                    && u_part.size(1) == partial.size(1) && u_part.size(2) == lr_b.size(0), "u_part: fp32 [S, T, r]");
+        TORCH_CHECK(u_part.scalar_type() == torch::kFloat && u_part.is_contiguous() && u_part.size(0) == 1
+                    && u_part.size(1) == partial.size(1) && u_part.size(2) == lr_b.size(0), "u_part: fp32 zeros [1, T, r]");
     }
     const int T = partial.size(1);
     TORCH_CHECK(x.size(0) <= T, "more tokens than the partial buffer holds");
@@ -439,8 +440,8 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     chunks_per_block, _ = row_chunks(geo, rows_per_chunk)
     has_lr = lowrank_a is not None
     partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float32)
-    if has_lr:
-        u_part = torch.empty(n_slabs, t_inst, lowrank_b.shape[0], device=x.device, dtype=torch.float32)
+    if has_lr:  # u = x Bᵀ, accumulated by the kernel with atomics (one "slab" for the epilogue)
+        u_part = torch.zeros(1, t_inst, lowrank_b.shape[0], device=x.device, dtype=torch.float32)
         lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
     else:
         u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
