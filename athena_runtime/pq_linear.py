@@ -8,7 +8,7 @@ decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
     cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 8 tokens, fp16, when it builds
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
-    dequant-matmul  Triton dequantize of the whole Ŵ, then cuBLAS (more tokens)
+    dequant-matmul  Triton dequantize of the whole Ŵᵀ, then one cuBLAS call (more tokens)
     triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
                     than dequant-matmul on the H100, see bench/results/kernels.md)
 Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
@@ -194,8 +194,8 @@ class PQLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """Ŵ [N, M] in the codebook dtype (fp16), low-rank term excluded."""
         if self.qweight.device.type == "cuda":
-            from athena_runtime.kernels.pq_gemm import pq_dequantize
-            return pq_dequantize(self.qweight, self.codebook, self.geo, dtype=self.codebook.dtype)
+            from athena_runtime.kernels.pq_gemm import pq_dequantize_t
+            return pq_dequantize_t(self.qweight, self.codebook, self.geo, dtype=self.codebook.dtype).t()
         return layout.dequantize_reference(self.qweight, self.codebook, self.geo).to(self.codebook.dtype)
 
     def choose_path(self, tokens: int) -> str:

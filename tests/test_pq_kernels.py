@@ -16,7 +16,7 @@ import torch
 from athena_runtime.kernels import layout
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemm import (
-    pq_dequant_matmul, pq_dequantize, pq_dequantize_reference, pq_dequantize_t, pq_gemm, pq_gemm_reference,
+    pq_dequant_matmul, pq_dequantize_t, pq_dequantize_t_reference, pq_gemm, pq_gemm_reference,
 )
 from athena_runtime.kernels.pq_gemv import pq_gemv, pq_gemv_reference
 
@@ -131,32 +131,30 @@ def test_gemm_fp32_multi_tile():
     assert rel_err(y, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 50, 2, 64, 64)])
+@pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 50, 2, 64, 64), (200, 130, 2, 64, 64)])
 def test_dequantize_kernel_is_exact(N, M, d, n, k):
     geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, 2, True)
-    assert torch.equal(pq_dequantize(qw, cb, geo), pq_dequantize_reference(qw, cb, geo))
-    x = torch.randn(5, M, generator=torch.Generator().manual_seed(4)).to(DEV)
-    y = pq_dequant_matmul(x, qw, cb.float(), geo, A.float(), B.float(), b.float())
-    assert rel_err(y, pq_gemm_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())) < TOL[torch.float32]
+    ref = pq_dequantize_t_reference(qw, cb, geo)
+    for bn, bw in ((128, 16), (128, 32), (64, 32)):
+        assert torch.equal(pq_dequantize_t(qw, cb, geo, block_n=bn, block_w=bw), ref)
+    out = torch.full((M + 3, N), float("nan"), dtype=torch.float16, device=DEV)
+    pq_dequantize_t(qw, cb, geo, out=out[:M])  # into the top rows of a taller buffer
+    assert torch.equal(out[:M], ref) and torch.isnan(out[M:]).all()
+    with pytest.raises(ValueError, match="out must be"):
+        pq_dequantize_t(qw, cb, geo, out=out[:M].t())
 
 
-@pytest.mark.parametrize("N,M,d,n,k,rank", [(37, 29, 3, 16, 20, 3), (130, 50, 2, 64, 64, 5), (70, 130, 2, 64, 64, 16)])
-def test_dequantize_kernel_folds_lowrank(N, M, d, n, k, rank):
-    """W_eff = Ŵ + A B from one kernel (the low-rank term as a small tl.dot): fp32 tolerance 1e-5 of the
-    largest entry (2e-3 on a GPU, where an fp32 tl.dot runs in tf32)."""
-    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, rank, True)
-    W = pq_dequantize(qw, cb.float(), geo, torch.float32, A.float(), B.float())
-    ref = pq_dequantize_reference(qw, cb.float(), geo, torch.float32, A.float(), B.float())
-    assert not torch.isnan(W).any()
-    tol = 2e-3 if DEV.type == "cuda" else 1e-5
-    assert (W - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
-    with pytest.raises(ValueError, match="low-rank factors"):
-        pq_dequantize(qw, cb, geo, torch.float32, A.float(), B.float()[:, :-1])
-    for bn, bw in ((128, 16), (128, 32), (64, 32)):  # the transposed kernel (dequantize + cuBLAS path)
-        Wt = pq_dequantize_t(qw, cb.float(), geo, torch.float32, A.float(), B.float(), block_n=bn, block_w=bw)
-        assert Wt.shape == (M, N) and not torch.isnan(Wt).any()
-        assert (Wt.t() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
-    assert torch.equal(pq_dequantize_t(qw, cb, geo).t(), pq_dequantize_reference(qw, cb, geo))
+@pytest.mark.parametrize("rank,bias,T", [(0, False, 5), (3, True, 5), (16, False, 40)])
+def test_dequant_matmul_with_lowrank_rows(rank, bias, T):
+    """[x | x Bᵀ] · [Ŵᵀ ; Aᵀ] (+ bias) equals the spec, fp32 and fp16."""
+    geo, qw, cb, A, B, b, _, _ = make_layer(130, 50, 2, 64, 64, rank, bias)
+    x = torch.randn(T, 50, generator=torch.Generator().manual_seed(4)).to(DEV)
+    ref = pq_gemm_reference(x, qw, cb.float(), geo, A, B, b)
+    y = pq_dequant_matmul(x, qw, cb.float(), geo, None if A is None else A.float(), None if B is None else B.float(),
+                          None if b is None else b.float())
+    assert rel_err(y, ref) < TOL[torch.float32]
+    y16 = pq_dequant_matmul(x.half(), qw, cb, geo, A, B, b)
+    assert y16.dtype == torch.float16 and rel_err(y16, ref) < TOL[torch.float16]
 
 
 def test_kernels_check_operands():

@@ -12,7 +12,7 @@ tensor cores. The low-rank term enters as one more K-step: acc += u · A_tileᵀ
 Few tokens (T <= BLOCK_M): SPLIT_K > 1 splits the words over programs; partial sums go to
 `pq_gemv.splitk_epilogue`, and the first row tile of every split computes its share of u.
 
-Also here: `pq_dequantize` (the whole Ŵ as fp16, for the dequantize-then-cuBLAS variant and for
+Also here: `pq_dequantize_t` (the whole Ŵᵀ as fp16, for the dequantize-then-cuBLAS path and for
 `PQLinear.dequantize_weight` on the GPU). Every wrapper has a PyTorch reference with the same
 signature.
 """
@@ -108,86 +108,28 @@ if triton is not None:
                                          BLOCK_M, D, PER_WORD, TILES_PER_SPLIT * BLOCK_W, 64)
 
     @triton.jit
-    def _pq_dequant_kernel(
-        qweight_ptr, codebook_ptr, lr_a_ptr, lr_b_ptr, w_ptr,
-        N, M, GW, K_ROWS, NB, RANK,
-        stride_qw, stride_cbb, stride_an, stride_br, stride_wn,
-        D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
-    ):
-        """Ŵ[i, D·j + l] = C[i // K_ROWS, j, l, I[i, j]] (+ Σ_r A[i, r] B[r, D·j + l] when HAS_LOWRANK)
-        for a [BLOCK_N rows, BLOCK_W words] tile: the low-rank term is one small tl.dot per column run,
-        so W_eff = Ŵ + A B costs no extra pass over [N, M]."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        n_mask = offs_n < N
-        blk = tl.minimum(offs_n // K_ROWS, NB - 1)
-        cb_rows = codebook_ptr + blk * stride_cbb
-        words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])  # [BLOCK_W, BLOCK_N], lanes on rows
-        if HAS_LOWRANK:
-            offs_r = tl.arange(0, RANK_P2)
-            r_mask = offs_r < RANK
-            a = tl.load(lr_a_ptr + offs_n[:, None] * stride_an + offs_r[None, :],
-                        mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_N, RANK_P2]
-        for s in tl.static_range(PER_WORD):
-            idx = (words >> (s * BITS)) & (NC - 1)
-            j = s * GW + w
-            if D == 2:  # interleave the two coordinates: one contiguous run of 2·BLOCK_W columns per row
-                v0 = tl.load(cb_rows[None, :] + ((j * D) * NC)[:, None] + idx)
-                v1 = tl.load(cb_rows[None, :] + ((j * D + 1) * NC)[:, None] + idx)
-                vals = tl.reshape(tl.join(tl.trans(v0), tl.trans(v1)), [BLOCK_N, 2 * BLOCK_W])
-                cols = (s * GW + tl.program_id(1) * BLOCK_W) * 2 + tl.arange(0, 2 * BLOCK_W)
-                if HAS_LOWRANK:  # [BLOCK_N, r] · [r, 2·BLOCK_W]
-                    b = tl.load(lr_b_ptr + offs_r[:, None] * stride_br + cols[None, :],
-                                mask=r_mask[:, None] & (cols < M)[None, :], other=0.0)
-                    vals = vals.to(tl.float32) + tl.dot(a, b.to(a.dtype))
-                tl.store(w_ptr + offs_n[:, None] * stride_wn + cols[None, :], vals.to(w_ptr.dtype.element_ty),
-                         mask=n_mask[:, None] & (cols < M)[None, :])
-            else:
-                for l in tl.static_range(D):
-                    col = j * D + l
-                    vals = tl.trans(tl.load(cb_rows[None, :] + ((j * D + l) * NC)[:, None] + idx))  # [BLOCK_N, BLOCK_W]
-                    if HAS_LOWRANK:
-                        b = tl.load(lr_b_ptr + offs_r[:, None] * stride_br + col[None, :],
-                                    mask=r_mask[:, None] & (col < M)[None, :], other=0.0)
-                        vals = vals.to(tl.float32) + tl.dot(a, b.to(a.dtype))
-                    tl.store(w_ptr + offs_n[:, None] * stride_wn + col[None, :], vals.to(w_ptr.dtype.element_ty),
-                             mask=n_mask[:, None] & (col < M)[None, :])
-
-
-    @triton.jit
     def _pq_dequant_t_kernel(
-        qweight_ptr, codebook_ptr, lr_a_ptr, lr_b_ptr, wt_ptr,
-        N, M, GW, K_ROWS, NB, RANK,
-        stride_qw, stride_cbb, stride_an, stride_br, stride_wm,
+        qweight_ptr, codebook_ptr, wt_ptr,
+        N, M, GW, K_ROWS, NB,
+        stride_qw, stride_cbb, stride_wm,
         D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
-        """W_effᵀ[D·j + l, i] = C[i // K_ROWS, j, l, I[i, j]] (+ Σ_r B[r, D·j + l] A[i, r]) for a
-        [BLOCK_W words, BLOCK_N rows] tile. Transposed output: rows are contiguous in Wᵀ as they are in
-        the word-major indices, so lanes stay on rows from the index load through the gather to the
-        store and no tile changes layout."""
+        """Ŵᵀ[D·j + l, i] = C[i // K_ROWS, j, l, I[i, j]] for a [BLOCK_W words, BLOCK_N rows] tile.
+        Transposed output: rows are contiguous in Ŵᵀ as they are in the word-major indices, so lanes
+        stay on rows from the index load through the gather to the store and no tile changes layout."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         n_mask = offs_n < N
         blk = tl.minimum(offs_n // K_ROWS, NB - 1)
         cb_rows = codebook_ptr + blk * stride_cbb
         words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])  # [BLOCK_W, BLOCK_N]
-        if HAS_LOWRANK:
-            offs_r = tl.arange(0, RANK_P2)
-            r_mask = offs_r < RANK
-            a_t = tl.load(lr_a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
-                          mask=n_mask[None, :] & r_mask[:, None], other=0.0)  # Aᵀ tile [RANK_P2, BLOCK_N]
         for s in tl.static_range(PER_WORD):
             idx = (words >> (s * BITS)) & (NC - 1)
             j = s * GW + w  # [BLOCK_W]
             for l in tl.static_range(D):
                 col = j * D + l
                 vals = tl.load(cb_rows[None, :] + (col * NC)[:, None] + idx)  # [BLOCK_W, BLOCK_N]
-                if HAS_LOWRANK:  # Bᵀ[cols, r] · Aᵀ[r, rows]
-                    b_t = tl.load(lr_b_ptr + offs_r[None, :] * stride_br + col[:, None],
-                                  mask=r_mask[None, :] & (col < M)[:, None], other=0.0)
-                    vals = vals.to(tl.float32) + tl.dot(b_t, a_t.to(b_t.dtype))
                 tl.store(wt_ptr + col[:, None] * stride_wm + offs_n[None, :], vals.to(wt_ptr.dtype.element_ty),
                          mask=(col < M)[:, None] & n_mask[None, :])
 
@@ -198,11 +140,9 @@ def pq_gemm_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     return pq_gemv_reference(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
 
 
-def pq_dequantize_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowrank_a=None, lowrank_b=None):
-    W = dequantize_reference(qweight, codebook, geo)
-    if lowrank_a is not None:
-        W = W + lowrank_a.float() @ lowrank_b.float()
-    return W.to(dtype)
+def pq_dequantize_t_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16):
+    """Ŵᵀ [M, N] (contiguous)."""
+    return dequantize_reference(qweight, codebook, geo).t().contiguous().to(dtype)
 
 
 def pq_dequant_matmul_reference(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None):
@@ -280,59 +220,43 @@ def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
     return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype)
 
 
-def pq_dequantize(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowrank_a=None, lowrank_b=None, *,
-                  block_n: int = 64, block_w: int = 32, num_warps: int = 4):
-    """Ŵ [N, M] (+ A B when the low-rank factors are given) in `dtype` by a Triton kernel
-    (reference: pq_dequantize_reference)."""
-    if qweight.device.type != "cuda" and not _interp():
-        raise ValueError("pq_dequantize needs a CUDA device (or TRITON_INTERPRET=1)")
-    has_lr = lowrank_a is not None
-    if has_lr and (lowrank_b is None or lowrank_a.shape != (geo.N, lowrank_b.shape[0]) or lowrank_b.shape[1] != geo.M):
-        raise ValueError("low-rank factors must be A [N, r] and B [r, M]")
-    rank = lowrank_a.shape[1] if has_lr else 0
-    W = torch.empty(geo.N, geo.M, device=qweight.device, dtype=dtype)
-    grid = (geo.N_pad // block_n, geo.GW // block_w)
-    _pq_dequant_kernel[grid](
-        qweight, codebook, lowrank_a if has_lr else codebook, lowrank_b if has_lr else codebook, W,
-        geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
-        qweight.stride(0), codebook.stride(0), lowrank_a.stride(0) if has_lr else 0,
-        lowrank_b.stride(0) if has_lr else 0, W.stride(0),
-        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w,
-        HAS_LOWRANK=has_lr, RANK_P2=max(16, _next_pow2(rank)), num_warps=num_warps,
-    )
-    return W
-
-
-def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, lowrank_a=None, lowrank_b=None, *,
+def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out=None,
                     block_n: int = 128, block_w: int = 16, num_warps: int = 4):
-    """W_effᵀ [M, N] = (Ŵ + A B)ᵀ in `dtype` by a Triton kernel that keeps one layout throughout
-    (reference: pq_dequantize_reference(...).t())."""
+    """Ŵᵀ [M, N] in `dtype` by a Triton kernel (reference: pq_dequantize_t_reference). `out`: an [M, N]
+    row-contiguous destination (e.g. the top rows of a taller buffer)."""
     if qweight.device.type != "cuda" and not _interp():
         raise ValueError("pq_dequantize_t needs a CUDA device (or TRITON_INTERPRET=1)")
-    has_lr = lowrank_a is not None
-    if has_lr and (lowrank_b is None or lowrank_a.shape != (geo.N, lowrank_b.shape[0]) or lowrank_b.shape[1] != geo.M):
-        raise ValueError("low-rank factors must be A [N, r] and B [r, M]")
     if geo.N_pad % block_n or geo.GW % block_w:
         raise ValueError(f"block_n={block_n} must divide N_pad={geo.N_pad} and block_w={block_w} GW={geo.GW}")
-    rank = lowrank_a.shape[1] if has_lr else 0
-    Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=dtype)
+    Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=dtype) if out is None else out
+    if tuple(Wt.shape) != (geo.M, geo.N) or Wt.stride(1) != 1:
+        raise ValueError(f"out must be a row-contiguous [{geo.M}, {geo.N}] tensor")
     grid = (geo.N_pad // block_n, geo.GW // block_w)
     _pq_dequant_t_kernel[grid](
-        qweight, codebook, lowrank_a if has_lr else codebook, lowrank_b if has_lr else codebook, Wt,
-        geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
-        qweight.stride(0), codebook.stride(0), lowrank_a.stride(0) if has_lr else 0,
-        lowrank_b.stride(0) if has_lr else 0, Wt.stride(0),
+        qweight, codebook, Wt, geo.N, geo.M, geo.GW, geo.k, geo.Nb,
+        qweight.stride(0), codebook.stride(0), Wt.stride(0),
         D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w,
-        HAS_LOWRANK=has_lr, RANK_P2=max(16, _next_pow2(rank)), num_warps=num_warps,
+        num_warps=num_warps,
     )
     return Wt
 
 
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, **tuning):
-    """W_effᵀ = (Ŵ + A B)ᵀ dequantized by one Triton kernel, then one cuBLAS call: x W_effᵀ (+ bias)."""
+    """Ŵᵀ dequantized by a Triton kernel, then ONE cuBLAS call. The low-rank term rides along as r more
+    inner-dimension rows: [x | u] · [Ŵᵀ ; Aᵀ] = x Ŵᵀ + (x Bᵀ) Aᵀ with u = x Bᵀ (a thin GEMM), so it costs
+    no extra pass over the [T, N] output."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
-    Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a, lowrank_b, **tuning)  # [M, N]
-    return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
+    if lowrank_a is None:
+        Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
+        return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
+    T, M, r = x.shape[0], geo.M, lowrank_a.shape[1]
+    Wt = torch.empty(M + r, geo.N, device=x.device, dtype=x.dtype)
+    pq_dequantize_t(qweight, codebook, geo, x.dtype, out=Wt[:M], **tuning)
+    Wt[M:].copy_(lowrank_a.t())
+    xu = torch.empty(T, M + r, device=x.device, dtype=x.dtype)
+    xu[:, :M].copy_(x)
+    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:])
+    return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
 
 
 def _interp() -> bool:
