@@ -7,13 +7,15 @@ The indices stay bit-packed on the device, repacked at load time into the kernel
 decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
     cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 8 tokens, fp16, when it builds
+    cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 9-64 tokens, fp16,
+                    default recipe (b = 6, d = 2), when it builds
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
     dequant-matmul  Triton dequantize of the whole Ŵᵀ, then one cuBLAS call (more tokens)
     triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
                     than dequant-matmul on the H100, see bench/results/kernels.md)
 Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
 benchmarks); Triton paths run on CPU tensors only under TRITON_INTERPRET=1. Every (path, layer
-shape) is logged once at INFO, and a fallback (cuda-decode unavailable) once at WARNING.
+shape) is logged once at INFO, and a fallback (a CUDA kernel unavailable) once at WARNING.
 The thresholds below come from bench/kernels.py on an H100 (bench/results/kernels.md).
 """
 from __future__ import annotations
@@ -31,23 +33,25 @@ from athena_runtime.kernels.pq_gemv import interpreting, pq_gemv, pq_gemv_refere
 
 log = logging.getLogger(__name__)
 
-PATHS = ("reference", "cuda-decode", "triton-decode", "triton-prefill", "dequant-matmul")
+PATHS = ("reference", "cuda-decode", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
 CUDA_LUT_MAX_TOKENS = 8  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
 # at 16 tokens it measured slower than the dequantize + cuBLAS path, whose dequantization alone bounds it)
 TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
+MMA_MAX_TOKENS = 64  # CUDA tensor-core kernel (Ŵ tiles decoded in shared memory) above the lookup table
 LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
 LOWRANK_ALIGN = 16  # low-rank factors padded with zeros to a multiple of this rank (cuBLAS tensor cores)
 
 
 def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch.dtype, forced: str | None = None,
-                cuda_decode_ok=None) -> str:
+                cuda_decode_ok=None, cuda_mma_ok=None) -> str:
     """The path for a call of `tokens` rows. `cuda_decode_ok(geo, tokens, dtype) -> bool` says whether
-    the CUDA kernel serves it (default: ask `kernels.pq_cuda`, which builds it on first use)."""
+    the CUDA lookup-table kernel serves it (default: ask `kernels.pq_cuda`, which builds it on first
+    use); `cuda_mma_ok` the same for the tensor-core kernel (`kernels.pq_cuda_mma`)."""
     if forced is not None:
         if forced not in PATHS:
             raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {PATHS}")
-        if forced != "reference" and device.type != "cuda" and not (forced != "cuda-decode" and interpreting()):
+        if forced != "reference" and device.type != "cuda" and not (not forced.startswith("cuda") and interpreting()):
             raise ValueError(f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)")
         return forced
     if device.type != "cuda":
@@ -60,6 +64,12 @@ def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch
             return "cuda-decode"
     if tokens <= TRITON_LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
         return "triton-decode"
+    if tokens <= MMA_MAX_TOKENS:
+        if cuda_mma_ok is None:
+            from athena_runtime.kernels import pq_cuda_mma
+            cuda_mma_ok = pq_cuda_mma.usable
+        if cuda_mma_ok(geo, tokens, dtype):
+            return "cuda-mma"
     # many tokens: dequantize + cuBLAS; the fused Triton prefill kernel measured slower (kernels.md)
     return "dequant-matmul"
 
@@ -204,7 +214,11 @@ class PQLinear(nn.Module):
         if forced is None and path != "cuda-decode" and self.qweight.device.type == "cuda" \
                 and tokens <= CUDA_LUT_MAX_TOKENS and self.geo.n <= LUT_MAX_N:
             self._log_once("fallback", tokens, logging.WARNING,
-                           "cuda-decode unavailable for this layer; using triton-decode")
+                           f"cuda-decode unavailable for this layer; using {path}")
+        if forced is None and path == "dequant-matmul" and self.qweight.device.type == "cuda" \
+                and tokens <= MMA_MAX_TOKENS:
+            self._log_once("fallback-mma", tokens, logging.WARNING,
+                           "cuda-mma unavailable for this layer (recipe or build); using dequant-matmul")
         self._log_once(path, tokens)
         return path
 
@@ -235,6 +249,9 @@ class PQLinear(nn.Module):
             if path == "cuda-decode":
                 from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
                 y = pq_gemv_cuda(xk, *args)
+            elif path == "cuda-mma":
+                from athena_runtime.kernels.pq_cuda_mma import pq_mma_cuda
+                y = pq_mma_cuda(xk, *args)
             elif path == "triton-decode":
                 y = pq_gemv(xk, *args)
             elif path == "triton-prefill":

@@ -107,7 +107,10 @@ def variants(cuda_ok):
             return any((t, b, f) == (t_inst, geo.bits, fp16) and geo.GW % s == 0 for t, b, s, f in pq_cuda.VARIANTS)
         return (t_inst, geo.bits, slab, fp16) in pq_cuda.VARIANTS and geo.GW % slab == 0
 
+    from athena_runtime.kernels import pq_cuda_mma
     v = {
+        "cuda-mma": (lambda x, L, lr: pq_cuda_mma.pq_mma_cuda(x, *layer_args(L, lr)),
+                     lambda T, g: cuda_ok() and pq_cuda_mma.supports(g, T, torch.float16)),
         "cuda-lut": (cuda(), lambda T, g: cuda_applies(T, g)),
         "triton-lut": (lambda x, L, lr: pq_gemv(x, *layer_args(L, lr)), lambda T, g: T <= 16 and g.n <= 256),
         "triton-dot": (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr)), lambda T, g: True),
@@ -140,7 +143,7 @@ def variants(cuda_ok):
 
 # ------------------------------------------------------------------------------------ checks
 CHECK_CASES = [  # (N, M, d, n, k, rank, tokens)
-    (4096, 4096, 2, 64, 4096, 41, (1, 3, 8, 16)),
+    (4096, 4096, 2, 64, 4096, 41, (1, 3, 8, 16, 40, 64)),
     (1000, 2050, 2, 64, 512, 8, (1, 2, 5, 33)),
     (300, 301, 3, 16, 100, 3, (1, 4, 12)),
     (257, 1030, 4, 256, 128, 5, (2, 7)),
@@ -156,7 +159,7 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096))
     # kernels passed every case of the previous run, their code is unchanged since
     rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas",
                                                                       "dequantT256x16w8+cublas"})
-    rows += _check_cases(dev, V, clock, log, cases, True, {"cuda-lut"})
+    rows += _check_cases(dev, V, clock, log, cases, True, {"cuda-lut", "cuda-mma"})
     rows += _check_linear(dev, log, linear_shape)
     return rows
 
@@ -295,6 +298,10 @@ def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
     if name == "t1":  # one token: the decode launch, with and without low-rank
         return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]
+    if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
+        names = ["cublas", "PQLinear", "cuda-lut", "cuda-mma", "dequant+cublas"]
+        return [(t, names, (True,), True) for t in (64, 16, 8, 32, 4, 2)] + \
+            [(2048, ["cublas", "PQLinear"], (True, False), False)]
     if name == "focus":  # the decode launch with low-rank, and the dequantize(+low-rank) + cuBLAS path
         dqt = ["dequantT128x16w4+cublas", "dequantT128x32w8+cublas", "dequantT256x16w8+cublas",
                "dequantT64x32w4+cublas", "dequantT128x8w4+cublas"]
@@ -440,7 +447,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
-    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1"), help="which timings (focus: decode launch "
+    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid"), help="which timings (focus: decode launch "
                     "with low-rank, dequantize + cuBLAS, 2-64 tokens)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")

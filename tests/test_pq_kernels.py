@@ -181,3 +181,15 @@ def test_cuda_lut_kernel_matches_reference(T):
     y = pq_gemv_cuda(x, args[0], args[1], geo, *args[2:])
     ref = pq_gemv_cuda_reference(x, args[0], args[1], geo, *args[2:])
     assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
+@pytest.mark.parametrize("N,M,k,rank,bias,T", [(1000, 2050, 512, 8, True, 9), (300, 130, 4096, 0, False, 33),
+                                               (4096, 4096, 4096, 48, False, 64), (257, 1030, 128, 5, True, 17)])
+def test_cuda_mma_kernel_matches_reference(N, M, k, rank, bias, T):
+    from athena_runtime.kernels.pq_cuda_mma import pq_mma_cuda, pq_mma_cuda_reference
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, 2, 64, k, rank, bias)
+    x = torch.randn(T, M, device=DEV).half()
+    for split in (None, 1, 3):
+        y = pq_mma_cuda(x, qw, cb, geo, A, B, b, split=split)
+        assert y.shape == (T, N) and rel_err(y, pq_mma_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]

@@ -16,12 +16,11 @@ Ada (sm_89) and Hopper alike. `pq_gemv_cuda_reference` is the PyTorch spec.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
 
 import torch
 
+from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import (
     check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
@@ -356,47 +355,18 @@ def cuda_source() -> str:
             + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL)
 
 
-_ext = None
-_ext_error: str | None = None
-_lock = threading.Lock()
+EXTENSION = InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({len(VARIANTS)} variants)", _CPP_DECL,
+                            cuda_source, ["pq_lut_gemv"])
 
 
 def load_extension(verbose: bool = False):
-    """Compile (first call, cached by torch under ~/.cache/torch_extensions) and return the module.
-    Raises RuntimeError with the compiler's message when it cannot be built."""
-    global _ext, _ext_error
-    with _lock:
-        if _ext is not None:
-            return _ext
-        if _ext_error is not None:
-            raise RuntimeError(_ext_error)
-        from torch.utils.cpp_extension import load_inline
-        src = cuda_source()
-        name = "athena_pq_cuda_" + hashlib.sha1(src.encode()).hexdigest()[:12]
-        log.info("building the CUDA PQ decode kernel %s (%d variants; first use takes about a minute)", name, len(VARIANTS))
-        try:
-            _ext = load_inline(name=name, cpp_sources=_CPP_DECL, cuda_sources=src, functions=["pq_lut_gemv"],
-                               extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
-        except Exception as e:  # noqa: BLE001 - any build failure disables this kernel, loudly
-            _ext_error = f"CUDA PQ kernel build failed: {type(e).__name__}: {e}"
-            raise RuntimeError(_ext_error) from e
-        return _ext
+    """Compile on first use and return the module; RuntimeError with the compiler's message if it fails."""
+    return EXTENSION.load(verbose)
 
 
 def cuda_kernel_available() -> bool:
     """True when the extension is (or can be) built here; never raises (the build error is logged once)."""
-    if not torch.cuda.is_available():
-        return False
-    if _ext is not None:
-        return True
-    if _ext_error is not None:
-        return False
-    try:
-        load_extension()
-        return True
-    except RuntimeError as e:
-        log.warning("%s", e)
-        return False
+    return EXTENSION.available()
 
 
 def supports(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
