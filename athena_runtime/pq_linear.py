@@ -6,8 +6,8 @@ The indices stay bit-packed on the device, repacked at load time into the kernel
 (`kernels/layout.py`); codebooks are dequantized to fp16 once. `select_path` — the one place that
 decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
-    cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 8 tokens, fp16, when it builds
-    cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 9-64 tokens, fp16,
+    cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 4 tokens, fp16, when it builds
+    cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 5-64 tokens, fp16,
                     default recipe (b = 6, d = 2), when it builds
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
     dequant-matmul  Triton dequantize of the whole Ŵᵀ, then one cuBLAS call (more tokens)
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 PATHS = ("reference", "cuda-decode", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
-CUDA_LUT_MAX_TOKENS = 8  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
-# at 16 tokens it measured slower than the dequantize + cuBLAS path, whose dequantization alone bounds it)
+CUDA_LUT_MAX_TOKENS = 4  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
+# at 8 tokens the tensor-core kernel measured 1.2-1.3x faster on the 7B shapes, bench/results/kernels.md)
+CUDA_LUT_FALLBACK_MAX_TOKENS = 8  # ... and up to 8 where cuda-mma does not serve the layer (still beats dequantize)
 TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
 MMA_MAX_TOKENS = 64  # CUDA tensor-core kernel (Ŵ tiles decoded in shared memory) above the lookup table
 LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
@@ -56,20 +57,21 @@ def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch
         return forced
     if device.type != "cuda":
         return "reference"
-    if tokens <= CUDA_LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
-        if cuda_decode_ok is None:
-            from athena_runtime.kernels import pq_cuda
-            cuda_decode_ok = pq_cuda.usable
-        if cuda_decode_ok(geo, tokens, dtype):
-            return "cuda-decode"
-    if tokens <= TRITON_LUT_MAX_TOKENS and geo.n <= LUT_MAX_N:
+    if cuda_decode_ok is None:
+        from athena_runtime.kernels import pq_cuda
+        cuda_decode_ok = pq_cuda.usable
+    if cuda_mma_ok is None:
+        from athena_runtime.kernels import pq_cuda_mma
+        cuda_mma_ok = pq_cuda_mma.usable
+    lut = geo.n <= LUT_MAX_N
+    if tokens <= CUDA_LUT_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype):
+        return "cuda-decode"
+    if tokens <= TRITON_LUT_MAX_TOKENS and lut:
         return "triton-decode"
-    if tokens <= MMA_MAX_TOKENS:
-        if cuda_mma_ok is None:
-            from athena_runtime.kernels import pq_cuda_mma
-            cuda_mma_ok = pq_cuda_mma.usable
-        if cuda_mma_ok(geo, tokens, dtype):
-            return "cuda-mma"
+    if tokens <= MMA_MAX_TOKENS and cuda_mma_ok(geo, tokens, dtype):
+        return "cuda-mma"
+    if tokens <= CUDA_LUT_FALLBACK_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype):
+        return "cuda-decode"  # recipes the tensor-core kernel does not serve
     # many tokens: dequantize + cuBLAS; the fused Triton prefill kernel measured slower (kernels.md)
     return "dequant-matmul"
 

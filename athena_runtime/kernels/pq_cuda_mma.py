@@ -1,4 +1,4 @@
-"""PQ matmul for a batch of decode tokens (9-64): tiles of Ŵ dequantized in shared memory, then tensor cores.
+"""PQ matmul for a batch of decode tokens (5-64): tiles of Ŵ dequantized in shared memory, then tensor cores.
 
 Between the lookup-table kernel (its work grows with the tokens) and dequantize + cuBLAS (which
 writes and re-reads the whole fp16 Ŵ every call), this kernel decodes each index once per call,
@@ -7,7 +7,8 @@ and Hopper alike) apply it to all tokens:
 
     CTA (row tile of 128 rows, split s), 8 warps; K walked in chunks of SLAB_W = 8 index words
     (PER_WORD·8 groups, PER_WORD·8·d columns):
-      1. the chunk's codebooks [groups, d, n] and x columns [T_PAD, K] -> shared memory
+      1. the chunk's codebooks [groups, d, n] and x columns [T_PAD, K] -> shared memory (requested
+         one chunk ahead into registers, with the index words, while the tensor cores work)
       2. each warp decodes one word column for the 128 rows: Ws[row, kk] = C[β, j, l, I[row, j]]
       3. each warp multiplies: acc[t, its 16 rows] += Xs[t, :] · Ws[its rows, :]ᵀ
     partial sums [S, T_PAD, N_pad] (fp32) are finished by `pq_gemv.splitk_epilogue`, which also adds
@@ -70,25 +71,46 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
 #pragma unroll
     for (int i = 0; i < T_PAD / 16; ++i) wmma::fill_fragment(acc[i], 0.f);
 
-    uint32_t wd[4];  // this thread's index words: word `warp` of the chunk, rows lane + 32 i
-    if (c_begin < c_end) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) wd[i] = __ldcs(qweight + (size_t)(c_begin * SLAB_W + warp) * N_pad + row0 + lane + 32 * i);
-    }
-    for (int c = c_begin; c < c_end; ++c) {
+    // Each chunk's operands are requested one chunk ahead, into registers, while the tensor cores work:
+    // index words (word `warp`, rows lane + 32 i), codebook lines (int4), x pairs (half2, d = 2).
+    static_assert(D == 2, "x pairs: instantiated for d = 2");
+    constexpr int CB_VECS = GROUPS * D * NC / 8, CB_PT = (CB_VECS + THREADS - 1) / THREADS;
+    constexpr int X_PAIRS = T_PAD * GROUPS, X_PT = (X_PAIRS + THREADS - 1) / THREADS;
+    uint32_t wd[4];
+    int4 cbr[CB_PT];
+    __half2 xr[X_PT];
+    auto fetch = [&](int c) {
         const int w0 = c * SLAB_W;
-        __syncthreads();  // the previous chunk's products are done with Ws / Xs / Cb
-        for (int e = tid; e < GROUPS * D * NC / 8; e += THREADS) {  // codebooks, 8 halves per load
-            const int g = e / (D * NC / 8), part = e % (D * NC / 8);
-            const int j = (g / SLAB_W) * GW + w0 + g % SLAB_W;
-            reinterpret_cast<int4*>(Cb)[e] = reinterpret_cast<const int4*>(cb_blk + (size_t)j * D * NC)[part];
-        }
-        for (int e = tid; e < T_PAD * GROUPS; e += THREADS) {  // x columns, permuted to kk order
-            const int t = e / GROUPS, g = e % GROUPS;          // g = w PER_WORD + s
-            const int col = ((g % PER_WORD) * GW + w0 + g / PER_WORD) * D;
 #pragma unroll
-            for (int l = 0; l < D; ++l)
-                Xs[t * LD + g * D + l] = (t < t_valid && col + l < M) ? x[(size_t)t * stride_xt + col + l] : __float2half(0.f);
+        for (int i = 0; i < 4; ++i) wd[i] = __ldcs(qweight + (size_t)(w0 + warp) * N_pad + row0 + lane + 32 * i);
+#pragma unroll
+        for (int i = 0; i < CB_PT; ++i) {
+            const int e = tid + i * THREADS;
+            if (e < CB_VECS) {
+                const int g = e / (D * NC / 8), part = e % (D * NC / 8);
+                const int j = (g / SLAB_W) * GW + w0 + g % SLAB_W;
+                cbr[i] = reinterpret_cast<const int4*>(cb_blk + (size_t)j * D * NC)[part];
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < X_PT; ++i) {
+            const int e = tid + i * THREADS;
+            const int t = e / GROUPS, g = e % GROUPS;  // g = w PER_WORD + s
+            const int col = ((g % PER_WORD) * GW + w0 + g / PER_WORD) * D;
+            xr[i] = (e < X_PAIRS && t < t_valid && col < M)
+                ? *reinterpret_cast<const __half2*>(x + (size_t)t * stride_xt + col) : __float2half2_rn(0.f);
+        }
+    };
+    if (c_begin < c_end) fetch(c_begin);
+    for (int c = c_begin; c < c_end; ++c) {
+        __syncthreads();  // the previous chunk's products are done with Ws / Xs / Cb
+#pragma unroll
+        for (int i = 0; i < CB_PT; ++i)
+            if (tid + i * THREADS < CB_VECS) reinterpret_cast<int4*>(Cb)[tid + i * THREADS] = cbr[i];
+#pragma unroll
+        for (int i = 0; i < X_PT; ++i) {
+            const int e = tid + i * THREADS;
+            if (e < X_PAIRS) *reinterpret_cast<__half2*>(Xs + (e / GROUPS) * LD + (e % GROUPS) * D) = xr[i];
         }
         __syncthreads();
 #pragma unroll
@@ -98,18 +120,10 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
             for (int s = 0; s < PER_WORD; ++s) {
                 const uint32_t idx = (wd[i] >> (s * BITS)) & (NC - 1);
                 const __half* cbg = Cb + (s * SLAB_W + warp) * D * NC + idx;
-                if constexpr (D == 2) {
-                    *reinterpret_cast<__half2*>(dst + 2 * s) = __halves2half2(cbg[0], cbg[NC]);
-                } else {
-#pragma unroll
-                    for (int l = 0; l < D; ++l) dst[s * D + l] = cbg[l * NC];
-                }
+                *reinterpret_cast<__half2*>(dst + 2 * s) = __halves2half2(cbg[0], cbg[NC]);
             }
         }
-        if (c + 1 < c_end) {  // next chunk's words: in flight during the products
-#pragma unroll
-            for (int i = 0; i < 4; ++i) wd[i] = __ldcs(qweight + (size_t)((c + 1) * SLAB_W + warp) * N_pad + row0 + lane + 32 * i);
-        }
+        if (c + 1 < c_end) fetch(c + 1);  // in flight during the products
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < KC; kk += 16) {  // warp: output rows row0 + 16 warp .. +16, all tokens
