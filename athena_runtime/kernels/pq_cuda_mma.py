@@ -230,5 +230,5 @@ def pq_mma_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b
     EXTENSION.load().pq_mma(x.contiguous(), qweight, codebook, partial, geo.GW, geo.k, per_split, geo.bits)
     u = None
     if lowrank_a is not None:
-        u = (x @ lowrank_b.t().to(x.dtype)).float().unsqueeze(0)  # [1, T, r]
+        u = (x @ lowrank_b.t().to(x.dtype)).unsqueeze(0)  # [1, T, r] fp16 (the tile epilogue widens it)
     return splitk_epilogue(partial, u, lowrank_a, bias, T, geo.N, x.dtype)

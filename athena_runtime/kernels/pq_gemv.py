@@ -218,6 +218,47 @@ if triton is not None:
         tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
+    @triton.jit
+    def _splitk_epilogue_tile_kernel(
+        partial_ptr, u_part_ptr, lr_a_ptr, bias_ptr, y_ptr,
+        S, S_U, T, N, RANK,
+        stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P2: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """The same sum for a [BLOCK_T tokens, BLOCK_N rows] tile: A's rows are read once for all the
+        tile's tokens and the low-rank term is one tl.dot (many tokens: the tensor-core path)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_mask = rows < N
+        t_mask = offs_t < T
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        s = tl.program_id(0) * 0
+        while s < S:
+            acc += tl.load(partial_ptr + s * stride_ps + offs_t[:, None] * stride_pt + rows[None, :],
+                           mask=t_mask[:, None] & row_mask[None, :], other=0.0)
+            s += 1
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, RANK_P2)
+            mask_r = offs_r < RANK
+            u = tl.zeros([BLOCK_T, RANK_P2], dtype=tl.float32)
+            s = tl.program_id(0) * 0
+            while s < S_U:
+                u += tl.load(u_part_ptr + s * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :],
+                             mask=t_mask[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                s += 1
+            a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
+                        mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+            acc += tl.dot(u.to(a.dtype), tl.trans(a))
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_t[:, None] * stride_yt + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & row_mask[None, :])
+
+
+TILE_EPILOGUE_MIN_TOKENS = 4  # above this many tokens the epilogue works on [16 tokens, 64 rows] tiles
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -230,6 +271,18 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype)
     y = torch.empty(T, N, device=partial.device, dtype=out_dtype)
     has_lr = lowrank_a is not None
     rank = lowrank_a.shape[1] if has_lr else 0
+    if T > TILE_EPILOGUE_MIN_TOKENS:  # token tiles: A read once per tile, not once per token
+        BLOCK_T, BLOCK_N = 16, 64
+        _splitk_epilogue_tile_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(T, BLOCK_T))](
+            partial, u_part if has_lr else partial, lowrank_a if has_lr else partial, bias if bias is not None else partial, y,
+            S, u_part.shape[0] if has_lr else 0, T, N, rank,
+            partial.stride(0), partial.stride(1),
+            u_part.stride(0) if has_lr else 0, u_part.stride(1) if has_lr else 0,
+            lowrank_a.stride(0) if has_lr else 0, y.stride(0),
+            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, RANK_P2=max(16, _next_pow2(rank)),
+            HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, num_warps=4,
+        )
+        return y
     # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip;
     # row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)
     block_s = min(64, max(16, _next_pow2(max(S, u_part.shape[0] if has_lr else 1))))
