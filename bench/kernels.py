@@ -136,6 +136,7 @@ def variants(cuda_ok):
             lambda x, L, lr, bm=bm, bn=bn, bw=bw, sk=sk, nw=nw, st=st: pq_gemm(
                 x, *layer_args(L, lr), block_m=bm, block_n=bn, block_w=bw, split_k=sk, num_warps=nw, num_stages=st),
             lambda T, g, bm=bm: T <= bm and g.N == 11008)
+    v["dequant+cublas-addmm"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="addmm"), lambda T, g: T >= 16)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
@@ -301,7 +302,7 @@ def plan(smoke, name="full"):
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
         names = ["cublas", "PQLinear", "cuda-lut", "cuda-mma", "dequant+cublas"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 32, 4, 2)] + \
-            [(2048, ["cublas", "PQLinear"], (True, False), False)]
+            [(2048, ["cublas", "PQLinear", "dequant+cublas-addmm"], (True, False), False)]
     if name == "focus":  # the decode launch with low-rank, and the dequantize(+low-rank) + cuBLAS path
         dqt = ["dequantT128x16w4+cublas", "dequantT128x32w8+cublas", "dequantT256x16w8+cublas",
                "dequantT64x32w4+cublas", "dequantT128x8w4+cublas"]

@@ -150,11 +150,12 @@ def test_dequant_matmul_with_lowrank_rows(rank, bias, T):
     geo, qw, cb, A, B, b, _, _ = make_layer(130, 50, 2, 64, 64, rank, bias)
     x = torch.randn(T, 50, generator=torch.Generator().manual_seed(4)).to(DEV)
     ref = pq_gemm_reference(x, qw, cb.float(), geo, A, B, b)
-    y = pq_dequant_matmul(x, qw, cb.float(), geo, None if A is None else A.float(), None if B is None else B.float(),
-                          None if b is None else b.float())
-    assert rel_err(y, ref) < TOL[torch.float32]
-    y16 = pq_dequant_matmul(x.half(), qw, cb, geo, A, B, b)
-    assert y16.dtype == torch.float16 and rel_err(y16, ref) < TOL[torch.float16]
+    for mode in ("rows", "addmm"):
+        y = pq_dequant_matmul(x, qw, cb.float(), geo, None if A is None else A.float(),
+                              None if B is None else B.float(), None if b is None else b.float(), lowrank_mode=mode)
+        assert rel_err(y, ref) < TOL[torch.float32]
+        y16 = pq_dequant_matmul(x.half(), qw, cb, geo, A, B, b, lowrank_mode=mode)
+        assert y16.dtype == torch.float16 and rel_err(y16, ref) < TOL[torch.float16]
 
 
 def test_kernels_check_operands():

@@ -241,21 +241,31 @@ def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, 
     return Wt
 
 
-def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, **tuning):
-    """Ŵᵀ dequantized by a Triton kernel, then ONE cuBLAS call. The low-rank term rides along as r more
-    inner-dimension rows: [x | u] · [Ŵᵀ ; Aᵀ] = x Ŵᵀ + (x Bᵀ) Aᵀ with u = x Bᵀ (a thin GEMM), so it costs
-    no extra pass over the [T, N] output."""
+def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
+                      lowrank_mode: str = "rows", **tuning):
+    """Ŵᵀ dequantized by a Triton kernel, then cuBLAS. The low-rank term, by `lowrank_mode`:
+    "rows": r more inner-dimension rows, [x | u] · [Ŵᵀ ; Aᵀ] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM, no
+    extra pass over the [T, N] output (the inner dimension padded to a multiple of 64 with zeros);
+    "addmm": y = x Ŵᵀ, then y += u Aᵀ in place (a second pass over y)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
-    if lowrank_a is None:
+    if lowrank_a is None or lowrank_mode == "addmm":
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
-        return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
+        y = torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
+        if lowrank_a is not None:
+            y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
+        return y
+    if lowrank_mode != "rows":
+        raise ValueError(f"lowrank_mode must be 'rows' or 'addmm', got {lowrank_mode!r}")
     T, M, r = x.shape[0], geo.M, lowrank_a.shape[1]
-    Wt = torch.empty(M + r, geo.N, device=x.device, dtype=x.dtype)
+    K = -(-(M + r) // 64) * 64
+    Wt = torch.empty(K, geo.N, device=x.device, dtype=x.dtype)
     pq_dequantize_t(qweight, codebook, geo, x.dtype, out=Wt[:M], **tuning)
-    Wt[M:].copy_(lowrank_a.t())
-    xu = torch.empty(T, M + r, device=x.device, dtype=x.dtype)
+    Wt[M:M + r].copy_(lowrank_a.t())
+    Wt[M + r:].zero_()
+    xu = torch.empty(T, K, device=x.device, dtype=x.dtype)
     xu[:, :M].copy_(x)
-    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:])
+    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:M + r])
+    xu[:, M + r:].zero_()
     return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
 
 
