@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: tests chat decode engine serve quantize7b kernels
+#   bash bench/gpu_suite.sh STAGE... ; stages: tests kernels chat decode engine serve quantize7b
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -13,8 +13,11 @@ need_ckpt() { [ -f $ckpt/athena.json ] || python3 -m bench.random_checkpoint --o
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_paged_attention.py \
-             tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py 2>&1 | tail -4 | tee $OUT/gpu_tests.txt ;;
+    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kv_cache.py \
+             tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py \
+             tests/test_split_linear.py tests/test_fused_ops.py 2>&1 | tail -6 | tee $OUT/gpu_tests.txt ;;
+    kernels) timeout 300 python3 bench/kernels.py --out $OUT --plan summary --budget 280 --commit "${COMMIT:-unknown}" \
+             > $OUT/kernels_stdout.txt 2>&1; tail -45 $OUT/kernels_stdout.txt ;;
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     decode) need_ckpt; timeout 300 python3 -m bench.decode --workdir /tmp/w --json 2>$OUT/decode.err | tee $OUT/decode.txt | tail -6 ;;

@@ -297,6 +297,10 @@ GEMM_SWEEP = [  # (block_m, block_n, block_w, split_k, num_warps, num_stages) of
 
 def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
+    if name == "summary":  # what BENCHMARKS.md reports: PQLinear (the runtime's chosen path) vs cuBLAS
+        return [(1, ["cublas", "PQLinear"], (True, False), True)] + \
+            [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64)] + \
+            [(2048, ["cublas", "PQLinear", "dequant+cublas-addmm"], (True, False), False)]
     if name == "t1":  # one token: the decode launch, with and without low-rank
         return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
@@ -448,7 +452,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
-    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid"), help="which timings (focus: decode launch "
+    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid", "summary"), help="which timings (focus: decode launch "
                     "with low-rank, dequantize + cuBLAS, 2-64 tokens)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")
