@@ -24,11 +24,12 @@ from athena_runtime.batch import SequenceChunk
 from athena_runtime.block_manager import BlockManager
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
-from athena_runtime.sampler import Sample, Sampler, SampleRow
+from athena_runtime.sampler import RequestGenerator, Sample, Sampler
 from athena_runtime.sampling_params import SamplingParams
 from athena_runtime.scheduler import Scheduler
 from athena_runtime.sequence import Sequence
 from athena_runtime.stop_strings import TextStream
+from athena_runtime.token_decoder import TokenDecoder
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class EngineCore:
                  eos_token_ids: tuple[int, ...] = ()) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        self.token_decoder = TokenDecoder(tokenizer)
+        log.info("detokenizer: %s", self.token_decoder.kind)
         self.settings = settings
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
@@ -84,9 +87,9 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.check_request(prompt_token_ids, params)
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        generator = RequestGenerator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         seq = Sequence(request_id, prompt_token_ids, params, self._arrivals, generator)
-        seq.stream = TextStream(self.tokenizer, seq.prompt_token_ids, params.stop)
+        seq.stream = TextStream(self.token_decoder.decode, seq.prompt_token_ids, params.stop)
         self.scheduler.add(seq)
         self._arrivals += 1
         self.prompt_tokens_total += len(prompt_token_ids)
@@ -105,15 +108,19 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        chunks = [SequenceChunk(token_ids=c.seq.next_chunk(c.num_tokens), start_pos=c.seq.num_computed,
-                                block_table=c.seq.block_table[:self.block_manager.blocks_for(c.seq.num_computed + c.num_tokens)])
-                  for c in batch]
+        blocks_for = self.block_manager.blocks_for
+        chunks, due_rows = [], []     # due_rows: chunks that reach their sequence's last token
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            chunks.append(SequenceChunk(seq.next_chunk(n), start, seq.block_table[:blocks_for(start + n)]))
+            if start + n == seq.num_tokens:
+                due_rows.append(i)
         try:
             logits = self.runner.execute(chunks)                                 # [len(chunks), V]
-            due_rows = [i for i, c in enumerate(batch) if c.seq.num_uncomputed == c.num_tokens]
             due = self.scheduler.advance(batch)
-            samples = self.sampler(logits[due_rows], [SampleRow(s.params, s.prompt_token_ids, s.output_token_ids,
-                                                                s.generator) for s in due])
+            if len(due_rows) < len(chunks):
+                logits = logits[torch.tensor(due_rows).to(logits.device, non_blocking=True)]
+            samples = self.sampler(logits, due)   # a Sequence has the fields of a SampleRow
         except Exception as exc:   # a failed step fails its requests, never the engine
             log.exception("model step failed; failing %d request(s)", len(batch))
             message = f"{type(exc).__name__}: {exc}"
@@ -149,12 +156,9 @@ class EngineCore:
                              completion_tokens=len(seq.output_token_ids), error=error)
 
     def _token_logprob(self, sample: Sample) -> TokenLogprob:
-        text = self._token_text
+        text = self.token_decoder.token_text
         top = tuple(TopLogprob(t, text(t), lp) for t, lp in sample.top)
         return TokenLogprob(sample.token_id, text(sample.token_id), sample.logprob, top)
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),

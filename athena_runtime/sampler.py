@@ -15,16 +15,20 @@ Order per row (one row = one request):
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from athena_runtime.sampling_params import SamplingParams
 
+_UNIFORM_BLOCK = 64   # uniform numbers drawn at once from a request's generator
+
 
 @dataclass(frozen=True)
 class SampleRow:
-    """What the sampler needs of one request."""
+    """What the sampler needs of one request (the engine's `Sequence` has these four fields too and
+    is passed as it is)."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -39,14 +43,15 @@ class Sample:
     top: tuple[tuple[int, float], ...] = ()            # (token_id, logprob), most likely first
 
 
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, copied without waiting for the device (no sync)."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 def _token_matrix(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """Pad token lists into [B, L] with the out-of-vocab index `vocab`."""
     width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), vocab, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return ids.to(device)
+    return _to_device([r + [vocab] * (width - len(r)) for r in rows], torch.long, device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -54,15 +59,15 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     B, V = logits.shape
     dev = logits.device
     if any(r.params.repetition_penalty != 1.0 for r in rows):   # decided on the host: no device sync
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], dtype=logits.dtype, device=dev)
+        rep = _to_device([r.params.repetition_penalty for r in rows], logits.dtype, dev)
         ids = _token_matrix([r.prompt_token_ids + r.output_token_ids for r in rows], V, dev)
         seen = torch.zeros(B, V + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :V]
         p = rep[:, None].expand(B, V)
         penalized = torch.where(logits > 0, logits / p, logits * p)
         logits = torch.where(seen, penalized, logits)
     if any(r.params.frequency_penalty or r.params.presence_penalty for r in rows):
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], dtype=logits.dtype, device=dev)
-        pres = torch.tensor([r.params.presence_penalty for r in rows], dtype=logits.dtype, device=dev)
+        freq = _to_device([r.params.frequency_penalty for r in rows], logits.dtype, dev)
+        pres = _to_device([r.params.presence_penalty for r in rows], logits.dtype, dev)
         ids = _token_matrix([r.output_token_ids for r in rows], V, dev)
         counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=dev)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
@@ -75,10 +80,10 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     """Temperature, top-k, top-p, min-p. Returns (probs [B, V] sorted descending, their token ids)."""
     B, V = logits.shape
     dev = logits.device
-    temp = torch.tensor([r.params.temperature or 1.0 for r in rows], dtype=torch.float32, device=dev)
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows], device=dev)
-    top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32, device=dev)
-    min_p = torch.tensor([r.params.min_p for r in rows], dtype=torch.float32, device=dev)
+    settings = _to_device([[r.params.temperature or 1.0, r.params.top_k if r.params.top_k > 0 else V,
+                            r.params.top_p, r.params.min_p] for r in rows], torch.float64, dev)   # [B, 4]
+    temp, top_p, min_p = settings[:, 0].float(), settings[:, 2].float(), settings[:, 3].float()
+    top_k = settings[:, 1].long()
     sorted_logits, sorted_ids = torch.sort(logits.float() / temp[:, None], dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     rank = torch.arange(V, device=dev)[None, :]
@@ -89,25 +94,75 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     return probs.masked_fill(drop, 0.0), sorted_ids
 
 
+def _any_penalty(params: list[SamplingParams]) -> bool:
+    return any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params)
+
+
+def _sorted_probs(logits: torch.Tensor, temperatures: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature only (no filter asked for): (probs [B, V] sorted descending, their token ids)."""
+    if any(t != 1.0 for t in temperatures):
+        logits = logits / _to_device(temperatures, torch.float32, logits.device)[:, None]
+    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True, stable=True)
+    return torch.softmax(sorted_logits, dim=-1), sorted_ids
+
+
+class RequestGenerator(torch.Generator):
+    """A request's CPU generator. A Python subclass, so the sampler can key its pre-drawn numbers by
+    a weak reference to it (a plain torch.Generator takes none in some torch versions)."""
+
+
 class Sampler:
+    """Samples one token per row. Draws from a row's generator are taken `_UNIFORM_BLOCK` at a time
+    and handed out one per sampled token: the same numbers, in the same order, as one
+    `torch.rand((), generator=g, dtype=torch.float64)` call per token (tested), without a torch call
+    per row and step. So a generator given to the sampler must not be drawn from elsewhere. (A
+    generator that takes no weak reference is drawn from once per token, as before.)"""
+
+    def __init__(self) -> None:
+        self._uniforms: weakref.WeakKeyDictionary[torch.Generator, list[float]] = weakref.WeakKeyDictionary()
+
+    def _uniform(self, generator: torch.Generator | None) -> float:
+        try:
+            pending = self._uniforms.get(generator)
+        except TypeError:   # None, or a torch.Generator this torch cannot weakly reference: no buffer
+            return torch.rand((), generator=generator, dtype=torch.float64).item()
+        if not pending:
+            pending = torch.rand(_UNIFORM_BLOCK, generator=generator, dtype=torch.float64).tolist()[::-1]
+            self._uniforms[generator] = pending
+        return pending.pop()
+
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
-        """logits: float [B, V], one row per entry of `rows`; returns one Sample per row."""
+        """logits: float [B, V], one row per entry of `rows`; returns one Sample per row.
+
+        A row is anything with SampleRow's four fields (the engine passes its Sequences). Host work
+        is done before the first device sync, and the common cases skip what they do not need: all
+        rows greedy -> one argmax; no penalties -> no penalty ops; no top-k / top-p / min-p -> no
+        filter ops; all temperatures 1 -> no division (each skip leaves the values bit-identical)."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} requests")
         if not rows:
             return []
+        params = [r.params for r in rows]
+        greedy = [p.temperature == 0.0 for p in params]
         logits = logits.float()
-        processed = apply_penalties(logits, rows)
-        token_ids = processed.argmax(dim=-1)
-        if not all(r.params.greedy for r in rows):
-            greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-            probs, sorted_ids = _filtered_sorted_probs(processed, rows)
+        processed = apply_penalties(logits, rows) if _any_penalty(params) else logits
+        if all(greedy):
+            token_ids = processed.argmax(dim=-1)
+        else:
             # one uniform per sampled row, from that request's generator (greedy rows draw nothing)
-            u = torch.tensor([0.0 if r.params.greedy else torch.rand((), generator=r.generator, dtype=torch.float64).item()
-                              for r in rows], dtype=torch.float64, device=logits.device)
+            uniform = self._uniform
+            u = torch.tensor([0.0 if g else uniform(r.generator) for g, r in zip(greedy, rows)], dtype=torch.float64)
+            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+                probs, sorted_ids = _filtered_sorted_probs(processed, rows)
+            else:
+                probs, sorted_ids = _sorted_probs(processed, [p.temperature or 1.0 for p in params])
+            u = u.to(logits.device, non_blocking=True)
             cdf = torch.cumsum(probs.double(), dim=-1)
             pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
-            token_ids = torch.where(greedy, token_ids, sorted_ids.gather(1, pos).squeeze(1))
+            token_ids = sorted_ids.gather(1, pos).squeeze(1)
+            if any(greedy):
+                is_greedy = _to_device(greedy, torch.bool, logits.device)
+                token_ids = torch.where(is_greedy, processed.argmax(dim=-1), token_ids)
         return self._with_logprobs(logits, token_ids.tolist(), rows)
 
     @staticmethod

@@ -12,14 +12,13 @@ Each step builds one batch within `max_num_seqs` sequences and `max_num_batched_
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from athena_runtime.block_manager import BlockManager
 from athena_runtime.sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledChunk(NamedTuple):
     seq: Sequence
     num_tokens: int    # tokens of seq fed this step, from seq.num_computed on
 
@@ -49,18 +48,21 @@ class Scheduler:
         batch: list[ScheduledChunk] = []
         preempted = False
         for seq in list(self.running):                       # 1. decodes
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1 or budget == 0:
+            num_tokens = seq.num_tokens
+            if seq.status is not SequenceStatus.RUNNING or num_tokens - seq.num_computed != 1 or budget == 0:
                 continue
-            while not bm.can_grow(seq.block_table, seq.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is SequenceStatus.RUNNING:
-                bm.grow(seq.block_table, seq.num_tokens)
-                batch.append(ScheduledChunk(seq, 1))
-                budget -= 1
+            if bm.blocks_for(num_tokens) > len(seq.block_table):   # needs a new block (1 step in block_size)
+                while not bm.can_grow(seq.block_table, num_tokens):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                bm.grow(seq.block_table, num_tokens)
+            batch.append(ScheduledChunk(seq, 1))
+            budget -= 1
         for seq in self.running:                             # 2. prefill chunks in progress
             if seq.num_uncomputed > 1 and budget > 0:
                 n = min(seq.num_uncomputed, budget)

@@ -3,7 +3,8 @@
 Detokenization decodes a small window of recent tokens and emits what it adds to the window's
 previous text (vLLM's prefix/read offsets): merged pieces and leading spaces come out as a full
 decode would give them, and text ending in U+FFFD (a multi-byte character whose remaining bytes
-are in tokens not sampled yet) is held until the character is complete.
+are in tokens not sampled yet) is held until the character is complete. The window's prefix text is
+decoded once per window, not once per token; `decode` is a `TokenDecoder`'s (token_decoder.py).
 
 Stop strings: the text's tail that could still grow into a stop string is held back; what is
 emitted is never retracted. When a stop string appears, the text before it is emitted and the
@@ -11,20 +12,21 @@ stop string (and anything after it) is dropped.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 _PROMPT_CONTEXT = 5   # prompt tokens decoded ahead of the output, so the first token's spacing is right
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int]) -> None:
-        self.tokenizer = tokenizer
+    """decode: token ids -> text, as `tokenizer.decode(ids, skip_special_tokens=True,
+    clean_up_tokenization_spaces=False)` (a `TokenDecoder`'s `decode`)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_token_ids: list[int]) -> None:
+        self.decode = decode
         self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self.prefix_offset = 0              # window start
         self.read_offset = len(self.ids)    # tokens before this are already turned into text
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self.prefix_text: str | None = None  # decode(ids[prefix_offset:read_offset]), once per window
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new complete text (possibly "")."""
@@ -36,10 +38,13 @@ class IncrementalDetokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
-        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.ids[self.prefix_offset:])
+        prefix_text = self.prefix_text
+        if prefix_text is None:
+            prefix_text = self.prefix_text = self.decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self.decode(self.ids[self.prefix_offset:])
         if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.prefix_text = None
             return full_text[len(prefix_text):]
         return ""
 
@@ -83,8 +88,9 @@ class StopStringMatcher:
 class TextStream:
     """One request's output text: tokens in, (text delta, stop string hit) out."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stops: tuple[str, ...] = ()) -> None:
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids)
+    def __init__(self, decode: Callable[[list[int]], str], prompt_token_ids: list[int],
+                 stops: tuple[str, ...] = ()) -> None:
+        self.detokenizer = IncrementalDetokenizer(decode, prompt_token_ids)
         self.matcher = StopStringMatcher(stops)
 
     def add(self, token_id: int) -> tuple[str, bool]:

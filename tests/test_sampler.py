@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from athena_runtime.sampler import Sampler, SampleRow, apply_penalties
+from athena_runtime.sampler import RequestGenerator, Sampler, SampleRow, apply_penalties
 from athena_runtime.sampling_params import SamplingParams
 
 V = 50
@@ -115,3 +115,26 @@ def test_logprobs_are_raw_model_logprobs_with_sorted_alternatives():
     assert samples[1].logprob is None and samples[1].top == ()
     zero = Sampler()(logits[:1], [row(SamplingParams(temperature=0.0, logprobs=0))])[0]
     assert zero.top == () and math.isclose(zero.logprob, float(raw.max()), rel_tol=1e-5)
+
+
+def test_plain_temperature_path_draws_what_the_filtered_path_draws():
+    """top_k=V filters nothing but sends the batch through the top-k / top-p / min-p path."""
+    logits = logits_rows(6, seed=11)
+    for temps in ([1.0] * 6, [0.7, 1.0, 1.3, 0.7, 0.0, 1.0], [0.5] * 6):
+        plain = [row(SamplingParams(temperature=t), seed=i) for i, t in enumerate(temps)]
+        filtered = [row(SamplingParams(temperature=t, top_k=V), seed=i) for i, t in enumerate(temps)]
+        a, b = Sampler(), Sampler()
+        for _ in range(100):   # crosses the sampler's block of pre-drawn uniforms
+            assert [s.token_id for s in a(logits, plain)] == [s.token_id for s in b(logits, filtered)]
+
+
+def test_uniforms_are_the_generators_scalar_draws_in_order():
+    for g in (RequestGenerator(), torch.Generator()):   # buffered; buffered or not, by torch version
+        sampler = Sampler()
+        g.manual_seed(3)
+        got = [sampler._uniform(g) for _ in range(150)]
+        g.manual_seed(3)
+        assert got == [torch.rand((), generator=g, dtype=torch.float64).item() for _ in range(150)]
+    sampler, g = Sampler(), RequestGenerator().manual_seed(1)
+    sampler._uniform(g)
+    assert isinstance(g, RequestGenerator) and len(sampler._uniforms[g]) == 63    # 64 drawn, one handed out

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from athena_runtime.stop_strings import IncrementalDetokenizer, StopStringMatcher, TextStream
+from athena_runtime.token_decoder import TokenDecoder
 from fake_runner import tiny_tokenizer
 
 TEXT = "Caf\u00e9 na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001F600 Hello world!"
@@ -16,26 +17,31 @@ def tok():
     return tiny_tokenizer()
 
 
-def test_multibyte_characters_stream_whole_and_match_a_full_decode(tok):
+@pytest.fixture(scope="module")
+def decode(tok):
+    return TokenDecoder(tok).decode
+
+
+def test_multibyte_characters_stream_whole_and_match_a_full_decode(tok, decode):
     ids = tok.encode(TEXT)
     assert len(ids) > len(TEXT.split())                          # characters really span several tokens
     prompt = tok.encode("Hello there,")
-    detok = IncrementalDetokenizer(tok, prompt)
+    detok = IncrementalDetokenizer(decode, prompt)
     pieces = [detok.add(t) for t in ids]
     assert "".join(pieces) + detok.flush() == TEXT == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
     assert pieces.count("") > 0                                   # some tokens had to wait for the next
 
 
-def test_leading_space_of_the_first_token_survives(tok):
+def test_leading_space_of_the_first_token_survives(tok, decode):
     ids = tok.encode("Hello world")
-    detok = IncrementalDetokenizer(tok, ids[:1])
+    detok = IncrementalDetokenizer(decode, ids[:1])
     assert "".join(detok.add(t) for t in ids[1:]) == " world"
 
 
-def test_incomplete_character_at_the_end_is_flushed(tok):
+def test_incomplete_character_at_the_end_is_flushed(tok, decode):
     ids = tok.encode("\U0001F600")
-    detok = IncrementalDetokenizer(tok, [])
+    detok = IncrementalDetokenizer(decode, [])
     assert "".join(detok.add(t) for t in ids[:-1]) == ""
     assert detok.flush() == "\ufffd"
 
@@ -84,9 +90,9 @@ def test_hold_back_matches_reference_and_never_retracts(pieces, stops):
     assert "".join(emitted) == final                              # only ever appended: nothing retracted
 
 
-def test_text_stream_with_a_stop_string_spanning_tokens(tok):
+def test_text_stream_with_a_stop_string_spanning_tokens(tok, decode):
     ids = tok.encode("Hello world! Hello there, how are you today?")
-    stream = TextStream(tok, tok.encode("Say:"), stops=("lo th",))
+    stream = TextStream(decode, tok.encode("Say:"), stops=("lo th",))
     out = []
     for t in ids:
         text, hit = stream.add(t)
@@ -97,8 +103,8 @@ def test_text_stream_with_a_stop_string_spanning_tokens(tok):
     assert all("lo th" not in "".join(out[:i + 1]) for i in range(len(out)))
 
 
-def test_text_stream_flush_releases_held_back_text(tok):
+def test_text_stream_flush_releases_held_back_text(tok, decode):
     ids = tok.encode("Caf\u00e9 na")
-    stream = TextStream(tok, [], stops=("na\u00efve",))
+    stream = TextStream(decode, [], stops=("na\u00efve",))
     text = "".join(stream.add(t)[0] for t in ids)
     assert text == "Caf\u00e9 " and stream.flush() == "na"
