@@ -12,8 +12,7 @@ and Hopper alike) apply it to all tokens:
       2. each warp decodes one word column for the 128 rows: Ws[row, kk] = C[β, j, l, I[row, j]]
       3. each warp multiplies: acc[t, its 16 rows] += Xs[t, :] · Ws[its rows, :]ᵀ
     partial sums [S, T_PAD, N_pad] (fp32) are finished by `pq_gemv.splitk_epilogue`, which also adds
-    the low-rank term and the bias; u = x Bᵀ is computed by the first ceil(r / 16) row-tile CTAs of
-    each split (16 ranks each, on the staged x chunk) and summed over splits with atomics.
+    the low-rank term (u = x Bᵀ by cuBLAS, one "slab") and the bias.
 
 Inside a chunk the columns are ordered word-major, kk = (w·PER_WORD + s)·d + l, so a (row, word)
 pair decodes into PER_WORD·d adjacent halves; x is permuted the same way when staged. Instantiated
@@ -48,17 +47,13 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
     const int* __restrict__ qweight, int N_pad,                           // [GW, N_pad]
     const __half* __restrict__ codebook, int G_pad,                       // [Nb, G_pad, D, NC]
     int GW, int k_rows, int chunks_per_split,
-    float* __restrict__ partial,                                          // [S, T_PAD, N_pad]
-    const __half* __restrict__ lr_b, int stride_br, int rank,             // [rank, M] or null
-    float* __restrict__ u_sum)                                            // [T_PAD, rank], zero on entry
+    float* __restrict__ partial)                                          // [S, T_PAD, N_pad]
 {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, GROUPS = PER_WORD * SLAB_W;
     constexpr int K_RAW = GROUPS * D, KC = (K_RAW + 15) / 16 * 16, LD = KC + 8;
     __shared__ __align__(32) __half Ws[BLOCK_N * LD];     // [row][kk]
     __shared__ __align__(32) __half Xs[T_PAD * LD];       // [t][kk]
     __shared__ __align__(16) __half Cb[GROUPS * D * NC];  // [g = s SLAB_W + w][l][c]
-    __shared__ __align__(32) __half Bs[16 * LD];          // low-rank rows r0..r0+15, [r][kk]
-    __shared__ __align__(32) float Us[16 * 16];           // one u tile on its way to the atomics
 
     const int row0 = blockIdx.x * BLOCK_N, split = blockIdx.y;
     const int blk = row0 / k_rows;  // a row tile never straddles codebook blocks (host checks)
@@ -75,15 +70,6 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[T_PAD / 16];
 #pragma unroll
     for (int i = 0; i < T_PAD / 16; ++i) wmma::fill_fragment(acc[i], 0.f);
-    // low-rank share: the first ceil(rank / 16) row-tile CTAs of each split also compute
-    // u[t, r0 .. r0 + 15] += x[t, chunk] · B[r0 .., chunk]ᵀ (warp ti: token tile ti), then add it atomically
-    const int r0 = blockIdx.x * 16;
-    const bool do_lr = lr_b != nullptr && r0 < rank;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> uacc;
-    wmma::fill_fragment(uacc, 0.f);
-    if (do_lr && KC > K_RAW)
-        for (int e = tid; e < 16 * (KC - K_RAW); e += THREADS)
-            Bs[(e / (KC - K_RAW)) * LD + K_RAW + e % (KC - K_RAW)] = __float2half(0.f);
 
     // Each chunk's operands are requested one chunk ahead, into registers, while the tensor cores work:
     // index words (word `warp`, rows lane + 32 i), codebook lines (int4), x pairs (half2, d = 2).
@@ -126,14 +112,6 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
             const int e = tid + i * THREADS;
             if (e < X_PAIRS) *reinterpret_cast<__half2*>(Xs + (e / GROUPS) * LD + (e % GROUPS) * D) = xr[i];
         }
-        if (do_lr) {  // B columns of the chunk, permuted like x (rare CTAs: plain loads)
-            for (int e = tid; e < 16 * GROUPS; e += THREADS) {
-                const int r = e / GROUPS, g = e % GROUPS;
-                const int col = ((g % PER_WORD) * GW + c * SLAB_W + g / PER_WORD) * D;
-                *reinterpret_cast<__half2*>(Bs + r * LD + g * D) = (r0 + r < rank && col < M)
-                    ? *reinterpret_cast<const __half2*>(lr_b + (size_t)(r0 + r) * stride_br + col) : __float2half2_rn(0.f);
-            }
-        }
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // decode: row lane + 32 i, word `warp`
@@ -158,25 +136,6 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
                 wmma::mma_sync(acc[ti], af, bf, acc[ti]);
             }
         }
-        if (do_lr && warp < T_PAD / 16) {
-#pragma unroll
-            for (int kk = 0; kk < KC; kk += 16) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> af;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> bf;
-                wmma::load_matrix_sync(af, Xs + (warp * 16) * LD + kk, LD);
-                wmma::load_matrix_sync(bf, Bs + kk, LD);
-                wmma::mma_sync(uacc, af, bf, uacc);
-            }
-        }
-    }
-    if (do_lr) {
-        for (int ti = 0; ti < T_PAD / 16; ++ti) {  // one token tile at a time through Us
-            __syncthreads();
-            if (warp == ti) wmma::store_matrix_sync(Us, uacc, 16, wmma::mem_row_major);
-            __syncthreads();
-            const int t = ti * 16 + tid / 16, r = r0 + tid % 16;
-            if (r < rank) atomicAdd(u_sum + (size_t)t * rank + r, Us[tid]);
-        }
     }
 #pragma unroll
     for (int ti = 0; ti < T_PAD / 16; ++ti)
@@ -194,7 +153,7 @@ _HOST_SRC_HEAD = r"""
 #include <c10/cuda/CUDAGuard.h>
 
 void pq_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-            torch::Tensor lr_b, torch::Tensor u_sum, int64_t GW, int64_t k_rows, int64_t chunks_per_split, int64_t bits) {
+            int64_t GW, int64_t k_rows, int64_t chunks_per_split, int64_t bits) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1, "x: fp16 CUDA [T, M]");
     TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.is_contiguous() && qweight.size(0) == GW
                 && qweight.size(1) % athena_pq_mma::BLOCK_N == 0, "qweight: int32 [GW, N_pad]");
@@ -210,14 +169,6 @@ void pq_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torc
     const dim3 grid((unsigned)(qweight.size(1) / athena_pq_mma::BLOCK_N), (unsigned)partial.size(0));
     const __half* xp = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
     const __half* cp = reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>());
-    const bool has_lr = lr_b.numel() > 0;
-    if (has_lr)
-        TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.stride(1) == 1 && lr_b.size(1) == x.size(1)
-                    && u_sum.scalar_type() == torch::kFloat && u_sum.is_contiguous() && u_sum.size(0) == partial.size(1)
-                    && u_sum.size(1) == lr_b.size(0) && lr_b.size(0) <= 16 * (int64_t)grid.x, "lowrank_b / u_sum");
-    const __half* bp = has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr;
-    float* up = has_lr ? u_sum.data_ptr<float>() : nullptr;
-    const int sbr = has_lr ? (int)lr_b.stride(0) : 0, rank = has_lr ? (int)lr_b.size(0) : 0;
 """
 
 _HOST_SRC_TAIL = r"""
@@ -227,7 +178,7 @@ _HOST_SRC_TAIL = r"""
 
 _CPP_DECL = """
 void pq_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-            torch::Tensor lr_b, torch::Tensor u_sum, int64_t GW, int64_t k_rows, int64_t chunks_per_split, int64_t bits);
+            int64_t GW, int64_t k_rows, int64_t chunks_per_split, int64_t bits);
 """
 
 
@@ -239,8 +190,7 @@ def cuda_source() -> str:
                 f"    if (T_PAD == {t} && bits == {b} && D == {d}) {{\n"
                 f"        athena_pq_mma::pq_mma_kernel<{t}, {b}, {d}><<<grid, athena_pq_mma::THREADS, 0, stream>>>(\n"
                 f"            xp, (int)x.stride(0), (int)x.size(0), (int)x.size(1), qweight.data_ptr<int>(), (int)qweight.size(1),\n"
-                f"            cp, (int)codebook.size(1), (int)GW, (int)k_rows, (int)chunks_per_split, partial.data_ptr<float>(),\n"
-                f"            bp, sbr, rank, up);\n"
+                f"            cp, (int)codebook.size(1), (int)GW, (int)k_rows, (int)chunks_per_split, partial.data_ptr<float>());\n"
                 f"        C10_CUDA_KERNEL_LAUNCH_CHECK();\n        return;\n    }}")
     return _KERNEL_SRC + _HOST_SRC_HEAD + "\n".join(launches) + _HOST_SRC_TAIL
 
@@ -277,11 +227,8 @@ def pq_mma_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b
     per_split = -(-n_chunks // split)
     split = -(-n_chunks // per_split)
     partial = torch.empty(split, t_pad, geo.N_pad, device=x.device, dtype=torch.float32)
-    has_lr = lowrank_a is not None
-    if has_lr and lowrank_b.shape[0] > 16 * n_row:
-        raise ValueError(f"pq_mma_cuda: rank {lowrank_b.shape[0]} exceeds 16 x {n_row} row tiles")
-    u = torch.zeros(t_pad, lowrank_b.shape[0], device=x.device, dtype=torch.float32) if has_lr else None
-    lr_b = lowrank_b.to(torch.float16) if has_lr else x.new_empty(0)
-    EXTENSION.load().pq_mma(x.contiguous(), qweight, codebook, partial, lr_b, u if has_lr else partial.new_empty(0),
-                            geo.GW, geo.k, per_split, geo.bits)
-    return splitk_epilogue(partial, u.unsqueeze(0) if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype)
+    EXTENSION.load().pq_mma(x.contiguous(), qweight, codebook, partial, geo.GW, geo.k, per_split, geo.bits)
+    u = None
+    if lowrank_a is not None:
+        u = (x @ lowrank_b.t().to(x.dtype)).unsqueeze(0)  # [1, T, r] fp16 (the tile epilogue widens it)
+    return splitk_epilogue(partial, u, lowrank_a, bias, T, geo.N, x.dtype)
