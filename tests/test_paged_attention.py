@@ -103,17 +103,19 @@ def test_triton_decode_empty_sequence_gives_zeros():
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,window", [("fp16", None), ("int8", 6), ("int4", None)])
-def test_mixed_batch_matches_reference(fmt, window):
+@pytest.mark.parametrize("fmt,window,max_tokens", [("fp16", None, 4096), ("int8", 6, 4096), ("int4", None, 4096),
+                                                  ("fp16", 4, 25)])
+def test_mixed_batch_matches_reference(fmt, window, max_tokens, monkeypatch):
     """Continuous batching: prefill chunks (fresh and continued) between decode tokens; the one-token
     sequences go through the decode kernel in one launch, the chunks through SDPA."""
-    seq_lens, new = [23, 1, 40, 17, 9, 30], [1, 1, 12, 1, 9, 1]
+    seq_lens, new = [23, 1, 40, 17, 9, 30, 21, 5], [1, 1, 12, 1, 9, 1, 21, 5]  # fresh prompts: 9, 21, 5 tokens
     cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=5)
     q = (torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(6))).to(DEVICE)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     if fmt == "fp16":
         q = q.half() if DEVICE == "cuda" else q
+    monkeypatch.setattr(pa, "FRESH_SDPA_MAX_TOKENS", max_tokens)  # 25: the prompts split into SDPA groups
     want = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, window)
     got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl.tolist())
     assert not torch.isnan(got).any()

@@ -81,29 +81,71 @@ def paged_attention_prefill(q, kv_cache, layer, block_tables, seq_lens, query_st
 def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
                           sliding_window=None, seq_lens_list=None, query_start_list=None):
     """A batch of prefill chunks and decode tokens (continuous batching): the one-token sequences go
-    through the decode kernel in one launch, only the chunks through the per-sequence SDPA path.
-    (With every sequence in the per-sequence loop, a 64-stream step while prompts arrive cost
-    0.5-1.7 s on the H100: hundreds of small launches per layer.)"""
+    through the decode kernel in one launch, whole prompts through one SDPA call per group of up to
+    FRESH_SDPA_MAX_TOKENS tokens, and only continued chunks through the per-sequence path. (With every
+    sequence in the per-sequence loop, a 64-stream step while prompts arrive cost 0.5-1.7 s on the
+    H100: hundreds of small launches per layer.)"""
     seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
     qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
     n = [qsl[s + 1] - qsl[s] for s in range(len(seq_lens_list))]
     dec = [s for s, k in enumerate(n) if k == 1]
-    chunks = [s for s, k in enumerate(n) if k != 1]
-    if len(dec) < 2 or not chunks:
-        return paged_attention_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                                       sliding_window, seq_lens_list, qsl)
+    fresh = [s for s, k in enumerate(n) if k > 1 and k == seq_lens_list[s]]  # whole prompts: no cached keys
+    rest = [s for s, k in enumerate(n) if k > 1 and k != seq_lens_list[s]]   # continued chunks
     out = torch.empty_like(q)
-    dec_idx = torch.tensor(dec, dtype=torch.long, device=q.device)
-    rows = torch.tensor([qsl[s] for s in dec], dtype=torch.long, device=q.device)
-    out[rows] = paged_attention_decode(
-        q[rows], kv_cache, layer, block_tables[dec_idx], seq_lens[dec_idx],
-        torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device), sm_scale, sliding_window)
-    for s in chunks:  # each chunk with its own KV length and queries
+    if len(dec) == 1:
+        rest.append(dec.pop())
+    if dec:
+        dec_idx = torch.tensor(dec, dtype=torch.long, device=q.device)
+        rows = torch.tensor([qsl[s] for s in dec], dtype=torch.long, device=q.device)
+        out[rows] = paged_attention_decode(
+            q[rows], kv_cache, layer, block_tables[dec_idx], seq_lens[dec_idx],
+            torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device), sm_scale, sliding_window)
+    for group in _token_groups(fresh, n, FRESH_SDPA_MAX_TOKENS):
+        _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window)
+    for s in rest:  # each chunk with its own KV length and queries
         q0, q1 = qsl[s], qsl[s + 1]
         out[q0:q1] = paged_attention_prefill(
             q[q0:q1], kv_cache, layer, block_tables[s:s + 1], seq_lens[s:s + 1], None, sm_scale, sliding_window,
             [seq_lens_list[s]], [0, q1 - q0])
     return out
+
+
+FRESH_SDPA_MAX_TOKENS = 4096  # one SDPA call covers at most this many prompt tokens (its mask is T x T)
+
+
+def _token_groups(seqs: list[int], n: list[int], limit: int) -> list[list[int]]:
+    groups, cur, size = [], [], 0
+    for s in seqs:
+        if cur and size + n[s] > limit:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += n[s]
+    return groups + ([cur] if cur else [])
+
+
+def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window):
+    """Whole prompts (their keys are exactly their own new tokens) in ONE SDPA call: the tokens of all
+    `seqs` side by side, a block-diagonal causal mask keeping each prompt to itself. Costs more
+    FLOPs than per-prompt calls (T² instead of Σ n²) but a fixed dozen launches per layer instead of
+    a dozen per prompt, which is what a prefill step on a slow host is made of."""
+    dev, bs = q.device, kv_cache.block_size
+    seq_id = [i for i, s in enumerate(seqs) for _ in range(n[s])]
+    pos = [p for s in seqs for p in range(n[s])]
+    rows = torch.tensor([r for s in seqs for r in range(qsl[s], qsl[s + 1])], dtype=torch.long, device=dev)
+    sid = torch.tensor(seq_id, dtype=torch.long, device=dev)
+    pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+    tables = block_tables[torch.tensor(seqs, dtype=torch.long, device=dev)]  # [len(seqs), MB]
+    slots = tables[sid, pos_t // bs].long() * bs + pos_t % bs
+    k, v = kv_cache.read(layer, slots)  # float32 [T, Hkv, D]
+    group = q.shape[1] // kv_cache.num_kv_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [T, H, D]
+    visible = (sid[:, None] == sid[None, :]) & (pos_t[None, :] <= pos_t[:, None])  # [T, T]
+    if sliding_window is not None:
+        visible &= pos_t[None, :] > pos_t[:, None] - sliding_window
+    o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k.to(q.dtype).transpose(0, 1),
+                                       v.to(q.dtype).transpose(0, 1), attn_mask=visible, scale=sm_scale)
+    out[rows] = o.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
