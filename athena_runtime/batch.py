@@ -25,6 +25,7 @@ class AttentionMetadata:
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [T] int64: KV slot of each new token
+    positions: torch.Tensor  # [T] int64: position of each new token in its sequence
     block_tables: torch.Tensor  # [S, max_blocks] int32, padded with the cache's null block
     seq_lens: torch.Tensor  # [S] int32: KV length of each sequence after this step
     query_start_loc: torch.Tensor  # [S + 1] int32: sequence s owns flat tokens [qsl[s], qsl[s+1])
@@ -80,9 +81,11 @@ def prepare_batch(chunks: list[SequenceChunk], kv_cache: KVCache, device) -> Bat
     def tensor(x, dtype):
         return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
+    positions_t = tensor(positions, torch.int64)
     attn = AttentionMetadata(
         kv_cache=kv_cache,
         slot_mapping=tensor(slots, torch.int64),
+        positions=positions_t,
         block_tables=tensor(tables, torch.int32),
         seq_lens=tensor(seq_lens, torch.int32),
         query_start_loc=tensor(query_start, torch.int32),
@@ -92,7 +95,7 @@ def prepare_batch(chunks: list[SequenceChunk], kv_cache: KVCache, device) -> Bat
     )
     return Batch(
         input_ids=tensor(input_ids, torch.int64),
-        positions=tensor(positions, torch.int64),
+        positions=positions_t,
         attn=attn,
         logits_indices=tensor([q - 1 for q in query_start[1:]], torch.int64),
     )

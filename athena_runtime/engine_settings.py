@@ -18,7 +18,7 @@ class EngineSettings:
     """
 
     kv_cache: KVFormat = "fp16"           # KV cache storage format
-    kv_hadamard: bool = False             # rotate K and V by a Hadamard matrix before quantizing (int8/int4)
+    kv_hadamard: bool = False             # rotate K and V by a Hadamard matrix before quantizing (int4 always does)
     block_size: int = 16                  # tokens per KV block
     max_num_seqs: int = 64                # sequences in one batch (running at once)
     max_model_len: int | None = None      # prompt + completion limit per request (None: the model's)

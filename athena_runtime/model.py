@@ -112,10 +112,10 @@ class Attention(nn.Module):
                      k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         cache = attn.kv_cache
-        cache.write(self.layer, k, v, attn.slot_mapping)
-        # With a Hadamard-rotated cache, attend in the rotated basis and rotate back (kv_cache.py).
-        o = self.paged_attention(cache.rotate(q), cache, self.layer, attn, self.scale, self.window)
-        return self.o_proj(cache.rotate(o).reshape(T, self.num_heads * self.head_dim))
+        cache.write(self.layer, k, v, attn.slot_mapping, attn.positions)
+        # Attend in the cache's stored basis: the query moves in, the output back out (kv_cache.py).
+        o = self.paged_attention(cache.query(self.layer, q), cache, self.layer, attn, self.scale, self.window)
+        return self.o_proj(cache.output(o).reshape(T, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):

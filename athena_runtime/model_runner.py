@@ -18,6 +18,7 @@ from athena_runtime.batch import AttentionMetadata, SequenceChunk, check_chunks,
 from athena_runtime.config import ModelConfig
 from athena_runtime.kernels import paged_attention
 from athena_runtime.kv_cache import KVCache, blocks_for_budget
+from athena_runtime.kv_calibration import calibrate_key_basis, calibration_windows
 from athena_runtime.loader import load_model
 from athena_runtime.model import CausalLM
 
@@ -56,10 +57,12 @@ class ModelRunner:
     @classmethod
     def from_path(cls, path, kv_format: str = "fp16", block_size: int = 16, num_blocks: int | None = None,
                   kv_budget_bytes: int | None = None, device=None, max_model_len: int | None = None, *,
-                  kv_hadamard: bool = False, kv_group_size: int = 32, dtype: torch.dtype | None = None,
+                  kv_hadamard: bool = False, kv_group_size: int | None = None, dtype: torch.dtype | None = None,
                   use_cuda_graphs: bool = True) -> "ModelRunner":
         """Load a model folder and size its KV cache: `num_blocks`, else `kv_budget_bytes`, else (CUDA)
-        the free memory after loading less a reserve, or (CPU) 1 GiB. dtype: fp16 on CUDA, fp32 on CPU."""
+        the free memory after loading less a reserve, or (CPU) 1 GiB. dtype: fp16 on CUDA, fp32 on CPU.
+        A format that needs a key basis (int4) is calibrated here, on the folder's tokenizer
+        (kv_calibration.py)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         model, config = load_model(path, device, dtype, max_len=max_model_len)
@@ -77,6 +80,11 @@ class ModelRunner:
                 raise ValueError(f"KV cache budget of {kv_budget_bytes} bytes holds no block of {block_size} tokens")
         kv_cache = KVCache.create(kv_format, config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                   config.head_dim, device, hadamard=kv_hadamard, group_size=kv_group_size)
+        if kv_cache.needs_key_basis:
+            from quantize.source import load_tokenizer
+
+            windows = calibration_windows(load_tokenizer(path), max_model_len or config.max_position_embeddings)
+            kv_cache.set_key_basis(calibrate_key_basis(model, config, windows, device, dtype))
         return cls(model, config, kv_cache, device, use_cuda_graphs=use_cuda_graphs, max_model_len=max_model_len)
 
     def _log_once(self, key: str, msg: str, *args) -> None:
@@ -117,7 +125,8 @@ class ModelRunner:
 
     def _graph_forward(self, bucket: int) -> torch.Tensor:
         attn = AttentionMetadata(
-            kv_cache=self.kv_cache, slot_mapping=self._slots[:bucket], block_tables=self._tables[:bucket],
+            kv_cache=self.kv_cache, slot_mapping=self._slots[:bucket], positions=self._positions[:bucket],
+            block_tables=self._tables[:bucket],
             seq_lens=self._seq_lens[:bucket], query_start_loc=self._query_start[: bucket + 1], is_decode=True)
         hidden = self.model(self._ids[:bucket], self._positions[:bucket], attn)
         return self.model.compute_logits(hidden).float()

@@ -59,7 +59,8 @@ def eval_ppl_runtime(model_path: str | Path, data: list[str], seqlen: int, max_t
     res = runtime_perplexity(runner, ids, seqlen, max_tokens)
     meta = checkpoint.read_meta(path) if checkpoint.is_checkpoint(path) else None
     return {
-        "model": str(model_path), **res, "seqlen": seqlen, "kv_cache": kv_cache, "kv_hadamard": kv_hadamard,
+        "model": str(model_path), **res, "seqlen": seqlen, "kv_cache": kv_cache,
+        "kv_hadamard": runner.kv_cache.hadamard, "kv_key_basis": runner.kv_cache.key_offset is not None,
         "bits_per_weight": meta["bits_per_weight"]["linear"] if meta else None,
         "kv_bytes_per_token": runner.kv_cache.bytes_per_token(),
     }

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-FORMATS = (("fp16", False), ("int8", False), ("int4", False), ("int4", True))
+FORMATS = (("fp16", False), ("int8", False), ("int4", False))  # (format, --kv-hadamard); int4 always rotates
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
              f"{base['tokens']} held-out tokens, seqlen {args.seqlen}, 64-token prefill chunks.", "",
              "| KV cache | bytes/token (all layers) | vs fp16 | perplexity | Δ vs fp16 KV |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        name = r["kv_cache"] + (" + Hadamard" if r["kv_hadamard"] else "")
+        name = (r["kv_cache"] + (" + Hadamard" if r["kv_hadamard"] else "")
+                + (" + key basis" if r["kv_key_basis"] else ""))
         lines.append(f"| {name} | {r['kv_bytes_per_token']} | {base['kv_bytes_per_token'] / r['kv_bytes_per_token']:.2f}x | "
                      f"{r['ppl']:.4f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f}% |")
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -35,7 +35,7 @@ class ServerSettings(BaseSettings):
 
     # Engine (None: the engine's default).
     kv_cache: Literal["fp16", "int8", "int4"] | None = Field(None, description="KV cache format")
-    kv_hadamard: bool | None = Field(None, description="Hadamard-rotate K and V before quantizing the cache")
+    kv_hadamard: bool | None = Field(None, description="Hadamard-rotate K and V before quantizing (int4 always does)")
     block_size: int | None = Field(None, ge=1, description="tokens per KV block")
     max_num_seqs: int | None = Field(None, ge=1, description="requests decoded together in one batch")
     max_model_len: int | None = Field(None, ge=1, description="prompt + completion token limit (default: the model's)")

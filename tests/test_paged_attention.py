@@ -10,18 +10,30 @@ import random
 import pytest
 import torch
 
-from athena_runtime.kv_cache import KVCache
+from athena_runtime.kv_cache import KeyBasis, KVCache
 from athena_runtime.kernels import paged_attention as pa
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed, num_layers=1, hadamard=False):
-    """A cache holding random K/V for each sequence, its blocks shuffled; returns cache, tables, K, V."""
+def _basis(num_layers, num_kv_heads, head_dim, seed):
+    """A random key basis: offsets m and δ of the keys' size, channel scales d in [0.5, 1.5]."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    shape = (num_layers, num_kv_heads, head_dim)
+    return KeyBasis(offset=torch.randn(shape, generator=gen) * 2, scale=torch.rand(shape, generator=gen) + 0.5,
+                    sink=torch.randn(shape, generator=gen) * 3)
+
+
+def _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed, num_layers=1, hadamard=False,
+                  calibrated=False):
+    """A cache holding random K/V for each sequence (positions from 0), its blocks shuffled, with a
+    random key basis when `calibrated`; returns cache, tables, K, V."""
     gen = torch.Generator().manual_seed(seed)
     need = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(need) + 3
     cache = KVCache.create(fmt, num_layers, num_blocks, block_size, num_kv_heads, head_dim, DEVICE, hadamard=hadamard)
+    if calibrated:
+        cache.set_key_basis(_basis(num_layers, num_kv_heads, head_dim, seed))
     ids = list(range(num_blocks))
     random.Random(seed).shuffle(ids)
     tables, keys, values = [], [], []
@@ -31,10 +43,11 @@ def _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed, num_l
         k = torch.randn(n, num_kv_heads, head_dim, generator=gen) * 2
         v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
         k[:, :, 3] += 4.0  # an outlier channel
+        k[0] -= 6.0  # a first key unlike the others (an attention sink)
         pos = torch.arange(n)
         slots = torch.tensor(blocks)[pos // block_size] * block_size + pos % block_size
         for layer in range(num_layers):
-            cache.write(layer, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
+            cache.write(layer, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), pos.to(DEVICE))
         keys.append(k)
         values.append(v)
     width = max(need)
@@ -56,34 +69,42 @@ def _dense_attention(q, k, v, sm_scale, window):
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_reference_prefill_matches_dense_attention(window):
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_reference_prefill_matches_dense_attention(window, calibrated):
+    """Exact cache: attention in the stored basis (query in, output back) is attention on q, k, v."""
     seq_lens, new = [23, 5, 40], [9, 5, 1]
-    cache, table, keys, values = _filled_cache("fp32", seq_lens, 2, 64, 16, seed=1)
+    cache, table, keys, values = _filled_cache("fp32", seq_lens, 2, 64, 16, seed=1, hadamard=calibrated,
+                                               calibrated=calibrated)
     q = torch.randn(sum(new), 6, 64)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
-    out = pa.paged_attention_reference(q.to(DEVICE), cache, 0, table.to(DEVICE),
-                                       torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.125, window).cpu()
+    out = pa.paged_attention_reference(cache.query(0, q.to(DEVICE)), cache, 0, table.to(DEVICE),
+                                       torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.125, window)
+    out = cache.output(out).cpu()
     for s in range(3):
         want = _dense_attention(q[qsl[s]:qsl[s + 1]], keys[s], values[s], 0.125, window)
         torch.testing.assert_close(out[qsl[s]:qsl[s + 1]].double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,queries_per_kv,window,hadamard", [
-    ("fp16", 1, None, False),
-    ("fp16", 3, 5, False),
-    ("int8", 3, None, False),
-    ("int8", 1, 20, True),
-    ("int4", 3, None, True),
-    ("int4", 1, None, False),
+@pytest.mark.parametrize("fmt,queries_per_kv,window,hadamard,calibrated,head_dim,block_size", [
+    ("fp16", 1, None, False, False, 64, 16),
+    ("fp16", 3, 5, False, False, 64, 16),
+    ("fp16", 3, None, True, True, 64, 16),  # the key basis on an unquantized cache: the sink score term
+    ("int8", 3, None, False, False, 64, 16),
+    ("int8", 1, 20, True, False, 64, 16),
+    ("int4", 3, None, True, True, 64, 16),  # what the runner uses: calibrated, GQA
+    ("int4", 1, None, True, False, 64, 16),  # uncalibrated: rotation only
+    ("int4", 4, 20, True, True, 64, 8),  # window: position 0 (and its sink term) out of sight for long sequences
+    ("int4", 2, None, True, True, 128, 16),  # two scale/zero groups per head
 ])
-def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard):
-    num_kv_heads, head_dim, block_size = 2, 64, 16
-    seq_lens = [1, 17, 33, 50]  # odd lengths, block-boundary neighbours
-    cache, table, _, _ = _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed=2, hadamard=hadamard)
+def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, calibrated, head_dim, block_size):
+    num_kv_heads = 2
+    seq_lens = [1, 15, 16, 17, 33, 50]  # odd lengths, block-boundary neighbours
+    cache, table, _, _ = _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed=2, hadamard=hadamard,
+                                       calibrated=calibrated)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     q = torch.randn(len(seq_lens), num_kv_heads * queries_per_kv, head_dim).to(DEVICE, dtype)
-    q = cache.rotate(q)
+    q = cache.query(0, q)
     args = (q, cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
             torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, window)
     got = pa.paged_attention_decode(*args)
@@ -103,13 +124,14 @@ def test_triton_decode_empty_sequence_gives_zeros():
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,window,max_tokens", [("fp16", None, 4096), ("int8", 6, 4096), ("int4", None, 4096),
-                                                  ("fp16", 4, 25)])
-def test_mixed_batch_matches_reference(fmt, window, max_tokens, monkeypatch):
+@pytest.mark.parametrize("fmt,window,max_tokens,calibrated", [
+    ("fp16", None, 4096, False), ("int8", 6, 4096, False), ("int4", None, 4096, True), ("int4", None, 25, False),
+    ("fp16", 4, 25, False)])
+def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated, monkeypatch):
     """Continuous batching: prefill chunks (fresh and continued) between decode tokens; the one-token
     sequences go through the decode kernel in one launch, the chunks through SDPA."""
     seq_lens, new = [23, 1, 40, 17, 9, 30, 21, 5], [1, 1, 12, 1, 9, 1, 21, 5]  # fresh prompts: 9, 21, 5 tokens
-    cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=5)
+    cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=5, calibrated=calibrated)
     q = (torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(6))).to(DEVICE)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)

@@ -1,7 +1,7 @@
 """Paged attention over the KV cache: a Triton decode kernel and its PyTorch reference.
 
 Both take the same arguments:
-    q               [T, H, D]   queries of the flat batch (RoPE applied; rotated when the cache is)
+    q               [T, H, D]   queries of the flat batch (RoPE applied, in the cache's basis: `kv_cache.query`)
     kv_cache, layer             the cache (`athena_runtime.kv_cache.KVCache`) and the layer to read
     block_tables    [S, MB]     int32, physical block ids per sequence (padded with the null block)
     seq_lens        [S]         int32, KV length of each sequence (new tokens included)
@@ -13,6 +13,9 @@ and return the attention output [T, H, D] in q's dtype. The new tokens must alre
 The query rows of sequence s sit at the last positions: row qsl[s] + i has position
 seq_lens[s] - n_s + i, and attends causally to cached and new keys. The Triton kernel handles decode
 only (T == S, one query per sequence); the reference and the SDPA prefill path handle any chunk.
+Both dequantize the cache's format (kv_cache.py) and score the key at position 0 with the cache's
+`sink_key` added back: the reference through `kv_cache.read(layer, slots, positions)`, the kernel as
+`q·sink_key` added to that one score.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, s
         q0, q1 = qsl[s], qsl[s + 1]
         pos_k = torch.arange(kv_len, device=q.device)  # [L]
         slots = block_tables[s, pos_k // bs].long() * bs + pos_k % bs
-        k, v = kv_cache.read(layer, slots)  # float32 [L, Hkv, D]
+        k, v = kv_cache.read(layer, slots, pos_k)  # float32 [L, Hkv, D]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [L, H, D]
         pos_q = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device)  # [n]
         visible = pos_k[None, :] <= pos_q[:, None]  # [n, L]
@@ -137,7 +140,7 @@ def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_
     pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
     tables = block_tables[torch.tensor(seqs, dtype=torch.long, device=dev)]  # [len(seqs), MB]
     slots = tables[sid, pos_t // bs].long() * bs + pos_t % bs
-    k, v = kv_cache.read(layer, slots)  # float32 [T, Hkv, D]
+    k, v = kv_cache.read(layer, slots, pos_t)  # float32 [T, Hkv, D]
     group = q.shape[1] // kv_cache.num_kv_heads
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [T, H, D]
     visible = (sid[:, None] == sid[None, :]) & (pos_t[None, :] <= pos_t[:, None])  # [T, T]
@@ -155,31 +158,36 @@ def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_
 if triton is not None:
 
     @triton.jit
-    def _load_kv_tile(data_ptr, scale_ptr, data_offs, scale_offs, mask, offs_d,
+    def _load_kv_tile(data_ptr, scale_ptr, zero_ptr, data_offs, scale_offs, mask, offs_d,
                       KV_FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr):
-        """One [BLOCK_SIZE, BLOCK_D] tile of K or V, dequantized to float32 in registers."""
+        """One [BLOCK_SIZE, BLOCK_D] tile of K or V, dequantized to float32 in registers (kv_cache.py):
+        fp16 as stored, int8 q·s, int4 z + n·s with the nibble n of element d in byte d // 2."""
         if KV_FORMAT == 0:
             x = tl.load(data_ptr + data_offs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
-            scale = tl.load(scale_ptr + scale_offs + offs_d[None, :] // GROUP_SIZE, mask=mask, other=0.0)
+            group_offs = scale_offs + offs_d[None, :] // GROUP_SIZE
+            scale = tl.load(scale_ptr + group_offs, mask=mask, other=0.0).to(tl.float32)
             if KV_FORMAT == 1:
                 q = tl.load(data_ptr + data_offs + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+                x = q * scale
             else:
+                zero = tl.load(zero_ptr + group_offs, mask=mask, other=0.0).to(tl.float32)
                 packed = tl.load(data_ptr + data_offs + offs_d[None, :] // 2, mask=mask, other=0).to(tl.int32)
-                q = ((packed >> ((offs_d[None, :] % 2) * 4)) & 0xF).to(tl.float32) - 8.0
-            x = q * scale.to(tl.float32)
+                n = ((packed >> ((offs_d[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+                x = n * scale + zero
         return x
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, out_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-        qk_scale, window,
+        q_ptr, out_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, k_zero_ptr, v_zero_ptr, sink_ptr,
+        block_tables_ptr, seq_lens_ptr, qk_scale, window,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_kt, stride_kh,
         stride_sb, stride_st, stride_sh,
         stride_bt,
         QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, KV_FORMAT: tl.constexpr, USE_WINDOW: tl.constexpr,
+        HAS_SINK: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -190,6 +198,10 @@ if triton is not None:
         heads = kv_head * QUERIES_PER_KV + offs_q
         q_ptrs = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)  # [BLOCK_Q, BLOCK_D]
+        q_sink = tl.zeros([BLOCK_Q], dtype=tl.float32)  # q·sink_key: added to the score of position 0
+        if HAS_SINK:
+            sink = tl.load(sink_ptr + kv_head * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+            q_sink = tl.sum(q * sink[None, :], axis=1)
 
         seq_len = tl.load(seq_lens_ptr + seq)
         first = seq_len * 0  # first visible key position
@@ -209,14 +221,19 @@ if triton is not None:
             mask = t_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
             data_offs = phys * stride_kb + offs_t[:, None] * stride_kt + kv_head * stride_kh
             scale_offs = phys * stride_sb + offs_t[:, None] * stride_st + kv_head * stride_sh
-            k = _load_kv_tile(k_ptr, k_scale_ptr, data_offs, scale_offs, mask, offs_d, KV_FORMAT, GROUP_SIZE)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale  # [BLOCK_Q, BLOCK_SIZE]
+            k = _load_kv_tile(k_ptr, k_scale_ptr, k_zero_ptr, data_offs, scale_offs, mask, offs_d,
+                              KV_FORMAT, GROUP_SIZE)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_Q, BLOCK_SIZE]
+            if HAS_SINK:
+                s = s + tl.where(offs_tok[None, :] == 0, q_sink[:, None], 0.0)
+            s = s * qk_scale
             s = tl.where(t_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _load_kv_tile(v_ptr, v_scale_ptr, data_offs, scale_offs, mask, offs_d, KV_FORMAT, GROUP_SIZE)
+            v = _load_kv_tile(v_ptr, v_scale_ptr, v_zero_ptr, data_offs, scale_offs, mask, offs_d,
+                              KV_FORMAT, GROUP_SIZE)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
             blk += 1
@@ -244,11 +261,14 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
     else:
         k_scale = v_scale = k  # unused
         scale_strides = (0, 0, 0)
+    k_zero, v_zero = (k_scale, v_scale) if kv_cache.k_zero is None else (kv_cache.k_zero[layer], kv_cache.v_zero[layer])
+    sink = k if kv_cache.sink_key is None else kv_cache.sink_key[layer]  # [Hkv, D] float32
     assert k.stride(-1) == 1 and q.stride(-1) == 1 and block_tables.stride(-1) == 1
+    assert k_zero.stride() == k_scale.stride() and sink.is_contiguous()
     out = torch.empty_like(q)
     queries_per_kv = num_heads // kv_cache.num_kv_heads
     _paged_decode_kernel[(num_seqs, kv_cache.num_kv_heads)](
-        q, out, k, v, k_scale, v_scale, block_tables, seq_lens,
+        q, out, k, v, k_scale, v_scale, k_zero, v_zero, sink, block_tables, seq_lens,
         sm_scale * 1.4426950408889634, 0 if sliding_window is None else sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
@@ -257,6 +277,7 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
         QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_Q=max(triton.next_power_of_2(queries_per_kv), 1),
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=kv_cache.block_size, GROUP_SIZE=kv_cache.group_size,
         KV_FORMAT=_FORMAT_CODES[kv_cache.fmt], USE_WINDOW=sliding_window is not None,
+        HAS_SINK=kv_cache.sink_key is not None,
     )
     return out
 
