@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 
+from athena_runtime.kernels.fused_ops import scatter_rows_pair_
+
 KV_FORMATS = ("fp16", "fp32", "int8", "int4")
 GROUP_SIZES = {"int8": 32, "int4": 64}  # default group size of each quantized format
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # int4: range shrink factors tried per group
@@ -277,6 +279,14 @@ class FP16KVCache(KVCache):
 
     def dequantize(self, data, scale, zero):
         return data.float()
+
+    def write(self, layer, k, v, slot_mapping, positions) -> None:
+        if k.is_cuda and self.key_offset is None and self.rotation is None:  # K and V rows in one launch
+            width = self.num_kv_heads * self.head_dim
+            scatter_rows_pair_(self.k[layer].view(-1, width), self.v[layer].view(-1, width),
+                               k.reshape(-1, width), v.reshape(-1, width), slot_mapping)
+            return
+        super().write(layer, k, v, slot_mapping, positions)
 
 
 class Int8KVCache(KVCache):

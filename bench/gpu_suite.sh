@@ -5,6 +5,8 @@
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+# built CUDA extensions are kept here (carry .cuda_cache to a fresh machine to skip the nvcc builds)
+export ATHENA_CUDA_CACHE=${ATHENA_CUDA_CACHE:-$PWD/.cuda_cache}
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -17,7 +19,8 @@ for stage in "$@"; do
              tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py \
              tests/test_split_linear.py tests/test_fused_ops.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
-    build) timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda, pq_cuda_mma; pq_cuda.load_extension(); pq_cuda_mma.EXTENSION.load(); print('extensions built')" ;;
+    build) timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda, pq_cuda_mma; pq_cuda.load_extension(); pq_cuda_mma.EXTENSION.load(); print('extensions built')"
+           cp -p "$ATHENA_CUDA_CACHE"/*.so "$OUT"/ 2>/dev/null; ls -la "$ATHENA_CUDA_CACHE" ;;
     kernels) timeout 300 python3 bench/kernels.py --out $OUT --plan summary --budget 280 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_stdout.txt 2>&1; tail -45 $OUT/kernels_stdout.txt ;;
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from athena_runtime.kernels.fused_ops import (
+    scatter_rows_pair_, scatter_rows_pair_reference,
     add_rmsnorm, add_rmsnorm_reference, rope_, rope_reference, silu_mul, silu_mul_reference,
 )
 
@@ -69,3 +70,16 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="rope_"):
         rope_(torch.randn(2, 1, 8).to(DEV), torch.randn(2, 1, 8).to(DEV), torch.ones(2, 6).to(DEV),
               torch.ones(2, 6).to(DEV), use_triton=True)
+
+
+@pytest.mark.parametrize("T,R,rows", [(1, 64, 9), (5, 40, 33), (3, 2048, 7)])
+def test_scatter_rows_pair(T, R, rows):
+    """Both rows land exactly where the index says; other rows are untouched."""
+    a = torch.randn(rows, R).half().to(DEV)
+    b = torch.randn(rows, R).half().to(DEV)
+    a_src, b_src = torch.randn(T, R).half().to(DEV), torch.randn(T, R).half().to(DEV)
+    idx = torch.randperm(rows)[:T].to(DEV)
+    a2, b2 = a.clone(), b.clone()
+    scatter_rows_pair_(a, b, a_src, b_src, idx, use_triton=True)
+    scatter_rows_pair_reference(a2, b2, a_src, b_src, idx)
+    assert torch.equal(a, a2) and torch.equal(b, b2)

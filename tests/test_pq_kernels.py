@@ -145,12 +145,12 @@ def test_dequantize_kernel_is_exact(N, M, d, n, k):
 
 
 @pytest.mark.parametrize("rank,bias,T", [(0, False, 5), (3, True, 5), (16, False, 40)])
-def test_dequant_matmul_with_lowrank_rows(rank, bias, T):
-    """[x | x Bᵀ] · [Ŵᵀ ; Aᵀ] (+ bias) equals the spec, fp32 and fp16."""
+def test_dequant_matmul_with_lowrank_modes(rank, bias, T):
+    """x (Ŵ + A B)ᵀ, [x | x Bᵀ] · [Ŵᵀ ; Aᵀ], x Ŵᵀ + u Aᵀ (+ bias) each equal the spec, fp32 and fp16."""
     geo, qw, cb, A, B, b, _, _ = make_layer(130, 50, 2, 64, 64, rank, bias)
     x = torch.randn(T, 50, generator=torch.Generator().manual_seed(4)).to(DEV)
     ref = pq_gemm_reference(x, qw, cb.float(), geo, A, B, b)
-    for mode in ("rows", "addmm"):
+    for mode in ("fold", "rows", "addmm"):
         y = pq_dequant_matmul(x, qw, cb.float(), geo, None if A is None else A.float(),
                               None if B is None else B.float(), None if b is None else b.float(), lowrank_mode=mode)
         assert rel_err(y, ref) < TOL[torch.float32]

@@ -6,6 +6,7 @@ graph each still costs ~2 µs, about as much as all of the layer's PQ matmuls. T
     add_rmsnorm(x, residual, w)   r = x + residual (in x's dtype);  y = w · (r / rms(r))     1 kernel, was ~8
     rope_(q, k, cos, sin)         q, k rotated in place (half-split convention)              1 kernel, was ~10
     silu_mul(gate, up)            silu(gate) · up                                            1 kernel, was 2
+    scatter_rows_pair_(...)       a[idx] = a_src; b[idx] = b_src  (the fp16 KV-cache write)   1 kernel, was 2
 
 Every function has a PyTorch reference with the same signature (`*_reference`), which is the spec
 and the CPU path; the Triton kernels run on CUDA tensors (and on CPU under TRITON_INTERPRET=1 when
@@ -44,14 +45,18 @@ if triton is not None:
         tl.store(y_ptr + t * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_c,
+    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c, H,
                      HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per (token, head): x[:h], x[h:] = x1 c1 − x2 s1, x2 c2 + x1 s2 (in place)."""
+        """One program per (token, head) of q and k together (heads H.. are k's), in place:
+        x[:h], x[h:] = x1 c1 − x2 s1, x2 c2 + x1 s2."""
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
         mask = offs < HALF
-        base = x_ptr + t * stride_xt + h * stride_xh
+        if h < H:
+            base = q_ptr + t * stride_qt + h * stride_qh
+        else:
+            base = k_ptr + t * stride_kt + (h - H) * stride_kh
         x1 = tl.load(base + offs, mask=mask, other=0.0)
         x2 = tl.load(base + HALF + offs, mask=mask, other=0.0)
         c1 = tl.load(cos_ptr + t * stride_c + offs, mask=mask, other=0.0)
@@ -63,6 +68,19 @@ if triton is not None:
         a2 = (x2 * c2).to(tl.float32) + (x1 * s2).to(tl.float32)
         tl.store(base + offs, a1.to(x1.dtype), mask=mask)
         tl.store(base + HALF + offs, a2.to(x1.dtype), mask=mask)
+
+    @triton.jit
+    def _scatter_pair_kernel(a_dst, b_dst, a_src, b_src, idx_ptr, stride_ad, stride_bd, stride_as, stride_bs, R,
+                             BLOCK: tl.constexpr):
+        """Program (t, which): row t of a_src (which = 0) or b_src (1) into row idx[t] of its destination."""
+        t = tl.program_id(0)
+        row = tl.load(idx_ptr + t).to(tl.int64)
+        offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < R
+        if tl.program_id(1) == 0:
+            tl.store(a_dst + row * stride_ad + offs, tl.load(a_src + t * stride_as + offs, mask=mask), mask=mask)
+        else:
+            tl.store(b_dst + row * stride_bd + offs, tl.load(b_src + t * stride_bs + offs, mask=mask), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
@@ -123,12 +141,12 @@ def rope_(q, k, cos, sin, use_triton: bool | None = None):
     if D % 2 or cos.shape != (q.shape[0], D) or sin.shape != cos.shape:
         raise ValueError(f"rope_: head_dim {D} must be even and cos/sin [T, {D}], got {tuple(cos.shape)}")
     cos, sin = cos.contiguous(), sin.contiguous()
-    for x in (q, k):
-        if x.stride(-1) != 1:
-            raise ValueError("rope_ needs the head dimension contiguous")
-        if x.shape[0] and x.shape[1]:
-            _rope_kernel[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0),
-                                                   HALF=D // 2, BLOCK=_next_pow2(D // 2), num_warps=1)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or k.shape[0] != q.shape[0] or k.shape[-1] != D:
+        raise ValueError("rope_ needs q [T, H, D] and k [T, Hkv, D] with the head dimension contiguous")
+    if q.shape[0] and q.shape[1] + k.shape[1]:  # one launch for both
+        _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
+            q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), q.shape[1],
+            HALF=D // 2, BLOCK=_next_pow2(D // 2), num_warps=1)
     return q, k
 
 
@@ -150,3 +168,27 @@ def silu_mul(gate, up, use_triton: bool | None = None):
         _silu_mul_kernel[(T, triton.cdiv(F, BLOCK))](gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0),
                                                     BLOCK=BLOCK, num_warps=4)
     return y
+
+
+# ------------------------------------------------------------------------------- paired row scatter
+def scatter_rows_pair_reference(a, b, a_src, b_src, index):
+    """a[index] = a_src and b[index] = b_src (rows of 2-D tensors), in place."""
+    a.index_copy_(0, index, a_src.to(a.dtype))
+    b.index_copy_(0, index, b_src.to(b.dtype))
+
+
+def scatter_rows_pair_(a, b, a_src, b_src, index, use_triton: bool | None = None):
+    """Both scatters of `scatter_rows_pair_reference` in one launch (a and b: [rows, R], same R)."""
+    if not _triton_ok(a, use_triton):
+        return scatter_rows_pair_reference(a, b, a_src, b_src, index)
+    T, R = a_src.shape
+    if (b_src.shape != (T, R) or a.shape[1] != R or b.shape[1] != R or index.shape != (T,)
+            or any(x.stride(-1) != 1 for x in (a, b, a_src, b_src))):
+        raise ValueError("scatter_rows_pair_ takes [rows, R] destinations, [T, R] sources and a [T] index")
+    if a_src.dtype != a.dtype or b_src.dtype != b.dtype:
+        a_src, b_src = a_src.to(a.dtype), b_src.to(b.dtype)
+    if T:
+        block = min(1024, _next_pow2(R))
+        _scatter_pair_kernel[(T, 2, -(-R // block))](a, b, a_src, b_src, index, a.stride(0), b.stride(0),
+                                                     a_src.stride(0), b_src.stride(0), R, BLOCK=block,
+                                                     num_warps=4 if block >= 512 else 1)

@@ -22,6 +22,7 @@ import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.zero_arena import ARENA
 from athena_runtime.kernels.pq_gemv import (
     check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
 )
@@ -91,7 +92,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     const int* __restrict__ qweight, int N_pad,                           // [GW, N_pad] int32
     const __half* __restrict__ codebook, int G_pad, int D,                // [Nb, G_pad, D, NC]
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
-    float* __restrict__ partial,                                          // [S, T, N_pad]
+    __half* __restrict__ partial,                                         // [S, T, N_pad] fp16
     const __half* __restrict__ lr_b, int stride_br, int rank,             // [rank, M] or null
     float* __restrict__ u_sum)                                            // [T, rank], zero on entry
 {
@@ -238,13 +239,17 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         }
 #pragma unroll
         for (int t = 0; t < T; ++t) {
-            float* dst = partial + ((size_t)slab * T + t) * N_pad + 4 * r4;
-            if (4 * r4 + 4 <= row_end) {
-                *reinterpret_cast<float4*>(dst) = make_float4(acc[0][t], acc[1][t], acc[2][t], acc[3][t]);
+            __half* dst = partial + ((size_t)slab * T + t) * N_pad + 4 * r4;
+            if (4 * r4 + 4 <= row_end) {  // one 8-byte store of four fp16 partial sums
+                const __half2 lo = __floats2half2_rn(acc[0][t], acc[1][t]), hi = __floats2half2_rn(acc[2][t], acc[3][t]);
+                uint2 packed;
+                packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+                packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+                *reinterpret_cast<uint2*>(dst) = packed;
             } else {
 #pragma unroll
                 for (int r = 0; r < 4; ++r)
-                    if (4 * r4 + r < row_end) dst[r] = acc[r][t];
+                    if (4 * r4 + r < row_end) dst[r] = __float2half_rn(acc[r][t]);
             }
         }
 #pragma unroll
@@ -271,7 +276,7 @@ struct LutArgs {
     const int* qweight; int N_pad;
     const __half* codebook; int G_pad, D;
     int N, GW, k_rows, chunks_per_blk, rows_per_chunk;
-    float* partial;
+    __half* partial;
     const __half* lr_b; int stride_br, rank;
     float* u_part;
 };
@@ -296,7 +301,7 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                 && qweight.is_contiguous(), "qweight: int32 [GW, N_pad]");
     TORCH_CHECK(codebook.scalar_type() == torch::kHalf && codebook.dim() == 4 && codebook.is_contiguous(), "codebook: fp16 [Nb, G_pad, D, NC]");
     TORCH_CHECK(codebook.size(3) == (1 << bits), "codebook n != 2^bits");
-    TORCH_CHECK(partial.scalar_type() == torch::kFloat && partial.dim() == 3 && partial.is_contiguous(), "partial: fp32 [S, T, N_pad]");
+    TORCH_CHECK(partial.scalar_type() == torch::kHalf && partial.dim() == 3 && partial.is_contiguous(), "partial: fp16 [S, T, N_pad]");
     TORCH_CHECK(GW % slab_w == 0 && partial.size(0) == GW / slab_w && partial.size(2) == qweight.size(1), "partial shape");
     TORCH_CHECK(codebook.size(2) <= 4 && rows_per_chunk % 4 == 0 && (k_rows % 4 == 0 || codebook.size(0) == 1),
                 "CUDA PQ kernel: d <= 4, and row chunks of whole row quads");
@@ -313,7 +318,7 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
               qweight.data_ptr<int>(), (int)qweight.size(1),
               reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>()), (int)codebook.size(1), (int)codebook.size(2),
               (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk,
-              partial.data_ptr<float>(),
+              reinterpret_cast<__half*>(partial.data_ptr<at::Half>()),
               has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr,
               has_lr ? (int)lr_b.stride(0) : 0, has_lr ? (int)lr_b.size(0) : 0,
               has_lr ? u_part.data_ptr<float>() : nullptr};
@@ -409,9 +414,11 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
         rows_per_chunk = THREADS * ROWS_PER_THREAD  # one pass: every thread owns 4 rows
     chunks_per_block, _ = row_chunks(geo, rows_per_chunk)
     has_lr = lowrank_a is not None
-    partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float32)
+    # fp16 partial sums (each over one slab's <= 32·PER_WORD·d columns, accumulated in fp32 registers):
+    # half the bytes of fp32 written here and read by the epilogue, which sums them in fp32
+    partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float16)
     if has_lr:  # u = x Bᵀ, accumulated by the kernel with atomics (one "slab" for the epilogue)
-        u_part = torch.zeros(1, t_inst, lowrank_b.shape[0], device=x.device, dtype=torch.float32)
+        u_part = ARENA.zeros((1, t_inst, lowrank_b.shape[0]), x.device)  # zeroed once per forward pass
         lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
     else:
         u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)

@@ -109,27 +109,43 @@ if triton is not None:
 
     @triton.jit
     def _pq_dequant_t_kernel(
-        qweight_ptr, codebook_ptr, wt_ptr,
-        N, M, GW, K_ROWS, NB,
-        stride_qw, stride_cbb, stride_wm,
+        qweight_ptr, codebook_ptr, lr_a_ptr, lr_b_ptr, wt_ptr,
+        N, M, GW, K_ROWS, NB, RANK,
+        stride_qw, stride_cbb, stride_an, stride_br, stride_wm,
         D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+        FP32_FOLD: tl.constexpr,
     ):
-        """Ŵᵀ[D·j + l, i] = C[i // K_ROWS, j, l, I[i, j]] for a [BLOCK_W words, BLOCK_N rows] tile.
-        Transposed output: rows are contiguous in Ŵᵀ as they are in the word-major indices, so lanes
-        stay on rows from the index load through the gather to the store and no tile changes layout."""
+        """Ŵᵀ[D·j + l, i] = C[i // K_ROWS, j, l, I[i, j]] (+ (A B)ᵀ[D·j + l, i] with the low-rank term
+        folded in) for a [BLOCK_W words, BLOCK_N rows] tile. Transposed output: rows are contiguous in
+        Ŵᵀ as they are in the word-major indices, so lanes stay on rows from the index load through the
+        gather to the store. The fold is one small tl.dot per sub-tile, Bᵀ[cols, r] · Aᵀ[r, rows], with
+        Aᵀ's tile loaded once per program: the GEMM that follows then needs no low-rank work at all."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         n_mask = offs_n < N
         blk = tl.minimum(offs_n // K_ROWS, NB - 1)
         cb_rows = codebook_ptr + blk * stride_cbb
         words = tl.load(qweight_ptr + w[:, None] * stride_qw + offs_n[None, :])  # [BLOCK_W, BLOCK_N]
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, RANK_P2)
+            r_mask = offs_r < RANK
+            a_t = tl.load(lr_a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
+                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # Aᵀ [RANK_P2, BLOCK_N]
         for s in tl.static_range(PER_WORD):
             idx = (words >> (s * BITS)) & (NC - 1)
             j = s * GW + w  # [BLOCK_W]
             for l in tl.static_range(D):
                 col = j * D + l
                 vals = tl.load(cb_rows[None, :] + (col * NC)[:, None] + idx)  # [BLOCK_W, BLOCK_N]
+                if HAS_LOWRANK:
+                    b_t = tl.load(lr_b_ptr + offs_r[None, :] * stride_br + col[:, None],
+                                  mask=(col < M)[:, None] & r_mask[None, :], other=0.0)  # Bᵀ [BLOCK_W, RANK_P2]
+                    if FP32_FOLD:  # fp32 factors (reference-precision runs): no tf32 rounding
+                        vals = vals.to(tl.float32) + tl.dot(b_t.to(tl.float32), a_t.to(tl.float32),
+                                                            input_precision="ieee")
+                    else:
+                        vals = vals.to(tl.float32) + tl.dot(b_t.to(tl.float16), a_t.to(tl.float16))
                 tl.store(wt_ptr + col[:, None] * stride_wm + offs_n[None, :], vals.to(wt_ptr.dtype.element_ty),
                          mask=(col < M)[:, None] & n_mask[None, :])
 
@@ -221,9 +237,10 @@ def pq_gemm(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
 
 
 def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out=None,
-                    block_n: int = 128, block_w: int = 16, num_warps: int = 4):
-    """Ŵᵀ [M, N] in `dtype` by a Triton kernel (reference: pq_dequantize_t_reference). `out`: an [M, N]
-    row-contiguous destination (e.g. the top rows of a taller buffer)."""
+                    lowrank_a=None, lowrank_b=None, block_n: int = 128, block_w: int = 16, num_warps: int = 4):
+    """Ŵᵀ [M, N] in `dtype` by a Triton kernel (reference: pq_dequantize_t_reference), or (Ŵ + A B)ᵀ when
+    the low-rank factors A [N, r], B [r, M] are given. `out`: an [M, N] row-contiguous destination
+    (e.g. the top rows of a taller buffer)."""
     if qweight.device.type != "cuda" and not _interp():
         raise ValueError("pq_dequantize_t needs a CUDA device (or TRITON_INTERPRET=1)")
     if geo.N_pad % block_n or geo.GW % block_w:
@@ -231,23 +248,33 @@ def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, 
     Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=dtype) if out is None else out
     if tuple(Wt.shape) != (geo.M, geo.N) or Wt.stride(1) != 1:
         raise ValueError(f"out must be a row-contiguous [{geo.M}, {geo.N}] tensor")
+    has_lr = lowrank_a is not None
+    rank = lowrank_a.shape[1] if has_lr else 0
     grid = (geo.N_pad // block_n, geo.GW // block_w)
     _pq_dequant_t_kernel[grid](
-        qweight, codebook, Wt, geo.N, geo.M, geo.GW, geo.k, geo.Nb,
-        qweight.stride(0), codebook.stride(0), Wt.stride(0),
+        qweight, codebook, lowrank_a if has_lr else qweight, lowrank_b if has_lr else qweight, Wt,
+        geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
+        qweight.stride(0), codebook.stride(0), lowrank_a.stride(0) if has_lr else 0,
+        lowrank_b.stride(0) if has_lr else 0, Wt.stride(0),
         D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w,
-        num_warps=num_warps,
+        HAS_LOWRANK=has_lr, RANK_P2=max(16, _next_pow2(rank)), num_warps=num_warps,
+        FP32_FOLD=has_lr and dtype == torch.float32,
     )
     return Wt
 
 
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                      lowrank_mode: str = "rows", **tuning):
+                      lowrank_mode: str = "fold", **tuning):
     """Ŵᵀ dequantized by a Triton kernel, then cuBLAS. The low-rank term, by `lowrank_mode`:
+    "fold": the dequantize kernel writes (Ŵ + A B)ᵀ (a small tensor-core product per tile), then one
+    plain GEMM y = x (Ŵ + A B)ᵀ: no extra pass over x, y or the weight;
     "rows": r more inner-dimension rows, [x | u] · [Ŵᵀ ; Aᵀ] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM, no
     extra pass over the [T, N] output (the inner dimension padded to a multiple of 64 with zeros);
     "addmm": y = x Ŵᵀ, then y += u Aᵀ in place (a second pass over y)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+    if lowrank_a is not None and lowrank_mode == "fold":
+        Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
+        return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
     if lowrank_a is None or lowrank_mode == "addmm":
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
         y = torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
@@ -255,7 +282,7 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
             y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
         return y
     if lowrank_mode != "rows":
-        raise ValueError(f"lowrank_mode must be 'rows' or 'addmm', got {lowrank_mode!r}")
+        raise ValueError(f"lowrank_mode must be 'fold', 'rows' or 'addmm', got {lowrank_mode!r}")
     T, M, r = x.shape[0], geo.M, lowrank_a.shape[1]
     K = -(-(M + r) // 64) * 64
     Wt = torch.empty(K, geo.N, device=x.device, dtype=x.dtype)

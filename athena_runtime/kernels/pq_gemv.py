@@ -197,7 +197,7 @@ if triton is not None:
             ss = s0 + offs_s
             p = tl.load(partial_ptr + ss[:, None] * stride_ps + t * stride_pt + rows[None, :],
                         mask=(ss < S)[:, None] & row_mask[None, :], other=0.0)
-            acc += tl.sum(p, axis=0)
+            acc += tl.sum(p.to(tl.float32), axis=0)
             s0 += BLOCK_S
         if HAS_LOWRANK:
             offs_r = tl.arange(0, RANK_P2)
@@ -236,7 +236,7 @@ if triton is not None:
         s = tl.program_id(0) * 0
         while s < S:
             acc += tl.load(partial_ptr + s * stride_ps + offs_t[:, None] * stride_pt + rows[None, :],
-                           mask=t_mask[:, None] & row_mask[None, :], other=0.0)
+                           mask=t_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
             s += 1
         if HAS_LOWRANK:
             offs_r = tl.arange(0, RANK_P2)
@@ -266,7 +266,8 @@ def num_sms(device: torch.device) -> int:
 
 
 def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype) -> torch.Tensor:
-    """Finish split-K partial sums: partial [S, T_, N_pad] fp32, u_part [S', T_, r] fp32 or None."""
+    """Finish split-K partial sums: partial [S, T_, N_pad] fp32 or fp16 (summed in fp32), u_part [S', T_, r]
+    fp32 or None."""
     S = partial.shape[0]
     y = torch.empty(T, N, device=partial.device, dtype=out_dtype)
     has_lr = lowrank_a is not None
