@@ -137,6 +137,7 @@ def variants(cuda_ok):
                 x, *layer_args(L, lr), block_m=bm, block_n=bn, block_w=bw, split_k=sk, num_warps=nw, num_stages=st),
             lambda T, g, bm=bm: T <= bm and g.N == 11008)
     v["dequant+cublas-addmm"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="addmm"), lambda T, g: T >= 16)
+    v["dequant+cublas-rows"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="rows"), lambda T, g: T >= 16)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
@@ -300,7 +301,7 @@ def plan(smoke, name="full"):
     if name == "summary":  # what BENCHMARKS.md reports: PQLinear (the runtime's chosen path) vs cuBLAS
         return [(1, ["cublas", "PQLinear"], (True, False), True)] + \
             [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64)] + \
-            [(2048, ["cublas", "PQLinear", "dequant+cublas-addmm"], (True, False), False)]
+            [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), False)]
     if name == "t1":  # one token: the decode launch, with and without low-rank
         return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
