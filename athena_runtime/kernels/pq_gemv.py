@@ -185,14 +185,28 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RANK_P2: tl.constexpr,
         HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
-        """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i]."""
+        """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i].
+        Latency-bound (a few KB per program): every first load — A's rows, the first BLOCK_S slabs of u
+        and of the partial sums, the bias — is issued before any is used, so they overlap in one round
+        trip; the loops after them only run when there are more than BLOCK_S slabs."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         offs_s = tl.arange(0, BLOCK_S)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        s0 = pid_n * 0
+        if HAS_LOWRANK:
+            offs_r = tl.arange(0, RANK_P2)
+            mask_r = offs_r < RANK
+            a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
+                        mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+            up = tl.load(u_part_ptr + offs_s[:, None] * stride_us + t * stride_ut + offs_r[None, :],
+                         mask=(offs_s < S_U)[:, None] & mask_r[None, :], other=0.0)
+        p = tl.load(partial_ptr + offs_s[:, None] * stride_ps + t * stride_pt + rows[None, :],
+                    mask=(offs_s < S)[:, None] & row_mask[None, :], other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        acc = tl.sum(p.to(tl.float32), axis=0)
+        s0 = pid_n * 0 + BLOCK_S
         while s0 < S:  # (a while loop: TRITON_INTERPRET takes no tensor range bounds)
             ss = s0 + offs_s
             p = tl.load(partial_ptr + ss[:, None] * stride_ps + t * stride_pt + rows[None, :],
@@ -200,21 +214,17 @@ if triton is not None:
             acc += tl.sum(p.to(tl.float32), axis=0)
             s0 += BLOCK_S
         if HAS_LOWRANK:
-            offs_r = tl.arange(0, RANK_P2)
-            mask_r = offs_r < RANK
-            u = tl.zeros([RANK_P2], dtype=tl.float32)
-            s0 = pid_n * 0
+            u = tl.sum(up, axis=0)
+            s0 = pid_n * 0 + BLOCK_S
             while s0 < S_U:
                 ss = s0 + offs_s
                 up = tl.load(u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
                              mask=(ss < S_U)[:, None] & mask_r[None, :], other=0.0)
                 u += tl.sum(up, axis=0)
                 s0 += BLOCK_S
-            a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
-                        mask=row_mask[:, None] & mask_r[None, :], other=0.0)
             acc += tl.sum(a.to(tl.float32) * u[None, :], axis=1)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            acc += bias
         tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
