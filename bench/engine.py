@@ -51,7 +51,7 @@ def run_level(core, streams: int, prompt_len: int, new: int, vocab: int, seed: i
     per_token = [(last[r] - first[r]) / max(1, counts[r] - 1) for r in counts if counts[r] > 1]
     errors = sum(1 for r in finished.values() if r != "length") + (streams - len(finished))
     return {"streams": streams, "output_tokens": total, "seconds": wall, "tok_s": total / wall,
-            "per_token_ms": 1e3 * statistics.mean(per_token), "errors": errors,
+            "per_token_ms": 1e3 * statistics.mean(per_token) if per_token else float("nan"), "errors": errors,
             "kv_blocks_used_after": core.block_manager.num_used}
 
 

@@ -194,3 +194,23 @@ def test_cuda_mma_kernel_matches_reference(N, M, k, rank, bias, T):
     for split in (None, 1, 3):
         y = pq_mma_cuda(x, qw, cb, geo, A, B, b, split=split)
         assert y.shape == (T, N) and rel_err(y, pq_mma_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("S,S_U,T,N,rank,dtype", [(150, 3, 1, 70, 5, torch.float16), (7, 1, 2, 300, 0, torch.float32),
+                                                   (40, 1, 6, 130, 9, torch.float16)])
+def test_splitk_epilogue_sums_every_slab(S, S_U, T, N, rank, dtype):
+    """Σ_s partial + (Σ_s u_part) Aᵀ + bias, for more slabs than one load holds (S > 64), fp16 or fp32
+    partials, the per-token and the token-tile kernels."""
+    from athena_runtime.kernels.pq_gemv import splitk_epilogue
+    g = torch.Generator().manual_seed(S)
+    n_pad = -(-N // 128) * 128
+    partial = torch.randn(S, T, n_pad, generator=g).to(dtype).to(DEV)
+    u_part = torch.randn(S_U, T, max(rank, 1), generator=g).to(DEV) if rank else None
+    A = (torch.randn(N, rank, generator=g) * 0.1).half().to(DEV) if rank else None
+    bias = torch.randn(N, generator=g).half().to(DEV)
+    y = splitk_epilogue(partial, u_part, A, bias, T, N, torch.float16)
+    ref = partial.float().sum(0)[:, :N] + bias.float()
+    if rank:
+        ref = ref + u_part.sum(0) @ A.float().t()
+    assert y.shape == (T, N) and not torch.isnan(y).any()
+    assert rel_err(y, ref) < TOL[torch.float16]

@@ -182,13 +182,13 @@ if triton is not None:
         partial_ptr, u_part_ptr, lr_a_ptr, bias_ptr, y_ptr,
         S, S_U, N, RANK,
         stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
-        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RANK_P2: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RANK_P2: tl.constexpr, S_ITERS: tl.constexpr,
         HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):
         """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i].
-        Latency-bound (a few KB per program): every first load — A's rows, the first BLOCK_S slabs of u
-        and of the partial sums, the bias — is issued before any is used, so they overlap in one round
-        trip; the loops after them only run when there are more than BLOCK_S slabs."""
+        Latency-bound (a few KB per program): every load — A's rows, u, the partial sums (S_ITERS
+        blocks of BLOCK_S slabs, unrolled), the bias — is issued before any is used, so they overlap
+        in one round trip."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,32 +199,21 @@ if triton is not None:
             mask_r = offs_r < RANK
             a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
                         mask=row_mask[:, None] & mask_r[None, :], other=0.0)
-            up = tl.load(u_part_ptr + offs_s[:, None] * stride_us + t * stride_ut + offs_r[None, :],
-                         mask=(offs_s < S_U)[:, None] & mask_r[None, :], other=0.0)
-        p = tl.load(partial_ptr + offs_s[:, None] * stride_ps + t * stride_pt + rows[None, :],
-                    mask=(offs_s < S)[:, None] & row_mask[None, :], other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        acc = tl.sum(p.to(tl.float32), axis=0)
-        s0 = pid_n * 0 + BLOCK_S
-        while s0 < S:  # (a while loop: TRITON_INTERPRET takes no tensor range bounds)
-            ss = s0 + offs_s
+            u = tl.zeros([RANK_P2], dtype=tl.float32)
+            for i in tl.static_range(S_ITERS):
+                ss = i * BLOCK_S + offs_s
+                u += tl.sum(tl.load(u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
+                                    mask=(ss < S_U)[:, None] & mask_r[None, :], other=0.0), axis=0)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(S_ITERS):
+            ss = i * BLOCK_S + offs_s
             p = tl.load(partial_ptr + ss[:, None] * stride_ps + t * stride_pt + rows[None, :],
                         mask=(ss < S)[:, None] & row_mask[None, :], other=0.0)
             acc += tl.sum(p.to(tl.float32), axis=0)
-            s0 += BLOCK_S
         if HAS_LOWRANK:
-            u = tl.sum(up, axis=0)
-            s0 = pid_n * 0 + BLOCK_S
-            while s0 < S_U:
-                ss = s0 + offs_s
-                up = tl.load(u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
-                             mask=(ss < S_U)[:, None] & mask_r[None, :], other=0.0)
-                u += tl.sum(up, axis=0)
-                s0 += BLOCK_S
             acc += tl.sum(a.to(tl.float32) * u[None, :], axis=1)
         if HAS_BIAS:
-            acc += bias
+            acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -307,6 +296,7 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype)
         u_part.stride(0) if has_lr else 0, u_part.stride(1) if has_lr else 0,
         lowrank_a.stride(0) if has_lr else 0, y.stride(0),
         BLOCK_N=BLOCK_N, BLOCK_S=block_s, RANK_P2=max(16, _next_pow2(rank)),
+        S_ITERS=triton.cdiv(max(S, u_part.shape[0] if has_lr else 1), block_s),
         HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, num_warps=8 if block_s * BLOCK_N >= 64 * 128 else 4,
     )
     return y
