@@ -213,6 +213,7 @@ class AsyncEngine:
                                        num_blocks=settings.num_blocks, kv_budget_bytes=settings.kv_budget_bytes,
                                        device=settings.device, max_model_len=settings.max_model_len,
                                        kv_hadamard=settings.kv_hadamard, use_cuda_graphs=settings.use_cuda_graphs)
+        runner.capture_graphs(settings.max_num_seqs)  # at start-up, not in the middle of a request
         return cls(runner, tokenizer, settings, model_name or path.name, find_eos_token_ids(tokenizer, path))
 
     async def start(self) -> None:

@@ -160,6 +160,8 @@ def test_cuda_graph_decode_matches_eager(folders, fmt):
     kw = dict(kv_format=fmt, kv_group_size=16, block_size=4, num_blocks=64, device="cuda")
     graphs = ModelRunner.from_path(folder, use_cuda_graphs=True, **kw)
     eager = ModelRunner.from_path(folder, use_cuda_graphs=False, **kw)
+    assert graphs.capture_graphs(3) == 3 and sorted(graphs._graphs) == [1, 2, 4]  # start-up capture
+    assert graphs.capture_graphs(3) == 0 and eager.capture_graphs(3) == 0
     prompts = [_tokens(n, seed=n) for n in (5, 9, 14)]  # batch of 3 -> bucket 4 (one padded row)
     tables = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
     for runner in (graphs, eager):
@@ -174,6 +176,11 @@ def test_cuda_graph_decode_matches_eager(folders, fmt):
         for row, p in enumerate(prompts):  # fp16 model and cache vs the fp32 reference
             err = (a[row].cpu() - want[row][len(p) - 4 + step]).abs().max().item() / scale
             assert err < {"fp16": 0.02, "int8": 0.04, "int4": 0.3}[fmt]
+
+
+def test_capture_graphs_is_a_no_op_without_cuda_graphs(folders):
+    runner = ModelRunner.from_path(folders["llama"], kv_format="fp32", block_size=4, num_blocks=8, device="cpu")
+    assert runner.capture_graphs() == 0 and runner._graphs == {}
 
 
 def test_graph_buffers_give_the_eager_logits_on_cpu(folders):
