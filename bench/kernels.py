@@ -285,7 +285,8 @@ def copy_bandwidth(dev):
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
     a.random_(0, 255)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
+    # a long warm-up: measured first on a cold GPU (clocks still ramping) it once read 1229 GB/s, not ~2900
+    ms = min(triton.testing.do_bench(lambda: b.copy_(a), warmup=300, rep=200, return_mode="median") for _ in range(2))
     return 2 * n / (ms * 1e-3) / 1e9  # GB/s, bytes read + written
 
 
