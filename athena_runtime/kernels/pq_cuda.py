@@ -170,64 +170,35 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
 
     // ---- low-rank share: u_sum[t, r] += sum over this slab's columns of x[t, col] B[r, col] (atomic:
     // the epilogue then reads u once instead of reducing slab partials in every program); ranks are
-    // spread over all CTAs of the slab, one warp per rank, RU ranks per warp at a time with all their
-    // B loads issued before any is used (one memory latency per RU ranks, not one per rank)
+    // spread over all CTAs of the slab (one warp per rank, loads unrolled: one latency)
     if (lr_b != nullptr) {
         constexpr int MAXC = (4 * SLAB_W + 31) / 32;  // D <= 4: at most 4 SLAB_W columns per plane
-        // registers: the prefetched words are live here, so only the one-token launch batches ranks
-        constexpr int RU = T > 1 ? 1 : (SLAB_W <= 8 ? 4 : (SLAB_W <= 16 ? 2 : 1));
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-        const int stride = gridDim.x * (THREADS / 32);
-        for (int r0 = blockIdx.x + warp * gridDim.x; r0 < rank; r0 += RU * stride) {
-            float bv[RU][PER_WORD][MAXC];
+        for (int r = blockIdx.x + warp * gridDim.x; r < rank; r += gridDim.x * (THREADS / 32)) {
+            float acc[T];
 #pragma unroll
-            for (int i = 0; i < RU; ++i) {
-                const int r = r0 + i * stride;
-#pragma unroll
-                for (int s = 0; s < PER_WORD; ++s) {
-                    const int c_lo = D * (s * GW + w0);
-                    const int c_hi = min(min(c_lo + D * SLAB_W, D * (s + 1) * GW), M);
-#pragma unroll
-                    for (int c = 0; c < MAXC; ++c) {
-                        const int col = c_lo + lane + 32 * c;
-                        bv[i][s][c] = (r < rank && col < c_hi) ? __half2float(lr_b[(size_t)r * stride_br + col]) : 0.f;
-                    }
-                }
-            }
-            float acc[RU][T];
-#pragma unroll
-            for (int i = 0; i < RU; ++i)
-#pragma unroll
-                for (int t = 0; t < T; ++t) acc[i][t] = 0.f;
+            for (int t = 0; t < T; ++t) acc[t] = 0.f;
 #pragma unroll
             for (int s = 0; s < PER_WORD; ++s) {
                 const int c_lo = D * (s * GW + w0);
                 const int c_hi = min(min(c_lo + D * SLAB_W, D * (s + 1) * GW), M);
 #pragma unroll
-                for (int c = 0; c < MAXC; ++c) {
-                    const int col = c_lo + lane + 32 * c;
+                for (int i = 0; i < MAXC; ++i) {
+                    const int col = c_lo + lane + 32 * i;
                     if (col < c_hi) {
+                        const float b = __half2float(lr_b[(size_t)r * stride_br + col]);
 #pragma unroll
-                        for (int t = 0; t < T; ++t) {
-                            if (t < t_valid) {
-                                const float xv = __half2float(x[(size_t)t * stride_xt + col]);
-#pragma unroll
-                                for (int i = 0; i < RU; ++i) acc[i][t] += bv[i][s][c] * xv;
-                            }
-                        }
+                        for (int t = 0; t < T; ++t)
+                            if (t < t_valid) acc[t] += b * __half2float(x[(size_t)t * stride_xt + col]);
                     }
                 }
             }
 #pragma unroll
-            for (int i = 0; i < RU; ++i) {
-                const int r = r0 + i * stride;
+            for (int t = 0; t < T; ++t) {
+                float v = acc[t];
 #pragma unroll
-                for (int t = 0; t < T; ++t) {
-                    float v = acc[i][t];
-#pragma unroll
-                    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                    if (lane == 0 && r < rank) atomicAdd(u_sum + (size_t)t * rank + r, v);  // u = x Bᵀ over slabs
-                }
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+                if (lane == 0) atomicAdd(u_sum + (size_t)t * rank + r, v);  // u = x Bᵀ summed over slabs here
             }
         }
     }
