@@ -12,6 +12,7 @@ BENCHMARKS = {
     "quantize-7b": ("bench.quantize_7b", "seconds and peak memory to quantize a 7B-shaped layer (GPU)"),
     "quality": ("bench.quantize_quality", "perplexity vs bits: reference, RTN, GPTQ, Athena on the embedded model"),
     "decode": ("bench.decode", "end-to-end batch-1 decode tok/s: PQ vs fp16 vs HF transformers (GPU)"),
+    "attention": ("bench.attention", "paged decode attention µs per call: KV format x batch x context x splits (GPU)"),
     "engine": ("bench.engine", "engine throughput vs concurrent streams per KV format (GPU)"),
     "serve": ("bench.serve", "load test of an OpenAI-compatible server: TTFT, TPOT, throughput vs concurrency"),
     "kv-quality": ("bench.kv_quality", "held-out perplexity and bytes per token for each KV-cache format"),

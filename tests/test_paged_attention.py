@@ -4,6 +4,7 @@ import os
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json
 import math
 import random
 
@@ -25,13 +26,14 @@ def _basis(num_layers, num_kv_heads, head_dim, seed):
 
 
 def _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed, num_layers=1, hadamard=False,
-                  calibrated=False):
+                  calibrated=False, group_size=None):
     """A cache holding random K/V for each sequence (positions from 0), its blocks shuffled, with a
     random key basis when `calibrated`; returns cache, tables, K, V."""
     gen = torch.Generator().manual_seed(seed)
     need = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(need) + 3
-    cache = KVCache.create(fmt, num_layers, num_blocks, block_size, num_kv_heads, head_dim, DEVICE, hadamard=hadamard)
+    cache = KVCache.create(fmt, num_layers, num_blocks, block_size, num_kv_heads, head_dim, DEVICE, hadamard=hadamard,
+                           group_size=group_size)
     if calibrated:
         cache.set_key_basis(_basis(num_layers, num_kv_heads, head_dim, seed))
     ids = list(range(num_blocks))
@@ -86,6 +88,7 @@ def test_reference_prefill_matches_dense_attention(window, calibrated):
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("num_splits", [1, 3, None])  # None: the automatic choice (4 or 2 here, see below)
 @pytest.mark.parametrize("fmt,queries_per_kv,window,hadamard,calibrated,head_dim,block_size", [
     ("fp16", 1, None, False, False, 64, 16),
     ("fp16", 3, 5, False, False, 64, 16),
@@ -97,9 +100,15 @@ def test_reference_prefill_matches_dense_attention(window, calibrated):
     ("int4", 4, 20, True, True, 64, 8),  # window: position 0 (and its sink term) out of sight for long sequences
     ("int4", 2, None, True, True, 128, 16),  # two scale/zero groups per head
 ])
-def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, calibrated, head_dim, block_size):
+def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, calibrated, head_dim, block_size,
+                                         num_splits):
+    """Every format, GQA, windows, tiles of several pages and the context split over programs. Tiles
+    are 64 keys (TILE_TOKENS), so 200 keys make 4 tiles: 3 splits take 2, 2 and 0 of them (a split
+    without tiles), and a 1-key sequence leaves two splits empty; the table width (13 or 25 pages) is
+    no multiple of the tile's pages. The automatic choice on CPU (32 stand-in SMs, 16 programs) is 4
+    splits, 2 with a window (a window spans at most 2 tiles)."""
     num_kv_heads = 2
-    seq_lens = [1, 15, 16, 17, 33, 50]  # odd lengths, block-boundary neighbours
+    seq_lens = [1, 16, 17, 50, 64, 65, 130, 200]  # odd lengths, block- and tile-boundary neighbours
     cache, table, _, _ = _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed=2, hadamard=hadamard,
                                        calibrated=calibrated)
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
@@ -107,7 +116,11 @@ def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, 
     q = cache.query(0, q)
     args = (q, cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
             torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, window)
-    got = pa.paged_attention_decode(*args)
+    got = pa.paged_attention_decode(*args, num_splits=num_splits)
+    if num_splits is None and DEVICE == "cpu":
+        auto = pa.decode_num_splits(len(seq_lens), num_kv_heads, table.shape[1], block_size, pa.TILE_TOKENS,
+                                    pa._num_sms(q.device), window)
+        assert auto == (4 if window is None else 2)
     want = pa.paged_attention_reference(*args)
     assert not torch.isnan(got).any()
     tol = 2e-3 if dtype == torch.float16 else 1e-5
@@ -115,12 +128,72 @@ def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, 
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-def test_triton_decode_empty_sequence_gives_zeros():
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+def test_triton_decode_fp16_query_gqa(fmt):
+    """A float16 query, as on the GPU: GQA groups go through tl.dot in float16 (the interpreter, like
+    the tensor cores, multiplies float16 operands exactly and accumulates in float32), so the GPU
+    tolerance is checked on CPU too. Sharp attention (q x 3): with dequantized K rounded to float16 in
+    one part, int8 and int4 land at 1.5-1.8x the tolerance here; with two parts at 0.3x."""
+    seq_lens = [1, 16, 50, 65, 200]
+    rotated = fmt == "int4"
+    cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=6, hadamard=rotated, calibrated=rotated)
+    q = 3 * torch.randn(len(seq_lens), 6, 64, generator=torch.Generator().manual_seed(7))
+    q = cache.query(0, q.to(DEVICE))
+    args = (q.half(), cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), 0.125, None)
+    got = pa.paged_attention_decode(*args, num_splits=3)
+    want = pa.paged_attention_reference(*args)
+    assert got.dtype == torch.float16 and not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("fmt,queries_per_kv,head_dim,group_size,block_size", [
+    ("int8", 1, 96, 32, 16),  # head_dim below BLOCK_D: the last scale group is masked
+    ("int8", 2, 96, 48, 12),  # a group size that is no power of two (per-element scale gathers), 12-key pages
+    ("fp16", 2, 64, None, 128),  # pages larger than the tile: tiles cut pages
+    ("int4", 1, 64, 32, 24),  # int4 with two groups per head, pages cut by tiles
+])
+def test_triton_decode_odd_geometry(fmt, queries_per_kv, head_dim, group_size, block_size):
+    """Shapes the default models do not have; 3 splits. The key basis needs a power-of-two head_dim."""
+    seq_lens = [1, 23, 64, 150]
+    pow2 = head_dim & (head_dim - 1) == 0
+    cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, head_dim, block_size, seed=4, hadamard=pow2, calibrated=pow2,
+                                       group_size=group_size)
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    q = cache.query(0, torch.randn(len(seq_lens), 2 * queries_per_kv, head_dim).to(DEVICE, dtype))
+    args = (q, cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, None)
+    got = pa.paged_attention_decode(*args, num_splits=3)
+    want = pa.paged_attention_reference(*args)
+    assert not torch.isnan(got).any()
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_empty_sequence_gives_zeros(num_splits):
+    """Padding rows of a CUDA-graph bucket: seq_len 0, every split empty, the output zeros."""
     cache, table, _, _ = _filled_cache("int8", [3, 1], 1, 64, 16, seed=3)
     q = torch.randn(2, 1, 64, device=DEVICE)
     seq_lens = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
-    out = pa.paged_attention_decode(q, cache, 0, table, seq_lens, torch.arange(3, device=DEVICE), 0.125, None)
+    out = pa.paged_attention_decode(q, cache, 0, table, seq_lens, torch.arange(3, device=DEVICE), 0.125, None,
+                                    num_splits=num_splits)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
+
+
+def test_decode_split_choice():
+    """The split count depends on static shapes only: enough programs for 2 per SM, no more splits than
+    the table width (or the window) has tiles, at most 16."""
+    # Llama-2-7B on an H100 (132 SMs), 32 KV heads, a 4096-token table of 16-token pages, 64-key tiles
+    assert pa.decode_num_splits(1, 32, 256, 16, 64, 132) == 9  # cdiv(264, 32)
+    assert pa.decode_num_splits(16, 32, 256, 16, 64, 132) == 1  # 512 programs already
+    assert pa.decode_num_splits(64, 32, 256, 16, 64, 132) == 1
+    assert pa.decode_num_splits(1, 32, 8, 16, 64, 132) == 2  # a 128-token table: 2 tiles
+    assert pa.decode_num_splits(1, 32, 256, 16, 64, 132, sliding_window=100) == 3  # cdiv(100, 64) + 1
+    assert pa.decode_num_splits(1, 1, 1024, 16, 64, 132) == 16  # capped
+    assert pa.decode_num_splits(0, 32, 256, 16, 64, 132) == 16  # no sequences: no division by zero
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
@@ -142,3 +215,16 @@ def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated, monk
     got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl.tolist())
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+def test_bench_attention_smoke(capsys):
+    """`python -m bench.attention --smoke`: the benchmark's plumbing (cache, tables, check, table)."""
+    if DEVICE == "cuda":
+        pytest.skip("the smoke run is the CPU one")
+    from bench import attention
+
+    assert attention.main(["--smoke", "--formats", "int4", "--batches", "2", "--contexts", "70",
+                           "--splits", "1,auto", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [r["num_splits"] for r in rows] == [1, 2] and all(r["max_err"] < 1e-5 for r in rows)
