@@ -16,6 +16,9 @@ Formats (group-wise along head_dim: `group_size` consecutive values share their 
   (plus the float16 rounding of `z` at the group's minimum).
   Bytes per token and head: `D/2 + 4·D/64`, the same as 4 bits plus one float16 scale per 32.
 
+Writes: `write_reference` is the PyTorch write (the spec, and the CPU path); on CUDA the quantized formats
+write a layer's K and V in one Triton launch (`kernels/kv_write.py`), fp16 in one row scatter.
+
 The stored basis. Attention needs `q·k` only up to a constant per query (softmax is shift-invariant)
 and `Σ p·v`, so the cache stores keys and values in another basis and the caller moves the query in
 and the output back (`query`, `output`):
@@ -41,12 +44,16 @@ and `int8` rotate with `hadamard=True` and are never calibrated by the runner (i
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
 from athena_runtime.kernels.fused_ops import scatter_rows_pair_
+from athena_runtime.kernels.kv_write import kv_write, kv_write_unsupported
+
+log = logging.getLogger(__name__)
 
 KV_FORMATS = ("fp16", "fp32", "int8", "int4")
 GROUP_SIZES = {"int8": 32, "int4": 64}  # default group size of each quantized format
@@ -165,6 +172,7 @@ class KVCache:
             self.v_scale = torch.zeros_like(self.k_scale)
         if self.has_zero:
             self.k_zero, self.v_zero = torch.zeros_like(self.k_scale), torch.zeros_like(self.k_scale)
+        self._write_path: str | None = None  # the last write path logged (write logs each change once)
 
     @staticmethod
     def create(fmt: str, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -233,8 +241,28 @@ class KVCache:
 
     # --- interface ----------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-              positions: torch.Tensor) -> None:
-        """Store k, v [T, Hkv, D] (post-RoPE) of the tokens at `positions` [T] into slots slot_mapping [T]."""
+              positions: torch.Tensor, use_triton: bool | None = None) -> None:
+        """Store k, v [T, Hkv, D] (post-RoPE) of the tokens at `positions` [T] into slots slot_mapping [T].
+        Quantized formats on CUDA: one Triton launch (`kernels/kv_write.py`), else `write_reference`;
+        `use_triton` forces the choice (True runs on CPU under TRITON_INTERPRET=1, for the tests)."""
+        if self.quantized and self._use_write_kernel(k, use_triton):
+            kv_write(self, layer, k, v, slot_mapping, positions)
+        else:
+            self.write_reference(layer, k, v, slot_mapping, positions)
+
+    def _use_write_kernel(self, k: torch.Tensor, use_triton: bool | None) -> bool:
+        if use_triton is not None:
+            return use_triton
+        reason = "device " + k.device.type if not k.is_cuda else kv_write_unsupported(self)
+        path = "pytorch reference" if reason else "triton kernel"
+        if path != self._write_path:
+            self._write_path = path
+            log.info("KV cache write (%s): %s path%s", self.fmt, path, f" ({reason})" if reason else "")
+        return reason is None
+
+    def write_reference(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                        positions: torch.Tensor) -> None:
+        """The PyTorch write (the spec and the CPU path): stored basis, `quantize`, one `index_copy_` per field."""
         fields = ((self.stored_key(layer, k, positions), self.k, self.k_scale, self.k_zero),
                   (self.rotate(v), self.v, self.v_scale, self.v_zero))
         for x, data, scale, zero in fields:
@@ -280,13 +308,14 @@ class FP16KVCache(KVCache):
     def dequantize(self, data, scale, zero):
         return data.float()
 
-    def write(self, layer, k, v, slot_mapping, positions) -> None:
-        if k.is_cuda and self.key_offset is None and self.rotation is None:  # K and V rows in one launch
+    def write(self, layer, k, v, slot_mapping, positions, use_triton: bool | None = None) -> None:
+        use_kernel = k.is_cuda if use_triton is None else use_triton
+        if use_kernel and self.key_offset is None and self.rotation is None:  # K and V rows in one launch
             width = self.num_kv_heads * self.head_dim
             scatter_rows_pair_(self.k[layer].view(-1, width), self.v[layer].view(-1, width),
-                               k.reshape(-1, width), v.reshape(-1, width), slot_mapping)
+                               k.reshape(-1, width), v.reshape(-1, width), slot_mapping, use_triton=use_triton)
             return
-        super().write(layer, k, v, slot_mapping, positions)
+        self.write_reference(layer, k, v, slot_mapping, positions)
 
 
 class Int8KVCache(KVCache):
