@@ -175,6 +175,7 @@ class ModelRunner:
         self._seq_lens[:b].copy_(host[3 * b:4 * b].to(torch.int32), non_blocking=True)
         self._tables[:b, :width].copy_(host[4 * b:].view(b, width).to(torch.int32), non_blocking=True)
 
+    @torch.inference_mode()
     def capture_graphs(self, max_batch: int | None = None) -> int:
         """Capture the decode graphs of every bucket up to `max_batch` now (a server's start-up), so no
         request pays a capture (~0.5-5 s per bucket on a 7B model) in the middle of its stream.

@@ -56,3 +56,14 @@ def test_nested_pass_and_cpu_default_are_plain_zeros():
     with arena.forward(CPU):
         t = arena.zeros((4, 4), CPU)
         assert torch.count_nonzero(t) == 0
+
+
+def test_buffer_made_in_inference_mode_is_usable_outside_it():
+    arena = ZeroArena(capacity=256, device_types=("cpu",))
+    for mode in (True, False, True):  # first pass in inference mode (load-time calibration), then not
+        with torch.inference_mode(mode):
+            for _ in range(2):
+                with arena.forward(CPU):
+                    t = arena.zeros((8,), CPU)
+                    assert torch.count_nonzero(t) == 0
+                    t.add_(1.0)

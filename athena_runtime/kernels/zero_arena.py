@@ -45,8 +45,9 @@ class ZeroArena:
             yield  # CPU (no atomics kernel) or a nested pass: plain torch.zeros
             return
         buf = self._bufs.get(device)
-        if buf is None:
-            buf = self._bufs[device] = torch.empty(self.capacity, device=device, dtype=torch.float32)
+        if buf is None:  # a normal tensor even when the first pass runs in inference mode (calibration)
+            with torch.inference_mode(False):
+                buf = self._bufs[device] = torch.empty(self.capacity, device=device, dtype=torch.float32)
         need = self._need.get(device, 0)
         if need:
             buf[:need].zero_()
