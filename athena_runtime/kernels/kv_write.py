@@ -265,7 +265,7 @@ def kv_write(kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mappin
     has_basis = kv_cache.key_offset is not None
     basis = ([t[layer] for t in (kv_cache.key_offset, kv_cache.sink_offset, kv_cache.key_scale)] if has_basis
              else [k, k, k])  # [Hkv, D] float32 each (unused without a basis)
-    assert all(b.is_contiguous() for b in basis)
+    assert not has_basis or all(b.is_contiguous() for b in basis)
     rotate = kv_cache.rotation is not None
     qsteps = 15.0 if int4 else 127.0
     # import here: kv_cache imports this module
