@@ -175,9 +175,7 @@ def test_cuda_graph_decode_matches_eager(folders, fmt):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
         for row, p in enumerate(prompts):  # fp16 model and cache vs the fp32 reference
             err = (a[row].cpu() - want[row][len(p) - 4 + step]).abs().max().item() / scale
-            # a sanity bound against garbage (the kernels are checked tightly against their references
-            # elsewhere): int4 with groups of 16 on this tiny random model is far from the fp32 logits
-            assert err < {"fp16": 0.02, "int8": 0.04, "int4": 0.4}[fmt]
+            assert err < {"fp16": 0.02, "int8": 0.04, "int4": 0.3}[fmt]
 
 
 def test_capture_graphs_is_a_no_op_without_cuda_graphs(folders):
