@@ -43,9 +43,13 @@ class InlineExtension:
             name = f"{self.name}_{hashlib.sha1(src.encode()).hexdigest()[:12]}"
             cache = os.environ.get("ATHENA_CUDA_CACHE")
             if cache and (Path(cache) / f"{name}.so").is_file():
-                self._ext = _import_built(name, Path(cache) / f"{name}.so")
-                log.info("loaded %s from %s", self.what, Path(cache) / f"{name}.so")
-                return self._ext
+                try:
+                    self._ext = _import_built(name, Path(cache) / f"{name}.so")
+                    log.info("loaded %s from %s", self.what, Path(cache) / f"{name}.so")
+                    return self._ext
+                except Exception as e:  # noqa: BLE001 - e.g. built for another torch: build it again
+                    log.warning("%s: cannot load %s (%s: %s); building it", self.what,
+                                Path(cache) / f"{name}.so", type(e).__name__, e)
             log.info("building %s (%s; first use takes about a minute)", self.what, name)
             try:
                 self._ext = load_inline(name=name, cpp_sources=self.cpp_decl, cuda_sources=src,
