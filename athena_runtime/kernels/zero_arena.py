@@ -12,7 +12,8 @@ buffer that is zeroed by ONE fill at the start of the pass:
 The arena learns how much one pass needs (the high-water mark of earlier passes) and zeroes only
 that prefix; a request that does not fit, or one made outside a pass, gets a fresh `torch.zeros`
 (still correct, only slower). The buffer is allocated once and never moved, so CUDA graphs captured
-over a pass (their fill included) keep pointing at live memory.
+over a pass (their fill included) keep pointing at live memory. One buffer per device: passes on one
+device must not run concurrently from several threads (the engine runs its model on one thread).
 """
 from __future__ import annotations
 
