@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from athena_runtime.kernels import fused_ops
 from athena_runtime.kernels.fused_ops import scatter_rows_pair_
 from athena_runtime.kernels.kv_write import kv_write, kv_write_unsupported
 
@@ -243,17 +244,26 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
               positions: torch.Tensor, use_triton: bool | None = None) -> None:
         """Store k, v [T, Hkv, D] (post-RoPE) of the tokens at `positions` [T] into slots slot_mapping [T].
-        Quantized formats on CUDA: one Triton launch (`kernels/kv_write.py`), else `write_reference`;
-        `use_triton` forces the choice (True runs on CPU under TRITON_INTERPRET=1, for the tests)."""
-        if self.quantized and self._use_write_kernel(k, use_triton):
-            kv_write(self, layer, k, v, slot_mapping, positions)
+        On CUDA: one Triton launch (`write_kernel`), else `write_reference`; the path is logged when it
+        changes. `use_triton` forces the choice (True runs on CPU under TRITON_INTERPRET=1, for the tests)."""
+        if self._use_write_kernel(k, use_triton):
+            self.write_kernel(layer, k, v, slot_mapping, positions)
         else:
             self.write_reference(layer, k, v, slot_mapping, positions)
+
+    def write_kernel(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                     positions: torch.Tensor) -> None:
+        """The one-launch write of the format (quantized formats: `kernels/kv_write.py`)."""
+        kv_write(self, layer, k, v, slot_mapping, positions)
+
+    def write_kernel_unsupported(self) -> str | None:
+        """Why `write_kernel` cannot take this cache, or None when it can."""
+        return kv_write_unsupported(self)
 
     def _use_write_kernel(self, k: torch.Tensor, use_triton: bool | None) -> bool:
         if use_triton is not None:
             return use_triton
-        reason = "device " + k.device.type if not k.is_cuda else kv_write_unsupported(self)
+        reason = "device " + k.device.type if not k.is_cuda else self.write_kernel_unsupported()
         path = "pytorch reference" if reason else "triton kernel"
         if path != self._write_path:
             self._write_path = path
@@ -308,14 +318,15 @@ class FP16KVCache(KVCache):
     def dequantize(self, data, scale, zero):
         return data.float()
 
-    def write(self, layer, k, v, slot_mapping, positions, use_triton: bool | None = None) -> None:
-        use_kernel = k.is_cuda if use_triton is None else use_triton
-        if use_kernel and self.key_offset is None and self.rotation is None:  # K and V rows in one launch
-            width = self.num_kv_heads * self.head_dim
-            scatter_rows_pair_(self.k[layer].view(-1, width), self.v[layer].view(-1, width),
-                               k.reshape(-1, width), v.reshape(-1, width), slot_mapping, use_triton=use_triton)
-            return
-        self.write_reference(layer, k, v, slot_mapping, positions)
+    def write_kernel(self, layer, k, v, slot_mapping, positions) -> None:  # K and V rows in one launch
+        width = self.num_kv_heads * self.head_dim
+        scatter_rows_pair_(self.k[layer].view(-1, width), self.v[layer].view(-1, width),
+                           k.reshape(-1, width), v.reshape(-1, width), slot_mapping, use_triton=True)
+
+    def write_kernel_unsupported(self) -> str | None:
+        if self.key_offset is not None or self.rotation is not None:
+            return "stored basis or rotation: the PyTorch write transforms the keys"
+        return None if fused_ops.triton is not None else "no Triton"
 
 
 class Int8KVCache(KVCache):

@@ -161,8 +161,10 @@ def test_default_path_is_the_reference_on_cpu_and_the_kernel_on_cuda(monkeypatch
     assert len(calls) == (2 if DEV.type == "cuda" else 0)
     assert len([r for r in caplog.records if "KV cache write" in r.message]) == 1  # the path, logged once
     fp16 = KVCache.create("fp16", 1, 2, 4, 1, 64, DEV)
-    fp16.write(0, k, v, slots, positions)
+    with caplog.at_level(logging.INFO, logger="athena_runtime.kv_cache"):
+        fp16.write(0, k, v, slots, positions)
     assert len(calls) == (2 if DEV.type == "cuda" else 0)  # fp16 keeps its own write
+    assert any("KV cache write (fp16)" in r.message for r in caplog.records)  # its path is logged too
     torch.testing.assert_close(fp16.read(0, slots)[0], k.float())
 
 
