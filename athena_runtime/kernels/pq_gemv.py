@@ -271,33 +271,27 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype)
     y = torch.empty(T, N, device=partial.device, dtype=out_dtype)
     has_lr = lowrank_a is not None
     rank = lowrank_a.shape[1] if has_lr else 0
+    s_u = u_part.shape[0] if has_lr else 0
+    # what both kernels take: pointers (unused ones stand in as `partial`), strides, constexpr flags
+    ptrs = (partial, u_part if has_lr else partial, lowrank_a if has_lr else partial,
+            bias if bias is not None else partial, y)
+    strides = (partial.stride(0), partial.stride(1), u_part.stride(0) if has_lr else 0,
+               u_part.stride(1) if has_lr else 0, lowrank_a.stride(0) if has_lr else 0, y.stride(0))
+    flags = dict(RANK_P2=max(16, _next_pow2(rank)), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None)
     if T > TILE_EPILOGUE_MIN_TOKENS:  # token tiles: A read once per tile, not once per token
         BLOCK_T, BLOCK_N = 16, 64
         _splitk_epilogue_tile_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(T, BLOCK_T))](
-            partial, u_part if has_lr else partial, lowrank_a if has_lr else partial, bias if bias is not None else partial, y,
-            S, u_part.shape[0] if has_lr else 0, T, N, rank,
-            partial.stride(0), partial.stride(1),
-            u_part.stride(0) if has_lr else 0, u_part.stride(1) if has_lr else 0,
-            lowrank_a.stride(0) if has_lr else 0, y.stride(0),
-            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, RANK_P2=max(16, _next_pow2(rank)),
-            HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, num_warps=4,
-        )
+            *ptrs, S, s_u, T, N, rank, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4)
         return y
     # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip;
     # row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)
-    block_s = min(64, max(16, _next_pow2(max(S, u_part.shape[0] if has_lr else 1))))
+    block_s = min(64, max(16, _next_pow2(max(S, s_u, 1))))
     target = 2 * num_sms(partial.device)
     BLOCK_N = next((b for b in (128, 64) if triton.cdiv(N, b) * T >= target), 32)
-    grid = (triton.cdiv(N, BLOCK_N), T)
-    _splitk_epilogue_kernel[grid](
-        partial, u_part if has_lr else partial, lowrank_a if has_lr else partial, bias if bias is not None else partial, y,
-        S, u_part.shape[0] if has_lr else 0, N, rank,
-        partial.stride(0), partial.stride(1),
-        u_part.stride(0) if has_lr else 0, u_part.stride(1) if has_lr else 0,
-        lowrank_a.stride(0) if has_lr else 0, y.stride(0),
-        BLOCK_N=BLOCK_N, BLOCK_S=block_s, RANK_P2=max(16, _next_pow2(rank)),
-        S_ITERS=triton.cdiv(max(S, u_part.shape[0] if has_lr else 1), block_s),
-        HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, num_warps=8 if block_s * BLOCK_N >= 64 * 128 else 4,
+    _splitk_epilogue_kernel[(triton.cdiv(N, BLOCK_N), T)](
+        *ptrs, S, s_u, N, rank, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
+        S_ITERS=triton.cdiv(max(S, s_u, 1), block_s), **flags,
+        num_warps=8 if block_s * BLOCK_N >= 64 * 128 else 4,
     )
     return y
 
