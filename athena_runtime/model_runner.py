@@ -182,8 +182,8 @@ class ModelRunner:
         Returns how many were captured; a no-op without CUDA graphs."""
         if not self.use_cuda_graphs:
             return 0
-        todo = [b for b in self.graph_buckets if b not in self._graphs
-                and (max_batch is None or b <= self._bucket(min(max_batch, self.graph_buckets[-1])))]
+        top = self.graph_buckets[-1] if max_batch is None else self._bucket(min(max_batch, self.graph_buckets[-1]))
+        todo = [b for b in self.graph_buckets if b <= top and b not in self._graphs]
         t0 = time.perf_counter()
         for bucket in todo:
             self._graphs[bucket] = self._capture(bucket)
