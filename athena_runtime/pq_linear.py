@@ -7,8 +7,10 @@ The indices stay bit-packed on the device, repacked at load time into the kernel
 decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
     cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 4 tokens, fp16, when it builds
+    cuda-frag       CUDA tensor-core kernel fed straight from the codebooks (one shared-memory lookup
+                    per two weights is an mma operand register), 5-64 tokens, fp16, d = 2, b = 6
     cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 5-64 tokens, fp16,
-                    default recipe (b = 6, d = 2), when it builds
+                    default recipe (b = 6, d = 2), when cuda-frag does not serve the layer
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
     dequant-matmul  Triton dequantize of the whole Ŵᵀ, then one cuBLAS call (more tokens)
     triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
@@ -33,22 +35,23 @@ from athena_runtime.kernels.pq_gemv import interpreting, pq_gemv, pq_gemv_refere
 
 log = logging.getLogger(__name__)
 
-PATHS = ("reference", "cuda-decode", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
+PATHS = ("reference", "cuda-decode", "cuda-frag", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
 CUDA_LUT_MAX_TOKENS = 4  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
 # at 8 tokens the tensor-core kernel measured 1.2-1.3x faster on the 7B shapes, bench/results/kernels.md)
 CUDA_LUT_FALLBACK_MAX_TOKENS = 8  # ... and up to 8 where cuda-mma does not serve the layer (still beats dequantize)
 TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
-MMA_MAX_TOKENS = 64  # CUDA tensor-core kernel (Ŵ tiles decoded in shared memory) above the lookup table
+MMA_MAX_TOKENS = 64  # CUDA tensor-core kernels (cuda-frag, else cuda-mma) above the lookup table
 LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
 LOWRANK_ALIGN = 16  # low-rank factors padded with zeros to a multiple of this rank (cuBLAS tensor cores)
 
 
 def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch.dtype, forced: str | None = None,
-                cuda_decode_ok=None, cuda_mma_ok=None) -> str:
+                cuda_decode_ok=None, cuda_mma_ok=None, cuda_frag_ok=None) -> str:
     """The path for a call of `tokens` rows. `cuda_decode_ok(geo, tokens, dtype) -> bool` says whether
     the CUDA lookup-table kernel serves it (default: ask `kernels.pq_cuda`, which builds it on first
-    use); `cuda_mma_ok` the same for the tensor-core kernel (`kernels.pq_cuda_mma`)."""
+    use); `cuda_frag_ok` / `cuda_mma_ok` the same for the tensor-core kernels (`kernels.pq_cuda_frag`,
+    `kernels.pq_cuda_mma`)."""
     if forced is not None:
         if forced not in PATHS:
             raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {PATHS}")
@@ -63,11 +66,16 @@ def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch
     if cuda_mma_ok is None:
         from athena_runtime.kernels import pq_cuda_mma
         cuda_mma_ok = pq_cuda_mma.usable
+    if cuda_frag_ok is None:
+        from athena_runtime.kernels import pq_cuda_frag
+        cuda_frag_ok = pq_cuda_frag.usable
     lut = geo.n <= LUT_MAX_N
     if tokens <= CUDA_LUT_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype):
         return "cuda-decode"
     if tokens <= TRITON_LUT_MAX_TOKENS and lut:
         return "triton-decode"
+    if tokens <= MMA_MAX_TOKENS and cuda_frag_ok(geo, tokens, dtype):
+        return "cuda-frag"
     if tokens <= MMA_MAX_TOKENS and cuda_mma_ok(geo, tokens, dtype):
         return "cuda-mma"
     if tokens <= CUDA_LUT_FALLBACK_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype):
@@ -217,6 +225,9 @@ class PQLinear(nn.Module):
                 and tokens <= CUDA_LUT_MAX_TOKENS and self.geo.n <= LUT_MAX_N:
             self._log_once("fallback", tokens, logging.WARNING,
                            f"cuda-decode unavailable for this layer; using {path}")
+        if forced is None and path == "cuda-mma":
+            self._log_once("fallback-frag", tokens, logging.WARNING,
+                           "cuda-frag unavailable for this layer (recipe or build); using cuda-mma")
         if forced is None and path == "dequant-matmul" and self.qweight.device.type == "cuda" \
                 and tokens <= MMA_MAX_TOKENS:
             self._log_once("fallback-mma", tokens, logging.WARNING,
@@ -251,6 +262,9 @@ class PQLinear(nn.Module):
             if path == "cuda-decode":
                 from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
                 y = pq_gemv_cuda(xk, *args)
+            elif path == "cuda-frag":
+                from athena_runtime.kernels.pq_cuda_frag import pq_frag_cuda
+                y = pq_frag_cuda(xk, *args)
             elif path == "cuda-mma":
                 from athena_runtime.kernels.pq_cuda_mma import pq_mma_cuda
                 y = pq_mma_cuda(xk, *args)

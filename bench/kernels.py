@@ -107,8 +107,10 @@ def variants(cuda_ok):
             return any((t, b, f) == (t_inst, geo.bits, fp16) and geo.GW % s == 0 for t, b, s, f in pq_cuda.VARIANTS)
         return (t_inst, geo.bits, slab, fp16) in pq_cuda.VARIANTS and geo.GW % slab == 0
 
-    from athena_runtime.kernels import pq_cuda_mma
+    from athena_runtime.kernels import pq_cuda_frag, pq_cuda_mma
     v = {
+        "cuda-frag": (lambda x, L, lr: pq_cuda_frag.pq_frag_cuda(x, *layer_args(L, lr)),
+                      lambda T, g: cuda_ok() and pq_cuda_frag.supports(g, T, torch.float16)),
         "cuda-mma": (lambda x, L, lr: pq_cuda_mma.pq_mma_cuda(x, *layer_args(L, lr)),
                      lambda T, g: cuda_ok() and pq_cuda_mma.supports(g, T, torch.float16)),
         "cuda-lut": (cuda(), lambda T, g: cuda_applies(T, g)),
@@ -139,6 +141,11 @@ def variants(cuda_ok):
     v["dequant+cublas-addmm"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="addmm"), lambda T, g: T >= 16)
     v["dequant+cublas-rows"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="rows"), lambda T, g: T >= 16)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
+    for nr, sw in ((2, True), (4, False)):  # the other instantiated fragment-kernel shapes
+        v[f"cuda-frag-nr{nr}{'' if sw else '-noswz'}"] = (
+            lambda x, L, lr, nr=nr, sw=sw: pq_cuda_frag.pq_frag_cuda(x, *layer_args(L, lr), nr=nr, swizzle=sw),
+            lambda T, g, nr=nr, sw=sw: cuda_ok() and pq_cuda_frag.supports(g, T, torch.float16)
+            and (next(t for t in pq_cuda_frag.T_PADS if t >= T), nr, sw) in pq_cuda_frag.VARIANTS)
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
 
@@ -152,6 +159,7 @@ CHECK_CASES = [  # (N, M, d, n, k, rank, tokens)
     (11008, 4096, 2, 64, 4096, 41, (1, 4)),
     (14336, 4096, 2, 64, 4096, 41, (1, 16)),
 ]
+FRAG_CHECK_CASES = [(1000, 1000, 2, 64, 512, 8, (1, 5, 17, 33, 64)), (300, 1000, 2, 64, 128, 4, (3, 16, 40))]
 SMOKE_CHECK_CASES = [(70, 130, 2, 64, 64, 2, (1, 5)), (37, 29, 3, 16, 20, 3, (2,))]
 
 
@@ -161,7 +169,8 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096))
     # kernels passed every case of the previous run, their code is unchanged since
     rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas",
                                                                       "dequantT256x16w8+cublas"})
-    rows += _check_cases(dev, V, clock, log, cases, True, {"cuda-lut", "cuda-mma"})
+    rows += _check_cases(dev, V, clock, log, cases + FRAG_CHECK_CASES, True,
+                         {"cuda-lut", "cuda-mma", "cuda-frag", "cuda-frag-nr2", "cuda-frag-nr4-noswz"})
     rows += _check_linear(dev, log, linear_shape)
     return rows
 
@@ -303,6 +312,9 @@ def plan(smoke, name="full"):
         return [(1, ["cublas", "PQLinear"], (True, False), True)] + \
             [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64)] + \
             [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), False)]
+    if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
+        names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2", "cuda-frag-nr4-noswz", "cuda-mma", "cuda-lut"]
+        return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]
     if name == "t1":  # one token: the decode launch, with and without low-rank
         return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
@@ -454,7 +466,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
-    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid", "summary"), help="which timings (focus: decode launch "
+    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid", "summary", "frag"), help="which timings (focus: decode launch "
                     "with low-rank, dequantize + cuBLAS, 2-64 tokens)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")

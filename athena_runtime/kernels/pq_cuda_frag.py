@@ -1,0 +1,368 @@
+"""PQ matmul for a batch of decode tokens: codebook entries looked up straight into tensor-core fragments.
+
+With d = 2, one codebook entry is two adjacent columns of Ŵ — exactly the pair of fp16 values a
+thread holds in a register of an mma.m16n8k16 B fragment (B[k = 2c, 2c+1][n = g]). So a 32-bit
+shared-memory load of the entry *is* the operand: no decoded Ŵ tile is written or re-read, and a
+weight costs half a lookup (one load per two weights) plus its share of the tensor-core work.
+
+    Y[t, i] = Σ_k x[t, k] Ŵ[i, k]:   A = x tile [16 tokens, 16 k]   (ldmatrix from shared memory)
+                                     B = Ŵᵀ tile [16 k, 8 rows]     (two codebook lookups per thread)
+                                     C = fp32 [16 tokens, 8 rows]   (registers, over the CTA's K range)
+
+CTA (row tile of R = 64·NR rows, K split), 8 warps side by side over rows (8·NR rows each, all T_PAD
+tokens). K is walked in stages of 8 index words = PER_WORD k-steps of 16 columns: with the plane
+layout (`layout.py`), slot s of words w0..w0+7 holds groups s·GW + w0 + p, p = 0..7, i.e. 16
+contiguous columns of x, and column pair p of the k-step is group p. Per stage, in shared memory:
+    Wd  index words [8][R + 8]           cp.async; padded so a warp's word loads hit 32 banks
+    Cb  codebooks   [PER_WORD][8 groups][n] of half2 (the two coordinates interleaved, so a lookup
+                    is one 32-bit load); requested one stage ahead into registers, interleaved there
+    Xs  x columns   [T_PAD][PER_WORD·16 + 8] cp.async (zero-filled past the tokens / columns)
+three stages in flight. A lookup instruction of a warp touches four groups (c = 0..3, eight rows
+each); with SWIZZLE each group's entries live in their own eight banks (entry e of group p at
+word ((p>>2)·n/8 + e>>3)·32 + (p&3)·8 + (e&7)), so only lanes of one group can collide.
+
+Split-K partial sums (fp16, [S, T_PAD, N_pad]) are finished by `pq_gemv.splitk_epilogue`, which also
+adds the low-rank term (u = x Bᵀ by cuBLAS) and the bias. Instantiated for d = 2, b = 6 (the default
+recipe); sm_80-class instructions only (cp.async, ldmatrix, mma.sync): Ada and Hopper alike.
+`pq_frag_cuda_reference` is the PyTorch spec.
+"""
+from __future__ import annotations
+
+import torch
+
+from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.pq_gemv import check_operands, num_sms, pq_gemv_reference, splitk_epilogue
+
+WORDS = 8  # index words per stage
+STAGES = 3
+T_PADS = (16, 32, 64)
+RECIPES = ((6, 2),)  # (bits, d)
+# (T_PAD, NR, SWIZZLE) instantiations: NR = n8 row tiles per warp (R = 64·NR rows per CTA)
+VARIANTS = tuple((t, nr, sw) for t in T_PADS for nr in (2, 4) for sw in (True,)) + ((64, 4, False), (16, 4, False))
+
+_KERNEL_SRC = r"""
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace athena_frag {
+constexpr int WORDS = 8, STAGES = 3, WARPS = 8, THREADS = 32 * WARPS;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// word offset of entry e of group p (0..7) inside one slot's [8 groups][NC] half2 block
+template <int NC, bool SWIZZLE>
+__device__ __forceinline__ int cb_word(int p, int e) {
+    if constexpr (SWIZZLE) return ((p >> 2) * (NC / 8) + (e >> 3)) * 32 + (p & 3) * 8 + (e & 7);
+    else return p * NC + e;
+}
+
+// grid (ceil(N_pad / R), S); THREADS threads; dynamic shared memory = STAGES * stage bytes
+template <int T_PAD, int NR, int BITS, bool SWIZZLE>
+__global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
+    const __half* __restrict__ x, int stride_xt, int t_valid, int M,     // x [t_valid, M]
+    const int* __restrict__ qweight, int N_pad,                          // [GW, N_pad]
+    const __half* __restrict__ codebook, int G_pad,                      // [Nb, G_pad, 2, NC]
+    int GW, int k_rows, int words_per_split,
+    __half* __restrict__ partial)                                        // [S, T_PAD, N_pad]
+{
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, R = 64 * NR, WD_LD = R + 8;
+    constexpr int XS_LD = PER_WORD * 16 + 8;                            // halves; 16-byte rows, conflict-free ldmatrix
+    constexpr int WD_WORDS = WORDS * WD_LD, CB_WORDS = PER_WORD * WORDS * NC, XS_WORDS = T_PAD * XS_LD / 2;
+    constexpr int STAGE_WORDS = WD_WORDS + CB_WORDS + XS_WORDS;
+    constexpr int CB_ITEMS = PER_WORD * WORDS * (NC / 8), CB_PT = (CB_ITEMS + THREADS - 1) / THREADS;
+    constexpr int WD_CHUNKS = WORDS * R / 4, X_CHUNKS = T_PAD * PER_WORD * 2;
+    constexpr int MT = T_PAD / 16;
+    extern __shared__ __align__(16) uint32_t smem[];
+
+    const int row0 = blockIdx.x * R, split = blockIdx.y;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+    const int w_begin = split * words_per_split, w_end = min(w_begin + words_per_split, GW);
+    const int n_stages = (w_end - w_begin) / WORDS;
+    const __half* cb_blk = codebook + (size_t)(row0 / k_rows) * G_pad * 2 * NC;
+
+    auto stage_base = [&](int st) { return smem + (st % STAGES) * STAGE_WORDS; };
+
+    // ---- asynchronous part of a stage: index words and x columns
+    auto issue_async = [&](int st) {
+        uint32_t* base = stage_base(st);
+        const int w0 = w_begin + st * WORDS;
+        const uint32_t wd = smem_addr(base), xs = smem_addr(base + WD_WORDS + CB_WORDS);
+        for (int e = tid; e < WD_CHUNKS; e += THREADS) {
+            const int w = e / (R / 4), q = e % (R / 4), row = row0 + 4 * q;
+            cp_async16(wd + 4 * (w * WD_LD + 4 * q), qweight + (size_t)(w0 + w) * N_pad + min(row, N_pad - 4), row < N_pad);
+        }
+        for (int e = tid; e < X_CHUNKS; e += THREADS) {
+            const int t = e / (PER_WORD * 2), s = (e / 2) % PER_WORD, h = e % 2;
+            const int col = 2 * (s * GW + w0) + 8 * h;
+            const bool ok = t < t_valid && col < M;
+            cp_async16(xs + 2 * (t * XS_LD + s * 16 + 8 * h), x + (ok ? (size_t)t * stride_xt + col : 0), ok);
+        }
+    };
+    // ---- codebooks: two l-major lines per group, interleaved into half2 entries through registers
+    int4 cb_lo[CB_PT], cb_hi[CB_PT];
+    auto load_cb = [&](int st) {
+        const int w0 = w_begin + st * WORDS;
+#pragma unroll
+        for (int i = 0; i < CB_PT; ++i) {
+            const int e = tid + i * THREADS;
+            if (e < CB_ITEMS) {
+                const int grp = e / (NC / 8), e8 = e % (NC / 8), s = grp / WORDS, p = grp % WORDS;
+                const __half* line = cb_blk + (size_t)(s * GW + w0 + p) * 2 * NC + 8 * e8;
+                cb_lo[i] = __ldg(reinterpret_cast<const int4*>(line));
+                cb_hi[i] = __ldg(reinterpret_cast<const int4*>(line + NC));
+            }
+        }
+    };
+    auto store_cb = [&](int st) {
+        uint32_t* cb = stage_base(st) + WD_WORDS;
+#pragma unroll
+        for (int i = 0; i < CB_PT; ++i) {
+            const int e = tid + i * THREADS;
+            if (e < CB_ITEMS) {
+                const int grp = e / (NC / 8), e8 = e % (NC / 8), s = grp / WORDS, p = grp % WORDS;
+                const uint32_t lo[4] = {(uint32_t)cb_lo[i].x, (uint32_t)cb_lo[i].y, (uint32_t)cb_lo[i].z, (uint32_t)cb_lo[i].w};
+                const uint32_t hi[4] = {(uint32_t)cb_hi[i].x, (uint32_t)cb_hi[i].y, (uint32_t)cb_hi[i].z, (uint32_t)cb_hi[i].w};
+                uint4* dst = reinterpret_cast<uint4*>(cb + s * WORDS * NC + cb_word<NC, SWIZZLE>(p, 8 * e8));
+                dst[0] = make_uint4(__byte_perm(lo[0], hi[0], 0x5410), __byte_perm(lo[0], hi[0], 0x7632),
+                                    __byte_perm(lo[1], hi[1], 0x5410), __byte_perm(lo[1], hi[1], 0x7632));
+                dst[1] = make_uint4(__byte_perm(lo[2], hi[2], 0x5410), __byte_perm(lo[2], hi[2], 0x7632),
+                                    __byte_perm(lo[3], hi[3], 0x5410), __byte_perm(lo[3], hi[3], 0x7632));
+            }
+        }
+    };
+
+    float acc[MT][NR][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < NR; ++n)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[m][n][v] = 0.f;
+
+    // prologue: stages 0 and 1 requested, stage 0's codebooks stored, stage 1's in registers
+    if (n_stages > 0) { issue_async(0); }
+    cp_async_commit();
+    if (n_stages > 1) { issue_async(1); }
+    cp_async_commit();
+    if (n_stages > 0) { load_cb(0); store_cb(0); }
+    if (n_stages > 1) load_cb(1);
+
+    const int wrow = warp * 8 * NR;  // this warp's first row in the tile
+    // per-thread constant parts of the lookup addresses (words): groups p = c and p = c + 4
+    const int cb_off_lo = cb_word<NC, SWIZZLE>(c, 0), cb_off_hi = cb_word<NC, SWIZZLE>(c + 4, 0);
+    // ldmatrix row address of this lane: matrix q = lane / 8 -> tokens (q & 1)·8 + lane % 8, k (q >> 1)·8
+    const int xs_lane = 2 * (((lane >> 3) & 1) * 8 + (lane & 7)) * XS_LD + 2 * (lane >> 4) * 8;
+
+    for (int st = 0; st < n_stages; ++st) {
+        cp_async_wait<1>();   // this stage's words and x have landed (the next stage's may be in flight)
+        __syncthreads();      // ... for every thread; and everyone is done with stage st - 1
+        if (st + 2 < n_stages) issue_async(st + 2);
+        cp_async_commit();
+        if (st + 1 < n_stages) store_cb(st + 1);   // read after the next __syncthreads
+        if (st + 2 < n_stages) load_cb(st + 2);
+
+        const uint32_t* base = stage_base(st);
+        const uint32_t* cb_s = base + WD_WORDS;
+        const uint32_t xs_s = smem_addr(base + WD_WORDS + CB_WORDS) + xs_lane;
+        uint32_t wlo[NR], whi[NR];
+#pragma unroll
+        for (int n = 0; n < NR; ++n) {
+            wlo[n] = base[c * WD_LD + wrow + 8 * n + g];
+            whi[n] = base[(c + 4) * WD_LD + wrow + 8 * n + g];
+        }
+#pragma unroll
+        for (int s = 0; s < PER_WORD; ++s) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+                ldmatrix_x4(xs_s + 2 * (m * 16 * XS_LD + s * 16), a[m][0], a[m][1], a[m][2], a[m][3]);
+            uint32_t b0[NR], b1[NR];
+#pragma unroll
+            for (int n = 0; n < NR; ++n) {
+                const uint32_t elo = (wlo[n] >> (BITS * s)) & (NC - 1), ehi = (whi[n] >> (BITS * s)) & (NC - 1);
+                const uint32_t* slot = cb_s + s * WORDS * NC;
+                if constexpr (SWIZZLE) {  // cb_word(p, e) = cb_word(p, 0) + (e & 7) + 32 (e >> 3)
+                    b0[n] = slot[cb_off_lo + elo + 3 * (elo & ~7u)];
+                    b1[n] = slot[cb_off_hi + ehi + 3 * (ehi & ~7u)];
+                } else {
+                    b0[n] = slot[cb_off_lo + elo];
+                    b1[n] = slot[cb_off_hi + ehi];
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int n = 0; n < NR; ++n) mma16816(acc[m][n], a[m], b0[n], b1[n]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // ---- fp16 partial sums: C[m][n] holds (token 16m + g (+8), rows wrow + 8n + 2c, +1)
+    __half* out = partial + (size_t)split * T_PAD * N_pad;
+#pragma unroll
+    for (int n = 0; n < NR; ++n) {
+        const int row = row0 + wrow + 8 * n + 2 * c;
+        if (row >= N_pad) continue;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const int t = 16 * m + g;
+            if (t < t_valid)
+                *reinterpret_cast<__half2*>(out + (size_t)t * N_pad + row) = __floats2half2_rn(acc[m][n][0], acc[m][n][1]);
+            if (t + 8 < t_valid)
+                *reinterpret_cast<__half2*>(out + (size_t)(t + 8) * N_pad + row) = __floats2half2_rn(acc[m][n][2], acc[m][n][3]);
+        }
+    }
+}
+
+template <int T_PAD, int NR, int BITS, bool SWIZZLE>
+constexpr int stage_bytes() {
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, R = 64 * NR;
+    return 4 * (WORDS * (R + 8) + PER_WORD * WORDS * NC + T_PAD * (PER_WORD * 16 + 8) / 2);
+}
+
+}  // namespace athena_frag
+"""
+
+_HOST_SRC_HEAD = r"""
+#include <torch/types.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace athena_frag {
+
+template <int T_PAD, int NR, int BITS, bool SWIZZLE>
+void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweight, int N_pad, const __half* cb,
+            int G_pad, int GW, int k_rows, int words_per_split, __half* partial, int splits, cudaStream_t stream) {
+    constexpr int smem = STAGES * stage_bytes<T_PAD, NR, BITS, SWIZZLE>();
+    static bool configured = false;  // one attribute call per instantiation (> 48 KB needs opting in)
+    if (!configured) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_frag_kernel<T_PAD, NR, BITS, SWIZZLE>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        configured = true;
+    }
+    const dim3 grid((unsigned)((N_pad + 64 * NR - 1) / (64 * NR)), (unsigned)splits);
+    pq_frag_kernel<T_PAD, NR, BITS, SWIZZLE><<<grid, THREADS, smem, stream>>>(
+        x, stride_xt, t_valid, M, qweight, N_pad, cb, G_pad, GW, k_rows, words_per_split, partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace athena_frag
+
+void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+             int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, bool swizzle) {
+    TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1
+                && x.stride(0) % 8 == 0 && x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+                "x: fp16 CUDA [T, M], 16-byte aligned rows, M % 8 == 0");
+    TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.is_contiguous() && qweight.size(0) == GW
+                && qweight.size(1) % 128 == 0, "qweight: int32 [GW, N_pad]");
+    TORCH_CHECK(codebook.scalar_type() == torch::kHalf && codebook.dim() == 4 && codebook.is_contiguous()
+                && codebook.size(2) == 2 && codebook.size(3) == (1 << bits), "codebook: fp16 [Nb, G_pad, 2, 2^bits]");
+    TORCH_CHECK(partial.scalar_type() == torch::kHalf && partial.is_contiguous() && partial.dim() == 3
+                && partial.size(2) == qweight.size(1), "partial: fp16 [S, T_PAD, N_pad]");
+    TORCH_CHECK(GW % athena_frag::WORDS == 0 && words_per_split % athena_frag::WORDS == 0, "word ranges of whole stages");
+    TORCH_CHECK(k_rows % (64 * nr) == 0 || codebook.size(0) == 1, "row tiles must not straddle codebook blocks");
+    const int T_PAD = partial.size(1);
+    TORCH_CHECK(x.size(0) <= T_PAD, "more tokens than the partial buffer holds");
+    TORCH_CHECK((partial.size(0) - 1) * words_per_split < GW && partial.size(0) * words_per_split >= GW, "splits cover GW");
+    const c10::cuda::CUDAGuard guard(x.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+    const __half* xp = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
+    const __half* cp = reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>());
+    __half* pp = reinterpret_cast<__half*>(partial.data_ptr<at::Half>());
+"""
+
+_HOST_SRC_TAIL = r"""
+    TORCH_CHECK(false, "pq_frag: no instantiation for T_PAD=", T_PAD, " nr=", nr, " bits=", bits, " swizzle=", swizzle);
+}
+"""
+
+_CPP_DECL = """
+void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+             int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, bool swizzle);
+"""
+
+
+def cuda_source() -> str:
+    launches = []
+    for t, nr, sw in VARIANTS:
+        for b, _ in RECIPES:
+            s = "true" if sw else "false"
+            launches.append(
+                f"    if (T_PAD == {t} && nr == {nr} && bits == {b} && swizzle == {s}) return athena_frag::launch<{t}, {nr}, {b}, {s}>(\n"
+                f"        xp, (int)x.stride(0), (int)x.size(0), (int)x.size(1), qweight.data_ptr<int>(), (int)qweight.size(1), cp,\n"
+                f"        (int)codebook.size(1), (int)GW, (int)k_rows, (int)words_per_split, pp, (int)partial.size(0), stream);")
+    return _KERNEL_SRC + _HOST_SRC_HEAD + "\n".join(launches) + _HOST_SRC_TAIL
+
+
+EXTENSION = InlineExtension("athena_pq_frag", "the CUDA PQ fragment-lookup tensor-core kernel", _CPP_DECL,
+                            cuda_source, ["pq_frag"])
+MAX_TOKENS = T_PADS[-1]
+
+
+def row_tile(geo: PQGeometry) -> int | None:
+    """NR (n8 row tiles per warp) for this layer: 4 (256-row CTAs) when codebook blocks allow, else 2."""
+    for nr in (4, 2):
+        if geo.Nb == 1 or geo.k % (64 * nr) == 0:
+            return nr
+    return None
+
+
+def supports(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
+    return (dtype == torch.float16 and 1 <= tokens <= MAX_TOKENS and (geo.bits, geo.d) in RECIPES
+            and row_tile(geo) is not None and geo.M % 8 == 0)
+
+
+def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
+    """`supports` and the extension builds here (built on first use; a failure is logged once)."""
+    return supports(geo, tokens, dtype) and EXTENSION.available()
+
+
+pq_frag_cuda_reference = pq_gemv_reference
+
+
+def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
+                 split: int | None = None, nr: int | None = None, swizzle: bool = True):
+    """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores fed by codebook lookups)."""
+    check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
+    T = x.shape[0]
+    if x.device.type != "cuda" or not supports(geo, T, x.dtype) or codebook.dtype != torch.float16:
+        raise ValueError(f"pq_frag_cuda: unsupported layer or input (T={T}, bits={geo.bits}, d={geo.d}, k={geo.k}, "
+                         f"M={geo.M}, dtype={x.dtype})")
+    t_pad = next(t for t in T_PADS if t >= T)
+    nr = nr or row_tile(geo)
+    if (t_pad, nr, swizzle) not in VARIANTS:
+        raise ValueError(f"pq_frag_cuda: no variant T_PAD={t_pad} nr={nr} swizzle={swizzle}")
+    x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    n_row, n_stages = -(-geo.N_pad // (64 * nr)), geo.GW // WORDS
+    if split is None:  # ~2 CTAs per SM
+        split = max(1, min(n_stages, round(2 * num_sms(x.device) / n_row)))
+    per_split = -(-n_stages // split)
+    split = -(-n_stages // per_split)
+    partial = torch.empty(split, t_pad, geo.N_pad, device=x.device, dtype=torch.float16)
+    EXTENSION.load().pq_frag(x, qweight, codebook, partial, geo.GW, geo.k, per_split * WORDS, geo.bits, nr, swizzle)
+    u = None
+    if lowrank_a is not None:
+        u = (x @ lowrank_b.t().to(x.dtype)).unsqueeze(0)  # [1, T, r] (the epilogue widens it)
+    return splitk_epilogue(partial, u, lowrank_a, bias, T, geo.N, x.dtype)
