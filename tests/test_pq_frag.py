@@ -35,13 +35,13 @@ def test_supported_layers():
 
 def test_source_instantiates_every_variant():
     src = frag.cuda_source()
-    for t, nr, sw in frag.VARIANTS:
-        assert f"launch<{t}, {nr}, 6, {'true' if sw else 'false'}>" in src
+    for t, nr, st in frag.VARIANTS:
+        assert f"launch<{t}, {nr}, 6, {st}>" in src
 
 
 def test_rejects_cpu_input():
     geo, qw, cb, A, B, b, _, _ = make_layer(300, 1000, 2, 64, 128)
-    with pytest.raises(ValueError, match="unsupported"):
+    with pytest.raises(ValueError, match="unsupported|CUDA device"):
         frag.pq_frag_cuda(torch.randn(4, 1000).half(), qw.cpu(), cb.cpu(), geo)
 
 
@@ -59,11 +59,11 @@ def test_frag_kernel_matches_reference(N, M, k, rank, bias, T):
 
 
 @GPU
-@pytest.mark.parametrize("nr,swizzle,T", [(2, True, 64), (4, False, 64), (4, False, 16), (2, True, 9)])
-def test_frag_kernel_variants(nr, swizzle, T):
+@pytest.mark.parametrize("nr,stages,T", [(2, 3, 64), (2, 4, 64), (4, 4, 16), (2, 3, 9), (4, 4, 32)])
+def test_frag_kernel_variants(nr, stages, T):
     geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2048, 2, 64, 512, 8, True, seed=7)
     x = torch.randn(T, 2048, device=DEV).half()
-    y = frag.pq_frag_cuda(x, qw, cb, geo, A, B, b, nr=nr, swizzle=swizzle)
+    y = frag.pq_frag_cuda(x, qw, cb, geo, A, B, b, nr=nr, stages=stages)
     assert rel_err(y, frag.pq_frag_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL
 
 

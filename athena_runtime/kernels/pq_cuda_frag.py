@@ -12,14 +12,12 @@ weight costs half a lookup (one load per two weights) plus its share of the tens
 CTA (row tile of R = 64·NR rows, K split), 8 warps side by side over rows (8·NR rows each, all T_PAD
 tokens). K is walked in stages of 8 index words = PER_WORD k-steps of 16 columns: with the plane
 layout (`layout.py`), slot s of words w0..w0+7 holds groups s·GW + w0 + p, p = 0..7, i.e. 16
-contiguous columns of x, and column pair p of the k-step is group p. Per stage, in shared memory:
-    Wd  index words [8][R + 8]           cp.async; padded so a warp's word loads hit 32 banks
-    Cb  codebooks   [PER_WORD][8 groups][n] of half2 (the two coordinates interleaved, so a lookup
-                    is one 32-bit load); requested one stage ahead into registers, interleaved there
-    Xs  x columns   [T_PAD][PER_WORD·16 + 8] cp.async (zero-filled past the tokens / columns)
-three stages in flight. A lookup instruction of a warp touches four groups (c = 0..3, eight rows
-each); with SWIZZLE each group's entries live in their own eight banks (entry e of group p at
-word ((p>>2)·n/8 + e>>3)·32 + (p&3)·8 + (e&7)), so only lanes of one group can collide.
+contiguous columns of x, and column pair p of the k-step is group p. A stage in shared memory:
+    Wd  index words [8][R + 8]                  padded so a warp's word loads hit 32 banks
+    Cb  codebook lines [PER_WORD][8][2][n] fp16 as stored (the 8 groups of a slot are 2 KB in a row)
+    Xs  x columns [T_PAD][PER_WORD·16 + 8]      zero-filled past the tokens / columns
+all requested with cp.async, STAGES - 1 stages ahead. A B-operand register is two 16-bit lookups
+(coordinates 0 and 1 of the entry) packed together.
 
 Split-K partial sums (fp16, [S, T_PAD, N_pad]) are finished by `pq_gemv.splitk_epilogue`, which also
 adds the low-rank term (u = x Bᵀ by cuBLAS) and the bias. Instantiated for d = 2, b = 6 (the default
@@ -35,18 +33,18 @@ from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import check_operands, num_sms, pq_gemv_reference, splitk_epilogue
 
 WORDS = 8  # index words per stage
-STAGES = 3
 T_PADS = (16, 32, 64)
 RECIPES = ((6, 2),)  # (bits, d)
-# (T_PAD, NR, SWIZZLE) instantiations: NR = n8 row tiles per warp (R = 64·NR rows per CTA)
-VARIANTS = tuple((t, nr, sw) for t in T_PADS for nr in (2, 4) for sw in (True,)) + ((64, 4, False), (16, 4, False))
+# (T_PAD, NR, STAGES) instantiations: NR = n8 row tiles per warp (R = 64·NR rows per CTA), STAGES
+# buffers in shared memory (STAGES - 1 requested ahead)
+VARIANTS = tuple((t, nr, 3) for t in T_PADS for nr in (2, 4)) + ((16, 4, 4), (64, 2, 4), (32, 4, 4))
 
 _KERNEL_SRC = r"""
 #include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace athena_frag {
-constexpr int WORDS = 8, STAGES = 3, WARPS = 8, THREADS = 32 * WARPS;
+constexpr int WORDS = 8, WARPS = 8, THREADS = 32 * WARPS;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -68,15 +66,17 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// word offset of entry e of group p (0..7) inside one slot's [8 groups][NC] half2 block
-template <int NC, bool SWIZZLE>
-__device__ __forceinline__ int cb_word(int p, int e) {
-    if constexpr (SWIZZLE) return ((p >> 2) * (NC / 8) + (e >> 3)) * 32 + (p & 3) * 8 + (e & 7);
-    else return p * NC + e;
-}
+template <int T_PAD, int NR, int BITS>
+struct Geometry {
+    static constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, R = 64 * NR;
+    static constexpr int WD_LD = R + 8;                    // words; a warp's word loads hit 32 banks
+    static constexpr int XS_LD = PER_WORD * 16 + 8;        // halves; 16-byte rows, conflict-free ldmatrix
+    static constexpr int WD_WORDS = WORDS * WD_LD, CB_WORDS = PER_WORD * WORDS * NC, XS_WORDS = T_PAD * XS_LD / 2;
+    static constexpr int STAGE_WORDS = WD_WORDS + CB_WORDS + XS_WORDS;
+};
 
 // grid (ceil(N_pad / R), S); THREADS threads; dynamic shared memory = STAGES * stage bytes
-template <int T_PAD, int NR, int BITS, bool SWIZZLE>
+template <int T_PAD, int NR, int BITS, int STAGES>
 __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     const __half* __restrict__ x, int stride_xt, int t_valid, int M,     // x [t_valid, M]
     const int* __restrict__ qweight, int N_pad,                          // [GW, N_pad]
@@ -84,12 +84,9 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     int GW, int k_rows, int words_per_split,
     __half* __restrict__ partial)                                        // [S, T_PAD, N_pad]
 {
-    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, R = 64 * NR, WD_LD = R + 8;
-    constexpr int XS_LD = PER_WORD * 16 + 8;                            // halves; 16-byte rows, conflict-free ldmatrix
-    constexpr int WD_WORDS = WORDS * WD_LD, CB_WORDS = PER_WORD * WORDS * NC, XS_WORDS = T_PAD * XS_LD / 2;
-    constexpr int STAGE_WORDS = WD_WORDS + CB_WORDS + XS_WORDS;
-    constexpr int CB_ITEMS = PER_WORD * WORDS * (NC / 8), CB_PT = (CB_ITEMS + THREADS - 1) / THREADS;
-    constexpr int WD_CHUNKS = WORDS * R / 4, X_CHUNKS = T_PAD * PER_WORD * 2;
+    using Geo = Geometry<T_PAD, NR, BITS>;
+    constexpr int NC = Geo::NC, PER_WORD = Geo::PER_WORD, R = Geo::R, WD_LD = Geo::WD_LD, XS_LD = Geo::XS_LD;
+    constexpr int WD_CHUNKS = WORDS * R / 4, CB_CHUNKS = PER_WORD * WORDS * (2 * NC / 8), X_CHUNKS = T_PAD * PER_WORD * 2;
     constexpr int MT = T_PAD / 16;
     extern __shared__ __align__(16) uint32_t smem[];
 
@@ -99,54 +96,27 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     const int n_stages = (w_end - w_begin) / WORDS;
     const __half* cb_blk = codebook + (size_t)(row0 / k_rows) * G_pad * 2 * NC;
 
-    auto stage_base = [&](int st) { return smem + (st % STAGES) * STAGE_WORDS; };
-
-    // ---- asynchronous part of a stage: index words and x columns
-    auto issue_async = [&](int st) {
+    auto stage_base = [&](int st) { return smem + (st % STAGES) * Geo::STAGE_WORDS; };
+    // one stage = index words [WORDS][R], codebook lines [PER_WORD][WORDS][2][NC] (fp16, as in global
+    // memory: the 8 groups of a slot are 2 KB there), x columns [T_PAD][PER_WORD][16]; all cp.async
+    auto issue = [&](int st) {
         uint32_t* base = stage_base(st);
         const int w0 = w_begin + st * WORDS;
-        const uint32_t wd = smem_addr(base), xs = smem_addr(base + WD_WORDS + CB_WORDS);
+        const uint32_t wd = smem_addr(base), cb = smem_addr(base + Geo::WD_WORDS);
+        const uint32_t xs = smem_addr(base + Geo::WD_WORDS + Geo::CB_WORDS);
         for (int e = tid; e < WD_CHUNKS; e += THREADS) {
             const int w = e / (R / 4), q = e % (R / 4), row = row0 + 4 * q;
             cp_async16(wd + 4 * (w * WD_LD + 4 * q), qweight + (size_t)(w0 + w) * N_pad + min(row, N_pad - 4), row < N_pad);
+        }
+        for (int e = tid; e < CB_CHUNKS; e += THREADS) {
+            const int s = e / (WORDS * 2 * NC / 8), r = e % (WORDS * 2 * NC / 8);  // r: 16-byte chunk in the slot's run
+            cp_async16(cb + 2 * (s * WORDS * 2 * NC + 8 * r), cb_blk + (size_t)(s * GW + w0) * 2 * NC + 8 * r, true);
         }
         for (int e = tid; e < X_CHUNKS; e += THREADS) {
             const int t = e / (PER_WORD * 2), s = (e / 2) % PER_WORD, h = e % 2;
             const int col = 2 * (s * GW + w0) + 8 * h;
             const bool ok = t < t_valid && col < M;
             cp_async16(xs + 2 * (t * XS_LD + s * 16 + 8 * h), x + (ok ? (size_t)t * stride_xt + col : 0), ok);
-        }
-    };
-    // ---- codebooks: two l-major lines per group, interleaved into half2 entries through registers
-    int4 cb_lo[CB_PT], cb_hi[CB_PT];
-    auto load_cb = [&](int st) {
-        const int w0 = w_begin + st * WORDS;
-#pragma unroll
-        for (int i = 0; i < CB_PT; ++i) {
-            const int e = tid + i * THREADS;
-            if (e < CB_ITEMS) {
-                const int grp = e / (NC / 8), e8 = e % (NC / 8), s = grp / WORDS, p = grp % WORDS;
-                const __half* line = cb_blk + (size_t)(s * GW + w0 + p) * 2 * NC + 8 * e8;
-                cb_lo[i] = __ldg(reinterpret_cast<const int4*>(line));
-                cb_hi[i] = __ldg(reinterpret_cast<const int4*>(line + NC));
-            }
-        }
-    };
-    auto store_cb = [&](int st) {
-        uint32_t* cb = stage_base(st) + WD_WORDS;
-#pragma unroll
-        for (int i = 0; i < CB_PT; ++i) {
-            const int e = tid + i * THREADS;
-            if (e < CB_ITEMS) {
-                const int grp = e / (NC / 8), e8 = e % (NC / 8), s = grp / WORDS, p = grp % WORDS;
-                const uint32_t lo[4] = {(uint32_t)cb_lo[i].x, (uint32_t)cb_lo[i].y, (uint32_t)cb_lo[i].z, (uint32_t)cb_lo[i].w};
-                const uint32_t hi[4] = {(uint32_t)cb_hi[i].x, (uint32_t)cb_hi[i].y, (uint32_t)cb_hi[i].z, (uint32_t)cb_hi[i].w};
-                uint4* dst = reinterpret_cast<uint4*>(cb + s * WORDS * NC + cb_word<NC, SWIZZLE>(p, 8 * e8));
-                dst[0] = make_uint4(__byte_perm(lo[0], hi[0], 0x5410), __byte_perm(lo[0], hi[0], 0x7632),
-                                    __byte_perm(lo[1], hi[1], 0x5410), __byte_perm(lo[1], hi[1], 0x7632));
-                dst[1] = make_uint4(__byte_perm(lo[2], hi[2], 0x5410), __byte_perm(lo[2], hi[2], 0x7632),
-                                    __byte_perm(lo[3], hi[3], 0x5410), __byte_perm(lo[3], hi[3], 0x7632));
-            }
         }
     };
 
@@ -158,31 +128,25 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
 #pragma unroll
             for (int v = 0; v < 4; ++v) acc[m][n][v] = 0.f;
 
-    // prologue: stages 0 and 1 requested, stage 0's codebooks stored, stage 1's in registers
-    if (n_stages > 0) { issue_async(0); }
-    cp_async_commit();
-    if (n_stages > 1) { issue_async(1); }
-    cp_async_commit();
-    if (n_stages > 0) { load_cb(0); store_cb(0); }
-    if (n_stages > 1) load_cb(1);
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {  // prologue: STAGES - 1 stages requested
+        if (st < n_stages) issue(st);
+        cp_async_commit();
+    }
 
     const int wrow = warp * 8 * NR;  // this warp's first row in the tile
-    // per-thread constant parts of the lookup addresses (words): groups p = c and p = c + 4
-    const int cb_off_lo = cb_word<NC, SWIZZLE>(c, 0), cb_off_hi = cb_word<NC, SWIZZLE>(c + 4, 0);
     // ldmatrix row address of this lane: matrix q = lane / 8 -> tokens (q & 1)·8 + lane % 8, k (q >> 1)·8
     const int xs_lane = 2 * (((lane >> 3) & 1) * 8 + (lane & 7)) * XS_LD + 2 * (lane >> 4) * 8;
 
     for (int st = 0; st < n_stages; ++st) {
-        cp_async_wait<1>();   // this stage's words and x have landed (the next stage's may be in flight)
-        __syncthreads();      // ... for every thread; and everyone is done with stage st - 1
-        if (st + 2 < n_stages) issue_async(st + 2);
+        cp_async_wait<STAGES - 2>();  // this stage has landed (later ones may be in flight)
+        __syncthreads();              // ... for every thread; and everyone is done with stage st - 1
+        if (st + STAGES - 1 < n_stages) issue(st + STAGES - 1);  // into the buffer stage st - 1 used
         cp_async_commit();
-        if (st + 1 < n_stages) store_cb(st + 1);   // read after the next __syncthreads
-        if (st + 2 < n_stages) load_cb(st + 2);
 
         const uint32_t* base = stage_base(st);
-        const uint32_t* cb_s = base + WD_WORDS;
-        const uint32_t xs_s = smem_addr(base + WD_WORDS + CB_WORDS) + xs_lane;
+        const unsigned short* cbs = reinterpret_cast<const unsigned short*>(base + Geo::WD_WORDS);
+        const uint32_t xs_s = smem_addr(base + Geo::WD_WORDS + Geo::CB_WORDS) + xs_lane;
         uint32_t wlo[NR], whi[NR];
 #pragma unroll
         for (int n = 0; n < NR; ++n) {
@@ -195,18 +159,15 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
 #pragma unroll
             for (int m = 0; m < MT; ++m)
                 ldmatrix_x4(xs_s + 2 * (m * 16 * XS_LD + s * 16), a[m][0], a[m][1], a[m][2], a[m][3]);
+            // column pair c of the k-step is group p = c (words c), pair c + 4 is group c + 4
+            const unsigned short* lo_line = cbs + (s * WORDS + c) * 2 * NC;
+            const unsigned short* hi_line = lo_line + 4 * 2 * NC;
             uint32_t b0[NR], b1[NR];
 #pragma unroll
             for (int n = 0; n < NR; ++n) {
                 const uint32_t elo = (wlo[n] >> (BITS * s)) & (NC - 1), ehi = (whi[n] >> (BITS * s)) & (NC - 1);
-                const uint32_t* slot = cb_s + s * WORDS * NC;
-                if constexpr (SWIZZLE) {  // cb_word(p, e) = cb_word(p, 0) + (e & 7) + 32 (e >> 3)
-                    b0[n] = slot[cb_off_lo + elo + 3 * (elo & ~7u)];
-                    b1[n] = slot[cb_off_hi + ehi + 3 * (ehi & ~7u)];
-                } else {
-                    b0[n] = slot[cb_off_lo + elo];
-                    b1[n] = slot[cb_off_hi + ehi];
-                }
+                b0[n] = (uint32_t)lo_line[elo] | ((uint32_t)lo_line[NC + elo] << 16);
+                b1[n] = (uint32_t)hi_line[ehi] | ((uint32_t)hi_line[NC + ehi] << 16);
             }
 #pragma unroll
             for (int m = 0; m < MT; ++m)
@@ -233,12 +194,6 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     }
 }
 
-template <int T_PAD, int NR, int BITS, bool SWIZZLE>
-constexpr int stage_bytes() {
-    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, R = 64 * NR;
-    return 4 * (WORDS * (R + 8) + PER_WORD * WORDS * NC + T_PAD * (PER_WORD * 16 + 8) / 2);
-}
-
 }  // namespace athena_frag
 """
 
@@ -250,18 +205,18 @@ _HOST_SRC_HEAD = r"""
 
 namespace athena_frag {
 
-template <int T_PAD, int NR, int BITS, bool SWIZZLE>
+template <int T_PAD, int NR, int BITS, int STAGES>
 void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweight, int N_pad, const __half* cb,
             int G_pad, int GW, int k_rows, int words_per_split, __half* partial, int splits, cudaStream_t stream) {
-    constexpr int smem = STAGES * stage_bytes<T_PAD, NR, BITS, SWIZZLE>();
+    constexpr int smem = STAGES * 4 * Geometry<T_PAD, NR, BITS>::STAGE_WORDS;
     static bool configured = false;  // one attribute call per instantiation (> 48 KB needs opting in)
     if (!configured) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_frag_kernel<T_PAD, NR, BITS, SWIZZLE>,
+        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_frag_kernel<T_PAD, NR, BITS, STAGES>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
         configured = true;
     }
     const dim3 grid((unsigned)((N_pad + 64 * NR - 1) / (64 * NR)), (unsigned)splits);
-    pq_frag_kernel<T_PAD, NR, BITS, SWIZZLE><<<grid, THREADS, smem, stream>>>(
+    pq_frag_kernel<T_PAD, NR, BITS, STAGES><<<grid, THREADS, smem, stream>>>(
         x, stride_xt, t_valid, M, qweight, N_pad, cb, G_pad, GW, k_rows, words_per_split, partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -269,7 +224,7 @@ void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweig
 }  // namespace athena_frag
 
 void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-             int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, bool swizzle) {
+             int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, int64_t stages) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1
                 && x.stride(0) % 8 == 0 && x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
                 "x: fp16 CUDA [T, M], 16-byte aligned rows, M % 8 == 0");
@@ -292,23 +247,22 @@ void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, tor
 """
 
 _HOST_SRC_TAIL = r"""
-    TORCH_CHECK(false, "pq_frag: no instantiation for T_PAD=", T_PAD, " nr=", nr, " bits=", bits, " swizzle=", swizzle);
+    TORCH_CHECK(false, "pq_frag: no instantiation for T_PAD=", T_PAD, " nr=", nr, " bits=", bits, " stages=", stages);
 }
 """
 
 _CPP_DECL = """
 void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-             int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, bool swizzle);
+             int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, int64_t stages);
 """
 
 
 def cuda_source() -> str:
     launches = []
-    for t, nr, sw in VARIANTS:
+    for t, nr, st in VARIANTS:
         for b, _ in RECIPES:
-            s = "true" if sw else "false"
             launches.append(
-                f"    if (T_PAD == {t} && nr == {nr} && bits == {b} && swizzle == {s}) return athena_frag::launch<{t}, {nr}, {b}, {s}>(\n"
+                f"    if (T_PAD == {t} && nr == {nr} && bits == {b} && stages == {st}) return athena_frag::launch<{t}, {nr}, {b}, {st}>(\n"
                 f"        xp, (int)x.stride(0), (int)x.size(0), (int)x.size(1), qweight.data_ptr<int>(), (int)qweight.size(1), cp,\n"
                 f"        (int)codebook.size(1), (int)GW, (int)k_rows, (int)words_per_split, pp, (int)partial.size(0), stream);")
     return _KERNEL_SRC + _HOST_SRC_HEAD + "\n".join(launches) + _HOST_SRC_TAIL
@@ -341,7 +295,7 @@ pq_frag_cuda_reference = pq_gemv_reference
 
 
 def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                 split: int | None = None, nr: int | None = None, swizzle: bool = True):
+                 split: int | None = None, nr: int | None = None, stages: int = 3):
     """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores fed by codebook lookups)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     T = x.shape[0]
@@ -350,8 +304,8 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
                          f"M={geo.M}, dtype={x.dtype})")
     t_pad = next(t for t in T_PADS if t >= T)
     nr = nr or row_tile(geo)
-    if (t_pad, nr, swizzle) not in VARIANTS:
-        raise ValueError(f"pq_frag_cuda: no variant T_PAD={t_pad} nr={nr} swizzle={swizzle}")
+    if (t_pad, nr, stages) not in VARIANTS:
+        raise ValueError(f"pq_frag_cuda: no variant T_PAD={t_pad} nr={nr} stages={stages}")
     x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
@@ -361,7 +315,7 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     per_split = -(-n_stages // split)
     split = -(-n_stages // per_split)
     partial = torch.empty(split, t_pad, geo.N_pad, device=x.device, dtype=torch.float16)
-    EXTENSION.load().pq_frag(x, qweight, codebook, partial, geo.GW, geo.k, per_split * WORDS, geo.bits, nr, swizzle)
+    EXTENSION.load().pq_frag(x, qweight, codebook, partial, geo.GW, geo.k, per_split * WORDS, geo.bits, nr, stages)
     u = None
     if lowrank_a is not None:
         u = (x @ lowrank_b.t().to(x.dtype)).unsqueeze(0)  # [1, T, r] (the epilogue widens it)
