@@ -141,7 +141,7 @@ def variants(cuda_ok):
     v["dequant+cublas-addmm"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="addmm"), lambda T, g: T >= 16)
     v["dequant+cublas-rows"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="rows"), lambda T, g: T >= 16)
     v["triton-dot-bw16"] = (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr), block_w=16), lambda T, g: T >= 256)
-    for nr, st in ((2, 3), (2, 4), (4, 4)):  # the other instantiated fragment-kernel shapes
+    for nr, st in ((2, 3), (4, 4)):  # the other instantiated fragment-kernel shapes
         v[f"cuda-frag-nr{nr}-st{st}"] = (
             lambda x, L, lr, nr=nr, st=st: pq_cuda_frag.pq_frag_cuda(x, *layer_args(L, lr), nr=nr, stages=st),
             lambda T, g, nr=nr, st=st: cuda_ok() and pq_cuda_frag.supports(g, T, torch.float16)
@@ -170,7 +170,7 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096))
     rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas",
                                                                       "dequantT256x16w8+cublas"})
     rows += _check_cases(dev, V, clock, log, cases + FRAG_CHECK_CASES, True,
-                         {"cuda-lut", "cuda-mma", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr2-st4", "cuda-frag-nr4-st4"})
+                         {"cuda-lut", "cuda-mma", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4"})
     rows += _check_linear(dev, log, linear_shape)
     return rows
 
@@ -313,8 +313,7 @@ def plan(smoke, name="full"):
             [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64)] + \
             [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), False)]
     if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
-        names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr2-st4", "cuda-frag-nr4-st4",
-                 "cuda-lut"]
+        names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]
     if name == "t1":  # one token: the decode launch, with and without low-rank
         return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]

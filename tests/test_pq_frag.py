@@ -33,6 +33,13 @@ def test_supported_layers():
     assert not frag.supports(PQGeometry(4096, 4098, 2, 64, 4096), 8, f16)  # M % 8: 16-byte x rows
 
 
+def test_shared_memory_sizes():
+    assert frag.smem_bytes(64, 2, 3) <= 99 * 1024  # fits an Ada (sm_89) CTA
+    assert frag.smem_bytes(16, 4, 4) <= 99 * 1024
+    assert 99 * 1024 < frag.smem_bytes(64, 4, 3) <= 113 * 1024  # two per H100 SM, not on Ada
+    assert "SMEM_BYTES(int stages) { return 4 * (stages * STAGE_WORDS + CB_WORDS); }" in frag.cuda_source()
+
+
 def test_source_instantiates_every_variant():
     src = frag.cuda_source()
     for t, nr, st in frag.VARIANTS:
@@ -59,12 +66,27 @@ def test_frag_kernel_matches_reference(N, M, k, rank, bias, T):
 
 
 @GPU
-@pytest.mark.parametrize("nr,stages,T", [(2, 3, 64), (2, 4, 64), (4, 4, 16), (2, 3, 9), (4, 4, 32)])
+@pytest.mark.parametrize("nr,stages,T", [(2, 3, 64), (4, 4, 16), (2, 3, 9), (4, 4, 5)])
 def test_frag_kernel_variants(nr, stages, T):
     geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2048, 2, 64, 512, 8, True, seed=7)
     x = torch.randn(T, 2048, device=DEV).half()
     y = frag.pq_frag_cuda(x, qw, cb, geo, A, B, b, nr=nr, stages=stages)
     assert rel_err(y, frag.pq_frag_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL
+
+
+@GPU
+@pytest.mark.parametrize("rank", [40, 12])
+def test_frag_kernel_lowrank_in_kernel_and_by_cublas(rank):
+    """rank 40 (a multiple of 8, <= 8 per row tile) is summed inside the kernel; 12 is not a multiple of 8
+    and 9 x 8 > N / 64 tiles would be too many: both go through u = x Bᵀ by cuBLAS, same result."""
+    geo, qw, cb, A, B, b, _, _ = make_layer(600, 1024, 2, 64, 4096, rank, True, seed=rank)
+    for T in (2, 24, 64):
+        x = torch.randn(T, 1024, device=DEV).half()
+        y = frag.pq_frag_cuda(x, qw, cb, geo, A, B, b, nr=2)
+        assert rel_err(y, frag.pq_frag_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL
+    assert frag.in_kernel_lowrank(torch.zeros(40, 1024, device=DEV).half(), 5)
+    assert not frag.in_kernel_lowrank(torch.zeros(12, 1024, device=DEV).half(), 5)
+    assert not frag.in_kernel_lowrank(torch.zeros(48, 1024, device=DEV).half(), 5)
 
 
 @GPU

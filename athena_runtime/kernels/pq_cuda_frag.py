@@ -37,7 +37,7 @@ T_PADS = (16, 32, 64)
 RECIPES = ((6, 2),)  # (bits, d)
 # (T_PAD, NR, STAGES) instantiations: NR = n8 row tiles per warp (R = 64·NR rows per CTA), STAGES
 # buffers in shared memory (STAGES - 1 requested ahead)
-VARIANTS = tuple((t, nr, 3) for t in T_PADS for nr in (2, 4)) + ((16, 4, 4), (64, 2, 4), (32, 4, 4))
+VARIANTS = tuple((t, nr, 3) for t in T_PADS for nr in (2, 4)) + ((16, 4, 4),)
 
 _KERNEL_SRC = r"""
 #include <cuda_fp16.h>
@@ -72,33 +72,51 @@ struct Geometry {
     static constexpr int WD_LD = R + 8;                    // words; a warp's word loads hit 32 banks
     static constexpr int XS_LD = PER_WORD * 16 + 8;        // halves; 16-byte rows, conflict-free ldmatrix
     static constexpr int WD_WORDS = WORDS * WD_LD, CB_WORDS = PER_WORD * WORDS * NC, XS_WORDS = T_PAD * XS_LD / 2;
-    static constexpr int STAGE_WORDS = WD_WORDS + CB_WORDS + XS_WORDS;
+    static constexpr int BS_WORDS = 8 * XS_LD / 2;         // 8 rows of B (low-rank) beside the x columns
+    static constexpr int STAGE_WORDS = WD_WORDS + CB_WORDS + XS_WORDS + BS_WORDS;
+    static constexpr int SMEM_BYTES(int stages) { return 4 * (stages * STAGE_WORDS + CB_WORDS); }
 };
 
-// grid (ceil(N_pad / R), S); THREADS threads; dynamic shared memory = STAGES * stage bytes
+// interleaved codebook: entry e of group p (0..7) of a slot at word ((p>>2)·8 + e>>3)·32 + (p&3)·8 + (e&7)
+// (n = 64): the four groups one lookup instruction touches (p = c or c + 4, c = lane % 4) own eight banks each
+__device__ __forceinline__ int icb_word(int p, int e) { return ((p >> 2) * 8 + (e >> 3)) * 32 + (p & 3) * 8 + (e & 7); }
+// raw codebook line chunk q (8 entries) of group p, coordinate l, in the staging copy (halves): chunks
+// rotated by 2·(p & 3) so the transpose's 8-byte reads of four groups hit distinct banks
+__device__ __forceinline__ int raw_half(int p, int l, int q) { return (p * 2 + l) * 64 + 8 * ((q + 2 * (p & 3)) & 7); }
+
+// grid (ceil(N_pad / R), S); THREADS threads; dynamic shared memory = Geometry::SMEM_BYTES(STAGES)
 template <int T_PAD, int NR, int BITS, int STAGES>
 __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     const __half* __restrict__ x, int stride_xt, int t_valid, int M,     // x [t_valid, M]
     const int* __restrict__ qweight, int N_pad,                          // [GW, N_pad]
     const __half* __restrict__ codebook, int G_pad,                      // [Nb, G_pad, 2, NC]
     int GW, int k_rows, int words_per_split,
-    __half* __restrict__ partial)                                        // [S, T_PAD, N_pad]
+    __half* __restrict__ partial,                                        // [S, T_PAD, N_pad]
+    const __half* __restrict__ lr_b, int stride_br, int rank,            // B [rank, M] (rank % 8 == 0) or null
+    float* __restrict__ u_part)                                          // [S, T_PAD, rank]
 {
     using Geo = Geometry<T_PAD, NR, BITS>;
     constexpr int NC = Geo::NC, PER_WORD = Geo::PER_WORD, R = Geo::R, WD_LD = Geo::WD_LD, XS_LD = Geo::XS_LD;
-    constexpr int WD_CHUNKS = WORDS * R / 4, CB_CHUNKS = PER_WORD * WORDS * (2 * NC / 8), X_CHUNKS = T_PAD * PER_WORD * 2;
+    static_assert(NC == 64, "the interleaved codebook layout is written for n = 64");
+    constexpr int WD_CHUNKS = WORDS * R / 4, CB_CHUNKS = PER_WORD * WORDS * 2 * NC / 8, X_CHUNKS = T_PAD * PER_WORD * 2;
+    constexpr int B_CHUNKS = 8 * PER_WORD * 2, UNITS = PER_WORD * WORDS * 16;  // transpose units: 4 entries each
     constexpr int MT = T_PAD / 16;
     extern __shared__ __align__(16) uint32_t smem[];
+    uint32_t* icb = smem + STAGES * Geo::STAGE_WORDS;  // the current stage's interleaved codebooks
 
     const int row0 = blockIdx.x * R, split = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
     const int w_begin = split * words_per_split, w_end = min(w_begin + words_per_split, GW);
     const int n_stages = (w_end - w_begin) / WORDS;
     const __half* cb_blk = codebook + (size_t)(row0 / k_rows) * G_pad * 2 * NC;
+    // the low-rank share u = x Bᵀ: CTA column blockIdx.x < rank / 8 also multiplies its split's x columns
+    // by B rows 8·blockIdx.x .. +8 (warp m < MT: tokens 16m .. 16m + 15)
+    const bool lr_cta = lr_b != nullptr && (int)blockIdx.x * 8 < rank;
+    const int lr_row = 8 * blockIdx.x;
 
     auto stage_base = [&](int st) { return smem + (st % STAGES) * Geo::STAGE_WORDS; };
-    // one stage = index words [WORDS][R], codebook lines [PER_WORD][WORDS][2][NC] (fp16, as in global
-    // memory: the 8 groups of a slot are 2 KB there), x columns [T_PAD][PER_WORD][16]; all cp.async
+    // a stage: index words [WORDS][R], codebook lines [PER_WORD][WORDS][2][NC] (fp16, chunks rotated),
+    // x columns [T_PAD][PER_WORD·16] (+ B rows [8][PER_WORD·16] in low-rank CTAs); all cp.async
     auto issue = [&](int st) {
         uint32_t* base = stage_base(st);
         const int w0 = w_begin + st * WORDS;
@@ -108,9 +126,10 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
             const int w = e / (R / 4), q = e % (R / 4), row = row0 + 4 * q;
             cp_async16(wd + 4 * (w * WD_LD + 4 * q), qweight + (size_t)(w0 + w) * N_pad + min(row, N_pad - 4), row < N_pad);
         }
-        for (int e = tid; e < CB_CHUNKS; e += THREADS) {
-            const int s = e / (WORDS * 2 * NC / 8), r = e % (WORDS * 2 * NC / 8);  // r: 16-byte chunk in the slot's run
-            cp_async16(cb + 2 * (s * WORDS * 2 * NC + 8 * r), cb_blk + (size_t)(s * GW + w0) * 2 * NC + 8 * r, true);
+        for (int e = tid; e < CB_CHUNKS; e += THREADS) {  // e = ((s·WORDS + p)·2 + l)·8 + q
+            const int q = e % 8, l = (e / 8) % 2, p = (e / 16) % WORDS, s = e / (16 * WORDS);
+            cp_async16(cb + 2 * (s * WORDS * 2 * NC + raw_half(p, l, q)),
+                       cb_blk + ((size_t)(s * GW + w0 + p) * 2 + l) * NC + 8 * q, true);
         }
         for (int e = tid; e < X_CHUNKS; e += THREADS) {
             const int t = e / (PER_WORD * 2), s = (e / 2) % PER_WORD, h = e % 2;
@@ -118,9 +137,32 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
             const bool ok = t < t_valid && col < M;
             cp_async16(xs + 2 * (t * XS_LD + s * 16 + 8 * h), x + (ok ? (size_t)t * stride_xt + col : 0), ok);
         }
+        if (lr_cta) {
+            const uint32_t bs = xs + 4 * Geo::XS_WORDS;
+            for (int e = tid; e < B_CHUNKS; e += THREADS) {
+                const int r = e / (PER_WORD * 2), s = (e / 2) % PER_WORD, h = e % 2;
+                const int col = 2 * (s * GW + w0) + 8 * h;
+                const bool ok = lr_row + r < rank && col < M;
+                cp_async16(bs + 2 * (r * XS_LD + s * 16 + 8 * h), lr_b + (ok ? (size_t)(lr_row + r) * stride_br + col : 0), ok);
+            }
+        }
+    };
+    // raw lines -> interleaved half2 entries; unit u = (s, p>>2, q, h, p&3) from high to low bits: a warp's
+    // 8-byte reads and 16-byte writes are both free of bank conflicts
+    auto transpose = [&](const uint32_t* base) {
+        const unsigned short* raw = reinterpret_cast<const unsigned short*>(base + Geo::WD_WORDS);
+        for (int u = tid; u < UNITS; u += THREADS) {
+            const int p = (u & 3) + 4 * ((u >> 6) & 1), h = (u >> 2) & 1, q = (u >> 3) & 7, s = u >> 7;
+            const unsigned short* line = raw + s * WORDS * 2 * NC + raw_half(p, 0, q) + 4 * h;
+            const uint2 lo = *reinterpret_cast<const uint2*>(line);
+            const uint2 hi = *reinterpret_cast<const uint2*>(line + NC);
+            *reinterpret_cast<uint4*>(icb + s * WORDS * NC + icb_word(p, 8 * q + 4 * h)) =
+                make_uint4(__byte_perm(lo.x, hi.x, 0x5410), __byte_perm(lo.x, hi.x, 0x7632),
+                           __byte_perm(lo.y, hi.y, 0x5410), __byte_perm(lo.y, hi.y, 0x7632));
+        }
     };
 
-    float acc[MT][NR][4];
+    float acc[MT][NR][4], uacc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -137,16 +179,20 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     const int wrow = warp * 8 * NR;  // this warp's first row in the tile
     // ldmatrix row address of this lane: matrix q = lane / 8 -> tokens (q & 1)·8 + lane % 8, k (q >> 1)·8
     const int xs_lane = 2 * (((lane >> 3) & 1) * 8 + (lane & 7)) * XS_LD + 2 * (lane >> 4) * 8;
+    const int icb_lo = icb_word(c, 0), icb_hi = icb_word(c + 4, 0);  // groups p = c and p = c + 4
+    const bool lr_warp = lr_cta && warp < MT;
 
     for (int st = 0; st < n_stages; ++st) {
         cp_async_wait<STAGES - 2>();  // this stage has landed (later ones may be in flight)
-        __syncthreads();              // ... for every thread; and everyone is done with stage st - 1
+        __syncthreads();              // ... for every thread; everyone is done with stage st - 1 and icb
         if (st + STAGES - 1 < n_stages) issue(st + STAGES - 1);  // into the buffer stage st - 1 used
         cp_async_commit();
-
         const uint32_t* base = stage_base(st);
-        const unsigned short* cbs = reinterpret_cast<const unsigned short*>(base + Geo::WD_WORDS);
+        transpose(base);
+        __syncthreads();
+
         const uint32_t xs_s = smem_addr(base + Geo::WD_WORDS + Geo::CB_WORDS) + xs_lane;
+        const uint32_t* bs = base + Geo::WD_WORDS + Geo::CB_WORDS + Geo::XS_WORDS;
         uint32_t wlo[NR], whi[NR];
 #pragma unroll
         for (int n = 0; n < NR; ++n) {
@@ -159,20 +205,26 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
 #pragma unroll
             for (int m = 0; m < MT; ++m)
                 ldmatrix_x4(xs_s + 2 * (m * 16 * XS_LD + s * 16), a[m][0], a[m][1], a[m][2], a[m][3]);
-            // column pair c of the k-step is group p = c (words c), pair c + 4 is group c + 4
-            const unsigned short* lo_line = cbs + (s * WORDS + c) * 2 * NC;
-            const unsigned short* hi_line = lo_line + 4 * 2 * NC;
+            // column pair c of the k-step is group p = c (word c), pair c + 4 is group c + 4 (word c + 4);
+            // icb_word(p, e) = icb_word(p, 0) + (e & 7) + 32 (e >> 3) = icb_word(p, 0) + e + 3 (e & ~7)
+            const uint32_t* slot = icb + s * WORDS * NC;
             uint32_t b0[NR], b1[NR];
 #pragma unroll
             for (int n = 0; n < NR; ++n) {
                 const uint32_t elo = (wlo[n] >> (BITS * s)) & (NC - 1), ehi = (whi[n] >> (BITS * s)) & (NC - 1);
-                b0[n] = (uint32_t)lo_line[elo] | ((uint32_t)lo_line[NC + elo] << 16);
-                b1[n] = (uint32_t)hi_line[ehi] | ((uint32_t)hi_line[NC + ehi] << 16);
+                b0[n] = slot[icb_lo + elo + 3 * (elo & ~7u)];
+                b1[n] = slot[icb_hi + ehi + 3 * (ehi & ~7u)];
             }
 #pragma unroll
             for (int m = 0; m < MT; ++m)
 #pragma unroll
                 for (int n = 0; n < NR; ++n) mma16816(acc[m][n], a[m], b0[n], b1[n]);
+            if (lr_warp) {  // B rows as the n8 operand: b = B[row g][k 2c, 2c+1] and [k 2c + 8, 2c + 9]
+                const uint32_t* brow = bs + g * (XS_LD / 2) + s * 8 + c;
+#pragma unroll
+                for (int m = 0; m < MT; ++m)
+                    if (m == warp) mma16816(uacc, a[m], brow[0], brow[4]);
+            }
         }
     }
     cp_async_wait<0>();
@@ -192,6 +244,12 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
                 *reinterpret_cast<__half2*>(out + (size_t)(t + 8) * N_pad + row) = __floats2half2_rn(acc[m][n][2], acc[m][n][3]);
         }
     }
+    if (lr_warp) {  // u partial sums over this split's columns: (token 16·warp + g (+8), ranks lr_row + 2c, +1)
+        float* u = u_part + (size_t)split * T_PAD * rank + lr_row + 2 * c;
+        const int t = 16 * warp + g;
+        *reinterpret_cast<float2*>(u + (size_t)t * rank) = make_float2(uacc[0], uacc[1]);
+        *reinterpret_cast<float2*>(u + (size_t)(t + 8) * rank) = make_float2(uacc[2], uacc[3]);
+    }
 }
 
 }  // namespace athena_frag
@@ -207,8 +265,9 @@ namespace athena_frag {
 
 template <int T_PAD, int NR, int BITS, int STAGES>
 void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweight, int N_pad, const __half* cb,
-            int G_pad, int GW, int k_rows, int words_per_split, __half* partial, int splits, cudaStream_t stream) {
-    constexpr int smem = STAGES * 4 * Geometry<T_PAD, NR, BITS>::STAGE_WORDS;
+            int G_pad, int GW, int k_rows, int words_per_split, __half* partial, int splits,
+            const __half* lr_b, int stride_br, int rank, float* u_part, cudaStream_t stream) {
+    constexpr int smem = Geometry<T_PAD, NR, BITS>::SMEM_BYTES(STAGES);
     static bool configured = false;  // one attribute call per instantiation (> 48 KB needs opting in)
     if (!configured) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(pq_frag_kernel<T_PAD, NR, BITS, STAGES>,
@@ -217,13 +276,15 @@ void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweig
     }
     const dim3 grid((unsigned)((N_pad + 64 * NR - 1) / (64 * NR)), (unsigned)splits);
     pq_frag_kernel<T_PAD, NR, BITS, STAGES><<<grid, THREADS, smem, stream>>>(
-        x, stride_xt, t_valid, M, qweight, N_pad, cb, G_pad, GW, k_rows, words_per_split, partial);
+        x, stride_xt, t_valid, M, qweight, N_pad, cb, G_pad, GW, k_rows, words_per_split, partial, lr_b, stride_br,
+        rank, u_part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace athena_frag
 
 void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+             torch::Tensor lr_b, torch::Tensor u_part,
              int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, int64_t stages) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1
                 && x.stride(0) % 8 == 0 && x.size(1) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
@@ -244,6 +305,19 @@ void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, tor
     const __half* xp = reinterpret_cast<const __half*>(x.data_ptr<at::Half>());
     const __half* cp = reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>());
     __half* pp = reinterpret_cast<__half*>(partial.data_ptr<at::Half>());
+    const bool has_lr = lr_b.numel() > 0;
+    if (has_lr) {
+        TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.dim() == 2 && lr_b.stride(1) == 1 && lr_b.size(1) == x.size(1)
+                    && lr_b.stride(0) % 8 == 0 && lr_b.size(0) % 8 == 0 && reinterpret_cast<uintptr_t>(lr_b.data_ptr()) % 16 == 0,
+                    "lowrank_b: fp16 [r, M], r % 8 == 0, 16-byte aligned rows");
+        TORCH_CHECK(lr_b.size(0) / 8 <= (qweight.size(1) + 64 * nr - 1) / (64 * nr), "rank / 8 must not exceed the row tiles");
+        TORCH_CHECK(u_part.scalar_type() == torch::kFloat && u_part.is_contiguous() && u_part.dim() == 3
+                    && u_part.size(0) == partial.size(0) && u_part.size(1) == T_PAD && u_part.size(2) == lr_b.size(0),
+                    "u_part: fp32 [S, T_PAD, r]");
+    }
+    const __half* bp = has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr;
+    const int stride_br = has_lr ? (int)lr_b.stride(0) : 0, rank = has_lr ? (int)lr_b.size(0) : 0;
+    float* up = has_lr ? u_part.data_ptr<float>() : nullptr;
 """
 
 _HOST_SRC_TAIL = r"""
@@ -253,6 +327,7 @@ _HOST_SRC_TAIL = r"""
 
 _CPP_DECL = """
 void pq_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+             torch::Tensor lr_b, torch::Tensor u_part,
              int64_t GW, int64_t k_rows, int64_t words_per_split, int64_t bits, int64_t nr, int64_t stages);
 """
 
@@ -264,13 +339,28 @@ def cuda_source() -> str:
             launches.append(
                 f"    if (T_PAD == {t} && nr == {nr} && bits == {b} && stages == {st}) return athena_frag::launch<{t}, {nr}, {b}, {st}>(\n"
                 f"        xp, (int)x.stride(0), (int)x.size(0), (int)x.size(1), qweight.data_ptr<int>(), (int)qweight.size(1), cp,\n"
-                f"        (int)codebook.size(1), (int)GW, (int)k_rows, (int)words_per_split, pp, (int)partial.size(0), stream);")
+                f"        (int)codebook.size(1), (int)GW, (int)k_rows, (int)words_per_split, pp, (int)partial.size(0),\n"
+                f"        bp, stride_br, rank, up, stream);")
     return _KERNEL_SRC + _HOST_SRC_HEAD + "\n".join(launches) + _HOST_SRC_TAIL
 
 
 EXTENSION = InlineExtension("athena_pq_frag", "the CUDA PQ fragment-lookup tensor-core kernel", _CPP_DECL,
                             cuda_source, ["pq_frag"])
 MAX_TOKENS = T_PADS[-1]
+
+
+def smem_bytes(t_pad: int, nr: int, stages: int, bits: int = 6) -> int:
+    """Dynamic shared memory of one CTA (mirrors `Geometry::SMEM_BYTES` in the kernel source)."""
+    per_word, nc = 32 // bits, 1 << bits
+    xs_ld = per_word * 16 + 8
+    cb = per_word * WORDS * nc
+    stage = WORDS * (64 * nr + 8) + cb + t_pad * xs_ld // 2 + 8 * xs_ld // 2
+    return 4 * (stages * stage + cb)
+
+
+def _smem_limit(device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
 
 
 def row_tile(geo: PQGeometry) -> int | None:
@@ -303,7 +393,10 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
         raise ValueError(f"pq_frag_cuda: unsupported layer or input (T={T}, bits={geo.bits}, d={geo.d}, k={geo.k}, "
                          f"M={geo.M}, dtype={x.dtype})")
     t_pad = next(t for t in T_PADS if t >= T)
-    nr = nr or row_tile(geo)
+    if nr is None:  # 256-row CTAs where the codebook blocks and shared memory allow (Ada: 99 KB per CTA)
+        nr = row_tile(geo)
+        if nr == 4 and smem_bytes(t_pad, 4, stages, geo.bits) > _smem_limit(x.device):
+            nr = 2
     if (t_pad, nr, stages) not in VARIANTS:
         raise ValueError(f"pq_frag_cuda: no variant T_PAD={t_pad} nr={nr} stages={stages}")
     x = x.contiguous()
@@ -315,8 +408,22 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     per_split = -(-n_stages // split)
     split = -(-n_stages // per_split)
     partial = torch.empty(split, t_pad, geo.N_pad, device=x.device, dtype=torch.float16)
-    EXTENSION.load().pq_frag(x, qweight, codebook, partial, geo.GW, geo.k, per_split * WORDS, geo.bits, nr, stages)
-    u = None
+    u_part, lr_b = None, torch.empty(0, device=x.device, dtype=torch.float16)
     if lowrank_a is not None:
-        u = (x @ lowrank_b.t().to(x.dtype)).unsqueeze(0)  # [1, T, r] (the epilogue widens it)
-    return splitk_epilogue(partial, u, lowrank_a, bias, T, geo.N, x.dtype)
+        lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
+        if in_kernel_lowrank(lr_b, n_row):  # summed by the kernel, one u partial sum per split
+            u_part = torch.empty(split, t_pad, lr_b.shape[0], device=x.device, dtype=torch.float32)
+        else:
+            u_part = (x @ lr_b.t()).unsqueeze(0)  # [1, T, r] by cuBLAS (the epilogue widens it)
+            lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
+    EXTENSION.load().pq_frag(x, qweight, codebook, partial, lr_b, u_part if lr_b.numel() else lr_b,
+                             geo.GW, geo.k, per_split * WORDS, geo.bits, nr, stages)
+    return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype)
+
+
+def in_kernel_lowrank(lr_b: torch.Tensor, n_row_tiles: int) -> bool:
+    """Whether the kernel computes u = x Bᵀ itself: rank a multiple of 8 (PQLinear pads it to 16), at most
+    8 ranks per row tile, 16-byte aligned rows."""
+    r = lr_b.shape[0]
+    return (r % 8 == 0 and r // 8 <= n_row_tiles and lr_b.stride(1) == 1 and lr_b.stride(0) % 8 == 0
+            and lr_b.data_ptr() % 16 == 0)
