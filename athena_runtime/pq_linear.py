@@ -6,9 +6,9 @@ The indices stay bit-packed on the device, repacked at load time into the kernel
 (`kernels/layout.py`); codebooks are dequantized to fp16 once. `select_path` — the one place that
 decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
-    cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 4 tokens, fp16, when it builds
+    cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 2 tokens, fp16, when it builds
     cuda-frag       CUDA tensor-core kernel fed straight from the codebooks (one shared-memory lookup
-                    per two weights is an mma operand register), 5-64 tokens, fp16, d = 2, b = 6
+                    per two weights is an mma operand register), 3-64 tokens, fp16, d = 2, b = 6
     cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 5-64 tokens, fp16,
                     default recipe (b = 6, d = 2), when cuda-frag does not serve the layer
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 PATHS = ("reference", "cuda-decode", "cuda-frag", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
-CUDA_LUT_MAX_TOKENS = 4  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
-# at 8 tokens the tensor-core kernel measured 1.2-1.3x faster on the 7B shapes, bench/results/kernels.md)
-CUDA_LUT_FALLBACK_MAX_TOKENS = 8  # ... and up to 8 where cuda-mma does not serve the layer (still beats dequantize)
+CUDA_LUT_MAX_TOKENS = 2  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
+# at 2 tokens it ties with cuda-frag on the 7B shapes, at 4 cuda-frag is 1.05-1.5x faster, BENCHMARKS.md §3)
+CUDA_LUT_NO_FRAG_MAX_TOKENS = 4  # ... up to 4 where cuda-frag does not serve the layer (beats cuda-mma there)
+CUDA_LUT_FALLBACK_MAX_TOKENS = 8  # ... and up to 8 where no tensor-core kernel serves it (still beats dequantize)
 TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
 MMA_MAX_TOKENS = 64  # CUDA tensor-core kernels (cuda-frag, else cuda-mma) above the lookup table
 LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
@@ -70,16 +71,19 @@ def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch
         from athena_runtime.kernels import pq_cuda_frag
         cuda_frag_ok = pq_cuda_frag.usable
     lut = geo.n <= LUT_MAX_N
-    if tokens <= CUDA_LUT_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype):
+    cuda_lut = tokens <= CUDA_LUT_FALLBACK_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype)
+    if tokens <= CUDA_LUT_MAX_TOKENS and cuda_lut:
         return "cuda-decode"
-    if tokens <= TRITON_LUT_MAX_TOKENS and lut:
-        return "triton-decode"
     if tokens <= MMA_MAX_TOKENS and cuda_frag_ok(geo, tokens, dtype):
         return "cuda-frag"
+    if tokens <= CUDA_LUT_NO_FRAG_MAX_TOKENS and cuda_lut:
+        return "cuda-decode"  # without cuda-frag the lookup table beats cuda-mma up to 4 tokens
+    if tokens <= TRITON_LUT_MAX_TOKENS and lut and not cuda_lut:
+        return "triton-decode"
     if tokens <= MMA_MAX_TOKENS and cuda_mma_ok(geo, tokens, dtype):
         return "cuda-mma"
-    if tokens <= CUDA_LUT_FALLBACK_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype):
-        return "cuda-decode"  # recipes the tensor-core kernel does not serve
+    if cuda_lut:
+        return "cuda-decode"  # recipes the tensor-core kernels do not serve
     # many tokens: dequantize + cuBLAS; the fused Triton prefill kernel measured slower (kernels.md)
     return "dequant-matmul"
 

@@ -18,8 +18,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--N", type=int, default=11008)
     ap.add_argument("--M", type=int, default=4096)
+    ap.add_argument("--only-frag", action="store_true", help="only the fragment-lookup kernel (16 and 64 tokens)")
     args = ap.parse_args(argv)
     from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
+    from athena_runtime.kernels.pq_cuda_frag import pq_frag_cuda
     from athena_runtime.kernels.pq_gemm import pq_dequantize_t, pq_gemm
 
     dev = torch.device("cuda")
@@ -27,6 +29,13 @@ def main(argv=None) -> int:
     qw, cb, geo, A, B, _ = layer_args(L)
     x1 = torch.randn(1, args.M, device=dev).half()
     x64 = torch.randn(64, args.M, device=dev).half()
+    x16 = torch.randn(16, args.M, device=dev).half()
+    if args.only_frag:
+        for _ in range(2):
+            pq_frag_cuda(x16, qw, cb, geo, A, B)
+            pq_frag_cuda(x64, qw, cb, geo, A, B)
+        torch.cuda.synchronize()
+        return 0
     for _ in range(2):
         pq_dequantize_t(qw, cb, geo, torch.float16)
         pq_dequantize_t(qw, cb, geo, torch.float16, A, B)

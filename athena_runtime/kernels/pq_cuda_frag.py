@@ -403,8 +403,8 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     if x.data_ptr() % 16:
         x = x.clone()
     n_row, n_stages = -(-geo.N_pad // (64 * nr)), geo.GW // WORDS
-    if split is None:  # ~2 CTAs per SM
-        split = max(1, min(n_stages, round(2 * num_sms(x.device) / n_row)))
+    if split is None:  # one wave of ~2 CTAs per SM (a few CTAs over it would make a second, nearly empty wave)
+        split = max(1, min(n_stages, 2 * num_sms(x.device) // n_row))
     per_split = -(-n_stages // split)
     split = -(-n_stages // per_split)
     partial = torch.empty(split, t_pad, geo.N_pad, device=x.device, dtype=torch.float16)

@@ -19,7 +19,7 @@ def parts(L, x, nr, stages, split):
     geo = L["geo"]
     t_pad = next(t for t in frag.T_PADS if t >= x.shape[0])
     n_row, n_st = -(-geo.N_pad // (64 * nr)), geo.GW // frag.WORDS
-    split = split or max(1, min(n_st, round(2 * torch.cuda.get_device_properties(0).multi_processor_count / n_row)))
+    split = split or max(1, min(n_st, 2 * torch.cuda.get_device_properties(0).multi_processor_count // n_row))
     per = -(-n_st // split)
     split = -(-n_st // per)
     partial = torch.empty(split, t_pad, geo.N_pad, device=x.device, dtype=torch.float16)
