@@ -99,7 +99,8 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     constexpr int NC = Geo::NC, PER_WORD = Geo::PER_WORD, R = Geo::R, WD_LD = Geo::WD_LD, XS_LD = Geo::XS_LD;
     static_assert(NC == 64, "the interleaved codebook layout is written for n = 64");
     constexpr int WD_CHUNKS = WORDS * R / 4, CB_CHUNKS = PER_WORD * WORDS * 2 * NC / 8, X_CHUNKS = T_PAD * PER_WORD * 2;
-    constexpr int B_CHUNKS = 8 * PER_WORD * 2, UNITS = PER_WORD * WORDS * 16;  // transpose units: 4 entries each
+    constexpr int B_CHUNKS = 8 * PER_WORD * 2;
+    static_assert(B_CHUNKS <= THREADS && WORDS * 2 * NC / 8 * 2 == THREADS, "one chunk of B per thread; two slots per 256 threads");
     constexpr int MT = T_PAD / 16;
     extern __shared__ __align__(16) uint32_t smem[];
     uint32_t* icb = smem + STAGES * Geo::STAGE_WORDS;  // the current stage's interleaved codebooks
@@ -114,6 +115,26 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
     const bool lr_cta = lr_b != nullptr && (int)blockIdx.x * 8 < rank;
     const int lr_row = 8 * blockIdx.x;
 
+    // a stage: index words [WORDS][R], codebook lines [PER_WORD][WORDS][2][NC] (fp16, chunks rotated),
+    // x columns [T_PAD][PER_WORD·16] (+ B rows [8][PER_WORD·16] in low-rank CTAs); all cp.async
+    // Per-thread parts of the copy and transpose addresses, fixed for the whole K walk: with 256 threads
+    // a thread's j-th index-word chunk is word column w_t + j·(256 / (R/4)) of the same rows, its j-th
+    // codebook chunk and transpose unit are slot s_t + 2j of the same (group, coordinate, chunk).
+    static_assert(THREADS == 256 && 256 % (R / 4) == 0 && WD_CHUNKS % THREADS == 0, "address strides below");
+    constexpr int WD_PT = WD_CHUNKS / THREADS, WD_STEP = THREADS / (R / 4);
+    constexpr int SLOT_PT = (PER_WORD + 1) / 2;  // slots s_t + 2j < PER_WORD, s_t = tid / 128
+    const int s_t = tid >> 7;
+    const int wd_q = tid % (R / 4), wd_row = row0 + 4 * wd_q;
+    const bool wd_ok = wd_row < N_pad;
+    const int wd_src = (tid / (R / 4)) * N_pad + min(wd_row, N_pad - 4);
+    const uint32_t wd_dst = 4 * ((tid / (R / 4)) * WD_LD + 4 * wd_q);
+    const int cb_q = tid & 7, cb_l = (tid >> 3) & 1, cb_p = (tid >> 4) & 7;
+    const int cb_src = (s_t * GW + cb_p) * 2 * NC + cb_l * NC + 8 * cb_q;
+    const uint32_t cb_dst = 2 * (s_t * WORDS * 2 * NC + raw_half(cb_p, cb_l, cb_q));
+    const int tr_p = (tid & 3) + 4 * ((tid >> 6) & 1), tr_h = (tid >> 2) & 1, tr_q = (tid >> 3) & 7;
+    const int tr_src = s_t * WORDS * 2 * NC + raw_half(tr_p, 0, tr_q) + 4 * tr_h;   // halves
+    const int tr_dst = s_t * WORDS * NC + icb_word(tr_p, 8 * tr_q + 4 * tr_h);      // words
+
     auto stage_base = [&](int st) { return smem + (st % STAGES) * Geo::STAGE_WORDS; };
     // a stage: index words [WORDS][R], codebook lines [PER_WORD][WORDS][2][NC] (fp16, chunks rotated),
     // x columns [T_PAD][PER_WORD·16] (+ B rows [8][PER_WORD·16] in low-rank CTAs); all cp.async
@@ -122,43 +143,43 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
         const int w0 = w_begin + st * WORDS;
         const uint32_t wd = smem_addr(base), cb = smem_addr(base + Geo::WD_WORDS);
         const uint32_t xs = smem_addr(base + Geo::WD_WORDS + Geo::CB_WORDS);
-        for (int e = tid; e < WD_CHUNKS; e += THREADS) {
-            const int w = e / (R / 4), q = e % (R / 4), row = row0 + 4 * q;
-            cp_async16(wd + 4 * (w * WD_LD + 4 * q), qweight + (size_t)(w0 + w) * N_pad + min(row, N_pad - 4), row < N_pad);
-        }
-        for (int e = tid; e < CB_CHUNKS; e += THREADS) {  // e = ((s·WORDS + p)·2 + l)·8 + q
-            const int q = e % 8, l = (e / 8) % 2, p = (e / 16) % WORDS, s = e / (16 * WORDS);
-            cp_async16(cb + 2 * (s * WORDS * 2 * NC + raw_half(p, l, q)),
-                       cb_blk + ((size_t)(s * GW + w0 + p) * 2 + l) * NC + 8 * q, true);
-        }
+        const int* wsrc = qweight + (size_t)w0 * N_pad + wd_src;
+#pragma unroll
+        for (int j = 0; j < WD_PT; ++j)
+            cp_async16(wd + wd_dst + 4 * j * WD_STEP * WD_LD, wsrc + (size_t)j * WD_STEP * N_pad, wd_ok);
+        const __half* csrc = cb_blk + (size_t)w0 * 2 * NC + cb_src;
+#pragma unroll
+        for (int j = 0; j < SLOT_PT; ++j)
+            if (s_t + 2 * j < PER_WORD)
+                cp_async16(cb + cb_dst + 2 * j * (2 * WORDS * 2 * NC), csrc + (size_t)j * 2 * GW * 2 * NC, true);
         for (int e = tid; e < X_CHUNKS; e += THREADS) {
             const int t = e / (PER_WORD * 2), s = (e / 2) % PER_WORD, h = e % 2;
             const int col = 2 * (s * GW + w0) + 8 * h;
             const bool ok = t < t_valid && col < M;
             cp_async16(xs + 2 * (t * XS_LD + s * 16 + 8 * h), x + (ok ? (size_t)t * stride_xt + col : 0), ok);
         }
-        if (lr_cta) {
+        if (lr_cta && tid < B_CHUNKS) {
             const uint32_t bs = xs + 4 * Geo::XS_WORDS;
-            for (int e = tid; e < B_CHUNKS; e += THREADS) {
-                const int r = e / (PER_WORD * 2), s = (e / 2) % PER_WORD, h = e % 2;
-                const int col = 2 * (s * GW + w0) + 8 * h;
-                const bool ok = lr_row + r < rank && col < M;
-                cp_async16(bs + 2 * (r * XS_LD + s * 16 + 8 * h), lr_b + (ok ? (size_t)(lr_row + r) * stride_br + col : 0), ok);
-            }
+            const int r = tid / (PER_WORD * 2), s = (tid / 2) % PER_WORD, h = tid % 2;
+            const int col = 2 * (s * GW + w0) + 8 * h;
+            const bool ok = lr_row + r < rank && col < M;
+            cp_async16(bs + 2 * (r * XS_LD + s * 16 + 8 * h), lr_b + (ok ? (size_t)(lr_row + r) * stride_br + col : 0), ok);
         }
     };
     // raw lines -> interleaved half2 entries; unit u = (s, p>>2, q, h, p&3) from high to low bits: a warp's
     // 8-byte reads and 16-byte writes are both free of bank conflicts
     auto transpose = [&](const uint32_t* base) {
-        const unsigned short* raw = reinterpret_cast<const unsigned short*>(base + Geo::WD_WORDS);
-        for (int u = tid; u < UNITS; u += THREADS) {
-            const int p = (u & 3) + 4 * ((u >> 6) & 1), h = (u >> 2) & 1, q = (u >> 3) & 7, s = u >> 7;
-            const unsigned short* line = raw + s * WORDS * 2 * NC + raw_half(p, 0, q) + 4 * h;
-            const uint2 lo = *reinterpret_cast<const uint2*>(line);
-            const uint2 hi = *reinterpret_cast<const uint2*>(line + NC);
-            *reinterpret_cast<uint4*>(icb + s * WORDS * NC + icb_word(p, 8 * q + 4 * h)) =
-                make_uint4(__byte_perm(lo.x, hi.x, 0x5410), __byte_perm(lo.x, hi.x, 0x7632),
-                           __byte_perm(lo.y, hi.y, 0x5410), __byte_perm(lo.y, hi.y, 0x7632));
+        const unsigned short* raw = reinterpret_cast<const unsigned short*>(base + Geo::WD_WORDS) + tr_src;
+#pragma unroll
+        for (int j = 0; j < SLOT_PT; ++j) {
+            if (s_t + 2 * j < PER_WORD) {
+                const unsigned short* line = raw + j * 2 * WORDS * 2 * NC;
+                const uint2 lo = *reinterpret_cast<const uint2*>(line);
+                const uint2 hi = *reinterpret_cast<const uint2*>(line + NC);
+                *reinterpret_cast<uint4*>(icb + tr_dst + j * 2 * WORDS * NC) =
+                    make_uint4(__byte_perm(lo.x, hi.x, 0x5410), __byte_perm(lo.x, hi.x, 0x7632),
+                               __byte_perm(lo.y, hi.y, 0x5410), __byte_perm(lo.y, hi.y, 0x7632));
+            }
         }
     };
 
