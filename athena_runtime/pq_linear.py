@@ -6,9 +6,9 @@ The indices stay bit-packed on the device, repacked at load time into the kernel
 (`kernels/layout.py`); codebooks are dequantized to fp16 once. `select_path` — the one place that
 decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     reference       dequantize + matmul in PyTorch: the spec; CPU
-    cuda-decode     CUDA lookup-table kernel (shared-memory table), <= 2 tokens, fp16, when it builds
+    cuda-decode     CUDA lookup-table kernel (shared-memory table), 1 token, fp16, when it builds
     cuda-frag       CUDA tensor-core kernel fed straight from the codebooks (one shared-memory lookup
-                    per two weights is an mma operand register), 3-64 tokens, fp16, d = 2, b = 6
+                    per two weights is an mma operand register), 2-64 tokens, fp16, d = 2, b = 6
     cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 5-64 tokens, fp16,
                     default recipe (b = 6, d = 2), when cuda-frag does not serve the layer
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 PATHS = ("reference", "cuda-decode", "cuda-frag", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
-CUDA_LUT_MAX_TOKENS = 2  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
-# at 2 tokens it ties with cuda-frag on the 7B shapes, at 4 cuda-frag is 1.05-1.5x faster, BENCHMARKS.md §3)
+CUDA_LUT_MAX_TOKENS = 1  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
+# at 2 tokens cuda-frag was faster on 3 of the 4 7B shapes, 7% over all four, BENCHMARKS.md §3)
 CUDA_LUT_NO_FRAG_MAX_TOKENS = 4  # ... up to 4 where cuda-frag does not serve the layer (beats cuda-mma there)
 CUDA_LUT_FALLBACK_MAX_TOKENS = 8  # ... and up to 8 where no tensor-core kernel serves it (still beats dequantize)
 TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)

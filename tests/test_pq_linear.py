@@ -129,8 +129,8 @@ def test_select_path_rules():
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=no) == "dequant-matmul"
     kw = dict(cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=yes)
-    assert select_path(2, gpu, geo, torch.float16, **kw) == "cuda-decode"
-    assert select_path(3, gpu, geo, torch.float16, **kw) == "cuda-frag"
+    assert select_path(1, gpu, geo, torch.float16, **kw) == "cuda-decode"
+    assert select_path(2, gpu, geo, torch.float16, **kw) == "cuda-frag"
     assert select_path(64, gpu, geo, torch.float16, **kw) == "cuda-frag"
     assert select_path(65, gpu, geo, torch.float16, **kw) == "dequant-matmul"
     assert select_path(16, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=yes) == "cuda-frag"
