@@ -1,7 +1,8 @@
 """PQ decode kernel in CUDA C++: the lookup-table kernel of `pq_gemv` with the table in shared memory.
 
-Same algorithm, grid and split-K partials as the Triton kernel (`pq_gemv.py`, which documents it),
-written in CUDA because shared memory and 32-bit addressing cut the instructions per index:
+Same table algorithm, (row chunk, slab) programs and split-K partials as the Triton kernel
+(`pq_gemv.py`, which documents them), written in CUDA because shared memory and 32-bit addressing
+cut the instructions per index:
     idx  = (word >> s·b) & (n − 1)        SHF + LOP3
     acc += L_s[idx]                      LDS [idx + compile-time table offset], HADD2.F32, FADD
 A thread owns 4 consecutive rows (one int4 per word of the word-major layout) and lane l holds rows
