@@ -22,7 +22,6 @@ from athena_runtime.batch import AttentionMetadata
 from athena_runtime.config import ModelConfig, RopeConfig
 from athena_runtime.kernels.fused_ops import add_rmsnorm, rope_, silu_mul
 from athena_runtime.kernels.paged_attention import PagedAttention
-from athena_runtime.kernels.zero_arena import ARENA
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +169,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]; writes K/V of the T tokens."""
-        with ARENA.forward(input_ids.device):  # one fill for all the pass's atomic accumulators
-            h = self.model.embed_tokens(input_ids)  # [T, hidden]
-            cos, sin = self.model.rotary_emb(positions, h.dtype)  # [T, D]
-            residual = None
-            for layer in self.model.layers:
-                h, residual = layer(h, residual, cos, sin, attn)
-            return self.model.norm(h, residual)[0]
+        h = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.model.rotary_emb(positions, h.dtype)  # [T, D]
+        residual = None
+        for layer in self.model.layers:
+            h, residual = layer(h, residual, cos, sin, attn)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, hidden] -> logits [R, vocab] (model dtype)."""

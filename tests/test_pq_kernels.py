@@ -174,11 +174,12 @@ def test_kernels_check_operands():
 # ----------------------------------------------------------------------------------- GPU only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
 @pytest.mark.parametrize("T", [1, 3, 8, 16])
-def test_cuda_lut_kernel_matches_reference(T):
+@pytest.mark.parametrize("M", [2050, 2048])  # u = x Bᵀ with scalar loads (odd M) and with 16-byte loads
+def test_cuda_lut_kernel_matches_reference(T, M):
     from athena_runtime.kernels.pq_cuda import pq_gemv_cuda, pq_gemv_cuda_reference
-    geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2050, 2, 64, 512, 8, True)
+    geo, qw, cb, A, B, b, _, _ = make_layer(1000, M, 2, 64, 512, 8, True)
     args = [qw, cb, A, B, b]
-    x = torch.randn(T, 2050, device=DEV).half()
+    x = torch.randn(T, M, device=DEV).half()
     y = pq_gemv_cuda(x, args[0], args[1], geo, *args[2:])
     ref = pq_gemv_cuda_reference(x, args[0], args[1], geo, *args[2:])
     assert rel_err(y, ref) < TOL[torch.float16]

@@ -1,14 +1,19 @@
 """PQ decode kernel in CUDA C++: the lookup-table kernel of `pq_gemv` with the table in shared memory.
 
-Same algorithm, grid and split-K partials as the Triton kernel (`pq_gemv.py`, which documents it),
-written in CUDA because shared memory and 32-bit addressing cut the instructions per index:
+Same table algorithm, (row chunk, slab) programs and split-K partials as the Triton kernel
+(`pq_gemv.py`, which documents them), written in CUDA because shared memory and 32-bit addressing
+cut the instructions per index:
     idx  = (word >> s·b) & (n − 1)        SHF + LOP3
     acc += L_s[idx]                      LDS [idx + compile-time table offset], HADD2.F32, FADD
 A thread owns 4 consecutive rows (one int4 per word of the word-major layout) and lane l holds rows
 4l..4l+3, so for each (word, slot, row) the 32 lanes of a warp read one group's table: with n = 64
 fp16 entries that is 128 bytes, one word per bank, and the lookup is free of bank conflicts whatever
-the indices. The four rows give four independent accumulator chains. The low-rank share of
-u = x Bᵀ is spread over all CTAs of a slab, one warp per rank, summed over slabs with atomics.
+the indices. The four rows give four independent accumulator chains.
+
+The low-rank share u = x Bᵀ [T, r] is computed by r extra CTAs at the front of the 1-D grid (the
+first wave), one rank each: a complete dot product over all M columns (16-byte loads issued before
+any arithmetic, fp32, block reduction), written with plain stores. The table CTAs do no low-rank
+work, and nothing needs zeroing; the epilogue reads u as a single split-K "slab".
 
 Built with `torch.utils.cpp_extension.load_inline` on first use (needs nvcc; ~1 min), for the
 (tokens, bits, slab, table dtype) combinations in VARIANTS. Only sm_80-class instructions: runs on
@@ -22,7 +27,6 @@ import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.zero_arena import ARENA
 from athena_runtime.kernels.pq_gemv import (
     check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
 )
@@ -85,35 +89,102 @@ namespace athena_pq {
 __device__ __forceinline__ float tab_to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float tab_to_float(float v) { return v; }
 
-// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads. See pq_gemv.py for the algorithm.
+// u CTA: u[t] = sum_m x[t, m] b[m] over all M columns for one rank (u, b: that rank's column / row);
+// rows t >= t_valid get 0. The first m_vec columns (a multiple of 8; 0 when rows are not 16-byte aligned)
+// in int4 loads, U per thread and token issued before any arithmetic; the rest one half at a time.
+template <int T, int THREADS>
+__device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stride_xt, int t_valid, int M, int m_vec,
+                                          const __half* __restrict__ b, float* __restrict__ u, int stride_ut,
+                                          float* red) {  // red: shared [THREADS / 32][T]
+    // int4 chunks per thread per round trip: U (T + 1) int4 in flight, 36-68 registers, under the table path's count
+    constexpr int U = T == 1 ? 8 : T == 2 ? 4 : T == 4 ? 2 : 1;
+    float acc[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[t] = 0.f;
+    const int4* b4 = reinterpret_cast<const int4*>(b);
+    for (int c0 = threadIdx.x; c0 * 8 < m_vec; c0 += U * THREADS) {
+        int4 bv[U], xv[U][T];
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+            const int c = c0 + i * THREADS;
+            const bool ok = c * 8 < m_vec;
+            bv[i] = ok ? __ldcs(b4 + c) : make_int4(0, 0, 0, 0);  // B is read once per call
+#pragma unroll
+            for (int t = 0; t < T; ++t)  // rows past t_valid read row t_valid - 1: their sums are dropped
+                xv[i][t] = ok ? __ldg(reinterpret_cast<const int4*>(x + (size_t)min(t, t_valid - 1) * stride_xt) + c)
+                              : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+            const __half2* b2 = reinterpret_cast<const __half2*>(&bv[i]);
+#pragma unroll
+            for (int t = 0; t < T; ++t) {
+                const __half2* x2 = reinterpret_cast<const __half2*>(&xv[i][t]);
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    const float2 bf = __half22float2(b2[v]), xf = __half22float2(x2[v]);
+                    acc[t] = fmaf(bf.x, xf.x, fmaf(bf.y, xf.y, acc[t]));
+                }
+            }
+        }
+    }
+    for (int m = m_vec + threadIdx.x; m < M; m += THREADS) {
+        const float bm = __half2float(b[m]);
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[t] = fmaf(bm, __half2float(x[(size_t)min(t, t_valid - 1) * stride_xt + m]), acc[t]);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        float v = acc[t];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) red[warp * T + t] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < T) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < THREADS / 32; ++w) v += red[w * T + threadIdx.x];
+        u[(size_t)threadIdx.x * stride_ut] = (int)threadIdx.x < t_valid ? v : 0.f;
+    }
+}
+
+// 1-D grid of rank + n_row_progs * (GW / SLAB_W) CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
+// (one rank each), the rest are (row program, slab) CTAs, row program fastest. See pq_gemv.py for the algorithm.
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
 __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     const __half* __restrict__ x, int stride_xt, int t_valid, int M,      // x [t_valid, M]
     const int* __restrict__ qweight, int N_pad,                           // [GW, N_pad] int32
     const __half* __restrict__ codebook, int G_pad, int D,                // [Nb, G_pad, D, NC]
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
-    __half* __restrict__ partial,                                         // [S, T, N_pad] fp16
-    const __half* __restrict__ lr_b, int stride_br, int rank,             // [rank, M] or null
-    float* __restrict__ u_sum)                                            // [T, rank], zero on entry
+    int n_row_progs, __half* __restrict__ partial,                        // [S, T, N_pad] fp16
+    const __half* __restrict__ lr_b, int stride_br, int rank, int m_vec,  // [rank, M] (rank 0: none)
+    float* __restrict__ u)                                                // [T, rank] fp32
 {
     using TabT = typename std::conditional<FP16_TABLE, __half, float>::type;
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, SLAB_Q = SLAB_W / 4, VEC = 8, NVEC = NC / VEC;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     TabT* lut = reinterpret_cast<TabT*>(smem_raw);                        // [PER_WORD][SLAB_W][T][NC]
 
-    const int slab = blockIdx.y, w0 = slab * SLAB_W;
-    const int blk = blockIdx.x / chunks_per_blk;
-    const int row_start = blk * k_rows + (blockIdx.x % chunks_per_blk) * rows_per_chunk;
+    if ((int)blockIdx.x < rank) {  // a u CTA
+        lowrank_u<T, THREADS>(x, stride_xt, t_valid, M, m_vec, lr_b + (size_t)blockIdx.x * stride_br, u + blockIdx.x,
+                              rank, reinterpret_cast<float*>(smem_raw));
+        return;
+    }
+    const int cta = blockIdx.x - rank, prog = cta % n_row_progs, slab = cta / n_row_progs, w0 = slab * SLAB_W;
+    const int blk = prog / chunks_per_blk;
+    const int row_start = blk * k_rows + (prog % chunks_per_blk) * rows_per_chunk;
     const int row_end = min(min(row_start + rows_per_chunk, (blk + 1) * k_rows), N);
 
     // prefetch this thread's first row quad (its words stream in while the table is built)
-    const int4* qw4 = reinterpret_cast<const int4*>(qweight);  // [GW, N_pad / 4]
+    const int4* qw4 = reinterpret_cast<const int4*>(qweight) + (size_t)w0 * (N_pad / 4);  // this slab's words [SLAB_W, N_pad / 4]
     const int N4 = N_pad / 4;
     int r4 = row_start / 4 + threadIdx.x;
     int4 cur[SLAB_W];
 #pragma unroll
     for (int w = 0; w < SLAB_W; ++w)
-        cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + r4) : make_int4(0, 0, 0, 0);
+        cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
 
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
@@ -168,40 +239,6 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         }
     }
 
-    // ---- low-rank share: u_sum[t, r] += sum over this slab's columns of x[t, col] B[r, col] (atomic:
-    // the epilogue then reads u once instead of reducing slab partials in every program); ranks are
-    // spread over all CTAs of the slab (one warp per rank, loads unrolled: one latency)
-    if (lr_b != nullptr) {
-        constexpr int MAXC = (4 * SLAB_W + 31) / 32;  // D <= 4: at most 4 SLAB_W columns per plane
-        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-        for (int r = blockIdx.x + warp * gridDim.x; r < rank; r += gridDim.x * (THREADS / 32)) {
-            float acc[T];
-#pragma unroll
-            for (int t = 0; t < T; ++t) acc[t] = 0.f;
-#pragma unroll
-            for (int s = 0; s < PER_WORD; ++s) {
-                const int c_lo = D * (s * GW + w0);
-                const int c_hi = min(min(c_lo + D * SLAB_W, D * (s + 1) * GW), M);
-#pragma unroll
-                for (int i = 0; i < MAXC; ++i) {
-                    const int col = c_lo + lane + 32 * i;
-                    if (col < c_hi) {
-                        const float b = __half2float(lr_b[(size_t)r * stride_br + col]);
-#pragma unroll
-                        for (int t = 0; t < T; ++t)
-                            if (t < t_valid) acc[t] += b * __half2float(x[(size_t)t * stride_xt + col]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int t = 0; t < T; ++t) {
-                float v = acc[t];
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-                if (lane == 0) atomicAdd(u_sum + (size_t)t * rank + r, v);  // u = x Bᵀ summed over slabs here
-            }
-        }
-    }
     __syncthreads();
 
     // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
@@ -215,7 +252,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         if constexpr (PREFETCH) {
 #pragma unroll
             for (int w = 0; w < SLAB_W; ++w)
-                nxt_words[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + nxt) : make_int4(0, 0, 0, 0);
+                nxt_words[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
         float acc[4][T];
 #pragma unroll
@@ -255,7 +292,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
 #pragma unroll
         for (int w = 0; w < SLAB_W; ++w) {
             if constexpr (PREFETCH) cur[w] = nxt_words[w];
-            else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)(w0 + w) * N4 + nxt) : make_int4(0, 0, 0, 0);
+            else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
 }
@@ -275,9 +312,9 @@ struct LutArgs {
     const __half* x; int stride_xt, t_valid, M;
     const int* qweight; int N_pad;
     const __half* codebook; int G_pad, D;
-    int N, GW, k_rows, chunks_per_blk, rows_per_chunk;
+    int N, GW, k_rows, chunks_per_blk, rows_per_chunk, n_row_progs;
     __half* partial;
-    const __half* lr_b; int stride_br, rank;
+    const __half* lr_b; int stride_br, rank, m_vec;
     float* u_part;
 };
 
@@ -286,9 +323,11 @@ void launch_lut(const LutArgs& a, dim3 grid, cudaStream_t stream) {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
     constexpr size_t smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
     static_assert(smem <= 48 * 1024, "table must fit the default shared-memory limit");
+    static_assert(smem >= (THREADS / 32) * T * sizeof(float), "u CTAs reduce in the table's shared memory");
     pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS><<<grid, THREADS, smem, stream>>>(
         a.x, a.stride_xt, a.t_valid, a.M, a.qweight, a.N_pad, a.codebook, a.G_pad, a.D,
-        a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.partial, a.lr_b, a.stride_br, a.rank, a.u_part);
+        a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.n_row_progs, a.partial,
+        a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -309,20 +348,24 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
     if (has_lr) {
         TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.stride(1) == 1 && lr_b.size(1) == x.size(1), "lowrank_b: fp16 [r, M]");
         TORCH_CHECK(u_part.scalar_type() == torch::kFloat && u_part.is_contiguous() && u_part.size(0) == 1
-                    && u_part.size(1) == partial.size(1) && u_part.size(2) == lr_b.size(0), "u_part: fp32 zeros [1, T, r]");
+                    && u_part.size(1) == partial.size(1) && u_part.size(2) == lr_b.size(0), "u_part: fp32 [1, T, r]");
     }
     const int T = partial.size(1);
-    TORCH_CHECK(x.size(0) <= T, "more tokens than the partial buffer holds");
+    TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= T, "x: 1 to T tokens (T = the partial buffer's)");
+    // int4 loads of x and B rows when every row starts on 16 bytes (else scalar loads)
+    const bool vec = has_lr && x.stride(0) % 8 == 0 && lr_b.stride(0) % 8 == 0
+                     && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(lr_b.data_ptr()) % 16 == 0;
+    const int n_row_progs = (int)(codebook.size(0) * chunks_per_blk), rank = has_lr ? (int)lr_b.size(0) : 0;
     const c10::cuda::CUDAGuard guard(x.device());
     LutArgs a{reinterpret_cast<const __half*>(x.data_ptr<at::Half>()), (int)x.stride(0), (int)x.size(0), (int)x.size(1),
               qweight.data_ptr<int>(), (int)qweight.size(1),
               reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>()), (int)codebook.size(1), (int)codebook.size(2),
-              (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk,
+              (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk, n_row_progs,
               reinterpret_cast<__half*>(partial.data_ptr<at::Half>()),
               has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr,
-              has_lr ? (int)lr_b.stride(0) : 0, has_lr ? (int)lr_b.size(0) : 0,
+              has_lr ? (int)lr_b.stride(0) : 0, rank, vec ? (int)(x.size(1) / 8 * 8) : 0,
               has_lr ? u_part.data_ptr<float>() : nullptr};
-    const dim3 grid((unsigned)(codebook.size(0) * chunks_per_blk), (unsigned)(GW / slab_w));
+    const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w)));  // u CTAs first: the first wave
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 """
 
@@ -417,8 +460,8 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     # fp16 partial sums (each over one slab's <= 32·PER_WORD·d columns, accumulated in fp32 registers):
     # half the bytes of fp32 written here and read by the epilogue, which sums them in fp32
     partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float16)
-    if has_lr:  # u = x Bᵀ, accumulated by the kernel with atomics (one "slab" for the epilogue)
-        u_part = ARENA.zeros((1, t_inst, lowrank_b.shape[0]), x.device)  # zeroed once per forward pass
+    if has_lr:  # u = x Bᵀ, written whole by the kernel's u CTAs (one "slab" for the epilogue)
+        u_part = torch.empty(1, t_inst, lowrank_b.shape[0], device=x.device, dtype=torch.float32)
         lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
     else:
         u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
