@@ -118,18 +118,21 @@ def test_select_path_rules():
     assert select_path(1, cpu, geo, torch.float16) == "reference"
     yes = lambda g, t, dt: True  # noqa: E731
     no = lambda g, t, dt: False  # noqa: E731
+    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
+    assert select_path(2048, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
+    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_dequant_ok=yes) == "cuda-dequant"
     assert select_path(1, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes) == "cuda-decode"
     assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes) == "cuda-decode"
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes) == "cuda-mma"
     assert select_path(64, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes) == "cuda-mma"
-    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes) == "dequant-matmul"
+    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=no) == "dequant-matmul"
     assert select_path(8, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no) == "cuda-decode"
-    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no) == "dequant-matmul"
+    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no) == "triton-decode"
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=yes) == "cuda-mma"
-    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no) == "dequant-matmul"
+    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     big_n = PQGeometry(64, 64, 2, 1024, 64)
-    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no) == "dequant-matmul"
+    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     with pytest.raises(ValueError, match="unknown"):
         select_path(1, gpu, geo, torch.float16, forced="fast")
     with pytest.raises(ValueError, match="needs a CUDA device"):
