@@ -515,12 +515,12 @@ def short_table(checks, timings):
                f"{max((r.get('rel_err', 0) for r in checks), default=0):.2e}")
     for r in bad[:12]:
         out.append(f"  FAIL {r['variant']} {r['shape']} T={r['T']} {r.get('rel_err', '')} {r.get('error', '')[:120]}")
-    out.append("T     W[N x M]      variant                lr     us  speedup  %copyBW  graph_us g_speedup")
+    out.append("T     W[N x M]      variant                lr     us  speedup    GB/s  %copyBW  graph_us g_speedup")
     for r in timings:
         if "us" not in r or r["variant"] == "cublas":
             continue
         out.append(f"{r['T']:<5d} {r['shape'][0]:>5d}x{r['shape'][1]:<6d} {r['variant']:22s} {str(r['lowrank'])[0]} "
-                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['pct_copy_bw'] or float('nan'):7.0f} "
+                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['gbs']:7.0f} {r['pct_copy_bw'] or float('nan'):7.0f} "
                    f"{r.get('graph_us', float('nan')):9.1f} {r.get('graph_speedup', float('nan')):7.2f}")
     cub = [r for r in timings if r["variant"] == "cublas" and "us" in r]
     out.append("cuBLAS fp16 us: " + " ".join(f"{r['shape'][0]}x{r['shape'][1]}@{r['T']}={r['us']:.1f}"
