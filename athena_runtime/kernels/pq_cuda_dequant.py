@@ -145,8 +145,16 @@ __device__ __noinline__ void dequant_quad_edges(const int4* __restrict__ qw4, in
     }
 }
 
-// grid (Nb * chunks_per_blk, GW / SLAB_W [+ 1 when extra_rows > 0]), THREADS threads,
-// PER_WORD * SLAB_W * D * NC * 2 bytes of dynamic shared memory. Module docstring: the algorithm.
+// The launch grid (Nb * chunks_per_blk, GW / slab_w [+ 1 when extra_rows > 0]): chunks of rows_per_chunk
+// rows that never cross a codebook block of k_rows rows; the extra column writes the rows below Ŵᵀ.
+inline dim3 dequant_grid(int N, int k_rows, int rows_per_chunk, int GW, int slab_w, int extra_rows, int* chunks_per_blk) {
+    const int k_eff = k_rows < N ? k_rows : N;
+    *chunks_per_blk = (k_eff + rows_per_chunk - 1) / rows_per_chunk;
+    return dim3((unsigned)(*chunks_per_blk * ((N + k_rows - 1) / k_rows)), (unsigned)(GW / slab_w + (extra_rows > 0 ? 1 : 0)), 1);
+}
+
+// grid `dequant_grid`, THREADS threads, PER_WORD * SLAB_W * D * NC * 2 bytes of dynamic shared memory.
+// Module docstring: the algorithm.
 template <int BITS, int D, int SLAB_W>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) pq_dequant_t_kernel(
     const int* __restrict__ qweight, int N_pad,                    // [GW, N_pad] int32
@@ -297,17 +305,17 @@ namespace athena_pq_dq {
 struct DequantArgs {
     const int* qweight; int N_pad;
     const uint16_t* codebook; int G_pad;
-    int N, M, GW, k_rows, chunks_per_blk, rows_per_chunk;
+    int N, M, GW, k_rows, rows_per_chunk;
     uint16_t* out; long long stride_out;
     const uint16_t* lr_a; int stride_an, rank, extra_rows;
+    int chunks_per_blk;  // set by dequant_grid
 };
 
 template <int BITS, int D, int SLAB_W>
-void launch_dequant(const DequantArgs& a, cudaStream_t stream) {
+void launch_dequant(DequantArgs a, cudaStream_t stream) {
     constexpr size_t smem = (size_t)(32 / BITS) * SLAB_W * D * (1 << BITS) * 2;
     static_assert(smem <= 48 * 1024, "codebook lines must fit the default shared-memory limit");
-    const dim3 grid((unsigned)(a.chunks_per_blk * ((a.N + a.k_rows - 1) / a.k_rows)),
-                    (unsigned)(a.GW / SLAB_W + (a.extra_rows > 0 ? 1 : 0)));
+    const dim3 grid = dequant_grid(a.N, a.k_rows, a.rows_per_chunk, a.GW, SLAB_W, a.extra_rows, &a.chunks_per_blk);
     pq_dequant_t_kernel<BITS, D, SLAB_W><<<grid, THREADS, smem, stream>>>(
         a.qweight, a.N_pad, a.codebook, a.G_pad, a.N, a.M, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk,
         a.out, a.stride_out, a.lr_a, a.stride_an, a.rank, a.extra_rows);
@@ -334,12 +342,11 @@ void pq_dequant_t(torch::Tensor qweight, torch::Tensor codebook, torch::Tensor o
                     "lowrank_a: fp16 [N, r], r and row stride multiples of 8, 16-byte aligned");
     const c10::cuda::CUDAGuard guard(qweight.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
-    const int k_eff = (int)std::min<int64_t>(k_rows, N);
     DequantArgs a{qweight.data_ptr<int>(), (int)qweight.size(1), half_ptr(codebook), (int)codebook.size(1),
-                  (int)N, (int)M, (int)qweight.size(0), (int)k_rows, (int)((k_eff + rows_per_chunk - 1) / rows_per_chunk),
-                  (int)rows_per_chunk, reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()), (long long)out.stride(0),
+                  (int)N, (int)M, (int)qweight.size(0), (int)k_rows, (int)rows_per_chunk,
+                  reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()), (long long)out.stride(0),
                   has_lr ? half_ptr(lr_a) : nullptr, has_lr ? (int)lr_a.stride(0) : 0, has_lr ? (int)lr_a.size(1) : 0,
-                  (int)extra_rows};
+                  (int)extra_rows, 0};
     const int D = (int)codebook.size(2);
 """
 
