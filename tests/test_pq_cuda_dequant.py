@@ -1,8 +1,10 @@
 """The CUDA dequantize (`kernels/pq_cuda_dequant.py`) and the dequantize-then-cuBLAS path built on it.
 
 On CPU: the PyTorch references (the spec), argument checks, the launch-shape rule, the "rows"
-low-rank assembly of `pq_dequant_matmul` with the kernels replaced by their references, and (where
-nvcc is installed) a compile of the kernels for sm_89 and sm_90 without register spills. With a GPU:
+low-rank assembly of `pq_dequant_matmul` with the kernels replaced by their references, the kernel
+source itself run by the CPU emulation of `cuda_emulation.py` (where g++ >= 11 is installed) bit for
+bit against the reference, and (where nvcc is installed) a compile of the kernels for sm_89 and sm_90
+without register spills. With a GPU:
 the kernel against the reference, bit for bit (a pure gather), on odd shapes, and the matmul against
 the fp32 reference.
 
@@ -11,11 +13,13 @@ other fp16 kernels (fp16 Ŵ, u = x Bᵀ and output rounding; cuBLAS accumulates 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import subprocess
 
+import cuda_emulation
 import pytest
 import torch
 
@@ -153,6 +157,86 @@ def test_dequant_matmul_cuda_has_no_fold():
         pq_dequant_matmul(x, qw, cb, geo, A, B, dequant="cuda", lowrank_mode="fold")
     with pytest.raises(ValueError, match="dequant must be"):
         pq_dequant_matmul(x, qw, cb, geo, dequant="cutlass")
+
+
+def _emulated_launchers() -> str:
+    """extern "C" entry points over the kernel source, as the host launcher calls the kernels."""
+    disp = "\n".join(
+        f"    if (bits == {b} && D == {d} && slab_w == {s}) {{ launch(grid, THREADS, [&] {{ pq_dequant_t_kernel<{b}, {d}, {s}>("
+        "qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, rows_per_chunk, out, stride_out, lr_a, stride_an, "
+        "rank, extra_rows); }); return 0; }" for b, d, s in cdq.VARIANTS)
+    return cdq.kernel_source().split("\ntemplate __global__")[0] + r"""
+namespace athena_pq_dq { alignas(16) uint16_t cb_s[48 * 1024 / 2]; }
+using namespace athena_pq_dq;
+extern "C" int run_dequant(const int* qweight, int N_pad, int GW, const uint16_t* codebook, int G_pad, int D, int bits,
+                           int N, int M, int k_rows, int rows_per_chunk, int slab_w, uint16_t* out, long long stride_out,
+                           const uint16_t* lr_a, int stride_an, int rank, int extra_rows) {
+    int chunks = 0;
+    const dim3 grid = dequant_grid(N, k_rows, rows_per_chunk, GW, slab_w, extra_rows, &chunks);
+""" + disp + r"""
+    return 1;
+}
+extern "C" void run_copy(const uint16_t* src, long long ss, uint16_t* dst, long long sd, int T, int M, int zero_from, int K) {
+    launch(dim3{(unsigned)(T < 65535 ? T : 65535), 1, 1}, THREADS,
+           [&] { copy_pad_cols_kernel(src, ss, dst, sd, T, M, zero_from, K); });
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    lib = cuda_emulation.build(_emulated_launchers(), tmp_path_factory.mktemp("pq_cuda_dequant_emu"))
+    P, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.run_dequant.argtypes = [P, i32, i32, P, i32, i32, i32, i32, i32, i32, i32, i32, P, i64, P, i32, i32, i32]
+    lib.run_copy.argtypes = [P, i64, P, i64, i32, i32, i32, i32]
+    return lib
+
+
+def _emulate_dequant(lib, qw, cb, geo, out, slab_w, rows_per_chunk, stacked_a=None):
+    """What pq_dequantize_t_cuda hands the kernel (A padded to a multiple of 8 ranks), on CPU tensors."""
+    a = None
+    if stacked_a is not None:
+        a = torch.nn.functional.pad(stacked_a.half(), (0, -stacked_a.shape[1] % 8)).contiguous()
+    rc = lib.run_dequant(qw.data_ptr(), qw.shape[1], qw.shape[0], cb.data_ptr(), cb.shape[1], geo.d, geo.bits,
+                         geo.N, geo.M, geo.k, rows_per_chunk, slab_w, out.data_ptr(), out.stride(0),
+                         None if a is None else a.data_ptr(), 0 if a is None else a.stride(0),
+                         0 if a is None else a.shape[1], 0 if a is None else out.shape[0] - geo.M)
+    assert rc == 0, "no variant"
+
+
+@pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 11 (C++20 <barrier>)")
+@pytest.mark.parametrize("N,M,d,n,k,slab,rows", [
+    (2100, 130, 2, 64, 4096, 8, 4096),   # several passes, next pass's words prefetched
+    (2100, 130, 2, 64, 4096, 16, 2048),  # 16-word slabs: no prefetch
+    (203, 77, 2, 64, 50, 4, 12),         # k % 4 != 0: quads straddle chunks; M inside a slab
+    (204, 78, 2, 64, 50, 4, 12),         # ... a slab's columns end 2 past M (aligned rows)
+    (300, 301, 3, 16, 100, 8, 1024),
+    (257, 1030, 4, 256, 128, 4, 1024),   # odd N: every quad element-wise (unaligned rows)
+    (130, 50, 1, 64, 64, 8, 1024),
+])
+def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, slab, rows):
+    geo, qw, cb, A, _, _ = make_layer(N, M, d, n, k, rank=5, device="cpu")
+    ref = pq_dequantize_t_reference(qw, cb, geo)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    _emulate_dequant(emulated, qw, cb, geo, out, slab, rows)
+    assert torch.equal(out, ref)
+    guard = torch.full((M + 3, N + 8), float("nan"), dtype=torch.float16)  # nothing written past row M or column N
+    _emulate_dequant(emulated, qw, cb, geo, guard[:M, :N], slab, rows)
+    assert torch.equal(guard[:M, :N], ref) and torch.isnan(guard[M:]).all() and torch.isnan(guard[:, N:]).all()
+    big = torch.full((M + 11, N + 8), float("nan"), dtype=torch.float16)  # [Ŵᵀ; Aᵀ; 0], wider row stride
+    _emulate_dequant(emulated, qw, cb, geo, big[:, :N], slab, rows, stacked_a=A)
+    assert torch.equal(big[:M, :N], ref) and torch.equal(big[M:M + 5, :N], A.t()) and (big[M + 5:, :N] == 0).all()
+    assert torch.isnan(big[:, N:]).all()
+
+
+@pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 11 (C++20 <barrier>)")
+@pytest.mark.parametrize("T,M,zero_from,K", [(5, 64, 72, 128), (3, 77, 80, 85)])
+def test_copy_kernel_emulated_on_cpu(emulated, T, M, zero_from, K):
+    x = torch.randn(T, M + 8).half()[:, :M]  # a strided source
+    xu = torch.full((T, K), 7.0, dtype=torch.float16)
+    ref = cdq.copy_pad_cols_reference(x, xu.clone(), zero_from)
+    emulated.run_copy(x.data_ptr(), x.stride(0), xu.data_ptr(), xu.stride(0), T, M, zero_from, K)
+    assert torch.equal(xu, ref)
 
 
 def _nvcc():
