@@ -12,7 +12,11 @@ decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 5-64 tokens, fp16,
                     default recipe (b = 6, d = 2), when cuda-frag does not serve the layer
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
-    dequant-matmul  Triton dequantize of the whole Ŵᵀ, then one cuBLAS call (more tokens)
+    cuda-dequant    CUDA dequantize of the whole Ŵᵀ (shared-memory codebooks), then one cuBLAS call
+                    (more tokens), fp16, b in 4/6/8 and d <= 4, when it builds; the low-rank term as
+                    extra inner-dimension rows ("rows", M <= N) or a second product ("addmm", M > N)
+    dequant-matmul  the same with the Triton dequantize and the low-rank term folded into Ŵᵀ, when
+                    cuda-dequant is unavailable
     triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
                     than dequant-matmul on the H100, see bench/results/kernels.md)
 Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
@@ -35,7 +39,8 @@ from athena_runtime.kernels.pq_gemv import interpreting, pq_gemv, pq_gemv_refere
 
 log = logging.getLogger(__name__)
 
-PATHS = ("reference", "cuda-decode", "cuda-frag", "cuda-mma", "triton-decode", "triton-prefill", "dequant-matmul")
+PATHS = ("reference", "cuda-decode", "cuda-frag", "cuda-mma", "triton-decode", "triton-prefill", "cuda-dequant",
+         "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
 CUDA_LUT_MAX_TOKENS = 1  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
 # at 2 tokens cuda-frag was faster on 3 of the 4 7B shapes, 7% over all four, BENCHMARKS.md §3)
@@ -48,11 +53,11 @@ LOWRANK_ALIGN = 16  # low-rank factors padded with zeros to a multiple of this r
 
 
 def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch.dtype, forced: str | None = None,
-                cuda_decode_ok=None, cuda_mma_ok=None, cuda_frag_ok=None) -> str:
+                cuda_decode_ok=None, cuda_mma_ok=None, cuda_frag_ok=None, cuda_dequant_ok=None) -> str:
     """The path for a call of `tokens` rows. `cuda_decode_ok(geo, tokens, dtype) -> bool` says whether
     the CUDA lookup-table kernel serves it (default: ask `kernels.pq_cuda`, which builds it on first
     use); `cuda_frag_ok` / `cuda_mma_ok` the same for the tensor-core kernels (`kernels.pq_cuda_frag`,
-    `kernels.pq_cuda_mma`)."""
+    `kernels.pq_cuda_mma`), `cuda_dequant_ok` for the CUDA dequantize (`kernels.pq_cuda_dequant`)."""
     if forced is not None:
         if forced not in PATHS:
             raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {PATHS}")
@@ -85,7 +90,10 @@ def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch
     if cuda_lut:
         return "cuda-decode"  # recipes the tensor-core kernels do not serve
     # many tokens: dequantize + cuBLAS; the fused Triton prefill kernel measured slower (kernels.md)
-    return "dequant-matmul"
+    if cuda_dequant_ok is None:
+        from athena_runtime.kernels import pq_cuda_dequant
+        cuda_dequant_ok = lambda g, t, dt: pq_cuda_dequant.usable(g, dt)  # noqa: E731
+    return "cuda-dequant" if cuda_dequant_ok(geo, tokens, dtype) else "dequant-matmul"
 
 
 class PQLinear(nn.Module):
@@ -232,12 +240,22 @@ class PQLinear(nn.Module):
         if forced is None and path == "cuda-mma":
             self._log_once("fallback-frag", tokens, logging.WARNING,
                            "cuda-frag unavailable for this layer (recipe or build); using cuda-mma")
-        if forced is None and path == "dequant-matmul" and self.qweight.device.type == "cuda" \
+        if forced is None and path in ("cuda-dequant", "dequant-matmul") and self.qweight.device.type == "cuda" \
                 and tokens <= MMA_MAX_TOKENS:
             self._log_once("fallback-mma", tokens, logging.WARNING,
-                           "cuda-mma unavailable for this layer (recipe or build); using dequant-matmul")
-        self._log_once(path, tokens)
+                           f"cuda-mma unavailable for this layer (recipe or build); using {path}")
+        if forced is None and path == "dequant-matmul" and self.qweight.device.type == "cuda":
+            self._log_once("fallback-dequant", tokens, logging.WARNING,
+                           "cuda-dequant unavailable for this layer (recipe, dtype or build); using the Triton dequantize")
+        self._log_once(path, tokens, why=self._lowrank_note(path))
         return path
+
+    def _lowrank_note(self, path: str) -> str:
+        """How a dequantize-then-cuBLAS path applies the low-rank term (for the path log line)."""
+        if self.lowrank_a is None or path not in ("cuda-dequant", "dequant-matmul"):
+            return ""
+        from athena_runtime.kernels.pq_gemm import default_lowrank_mode
+        return "low-rank " + default_lowrank_mode(self.geo, "cuda" if path == "cuda-dequant" else "triton")
 
     def _log_once(self, path: str, tokens: int, level=logging.INFO, why: str = ""):
         """Log the first call of each (path, layer shape)."""
@@ -279,7 +297,7 @@ class PQLinear(nn.Module):
                 y = pq_gemm(xk, *args)
             else:
                 from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
-                y = pq_dequant_matmul(xk, *args)
+                y = pq_dequant_matmul(xk, *args, dequant="cuda" if path == "cuda-dequant" else "triton")
             y = y.to(x.dtype)
         return y.reshape(*lead, self.geo.N)
 

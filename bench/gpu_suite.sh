@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels frag attention diag chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels frag prefill attention diag chat decode engine serve quantize7b
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -16,10 +16,10 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kv_cache.py \
-             tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py \
+             tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py tests/test_pq_cuda_dequant.py \
              tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
-    build) for m in pq_cuda pq_cuda_mma pq_cuda_frag; do  # one process each: the nvcc builds run side by side
+    build) for m in pq_cuda pq_cuda_mma pq_cuda_frag pq_cuda_dequant; do  # one process each: the nvcc builds run side by side
              MAX_JOBS=4 timeout 400 python3 -c "from athena_runtime.kernels import $m; $m.EXTENSION.load(); print('$m built')" &
            done; wait
            cp -p "$ATHENA_CUDA_CACHE"/*.so "$OUT"/ 2>/dev/null; ls -la "$ATHENA_CUDA_CACHE" ;;
@@ -27,6 +27,8 @@ for stage in "$@"; do
              > $OUT/kernels_stdout.txt 2>&1; tail -45 $OUT/kernels_stdout.txt ;;
     frag) timeout 330 python3 bench/kernels.py --out $OUT --plan frag --no-checks --budget 300 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_frag_stdout.txt 2>&1; tail -70 $OUT/kernels_frag_stdout.txt ;;
+    prefill) timeout 420 python3 bench/kernels.py --out $OUT/prefill --plan prefill --budget 400 --commit "${COMMIT:-unknown}" \
+             > $OUT/prefill_stdout.txt 2>&1; tail -60 $OUT/prefill_stdout.txt ;;
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;

@@ -12,6 +12,12 @@
    for few tokens also as CUDA-graph replays of calls over rotating weight sets (decode setting);
 4. writes kernels.json (every number) and kernels.md under --out.
 
+--plan prefill: 2048 tokens, the four shapes: cuBLAS fp16, the Triton dequantize with the low-rank
+term folded in, the CUDA dequantize with the low-rank term as rows or addmm, both without low-rank,
+and the two dequantize kernels alone (bytes = Ŵᵀ written + index words and codebook read), with a
+sweep of the CUDA kernel's launch shape (slab words x rows per CTA); the checks first include the
+CUDA dequantize bit for bit against the reference.
+
 Recipe: d=2, n=64, k=4096, codebooks dequantized to fp16 at load (codebook_bits 8 on disk),
 low-rank rank = 1% of min(N, M), no bias. "Compressed bytes" = what the kernel must read: packed
 index words as stored (int32, 5 per word, padding included), fp16 codebook, low-rank factors, x,
@@ -92,7 +98,7 @@ def poison(device):
 
 
 # ------------------------------------------------------------------------------------ variants
-def variants(cuda_ok):
+def variants(cuda_ok, cuda_dq_ok=lambda: False):
     """name -> (fn(x, L, lowrank), applies(T, geo))."""
     from athena_runtime.kernels import pq_cuda
 
@@ -146,8 +152,44 @@ def variants(cuda_ok):
             lambda x, L, lr, nr=nr, st=st: pq_cuda_frag.pq_frag_cuda(x, *layer_args(L, lr), nr=nr, stages=st),
             lambda T, g, nr=nr, st=st: cuda_ok() and pq_cuda_frag.supports(g, T, torch.float16)
             and (next(t for t in pq_cuda_frag.T_PADS if t >= T), nr, st) in pq_cuda_frag.VARIANTS)
+    v.update(dequant_variants(cuda_dq_ok))
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
+
+
+def dequant_variants(cuda_dq_ok):
+    """The dequantize-then-cuBLAS path with the CUDA dequantize (pq_cuda_dequant), and both dequantize
+    kernels alone (their bytes: `DEQUANT_ALONE`)."""
+    from athena_runtime.kernels import pq_cuda_dequant as cdq
+    from athena_runtime.kernels.pq_gemm import pq_dequant_matmul as dmm, pq_dequantize_t
+
+    def ok(T, g):
+        return cuda_dq_ok() and cdq.supports(g, torch.float16)
+
+    v = {
+        "cuda-dq+cublas": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda"), lambda T, g: T >= 16 and ok(T, g)),
+        "cuda-dq+cublas-rows": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="rows"),
+                                lambda T, g: T >= 16 and ok(T, g)),
+        "cuda-dq+cublas-addmm": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="addmm"),
+                                 lambda T, g: T >= 16 and ok(T, g)),
+        "triton-dqT": (lambda x, L, lr: pq_dequantize_t(L["qweight"], L["codebook"], L["geo"]), lambda T, g: True),
+        "cuda-dqT": (lambda x, L, lr: cdq.pq_dequantize_t_cuda(L["qweight"], L["codebook"], L["geo"]), ok),
+    }
+    for slab in cdq.MAIN_SLABS:
+        for rows in cdq.ROWS_CANDIDATES:
+            v[f"cuda-dqT-s{slab}-r{rows}"] = (
+                lambda x, L, lr, s=slab, r=rows: cdq.pq_dequantize_t_cuda(L["qweight"], L["codebook"], L["geo"],
+                                                                          slab_w=s, rows_per_chunk=r),
+                lambda T, g, s=slab: ok(T, g) and (g.bits, g.d, s) in cdq.VARIANTS)
+    return v
+
+
+def dequant_alone_bytes(L, T, lr):
+    """Bytes a dequantize kernel must move: Ŵᵀ written, index words and codebook read once."""
+    return L["geo"].M * L["geo"].N * 2 + L["qweight"].numel() * 4 + L["codebook"].numel() * 2
+
+
+DEQUANT_ALONE = ("triton-dqT", "cuda-dqT")  # name prefixes timed with dequant_alone_bytes
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -163,8 +205,12 @@ FRAG_CHECK_CASES = [(1000, 1000, 2, 64, 512, 8, (1, 5, 17, 33, 64)), (300, 1000,
 SMOKE_CHECK_CASES = [(70, 130, 2, 64, 64, 2, (1, 5)), (37, 29, 3, 16, 20, 3, (2,))]
 
 
-def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096)):
+def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096), cuda_dq_ok=lambda: False):
     rows = []
+    if cuda_dq_ok():  # the CUDA dequantize first: bit for bit, then the matmul paths built on it
+        rows += _check_dequant_exact(dev, log, cases)
+        rows += _check_cases(dev, V, clock, log, cases, True, {"cuda-dq+cublas", "cuda-dq+cublas-rows",
+                                                                "cuda-dq+cublas-addmm"})
     # a few Triton checks first (the CUDA extension builds in the background meanwhile); the Triton
     # kernels passed every case of the previous run, their code is unchanged since
     rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas",
@@ -204,6 +250,33 @@ def _check_cases(dev, V, clock, log, cases, cuda_pass, only):
     return rows
 
 
+def _check_dequant_exact(dev, log, cases):
+    """pq_dequantize_t_cuda == pq_dequantize_t_reference (a pure gather), every launch shape of the recipe."""
+    from athena_runtime.kernels import pq_cuda_dequant as cdq
+    from athena_runtime.kernels.pq_gemm import pq_dequantize_t_reference
+    rows = []
+    for ci, (N, M, d, n, k, rank, _) in enumerate(cases):
+        L = make_layer(N, M, d, n, k, rank, dev, seed=50 + ci)
+        geo = L["geo"]
+        if not cdq.supports(geo):
+            continue
+        ref = pq_dequantize_t_reference(L["qweight"], L["codebook"], geo)
+        for slab in sorted({s for b, dd, s in cdq.VARIANTS if (b, dd) == (geo.bits, d)}):
+            for rpc in (None,) + cdq.ROWS_CANDIDATES:
+                name = f"cuda-dqT-s{slab}-r{rpc or 'auto'}"
+                try:
+                    poison(dev)
+                    out = cdq.pq_dequantize_t_cuda(L["qweight"], L["codebook"], geo, slab_w=slab, rows_per_chunk=rpc)
+                    same = bool(torch.equal(out, ref))
+                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=0, variant=name,
+                                     rel_err=0.0 if same else rel_err(out, ref), nan=bool(torch.isnan(out).any()), ok=same))
+                except Exception as ex:  # noqa: BLE001
+                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=0, variant=name, ok=False,
+                                     error=f"{type(ex).__name__}: {ex}"[:300]))
+                    log(f"CHECK ERROR {name} {N}x{M}: {ex}")
+    return rows
+
+
 def _check_linear(dev, log, linear_shape):
     """PQLinear: the auto path, and a CUDA-graph capture replayed on new input."""
     rows = []
@@ -211,7 +284,7 @@ def _check_linear(dev, log, linear_shape):
     L = make_layer(Nl, Ml, 2, 64, 4096, 41, dev, seed=99)
     layer = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None,
                      path=None if dev.type == "cuda" else "triton-decode")
-    for T in (1, 4, 16, 64):
+    for T in (1, 4, 16, 64, 300):
         try:
             path = layer.choose_path(T)
             x = torch.randn(T, Ml, device=dev).half()
@@ -315,6 +388,12 @@ def plan(smoke, name="full"):
     if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
         names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]
+    if name == "prefill":  # 2048 tokens: cuBLAS vs the dequantize-then-cuBLAS paths, then the kernels alone
+        sweep = [f"cuda-dqT-s{s}-r{r}" for s in (4, 8, 16) for r in (1024, 2048, 4096)]
+        return [(2048, ["cublas", "dequant+cublas", "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm", "PQLinear"],
+                 (True,), False),
+                (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
+                (2048, ["triton-dqT", "cuda-dqT"] + sweep, (False,), False)]
     if name == "t1":  # one token: the decode launch, with and without low-rank
         return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s16-r2048"], (True, False), True)]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
@@ -393,7 +472,8 @@ def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes, plan_name
                                 continue
                             sets = layers[(N, M)]
                             fn = lambda L, x=x, fnv=fnv, lr=lr: fnv(x, L, lr)  # noqa: E731
-                            nbytes = compressed_bytes(sets[0], T, lr)
+                            alone = name.startswith(DEQUANT_ALONE)
+                            nbytes = (dequant_alone_bytes if alone else compressed_bytes)(sets[0], T, lr)
                         us = time_call(fn, sets, dev)
                         row = dict(shape=[N, M], T=T, variant=name, lowrank=lr if name != "cublas" else None,
                                    us=us, bytes=nbytes, gbs=nbytes / (us * 1e-6) / 1e9)
@@ -447,12 +527,12 @@ def short_table(checks, timings):
                f"{max((r.get('rel_err', 0) for r in checks), default=0):.2e}")
     for r in bad[:12]:
         out.append(f"  FAIL {r['variant']} {r['shape']} T={r['T']} {r.get('rel_err', '')} {r.get('error', '')[:120]}")
-    out.append("T     W[N x M]      variant                lr     us  speedup  %copyBW  graph_us g_speedup")
+    out.append("T     W[N x M]      variant                lr     us  speedup    GB/s  %copyBW  graph_us g_speedup")
     for r in timings:
         if "us" not in r or r["variant"] == "cublas":
             continue
         out.append(f"{r['T']:<5d} {r['shape'][0]:>5d}x{r['shape'][1]:<6d} {r['variant']:22s} {str(r['lowrank'])[0]} "
-                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['pct_copy_bw'] or float('nan'):7.0f} "
+                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['gbs']:7.0f} {r['pct_copy_bw'] or float('nan'):7.0f} "
                    f"{r.get('graph_us', float('nan')):9.1f} {r.get('graph_speedup', float('nan')):7.2f}")
     cub = [r for r in timings if r["variant"] == "cublas" and "us" in r]
     out.append("cuBLAS fp16 us: " + " ".join(f"{r['shape'][0]}x{r['shape'][1]}@{r['T']}={r['us']:.1f}"
@@ -466,8 +546,10 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
-    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid", "summary", "frag"), help="which timings (focus: decode launch "
-                    "with low-rank, dequantize + cuBLAS, 2-64 tokens)")
+    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid", "summary", "frag", "prefill"),
+                    help="which timings (focus: decode launch with low-rank, dequantize + cuBLAS, 2-64 tokens; "
+                    "frag: 1-64 tokens, fragment-lookup kernel vs lookup table; "
+                    "prefill: 2048 tokens, Triton vs CUDA dequantize + cuBLAS, the dequantize kernels alone)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")
     args = ap.parse_args()
@@ -481,27 +563,35 @@ def main():
         logf.flush()
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # build the CUDA extension in the background while the Triton kernels compile and run
-    build = {"ok": None, "err": None}
+    # build the CUDA extensions in the background while the Triton kernels compile and run
+    from athena_runtime.kernels import pq_cuda, pq_cuda_dequant
+    build, build_dq = {"ok": None, "err": None}, {"ok": None, "err": None}
 
-    def _build():
+    def _build(load, state):
         try:
-            from athena_runtime.kernels import pq_cuda
-            pq_cuda.load_extension()
-            build["ok"] = True
+            load()
+            state["ok"] = True
         except Exception as e:  # noqa: BLE001
-            build["ok"], build["err"] = False, f"{type(e).__name__}: {e}"[-2000:]
+            state["ok"], state["err"] = False, f"{type(e).__name__}: {e}"[-2000:]
 
-    th = threading.Thread(target=_build, daemon=True)
+    th = threading.Thread(target=_build, args=(pq_cuda.load_extension, build), daemon=True)
+    th_dq = threading.Thread(target=_build, args=(pq_cuda_dequant.EXTENSION.load, build_dq), daemon=True)
     if dev.type == "cuda":
         th.start()
+        th_dq.start()
 
-    def cuda_ok():
+    def built(thread, state):
         if dev.type != "cuda":
             return False
-        if build["ok"] is None:
-            th.join(timeout=max(1.0, clock.left() - 120))
-        return bool(build["ok"])
+        if state["ok"] is None:
+            thread.join(timeout=max(1.0, clock.left() - 120))
+        return bool(state["ok"])
+
+    def cuda_ok():
+        return built(th, build)
+
+    def cuda_dq_ok():
+        return built(th_dq, build_dq)
 
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip() or "unknown"
@@ -515,7 +605,7 @@ def main():
         pass
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) if dev.type == "cuda" else 1 << 20
     log(f"{clock} {meta}")
-    V = variants(cuda_ok)
+    V = variants(cuda_ok, cuda_dq_ok)
     copy_gbs = copy_bandwidth(dev)
     log(f"{clock} copy bandwidth {copy_gbs:.0f} GB/s (read+write)")
 
@@ -526,8 +616,9 @@ def main():
         elif args.smoke:
             checks = run_checks(dev, V, clock, log, SMOKE_CHECK_CASES, linear_shape=(64, 40))
         else:
-            checks = run_checks(dev, V, clock, log)
-        log(f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}")
+            checks = run_checks(dev, V, clock, log, cuda_dq_ok=cuda_dq_ok)
+        log(f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}, "
+            f"dequantize build: {build_dq}")
         shapes = [(64, 96), (128, 256)] if args.smoke else SHAPES
         if args.shapes:
             shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
@@ -535,6 +626,7 @@ def main():
     except Exception:  # noqa: BLE001 - report what we have
         log(traceback.format_exc())
     meta["cuda_build"] = {k: v for k, v in build.items()}
+    meta["cuda_dequant_build"] = dict(build_dq)
     md = summarize(checks, timings, copy_gbs, meta)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(dict(meta=meta, copy_gbs=copy_gbs, checks=checks, timings=timings), f, indent=1)

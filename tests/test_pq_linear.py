@@ -122,20 +122,23 @@ def test_select_path_rules():
     assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-decode"
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
     assert select_path(64, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
-    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "dequant-matmul"
+    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     assert select_path(8, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no) == "cuda-decode"
-    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no) == "dequant-matmul"
+    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=no) == "triton-decode"
     assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
-    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=no) == "dequant-matmul"
+    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     kw = dict(cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=yes)
     assert select_path(1, gpu, geo, torch.float16, **kw) == "cuda-decode"
     assert select_path(2, gpu, geo, torch.float16, **kw) == "cuda-frag"
     assert select_path(64, gpu, geo, torch.float16, **kw) == "cuda-frag"
-    assert select_path(65, gpu, geo, torch.float16, **kw) == "dequant-matmul"
+    assert select_path(65, gpu, geo, torch.float16, **kw, cuda_dequant_ok=no) == "dequant-matmul"
     assert select_path(16, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=yes) == "cuda-frag"
     big_n = PQGeometry(64, 64, 2, 1024, 64)
-    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no) == "dequant-matmul"
+    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
+    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
+    assert select_path(2048, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
+    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_dequant_ok=yes) == "cuda-dequant"
     with pytest.raises(ValueError, match="unknown"):
         select_path(1, gpu, geo, torch.float16, forced="fast")
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -13,7 +13,8 @@ Few tokens (T <= BLOCK_M): SPLIT_K > 1 splits the words over programs; partial s
 `pq_gemv.splitk_epilogue`, and the first row tile of every split computes its share of u.
 
 Also here: `pq_dequantize_t` (the whole Ŵᵀ as fp16, for the dequantize-then-cuBLAS path and for
-`PQLinear.dequantize_weight` on the GPU). Every wrapper has a PyTorch reference with the same
+`PQLinear.dequantize_weight` on the GPU) and `pq_dequant_matmul`, that path itself, with the Triton
+or the CUDA dequantize (`pq_cuda_dequant.py`). Every wrapper has a PyTorch reference with the same
 signature.
 """
 from __future__ import annotations
@@ -263,37 +264,73 @@ def pq_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, 
     return Wt
 
 
+LOWRANK_MODES = ("fold", "rows", "addmm")
+DEQUANT_KERNELS = ("triton", "cuda")
+
+
+def default_lowrank_mode(geo: PQGeometry, dequant: str) -> str:
+    """"fold" with the Triton dequantize. The CUDA one has no fold: "rows" when M <= N (copying x [T, M]
+    into the wider GEMM operand costs less than the second pass over y [T, N] of "addmm"), else "addmm"."""
+    if dequant == "triton":
+        return "fold"
+    return "rows" if geo.M <= geo.N else "addmm"
+
+
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                      lowrank_mode: str = "fold", **tuning):
-    """Ŵᵀ dequantized by a Triton kernel, then cuBLAS. The low-rank term, by `lowrank_mode`:
+                      lowrank_mode: str | None = None, dequant: str = "triton", **tuning):
+    """Ŵᵀ dequantized by a kernel, then cuBLAS. `dequant`: "triton" (`pq_dequantize_t`) or "cuda"
+    (`pq_cuda_dequant.pq_dequantize_t_cuda`, fp16 only); `tuning` goes to that kernel's wrapper.
+    The low-rank term, by `lowrank_mode` (default: `default_lowrank_mode`):
     "fold": the dequantize kernel writes (Ŵ + A B)ᵀ (a small tensor-core product per tile), then one
-    plain GEMM y = x (Ŵ + A B)ᵀ: no extra pass over x, y or the weight;
-    "rows": r more inner-dimension rows, [x | u] · [Ŵᵀ ; Aᵀ] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM, no
-    extra pass over the [T, N] output (the inner dimension padded to a multiple of 64 with zeros);
+    plain GEMM y = x (Ŵ + A B)ᵀ: no extra pass over x, y or the weight (Triton only);
+    "rows": r more inner-dimension rows, [x | u | 0] · [Ŵᵀ ; Aᵀ ; 0] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM,
+    no extra pass over the [T, N] output (inner dimension K = M + r padded to a multiple of 64 with
+    zeros); u is written by cuBLAS straight into its columns of the [T, K] operand, and with the CUDA
+    dequantize [Ŵᵀ; Aᵀ; 0] comes from one launch and [x | · | 0] from one copy kernel;
     "addmm": y = x Ŵᵀ, then y += u Aᵀ in place (a second pass over y)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
-    if lowrank_a is not None and lowrank_mode == "fold":
-        Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
-        return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
-    if lowrank_a is None or lowrank_mode == "addmm":
-        Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
-        y = torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
-        if lowrank_a is not None:
-            y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
-        return y
-    if lowrank_mode != "rows":
+    if dequant not in DEQUANT_KERNELS:
+        raise ValueError(f"dequant must be one of {DEQUANT_KERNELS}, got {dequant!r}")
+    mode = lowrank_mode or default_lowrank_mode(geo, dequant)
+    if mode not in LOWRANK_MODES:
         raise ValueError(f"lowrank_mode must be 'fold', 'rows' or 'addmm', got {lowrank_mode!r}")
+    has_lr = lowrank_a is not None
+    if has_lr and mode == "fold" and dequant == "cuda":
+        raise ValueError("the CUDA dequantize has no low-rank fold: use lowrank_mode 'rows' or 'addmm'")
+    if has_lr and mode == "rows":
+        xu, Wt = _rows_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, dequant, tuning)
+        return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
+    if has_lr and mode == "fold":
+        Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
+    elif dequant == "cuda":
+        from athena_runtime.kernels import pq_cuda_dequant
+        Wt = pq_cuda_dequant.pq_dequantize_t_cuda(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
+    else:
+        Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
+    y = torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
+    if has_lr and mode == "addmm":
+        y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
+    return y
+
+
+def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, dequant: str, tuning: dict):
+    """xu = [x | x Bᵀ | 0] [T, K] and Wt = [Ŵᵀ; Aᵀ; 0] [K, N], K = M + r rounded up to a multiple of 64."""
     T, M, r = x.shape[0], geo.M, lowrank_a.shape[1]
     K = -(-(M + r) // 64) * 64
     Wt = torch.empty(K, geo.N, device=x.device, dtype=x.dtype)
-    pq_dequantize_t(qweight, codebook, geo, x.dtype, out=Wt[:M], **tuning)
-    Wt[M:M + r].copy_(lowrank_a.t())
-    Wt[M + r:].zero_()
     xu = torch.empty(T, K, device=x.device, dtype=x.dtype)
-    xu[:, :M].copy_(x)
-    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:M + r])
-    xu[:, M + r:].zero_()
-    return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
+    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:M + r])  # cuBLAS writes u into its columns (ld = K)
+    if dequant == "cuda":
+        from athena_runtime.kernels import pq_cuda_dequant
+        pq_cuda_dequant.pq_dequantize_t_cuda(qweight, codebook, geo, x.dtype, out=Wt, stacked_a=lowrank_a, **tuning)
+        pq_cuda_dequant.copy_pad_cols(x, xu, M + r)
+    else:
+        pq_dequantize_t(qweight, codebook, geo, x.dtype, out=Wt[:M], **tuning)
+        Wt[M:M + r].copy_(lowrank_a.t())
+        Wt[M + r:].zero_()
+        xu[:, :M].copy_(x)
+        xu[:, M + r:].zero_()
+    return xu, Wt
 
 
 def _interp() -> bool:
