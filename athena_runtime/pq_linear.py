@@ -14,7 +14,7 @@ decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
     cuda-dequant    CUDA dequantize of the whole Ŵᵀ (shared-memory codebooks), then one cuBLAS call
                     (more tokens), fp16, b in 4/6/8 and d <= 4, when it builds; the low-rank term as
-                    extra inner-dimension rows ("rows", M <= N) or a second product ("addmm", M > N)
+                    extra inner-dimension rows ("rows", M < N) or a second product ("addmm", M >= N)
     dequant-matmul  the same with the Triton dequantize and the low-rank term folded into Ŵᵀ, when
                     cuda-dequant is unavailable
     triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower

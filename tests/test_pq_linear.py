@@ -138,7 +138,7 @@ def test_select_path_rules():
     assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
     assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
     assert select_path(2048, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
-    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_dequant_ok=yes) == "cuda-dequant"
+    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=yes) == "cuda-dequant"
     with pytest.raises(ValueError, match="unknown"):
         select_path(1, gpu, geo, torch.float16, forced="fast")
     with pytest.raises(ValueError, match="needs a CUDA device"):

@@ -269,11 +269,13 @@ DEQUANT_KERNELS = ("triton", "cuda")
 
 
 def default_lowrank_mode(geo: PQGeometry, dequant: str) -> str:
-    """"fold" with the Triton dequantize. The CUDA one has no fold: "rows" when M <= N (copying x [T, M]
-    into the wider GEMM operand costs less than the second pass over y [T, N] of "addmm"), else "addmm"."""
+    """"fold" with the Triton dequantize. The CUDA one has no fold: "rows" when M < N (copying x [T, M]
+    into the wider GEMM operand costs less than the second pass over y [T, N] of "addmm"), else "addmm"
+    (H100, 2048 tokens, BENCHMARKS.md §3: 4096 x 4096 rows 196 µs vs addmm 161 µs; 11008 x 4096 rows 353
+    vs addmm 376; 4096 x 11008 rows 359 vs addmm 332)."""
     if dequant == "triton":
         return "fold"
-    return "rows" if geo.M <= geo.N else "addmm"
+    return "rows" if geo.M < geo.N else "addmm"
 
 
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
