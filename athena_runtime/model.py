@@ -128,8 +128,9 @@ class MLP(nn.Module):
         self.gate_up_proj = None  # set by split_linear.fuse_projections after loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x) if self.gate_up_proj is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(silu_mul(gate, up))
+        if self.gate_up_proj is not None:
+            return self.down_proj(self.gate_up_proj.silu_mul(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -265,15 +265,20 @@ class PQLinear(nn.Module):
             log.log(level, "PQLinear [%d x %d] d=%d n=%d k=%d, %d tokens: path %s%s", self.geo.N, self.geo.M,
                     self.geo.d, self.geo.n, self.geo.k, tokens, path, f" ({why})" if why else "")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, glu: tuple[int, int] | None = None) -> torch.Tensor:
+        """y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias [..., N]; with `glu=(up_offset, F)` (a fused gate/up layer) the
+        result is silu(y[..., :F]) · y[..., up_offset:up_offset + F] [..., F], computed by the split-K
+        epilogue of the decode kernels (no separate SiLU-mul launch), by `fused_ops.silu_mul` otherwise."""
         if x.shape[-1] != self.geo.M:
             raise ValueError(f"PQLinear expects [..., {self.geo.M}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.geo.M)
         T = x2.shape[0]
+        n_out = glu[1] if glu is not None else self.geo.N
         if T == 0:
-            return x.new_empty(*lead, self.geo.N)
+            return x.new_empty(*lead, n_out)
         path = self.choose_path(T)
+        fused_glu = glu is not None and path in ("cuda-decode", "cuda-frag", "triton-decode")
         args = (self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, self.bias)
         if path == "reference" and self.qweight.device.type == "cpu":
             y = self._cpu_reference(x2)
@@ -283,15 +288,15 @@ class PQLinear(nn.Module):
             xk = x2 if x2.dtype == self.codebook.dtype else x2.to(self.codebook.dtype)
             if path == "cuda-decode":
                 from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
-                y = pq_gemv_cuda(xk, *args)
+                y = pq_gemv_cuda(xk, *args, glu=glu)
             elif path == "cuda-frag":
                 from athena_runtime.kernels.pq_cuda_frag import pq_frag_cuda
-                y = pq_frag_cuda(xk, *args)
+                y = pq_frag_cuda(xk, *args, glu=glu)
             elif path == "cuda-mma":
                 from athena_runtime.kernels.pq_cuda_mma import pq_mma_cuda
                 y = pq_mma_cuda(xk, *args)
             elif path == "triton-decode":
-                y = pq_gemv(xk, *args)
+                y = pq_gemv(xk, *args, glu=glu)
             elif path == "triton-prefill":
                 from athena_runtime.kernels.pq_gemm import pq_gemm
                 y = pq_gemm(xk, *args)
@@ -299,7 +304,10 @@ class PQLinear(nn.Module):
                 from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
                 y = pq_dequant_matmul(xk, *args, dequant="cuda" if path == "cuda-dequant" else "triton")
             y = y.to(x.dtype)
-        return y.reshape(*lead, self.geo.N)
+        if glu is not None and not fused_glu:
+            from athena_runtime.kernels.fused_ops import silu_mul
+            y = silu_mul(y[:, :glu[1]], y[:, glu[0]:glu[0] + glu[1]])
+        return y.reshape(*lead, n_out)
 
     def _cpu_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path on CPU: the same dequantization, done once and kept (CPU serving is for

@@ -215,3 +215,28 @@ def test_splitk_epilogue_sums_every_slab(S, S_U, T, N, rank, dtype):
         ref = ref + u_part.sum(0) @ A.float().t()
     assert y.shape == (T, N) and not torch.isnan(y).any()
     assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("S,T,F,up_off,rank", [(70, 1, 50, 64, 5), (9, 3, 100, 100, 0), (12, 20, 33, 40, 9)])
+def test_splitk_epilogue_glu_matches_unfused(S, T, F, up_off, rank):
+    """glu=(up_offset, F): silu(gate) · up straight from the epilogue, bit for bit what the unfused
+    epilogue followed by fused_ops.silu_mul gives (per-token kernel for T <= 4, token tiles above)."""
+    from athena_runtime.kernels.fused_ops import silu_mul
+    from athena_runtime.kernels.pq_gemv import splitk_epilogue
+    g = torch.Generator().manual_seed(S + T)
+    N = up_off + F + 7  # rows past the up part are not read
+    n_pad = -(-N // 128) * 128
+    partial = torch.randn(S, T, n_pad, generator=g).half().to(DEV)
+    u_part = torch.randn(2, T, max(rank, 1), generator=g).to(DEV) if rank else None
+    A = (torch.randn(N, rank, generator=g) * 0.1).half().to(DEV) if rank else None
+    bias = torch.randn(N, generator=g).half().to(DEV)
+    z = splitk_epilogue(partial, u_part, A, bias, T, N, torch.float16)
+    y = splitk_epilogue(partial, u_part, A, bias, T, N, torch.float16, glu=(up_off, F))
+    ref = silu_mul(z[:, :F], z[:, up_off:up_off + F], use_triton=True)
+    assert y.shape == (T, F)
+    if T > 4 and rank:  # the tile kernel's tl.dot runs its two low-rank products separately: rounding only
+        assert rel_err(y, ref) < TOL[torch.float16]
+    else:
+        assert torch.equal(y, ref)
+    with pytest.raises(ValueError, match="must fit"):
+        splitk_epilogue(partial, None, None, None, T, N, torch.float16, glu=(up_off, N))

@@ -58,3 +58,24 @@ def test_dense_fusion_concatenates_weights_and_biases():
     torch.testing.assert_close(ya, a(x))
     torch.testing.assert_close(yb, b(x))
     assert fuse([a, _pq(64, 20, 0, False, 1)]) is None  # mixed types stay separate
+
+
+@pytest.mark.parametrize("path", [None, "dequant-matmul", "triton-decode"])
+@pytest.mark.parametrize("T", [1, 3, 6])
+def test_fused_gate_up_silu_mul_equals_unfused(path, T):
+    """SplitLinear.silu_mul: silu(gate) · up from the PQ layer's epilogue (lookup-table paths) or from
+    fused_ops.silu_mul (other paths) equals silu_mul over the parts; gate 40 rows padded to 64."""
+    from athena_runtime.kernels.fused_ops import silu_mul
+    parts = [_pq(40, 50, 3, True, 4, path), _pq(40, 50, 2, False, 5, path)]
+    layer, offsets = PQLinear.concat(parts, max_pad=1.0)
+    assert offsets == [0, 64]
+    split = SplitLinear(layer, offsets, [40, 40])
+    x = torch.randn(T, 50, generator=torch.Generator().manual_seed(T)).to(DEV, DTYPE)
+    with torch.no_grad():
+        gate, up = split(x)
+        want = silu_mul(gate, up).float()
+        got = split.silu_mul(x)
+    assert got.shape == (T, 40) and not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want, rtol=TOL, atol=TOL * want.abs().max().item())
+    with pytest.raises(ValueError, match="two parts of one size"):
+        SplitLinear(layer, offsets, [40, 24]).silu_mul(x)

@@ -433,8 +433,10 @@ pq_gemv_cuda_reference = pq_gemv_reference
 
 
 def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                 fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None):
-    """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16)."""
+                 fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
+                 glu: tuple[int, int] | None = None):
+    """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16); with `glu` the
+    epilogue returns silu(gate) · up instead (`pq_gemv.splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if x.device.type != "cuda" or x.dtype != torch.float16 or codebook.dtype != torch.float16:
         raise ValueError("pq_gemv_cuda takes fp16 CUDA tensors")
@@ -467,4 +469,4 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
         u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
     ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
                     geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table)
-    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype)
+    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)

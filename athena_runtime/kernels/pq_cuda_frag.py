@@ -406,8 +406,9 @@ pq_frag_cuda_reference = pq_gemv_reference
 
 
 def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                 split: int | None = None, nr: int | None = None, stages: int = 3):
-    """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores fed by codebook lookups)."""
+                 split: int | None = None, nr: int | None = None, stages: int = 3, glu: tuple[int, int] | None = None):
+    """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores fed by codebook lookups); with `glu`,
+    silu(gate) · up from the epilogue (`pq_gemv.splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     T = x.shape[0]
     if x.device.type != "cuda" or not supports(geo, T, x.dtype) or codebook.dtype != torch.float16:
@@ -439,7 +440,7 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
             lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
     EXTENSION.load().pq_frag(x, qweight, codebook, partial, lr_b, u_part if lr_b.numel() else lr_b,
                              geo.GW, geo.k, per_split * WORDS, geo.bits, nr, stages)
-    return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype)
+    return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype, glu)
 
 
 def in_kernel_lowrank(lr_b: torch.Tensor, n_row_tiles: int) -> bool:

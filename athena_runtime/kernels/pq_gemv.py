@@ -180,15 +180,16 @@ if triton is not None:
     @triton.jit
     def _splitk_epilogue_kernel(
         partial_ptr, u_part_ptr, lr_a_ptr, bias_ptr, y_ptr,
-        S, S_U, N, RANK,
+        S, S_U, N, RANK, UP_OFF,
         stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
         BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RANK_P2: tl.constexpr, S_ITERS: tl.constexpr,
-        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
     ):
-        """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i].
-        Latency-bound (a few KB per program): every load — A's rows, u, the partial sums (S_ITERS
-        blocks of BLOCK_S slabs, unrolled), the bias — is issued before any is used, so they overlap
-        in one round trip."""
+        """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i]; with GLU the
+        output is silu(z[t, i]) · z[t, UP_OFF + i] of that sum z (gate and up rows of one fused layer),
+        for i < N. Latency-bound (a few KB per program): every load — A's rows, u, the partial sums
+        (S_ITERS blocks of BLOCK_S slabs, unrolled), the bias — is issued before any is used, so they
+        overlap in one round trip."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,31 +200,44 @@ if triton is not None:
             mask_r = offs_r < RANK
             a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
                         mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+            if GLU:
+                a_up = tl.load(lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
+                               mask=row_mask[:, None] & mask_r[None, :], other=0.0)
             u = tl.zeros([RANK_P2], dtype=tl.float32)
             for i in tl.static_range(S_ITERS):
                 ss = i * BLOCK_S + offs_s
                 u += tl.sum(tl.load(u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
                                     mask=(ss < S_U)[:, None] & mask_r[None, :], other=0.0), axis=0)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(S_ITERS):
             ss = i * BLOCK_S + offs_s
-            p = tl.load(partial_ptr + ss[:, None] * stride_ps + t * stride_pt + rows[None, :],
-                        mask=(ss < S)[:, None] & row_mask[None, :], other=0.0)
-            acc += tl.sum(p.to(tl.float32), axis=0)
+            p_ptrs = partial_ptr + ss[:, None] * stride_ps + t * stride_pt + rows[None, :]
+            p_mask = (ss < S)[:, None] & row_mask[None, :]
+            acc += tl.sum(tl.load(p_ptrs, mask=p_mask, other=0.0).to(tl.float32), axis=0)
+            if GLU:
+                acc_up += tl.sum(tl.load(p_ptrs + UP_OFF, mask=p_mask, other=0.0).to(tl.float32), axis=0)
         if HAS_LOWRANK:
             acc += tl.sum(a.to(tl.float32) * u[None, :], axis=1)
+            if GLU:
+                acc_up += tl.sum(a_up.to(tl.float32) * u[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            if GLU:
+                acc_up += tl.load(bias_ptr + rows + UP_OFF, mask=row_mask, other=0.0).to(tl.float32)
+        if GLU:  # the same roundings as the unfused layer + `fused_ops.silu_mul`: bit-identical output
+            g = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty) * acc_up.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
     @triton.jit
     def _splitk_epilogue_tile_kernel(
         partial_ptr, u_part_ptr, lr_a_ptr, bias_ptr, y_ptr,
-        S, S_U, T, N, RANK,
+        S, S_U, T, N, RANK, UP_OFF,
         stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P2: tl.constexpr,
-        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
     ):
         """The same sum for a [BLOCK_T tokens, BLOCK_N rows] tile: A's rows are read once for all the
         tile's tokens and the low-rank term is one tl.dot (many tokens: the tensor-core path)."""
@@ -232,10 +246,13 @@ if triton is not None:
         row_mask = rows < N
         t_mask = offs_t < T
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         s = tl.program_id(0) * 0
         while s < S:
-            acc += tl.load(partial_ptr + s * stride_ps + offs_t[:, None] * stride_pt + rows[None, :],
-                           mask=t_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+            p_ptrs = partial_ptr + s * stride_ps + offs_t[:, None] * stride_pt + rows[None, :]
+            acc += tl.load(p_ptrs, mask=t_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
+            if GLU:
+                acc_up += tl.load(p_ptrs + UP_OFF, mask=t_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
             s += 1
         if HAS_LOWRANK:
             offs_r = tl.arange(0, RANK_P2)
@@ -249,8 +266,17 @@ if triton is not None:
             a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
                         mask=row_mask[:, None] & mask_r[None, :], other=0.0)
             acc += tl.dot(u.to(a.dtype), tl.trans(a))
+            if GLU:
+                a_up = tl.load(lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
+                               mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+                acc_up += tl.dot(u.to(a.dtype), tl.trans(a_up))
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            if GLU:
+                acc_up += tl.load(bias_ptr + rows + UP_OFF, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        if GLU:  # the same roundings as the unfused layer + `fused_ops.silu_mul`: bit-identical output
+            g = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty) * acc_up.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_t[:, None] * stride_yt + rows[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & row_mask[None, :])
 
@@ -264,11 +290,15 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype) -> torch.Tensor:
+def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype, glu: tuple[int, int] | None = None) -> torch.Tensor:
     """Finish split-K partial sums: partial [S, T_, N_pad] fp32 or fp16 (summed in fp32), u_part [S', T_, r]
-    fp32 or None."""
+    fp32 or None. `glu=(up_offset, F)`: return silu(z[:, :F]) · z[:, up_offset:up_offset + F] [T, F] of the
+    finished sum z instead of z (a fused gate/up layer; saves the SiLU-mul launch and half the writes)."""
     S = partial.shape[0]
-    y = torch.empty(T, N, device=partial.device, dtype=out_dtype)
+    up_off, n_out = (glu[0], glu[1]) if glu is not None else (0, N)
+    if glu is not None and not (n_out <= up_off and up_off + n_out <= N):
+        raise ValueError(f"glu={glu}: gate rows [0, {n_out}) and up rows [{up_off}, {up_off + n_out}) must fit N={N}")
+    y = torch.empty(T, n_out, device=partial.device, dtype=out_dtype)
     has_lr = lowrank_a is not None
     rank = lowrank_a.shape[1] if has_lr else 0
     s_u = u_part.shape[0] if has_lr else 0
@@ -277,19 +307,19 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype)
             bias if bias is not None else partial, y)
     strides = (partial.stride(0), partial.stride(1), u_part.stride(0) if has_lr else 0,
                u_part.stride(1) if has_lr else 0, lowrank_a.stride(0) if has_lr else 0, y.stride(0))
-    flags = dict(RANK_P2=max(16, _next_pow2(rank)), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None)
+    flags = dict(RANK_P2=max(16, _next_pow2(rank)), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, GLU=glu is not None)
     if T > TILE_EPILOGUE_MIN_TOKENS:  # token tiles: A read once per tile, not once per token
         BLOCK_T, BLOCK_N = 16, 64
-        _splitk_epilogue_tile_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(T, BLOCK_T))](
-            *ptrs, S, s_u, T, N, rank, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4)
+        _splitk_epilogue_tile_kernel[(triton.cdiv(n_out, BLOCK_N), triton.cdiv(T, BLOCK_T))](
+            *ptrs, S, s_u, T, n_out, rank, up_off, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4)
         return y
     # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip;
     # row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)
     block_s = min(64, max(16, _next_pow2(max(S, s_u, 1))))
     target = 2 * num_sms(partial.device)
-    BLOCK_N = next((b for b in (128, 64) if triton.cdiv(N, b) * T >= target), 32)
-    _splitk_epilogue_kernel[(triton.cdiv(N, BLOCK_N), T)](
-        *ptrs, S, s_u, N, rank, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
+    BLOCK_N = next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
+    _splitk_epilogue_kernel[(triton.cdiv(n_out, BLOCK_N), T)](
+        *ptrs, S, s_u, n_out, rank, up_off, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
         S_ITERS=triton.cdiv(max(S, s_u, 1), block_s), **flags,
         num_warps=8 if block_s * BLOCK_N >= 64 * 128 else 4,
     )
@@ -312,8 +342,9 @@ def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, device, slabs=(32, 16, 8
 
 def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
             lut_fp16: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
-            block_n: int = 128, num_warps: int = 4):
-    """Triton lookup-table kernel for few tokens. x [T, M] -> y [T, N] in x's dtype."""
+            block_n: int = 128, num_warps: int = 4, glu: tuple[int, int] | None = None):
+    """Triton lookup-table kernel for few tokens. x [T, M] -> y [T, N] in x's dtype (silu(gate) · up [T, F]
+    with `glu=(up_offset, F)`, see `splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if geo.n > 256:
         raise ValueError(f"the lookup-table kernel takes n <= 256, got n={geo.n}")
@@ -349,4 +380,4 @@ def pq_gemv(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=Non
         SLAB_W=slab_w, ROWS_PER_CHUNK=rows_per_chunk, BLOCK_N=min(block_n, rows_per_chunk), LUT_FP16=lut_fp16,
         HAS_LOWRANK=has_lr, LR_ITERS=-(-(-(-rank // 16)) // n_row_progs), num_warps=num_warps,
     )
-    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype)
+    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)
