@@ -1,0 +1,84 @@
+"""Where the admission of many streams goes: per-step wall times of an engine level and a GPU kernel
+profile of its prefill/mixed steps (7B-shaped random checkpoint, H100 diagnosis).
+
+    python -m bench.diag.engine_steps --workdir /tmp/w [--streams 64] [--prompt 128] [--profile-steps 4]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=8)
+    ap.add_argument("--profile-steps", type=int, default=4)
+    ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
+    args = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from athena_runtime.engine import EngineCore
+    from athena_runtime.engine_settings import EngineSettings
+    from athena_runtime.model_runner import ModelRunner
+    from athena_runtime.sampling_params import SamplingParams
+
+    ckpt = Path(args.workdir) / "llama7b-athena"
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    need = args.streams * (-(-(args.prompt + args.new) // 16)) + 8
+    runner = ModelRunner.from_path(ckpt, kv_format="fp16", block_size=16, num_blocks=need, device="cuda",
+                                   max_model_len=4096)
+    core = EngineCore(runner, tok, EngineSettings(kv_cache="fp16", max_num_seqs=args.streams, num_blocks=need,
+                                                  max_num_batched_tokens=max(args.budget, args.streams)), eos_token_ids=())
+    runner.capture_graphs(args.streams)
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
+
+    def level(tag, profile=False):
+        for i in range(args.streams):
+            core.add_request(f"{tag}{i}", torch.randint(3, runner.config.vocab_size, (args.prompt,), generator=g).tolist(),
+                             params)
+        times, n = [], 0
+        prof = None
+        if profile:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+        while core.has_work():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            core.step()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+            n += 1
+            if prof is not None and n == args.profile_steps:
+                prof.__exit__(None, None, None)
+                prof = None
+        return times
+
+    level("warm")  # compiles, first-use allocations
+    times = level("run", profile=False)
+    print(f"{args.streams} streams x {args.prompt}-token prompts, budget {args.budget}: step ms "
+          + " ".join(f"{t:.1f}" for t in times[:12]) + f" ... (median of the rest {sorted(times[12:])[len(times[12:]) // 2]:.1f})"
+          if len(times) > 12 else " ".join(f"{t:.1f}" for t in times))
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    for i in range(args.streams):
+        core.add_request(f"p{i}", torch.randint(3, runner.config.vocab_size, (args.prompt,), generator=g).tolist(), params)
+    with prof:
+        for _ in range(args.profile_steps):
+            core.step()
+        torch.cuda.synchronize()
+    while core.has_work():
+        core.step()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
