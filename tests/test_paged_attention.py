@@ -219,6 +219,34 @@ def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated, monk
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("fmt,window", [("fp16", None), ("int4", None), ("fp16", 5), ("int8", 20)])
+def test_mixed_batch_equal_length_prompts_batched(fmt, window, monkeypatch):
+    """Fresh prompts of one length go through one causal SDPA call as a batch (7, 7, 7 and 12, 12),
+    a lone length (4) and prompts longer than a sliding window through the masked call."""
+    seq_lens, new = [7, 30, 7, 12, 7, 1, 12, 4], [7, 1, 7, 12, 7, 1, 12, 4]
+    cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=9)
+    q = (torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(10))).to(DEVICE)
+    if fmt == "fp16" and DEVICE == "cuda":
+        q = q.half()
+    qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    calls = {"batched": 0, "masked": 0}
+    same, masked = pa._same_length_prompts, pa._masked_prompts
+    monkeypatch.setattr(pa, "_same_length_prompts",
+                        lambda *a: (calls.__setitem__("batched", calls["batched"] + 1), same(*a))[1])
+    monkeypatch.setattr(pa, "_masked_prompts",
+                        lambda *a: (calls.__setitem__("masked", calls["masked"] + 1), masked(*a))[1])
+    want = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, window)
+    got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl.tolist())
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+    if window is None or window >= 12:
+        assert calls == {"batched": 2, "masked": 1}
+    else:  # every length > 5 is masked
+        assert calls == {"batched": 0, "masked": 1}
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
 def test_bench_attention_smoke(capsys):
     """`python -m bench.attention --smoke`: the benchmark's plumbing (cache, tables, check, table)."""
     if DEVICE == "cuda":
