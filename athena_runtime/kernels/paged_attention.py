@@ -128,9 +128,9 @@ def _token_groups(seqs: list[int], n: list[int], limit: int) -> list[list[int]]:
 
 
 def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window):
-    """Whole prompts (their keys are exactly their own new tokens), few launches per layer: prompts of
-    one length go through ONE causal SDPA call as a batch (no mask: the flash kernel, fp16); the rest —
-    and prompts longer than a sliding window — through one call with a block-diagonal causal mask
+    """Whole prompts (their keys are exactly their own new tokens), few launches per layer: the prompts
+    of each length go through ONE causal SDPA call as a batch (no mask: the flash kernel, fp16); prompts
+    longer than a sliding window through one call with a block-diagonal causal mask
     (more FLOPs, T² instead of Σ n², and PyTorch's slower masked kernels). With every prompt in the masked
     call, a 64-stream admission step (16 prompts of 128 tokens) spent ~90% of its 240 ms in the masked
     fp32 fallback on the H100."""
@@ -139,7 +139,7 @@ def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_
         by_len.setdefault(n[s], []).append(s)
     masked = []
     for length, group in by_len.items():
-        if len(group) == 1 or (sliding_window is not None and length > sliding_window):
+        if sliding_window is not None and length > sliding_window:
             masked += group
         else:
             _same_length_prompts(q, out, kv_cache, layer, block_tables, group, length, qsl, sm_scale)
