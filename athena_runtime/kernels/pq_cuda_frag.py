@@ -26,6 +26,8 @@ recipe); sm_80-class instructions only (cp.async, ldmatrix, mma.sync): Ada and H
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
@@ -289,11 +291,13 @@ void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweig
             int G_pad, int GW, int k_rows, int words_per_split, __half* partial, int splits,
             const __half* lr_b, int stride_br, int rank, float* u_part, cudaStream_t stream) {
     constexpr int smem = Geometry<T_PAD, NR, BITS>::SMEM_BYTES(STAGES);
-    static bool configured = false;  // one attribute call per instantiation (> 48 KB needs opting in)
-    if (!configured) {
+    static bool configured[64] = {};  // one attribute call per instantiation and device (> 48 KB needs opting in)
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    if (dev >= 64 || !configured[dev]) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(pq_frag_kernel<T_PAD, NR, BITS, STAGES>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        configured = true;
+        if (dev < 64) configured[dev] = true;
     }
     const dim3 grid((unsigned)((N_pad + 64 * NR - 1) / (64 * NR)), (unsigned)splits);
     pq_frag_kernel<T_PAD, NR, BITS, STAGES><<<grid, THREADS, smem, stream>>>(
@@ -379,9 +383,15 @@ def smem_bytes(t_pad: int, nr: int, stages: int, bits: int = 6) -> int:
     return 4 * (stages * stage + cb)
 
 
-def _smem_limit(device) -> int:
-    props = torch.cuda.get_device_properties(device)
+@functools.lru_cache(maxsize=None)
+def _smem_limit_of(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
     return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def _smem_limit(device) -> int:
+    """Opt-in shared memory per CTA of `device` (looked up once per device)."""
+    return _smem_limit_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def row_tile(geo: PQGeometry) -> int | None:
