@@ -169,6 +169,23 @@ def test_kernels_check_operands():
         pq_gemm(x, qw, cb, geo, A, None)
     with pytest.raises(ValueError, match="slab_w"):
         pq_gemv(x, qw, cb, geo, slab_w=6)
+    from athena_runtime.kernels.pq_cuda_dequant import pq_dequantize_t_cuda_reference
+    with pytest.raises(ValueError, match="qweight must be int32"):  # the layer checks shared with the dequantize
+        pq_dequantize_t_cuda_reference(qw.long(), cb.half(), geo)
+
+
+def test_cuda_wrappers_refuse_what_they_do_not_serve():
+    """The CUDA kernel wrappers' shared precondition: fp16 CUDA operands and a served layer/token count."""
+    from athena_runtime.kernels.pq_gemv import check_cuda_fp16
+    geo, qw, cb, _, _, _, _, _ = make_layer(20, 24, 2, 16, 20)
+    if DEV.type == "cuda":
+        check_cuda_fp16("k", torch.randn(2, 24, device=DEV).half(), cb.half(), geo)  # served: no error
+    with pytest.raises(ValueError, match="k: unsupported layer or input .*fp16 CUDA"):
+        check_cuda_fp16("k", torch.randn(2, 24).half(), cb.half(), geo)  # CPU tensor
+    with pytest.raises(ValueError, match="unsupported"):
+        check_cuda_fp16("k", torch.randn(2, 24).to(DEV), cb.half(), geo)  # fp32 x
+    with pytest.raises(ValueError, match="T=2, bits=4"):
+        check_cuda_fp16("k", torch.randn(2, 24).half().to(DEV), cb.half(), geo, served=False)
 
 
 # ----------------------------------------------------------------------------------- GPU only

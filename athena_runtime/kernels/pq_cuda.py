@@ -28,7 +28,7 @@ import torch
 from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import (
-    check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
+    check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
 )
 
 log = logging.getLogger(__name__)
@@ -438,8 +438,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16); with `glu` the
     epilogue returns silu(gate) · up instead (`pq_gemv.splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
-    if x.device.type != "cuda" or x.dtype != torch.float16 or codebook.dtype != torch.float16:
-        raise ValueError("pq_gemv_cuda takes fp16 CUDA tensors")
+    check_cuda_fp16("pq_gemv_cuda", x, codebook, geo)
     T = x.shape[0]
     t_inst = next((t for t in TOKENS if t >= T), None)
     if t_inst is None:

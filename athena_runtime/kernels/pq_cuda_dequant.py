@@ -30,6 +30,7 @@ import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 
 THREADS = 256  # a thread owns 4 consecutive rows: passes of 1024 rows
 MIN_BLOCKS = 2  # __launch_bounds__(THREADS, 2): <= 128 registers (no spills, sm_89 / sm_90), 2 CTAs per SM
@@ -454,10 +455,7 @@ def choose_launch(geo: PQGeometry, n_sms: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------- wrappers
 def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> tuple[int, int]:
     """Argument checks shared by the kernel wrapper and its reference; returns out's shape (K, N)."""
-    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (geo.GW, geo.N_pad):
-        raise ValueError(f"qweight must be int32 {(geo.GW, geo.N_pad)}, got {qweight.dtype} {tuple(qweight.shape)}")
-    if tuple(codebook.shape) != (geo.Nb, geo.G_pad, geo.d, geo.n):
-        raise ValueError(f"codebook must be {(geo.Nb, geo.G_pad, geo.d, geo.n)}, got {tuple(codebook.shape)}")
+    check_layer_tensors(qweight, codebook, geo)
     if dtype != torch.float16 or codebook.dtype != torch.float16:
         raise ValueError(f"pq_dequantize_t_cuda writes fp16 from an fp16 codebook, got {dtype} / {codebook.dtype}")
     r = 0
@@ -504,7 +502,6 @@ def pq_dequantize_t_cuda(qweight, codebook, geo: PQGeometry, dtype=torch.float16
         raise ValueError("pq_dequantize_t_cuda needs CUDA tensors (the reference runs anywhere)")
     if not supports(geo, dtype):
         raise ValueError(f"pq_dequantize_t_cuda: no variant for bits={geo.bits} d={geo.d}")
-    from athena_runtime.kernels.pq_gemv import num_sms
     auto_s, auto_r = choose_launch(geo, num_sms(qweight.device))
     slab_w, rows_per_chunk = slab_w or auto_s, rows_per_chunk or auto_r
     if (geo.bits, geo.d, slab_w) not in VARIANTS or geo.GW % slab_w:

@@ -32,7 +32,9 @@ import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.pq_gemv import check_operands, num_sms, pq_gemv_reference, splitk_epilogue
+from athena_runtime.kernels.pq_gemv import (
+    check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, splitk_epilogue,
+)
 
 WORDS = 8  # index words per stage
 T_PADS = (16, 32, 64)
@@ -421,9 +423,7 @@ def pq_frag_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     silu(gate) · up from the epilogue (`pq_gemv.splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     T = x.shape[0]
-    if x.device.type != "cuda" or not supports(geo, T, x.dtype) or codebook.dtype != torch.float16:
-        raise ValueError(f"pq_frag_cuda: unsupported layer or input (T={T}, bits={geo.bits}, d={geo.d}, k={geo.k}, "
-                         f"M={geo.M}, dtype={x.dtype})")
+    check_cuda_fp16("pq_frag_cuda", x, codebook, geo, supports(geo, T, x.dtype))
     t_pad = next(t for t in T_PADS if t >= T)
     if nr is None:  # 256-row CTAs where the codebook blocks and shared memory allow (Ada: 99 KB per CTA)
         nr = row_tile(geo)

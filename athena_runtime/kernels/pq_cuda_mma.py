@@ -25,7 +25,9 @@ import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.pq_gemv import check_operands, num_sms, pq_gemv_reference, splitk_epilogue
+from athena_runtime.kernels.pq_gemv import (
+    check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, splitk_epilogue,
+)
 
 BLOCK_N = 128
 SLAB_W = 8
@@ -217,9 +219,7 @@ def pq_mma_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b
     """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     T = x.shape[0]
-    if x.device.type != "cuda" or not supports(geo, T, x.dtype) or codebook.dtype != torch.float16:
-        raise ValueError(f"pq_mma_cuda: unsupported layer or input (T={T}, bits={geo.bits}, d={geo.d}, k={geo.k}, "
-                         f"dtype={x.dtype})")
+    check_cuda_fp16("pq_mma_cuda", x, codebook, geo, supports(geo, T, x.dtype))
     t_pad = next(t for t in T_PADS if t >= T)
     n_row, n_chunks = geo.N_pad // BLOCK_N, geo.GW // SLAB_W
     if split is None:  # ~2 CTAs per SM, but partial sums stay a small fraction of the traffic

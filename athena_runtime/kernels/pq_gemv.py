@@ -37,14 +37,28 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def check_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, bias):
-    """Shared argument checks of the PQ kernel wrappers."""
-    if x.dim() != 2 or x.shape[1] != geo.M:
-        raise ValueError(f"x must be [T, {geo.M}], got {tuple(x.shape)}")
+def check_layer_tensors(qweight, codebook, geo: PQGeometry):
+    """The kernel-layout shapes of a layer's index words and codebook (layout.py)."""
     if qweight.dtype != torch.int32 or tuple(qweight.shape) != (geo.GW, geo.N_pad):
         raise ValueError(f"qweight must be int32 {(geo.GW, geo.N_pad)}, got {qweight.dtype} {tuple(qweight.shape)}")
     if tuple(codebook.shape) != (geo.Nb, geo.G_pad, geo.d, geo.n):
         raise ValueError(f"codebook must be {(geo.Nb, geo.G_pad, geo.d, geo.n)}, got {tuple(codebook.shape)}")
+
+
+def check_cuda_fp16(name: str, x, codebook, geo: PQGeometry, served: bool = True):
+    """What the CUDA kernel wrappers need on top of `check_operands`: fp16 CUDA operands and a layer /
+    token count the kernel is instantiated for (`served`)."""
+    if x.device.type != "cuda" or x.dtype != torch.float16 or codebook.dtype != torch.float16 or not served:
+        raise ValueError(f"{name}: unsupported layer or input (T={x.shape[0]}, bits={geo.bits}, d={geo.d}, k={geo.k}, "
+                         f"M={geo.M}, x {x.dtype} on {x.device.type}, codebook {codebook.dtype}); it takes fp16 CUDA "
+                         f"tensors")
+
+
+def check_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, bias):
+    """Shared argument checks of the PQ kernel wrappers."""
+    if x.dim() != 2 or x.shape[1] != geo.M:
+        raise ValueError(f"x must be [T, {geo.M}], got {tuple(x.shape)}")
+    check_layer_tensors(qweight, codebook, geo)
     if (lowrank_a is None) != (lowrank_b is None):
         raise ValueError("lowrank_a and lowrank_b come together")
     if lowrank_a is not None and (lowrank_a.shape[0] != geo.N or lowrank_b.shape[1] != geo.M
