@@ -243,7 +243,7 @@ class PQLinear(nn.Module):
         if forced is None and path in ("cuda-dequant", "dequant-matmul") and self.qweight.device.type == "cuda" \
                 and tokens <= MMA_MAX_TOKENS:
             self._log_once("fallback-mma", tokens, logging.WARNING,
-                           f"cuda-mma unavailable for this layer (recipe or build); using {path}")
+                           f"no tensor-core kernel (cuda-frag, cuda-mma) serves this layer (recipe or build); using {path}")
         if forced is None and path == "dequant-matmul" and self.qweight.device.type == "cuda":
             self._log_once("fallback-dequant", tokens, logging.WARNING,
                            "cuda-dequant unavailable for this layer (recipe, dtype or build); using the Triton dequantize")

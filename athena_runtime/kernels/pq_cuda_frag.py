@@ -16,11 +16,17 @@ contiguous columns of x, and column pair p of the k-step is group p. A stage in 
     Wd  index words [8][R + 8]                  padded so a warp's word loads hit 32 banks
     Cb  codebook lines [PER_WORD][8][2][n] fp16 as stored (the 8 groups of a slot are 2 KB in a row)
     Xs  x columns [T_PAD][PER_WORD·16 + 8]      zero-filled past the tokens / columns
-all requested with cp.async, STAGES - 1 stages ahead. A B-operand register is two 16-bit lookups
-(coordinates 0 and 1 of the entry) packed together.
+    Bs  B rows [8][PER_WORD·16 + 8]             low-rank CTAs only (below)
+all requested with cp.async, STAGES - 1 stages ahead. Each stage's codebook lines are then transposed
+once into one interleaved buffer (the two coordinates of an entry side by side, so a B-operand
+register is ONE 32-bit lookup); the four groups one lookup instruction touches (c = lane % 4) own
+four separate bank octets, and the transpose's own reads and writes are free of bank conflicts.
 
-Split-K partial sums (fp16, [S, T_PAD, N_pad]) are finished by `pq_gemv.splitk_epilogue`, which also
-adds the low-rank term (u = x Bᵀ by cuBLAS) and the bias. Instantiated for d = 2, b = 6 (the default
+The low-rank share u = x Bᵀ: CTAs of row tile j < rank / 8 also multiply their split's x columns by
+B rows 8j .. 8j + 7 (one more n8 operand per k-step, from Bs), giving u partial sums [S, T_PAD, rank];
+ranks that do not fit that (`in_kernel_lowrank`) fall back to u by cuBLAS. Split-K partial sums (fp16,
+[S, T_PAD, N_pad]) are finished by `pq_gemv.splitk_epilogue`, which adds A·u and the bias (and, for a
+fused gate/up layer, returns silu(gate)·up). Instantiated for d = 2, b = 6 (the default
 recipe); sm_80-class instructions only (cp.async, ldmatrix, mma.sync): Ada and Hopper alike.
 `pq_frag_cuda_reference` is the PyTorch spec.
 """
