@@ -151,6 +151,7 @@ def variants(cuda_ok, cuda_dq_ok=lambda: False):
         v[f"cuda-frag-nr{nr}-st{st}"] = (
             lambda x, L, lr, nr=nr, st=st: pq_cuda_frag.pq_frag_cuda(x, *layer_args(L, lr), nr=nr, stages=st),
             lambda T, g, nr=nr, st=st: cuda_ok() and pq_cuda_frag.supports(g, T, torch.float16)
+            and (g.Nb == 1 or g.k % (64 * nr) == 0)  # row tiles inside codebook blocks, as the kernel demands
             and (next(t for t in pq_cuda_frag.T_PADS if t >= T), nr, st) in pq_cuda_frag.VARIANTS)
     v.update(dequant_variants(cuda_dq_ok))
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
@@ -389,7 +390,8 @@ def plan(smoke, name="full"):
         names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]
     if name == "prefill":  # 2048 tokens: cuBLAS vs the dequantize-then-cuBLAS paths, then the kernels alone
-        sweep = [f"cuda-dqT-s{s}-r{r}" for s in (4, 8, 16) for r in (1024, 2048, 4096)]
+        from athena_runtime.kernels import pq_cuda_dequant as cdq
+        sweep = [f"cuda-dqT-s{s}-r{r}" for s in cdq.MAIN_SLABS for r in cdq.ROWS_CANDIDATES]
         return [(2048, ["cublas", "dequant+cublas", "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm", "PQLinear"],
                  (True,), False),
                 (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
