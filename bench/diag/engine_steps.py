@@ -39,36 +39,30 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.new, ignore_eos=True)
 
-    def level(tag, profile=False):
+    def add_level(tag):
         for i in range(args.streams):
             core.add_request(f"{tag}{i}", torch.randint(3, runner.config.vocab_size, (args.prompt,), generator=g).tolist(),
                              params)
-        times, n = [], 0
-        prof = None
-        if profile:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA])
-            prof.__enter__()
+
+    def timed_level(tag):
+        """Wall ms of every step of one level (device-synchronized around each step)."""
+        add_level(tag)
+        times = []
         while core.has_work():
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             core.step()
             torch.cuda.synchronize()
             times.append(1e3 * (time.perf_counter() - t0))
-            n += 1
-            if prof is not None and n == args.profile_steps:
-                prof.__exit__(None, None, None)
-                prof = None
         return times
 
-    level("warm")  # compiles, first-use allocations
-    times = level("run", profile=False)
+    timed_level("warm")  # compiles, first-use allocations
+    times = timed_level("run")
+    head, rest = times[:12], sorted(times[12:])
     print(f"{args.streams} streams x {args.prompt}-token prompts, budget {args.budget}: step ms "
-          + " ".join(f"{t:.1f}" for t in times[:12]) + f" ... (median of the rest {sorted(times[12:])[len(times[12:]) // 2]:.1f})"
-          if len(times) > 12 else " ".join(f"{t:.1f}" for t in times))
+          + " ".join(f"{t:.1f}" for t in head) + (f" ... (median of the rest {rest[len(rest) // 2]:.1f})" if rest else ""))
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-    for i in range(args.streams):
-        core.add_request(f"p{i}", torch.randint(3, runner.config.vocab_size, (args.prompt,), generator=g).tolist(), params)
+    add_level("p")
     with prof:
         for _ in range(args.profile_steps):
             core.step()
