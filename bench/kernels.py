@@ -13,7 +13,7 @@
 4. writes kernels.json (every number) and kernels.md under --out.
 
 --plan prefill: 2048 tokens, the four shapes: cuBLAS fp16, the Triton dequantize with the low-rank
-term folded in, the CUDA dequantize with the low-rank term as rows or addmm, both without low-rank,
+term folded in, the CUDA dequantize with the low-rank term folded by cuBLAS, as rows or addmm, both without low-rank,
 and the two dequantize kernels alone (bytes = Ŵᵀ written + index words and codebook read), with a
 sweep of the CUDA kernel's launch shape (slab words x rows per CTA); the checks first include the
 CUDA dequantize bit for bit against the reference.
@@ -169,6 +169,8 @@ def dequant_variants(cuda_dq_ok):
 
     v = {
         "cuda-dq+cublas": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda"), lambda T, g: T >= 16 and ok(T, g)),
+        "cuda-dq+cublas-fold": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="fold"),
+                                lambda T, g: T >= 16 and ok(T, g)),
         "cuda-dq+cublas-rows": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="rows"),
                                 lambda T, g: T >= 16 and ok(T, g)),
         "cuda-dq+cublas-addmm": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="addmm"),
@@ -392,7 +394,8 @@ def plan(smoke, name="full"):
     if name == "prefill":  # 2048 tokens: cuBLAS vs the dequantize-then-cuBLAS paths, then the kernels alone
         from athena_runtime.kernels import pq_cuda_dequant as cdq
         sweep = [f"cuda-dqT-s{s}-r{r}" for s in cdq.MAIN_SLABS for r in cdq.ROWS_CANDIDATES]
-        return [(2048, ["cublas", "dequant+cublas", "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm", "PQLinear"],
+        return [(2048, ["cublas", "dequant+cublas", "cuda-dq+cublas-fold", "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm",
+                        "PQLinear"],
                  (True,), False),
                 (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
                 (2048, ["triton-dqT", "cuda-dqT"] + sweep, (False,), False)]

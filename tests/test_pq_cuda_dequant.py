@@ -136,10 +136,10 @@ def test_launch_rule_small_layer():
     assert (geo.bits, geo.d, slab) in cdq.VARIANTS and rows == min(cdq.ROWS_CANDIDATES)
 
 
-@pytest.mark.parametrize("mode", ["rows", "addmm"])
+@pytest.mark.parametrize("mode", ["fold", "rows", "addmm"])
 @pytest.mark.parametrize("N,M,rank,bias", [(130, 50, 16, True), (45, 70, 3, False), (64, 200, 8, True)])
 def test_dequant_matmul_cuda_modes_with_reference_kernels(monkeypatch, mode, N, M, rank, bias):
-    """The low-rank assembly of the CUDA path ([x | u | 0] · [Ŵᵀ; Aᵀ; 0], or y += u Aᵀ), with the two
+    """The low-rank assembly of the CUDA path (Ŵᵀ += Bᵀ Aᵀ, [x | u | 0] · [Ŵᵀ; Aᵀ; 0], or y += u Aᵀ), with the two
     kernels replaced by their PyTorch references so that it runs on CPU."""
     monkeypatch.setattr(cdq, "pq_dequantize_t_cuda", cdq.pq_dequantize_t_cuda_reference)
     monkeypatch.setattr(cdq, "copy_pad_cols", cdq.copy_pad_cols_reference)
@@ -150,11 +150,11 @@ def test_dequant_matmul_cuda_modes_with_reference_kernels(monkeypatch, mode, N, 
     assert rel_err(y, pq_gemm_reference(x, qw, cb, geo, A, B, b)) < TOL16
 
 
-def test_dequant_matmul_cuda_has_no_fold():
+def test_dequant_matmul_refuses_unknown_modes():
     geo, qw, cb, A, B, _ = make_layer(40, 24, 2, 64, 40, rank=2)
     x = torch.randn(3, 24).half().to(DEV)
-    with pytest.raises(ValueError, match="no low-rank fold"):
-        pq_dequant_matmul(x, qw, cb, geo, A, B, dequant="cuda", lowrank_mode="fold")
+    with pytest.raises(ValueError, match="lowrank_mode must be"):
+        pq_dequant_matmul(x, qw, cb, geo, A, B, dequant="cuda", lowrank_mode="sideways")
     with pytest.raises(ValueError, match="dequant must be"):
         pq_dequant_matmul(x, qw, cb, geo, dequant="cutlass")
 

@@ -269,13 +269,12 @@ DEQUANT_KERNELS = ("triton", "cuda")
 
 
 def default_lowrank_mode(geo: PQGeometry, dequant: str) -> str:
-    """"fold" with the Triton dequantize. The CUDA one has no fold: "rows" when M < N (copying x [T, M]
-    into the wider GEMM operand costs less than the second pass over y [T, N] of "addmm"), else "addmm"
-    (H100, 2048 tokens, BENCHMARKS.md §3: 4096 x 4096 rows 196 µs vs addmm 161 µs; 11008 x 4096 rows 353
-    vs addmm 376; 4096 x 11008 rows 359 vs addmm 332)."""
-    if dequant == "triton":
-        return "fold"
-    return "rows" if geo.M < geo.N else "addmm"
+    """"fold" with either dequantize kernel: the Triton one adds A B into its tiles; after the CUDA one
+    cuBLAS adds Bᵀ Aᵀ into Ŵᵀ in place (one pass over the [M, N] weight, well spread over the GPU),
+    where "rows" and "addmm" each put a skinny GEMM (inner or outer dimension r) beside the main one:
+    H100, 2048 tokens, 4096 x 4096 rows 196 µs and addmm 161 µs against cuBLAS fp16 94 µs
+    (BENCHMARKS.md §3)."""
+    return "fold"
 
 
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
@@ -283,8 +282,9 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     """Ŵᵀ dequantized by a kernel, then cuBLAS. `dequant`: "triton" (`pq_dequantize_t`) or "cuda"
     (`pq_cuda_dequant.pq_dequantize_t_cuda`, fp16 only); `tuning` goes to that kernel's wrapper.
     The low-rank term, by `lowrank_mode` (default: `default_lowrank_mode`):
-    "fold": the dequantize kernel writes (Ŵ + A B)ᵀ (a small tensor-core product per tile), then one
-    plain GEMM y = x (Ŵ + A B)ᵀ: no extra pass over x, y or the weight (Triton only);
+    "fold": y = x (Ŵ + A B)ᵀ by one plain GEMM: the Triton dequantize writes (Ŵ + A B)ᵀ (a small
+    tensor-core product per tile); after the CUDA dequantize, Ŵᵀ += Bᵀ Aᵀ by cuBLAS in place (a
+    pass over the weight, whose cost does not grow with the tokens);
     "rows": r more inner-dimension rows, [x | u | 0] · [Ŵᵀ ; Aᵀ ; 0] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM,
     no extra pass over the [T, N] output (inner dimension K = M + r padded to a multiple of 64 with
     zeros); u is written by cuBLAS straight into its columns of the [T, K] operand, and with the CUDA
@@ -297,16 +297,16 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     if mode not in LOWRANK_MODES:
         raise ValueError(f"lowrank_mode must be 'fold', 'rows' or 'addmm', got {lowrank_mode!r}")
     has_lr = lowrank_a is not None
-    if has_lr and mode == "fold" and dequant == "cuda":
-        raise ValueError("the CUDA dequantize has no low-rank fold: use lowrank_mode 'rows' or 'addmm'")
     if has_lr and mode == "rows":
         xu, Wt = _rows_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, dequant, tuning)
         return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
-    if has_lr and mode == "fold":
+    if has_lr and mode == "fold" and dequant == "triton":
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
     elif dequant == "cuda":
         from athena_runtime.kernels import pq_cuda_dequant
         Wt = pq_cuda_dequant.pq_dequantize_t_cuda(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
+        if has_lr and mode == "fold":  # Ŵᵀ += Bᵀ Aᵀ: cuBLAS, fp32 accumulation, one rounding per weight
+            Wt.addmm_(lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
     else:
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
     y = torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
