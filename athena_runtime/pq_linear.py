@@ -116,9 +116,9 @@ class PQLinear(nn.Module):
         self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
-        # zeros the one-token CUDA kernel counts on to add A·u in-kernel (it leaves them at zero)
-        flags = None if lowrank_a is None else torch.zeros(lowrank_a.shape[1], dtype=torch.int32, device=qweight.device)
-        self.register_buffer("lr_flags", flags, persistent=False)  # [r] int32 or None
+        # two counters the one-token CUDA kernel uses to add A·u in-kernel (it leaves them at zero)
+        flags = None if lowrank_a is None else torch.zeros(2, dtype=torch.int32, device=qweight.device)
+        self.register_buffer("lr_flags", flags, persistent=False)  # [2] int32 or None
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
 
     # ------------------------------------------------------------------------------ loading

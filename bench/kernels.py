@@ -72,7 +72,7 @@ def make_layer(N, M, d, n, k, rank, device, seed=0):
     A = (torch.randn(N, rank, generator=g, device=device) * 0.02).half() if rank else None
     B = (torch.randn(rank, M, generator=g, device=device) * 0.02).half() if rank else None
     A, B = pad_lowrank(A, B)  # as PQLinear.from_tensors does
-    flags = torch.zeros(A.shape[1], dtype=torch.int32, device=device) if rank else None  # as PQLinear.lr_flags
+    flags = torch.zeros(2, dtype=torch.int32, device=device) if rank else None  # as PQLinear.lr_flags
     return dict(geo=geo, qweight=layout.pack_words(I, geo), codebook=layout.pad_codebook(C, geo), A=A, B=B, bias=None,
                 lr_flags=flags)
 

@@ -211,8 +211,8 @@ def test_cuda_lut_kernel_lowrank_in_kernel(T, N, M, k, rank, slab, rows):
     the flags are back at zero after every call (the next call, also inside a CUDA graph, waits again)."""
     from athena_runtime.kernels.pq_cuda import pq_gemv_cuda, pq_gemv_cuda_reference
     geo, qw, cb, A, B, b, _, _ = make_layer(N, M, 2, 64, k, rank, True)
-    flags = torch.zeros(rank, dtype=torch.int32, device=DEV)
-    kw = dict(slab_w=slab, rows_per_chunk=rows, lr_flags=flags)
+    flags = torch.zeros(2, dtype=torch.int32, device=DEV)
+    kw = dict(slab_w=slab if T == 1 else None, rows_per_chunk=rows if T == 1 else None, lr_flags=flags)
     for _ in range(3):
         x = torch.randn(T, M, device=DEV).half()
         y = pq_gemv_cuda(x, qw, cb, geo, A, B, b, **kw)

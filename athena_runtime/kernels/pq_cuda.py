@@ -41,6 +41,13 @@ T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
 
+def t1_rows_per_chunk(geo: PQGeometry, device) -> int:
+    """2048-row chunks, or 1024 where those would give fewer than 1.5 table CTAs per SM (4096 x 4096:
+    104 CTAs on 132 SMs left the GPU a third empty; 1024 rows measured faster there, BENCHMARKS.md §3)."""
+    _, n_row = row_chunks(geo, T1_ROWS_PER_CHUNK)
+    return T1_ROWS_PER_CHUNK if n_row * (geo.GW // T1_SLAB_W) >= 1.5 * num_sms(device) else T1_ROWS_PER_CHUNK // 2
+
+
 def max_slab_w(bits: int, tokens: int, fp16_table: bool = True) -> int:
     """Widest slab (<= 32 words) whose table fits in 24 KB (several CTAs per SM)."""
     per_word, nc = 32 // bits, 1 << bits
@@ -152,17 +159,17 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
 
 // In-kernel low-rank share of one table CTA: partial[t, i] += sum_r A[i, r] u[t, r] for its rows [lo, hi)
 // (each slab's CTA takes its own slice of the row chunk, so every row gets the term exactly once). u comes
-// from the u CTAs of this launch: wait until each rank's flag is raised (those CTAs are at the front of the
-// grid, dispatched first), take one unit off it (the flags are back at 0 when the last table CTA is done:
-// the next call starts clean), then one warp per row, lanes over the ranks. `us`: shared [T][rank] fp32.
+// from the u CTAs of this launch (at the front of the grid, dispatched first), which count themselves in
+// flags[0]: one thread waits until it reaches `rank`; flags[1] counts the table CTAs done, and the last one
+// puts both back to 0 for the next call. Two counters, not one flag per rank: 300+ CTAs x r atomics on
+// one L2 slice cost ~5 µs (H100, measured). Then one warp per row, lanes over the ranks.
+// `us`: shared [T][rank] fp32.
 template <int T, int THREADS>
 __device__ __forceinline__ void lowrank_rows(const float* __restrict__ u, int rank, const __half* __restrict__ lr_a,
                                              int stride_an, int* __restrict__ lr_flags, int lo, int hi,
                                              __half* __restrict__ part, int N_pad, float* us) {
-    for (int r = threadIdx.x; r < rank; r += THREADS) {
-        while (*reinterpret_cast<volatile int*>(lr_flags + r) == 0) __nanosleep(64);
-        atomicSub(lr_flags + r, 1);
-    }
+    if (threadIdx.x == 0)
+        while (*reinterpret_cast<volatile int*>(lr_flags) < rank) __nanosleep(100);
     __threadfence();
     __syncthreads();  // also: every lookup of this CTA is done, its table space is free
     for (int i = threadIdx.x; i < T * rank; i += THREADS) us[i] = __ldcg(u + i);
@@ -188,6 +195,10 @@ __device__ __forceinline__ void lowrank_rows(const float* __restrict__ u, int ra
             }
         }
     }
+    if (threadIdx.x == 0 && atomicAdd(lr_flags + 1, 1) == (int)(gridDim.x - rank) - 1) {
+        lr_flags[0] = 0;  // the last table CTA: every u CTA and every wait is over
+        lr_flags[1] = 0;
+    }
 }
 
 // 1-D grid of rank + n_row_progs * (GW / SLAB_W) CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
@@ -211,10 +222,10 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     if ((int)blockIdx.x < rank) {  // a u CTA
         lowrank_u<T, THREADS>(x, stride_xt, t_valid, M, m_vec, lr_b + (size_t)blockIdx.x * stride_br, u + blockIdx.x,
                               rank, reinterpret_cast<float*>(smem_raw));
-        if (lr_flags != nullptr) {  // publish: every table CTA consumes this rank's u once
+        if (lr_flags != nullptr) {  // publish: one more rank of u is written
             __threadfence();
             __syncthreads();
-            if (threadIdx.x == 0) atomicAdd(lr_flags + blockIdx.x, (int)(gridDim.x - rank));
+            if (threadIdx.x == 0) atomicAdd(lr_flags, 1);
         }
         return;
     }
@@ -407,8 +418,8 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
     if (lr_in_kernel) {
         TORCH_CHECK(lr_a.scalar_type() == torch::kHalf && lr_a.dim() == 2 && lr_a.stride(1) == 1 && lr_a.size(0) == N
                     && lr_a.size(1) == lr_b.size(0), "lowrank_a: fp16 [N, r], rows contiguous");
-        TORCH_CHECK(lr_flags.scalar_type() == torch::kInt && lr_flags.is_contiguous() && lr_flags.numel() >= lr_b.size(0)
-                    && lr_flags.device() == x.device(), "lr_flags: int32 [>= r] on x's device, all zero");
+        TORCH_CHECK(lr_flags.scalar_type() == torch::kInt && lr_flags.is_contiguous() && lr_flags.numel() == 2
+                    && lr_flags.device() == x.device(), "lr_flags: int32 [2] on x's device, both zero");
         TORCH_CHECK(lr_rows > 0 && lr_rows * (GW / slab_w) >= rows_per_chunk, "lr_rows: the slabs' slices must cover a row chunk");
     }
     const int T = partial.size(1);
@@ -503,9 +514,9 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     epilogue returns silu(gate) · up instead (`pq_gemv.splitk_epilogue`).
 
     The low-rank term: u = x Bᵀ always by the kernel's u CTAs; A·u by the split-K epilogue, or, given
-    `lr_flags` (an int32 [>= r] tensor of zeros owned by the caller, e.g. `PQLinear.lr_flags`, left at
-    zero by every call; one call at a time per tensor), inside the kernel: each table CTA adds it to its
-    slice of rows once the u CTAs have raised their flags (no pass over A in the epilogue)."""
+    `lr_flags` (an int32 [2] tensor of zeros owned by the caller, e.g. `PQLinear.lr_flags`, left at zero
+    by every call; one call at a time per tensor), inside the kernel: each table CTA adds it to its slice
+    of rows once every u CTA has counted itself done (no pass over A in the epilogue)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     check_cuda_fp16("pq_gemv_cuda", x, codebook, geo)
     T = x.shape[0]
@@ -514,7 +525,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
         raise ValueError(f"pq_gemv_cuda takes at most {TOKENS[-1]} tokens, got {T}")
     if slab_w is None and rows_per_chunk is None and t_inst == 1 \
             and (1, geo.bits, T1_SLAB_W, fp16_table) in VARIANTS and geo.GW % T1_SLAB_W == 0:
-        slab_w, rows_per_chunk = T1_SLAB_W, T1_ROWS_PER_CHUNK  # the measured-best T = 1 launch
+        slab_w, rows_per_chunk = T1_SLAB_W, t1_rows_per_chunk(geo, x.device)  # the measured-best T = 1 launch
     if slab_w is None:
         slab_w = choose_slab_w(geo, t_inst, fp16_table, x.device)
     if (t_inst, geo.bits, slab_w, fp16_table) not in VARIANTS:
