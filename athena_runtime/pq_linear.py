@@ -116,9 +116,6 @@ class PQLinear(nn.Module):
         self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
-        # two counters the one-token CUDA kernel uses to add A·u in-kernel (it leaves them at zero)
-        flags = None if lowrank_a is None else torch.zeros(2, dtype=torch.int32, device=qweight.device)
-        self.register_buffer("lr_flags", flags, persistent=False)  # [2] int32 or None
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
 
     # ------------------------------------------------------------------------------ loading
@@ -291,7 +288,7 @@ class PQLinear(nn.Module):
             xk = x2 if x2.dtype == self.codebook.dtype else x2.to(self.codebook.dtype)
             if path == "cuda-decode":
                 from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
-                y = pq_gemv_cuda(xk, *args, glu=glu, lr_flags=self.lr_flags)
+                y = pq_gemv_cuda(xk, *args, glu=glu)
             elif path == "cuda-frag":
                 from athena_runtime.kernels.pq_cuda_frag import pq_frag_cuda
                 y = pq_frag_cuda(xk, *args, glu=glu)

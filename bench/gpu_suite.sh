@@ -29,7 +29,7 @@ for stage in "$@"; do
              > $OUT/t1_stdout.txt 2>&1; tail -40 $OUT/t1_stdout.txt ;;
     frag) timeout 330 python3 bench/kernels.py --out $OUT --plan frag --no-checks --budget 300 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_frag_stdout.txt 2>&1; tail -70 $OUT/kernels_frag_stdout.txt ;;
-    prefill) timeout 420 python3 bench/kernels.py --out $OUT/prefill --plan prefill --budget 400 --commit "${COMMIT:-unknown}" \
+    prefill) timeout 260 python3 bench/kernels.py --out $OUT/prefill --plan prefill --budget 230 --commit "${COMMIT:-unknown}" \
              > $OUT/prefill_stdout.txt 2>&1; tail -60 $OUT/prefill_stdout.txt ;;
     xfer) mkdir -p /tmp/xfer; cp -p .carry/smol.part* /tmp/xfer/ && ls -la /tmp/xfer ;;  # the embedded GGUF, carried in parts
     chat-default)  # the README's `athena chat` with the embedded default, quantized on this GPU on first use

@@ -72,9 +72,7 @@ def make_layer(N, M, d, n, k, rank, device, seed=0):
     A = (torch.randn(N, rank, generator=g, device=device) * 0.02).half() if rank else None
     B = (torch.randn(rank, M, generator=g, device=device) * 0.02).half() if rank else None
     A, B = pad_lowrank(A, B)  # as PQLinear.from_tensors does
-    flags = torch.zeros(2, dtype=torch.int32, device=device) if rank else None  # as PQLinear.lr_flags
-    return dict(geo=geo, qweight=layout.pack_words(I, geo), codebook=layout.pad_codebook(C, geo), A=A, B=B, bias=None,
-                lr_flags=flags)
+    return dict(geo=geo, qweight=layout.pack_words(I, geo), codebook=layout.pad_codebook(C, geo), A=A, B=B, bias=None)
 
 
 def layer_args(L, lowrank=True):
@@ -100,18 +98,12 @@ def poison(device):
 
 
 # ------------------------------------------------------------------------------------ variants
-T1_LRK_ROWS = (1024, 1536, 2048, 3072, 4096)  # one-token launch sweep with the in-kernel low-rank share
-
-
 def variants(cuda_ok, cuda_dq_ok=lambda: False):
     """name -> (fn(x, L, lowrank), applies(T, geo))."""
     from athena_runtime.kernels import pq_cuda
 
     def cuda(**kw):
         return lambda x, L, lr: pq_cuda.pq_gemv_cuda(x, *layer_args(L, lr), **kw)
-
-    def cuda_lrk(**kw):  # the low-rank share A·u inside the kernel (PQLinear's way), not in the epilogue
-        return lambda x, L, lr: pq_cuda.pq_gemv_cuda(x, *layer_args(L, lr), lr_flags=L["lr_flags"], **kw)
 
     def cuda_applies(T, geo, slab=None, fp16=True):
         t_inst = next((t for t in pq_cuda.TOKENS if t >= T), None)
@@ -128,7 +120,6 @@ def variants(cuda_ok, cuda_dq_ok=lambda: False):
         "cuda-mma": (lambda x, L, lr: pq_cuda_mma.pq_mma_cuda(x, *layer_args(L, lr)),
                      lambda T, g: cuda_ok() and pq_cuda_mma.supports(g, T, torch.float16)),
         "cuda-lut": (cuda(), lambda T, g: cuda_applies(T, g)),
-        "cuda-lut-lrk": (cuda_lrk(), lambda T, g: cuda_applies(T, g)),
         "triton-lut": (lambda x, L, lr: pq_gemv(x, *layer_args(L, lr)), lambda T, g: T <= 16 and g.n <= 256),
         "triton-dot": (lambda x, L, lr: pq_gemm(x, *layer_args(L, lr)), lambda T, g: True),
         "dequant+cublas": (lambda x, L, lr: pq_dequant_matmul(x, *layer_args(L, lr)), lambda T, g: T >= 16),
@@ -137,10 +128,7 @@ def variants(cuda_ok, cuda_dq_ok=lambda: False):
         for rows in (1024, 2048):
             v[f"cuda-lut-s{slab}-r{rows}"] = (cuda(slab_w=slab, rows_per_chunk=rows),
                                               lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s))
-    for slab in (8, 16):
-        for rows in T1_LRK_ROWS:
-            v[f"cuda-lut-lrk-s{slab}-r{rows}"] = (cuda_lrk(slab_w=slab, rows_per_chunk=rows),
-                                                  lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s))
+
     for slab in (8, 16):
         v[f"cuda-lut-f32tab-s{slab}"] = (cuda(slab_w=slab, fp16_table=False),
                                          lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s, False))
@@ -232,8 +220,7 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096),
     rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas",
                                                                       "dequantT256x16w8+cublas"})
     rows += _check_cases(dev, V, clock, log, cases + FRAG_CHECK_CASES, True,
-                         {"cuda-lut", "cuda-lut-lrk", "cuda-mma", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4"}
-                         | {f"cuda-lut-lrk-s{s}-r{r}" for s in (8, 16) for r in T1_LRK_ROWS})
+                         {"cuda-lut", "cuda-mma", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4"})
     rows += _check_linear(dev, log, linear_shape)
     return rows
 
@@ -413,10 +400,8 @@ def plan(smoke, name="full"):
                  (True,), False),
                 (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
                 (2048, ["triton-dqT", "cuda-dqT"] + sweep, (False,), False)]
-    if name == "t1":  # one token: the low-rank share in the epilogue vs in the kernel, then the launch sweep
-        sweep = [f"cuda-lut-lrk-s{s}-r{r}" for s in (8, 16) for r in T1_LRK_ROWS]
-        return [(1, ["cublas", "PQLinear", "cuda-lut", "cuda-lut-lrk"], (True, False), True),
-                (1, sweep, (True,), True)]
+    if name == "t1":  # one token: the decode launch (1024- vs 2048-row chunks), with and without low-rank
+        return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r1024", "cuda-lut-s8-r2048"], (True, False), True)]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
         names = ["cublas", "PQLinear", "cuda-lut", "cuda-mma", "dequant+cublas"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 32, 4, 2)] + \

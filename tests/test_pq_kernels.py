@@ -203,36 +203,6 @@ def test_cuda_lut_kernel_matches_reference(T, M):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
-@pytest.mark.parametrize("T", [1, 3, 16])
-@pytest.mark.parametrize("N,M,k,rank,slab,rows", [(1000, 2050, 512, 8, None, None), (4096, 4096, 4096, 48, 8, 2048),
-                                                  (11008, 4096, 4096, 48, 16, 3072), (300, 1030, 128, 70, None, None)])
-def test_cuda_lut_kernel_lowrank_in_kernel(T, N, M, k, rank, slab, rows):
-    """A·u added by the table CTAs after the u CTAs raise their flags: same result as the reference, and
-    the flags are back at zero after every call (the next call, also inside a CUDA graph, waits again)."""
-    from athena_runtime.kernels.pq_cuda import pq_gemv_cuda, pq_gemv_cuda_reference
-    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, 2, 64, k, rank, True)
-    flags = torch.zeros(2, dtype=torch.int32, device=DEV)
-    kw = dict(slab_w=slab if T == 1 else None, rows_per_chunk=rows if T == 1 else None, lr_flags=flags)
-    for _ in range(3):
-        x = torch.randn(T, M, device=DEV).half()
-        y = pq_gemv_cuda(x, qw, cb, geo, A, B, b, **kw)
-        assert rel_err(y, pq_gemv_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
-        assert int(flags.abs().sum()) == 0
-    static_x = torch.randn(T, M, device=DEV).half()
-    pq_gemv_cuda(static_x, qw, cb, geo, A, B, b, **kw)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_y = pq_gemv_cuda(static_x, qw, cb, geo, A, B, b, **kw)
-    for _ in range(3):
-        x = torch.randn(T, M, device=DEV).half()
-        static_x.copy_(x)
-        g.replay()
-        torch.cuda.synchronize()
-        assert rel_err(static_y, pq_gemv_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
-    assert int(flags.abs().sum()) == 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
 @pytest.mark.parametrize("N,M,k,rank,bias,T", [(1000, 2050, 512, 8, True, 9), (300, 130, 4096, 0, False, 33),
                                                (4096, 4096, 4096, 48, False, 64), (257, 1030, 128, 5, True, 17)])
 def test_cuda_mma_kernel_matches_reference(N, M, k, rank, bias, T):

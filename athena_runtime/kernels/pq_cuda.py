@@ -43,7 +43,7 @@ TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the ne
 
 def t1_rows_per_chunk(geo: PQGeometry, device) -> int:
     """2048-row chunks, or 1024 where those would give fewer than 1.5 table CTAs per SM (4096 x 4096:
-    104 CTAs on 132 SMs left the GPU a third empty; 1024 rows measured faster there, BENCHMARKS.md §3)."""
+    104 CTAs on 132 SMs left the GPU a third empty; BENCHMARKS.md §3)."""
     _, n_row = row_chunks(geo, T1_ROWS_PER_CHUNK)
     return T1_ROWS_PER_CHUNK if n_row * (geo.GW // T1_SLAB_W) >= 1.5 * num_sms(device) else T1_ROWS_PER_CHUNK // 2
 
@@ -157,50 +157,6 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
     }
 }
 
-// In-kernel low-rank share of one table CTA: partial[t, i] += sum_r A[i, r] u[t, r] for its rows [lo, hi)
-// (each slab's CTA takes its own slice of the row chunk, so every row gets the term exactly once). u comes
-// from the u CTAs of this launch (at the front of the grid, dispatched first), which count themselves in
-// flags[0]: one thread waits until it reaches `rank`; flags[1] counts the table CTAs done, and the last one
-// puts both back to 0 for the next call. Two counters, not one flag per rank: 300+ CTAs x r atomics on
-// one L2 slice cost ~5 µs (H100, measured). Then one warp per row, lanes over the ranks.
-// `us`: shared [T][rank] fp32.
-template <int T, int THREADS>
-__device__ __forceinline__ void lowrank_rows(const float* __restrict__ u, int rank, const __half* __restrict__ lr_a,
-                                             int stride_an, int* __restrict__ lr_flags, int lo, int hi,
-                                             __half* __restrict__ part, int N_pad, float* us) {
-    if (threadIdx.x == 0)
-        while (*reinterpret_cast<volatile int*>(lr_flags) < rank) __nanosleep(100);
-    __threadfence();
-    __syncthreads();  // also: every lookup of this CTA is done, its table space is free
-    for (int i = threadIdx.x; i < T * rank; i += THREADS) us[i] = __ldcg(u + i);
-    __syncthreads();
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int row = lo + warp; row < hi; row += THREADS / 32) {
-        float acc[T];
-#pragma unroll
-        for (int t = 0; t < T; ++t) acc[t] = 0.f;
-        for (int r = lane; r < rank; r += 32) {
-            const float a = __half2float(lr_a[(size_t)row * stride_an + r]);
-#pragma unroll
-            for (int t = 0; t < T; ++t) acc[t] = fmaf(a, us[t * rank + r], acc[t]);
-        }
-#pragma unroll
-        for (int t = 0; t < T; ++t) {
-            float v = acc[t];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (lane == 0) {  // this CTA stored the partial sum above (visible after the barrier)
-                __half* p = part + (size_t)t * N_pad + row;
-                *p = __float2half_rn(__half2float(__ldcg(p)) + v);
-            }
-        }
-    }
-    if (threadIdx.x == 0 && atomicAdd(lr_flags + 1, 1) == (int)(gridDim.x - rank) - 1) {
-        lr_flags[0] = 0;  // the last table CTA: every u CTA and every wait is over
-        lr_flags[1] = 0;
-    }
-}
-
 // 1-D grid of rank + n_row_progs * (GW / SLAB_W) CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
 // (one rank each), the rest are (row program, slab) CTAs, row program fastest. See pq_gemv.py for the algorithm.
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
@@ -211,8 +167,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
     int n_row_progs, __half* __restrict__ partial,                        // [S, T, N_pad] fp16
     const __half* __restrict__ lr_b, int stride_br, int rank, int m_vec,  // [rank, M] (rank 0: none)
-    float* __restrict__ u,                                                // [T, rank] fp32
-    const __half* __restrict__ lr_a, int stride_an, int* __restrict__ lr_flags, int lr_rows)  // in-kernel A·u
+    float* __restrict__ u)                                                // [T, rank] fp32
 {
     using TabT = typename std::conditional<FP16_TABLE, __half, float>::type;
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, SLAB_Q = SLAB_W / 4, VEC = 8, NVEC = NC / VEC;
@@ -222,11 +177,6 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     if ((int)blockIdx.x < rank) {  // a u CTA
         lowrank_u<T, THREADS>(x, stride_xt, t_valid, M, m_vec, lr_b + (size_t)blockIdx.x * stride_br, u + blockIdx.x,
                               rank, reinterpret_cast<float*>(smem_raw));
-        if (lr_flags != nullptr) {  // publish: one more rank of u is written
-            __threadfence();
-            __syncthreads();
-            if (threadIdx.x == 0) atomicAdd(lr_flags, 1);
-        }
         return;
     }
     const int cta = blockIdx.x - rank, prog = cta % n_row_progs, slab = cta / n_row_progs, w0 = slab * SLAB_W;
@@ -352,10 +302,6 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
             else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
-    if (lr_flags != nullptr)
-        lowrank_rows<T, THREADS>(u, rank, lr_a, stride_an, lr_flags, row_start + slab * lr_rows,
-                                 min(row_start + (slab + 1) * lr_rows, row_end), partial + (size_t)slab * T * N_pad, N_pad,
-                                 reinterpret_cast<float*>(smem_raw));
 }
 
 }  // namespace athena_pq
@@ -377,7 +323,6 @@ struct LutArgs {
     __half* partial;
     const __half* lr_b; int stride_br, rank, m_vec;
     float* u_part;
-    const __half* lr_a; int stride_an; int* lr_flags; int lr_rows;
 };
 
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE>
@@ -386,17 +331,15 @@ void launch_lut(const LutArgs& a, dim3 grid, cudaStream_t stream) {
     constexpr size_t smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
     static_assert(smem <= 48 * 1024, "table must fit the default shared-memory limit");
     static_assert(smem >= (THREADS / 32) * T * sizeof(float), "u CTAs reduce in the table's shared memory");
-    TORCH_CHECK(a.lr_flags == nullptr || (size_t)T * a.rank * sizeof(float) <= smem,
-                "in-kernel low-rank: u [T, rank] must fit the table's shared memory");
     pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS><<<grid, THREADS, smem, stream>>>(
         a.x, a.stride_xt, a.t_valid, a.M, a.qweight, a.N_pad, a.codebook, a.G_pad, a.D,
         a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.n_row_progs, a.partial,
-        a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part, a.lr_a, a.stride_an, a.lr_flags, a.lr_rows);
+        a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-                 torch::Tensor lr_b, torch::Tensor u_part, torch::Tensor lr_a, torch::Tensor lr_flags, int64_t lr_rows,
+                 torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1, "x: fp16 CUDA [T, M]");
@@ -414,14 +357,6 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
         TORCH_CHECK(u_part.scalar_type() == torch::kFloat && u_part.is_contiguous() && u_part.size(0) == 1
                     && u_part.size(1) == partial.size(1) && u_part.size(2) == lr_b.size(0), "u_part: fp32 [1, T, r]");
     }
-    const bool lr_in_kernel = has_lr && lr_flags.numel() > 0;
-    if (lr_in_kernel) {
-        TORCH_CHECK(lr_a.scalar_type() == torch::kHalf && lr_a.dim() == 2 && lr_a.stride(1) == 1 && lr_a.size(0) == N
-                    && lr_a.size(1) == lr_b.size(0), "lowrank_a: fp16 [N, r], rows contiguous");
-        TORCH_CHECK(lr_flags.scalar_type() == torch::kInt && lr_flags.is_contiguous() && lr_flags.numel() == 2
-                    && lr_flags.device() == x.device(), "lr_flags: int32 [2] on x's device, both zero");
-        TORCH_CHECK(lr_rows > 0 && lr_rows * (GW / slab_w) >= rows_per_chunk, "lr_rows: the slabs' slices must cover a row chunk");
-    }
     const int T = partial.size(1);
     TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= T, "x: 1 to T tokens (T = the partial buffer's)");
     // int4 loads of x and B rows when every row starts on 16 bytes (else scalar loads)
@@ -436,9 +371,7 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
               reinterpret_cast<__half*>(partial.data_ptr<at::Half>()),
               has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr,
               has_lr ? (int)lr_b.stride(0) : 0, rank, vec ? (int)(x.size(1) / 8 * 8) : 0,
-              has_lr ? u_part.data_ptr<float>() : nullptr,
-              lr_in_kernel ? reinterpret_cast<const __half*>(lr_a.data_ptr<at::Half>()) : nullptr,
-              lr_in_kernel ? (int)lr_a.stride(0) : 0, lr_in_kernel ? lr_flags.data_ptr<int>() : nullptr, (int)lr_rows};
+              has_lr ? u_part.data_ptr<float>() : nullptr};
     const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w)));  // u CTAs first: the first wave
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 """
@@ -450,17 +383,17 @@ _HOST_SRC_TAIL = r"""
 }  // namespace athena_pq
 
 void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-                 torch::Tensor lr_b, torch::Tensor u_part, torch::Tensor lr_a, torch::Tensor lr_flags, int64_t lr_rows,
+                 torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table) {
-    athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, lr_a, lr_flags, lr_rows, N, GW, k_rows, chunks_per_blk,
+    athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, N, GW, k_rows, chunks_per_blk,
                            rows_per_chunk, bits, slab_w, fp16_table);
 }
 """
 
 _CPP_DECL = """
 void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
-                 torch::Tensor lr_b, torch::Tensor u_part, torch::Tensor lr_a, torch::Tensor lr_flags, int64_t lr_rows,
+                 torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table);
 """
@@ -504,19 +437,13 @@ def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
 
 
 pq_gemv_cuda_reference = pq_gemv_reference
-_LOGGED_EPILOGUE_LR: set = set()
 
 
 def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
                  fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
-                 glu: tuple[int, int] | None = None, lr_flags: torch.Tensor | None = None):
+                 glu: tuple[int, int] | None = None):
     """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16); with `glu` the
-    epilogue returns silu(gate) · up instead (`pq_gemv.splitk_epilogue`).
-
-    The low-rank term: u = x Bᵀ always by the kernel's u CTAs; A·u by the split-K epilogue, or, given
-    `lr_flags` (an int32 [2] tensor of zeros owned by the caller, e.g. `PQLinear.lr_flags`, left at zero
-    by every call; one call at a time per tensor), inside the kernel: each table CTA adds it to its slice
-    of rows once every u CTA has counted itself done (no pass over A in the epilogue)."""
+    epilogue returns silu(gate) · up instead (`pq_gemv.splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     check_cuda_fp16("pq_gemv_cuda", x, codebook, geo)
     T = x.shape[0]
@@ -541,29 +468,11 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     # fp16 partial sums (each over one slab's <= 32·PER_WORD·d columns, accumulated in fp32 registers):
     # half the bytes of fp32 written here and read by the epilogue, which sums them in fp32
     partial = torch.empty(n_slabs, t_inst, geo.N_pad, device=x.device, dtype=torch.float16)
-    none = torch.empty(0, device=x.device, dtype=torch.float16)
-    in_kernel = has_lr and lr_flags is not None and lowrank_in_kernel_fits(geo, t_inst, slab_w, fp16_table,
-                                                                           lowrank_a.shape[1])
-    if has_lr and lr_flags is not None and not in_kernel and (geo.N, geo.M, t_inst) not in _LOGGED_EPILOGUE_LR:
-        _LOGGED_EPILOGUE_LR.add((geo.N, geo.M, t_inst))
-        log.info("pq_gemv_cuda [%d x %d], %d tokens: u [T, r] does not fit the table's shared memory; "
-                 "A·u in the split-K epilogue", geo.N, geo.M, t_inst)
     if has_lr:  # u = x Bᵀ, written whole by the kernel's u CTAs (one "slab" for the epilogue)
         u_part = torch.empty(1, t_inst, lowrank_b.shape[0], device=x.device, dtype=torch.float32)
         lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
     else:
-        u_part = lr_b = none
-    lr_a = lowrank_a if in_kernel and lowrank_a.dtype == torch.float16 else (lowrank_a.half() if in_kernel else none)
-    lr_rows = -(-rows_per_chunk // n_slabs)
-    ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part, lr_a,
-                    lr_flags if in_kernel else none.int(), lr_rows,
+        u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
+    ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
                     geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table)
-    if in_kernel:
-        return splitk_epilogue(partial, None, None, bias, T, geo.N, x.dtype, glu)
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)
-
-
-def lowrank_in_kernel_fits(geo: PQGeometry, t_inst: int, slab_w: int, fp16_table: bool, rank: int) -> bool:
-    """Whether u [T, r] fits the table's shared memory (the in-kernel low-rank share reuses it)."""
-    table = geo.per_word * slab_w * t_inst * geo.n * (2 if fp16_table else 4)
-    return t_inst * rank * 4 <= table

@@ -269,12 +269,14 @@ DEQUANT_KERNELS = ("triton", "cuda")
 
 
 def default_lowrank_mode(geo: PQGeometry, dequant: str) -> str:
-    """"fold" with either dequantize kernel: the Triton one adds A B into its tiles; after the CUDA one
-    cuBLAS adds Bᵀ Aᵀ into Ŵᵀ in place (one pass over the [M, N] weight, well spread over the GPU),
-    where "rows" and "addmm" each put a skinny GEMM (inner or outer dimension r) beside the main one:
-    H100, 2048 tokens, 4096 x 4096 rows 196 µs and addmm 161 µs against cuBLAS fp16 94 µs
-    (BENCHMARKS.md §3)."""
-    return "fold"
+    """"fold" with the Triton dequantize. With the CUDA one: "rows" when M < N (copying x [T, M] into the
+    wider GEMM operand costs less than the second pass over y [T, N] of "addmm"), else "addmm". Its
+    "fold" (Ŵᵀ += Bᵀ Aᵀ by cuBLAS) pays a pass over the weight whatever the token count: only at
+    4096 x 4096 did it tie (H100, 2048 tokens, 3be144c: fold 134.1 µs, addmm 133.3, rows 146.8; on the
+    larger shapes 12-19% slower than the best of rows / addmm, BENCHMARKS.md §3)."""
+    if dequant == "triton":
+        return "fold"
+    return "rows" if geo.M < geo.N else "addmm"
 
 
 def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
