@@ -401,7 +401,8 @@ def plan(smoke, name="full"):
                 (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
                 (2048, ["triton-dqT", "cuda-dqT"] + sweep, (False,), False)]
     if name == "t1":  # one token: the decode launch (1024- vs 2048-row chunks), with and without low-rank
-        return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r1024", "cuda-lut-s8-r2048"], (True, False), True)]
+        return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r1024", "cuda-lut-s8-r2048", "cuda-lut-s16-r1024",
+                     "cuda-lut-s16-r2048"], (True, False), True)]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
         names = ["cublas", "PQLinear", "cuda-lut", "cuda-mma", "dequant+cublas"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 32, 4, 2)] + \
