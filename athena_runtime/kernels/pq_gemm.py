@@ -270,7 +270,7 @@ DEQUANT_KERNELS = ("triton", "cuda")
 
 def default_lowrank_mode(geo: PQGeometry, dequant: str) -> str:
     """"fold" with the Triton dequantize. With the CUDA one: "rows" when M < N (copying x [T, M] into the
-    wider GEMM operand costs less than the second pass over y [T, N] of "addmm"), else "addmm". Its
+    wider GEMM operand costs less than writing u Aᵀ [T, N] first in "addmm"), else "addmm". Its
     "fold" (Ŵᵀ += Bᵀ Aᵀ by cuBLAS) pays a pass over the weight whatever the token count: only at
     4096 x 4096 did it tie (H100, 2048 tokens, 3be144c: fold 134.1 µs, addmm 133.3, rows 146.8; on the
     larger shapes 12-19% slower than the best of rows / addmm, BENCHMARKS.md §3)."""
@@ -291,7 +291,8 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     no extra pass over the [T, N] output (inner dimension K = M + r padded to a multiple of 64 with
     zeros); u is written by cuBLAS straight into its columns of the [T, K] operand, and with the CUDA
     dequantize [Ŵᵀ; Aᵀ; 0] comes from one launch and [x | · | 0] from one copy kernel;
-    "addmm": y = x Ŵᵀ, then y += u Aᵀ in place (a second pass over y)."""
+    "addmm": y = u Aᵀ (+ bias) first, then y += x Ŵᵀ by the main GEMM with beta = 1: the read of y rides
+    in its epilogue (the old order, y += u Aᵀ after the main GEMM, was a separate read-and-write pass)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if dequant not in DEQUANT_KERNELS:
         raise ValueError(f"dequant must be one of {DEQUANT_KERNELS}, got {dequant!r}")
@@ -311,10 +312,12 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
             Wt.addmm_(lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
     else:
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
-    y = torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
-    if has_lr and mode == "addmm":
-        y.addmm_(x @ lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
-    return y
+    if has_lr and mode == "addmm":  # the small product first; the big GEMM adds it in its epilogue (beta = 1)
+        u = x @ lowrank_b.t().to(x.dtype)
+        y = torch.addmm(bias.to(x.dtype), u, lowrank_a.t().to(x.dtype)) if bias is not None \
+            else u @ lowrank_a.t().to(x.dtype)
+        return y.addmm_(x, Wt)
+    return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
 
 
 def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, dequant: str, tuning: dict):
