@@ -195,7 +195,10 @@ class PQLinear(nn.Module):
         if why is None and rows - real > max_pad * real:
             why = f"codebook blocks of {g0.k} rows would pad {rows - real} rows onto {real}"
         if why is not None:
-            log.info("PQLinear: not fusing %d layers [%s]: %s", len(parts), ", ".join(str(p.geo.N) for p in parts), why)
+            key = ("not-fused", tuple(p.geo.N for p in parts), g0.M, why)
+            if key not in PQLinear._logged:  # once per shape set, not once per decoder layer
+                PQLinear._logged.add(key)
+                log.info("PQLinear: not fusing %d layers [%s]: %s", len(parts), ", ".join(str(p.geo.N) for p in parts), why)
             return None
         geo = PQGeometry(rows, g0.M, g0.d, g0.n, g0.k)
         ref = parts[0].qweight
