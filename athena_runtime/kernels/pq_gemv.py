@@ -304,10 +304,12 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype, glu: tuple[int, int] | None = None) -> torch.Tensor:
+def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype, glu: tuple[int, int] | None = None,
+                    *, block_n: int | None = None, block_s: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Finish split-K partial sums: partial [S, T_, N_pad] fp32 or fp16 (summed in fp32), u_part [S', T_, r]
     fp32 or None. `glu=(up_offset, F)`: return silu(z[:, :F]) · z[:, up_offset:up_offset + F] [T, F] of the
-    finished sum z instead of z (a fused gate/up layer; saves the SiLU-mul launch and half the writes)."""
+    finished sum z instead of z (a fused gate/up layer; saves the SiLU-mul launch and half the writes).
+    `block_n`, `block_s`, `num_warps`: override the few-token kernel's launch (benchmarks)."""
     S = partial.shape[0]
     up_off, n_out = (glu[0], glu[1]) if glu is not None else (0, N)
     if glu is not None and not (n_out <= up_off and up_off + n_out <= N):
@@ -329,13 +331,13 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype,
         return y
     # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip;
     # row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)
-    block_s = min(64, max(16, _next_pow2(max(S, s_u, 1))))
+    block_s = block_s or min(64, max(16, _next_pow2(max(S, s_u, 1))))
     target = 2 * num_sms(partial.device)
-    BLOCK_N = next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
+    BLOCK_N = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
     _splitk_epilogue_kernel[(triton.cdiv(n_out, BLOCK_N), T)](
         *ptrs, S, s_u, n_out, rank, up_off, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
         S_ITERS=triton.cdiv(max(S, s_u, 1), block_s), **flags,
-        num_warps=8 if block_s * BLOCK_N >= 64 * 128 else 4,
+        num_warps=num_warps or (8 if block_s * BLOCK_N >= 64 * 128 else 4),
     )
     return y
 
