@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 THREADS = 256
 ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
 # T = 1: 8-word slabs, 2048-row chunks (two passes) measured best or within 10% of the best on the
-# four 7B shapes, with and without the low-rank term (H100, bench/results/kernels.md).
+# four 7B shapes, with and without the low-rank term (H100, bench/results/kernels.md); 1024-row chunks
+# where 2048 would underfill the GPU (`t1_rows_per_chunk`).
 T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
