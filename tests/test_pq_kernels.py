@@ -214,7 +214,8 @@ def test_cuda_mma_kernel_matches_reference(N, M, k, rank, bias, T):
         assert y.shape == (T, N) and rel_err(y, pq_mma_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("S,S_U,T,N,rank,dtype", [(150, 3, 1, 70, 5, torch.float16), (7, 1, 2, 300, 0, torch.float32),
+@pytest.mark.parametrize("S,S_U,T,N,rank,dtype", [(150, 3, 1, 70, 5, torch.float16), (300, 1, 1, 40, 3, torch.float16),
+                                                   (7, 1, 2, 300, 0, torch.float32),
                                                    (40, 1, 6, 130, 9, torch.float16)])
 def test_splitk_epilogue_sums_every_slab(S, S_U, T, N, rank, dtype):
     """Σ_s partial + (Σ_s u_part) Aᵀ + bias, for more slabs than one load holds (S > 64), fp16 or fp32

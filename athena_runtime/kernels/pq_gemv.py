@@ -329,20 +329,22 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype,
         _splitk_epilogue_tile_kernel[(triton.cdiv(n_out, BLOCK_N), triton.cdiv(T, BLOCK_T))](
             *ptrs, S, s_u, T, n_out, rank, up_off, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4)
         return y
-    # all partials of a row tile in one load (<= 64 slabs): the epilogue is latency-bound, one round trip;
-    # row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)
+    # the epilogue is latency-bound: all partials of a row tile in one load, one round trip
+    n_s = max(S, s_u, 1)
     if T == 1:  # every slab in one block (up to 256), 4096-element tiles: H100 sweep, bench/diag/lut_parts
         # --sweep (4096 x 11008, 140 slabs: 16.3 -> 15.3 µs a call; 14336 x 4096: 17.5 -> 16.9; others ±0.1)
-        block_s = block_s or min(256, max(16, _next_pow2(max(S, s_u, 1))))
+        block_s = block_s or min(256, max(16, _next_pow2(n_s)))
         BLOCK_N = block_n or (64 if block_s <= 64 else 16)
         num_warps = num_warps or 4
-    block_s = block_s or min(64, max(16, _next_pow2(max(S, s_u, 1))))
-    target = 2 * num_sms(partial.device)
-    BLOCK_N = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
+    else:  # <= 64 slabs a block; row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows
+        # would leave 100 SMs idle)
+        block_s = block_s or min(64, max(16, _next_pow2(n_s)))
+        target = 2 * num_sms(partial.device)
+        BLOCK_N = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
+        num_warps = num_warps or (8 if block_s * BLOCK_N >= 64 * 128 else 4)
     _splitk_epilogue_kernel[(triton.cdiv(n_out, BLOCK_N), T)](
         *ptrs, S, s_u, n_out, rank, up_off, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
-        S_ITERS=triton.cdiv(max(S, s_u, 1), block_s), **flags,
-        num_warps=num_warps or (8 if block_s * BLOCK_N >= 64 * 128 else 4),
+        S_ITERS=triton.cdiv(n_s, block_s), **flags, num_warps=num_warps,
     )
     return y
 
