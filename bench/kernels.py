@@ -75,6 +75,15 @@ def make_layer(N, M, d, n, k, rank, device, seed=0):
     return dict(geo=geo, qweight=layout.pack_words(I, geo), codebook=layout.pad_codebook(C, geo), A=A, B=B, bias=None)
 
 
+def weight_sets(N, M, rank, device, l2_bytes, seed):
+    """Layers of one shape at the recipe, enough of them (2-32) that rotating through them reads more
+    than 3x the L2 cache per round (timings of memory-bound calls then measure DRAM, not the cache)."""
+    one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, device, seed=seed)
+    n_sets = max(2, min(32, math.ceil(3 * l2_bytes / compressed_bytes(one, 1))))
+    return [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, device, seed=seed + s)
+                    for s in range(1, n_sets)]
+
+
 def layer_args(L, lowrank=True):
     return (L["qweight"], L["codebook"], L["geo"], L["A"] if lowrank else None, L["B"] if lowrank else None, L["bias"])
 
@@ -449,10 +458,8 @@ def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes, plan_name
     layers, dense = {}, {}
     for (N, M) in shapes:
         rank = max(1, round(0.01 * min(N, M)))
-        one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M)
-        n_sets = 1 if smoke else max(2, min(32, math.ceil(3 * l2_bytes / compressed_bytes(one, 1))))
-        layers[(N, M)] = [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M + s)
-                                  for s in range(1, n_sets)]
+        layers[(N, M)] = [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M)] if smoke \
+            else weight_sets(N, M, rank, dev, l2_bytes, seed=N + M)
         for L in layers[(N, M)]:  # the module the runtime uses (path chosen per call)
             L["linear"] = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None)
             L["linear_nolr"] = PQLinear(L["geo"], L["qweight"], L["codebook"], None, None, None)

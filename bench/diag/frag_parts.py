@@ -6,13 +6,12 @@ low-rank u = x Bᵀ (cuBLAS), as CUDA-graph replays over rotating weight sets (H
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from athena_runtime.kernels import pq_cuda_frag as frag
 from athena_runtime.kernels.pq_gemv import splitk_epilogue
-from bench.kernels import RECIPE, compressed_bytes, make_layer, time_graph
+from bench.kernels import compressed_bytes, time_graph, weight_sets
 
 
 def parts(L, x, nr, stages, split):
@@ -53,10 +52,8 @@ def main():
     for sh in args.shapes.split(","):
         N, M = (int(v) for v in sh.split("x"))
         rank = max(1, round(0.01 * min(N, M)))
-        one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N)
-        n_sets = max(2, min(32, math.ceil(3 * l2 / compressed_bytes(one, 1))))
-        sets = [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + s)
-                        for s in range(1, n_sets)]
+        sets = weight_sets(N, M, rank, dev, l2, seed=N)
+        one = sets[0]
         for T in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(T, M, device=dev).half()
             for cfg in args.configs.split(","):

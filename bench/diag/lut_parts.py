@@ -13,13 +13,14 @@ import torch
 
 from athena_runtime.kernels import pq_cuda
 from athena_runtime.kernels.pq_gemv import row_chunks, splitk_epilogue
-from bench.kernels import RECIPE, compressed_bytes, make_layer, time_graph
+from bench.kernels import time_graph, weight_sets
 
 COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)")
 
 
-def parts(x, geo, rank):
-    """name -> fn(L) for one token, the runtime's T = 1 launch."""
+def launchers(x, geo, rank):
+    """(kernel(L, lr), epi(L, lr, **launch)) for one token at the runtime's T = 1 launch, sharing one
+    partial-sum buffer; `lr` adds the u CTAs / A·u, `launch` goes to `splitk_epilogue`."""
     slab_w, rows = pq_cuda.T1_SLAB_W, pq_cuda.t1_rows_per_chunk(geo, x.device)
     chunks, _ = row_chunks(geo, rows)
     partial = torch.empty(geo.GW // slab_w, 1, geo.N_pad, device=x.device, dtype=torch.float16)
@@ -31,9 +32,16 @@ def parts(x, geo, rank):
         ext.pq_lut_gemv(x, L["qweight"], L["codebook"], partial, L["B"] if lr else none, u_part if lr else none,
                         geo.N, geo.GW, geo.k, chunks, rows, geo.bits, slab_w, True)
 
-    def epi(L, lr=False):
-        return splitk_epilogue(partial, u_part if lr else None, L["A"] if lr else None, None, 1, geo.N, x.dtype)
+    def epi(L, lr=False, **launch):
+        return splitk_epilogue(partial, u_part if lr else None, L["A"] if lr else None, None, 1, geo.N, x.dtype,
+                               **launch)
 
+    return kernel, epi
+
+
+def parts(x, geo, rank):
+    """name -> fn(L), the columns of the table."""
+    kernel, epi = launchers(x, geo, rank)
     return {
         "kernel": kernel,
         "kernel+epi": lambda L: (kernel(L), epi(L)),
@@ -46,44 +54,30 @@ def parts(x, geo, rank):
 EPI_SWEEP = [(bn, bs, nw) for bn in (16, 32, 64) for bs in (64, 128, 256) for nw in (2, 4, 8)]
 
 
-def sweep(shapes: str):
+def sweep_shape(sh, x, sets, dev):
     """kernel (with u CTAs) + epilogue with A·u, per epilogue launch (BLOCK_N, BLOCK_S, warps); each output
     checked against the default launch's."""
-    dev = torch.device("cuda")
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    for sh in shapes.split(","):
-        N, M = (int(v) for v in sh.split("x"))
-        rank = max(1, round(0.01 * min(N, M)))
-        one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N)
-        n_sets = max(2, min(32, math.ceil(3 * l2 / compressed_bytes(one, 1))))
-        sets = [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + s)
-                        for s in range(1, n_sets)]
-        geo = one["geo"]
-        x = torch.randn(1, M, device=dev).half()
-        slab_w, rows = pq_cuda.T1_SLAB_W, pq_cuda.t1_rows_per_chunk(geo, dev)
-        chunks, _ = row_chunks(geo, rows)
-        S = geo.GW // slab_w
-        partial = torch.empty(S, 1, geo.N_pad, device=dev, dtype=torch.float16)
-        u_part = torch.empty(1, 1, one["A"].shape[1], device=dev, dtype=torch.float32)
-        ext = pq_cuda.load_extension()
+    one = sets[0]
+    geo = one["geo"]
+    S = geo.GW // pq_cuda.T1_SLAB_W
+    kernel, epi = launchers(x, geo, one["A"].shape[1])
 
-        def call(L, **kw):
-            ext.pq_lut_gemv(x, L["qweight"], L["codebook"], partial, L["B"], u_part, geo.N, geo.GW, geo.k, chunks,
-                            rows, geo.bits, slab_w, True)
-            return splitk_epilogue(partial, u_part, L["A"], None, 1, geo.N, x.dtype, **kw)
+    def call(L, **launch):
+        kernel(L, True)
+        return epi(L, True, **launch)
 
-        ref = call(one).float()
-        res = [("default", time_graph(call, sets, dev), 0.0)]
-        for bn, bs, nw in EPI_SWEEP:
-            if bs < S and bs != 64:
-                continue  # BLOCK_S above 64 only where it takes every slab in one block
-            kw = dict(block_n=bn, block_s=bs, num_warps=nw)
-            err = ((call(one, **kw).float() - ref).norm() / ref.norm()).item()
-            res.append((f"n{bn}-s{bs}-w{nw}", time_graph(lambda L, kw=kw: call(L, **kw), sets, dev), err))
-        res.sort(key=lambda r: r[1])
-        print(f"{sh} (S = {S} slabs): " + ", ".join(f"{n} {us:.2f} µs" + ("" if e < 1e-3 else f" ERR {e:.1e}")
-                                                    for n, us, e in res[:8])
-              + f"; default {res[[r[0] for r in res].index('default')][1]:.2f}", flush=True)
+    ref = call(one).float()
+    res = [("default", time_graph(call, sets, dev), 0.0)]
+    for bn, bs, nw in EPI_SWEEP:
+        if bs < S and bs != 64:
+            continue  # BLOCK_S above 64 only where it takes every slab in one block
+        kw = dict(block_n=bn, block_s=bs, num_warps=nw)
+        err = ((call(one, **kw).float() - ref).norm() / ref.norm()).item()
+        res.append((f"n{bn}-s{bs}-w{nw}", time_graph(lambda L, kw=kw: call(L, **kw), sets, dev), err))
+    default = res[0][1]
+    res.sort(key=lambda r: r[1])
+    print(f"{sh} (S = {S} slabs): " + ", ".join(f"{n} {us:.2f} µs" + ("" if e < 1e-3 else f" ERR {e:.1e}")
+                                                for n, us, e in res[:8]) + f"; default {default:.2f}", flush=True)
 
 
 def main():
@@ -91,20 +85,20 @@ def main():
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
     ap.add_argument("--sweep", action="store_true", help="the split-K epilogue's launch (with the low-rank term) instead")
     args = ap.parse_args()
-    if args.sweep:
-        return sweep(args.shapes)
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{k:>19s}" for k in COLUMNS) + "  (CUDA-graph µs, T = 1)")
+    if not args.sweep:
+        print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{k:>19s}" for k in COLUMNS) + "  (CUDA-graph µs, T = 1)")
     for sh in args.shapes.split(","):
         N, M = (int(v) for v in sh.split("x"))
         rank = max(1, round(0.01 * min(N, M)))
-        one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N)
-        n_sets = max(2, min(32, math.ceil(3 * l2 / compressed_bytes(one, 1))))
-        sets = [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + s)
-                        for s in range(1, n_sets)]
-        dense = [torch.randn(N, M, device=dev).half() for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))]
+        sets = weight_sets(N, M, rank, dev, l2, seed=N)
         x = torch.randn(1, M, device=dev).half()
+        if args.sweep:
+            sweep_shape(sh, x, sets, dev)
+            continue
+        one = sets[0]
+        dense = [torch.randn(N, M, device=dev).half() for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))]
         cublas = time_graph(lambda W: x @ W.t(), dense, dev)
         fns = parts(x, one["geo"], one["A"].shape[1])
         us = [time_graph(f, sets, dev) for f in fns.values()]
