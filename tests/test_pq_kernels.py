@@ -188,6 +188,15 @@ def test_cuda_wrappers_refuse_what_they_do_not_serve():
         check_cuda_fp16("k", torch.randn(2, 24).half().to(DEV), cb.half(), geo, served=False)
 
 
+@pytest.mark.parametrize("N,M,rows", [(4096, 4096, 1024), (11008, 4096, 2048),
+                                       (4096, 11008, 2048), (14336, 4096, 2048)])
+def test_one_token_launch_fills_the_gpu(monkeypatch, N, M, rows):
+    """2048-row chunks unless they give fewer than 1.5 table CTAs per SM (H100: 132 SMs)."""
+    from athena_runtime.kernels import pq_cuda
+    monkeypatch.setattr(pq_cuda, "num_sms", lambda device: 132)
+    assert pq_cuda.t1_rows_per_chunk(PQGeometry(N, M, 2, 64, 4096), torch.device("cuda")) == rows
+
+
 # ----------------------------------------------------------------------------------- GPU only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
 @pytest.mark.parametrize("T", [1, 3, 8, 16])
