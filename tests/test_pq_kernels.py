@@ -212,6 +212,68 @@ def test_cuda_lut_kernel_matches_reference(T, M):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
+@pytest.mark.parametrize("N,M,k,rank,bias,tile", [
+    (1000, 2050, 512, 8, True, 128),   # two codebook blocks (k < N), 16-byte u loads off, bias
+    (1001, 2048, 4096, 16, False, 64),  # N odd (a part quad at the end), one block
+    (4100, 1030, 1024, 0, True, 256),  # no low-rank term, 5 blocks (the last one 4 rows)
+    (300, 130, 100, 8, False, 128),    # k % 4 == 0 with short blocks
+])
+def test_cuda_lut_fused_epilogue_matches_reference(N, M, k, rank, bias, tile):
+    """One token, the epilogue CTAs in the lookup launch: y against the reference and against the
+    unfused launch; calls alternating between two layers and a CUDA-graph replay on new input show the
+    counters are left zero after every call."""
+    from athena_runtime.kernels.pq_cuda import pq_gemv_cuda, pq_gemv_cuda_reference
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, 2, 64, k, rank, bias)
+    geo2, qw2, cb2, A2, B2, b2, _, _ = make_layer(700, M, 2, 64, 256, 16, True, seed=1)
+    for _ in range(3):
+        for g_, args in ((geo, (qw, cb, A, B, b)), (geo2, (qw2, cb2, A2, B2, b2))):
+            x = torch.randn(1, M, device=DEV).half()
+            y = pq_gemv_cuda(x, *args[:2], g_, *args[2:], fused_epilogue=True, epi_tile=tile)
+            assert rel_err(y, pq_gemv_cuda_reference(x, *args[:2], g_, *args[2:])) < TOL[torch.float16]
+            y2 = pq_gemv_cuda(x, *args[:2], g_, *args[2:], fused_epilogue=False)
+            assert rel_err(y, y2) < 1e-3
+    x = torch.randn(1, M, device=DEV).half()
+    pq_gemv_cuda(x, qw, cb, geo, A, B, b, epi_tile=tile)  # warm: the counters exist before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = pq_gemv_cuda(x, qw, cb, geo, A, B, b, epi_tile=tile)
+    for _ in range(3):
+        x.copy_(torch.randn(1, M, device=DEV).half())
+        graph.replay()
+        assert rel_err(y, pq_gemv_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
+@pytest.mark.parametrize("F,up_off,rank", [(500, 504, 8), (333, 336, 0)])
+def test_cuda_lut_fused_epilogue_glu(F, up_off, rank):
+    """glu in the fused epilogue: silu(gate) · up of the same layer's unfused output (rounding only)."""
+    from athena_runtime.kernels.fused_ops import silu_mul_reference
+    from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
+    N = up_off + F + 5
+    geo, qw, cb, A, B, b, _, _ = make_layer(N, 1030, 2, 64, 512, rank, True)
+    x = torch.randn(1, 1030, device=DEV).half()
+    z = pq_gemv_cuda(x, qw, cb, geo, A, B, b, fused_epilogue=False)
+    y = pq_gemv_cuda(x, qw, cb, geo, A, B, b, glu=(up_off, F), fused_epilogue=True)
+    assert y.shape == (1, F)
+    assert rel_err(y, silu_mul_reference(z[:, :F].float(), z[:, up_off:up_off + F].float())) < 2e-3
+
+
+def test_fused_epilogue_reasons():
+    """When the split-K epilogue stays a second launch (logged by pq_gemv_cuda)."""
+    from athena_runtime.kernels import pq_cuda
+    geo = PQGeometry(4096, 4096, 2, 64, 4096)
+    A = torch.zeros(4096, 16, dtype=torch.float16)
+    reason = pq_cuda.fused_epilogue_reason
+    assert "token" in reason(geo, 2, 4, A, None, torch.device("cpu"))
+    assert "row programs" in reason(geo, 1, pq_cuda.SYNC_INTS, A, None, torch.device("cpu"))
+    assert "multiple of 4" in reason(geo, 1, 4, A, (2050, 2000), torch.device("cpu"))
+    assert "rank divisible by 8" in reason(geo, 1, 4, torch.zeros(4096, 12, dtype=torch.float16), None,
+                                           torch.device("cpu"))
+    assert "shared memory" in reason(geo, 1, 4, torch.zeros(8, 12288, dtype=torch.float16), (2048, 2048),
+                                     torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
 @pytest.mark.parametrize("N,M,k,rank,bias,T", [(1000, 2050, 512, 8, True, 9), (300, 130, 4096, 0, False, 33),
                                                (4096, 4096, 4096, 48, False, 64), (257, 1030, 128, 5, True, 17)])
 def test_cuda_mma_kernel_matches_reference(N, M, k, rank, bias, T):

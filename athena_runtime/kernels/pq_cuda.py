@@ -158,6 +158,137 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
     }
 }
 
+// ---- fused split-K epilogue (EpiArgs.n_epi > 0): extra CTAs at the end of the grid finish y themselves, so
+// no second launch. Table CTAs publish their partial sums with a release (fence + count per row program), the u
+// CTAs theirs on sync[0]; an epilogue CTA waits (thread 0, acquire loads with back-off) only for the row programs
+// its rows lie in, then sums the slabs from L2. The last epilogue CTA to finish zeroes the counters for the next
+// call (self-cleaning: CUDA graphs replay it unchanged). Deadlock-free whatever the CTA order: only the n_epi
+// epilogue CTAs wait, on CTAs that never wait, and n_epi is far below the CTAs a GPU holds at once.
+struct EpiArgs {
+    int* sync;                          // [2 + n_row_progs] int32, zero between calls: u done, epilogue done, arrivals
+    __half* y; int stride_yt;           // out [t_valid, n_out]
+    const __half* lr_a; int stride_an;  // A [N, rank] (rank % 8 == 0, 16-byte rows) or nullptr
+    const __half* bias;                 // [N] or nullptr
+    int n_out, up_off, glu;             // glu: y = silu(z[:, :n_out]) · z[:, up_off:up_off + n_out]
+    int n_epi, tile;                    // epilogue CTAs, rows per CTA (a multiple of 4 dividing 4 * THREADS)
+};
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+struct RowProgs {  // the (codebook block, row chunk) programs of the table CTAs
+    int k_rows, chunks_per_blk, rows_per_chunk, N;
+    __device__ __forceinline__ int of_row(int r) const {
+        const int blk = r / k_rows;
+        return blk * chunks_per_blk + (r - blk * k_rows) / rows_per_chunk;
+    }
+    __device__ __forceinline__ bool has_rows(int p) const {
+        const int blk = p / chunks_per_blk, rs = blk * k_rows + (p % chunks_per_blk) * rows_per_chunk;
+        return rs < min(min(rs + rows_per_chunk, (blk + 1) * k_rows), N);
+    }
+    // thread 0: wait until every program with rows in [lo, hi) has all n_slabs arrivals
+    __device__ __forceinline__ void wait(const int* arrive, int lo, int hi, int n_slabs) const {
+        for (int p = of_row(lo), pe = of_row(hi - 1); p <= pe; ++p)
+            if (has_rows(p))
+                while (ld_acquire(arrive + p) < n_slabs) __nanosleep(64);
+    }
+};
+
+// One epilogue CTA: rows [lo, hi) of y (and the up rows up_off + [lo, hi) with GLU), every token:
+// z = Σ_s partial[s, t, row] + A[row] · u[t] + bias[row].
+template <int T, int THREADS>
+__device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__ partial, int N_pad, int n_slabs,
+                                               const float* __restrict__ u, int rank, int t_valid,
+                                               const EpiArgs& ep, const RowProgs& rp, int n_row_progs,
+                                               float* smem) {
+    const int tile = ep.tile, lo = e * tile, hi = min(lo + tile, ep.n_out), parts = ep.glu ? 2 : 1;
+    const int lanes = tile / 4, groups = THREADS / lanes, lr = threadIdx.x % lanes, g = threadIdx.x / lanes;
+    float* red = smem;                           // [parts][groups][tile]
+    float* u_s = smem + parts * groups * tile;   // [T][rank]
+    const int i = threadIdx.x, row = lo + i;
+    const bool fin = i < tile && row < hi;       // this thread finishes row `row` (and its up row)
+    // before waiting (none of it depends on other CTAs): this thread's bias, its A rows into L1
+    float b0 = 0.f, b1 = 0.f;
+    if (fin && ep.bias != nullptr) {
+        b0 = __half2float(ep.bias[row]);
+        if (ep.glu) b1 = __half2float(ep.bias[ep.up_off + row]);
+    }
+    if (fin && rank > 0)
+        for (int p = 0; p < parts; ++p)
+            for (int c = 0; c < rank * 2; c += 128)
+                asm volatile("prefetch.global.L1 [%0];" :: "l"(ep.lr_a + (size_t)(row + p * ep.up_off) * ep.stride_an + c / 2));
+    if (threadIdx.x == 0) {
+        rp.wait(ep.sync + 2, lo, hi, n_slabs);
+        if (ep.glu) rp.wait(ep.sync + 2, ep.up_off + lo, ep.up_off + hi, n_slabs);
+        if (rank > 0)
+            while (ld_acquire(ep.sync) < rank) __nanosleep(64);
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < T * rank; k += THREADS) u_s[k] = __ldcg(u + k);
+    for (int t = 0; t < t_valid; ++t) {
+        for (int p = 0; p < parts; ++p) {
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            if (lo + 4 * lr < hi) {  // a whole quad of rows (N_pad % 4 == 0; rows past hi are not used)
+                const __half* base = partial + (size_t)t * N_pad + p * ep.up_off + lo + 4 * lr;
+#pragma unroll 8
+                for (int s = g; s < n_slabs; s += groups) {
+                    const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(base + (size_t)s * T * N_pad));
+                    const float2 f01 = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+                    const float2 f23 = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+                    a0 += f01.x; a1 += f01.y; a2 += f23.x; a3 += f23.y;
+                }
+            }
+            *reinterpret_cast<float4*>(red + (p * groups + g) * tile + 4 * lr) = make_float4(a0, a1, a2, a3);
+        }
+        __syncthreads();
+        if (fin) {
+            float z[2] = {b0, b1};
+            for (int p = 0; p < parts; ++p) {
+                float v = 0.f;
+                for (int k = 0; k < groups; ++k) v += red[(p * groups + k) * tile + i];
+                if (rank > 0) {
+                    const int4* a4 = reinterpret_cast<const int4*>(ep.lr_a + (size_t)(row + p * ep.up_off) * ep.stride_an);
+                    const float* ut = u_s + t * rank;
+                    for (int c = 0; c < rank / 8; ++c) {
+                        const int4 raw = __ldg(a4 + c);
+                        const __half2* a2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            const float2 af = __half22float2(a2[q]);
+                            v = fmaf(af.x, ut[8 * c + 2 * q], fmaf(af.y, ut[8 * c + 2 * q + 1], v));
+                        }
+                    }
+                }
+                z[p] += v;
+            }
+            __half out;
+            if (ep.glu) {  // the roundings of the unfused layer followed by a SiLU-mul
+                const float gf = __half2float(__float2half_rn(z[0]));
+                out = __hmul(__float2half_rn(gf / (1.f + __expf(-gf))), __float2half_rn(z[1]));
+            } else {
+                out = __float2half_rn(z[0]);
+            }
+            ep.y[(size_t)t * ep.stride_yt + row] = out;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(ep.sync + 1, 1) == ep.n_epi - 1) {  // the last epilogue CTA: zero the counters
+            for (int p = 0; p < n_row_progs; ++p)  // (after every arrival: none may land after the reset)
+                if (rp.has_rows(p))
+                    while (ld_acquire(ep.sync + 2 + p) < n_slabs) __nanosleep(64);
+            while (ld_acquire(ep.sync) < rank) __nanosleep(64);
+            for (int p = 0; p < n_row_progs; ++p) ep.sync[2 + p] = 0;
+            ep.sync[0] = 0;
+            ep.sync[1] = 0;
+        }
+    }
+}
+
 // 1-D grid of rank + n_row_progs * (GW / SLAB_W) CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
 // (one rank each), the rest are (row program, slab) CTAs, row program fastest. See pq_gemv.py for the algorithm.
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
@@ -168,7 +299,8 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
     int n_row_progs, __half* __restrict__ partial,                        // [S, T, N_pad] fp16
     const __half* __restrict__ lr_b, int stride_br, int rank, int m_vec,  // [rank, M] (rank 0: none)
-    float* __restrict__ u)                                                // [T, rank] fp32
+    float* __restrict__ u,                                                // [T, rank] fp32
+    EpiArgs ep)                                                           // fused epilogue (ep.n_epi > 0)
 {
     using TabT = typename std::conditional<FP16_TABLE, __half, float>::type;
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, SLAB_Q = SLAB_W / 4, VEC = 8, NVEC = NC / VEC;
@@ -178,6 +310,18 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     if ((int)blockIdx.x < rank) {  // a u CTA
         lowrank_u<T, THREADS>(x, stride_xt, t_valid, M, m_vec, lr_b + (size_t)blockIdx.x * stride_br, u + blockIdx.x,
                               rank, reinterpret_cast<float*>(smem_raw));
+        if (ep.n_epi > 0) {  // release u to the epilogue CTAs
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(ep.sync, 1);
+        }
+        return;
+    }
+    const int n_slabs = GW / SLAB_W, n_table = n_row_progs * n_slabs;
+    const RowProgs rp{k_rows, chunks_per_blk, rows_per_chunk, N};
+    if ((int)blockIdx.x >= rank + n_table) {  // an epilogue CTA
+        fused_epilogue<T, THREADS>(blockIdx.x - rank - n_table, partial, N_pad, n_slabs, u, rank, t_valid, ep, rp,
+                                   n_row_progs, reinterpret_cast<float*>(smem_raw));
         return;
     }
     const int cta = blockIdx.x - rank, prog = cta % n_row_progs, slab = cta / n_row_progs, w0 = slab * SLAB_W;
@@ -303,6 +447,11 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
             else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
+    if (ep.n_epi > 0 && row_start < row_end) {  // release this slab's partial sums of the row program
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(ep.sync + 2 + prog, 1);
+    }
 }
 
 }  // namespace athena_pq
@@ -310,6 +459,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
 
 _HOST_SRC_HEAD = r"""
 #include <torch/types.h>
+#include <algorithm>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -324,25 +474,31 @@ struct LutArgs {
     __half* partial;
     const __half* lr_b; int stride_br, rank, m_vec;
     float* u_part;
+    EpiArgs ep;
+    size_t epi_smem;
 };
 
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE>
 void launch_lut(const LutArgs& a, dim3 grid, cudaStream_t stream) {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
-    constexpr size_t smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
-    static_assert(smem <= 48 * 1024, "table must fit the default shared-memory limit");
-    static_assert(smem >= (THREADS / 32) * T * sizeof(float), "u CTAs reduce in the table's shared memory");
+    constexpr size_t table_smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
+    static_assert(table_smem <= 48 * 1024, "table must fit the default shared-memory limit");
+    static_assert(table_smem >= (THREADS / 32) * T * sizeof(float), "u CTAs reduce in the table's shared memory");
+    const size_t smem = std::max(table_smem, a.epi_smem);
+    TORCH_CHECK(smem <= 48 * 1024, "pq_lut_gemv: fused epilogue needs ", a.epi_smem, " bytes of shared memory");
     pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS><<<grid, THREADS, smem, stream>>>(
         a.x, a.stride_xt, a.t_valid, a.M, a.qweight, a.N_pad, a.codebook, a.G_pad, a.D,
         a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.n_row_progs, a.partial,
-        a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part);
+        a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part, a.ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
                  torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
-                 int64_t bits, int64_t slab_w, bool fp16_table) {
+                 int64_t bits, int64_t slab_w, bool fp16_table,
+                 torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
+                 int64_t up_off, int64_t glu_rows, int64_t epi_tile) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1, "x: fp16 CUDA [T, M]");
     TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.dim() == 2 && qweight.size(0) == GW && qweight.size(1) % 4 == 0
                 && qweight.is_contiguous(), "qweight: int32 [GW, N_pad]");
@@ -372,8 +528,34 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
               reinterpret_cast<__half*>(partial.data_ptr<at::Half>()),
               has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr,
               has_lr ? (int)lr_b.stride(0) : 0, rank, vec ? (int)(x.size(1) / 8 * 8) : 0,
-              has_lr ? u_part.data_ptr<float>() : nullptr};
-    const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w)));  // u CTAs first: the first wave
+              has_lr ? u_part.data_ptr<float>() : nullptr, EpiArgs{}, 0};
+    // fused epilogue: y given (non-empty) -> epilogue CTAs after the table CTAs write y themselves
+    if (y.numel() > 0) {
+        const int n_out = glu_rows > 0 ? (int)glu_rows : (int)N;
+        TORCH_CHECK(y.is_cuda() && y.scalar_type() == torch::kHalf && y.is_contiguous() && y.dim() == 2
+                    && y.size(0) == x.size(0) && y.size(1) == n_out, "y: fp16 [T, n_out]");
+        TORCH_CHECK(sync.scalar_type() == torch::kInt && sync.is_contiguous() && sync.numel() >= 2 + n_row_progs,
+                    "sync: int32 [>= 2 + row programs], zero");
+        TORCH_CHECK(epi_tile >= 4 && epi_tile % 4 == 0 && epi_tile <= 4 * THREADS && (4 * THREADS) % epi_tile == 0
+                    && epi_tile <= THREADS, "epi_tile: a multiple of 4 dividing ", 4 * THREADS, ", at most ", THREADS);
+        TORCH_CHECK(glu_rows == 0 || (up_off % 4 == 0 && glu_rows <= up_off && up_off + glu_rows <= N),
+                    "glu: up offset a multiple of 4, gate and up rows inside N");
+        if (has_lr) {
+            TORCH_CHECK(lr_a.scalar_type() == torch::kHalf && lr_a.dim() == 2 && lr_a.size(0) == N && lr_a.size(1) == rank
+                        && lr_a.stride(1) == 1 && rank % 8 == 0 && lr_a.stride(0) % 8 == 0
+                        && reinterpret_cast<uintptr_t>(lr_a.data_ptr()) % 16 == 0, "lowrank_a: fp16 [N, r], r % 8 == 0, 16-byte rows");
+        }
+        if (bias.numel() > 0)
+            TORCH_CHECK(bias.scalar_type() == torch::kHalf && bias.numel() == N && bias.is_contiguous(), "bias: fp16 [N]");
+        a.ep = EpiArgs{sync.data_ptr<int>(), reinterpret_cast<__half*>(y.data_ptr<at::Half>()), (int)y.stride(0),
+                       has_lr ? reinterpret_cast<const __half*>(lr_a.data_ptr<at::Half>()) : nullptr,
+                       has_lr ? (int)lr_a.stride(0) : 0,
+                       bias.numel() > 0 ? reinterpret_cast<const __half*>(bias.data_ptr<at::Half>()) : nullptr,
+                       n_out, (int)up_off, glu_rows > 0 ? 1 : 0, (n_out + (int)epi_tile - 1) / (int)epi_tile, (int)epi_tile};
+        a.epi_smem = ((glu_rows > 0 ? 2 : 1) * 4 * THREADS + (size_t)T * rank) * sizeof(float);
+    }
+    // u CTAs first (the first wave), then the table CTAs, then the epilogue CTAs
+    const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w) + a.ep.n_epi));
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 """
 
@@ -386,9 +568,11 @@ _HOST_SRC_TAIL = r"""
 void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
                  torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
-                 int64_t bits, int64_t slab_w, bool fp16_table) {
+                 int64_t bits, int64_t slab_w, bool fp16_table,
+                 torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
+                 int64_t up_off, int64_t glu_rows, int64_t epi_tile) {
     athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, N, GW, k_rows, chunks_per_blk,
-                           rows_per_chunk, bits, slab_w, fp16_table);
+                           rows_per_chunk, bits, slab_w, fp16_table, y, lr_a, bias, sync, up_off, glu_rows, epi_tile);
 }
 """
 
@@ -396,7 +580,9 @@ _CPP_DECL = """
 void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
                  torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
-                 int64_t bits, int64_t slab_w, bool fp16_table);
+                 int64_t bits, int64_t slab_w, bool fp16_table,
+                 torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
+                 int64_t up_off, int64_t glu_rows, int64_t epi_tile);
 """
 
 
@@ -440,11 +626,56 @@ def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
 pq_gemv_cuda_reference = pq_gemv_reference
 
 
+FUSED_EPILOGUE_MAX_TOKENS = 1  # the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens
+EPI_TILE = 128  # rows per epilogue CTA
+SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
+_sync: dict[int, torch.Tensor] = {}
+_logged: set = set()
+
+
+def _log_once(key, msg, *args):
+    if key not in _logged:
+        _logged.add(key)
+        log.info(msg, *args)
+
+
+def sync_buffer(device) -> torch.Tensor | None:
+    """The fused epilogue's counters on `device` (zero between calls; every call leaves them zero), or None
+    while a CUDA graph is being captured before the first eager call made them (a capture cannot zero
+    memory for the calls outside it)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _sync.get(idx)
+    if buf is None and not torch.cuda.is_current_stream_capturing():
+        buf = _sync[idx] = torch.zeros(SYNC_INTS, device=device, dtype=torch.int32)
+    return buf
+
+
+def fused_epilogue_reason(geo: PQGeometry, t_inst: int, n_row_progs: int, lowrank_a, glu, device) -> str | None:
+    """Why the split-K epilogue is a separate launch for this call (None: fused into the kernel)."""
+    if t_inst > FUSED_EPILOGUE_MAX_TOKENS:
+        return f"more than {FUSED_EPILOGUE_MAX_TOKENS} token(s)"
+    if 2 + n_row_progs > SYNC_INTS:
+        return f"{n_row_progs} row programs (counters for {SYNC_INTS - 2})"
+    if glu is not None and glu[0] % 4:
+        return f"gate/up offset {glu[0]} not a multiple of 4"
+    if lowrank_a is not None and (lowrank_a.dtype != torch.float16 or lowrank_a.shape[1] % 8 or lowrank_a.stride(1) != 1
+                                  or lowrank_a.stride(0) % 8 or lowrank_a.data_ptr() % 16):
+        return "low-rank A not fp16 with 16-byte rows of a rank divisible by 8"
+    parts = 2 if glu is not None else 1
+    if (parts * 4 * THREADS + t_inst * (0 if lowrank_a is None else lowrank_a.shape[1])) * 4 > 48 * 1024:
+        return "rank too large for the epilogue's shared memory"
+    if sync_buffer(device) is None:
+        return "first call inside a CUDA-graph capture (counters not made yet)"
+    return None
+
+
 def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
                  fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
-                 glu: tuple[int, int] | None = None):
-    """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16); with `glu` the
-    epilogue returns silu(gate) · up instead (`pq_gemv.splitk_epilogue`)."""
+                 glu: tuple[int, int] | None = None, fused_epilogue: bool | None = None, epi_tile: int = EPI_TILE):
+    """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16); with `glu` it
+    returns silu(gate) · up instead. The split-K partial sums are finished by epilogue CTAs of the same
+    launch (`fused_epilogue`; default: up to FUSED_EPILOGUE_MAX_TOKENS tokens where the layer allows it)
+    or by `pq_gemv.splitk_epilogue`."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     check_cuda_fp16("pq_gemv_cuda", x, codebook, geo)
     T = x.shape[0]
@@ -464,7 +695,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     n_slabs = geo.GW // slab_w
     if rows_per_chunk is None:
         rows_per_chunk = THREADS * ROWS_PER_THREAD  # one pass: every thread owns 4 rows
-    chunks_per_block, _ = row_chunks(geo, rows_per_chunk)
+    chunks_per_block, n_row_progs = row_chunks(geo, rows_per_chunk)
     has_lr = lowrank_a is not None
     # fp16 partial sums (each over one slab's <= 32·PER_WORD·d columns, accumulated in fp32 registers):
     # half the bytes of fp32 written here and read by the epilogue, which sums them in fp32
@@ -474,6 +705,23 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
         lr_b = lowrank_b if lowrank_b.dtype == torch.float16 else lowrank_b.half()
     else:
         u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
+    none = torch.empty(0, device=x.device, dtype=torch.float16)
+    reason = fused_epilogue_reason(geo, t_inst, n_row_progs, lowrank_a, glu, x.device) \
+        if fused_epilogue is not False else "not asked for"
+    if fused_epilogue and reason is not None:
+        raise ValueError(f"pq_gemv_cuda: fused epilogue unavailable: {reason}")
+    if reason is None:
+        y = torch.empty(T, glu[1] if glu is not None else geo.N, device=x.device, dtype=torch.float16)
+        ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
+                        geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
+                        y, lowrank_a if has_lr else none, bias.half() if bias is not None else none,
+                        sync_buffer(x.device), glu[0] if glu is not None else 0, glu[1] if glu is not None else 0,
+                        epi_tile)
+        return y
+    if fused_epilogue is None and t_inst <= FUSED_EPILOGUE_MAX_TOKENS:
+        _log_once(("unfused", geo.N, geo.M, glu), "cuda-decode %dx%d: split-K epilogue as a second launch (%s)",
+                  geo.N, geo.M, reason)
     ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
-                    geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table)
+                    geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
+                    none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, epi_tile)
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)

@@ -15,7 +15,8 @@ from athena_runtime.kernels import pq_cuda
 from athena_runtime.kernels.pq_gemv import row_chunks, splitk_epilogue
 from bench.kernels import time_graph, weight_sets
 
-COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)")
+COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)", "fused epi",
+           "fused epi, tile 64", "fused epi, tile 256")
 
 
 def launchers(x, geo, rank):
@@ -30,7 +31,8 @@ def launchers(x, geo, rank):
 
     def kernel(L, lr=False):
         ext.pq_lut_gemv(x, L["qweight"], L["codebook"], partial, L["B"] if lr else none, u_part if lr else none,
-                        geo.N, geo.GW, geo.k, chunks, rows, geo.bits, slab_w, True)
+                        geo.N, geo.GW, geo.k, chunks, rows, geo.bits, slab_w, True,
+                        none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 128)
 
     def epi(L, lr=False, **launch):
         return splitk_epilogue(partial, u_part if lr else None, L["A"] if lr else None, None, 1, geo.N, x.dtype,
@@ -47,7 +49,13 @@ def parts(x, geo, rank):
         "kernel+epi": lambda L: (kernel(L), epi(L)),
         "kernel+u": lambda L: kernel(L, True),
         "kernel+u+epi(no A)": lambda L: (kernel(L, True), epi(L)),
-        "full (A·u in epi)": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"]),
+        "full (A·u in epi)": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                            fused_epilogue=False),
+        "fused epi": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"], fused_epilogue=True),
+        "fused epi, tile 64": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                             fused_epilogue=True, epi_tile=64),
+        "fused epi, tile 256": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                              fused_epilogue=True, epi_tile=256),
     }
 
 
