@@ -258,19 +258,28 @@ def test_cuda_lut_fused_epilogue_glu(F, up_off, rank):
     assert rel_err(y, silu_mul_reference(z[:, :F].float(), z[:, up_off:up_off + F].float())) < 2e-3
 
 
-def test_fused_epilogue_reasons():
+def test_fused_epilogue_reasons(monkeypatch):
     """When the split-K epilogue stays a second launch (logged by pq_gemv_cuda)."""
     from athena_runtime.kernels import pq_cuda
-    geo = PQGeometry(4096, 4096, 2, 64, 4096)
+    monkeypatch.setattr(pq_cuda, "sync_buffer", lambda device: torch.zeros(4))
+    geo, cpu = PQGeometry(4096, 4096, 2, 64, 4096), torch.device("cpu")
     A = torch.zeros(4096, 16, dtype=torch.float16)
     reason = pq_cuda.fused_epilogue_reason
-    assert "token" in reason(geo, 2, 4, A, None, torch.device("cpu"))
-    assert "row programs" in reason(geo, 1, pq_cuda.SYNC_INTS, A, None, torch.device("cpu"))
-    assert "multiple of 4" in reason(geo, 1, 4, A, (2050, 2000), torch.device("cpu"))
-    assert "rank divisible by 8" in reason(geo, 1, 4, torch.zeros(4096, 12, dtype=torch.float16), None,
-                                           torch.device("cpu"))
-    assert "shared memory" in reason(geo, 1, 4, torch.zeros(8, 12288, dtype=torch.float16), (2048, 2048),
-                                     torch.device("cpu"))
+    assert "token" in reason(geo, 2, 2048, A, None, cpu)
+    assert "row programs" in reason(PQGeometry(4096 * 4096, 8, 2, 64, 4096), 1, 4, A, None, cpu)
+    assert "multiple of 8" in reason(geo, 1, 2048, A, (2052, 2000), cpu)
+    assert "neither gate nor up" in reason(geo, 1, 1024, A, (2048, 1000), cpu)  # rows 1024-2047: no CTA waits
+    assert reason(geo, 1, 1024, A, (2048, 1100), cpu) is None
+    assert reason(geo, 1, 2048, A, None, cpu) is None
+    assert "rank divisible by 8" in reason(geo, 1, 2048, torch.zeros(4096, 12, dtype=torch.float16), None, cpu)
+    assert "shared memory" in reason(geo, 1, 2048, torch.zeros(8, 12288, dtype=torch.float16), (2048, 2048), cpu)
+
+
+def test_prog_rows_match_row_chunks():
+    from athena_runtime.kernels import pq_cuda
+    assert pq_cuda.prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 2048) == [
+        (0, 1024), (1024, 2048), (2048, 3072), (3072, 4096), (4096, 4100)]
+    assert pq_cuda.prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 512)[-3:] == [(3584, 4096), (4096, 4100), (4608, 4100)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")

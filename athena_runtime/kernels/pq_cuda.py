@@ -161,8 +161,8 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
 // ---- fused split-K epilogue (EpiArgs.n_epi > 0): extra CTAs at the end of the grid finish y themselves, so
 // no second launch. Table CTAs publish their partial sums with a release (fence + count per row program), the u
 // CTAs theirs on sync[0]; an epilogue CTA waits (thread 0, acquire loads with back-off) only for the row programs
-// its rows lie in, then sums the slabs from L2. The last epilogue CTA to finish zeroes the counters for the next
-// call (self-cleaning: CUDA graphs replay it unchanged). Deadlock-free whatever the CTA order: only the n_epi
+// its rows lie in, then sums the slabs from L2. The epilogue CTA that is last past its waits zeroes the counters
+// for the next call (self-cleaning: CUDA graphs replay it unchanged). Deadlock-free whatever the CTA order: only the n_epi
 // epilogue CTAs wait, on CTAs that never wait, and n_epi is far below the CTAs a GPU holds at once.
 struct EpiArgs {
     int* sync;                          // [2 + n_row_progs] int32, zero between calls: u done, epilogue done, arrivals
@@ -170,8 +170,12 @@ struct EpiArgs {
     const __half* lr_a; int stride_an;  // A [N, rank] (rank % 8 == 0, 16-byte rows) or nullptr
     const __half* bias;                 // [N] or nullptr
     int n_out, up_off, glu;             // glu: y = silu(z[:, :n_out]) · z[:, up_off:up_off + n_out]
-    int n_epi, tile;                    // epilogue CTAs, rows per CTA (a multiple of 4 dividing 4 * THREADS)
+    int n_epi, tile;                    // epilogue CTAs, rows per CTA (a multiple of 8 dividing 8 * THREADS)
 };
+
+__device__ __forceinline__ void add_release(int* p, int v) {  // orders the CTA's writes before it (after a barrier)
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
 
 __device__ __forceinline__ int ld_acquire(const int* p) {
     int v;
@@ -198,14 +202,15 @@ struct RowProgs {  // the (codebook block, row chunk) programs of the table CTAs
 };
 
 // One epilogue CTA: rows [lo, hi) of y (and the up rows up_off + [lo, hi) with GLU), every token:
-// z = Σ_s partial[s, t, row] + A[row] · u[t] + bias[row].
+// z = Σ_s partial[s, t, row] + A[row] · u[t] + bias[row]. Lane l of a group reads rows 8l..8l+7 (16 bytes) of
+// slabs g, g + groups, ...: a few loads per thread, all in flight at once (one L2 round trip).
 template <int T, int THREADS>
 __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__ partial, int N_pad, int n_slabs,
                                                const float* __restrict__ u, int rank, int t_valid,
                                                const EpiArgs& ep, const RowProgs& rp, int n_row_progs,
                                                float* smem) {
     const int tile = ep.tile, lo = e * tile, hi = min(lo + tile, ep.n_out), parts = ep.glu ? 2 : 1;
-    const int lanes = tile / 4, groups = THREADS / lanes, lr = threadIdx.x % lanes, g = threadIdx.x / lanes;
+    const int lanes = tile / 8, groups = THREADS / lanes, lr = threadIdx.x % lanes, g = threadIdx.x / lanes;
     float* red = smem;                           // [parts][groups][tile]
     float* u_s = smem + parts * groups * tile;   // [T][rank]
     const int i = threadIdx.x, row = lo + i;
@@ -220,28 +225,40 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
         for (int p = 0; p < parts; ++p)
             for (int c = 0; c < rank * 2; c += 128)
                 asm volatile("prefetch.global.L1 [%0];" :: "l"(ep.lr_a + (size_t)(row + p * ep.up_off) * ep.stride_an + c / 2));
+    int ticket = 0;
     if (threadIdx.x == 0) {
         rp.wait(ep.sync + 2, lo, hi, n_slabs);
         if (ep.glu) rp.wait(ep.sync + 2, ep.up_off + lo, ep.up_off + hi, n_slabs);
         if (rank > 0)
             while (ld_acquire(ep.sync) < rank) __nanosleep(64);
+        // every wait of this CTA is over: the CTA with the last ticket zeroes the counters when it is done
+        // (the host makes sure every row program with rows is waited for by some epilogue CTA)
+        ticket = atomicAdd(ep.sync + 1, 1);
     }
     __syncthreads();
     for (int k = threadIdx.x; k < T * rank; k += THREADS) u_s[k] = __ldcg(u + k);
     for (int t = 0; t < t_valid; ++t) {
         for (int p = 0; p < parts; ++p) {
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            if (lo + 4 * lr < hi) {  // a whole quad of rows (N_pad % 4 == 0; rows past hi are not used)
-                const __half* base = partial + (size_t)t * N_pad + p * ep.up_off + lo + 4 * lr;
+            float acc[8];
+#pragma unroll
+            for (int v = 0; v < 8; ++v) acc[v] = 0.f;
+            if (lo + 8 * lr < hi) {  // 8 rows (N_pad % 8 == 0; rows past hi are summed, not used)
+                const __half* base = partial + (size_t)t * N_pad + p * ep.up_off + lo + 8 * lr;
 #pragma unroll 8
                 for (int s = g; s < n_slabs; s += groups) {
-                    const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(base + (size_t)s * T * N_pad));
-                    const float2 f01 = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
-                    const float2 f23 = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
-                    a0 += f01.x; a1 += f01.y; a2 += f23.x; a3 += f23.y;
+                    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(base + (size_t)s * T * N_pad));
+                    const __half2* h2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                    for (int v = 0; v < 4; ++v) {
+                        const float2 f = __half22float2(h2[v]);
+                        acc[2 * v] += f.x;
+                        acc[2 * v + 1] += f.y;
+                    }
                 }
             }
-            *reinterpret_cast<float4*>(red + (p * groups + g) * tile + 4 * lr) = make_float4(a0, a1, a2, a3);
+            float4* dst = reinterpret_cast<float4*>(red + (p * groups + g) * tile + 8 * lr);
+            dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+            dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
         }
         __syncthreads();
         if (fin) {
@@ -275,17 +292,10 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(ep.sync + 1, 1) == ep.n_epi - 1) {  // the last epilogue CTA: zero the counters
-            for (int p = 0; p < n_row_progs; ++p)  // (after every arrival: none may land after the reset)
-                if (rp.has_rows(p))
-                    while (ld_acquire(ep.sync + 2 + p) < n_slabs) __nanosleep(64);
-            while (ld_acquire(ep.sync) < rank) __nanosleep(64);
-            for (int p = 0; p < n_row_progs; ++p) ep.sync[2 + p] = 0;
-            ep.sync[0] = 0;
-            ep.sync[1] = 0;
-        }
+    if (threadIdx.x == 0 && ticket == ep.n_epi - 1) {  // the last epilogue CTA past its waits: zero the counters
+        for (int p = 0; p < n_row_progs; ++p) ep.sync[2 + p] = 0;
+        ep.sync[0] = 0;
+        ep.sync[1] = 0;
     }
 }
 
@@ -311,9 +321,8 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         lowrank_u<T, THREADS>(x, stride_xt, t_valid, M, m_vec, lr_b + (size_t)blockIdx.x * stride_br, u + blockIdx.x,
                               rank, reinterpret_cast<float*>(smem_raw));
         if (ep.n_epi > 0) {  // release u to the epilogue CTAs
-            __threadfence();
             __syncthreads();
-            if (threadIdx.x == 0) atomicAdd(ep.sync, 1);
+            if (threadIdx.x == 0) add_release(ep.sync, 1);
         }
         return;
     }
@@ -448,9 +457,8 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         }
     }
     if (ep.n_epi > 0 && row_start < row_end) {  // release this slab's partial sums of the row program
-        __threadfence();
         __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(ep.sync + 2 + prog, 1);
+        if (threadIdx.x == 0) add_release(ep.sync + 2 + prog, 1);
     }
 }
 
@@ -536,10 +544,11 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                     && y.size(0) == x.size(0) && y.size(1) == n_out, "y: fp16 [T, n_out]");
         TORCH_CHECK(sync.scalar_type() == torch::kInt && sync.is_contiguous() && sync.numel() >= 2 + n_row_progs,
                     "sync: int32 [>= 2 + row programs], zero");
-        TORCH_CHECK(epi_tile >= 4 && epi_tile % 4 == 0 && epi_tile <= 4 * THREADS && (4 * THREADS) % epi_tile == 0
-                    && epi_tile <= THREADS, "epi_tile: a multiple of 4 dividing ", 4 * THREADS, ", at most ", THREADS);
-        TORCH_CHECK(glu_rows == 0 || (up_off % 4 == 0 && glu_rows <= up_off && up_off + glu_rows <= N),
-                    "glu: up offset a multiple of 4, gate and up rows inside N");
+        TORCH_CHECK(epi_tile >= 8 && epi_tile % 8 == 0 && (8 * THREADS) % epi_tile == 0 && epi_tile <= THREADS,
+                    "epi_tile: a multiple of 8 dividing ", 8 * THREADS, ", at most ", THREADS);
+        TORCH_CHECK(qweight.size(1) % 8 == 0, "fused epilogue: N_pad % 8 == 0");
+        TORCH_CHECK(glu_rows == 0 || (up_off % 8 == 0 && glu_rows <= up_off && up_off + glu_rows <= N),
+                    "glu: up offset a multiple of 8, gate and up rows inside N");
         if (has_lr) {
             TORCH_CHECK(lr_a.scalar_type() == torch::kHalf && lr_a.dim() == 2 && lr_a.size(0) == N && lr_a.size(1) == rank
                         && lr_a.stride(1) == 1 && rank % 8 == 0 && lr_a.stride(0) % 8 == 0
@@ -552,7 +561,7 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                        has_lr ? (int)lr_a.stride(0) : 0,
                        bias.numel() > 0 ? reinterpret_cast<const __half*>(bias.data_ptr<at::Half>()) : nullptr,
                        n_out, (int)up_off, glu_rows > 0 ? 1 : 0, (n_out + (int)epi_tile - 1) / (int)epi_tile, (int)epi_tile};
-        a.epi_smem = ((glu_rows > 0 ? 2 : 1) * 4 * THREADS + (size_t)T * rank) * sizeof(float);
+        a.epi_smem = ((glu_rows > 0 ? 2 : 1) * 8 * THREADS + (size_t)T * rank) * sizeof(float);
     }
     // u CTAs first (the first wave), then the table CTAs, then the epilogue CTAs
     const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w) + a.ep.n_epi));
@@ -627,7 +636,7 @@ pq_gemv_cuda_reference = pq_gemv_reference
 
 
 FUSED_EPILOGUE_MAX_TOKENS = 1  # the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens
-EPI_TILE = 128  # rows per epilogue CTA
+EPI_TILE = 64  # rows per epilogue CTA
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 _sync: dict[int, torch.Tensor] = {}
 _logged: set = set()
@@ -650,19 +659,39 @@ def sync_buffer(device) -> torch.Tensor | None:
     return buf
 
 
-def fused_epilogue_reason(geo: PQGeometry, t_inst: int, n_row_progs: int, lowrank_a, glu, device) -> str | None:
+def prog_rows(geo: PQGeometry, rows_per_chunk: int) -> list[tuple[int, int]]:
+    """[row_start, row_end) of each row program of the table CTAs (empty ones too), as the kernel derives them."""
+    chunks_per_block, n_row = row_chunks(geo, rows_per_chunk)
+    out = []
+    for p in range(n_row):
+        blk = p // chunks_per_block
+        start = blk * geo.k + (p % chunks_per_block) * rows_per_chunk
+        out.append((start, min(start + rows_per_chunk, (blk + 1) * geo.k, geo.N)))
+    return out
+
+
+def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, lowrank_a, glu, device) -> str | None:
     """Why the split-K epilogue is a separate launch for this call (None: fused into the kernel)."""
+    progs = prog_rows(geo, rows_per_chunk)
     if t_inst > FUSED_EPILOGUE_MAX_TOKENS:
         return f"more than {FUSED_EPILOGUE_MAX_TOKENS} token(s)"
-    if 2 + n_row_progs > SYNC_INTS:
-        return f"{n_row_progs} row programs (counters for {SYNC_INTS - 2})"
-    if glu is not None and glu[0] % 4:
-        return f"gate/up offset {glu[0]} not a multiple of 4"
+    if 2 + len(progs) > SYNC_INTS:
+        return f"{len(progs)} row programs (counters for {SYNC_INTS - 2})"
+    if geo.N_pad % 8:
+        return f"N_pad {geo.N_pad} not a multiple of 8"
+    if glu is not None:
+        if glu[0] % 8:
+            return f"gate/up offset {glu[0]} not a multiple of 8"
+        # the epilogue CTAs wait for the row programs of their rows, and the counters are zeroed once they all
+        # waited: a row program whose rows are neither gate nor up rows would be left counted
+        up, F = glu
+        if any(s < e and min(e, F) <= s and min(e, up + F) <= max(s, up) for s, e in progs):
+            return "a row program holds neither gate nor up rows"
     if lowrank_a is not None and (lowrank_a.dtype != torch.float16 or lowrank_a.shape[1] % 8 or lowrank_a.stride(1) != 1
                                   or lowrank_a.stride(0) % 8 or lowrank_a.data_ptr() % 16):
         return "low-rank A not fp16 with 16-byte rows of a rank divisible by 8"
     parts = 2 if glu is not None else 1
-    if (parts * 4 * THREADS + t_inst * (0 if lowrank_a is None else lowrank_a.shape[1])) * 4 > 48 * 1024:
+    if (parts * 8 * THREADS + t_inst * (0 if lowrank_a is None else lowrank_a.shape[1])) * 4 > 48 * 1024:
         return "rank too large for the epilogue's shared memory"
     if sync_buffer(device) is None:
         return "first call inside a CUDA-graph capture (counters not made yet)"
@@ -706,7 +735,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     else:
         u_part = lr_b = torch.empty(0, device=x.device, dtype=torch.float16)
     none = torch.empty(0, device=x.device, dtype=torch.float16)
-    reason = fused_epilogue_reason(geo, t_inst, n_row_progs, lowrank_a, glu, x.device) \
+    reason = fused_epilogue_reason(geo, t_inst, rows_per_chunk, lowrank_a, glu, x.device) \
         if fused_epilogue is not False else "not asked for"
     if fused_epilogue and reason is not None:
         raise ValueError(f"pq_gemv_cuda: fused epilogue unavailable: {reason}")

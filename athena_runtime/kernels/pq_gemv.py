@@ -197,14 +197,13 @@ if triton is not None:
         S, S_U, N, RANK, UP_OFF,
         stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
         BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RANK_P2: tl.constexpr, S_ITERS: tl.constexpr,
-        BLOCK_SU: tl.constexpr, U_ITERS: tl.constexpr,
         HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
     ):
         """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i]; with GLU the
         output is silu(z[t, i]) · z[t, UP_OFF + i] of that sum z (gate and up rows of one fused layer),
         for i < N. Latency-bound (a few KB per program): every load — A's rows, u, the partial sums
-        (S_ITERS blocks of BLOCK_S slabs, unrolled; u's S_U slabs in U_ITERS blocks of BLOCK_SU), the bias —
-        is issued before any is used, so they overlap in one round trip."""
+        (S_ITERS blocks of BLOCK_S slabs, unrolled), the bias — is issued before any is used, so they
+        overlap in one round trip."""
         pid_n = tl.program_id(0)
         t = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -219,8 +218,8 @@ if triton is not None:
                 a_up = tl.load(lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
                                mask=row_mask[:, None] & mask_r[None, :], other=0.0)
             u = tl.zeros([RANK_P2], dtype=tl.float32)
-            for i in tl.static_range(U_ITERS):  # its own block: u has 1 slab after the CUDA kernel
-                ss = i * BLOCK_SU + tl.arange(0, BLOCK_SU)
+            for i in tl.static_range(S_ITERS):
+                ss = i * BLOCK_S + offs_s
                 u += tl.sum(tl.load(u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
                                     mask=(ss < S_U)[:, None] & mask_r[None, :], other=0.0), axis=0)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -343,11 +342,9 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype,
         target = 2 * num_sms(partial.device)
         BLOCK_N = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
         num_warps = num_warps or (8 if block_s * BLOCK_N >= 64 * 128 else 4)
-    block_su = min(block_s, max(2, _next_pow2(s_u)))
     _splitk_epilogue_kernel[(triton.cdiv(n_out, BLOCK_N), T)](
         *ptrs, S, s_u, n_out, rank, up_off, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
-        S_ITERS=triton.cdiv(S, block_s), BLOCK_SU=block_su, U_ITERS=triton.cdiv(max(s_u, 1), block_su),
-        **flags, num_warps=num_warps,
+        S_ITERS=triton.cdiv(n_s, block_s), **flags, num_warps=num_warps,
     )
     return y
 

@@ -16,7 +16,7 @@ from athena_runtime.kernels.pq_gemv import row_chunks, splitk_epilogue
 from bench.kernels import time_graph, weight_sets
 
 COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)", "fused epi",
-           "fused epi, tile 64", "fused epi, tile 256")
+           "fused epi, tile 32", "fused epi, tile 128")
 
 
 def launchers(x, geo, rank):
@@ -52,10 +52,10 @@ def parts(x, geo, rank):
         "full (A·u in epi)": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
                                                             fused_epilogue=False),
         "fused epi": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"], fused_epilogue=True),
-        "fused epi, tile 64": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
-                                                             fused_epilogue=True, epi_tile=64),
-        "fused epi, tile 256": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
-                                                              fused_epilogue=True, epi_tile=256),
+        "fused epi, tile 32": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                             fused_epilogue=True, epi_tile=32),
+        "fused epi, tile 128": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                              fused_epilogue=True, epi_tile=128),
     }
 
 
