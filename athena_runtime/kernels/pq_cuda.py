@@ -22,6 +22,7 @@ Ada (sm_89) and Hopper alike. `pq_gemv_cuda_reference` is the PyTorch spec.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -635,7 +636,9 @@ def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
 pq_gemv_cuda_reference = pq_gemv_reference
 
 
-FUSED_EPILOGUE_MAX_TOKENS = 1  # the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens
+# the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens; ATHENA_FUSED_EPILOGUE=0 turns
+# it off (A/B runs of bench.decode)
+FUSED_EPILOGUE_MAX_TOKENS = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
 EPI_TILE = 64  # rows per epilogue CTA
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 _sync: dict[int, torch.Tensor] = {}
