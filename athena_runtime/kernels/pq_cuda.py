@@ -163,8 +163,9 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
 // no second launch. Table CTAs publish their partial sums with a release (fence + count per row program), the u
 // CTAs theirs on sync[0]; an epilogue CTA waits (thread 0, acquire loads with back-off) only for the row programs
 // its rows lie in, then sums the slabs from L2. The epilogue CTA that is last past its waits zeroes the counters
-// for the next call (self-cleaning: CUDA graphs replay it unchanged). Deadlock-free whatever the CTA order: only the n_epi
-// epilogue CTAs wait, on CTAs that never wait, and n_epi is far below the CTAs a GPU holds at once.
+// for the next call (self-cleaning: CUDA graphs replay it unchanged). Deadlock-free whatever order the CTAs start in:
+// only the n_epi epilogue CTAs wait, on CTAs that never wait, and the launcher fuses only where n_epi is below the
+// number of CTAs the GPU holds at once (a slot is always left for the CTAs they wait on).
 struct EpiArgs {
     int* sync;                          // [2 + n_row_progs] int32, zero between calls: u done, epilogue done, arrivals
     __half* y; int stride_yt;           // out [t_valid, n_out]
@@ -203,43 +204,72 @@ struct RowProgs {  // the (codebook block, row chunk) programs of the table CTAs
 };
 
 // One epilogue CTA: rows [lo, hi) of y (and the up rows up_off + [lo, hi) with GLU), every token:
-// z = Σ_s partial[s, t, row] + A[row] · u[t] + bias[row]. Lane l of a group reads rows 8l..8l+7 (16 bytes) of
-// slabs g, g + groups, ...: a few loads per thread, all in flight at once (one L2 round trip).
+// z = Σ_s partial[s, t, row] + A[row] · u[t] + bias[row]. Before the partial sums can be waited for, the CTA
+// takes what does not depend on them: the bias and, once the u CTAs (the first wave) are done, A[row] · u[t]
+// in registers. After the wait one L2 round trip is left: lane l of a group of tile / 8 lanes reads rows
+// 8l..8l+7 (16 bytes) of slabs g, g + groups, ...: a few loads per thread, all in flight at once.
 template <int T, int THREADS>
 __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__ partial, int N_pad, int n_slabs,
                                                const float* __restrict__ u, int rank, int t_valid,
                                                const EpiArgs& ep, const RowProgs& rp, int n_row_progs,
                                                float* smem) {
+    constexpr int WARPS = THREADS / 32;
     const int tile = ep.tile, lo = e * tile, hi = min(lo + tile, ep.n_out), parts = ep.glu ? 2 : 1;
     const int lanes = tile / 8, groups = THREADS / lanes, lr = threadIdx.x % lanes, g = threadIdx.x / lanes;
-    float* red = smem;                           // [parts][groups][tile]
-    float* u_s = smem + parts * groups * tile;   // [T][rank]
+    float* red = smem;                       // [parts][WARPS][tile]: each warp's sum over its groups
+    float* u_s = smem + parts * WARPS * tile;  // [T][rank]
     const int i = threadIdx.x, row = lo + i;
-    const bool fin = i < tile && row < hi;       // this thread finishes row `row` (and its up row)
-    // before waiting (none of it depends on other CTAs): this thread's bias, its A rows into L1
-    float b0 = 0.f, b1 = 0.f;
-    if (fin && ep.bias != nullptr) {
-        b0 = __half2float(ep.bias[row]);
-        if (ep.glu) b1 = __half2float(ep.bias[ep.up_off + row]);
+    const bool fin = i < tile && row < hi;   // this thread finishes row `row` (and its up row)
+    float z[T][2];
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        z[t][0] = fin && ep.bias != nullptr ? __half2float(ep.bias[row]) : 0.f;
+        z[t][1] = fin && ep.bias != nullptr && ep.glu ? __half2float(ep.bias[ep.up_off + row]) : 0.f;
     }
-    if (fin && rank > 0)
-        for (int p = 0; p < parts; ++p)
-            for (int c = 0; c < rank * 2; c += 128)
-                asm volatile("prefetch.global.L1 [%0];" :: "l"(ep.lr_a + (size_t)(row + p * ep.up_off) * ep.stride_an + c / 2));
+    if (rank > 0) {  // z += A[row] · u[t]: u from the u CTAs, long done by the time a table CTA is
+        if (threadIdx.x == 0)
+            while (ld_acquire(ep.sync) < rank) __nanosleep(32);
+        __syncthreads();
+        for (int k = threadIdx.x; k < T * rank; k += THREADS) u_s[k] = __ldcg(u + k);
+        __syncthreads();
+        if (fin) {
+#pragma unroll
+            for (int p = 0; p < 2; ++p) {
+                if (p >= parts) break;
+                const int4* a4 = reinterpret_cast<const int4*>(ep.lr_a + (size_t)(row + p * ep.up_off) * ep.stride_an);
+                for (int c = 0; c < rank / 8; ++c) {
+                    const int4 raw = __ldg(a4 + c);
+                    const __half2* a2 = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+                    for (int t = 0; t < T; ++t) {
+                        const float* ut = u_s + t * rank + 8 * c;
+                        float v = z[t][p];
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            const float2 af = __half22float2(a2[q]);
+                            v = fmaf(af.x, ut[2 * q], fmaf(af.y, ut[2 * q + 1], v));
+                        }
+                        z[t][p] = v;
+                    }
+                }
+            }
+        }
+    }
     int ticket = 0;
     if (threadIdx.x == 0) {
         rp.wait(ep.sync + 2, lo, hi, n_slabs);
         if (ep.glu) rp.wait(ep.sync + 2, ep.up_off + lo, ep.up_off + hi, n_slabs);
-        if (rank > 0)
-            while (ld_acquire(ep.sync) < rank) __nanosleep(64);
         // every wait of this CTA is over: the CTA with the last ticket zeroes the counters when it is done
         // (the host makes sure every row program with rows is waited for by some epilogue CTA)
         ticket = atomicAdd(ep.sync + 1, 1);
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < T * rank; k += THREADS) u_s[k] = __ldcg(u + k);
-    for (int t = 0; t < t_valid; ++t) {
-        for (int p = 0; p < parts; ++p) {
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        if (t >= t_valid) break;
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+            if (p >= parts) break;
             float acc[8];
 #pragma unroll
             for (int v = 0; v < 8; ++v) acc[v] = 0.f;
@@ -257,37 +287,33 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
                     }
                 }
             }
-            float4* dst = reinterpret_cast<float4*>(red + (p * groups + g) * tile + 8 * lr);
-            dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-            dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+            for (int o = lanes; o < 32; o <<= 1)  // the warp's groups (lanes < 32: several groups per warp)
+#pragma unroll
+                for (int v = 0; v < 8; ++v) acc[v] += __shfl_xor_sync(0xffffffffu, acc[v], o);
+            if (threadIdx.x % 32 < lanes) {
+                float4* dst = reinterpret_cast<float4*>(red + (p * WARPS + threadIdx.x / 32) * tile
+                                                        + 8 * lr);
+                dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+                dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+            }
         }
         __syncthreads();
         if (fin) {
-            float z[2] = {b0, b1};
-            for (int p = 0; p < parts; ++p) {
-                float v = 0.f;
-                for (int k = 0; k < groups; ++k) v += red[(p * groups + k) * tile + i];
-                if (rank > 0) {
-                    const int4* a4 = reinterpret_cast<const int4*>(ep.lr_a + (size_t)(row + p * ep.up_off) * ep.stride_an);
-                    const float* ut = u_s + t * rank;
-                    for (int c = 0; c < rank / 8; ++c) {
-                        const int4 raw = __ldg(a4 + c);
-                        const __half2* a2 = reinterpret_cast<const __half2*>(&raw);
+            float zz[2] = {0.f, 0.f};
 #pragma unroll
-                        for (int q = 0; q < 4; ++q) {
-                            const float2 af = __half22float2(a2[q]);
-                            v = fmaf(af.x, ut[8 * c + 2 * q], fmaf(af.y, ut[8 * c + 2 * q + 1], v));
-                        }
-                    }
-                }
-                z[p] += v;
+            for (int p = 0; p < 2; ++p) {
+                if (p >= parts) break;
+                float v = z[t][p];
+#pragma unroll
+                for (int w = 0; w < WARPS; ++w) v += red[(p * WARPS + w) * tile + i];
+                zz[p] = v;
             }
             __half out;
             if (ep.glu) {  // the roundings of the unfused layer followed by a SiLU-mul
-                const float gf = __half2float(__float2half_rn(z[0]));
-                out = __hmul(__float2half_rn(gf / (1.f + __expf(-gf))), __float2half_rn(z[1]));
+                const float gf = __half2float(__float2half_rn(zz[0]));
+                out = __hmul(__float2half_rn(gf / (1.f + __expf(-gf))), __float2half_rn(zz[1]));
             } else {
-                out = __float2half_rn(z[0]);
+                out = __float2half_rn(zz[0]);
             }
             ep.y[(size_t)t * ep.stride_yt + row] = out;
         }
@@ -487,12 +513,34 @@ struct LutArgs {
     size_t epi_smem;
 };
 
+// Returns whether the epilogue CTAs were launched (false: the caller finishes the partial sums).
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE>
-void launch_lut(const LutArgs& a, dim3 grid, cudaStream_t stream) {
+bool launch_lut(LutArgs a, dim3 grid, cudaStream_t stream) {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
     constexpr size_t table_smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
     static_assert(table_smem <= 48 * 1024, "table must fit the default shared-memory limit");
     static_assert(table_smem >= (THREADS / 32) * T * sizeof(float), "u CTAs reduce in the table's shared memory");
+    if (a.ep.n_out > 0) {
+        int per_sm = 0, dev = 0, sms = 0;
+        C10_CUDA_CHECK(cudaGetDevice(&dev));
+        C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS>, THREADS, std::max(table_smem, a.epi_smem)));
+        const int slots = per_sm * sms;
+        if (a.ep.tile == 0) {  // auto: the smallest tile whose CTAs all start beside the others, else 128 rows
+            a.ep.tile = 128;
+            for (int tile = 32; tile <= 256; tile *= 2)
+                if ((a.ep.n_out + tile - 1) / tile <= slots - (int)grid.x) { a.ep.tile = tile; break; }
+            if ((a.ep.n_out + a.ep.tile - 1) / a.ep.tile >= slots) a.ep.tile = 256;
+            a.epi_smem = ((a.ep.glu ? 2 : 1) * (THREADS / 32) * (size_t)a.ep.tile + (size_t)T * a.rank) * sizeof(float);
+        }
+        a.ep.n_epi = (a.ep.n_out + a.ep.tile - 1) / a.ep.tile;
+        if (a.ep.n_epi >= slots) {  // no slot guaranteed for the CTAs they wait on: not fused
+            a.ep = EpiArgs{};
+            a.epi_smem = 0;
+        }
+        grid.x += a.ep.n_epi;
+    }
     const size_t smem = std::max(table_smem, a.epi_smem);
     TORCH_CHECK(smem <= 48 * 1024, "pq_lut_gemv: fused epilogue needs ", a.epi_smem, " bytes of shared memory");
     pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS><<<grid, THREADS, smem, stream>>>(
@@ -500,9 +548,10 @@ void launch_lut(const LutArgs& a, dim3 grid, cudaStream_t stream) {
         a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.n_row_progs, a.partial,
         a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part, a.ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return a.ep.n_epi > 0;
 }
 
-void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
                  torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table,
@@ -545,8 +594,8 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                     && y.size(0) == x.size(0) && y.size(1) == n_out, "y: fp16 [T, n_out]");
         TORCH_CHECK(sync.scalar_type() == torch::kInt && sync.is_contiguous() && sync.numel() >= 2 + n_row_progs,
                     "sync: int32 [>= 2 + row programs], zero");
-        TORCH_CHECK(epi_tile >= 8 && epi_tile % 8 == 0 && (8 * THREADS) % epi_tile == 0 && epi_tile <= THREADS,
-                    "epi_tile: a multiple of 8 dividing ", 8 * THREADS, ", at most ", THREADS);
+        TORCH_CHECK(epi_tile == 0 || (epi_tile >= 8 && epi_tile % 8 == 0 && (8 * THREADS) % epi_tile == 0 && epi_tile <= THREADS),
+                    "epi_tile: 0 (auto) or a multiple of 8 dividing ", 8 * THREADS, ", at most ", THREADS);
         TORCH_CHECK(qweight.size(1) % 8 == 0, "fused epilogue: N_pad % 8 == 0");
         TORCH_CHECK(glu_rows == 0 || (up_off % 8 == 0 && glu_rows <= up_off && up_off + glu_rows <= N),
                     "glu: up offset a multiple of 8, gate and up rows inside N");
@@ -561,33 +610,37 @@ void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                        has_lr ? reinterpret_cast<const __half*>(lr_a.data_ptr<at::Half>()) : nullptr,
                        has_lr ? (int)lr_a.stride(0) : 0,
                        bias.numel() > 0 ? reinterpret_cast<const __half*>(bias.data_ptr<at::Half>()) : nullptr,
-                       n_out, (int)up_off, glu_rows > 0 ? 1 : 0, (n_out + (int)epi_tile - 1) / (int)epi_tile, (int)epi_tile};
-        a.epi_smem = ((glu_rows > 0 ? 2 : 1) * 8 * THREADS + (size_t)T * rank) * sizeof(float);
+                       n_out, (int)up_off, glu_rows > 0 ? 1 : 0,
+                       0, (int)epi_tile};  // n_epi: launch_lut
+        // tile 0: launch_lut picks it; the occupancy it asks for is at the largest tile's shared memory
+        a.epi_smem = ((glu_rows > 0 ? 2 : 1) * (THREADS / 32) * (size_t)(epi_tile > 0 ? epi_tile : 256)
+                      + (size_t)T * rank) * sizeof(float);
     }
-    // u CTAs first (the first wave), then the table CTAs, then the epilogue CTAs
-    const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w) + a.ep.n_epi));
+    // u CTAs first (the first wave), then the table CTAs, then the epilogue CTAs (launch_lut adds them)
+    const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w)));
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 """
 
 _HOST_SRC_TAIL = r"""
     TORCH_CHECK(false, "pq_lut_gemv: no instantiation for T=", T, " bits=", bits, " slab_w=", slab_w, " fp16_table=", fp16_table);
+    return false;
 }
 
 }  // namespace athena_pq
 
-void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
                  torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table,
                  torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
                  int64_t up_off, int64_t glu_rows, int64_t epi_tile) {
-    athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, N, GW, k_rows, chunks_per_blk,
+    return athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, N, GW, k_rows, chunks_per_blk,
                            rows_per_chunk, bits, slab_w, fp16_table, y, lr_a, bias, sync, up_off, glu_rows, epi_tile);
 }
 """
 
 _CPP_DECL = """
-void pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
+bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
                  torch::Tensor lr_b, torch::Tensor u_part,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table,
@@ -639,7 +692,7 @@ pq_gemv_cuda_reference = pq_gemv_reference
 # the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens; ATHENA_FUSED_EPILOGUE=0 turns
 # it off (A/B runs of bench.decode)
 FUSED_EPILOGUE_MAX_TOKENS = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
-EPI_TILE = 64  # rows per epilogue CTA
+EPI_TILE = 0  # rows per epilogue CTA; 0: the smallest of 32-256 whose CTAs fit on the GPU beside the others
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 _sync: dict[int, torch.Tensor] = {}
 _logged: set = set()
@@ -744,16 +797,20 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
         raise ValueError(f"pq_gemv_cuda: fused epilogue unavailable: {reason}")
     if reason is None:
         y = torch.empty(T, glu[1] if glu is not None else geo.N, device=x.device, dtype=torch.float16)
+        if ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
+                           geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
+                           y, lowrank_a if has_lr else none, bias.half() if bias is not None else none,
+                           sync_buffer(x.device), glu[0] if glu is not None else 0, glu[1] if glu is not None else 0,
+                           epi_tile):
+            return y
+        reason = "more epilogue CTAs than the GPU holds at once"
+        if fused_epilogue:
+            raise ValueError(f"pq_gemv_cuda: fused epilogue unavailable: {reason}")
+    else:
         ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
                         geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
-                        y, lowrank_a if has_lr else none, bias.half() if bias is not None else none,
-                        sync_buffer(x.device), glu[0] if glu is not None else 0, glu[1] if glu is not None else 0,
-                        epi_tile)
-        return y
+                        none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 0)
     if fused_epilogue is None and t_inst <= FUSED_EPILOGUE_MAX_TOKENS:
         _log_once(("unfused", geo.N, geo.M, glu), "cuda-decode %dx%d: split-K epilogue as a second launch (%s)",
                   geo.N, geo.M, reason)
-    ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
-                    geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
-                    none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, epi_tile)
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)
