@@ -13,10 +13,11 @@ import torch
 
 from athena_runtime.kernels import pq_cuda
 from athena_runtime.kernels.pq_gemv import row_chunks, splitk_epilogue
+from bench.diag.lut_kernel import slab_count
 from bench.kernels import time_graph, weight_sets
 
 COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)", "fused epi",
-           "fused epi, tile 32", "fused epi, tile 128")
+           "full, wave slabs", "fused, wave slabs")
 
 
 def launchers(x, geo, rank):
@@ -44,6 +45,7 @@ def launchers(x, geo, rank):
 def parts(x, geo, rank):
     """name -> fn(L), the columns of the table."""
     kernel, epi = launchers(x, geo, rank)
+    wave = slab_count(geo, pq_cuda.T1_SLAB_W, pq_cuda.t1_rows_per_chunk(geo, x.device), "wave-u", rank)
     return {
         "kernel": kernel,
         "kernel+epi": lambda L: (kernel(L), epi(L)),
@@ -52,10 +54,10 @@ def parts(x, geo, rank):
         "full (A·u in epi)": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
                                                             fused_epilogue=False),
         "fused epi": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"], fused_epilogue=True),
-        "fused epi, tile 32": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
-                                                             fused_epilogue=True, epi_tile=32),
-        "fused epi, tile 128": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
-                                                              fused_epilogue=True, epi_tile=128),
+        "full, wave slabs": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                           fused_epilogue=False, n_slabs=wave),
+        "fused, wave slabs": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                            n_slabs=wave),
     }
 
 
