@@ -173,6 +173,7 @@ struct EpiArgs {
     const __half* bias;                 // [N] or nullptr
     int n_out, up_off, glu;             // glu: y = silu(z[:, :n_out]) · z[:, up_off:up_off + n_out]
     int n_epi, tile;                    // epilogue CTAs, rows per CTA (a multiple of 8 dividing 8 * THREADS)
+    int poll_ns;                        // back-off between two reads of a counter
 };
 
 __device__ __forceinline__ void add_release(int* p, int v) {  // orders the CTA's writes before it (after a barrier)
@@ -196,10 +197,10 @@ struct RowProgs {  // the (codebook block, row chunk) programs of the table CTAs
         return rs < min(min(rs + rows_per_chunk, (blk + 1) * k_rows), N);
     }
     // thread 0: wait until every program with rows in [lo, hi) has all n_slabs arrivals
-    __device__ __forceinline__ void wait(const int* arrive, int lo, int hi, int n_slabs) const {
+    __device__ __forceinline__ void wait(const int* arrive, int lo, int hi, int n_slabs, int poll_ns) const {
         for (int p = of_row(lo), pe = of_row(hi - 1); p <= pe; ++p)
             if (has_rows(p))
-                while (ld_acquire(arrive + p) < n_slabs) __nanosleep(64);
+                while (ld_acquire(arrive + p) < n_slabs) __nanosleep(poll_ns);
     }
 };
 
@@ -257,8 +258,8 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
     }
     int ticket = 0;
     if (threadIdx.x == 0) {
-        rp.wait(ep.sync + 2, lo, hi, n_slabs);
-        if (ep.glu) rp.wait(ep.sync + 2, ep.up_off + lo, ep.up_off + hi, n_slabs);
+        rp.wait(ep.sync + 2, lo, hi, n_slabs, ep.poll_ns);
+        if (ep.glu) rp.wait(ep.sync + 2, ep.up_off + lo, ep.up_off + hi, n_slabs, ep.poll_ns);
         // every wait of this CTA is over: the CTA with the last ticket zeroes the counters when it is done
         // (the host makes sure every row program with rows is waited for by some epilogue CTA)
         ticket = atomicAdd(ep.sync + 1, 1);
@@ -326,7 +327,7 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
     }
 }
 
-// 1-D grid of rank + n_row_progs * n_slabs (+ n_epi) CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
+// 1-D grid of rank + n_row_progs * (GW / SLAB_W) CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
 // (one rank each), the rest are (row program, slab) CTAs, row program fastest. See pq_gemv.py for the algorithm.
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
 __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     const int* __restrict__ qweight, int N_pad,                           // [GW, N_pad] int32
     const __half* __restrict__ codebook, int G_pad, int D,                // [Nb, G_pad, D, NC]
     int N, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
-    int n_row_progs, int n_slabs, __half* __restrict__ partial,           // [S, T, N_pad] fp16; S = n_slabs
+    int n_row_progs, __half* __restrict__ partial,                        // [S, T, N_pad] fp16
     const __half* __restrict__ lr_b, int stride_br, int rank, int m_vec,  // [rank, M] (rank 0: none)
     float* __restrict__ u,                                                // [T, rank] fp32
     EpiArgs ep)                                                           // fused epilogue (ep.n_epi > 0)
@@ -353,7 +354,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         }
         return;
     }
-    const int n_table = n_row_progs * n_slabs;
+    const int n_slabs = GW / SLAB_W, n_table = n_row_progs * n_slabs;
     const RowProgs rp{k_rows, chunks_per_blk, rows_per_chunk, N};
     if constexpr (T == 1) {  // (instantiated for one token only: the few-token variants keep their registers)
         if ((int)blockIdx.x >= rank + n_table) {  // an epilogue CTA
@@ -362,12 +363,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
             return;
         }
     }
-    // slab s: words [s GW / S, (s + 1) GW / S), nw <= SLAB_W of them (S = GW / SLAB_W: whole slabs; more slabs
-    // than that spread the words evenly over more CTAs, e.g. one full wave)
-    // (one token only: the few-token variants keep whole slabs, S = GW / SLAB_W, and their registers)
-    const int cta = blockIdx.x - rank, prog = cta % n_row_progs, slab = cta / n_row_progs;
-    const int w0 = T == 1 ? slab * GW / n_slabs : slab * SLAB_W;
-    const int nw = T == 1 ? (slab + 1) * GW / n_slabs - w0 : SLAB_W;
+    const int cta = blockIdx.x - rank, prog = cta % n_row_progs, slab = cta / n_row_progs, w0 = slab * SLAB_W;
     const int blk = prog / chunks_per_blk;
     const int row_start = blk * k_rows + (prog % chunks_per_blk) * rows_per_chunk;
     const int row_end = min(min(row_start + rows_per_chunk, (blk + 1) * k_rows), N);
@@ -379,15 +375,13 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
     int4 cur[SLAB_W];
 #pragma unroll
     for (int w = 0; w < SLAB_W; ++w)
-        cur[w] = w < nw && r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
+        cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
 
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
     for (int e = threadIdx.x; e < PER_WORD * SLAB_W * NVEC; e += THREADS) {
         const int c0 = (e % NVEC) * VEC, sw = e / NVEC;
-        // a word past this slab's (nw < SLAB_W) gets a zero table: its index words are loaded as 0, and looking
-        // up zeros costs fewer registers than branching around the unrolled lookups
-        const int j = sw % SLAB_W < nw ? (sw / SLAB_W) * GW + w0 + sw % SLAB_W : M;
+        const int j = (sw / SLAB_W) * GW + w0 + sw % SLAB_W;
         if constexpr (FP16_TABLE) {
             __half2 acc[T][VEC / 2];
 #pragma unroll
@@ -449,7 +443,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
         if constexpr (PREFETCH) {
 #pragma unroll
             for (int w = 0; w < SLAB_W; ++w)
-                nxt_words[w] = w < nw && nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
+                nxt_words[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
         float acc[4][T];
 #pragma unroll
@@ -489,7 +483,7 @@ __global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
 #pragma unroll
         for (int w = 0; w < SLAB_W; ++w) {
             if constexpr (PREFETCH) cur[w] = nxt_words[w];
-            else cur[w] = w < nw && nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
+            else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
     if (ep.n_epi > 0 && row_start < row_end) {  // release this slab's partial sums of the row program
@@ -514,7 +508,7 @@ struct LutArgs {
     const __half* x; int stride_xt, t_valid, M;
     const int* qweight; int N_pad;
     const __half* codebook; int G_pad, D;
-    int N, GW, k_rows, chunks_per_blk, rows_per_chunk, n_row_progs, n_slabs;
+    int N, GW, k_rows, chunks_per_blk, rows_per_chunk, n_row_progs;
     __half* partial;
     const __half* lr_b; int stride_br, rank, m_vec;
     float* u_part;
@@ -554,7 +548,7 @@ bool launch_lut(LutArgs a, dim3 grid, cudaStream_t stream) {
     TORCH_CHECK(smem <= 48 * 1024, "pq_lut_gemv: fused epilogue needs ", a.epi_smem, " bytes of shared memory");
     pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS><<<grid, THREADS, smem, stream>>>(
         a.x, a.stride_xt, a.t_valid, a.M, a.qweight, a.N_pad, a.codebook, a.G_pad, a.D,
-        a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.n_row_progs, a.n_slabs, a.partial,
+        a.N, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk, a.n_row_progs, a.partial,
         a.lr_b, a.stride_br, a.rank, a.m_vec, a.u_part, a.ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return a.ep.n_epi > 0;
@@ -565,17 +559,15 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table,
                  torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
-                 int64_t up_off, int64_t glu_rows, int64_t epi_tile) {
+                 int64_t up_off, int64_t glu_rows, int64_t epi_tile,
+                 int64_t epi_poll_ns) {
     TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kHalf && x.dim() == 2 && x.stride(1) == 1, "x: fp16 CUDA [T, M]");
     TORCH_CHECK(qweight.scalar_type() == torch::kInt && qweight.dim() == 2 && qweight.size(0) == GW && qweight.size(1) % 4 == 0
                 && qweight.is_contiguous(), "qweight: int32 [GW, N_pad]");
     TORCH_CHECK(codebook.scalar_type() == torch::kHalf && codebook.dim() == 4 && codebook.is_contiguous(), "codebook: fp16 [Nb, G_pad, D, NC]");
     TORCH_CHECK(codebook.size(3) == (1 << bits), "codebook n != 2^bits");
     TORCH_CHECK(partial.scalar_type() == torch::kHalf && partial.dim() == 3 && partial.is_contiguous(), "partial: fp16 [S, T, N_pad]");
-    const int n_slabs = (int)partial.size(0);  // slab s: words [s GW / S, (s + 1) GW / S)
-    TORCH_CHECK(n_slabs >= 1 && n_slabs <= GW && (GW + n_slabs - 1) / n_slabs <= slab_w && partial.size(2) == qweight.size(1)
-                && (partial.size(1) == 1 || (GW % slab_w == 0 && n_slabs == GW / slab_w)),
-                "partial: [S, T, N_pad], S = GW / slab_w, or for one token any S with at most slab_w words per slab");
+    TORCH_CHECK(GW % slab_w == 0 && partial.size(0) == GW / slab_w && partial.size(2) == qweight.size(1), "partial shape");
     TORCH_CHECK(codebook.size(2) <= 4 && rows_per_chunk % 4 == 0 && (k_rows % 4 == 0 || codebook.size(0) == 1),
                 "CUDA PQ kernel: d <= 4, and row chunks of whole row quads");
     const bool has_lr = lr_b.numel() > 0;
@@ -594,7 +586,7 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
     LutArgs a{reinterpret_cast<const __half*>(x.data_ptr<at::Half>()), (int)x.stride(0), (int)x.size(0), (int)x.size(1),
               qweight.data_ptr<int>(), (int)qweight.size(1),
               reinterpret_cast<const __half*>(codebook.data_ptr<at::Half>()), (int)codebook.size(1), (int)codebook.size(2),
-              (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk, n_row_progs, n_slabs,
+              (int)N, (int)GW, (int)k_rows, (int)chunks_per_blk, (int)rows_per_chunk, n_row_progs,
               reinterpret_cast<__half*>(partial.data_ptr<at::Half>()),
               has_lr ? reinterpret_cast<const __half*>(lr_b.data_ptr<at::Half>()) : nullptr,
               has_lr ? (int)lr_b.stride(0) : 0, rank, vec ? (int)(x.size(1) / 8 * 8) : 0,
@@ -624,13 +616,13 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                        has_lr ? (int)lr_a.stride(0) : 0,
                        bias.numel() > 0 ? reinterpret_cast<const __half*>(bias.data_ptr<at::Half>()) : nullptr,
                        n_out, (int)up_off, glu_rows > 0 ? 1 : 0,
-                       0, (int)epi_tile};  // n_epi: launch_lut
+                       0, (int)epi_tile, (int)epi_poll_ns};  // n_epi: launch_lut
         // tile 0: launch_lut picks it; the occupancy it asks for is at the largest tile's shared memory
         a.epi_smem = ((glu_rows > 0 ? 2 : 1) * (THREADS / 32) * (size_t)(epi_tile > 0 ? epi_tile : 256)
                       + (size_t)T * rank) * sizeof(float);
     }
     // u CTAs first (the first wave), then the table CTAs, then the epilogue CTAs (launch_lut adds them)
-    const dim3 grid((unsigned)(rank + n_row_progs * n_slabs));
+    const dim3 grid((unsigned)(rank + n_row_progs * (GW / slab_w)));
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
 """
 
@@ -646,9 +638,10 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table,
                  torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
-                 int64_t up_off, int64_t glu_rows, int64_t epi_tile) {
+                 int64_t up_off, int64_t glu_rows, int64_t epi_tile,
+                 int64_t epi_poll_ns) {
     return athena_pq::pq_lut_gemv(x, qweight, codebook, partial, lr_b, u_part, N, GW, k_rows, chunks_per_blk,
-                           rows_per_chunk, bits, slab_w, fp16_table, y, lr_a, bias, sync, up_off, glu_rows, epi_tile);
+                           rows_per_chunk, bits, slab_w, fp16_table, y, lr_a, bias, sync, up_off, glu_rows, epi_tile, epi_poll_ns);
 }
 """
 
@@ -658,7 +651,8 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
                  int64_t N, int64_t GW, int64_t k_rows, int64_t chunks_per_blk, int64_t rows_per_chunk,
                  int64_t bits, int64_t slab_w, bool fp16_table,
                  torch::Tensor y, torch::Tensor lr_a, torch::Tensor bias, torch::Tensor sync,
-                 int64_t up_off, int64_t glu_rows, int64_t epi_tile);
+                 int64_t up_off, int64_t glu_rows, int64_t epi_tile,
+                 int64_t epi_poll_ns);
 """
 
 
@@ -705,6 +699,7 @@ pq_gemv_cuda_reference = pq_gemv_reference
 # the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens; ATHENA_FUSED_EPILOGUE=0 turns
 # it off (A/B runs of bench.decode)
 FUSED_EPILOGUE_MAX_TOKENS = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
+EPI_POLL_NS = 64  # back-off of the epilogue CTAs between two reads of a counter
 EPI_TILE = 0  # rows per epilogue CTA; 0: the smallest of 32-256 whose CTAs fit on the GPU beside the others
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 _sync: dict[int, torch.Tensor] = {}
@@ -770,7 +765,7 @@ def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, low
 def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
                  fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
                  glu: tuple[int, int] | None = None, fused_epilogue: bool | None = None, epi_tile: int = EPI_TILE,
-                 n_slabs: int | None = None):
+                 epi_poll_ns: int = EPI_POLL_NS):
     """CUDA lookup-table kernel for T <= 16 tokens, fp16. x [T, M] -> y [T, N] (fp16); with `glu` it
     returns silu(gate) · up instead. The split-K partial sums are finished by epilogue CTAs of the same
     launch (`fused_epilogue`; default: up to FUSED_EPILOGUE_MAX_TOKENS tokens where the layer allows it)
@@ -791,10 +786,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     if geo.GW % slab_w:
         raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
     ext = load_extension()
-    n_slabs = n_slabs or geo.GW // slab_w  # one token: more slabs than GW / slab_w spread the words evenly
-    if not 1 <= n_slabs <= geo.GW or -(-geo.GW // n_slabs) > slab_w or (t_inst > 1 and n_slabs != geo.GW // slab_w):
-        raise ValueError(f"n_slabs={n_slabs}: GW / slab_w = {geo.GW // slab_w}, or for one token 1 to GW={geo.GW} "
-                         f"slabs of at most slab_w={slab_w} words")
+    n_slabs = geo.GW // slab_w
     if rows_per_chunk is None:
         rows_per_chunk = THREADS * ROWS_PER_THREAD  # one pass: every thread owns 4 rows
     chunks_per_block, n_row_progs = row_chunks(geo, rows_per_chunk)
@@ -818,7 +810,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
                            geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
                            y, lowrank_a if has_lr else none, bias.half() if bias is not None else none,
                            sync_buffer(x.device), glu[0] if glu is not None else 0, glu[1] if glu is not None else 0,
-                           epi_tile):
+                           epi_tile, epi_poll_ns):
             return y
         reason = "more epilogue CTAs than the GPU holds at once"
         if fused_epilogue:
@@ -826,7 +818,7 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     else:
         ext.pq_lut_gemv(x.contiguous(), qweight, codebook, partial, lr_b, u_part,
                         geo.N, geo.GW, geo.k, chunks_per_block, rows_per_chunk, geo.bits, slab_w, fp16_table,
-                        none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 0)
+                        none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 0, 0)
     if fused_epilogue is None and t_inst <= FUSED_EPILOGUE_MAX_TOKENS:
         _log_once(("unfused", geo.N, geo.M, glu), "cuda-decode %dx%d: split-K epilogue as a second launch (%s)",
                   geo.N, geo.M, reason)

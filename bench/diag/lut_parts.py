@@ -13,11 +13,9 @@ import torch
 
 from athena_runtime.kernels import pq_cuda
 from athena_runtime.kernels.pq_gemv import row_chunks, splitk_epilogue
-from bench.diag.lut_kernel import slab_count
 from bench.kernels import time_graph, weight_sets
 
-COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)", "fused epi",
-           "full, wave slabs", "fused, wave slabs")
+COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)", "fused epi")
 
 
 def launchers(x, geo, rank):
@@ -33,7 +31,7 @@ def launchers(x, geo, rank):
     def kernel(L, lr=False):
         ext.pq_lut_gemv(x, L["qweight"], L["codebook"], partial, L["B"] if lr else none, u_part if lr else none,
                         geo.N, geo.GW, geo.k, chunks, rows, geo.bits, slab_w, True,
-                        none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 128)
+                        none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 0, 0)
 
     def epi(L, lr=False, **launch):
         return splitk_epilogue(partial, u_part if lr else None, L["A"] if lr else None, None, 1, geo.N, x.dtype,
@@ -45,7 +43,6 @@ def launchers(x, geo, rank):
 def parts(x, geo, rank):
     """name -> fn(L), the columns of the table."""
     kernel, epi = launchers(x, geo, rank)
-    wave = slab_count(geo, pq_cuda.T1_SLAB_W, pq_cuda.t1_rows_per_chunk(geo, x.device), "wave-u", rank)
     return {
         "kernel": kernel,
         "kernel+epi": lambda L: (kernel(L), epi(L)),
@@ -54,10 +51,6 @@ def parts(x, geo, rank):
         "full (A·u in epi)": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
                                                             fused_epilogue=False),
         "fused epi": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"], fused_epilogue=True),
-        "full, wave slabs": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
-                                                           fused_epilogue=False, n_slabs=wave),
-        "fused, wave slabs": lambda L: pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
-                                                            n_slabs=wave),
     }
 
 
@@ -90,22 +83,47 @@ def sweep_shape(sh, x, sets, dev):
                                                 for n, us, e in res[:8]) + f"; default {default:.2f}", flush=True)
 
 
+FUSED_SWEEP = [(tile, poll) for tile in (0, 64, 128, 256) for poll in (0, 64, 512)]
+
+
+def fused_sweep_shape(sh, x, sets, dev):
+    """The whole call with the fused epilogue per (rows per epilogue CTA (0: auto), back-off ns), against the
+    unfused call; each output checked against the unfused one's."""
+    one = sets[0]
+    geo = one["geo"]
+
+    def call(L, **kw):
+        return pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"], **kw)
+
+    ref = call(one, fused_epilogue=False).float()
+    res = [("unfused", time_graph(lambda L: call(L, fused_epilogue=False), sets, dev), 0.0)]
+    for tile, poll in FUSED_SWEEP:
+        kw = dict(fused_epilogue=True, epi_tile=tile, epi_poll_ns=poll)
+        try:
+            err = ((call(one, **kw).float() - ref).norm() / ref.norm()).item()
+        except ValueError:
+            continue  # more epilogue CTAs than the GPU holds
+        res.append((f"t{tile}-p{poll}", time_graph(lambda L, kw=kw: call(L, **kw), sets, dev), err))
+    print(f"{sh}: " + ", ".join(f"{n} {us:.2f}" + ("" if e < 1e-3 else f" ERR {e:.1e}") for n, us, e in res), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
     ap.add_argument("--sweep", action="store_true", help="the split-K epilogue's launch (with the low-rank term) instead")
+    ap.add_argument("--fused-sweep", action="store_true", help="the fused epilogue's tile and back-off instead")
     args = ap.parse_args()
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    if not args.sweep:
+    if not (args.sweep or args.fused_sweep):
         print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{k:>19s}" for k in COLUMNS) + "  (CUDA-graph µs, T = 1)")
     for sh in args.shapes.split(","):
         N, M = (int(v) for v in sh.split("x"))
         rank = max(1, round(0.01 * min(N, M)))
         sets = weight_sets(N, M, rank, dev, l2, seed=N)
         x = torch.randn(1, M, device=dev).half()
-        if args.sweep:
-            sweep_shape(sh, x, sets, dev)
+        if args.sweep or args.fused_sweep:
+            (sweep_shape if args.sweep else fused_sweep_shape)(sh, x, sets, dev)
             continue
         one = sets[0]
         dense = [torch.randn(N, M, device=dev).half() for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))]
