@@ -530,11 +530,9 @@ bool launch_lut(LutArgs a, dim3 grid, cudaStream_t stream) {
         C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
             &per_sm, pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS>, THREADS, std::max(table_smem, a.epi_smem)));
         const int slots = per_sm * sms;
-        if (a.ep.tile == 0) {  // auto: the smallest tile whose CTAs all start beside the others, else 128 rows
-            a.ep.tile = 128;
-            for (int tile = 32; tile <= 256; tile *= 2)
-                if ((a.ep.n_out + tile - 1) / tile <= slots - (int)grid.x) { a.ep.tile = tile; break; }
-            if ((a.ep.n_out + a.ep.tile - 1) / a.ep.tile >= slots) a.ep.tile = 256;
+        if (a.ep.tile == 0) {  // auto: 64 rows (best or within 0.1 µs of it on the large 7B shapes, H100 sweep in
+            // BENCHMARKS.md §3), 256 where 64-row CTAs would not leave the waited-on CTAs a slot
+            a.ep.tile = (a.ep.n_out + 63) / 64 < slots ? 64 : 256;
             a.epi_smem = ((a.ep.glu ? 2 : 1) * (THREADS / 32) * (size_t)a.ep.tile + (size_t)T * a.rank) * sizeof(float);
         }
         a.ep.n_epi = (a.ep.n_out + a.ep.tile - 1) / a.ep.tile;
@@ -700,7 +698,7 @@ pq_gemv_cuda_reference = pq_gemv_reference
 # it off (A/B runs of bench.decode)
 FUSED_EPILOGUE_MAX_TOKENS = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
 EPI_POLL_NS = 64  # back-off of the epilogue CTAs between two reads of a counter
-EPI_TILE = 0  # rows per epilogue CTA; 0: the smallest of 32-256 whose CTAs fit on the GPU beside the others
+EPI_TILE = 0  # rows per epilogue CTA; 0: 64, or 256 where 64-row CTAs would fill the GPU
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 _sync: dict[int, torch.Tensor] = {}
 _logged: set = set()
