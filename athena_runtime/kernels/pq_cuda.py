@@ -15,6 +15,12 @@ first wave), one rank each: a complete dot product over all M columns (16-byte l
 any arithmetic, fp32, block reduction), written with plain stores. The table CTAs do no low-rank
 work, and nothing needs zeroing; the epilogue reads u as a single split-K "slab".
 
+One token: the split-K sums are finished in the same launch by epilogue CTAs at the end of the grid
+(`fused_epilogue`, see the kernel source): they wait on per-row-program counters that the table CTAs
+release, so a decode step saves one launch per layer (H100: 0.5-1.0 µs a call on the large 7B shapes,
+BENCHMARKS.md §3). The counters live in one buffer per device (`sync_buffer`), zero between calls:
+launches on one stream at a time (the runtime's case). Few tokens keep `pq_gemv.splitk_epilogue`.
+
 Built with `torch.utils.cpp_extension.load_inline` on first use (needs nvcc; ~1 min), for the
 (tokens, bits, slab, table dtype) combinations in VARIANTS. Only sm_80-class instructions: runs on
 Ada (sm_89) and Hopper alike. `pq_gemv_cuda_reference` is the PyTorch spec.
