@@ -166,8 +166,8 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
 }
 
 // ---- fused split-K epilogue (EpiArgs.n_epi > 0): extra CTAs at the end of the grid finish y themselves, so
-// no second launch. Table CTAs publish their partial sums with a release (fence + count per row program), the u
-// CTAs theirs on sync[0]; an epilogue CTA waits (thread 0, acquire loads with back-off) only for the row programs
+// no second launch. Table CTAs publish their partial sums with a release add on their row program's counter
+// (after a barrier, so it orders the whole CTA's stores), the u CTAs theirs on sync[0]; an epilogue CTA waits (thread 0, acquire loads with back-off) only for the row programs
 // its rows lie in, then sums the slabs from L2. The epilogue CTA that is last past its waits zeroes the counters
 // for the next call (self-cleaning: CUDA graphs replay it unchanged). Deadlock-free whatever order the CTAs start in:
 // only the n_epi epilogue CTAs wait, on CTAs that never wait, and the launcher fuses only where n_epi is below the
