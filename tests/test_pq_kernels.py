@@ -244,6 +244,23 @@ def test_cuda_lut_fused_epilogue_matches_reference(N, M, k, rank, bias, tile):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
+def test_cuda_lut_capture_before_counters_exist(monkeypatch):
+    """A CUDA graph captured before any eager call made the counters: the second launch, still correct."""
+    from athena_runtime.kernels import pq_cuda
+    geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2050, 2, 64, 512, 16, True)
+    x = torch.randn(1, 2050, device=DEV).half()
+    pq_cuda.pq_gemv_cuda(x, qw, cb, geo, A, B, b, fused_epilogue=False)  # builds / loads the extension
+    monkeypatch.setattr(pq_cuda, "_sync", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = pq_cuda.pq_gemv_cuda(x, qw, cb, geo, A, B, b)
+    assert pq_cuda._sync == {}
+    x.copy_(torch.randn(1, 2050, device=DEV).half())
+    graph.replay()
+    assert rel_err(y, pq_cuda.pq_gemv_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
 @pytest.mark.parametrize("F,up_off,rank", [(500, 504, 8), (333, 336, 0)])
 def test_cuda_lut_fused_epilogue_glu(F, up_off, rank):
     """glu in the fused epilogue: silu(gate) · up of the same layer's unfused output (rounding only)."""
