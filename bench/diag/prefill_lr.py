@@ -13,6 +13,9 @@ import triton
 
 
 def ops(T, N, M, r, dev):
+    from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
+    from bench.kernels import RECIPE, make_layer
+    L = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], r, dev)
     x = torch.randn(T, M, device=dev).half()
     Wt = torch.randn(M, N, device=dev).half()
     A = (torch.randn(N, r, device=dev) * 0.02).half()
@@ -28,9 +31,15 @@ def ops(T, N, M, r, dev):
         "y += x Wt (beta 1)": lambda: y.addmm_(x, Wt),
         "u = x Bᵀ (B [r, M])": lambda: x @ B.t(),
         "u = x Bt (Bt [M, r])": lambda: x @ Bt,
+        "u = (B xᵀ)ᵀ": lambda: (B @ x.t()).t(),
         "u Aᵀ": lambda: u @ A.t(),
         "rows GEMM [T, K] x [K, N]": lambda: xu @ Wu,
         "addmm mode (3 products)": lambda: ((x @ B.t()) @ A.t()).addmm_(x, Wt),
+        "PQ cuda-dequant, low-rank (default mode)": lambda: pq_dequant_matmul(
+            x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda"),
+        "PQ cuda-dequant, rows": lambda: pq_dequant_matmul(
+            x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda", lowrank_mode="rows"),
+        "PQ cuda-dequant, no low-rank": lambda: pq_dequant_matmul(x, L["qweight"], L["codebook"], L["geo"], dequant="cuda"),
     }
 
 
