@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 
 from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
-from athena_runtime.kernels.lowrank_u import lowrank_u
 from athena_runtime.kernels.pq_gemv import (
     _next_pow2, check_operands, num_sms, pq_gemv_reference, splitk_epilogue, triton,
 )
@@ -314,7 +313,7 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     else:
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
     if has_lr and mode == "addmm":  # the small product first; the big GEMM adds it in its epilogue (beta = 1)
-        u = lowrank_u(x, lowrank_b)
+        u = x @ lowrank_b.t().to(x.dtype)
         y = torch.addmm(bias.to(x.dtype), u, lowrank_a.t().to(x.dtype)) if bias is not None \
             else u @ lowrank_a.t().to(x.dtype)
         return y.addmm_(x, Wt)
@@ -327,7 +326,7 @@ def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, 
     K = -(-(M + r) // 64) * 64
     Wt = torch.empty(K, geo.N, device=x.device, dtype=x.dtype)
     xu = torch.empty(T, K, device=x.device, dtype=x.dtype)
-    lowrank_u(x, lowrank_b, out=xu[:, M:M + r])  # u straight into its columns (ld = K)
+    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:M + r])  # cuBLAS writes u into its columns (ld = K)
     if dequant == "cuda":
         from athena_runtime.kernels import pq_cuda_dequant
         pq_cuda_dequant.pq_dequantize_t_cuda(qweight, codebook, geo, x.dtype, out=Wt, stacked_a=lowrank_a, **tuning)

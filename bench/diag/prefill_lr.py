@@ -13,7 +13,6 @@ import triton
 
 
 def ops(T, N, M, r, dev):
-    from athena_runtime.kernels.lowrank_u import lowrank_u
     from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
     from bench.kernels import RECIPE, make_layer
     L = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], r, dev)
@@ -33,15 +32,10 @@ def ops(T, N, M, r, dev):
         "u = x Bᵀ (B [r, M])": lambda: x @ B.t(),
         "u = x Bt (Bt [M, r])": lambda: x @ Bt,
         "u = (B xᵀ)ᵀ": lambda: (B @ x.t()).t(),
-        "u Triton (default)": lambda: lowrank_u(x, B),
-        "u Triton t32 k64": lambda: lowrank_u(x, B, block_t=32, block_k=64),
-        "u Triton t16 k64": lambda: lowrank_u(x, B, block_t=16, block_k=64),
-        "u Triton t16 k256 w8": lambda: lowrank_u(x, B, block_t=16, block_k=256, num_warps=8),
-        "u Triton t64 k64 w8": lambda: lowrank_u(x, B, block_t=64, block_k=64, num_warps=8),
         "u Aᵀ": lambda: u @ A.t(),
         "rows GEMM [T, K] x [K, N]": lambda: xu @ Wu,
         "addmm mode (3 products)": lambda: ((x @ B.t()) @ A.t()).addmm_(x, Wt),
-        "PQ cuda-dequant, low-rank (default mode; u by Triton)": lambda: pq_dequant_matmul(
+        "PQ cuda-dequant, low-rank (default mode)": lambda: pq_dequant_matmul(
             x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda"),
         "PQ cuda-dequant, rows": lambda: pq_dequant_matmul(
             x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda", lowrank_mode="rows"),
