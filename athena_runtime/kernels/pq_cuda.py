@@ -27,6 +27,7 @@ Ada (sm_89) and Hopper alike. `pq_gemv_cuda_reference` is the PyTorch spec.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -738,11 +739,10 @@ def prog_rows(geo: PQGeometry, rows_per_chunk: int) -> list[tuple[int, int]]:
     return out
 
 
-def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, lowrank_a, glu, device) -> str | None:
-    """Why the split-K epilogue is a separate launch for this call (None: fused into the kernel)."""
+@functools.lru_cache(maxsize=256)
+def _layout_reason(geo: PQGeometry, rows_per_chunk: int, glu: tuple[int, int] | None) -> str | None:
+    """The geometry's part of `fused_epilogue_reason` (cached: it walks the row programs)."""
     progs = prog_rows(geo, rows_per_chunk)
-    if t_inst > FUSED_EPILOGUE_MAX_TOKENS:
-        return f"more than {FUSED_EPILOGUE_MAX_TOKENS} token(s)"
     if 2 + len(progs) > SYNC_INTS:
         return f"{len(progs)} row programs (counters for {SYNC_INTS - 2})"
     if geo.N_pad % 8:
@@ -755,6 +755,16 @@ def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, low
         up, F = glu
         if any(s < e and min(e, F) <= s and min(e, up + F) <= max(s, up) for s, e in progs):
             return "a row program holds neither gate nor up rows"
+    return None
+
+
+def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, lowrank_a, glu, device) -> str | None:
+    """Why the split-K epilogue is a separate launch for this call (None: fused into the kernel)."""
+    if t_inst > FUSED_EPILOGUE_MAX_TOKENS:
+        return f"more than {FUSED_EPILOGUE_MAX_TOKENS} token(s)"
+    reason = _layout_reason(geo, rows_per_chunk, tuple(glu) if glu is not None else None)
+    if reason is not None:
+        return reason
     if lowrank_a is not None and (lowrank_a.dtype != torch.float16 or lowrank_a.shape[1] % 8 or lowrank_a.stride(1) != 1
                                   or lowrank_a.stride(0) % 8 or lowrank_a.data_ptr() % 16):
         return "low-rank A not fp16 with 16-byte rows of a rank divisible by 8"
