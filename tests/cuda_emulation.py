@@ -1,12 +1,15 @@
 """Run CUDA kernel source on the CPU, for tests on machines without a GPU.
 
-The kernel text is compiled by g++ (C++20) after a header of stand-ins for the CUDA features the
-kernels use: one std::thread per CUDA thread, CTAs one after another in a shuffled order (a CTA
-that writes outside its share shows up even where the right CTA would overwrite it), `__syncthreads` a std::barrier
-of the CTA, `__ldg` / `__ldcs` plain loads, `__byte_perm` in software, one static buffer for the
-(dynamic) shared memory. It checks indexing, bounds and edge handling, not timing, and not what
-differs on a GPU (memory ordering between CTAs, alignment faults). Slow: a few seconds per launch
-of a few hundred CTAs.
+The kernel text is compiled by g++ (C++20, -DATHENA_CUDA_EMULATION) after a header of stand-ins for the
+CUDA features the kernels use: one std::thread per CUDA thread, CTAs one after another in a shuffled order
+(a CTA that writes outside its share shows up even where the right CTA would overwrite it; `launch`'s
+`phases` keep groups of CTAs that later ones wait for in front), `__syncthreads` a std::barrier of the
+CTA, `__shfl_xor_sync` an exchange through the CTA (valid where every thread of the CTA calls it at the
+same point), fp16 on `_Float16`, `__ldg` / `__ldcs` / `__ldcg` plain loads, atomics from the compiler's
+builtins, `__byte_perm` in software, one static buffer for the (dynamic) shared memory. It checks
+indexing, bounds and edge handling, not timing, and not what differs on a GPU (memory ordering between
+CTAs, alignment faults, fp16 rounding inside fused operations). Slow: a few seconds per launch of a few
+hundred CTAs.
 """
 from __future__ import annotations
 
@@ -49,24 +52,63 @@ inline uint32_t __byte_perm(uint32_t x, uint32_t y, uint32_t s) {
     return r;
 }
 inline int min(int a, int b) { return a < b ? a : b; }
+// fp16 (cuda_fp16.h) on _Float16: conversions round to nearest even; fused ops round once from fp32
+typedef _Float16 __half;
+struct __half2 { __half x, y; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float __half2float(__half h) { return (float)h; }
+inline __half __float2half_rn(float f) { return (__half)f; }
+inline __half2 __float2half2_rn(float f) { return {(__half)f, (__half)f}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {(__half)a, (__half)b}; }
+inline __half2 __half2half2(__half h) { return {h, h}; }
+inline float2 __half22float2(__half2 h) { return {(float)h.x, (float)h.y}; }
+inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
+    return {(__half)__builtin_fmaf((float)a.x, (float)b.x, (float)c.x), (__half)__builtin_fmaf((float)a.y, (float)b.y, (float)c.y)};
+}
+inline __half __hmul(__half a, __half b) { return (__half)((float)a * (float)b); }
+inline float __expf(float x) { return __builtin_expf(x); }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
 inline thread_local std::barrier<>* cta_barrier = nullptr;
 inline void __syncthreads() { cta_barrier->arrive_and_wait(); }
-inline void launch(dim3 grid, unsigned threads, const std::function<void()>& body) {
+inline thread_local float* shfl_buf = nullptr;  // one slot per thread of the CTA
+// a warp shuffle as a CTA-wide exchange: right where every thread of the CTA calls it at the same point
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    shfl_buf[threadIdx.x] = v;
+    __syncthreads();
+    const float r = shfl_buf[threadIdx.x ^ (unsigned)o];
+    __syncthreads();
+    return r;
+}
+// CTAs one after another in a shuffled order: no CTA may rely on another's writes, except across `phases`
+// (1-D grids: CTAs [0, phases[0]) run before [phases[0], phases[1]), ..., each range shuffled), for kernels
+// whose later CTAs wait for earlier ones
+inline void launch(dim3 grid, unsigned threads, const std::function<void()>& body, std::vector<unsigned> phases = {}) {
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
-    std::vector<unsigned> order(grid.x * grid.y);  // CTAs in a shuffled order: no CTA may rely on another's writes
+    std::vector<unsigned> order(grid.x * grid.y);
     for (unsigned i = 0; i < order.size(); ++i) order[i] = i;
     std::mt19937 rng(12345);
-    std::shuffle(order.begin(), order.end(), rng);
+    phases.push_back((unsigned)order.size());
+    unsigned lo = 0;
+    for (unsigned hi : phases) {
+        std::shuffle(order.begin() + lo, order.begin() + hi, rng);
+        lo = hi;
+    }
+    std::vector<float> shfl(threads);
     for (unsigned cta : order) {
         const unsigned bx = cta % grid.x, by = cta / grid.x;
         std::barrier<> bar(threads);
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < threads; ++t)
-            ts.emplace_back([&, t] { threadIdx = dim3{t, 0, 0}; blockIdx = dim3{bx, by, 0}; cta_barrier = &bar; body(); });
+            ts.emplace_back([&, t] { threadIdx = dim3{t, 0, 0}; blockIdx = dim3{bx, by, 0}; cta_barrier = &bar;
+                                     shfl_buf = shfl.data(); body(); });
         for (auto& th : ts) th.join();
     }
 }
@@ -74,12 +116,12 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& bod
 
 
 def compiler() -> str | None:
-    """g++ when it builds a C++20 program with <barrier> (GCC >= 11), else None."""
+    """g++ when it builds a C++20 program with <barrier> and _Float16 (GCC >= 12 on x86-64), else None."""
     gxx = shutil.which("g++")
     if gxx is None:
         return None
-    probe = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"], input="#include <barrier>\n",
-                           capture_output=True, text=True)
+    probe = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"],
+                           input="#include <barrier>\n_Float16 h = (_Float16)1.0f;\n", capture_output=True, text=True)
     return gxx if probe.returncode == 0 else None
 
 
@@ -91,7 +133,8 @@ def build(source: str, workdir: Path) -> ctypes.CDLL:
     src = workdir / "emulated.cpp"
     src.write_text(source.replace("#include <cuda_fp16.h>", '#include "cuda_shim.h"'))
     lib = workdir / "libemulated.so"
-    res = subprocess.run([compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-o", str(lib), str(src),
+    res = subprocess.run([compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-DATHENA_CUDA_EMULATION", "-o",
+                          str(lib), str(src),
                           "-lpthread"], capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(res.stderr[-4000:])

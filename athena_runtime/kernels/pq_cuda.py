@@ -183,6 +183,7 @@ struct EpiArgs {
     int poll_ns;                        // back-off between two reads of a counter
 };
 
+#ifndef ATHENA_CUDA_EMULATION
 __device__ __forceinline__ void add_release(int* p, int v) {  // orders the CTA's writes before it (after a barrier)
     asm volatile("red.release.gpu.global.add.s32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
@@ -192,6 +193,10 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+#else  // the CPU emulation of the CI tests (tests/cuda_emulation.py): C++ atomics instead of PTX
+inline void add_release(int* p, int v) { __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
+inline int ld_acquire(const int* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+#endif
 
 struct RowProgs {  // the (codebook block, row chunk) programs of the table CTAs
     int k_rows, chunks_per_blk, rows_per_chunk, N;
