@@ -21,12 +21,13 @@ from athena_runtime.kernels.pq_gemv import pq_gemv_reference, row_chunks
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 12 (C++20, _Float16)")
 
 TOL = 4e-3
-VARIANTS = [(1, 6, 8), (1, 4, 32)]  # (T, bits, slab_w) emulated: the one-token launches of b = 6 and 4
+VARIANTS = [(1, 6, 8), (1, 4, 32), (4, 6, 8), (16, 6, 2)]  # (T, bits, slab_w) emulated: one token at b = 6 and 4,
+# few tokens at b = 6
 
 
 def _source() -> str:
     disp = "\n".join(
-        f"    if (bits == {b} && slab_w == {s}) {{ launch(grid, {pq_cuda.THREADS}, [&] {{ "
+        f"    if (T == {t} && bits == {b} && slab_w == {s}) {{ launch(grid, {pq_cuda.THREADS}, [&] {{ "
         f"pq_lut_gemv_kernel<{t}, {b}, {s}, true, {pq_cuda.THREADS}>((const __half*)x, stride_xt, t_valid, M, qweight, "
         "N_pad, (const __half*)codebook, G_pad, D, N, GW, k_rows, chunks, rows_per_chunk, n_row_progs, (__half*)partial, "
         "(const __half*)lr_b, stride_br, rank, m_vec, u, ep); }, phases); return 0; }"
@@ -39,7 +40,7 @@ using namespace athena_pq;
 extern "C" int run_lut(const uint16_t* x, int stride_xt, int t_valid, int M, const int* qweight, int N_pad,
                        const uint16_t* codebook, int G_pad, int D, int N, int GW, int k_rows, int chunks,
                        int rows_per_chunk, int n_row_progs, uint16_t* partial, const uint16_t* lr_b, int stride_br,
-                       int rank, int m_vec, float* u, int bits, int slab_w,
+                       int rank, int m_vec, float* u, int T, int bits, int slab_w,
                        int* sync, uint16_t* y, const uint16_t* lr_a, int stride_an, const uint16_t* bias,
                        int n_out, int up_off, int glu, int tile) {
     EpiArgs ep{};
@@ -60,7 +61,7 @@ def lib(tmp_path_factory):
     lib = cuda_emulation.build(_source(), tmp_path_factory.mktemp("pq_cuda_lut_emu"))
     P, i32 = ctypes.c_void_p, ctypes.c_int
     lib.run_lut.argtypes = [P, i32, i32, i32, P, i32, P, i32, i32, i32, i32, i32, i32, i32, i32, P, P, i32, i32, i32,
-                            P, i32, i32, P, P, P, i32, P, i32, i32, i32, i32]
+                            P, i32, i32, i32, P, P, P, i32, P, i32, i32, i32, i32]
     return lib
 
 
@@ -76,12 +77,13 @@ def _layer(N, M, n, k, rank, bias, seed=0):
 
 
 def _run(lib, x, geo, qw, cb, A, B, b, rows, *, fused, glu=None, tile=64, sync=None):
-    """What pq_gemv_cuda hands the kernel for one token; returns (y or None, partial, u, sync)."""
-    slab_w = next(s for _, b, s in VARIANTS if b == geo.bits)
+    """What pq_gemv_cuda hands the kernel; returns (y or None, partial, u, sync)."""
+    t_inst = next(t for t in pq_cuda.TOKENS if t >= x.shape[0])
+    slab_w = next(s for t, b, s in VARIANTS if (t, b) == (t_inst, geo.bits))
     chunks, n_row = row_chunks(geo, rows)
     rank = 0 if A is None else A.shape[1]
-    partial = torch.full((geo.GW // slab_w, 1, geo.N_pad), float("nan")).half()
-    u = torch.full((1, 1, max(rank, 1)), float("nan"))
+    partial = torch.full((geo.GW // slab_w, t_inst, geo.N_pad), float("nan")).half()
+    u = torch.full((1, t_inst, max(rank, 1)), float("nan"))
     sync = torch.zeros(2 + n_row, dtype=torch.int32) if sync is None else sync
     n_out = glu[1] if glu else geo.N
     y = torch.full((1, n_out), float("nan")).half() if fused else None
@@ -89,7 +91,7 @@ def _run(lib, x, geo, qw, cb, A, B, b, rows, *, fused, glu=None, tile=64, sync=N
     ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
     rc = lib.run_lut(ptr(x), x.stride(0), x.shape[0], geo.M, ptr(qw), geo.N_pad, ptr(cb), geo.G_pad, geo.d, geo.N,
                      geo.GW, geo.k, chunks, rows, n_row, ptr(partial), ptr(B), B.stride(0) if rank else 0, rank, m_vec,
-                     ptr(u), geo.bits, slab_w, ptr(sync), ptr(y), ptr(A), A.stride(0) if rank else 0, ptr(b),
+                     ptr(u), t_inst, geo.bits, slab_w, ptr(sync), ptr(y), ptr(A), A.stride(0) if rank else 0, ptr(b),
                      n_out, glu[0] if glu else 0, 1 if glu else 0, tile)
     assert rc == 0, "no emulated variant"
     return y, partial, u, sync
@@ -135,3 +137,14 @@ def test_glu_emulated(lib):
     y, _, _, sync = _run(lib, x, geo, qw, cb, A, B, b, 1024, fused=True, glu=(up, F))
     assert rel_err(y, torch.nn.functional.silu(z[:, :F]) * z[:, up:up + F]) < TOL
     assert not sync.any()
+
+
+@pytest.mark.parametrize("T", [3, 16])
+def test_few_tokens_emulated(lib, T):
+    """Few tokens: table per token, partial sums and u for every token (rows past T are zero)."""
+    geo, qw, cb, A, B, b = _layer(300, 130, 64, 100, 8, True, seed=T)
+    x = torch.randn(T, 130).half()
+    _, partial, u, sync = _run(lib, x, geo, qw, cb, A, B, b, 1024, fused=False)
+    y = partial.float().sum(0)[:T, :geo.N] + u[0, :T] @ A.float().t() + b.float()
+    assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL
+    assert not u[0, T:].any() and not sync.any()
