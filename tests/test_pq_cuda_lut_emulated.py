@@ -106,6 +106,8 @@ def rel_err(y, ref):
     (300, 130, 64, 100, 8, True, 1024, 64),    # 3 codebook blocks, scalar u loads (M % 8 != 0), bias
     (1100, 136, 64, 4096, 16, False, 2048, 128),  # two passes per CTA (the one-token double buffer), 16-byte u loads
     (257, 80, 16, 128, 0, True, 1024, 32),     # b = 4, no low-rank term, a part row quad at the end
+    (203, 136, 64, 52, 24, True, 1024, 8),     # one-lane groups (8-row tiles), 4 blocks of 52 rows
+    (130, 96, 64, 4096, 8, False, 1024, 256),  # one warp-wide group per warp, a tile longer than the layer
 ])
 def test_fused_epilogue_emulated(lib, N, M, n, k, rank, bias, rows, tile):
     geo, qw, cb, A, B, b = _layer(N, M, n, k, rank, bias)
