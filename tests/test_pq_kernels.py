@@ -246,15 +246,15 @@ def test_cuda_lut_fused_epilogue_matches_reference(N, M, k, rank, bias, tile):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
 def test_cuda_lut_capture_before_counters_exist(monkeypatch):
     """A CUDA graph captured before any eager call made the counters: the second launch, still correct."""
-    from athena_runtime.kernels import pq_cuda
+    from athena_runtime.kernels import pq_cuda, pq_cuda_epilogue
     geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2050, 2, 64, 512, 16, True)
     x = torch.randn(1, 2050, device=DEV).half()
     pq_cuda.pq_gemv_cuda(x, qw, cb, geo, A, B, b, fused_epilogue=False)  # builds / loads the extension
-    monkeypatch.setattr(pq_cuda, "_sync", {})
+    monkeypatch.setattr(pq_cuda_epilogue, "_sync", {})
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = pq_cuda.pq_gemv_cuda(x, qw, cb, geo, A, B, b)
-    assert pq_cuda._sync == {}
+    assert pq_cuda_epilogue._sync == {}
     x.copy_(torch.randn(1, 2050, device=DEV).half())
     graph.replay()
     assert rel_err(y, pq_cuda.pq_gemv_cuda_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
@@ -277,11 +277,13 @@ def test_cuda_lut_fused_epilogue_glu(F, up_off, rank):
 
 def test_fused_epilogue_reasons(monkeypatch):
     """When the split-K epilogue stays a second launch (logged by pq_gemv_cuda)."""
-    from athena_runtime.kernels import pq_cuda
-    monkeypatch.setattr(pq_cuda, "sync_buffer", lambda device: torch.zeros(4))
+    from athena_runtime.kernels import pq_cuda, pq_cuda_epilogue
+    monkeypatch.setattr(pq_cuda_epilogue, "sync_buffer", lambda device: torch.zeros(4))
     geo, cpu = PQGeometry(4096, 4096, 2, 64, 4096), torch.device("cpu")
     A = torch.zeros(4096, 16, dtype=torch.float16)
-    reason = pq_cuda.fused_epilogue_reason
+
+    def reason(*args):
+        return pq_cuda_epilogue.fused_epilogue_reason(*args, pq_cuda.THREADS)
     assert "token" in reason(geo, 2, 2048, A, None, cpu)
     assert "row programs" in reason(PQGeometry(4096 * 4096, 8, 2, 64, 4096), 1, 4, A, None, cpu)
     assert "multiple of 8" in reason(geo, 1, 2048, A, (2052, 2000), cpu)
@@ -293,10 +295,10 @@ def test_fused_epilogue_reasons(monkeypatch):
 
 
 def test_prog_rows_match_row_chunks():
-    from athena_runtime.kernels import pq_cuda
-    assert pq_cuda.prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 2048) == [
+    from athena_runtime.kernels.pq_cuda_epilogue import prog_rows
+    assert prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 2048) == [
         (0, 1024), (1024, 2048), (2048, 3072), (3072, 4096), (4096, 4100)]
-    assert pq_cuda.prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 512)[-3:] == [(3584, 4096), (4096, 4100), (4608, 4100)]
+    assert prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 512)[-3:] == [(3584, 4096), (4096, 4100), (4608, 4100)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and nvcc for the extension)")
