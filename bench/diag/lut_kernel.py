@@ -13,28 +13,11 @@ import argparse
 import torch
 
 from athena_runtime.kernels import pq_cuda
-from athena_runtime.kernels.pq_gemv import row_chunks, splitk_epilogue
+from bench.diag.lut_parts import launchers
 from bench.kernels import time_graph, weight_sets
 
 VARIANTS = [(8, 2048, True), (8, 1024, True), (8, 3072, True), (8, 4096, True), (16, 2048, True),
             (4, 2048, True), (8, 2048, False), (16, 2048, False)]
-
-
-def launcher(x, geo, slab_w, rows, fp16_table):
-    chunks, _ = row_chunks(geo, rows)
-    partial = torch.empty(geo.GW // slab_w, 1, geo.N_pad, device=x.device, dtype=torch.float16)
-    none = torch.empty(0, device=x.device, dtype=torch.float16)
-    no_sync = torch.empty(0, device=x.device, dtype=torch.int32)
-    ext = pq_cuda.load_extension()
-
-    def kernel(L):
-        ext.pq_lut_gemv(x, L["qweight"], L["codebook"], partial, none, none, geo.N, geo.GW, geo.k, chunks, rows,
-                        geo.bits, slab_w, fp16_table, none, none, none, no_sync, 0, 0, 0, 0)
-
-    def finish():
-        return splitk_epilogue(partial, None, None, None, 1, geo.N, x.dtype)
-
-    return kernel, finish
 
 
 def main():
@@ -50,7 +33,7 @@ def main():
         geo = sets[0]["geo"]
         x = torch.randn(1, M, device=dev).half()
         if args.ncu:
-            kernel, _ = launcher(x, geo, pq_cuda.T1_SLAB_W, pq_cuda.t1_rows_per_chunk(geo, dev), True)
+            kernel, _ = launchers(x, geo, 1)
             for L in sets[:2]:
                 kernel(L)
             torch.cuda.synchronize()
@@ -60,9 +43,9 @@ def main():
         for slab_w, rows, f16 in VARIANTS:
             if (1, geo.bits, slab_w, f16) not in pq_cuda.VARIANTS or geo.GW % slab_w:
                 continue
-            kernel, finish = launcher(x, geo, slab_w, rows, f16)
+            kernel, epi = launchers(x, geo, 1, slab_w, rows, f16)
             kernel(sets[0])
-            y = finish().float()
+            y = epi(sets[0]).float()
             ref = y if ref is None else ref
             err = ((y - ref).norm() / ref.norm()).item()
             us = time_graph(kernel, sets, dev)

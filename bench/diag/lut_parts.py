@@ -18,10 +18,12 @@ from bench.kernels import time_graph, weight_sets
 COLUMNS = ("kernel", "kernel+epi", "kernel+u", "kernel+u+epi(no A)", "full (A·u in epi)", "fused epi")
 
 
-def launchers(x, geo, rank):
-    """(kernel(L, lr), epi(L, lr, **launch)) for one token at the runtime's T = 1 launch, sharing one
-    partial-sum buffer; `lr` adds the u CTAs / A·u, `launch` goes to `splitk_epilogue`."""
-    slab_w, rows = pq_cuda.T1_SLAB_W, pq_cuda.t1_rows_per_chunk(geo, x.device)
+def launchers(x, geo, rank, slab_w=None, rows=None, fp16_table=True):
+    """(kernel(L, lr), epi(L, lr, **launch)) for one token, sharing one partial-sum buffer: the kernel alone
+    (no fused epilogue) at the runtime's T = 1 launch unless `slab_w` / `rows` / `fp16_table` say otherwise;
+    `lr` adds the u CTAs / A·u, `launch` goes to `splitk_epilogue`."""
+    slab_w = slab_w or pq_cuda.T1_SLAB_W
+    rows = rows or pq_cuda.t1_rows_per_chunk(geo, x.device)
     chunks, _ = row_chunks(geo, rows)
     partial = torch.empty(geo.GW // slab_w, 1, geo.N_pad, device=x.device, dtype=torch.float16)
     u_part = torch.empty(1, 1, rank, device=x.device, dtype=torch.float32)
@@ -30,7 +32,7 @@ def launchers(x, geo, rank):
 
     def kernel(L, lr=False):
         ext.pq_lut_gemv(x, L["qweight"], L["codebook"], partial, L["B"] if lr else none, u_part if lr else none,
-                        geo.N, geo.GW, geo.k, chunks, rows, geo.bits, slab_w, True,
+                        geo.N, geo.GW, geo.k, chunks, rows, geo.bits, slab_w, fp16_table,
                         none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 0, 0)
 
     def epi(L, lr=False, **launch):
