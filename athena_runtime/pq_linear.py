@@ -117,6 +117,7 @@ class PQLinear(nn.Module):
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
+        self._paths: dict = {}  # (token class, forced path, device) -> path: `select_path` once per class
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -234,7 +235,17 @@ class PQLinear(nn.Module):
         return layout.dequantize_reference(self.qweight, self.codebook, self.geo).to(self.codebook.dtype)
 
     def choose_path(self, tokens: int) -> str:
+        """The path for `tokens` rows (`select_path`), decided once per token class: every threshold of the
+        rules is at most MMA_MAX_TOKENS, so all larger counts share one answer (a prefill call pays no
+        Python for it: at 2048 tokens the host's work per call is on the GPU's critical path)."""
         forced = self.path or os.environ.get(PATH_ENV) or None
+        key = (min(tokens, MMA_MAX_TOKENS + 1), forced, self.qweight.device)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = self._select(tokens, forced)
+        return path
+
+    def _select(self, tokens: int, forced: str | None) -> str:
         path = select_path(tokens, self.qweight.device, self.geo, self.codebook.dtype, forced)
         if forced is None and path != "cuda-decode" and self.qweight.device.type == "cuda" \
                 and tokens <= CUDA_LUT_MAX_TOKENS and self.geo.n <= LUT_MAX_N:

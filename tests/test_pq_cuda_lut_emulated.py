@@ -1,4 +1,4 @@
-"""The CUDA lookup-table kernel's source (`pq_cuda._KERNEL_SRC`) run on the CPU by `cuda_emulation.py`:
+"""The CUDA lookup-table kernel's source (`pq_cuda.kernel_source()`) run on the CPU by `cuda_emulation.py`:
 table CTAs, u CTAs and the one-token fused epilogue (its counters included) against the PyTorch reference,
 on small odd shapes. The emulator runs the u CTAs, then the table CTAs, then the epilogue CTAs (each group
 shuffled): the order that lets the epilogue CTAs' waits end on a CPU. It checks indexing, bounds and the
@@ -32,8 +32,7 @@ def _source() -> str:
         "N_pad, (const __half*)codebook, G_pad, D, N, GW, k_rows, chunks, rows_per_chunk, n_row_progs, (__half*)partial, "
         "(const __half*)lr_b, stride_br, rank, m_vec, u, ep); }, phases); return 0; }"
         for t, b, s in VARIANTS)
-    kernel = pq_cuda._KERNEL_SRC.replace("namespace athena_pq {",
-                                         f"namespace athena_pq {{\nconstexpr int THREADS = {pq_cuda.THREADS};", 1)
+    kernel = pq_cuda.kernel_source()
     return kernel + r"""
 namespace athena_pq { alignas(16) unsigned char smem_raw[64 * 1024]; }
 using namespace athena_pq;

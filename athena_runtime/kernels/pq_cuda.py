@@ -47,6 +47,9 @@ ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
 # four 7B shapes, with and without the low-rank term (H100, bench/results/kernels.md); 1024-row chunks
 # where 2048 would underfill the GPU (`t1_rows_per_chunk`).
 T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
+# sm_90: the T = 1 8-word variants compiled for 4 CTAs per SM (64 registers, no spills; 3 CTAs at their
+# unbounded 74); 1 leaves them unbounded (A/B runs: bench/diag/lut_parts.py --min-blocks)
+T1_MIN_BLOCKS_SM90 = 4
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
 
@@ -101,6 +104,17 @@ _KERNEL_SRC = r"""
 #include <type_traits>
 
 namespace athena_pq {
+
+// CTAs per SM the one-token, 8-word fp16-table variants are compiled for (__launch_bounds__): on sm_90 four fit
+// in 64 registers without spills (one more CTA per SM to hide the index loads' latency); sm_89 would spill at
+// 64 and keeps its 74 registers (three CTAs). Other variants: no bound.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define ATHENA_T1_MIN_BLOCKS @T1_MIN_BLOCKS_SM90@
+#else
+#define ATHENA_T1_MIN_BLOCKS 1
+#endif
+template <int T, int SLAB_W, bool FP16_TABLE>
+constexpr int lut_min_blocks() { return T == 1 && SLAB_W <= 8 && FP16_TABLE ? ATHENA_T1_MIN_BLOCKS : 1; }
 
 __device__ __forceinline__ float tab_to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float tab_to_float(float v) { return v; }
@@ -171,7 +185,7 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
 // (one rank each), then the (row program, slab) CTAs, row program fastest (see pq_gemv.py for the algorithm),
 // then the epilogue CTAs of pq_cuda_epilogue (one token; n_epi = 0 otherwise).
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE, int THREADS>
-__global__ void __launch_bounds__(THREADS) pq_lut_gemv_kernel(
+__global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE>())) pq_lut_gemv_kernel(
     const __half* __restrict__ x, int stride_xt, int t_valid, int M,      // x [t_valid, M]
     const int* __restrict__ qweight, int N_pad,                           // [GW, N_pad] int32
     const __half* __restrict__ codebook, int G_pad, int D,                // [Nb, G_pad, D, NC]
@@ -495,15 +509,22 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
 """
 
 
-def cuda_source() -> str:
-    """The whole .cu translation unit (kernel, host launcher, dispatch over VARIANTS)."""
+def cuda_source(t1_min_blocks_sm90: int | None = None) -> str:
+    """The whole .cu translation unit (kernel, host launcher, dispatch over VARIANTS); `t1_min_blocks_sm90`
+    overrides T1_MIN_BLOCKS_SM90 (benchmarks)."""
+    mb = T1_MIN_BLOCKS_SM90 if t1_min_blocks_sm90 is None else t1_min_blocks_sm90
     dispatch = "\n".join(
         f"    if (T == {t} && bits == {b} && slab_w == {s} && fp16_table == {'true' if f else 'false'}) "
         f"return launch_lut<{t}, {b}, {s}, {'true' if f else 'false'}>(a, grid, stream);"
         for t, b, s, f in VARIANTS
     )
+    return (kernel_source(mb) + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL)
+
+
+def kernel_source(t1_min_blocks_sm90: int = T1_MIN_BLOCKS_SM90) -> str:
+    """The device code alone (no torch headers): the emulated CPU tests and standalone nvcc checks."""
     return (_KERNEL_SRC.replace("namespace athena_pq {", f"namespace athena_pq {{\nconstexpr int THREADS = {THREADS};", 1)
-            + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL)
+            .replace("@T1_MIN_BLOCKS_SM90@", str(t1_min_blocks_sm90)))
 
 
 EXTENSION = InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({len(VARIANTS)} variants)", _CPP_DECL,

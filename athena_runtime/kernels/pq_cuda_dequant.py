@@ -26,6 +26,8 @@ PyTorch spec with the same signatures (and argument checks); they run on CPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
@@ -417,6 +419,7 @@ EXTENSION = InlineExtension("athena_pq_dequant", f"the CUDA PQ dequantize kernel
 
 # ----------------------------------------------------------------------------------- launch shape
 
+@functools.lru_cache(maxsize=1024)
 def supports(geo: PQGeometry, dtype: torch.dtype = torch.float16) -> bool:
     """Whether an instantiated variant serves this layer (fp16 output)."""
     return dtype == torch.float16 and any((b, d) == (geo.bits, geo.d) for b, d, _ in VARIANTS)
@@ -431,6 +434,7 @@ def n_ctas(geo: PQGeometry, slab_w: int, rows_per_chunk: int) -> int:
     return geo.Nb * -(-min(geo.k, geo.N) // rows_per_chunk) * (geo.GW // slab_w)
 
 
+@functools.lru_cache(maxsize=1024)
 def choose_launch(geo: PQGeometry, n_sms: int) -> tuple[int, int]:
     """(slab_w, rows_per_chunk) by a rule to be replaced by measurements: all CTAs resident at once (no
     partial last wave) with at least one per SM, as many as that allows (more warps to hide latency),

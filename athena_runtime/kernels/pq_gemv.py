@@ -16,6 +16,8 @@ Layout of qweight / codebook: `athena_runtime.kernels.layout`. `pq_gemv` and
 """
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -301,7 +303,12 @@ TILE_EPILOGUE_MIN_TOKENS = 4  # above this many tokens the epilogue works on [16
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype, glu: tuple[int, int] | None = None,

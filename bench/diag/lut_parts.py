@@ -3,6 +3,7 @@
 epilogue), as CUDA-graph replays over rotating weight sets (H100 diagnosis).
 
     python -m bench.diag.lut_parts [--shapes 11008x4096,4096x11008]
+    python -m bench.diag.lut_parts --min-blocks 4,1 [--rounds 2]   # sm_90 CTAs-per-SM bound, A/B
 """
 from __future__ import annotations
 
@@ -109,14 +110,66 @@ def fused_sweep_shape(sh, x, sets, dev):
     print(f"{sh}: " + ", ".join(f"{n} {us:.2f}" + ("" if e < 1e-3 else f" ERR {e:.1e}") for n, us, e in res), flush=True)
 
 
+def min_blocks_ab(shapes, values, rounds, dev, l2):
+    """The kernel alone and the whole call (fused epilogue, 2048- and 1024-row chunks) with the T = 1 variants
+    compiled for each minimum of CTAs per SM on sm_90 (`pq_cuda.T1_MIN_BLOCKS_SM90`), side by side in one
+    process, `rounds` times in alternating order; each output checked against the first build's."""
+    from athena_runtime.kernels.cuda_build import InlineExtension
+    exts = {mb: InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel (sm_90 T=1 min blocks {mb})",
+                                pq_cuda._CPP_DECL, lambda mb=mb: pq_cuda.cuda_source(mb), ["pq_lut_gemv"])
+            for mb in values}
+    default_ext = pq_cuda.EXTENSION
+    for mb, ext in exts.items():
+        ext.load()
+    cols = [f"mb{mb} {c}" for mb in values for c in ("kernel", "fused r2048", "fused r1024")]
+    print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{c:>16s}" for c in cols) + "  (CUDA-graph µs, T = 1, with low-rank)")
+    try:
+        for rnd in range(rounds):
+            order = list(values) if rnd % 2 == 0 else list(reversed(values))
+            for sh in shapes:
+                N, M = (int(v) for v in sh.split("x"))
+                rank = max(1, round(0.01 * min(N, M)))
+                sets = weight_sets(N, M, rank, dev, l2, seed=N + rnd)
+                x = torch.randn(1, M, device=dev).half()
+                dense = [torch.randn(N, M, device=dev).half() for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))]
+                cublas = time_graph(lambda W: x @ W.t(), dense, dev)
+                res, ref, bad = {}, None, []
+                for mb in order:
+                    pq_cuda.EXTENSION = exts[mb]
+                    geo = sets[0]["geo"]
+                    kernel, _ = launchers(x, geo, sets[0]["A"].shape[1])
+                    res[(mb, "kernel")] = time_graph(lambda L: kernel(L, True), sets, dev)
+                    for rows in (2048, 1024):
+                        def call(L, rows=rows):
+                            return pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
+                                                        slab_w=pq_cuda.T1_SLAB_W, rows_per_chunk=rows, fused_epilogue=True)
+                        y = call(sets[0]).float()
+                        ref = y if ref is None else ref
+                        if ((y - ref).norm() / ref.norm()).item() > 1e-3:
+                            bad.append(f"mb{mb} r{rows}")
+                        res[(mb, f"fused r{rows}")] = time_graph(call, sets, dev)
+                print(f"{sh:>12s} {cublas:7.1f} " + " ".join(f"{res[(mb, c)]:16.2f}" for mb in values
+                                                            for c in ("kernel", "fused r2048", "fused r1024"))
+                      + (f"  MISMATCH {bad}" if bad else ""), flush=True)
+                del sets, dense
+                torch.cuda.empty_cache()
+    finally:
+        pq_cuda.EXTENSION = default_ext
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--min-blocks", default="", help="e.g. 4,1: A/B of the sm_90 CTAs-per-SM bound of the T = 1 variants")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
     ap.add_argument("--sweep", action="store_true", help="the split-K epilogue's launch (with the low-rank term) instead")
     ap.add_argument("--fused-sweep", action="store_true", help="the fused epilogue's tile and back-off instead")
     args = ap.parse_args()
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    if args.min_blocks:
+        min_blocks_ab(args.shapes.split(","), [int(v) for v in args.min_blocks.split(",")], args.rounds, dev, l2)
+        return
     if not (args.sweep or args.fused_sweep):
         print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{k:>19s}" for k in COLUMNS) + "  (CUDA-graph µs, T = 1)")
     for sh in args.shapes.split(","):
