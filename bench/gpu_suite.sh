@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 t1ab prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -41,6 +41,15 @@ for stage in "$@"; do
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;
+    t1ab) for mb in 4 1; do  # the sm_90 CTAs-per-SM bound of the T = 1 variants: both builds side by side, then A/B
+             MAX_JOBS=8 timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda as p; from athena_runtime.kernels.cuda_build import InlineExtension as I; I('athena_pq_cuda', 'mb$mb', p._CPP_DECL, lambda: p.cuda_source($mb), ['pq_lut_gemv']).load(); print('built mb$mb')" &
+           done; wait
+           for so in "$ATHENA_CUDA_CACHE"/athena_pq_cuda_*.so; do  # registers per T = 1 kernel, where cuobjdump exists
+             command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -A1 "ILi1ELi6ELi8ELb1" | grep -o "REG:[0-9]*\|STACK:[0-9]*" | paste -sd' ' | sed "s|^|$(basename $so): |"
+           done
+           timeout 420 python3 -m bench.diag.lut_parts --min-blocks 4,1 --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
+    prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
+             | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;
     decode) need_ckpt; timeout 300 python3 -m bench.decode --workdir /tmp/w --json 2>$OUT/decode.err | tee $OUT/decode.txt | tail -6 ;;
     engine) need_ckpt; timeout 300 python3 -m bench.engine --workdir /tmp/w --json 2>$OUT/engine.err | tee $OUT/engine.txt | tail -14 ;;
