@@ -13,8 +13,9 @@ decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
                     default recipe (b = 6, d = 2), when cuda-frag does not serve the layer
     triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
     cuda-dequant    CUDA dequantize of the whole Ŵᵀ (shared-memory codebooks), then one cuBLAS call
-                    (more tokens), fp16, b in 4/6/8 and d <= 4, when it builds; the low-rank term as
-                    extra inner-dimension rows ("rows", M < N) or a second product ("addmm", M >= N)
+                    (more tokens), fp16, b in 4/6/8 and d <= 4, when it builds; the low-rank term folded
+                    into Ŵᵀ by the dequantize (`pq_cuda_fold`, tensor cores) where that kernel serves the
+                    rank, else as extra inner-dimension rows ("rows", M < N) or a second product ("addmm")
     dequant-matmul  the same with the Triton dequantize and the low-rank term folded into Ŵᵀ, when
                     cuda-dequant is unavailable
     triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
@@ -269,7 +270,8 @@ class PQLinear(nn.Module):
         if self.lowrank_a is None or path not in ("cuda-dequant", "dequant-matmul"):
             return ""
         from athena_runtime.kernels.pq_gemm import default_lowrank_mode
-        return "low-rank " + default_lowrank_mode(self.geo, "cuda" if path == "cuda-dequant" else "triton")
+        return "low-rank " + default_lowrank_mode(self.geo, "cuda" if path == "cuda-dequant" else "triton",
+                                                  self.lowrank_a.shape[1])
 
     def _log_once(self, path: str, tokens: int, level=logging.INFO, why: str = ""):
         """Log the first call of each (path, layer shape)."""

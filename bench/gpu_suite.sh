@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 t1ab prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests foldtests kernels t1 t1ab prefilllr prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -17,9 +17,9 @@ for stage in "$@"; do
   case $stage in
     tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kv_cache.py \
              tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py tests/test_pq_cuda_dequant.py \
-             tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
+             tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py tests/test_pq_cuda_fold.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
-    build) for m in pq_cuda pq_cuda_mma pq_cuda_frag pq_cuda_dequant; do  # one process each: the nvcc builds run side by side
+    build) for m in pq_cuda pq_cuda_mma pq_cuda_frag pq_cuda_dequant pq_cuda_fold; do  # one process each: the nvcc builds run side by side
              MAX_JOBS=4 timeout 400 python3 -c "from athena_runtime.kernels import $m; $m.EXTENSION.load(); print('$m built')" &
            done; wait
            cp -p "$ATHENA_CUDA_CACHE"/*.so "$OUT"/ 2>/dev/null; ls -la "$ATHENA_CUDA_CACHE" ;;
@@ -48,6 +48,10 @@ for stage in "$@"; do
              command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -A1 "ILi1ELi6ELi8ELb1" | grep -o "REG:[0-9]*\|STACK:[0-9]*" | paste -sd' ' | sed "s|^|$(basename $so): |"
            done
            timeout 420 python3 -m bench.diag.lut_parts --min-blocks 4,1 --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
+    foldtests) timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_pq_cuda_fold.py tests/test_pq_cuda_dequant.py \
+             tests/test_pq_kernels.py tests/test_pq_linear.py -rfE > $OUT/gpu_tests_fold.txt 2>&1
+           grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_fold.txt | tail -25 ;;
+    prefilllr) timeout 300 python3 -m bench.diag.prefill_lr --rounds ${ROUNDS:-3} 2>&1 | tee $OUT/prefill_lr.txt ;;
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;

@@ -397,7 +397,7 @@ def plan(smoke, name="full"):
     if name == "summary":  # what BENCHMARKS.md reports: PQLinear (the runtime's chosen path) vs cuBLAS
         return [(1, ["cublas", "PQLinear"], (True, False), True)] + \
             [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64)] + \
-            [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), False)]
+            [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), True)]
     if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
         names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]

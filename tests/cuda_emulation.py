@@ -5,8 +5,8 @@ CUDA features the kernels use: one std::thread per CUDA thread, CTAs one after a
 (a CTA that writes outside its share shows up even where the right CTA would overwrite it; `launch`'s
 `phases` keep groups of CTAs that later ones wait for in front), `__syncthreads` a std::barrier of the
 CTA, `__shfl_xor_sync` an exchange through the CTA (valid where every thread of the CTA calls it at the
-same point), fp16 on `_Float16`, `__ldg` / `__ldcs` / `__ldcg` plain loads, atomics from the compiler's
-builtins, `__byte_perm` in software, one static buffer for the (dynamic) shared memory. It checks
+same point), `mma.sync` m16n8k16 by the same kind of exchange (`emulated_mma16816`), fp16 on `_Float16`,
+`__ldg` / `__ldcs` / `__ldcg` plain loads, atomics from the compiler's builtins, `__byte_perm` in software, one static buffer for the (dynamic) shared memory. It checks
 indexing, bounds and edge handling, not timing, and not what differs on a GPU (memory ordering between
 CTAs, alignment faults, fp16 rounding inside fused operations). Slow: a few seconds per launch of a few
 hundred CTAs.
@@ -86,6 +86,35 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     __syncthreads();
     return r;
 }
+// mma.sync.m16n8k16.row.col.f32.f16.f16.f32 of a warp as a CTA-wide exchange (same rule as the shuffle): each
+// thread posts its fragments (a0..a3, b0, b1), then computes its accumulators from its warp's 32 lanes
+inline thread_local uint32_t* mma_buf = nullptr;  // 6 words per thread of the CTA
+inline float half_bits(uint32_t w, int hi) {
+    const uint16_t b = (uint16_t)(w >> (16 * hi));
+    __half h;
+    __builtin_memcpy(&h, &b, 2);
+    return (float)h;
+}
+inline void emulated_mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    uint32_t* mine = mma_buf + 6 * threadIdx.x;
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    __syncthreads();
+    const uint32_t* w = mma_buf + 6 * (threadIdx.x & ~31u);
+    // A [16 x 16] row-major: a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..); B [16 x 8]:
+    // b0 (2t.., g), b1 (2t + 8.., g); lane = 4 g + t, the lower half holds the lower index
+    auto A = [&](int r, int k) { return half_bits(w[6 * (4 * (r % 8) + (k % 8) / 2) + (r >= 8) + 2 * (k >= 8)], k & 1); };
+    auto B = [&](int k, int n) { return half_bits(w[6 * (4 * n + (k % 8) / 2) + 4 + (k >= 8)], k & 1); };
+    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i >= 2), col = 2 * t + (i & 1);
+        float sum = 0.f;
+        for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+        c[i] += sum;
+    }
+    __syncthreads();
+}
 // CTAs one after another in a shuffled order: no CTA may rely on another's writes, except across `phases`
 // (1-D grids: CTAs [0, phases[0]) run before [phases[0], phases[1]), ..., each range shuffled), for kernels
 // whose later CTAs wait for earlier ones
@@ -102,13 +131,14 @@ inline void launch(dim3 grid, unsigned threads, const std::function<void()>& bod
         lo = hi;
     }
     std::vector<float> shfl(threads);
+    std::vector<uint32_t> mma(6 * threads);
     for (unsigned cta : order) {
         const unsigned bx = cta % grid.x, by = cta / grid.x;
         std::barrier<> bar(threads);
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < threads; ++t)
             ts.emplace_back([&, t] { threadIdx = dim3{t, 0, 0}; blockIdx = dim3{bx, by, 0}; cta_barrier = &bar;
-                                     shfl_buf = shfl.data(); body(); });
+                                     shfl_buf = shfl.data(); mma_buf = mma.data(); body(); });
         for (auto& th : ts) th.join();
     }
 }

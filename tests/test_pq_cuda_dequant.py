@@ -303,7 +303,7 @@ def test_cuda_copy_pad_cols_is_exact(T, M, zero_from, K):
 
 
 @needs_gpu
-@pytest.mark.parametrize("mode", ["rows", "addmm", None])
+@pytest.mark.parametrize("mode", ["fold", "rows", "addmm", None])
 @pytest.mark.parametrize("N,M,k,rank,bias,T", [(1000, 2050, 512, 8, True, 65), (257, 1030, 128, 5, True, 17),
                                                (4096, 4096, 4096, 48, False, 300), (300, 130, 4096, 0, False, 33)])
 def test_cuda_dequant_matmul_matches_reference(mode, N, M, k, rank, bias, T):

@@ -19,12 +19,16 @@ signature.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
 from athena_runtime.kernels.pq_gemv import (
     _next_pow2, check_operands, num_sms, pq_gemv_reference, splitk_epilogue, triton,
 )
+
+log = logging.getLogger(__name__)
 
 if triton is not None:
     import triton.language as tl
@@ -268,14 +272,19 @@ LOWRANK_MODES = ("fold", "rows", "addmm")
 DEQUANT_KERNELS = ("triton", "cuda")
 
 
-def default_lowrank_mode(geo: PQGeometry, dequant: str) -> str:
-    """"fold" with the Triton dequantize. With the CUDA one: "rows" when M < N (copying x [T, M] into the
-    wider GEMM operand costs less than writing u Aᵀ [T, N] first in "addmm"), else "addmm". Its
-    "fold" (Ŵᵀ += Bᵀ Aᵀ by cuBLAS) pays a pass over the weight whatever the token count: only at
-    4096 x 4096 did it tie (H100, 2048 tokens, 3be144c: fold 134.1 µs, addmm 133.3, rows 146.8; on the
-    larger shapes 12-19% slower than the best of rows / addmm, BENCHMARKS.md §3)."""
+def default_lowrank_mode(geo: PQGeometry, dequant: str, rank: int | None = None) -> str:
+    """"fold" with the Triton dequantize, and with the CUDA one where the folding kernel
+    (`pq_cuda_fold`) serves the layer's rank (a multiple of 16 up to 128; PQLinear pads to 16): the
+    low-rank term costs no extra launch or host work there. Otherwise with the CUDA dequantize: "rows"
+    when M < N (copying x [T, M] into the wider GEMM operand costs less than writing u Aᵀ [T, N] first in
+    "addmm"), else "addmm" ("fold" by an in-place cuBLAS pass over Ŵᵀ tied only at 4096 x 4096 and was
+    12-19% slower on the larger shapes, H100, BENCHMARKS.md §3)."""
     if dequant == "triton":
         return "fold"
+    if rank is not None:
+        from athena_runtime.kernels import pq_cuda_fold
+        if pq_cuda_fold.supports(geo, rank):
+            return "fold"
     return "rows" if geo.M < geo.N else "addmm"
 
 
@@ -285,8 +294,9 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     (`pq_cuda_dequant.pq_dequantize_t_cuda`, fp16 only); `tuning` goes to that kernel's wrapper.
     The low-rank term, by `lowrank_mode` (default: `default_lowrank_mode`):
     "fold": y = x (Ŵ + A B)ᵀ by one plain GEMM: the Triton dequantize writes (Ŵ + A B)ᵀ (a small
-    tensor-core product per tile); after the CUDA dequantize, Ŵᵀ += Bᵀ Aᵀ by cuBLAS in place (a
-    pass over the weight, whose cost does not grow with the tokens);
+    tensor-core product per tile), so does the CUDA `pq_cuda_fold` kernel where it serves the layer's
+    rank; otherwise, after the CUDA dequantize, Ŵᵀ += Bᵀ Aᵀ by cuBLAS in place (a pass over the
+    weight, whose cost does not grow with the tokens);
     "rows": r more inner-dimension rows, [x | u | 0] · [Ŵᵀ ; Aᵀ ; 0] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM,
     no extra pass over the [T, N] output (inner dimension K = M + r padded to a multiple of 64 with
     zeros); u is written by cuBLAS straight into its columns of the [T, K] operand, and with the CUDA
@@ -296,7 +306,7 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if dequant not in DEQUANT_KERNELS:
         raise ValueError(f"dequant must be one of {DEQUANT_KERNELS}, got {dequant!r}")
-    mode = lowrank_mode or default_lowrank_mode(geo, dequant)
+    mode = lowrank_mode or default_lowrank_mode(geo, dequant, None if lowrank_a is None else lowrank_a.shape[1])
     if mode not in LOWRANK_MODES:
         raise ValueError(f"lowrank_mode must be 'fold', 'rows' or 'addmm', got {lowrank_mode!r}")
     has_lr = lowrank_a is not None
@@ -305,6 +315,10 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
         return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
     if has_lr and mode == "fold" and dequant == "triton":
         Wt = pq_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
+    elif dequant == "cuda" and has_lr and mode == "fold" and _fold_kernel(geo, lowrank_a.shape[1], x.dtype):
+        from athena_runtime.kernels import pq_cuda_fold
+        Wt = pq_cuda_fold.pq_dequantize_fold_t_cuda(qweight, codebook, geo, lowrank_a, lowrank_b,
+                                                    rows_per_chunk=tuning.get("rows_per_chunk"))
     elif dequant == "cuda":
         from athena_runtime.kernels import pq_cuda_dequant
         Wt = pq_cuda_dequant.pq_dequantize_t_cuda(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
@@ -318,6 +332,25 @@ def pq_dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
             else u @ lowrank_a.t().to(x.dtype)
         return y.addmm_(x, Wt)
     return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
+
+
+def _fold_kernel(geo: PQGeometry, rank: int, dtype) -> bool:
+    """Whether the CUDA "fold" runs the folding kernel (else the cuBLAS pass over Ŵᵀ, logged once)."""
+    from athena_runtime.kernels import pq_cuda_fold
+    if pq_cuda_fold.usable(geo, rank, dtype):
+        return True
+    _log_once(("fold-cublas", geo, rank), "CUDA fold %dx%d rank %d: folding kernel unavailable (recipe, rank or "
+              "build); Ŵᵀ += Bᵀ Aᵀ by cuBLAS", geo.N, geo.M, rank)
+    return False
+
+
+_logged: set = set()
+
+
+def _log_once(key, msg, *args):
+    if key not in _logged:
+        _logged.add(key)
+        log.info(msg, *args)
 
 
 def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, dequant: str, tuning: dict):

@@ -34,7 +34,7 @@ def host_us(fn, sets, calls=30):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="4096x4096,11008x4096")
+    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,14336x4096")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", default="", help="write cProfile stats of 30 eager low-rank calls here")

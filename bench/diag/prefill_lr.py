@@ -13,6 +13,7 @@ import triton
 
 
 def ops(T, N, M, r, dev):
+    from athena_runtime.kernels import pq_cuda_dequant as cdq, pq_cuda_fold as fold
     from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
     from bench.kernels import RECIPE, make_layer
     L = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], r, dev)
@@ -35,11 +36,16 @@ def ops(T, N, M, r, dev):
         "u Aᵀ": lambda: u @ A.t(),
         "rows GEMM [T, K] x [K, N]": lambda: xu @ Wu,
         "addmm mode (3 products)": lambda: ((x @ B.t()) @ A.t()).addmm_(x, Wt),
-        "PQ cuda-dequant, low-rank (default mode)": lambda: pq_dequant_matmul(
+        "PQ cuda-dequant, low-rank (default: fold)": lambda: pq_dequant_matmul(
             x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda"),
         "PQ cuda-dequant, rows": lambda: pq_dequant_matmul(
             x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda", lowrank_mode="rows"),
         "PQ cuda-dequant, no low-rank": lambda: pq_dequant_matmul(x, L["qweight"], L["codebook"], L["geo"], dequant="cuda"),
+        "PQ cuda-dequant, addmm": lambda: pq_dequant_matmul(
+            x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda", lowrank_mode="addmm"),
+        "dequantize alone": lambda: cdq.pq_dequantize_t_cuda(L["qweight"], L["codebook"], L["geo"]),
+        **{f"fold kernel alone r{r}": (lambda r=r: fold.pq_dequantize_fold_t_cuda(
+            L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], rows_per_chunk=r)) for r in fold.ROWS_CANDIDATES},
     }
 
 

@@ -1,0 +1,337 @@
+"""(Ŵ + A B)ᵀ [M, N] as fp16 in one CUDA launch: the prefill weight with the low-rank term folded in.
+
+    out[c, i] = fp16( C[i // k, c // D, c % D, I[i, c // D]] + Σ_e A[i, e] B[e, c] )   (fp32 sum, one rounding)
+
+The dequantize-then-cuBLAS path (`pq_gemm.pq_dequant_matmul`) otherwise pays for the low-rank term with
+two or three more cuBLAS calls per layer (u = x Bᵀ, u Aᵀ, or an in-place pass over Ŵᵀ): GPU time, and
+host time that a 2048-token call cannot hide (H100: ~30 µs of host per cuBLAS call, BENCHMARKS.md §3).
+Here the r-term product rides in the dequantize on tensor cores, so prefill is this launch and one GEMM.
+
+    CTA (row chunk, slab of SLAB_W = 8 index words), THREADS = 256, a chunk never crosses a codebook block
+      1. the slab's codebook lines (all PER_WORD slots) and B's columns of those slots (transposed,
+         [column][rank], rows padded by 8 halves: conflict-free fragment loads) -> shared memory
+      2. tiles of 8 rows i, dealt to the 8 warps round-robin (every warp runs the same number of rounds):
+         per slot and 16-column m-tile, mma.m16n8k16 (fp32) over the rank gives Σ_e B[e, c] A[i, e]
+         with the tile's columns c as the MMA rows and its rows i as the MMA columns, so a thread holds
+         two consecutive rows i of one column c: it adds their two codebook entries (shared-memory
+         lookups) and writes both with one 4-byte store. A's fragments are loaded once per tile and
+         serve every slot; the index words too (one per row and column half).
+Rows outside the chunk and columns >= M are not written. Needs rank % 16 == 0 (`pq_linear` pads the
+factors to 16) and rank <= 128; `supports` says which layers it serves. sm_80-class instructions only
+(mma.sync): Ada and Hopper alike. Built with `load_inline` on first use (`cuda_build.InlineExtension`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
+from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
+
+THREADS = 256
+SLAB_W = 8
+MAX_RANK = 128  # A's fragments of a tile are held in registers: rank / 16 <= 8 k-steps
+SMEM_LIMIT = 48 * 1024
+ROWS_CANDIDATES = (512, 1024, 2048)
+RECIPES = [(bits, d) for bits in (4, 6, 8) for d in (1, 2, 3, 4)]
+
+
+def smem_bytes(bits: int, d: int, rank: int) -> int:
+    per_word, cols = 32 // bits, d * SLAB_W
+    m_tiles = -(-cols // 16)
+    return per_word * SLAB_W * d * (1 << bits) * 2 + per_word * m_tiles * 16 * (rank + 8) * 2
+
+
+_KERNEL_SRC = r"""
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace athena_pq_fold {
+constexpr int THREADS = @THREADS@, WARPS = THREADS / 32, SLAB_W = @SLAB_W@, MAX_K = @MAX_RANK@ / 16;
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifndef ATHENA_CUDA_EMULATION
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    emulated_mma16816(c, a, b0, b1);  // tests/cuda_emulation.py
+#endif
+}
+
+__device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(*reinterpret_cast<const __half*>(&bits)); }
+__device__ __forceinline__ uint16_t f2h(float v) {
+    const __half h = __float2half_rn(v);
+    return *reinterpret_cast<const uint16_t*>(&h);
+}
+
+// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory.
+// Module docstring: the algorithm.
+template <int BITS, int D>
+__global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
+    const int* __restrict__ qweight, int N_pad,                    // [GW, N_pad] int32
+    const uint16_t* __restrict__ codebook, int G_pad,              // [Nb, G_pad, D, NC] fp16
+    int N, int M, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
+    const uint16_t* __restrict__ lr_a, int stride_an,              // A [N, rank] fp16
+    const uint16_t* __restrict__ lr_b, int stride_be, int rank,    // B [rank, M] fp16, rank % 16 == 0, <= 16 MAX_K
+    uint16_t* __restrict__ out, long long stride_out)              // (Ŵ + A B)ᵀ [M, N], rows stride_out apart
+{
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, COLS = D * SLAB_W, MT = (COLS + 15) / 16;
+    constexpr int SEG = SLAB_W * D * NC / 8;                       // int4 per slot's codebook lines
+    extern __shared__ __align__(16) uint16_t smem[];
+    uint16_t* cb_s = smem;                                         // [PER_WORD][SLAB_W][D][NC]
+    uint16_t* b_s = smem + PER_WORD * SLAB_W * D * NC;             // [PER_WORD][MT * 16][rank + 8]
+    const int RS = rank + 8, ksteps = rank / 16;
+
+    const int slab = blockIdx.y, w0 = slab * SLAB_W;
+    const int blk = blockIdx.x / chunks_per_blk;
+    const int row_start = blk * k_rows + (blockIdx.x % chunks_per_blk) * rows_per_chunk;
+    const int row_end = min(min(row_start + rows_per_chunk, (blk + 1) * k_rows), N);
+
+    // ---- 1. codebook lines and B's columns of the slab's slots -> shared memory
+    {
+        const int4* cb4 = reinterpret_cast<const int4*>(codebook + (size_t)blk * G_pad * D * NC);
+        int4* dst = reinterpret_cast<int4*>(cb_s);
+        for (int e = threadIdx.x; e < PER_WORD * SEG; e += THREADS) {
+            const int s = e / SEG, o = e % SEG;  // slot s: groups s GW + w0 .. + SLAB_W - 1, contiguous
+            dst[e] = __ldg(cb4 + (size_t)(s * GW + w0) * (D * NC / 8) + o);
+        }
+        for (int e = threadIdx.x; e < PER_WORD * MT * 16 * rank; e += THREADS) {
+            const int c = e % (MT * 16), k = (e / (MT * 16)) % rank, s = e / (MT * 16 * rank);
+            const int col = D * (s * GW + w0) + c;
+            b_s[(s * MT * 16 + c) * RS + k] = (c < COLS && col < M) ? __ldg(lr_b + (size_t)k * stride_be + col) : (uint16_t)0;
+        }
+    }
+    __syncthreads();
+
+    // ---- 2. 8-row tiles (aligned to 8 rows), tile base + warp for base = 0, WARPS, ...
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int tile0 = row_start & ~7, n_tiles = (row_end - tile0 + 7) / 8;
+    const bool pair_ok = (stride_out % 2 == 0) && (reinterpret_cast<uintptr_t>(out) % 4 == 0);
+    for (int base = 0; base < n_tiles; base += WARPS) {
+        const int n0 = tile0 + 8 * (base + warp);
+        const bool live = base + warp < n_tiles;
+        const int r0 = n0 + 2 * t, r1 = r0 + 1;                   // this thread's two rows
+        const bool in0 = live && r0 >= row_start && r0 < row_end, in1 = live && r1 >= row_start && r1 < row_end;
+        // MMA B operand: A[n0 + g][16 k + 2t, +1] and [.. + 8, + 9], every k-step, for all slots
+        uint32_t bf[MAX_K][2];
+        const bool arow = live && n0 + g < N;
+        const uint16_t* ap = lr_a + (size_t)(arow ? n0 + g : 0) * stride_an + 2 * t;
+#pragma unroll
+        for (int k = 0; k < MAX_K; ++k) {
+            bf[k][0] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
+            bf[k][1] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
+        }
+        // index words of rows r0, r1 for the thread's columns c = 16 mt + g + 8 h (all slots: bits s·BITS)
+        uint32_t wd[MT][2][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int c = 16 * mt + g + 8 * h;
+                const int* qp = qweight + (size_t)(w0 + (c < COLS ? c / D : 0)) * N_pad;
+                wd[mt][h][0] = (c < COLS && in0) ? (uint32_t)__ldcs(qp + r0) : 0u;
+                wd[mt][h][1] = (c < COLS && in1) ? (uint32_t)__ldcs(qp + r1) : 0u;
+            }
+#pragma unroll
+        for (int s = 0; s < PER_WORD; ++s) {
+            const int col_s = D * (s * GW + w0);
+            if (col_s >= M) break;  // uniform over the CTA: this slot and the later ones are padding
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
+                const uint16_t* bs = b_s + (size_t)(s * MT * 16 + 16 * mt + g) * RS + 2 * t;
+#pragma unroll
+                for (int k = 0; k < MAX_K; ++k) {
+                    if (k < ksteps) {  // uniform
+                        uint32_t a[4];  // MMA A operand: rows = columns c (B transposed), cols = ranks
+                        a[0] = *reinterpret_cast<const uint32_t*>(bs + 16 * k);
+                        a[1] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k);
+                        a[2] = *reinterpret_cast<const uint32_t*>(bs + 16 * k + 8);
+                        a[3] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k + 8);
+                        mma16816(acc, a, bf[k][0], bf[k][1]);
+                    }
+                }
+                // acc: [0] (c = 16 mt + g, r0), [1] (c, r1), [2] (c + 8, r0), [3] (c + 8, r1)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int c = 16 * mt + g + 8 * h, col = col_s + c;
+                    if (c >= COLS || col >= M) continue;
+                    const uint16_t* line = cb_s + ((s * SLAB_W + c / D) * D + c % D) * NC;
+                    const float v0 = acc[2 * h] + h2f(line[(wd[mt][h][0] >> (s * BITS)) & (NC - 1)]);
+                    const float v1 = acc[2 * h + 1] + h2f(line[(wd[mt][h][1] >> (s * BITS)) & (NC - 1)]);
+                    uint16_t* dst = out + (size_t)col * stride_out + r0;
+                    if (pair_ok && in0 && in1) {
+                        *reinterpret_cast<uint32_t*>(dst) = (uint32_t)f2h(v0) | ((uint32_t)f2h(v1) << 16);
+                    } else {
+                        if (in0) dst[0] = f2h(v0);
+                        if (in1) dst[1] = f2h(v1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace athena_pq_fold
+"""
+
+_HOST_SRC_HEAD = r"""
+#include <torch/types.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace athena_pq_fold {
+
+struct FoldArgs {
+    const int* qweight; int N_pad;
+    const uint16_t* codebook; int G_pad;
+    int N, M, GW, k_rows, chunks_per_blk, rows_per_chunk;
+    const uint16_t* lr_a; int stride_an;
+    const uint16_t* lr_b; int stride_be, rank;
+    uint16_t* out; long long stride_out;
+};
+
+template <int BITS, int D>
+void launch_fold(FoldArgs a, dim3 grid, cudaStream_t stream) {
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, MT = (D * SLAB_W + 15) / 16;
+    const size_t smem = (size_t)PER_WORD * SLAB_W * D * NC * 2 + (size_t)PER_WORD * MT * 16 * (a.rank + 8) * 2;
+    TORCH_CHECK(smem <= 48 * 1024, "pq_dequant_fold_t: ", smem, " bytes of shared memory (rank too large for this recipe)");
+    pq_dequant_fold_t_kernel<BITS, D><<<grid, THREADS, smem, stream>>>(
+        a.qweight, a.N_pad, a.codebook, a.G_pad, a.N, a.M, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk,
+        a.lr_a, a.stride_an, a.lr_b, a.stride_be, a.rank, a.out, a.stride_out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+static const uint16_t* half_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Tensor lr_a, torch::Tensor lr_b,
+                       torch::Tensor out, int64_t N, int64_t M, int64_t k_rows, int64_t rows_per_chunk, int64_t bits) {
+    TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == torch::kInt && qweight.dim() == 2 && qweight.is_contiguous()
+                && qweight.size(1) >= N && qweight.size(0) % SLAB_W == 0, "qweight: int32 [GW, N_pad], GW % 8 == 0");
+    TORCH_CHECK(codebook.scalar_type() == torch::kHalf && codebook.dim() == 4 && codebook.is_contiguous()
+                && codebook.size(3) == (1 << bits) && codebook.size(2) <= 4 && codebook.size(1) == (32 / bits) * qweight.size(0)
+                && codebook.size(0) == (N + k_rows - 1) / k_rows, "codebook: fp16 [Nb, G_pad, d <= 4, 2^bits]");
+    TORCH_CHECK(lr_a.scalar_type() == torch::kHalf && lr_a.dim() == 2 && lr_a.size(0) == N && lr_a.stride(1) == 1
+                && lr_a.stride(0) % 2 == 0 && (uintptr_t)lr_a.data_ptr() % 4 == 0, "lowrank_a: fp16 [N, r], 4-byte aligned rows");
+    TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.dim() == 2 && lr_b.size(1) == M && lr_b.stride(1) == 1
+                && lr_b.size(0) == lr_a.size(1), "lowrank_b: fp16 [r, M]");
+    TORCH_CHECK(lr_a.size(1) % 16 == 0 && lr_a.size(1) > 0 && lr_a.size(1) <= MAX_K * 16, "rank: a multiple of 16, at most ",
+                MAX_K * 16);
+    TORCH_CHECK(out.scalar_type() == torch::kHalf && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == M && out.size(1) == N,
+                "out: fp16 [M, N], rows contiguous");
+    TORCH_CHECK(rows_per_chunk % 8 == 0 && rows_per_chunk > 0, "rows_per_chunk: a positive multiple of 8");
+    const c10::cuda::CUDAGuard guard(qweight.device());
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(qweight.device().index()).stream();
+    const int k_eff = k_rows < N ? (int)k_rows : (int)N, chunks = (k_eff + (int)rows_per_chunk - 1) / (int)rows_per_chunk;
+    const dim3 grid((unsigned)(chunks * ((N + k_rows - 1) / k_rows)), (unsigned)(qweight.size(0) / SLAB_W), 1);
+    FoldArgs a{qweight.data_ptr<int>(), (int)qweight.size(1), half_ptr(codebook), (int)codebook.size(1),
+               (int)N, (int)M, (int)qweight.size(0), (int)k_rows, chunks, (int)rows_per_chunk,
+               half_ptr(lr_a), (int)lr_a.stride(0), half_ptr(lr_b), (int)lr_b.stride(0), (int)lr_a.size(1),
+               reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()), (long long)out.stride(0)};
+    const int D = (int)codebook.size(2);
+"""
+
+_HOST_SRC_TAIL = r"""
+    TORCH_CHECK(false, "pq_dequant_fold_t: no instantiation for bits=", bits, " d=", D);
+}
+
+}  // namespace athena_pq_fold
+
+void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Tensor lr_a, torch::Tensor lr_b,
+                       torch::Tensor out, int64_t N, int64_t M, int64_t k_rows, int64_t rows_per_chunk, int64_t bits) {
+    athena_pq_fold::pq_dequant_fold_t(qweight, codebook, lr_a, lr_b, out, N, M, k_rows, rows_per_chunk, bits);
+}
+"""
+
+_CPP_DECL = """
+void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Tensor lr_a, torch::Tensor lr_b,
+                       torch::Tensor out, int64_t N, int64_t M, int64_t k_rows, int64_t rows_per_chunk, int64_t bits);
+"""
+
+
+def kernel_source() -> str:
+    """The device code alone (no torch headers): the emulated CPU tests and standalone nvcc checks."""
+    return (_KERNEL_SRC.replace("@THREADS@", str(THREADS)).replace("@SLAB_W@", str(SLAB_W))
+            .replace("@MAX_RANK@", str(MAX_RANK)))
+
+
+def cuda_source() -> str:
+    dispatch = "\n".join(f"    if (bits == {b} && D == {d}) return launch_fold<{b}, {d}>(a, grid, stream);"
+                         for b, d in RECIPES)
+    return kernel_source() + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL
+
+
+EXTENSION = InlineExtension("athena_pq_fold", f"the CUDA PQ dequantize with the low-rank fold ({len(RECIPES)} variants)",
+                            _CPP_DECL, cuda_source, ["pq_dequant_fold_t"])
+
+
+@functools.lru_cache(maxsize=1024)
+def _supports(geo: PQGeometry, rank: int) -> bool:
+    return ((geo.bits, geo.d) in RECIPES and geo.GW % SLAB_W == 0 and 0 < rank <= MAX_RANK and rank % 16 == 0
+            and smem_bytes(geo.bits, geo.d, rank) <= SMEM_LIMIT)
+
+
+def supports(geo: PQGeometry, rank: int, dtype: torch.dtype = torch.float16) -> bool:
+    """Whether the kernel serves this layer: fp16, rank a multiple of 16 up to MAX_RANK, shared memory fits."""
+    return dtype == torch.float16 and _supports(geo, rank)
+
+
+def usable(geo: PQGeometry, rank: int, dtype: torch.dtype = torch.float16) -> bool:
+    """`supports` and the extension builds here (built on first use; a failure is logged once)."""
+    return supports(geo, rank, dtype) and EXTENSION.available()
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_rows(geo: PQGeometry, n_sms: int) -> int:
+    """Rows per chunk: the tallest candidate that still gives two CTAs per SM (the staged codebook lines and
+    B columns are shared by more rows), else the shortest."""
+    for rows in sorted(ROWS_CANDIDATES, reverse=True):
+        if geo.Nb * -(-min(geo.k, geo.N) // rows) * (geo.GW // SLAB_W) >= 2 * n_sms:
+            return rows
+    return min(ROWS_CANDIDATES)
+
+
+def _check(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, out):
+    check_layer_tensors(qweight, codebook, geo)
+    if lowrank_a is None or lowrank_b is None or lowrank_a.dim() != 2 or lowrank_b.dim() != 2 \
+            or lowrank_a.shape[0] != geo.N or lowrank_b.shape[1] != geo.M or lowrank_a.shape[1] != lowrank_b.shape[0]:
+        raise ValueError(f"pq_dequantize_fold_t: low-rank factors A [{geo.N}, r] and B [r, {geo.M}] needed, got "
+                         f"{None if lowrank_a is None else tuple(lowrank_a.shape)} x "
+                         f"{None if lowrank_b is None else tuple(lowrank_b.shape)}")
+    if out is not None and (tuple(out.shape) != (geo.M, geo.N) or out.stride(1) != 1 or out.dtype != torch.float16):
+        raise ValueError(f"out must be a row-contiguous fp16 [{geo.M}, {geo.N}] tensor, got {out.dtype} {tuple(out.shape)}")
+
+
+def pq_dequantize_fold_t_reference(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None,
+                                   rows_per_chunk: int | None = None):
+    """The spec in PyTorch (any device): (Ŵ + A B)ᵀ summed in fp32, rounded to fp16 once."""
+    _check(qweight, codebook, geo, lowrank_a, lowrank_b, out)
+    W = dequantize_reference(qweight, codebook, geo).float() + lowrank_a.float() @ lowrank_b.float()
+    Wt = W.t().half()
+    if out is None:
+        return Wt.contiguous()
+    out.copy_(Wt)
+    return out
+
+
+def pq_dequantize_fold_t_cuda(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None,
+                              rows_per_chunk: int | None = None):
+    """(Ŵ + A B)ᵀ [M, N] fp16 by the CUDA kernel (module docstring); `out` an optional row-contiguous
+    destination, `rows_per_chunk` the launch shape (default `choose_rows`)."""
+    _check(qweight, codebook, geo, lowrank_a, lowrank_b, out)
+    if qweight.device.type != "cuda":
+        raise ValueError("pq_dequantize_fold_t_cuda needs CUDA tensors (the reference runs anywhere)")
+    rank = lowrank_a.shape[1]
+    if not supports(geo, rank, codebook.dtype):
+        raise ValueError(f"pq_dequantize_fold_t_cuda: no variant for bits={geo.bits} d={geo.d} rank={rank} "
+                         f"{codebook.dtype} (rank: a multiple of 16 up to {MAX_RANK})")
+    rows = rows_per_chunk or choose_rows(geo, num_sms(qweight.device))
+    Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=torch.float16) if out is None else out
+    EXTENSION.load().pq_dequant_fold_t(qweight, codebook, lowrank_a.half(), lowrank_b.half(), Wt, geo.N, geo.M,
+                                       geo.k, rows, geo.bits)
+    return Wt

@@ -1,0 +1,198 @@
+"""The CUDA dequantize with the low-rank term folded in (`kernels/pq_cuda_fold.py`).
+
+On CPU: the PyTorch reference (the spec) and argument checks, the kernel source run by the CPU emulation
+of `cuda_emulation.py` (mma.sync emulated too; where g++ >= 11 is installed) against the reference on odd
+shapes, and (where nvcc is installed) a compile for sm_89 and sm_90 without spills. With a GPU: the kernel
+against the reference on odd shapes and every launch shape, and the prefill matmul in "fold" mode.
+
+Tolerance of the folded weight: each value is one fp16 rounding of an fp32 sum whose order differs from
+PyTorch's (tensor cores add the rank products in their own order): at most 1 fp16 ulp of the value
+(|Δ| <= 2^-10 |ref| + 2^-24), and every value outside the written range untouched (NaN guard).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import cuda_emulation
+import pytest
+import torch
+
+from athena_runtime.kernels import layout, pq_cuda_fold as fold
+from athena_runtime.kernels.layout import PQGeometry
+
+GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if GPU else "cpu")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA (and nvcc for the extension)")
+
+
+def make_layer(N, M, d, n, k, rank, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    geo = PQGeometry(N, M, d, n, k)
+    I = torch.randint(0, n, (N, geo.G), generator=g)
+    C = (torch.randn(geo.Nb, geo.G, n, d, generator=g) * 0.5).half()
+    A = (torch.randn(N, rank, generator=g) * 0.1).half().to(device)
+    B = (torch.randn(rank, M, generator=g) * 0.1).half().to(device)
+    return geo, layout.pack_words(I, geo).to(device), layout.pad_codebook(C, geo).to(device), A, B
+
+
+def assert_within_ulp(out, ref):
+    assert not torch.isnan(out).any(), "NaN (a value not written)"
+    diff = (out.float() - ref.float()).abs()
+    bound = ref.float().abs() * 2.0 ** -10 + 2.0 ** -24
+    assert (diff <= bound).all(), f"max |Δ| {diff.max().item():.3g} beyond 1 ulp"
+
+
+# ----------------------------------------------------------------------------------- CPU: the spec
+def test_reference_is_dequantize_plus_lowrank_rounded_once():
+    geo, qw, cb, A, B = make_layer(37, 29, 3, 16, 20, 16, device="cpu")
+    W = layout.dequantize_reference(qw, cb, geo).float() + A.float() @ B.float()
+    Wt = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
+    assert Wt.dtype == torch.float16 and torch.equal(Wt, W.t().half())
+    big = torch.full((29, 45), float("nan"), dtype=torch.float16)
+    fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B, out=big[:, :37])
+    assert torch.equal(big[:, :37], Wt) and torch.isnan(big[:, 37:]).all()
+
+
+@pytest.mark.parametrize("change,match", [
+    ("no_b", "low-rank factors"), ("a_rows", "low-rank factors"), ("ranks", "low-rank factors"),
+    ("out", "out must be"), ("qweight", "qweight must be"),
+])
+def test_argument_checks(change, match):
+    geo, qw, cb, A, B = make_layer(40, 24, 2, 64, 40, 16, device="cpu")
+    args = dict(qweight=qw, codebook=cb, geo=geo, lowrank_a=A, lowrank_b=B)
+    if change == "no_b":
+        args["lowrank_b"] = None
+    elif change == "a_rows":
+        args["lowrank_a"] = A[:-1]
+    elif change == "ranks":
+        args["lowrank_b"] = B[:-1]
+    elif change == "qweight":
+        args["qweight"] = qw[:, :-4]
+    kw = {"out": torch.empty(24, 41, dtype=torch.float16)} if change == "out" else {}
+    with pytest.raises(ValueError, match=match):
+        fold.pq_dequantize_fold_t_reference(**args, **kw)
+    with pytest.raises(ValueError, match=match):
+        fold.pq_dequantize_fold_t_cuda(**args, **kw)
+
+
+def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
+    geo, qw, cb, A, B = make_layer(40, 24, 2, 64, 40, 16, device="cpu")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B)
+    assert fold.supports(geo, 16) and fold.supports(geo, 128)
+    assert not fold.supports(geo, 8)  # not a multiple of 16
+    assert not fold.supports(geo, 144)  # above MAX_RANK
+    assert not fold.supports(geo, 16, torch.float32)
+    assert not fold.supports(PQGeometry(40, 24, 4, 256, 40), 128)  # shared memory: b = 8, d = 4
+
+
+def test_launch_rule_prefers_tall_chunks_that_fill_the_gpu():
+    assert fold.choose_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 512  # 52 slabs x 8 chunks (1024: 208 CTAs)
+    assert fold.choose_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 2048  # 52 x 6 = 312
+    assert fold.choose_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 512  # too small for any: the shortest
+
+
+# ----------------------------------------------------------------------------------- CPU: the kernel emulated
+def _emulated_launcher() -> str:
+    disp = "\n".join(
+        f"    if (bits == {b} && D == {d}) {{ launch(grid, THREADS, [&] {{ pq_dequant_fold_t_kernel<{b}, {d}>(qweight, N_pad, "
+        "codebook, G_pad, N, M, GW, k_rows, chunks, rows_per_chunk, lr_a, stride_an, lr_b, stride_be, rank, out, "
+        "stride_out); }); return 0; }"
+        for b, d in fold.RECIPES)
+    return fold.kernel_source() + r"""
+namespace athena_pq_fold { alignas(16) uint16_t smem[64 * 1024]; }
+using namespace athena_pq_fold;
+extern "C" int run_fold(const int* qweight, int N_pad, int GW, const uint16_t* codebook, int G_pad, int D, int bits,
+                        int N, int M, int k_rows, int rows_per_chunk, const uint16_t* lr_a, int stride_an,
+                        const uint16_t* lr_b, int stride_be, int rank, uint16_t* out, long long stride_out) {
+    const int k_eff = k_rows < N ? k_rows : N, chunks = (k_eff + rows_per_chunk - 1) / rows_per_chunk;
+    const dim3 grid{(unsigned)(chunks * ((N + k_rows - 1) / k_rows)), (unsigned)(GW / SLAB_W), 1};
+""" + disp + "\n    return 1;\n}\n"
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    lib = cuda_emulation.build(_emulated_launcher(), tmp_path_factory.mktemp("pq_cuda_fold_emu"))
+    P, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.run_fold.argtypes = [P, i32, i32, P, i32, i32, i32, i32, i32, i32, i32, P, i32, P, i32, i32, P, i64]
+    return lib
+
+
+def _emulate(lib, qw, cb, geo, A, B, out, rows):
+    rc = lib.run_fold(qw.data_ptr(), qw.shape[1], qw.shape[0], cb.data_ptr(), cb.shape[1], geo.d, geo.bits,
+                      geo.N, geo.M, geo.k, rows, A.data_ptr(), A.stride(0), B.data_ptr(), B.stride(0), A.shape[1],
+                      out.data_ptr(), out.stride(0))
+    assert rc == 0, "no variant"
+
+
+@pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 11 (C++20 <barrier>)")
+@pytest.mark.parametrize("N,M,d,n,k,rank,rows", [
+    (203, 83, 2, 64, 50, 16, 24),    # k % 8 != 0: tiles straddle chunks and blocks; a slot straddles M
+    (130, 96, 2, 64, 130, 48, 64),   # the recipe's rank (3 k-steps); several rounds of the 8 warps
+    (77, 61, 3, 16, 77, 32, 512),    # d = 3: two m-tiles, the second partly padding; odd N
+    (64, 40, 1, 256, 64, 16, 512),   # d = 1: half an m-tile; b = 8
+    (45, 70, 4, 16, 20, 128, 16),    # d = 4, rank at its maximum, three codebook blocks
+])
+def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
+    geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank, device="cpu")
+    ref = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
+    for pad in (0, 8, 3):  # row stride N, wider aligned, wider unaligned (every store element-wise)
+        guard = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16)
+        _emulate(emulated, qw, cb, geo, A, B, guard[:M, :N], rows)
+        assert_within_ulp(guard[:M, :N], ref)
+        assert torch.isnan(guard[M:]).all() and torch.isnan(guard[:, N:]).all()
+
+
+def _nvcc():
+    for cand in (os.environ.get("CUDA_HOME", "") + "/bin/nvcc", "/usr/local/cuda/bin/nvcc", shutil.which("nvcc") or ""):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc")
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
+def test_kernels_compile_without_spills(tmp_path, arch):
+    """nvcc -arch=ARCH -Xptxas -v on every recipe's kernel: <= 128 registers (two CTAs of 256 threads per
+    SM) and no spills."""
+    inst = "\n".join(f"template __global__ void athena_pq_fold::pq_dequant_fold_t_kernel<{b}, {d}>(const int*, int, "
+                     "const uint16_t*, int, int, int, int, int, int, int, const uint16_t*, int, const uint16_t*, int, "
+                     "int, uint16_t*, long long);" for b, d in fold.RECIPES)
+    src = tmp_path / "pq_cuda_fold.cu"
+    src.write_text(fold.kernel_source() + "\n" + inst + "\n")
+    res = subprocess.run([_nvcc(), f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", "-c", str(src), "-o",
+                          str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", res.stderr)]
+    assert len(regs) >= len(fold.RECIPES) and max(regs) <= 128
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    assert spills and all(s == ("0", "0") for s in spills), res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------- GPU
+GPU_CASES = [  # N, M, d, n, k, rank
+    (1000, 2050, 2, 64, 512, 48),
+    (203, 83, 2, 64, 50, 16),
+    (300, 301, 3, 16, 100, 32),
+    (257, 1030, 4, 16, 128, 64),
+    (517, 999, 1, 256, 300, 128),
+    (4096, 4096, 2, 64, 4096, 48),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("N,M,d,n,k,rank", GPU_CASES)
+def test_cuda_fold_matches_reference(N, M, d, n, k, rank):
+    geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank)
+    ref = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
+    for rows in (None, 8, 512, 1024, 2048):
+        assert_within_ulp(fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B, rows_per_chunk=rows), ref)
+    for pad in (8, 3):  # a wider row stride (aligned, then unaligned): columns >= N and rows >= M untouched
+        big = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16, device=DEV)
+        fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B, out=big[:M, :N])
+        assert_within_ulp(big[:M, :N], ref)
+        assert torch.isnan(big[:, N:]).all() and torch.isnan(big[M:]).all()
