@@ -5,9 +5,11 @@ of `cuda_emulation.py` (mma.sync emulated too; where g++ >= 11 is installed) aga
 shapes, and (where nvcc is installed) a compile for sm_89 and sm_90 without spills. With a GPU: the kernel
 against the reference on odd shapes and every launch shape, and the prefill matmul in "fold" mode.
 
-Tolerance of the folded weight: each value is one fp16 rounding of an fp32 sum whose order differs from
-PyTorch's (tensor cores add the rank products in their own order): at most 1 fp16 ulp of the value
-(|Δ| <= 2^-10 |ref| + 2^-24), and every value outside the written range untouched (NaN guard).
+Tolerance of the folded weight: each value is one fp16 rounding of an fp32 sum whose order and rounding
+differ from PyTorch's (tensor cores add the rank products in their own order, truncating): at most 1 fp16
+ulp of the value, plus 2^-18 absolute where the codebook entry and the low-rank term nearly cancel
+(|Δ| <= 2^-10 |ref| + 2^-18, operands of magnitude ~1); every value outside the written range untouched
+(NaN guard).
 """
 from __future__ import annotations
 
@@ -42,8 +44,10 @@ def make_layer(N, M, d, n, k, rank, seed=0, device=DEV):
 def assert_within_ulp(out, ref):
     assert not torch.isnan(out).any(), "NaN (a value not written)"
     diff = (out.float() - ref.float()).abs()
-    bound = ref.float().abs() * 2.0 ** -10 + 2.0 ** -24
-    assert (diff <= bound).all(), f"max |Δ| {diff.max().item():.3g} beyond 1 ulp"
+    bound = ref.float().abs() * 2.0 ** -10 + 2.0 ** -18
+    bad = diff > bound
+    assert not bad.any(), (f"{int(bad.sum())} values beyond 1 ulp + 2^-18, e.g. out {out[bad][:4].tolist()} "
+                           f"ref {ref[bad][:4].tolist()}")
 
 
 # ----------------------------------------------------------------------------------- CPU: the spec

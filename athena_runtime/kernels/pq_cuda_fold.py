@@ -68,6 +68,37 @@ __device__ __forceinline__ uint16_t f2h(float v) {
     return *reinterpret_cast<const uint16_t*>(&h);
 }
 
+// What a thread loads for one 8-row tile at rows n0..: the MMA B operand (A[n0 + g][16 k + 2t, +1] and [.. + 8, + 9],
+// every k-step; serves all slots) and the index words of its rows r0 = n0 + 2t, r0 + 1 for its columns
+// c = 16 mt + g + 8 h (all slots: bits s·BITS). Zero where the tile, row or column is outside the layer.
+template <int MT, int D>
+struct TileLoads {
+    uint32_t bf[MAX_K][2];
+    uint32_t wd[MT][2][2];
+    __device__ __forceinline__ void load(const int* __restrict__ qweight, int N_pad, int w0,
+                                         const uint16_t* __restrict__ lr_a, int stride_an, int N, int ksteps,
+                                         int n0, bool live, int row_start, int row_end, int g, int t) {
+        const bool arow = live && n0 + g < N;
+        const uint16_t* ap = lr_a + (size_t)(arow ? n0 + g : 0) * stride_an + 2 * t;
+#pragma unroll
+        for (int k = 0; k < MAX_K; ++k) {
+            bf[k][0] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
+            bf[k][1] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
+        }
+        const int r0 = n0 + 2 * t;
+        const bool in0 = live && r0 >= row_start && r0 < row_end, in1 = live && r0 + 1 >= row_start && r0 + 1 < row_end;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int c = 16 * mt + g + 8 * h;
+                const int* qp = qweight + (size_t)(w0 + (c < D * SLAB_W ? c / D : 0)) * N_pad;
+                wd[mt][h][0] = (c < D * SLAB_W && in0) ? (uint32_t)__ldcs(qp + r0) : 0u;
+                wd[mt][h][1] = (c < D * SLAB_W && in1) ? (uint32_t)__ldcs(qp + r0 + 1) : 0u;
+            }
+    }
+};
+
 // grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory.
 // Module docstring: the algorithm.
 template <int BITS, int D>
@@ -91,51 +122,70 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
     const int row_start = blk * k_rows + (blockIdx.x % chunks_per_blk) * rows_per_chunk;
     const int row_end = min(min(row_start + rows_per_chunk, (blk + 1) * k_rows), N);
 
-    // ---- 1. codebook lines and B's columns of the slab's slots -> shared memory
+    // ---- 1. codebook lines and B's columns of the slab's slots -> shared memory; every load of a batch is issued
+    // before its stores (one L2 round trip per batch, not one per element)
     {
         const int4* cb4 = reinterpret_cast<const int4*>(codebook + (size_t)blk * G_pad * D * NC);
         int4* dst = reinterpret_cast<int4*>(cb_s);
-        for (int e = threadIdx.x; e < PER_WORD * SEG; e += THREADS) {
-            const int s = e / SEG, o = e % SEG;  // slot s: groups s GW + w0 .. + SLAB_W - 1, contiguous
-            dst[e] = __ldg(cb4 + (size_t)(s * GW + w0) * (D * NC / 8) + o);
+        constexpr int CB_N = PER_WORD * SEG, CB_U = (CB_N + THREADS - 1) / THREADS;
+        int4 v[CB_U];
+#pragma unroll
+        for (int u = 0; u < CB_U; ++u) {
+            const int e = threadIdx.x + u * THREADS, s = e / SEG, o = e % SEG;  // slot s: groups s GW + w0 .., contiguous
+            if (e < CB_N) v[u] = __ldg(cb4 + (size_t)(s * GW + w0) * (D * NC / 8) + o);
         }
-        for (int e = threadIdx.x; e < PER_WORD * MT * 16 * rank; e += THREADS) {
-            const int c = e % (MT * 16), k = (e / (MT * 16)) % rank, s = e / (MT * 16 * rank);
-            const int col = D * (s * GW + w0) + c;
-            b_s[(s * MT * 16 + c) * RS + k] = (c < COLS && col < M) ? __ldg(lr_b + (size_t)k * stride_be + col) : (uint16_t)0;
+#pragma unroll
+        for (int u = 0; u < CB_U; ++u)
+            if (threadIdx.x + u * THREADS < CB_N) dst[threadIdx.x + u * THREADS] = v[u];
+        // B octets: 8 columns of one rank of one slot (16-byte loads where aligned and inside M, else element-wise)
+        constexpr int OCT = MT * 2, U = 4;
+        const int n_oct = PER_WORD * rank * OCT;
+        for (int e0 = threadIdx.x; e0 < n_oct; e0 += U * THREADS) {
+            uint4 ov[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int e = e0 + u * THREADS, o = e % OCT, k = (e / OCT) % rank, s = e / (OCT * rank);
+                const int c0 = 8 * o, col0 = D * (s * GW + w0) + c0;
+                const uint16_t* src = lr_b + (size_t)k * stride_be + col0;
+                if (e >= n_oct) {
+                    ov[u] = make_uint4(0, 0, 0, 0);
+                } else if (c0 + 8 <= COLS && col0 + 8 <= M && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+                    ov[u] = __ldg(reinterpret_cast<const uint4*>(src));
+                } else {
+                    uint32_t h[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) h[j] = (c0 + j < COLS && col0 + j < M) ? __ldg(src + j) : 0u;
+                    ov[u] = make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int e = e0 + u * THREADS;
+                if (e >= n_oct) break;
+                const int o = e % OCT, k = (e / OCT) % rank, s = e / (OCT * rank);
+                uint16_t* d = b_s + (size_t)(s * MT * 16 + 8 * o) * RS + k;
+                const uint32_t w[4] = {ov[u].x, ov[u].y, ov[u].z, ov[u].w};
+#pragma unroll
+                for (int j = 0; j < 8; ++j) d[(size_t)j * RS] = (uint16_t)(w[j / 2] >> (16 * (j & 1)));
+            }
         }
     }
     __syncthreads();
 
-    // ---- 2. 8-row tiles (aligned to 8 rows), tile base + warp for base = 0, WARPS, ...
+    // ---- 2. 8-row tiles (aligned to 8 rows), tile base + warp for base = 0, WARPS, ...; the next tile's index
+    // words and A fragments are requested before this tile's products (two tiles of loads in flight per warp)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int tile0 = row_start & ~7, n_tiles = (row_end - tile0 + 7) / 8;
     const bool pair_ok = (stride_out % 2 == 0) && (reinterpret_cast<uintptr_t>(out) % 4 == 0);
+    TileLoads<MT, D> cur, nxt;
+    cur.load(qweight, N_pad, w0, lr_a, stride_an, N, ksteps, tile0 + 8 * warp, warp < n_tiles, row_start, row_end, g, t);
     for (int base = 0; base < n_tiles; base += WARPS) {
         const int n0 = tile0 + 8 * (base + warp);
         const bool live = base + warp < n_tiles;
-        const int r0 = n0 + 2 * t, r1 = r0 + 1;                   // this thread's two rows
-        const bool in0 = live && r0 >= row_start && r0 < row_end, in1 = live && r1 >= row_start && r1 < row_end;
-        // MMA B operand: A[n0 + g][16 k + 2t, +1] and [.. + 8, + 9], every k-step, for all slots
-        uint32_t bf[MAX_K][2];
-        const bool arow = live && n0 + g < N;
-        const uint16_t* ap = lr_a + (size_t)(arow ? n0 + g : 0) * stride_an + 2 * t;
-#pragma unroll
-        for (int k = 0; k < MAX_K; ++k) {
-            bf[k][0] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
-            bf[k][1] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
-        }
-        // index words of rows r0, r1 for the thread's columns c = 16 mt + g + 8 h (all slots: bits s·BITS)
-        uint32_t wd[MT][2][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int c = 16 * mt + g + 8 * h;
-                const int* qp = qweight + (size_t)(w0 + (c < COLS ? c / D : 0)) * N_pad;
-                wd[mt][h][0] = (c < COLS && in0) ? (uint32_t)__ldcs(qp + r0) : 0u;
-                wd[mt][h][1] = (c < COLS && in1) ? (uint32_t)__ldcs(qp + r1) : 0u;
-            }
+        nxt.load(qweight, N_pad, w0, lr_a, stride_an, N, ksteps, n0 + 8 * WARPS, base + WARPS + warp < n_tiles,
+                 row_start, row_end, g, t);
+        const int r0 = n0 + 2 * t;                                 // this thread's rows r0, r0 + 1
+        const bool in0 = live && r0 >= row_start && r0 < row_end, in1 = live && r0 + 1 >= row_start && r0 + 1 < row_end;
 #pragma unroll
         for (int s = 0; s < PER_WORD; ++s) {
             const int col_s = D * (s * GW + w0);
@@ -152,17 +202,17 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
                         a[1] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k);
                         a[2] = *reinterpret_cast<const uint32_t*>(bs + 16 * k + 8);
                         a[3] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k + 8);
-                        mma16816(acc, a, bf[k][0], bf[k][1]);
+                        mma16816(acc, a, cur.bf[k][0], cur.bf[k][1]);
                     }
                 }
-                // acc: [0] (c = 16 mt + g, r0), [1] (c, r1), [2] (c + 8, r0), [3] (c + 8, r1)
+                // acc: [0] (c = 16 mt + g, r0), [1] (c, r0 + 1), [2] (c + 8, r0), [3] (c + 8, r0 + 1)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int c = 16 * mt + g + 8 * h, col = col_s + c;
                     if (c >= COLS || col >= M) continue;
                     const uint16_t* line = cb_s + ((s * SLAB_W + c / D) * D + c % D) * NC;
-                    const float v0 = acc[2 * h] + h2f(line[(wd[mt][h][0] >> (s * BITS)) & (NC - 1)]);
-                    const float v1 = acc[2 * h + 1] + h2f(line[(wd[mt][h][1] >> (s * BITS)) & (NC - 1)]);
+                    const float v0 = acc[2 * h] + h2f(line[(cur.wd[mt][h][0] >> (s * BITS)) & (NC - 1)]);
+                    const float v1 = acc[2 * h + 1] + h2f(line[(cur.wd[mt][h][1] >> (s * BITS)) & (NC - 1)]);
                     uint16_t* dst = out + (size_t)col * stride_out + r0;
                     if (pair_ok && in0 && in1) {
                         *reinterpret_cast<uint32_t*>(dst) = (uint32_t)f2h(v0) | ((uint32_t)f2h(v1) << 16);
@@ -173,6 +223,7 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
                 }
             }
         }
+        cur = nxt;
     }
 }
 
