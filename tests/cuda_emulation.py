@@ -58,6 +58,7 @@ struct __half2 { __half x, y; };
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float __half2float(__half h) { return (float)h; }
 inline __half __float2half_rn(float f) { return (__half)f; }
 inline __half2 __float2half2_rn(float f) { return {(__half)f, (__half)f}; }

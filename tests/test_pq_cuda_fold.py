@@ -91,7 +91,7 @@ def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
     assert not fold.supports(geo, 8)  # not a multiple of 16
     assert not fold.supports(geo, 144)  # above MAX_RANK
     assert not fold.supports(geo, 16, torch.float32)
-    assert not fold.supports(PQGeometry(40, 24, 4, 256, 40), 128)  # shared memory: b = 8, d = 4
+    assert not fold.supports(PQGeometry(40, 24, 4, 256, 40), 128)  # shared memory: b = 8, d = 4 (over 96 KB)
 
 
 def test_launch_rule_prefers_tall_chunks_that_fill_the_gpu():
@@ -108,7 +108,7 @@ def _emulated_launcher() -> str:
         "stride_out); }); return 0; }"
         for b, d in fold.RECIPES)
     return fold.kernel_source() + r"""
-namespace athena_pq_fold { alignas(16) uint16_t smem[64 * 1024]; }
+namespace athena_pq_fold { alignas(16) uint16_t smem[64 * 1024]; }  // 128 KB
 using namespace athena_pq_fold;
 extern "C" int run_fold(const int* qweight, int N_pad, int GW, const uint16_t* codebook, int G_pad, int D, int bits,
                         int N, int M, int k_rows, int rows_per_chunk, const uint16_t* lr_a, int stride_an,
@@ -139,10 +139,12 @@ def _emulate(lib, qw, cb, geo, A, B, out, rows):
     (130, 96, 2, 64, 130, 48, 64),   # the recipe's rank (3 k-steps); several rounds of the 8 warps
     (77, 61, 3, 16, 77, 32, 512),    # d = 3: two m-tiles, the second partly padding; odd N
     (64, 40, 1, 256, 64, 16, 512),   # d = 1: half an m-tile; b = 8
-    (45, 70, 4, 16, 20, 128, 16),    # d = 4, rank at its maximum, three codebook blocks
+    (45, 70, 4, 64, 20, 64, 16),     # d = 4: two whole m-tiles; three codebook blocks
+    (96, 50, 2, 64, 96, 128, 512),   # rank at its maximum
 ])
 def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
     geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank, device="cpu")
+    assert fold.supports(geo, rank) and fold.smem_bytes(geo.bits, d, rank) <= 128 * 1024  # the emulation's buffer
     ref = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
     for pad in (0, 8, 3):  # row stride N, wider aligned, wider unaligned (every store element-wise)
         guard = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16)
@@ -181,8 +183,8 @@ def test_kernels_compile_without_spills(tmp_path, arch):
 GPU_CASES = [  # N, M, d, n, k, rank
     (1000, 2050, 2, 64, 512, 48),
     (203, 83, 2, 64, 50, 16),
-    (300, 301, 3, 16, 100, 32),
-    (257, 1030, 4, 16, 128, 64),
+    (300, 301, 3, 64, 100, 32),
+    (257, 1030, 4, 64, 128, 64),
     (517, 999, 1, 256, 300, 128),
     (4096, 4096, 2, 64, 4096, 48),
 ]

@@ -32,16 +32,19 @@ from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 
 THREADS = 256
 SLAB_W = 8
+ROUND_ROWS = 8 * THREADS // 32  # rows per round: 8 per warp
 MAX_RANK = 128  # A's fragments of a tile are held in registers: rank / 16 <= 8 k-steps
-SMEM_LIMIT = 48 * 1024
+SMEM_LIMIT = 96 * 1024  # per CTA (opt-in above 48 KB; Ada allows 99 KB, Hopper 227 KB)
 ROWS_CANDIDATES = (512, 1024, 2048)
 RECIPES = [(bits, d) for bits in (4, 6, 8) for d in (1, 2, 3, 4)]
 
 
 def smem_bytes(bits: int, d: int, rank: int) -> int:
+    """Low-rank tile (fp32) + codebook lines + B's columns of one CTA."""
     per_word, cols = 32 // bits, d * SLAB_W
     m_tiles = -(-cols // 16)
-    return per_word * SLAB_W * d * (1 << bits) * 2 + per_word * m_tiles * 16 * (rank + 8) * 2
+    return (per_word * m_tiles * 16 * (ROUND_ROWS + 4) * 4 + per_word * SLAB_W * d * (1 << bits) * 2
+            + per_word * m_tiles * 16 * (rank + 8) * 2)
 
 
 _KERNEL_SRC = r"""
@@ -50,6 +53,13 @@ _KERNEL_SRC = r"""
 
 namespace athena_pq_fold {
 constexpr int THREADS = @THREADS@, WARPS = THREADS / 32, SLAB_W = @SLAB_W@, MAX_K = @MAX_RANK@ / 16;
+constexpr int RT = 8 * WARPS, LR_LD = RT + 4;  // rows per round (8 per warp), lr_s row stride (floats)
+
+// the 4 rows of quad r4 that lie in [row_start, row_end): [lo, hi)
+struct Quad { int lo, hi; };
+__device__ __forceinline__ Quad quad_rows(int r4, int row_start, int row_end) {
+    return Quad{max(row_start - 4 * r4, 0), min(row_end - 4 * r4, 4)};
+}
 
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #ifndef ATHENA_CUDA_EMULATION
@@ -68,41 +78,11 @@ __device__ __forceinline__ uint16_t f2h(float v) {
     return *reinterpret_cast<const uint16_t*>(&h);
 }
 
-// What a thread loads for one 8-row tile at rows n0..: the MMA B operand (A[n0 + g][16 k + 2t, +1] and [.. + 8, + 9],
-// every k-step; serves all slots) and the index words of its rows r0 = n0 + 2t, r0 + 1 for its columns
-// c = 16 mt + g + 8 h (all slots: bits s·BITS). Zero where the tile, row or column is outside the layer.
-template <int MT, int D>
-struct TileLoads {
-    uint32_t bf[MAX_K][2];
-    uint32_t wd[MT][2][2];
-    __device__ __forceinline__ void load(const int* __restrict__ qweight, int N_pad, int w0,
-                                         const uint16_t* __restrict__ lr_a, int stride_an, int N, int ksteps,
-                                         int n0, bool live, int row_start, int row_end, int g, int t) {
-        const bool arow = live && n0 + g < N;
-        const uint16_t* ap = lr_a + (size_t)(arow ? n0 + g : 0) * stride_an + 2 * t;
-#pragma unroll
-        for (int k = 0; k < MAX_K; ++k) {
-            bf[k][0] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
-            bf[k][1] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
-        }
-        const int r0 = n0 + 2 * t;
-        const bool in0 = live && r0 >= row_start && r0 < row_end, in1 = live && r0 + 1 >= row_start && r0 + 1 < row_end;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int c = 16 * mt + g + 8 * h;
-                const int* qp = qweight + (size_t)(w0 + (c < D * SLAB_W ? c / D : 0)) * N_pad;
-                wd[mt][h][0] = (c < D * SLAB_W && in0) ? (uint32_t)__ldcs(qp + r0) : 0u;
-                wd[mt][h][1] = (c < D * SLAB_W && in1) ? (uint32_t)__ldcs(qp + r0 + 1) : 0u;
-            }
-    }
-};
-
-// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory.
+// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory. Three CTAs per SM
+// for b = 6, d <= 2 (80 registers, no spills on sm_89 / sm_90), two for the other recipes.
 // Module docstring: the algorithm.
 template <int BITS, int D>
-__global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
+__global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_dequant_fold_t_kernel(
     const int* __restrict__ qweight, int N_pad,                    // [GW, N_pad] int32
     const uint16_t* __restrict__ codebook, int G_pad,              // [Nb, G_pad, D, NC] fp16
     int N, int M, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
@@ -112,9 +92,11 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
 {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, COLS = D * SLAB_W, MT = (COLS + 15) / 16;
     constexpr int SEG = SLAB_W * D * NC / 8;                       // int4 per slot's codebook lines
+    constexpr int QR = RT / 4, ITEMS = (QR * COLS + THREADS - 1) / THREADS;  // quads per round, items per thread
     extern __shared__ __align__(16) uint16_t smem[];
-    uint16_t* cb_s = smem;                                         // [PER_WORD][SLAB_W][D][NC]
-    uint16_t* b_s = smem + PER_WORD * SLAB_W * D * NC;             // [PER_WORD][MT * 16][rank + 8]
+    float* lr_s = reinterpret_cast<float*>(smem);                  // [PER_WORD][MT * 16][LR_LD] fp32
+    uint16_t* cb_s = smem + 2 * PER_WORD * MT * 16 * LR_LD;        // [PER_WORD][SLAB_W][D][NC]
+    uint16_t* b_s = cb_s + PER_WORD * SLAB_W * D * NC;             // [PER_WORD][MT * 16][rank + 8]
     const int RS = rank + 8, ksteps = rank / 16;
 
     const int slab = blockIdx.y, w0 = slab * SLAB_W;
@@ -172,24 +154,38 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
     }
     __syncthreads();
 
-    // ---- 2. 8-row tiles (aligned to 8 rows), tile base + warp for base = 0, WARPS, ...; the next tile's index
-    // words and A fragments are requested before this tile's products (two tiles of loads in flight per warp)
+    // ---- 2. rounds of RT = 8 WARPS rows (quad-aligned): (a) warp w's 8 rows x every slot's columns by mma -> lr_s
+    // (fp32); (b) thread (quad q, column c of a slot) adds lr_s to its 4 codebook entries of every slot and writes
+    // them with one 8-byte store (a warp: two columns x 128 contiguous bytes). The next round's index words and A
+    // fragments are requested before this round's work.
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int tile0 = row_start & ~7, n_tiles = (row_end - tile0 + 7) / 8;
-    const bool pair_ok = (stride_out % 2 == 0) && (reinterpret_cast<uintptr_t>(out) % 4 == 0);
-    TileLoads<MT, D> cur, nxt;
-    cur.load(qweight, N_pad, w0, lr_a, stride_an, N, ksteps, tile0 + 8 * warp, warp < n_tiles, row_start, row_end, g, t);
-    for (int base = 0; base < n_tiles; base += WARPS) {
-        const int n0 = tile0 + 8 * (base + warp);
-        const bool live = base + warp < n_tiles;
-        nxt.load(qweight, N_pad, w0, lr_a, stride_an, N, ksteps, n0 + 8 * WARPS, base + WARPS + warp < n_tiles,
-                 row_start, row_end, g, t);
-        const int r0 = n0 + 2 * t;                                 // this thread's rows r0, r0 + 1
-        const bool in0 = live && r0 >= row_start && r0 < row_end, in1 = live && r0 + 1 >= row_start && r0 + 1 < row_end;
+    const int rb0 = row_start & ~3;
+    const bool vec_ok = (stride_out % 4 == 0) && (reinterpret_cast<uintptr_t>(out) % 8 == 0);
+    const int4* qw4 = reinterpret_cast<const int4*>(qweight);
+    const int N4 = N_pad / 4;
+    uint32_t bf[MAX_K][2], nbf[MAX_K][2];
+    int4 wq[ITEMS], nwq[ITEMS];
+    auto load_round = [&](int rb, uint32_t (&f)[MAX_K][2], int4 (&w)[ITEMS]) {
+        const int ar = rb + 8 * warp + g;  // this thread's row of A (MMA B operand)
+        const bool arow = rb < row_end && ar < N;
+        const uint16_t* ap = lr_a + (size_t)(arow ? ar : 0) * stride_an + 2 * t;
+#pragma unroll
+        for (int k = 0; k < MAX_K; ++k) {
+            f[k][0] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
+            f[k][1] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
+        }
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {  // item e = (quad q = e % QR, column c = e / QR): word c / D of rows 4q..
+            const int e = threadIdx.x + it * THREADS, q = e % QR, c = e / QR, r4 = rb / 4 + q;
+            w[it] = (c < COLS && 4 * r4 < row_end) ? __ldcs(qw4 + (size_t)(w0 + c / D) * N4 + r4) : make_int4(0, 0, 0, 0);
+        }
+    };
+    load_round(rb0, bf, wq);
+    for (int rb = rb0; rb < row_end; rb += RT) {
+        load_round(rb + RT, nbf, nwq);
+        // (a) lr_s[slot column][row - rb] = Σ_e B[e, col] A[row, e], warp w: rows rb + 8w ..
 #pragma unroll
         for (int s = 0; s < PER_WORD; ++s) {
-            const int col_s = D * (s * GW + w0);
-            if (col_s >= M) break;  // uniform over the CTA: this slot and the later ones are padding
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -197,33 +193,58 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
 #pragma unroll
                 for (int k = 0; k < MAX_K; ++k) {
                     if (k < ksteps) {  // uniform
-                        uint32_t a[4];  // MMA A operand: rows = columns c (B transposed), cols = ranks
+                        uint32_t a[4];  // MMA A operand: rows = columns (B transposed), cols = ranks
                         a[0] = *reinterpret_cast<const uint32_t*>(bs + 16 * k);
                         a[1] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k);
                         a[2] = *reinterpret_cast<const uint32_t*>(bs + 16 * k + 8);
                         a[3] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k + 8);
-                        mma16816(acc, a, cur.bf[k][0], cur.bf[k][1]);
+                        mma16816(acc, a, bf[k][0], bf[k][1]);
                     }
                 }
-                // acc: [0] (c = 16 mt + g, r0), [1] (c, r0 + 1), [2] (c + 8, r0), [3] (c + 8, r0 + 1)
+                // acc: [0], [1] (column 16 mt + g, rows 2t, 2t + 1 of the warp's 8), [2], [3] (column + 8)
+                float* l0 = lr_s + (size_t)(s * MT * 16 + 16 * mt + g) * LR_LD + 8 * warp + 2 * t;
+                *reinterpret_cast<float2*>(l0) = make_float2(acc[0], acc[1]);
+                *reinterpret_cast<float2*>(l0 + 8 * LR_LD) = make_float2(acc[2], acc[3]);
+            }
+        }
+        __syncthreads();
+        // (b) codebook entries + lr_s -> out, one quad of rows and one column of every slot per item
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int c = 16 * mt + g + 8 * h, col = col_s + c;
-                    if (c >= COLS || col >= M) continue;
-                    const uint16_t* line = cb_s + ((s * SLAB_W + c / D) * D + c % D) * NC;
-                    const float v0 = acc[2 * h] + h2f(line[(cur.wd[mt][h][0] >> (s * BITS)) & (NC - 1)]);
-                    const float v1 = acc[2 * h + 1] + h2f(line[(cur.wd[mt][h][1] >> (s * BITS)) & (NC - 1)]);
-                    uint16_t* dst = out + (size_t)col * stride_out + r0;
-                    if (pair_ok && in0 && in1) {
-                        *reinterpret_cast<uint32_t*>(dst) = (uint32_t)f2h(v0) | ((uint32_t)f2h(v1) << 16);
-                    } else {
-                        if (in0) dst[0] = f2h(v0);
-                        if (in1) dst[1] = f2h(v1);
-                    }
+        for (int it = 0; it < ITEMS; ++it) {
+            const int e = threadIdx.x + it * THREADS, q = e % QR, c = e / QR, r4 = rb / 4 + q;
+            if (c >= COLS || 4 * r4 >= row_end) continue;
+            const Quad qd = quad_rows(r4, row_start, row_end);
+            const bool whole = vec_ok && qd.lo == 0 && qd.hi == 4;
+            const uint32_t wd[4] = {(uint32_t)wq[it].x, (uint32_t)wq[it].y, (uint32_t)wq[it].z, (uint32_t)wq[it].w};
+#pragma unroll
+            for (int s = 0; s < PER_WORD; ++s) {
+                const int col = D * (s * GW + w0) + c;
+                if (col >= M) break;  // later slots lie further right
+                const uint16_t* line = cb_s + ((s * SLAB_W + c / D) * D + c % D) * NC;
+                const float4 lr = *reinterpret_cast<const float4*>(lr_s + (size_t)(s * MT * 16 + c) * LR_LD + 4 * q);
+                const uint32_t v0 = f2h(lr.x + h2f(line[(wd[0] >> (s * BITS)) & (NC - 1)]));
+                const uint32_t v1 = f2h(lr.y + h2f(line[(wd[1] >> (s * BITS)) & (NC - 1)]));
+                const uint32_t v2 = f2h(lr.z + h2f(line[(wd[2] >> (s * BITS)) & (NC - 1)]));
+                const uint32_t v3 = f2h(lr.w + h2f(line[(wd[3] >> (s * BITS)) & (NC - 1)]));
+                uint16_t* dst = out + (size_t)col * stride_out + 4 * r4;
+                if (whole) {
+                    *reinterpret_cast<uint2*>(dst) = make_uint2(v0 | v1 << 16, v2 | v3 << 16);
+                } else {
+                    const uint32_t v[4] = {v0, v1, v2, v3};
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+                        if (r >= qd.lo && r < qd.hi) dst[r] = (uint16_t)v[r];
                 }
             }
         }
-        cur = nxt;
+        __syncthreads();  // lr_s is rewritten by the next round
+#pragma unroll
+        for (int k = 0; k < MAX_K; ++k) {
+            bf[k][0] = nbf[k][0];
+            bf[k][1] = nbf[k][1];
+        }
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) wq[it] = nwq[it];
     }
 }
 
@@ -250,8 +271,18 @@ struct FoldArgs {
 template <int BITS, int D>
 void launch_fold(FoldArgs a, dim3 grid, cudaStream_t stream) {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, MT = (D * SLAB_W + 15) / 16;
-    const size_t smem = (size_t)PER_WORD * SLAB_W * D * NC * 2 + (size_t)PER_WORD * MT * 16 * (a.rank + 8) * 2;
-    TORCH_CHECK(smem <= 48 * 1024, "pq_dequant_fold_t: ", smem, " bytes of shared memory (rank too large for this recipe)");
+    const size_t smem = (size_t)PER_WORD * MT * 16 * LR_LD * 4 + (size_t)PER_WORD * SLAB_W * D * NC * 2
+                        + (size_t)PER_WORD * MT * 16 * (a.rank + 8) * 2;
+    TORCH_CHECK(smem <= @SMEM_LIMIT@, "pq_dequant_fold_t: ", smem, " bytes of shared memory (rank too large for this recipe)");
+    // dynamic shared memory above 48 KB needs an opt-in, per device and variant (asked again only for a larger size)
+    static size_t opted[64] = {};
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    if (smem > 48 * 1024 && (dev >= 64 || smem > opted[dev])) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_dequant_fold_t_kernel<BITS, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)smem));
+        if (dev < 64) opted[dev] = smem;
+    }
     pq_dequant_fold_t_kernel<BITS, D><<<grid, THREADS, smem, stream>>>(
         a.qweight, a.N_pad, a.codebook, a.G_pad, a.N, a.M, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk,
         a.lr_a, a.stride_an, a.lr_b, a.stride_be, a.rank, a.out, a.stride_out);
@@ -314,7 +345,7 @@ def kernel_source() -> str:
 def cuda_source() -> str:
     dispatch = "\n".join(f"    if (bits == {b} && D == {d}) return launch_fold<{b}, {d}>(a, grid, stream);"
                          for b, d in RECIPES)
-    return kernel_source() + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL
+    return kernel_source() + (_HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL).replace("@SMEM_LIMIT@", str(SMEM_LIMIT))
 
 
 EXTENSION = InlineExtension("athena_pq_fold", f"the CUDA PQ dequantize with the low-rank fold ({len(RECIPES)} variants)",
