@@ -87,11 +87,11 @@ def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
     geo, qw, cb, A, B = make_layer(40, 24, 2, 64, 40, 16, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA"):
         fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B)
-    assert fold.supports(geo, 16) and fold.supports(geo, 128)
+    assert fold.supports(geo, 16) and fold.supports(geo, 48)
     assert not fold.supports(geo, 8)  # not a multiple of 16
-    assert not fold.supports(geo, 144)  # above MAX_RANK
+    assert not fold.supports(geo, 64)  # B's fragments would take 80 registers
     assert not fold.supports(geo, 16, torch.float32)
-    assert not fold.supports(PQGeometry(40, 24, 4, 256, 40), 128)  # shared memory: b = 8, d = 4 (over 96 KB)
+    assert not fold.supports(PQGeometry(40, 24, 4, 64, 40), 48)  # B's fragments: 5 slots x 2 m-tiles x 3 k-steps
 
 
 def test_launch_rule_prefers_tall_chunks_that_fill_the_gpu():
@@ -103,10 +103,10 @@ def test_launch_rule_prefers_tall_chunks_that_fill_the_gpu():
 # ----------------------------------------------------------------------------------- CPU: the kernel emulated
 def _emulated_launcher() -> str:
     disp = "\n".join(
-        f"    if (bits == {b} && D == {d}) {{ launch(grid, THREADS, [&] {{ pq_dequant_fold_t_kernel<{b}, {d}>(qweight, N_pad, "
-        "codebook, G_pad, N, M, GW, k_rows, chunks, rows_per_chunk, lr_a, stride_an, lr_b, stride_be, rank, out, "
-        "stride_out); }); return 0; }"
-        for b, d in fold.RECIPES)
+        f"    if (bits == {b} && D == {d} && rank == {16 * ks}) {{ launch(grid, THREADS, [&] {{ "
+        f"pq_dequant_fold_t_kernel<{b}, {d}, {ks}>(qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, "
+        "rows_per_chunk, lr_a, stride_an, lr_b, stride_be, rank, out, stride_out); }); return 0; }"
+        for b, d, ks in fold.VARIANTS)
     return fold.kernel_source() + r"""
 namespace athena_pq_fold { alignas(16) uint16_t smem[64 * 1024]; }  // 128 KB
 using namespace athena_pq_fold;
@@ -137,10 +137,10 @@ def _emulate(lib, qw, cb, geo, A, B, out, rows):
 @pytest.mark.parametrize("N,M,d,n,k,rank,rows", [
     (203, 83, 2, 64, 50, 16, 24),    # k % 8 != 0: tiles straddle chunks and blocks; a slot straddles M
     (130, 96, 2, 64, 130, 48, 64),   # the recipe's rank (3 k-steps); several rounds of the 8 warps
-    (77, 61, 3, 16, 77, 32, 512),    # d = 3: two m-tiles, the second partly padding; odd N
+    (77, 61, 3, 64, 77, 16, 512),    # d = 3: two m-tiles, the second partly padding; odd N
     (64, 40, 1, 256, 64, 16, 512),   # d = 1: half an m-tile; b = 8
-    (45, 70, 4, 64, 20, 64, 16),     # d = 4: two whole m-tiles; three codebook blocks
-    (96, 50, 2, 64, 96, 128, 512),   # rank at its maximum
+    (45, 70, 4, 64, 20, 16, 16),     # d = 4: two whole m-tiles; three codebook blocks
+    (96, 50, 2, 64, 96, 48, 512),    # the recipe's largest rank (B's fragments in 60 registers)
 ])
 def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
     geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank, device="cpu")
@@ -165,16 +165,16 @@ def _nvcc():
 def test_kernels_compile_without_spills(tmp_path, arch):
     """nvcc -arch=ARCH -Xptxas -v on every recipe's kernel: <= 128 registers (two CTAs of 256 threads per
     SM) and no spills."""
-    inst = "\n".join(f"template __global__ void athena_pq_fold::pq_dequant_fold_t_kernel<{b}, {d}>(const int*, int, "
+    inst = "\n".join(f"template __global__ void athena_pq_fold::pq_dequant_fold_t_kernel<{b}, {d}, {ks}>(const int*, int, "
                      "const uint16_t*, int, int, int, int, int, int, int, const uint16_t*, int, const uint16_t*, int, "
-                     "int, uint16_t*, long long);" for b, d in fold.RECIPES)
+                     "int, uint16_t*, long long);" for b, d, ks in fold.VARIANTS)
     src = tmp_path / "pq_cuda_fold.cu"
     src.write_text(fold.kernel_source() + "\n" + inst + "\n")
     res = subprocess.run([_nvcc(), f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", "-c", str(src), "-o",
                           str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", res.stderr)]
-    assert len(regs) >= len(fold.RECIPES) and max(regs) <= 128
+    assert len(regs) >= len(fold.VARIANTS) and max(regs) <= 128
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
     assert spills and all(s == ("0", "0") for s in spills), res.stderr[-3000:]
 
@@ -183,9 +183,9 @@ def test_kernels_compile_without_spills(tmp_path, arch):
 GPU_CASES = [  # N, M, d, n, k, rank
     (1000, 2050, 2, 64, 512, 48),
     (203, 83, 2, 64, 50, 16),
-    (300, 301, 3, 64, 100, 32),
-    (257, 1030, 4, 64, 128, 64),
-    (517, 999, 1, 256, 300, 128),
+    (300, 301, 3, 64, 100, 16),
+    (257, 1030, 4, 64, 128, 16),
+    (517, 999, 1, 256, 300, 48),
     (4096, 4096, 2, 64, 4096, 48),
 ]
 

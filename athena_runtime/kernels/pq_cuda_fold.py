@@ -33,10 +33,18 @@ from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 THREADS = 256
 SLAB_W = 8
 ROUND_ROWS = 8 * THREADS // 32  # rows per round: 8 per warp
-MAX_RANK = 128  # A's fragments of a tile are held in registers: rank / 16 <= 8 k-steps
+MAX_RANK = 64  # rank / 16 = KS k-steps, a template parameter: B's fragments stay in registers for the whole CTA
+FRAG_REGS = 60  # ... at most this many registers of them (PER_WORD · m-tiles · KS · 4): 64 and more spill
 SMEM_LIMIT = 96 * 1024  # per CTA (opt-in above 48 KB; Ada allows 99 KB, Hopper 227 KB)
 ROWS_CANDIDATES = (512, 1024, 2048)
 RECIPES = [(bits, d) for bits in (4, 6, 8) for d in (1, 2, 3, 4)]
+
+
+def frag_regs(bits: int, d: int, ks: int) -> int:
+    return (32 // bits) * -(-d * SLAB_W // 16) * ks * 4
+
+
+VARIANTS = [(b, d, ks) for b, d in RECIPES for ks in range(1, MAX_RANK // 16 + 1) if frag_regs(b, d, ks) <= FRAG_REGS]
 
 
 def smem_bytes(bits: int, d: int, rank: int) -> int:
@@ -52,7 +60,7 @@ _KERNEL_SRC = r"""
 #include <stdint.h>
 
 namespace athena_pq_fold {
-constexpr int THREADS = @THREADS@, WARPS = THREADS / 32, SLAB_W = @SLAB_W@, MAX_K = @MAX_RANK@ / 16;
+constexpr int THREADS = @THREADS@, WARPS = THREADS / 32, SLAB_W = @SLAB_W@;
 constexpr int RT = 8 * WARPS, LR_LD = RT + 4;  // rows per round (8 per warp), lr_s row stride (floats)
 
 // the 4 rows of quad r4 that lie in [row_start, row_end): [lo, hi)
@@ -81,13 +89,13 @@ __device__ __forceinline__ uint16_t f2h(float v) {
 // grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory. Three CTAs per SM
 // for b = 6, d <= 2 (80 registers, no spills on sm_89 / sm_90), two for the other recipes.
 // Module docstring: the algorithm.
-template <int BITS, int D>
-__global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_dequant_fold_t_kernel(
+template <int BITS, int D, int KS>
+__global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
     const int* __restrict__ qweight, int N_pad,                    // [GW, N_pad] int32
     const uint16_t* __restrict__ codebook, int G_pad,              // [Nb, G_pad, D, NC] fp16
     int N, int M, int GW, int k_rows, int chunks_per_blk, int rows_per_chunk,
     const uint16_t* __restrict__ lr_a, int stride_an,              // A [N, rank] fp16
-    const uint16_t* __restrict__ lr_b, int stride_be, int rank,    // B [rank, M] fp16, rank % 16 == 0, <= 16 MAX_K
+    const uint16_t* __restrict__ lr_b, int stride_be, int rank,    // B [rank, M] fp16, rank == 16 KS
     uint16_t* __restrict__ out, long long stride_out)              // (Ŵ + A B)ᵀ [M, N], rows stride_out apart
 {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, COLS = D * SLAB_W, MT = (COLS + 15) / 16;
@@ -97,7 +105,7 @@ __global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_deq
     float* lr_s = reinterpret_cast<float*>(smem);                  // [PER_WORD][MT * 16][LR_LD] fp32
     uint16_t* cb_s = smem + 2 * PER_WORD * MT * 16 * LR_LD;        // [PER_WORD][SLAB_W][D][NC]
     uint16_t* b_s = cb_s + PER_WORD * SLAB_W * D * NC;             // [PER_WORD][MT * 16][rank + 8]
-    const int RS = rank + 8, ksteps = rank / 16;
+    const int RS = rank + 8;
 
     const int slab = blockIdx.y, w0 = slab * SLAB_W;
     const int blk = blockIdx.x / chunks_per_blk;
@@ -163,16 +171,16 @@ __global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_deq
     const bool vec_ok = (stride_out % 4 == 0) && (reinterpret_cast<uintptr_t>(out) % 8 == 0);
     const int4* qw4 = reinterpret_cast<const int4*>(qweight);
     const int N4 = N_pad / 4;
-    uint32_t bf[MAX_K][2], nbf[MAX_K][2];
+    uint32_t bf[KS][2], nbf[KS][2];
     int4 wq[ITEMS], nwq[ITEMS];
-    auto load_round = [&](int rb, uint32_t (&f)[MAX_K][2], int4 (&w)[ITEMS]) {
+    auto load_round = [&](int rb, uint32_t (&f)[KS][2], int4 (&w)[ITEMS]) {
         const int ar = rb + 8 * warp + g;  // this thread's row of A (MMA B operand)
         const bool arow = rb < row_end && ar < N;
         const uint16_t* ap = lr_a + (size_t)(arow ? ar : 0) * stride_an + 2 * t;
 #pragma unroll
-        for (int k = 0; k < MAX_K; ++k) {
-            f[k][0] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
-            f[k][1] = (k < ksteps && arow) ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
+        for (int k = 0; k < KS; ++k) {
+            f[k][0] = arow ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k)) : 0u;
+            f[k][1] = arow ? __ldg(reinterpret_cast<const uint32_t*>(ap + 16 * k + 8)) : 0u;
         }
 #pragma unroll
         for (int it = 0; it < ITEMS; ++it) {  // item e = (quad q = e % QR, column c = e / QR): word c / D of rows 4q..
@@ -181,6 +189,21 @@ __global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_deq
         }
     };
     load_round(rb0, bf, wq);
+    // MMA A operand (rows = the slots' columns, B transposed; cols = ranks), the same for every round: registers
+    uint32_t af[PER_WORD][MT][KS][4];
+#pragma unroll
+    for (int s = 0; s < PER_WORD; ++s)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const uint16_t* bs = b_s + (size_t)(s * MT * 16 + 16 * mt + g) * RS + 2 * t;
+#pragma unroll
+            for (int k = 0; k < KS; ++k) {
+                af[s][mt][k][0] = *reinterpret_cast<const uint32_t*>(bs + 16 * k);
+                af[s][mt][k][1] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k);
+                af[s][mt][k][2] = *reinterpret_cast<const uint32_t*>(bs + 16 * k + 8);
+                af[s][mt][k][3] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k + 8);
+            }
+        }
     for (int rb = rb0; rb < row_end; rb += RT) {
         load_round(rb + RT, nbf, nwq);
         // (a) lr_s[slot column][row - rb] = Σ_e B[e, col] A[row, e], warp w: rows rb + 8w ..
@@ -189,18 +212,8 @@ __global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_deq
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
-                const uint16_t* bs = b_s + (size_t)(s * MT * 16 + 16 * mt + g) * RS + 2 * t;
 #pragma unroll
-                for (int k = 0; k < MAX_K; ++k) {
-                    if (k < ksteps) {  // uniform
-                        uint32_t a[4];  // MMA A operand: rows = columns (B transposed), cols = ranks
-                        a[0] = *reinterpret_cast<const uint32_t*>(bs + 16 * k);
-                        a[1] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k);
-                        a[2] = *reinterpret_cast<const uint32_t*>(bs + 16 * k + 8);
-                        a[3] = *reinterpret_cast<const uint32_t*>(bs + 8 * RS + 16 * k + 8);
-                        mma16816(acc, a, bf[k][0], bf[k][1]);
-                    }
-                }
+                for (int k = 0; k < KS; ++k) mma16816(acc, af[s][mt][k], bf[k][0], bf[k][1]);
                 // acc: [0], [1] (column 16 mt + g, rows 2t, 2t + 1 of the warp's 8), [2], [3] (column + 8)
                 float* l0 = lr_s + (size_t)(s * MT * 16 + 16 * mt + g) * LR_LD + 8 * warp + 2 * t;
                 *reinterpret_cast<float2*>(l0) = make_float2(acc[0], acc[1]);
@@ -239,7 +252,7 @@ __global__ void __launch_bounds__(THREADS, (BITS == 6 && D <= 2 ? 3 : 2)) pq_deq
         }
         __syncthreads();  // lr_s is rewritten by the next round
 #pragma unroll
-        for (int k = 0; k < MAX_K; ++k) {
+        for (int k = 0; k < KS; ++k) {
             bf[k][0] = nbf[k][0];
             bf[k][1] = nbf[k][1];
         }
@@ -268,7 +281,7 @@ struct FoldArgs {
     uint16_t* out; long long stride_out;
 };
 
-template <int BITS, int D>
+template <int BITS, int D, int KS>
 void launch_fold(FoldArgs a, dim3 grid, cudaStream_t stream) {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, MT = (D * SLAB_W + 15) / 16;
     const size_t smem = (size_t)PER_WORD * MT * 16 * LR_LD * 4 + (size_t)PER_WORD * SLAB_W * D * NC * 2
@@ -279,11 +292,11 @@ void launch_fold(FoldArgs a, dim3 grid, cudaStream_t stream) {
     int dev = 0;
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     if (smem > 48 * 1024 && (dev >= 64 || smem > opted[dev])) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_dequant_fold_t_kernel<BITS, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_dequant_fold_t_kernel<BITS, D, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)smem));
         if (dev < 64) opted[dev] = smem;
     }
-    pq_dequant_fold_t_kernel<BITS, D><<<grid, THREADS, smem, stream>>>(
+    pq_dequant_fold_t_kernel<BITS, D, KS><<<grid, THREADS, smem, stream>>>(
         a.qweight, a.N_pad, a.codebook, a.G_pad, a.N, a.M, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk,
         a.lr_a, a.stride_an, a.lr_b, a.stride_be, a.rank, a.out, a.stride_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -302,8 +315,7 @@ void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Ten
                 && lr_a.stride(0) % 2 == 0 && (uintptr_t)lr_a.data_ptr() % 4 == 0, "lowrank_a: fp16 [N, r], 4-byte aligned rows");
     TORCH_CHECK(lr_b.scalar_type() == torch::kHalf && lr_b.dim() == 2 && lr_b.size(1) == M && lr_b.stride(1) == 1
                 && lr_b.size(0) == lr_a.size(1), "lowrank_b: fp16 [r, M]");
-    TORCH_CHECK(lr_a.size(1) % 16 == 0 && lr_a.size(1) > 0 && lr_a.size(1) <= MAX_K * 16, "rank: a multiple of 16, at most ",
-                MAX_K * 16);
+    TORCH_CHECK(lr_a.size(1) % 16 == 0 && lr_a.size(1) > 0, "rank: a multiple of 16");
     TORCH_CHECK(out.scalar_type() == torch::kHalf && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == M && out.size(1) == N,
                 "out: fp16 [M, N], rows contiguous");
     TORCH_CHECK(rows_per_chunk % 8 == 0 && rows_per_chunk > 0, "rows_per_chunk: a positive multiple of 8");
@@ -315,11 +327,11 @@ void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Ten
                (int)N, (int)M, (int)qweight.size(0), (int)k_rows, chunks, (int)rows_per_chunk,
                half_ptr(lr_a), (int)lr_a.stride(0), half_ptr(lr_b), (int)lr_b.stride(0), (int)lr_a.size(1),
                reinterpret_cast<uint16_t*>(out.data_ptr<at::Half>()), (long long)out.stride(0)};
-    const int D = (int)codebook.size(2);
+    const int D = (int)codebook.size(2), KS = (int)(lr_a.size(1) / 16);
 """
 
 _HOST_SRC_TAIL = r"""
-    TORCH_CHECK(false, "pq_dequant_fold_t: no instantiation for bits=", bits, " d=", D);
+    TORCH_CHECK(false, "pq_dequant_fold_t: no instantiation for bits=", bits, " d=", D, " rank=", 16 * KS);
 }
 
 }  // namespace athena_pq_fold
@@ -339,27 +351,28 @@ void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Ten
 def kernel_source() -> str:
     """The device code alone (no torch headers): the emulated CPU tests and standalone nvcc checks."""
     return (_KERNEL_SRC.replace("@THREADS@", str(THREADS)).replace("@SLAB_W@", str(SLAB_W))
-            .replace("@MAX_RANK@", str(MAX_RANK)))
+            )
 
 
 def cuda_source() -> str:
-    dispatch = "\n".join(f"    if (bits == {b} && D == {d}) return launch_fold<{b}, {d}>(a, grid, stream);"
-                         for b, d in RECIPES)
+    dispatch = "\n".join(f"    if (bits == {b} && D == {d} && KS == {ks}) return launch_fold<{b}, {d}, {ks}>(a, grid, stream);"
+                         for b, d, ks in VARIANTS)
     return kernel_source() + (_HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL).replace("@SMEM_LIMIT@", str(SMEM_LIMIT))
 
 
-EXTENSION = InlineExtension("athena_pq_fold", f"the CUDA PQ dequantize with the low-rank fold ({len(RECIPES)} variants)",
+EXTENSION = InlineExtension("athena_pq_fold", f"the CUDA PQ dequantize with the low-rank fold ({len(VARIANTS)} variants)",
                             _CPP_DECL, cuda_source, ["pq_dequant_fold_t"])
 
 
 @functools.lru_cache(maxsize=1024)
 def _supports(geo: PQGeometry, rank: int) -> bool:
-    return ((geo.bits, geo.d) in RECIPES and geo.GW % SLAB_W == 0 and 0 < rank <= MAX_RANK and rank % 16 == 0
+    return ((geo.bits, geo.d, rank // 16) in VARIANTS and geo.GW % SLAB_W == 0 and rank % 16 == 0
             and smem_bytes(geo.bits, geo.d, rank) <= SMEM_LIMIT)
 
 
 def supports(geo: PQGeometry, rank: int, dtype: torch.dtype = torch.float16) -> bool:
-    """Whether the kernel serves this layer: fp16, rank a multiple of 16 up to MAX_RANK, shared memory fits."""
+    """Whether the kernel serves this layer: fp16, an instantiated (recipe, rank / 16) (ranks up to MAX_RANK where
+    B's fragments fit FRAG_REGS registers), shared memory fits."""
     return dtype == torch.float16 and _supports(geo, rank)
 
 
@@ -411,7 +424,7 @@ def pq_dequantize_fold_t_cuda(qweight, codebook, geo: PQGeometry, lowrank_a, low
     rank = lowrank_a.shape[1]
     if not supports(geo, rank, codebook.dtype):
         raise ValueError(f"pq_dequantize_fold_t_cuda: no variant for bits={geo.bits} d={geo.d} rank={rank} "
-                         f"{codebook.dtype} (rank: a multiple of 16 up to {MAX_RANK})")
+                         f"{codebook.dtype} (rank: a multiple of 16 up to {MAX_RANK} where B's fragments fit)")
     rows = rows_per_chunk or choose_rows(geo, num_sms(qweight.device))
     Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=torch.float16) if out is None else out
     EXTENSION.load().pq_dequant_fold_t(qweight, codebook, lowrank_a.half(), lowrank_b.half(), Wt, geo.N, geo.M,
