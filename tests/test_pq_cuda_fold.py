@@ -94,10 +94,12 @@ def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
     assert not fold.supports(PQGeometry(40, 24, 4, 64, 40), 48)  # B's fragments: 5 slots x 2 m-tiles x 3 k-steps
 
 
-def test_launch_rule_prefers_tall_chunks_that_fill_the_gpu():
-    assert fold.choose_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 512  # 52 slabs x 8 chunks (1024: 208 CTAs)
-    assert fold.choose_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 2048  # 52 x 6 = 312
-    assert fold.choose_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 512  # too small for any: the shortest
+def test_launch_rule_fills_the_last_wave():
+    assert fold.choose_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 1024  # 208 CTAs: 0.79 wave (512: 1.58 of 2)
+    assert fold.choose_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 512  # 1248 CTAs: 4.7 of 5 waves
+    assert fold.choose_rows(PQGeometry(4096, 11008, 2, 64, 4096), 132) == 512
+    assert fold.choose_rows(PQGeometry(14336, 4096, 2, 64, 4096), 132) == 512  # 6.3 of 7 waves (1024: 3.2 of 4)
+    assert fold.choose_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 2048  # one CTA per slab whatever the rows
 
 
 # ----------------------------------------------------------------------------------- CPU: the kernel emulated

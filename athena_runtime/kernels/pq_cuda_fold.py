@@ -9,20 +9,25 @@ Here the r-term product rides in the dequantize on tensor cores, so prefill is t
 
     CTA (row chunk, slab of SLAB_W = 8 index words), THREADS = 256, a chunk never crosses a codebook block
       1. the slab's codebook lines (all PER_WORD slots) and B's columns of those slots (transposed,
-         [column][rank], rows padded by 8 halves: conflict-free fragment loads) -> shared memory
-      2. tiles of 8 rows i, dealt to the 8 warps round-robin (every warp runs the same number of rounds):
-         per slot and 16-column m-tile, mma.m16n8k16 (fp32) over the rank gives Σ_e B[e, c] A[i, e]
-         with the tile's columns c as the MMA rows and its rows i as the MMA columns, so a thread holds
-         two consecutive rows i of one column c: it adds their two codebook entries (shared-memory
-         lookups) and writes both with one 4-byte store. A's fragments are loaded once per tile and
-         serve every slot; the index words too (one per row and column half).
+         [column][rank], rows padded by 8 halves: conflict-free fragment loads) -> shared memory; then
+         each thread keeps its MMA A-operand fragments of B (every slot, all KS = rank / 16 k-steps) in
+         registers for the CTA's whole life (re-reading them every round made the kernel shared-memory
+         bound: 54 µs at 4096 x 4096 against 32 now, H100)
+      2. rounds of 64 rows: (a) warp w takes rows 8w..8w+7 and, per slot and 16-column m-tile,
+         mma.m16n8k16 (fp32) over the ranks gives Σ_e B[e, c] A[i, e] into a shared fp32 tile; its A
+         rows (the MMA B operand) and the next round's index words are requested a round ahead;
+         (b) a thread owns a quad of rows and one column of every slot, as in `pq_cuda_dequant`: it adds
+         the tile's four values to its four codebook entries and writes them with one 8-byte store (a
+         half-warp writes 128 contiguous bytes)
 Rows outside the chunk and columns >= M are not written. Needs rank % 16 == 0 (`pq_linear` pads the
-factors to 16) and rank <= 128; `supports` says which layers it serves. sm_80-class instructions only
+factors to 16) with B's fragments in at most FRAG_REGS registers (the 7B recipe: rank 48); `supports`
+says which layers it serves (the others keep the "rows" / "addmm" modes, `pq_gemm`). sm_80-class instructions only
 (mma.sync): Ada and Hopper alike. Built with `load_inline` on first use (`cuda_build.InlineExtension`).
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -383,12 +388,14 @@ def usable(geo: PQGeometry, rank: int, dtype: torch.dtype = torch.float16) -> bo
 
 @functools.lru_cache(maxsize=1024)
 def choose_rows(geo: PQGeometry, n_sms: int) -> int:
-    """Rows per chunk: the tallest candidate that still gives two CTAs per SM (the staged codebook lines and
-    B columns are shared by more rows), else the shortest."""
-    for rows in sorted(ROWS_CANDIDATES, reverse=True):
-        if geo.Nb * -(-min(geo.k, geo.N) // rows) * (geo.GW // SLAB_W) >= 2 * n_sms:
-            return rows
-    return min(ROWS_CANDIDATES)
+    """Rows per chunk with the fullest last wave (CTAs / slots over its ceiling, 2 CTAs per SM), ties (within 0.02)
+    to taller chunks (fewer CTAs stage the same codebook lines and B columns). H100, 2048 tokens (BENCHMARKS.md
+    §3): 4096 x 4096 1024 rows 31.8 µs (512: 34.6, 2048: 43.0); 11008 x 4096 512 rows 76.8 (1024: 82.3, 2048: 95.8)."""
+    def fill(rows):
+        waves = geo.Nb * -(-min(geo.k, geo.N) // rows) * (geo.GW // SLAB_W) / (2 * n_sms)
+        return waves / math.ceil(waves)
+    best = max(fill(r) for r in ROWS_CANDIDATES)
+    return max(r for r in ROWS_CANDIDATES if fill(r) >= best - 0.02)
 
 
 def _check(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, out):
