@@ -41,17 +41,10 @@ for stage in "$@"; do
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;
-    t1ab) for mb in 4 1; do  # the sm_90 CTAs-per-SM bound of the T = 1 variants: both builds side by side, then A/B
-             MAX_JOBS=8 timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda as p; from athena_runtime.kernels.cuda_build import InlineExtension as I; I('athena_pq_cuda', 'mb$mb', p._CPP_DECL, lambda: p.cuda_source($mb), ['pq_lut_gemv']).load(); print('built mb$mb')" &
+    t1ab) for v in ${AB:-mb4 mb1}; do  # T = 1 source variants (bench/diag/lut_parts.py): both builds side by side, then A/B
+             MAX_JOBS=8 timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda as p; from athena_runtime.kernels.cuda_build import InlineExtension as I; from bench.diag.lut_parts import source_variant as sv; I('athena_pq_cuda', '$v', p._CPP_DECL, sv('$v'), ['pq_lut_gemv']).load(); print('built $v')" &
            done; wait
-           for so in "$ATHENA_CUDA_CACHE"/athena_pq_cuda_*.so; do  # registers per T = 1 kernel, where cuobjdump exists
-             command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage "$so" 2>/dev/null | grep -A1 "ILi1ELi6ELi8ELb1" | grep -o "REG:[0-9]*\|STACK:[0-9]*" | paste -sd' ' | sed "s|^|$(basename $so): |"
-           done
-           timeout 420 python3 -m bench.diag.lut_parts --min-blocks 4,1 --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
-    foldtests) timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_pq_cuda_fold.py tests/test_pq_cuda_dequant.py \
-             tests/test_pq_kernels.py tests/test_pq_linear.py -rfE > $OUT/gpu_tests_fold.txt 2>&1
-           grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_fold.txt | tail -25 ;;
-    prefilllr) timeout 300 python3 -m bench.diag.prefill_lr --rounds ${ROUNDS:-3} 2>&1 | tee $OUT/prefill_lr.txt ;;
+           timeout 420 python3 -m bench.diag.lut_parts --min-blocks $(echo ${AB:-mb4 mb1} | tr ' ' ,) --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;
