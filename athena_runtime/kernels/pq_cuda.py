@@ -116,15 +116,6 @@ namespace athena_pq {
 template <int T, int SLAB_W, bool FP16_TABLE>
 constexpr int lut_min_blocks() { return T == 1 && SLAB_W <= 8 && FP16_TABLE ? ATHENA_T1_MIN_BLOCKS : 1; }
 
-// Byte offset of entry (word >> s·BITS) & (2^BITS − 1) in a table of ESIZE-byte entries: one shift and one mask
-// (the index is never scaled separately for the address)
-template <int BITS, int ESIZE>
-__device__ __forceinline__ uint32_t entry_offset(uint32_t word, int s) {
-    constexpr int SH = ESIZE == 2 ? 1 : 2;
-    constexpr uint32_t MASK = ((1u << BITS) - 1) << SH;
-    return s * BITS >= SH ? (word >> (s * BITS - SH)) & MASK : (word << (SH - s * BITS)) & MASK;
-}
-
 __device__ __forceinline__ float tab_to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float tab_to_float(float v) { return v; }
 
@@ -320,13 +311,12 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
             const uint32_t wd[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
 #pragma unroll
             for (int s = 0; s < PER_WORD; ++s) {
-                const char* tab = reinterpret_cast<const char*>(lut + ((s * SLAB_W + w) * T) * NC);
+                const TabT* tab = lut + ((s * SLAB_W + w) * T) * NC;
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
-                    const uint32_t off = entry_offset<BITS, sizeof(TabT)>(wd[r], s);  // byte offset: no scaling
+                    const uint32_t idx = (wd[r] >> (s * BITS)) & (NC - 1);
 #pragma unroll
-                    for (int t = 0; t < T; ++t)
-                        acc[r][t] += tab_to_float(*reinterpret_cast<const TabT*>(tab + t * NC * sizeof(TabT) + off));
+                    for (int t = 0; t < T; ++t) acc[r][t] += tab_to_float(tab[t * NC + idx]);
                 }
             }
         }

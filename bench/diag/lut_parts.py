@@ -4,7 +4,6 @@ epilogue), as CUDA-graph replays over rotating weight sets (H100 diagnosis).
 
     python -m bench.diag.lut_parts [--shapes 11008x4096,4096x11008]
     python -m bench.diag.lut_parts --min-blocks mb4,mb1 [--rounds 2]   # sm_90 CTAs-per-SM bound, A/B
-    python -m bench.diag.lut_parts --min-blocks mb4,scaled             # byte-offset lookup vs the old one
 """
 from __future__ import annotations
 
@@ -111,32 +110,17 @@ def fused_sweep_shape(sh, x, sets, dev):
     print(f"{sh}: " + ", ".join(f"{n} {us:.2f}" + ("" if e < 1e-3 else f" ERR {e:.1e}") for n, us, e in res), flush=True)
 
 
-# the lookup before the byte-offset one (index extracted, then scaled for the address), for `--min-blocks mb4,scaled`
-_SCALED_LOOKUP = ("""                    const uint32_t off = entry_offset<BITS, sizeof(TabT)>(wd[r], s);  // byte offset: no scaling
-#pragma unroll
-                    for (int t = 0; t < T; ++t)
-                        acc[r][t] += tab_to_float(*reinterpret_cast<const TabT*>(tab + t * NC * sizeof(TabT) + off));""",
-                  """                    const uint32_t idx = (wd[r] >> (s * BITS)) & (NC - 1);
-#pragma unroll
-                    for (int t = 0; t < T; ++t)
-                        acc[r][t] += tab_to_float(reinterpret_cast<const TabT*>(tab)[t * NC + idx]);""")
-
-
 def source_variant(name: str):
-    """'mbN': the T = 1 variants compiled for N CTAs per SM on sm_90; 'scaled': the index-then-scale lookup."""
+    """'mbN': the T = 1 variants compiled for N CTAs per SM on sm_90 (add other variants of the kernel text here
+    for A/B runs; a byte-offset lookup, measured this way, tied the current one: bench/results/t1ab_lookup_*)."""
     if name.startswith("mb"):
         return lambda: pq_cuda.cuda_source(int(name[2:]))
-    if name == "scaled":
-        src = pq_cuda.cuda_source()
-        assert _SCALED_LOOKUP[0] in src, "lookup text changed: update _SCALED_LOOKUP"
-        return lambda: src.replace(*_SCALED_LOOKUP)
     raise ValueError(f"unknown source variant {name!r}")
 
 
 def min_blocks_ab(shapes, values, rounds, dev, l2):
     """The kernel alone and the whole call (fused epilogue, 2048- and 1024-row chunks) for each source variant
-    (`source_variant`: e.g. mb4 / mb1 for the sm_90 CTAs-per-SM bound of the T = 1 variants, `scaled` for the
-    old lookup), side by side in one process, `rounds` times in alternating order; each output checked against
+    (`source_variant`: e.g. mb4 / mb1 for the sm_90 CTAs-per-SM bound of the T = 1 variants), side by side in one process, `rounds` times in alternating order; each output checked against
     the first build's."""
     from athena_runtime.kernels.cuda_build import InlineExtension
     exts = {mb: InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({mb})",
@@ -184,7 +168,7 @@ def min_blocks_ab(shapes, values, rounds, dev, l2):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--min-blocks", default="", help="source variants side by side, e.g. mb4,mb1 (the sm_90 CTAs-per-SM "
-                    "bound of the T = 1 variants) or mb4,scaled (the old lookup)")
+                    "bound of the T = 1 variants)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
     ap.add_argument("--sweep", action="store_true", help="the split-K epilogue's launch (with the low-rank term) instead")
