@@ -14,12 +14,9 @@ other fp16 kernels (fp16 Ŵ, u = x Bᵀ and output rounding; cuBLAS accumulates 
 from __future__ import annotations
 
 import ctypes
-import os
-import re
-import shutil
-import subprocess
 
 import cuda_emulation
+from nvcc_check import nvcc_path, ptxas_usage
 import pytest
 import torch
 
@@ -239,27 +236,14 @@ def test_copy_kernel_emulated_on_cpu(emulated, T, M, zero_from, K):
     assert torch.equal(xu, ref)
 
 
-def _nvcc():
-    for cand in (os.environ.get("CUDA_HOME", "") + "/bin/nvcc", "/usr/local/cuda/bin/nvcc", shutil.which("nvcc") or ""):
-        if cand and os.path.isfile(cand):
-            return cand
-    return None
-
-
-@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc")
+@pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc")
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
 def test_kernels_compile_without_spills(tmp_path, arch):
     """nvcc -arch=ARCH -Xptxas -v on `kernel_source()` (every variant): <= 128 registers (two CTAs of 256
     threads per SM, MIN_BLOCKS) and no spills."""
-    src = tmp_path / "pq_cuda_dequant.cu"
-    src.write_text(cdq.kernel_source())
-    res = subprocess.run([_nvcc(), f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", "-c", str(src), "-o",
-                          str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", res.stderr)]
+    regs, spills, report = ptxas_usage(cdq.kernel_source(), arch, tmp_path)
     assert len(regs) >= len(cdq.VARIANTS) and max(regs) <= 128
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
-    assert spills and all(s == ("0", "0") for s in spills), res.stderr[-3000:]
+    assert spills and all(s == ("0", "0") for s in spills), report[-3000:]
 
 
 # ----------------------------------------------------------------------------------- GPU

@@ -14,12 +14,9 @@ ulp of the value, plus 2^-18 absolute where the codebook entry and the low-rank 
 from __future__ import annotations
 
 import ctypes
-import os
-import re
-import shutil
-import subprocess
 
 import cuda_emulation
+from nvcc_check import nvcc_path, ptxas_usage
 import pytest
 import torch
 
@@ -155,14 +152,7 @@ def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
         assert torch.isnan(guard[M:]).all() and torch.isnan(guard[:, N:]).all()
 
 
-def _nvcc():
-    for cand in (os.environ.get("CUDA_HOME", "") + "/bin/nvcc", "/usr/local/cuda/bin/nvcc", shutil.which("nvcc") or ""):
-        if cand and os.path.isfile(cand):
-            return cand
-    return None
-
-
-@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc")
+@pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc")
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
 def test_kernels_compile_without_spills(tmp_path, arch):
     """nvcc -arch=ARCH -Xptxas -v on every recipe's kernel: <= 128 registers (two CTAs of 256 threads per
@@ -170,15 +160,9 @@ def test_kernels_compile_without_spills(tmp_path, arch):
     inst = "\n".join(f"template __global__ void athena_pq_fold::pq_dequant_fold_t_kernel<{b}, {d}, {ks}>(const int*, int, "
                      "const uint16_t*, int, int, int, int, int, int, int, const uint16_t*, int, const uint16_t*, int, "
                      "int, uint16_t*, long long);" for b, d, ks in fold.VARIANTS)
-    src = tmp_path / "pq_cuda_fold.cu"
-    src.write_text(fold.kernel_source() + "\n" + inst + "\n")
-    res = subprocess.run([_nvcc(), f"-arch={arch}", "-std=c++17", "-O3", "-Xptxas", "-v", "-c", str(src), "-o",
-                          str(tmp_path / "k.o")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", res.stderr)]
+    regs, spills, report = ptxas_usage(fold.kernel_source() + "\n" + inst + "\n", arch, tmp_path)
     assert len(regs) >= len(fold.VARIANTS) and max(regs) <= 128
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
-    assert spills and all(s == ("0", "0") for s in spills), res.stderr[-3000:]
+    assert spills and all(s == ("0", "0") for s in spills), report[-3000:]
 
 
 # ----------------------------------------------------------------------------------- GPU

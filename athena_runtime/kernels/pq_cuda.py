@@ -31,6 +31,7 @@ import logging
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.log_once import log_once
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_cuda_epilogue import (
     EPI_POLL_NS, EPI_TILE, EPILOGUE_SRC, FUSED_EPILOGUE_MAX_TOKENS, fused_epilogue_reason, sync_buffer,
@@ -556,15 +557,6 @@ def usable(geo: PQGeometry, tokens: int, dtype: torch.dtype) -> bool:
 pq_gemv_cuda_reference = pq_gemv_reference
 
 
-_logged: set = set()
-
-
-def _log_once(key, msg, *args):
-    if key not in _logged:
-        _logged.add(key)
-        log.info(msg, *args)
-
-
 def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
                  fp16_table: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
                  glu: tuple[int, int] | None = None, fused_epilogue: bool | None = None, epi_tile: int = EPI_TILE,
@@ -621,6 +613,6 @@ def pq_gemv_cuda(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_
     else:
         ext.pq_lut_gemv(*args, none, none, none, torch.empty(0, device=x.device, dtype=torch.int32), 0, 0, 0, 0)
     if fused_epilogue is None and t_inst <= FUSED_EPILOGUE_MAX_TOKENS:
-        _log_once(("unfused", geo.N, geo.M, glu), "cuda-decode %dx%d: split-K epilogue as a second launch (%s)",
-                  geo.N, geo.M, reason)
+        log_once(log, ("pq_cuda", "unfused", geo.N, geo.M, glu), logging.INFO,
+                 "cuda-decode %dx%d: split-K epilogue as a second launch (%s)", geo.N, geo.M, reason)
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)

@@ -24,6 +24,7 @@ import logging
 import torch
 
 from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
+from athena_runtime.log_once import log_once
 from athena_runtime.kernels.pq_gemv import (
     _next_pow2, check_operands, num_sms, pq_gemv_reference, splitk_epilogue, triton,
 )
@@ -339,18 +340,9 @@ def _fold_kernel(geo: PQGeometry, rank: int, dtype) -> bool:
     from athena_runtime.kernels import pq_cuda_fold
     if pq_cuda_fold.usable(geo, rank, dtype):
         return True
-    _log_once(("fold-cublas", geo, rank), "CUDA fold %dx%d rank %d: folding kernel unavailable (recipe, rank or "
-              "build); Ŵᵀ += Bᵀ Aᵀ by cuBLAS", geo.N, geo.M, rank)
+    log_once(log, ("pq_gemm", "fold-cublas", geo, rank), logging.WARNING, "CUDA fold %dx%d rank %d: folding kernel "
+             "unavailable (recipe, rank or build); Ŵᵀ += Bᵀ Aᵀ by cuBLAS", geo.N, geo.M, rank)
     return False
-
-
-_logged: set = set()
-
-
-def _log_once(key, msg, *args):
-    if key not in _logged:
-        _logged.add(key)
-        log.info(msg, *args)
 
 
 def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, dequant: str, tuning: dict):
