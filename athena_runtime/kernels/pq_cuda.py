@@ -51,9 +51,6 @@ T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
 # sm_90: the T = 1 8-word variants compiled for 4 CTAs per SM (64 registers, no spills; 3 CTAs at their
 # unbounded 74); 1 leaves them unbounded (A/B runs: bench/diag/lut_parts.py --min-blocks)
 T1_MIN_BLOCKS_SM90 = 4
-# the T = 1 8-word variants fetch a two-pass CTA's second pass into shared memory at its start (0: one pass ahead in
-# registers; A/B runs: bench/diag/lut_parts.py --min-blocks mb4,regnext)
-T1_SMEM_NEXT = 1
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
 
@@ -119,27 +116,6 @@ namespace athena_pq {
 #endif
 template <int T, int SLAB_W, bool FP16_TABLE>
 constexpr int lut_min_blocks() { return T == 1 && SLAB_W <= 8 && FP16_TABLE ? ATHENA_T1_MIN_BLOCKS : 1; }
-
-// The same variants request a two-pass CTA's second-pass index words at the CTA's start, before the table is
-// built, by cp.async into shared memory (SLAB_W x THREADS int4 after the table): all of the kernel's words are in
-// flight from the start, with no registers held for them. The other one-token variants prefetch one pass ahead
-// in registers.
-#define ATHENA_T1_SMEM_NEXT @T1_SMEM_NEXT@
-template <int T, int SLAB_W, bool FP16_TABLE>
-constexpr bool lut_smem_next = ATHENA_T1_SMEM_NEXT && T == 1 && SLAB_W <= 8 && FP16_TABLE;
-
-#ifndef ATHENA_CUDA_EMULATION
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {  // zero-fills when !valid
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(static_cast<uint32_t>(__cvta_generic_to_shared(smem))), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-#else  // the CPU emulation (tests/cuda_emulation.py): a plain copy
-inline void cp_async16(void* smem, const void* gmem, bool valid) {
-    if (valid) __builtin_memcpy(smem, gmem, 16); else __builtin_memset(smem, 0, 16);
-}
-inline void cp_async_wait_all() {}
-#endif
 
 __device__ __forceinline__ float tab_to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float tab_to_float(float v) { return v; }
@@ -256,17 +232,6 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
 #pragma unroll
     for (int w = 0; w < SLAB_W; ++w)
         cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
-    // ... and, in a two-pass CTA of the variants that do it, its second pass's words into shared memory
-    constexpr int TABLE_BYTES = PER_WORD * SLAB_W * T * NC * (int)sizeof(TabT);
-    int4* words_s = reinterpret_cast<int4*>(smem_raw + TABLE_BYTES) + threadIdx.x;  // [SLAB_W][THREADS]: own column
-    const bool smem_next = lut_smem_next<T, SLAB_W, FP16_TABLE> && row_end - row_start > 4 * THREADS
-                           && row_end - row_start <= 8 * THREADS;
-    if (smem_next) {
-        const int nxt = r4 + THREADS;
-#pragma unroll
-        for (int w = 0; w < SLAB_W; ++w)
-            cp_async16(words_s + w * THREADS, qw4 + (size_t)w * N4 + (nxt * 4 < row_end ? nxt : 0), nxt * 4 < row_end);
-    }
 
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
@@ -327,11 +292,8 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
     // per word); lane l holds rows 4l..4l+3, so for each (word, slot, r) the warp reads one group's table.
     // Rows past row_end (padding or the next chunk's) are read but not stored. With one token the next
     // pass's words are requested before this pass's lookups (double buffer: twice the bytes in flight).
-    // (The shared-memory variants have no register prefetch: CTAs of three or more passes load each next pass
-    // after the lookups; the runtime's one-token launch has one or two.)
-    constexpr bool PREFETCH = (T == 1) && !lut_smem_next<T, SLAB_W, FP16_TABLE>;
+    constexpr bool PREFETCH = (T == 1);
     int4 nxt_words[PREFETCH ? SLAB_W : 1];
-#pragma unroll 1
     for (; r4 * 4 < row_end; r4 += THREADS) {
         const int nxt = r4 + THREADS;  // next pass (rows_per_chunk > 1024)
         if constexpr (PREFETCH) {
@@ -374,13 +336,9 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
                     if (4 * r4 + r < row_end) dst[r] = __float2half_rn(acc[r][t]);
             }
         }
-        if constexpr (lut_smem_next<T, SLAB_W, FP16_TABLE>)
-            asm volatile("" ::: "memory");  // a later pass's loads stay after the lookups (not hoisted into registers)
-        if (smem_next) cp_async_wait_all();  // this thread's own copies: no barrier needed
 #pragma unroll
         for (int w = 0; w < SLAB_W; ++w) {
-            if (smem_next) cur[w] = words_s[w * THREADS];
-            else if constexpr (PREFETCH) cur[w] = nxt_words[w];
+            if constexpr (PREFETCH) cur[w] = nxt_words[w];
             else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
@@ -418,8 +376,7 @@ struct LutArgs {
 template <int T, int BITS, int SLAB_W, bool FP16_TABLE>
 bool launch_lut(LutArgs a, dim3 grid, cudaStream_t stream) {
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
-    constexpr size_t table_smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4)
-                                  + (lut_smem_next<T, SLAB_W, FP16_TABLE> ? (size_t)SLAB_W * THREADS * 16 : 0);
+    constexpr size_t table_smem = (size_t)PER_WORD * SLAB_W * T * NC * (FP16_TABLE ? 2 : 4);
     static_assert(table_smem <= 48 * 1024, "table must fit the default shared-memory limit");
     static_assert(table_smem >= (THREADS / 32) * T * sizeof(float), "u CTAs reduce in the table's shared memory");
     if (a.ep.n_out > 0) {
@@ -553,23 +510,22 @@ bool pq_lut_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook,
 """
 
 
-def cuda_source(t1_min_blocks_sm90: int | None = None, t1_smem_next: int | None = None) -> str:
-    """The whole .cu translation unit (kernel, host launcher, dispatch over VARIANTS); the arguments override
-    T1_MIN_BLOCKS_SM90 and T1_SMEM_NEXT (benchmarks)."""
+def cuda_source(t1_min_blocks_sm90: int | None = None) -> str:
+    """The whole .cu translation unit (kernel, host launcher, dispatch over VARIANTS); `t1_min_blocks_sm90`
+    overrides T1_MIN_BLOCKS_SM90 (benchmarks)."""
     mb = T1_MIN_BLOCKS_SM90 if t1_min_blocks_sm90 is None else t1_min_blocks_sm90
-    sn = T1_SMEM_NEXT if t1_smem_next is None else t1_smem_next
     dispatch = "\n".join(
         f"    if (T == {t} && bits == {b} && slab_w == {s} && fp16_table == {'true' if f else 'false'}) "
         f"return launch_lut<{t}, {b}, {s}, {'true' if f else 'false'}>(a, grid, stream);"
         for t, b, s, f in VARIANTS
     )
-    return (kernel_source(mb, sn) + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL)
+    return (kernel_source(mb) + _HOST_SRC_HEAD + dispatch + _HOST_SRC_TAIL)
 
 
-def kernel_source(t1_min_blocks_sm90: int = T1_MIN_BLOCKS_SM90, t1_smem_next: int = T1_SMEM_NEXT) -> str:
+def kernel_source(t1_min_blocks_sm90: int = T1_MIN_BLOCKS_SM90) -> str:
     """The device code alone (no torch headers): the emulated CPU tests and standalone nvcc checks."""
     return (_KERNEL_SRC.replace("namespace athena_pq {", f"namespace athena_pq {{\nconstexpr int THREADS = {THREADS};", 1)
-            .replace("@T1_MIN_BLOCKS_SM90@", str(t1_min_blocks_sm90)).replace("@T1_SMEM_NEXT@", str(t1_smem_next)))
+            .replace("@T1_MIN_BLOCKS_SM90@", str(t1_min_blocks_sm90)))
 
 
 EXTENSION = InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({len(VARIANTS)} variants)", _CPP_DECL,

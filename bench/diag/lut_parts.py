@@ -111,13 +111,11 @@ def fused_sweep_shape(sh, x, sets, dev):
 
 
 def source_variant(name: str):
-    """'mbN': the T = 1 variants compiled for N CTAs per SM on sm_90; 'regnext': the second pass's index words
-    prefetched in registers (pq_cuda.T1_SMEM_NEXT = 0) (add other variants of the kernel text here
-    for A/B runs; a byte-offset lookup, measured this way, tied the current one: bench/results/t1ab_lookup_*)."""
+    """'mbN': the T = 1 variants compiled for N CTAs per SM on sm_90 (add other variants of the kernel text here
+    for A/B runs; a byte-offset lookup, measured this way, tied the current one: bench/results/t1ab_lookup_*; the second pass's
+    words by cp.async into shared memory at the CTA's start was 40% slower: t1ab_smemnext_*)."""
     if name.startswith("mb"):
         return lambda: pq_cuda.cuda_source(int(name[2:]))
-    if name == "regnext":  # the second pass's words one pass ahead in registers, not in shared memory at the start
-        return lambda: pq_cuda.cuda_source(t1_smem_next=0)
     raise ValueError(f"unknown source variant {name!r}")
 
 
