@@ -119,7 +119,7 @@ def source_variant(name: str):
     raise ValueError(f"unknown source variant {name!r}")
 
 
-def min_blocks_ab(shapes, values, rounds, dev, l2):
+def min_blocks_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
     """The kernel alone and the whole call (fused epilogue, 2048- and 1024-row chunks) for each source variant
     (`source_variant`: e.g. mb4 / mb1 for the sm_90 CTAs-per-SM bound of the T = 1 variants), side by side in one process, `rounds` times in alternating order; each output checked against
     the first build's."""
@@ -130,7 +130,8 @@ def min_blocks_ab(shapes, values, rounds, dev, l2):
     default_ext = pq_cuda.EXTENSION
     for mb, ext in exts.items():
         ext.load()
-    cols = [f"mb{mb} {c}" for mb in values for c in ("kernel", "fused r2048", "fused r1024")]
+    kinds = ("kernel",) + tuple(f"fused r{r}" for r in rows_list)
+    cols = [f"{mb} {c}" for mb in values for c in kinds]
     print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{c:>16s}" for c in cols) + "  (CUDA-graph µs, T = 1, with low-rank)")
     try:
         for rnd in range(rounds):
@@ -148,7 +149,7 @@ def min_blocks_ab(shapes, values, rounds, dev, l2):
                     geo = sets[0]["geo"]
                     kernel, _ = launchers(x, geo, sets[0]["A"].shape[1])
                     res[(mb, "kernel")] = time_graph(lambda L: kernel(L, True), sets, dev)
-                    for rows in (2048, 1024):
+                    for rows in rows_list:
                         def call(L, rows=rows):
                             return pq_cuda.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"],
                                                         slab_w=pq_cuda.T1_SLAB_W, rows_per_chunk=rows, fused_epilogue=True)
@@ -157,8 +158,7 @@ def min_blocks_ab(shapes, values, rounds, dev, l2):
                         if ((y - ref).norm() / ref.norm()).item() > 1e-3:
                             bad.append(f"mb{mb} r{rows}")
                         res[(mb, f"fused r{rows}")] = time_graph(call, sets, dev)
-                print(f"{sh:>12s} {cublas:7.1f} " + " ".join(f"{res[(mb, c)]:16.2f}" for mb in values
-                                                            for c in ("kernel", "fused r2048", "fused r1024"))
+                print(f"{sh:>12s} {cublas:7.1f} " + " ".join(f"{res[(mb, c)]:16.2f}" for mb in values for c in kinds)
                       + (f"  MISMATCH {bad}" if bad else ""), flush=True)
                 del sets, dense
                 torch.cuda.empty_cache()
@@ -171,6 +171,7 @@ def main():
     ap.add_argument("--min-blocks", default="", help="source variants side by side, e.g. mb4,mb1 (the sm_90 CTAs-per-SM "
                     "bound of the T = 1 variants)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rows", default="2048,1024", help="rows per chunk of the fused calls in --min-blocks runs")
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
     ap.add_argument("--sweep", action="store_true", help="the split-K epilogue's launch (with the low-rank term) instead")
     ap.add_argument("--fused-sweep", action="store_true", help="the fused epilogue's tile and back-off instead")
@@ -178,7 +179,8 @@ def main():
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     if args.min_blocks:
-        min_blocks_ab(args.shapes.split(","), args.min_blocks.split(","), args.rounds, dev, l2)
+        min_blocks_ab(args.shapes.split(","), args.min_blocks.split(","), args.rounds, dev, l2,
+                      tuple(int(r) for r in args.rows.split(",")))
         return
     if not (args.sweep or args.fused_sweep):
         print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{k:>19s}" for k in COLUMNS) + "  (CUDA-graph µs, T = 1)")
