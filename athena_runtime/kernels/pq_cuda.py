@@ -31,7 +31,6 @@ import logging
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
-from athena_runtime.log_once import log_once
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_cuda_epilogue import (
     EPI_POLL_NS, EPI_TILE, EPILOGUE_SRC, FUSED_EPILOGUE_MAX_TOKENS, fused_epilogue_reason, sync_buffer,
@@ -39,6 +38,7 @@ from athena_runtime.kernels.pq_cuda_epilogue import (
 from athena_runtime.kernels.pq_gemv import (
     check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, row_chunks, splitk_epilogue,
 )
+from athena_runtime.log_once import log_once
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
 # four 7B shapes, with and without the low-rank term (H100, bench/results/kernels.md); 1024-row chunks
 # where 2048 would underfill the GPU (`t1_rows_per_chunk`).
 T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
-# sm_90: the T = 1 8-word variants compiled for 4 CTAs per SM (64 registers, no spills; 3 CTAs at their
-# unbounded 74); 1 leaves them unbounded (A/B runs: bench/diag/lut_parts.py --min-blocks)
+# sm_90: the T = 1 8-word variants compiled for 4 CTAs per SM (64 registers, no spills; unbounded, nvcc 13 gives
+# them 91 registers: 2 CTAs); 1 leaves them unbounded (A/B runs: bench/diag/lut_parts.py --variants mb4,mb1)
 T1_MIN_BLOCKS_SM90 = 4
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
@@ -107,8 +107,8 @@ _KERNEL_SRC = r"""
 namespace athena_pq {
 
 // CTAs per SM the one-token, 8-word fp16-table variants are compiled for (__launch_bounds__): on sm_90 four fit
-// in 64 registers without spills (one more CTA per SM to hide the index loads' latency); sm_89 would spill at
-// 64 and keeps its 74 registers (three CTAs). Other variants: no bound.
+// in 64 registers without spills (2 CTAs more per SM than unbounded with nvcc 13, to hide the index loads'
+// latency); sm_89 would spill at 64 and stays unbounded (90 registers with nvcc 13). Other variants: no bound.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define ATHENA_T1_MIN_BLOCKS @T1_MIN_BLOCKS_SM90@
 #else

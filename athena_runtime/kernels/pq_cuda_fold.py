@@ -91,8 +91,8 @@ __device__ __forceinline__ uint16_t f2h(float v) {
     return *reinterpret_cast<const uint16_t*>(&h);
 }
 
-// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory. Three CTAs per SM
-// for b = 6, d <= 2 (80 registers, no spills on sm_89 / sm_90), two for the other recipes.
+// grid (Nb * chunks_per_blk, GW / SLAB_W), THREADS threads, `smem_bytes` of dynamic shared memory; two CTAs per SM
+// (<= 128 registers: B's fragments stay in registers, VARIANTS keeps the variants without spills).
 // Module docstring: the algorithm.
 template <int BITS, int D, int KS>
 __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(

@@ -24,10 +24,10 @@ import logging
 import torch
 
 from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
-from athena_runtime.log_once import log_once
 from athena_runtime.kernels.pq_gemv import (
     _next_pow2, check_operands, num_sms, pq_gemv_reference, splitk_epilogue, triton,
 )
+from athena_runtime.log_once import log_once
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,8 @@ DEQUANT_KERNELS = ("triton", "cuda")
 
 def default_lowrank_mode(geo: PQGeometry, dequant: str, rank: int | None = None) -> str:
     """"fold" with the Triton dequantize, and with the CUDA one where the folding kernel
-    (`pq_cuda_fold`) serves the layer's rank (a multiple of 16 up to 128; PQLinear pads to 16): the
+    (`pq_cuda_fold`) serves the layer's rank (a multiple of 16 whose fragments fit its registers; the 7B
+    recipe's 48; PQLinear pads ranks to 16): the
     low-rank term costs no extra launch or host work there. Otherwise with the CUDA dequantize: "rows"
     when M < N (copying x [T, M] into the wider GEMM operand costs less than writing u Aᵀ [T, N] first in
     "addmm"), else "addmm" ("fold" by an in-place cuBLAS pass over Ŵᵀ tied only at 4096 x 4096 and was

@@ -17,7 +17,6 @@ Layout of qweight / codebook: `athena_runtime.kernels.layout`. `pq_gemv` and
 from __future__ import annotations
 
 import functools
-
 import os
 
 import torch
