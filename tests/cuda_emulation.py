@@ -96,7 +96,7 @@ inline float half_bits(uint32_t w, int hi) {
     __builtin_memcpy(&h, &b, 2);
     return (float)h;
 }
-inline void emulated_mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+inline void emulated_mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
     uint32_t* mine = mma_buf + 6 * threadIdx.x;
     for (int i = 0; i < 4; ++i) mine[i] = a[i];
     mine[4] = b0;

@@ -31,6 +31,7 @@ import functools
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.cuda_snippets import QUAD_SRC
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 
@@ -70,12 +71,7 @@ constexpr int THREADS = @THREADS@, MIN_BLOCKS = @MIN_BLOCKS@;
 // fp16 values travel as raw 16-bit patterns (the gather is a copy); two patterns -> one 32-bit word
 __device__ __forceinline__ uint32_t pair(uint32_t lo, uint32_t hi) { return __byte_perm(lo, hi, 0x5410); }
 
-// the 4 rows of quad r4 that lie in [row_start, row_end): [lo, hi)
-struct Quad { int lo, hi; };
-__device__ __forceinline__ Quad quad_rows(int r4, int row_start, int row_end) {
-    return Quad{max(row_start - 4 * r4, 0), min(row_end - 4 * r4, 4)};
-}
-
+""" + QUAD_SRC + r"""
 // 4 values of rows 4 r4 .. 4 r4 + 3 -> dst (one 8-byte store when the quad is whole and aligned)
 __device__ __forceinline__ void store_quad(uint16_t* dst, uint32_t v0, uint32_t v1, uint32_t v2, uint32_t v3,
                                            bool whole, Quad q) {

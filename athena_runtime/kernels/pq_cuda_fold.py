@@ -32,6 +32,7 @@ import math
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.cuda_snippets import MMA16816_SRC, QUAD_SRC
 from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
 from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 
@@ -68,23 +69,7 @@ namespace athena_pq_fold {
 constexpr int THREADS = @THREADS@, WARPS = THREADS / 32, SLAB_W = @SLAB_W@;
 constexpr int RT = 8 * WARPS, LR_LD = RT + 4;  // rows per round (8 per warp), lr_s row stride (floats)
 
-// the 4 rows of quad r4 that lie in [row_start, row_end): [lo, hi)
-struct Quad { int lo, hi; };
-__device__ __forceinline__ Quad quad_rows(int r4, int row_start, int row_end) {
-    return Quad{max(row_start - 4 * r4, 0), min(row_end - 4 * r4, 4)};
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#ifndef ATHENA_CUDA_EMULATION
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    emulated_mma16816(c, a, b0, b1);  // tests/cuda_emulation.py
-#endif
-}
-
+""" + QUAD_SRC + MMA16816_SRC + r"""
 __device__ __forceinline__ float h2f(uint16_t bits) { return __half2float(*reinterpret_cast<const __half*>(&bits)); }
 __device__ __forceinline__ uint16_t f2h(float v) {
     const __half h = __float2half_rn(v);

@@ -37,6 +37,7 @@ import functools
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.cuda_snippets import MMA16816_SRC
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import (
     check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, splitk_epilogue,
@@ -69,13 +70,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
 }
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-                 "{%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
+""" + MMA16816_SRC + r"""
 template <int T_PAD, int NR, int BITS>
 struct Geometry {
     static constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS, R = 64 * NR;
