@@ -44,7 +44,7 @@ for stage in "$@"; do
     t1ab) for v in ${AB:-mb4 mb1}; do  # T = 1 source variants (bench/diag/lut_parts.py): both builds side by side, then A/B
              MAX_JOBS=8 timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda as p; from athena_runtime.kernels.cuda_build import InlineExtension as I; from bench.diag.lut_parts import source_variant as sv; I('athena_pq_cuda', '$v', p._CPP_DECL, sv('$v'), ['pq_lut_gemv']).load(); print('built $v')" &
            done; wait
-           timeout 420 python3 -m bench.diag.lut_parts --min-blocks $(echo ${AB:-mb4 mb1} | tr ' ' ,) --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
+           timeout 420 python3 -m bench.diag.lut_parts --variants $(echo ${AB:-mb4 mb1} | tr ' ' ,) --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;

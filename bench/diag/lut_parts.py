@@ -3,7 +3,7 @@
 epilogue), as CUDA-graph replays over rotating weight sets (H100 diagnosis).
 
     python -m bench.diag.lut_parts [--shapes 11008x4096,4096x11008]
-    python -m bench.diag.lut_parts --min-blocks mb4,mb1 [--rounds 2]   # sm_90 CTAs-per-SM bound, A/B
+    python -m bench.diag.lut_parts --variants mb4,mb1 [--rounds 2]   # kernel-source variants side by side, A/B
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def source_variant(name: str):
     raise ValueError(f"unknown source variant {name!r}")
 
 
-def min_blocks_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
+def variants_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
     """The kernel alone and the whole call (fused epilogue, 2048- and 1024-row chunks) for each source variant
     (`source_variant`: e.g. mb4 / mb1 for the sm_90 CTAs-per-SM bound of the T = 1 variants), side by side in one process, `rounds` times in alternating order; each output checked against
     the first build's."""
@@ -168,18 +168,18 @@ def min_blocks_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--min-blocks", default="", help="source variants side by side, e.g. mb4,mb1 (the sm_90 CTAs-per-SM "
+    ap.add_argument("--variants", "--min-blocks", dest="variants", default="", help="source variants side by side, e.g. mb4,mb1 (the sm_90 CTAs-per-SM "
                     "bound of the T = 1 variants)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--rows", default="2048,1024", help="rows per chunk of the fused calls in --min-blocks runs")
+    ap.add_argument("--rows", default="2048,1024", help="rows per chunk of the fused calls in --variants runs")
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
     ap.add_argument("--sweep", action="store_true", help="the split-K epilogue's launch (with the low-rank term) instead")
     ap.add_argument("--fused-sweep", action="store_true", help="the fused epilogue's tile and back-off instead")
     args = ap.parse_args()
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    if args.min_blocks:
-        min_blocks_ab(args.shapes.split(","), args.min_blocks.split(","), args.rounds, dev, l2,
+    if args.variants:
+        variants_ab(args.shapes.split(","), args.variants.split(","), args.rounds, dev, l2,
                       tuple(int(r) for r in args.rows.split(",")))
         return
     if not (args.sweep or args.fused_sweep):
