@@ -111,18 +111,18 @@ def fused_sweep_shape(sh, x, sets, dev):
 
 
 def source_variant(name: str):
-    """'mbN': the T = 1 variants compiled for N CTAs per SM on sm_90 (add other variants of the kernel text here
-    for A/B runs; a byte-offset lookup, measured this way, tied the current one: bench/results/t1ab_lookup_*; the second pass's
-    words by cp.async into shared memory at the CTA's start was 40% slower: t1ab_smemnext_*)."""
+    """'mbN': the T = 1 variants compiled for N CTAs per SM on sm_90. Add other variants of the kernel text here
+    for A/B runs (measured this way and dropped: a byte-offset lookup, a tie, bench/results/t1ab_lookup_*; the
+    second pass's words by cp.async into shared memory at the CTA's start, 40% slower, t1ab_smemnext_*)."""
     if name.startswith("mb"):
         return lambda: pq_cuda.cuda_source(int(name[2:]))
     raise ValueError(f"unknown source variant {name!r}")
 
 
 def variants_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
-    """The kernel alone and the whole call (fused epilogue, 2048- and 1024-row chunks) for each source variant
-    (`source_variant`: e.g. mb4 / mb1 for the sm_90 CTAs-per-SM bound of the T = 1 variants), side by side in one process, `rounds` times in alternating order; each output checked against
-    the first build's."""
+    """The kernel alone and the whole call (fused epilogue, one call per chunk height in `rows_list`) for each
+    kernel-source variant (`source_variant`), side by side in one process, `rounds` times in alternating order;
+    each output checked against the first build's."""
     from athena_runtime.kernels.cuda_build import InlineExtension
     exts = {mb: InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({mb})",
                                 pq_cuda._CPP_DECL, source_variant(mb), ["pq_lut_gemv"])
