@@ -99,6 +99,16 @@ def test_launch_rule_fills_the_last_wave():
     assert fold.choose_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 2048  # one CTA per slab whatever the rows
 
 
+def test_cuda_prefill_folds_the_low_rank_term_where_the_kernel_serves_the_rank():
+    from athena_runtime.kernels.pq_gemm import default_lowrank_mode
+    wide, tall = PQGeometry(4096, 11008, 2, 64, 4096), PQGeometry(11008, 4096, 2, 64, 4096)  # M > N, M < N
+    assert default_lowrank_mode(wide, "cuda", 48) == "fold" and default_lowrank_mode(tall, "cuda", 48) == "fold"
+    assert default_lowrank_mode(wide, "cuda", 8) == "addmm"  # not a multiple of 16: a second product (M >= N)
+    assert default_lowrank_mode(tall, "cuda", 64) == "rows"  # B's fragments too big: extra rows (M < N)
+    assert default_lowrank_mode(tall, "cuda") == "rows"  # no rank given
+    assert default_lowrank_mode(wide, "triton", 8) == "fold"
+
+
 # ----------------------------------------------------------------------------------- CPU: the kernel emulated
 def _emulated_launcher() -> str:
     disp = "\n".join(

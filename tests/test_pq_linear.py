@@ -112,6 +112,22 @@ def test_env_var_forces_a_path(monkeypatch, caplog):
         layer(torch.randn(1, 40))
 
 
+def test_path_decided_once_per_token_class(monkeypatch):
+    """choose_path asks select_path once per (token class, forced path, device): every count above
+    MMA_MAX_TOKENS shares one answer, smaller counts and a forced path get their own."""
+    import athena_runtime.pq_linear as pql
+    t, meta, _, _ = checkpoint_layer(33, 40, 2, 16, 40)
+    layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
+    calls = []
+    monkeypatch.setattr(pql, "select_path", lambda tokens, *a, **k: calls.append(tokens) or "reference")
+    for tokens in (2048, 65, 4096, 1, 1, pql.MMA_MAX_TOKENS, pql.MMA_MAX_TOKENS + 1):
+        assert layer.choose_path(tokens) == "reference"
+    assert calls == [2048, 1, pql.MMA_MAX_TOKENS]
+    monkeypatch.setenv(PATH_ENV, "reference")
+    layer.choose_path(2048)
+    assert calls == [2048, 1, pql.MMA_MAX_TOKENS, 2048]
+
+
 def test_select_path_rules():
     geo = PQGeometry(4096, 4096, 2, 64, 4096)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
