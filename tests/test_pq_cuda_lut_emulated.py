@@ -21,8 +21,8 @@ from athena_runtime.kernels.pq_gemv import pq_gemv_reference, row_chunks
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 12 (C++20, _Float16)")
 
 TOL = 4e-3
-VARIANTS = [(1, 6, 8), (1, 4, 32), (4, 6, 8), (16, 6, 2)]  # (T, bits, slab_w) emulated: one token at b = 6 and 4,
-# few tokens at b = 6
+VARIANTS = [(1, 6, 4), (1, 6, 8), (1, 4, 32), (4, 6, 8), (16, 6, 2)]  # (T, bits, slab_w) emulated: one token at b = 6
+# (4-word slabs, the runtime's launch, unless a test asks for 8) and 4, few tokens at b = 6
 
 
 def _source() -> str:
@@ -75,10 +75,10 @@ def _layer(N, M, n, k, rank, bias, seed=0):
     return geo, pack_words(I, geo), pad_codebook(C, geo), A, B, b
 
 
-def _run(lib, x, geo, qw, cb, A, B, b, rows, *, fused, glu=None, tile=64, sync=None):
+def _run(lib, x, geo, qw, cb, A, B, b, rows, *, fused, glu=None, tile=64, sync=None, slab_w=None):
     """What pq_gemv_cuda hands the kernel; returns (y or None, partial, u, sync)."""
     t_inst = next(t for t in pq_cuda.TOKENS if t >= x.shape[0])
-    slab_w = next(s for t, b, s in VARIANTS if (t, b) == (t_inst, geo.bits))
+    slab_w = slab_w or next(s for t, b, s in VARIANTS if (t, b) == (t_inst, geo.bits))
     chunks, n_row = row_chunks(geo, rows)
     rank = 0 if A is None else A.shape[1]
     partial = torch.full((geo.GW // slab_w, t_inst, geo.N_pad), float("nan")).half()
@@ -103,6 +103,7 @@ def rel_err(y, ref):
 
 @pytest.mark.parametrize("N,M,n,k,rank,bias,rows,tile", [
     (300, 130, 64, 100, 8, True, 1024, 64),    # 3 codebook blocks, scalar u loads (M % 8 != 0), bias
+    (4100, 72, 64, 4096, 8, False, 4096, 64),  # four passes per CTA, a second block of 4 rows
     (1100, 136, 64, 4096, 16, False, 2048, 128),  # two passes per CTA (the one-token double buffer), 16-byte u loads
     (257, 80, 16, 128, 0, True, 1024, 32),     # b = 4, no low-rank term, a part row quad at the end
     (203, 136, 64, 52, 24, True, 1024, 8),     # one-lane groups (8-row tiles), 4 blocks of 52 rows
@@ -117,6 +118,15 @@ def test_fused_epilogue_emulated(lib, N, M, n, k, rank, bias, rows, tile):
     assert not sync.any(), "the counters must be left zero for the next call"
     y2, _, _, _ = _run(lib, x, geo, qw, cb, A, B, b, rows, fused=True, tile=tile, sync=sync)
     assert torch.equal(y, y2)
+
+
+def test_eight_word_slabs_emulated(lib):
+    """The 8-word one-token variant (slab_w=8), fused, two passes per CTA."""
+    geo, qw, cb, A, B, b = _layer(1100, 136, 64, 4096, 16, True, seed=5)
+    x = torch.randn(1, 136).half()
+    y, _, _, sync = _run(lib, x, geo, qw, cb, A, B, b, 2048, fused=True, slab_w=8)
+    assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL
+    assert not sync.any()
 
 
 def test_partial_sums_emulated(lib):

@@ -188,10 +188,10 @@ def test_cuda_wrappers_refuse_what_they_do_not_serve():
         check_cuda_fp16("k", torch.randn(2, 24).half().to(DEV), cb.half(), geo, served=False)
 
 
-@pytest.mark.parametrize("N,M,rows", [(4096, 4096, 1024), (11008, 4096, 2048),
-                                       (4096, 11008, 2048), (14336, 4096, 2048)])
+@pytest.mark.parametrize("N,M,rows", [(4096, 4096, 2048), (11008, 4096, 4096),
+                                       (4096, 11008, 4096), (14336, 4096, 4096), (1024, 1024, 1024)])
 def test_one_token_launch_fills_the_gpu(monkeypatch, N, M, rows):
-    """2048-row chunks unless they give fewer than 1.5 table CTAs per SM (H100: 132 SMs)."""
+    """4096-row chunks unless they give fewer than 1.5 table CTAs per SM (H100: 132 SMs), then 2048, then 1024."""
     from athena_runtime.kernels import pq_cuda
     monkeypatch.setattr(pq_cuda, "num_sms", lambda device: 132)
     assert pq_cuda.t1_rows_per_chunk(PQGeometry(N, M, 2, 64, 4096), torch.device("cuda")) == rows

@@ -44,10 +44,11 @@ log = logging.getLogger(__name__)
 
 THREADS = 256
 ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
-# T = 1: 8-word slabs, 2048-row chunks (two passes) measured best or within 10% of the best on the
-# four 7B shapes, with and without the low-rank term (H100, bench/results/kernels.md); 1024-row chunks
-# where 2048 would underfill the GPU (`t1_rows_per_chunk`).
-T1_SLAB_W, T1_ROWS_PER_CHUNK = 8, 2048
+# T = 1: 4-word slabs in 4096-row chunks (four passes: each pass's words stream in under the lookups of the one
+# before) beat 8-word slabs in 2048-row chunks on all four 7B shapes in one A/B run (H100, BENCHMARKS.md §3,
+# bench/results/t1ab_slab4_h100_*.txt); 2048- or 1024-row chunks where 4096 would underfill the GPU
+# (`t1_rows_per_chunk`).
+T1_SLAB_W, T1_ROWS_PER_CHUNK = 4, 4096
 # sm_90: the T = 1 8-word variants compiled for 4 CTAs per SM (64 registers, no spills; unbounded, nvcc 13 gives
 # them 91 registers: 2 CTAs); 1 leaves them unbounded (A/B runs: bench/diag/lut_parts.py --variants mb4,mb1)
 T1_MIN_BLOCKS_SM90 = 4
@@ -55,10 +56,12 @@ TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the ne
 
 
 def t1_rows_per_chunk(geo: PQGeometry, device) -> int:
-    """2048-row chunks, or 1024 where those would give fewer than 1.5 table CTAs per SM (4096 x 4096:
-    104 CTAs on 132 SMs left the GPU a third empty; BENCHMARKS.md §3)."""
-    _, n_row = row_chunks(geo, T1_ROWS_PER_CHUNK)
-    return T1_ROWS_PER_CHUNK if n_row * (geo.GW // T1_SLAB_W) >= 1.5 * num_sms(device) else T1_ROWS_PER_CHUNK // 2
+    """The tallest chunk, from T1_ROWS_PER_CHUNK down to 1024 rows, that still gives at least 1.5 table CTAs per
+    SM (4096 x 4096 at 4-word slabs: 104 CTAs of 4096 rows on 132 SMs would leave the GPU a third empty)."""
+    rows = T1_ROWS_PER_CHUNK
+    while rows > 1024 and row_chunks(geo, rows)[1] * (geo.GW // T1_SLAB_W) < 1.5 * num_sms(device):
+        rows //= 2
+    return rows
 
 
 def max_slab_w(bits: int, tokens: int, fp16_table: bool = True) -> int:
@@ -82,6 +85,7 @@ def _variants() -> list[tuple[int, int, int, bool]]:
                     out.add((t, bits, slab, True))
     for slab in (8, 16, 32):
         out.add((1, 6, slab, False))  # fp32 table: one instruction less per lookup, two banks per entry
+    out.add((1, 6, 4, True))  # the one-token launch (T1_SLAB_W)
     return sorted(out)
 
 
