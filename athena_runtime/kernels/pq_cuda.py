@@ -390,9 +390,10 @@ bool launch_lut(LutArgs a, dim3 grid, cudaStream_t stream) {
         C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
             &per_sm, pq_lut_gemv_kernel<T, BITS, SLAB_W, FP16_TABLE, THREADS>, THREADS, std::max(table_smem, a.epi_smem)));
         const int slots = per_sm * sms;
-        if (a.ep.tile == 0) {  // auto: 64 rows (best or within 0.1 µs of it on the large 7B shapes, H100 sweep in
-            // BENCHMARKS.md §3), 256 where 64-row CTAs would not leave the waited-on CTAs a slot
-            a.ep.tile = (a.ep.n_out + 63) / 64 < slots ? 64 : 256;
+        if (a.ep.tile == 0) {  // auto: 32 rows where that gives at most one epilogue CTA per SM (4096 outputs at
+            // 4-word slabs: 13.7 µs against 14.6 at 64 rows), else 64 (best or within 0.1 µs of it on the larger 7B
+            // shapes; H100, BENCHMARKS.md §3), 256 where 64-row CTAs would not leave the waited-on CTAs a slot
+            a.ep.tile = (a.ep.n_out + 31) / 32 <= sms ? 32 : (a.ep.n_out + 63) / 64 < slots ? 64 : 256;
             a.epi_smem = ((a.ep.glu ? 2 : 1) * (THREADS / 32) * (size_t)a.ep.tile + (size_t)T * a.rank) * sizeof(float);
         }
         a.ep.n_epi = (a.ep.n_out + a.ep.tile - 1) / a.ep.tile;

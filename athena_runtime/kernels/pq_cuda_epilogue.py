@@ -199,7 +199,8 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
 # it off (A/B runs of bench.decode)
 FUSED_EPILOGUE_MAX_TOKENS = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
 EPI_POLL_NS = 64  # back-off of the epilogue CTAs between two reads of a counter
-EPI_TILE = 0  # rows per epilogue CTA; 0: 64, or 256 where 64-row CTAs would fill the GPU
+EPI_TILE = 0  # rows per epilogue CTA; 0: 32 where that gives at most one CTA per SM, else 64, or 256 where 64-row CTAs
+# would fill the GPU
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 _sync: dict[int, torch.Tensor] = {}
 
