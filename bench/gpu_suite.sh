@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests foldtests kernels t1 t1ab prefilllr prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests foldtests kernels t1 t1ab t1trace prefilllr prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -45,6 +45,7 @@ for stage in "$@"; do
              MAX_JOBS=8 timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda as p; from athena_runtime.kernels.cuda_build import InlineExtension as I; from bench.diag.lut_parts import source_variant as sv; I('athena_pq_cuda', '$v', p._CPP_DECL, sv('$v'), ['pq_lut_gemv']).load(); print('built $v')" &
            done; wait
            timeout 420 python3 -m bench.diag.lut_parts --variants $(echo ${AB:-mb4 mb1} | tr ' ' ,) --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
+    t1trace) timeout 400 python3 -m bench.diag.lut_trace --reps ${ROUNDS:-2} 2>&1 | tee $OUT/lut_trace.txt ;;  # per-CTA timeline
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;

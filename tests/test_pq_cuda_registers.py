@@ -1,6 +1,7 @@
 """nvcc register and spill check of the CUDA lookup-table kernel's one-token variants (where nvcc is
-installed): on sm_90 the 8-word fp16-table variants are compiled for 4 CTAs per SM (`pq_cuda.T1_MIN_BLOCKS_SM90`),
-which must fit 64 registers without spilling; on sm_89 they stay unbounded and must not spill either."""
+installed): on sm_90 the fp16-table variants of <= 8-word slabs (4 words: the runtime's launch) are compiled for
+4 CTAs per SM (`pq_cuda.T1_MIN_BLOCKS_SM90`), which must fit 64 registers without spilling; on sm_89 they stay
+unbounded and must not spill either."""
 from __future__ import annotations
 
 import pytest

@@ -49,8 +49,9 @@ ROWS_PER_THREAD = 4  # a CTA covers THREADS * 4 = 1024 rows per pass
 # bench/results/t1ab_slab4_h100_*.txt); 2048- or 1024-row chunks where 4096 would underfill the GPU
 # (`t1_rows_per_chunk`).
 T1_SLAB_W, T1_ROWS_PER_CHUNK = 4, 4096
-# sm_90: the T = 1 8-word variants compiled for 4 CTAs per SM (64 registers, no spills; unbounded, nvcc 13 gives
-# them 91 registers: 2 CTAs); 1 leaves them unbounded (A/B runs: bench/diag/lut_parts.py --variants mb4,mb1)
+# sm_90: the T = 1 fp16-table variants of <= 8-word slabs compiled for 4 CTAs per SM (64 registers, no spills; the
+# 8-word ones unbounded get 91 registers from nvcc 13: 2 CTAs); 1 leaves them unbounded (A/B runs:
+# bench/diag/lut_parts.py --variants mb4,mb1; the register check: tests/test_pq_cuda_registers.py)
 T1_MIN_BLOCKS_SM90 = 4
 TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
 
@@ -110,8 +111,8 @@ _KERNEL_SRC = r"""
 
 namespace athena_pq {
 
-// CTAs per SM the one-token, 8-word fp16-table variants are compiled for (__launch_bounds__): on sm_90 four fit
-// in 64 registers without spills (2 CTAs more per SM than unbounded with nvcc 13, to hide the index loads'
+// CTAs per SM the one-token fp16-table variants of <= 8-word slabs are compiled for (__launch_bounds__): on sm_90
+// four fit in 64 registers without spills (2 CTAs more per SM than unbounded with nvcc 13, to hide the index loads'
 // latency); sm_89 would spill at 64 and stays unbounded (90 registers with nvcc 13). Other variants: no bound.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define ATHENA_T1_MIN_BLOCKS @T1_MIN_BLOCKS_SM90@

@@ -1,9 +1,10 @@
 """Timeline of one one-token lookup-table call, CTA by CTA: a build of the kernel source whose CTAs record
-%globaltimer and clock64 at entry and exit and the SM they ran on, replayed as a CUDA graph over rotating weight
-sets (weights from DRAM); the last call's records are summarised per CTA kind (u, table, epilogue) and per SM
-(H100 diagnosis: where the time between the first CTA's start and the last CTA's end goes).
+%globaltimer and clock64 at entry and exit and the SM they ran on (and %globaltimer at each ATHENA_TRACE_MARK(i) a
+kernel source defines), replayed as a CUDA graph over rotating weight sets (weights from DRAM); the last call's
+records are summarised per CTA kind (u, table, epilogue) and per SM (H100 diagnosis: where the time between the
+first CTA's start and the last CTA's end goes; BENCHMARKS.md §3, session 8).
 
-    python -m bench.diag.lut_trace [--shapes 11008x4096,4096x11008] [--variants base] [--reps 8]
+    python -m bench.diag.lut_trace [--shapes 11008x4096,4096x11008] [--variants base,rev:DIR] [--reps 2]
 """
 from __future__ import annotations
 
@@ -159,6 +160,12 @@ def fmt(name, r):
     return s
 
 
+def epi_tile(n_out: int, mod) -> int:
+    """The epilogue tile the launcher picks when every CTA fits at once (pq_cuda's launch_lut): this checkout's
+    32 rows where that gives at most one CTA per SM, else 64; 64 for the revisions traced with rev:DIR (older ones)."""
+    return 32 if mod is pq_cuda and -(-n_out // 32) <= mod.num_sms(torch.device("cuda")) else 64
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
@@ -192,13 +199,10 @@ def main():
                 def call(L, mod=mod):
                     return mod.pq_gemv_cuda(x, L["qweight"], L["codebook"], geo, L["A"], L["B"], fused_epilogue=True)
 
-                if hasattr(mod, "t1_walkers"):  # walker CTAs
-                    n_table = mod.t1_walkers(geo, mod.T1_SLAB_W, dev)
-                else:  # (row program, slab) CTAs of 2048 rows (1024 where those underfill the GPU)
-                    _, n_row = mod.row_chunks(geo, mod.t1_rows_per_chunk(geo, dev))
-                    n_table = n_row * (geo.GW // mod.T1_SLAB_W)
+                _, n_row = mod.row_chunks(geo, mod.t1_rows_per_chunk(geo, dev))  # the runtime's one-token launch
+                n_table = n_row * (geo.GW // mod.T1_SLAB_W)
                 rk = sets[0]["B"].shape[0]
-                n_epi = -(-N // 64)
+                n_epi = -(-N // epi_tile(N, mod))
                 kinds = [("u", 0, rk), ("table", rk, rk + n_table), ("epi", rk + n_table, rk + n_table + n_epi)]
                 spans = []
                 for rep in range(args.reps):
