@@ -346,10 +346,8 @@ def time_call(fn, sets, dev):
     return triton.testing.do_bench(call, warmup=5, rep=30, return_mode="median") * 1e3
 
 
-def time_graph(fn, sets, dev, replays=20):
-    """µs per call when calls over all weight sets are replayed back to back as one CUDA graph."""
-    if dev.type != "cuda":
-        return float("nan")
+def graph_of(fn, sets):
+    """fn over all weight sets, back to back, captured as one CUDA graph (after a warm-up pass on a side stream)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -360,6 +358,14 @@ def time_graph(fn, sets, dev, replays=20):
     with torch.cuda.graph(g):
         for st in sets:
             fn(st)
+    return g
+
+
+def time_graph(fn, sets, dev, replays=20):
+    """µs per call when calls over all weight sets are replayed back to back as one CUDA graph."""
+    if dev.type != "cuda":
+        return float("nan")
+    g = graph_of(fn, sets)
     for _ in range(3):
         g.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -15,7 +15,7 @@ import torch
 
 from athena_runtime.kernels import pq_cuda
 from athena_runtime.kernels.cuda_build import InlineExtension
-from bench.kernels import weight_sets
+from bench.kernels import graph_of, weight_sets
 
 _TRACE_DEVICE = r"""
 __device__ unsigned long long* athena_trace_buf = nullptr;  // [grid][4]: globaltimer in/out, clock64 in/out
@@ -81,22 +81,14 @@ def trace_extension(source_fn, tag: str, mod=pq_cuda) -> InlineExtension:
 
 
 def one_trace(call, sets, ext, dev, grid_max=8192):
-    """Replays `call` over all sets as one graph, returns the last call's records (int64 [grid, 4], sm [grid])."""
+    """Replays `call` over all sets as one graph, returns the last call's records (int64 [grid, 4], sm [grid],
+    marks int64 [grid, 8])."""
     buf = torch.zeros(grid_max, 4, device=dev, dtype=torch.int64)
     sm = torch.full((grid_max,), -1, device=dev, dtype=torch.int32)
     mod = ext.load()
     marks = torch.zeros(grid_max, 8, device=dev, dtype=torch.int64)
     mod.athena_set_trace(buf, sm, marks)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for st in sets:
-            call(st)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for st in sets:
-            call(st)
+    g = graph_of(call, sets)
     out = []
     for _ in range(3):
         buf.zero_()
