@@ -109,6 +109,10 @@ _KERNEL_SRC = r"""
 #include <stdint.h>
 #include <type_traits>
 
+#ifndef ATHENA_TRACE_MARK  // bench/diag/lut_trace.py: thread 0's timestamp at phase i of a table CTA (nothing otherwise)
+#define ATHENA_TRACE_MARK(i)
+#endif
+
 namespace athena_pq {
 
 // CTAs per SM the one-token fp16-table variants of <= 8-word slabs are compiled for (__launch_bounds__): on sm_90
@@ -238,6 +242,7 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
     for (int w = 0; w < SLAB_W; ++w)
         cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
 
+    ATHENA_TRACE_MARK(0);  // the first pass's loads issued
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
     for (int e = threadIdx.x; e < PER_WORD * SLAB_W * NVEC; e += THREADS) {
@@ -291,6 +296,7 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
         }
     }
 
+    ATHENA_TRACE_MARK(1);  // table built
     __syncthreads();
 
     // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
@@ -347,6 +353,7 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
             else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
+    ATHENA_TRACE_MARK(2);  // this thread's passes done
     if (ep.n_epi > 0 && row_start < row_end) {  // release this slab's partial sums of the row program
         __syncthreads();
         if (threadIdx.x == 0) add_release(ep.sync + 2 + prog, 1);

@@ -152,12 +152,6 @@ def fmt(name, r):
     return s
 
 
-def epi_tile(n_out: int, mod) -> int:
-    """The epilogue tile the launcher picks when every CTA fits at once (pq_cuda's launch_lut): this checkout's
-    32 rows where that gives at most one CTA per SM, else 64; 64 for the revisions traced with rev:DIR (older ones)."""
-    return 32 if mod is pq_cuda and -(-n_out // 32) <= mod.num_sms(torch.device("cuda")) else 64
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="11008x4096,4096x11008,4096x4096,14336x4096")
@@ -194,11 +188,11 @@ def main():
                 _, n_row = mod.row_chunks(geo, mod.t1_rows_per_chunk(geo, dev))  # the runtime's one-token launch
                 n_table = n_row * (geo.GW // mod.T1_SLAB_W)
                 rk = sets[0]["B"].shape[0]
-                n_epi = -(-N // epi_tile(N, mod))
-                kinds = [("u", 0, rk), ("table", rk, rk + n_table), ("epi", rk + n_table, rk + n_table + n_epi)]
                 spans = []
                 for rep in range(args.reps):
                     buf, sm, marks = one_trace(call, sets, ext, dev)
+                    grid = int((sm >= 0).sum())  # every CTA records itself: the epilogue CTAs are the rest
+                    kinds = [("u", 0, rk), ("table", rk, rk + n_table), ("epi", rk + n_table, grid)]
                     r = summarise(buf, sm, kinds, marks)
                     spans.append(r["span"])
                     if rep == args.reps - 1:
