@@ -402,7 +402,7 @@ def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
     if name == "summary":  # what BENCHMARKS.md reports: PQLinear (the runtime's chosen path) vs cuBLAS
         return [(1, ["cublas", "PQLinear"], (True, False), True)] + \
-            [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64)] + \
+            [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64, 256)] + \
             [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), True)]
     if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
         names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
