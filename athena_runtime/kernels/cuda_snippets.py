@@ -24,3 +24,33 @@ __device__ __forceinline__ Quad quad_rows(int r4, int row_start, int row_end) {
     return Quad{max(row_start - 4 * r4, 0), min(row_end - 4 * r4, 4)};
 }
 """
+
+# host side of every extension: the torch / CUDA headers, fp16 tensor data as 16-bit words, and the opt-in a launch
+# needs for more than 48 KB of dynamic shared memory
+HOST_PRELUDE_SRC = r"""
+#include <torch/types.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace athena_host {
+
+inline const uint16_t* half_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+// one per kernel (a static of the launcher): the dynamic shared memory each device has been opted in to
+struct SmemOptIn { size_t bytes[64] = {}; };
+
+// lets `kernel` launch with `bytes` of dynamic shared memory on the current device: asked once per device, again only
+// for a larger size (48 KB and less need no opt-in)
+template <typename Kernel>
+void opt_in_smem(SmemOptIn& state, Kernel kernel, size_t bytes) {
+    int dev = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    if (bytes > 48 * 1024 && (dev >= 64 || bytes > state.bytes[dev])) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+        if (dev < 64) state.bytes[dev] = bytes;
+    }
+}
+
+}  // namespace athena_host
+"""

@@ -31,6 +31,7 @@ import logging
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.cuda_snippets import HOST_PRELUDE_SRC
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_cuda_epilogue import (
     EPI_POLL_NS, EPI_TILE, EPILOGUE_SRC, FUSED_EPILOGUE_MAX_TOKENS, fused_epilogue_reason, sync_buffer,
@@ -363,12 +364,8 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W, FP16_TABLE
 }  // namespace athena_pq
 """
 
-_HOST_SRC_HEAD = r"""
-#include <torch/types.h>
+_HOST_SRC_HEAD = HOST_PRELUDE_SRC + r"""
 #include <algorithm>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 namespace athena_pq {
 

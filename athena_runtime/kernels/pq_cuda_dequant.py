@@ -31,7 +31,7 @@ import functools
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
-from athena_runtime.kernels.cuda_snippets import QUAD_SRC
+from athena_runtime.kernels.cuda_snippets import HOST_PRELUDE_SRC, QUAD_SRC
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 
@@ -293,13 +293,11 @@ __global__ void __launch_bounds__(THREADS) copy_pad_cols_kernel(
 }  // namespace athena_pq_dq
 """
 
-_HOST_SRC_HEAD = r"""
-#include <torch/types.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+_HOST_SRC_HEAD = HOST_PRELUDE_SRC + r"""
 
 namespace athena_pq_dq {
+
+using athena_host::half_ptr;
 
 struct DequantArgs {
     const int* qweight; int N_pad;
@@ -320,8 +318,6 @@ void launch_dequant(DequantArgs a, cudaStream_t stream) {
         a.out, a.stride_out, a.lr_a, a.stride_an, a.rank, a.extra_rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-static const uint16_t* half_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
 void pq_dequant_t(torch::Tensor qweight, torch::Tensor codebook, torch::Tensor out, torch::Tensor lr_a,
                   int64_t N, int64_t M, int64_t k_rows, int64_t rows_per_chunk, int64_t bits, int64_t slab_w,

@@ -32,7 +32,7 @@ import math
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
-from athena_runtime.kernels.cuda_snippets import MMA16816_SRC, QUAD_SRC
+from athena_runtime.kernels.cuda_snippets import HOST_PRELUDE_SRC, MMA16816_SRC, QUAD_SRC
 from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
 from athena_runtime.kernels.pq_gemv import check_layer_tensors, num_sms
 
@@ -254,13 +254,11 @@ __global__ void __launch_bounds__(THREADS, 2) pq_dequant_fold_t_kernel(
 }  // namespace athena_pq_fold
 """
 
-_HOST_SRC_HEAD = r"""
-#include <torch/types.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+_HOST_SRC_HEAD = HOST_PRELUDE_SRC + r"""
 
 namespace athena_pq_fold {
+
+using athena_host::half_ptr;
 
 struct FoldArgs {
     const int* qweight; int N_pad;
@@ -277,22 +275,13 @@ void launch_fold(FoldArgs a, dim3 grid, cudaStream_t stream) {
     const size_t smem = (size_t)PER_WORD * MT * 16 * LR_LD * 4 + (size_t)PER_WORD * SLAB_W * D * NC * 2
                         + (size_t)PER_WORD * MT * 16 * (a.rank + 8) * 2;
     TORCH_CHECK(smem <= @SMEM_LIMIT@, "pq_dequant_fold_t: ", smem, " bytes of shared memory (rank too large for this recipe)");
-    // dynamic shared memory above 48 KB needs an opt-in, per device and variant (asked again only for a larger size)
-    static size_t opted[64] = {};
-    int dev = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    if (smem > 48 * 1024 && (dev >= 64 || smem > opted[dev])) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_dequant_fold_t_kernel<BITS, D, KS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)smem));
-        if (dev < 64) opted[dev] = smem;
-    }
+    static athena_host::SmemOptIn opted;  // per variant
+    athena_host::opt_in_smem(opted, pq_dequant_fold_t_kernel<BITS, D, KS>, smem);
     pq_dequant_fold_t_kernel<BITS, D, KS><<<grid, THREADS, smem, stream>>>(
         a.qweight, a.N_pad, a.codebook, a.G_pad, a.N, a.M, a.GW, a.k_rows, a.chunks_per_blk, a.rows_per_chunk,
         a.lr_a, a.stride_an, a.lr_b, a.stride_be, a.rank, a.out, a.stride_out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-static const uint16_t* half_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
 void pq_dequant_fold_t(torch::Tensor qweight, torch::Tensor codebook, torch::Tensor lr_a, torch::Tensor lr_b,
                        torch::Tensor out, int64_t N, int64_t M, int64_t k_rows, int64_t rows_per_chunk, int64_t bits) {

@@ -37,7 +37,7 @@ import functools
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
-from athena_runtime.kernels.cuda_snippets import MMA16816_SRC
+from athena_runtime.kernels.cuda_snippets import HOST_PRELUDE_SRC, MMA16816_SRC
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import (
     check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, splitk_epilogue,
@@ -281,11 +281,7 @@ __global__ void __launch_bounds__(THREADS, 2) pq_frag_kernel(
 }  // namespace athena_frag
 """
 
-_HOST_SRC_HEAD = r"""
-#include <torch/types.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+_HOST_SRC_HEAD = HOST_PRELUDE_SRC + r"""
 
 namespace athena_frag {
 
@@ -294,14 +290,8 @@ void launch(const __half* x, int stride_xt, int t_valid, int M, const int* qweig
             int G_pad, int GW, int k_rows, int words_per_split, __half* partial, int splits,
             const __half* lr_b, int stride_br, int rank, float* u_part, cudaStream_t stream) {
     constexpr int smem = Geometry<T_PAD, NR, BITS>::SMEM_BYTES(STAGES);
-    static bool configured[64] = {};  // one attribute call per instantiation and device (> 48 KB needs opting in)
-    int dev = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    if (dev >= 64 || !configured[dev]) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(pq_frag_kernel<T_PAD, NR, BITS, STAGES>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        if (dev < 64) configured[dev] = true;
-    }
+    static athena_host::SmemOptIn opted;
+    athena_host::opt_in_smem(opted, pq_frag_kernel<T_PAD, NR, BITS, STAGES>, smem);
     const dim3 grid((unsigned)((N_pad + 64 * NR - 1) / (64 * NR)), (unsigned)splits);
     pq_frag_kernel<T_PAD, NR, BITS, STAGES><<<grid, THREADS, smem, stream>>>(
         x, stride_xt, t_valid, M, qweight, N_pad, cb, G_pad, GW, k_rows, words_per_split, partial, lr_b, stride_br,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from athena_runtime.kernels.cuda_build import InlineExtension
+from athena_runtime.kernels.cuda_snippets import HOST_PRELUDE_SRC
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_gemv import (
     check_cuda_fp16, check_operands, num_sms, pq_gemv_reference, splitk_epilogue,
@@ -148,11 +149,7 @@ __global__ void __launch_bounds__(THREADS) pq_mma_kernel(
 }  // namespace athena_pq_mma
 """
 
-_HOST_SRC_HEAD = r"""
-#include <torch/types.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
+_HOST_SRC_HEAD = HOST_PRELUDE_SRC + r"""
 
 void pq_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor codebook, torch::Tensor partial,
             int64_t GW, int64_t k_rows, int64_t chunks_per_split, int64_t bits) {
