@@ -15,7 +15,7 @@ need_ckpt() { [ -f $ckpt/athena.json ] || python3 -m bench.random_checkpoint --o
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kv_cache.py \
+    tests) timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kv_cache.py \
              tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py tests/test_pq_cuda_dequant.py \
              tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py tests/test_pq_cuda_fold.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
