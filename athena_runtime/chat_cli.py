@@ -15,6 +15,8 @@ from typing import Any, TextIO
 from athena_runtime.engine_settings import KV_FORMATS, EngineSettings
 from athena_runtime.sampling_params import SamplingParams
 
+CHAT_TEMPERATURE = 0.7  # when neither --temperature nor the model's generation config gives one
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="chat with a compressed model in the terminal",
@@ -26,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy (default: the model's generation_config.json, else {CHAT_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible answers)")
     p.add_argument("--kv-cache", choices=KV_FORMATS, default="fp16", help="KV cache format")
     p.set_defaults(func=run)
@@ -41,8 +44,18 @@ def run(args: argparse.Namespace) -> int:
         args.model = default_model_path()
     engine = AsyncEngine.from_path(args.model, EngineSettings(kv_cache=args.kv_cache, max_num_seqs=1,
                                                               max_num_batched_tokens=2048))
-    params = SamplingParams(temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens)
+    params = chat_params(args, engine.generation_defaults)
     return asyncio.run(chat(engine, params, system=args.system, prompt=args.prompt))
+
+
+def chat_params(args: argparse.Namespace, model_defaults: dict[str, int | float]) -> SamplingParams:
+    """The flags, then the model's sampling defaults (generation_config.json), then CHAT_TEMPERATURE."""
+    knobs = dict(model_defaults)
+    if args.temperature is not None:
+        knobs["temperature"] = args.temperature
+    knobs.setdefault("temperature", CHAT_TEMPERATURE)
+    knobs["top_k"] = max(0, int(knobs.get("top_k", 0)))
+    return SamplingParams(**knobs, seed=args.seed, max_tokens=args.max_tokens)
 
 
 def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], max_prompt_tokens: int) -> list[int]:

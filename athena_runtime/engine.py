@@ -23,6 +23,7 @@ import torch
 from athena_runtime.batch import SequenceChunk
 from athena_runtime.block_manager import BlockManager
 from athena_runtime.engine_settings import EngineSettings
+from athena_runtime.generation_defaults import read_generation_defaults
 from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
 from athena_runtime.sampler import RequestGenerator, Sample, Sampler
 from athena_runtime.sampling_params import SamplingParams
@@ -182,9 +183,12 @@ def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[
 
 class AsyncEngine:
     def __init__(self, runner: Any, tokenizer: Any, settings: EngineSettings, model_name: str,
-                 eos_token_ids: tuple[int, ...] | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] | None = None,
+                 generation_defaults: dict[str, int | float] | None = None) -> None:
         if eos_token_ids is None:
             eos_token_ids = find_eos_token_ids(tokenizer)
+        # the model's own sampling defaults (generation_config.json); the server decides whether to use them
+        self.generation_defaults: dict[str, int | float] = dict(generation_defaults or {})
         self.core = EngineCore(runner, tokenizer, settings, eos_token_ids)
         self.tokenizer = tokenizer
         self.settings = settings
@@ -214,7 +218,8 @@ class AsyncEngine:
                                        device=settings.device, max_model_len=settings.max_model_len,
                                        kv_hadamard=settings.kv_hadamard, use_cuda_graphs=settings.use_cuda_graphs)
         runner.capture_graphs(settings.max_num_seqs)  # at start-up, not in the middle of a request
-        return cls(runner, tokenizer, settings, model_name or path.name, find_eos_token_ids(tokenizer, path))
+        return cls(runner, tokenizer, settings, model_name or path.name, find_eos_token_ids(tokenizer, path),
+                   read_generation_defaults(path))
 
     async def start(self) -> None:
         if self._thread is not None:

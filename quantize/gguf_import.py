@@ -130,10 +130,32 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tokenizer.save_pretrained(out_dir)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], **_sampling_defaults(reader)}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     log.info("converted %s -> %s (%d tensors, arch %s)", gguf_path.name, out_dir, len(tensors), arch)
     return out_dir
+
+
+# GGUF's recommended-sampling keys -> generation_config.json names (the server and `athena chat` use them as defaults)
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def _sampling_defaults(reader) -> dict:
+    """The file's recommended sampling settings, where it has them (invalid ones are left out, logged)."""
+    from athena_runtime.generation_defaults import check_knob
+
+    found = {}
+    for key, name in _GGUF_SAMPLING.items():
+        value = _field(reader, key)
+        if value is None:
+            continue
+        try:
+            found[name] = check_knob(name, value)
+        except ValueError as exc:
+            log.warning("GGUF %s: %s; left out", key, exc)
+    return found
 
 
 def rest_is(gguf_name: str, suffix: str) -> bool:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from athena_runtime.generation_defaults import describe
 from server import errors
 from server.metrics import RequestCountMiddleware, ServerMetrics
 from server.routes import router
@@ -81,8 +82,13 @@ async def _start(app: FastAPI, engine: "AsyncEngine") -> None:
         await engine.start()
     app.state.engine = engine
     name = settings.served_model_name or engine.model_name
-    app.state.serving = ServingContext(engine=engine, model_name=name, settings=settings, metrics=app.state.metrics)
+    defaults = settings.sampling_defaults(getattr(engine, "generation_defaults", {}))
+    app.state.serving = ServingContext(engine=engine, model_name=name, settings=settings, metrics=app.state.metrics,
+                                       sampling_defaults=defaults)
     log.info("serving %s (context %d tokens)", name, engine.max_model_len)
+    log.info("sampling defaults for fields a request leaves out: %s (--generation-config %s%s); otherwise the "
+             "OpenAI API's", describe(defaults), settings.generation_config,
+             ", with --override-generation-config" if settings.override_generation_config else "")
 
 
 async def _build_and_start(app: FastAPI) -> None:

@@ -42,6 +42,7 @@ class ServingContext:
     settings: ServerSettings
     metrics: ServerMetrics
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # strong refs to running choice tasks
+    sampling_defaults: dict[str, int | float] = field(default_factory=dict)  # for the fields a request leaves out
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -63,19 +64,28 @@ class ServingContext:
             raise errors.invalid_request(f"token ids must be in [0, {vocab})", param=param)
 
 
-def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
-    """The engine's parameters for choice `choice` of a request (with a seed, choice i uses seed + i)."""
+def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int,
+                    defaults: dict[str, int | float] | None = None) -> SamplingParams:
+    """The engine's parameters for choice `choice` of a request (with a seed, choice i uses seed + i). A knob the
+    request leaves out takes `defaults` (the model's generation config, `ServerSettings.sampling_defaults`), else the
+    OpenAI API's default."""
     seed = None if req.seed is None else (req.seed + choice) % 2**63
+    defaults = defaults or {}
+
+    def knob(name: str, openai_default: int | float) -> int | float:
+        given = getattr(req, name)
+        return given if given is not None else defaults.get(name, openai_default)
+
     try:
         return SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=max(0, req.top_k or 0),
-            min_p=req.min_p or 0.0,
+            temperature=knob("temperature", 1.0),
+            top_p=knob("top_p", 1.0),
+            top_k=max(0, int(knob("top_k", 0))),
+            min_p=knob("min_p", 0.0),
             seed=seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=knob("repetition_penalty", 1.0),
             max_tokens=max_tokens,
             stop=req.stop_sequences(),
             logprobs=logprobs,

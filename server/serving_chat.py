@@ -53,7 +53,8 @@ class ChatServing:
         prompt_ids = self.prompt_token_ids(req)
         max_tokens = ctx.check_fits(len(prompt_ids), req.completion_limit(), "messages")
         request_id = new_id("chatcmpl")
-        jobs = [Job(i, f"{request_id}-{i}", prompt_ids, sampling_params(req, max_tokens, req.logprobs_count(), i))
+        jobs = [Job(i, f"{request_id}-{i}", prompt_ids,
+                    sampling_params(req, max_tokens, req.logprobs_count(), i, ctx.sampling_defaults))
                 for i in range(req.n)]
         streams = ChoiceStreams(ctx, jobs, arrival)
         try:

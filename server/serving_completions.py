@@ -65,7 +65,7 @@ class CompletionServing:
         budgets = [ctx.check_fits(len(p.token_ids), req.max_tokens, "prompt") for p in prompts]
         request_id = new_id("cmpl")
         jobs = [Job(i * req.n + j, f"{request_id}-{i * req.n + j}", p.token_ids,
-                    sampling_params(req, budget, req.logprobs, j))
+                    sampling_params(req, budget, req.logprobs, j, ctx.sampling_defaults))
                 for i, (p, budget) in enumerate(zip(prompts, budgets)) for j in range(req.n)]
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         streams = ChoiceStreams(ctx, jobs, arrival)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from athena_runtime.generation_defaults import parse_overrides
 
 if TYPE_CHECKING:
     from athena_runtime.engine_settings import EngineSettings
@@ -46,11 +48,33 @@ class ServerSettings(BaseSettings):
     device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
     use_cuda_graphs: bool | None = Field(None, description="replay decode steps as CUDA graphs")
 
+    # Sampling defaults (for the fields a request leaves out).
+    generation_config: Literal["auto", "none"] = Field(
+        "auto", description="sampling defaults for fields a request leaves out: 'auto' takes the model's "
+                            "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), 'none' the "
+                            "OpenAI API's (temperature 1, top_p 1)")
+    override_generation_config: str | None = Field(
+        None, description="JSON object of sampling defaults over those, e.g. '{\"temperature\": 0.7, \"top_p\": 0.9}'")
+
     # HTTP behaviour.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest accepted request body (413 above)")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long running requests may finish")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _valid_overrides(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_overrides(v)  # ValueError: pydantic reports it against the field
+        return v
+
+    def sampling_defaults(self, model_defaults: dict[str, int | float]) -> dict[str, int | float]:
+        """The defaults in effect: the model's (with 'auto'), then the overrides."""
+        given = dict(model_defaults) if self.generation_config == "auto" else {}
+        if self.override_generation_config is not None:
+            given.update(parse_overrides(self.override_generation_config))
+        return given
 
     def engine_settings(self) -> "EngineSettings":
         from athena_runtime.engine_settings import EngineSettings
