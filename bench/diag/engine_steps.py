@@ -1,7 +1,7 @@
 """Where the admission of many streams goes: per-step wall times of an engine level and a GPU kernel
 profile of its prefill/mixed steps (7B-shaped random checkpoint, H100 diagnosis).
 
-    python -m bench.diag.engine_steps --workdir /tmp/w [--streams 64] [--prompt 128] [--profile-steps 4]
+    python -m bench.diag.engine_steps --workdir /tmp/w [--streams 64] [--prompt 128] [--profile-steps 4] [--kv-cache int4]
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
+    ap.add_argument("--kv-cache", default="fp16", choices=("fp16", "int8", "int4"))
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -31,9 +32,9 @@ def main(argv=None) -> int:
     ckpt = Path(args.workdir) / "llama7b-athena"
     tok = AutoTokenizer.from_pretrained(ckpt)
     need = args.streams * (-(-(args.prompt + args.new) // 16)) + 8
-    runner = ModelRunner.from_path(ckpt, kv_format="fp16", block_size=16, num_blocks=need, device="cuda",
+    runner = ModelRunner.from_path(ckpt, kv_format=args.kv_cache, block_size=16, num_blocks=need, device="cuda",
                                    max_model_len=4096)
-    core = EngineCore(runner, tok, EngineSettings(kv_cache="fp16", max_num_seqs=args.streams, num_blocks=need,
+    core = EngineCore(runner, tok, EngineSettings(kv_cache=args.kv_cache, max_num_seqs=args.streams, num_blocks=need,
                                                   max_num_batched_tokens=max(args.budget, args.streams)), eos_token_ids=())
     runner.capture_graphs(args.streams)
     g = torch.Generator().manual_seed(0)
