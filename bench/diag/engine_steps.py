@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=4)
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens")
     ap.add_argument("--kv-cache", default="fp16", choices=("fp16", "int8", "int4"))
+    ap.add_argument("--cprofile", default=None, metavar="FILE",
+                    help="also write cProfile stats (Python side) of 10 admission steps of the same level to FILE")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -72,6 +74,25 @@ def main(argv=None) -> int:
         core.step()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    if args.cprofile:
+        import cProfile
+        import io
+        import pstats
+
+        pr = cProfile.Profile()
+        for r in range(10):  # one admission (first) step per round, the rest of the level unprofiled
+            add_level(f"c{r}-")
+            torch.cuda.synchronize()
+            pr.enable()
+            core.step()
+            torch.cuda.synchronize()
+            pr.disable()
+            while core.has_work():
+                core.step()
+        buf = io.StringIO()
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(45)
+        Path(args.cprofile).write_text(buf.getvalue())
     return 0
 
 
