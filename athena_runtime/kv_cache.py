@@ -294,6 +294,14 @@ class KVCache:
             k = k + (positions == 0).to(torch.float32)[:, None, None] * self.sink_key[layer]
         return k, v
 
+    def fresh_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [T, Hkv, D] (post-RoPE, as `write` takes them) in the basis `read` returns them in, without the
+        quantization: ((k - m) ⊙ d)·H and v·H (what `read` gives back for them, sink key included, but exact). A whole
+        prompt attends over these instead of reading its own keys back from the cache."""
+        if self.key_offset is not None:
+            k = (k.float() - self.key_offset[layer]) * self.key_scale[layer]
+        return self.rotate(k), self.rotate(v)
+
     def bytes_per_token(self) -> int:
         """Bytes one token occupies over all layers, K and V, scales included."""
         fmt = "fp32" if self.storage_dtype == torch.float32 else self.fmt

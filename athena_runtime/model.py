@@ -114,7 +114,8 @@ class Attention(nn.Module):
         cache = attn.kv_cache
         cache.write(self.layer, k, v, attn.slot_mapping, attn.positions)
         # Attend in the cache's stored basis: the query moves in, the output back out (kv_cache.py).
-        o = self.paged_attention(cache.query(self.layer, q), cache, self.layer, attn, self.scale, self.window)
+        o = self.paged_attention(cache.query(self.layer, q), cache, self.layer, attn, self.scale, self.window,
+                                 fresh_kv=(k, v))
         return self.o_proj(cache.output(o).reshape(T, self.num_heads * self.head_dim))
 
 

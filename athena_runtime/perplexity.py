@@ -2,7 +2,8 @@
 chosen format, so the effect of int8 / int4 KV on quality can be measured.
 
 Each window is fed in prefill chunks of `chunk` tokens; every chunk attends to the earlier chunks
-through the (quantized) cache, as a long conversation does when it is served.
+through the (quantized) cache, as a long conversation does when it is served. (On the GPU a window's first chunk, a
+whole prompt, attends over its own keys as computed, unquantized: `paged_attention_mixed`.)
 """
 from __future__ import annotations
 

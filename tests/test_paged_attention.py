@@ -257,3 +257,45 @@ def test_bench_attention_smoke(capsys):
                            "--splits", "1,auto", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert [r["num_splits"] for r in rows] == [1, 2] and all(r["max_err"] < 1e-5 for r in rows)
+
+
+def _step_kv(keys, values, new):
+    """This step's k, v rows (the last `new[s]` tokens of each sequence, in batch order), as the model passes them."""
+    return (torch.cat([k[len(k) - m:] for k, m in zip(keys, new)]).to(DEVICE),
+            torch.cat([v[len(v) - m:] for v, m in zip(values, new)]).to(DEVICE))
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("fmt,window,calibrated,hadamard", [
+    ("fp16", None, False, False), ("fp16", 5, False, True), ("int8", None, False, False), ("int4", None, True, True),
+    ("int4", 6, True, True)])
+def test_mixed_batch_fresh_prompts_attend_over_their_own_kv(fmt, window, calibrated, hadamard):
+    """With the step's k, v given, whole prompts attend over them as computed (no read back, no quantization):
+    their rows match dense attention over the exact keys (1e-3, or fp16 rounding), the decode tokens and the
+    continued chunk still match the reference over the cache; an fp16 cache gives what reading it back gives."""
+    seq_lens, new = [23, 1, 40, 17, 9, 30, 21, 5], [1, 1, 12, 1, 9, 1, 21, 5]  # fresh prompts: 9, 21, 5 tokens
+    cache, table, keys, values = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=5, calibrated=calibrated,
+                                               hadamard=hadamard)
+    q = torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    qsl_list = [0] + torch.tensor(new).cumsum(0).tolist()
+    qsl = torch.tensor(qsl_list, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    fresh = _step_kv(keys, values, new)
+    query = cache.query(0, q)
+    got = cache.output(pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list,
+                                                fresh_kv=fresh))
+    via_cache = cache.output(pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens,
+                                                      qsl_list))
+    assert not torch.isnan(got).any()
+    for s, (n_new, length) in enumerate(zip(new, seq_lens)):
+        rows = slice(qsl_list[s], qsl_list[s + 1])
+        if n_new == length > 1:  # a whole prompt: exact keys (a one-token sequence goes with the decode tokens)
+            want = _dense_attention(q[rows].cpu(), keys[s], values[s], 0.125, window)
+            torch.testing.assert_close(got[rows].double().cpu(), want, rtol=1e-3, atol=1e-3)
+        else:  # decode tokens and the continued chunk: untouched
+            torch.testing.assert_close(got[rows], via_cache[rows])
+    if fmt == "fp16" and not hadamard:  # keys as fp16 as the model's are: what the cache gives back, to rounding
+        fresh16 = tuple(t.half().to(q.dtype) for t in fresh)
+        same = pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list,
+                                        fresh_kv=fresh16)
+        torch.testing.assert_close(same, via_cache, rtol=1e-5, atol=1e-5)

@@ -81,13 +81,18 @@ def paged_attention_prefill(q, kv_cache, layer, block_tables, seq_lens, query_st
 
 
 def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                          sliding_window=None, seq_lens_list=None, query_start_list=None):
+                          sliding_window=None, seq_lens_list=None, query_start_list=None, fresh_kv=None):
     """A batch of prefill chunks and decode tokens (continuous batching): the one-token sequences go
     through the decode kernel in one launch, whole prompts through a few SDPA calls per group of up to
     FRESH_SDPA_MAX_TOKENS tokens (`_fresh_prompts_sdpa`), and only continued chunks through the
     per-sequence path. (With every
     sequence in the per-sequence loop, a 64-stream step while prompts arrive cost 0.5-1.7 s on the
-    H100: hundreds of small launches per layer.)"""
+    H100: hundreds of small launches per layer.)
+
+    With `fresh_kv` (this step's k, v [T, Hkv, D], rows as q's), whole prompts attend over their own keys and values
+    as computed (`KVCache.fresh_kv`: the cache's basis, no quantization) instead of reading them back: the same
+    result for an fp16 cache, the unquantized one for int8/int4, and no gather or dequantize (a prompt's admission
+    step is host-bound, BENCHMARKS.md §7). Decode tokens and continued chunks still read the cache."""
     seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
     qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
     n = [qsl[s + 1] - qsl[s] for s in range(len(seq_lens_list))]
@@ -104,7 +109,7 @@ def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_star
             q[rows], kv_cache, layer, block_tables[dec_idx], seq_lens[dec_idx],
             torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device), sm_scale, sliding_window)
     for group in _token_groups(fresh, n, FRESH_SDPA_MAX_TOKENS):
-        _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window)
+        _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window, fresh_kv)
     for s in rest:  # each chunk with its own KV length and queries
         q0, q1 = qsl[s], qsl[s + 1]
         out[q0:q1] = paged_attention_prefill(
@@ -127,7 +132,7 @@ def _token_groups(seqs: list[int], n: list[int], limit: int) -> list[list[int]]:
     return groups + ([cur] if cur else [])
 
 
-def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window):
+def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window, fresh_kv=None):
     """Whole prompts (their keys are exactly their own new tokens), few launches per layer: the prompts
     of each length go through ONE causal SDPA call as a batch (no mask: the flash kernel, fp16); prompts
     longer than a sliding window through one call with a block-diagonal causal mask
@@ -142,38 +147,41 @@ def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_
         if sliding_window is not None and length > sliding_window:
             masked += group
         else:
-            _same_length_prompts(q, out, kv_cache, layer, block_tables, group, length, qsl, sm_scale)
+            _same_length_prompts(q, out, kv_cache, layer, block_tables, group, length, qsl, sm_scale, fresh_kv)
     if masked:
-        _masked_prompts(q, out, kv_cache, layer, block_tables, masked, n, qsl, sm_scale, sliding_window)
+        _masked_prompts(q, out, kv_cache, layer, block_tables, masked, n, qsl, sm_scale, sliding_window, fresh_kv)
 
 
-def _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl):
-    """Rows of `seqs` in q, and their keys/values read back from the cache (float32 [T, H, D], GQA
-    heads repeated), with each token's sequence index and position."""
+def _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv=None):
+    """Rows of `seqs` in q, and their keys/values (GQA heads repeated): this step's own (`fresh_kv`, in the
+    cache's basis) or read back from the cache (float32 [T, H, D]); with each token's sequence index and position."""
     dev, bs = q.device, kv_cache.block_size
     seq_id = [i for i, s in enumerate(seqs) for _ in range(n[s])]
     pos = [p for s in seqs for p in range(n[s])]
     rows = torch.tensor([r for s in seqs for r in range(qsl[s], qsl[s + 1])], dtype=torch.long, device=dev)
     sid = torch.tensor(seq_id, dtype=torch.long, device=dev)
     pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
-    tables = block_tables[torch.tensor(seqs, dtype=torch.long, device=dev)]  # [len(seqs), MB]
-    slots = tables[sid, pos_t // bs].long() * bs + pos_t % bs
-    k, v = kv_cache.read(layer, slots, pos_t)  # float32 [T, Hkv, D]
+    if fresh_kv is not None:
+        k, v = kv_cache.fresh_kv(layer, fresh_kv[0][rows], fresh_kv[1][rows])
+    else:
+        tables = block_tables[torch.tensor(seqs, dtype=torch.long, device=dev)]  # [len(seqs), MB]
+        slots = tables[sid, pos_t // bs].long() * bs + pos_t % bs
+        k, v = kv_cache.read(layer, slots, pos_t)  # float32 [T, Hkv, D]
     group = q.shape[1] // kv_cache.num_kv_heads
     return rows, sid, pos_t, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
 
-def _same_length_prompts(q, out, kv_cache, layer, block_tables, seqs, length, qsl, sm_scale):
+def _same_length_prompts(q, out, kv_cache, layer, block_tables, seqs, length, qsl, sm_scale, fresh_kv=None):
     n = {s: length for s in seqs}
-    rows, _, _, k, v = _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl)
+    rows, _, _, k, v = _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv)
     B, H, D = len(seqs), q.shape[1], q.shape[2]
     as_batch = lambda t: t.to(q.dtype).view(B, length, H, D).transpose(1, 2)  # noqa: E731 - [B, H, L, D]
     o = F.scaled_dot_product_attention(as_batch(q[rows]), as_batch(k), as_batch(v), is_causal=True, scale=sm_scale)
     out[rows] = o.transpose(1, 2).reshape(B * length, H, D)
 
 
-def _masked_prompts(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window):
-    rows, sid, pos_t, k, v = _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl)
+def _masked_prompts(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window, fresh_kv=None):
+    rows, sid, pos_t, k, v = _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv)
     visible = (sid[:, None] == sid[None, :]) & (pos_t[None, :] <= pos_t[:, None])  # [T, T]
     if sliding_window is not None:
         visible &= pos_t[None, :] > pos_t[:, None] - sliding_window
@@ -202,14 +210,16 @@ class PagedAttention:
             self._logged.add(path)
             log.info("paged attention: %s path (%s)", path, why)
 
-    def __call__(self, q, kv_cache, layer, attn, sm_scale, sliding_window):
+    def __call__(self, q, kv_cache, layer, attn, sm_scale, sliding_window, fresh_kv=None):
+        """`fresh_kv`: this step's k, v [T, Hkv, D] as written to the cache (rows of q's tokens); whole prompts on the
+        CUDA mixed path attend over them instead of reading them back (`paged_attention_mixed`)."""
         args = (q, kv_cache, layer, attn.block_tables, attn.seq_lens, attn.query_start_loc, sm_scale, sliding_window)
         if q.is_cuda and attn.is_decode and triton is not None:
             self._log("triton-decode", "CUDA decode batch")
             return paged_attention_decode(*args)
         if q.is_cuda and triton is not None:
             self._log("mixed", "CUDA batch with prefill: decode kernel for one-token sequences, SDPA for chunks")
-            return paged_attention_mixed(*args, attn.seq_lens_list, attn.query_start_list)
+            return paged_attention_mixed(*args, attn.seq_lens_list, attn.query_start_list, fresh_kv=fresh_kv)
         if q.is_cuda:
             self._log("sdpa-prefill", "CUDA batch, no Triton")
             return paged_attention_prefill(*args, attn.seq_lens_list, attn.query_start_list)
