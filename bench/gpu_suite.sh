@@ -42,7 +42,7 @@ for stage in "$@"; do
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;
     t1ab) for v in ${AB:-mb4 mb1}; do  # T = 1 source variants (bench/diag/lut_parts.py): both builds side by side, then A/B
-             MAX_JOBS=8 timeout 400 python3 -c "from athena_runtime.kernels import pq_cuda as p; from athena_runtime.kernels.cuda_build import InlineExtension as I; from bench.diag.lut_parts import source_variant as sv; I('athena_pq_cuda', '$v', p._CPP_DECL, sv('$v'), ['pq_lut_gemv']).load(); print('built $v')" &
+             MAX_JOBS=8 timeout 400 python3 -c "from bench.diag.lut_parts import variant_extension as ve; ve('$v').load(); print('built $v')" &
            done; wait
            timeout 420 python3 -m bench.diag.lut_parts --variants $(echo ${AB:-mb4 mb1} | tr ' ' ,) --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
     t1trace) timeout 400 python3 -m bench.diag.lut_trace --reps ${ROUNDS:-2} 2>&1 | tee $OUT/lut_trace.txt ;;  # per-CTA timeline

@@ -119,14 +119,18 @@ def source_variant(name: str):
     raise ValueError(f"unknown source variant {name!r}")
 
 
+def variant_extension(name: str):
+    """The decode extension built from kernel-source variant `name` (`source_variant`), beside the runtime's own."""
+    from athena_runtime.kernels.cuda_build import InlineExtension
+    return InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({name})", pq_cuda._CPP_DECL,
+                           source_variant(name), ["pq_lut_gemv"])
+
+
 def variants_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
     """The kernel alone and the whole call (fused epilogue, one call per chunk height in `rows_list`) for each
     kernel-source variant (`source_variant`), side by side in one process, `rounds` times in alternating order;
     each output checked against the first build's."""
-    from athena_runtime.kernels.cuda_build import InlineExtension
-    exts = {mb: InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel ({mb})",
-                                pq_cuda._CPP_DECL, source_variant(mb), ["pq_lut_gemv"])
-            for mb in values}
+    exts = {mb: variant_extension(mb) for mb in values}
     default_ext = pq_cuda.EXTENSION
     for mb, ext in exts.items():
         ext.load()
@@ -156,7 +160,7 @@ def variants_ab(shapes, values, rounds, dev, l2, rows_list=(2048, 1024)):
                         y = call(sets[0]).float()
                         ref = y if ref is None else ref
                         if ((y - ref).norm() / ref.norm()).item() > 1e-3:
-                            bad.append(f"mb{mb} r{rows}")
+                            bad.append(f"{mb} r{rows}")
                         res[(mb, f"fused r{rows}")] = time_graph(call, sets, dev)
                 print(f"{sh:>12s} {cublas:7.1f} " + " ".join(f"{res[(mb, c)]:16.2f}" for mb in values for c in kinds)
                       + (f"  MISMATCH {bad}" if bad else ""), flush=True)
@@ -180,7 +184,7 @@ def main():
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     if args.variants:
         variants_ab(args.shapes.split(","), args.variants.split(","), args.rounds, dev, l2,
-                      tuple(int(r) for r in args.rows.split(",")))
+                    tuple(int(r) for r in args.rows.split(",")))
         return
     if not (args.sweep or args.fused_sweep):
         print(f"{'shape':>12s} {'cuBLAS':>7s} " + " ".join(f"{k:>19s}" for k in COLUMNS) + "  (CUDA-graph µs, T = 1)")

@@ -56,9 +56,8 @@ def main():
     sms = pq_cuda.num_sms(dev)
     old = load_old(args.old_dir)
     old.load_extension()
-    from athena_runtime.kernels.cuda_build import InlineExtension
-    exts = {mb: InlineExtension("athena_pq_cuda", f"the CUDA PQ decode kernel (mb{mb})", pq_cuda._CPP_DECL,
-                                lambda mb=mb: pq_cuda.cuda_source(mb), ["pq_lut_gemv"]) for mb in map(int, args.mb.split(","))}
+    from bench.diag.lut_parts import variant_extension
+    exts = {mb: variant_extension(f"mb{mb}") for mb in map(int, args.mb.split(","))}
     for ext in exts.values():
         ext.load()
     default_ext = pq_cuda.EXTENSION
