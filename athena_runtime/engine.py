@@ -194,6 +194,7 @@ class AsyncEngine:
         self.settings = settings
         self.model_name = model_name
         self.max_model_len: int = self.core.max_model_len
+        self.max_queue: int = settings.max_queue
         self.ready = False
         self._closed = False
         self._stop = False

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from athena_runtime.generation_defaults import describe
 from server import errors
 from server.metrics import RequestCountMiddleware, ServerMetrics
+from server.prompt_encoder import PromptEncoder
 from server.routes import router
 from server.serving import ServingContext
 from server.settings import ServerSettings
@@ -83,12 +84,26 @@ async def _start(app: FastAPI, engine: "AsyncEngine") -> None:
     app.state.engine = engine
     name = settings.served_model_name or engine.model_name
     defaults = settings.sampling_defaults(getattr(engine, "generation_defaults", {}))
+    encoder = await asyncio.to_thread(PromptEncoder, engine.tokenizer, engine.max_model_len)
     app.state.serving = ServingContext(engine=engine, model_name=name, settings=settings, metrics=app.state.metrics,
+                                       encoder=encoder, max_choices=_max_choices(settings, engine),
                                        sampling_defaults=defaults)
     log.info("serving %s (context %d tokens)", name, engine.max_model_len)
     log.info("sampling defaults for fields a request leaves out: %s (--generation-config %s%s); otherwise the "
              "OpenAI API's", describe(defaults), settings.generation_config,
              ", with --override-generation-config" if settings.override_generation_config else "")
+
+
+def _max_choices(settings: ServerSettings, engine: "AsyncEngine") -> int:
+    """--max-choices, at most --max-queue: a request's choices are admitted all together, and more
+    than the queue holds could never be."""
+    if settings.max_choices is None:
+        return engine.max_queue
+    if settings.max_choices > engine.max_queue:
+        log.warning("--max-choices %d is more than --max-queue %d can ever admit: using %d", settings.max_choices,
+                    engine.max_queue, engine.max_queue)
+        return engine.max_queue
+    return settings.max_choices
 
 
 async def _build_and_start(app: FastAPI) -> None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 INT64_MAX = 2**63 - 1
 MAX_STOP = 4  # OpenAI accepts at most 4 stop sequences
+MAX_PROMPTS = 2048  # prompts in one completions batch
 
 
 class ParameterError(ValueError):
@@ -192,20 +193,27 @@ class ChatCompletionRequest(SamplingRequest):
 # ---- completions ---------------------------------------------------------------------------
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    # Tried in this order (a list of token ids first): validating a long id list against list[str] first would
+    # make one error per id. The before-validator refuses an over-long batch before any of it is looked at.
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = Field(union_mode="left_to_right")
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and isinstance(v[0], (str, list)):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+        if isinstance(v, list) and (not v or (isinstance(v[0], list) and not all(v))):  # v[0] int: token ids
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and len(v) > 2048 and isinstance(v[0], (str, list)):
-            raise ValueError("at most 2048 prompts per request")
         return v
 
     @model_validator(mode="after")

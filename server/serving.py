@@ -22,6 +22,7 @@ from athena_runtime.outputs import RequestOutput, TokenLogprob
 from athena_runtime.sampling_params import SamplingParams
 from server import errors
 from server.metrics import ServerMetrics
+from server.prompt_encoder import PromptEncoder
 from server.protocol import SamplingRequest, Usage
 from server.settings import ServerSettings
 
@@ -41,6 +42,8 @@ class ServingContext:
     model_name: str
     settings: ServerSettings
     metrics: ServerMetrics
+    encoder: PromptEncoder
+    max_choices: int  # choices (prompts x n) one request may ask for
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # strong refs to running choice tasks
     sampling_defaults: dict[str, int | float] = field(default_factory=dict)  # for the fields a request leaves out
 
@@ -48,6 +51,14 @@ class ServingContext:
         if model != self.model_name:
             raise errors.APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                   param="model", code="model_not_found")
+
+    def check_choices(self, prompts: int, n: int) -> None:
+        """A 400 for more choices than one request may have, before any work is done for them."""
+        if prompts * n > self.max_choices:
+            asked = f"{prompts} prompts x n={n} = {prompts * n} choices" if prompts > 1 else f"{n} choices"
+            raise errors.invalid_request(
+                f"This request asks for {asked}; this server generates at most {self.max_choices} per request "
+                "(--max-choices, at most --max-queue).", param="n")
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """The completion budget for a prompt: `max_tokens`, or what is left of the context when
@@ -60,7 +71,7 @@ class ServingContext:
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = len(self.engine.tokenizer)
-        if any(not 0 <= t < vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise errors.invalid_request(f"token ids must be in [0, {vocab})", param=param)
 
 

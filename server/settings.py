@@ -56,6 +56,11 @@ class ServerSettings(BaseSettings):
     override_generation_config: str | None = Field(
         None, description="JSON object of sampling defaults over those, e.g. '{\"temperature\": 0.7, \"top_p\": 0.9}'")
 
+    # Limits per request.
+    max_choices: int | None = Field(
+        None, ge=1, description="choices (prompts x n) one request may ask for; 400 above (default and upper bound: "
+                                "--max-queue, as a request's choices are queued all together or not at all)")
+
     # HTTP behaviour.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest accepted request body (413 above)")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long running requests may finish")

@@ -116,3 +116,35 @@ def engine_idle(server: LiveServer) -> bool:
     m = metrics(server.url)
     return (m["athena_requests_running"] == 0 and m["athena_requests_waiting"] == 0
             and m["athena_kv_cache_usage_ratio"] == 0)
+
+
+class HealthProbe:
+    """`with HealthProbe(url) as probe:` asks GET /health every `interval_s` in a thread; `probe.worst` is the
+    longest any answer took (a frozen event loop shows up here), `probe.statuses` what they were."""
+
+    def __init__(self, url: str, interval_s: float = 0.02) -> None:
+        self.url, self.interval_s = url, interval_s
+        self.latencies: list[float] = []
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                self.statuses.append(http.get(f"{self.url}/health").status_code)
+                self.latencies.append(time.monotonic() - start)
+                self._stop.wait(self.interval_s)
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(60)
