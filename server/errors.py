@@ -72,11 +72,13 @@ def internal_error() -> APIError:
 def from_engine_error(exc: BaseException, retry_after_s: int) -> APIError | None:
     """The client-facing error for an exception the engine raises when a request cannot start,
     or None when it is not one of those."""
-    from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded
+    from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded, GroupTooLarge
 
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc) or "The prompt and max_tokens do not fit the model's context.",
                         code="context_length_exceeded")
+    if isinstance(exc, GroupTooLarge):
+        return invalid_request(f"Too many choices for this server: {exc}.", param="n")
     if isinstance(exc, EngineOverloaded):
         return overloaded(retry_after_s)
     if isinstance(exc, EngineClosed):

@@ -27,7 +27,7 @@ from server.protocol import SamplingRequest, Usage
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from athena_runtime.engine import AsyncEngine
+    from athena_runtime.engine import AsyncEngine, RequestStream
 
 log = logging.getLogger("athena.server")
 
@@ -137,20 +137,36 @@ def total_usage(prompt_tokens: int, states: list[ChoiceState]) -> Usage:
 
 
 class ChoiceStreams:
-    """Runs one engine generation per job and merges their outputs as (choice index, output)."""
+    """Runs one engine generation per job and merges their outputs as (choice index, output).
+
+    The jobs are submitted to the engine as one group, admitted all together or not at all: the
+    constructor raises the client-facing error (429 queue full, 400 too many choices, 503 shutting
+    down) with nothing queued."""
 
     def __init__(self, ctx: ServingContext, jobs: list[Job], arrival: float) -> None:
         self._ctx, self._jobs, self._arrival = ctx, jobs, arrival
+        try:
+            streams = ctx.engine.submit([(job.request_id, job.prompt_token_ids, job.params) for job in jobs])
+        except Exception as exc:
+            raise self._api_error(exc) from None
+        self._streams: list["RequestStream"] = streams
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self._buffer: list[tuple[int, RequestOutput]] = []
-        self._tasks = [asyncio.create_task(self._run(job), name=job.request_id) for job in jobs]
+        self._tasks = [asyncio.create_task(self._run(job, stream), name=job.request_id)
+                       for job, stream in zip(jobs, streams)]
         for task in self._tasks:
             ctx.tasks.add(task)
             task.add_done_callback(ctx.tasks.discard)
 
-    async def _run(self, job: Job) -> None:
+    def _api_error(self, exc: BaseException) -> errors.APIError:
+        api_error = errors.from_engine_error(exc, self._ctx.settings.retry_after_s)
+        if api_error is None:
+            log.error("the engine refused request %s", self._jobs[0].request_id if self._jobs else "?", exc_info=exc)
+            api_error = errors.internal_error()
+        return api_error
+
+    async def _run(self, job: Job, outputs: "RequestStream") -> None:
         m = self._ctx.metrics
-        outputs = self._ctx.engine.generate(job.request_id, job.prompt_token_ids, job.params)
         last: float | None = None
         try:
             async for out in outputs:
@@ -170,19 +186,13 @@ class ChoiceStreams:
         except Exception as exc:
             self._queue.put_nowait((job.index, exc))
         finally:
-            aclose = getattr(outputs, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            outputs.close()
 
     def _check(self, index: int, item: RequestOutput | BaseException) -> RequestOutput:
         """The output, or the client-facing error it stands for."""
         if isinstance(item, BaseException):
             self.close()
-            api_error = errors.from_engine_error(item, self._ctx.settings.retry_after_s)
-            if api_error is None:
-                log.error("generation failed for choice %d", index, exc_info=item)
-                api_error = errors.internal_error()
-            raise api_error
+            raise self._api_error(item)
         if item.finished and item.finish_reason == "cancelled":
             self.close()
             raise errors.unavailable("The request was cancelled by the server (shutting down).",
@@ -226,6 +236,8 @@ class ChoiceStreams:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        for stream in self._streams:  # a task cancelled before it started never closes its stream itself
+            stream.close()
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:
