@@ -24,6 +24,7 @@ from athena_runtime.generation_defaults import describe
 from server import errors
 from server.metrics import RequestCountMiddleware, ServerMetrics
 from server.prompt_encoder import PromptEncoder
+from server.protocol import lone_surrogate_param
 from server.routes import router
 from server.serving import ServingContext
 from server.settings import ServerSettings
@@ -159,8 +160,9 @@ class ApiKeyMiddleware:
 
 class BodyLimitMiddleware:
     """413 for bodies over `max_bytes`: by Content-Length up front, and by counting what arrives
-    (a chunked or lying client). The body is read here once and replayed to the app; later
-    `receive()` calls pass through, so disconnects still reach the routes."""
+    (a chunked or lying client); 400 naming the field for a JSON body whose text is not Unicode (a
+    lone surrogate escape). The body is read here once and replayed to the app; later `receive()`
+    calls pass through, so disconnects still reach the routes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -195,13 +197,20 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        body = b"".join(chunks)
+        param = lone_surrogate_param(body)
+        if param is not None:
+            await _send_error(scope, receive, send, errors.invalid_request(
+                f"Invalid value for '{param}': the text holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                "without its pair), which is not valid Unicode.", param=param))
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)

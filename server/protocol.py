@@ -6,6 +6,7 @@ it, which errors.py turns into a 400 with that `param`.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Literal
@@ -31,6 +32,41 @@ class _Request(BaseModel):
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _not_unicode(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate, in OpenAI's parameter spelling
+    ('messages.[0].content'); None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+    else:
+        return None
+    for key, v in items:
+        where = _not_unicode(key, path) or _not_unicode(v, f"{path}.{key}" if path else str(key))
+        if where is not None:
+            return where
+    return None
+
+
+def lone_surrogate_param(body: bytes) -> str | None:
+    """The parameter of a JSON body whose text holds a lone UTF-16 surrogate: JSON can spell one
+    ("\\ud800") but it is no Unicode text. Only a \\u escape can spell one, so a body without
+    "\\ud"/"\\uD" is passed over at the speed of a byte search; None for invalid JSON (the route
+    reports that) and for bodies without one."""
+    if b"\\ud" not in body and b"\\uD" not in body:
+        return None
+    try:
+        return _not_unicode(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
 
 
 class StreamOptions(_Request):
