@@ -7,6 +7,8 @@ error handlers and routes. All state lives on `app.state`:
     draining      True from shutdown on (routes answer 503)
     metrics       ServerMetrics (per-app Prometheus registry)
     load_failed   asyncio.Event set when building the engine failed (serve_cli exits on it)
+    loader        the task building the engine (None once done or when one was given)
+    drained       the drain task, once shutdown began (`drain`)
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
     app.state.serving = None
     app.state.draining = False
     app.state.load_failed = asyncio.Event()
+    app.state.loader = None
+    app.state.drained = None
     app.state.metrics = ServerMetrics(lambda: app.state.serving.engine.stats() if app.state.serving else None)
     app.include_router(router)
     errors.install_error_handlers(app)
@@ -58,24 +62,45 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    loader = None
     if state.engine is not None:
         await _start(app, state.engine)
     else:
-        loader = asyncio.create_task(_build_and_start(app))
+        state.loader = asyncio.create_task(_build_and_start(app))
     try:
         yield
     finally:
-        state.draining = True
-        if loader is not None:
-            loader.cancel()
-        ctx: ServingContext | None = state.serving
-        if ctx is not None:
-            log.info("draining: waiting up to %.0f s for %d running requests", state.settings.drain_timeout_s,
-                     ctx.engine.stats().running)
-            await ctx.engine.shutdown(drain_timeout_s=state.settings.drain_timeout_s)
-            for task in list(ctx.tasks):
-                task.cancel()
+        await drain(app)  # at once if the server drained before it stopped (http_server.AppServer)
+
+
+async def drain(app: FastAPI) -> None:
+    """Stop admitting (routes answer 503 with Retry-After), let running requests finish for up to
+    --drain-timeout-s, then end the rest (a stream gets an error event and `data: [DONE]`, a
+    non-streamed request a 503) and stop the engine. Later calls wait for the first one's drain."""
+    state = app.state
+    if state.drained is None:
+        state.drained = asyncio.ensure_future(_drain(app))
+    await asyncio.shield(state.drained)
+
+
+async def _drain(app: FastAPI) -> None:
+    state = app.state
+    state.draining = True
+    if state.loader is not None:
+        state.loader.cancel()
+    ctx: ServingContext | None = state.serving
+    if ctx is None:
+        return
+    stats = ctx.engine.stats()
+    log.info("draining: waiting up to %.1f s for %d running and %d waiting requests", state.settings.drain_timeout_s,
+             stats.running, stats.waiting)
+    await ctx.engine.shutdown(drain_timeout_s=state.settings.drain_timeout_s)
+    # the engine handed every unfinished request a "cancelled" output: let their streams write their last
+    # events (bounded: a task stuck elsewhere is cancelled)
+    if ctx.tasks:
+        await asyncio.wait(set(ctx.tasks), timeout=1.0)
+    for task in list(ctx.tasks):
+        task.cancel()
+    log.info("drained")
 
 
 async def _start(app: FastAPI, engine: "AsyncEngine") -> None:
@@ -116,6 +141,8 @@ async def _build_and_start(app: FastAPI) -> None:
     except Exception:
         log.exception("could not load the model")
         app.state.load_failed.set()
+    finally:
+        app.state.loader = None
 
 
 def _build_engine(settings: ServerSettings) -> "AsyncEngine":

@@ -63,7 +63,9 @@ class ServerSettings(BaseSettings):
 
     # HTTP behaviour.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest accepted request body (413 above)")
-    drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, how long running requests may finish")
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="on SIGTERM/SIGINT, how long running requests may finish (new ones get 503); then the "
+                                "rest end (streams: an error event and [DONE])")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
 

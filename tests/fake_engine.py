@@ -77,6 +77,7 @@ class FakeEngine:
         self.fail_next: BaseException | None = None   # raised by the next generate() before it starts
         self.error_after_tokens: int | None = None    # finish every request with "error" after this many tokens
         self._aborts: set[str] = set()
+        self._abort_all = False
         self._slots: asyncio.Semaphore | None = None
         self._vocab = [i for i in range(len(self.tokenizer))
                        if (s := self.tokenizer.decode([i])).isascii() and s.isprintable() and s.strip()
@@ -159,7 +160,7 @@ class FakeEngine:
         deadline = loop.time() + drain_timeout_s
         while (self.active or self.waiting) and loop.time() < deadline:
             await asyncio.sleep(0.005)
-        self._aborts.update(self.active)
+        self._abort_all = True   # running requests end "cancelled", as do waiting ones when they get a slot
 
     # -- generation ----------------------------------------------------------------------------
     def _blocks(self, tokens: int) -> int:
@@ -182,7 +183,7 @@ class FakeEngine:
         longest_stop = max((len(s) for s in params.stop), default=0)
         while True:
             await asyncio.sleep(self.step_delay_s)
-            if request_id in self._aborts:
+            if request_id in self._aborts or self._abort_all:
                 yield self._out(request_id, prompt, generated, "", (), "cancelled", None)
                 return
             if self.error_after_tokens is not None and len(generated) >= self.error_after_tokens:

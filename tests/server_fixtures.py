@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import uvicorn
 
 from server.app import create_app
+from server.http_server import AppServer, uvicorn_config
 from server.settings import ServerSettings
 
 
@@ -36,9 +36,10 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+        # the production config and server (server/http_server.py), on this socket
+        config = uvicorn_config(app, app.state.settings, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=graceful_timeout_s)
-        self.server = uvicorn.Server(config)
+        self.server = AppServer(config, app)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self.error: BaseException | None = None
@@ -66,7 +67,9 @@ class LiveServer:
         return self
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        self.server.should_exit = True
+        """Shuts down as a SIGTERM does: the app drains, then uvicorn stops."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.server.begin_shutdown)
         self.thread.join(timeout_s)
         assert not self.thread.is_alive(), "uvicorn did not stop"
         self.sock.close()
