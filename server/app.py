@@ -52,7 +52,7 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
     app.include_router(router)
     errors.install_error_handlers(app)
     # Outermost last: counts -> API key -> body size -> routes.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestCountMiddleware, metrics=app.state.metrics)
@@ -185,14 +185,16 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`: by Content-Length up front, and by counting what arrives
-    (a chunked or lying client); 400 naming the field for a JSON body whose text is not Unicode (a
-    lone surrogate escape). The body is read here once and replayed to the app; later `receive()`
-    calls pass through, so disconnects still reach the routes."""
+class RequestBodyMiddleware:
+    """Reads a request's body once and replays it to the app; later `receive()` calls pass through,
+    so disconnects still reach the routes. On the way:
+    - 413 for bodies over `max_bytes`: by Content-Length up front, and by counting what arrives
+      (a chunked or lying client);
+    - 408 (and the connection closed) when the body has not arrived within `timeout_s`;
+    - 400 naming the field for a JSON body whose text is not Unicode (a lone surrogate escape)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     def _too_large(self) -> errors.APIError:
         return errors.APIError(413, f"Request body too large: the limit is {self.max_bytes} bytes.",
@@ -212,18 +214,25 @@ class BodyLimitMiddleware:
                 return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(scope, receive, send, self._too_large())
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before sending its body
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        await _send_error(scope, receive, send, self._too_large())
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await _send_error(scope, receive, send, errors.APIError(
+                408, f"The request body did not arrive within {self.timeout_s:g} s.", code="request_timeout",
+                headers={"Connection": "close"}))
+            return
         body = b"".join(chunks)
         param = lone_surrogate_param(body)
         if param is not None:

@@ -1,4 +1,5 @@
-"""uvicorn as Athena runs it: one config builder and a Server that drains the app before it stops.
+"""uvicorn as Athena runs it: one config builder (timeouts and limits against slow or too many
+clients) and a Server that drains the app before it stops.
 
 Shutdown: on the first SIGINT/SIGTERM (or `begin_shutdown()`), the app drains (`server.app.drain`:
 new requests get 503 with Retry-After while the port stays open, running requests finish for up to
@@ -9,6 +10,7 @@ open connections FLUSH_TIMEOUT_S to take their last bytes and exits. A second si
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from types import FrameType
@@ -18,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.app import drain
+from server.h11_timeouts import HeaderTimeoutH11Protocol
 from server.settings import ServerSettings
 
 log = logging.getLogger("athena.server")
@@ -26,8 +29,13 @@ FLUSH_TIMEOUT_S = 5.0  # after the drain: how long open connections may take to 
 
 
 def uvicorn_config(app: FastAPI, settings: ServerSettings, **overrides: Any) -> uvicorn.Config:
-    options: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                                   lifespan="on", timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+    """The server's uvicorn settings: h11 with a header deadline (server/h11_timeouts.py), the
+    keep-alive timeout, the connection limit and the shutdown flush time."""
+    options: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        http=functools.partial(HeaderTimeoutH11Protocol, header_timeout_s=settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
     options.update(overrides)
     return uvicorn.Config(app, **options)
 

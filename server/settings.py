@@ -63,6 +63,15 @@ class ServerSettings(BaseSettings):
 
     # HTTP behaviour.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest accepted request body (413 above)")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection must send a request's headers within this many seconds (of connecting, "
+                                "or of its next request's first byte), else it is closed")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request's body must arrive within this many seconds "
+                                                           "of its headers (408 after)")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this "
+                                                                "many seconds")
+    max_connections: int = Field(1000, ge=1, description="open connections (or requests) beyond which new requests "
+                                                          "get a plain 503 from uvicorn")
     drain_timeout_s: float = Field(
         10.0, ge=0, description="on SIGTERM/SIGINT, how long running requests may finish (new ones get 503); then the "
                                 "rest end (streams: an error event and [DONE])")
