@@ -1,5 +1,5 @@
-"""The FastAPI app: engine lifecycle (lifespan), middleware (API key, body size, request counts),
-error handlers and routes. All state lives on `app.state`:
+"""The FastAPI app: engine lifecycle (lifespan, drain), middleware (server/middleware.py, request
+counts), error handlers and routes. All state lives on `app.state`:
 
     settings      ServerSettings
     engine        the AsyncEngine (None until built)
@@ -13,20 +13,19 @@ error handlers and routes. All state lives on `app.state`:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from athena_runtime.generation_defaults import describe
 from server import errors
 from server.metrics import RequestCountMiddleware, ServerMetrics
+from server.middleware import ApiKeyMiddleware, RequestBodyMiddleware, TrailingSlashMiddleware
 from server.prompt_encoder import PromptEncoder
-from server.protocol import lone_surrogate_param
+from server.retry_after import RetryAfterEstimator
 from server.routes import router
 from server.serving import ServingContext
 from server.settings import ServerSettings
@@ -40,7 +39,10 @@ log = logging.getLogger("athena.server")
 def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) -> FastAPI:
     """The app; with `engine=None` the engine is built from `settings` in the background once the
     server starts (/health answers 503 until it is ready). The app starts and shuts down the engine."""
-    app = FastAPI(title="Athena", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes=False: Starlette would build the redirect's Location from the client's Host header;
+    # TrailingSlashMiddleware answers "/v1/models/" as "/v1/models" instead.
+    app = FastAPI(title="Athena", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.settings = settings
     app.state.engine = engine
     app.state.serving = None
@@ -51,11 +53,12 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
     app.state.metrics = ServerMetrics(lambda: app.state.serving.engine.stats() if app.state.serving else None)
     app.include_router(router)
     errors.install_error_handlers(app)
-    # Outermost last: counts -> API key -> body size -> routes.
+    # Outermost last: trailing slash -> counts -> API key -> body -> routes.
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestCountMiddleware, metrics=app.state.metrics)
+    app.add_middleware(TrailingSlashMiddleware)
     return app
 
 
@@ -113,6 +116,8 @@ async def _start(app: FastAPI, engine: "AsyncEngine") -> None:
     encoder = await asyncio.to_thread(PromptEncoder, engine.tokenizer, engine.max_model_len)
     app.state.serving = ServingContext(engine=engine, model_name=name, settings=settings, metrics=app.state.metrics,
                                        encoder=encoder, max_choices=_max_choices(settings, engine),
+                                       retry_after=RetryAfterEstimator(settings.retry_after_s,
+                                                                       settings.retry_after_max_s),
                                        sampling_defaults=defaults)
     log.info("serving %s (context %d tokens)", name, engine.max_model_len)
     log.info("sampling defaults for fields a request leaves out: %s (--generation-config %s%s); otherwise the "
@@ -156,97 +161,3 @@ def _build_engine(settings: ServerSettings) -> "AsyncEngine":
         path, name = str(default_model_path()), name or EMBEDDED_NAME
     log.info("loading %s", path)
     return AsyncEngine.from_path(path, settings.engine_settings(), model_name=name)
-
-
-async def _send_error(scope: Scope, receive: Receive, send: Send, err: errors.APIError) -> None:
-    await err.response()(scope, receive, send)
-
-
-class ApiKeyMiddleware:
-    """`Authorization: Bearer KEY` on /v1 routes; checked before the body is read."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app, self.api_key = app, api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            if not header:
-                await _send_error(scope, receive, send, errors.APIError(
-                    401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                         "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                    headers={"WWW-Authenticate": "Bearer"}))
-                return
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                await _send_error(scope, receive, send, errors.APIError(
-                    401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-                return
-        await self.app(scope, receive, send)
-
-
-class RequestBodyMiddleware:
-    """Reads a request's body once and replays it to the app; later `receive()` calls pass through,
-    so disconnects still reach the routes. On the way:
-    - 413 for bodies over `max_bytes`: by Content-Length up front, and by counting what arrives
-      (a chunked or lying client);
-    - 408 (and the connection closed) when the body has not arrived within `timeout_s`;
-    - 400 naming the field for a JSON body whose text is not Unicode (a lone surrogate escape)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
-
-    def _too_large(self) -> errors.APIError:
-        return errors.APIError(413, f"Request body too large: the limit is {self.max_bytes} bytes.",
-                               code="request_too_large")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                await _send_error(scope, receive, send, errors.invalid_request("Invalid Content-Length header."))
-                return
-            if int(length) > self.max_bytes:
-                await _send_error(scope, receive, send, self._too_large())
-                return
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return  # the client left before sending its body
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        await _send_error(scope, receive, send, self._too_large())
-                        return
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            await _send_error(scope, receive, send, errors.APIError(
-                408, f"The request body did not arrive within {self.timeout_s:g} s.", code="request_timeout",
-                headers={"Connection": "close"}))
-            return
-        body = b"".join(chunks)
-        param = lone_surrogate_param(body)
-        if param is not None:
-            await _send_error(scope, receive, send, errors.invalid_request(
-                f"Invalid value for '{param}': the text holds a lone UTF-16 surrogate (an escape such as \\ud800 "
-                "without its pair), which is not valid Unicode.", param=param))
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)

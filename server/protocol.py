@@ -27,7 +27,8 @@ class ParameterError(ValueError):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: JSON types as OpenAI checks them ("10" is no integer, "yes" no boolean); an integer is a number
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class _Response(BaseModel):

@@ -24,6 +24,7 @@ from server import errors
 from server.metrics import ServerMetrics
 from server.prompt_encoder import PromptEncoder
 from server.protocol import SamplingRequest, Usage
+from server.retry_after import RetryAfterEstimator
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class ServingContext:
     metrics: ServerMetrics
     encoder: PromptEncoder
     max_choices: int  # choices (prompts x n) one request may ask for
+    retry_after: RetryAfterEstimator
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # strong refs to running choice tasks
     sampling_defaults: dict[str, int | float] = field(default_factory=dict)  # for the fields a request leaves out
 
@@ -159,7 +161,9 @@ class ChoiceStreams:
             task.add_done_callback(ctx.tasks.discard)
 
     def _api_error(self, exc: BaseException) -> errors.APIError:
-        api_error = errors.from_engine_error(exc, self._ctx.settings.retry_after_s)
+        ctx = self._ctx
+        api_error = errors.from_engine_error(exc, ctx.settings.retry_after_s,
+                                             lambda: ctx.retry_after.seconds(ctx.engine.stats().waiting))
         if api_error is None:
             log.error("the engine refused request %s", self._jobs[0].request_id if self._jobs else "?", exc_info=exc)
             api_error = errors.internal_error()
@@ -180,6 +184,7 @@ class ChoiceStreams:
                 m.generation_tokens.inc(n)
                 self._queue.put_nowait((job.index, out))
                 if out.finished:
+                    self._ctx.retry_after.finished()
                     return
             log.error("engine stream for %s ended without a finished output", job.request_id)
             self._queue.put_nowait((job.index, RuntimeError("engine stream ended early")))

@@ -75,7 +75,10 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(
         10.0, ge=0, description="on SIGTERM/SIGINT, how long running requests may finish (new ones get 503); then the "
                                 "rest end (streams: an error event and [DONE])")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 (loading, draining), and the "
+                                                     "fewest sent with 429")
+    retry_after_max_s: int = Field(60, ge=0, description="the most Retry-After seconds sent with 429 (queue full: "
+                                                          "waiting requests / requests finished per second lately)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
 
     @field_validator("override_generation_config")

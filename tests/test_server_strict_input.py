@@ -57,3 +57,33 @@ def test_surrogate_pairs_are_text(http):
                  '{"model": "fake-model", "messages": [{"role": "user", "content": "a\\ud83d\\ude00b"}], "max_tokens": 2}')
     assert r.status_code == 200, r.text
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, change, param", [
+    ("/v1/chat/completions", '"max_tokens": "10"', "max_tokens"),
+    ("/v1/chat/completions", '"max_tokens": true', "max_tokens"),
+    ("/v1/chat/completions", '"max_tokens": 10.5', "max_tokens"),
+    ("/v1/chat/completions", '"max_completion_tokens": "5"', "max_completion_tokens"),
+    ("/v1/chat/completions", '"stream": "yes"', "stream"),
+    ("/v1/chat/completions", '"stream": 1', "stream"),
+    ("/v1/chat/completions", '"n": "2"', "n"),
+    ("/v1/chat/completions", '"temperature": "0.5"', "temperature"),
+    ("/v1/chat/completions", '"temperature": true', "temperature"),
+    ("/v1/chat/completions", '"seed": "1"', "seed"),
+    ("/v1/chat/completions", '"logprobs": "true"', "logprobs"),
+    ("/v1/chat/completions", '"logprobs": true, "top_logprobs": "2"', "top_logprobs"),
+    ("/v1/chat/completions", '"stream": true, "stream_options": {"include_usage": "yes"}', "stream_options.include_usage"),
+    ("/v1/chat/completions", '"user": 5', "user"),
+    ("/v1/completions", '"echo": "yes"', "echo"),
+    ("/v1/completions", '"logprobs": "1"', "logprobs"),
+    ("/v1/completions", '"max_tokens": "2"', "max_tokens"),
+])
+def test_wrong_json_types_are_400_not_converted(http, path, change, param):
+    base = CHAT if path == "/v1/chat/completions" else COMPLETION
+    err = error_400(post_raw(http, path, base + ", " + change + "}"))
+    assert err["param"] == param, err
+
+
+def test_integers_are_numbers(http):
+    r = post_raw(http, "/v1/chat/completions", CHAT + ', "temperature": 1, "top_p": 1, "presence_penalty": 0}')
+    assert r.status_code == 200, r.text
