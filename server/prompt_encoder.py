@@ -7,9 +7,9 @@ encodes; a template renders in Python bytecode, which the interpreter switches o
 
 Text that can never fit the context is refused before any of that work, from its length alone:
 no token of the vocabulary stands for more than `longest_token_chars` characters, so c characters
-need at least c / longest_token_chars tokens. NORMALIZER_SHRINK allows for normalizers that merge
-characters before tokenizing (NFC composes a base letter and its combining marks into one), so the
-check never refuses a text that would fit.
+need at least c / longest_token_chars tokens. A tokenizer with a normalizer gets NORMALIZER_SHRINK
+times more room, for normalizers that merge characters before tokenizing (NFC composes a base
+letter and its combining marks into one), so the check never refuses a text that would fit.
 """
 from __future__ import annotations
 
@@ -39,9 +39,12 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.longest_token_chars = longest_token_chars(tokenizer)
-        self.max_chars = max_model_len * self.longest_token_chars * NORMALIZER_SHRINK
+        normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+        shrink = 1 if normalizer is None else NORMALIZER_SHRINK
+        self.max_chars = max_model_len * self.longest_token_chars * shrink
         log.info("prompts over %d characters are refused before tokenizing (context %d tokens x %d characters in "
-                 "the longest token x %d)", self.max_chars, max_model_len, self.longest_token_chars, NORMALIZER_SHRINK)
+                 "the longest token x %d for %s)", self.max_chars, max_model_len, self.longest_token_chars, shrink,
+                 "no normalizer" if normalizer is None else f"the normalizer {type(normalizer).__name__}")
 
     def check_chars(self, chars: int, param: str) -> None:
         """A 400 `context_length_exceeded` for text too long for the context, whatever its tokens."""

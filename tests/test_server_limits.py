@@ -120,3 +120,25 @@ def test_long_prompt_is_tokenized_off_the_event_loop(path, make):
         assert probe.worst < min(HEALTH_BOUND_S, took / 4), f"/health took {probe.worst:.2f} s, the prompt {took:.2f} s"
     finally:
         s.stop()
+
+
+def test_character_bound_boundary_and_a_prompt_of_the_longest_tokens_still_fits():
+    engine = FakeEngine(model_name=MODEL, max_model_len=64)
+    s = serve_engine(engine)
+    tok = engine.tokenizer
+    pieces = [tok.decode([i]) for i in range(len(tok))]
+    longest = max((p for p in pieces if "<|" not in p), key=len)
+    bound = 64 * max(len(p) for p in tok.convert_ids_to_tokens(list(range(len(tok)))))   # no normalizer: x 1
+    try:
+        with httpx.Client(base_url=s.url, timeout=30) as http:
+            def post(prompt: str) -> httpx.Response:
+                return http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+            fits = longest * (60 // len(tok.encode(longest)))
+            assert len(tok.encode(fits)) <= 62
+            assert post(fits).status_code == 200           # the longest tokens, as many as fit: served
+            at = error_of(post("x" * bound), 400)           # at the bound: tokenized, then too long
+            assert "you requested" in at["message"] and at["code"] == "context_length_exceeded", at
+            over = error_of(post("x" * (bound + 1)), 400)   # over it: refused without tokenizing
+            assert f"is {bound + 1} characters long" in over["message"] and over["code"] == "context_length_exceeded"
+    finally:
+        s.stop()
