@@ -66,7 +66,7 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self._finished:
+        if self._finished or self._closed:
             raise StopAsyncIteration
         out = await self._outputs.get()
         if out.finished:
