@@ -165,7 +165,7 @@ class ChoiceStreams:
         api_error = errors.from_engine_error(exc, ctx.settings.retry_after_s,
                                              lambda: ctx.retry_after.seconds(ctx.engine.stats().waiting))
         if api_error is None:
-            log.error("the engine refused request %s", self._jobs[0].request_id if self._jobs else "?", exc_info=exc)
+            log.error("request %s failed", self._jobs[0].request_id if self._jobs else "?", exc_info=exc)
             api_error = errors.internal_error()
         return api_error
 
