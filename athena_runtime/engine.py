@@ -9,12 +9,13 @@ so an abort frees the request's KV blocks within one step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,42 @@ class EngineOverloaded(RuntimeError):
 
 class EngineClosed(RuntimeError):
     """The engine is shutting down or stopped."""
+
+
+class GroupTooLarge(ValueError):
+    """A group of requests larger than the waiting queue: it could never be admitted."""
+
+
+class RequestStream:
+    """One request's outputs as an async iterator, ending after its finished output. Closing it
+    before that (`close()`, from any code, even before the first output) withdraws the request."""
+
+    def __init__(self, request_id: str, outputs: "asyncio.Queue[RequestOutput]",
+                 on_close: Callable[[str, bool], None]) -> None:
+        self.request_id = request_id
+        self._outputs, self._on_close = outputs, on_close
+        self._finished = self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        out = await self._outputs.get()
+        if out.finished:
+            self._finished = True
+            self.close()
+        return out
+
+    def close(self) -> None:
+        """Stop listening; aborts the request unless it finished."""
+        if not self._closed:
+            self._closed = True
+            self._on_close(self.request_id, self._finished)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class EngineCore:
@@ -194,6 +231,7 @@ class AsyncEngine:
         self.settings = settings
         self.model_name = model_name
         self.max_model_len: int = self.core.max_model_len
+        self.max_queue: int = settings.max_queue
         self.ready = False
         self._closed = False
         self._stop = False
@@ -229,37 +267,55 @@ class AsyncEngine:
         self._thread.start()
         self.ready = True
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. The checks below raise at the first `__anext__`."""
+    def submit(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
+        """Admit a group of requests (the choices of one API request) all together or not at all:
+        raises, with nothing queued, if the engine is closed (EngineClosed), a request can never fit
+        (ContextLengthExceeded), the group is larger than the waiting queue (GroupTooLarge) or the
+        queue has no room for all of it now (EngineOverloaded). Call on the event loop."""
         if self._closed or self._thread is None:
             raise EngineClosed("the engine is not running" if self._thread is None else "the engine is shutting down")
-        self.core.check_request(prompt_token_ids, params)
-        if request_id in self._queues or request_id in self._live:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        if self.core.stats().waiting + self._submitted_unseen >= self.settings.max_queue:
-            raise EngineOverloaded(f"{self.settings.max_queue} requests are already waiting")
-        out_queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[request_id] = out_queue
-        self._live.add(request_id)
-        self._submitted_unseen += 1
-        self._send(("add", request_id, list(prompt_token_ids), params))
-        finished = False
+        ids = [request_id for request_id, _, _ in requests]
+        if len(set(ids)) < len(ids) or any(i in self._queues or i in self._live for i in ids):
+            raise ValueError("duplicate request id")
+        for _, prompt_token_ids, params in requests:
+            self.core.check_request(prompt_token_ids, params)
+        if len(requests) > self.max_queue:
+            raise GroupTooLarge(f"{len(requests)} requests at once can never be admitted: "
+                                f"the queue holds {self.max_queue}")
+        if self.stats().waiting + len(requests) > self.max_queue:
+            raise EngineOverloaded(f"no room for {len(requests)} more requests: the queue holds {self.max_queue}")
+        streams = []
+        for request_id in ids:
+            out_queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            self._queues[request_id] = out_queue
+            self._live.add(request_id)
+            streams.append(RequestStream(request_id, out_queue, self._stream_closed))
+        self._submitted_unseen += len(requests)
+        self._send(("add", [(i, list(p), params) for i, p, params in requests]))
+        return streams
+
+    def _stream_closed(self, request_id: str, finished: bool) -> None:
+        self._queues.pop(request_id, None)
+        if not finished:           # closed early: client gone, task cancelled
+            self._send(("abort", request_id))
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs (`submit` of one; its checks raise at the first `__anext__`)."""
+        (stream,) = self.submit([(request_id, prompt_token_ids, params)])
         try:
-            while not finished:
-                out = await out_queue.get()
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:           # closed early: client gone, task cancelled
-                self._send(("abort", request_id))
+            stream.close()
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
     def stats(self) -> EngineStats:
-        return self.core.stats()
+        """The core's figures; requests submitted but not yet taken in by the step thread count as waiting."""
+        stats = self.core.stats()
+        return dataclasses.replace(stats, waiting=stats.waiting + self._submitted_unseen)
 
     async def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         """Stop admitting; let live requests finish for up to `drain_timeout_s`; cancel the rest."""
@@ -309,21 +365,22 @@ class AsyncEngine:
                 return outputs
             kind, *args = command
             if kind == "add":
-                request_id, prompt, params = args
-                self._call_soon(self._took_add)
-                try:
-                    self.core.add_request(request_id, prompt, params)
-                except Exception as exc:
-                    outputs.append(RequestOutput(request_id, "", (), finished=True, finish_reason="error",
-                                                 prompt_tokens=len(prompt), error=str(exc)))
+                (group,) = args
+                self._call_soon(self._took_adds, len(group))
+                for request_id, prompt, params in group:
+                    try:
+                        self.core.add_request(request_id, prompt, params)
+                    except Exception as exc:
+                        outputs.append(RequestOutput(request_id, "", (), finished=True, finish_reason="error",
+                                                     prompt_tokens=len(prompt), error=str(exc)))
             elif kind == "abort":
                 out = self.core.abort(args[0])
                 outputs += [out] if out is not None else []
             elif kind == "abort_all":
                 outputs += self.core.abort_all()
 
-    def _took_add(self) -> None:
-        self._submitted_unseen -= 1
+    def _took_adds(self, count: int) -> None:
+        self._submitted_unseen -= count
 
     def _call_soon(self, fn, *args) -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,16 +70,20 @@ def internal_error() -> APIError:
     return APIError(500, INTERNAL_ERROR_MESSAGE, type="server_error")
 
 
-def from_engine_error(exc: BaseException, retry_after_s: int) -> APIError | None:
+def from_engine_error(exc: BaseException, retry_after_s: int,
+                      queue_retry_after_s: Callable[[], int]) -> APIError | None:
     """The client-facing error for an exception the engine raises when a request cannot start,
-    or None when it is not one of those."""
-    from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded
+    or None when it is not one of those. `retry_after_s` goes with a 503, `queue_retry_after_s()`
+    with a 429 (queue full)."""
+    from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded, GroupTooLarge
 
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc) or "The prompt and max_tokens do not fit the model's context.",
                         code="context_length_exceeded")
+    if isinstance(exc, GroupTooLarge):
+        return invalid_request(f"Too many choices for this server: {exc}.", param="n")
     if isinstance(exc, EngineOverloaded):
-        return overloaded(retry_after_s)
+        return overloaded(queue_retry_after_s())
     if isinstance(exc, EngineClosed):
         return unavailable("The server is shutting down.", retry_after_s)
     return None

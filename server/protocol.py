@@ -6,6 +6,7 @@ it, which errors.py turns into a 400 with that `param`.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 INT64_MAX = 2**63 - 1
 MAX_STOP = 4  # OpenAI accepts at most 4 stop sequences
+MAX_PROMPTS = 2048  # prompts in one completions batch
 
 
 class ParameterError(ValueError):
@@ -25,11 +27,47 @@ class ParameterError(ValueError):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: JSON types as OpenAI checks them ("10" is no integer, "yes" no boolean); an integer is a number
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _not_unicode(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate, in OpenAI's parameter spelling
+    ('messages.[0].content'); None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+    else:
+        return None
+    for key, v in items:
+        where = _not_unicode(key, path) or _not_unicode(v, f"{path}.{key}" if path else str(key))
+        if where is not None:
+            return where
+    return None
+
+
+def lone_surrogate_param(body: bytes) -> str | None:
+    """The parameter of a JSON body whose text holds a lone UTF-16 surrogate: JSON can spell one
+    ("\\ud800") but it is no Unicode text. Only a \\u escape can spell one, so a body without
+    "\\ud"/"\\uD" is passed over at the speed of a byte search; None for invalid JSON (the route
+    reports that) and for bodies without one."""
+    if b"\\ud" not in body and b"\\uD" not in body:
+        return None
+    try:
+        return _not_unicode(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
 
 
 class StreamOptions(_Request):
@@ -192,20 +230,27 @@ class ChatCompletionRequest(SamplingRequest):
 # ---- completions ---------------------------------------------------------------------------
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    # Tried in this order (a list of token ids first): validating a long id list against list[str] first would
+    # make one error per id. The before-validator refuses an over-long batch before any of it is looked at.
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = Field(union_mode="left_to_right")
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and isinstance(v[0], (str, list)):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+        if isinstance(v, list) and (not v or (isinstance(v[0], list) and not all(v))):  # v[0] int: token ids
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and len(v) > 2048 and isinstance(v[0], (str, list)):
-            raise ValueError("at most 2048 prompts per request")
         return v
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """`athena serve [MODEL]`: one flag per ServerSettings field (flags override ATHENA_* env vars),
-then uvicorn with a graceful, bounded drain on shutdown."""
+then uvicorn (server/http_server.py), which drains the app before it stops."""
 from __future__ import annotations
 
 import argparse
@@ -63,16 +63,14 @@ def run(args: argparse.Namespace) -> int:
 async def serve(settings: ServerSettings) -> int:
     """Serves until SIGINT/SIGTERM (exit 0) or until the model fails to load (exit 1).
 
-    On shutdown uvicorn stops accepting connections and lets open ones finish for up to
-    `drain_timeout_s` (streams included); the app then drains and stops the engine."""
-    import uvicorn
-
+    On the first signal the app drains while the port stays open (new requests get 503, running
+    ones finish for up to `drain_timeout_s`, the rest end cleanly), then uvicorn stops
+    (server/http_server.py); a second signal stops at once."""
     from server.app import create_app
+    from server.http_server import AppServer, uvicorn_config
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            lifespan="on", timeout_graceful_shutdown=settings.drain_timeout_s)  # type: ignore[arg-type]
-    server = uvicorn.Server(config)
+    server = AppServer(uvicorn_config(app, settings), app)
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", settings.host)
     serving = asyncio.create_task(server.serve())

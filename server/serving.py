@@ -22,11 +22,13 @@ from athena_runtime.outputs import RequestOutput, TokenLogprob
 from athena_runtime.sampling_params import SamplingParams
 from server import errors
 from server.metrics import ServerMetrics
+from server.prompt_encoder import PromptEncoder
 from server.protocol import SamplingRequest, Usage
+from server.retry_after import RetryAfterEstimator
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from athena_runtime.engine import AsyncEngine
+    from athena_runtime.engine import AsyncEngine, RequestStream
 
 log = logging.getLogger("athena.server")
 
@@ -41,6 +43,9 @@ class ServingContext:
     model_name: str
     settings: ServerSettings
     metrics: ServerMetrics
+    encoder: PromptEncoder
+    max_choices: int  # choices (prompts x n) one request may ask for
+    retry_after: RetryAfterEstimator
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # strong refs to running choice tasks
     sampling_defaults: dict[str, int | float] = field(default_factory=dict)  # for the fields a request leaves out
 
@@ -48,6 +53,14 @@ class ServingContext:
         if model != self.model_name:
             raise errors.APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                   param="model", code="model_not_found")
+
+    def check_choices(self, prompts: int, n: int) -> None:
+        """A 400 for more choices than one request may have, before any work is done for them."""
+        if prompts * n > self.max_choices:
+            asked = f"{prompts} prompts x n={n} = {prompts * n} choices" if prompts > 1 else f"{n} choices"
+            raise errors.invalid_request(
+                f"This request asks for {asked}; this server generates at most {self.max_choices} per request "
+                "(--max-choices, at most --max-queue).", param="n")
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """The completion budget for a prompt: `max_tokens`, or what is left of the context when
@@ -60,7 +73,7 @@ class ServingContext:
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = len(self.engine.tokenizer)
-        if any(not 0 <= t < vocab for t in ids):
+        if min(ids) < 0 or max(ids) >= vocab:
             raise errors.invalid_request(f"token ids must be in [0, {vocab})", param=param)
 
 
@@ -126,20 +139,38 @@ def total_usage(prompt_tokens: int, states: list[ChoiceState]) -> Usage:
 
 
 class ChoiceStreams:
-    """Runs one engine generation per job and merges their outputs as (choice index, output)."""
+    """Runs one engine generation per job and merges their outputs as (choice index, output).
+
+    The jobs are submitted to the engine as one group, admitted all together or not at all: the
+    constructor raises the client-facing error (429 queue full, 400 too many choices, 503 shutting
+    down) with nothing queued."""
 
     def __init__(self, ctx: ServingContext, jobs: list[Job], arrival: float) -> None:
         self._ctx, self._jobs, self._arrival = ctx, jobs, arrival
+        try:
+            streams = ctx.engine.submit([(job.request_id, job.prompt_token_ids, job.params) for job in jobs])
+        except Exception as exc:
+            raise self._api_error(exc) from None
+        self._streams: list["RequestStream"] = streams
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self._buffer: list[tuple[int, RequestOutput]] = []
-        self._tasks = [asyncio.create_task(self._run(job), name=job.request_id) for job in jobs]
+        self._tasks = [asyncio.create_task(self._run(job, stream), name=job.request_id)
+                       for job, stream in zip(jobs, streams)]
         for task in self._tasks:
             ctx.tasks.add(task)
             task.add_done_callback(ctx.tasks.discard)
 
-    async def _run(self, job: Job) -> None:
+    def _api_error(self, exc: BaseException) -> errors.APIError:
+        ctx = self._ctx
+        api_error = errors.from_engine_error(exc, ctx.settings.retry_after_s,
+                                             lambda: ctx.retry_after.seconds(ctx.engine.stats().waiting))
+        if api_error is None:
+            log.error("request %s failed", self._jobs[0].request_id if self._jobs else "?", exc_info=exc)
+            api_error = errors.internal_error()
+        return api_error
+
+    async def _run(self, job: Job, outputs: "RequestStream") -> None:
         m = self._ctx.metrics
-        outputs = self._ctx.engine.generate(job.request_id, job.prompt_token_ids, job.params)
         last: float | None = None
         try:
             async for out in outputs:
@@ -153,25 +184,20 @@ class ChoiceStreams:
                 m.generation_tokens.inc(n)
                 self._queue.put_nowait((job.index, out))
                 if out.finished:
+                    self._ctx.retry_after.finished()
                     return
             log.error("engine stream for %s ended without a finished output", job.request_id)
             self._queue.put_nowait((job.index, RuntimeError("engine stream ended early")))
         except Exception as exc:
             self._queue.put_nowait((job.index, exc))
         finally:
-            aclose = getattr(outputs, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            outputs.close()
 
     def _check(self, index: int, item: RequestOutput | BaseException) -> RequestOutput:
         """The output, or the client-facing error it stands for."""
         if isinstance(item, BaseException):
             self.close()
-            api_error = errors.from_engine_error(item, self._ctx.settings.retry_after_s)
-            if api_error is None:
-                log.error("generation failed for choice %d", index, exc_info=item)
-                api_error = errors.internal_error()
-            raise api_error
+            raise self._api_error(item)
         if item.finished and item.finish_reason == "cancelled":
             self.close()
             raise errors.unavailable("The request was cancelled by the server (shutting down).",
@@ -215,6 +241,8 @@ class ChoiceStreams:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        for stream in self._streams:  # a task cancelled before it started never closes its stream itself
+            stream.close()
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:

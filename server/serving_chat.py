@@ -5,7 +5,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
-import jinja2
 from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
@@ -35,22 +34,17 @@ class ChatServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """The messages rendered with the tokenizer's chat template, then tokenized."""
-        tokenizer = self.ctx.engine.tokenizer
+    async def prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The messages rendered with the tokenizer's chat template, then tokenized (off the event loop)."""
         # Templates know system/user/assistant; "developer" is OpenAI's newer name for system.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:  # the template's own raise_exception("...") messages
-            raise errors.invalid_request(f"The messages do not fit the model's chat template: {exc}",
-                                         param="messages") from None
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return await self.ctx.encoder.encode_chat(messages)
 
     async def create(self, req: ChatCompletionRequest, arrival: float) -> Response:
         ctx = self.ctx
         ctx.check_model(req.model)
-        prompt_ids = self.prompt_token_ids(req)
+        ctx.check_choices(1, req.n)
+        prompt_ids = await self.prompt_token_ids(req)
         max_tokens = ctx.check_fits(len(prompt_ids), req.completion_limit(), "messages")
         request_id = new_id("chatcmpl")
         jobs = [Job(i, f"{request_id}-{i}", prompt_ids,

@@ -4,6 +4,7 @@ Choice `i * n + j` is the j-th generation for prompt i (OpenAI's order).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -44,24 +45,30 @@ class CompletionServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def prompts(self, req: CompletionRequest) -> list[Prompt]:
-        tokenizer = self.ctx.engine.tokenizer
-        out = []
-        for i, p in enumerate(req.prompts()):
-            if isinstance(p, str):
-                ids = list(tokenizer.encode(p, add_special_tokens=True))
-                out.append(Prompt(ids, p))
-            else:
-                self.ctx.check_token_ids(p, "prompt")
-                out.append(Prompt(list(p), tokenizer.decode(p) if req.echo else ""))
-            if not out[-1].token_ids:
-                raise errors.invalid_request("prompt must not be empty", param="prompt")
+    async def prompts(self, req: CompletionRequest) -> list[Prompt]:
+        """The batch as token ids; text is tokenized off the event loop."""
+        given = req.prompts()
+        if given and isinstance(given[0], str):
+            texts: list[str] = given  # type: ignore[assignment]
+            out = [Prompt(ids, text) for ids, text in zip(await self.ctx.encoder.encode(texts, "prompt"), texts)]
+        else:
+            out = []
+            for ids in given:
+                self.ctx.check_fits(len(ids), req.max_tokens, "prompt")  # before looking at every id
+                self.ctx.check_token_ids(ids, "prompt")  # type: ignore[arg-type]
+                out.append(Prompt(list(ids), ""))  # type: ignore[arg-type]
+            if req.echo:
+                decoded = await asyncio.to_thread(lambda: [self.ctx.engine.tokenizer.decode(p.token_ids) for p in out])
+                out = [Prompt(p.token_ids, text) for p, text in zip(out, decoded)]
+        if any(not p.token_ids for p in out):
+            raise errors.invalid_request("prompt must not be empty", param="prompt")
         return out
 
     async def create(self, req: CompletionRequest, arrival: float) -> Response:
         ctx = self.ctx
         ctx.check_model(req.model)
-        prompts = self.prompts(req)
+        ctx.check_choices(len(req.prompts()), req.n)
+        prompts = await self.prompts(req)
         budgets = [ctx.check_fits(len(p.token_ids), req.max_tokens, "prompt") for p in prompts]
         request_id = new_id("cmpl")
         jobs = [Job(i * req.n + j, f"{request_id}-{i * req.n + j}", p.token_ids,

@@ -3,11 +3,11 @@
 A tiny offline byte-level BPE tokenizer with a ChatML chat template; token generation is a
 seeded random walk over printable tokens (same seed and prompt -> same tokens; greedy requests
 are seeded by the prompt). Honours max_tokens, stop strings (held back until they can no longer
-match), ignore_eos, logprobs, a running-batch limit with a bounded waiting queue
-(EngineOverloaded), the context limit (ContextLengthExceeded), cancellation by closing the
-iterator or `abort()`, and shutdown with a bounded drain. `active` holds the ids of requests not
-yet finished or cancelled, and `stats()` counts the KV blocks they hold, so tests can check that
-nothing leaks.
+match), ignore_eos, logprobs, a running-batch limit with a bounded waiting queue (EngineOverloaded;
+`submit` admits a group all together or not at all, GroupTooLarge when it exceeds the queue), the
+context limit (ContextLengthExceeded), cancellation by closing the stream or `abort()`, and shutdown
+with a bounded drain. `active` holds the ids of requests not yet finished or cancelled, and
+`stats()` counts the KV blocks they hold, so tests can check that nothing leaks.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import random
 from collections.abc import AsyncIterator
 from functools import lru_cache
 
-from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded
+from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded, GroupTooLarge, RequestStream
 from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
 from athena_runtime.sampling_params import SamplingParams
 
@@ -77,6 +77,7 @@ class FakeEngine:
         self.fail_next: BaseException | None = None   # raised by the next generate() before it starts
         self.error_after_tokens: int | None = None    # finish every request with "error" after this many tokens
         self._aborts: set[str] = set()
+        self._abort_all = False
         self._slots: asyncio.Semaphore | None = None
         self._vocab = [i for i in range(len(self.tokenizer))
                        if (s := self.tokenizer.decode([i])).isascii() and s.isprintable() and s.strip()
@@ -87,23 +88,44 @@ class FakeEngine:
         self._slots = asyncio.Semaphore(self.max_num_seqs)
         self.ready = True
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def submit(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[RequestStream]:
+        """All or nothing, as AsyncEngine.submit: every request not yet holding a slot counts as waiting."""
         if self.closed or self._slots is None:
             raise EngineClosed("the engine is not running")
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
-        if not prompt_token_ids:
-            raise ValueError("the prompt must contain at least one token")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ContextLengthExceeded(f"This model's maximum context length is {self.max_model_len} tokens. "
-                                        f"However, you requested {total} tokens.")
-        if self.waiting >= self.max_queue and self._slots.locked():
+        for _, prompt_token_ids, params in requests:
+            if not prompt_token_ids:
+                raise ValueError("the prompt must contain at least one token")
+            total = len(prompt_token_ids) + params.max_tokens
+            if total > self.max_model_len:
+                raise ContextLengthExceeded(f"This model's maximum context length is {self.max_model_len} tokens. "
+                                            f"However, you requested {total} tokens.")
+        if len(requests) > self.max_queue:
+            raise GroupTooLarge(f"{len(requests)} requests at once can never be admitted")
+        if self.waiting + len(requests) > self.max_queue:
             raise EngineOverloaded(f"{self.max_queue} requests are already waiting")
-        self.waiting += 1
-        admitted = finished = False
+        streams = []
+        for request_id, prompt_token_ids, params in requests:
+            outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            self.waiting += 1
+            task = asyncio.get_running_loop().create_task(self._serve(request_id, prompt_token_ids, params, outputs))
+            streams.append(RequestStream(request_id, outputs, lambda _, finished, t=task: finished or t.cancel()))
+        return streams
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        (stream,) = self.submit([(request_id, prompt_token_ids, params)])
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    async def _serve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     outputs: asyncio.Queue[RequestOutput]) -> None:
+        admitted, reason = False, None
         try:
             await self._slots.acquire()
             self.waiting -= 1
@@ -111,15 +133,15 @@ class FakeEngine:
             self.active[request_id] = self._blocks(len(prompt_token_ids))
             self.prompt_tokens_total += len(prompt_token_ids)
             async for out in self._decode(request_id, prompt_token_ids, params):
-                finished = out.finished
-                yield out
+                reason = out.finish_reason
+                outputs.put_nowait(out)
         finally:
             if not admitted:
                 self.waiting -= 1
             else:
                 self.active.pop(request_id, None)
                 self._slots.release()
-            (self.finished if finished else self.cancelled).append(request_id)
+            (self.cancelled if reason in (None, "cancelled") else self.finished).append(request_id)
             self._aborts.discard(request_id)
 
     async def abort(self, request_id: str) -> None:
@@ -138,7 +160,7 @@ class FakeEngine:
         deadline = loop.time() + drain_timeout_s
         while (self.active or self.waiting) and loop.time() < deadline:
             await asyncio.sleep(0.005)
-        self._aborts.update(self.active)
+        self._abort_all = True   # running requests end "cancelled", as do waiting ones when they get a slot
 
     # -- generation ----------------------------------------------------------------------------
     def _blocks(self, tokens: int) -> int:
@@ -161,7 +183,7 @@ class FakeEngine:
         longest_stop = max((len(s) for s in params.stop), default=0)
         while True:
             await asyncio.sleep(self.step_delay_s)
-            if request_id in self._aborts:
+            if request_id in self._aborts or self._abort_all:
                 yield self._out(request_id, prompt, generated, "", (), "cancelled", None)
                 return
             if self.error_after_tokens is not None and len(generated) >= self.error_after_tokens:

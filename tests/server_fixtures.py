@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import uvicorn
 
 from server.app import create_app
+from server.http_server import AppServer, uvicorn_config
 from server.settings import ServerSettings
 
 
@@ -36,9 +36,10 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+        # the production config and server (server/http_server.py), on this socket
+        config = uvicorn_config(app, app.state.settings, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=graceful_timeout_s)
-        self.server = uvicorn.Server(config)
+        self.server = AppServer(config, app)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self.error: BaseException | None = None
@@ -66,7 +67,9 @@ class LiveServer:
         return self
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        self.server.should_exit = True
+        """Shuts down as a SIGTERM does: the app drains, then uvicorn stops."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.server.begin_shutdown)
         self.thread.join(timeout_s)
         assert not self.thread.is_alive(), "uvicorn did not stop"
         self.sock.close()
@@ -116,3 +119,35 @@ def engine_idle(server: LiveServer) -> bool:
     m = metrics(server.url)
     return (m["athena_requests_running"] == 0 and m["athena_requests_waiting"] == 0
             and m["athena_kv_cache_usage_ratio"] == 0)
+
+
+class HealthProbe:
+    """`with HealthProbe(url) as probe:` asks GET /health every `interval_s` in a thread; `probe.worst` is the
+    longest any answer took (a frozen event loop shows up here), `probe.statuses` what they were."""
+
+    def __init__(self, url: str, interval_s: float = 0.02) -> None:
+        self.url, self.interval_s = url, interval_s
+        self.latencies: list[float] = []
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as http:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                self.statuses.append(http.get(f"{self.url}/health").status_code)
+                self.latencies.append(time.monotonic() - start)
+                self._stop.wait(self.interval_s)
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(60)

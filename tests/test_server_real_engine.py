@@ -108,7 +108,7 @@ def test_queue_full_is_429(server):
             return refused
 
     refused = asyncio.run(run())
-    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     wait_until(lambda: engine_idle(server), 5.0, "the engine to go idle")
 
