@@ -119,8 +119,11 @@ class EngineCore:
         try:
             logits = self.runner.execute(chunks)                                 # [len(chunks), V]
             due = self.scheduler.advance(batch)
+            if not due:                 # only prompt chunks short of their prompt's end: nothing to sample
+                return []
             if len(due_rows) < len(chunks):
-                logits = logits[torch.tensor(due_rows).to(logits.device, non_blocking=True)]
+                rows = torch.tensor(due_rows, dtype=torch.long).to(logits.device, non_blocking=True)
+                logits = logits.index_select(0, rows)                            # [len(due), V]
             samples = self.sampler(logits, due)   # a Sequence has the fields of a SampleRow
         except Exception as exc:   # a failed step fails its requests, never the engine
             log.exception("model step failed; failing %d request(s)", len(batch))
