@@ -59,7 +59,11 @@ class EngineCore:
         self.settings = settings
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
-        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens)
+        chunk = settings.prefill_chunk(torch.device(getattr(runner, "device", "cpu")).type)
+        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens, chunk)
+        log.info("prefill: up to %d prompt tokens a step while requests decode (%s), else up to %d",
+                 chunk, "set" if settings.prefill_chunk_tokens else "the device's default",
+                 settings.max_num_batched_tokens)
         self.sampler = Sampler()
         limits = [n for n in (settings.max_model_len, getattr(runner, "max_model_len", None)) if n]
         self.max_model_len: int = min(limits) if limits else runner.num_blocks * runner.block_size

@@ -81,6 +81,68 @@ def test_a_step_with_nothing_due_samples_nothing(tok):
     assert out.request_id == "a" and len(out.token_ids) == 1 and not out.finished
 
 
+def step_tokens(calls) -> list[list[tuple[int, int]]]:
+    """Per runner call: (start position, tokens fed) of each chunk."""
+    return [[(c.start_pos, len(c.token_ids)) for c in step] for step in calls]
+
+
+def test_a_long_prompt_does_not_stall_running_decodes(tok):
+    """Issue 17 (Found 7): a 2000-token prompt took a whole 2048-token step while another request
+    was decoding, pausing its stream for the whole prefill. Now each step carries the decode and
+    at most `prefill_chunk_tokens` prompt tokens."""
+    want = {rid: run(fake_core(tok, max_model_len=2100), {rid: r})[rid]
+            for rid, r in {"short": (prompt(3), greedy(150)), "long": (prompt(2000, 1), greedy(2))}.items()}
+    core = fake_core(tok, max_model_len=2100, max_num_batched_tokens=2048, prefill_chunk_tokens=16)
+    core.add_request("short", prompt(3), greedy(150))
+    outs = [core.step()]
+    core.add_request("long", prompt(2000, 1), greedy(2))
+    while core.has_work():
+        outs.append(core.step())
+    short_steps = [i for i, step in enumerate(outs) if any(o.request_id == "short" for o in step)]
+    assert short_steps == list(range(150))                     # a token for short in every step
+    calls = step_tokens(core.runner.calls)
+    assert max(sum(n for _, n in step) for step in calls) == 1 + 16
+    assert [step[1:] for step in calls[1:126]] == [[(16 * i, 16)] for i in range(125)]   # the prompt, 16 a step
+    got = {rid: joined([o for step in outs for o in step if o.request_id == rid]) for rid in want}
+    assert got == want
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_prefill_chunk_boundary_while_a_request_decodes(tok, extra):
+    core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
+    core.add_request("short", prompt(3), greedy(20))
+    core.step()
+    core.add_request("p", prompt(10 + extra, 1), greedy(1))
+    first = core.step()
+    assert step_tokens(core.runner.calls)[-1] == [(3, 1), (0, 10)]
+    assert [o.request_id for o in first] == (["short", "p"] if extra == 0 else ["short"])
+    if extra:
+        assert [o.request_id for o in core.step()] == ["short", "p"]
+        assert step_tokens(core.runner.calls)[-1] == [(4, 1), (10, 1)]
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_lone_prompt_takes_the_whole_step_budget(tok, extra):
+    core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
+    core.add_request("p", prompt(64 + extra), greedy(1))
+    core.step()
+    assert step_tokens(core.runner.calls) == [[(0, 64)]]
+    if extra:
+        core.step()
+        assert step_tokens(core.runner.calls)[-1] == [(64, 1)]
+    assert not core.has_work()
+
+
+def test_prefill_chunk_setting_and_device_defaults():
+    assert EngineSettings().prefill_chunk("cpu") == 128 and EngineSettings().prefill_chunk("cuda") == 512
+    assert EngineSettings(max_num_batched_tokens=100).prefill_chunk("cuda") == 100
+    assert EngineSettings(prefill_chunk_tokens=7).prefill_chunk("cuda") == 7
+    assert EngineSettings(max_num_batched_tokens=100, prefill_chunk_tokens=100).prefill_chunk("cpu") == 100
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+            EngineSettings(max_num_batched_tokens=100, prefill_chunk_tokens=bad)
+
+
 # -- the real tiny model on CPU -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
