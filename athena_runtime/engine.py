@@ -25,6 +25,7 @@ from athena_runtime.block_manager import BlockManager
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.generation_defaults import read_generation_defaults
 from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
+from athena_runtime.prefix_cache import PrefixCache
 from athena_runtime.sampler import RequestGenerator, Sample, Sampler
 from athena_runtime.sampling_params import SamplingParams
 from athena_runtime.scheduler import Scheduler
@@ -58,7 +59,9 @@ class EngineCore:
         log.info("detokenizer: %s", self.token_decoder.kind)
         self.settings = settings
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
+        prefix_cache = PrefixCache(runner.block_size) if settings.prefix_cache else None
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, prefix_cache)
+        log.info("prefix cache: %s", "on (full KV blocks reused across requests)" if prefix_cache else "off")
         chunk = settings.prefill_chunk(torch.device(getattr(runner, "device", "cpu")).type)
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens, chunk)
         log.info("prefill: up to %d prompt tokens a step while requests decode (%s), else up to %d",
@@ -169,11 +172,14 @@ class EngineCore:
         return TokenLogprob(sample.token_id, text(sample.token_id), sample.logprob, top)
 
     def stats(self) -> EngineStats:
+        bm, cache = self.block_manager, self.block_manager.prefix_cache
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           kv_blocks_total=self.block_manager.num_blocks, kv_blocks_used=self.block_manager.num_used,
+                           kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
                            prompt_tokens_total=self.prompt_tokens_total,
                            generation_tokens_total=self.generation_tokens_total,
-                           preemptions_total=self.scheduler.num_preemptions)
+                           preemptions_total=self.scheduler.num_preemptions,
+                           prefix_cache_queries_total=cache.queries if cache else 0,
+                           prefix_cache_hits_total=cache.hits if cache else 0)
 
 
 def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[int, ...]:

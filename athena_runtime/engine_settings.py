@@ -38,6 +38,7 @@ class EngineSettings:
     max_queue: int = 256                  # waiting requests before new ones are refused (overload)
     device: str | None = None             # torch device (None: cuda if available, else cpu)
     use_cuda_graphs: bool = True          # replay decode steps as CUDA graphs (GPU only)
+    prefix_cache: bool = True             # reuse the KV blocks of prompt prefixes computed before
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_FORMATS:
