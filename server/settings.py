@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 # ServerSettings fields forwarded to EngineSettings under the same name.
 ENGINE_FIELDS: tuple[str, ...] = (
     "kv_cache", "kv_hadamard", "block_size", "max_num_seqs", "max_model_len",
-    "max_num_batched_tokens", "prefill_chunk_tokens", "kv_budget_bytes", "num_blocks", "max_queue", "device", "use_cuda_graphs",
+    "max_num_batched_tokens", "prefill_chunk_tokens", "kv_budget_bytes", "num_blocks", "max_queue", "device",
+    "use_cuda_graphs", "prefix_cache",
 )
 
 
@@ -50,6 +51,9 @@ class ServerSettings(BaseSettings):
     max_queue: int | None = Field(None, ge=0, description="waiting requests before new ones get 429")
     device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
     use_cuda_graphs: bool | None = Field(None, description="replay decode steps as CUDA graphs")
+    prefix_cache: bool | None = Field(
+        None, description="reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, "
+                          "earlier turns of a chat); --no-prefix-cache turns it off")
 
     # Sampling defaults (for the fields a request leaves out).
     generation_config: Literal["auto", "none"] = Field(

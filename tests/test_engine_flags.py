@@ -23,3 +23,12 @@ def test_prefill_chunk_tokens_flag_and_env(monkeypatch):
         parse("--prefill-chunk-tokens", "0")
     with pytest.raises(ValueError, match="prefill_chunk_tokens"):
         parse("--prefill-chunk-tokens", "2049").engine_settings()
+
+
+def test_prefix_cache_flag_and_env(monkeypatch):
+    monkeypatch.delenv("ATHENA_PREFIX_CACHE", raising=False)
+    assert parse().prefix_cache is None and parse().engine_settings().prefix_cache is True     # on by default
+    assert parse("--no-prefix-cache").engine_settings().prefix_cache is False
+    monkeypatch.setenv("ATHENA_PREFIX_CACHE", "false")
+    assert parse().engine_settings().prefix_cache is False
+    assert parse("--prefix-cache").engine_settings().prefix_cache is True                     # the flag wins
