@@ -61,7 +61,7 @@ class EngineCore:
         self.eos_token_ids = frozenset(eos_token_ids)
         prefix_cache = PrefixCache(runner.block_size) if settings.prefix_cache else None
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, prefix_cache)
-        log.info("prefix cache: %s", "on (full KV blocks reused across requests)" if prefix_cache else "off")
+        log.info("prefix cache: %s", "off" if prefix_cache is None else "on (full KV blocks reused across requests)")
         chunk = settings.prefill_chunk(torch.device(getattr(runner, "device", "cpu")).type)
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens, chunk)
         log.info("prefill: up to %d prompt tokens a step while requests decode (%s), else up to %d",
@@ -178,8 +178,8 @@ class EngineCore:
                            prompt_tokens_total=self.prompt_tokens_total,
                            generation_tokens_total=self.generation_tokens_total,
                            preemptions_total=self.scheduler.num_preemptions,
-                           prefix_cache_queries_total=cache.queries if cache else 0,
-                           prefix_cache_hits_total=cache.hits if cache else 0)
+                           prefix_cache_queries_total=0 if cache is None else cache.queries,
+                           prefix_cache_hits_total=0 if cache is None else cache.hits)
 
 
 def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[int, ...]:

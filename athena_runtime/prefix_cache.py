@@ -78,5 +78,6 @@ class PrefixCache:
         self.queries += queried_tokens
         self.hits += hit_tokens
 
-    def __len__(self) -> int:
+    @property
+    def num_blocks(self) -> int:
         return len(self._block_of)

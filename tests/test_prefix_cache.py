@@ -66,14 +66,14 @@ def test_shared_blocks_are_counted_once_and_freed_last():
     bm = manager(8)
     a, b = seq(list(range(1, 11)), "a"), seq(list(range(1, 9)) + [50, 51, 52], "b")
     admit(bm, a)                                          # 3 blocks, the first two full and cached
-    assert bm.num_used == 3 and len(bm.prefix_cache) == 2
+    assert bm.num_used == 3 and bm.prefix_cache.num_blocks == 2
     assert admit(bm, b) == a.block_table[:2]              # b starts on a's two full blocks
     assert b.num_computed == 11 and bm.num_used == 4 and b.block_table[2] != a.block_table[2]
     assert (bm.prefix_cache.queries, bm.prefix_cache.hits) == (21, 8)
     bm.free(a.block_table)
     assert bm.num_used == 3                               # the shared two stay held by b
     bm.free(b.block_table)
-    assert bm.num_used == 0 and bm.num_free == 8 and len(bm.prefix_cache) == 2   # kept, evictable
+    assert bm.num_used == 0 and bm.num_free == 8 and bm.prefix_cache.num_blocks == 2   # kept, evictable
     with pytest.raises(RuntimeError, match="double free"):
         bm.free([0])
 
@@ -88,9 +88,9 @@ def test_free_cached_blocks_are_evicted_last_and_least_recently_used_first():
     bm.free(new.block_table)
     table: list[int] = []
     bm.grow(table, 2 * BS)                                # the two partial blocks (nothing cached) first
-    assert set(table) == {old_blocks[2], new_blocks[2]} and len(bm.prefix_cache) == 4
+    assert set(table) == {old_blocks[2], new_blocks[2]} and bm.prefix_cache.num_blocks == 4
     bm.grow(table, 3 * BS)                                # then old's deepest block, before its root
-    assert table[2] == old_blocks[1] and len(bm.prefix_cache) == 3
+    assert table[2] == old_blocks[1] and bm.prefix_cache.num_blocks == 3
     assert bm.cached_prefix(seq(list(range(1, 10)))) == old_blocks[:1]
     assert bm.cached_prefix(seq(list(range(101, 110)))) == new_blocks[:2]
 
@@ -99,11 +99,11 @@ def test_a_block_is_shared_only_once_full_and_computed():
     bm = manager(12)
     a = seq(list(range(1, 15)), "a")                      # 14 tokens: blocks 0-2 full, 3 partial
     admit(bm, a, computed=6)                              # a prefill chunk of 6: only block 0 complete
-    assert len(bm.prefix_cache) == 1
+    assert bm.prefix_cache.num_blocks == 1
     assert bm.cached_prefix(seq(list(range(1, 15)), "b")) == a.block_table[:1]
     a.num_computed = 14
     bm.cache_computed(a, 6)
-    assert len(bm.prefix_cache) == 3                      # the partial block 3 never
+    assert bm.prefix_cache.num_blocks == 3                      # the partial block 3 never
     assert bm.cached_prefix(seq(list(range(1, 15)), "c")) == a.block_table[:3]
 
 
@@ -151,6 +151,17 @@ def test_second_turn_starts_on_the_first_turns_blocks(tok):
     assert off.runner.calls[0][0].start_pos == 0
 
 
+def test_counts_and_log_with_nothing_cached(tok, caplog):
+    """An empty cache is still a cache: its counters are reported and the log says it is on."""
+    with caplog.at_level("INFO", logger="athena_runtime.engine"):
+        core = fake_core(tok)
+    assert "prefix cache: on" in caplog.text
+    core.add_request("short", prompt(3), SamplingParams(temperature=0.0, max_tokens=1))   # fills no block
+    drain(core)
+    assert core.block_manager.prefix_cache.num_blocks == 0
+    assert (core.stats().prefix_cache_queries_total, core.stats().prefix_cache_hits_total) == (3, 0)
+
+
 def test_identical_prompts_in_one_batch(tok):
     """Both are admitted before either is computed: no sharing yet, the same output, one copy cached."""
     core = fake_core(tok)
@@ -158,7 +169,7 @@ def test_identical_prompts_in_one_batch(tok):
         core.add_request(rid, prompt(18, 1), SamplingParams(temperature=0.0, max_tokens=6))
     outs = drain(core)
     assert joined(outs["a"]) == joined(outs["b"])
-    assert core.stats().prefix_cache_hits_total == 0 and len(core.block_manager.prefix_cache) == 5
+    assert core.stats().prefix_cache_hits_total == 0 and core.block_manager.prefix_cache.num_blocks == 5
 
 
 def run_workload(tok, seed: int, **settings) -> tuple[dict, EngineCore]:
@@ -199,7 +210,7 @@ def test_outputs_are_the_same_with_the_cache_on_and_off(tok, seed):
     assert stats.prefix_cache_hits_total > 0 and stats.preemptions_total > 0 and core_off.stats().preemptions_total > 0
     assert stats.prefix_cache_hits_total < stats.prefix_cache_queries_total
     bm = core.block_manager
-    assert bm.num_free == bm.num_blocks and 0 < len(bm.prefix_cache) <= bm.num_blocks
+    assert bm.num_free == bm.num_blocks and 0 < bm.prefix_cache.num_blocks <= bm.num_blocks
 
 
 # -- the real tiny model on CPU --------------------------------------------------------------------
