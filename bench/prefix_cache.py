@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = EngineSettings(kv_cache=args.kv_cache, max_num_seqs=1, prefix_cache=on)
         core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
         time_to_first_token(core, "warm-up", list(range(3, 40)), 2)
-        runs = [conversation(core, vocab, args, seed) for seed in range(args.repeats)]
+        runs = []
+        for seed in range(args.repeats):
+            runs.append(conversation(core, vocab, args, seed))
+            log.info("prefix cache %s, conversation %d: first token of turn 1 after %.3f s, of turn 2 after %.3f s "
+                     "(%d tokens cached)", "on" if on else "off", seed, runs[-1]["turn1_ttft_s"],
+                     runs[-1]["turn2_ttft_s"], runs[-1]["turn2_cached_tokens"])
         result["modes"]["on" if on else "off"] = {
             "runs": runs, "turn2_ttft_s_median": statistics.median(r["turn2_ttft_s"] for r in runs)}
     on, off = (result["modes"][m]["turn2_ttft_s_median"] for m in ("on", "off"))
