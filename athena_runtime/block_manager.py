@@ -91,4 +91,5 @@ class BlockManager:
 
     def _hold(self, block: int) -> None:
         self._refs[block] += 1
-        self.num_used += self._refs[block] == 1
+        if self._refs[block] == 1:
+            self.num_used += 1
