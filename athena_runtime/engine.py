@@ -26,6 +26,7 @@ from athena_runtime.block_manager import BlockManager
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.generation_defaults import read_generation_defaults
 from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
+from athena_runtime.prefix_cache import PrefixCache
 from athena_runtime.sampler import RequestGenerator, Sample, Sampler
 from athena_runtime.sampling_params import SamplingParams
 from athena_runtime.scheduler import Scheduler
@@ -95,8 +96,14 @@ class EngineCore:
         log.info("detokenizer: %s", self.token_decoder.kind)
         self.settings = settings
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
-        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens)
+        prefix_cache = PrefixCache(runner.block_size) if settings.prefix_cache else None
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, prefix_cache)
+        log.info("prefix cache: %s", "off" if prefix_cache is None else "on (full KV blocks reused across requests)")
+        chunk = settings.prefill_chunk(torch.device(getattr(runner, "device", "cpu")).type)
+        self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens, chunk)
+        log.info("prefill: up to %d prompt tokens a step while requests decode (%s), else up to %d",
+                 chunk, "set" if settings.prefill_chunk_tokens else "the device's default",
+                 settings.max_num_batched_tokens)
         self.sampler = Sampler()
         limits = [n for n in (settings.max_model_len, getattr(runner, "max_model_len", None)) if n]
         self.max_model_len: int = min(limits) if limits else runner.num_blocks * runner.block_size
@@ -156,8 +163,11 @@ class EngineCore:
         try:
             logits = self.runner.execute(chunks)                                 # [len(chunks), V]
             due = self.scheduler.advance(batch)
+            if not due:                 # only prompt chunks short of their prompt's end: nothing to sample
+                return []
             if len(due_rows) < len(chunks):
-                logits = logits[torch.tensor(due_rows).to(logits.device, non_blocking=True)]
+                rows = torch.tensor(due_rows, dtype=torch.long).to(logits.device, non_blocking=True)
+                logits = logits.index_select(0, rows)                            # [len(due), V]
             samples = self.sampler(logits, due)   # a Sequence has the fields of a SampleRow
         except Exception as exc:   # a failed step fails its requests, never the engine
             log.exception("model step failed; failing %d request(s)", len(batch))
@@ -199,11 +209,14 @@ class EngineCore:
         return TokenLogprob(sample.token_id, text(sample.token_id), sample.logprob, top)
 
     def stats(self) -> EngineStats:
+        bm, cache = self.block_manager, self.block_manager.prefix_cache
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           kv_blocks_total=self.block_manager.num_blocks, kv_blocks_used=self.block_manager.num_used,
+                           kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
                            prompt_tokens_total=self.prompt_tokens_total,
                            generation_tokens_total=self.generation_tokens_total,
-                           preemptions_total=self.scheduler.num_preemptions)
+                           preemptions_total=self.scheduler.num_preemptions,
+                           prefix_cache_queries_total=0 if cache is None else cache.queries,
+                           prefix_cache_hits_total=0 if cache is None else cache.hits)
 
 
 def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[int, ...]:

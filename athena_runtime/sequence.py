@@ -39,6 +39,7 @@ class Sequence:
         self.arrival = arrival                  # FCFS order
         self.generator = generator              # per-request RNG (seeded sampling)
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []     # prefix-cache keys of its full blocks, computed as needed
         self.num_computed = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None

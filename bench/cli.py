@@ -14,6 +14,7 @@ BENCHMARKS = {
     "decode": ("bench.decode", "end-to-end batch-1 decode tok/s: PQ vs fp16 vs HF transformers (GPU)"),
     "attention": ("bench.attention", "paged decode attention µs per call: KV format x batch x context x splits (GPU)"),
     "engine": ("bench.engine", "engine throughput vs concurrent streams per KV format (GPU)"),
+    "prefix-cache": ("bench.prefix_cache", "time to first token of a chat's second turn, prefix cache on vs off"),
     "serve": ("bench.serve", "load test of an OpenAI-compatible server: TTFT, TPOT, throughput vs concurrency"),
     "kv-quality": ("bench.kv_quality", "held-out perplexity and bytes per token for each KV-cache format"),
 }

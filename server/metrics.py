@@ -41,6 +41,11 @@ class _EngineCollector(Collector):
                                 value=s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
         yield CounterMetricFamily("athena_engine_preemptions", "Sequences preempted for lack of KV blocks.",
                                   value=s.preemptions_total)
+        # hit rate: rate(athena_prefix_cache_hits_total[5m]) / rate(athena_prefix_cache_queries_total[5m])
+        yield CounterMetricFamily("athena_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.prefix_cache_queries_total)
+        yield CounterMetricFamily("athena_prefix_cache_hits", "Prompt tokens whose KV blocks the prefix cache held.",
+                                  value=s.prefix_cache_hits_total)
 
 
 class ServerMetrics:

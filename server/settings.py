@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 # ServerSettings fields forwarded to EngineSettings under the same name.
 ENGINE_FIELDS: tuple[str, ...] = (
     "kv_cache", "kv_hadamard", "block_size", "max_num_seqs", "max_model_len",
-    "max_num_batched_tokens", "kv_budget_bytes", "num_blocks", "max_queue", "device", "use_cuda_graphs",
+    "max_num_batched_tokens", "prefill_chunk_tokens", "kv_budget_bytes", "num_blocks", "max_queue", "device",
+    "use_cuda_graphs", "prefix_cache",
 )
 
 
@@ -42,11 +43,17 @@ class ServerSettings(BaseSettings):
     max_num_seqs: int | None = Field(None, ge=1, description="requests decoded together in one batch")
     max_model_len: int | None = Field(None, ge=1, description="prompt + completion token limit (default: the model's)")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens fed to the model per step")
+    prefill_chunk_tokens: int | None = Field(
+        None, ge=1, description="prompt tokens per step while requests decode: a long prompt delays their streams by "
+                                "one such chunk a step (default: 128 on CPU, 512 on CUDA)")
     kv_budget_bytes: int | None = Field(None, ge=1, description="bytes for the KV cache")
     num_blocks: int | None = Field(None, ge=1, description="KV blocks (overrides --kv-budget-bytes)")
     max_queue: int | None = Field(None, ge=0, description="waiting requests before new ones get 429")
     device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
     use_cuda_graphs: bool | None = Field(None, description="replay decode steps as CUDA graphs")
+    prefix_cache: bool | None = Field(
+        None, description="reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, "
+                          "earlier turns of a chat); --no-prefix-cache turns it off")
 
     # Sampling defaults (for the fields a request leaves out).
     generation_config: Literal["auto", "none"] = Field(

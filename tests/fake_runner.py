@@ -3,7 +3,7 @@
 FakeRunner has ModelRunner's interface. Its "KV cache" stores, per physical slot, the token and a
 hash chain of the sequence up to it; every step it re-reads each sequence's whole history from the
 cache through the block table and checks the chain, so a wrong block table, a wrong start_pos, a
-block shared by two sequences or a block reused before it was freed shows up as an assertion
+block written while another sequence holds it or a block reused before it was freed shows up as an assertion
 error (or as different logits, caught by comparing against a solo run). Logits are a
 deterministic function of (history, position) only, never of the rest of the batch.
 """
@@ -64,10 +64,12 @@ class FakeRunner:
         if self.delay_s:
             time.sleep(self.delay_s)
         bs = self.block_size
+        # chunks may share cached prefix blocks (read-only), never a block one of them writes
         owned = [set(c.block_table[: -(-(c.start_pos + len(c.token_ids)) // bs)]) for c in chunks]
+        written = [set(c.block_table[c.start_pos // bs: -(-(c.start_pos + len(c.token_ids)) // bs)]) for c in chunks]
         for i in range(len(chunks)):
-            for j in range(i):
-                assert not owned[i] & owned[j], f"chunks {j} and {i} share KV blocks {owned[i] & owned[j]}"
+            for j in range(len(chunks)):
+                assert i == j or not written[i] & owned[j], f"chunk {i} writes KV blocks {written[i] & owned[j]} of {j}"
         if self.fail_when is not None and self.fail_when(chunks):
             raise RuntimeError("injected model failure")
         rows = []

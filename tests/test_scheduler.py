@@ -184,8 +184,8 @@ def test_random_stress_with_aborts_ends_with_every_block_free(tok, seed):
             assert out.request_id not in finished
             if out.finished:
                 finished[out.request_id] = out.finish_reason
-        used = sum(len(s.block_table) for s in core.scheduler.running)
-        assert core.block_manager.num_used == used                      # only running sequences hold blocks
+        used = {b for s in core.scheduler.running for b in s.block_table}
+        assert core.block_manager.num_used == len(used)                 # only running sequences hold blocks
     drain(core)
     assert core.block_manager.num_used == 0 and core.block_manager.num_free == 20
     assert not core.scheduler.requests
