@@ -13,6 +13,7 @@ is logged once at INFO, and a CUDA layer that does not get its class's first cho
 from __future__ import annotations
 
 import bisect
+import math
 import logging
 import os
 
@@ -190,6 +191,7 @@ class PQLinear(nn.Module):
             if forced != "reference" and not on_cuda and not (forced.startswith("triton") and interpreting()):
                 raise ValueError(f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)")
             fns = [(forced, reg.bind(forced, self))] * len(classes)
+            self._log_once("path", forced, 1 << 20, logging.INFO, f"forced by path= or {PATH_ENV}")
         else:
             fns = [self._resolve(reg, min(c, 1 << 20)) for c in classes]
         self._bound = (forced, classes, fns)
@@ -206,7 +208,7 @@ class PQLinear(nn.Module):
             except (nvrtc.KernelUnavailable, RuntimeError) as e:  # a kernel did not compile or load: the next one
                 failed.append((name, f"{type(e).__name__}: {e}"))
         skipped += failed
-        if self.qweight.device.type == "cuda" and skipped:
+        if (self.qweight.device.type == "cuda" and skipped) or failed:
             self._log_once("fallback", name, tokens, logging.WARNING, "; ".join(f"{n} unavailable ({why})"
                                                                                 for n, why in skipped))
         self._log_once("path", name, tokens, logging.INFO, self._lowrank_note(name))
@@ -249,8 +251,7 @@ class PQLinear(nn.Module):
         if self._bound is None:
             self.bind()
         _, fn = self._bound[2][bisect.bisect_left(self._bound[1], T)]
-        xk = x2 if x2.dtype == self.codebook.dtype else x2.to(self.codebook.dtype)
-        return fn(xk, glu).to(x.dtype).reshape(*lead, n_out)
+        return fn(x2, glu).to(x.dtype).reshape(*lead, n_out)
 
     def _cpu_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path on CPU: the same dequantization, done once and kept (CPU serving is for

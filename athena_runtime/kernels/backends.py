@@ -23,7 +23,6 @@ import torch
 
 from athena_runtime.kernels import dequant, frag, lut, nvrtc
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.pq_reference import interpreting
 from athena_runtime.kernels.splitk import triton
 from athena_runtime.kernels.tuning import Tuning
 
@@ -67,9 +66,9 @@ class Registry:
     def __init__(self, device: torch.device, tuning: Tuning):
         self.device, self.tuning = device, tuning
         self.cuda_reason = _probe_cuda(device)
-        on_gpu = device.type == "cuda" or interpreting()
-        self.triton_reason = None if triton is not None and on_gpu else \
-            ("Triton is not installed" if triton is None else "not a CUDA device (and no TRITON_INTERPRET=1)")
+        # (the Triton interpreter runs them on CPU tensors only where a test forces a path)
+        self.triton_reason = None if triton is not None and device.type == "cuda" else \
+            ("Triton is not installed" if triton is None else "not a CUDA device")
 
     def can_run(self, name: str, geo: PQGeometry, tokens: int, dtype: torch.dtype) -> tuple[bool, str]:
         if name == "reference":
@@ -104,7 +103,11 @@ class Registry:
     def bind(self, name: str, layer) -> Matmul:
         """The callable of backend `name` for `layer` (a PQLinear), its CUDA kernels compiled (in parallel) now;
         raises nvrtc.KernelUnavailable when they do not compile or load."""
-        return getattr(self, "_bind_" + name.replace("-", "_"))(layer)
+        fn = getattr(self, "_bind_" + name.replace("-", "_"))(layer)
+        if name == "reference":  # the spec computes in fp32 whatever x's dtype
+            return fn
+        dtype = layer.codebook.dtype  # the kernels take x in the codebooks' dtype
+        return lambda x, glu: fn(x if x.dtype == dtype else x.to(dtype), glu)
 
     # ---- one binder per backend: (x [T, M] in the codebook's dtype, glu) -> y [T, N] (or [T, F] with glu)
     def _bind_lut(self, layer) -> Matmul:
