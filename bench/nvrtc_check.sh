@@ -10,13 +10,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
+PY=$(command -v python3)  # resolved before PATH is stripped
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-# the toolkit hidden: every PATH / LD_LIBRARY_PATH entry that holds nvcc or lives under a cuda folder goes
-strip() { echo "$1" | tr ':' '\n' | grep -v -i -E "/cuda" | while read -r d; do [ -x "$d/nvcc" ] || echo "$d"; done | paste -sd:; }
+# the toolkit hidden: every PATH / LD_LIBRARY_PATH entry that holds nvcc or the toolkit's NVRTC goes (the driver stays)
+strip() { echo "$1" | tr ':' '\n' | while read -r d; do [ -n "$d" ] && [ ! -x "$d/nvcc" ] && ! ls "$d"/libnvrtc.so* >/dev/null 2>&1 && echo "$d"; done | paste -sd:; }
 HIDE=(env -u CUDA_HOME -u CUDA_PATH PATH="$(strip "$PATH")" LD_LIBRARY_PATH="$(strip "${LD_LIBRARY_PATH:-}")"
       ATHENA_KERNEL_CACHE=/tmp/athena-kernels-empty PYTHONPATH=/tmp/site:$PWD)
 rm -rf /tmp/athena-kernels-empty
-"${HIDE[@]}" python3 -c "import shutil, torch.utils.cpp_extension as c; print('toolkit visible to the hidden runs: nvcc', shutil.which('nvcc'), '| torch CUDA_HOME', c._find_cuda_home())" 2>&1 | tee $OUT/hidden_env.txt
+"${HIDE[@]}" "$PY" -c "import os, shutil; print('hidden runs: nvcc on PATH:', shutil.which('nvcc'), '| CUDA_HOME:', os.environ.get('CUDA_HOME'))" 2>&1 | tee $OUT/hidden_env.txt
 
 # baseline builds (toolkit visible, old code) in the background while the hidden runs use the GPU for tests
 if [ -d .baseline ]; then
@@ -28,17 +29,17 @@ if [ -d .baseline ]; then
 fi
 
 el "first use, toolkit hidden, empty cache"
-"${HIDE[@]}" timeout 120 python3 -m bench.nvrtc_first_use --json > $OUT/first_use.txt 2>&1; grep -v "^{" $OUT/first_use.txt | grep -v " INFO " | tail -8
+"${HIDE[@]}" timeout 120 "$PY" -m bench.nvrtc_first_use --json > $OUT/first_use.txt 2>&1; grep -v "^{" $OUT/first_use.txt | grep -v " INFO " | tail -8
 el "GPU tests, toolkit hidden"
-"${HIDE[@]}" timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/test_pq_linear.py tests/test_pq_kernels.py \
+"${HIDE[@]}" timeout 200 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_pq_linear.py tests/test_pq_kernels.py \
    tests/test_pq_frag.py tests/test_pq_cuda_dequant.py tests/test_pq_cuda_fold.py tests/test_split_linear.py \
    tests/test_model_runner.py -rfE > $OUT/gpu_tests.txt 2>&1; tail -3 $OUT/gpu_tests.txt
 el "7B decode, toolkit hidden"
-"${HIDE[@]}" timeout 150 python3 -m bench.decode --workdir /tmp/w --skip-hf --json > $OUT/decode_nvrtc.txt 2>$OUT/decode_nvrtc.err
+"${HIDE[@]}" timeout 150 "$PY" -m bench.decode --workdir /tmp/w --skip-hf --json > $OUT/decode_nvrtc.txt 2>$OUT/decode_nvrtc.err
 grep -E "path|PQ|fp16" $OUT/decode_nvrtc.txt | head -4; grep -c "WARNING" $OUT/decode_nvrtc.err | sed 's/^/decode WARNING lines: /'
 grep -E "PQLinear \[" $OUT/decode_nvrtc.err | sort -u | head -12
 el "kernel table, toolkit hidden"
-"${HIDE[@]}" timeout 140 python3 bench/kernels.py --out $OUT/k_nvrtc --plan summary --no-checks --budget 125 \
+"${HIDE[@]}" timeout 140 "$PY" bench/kernels.py --out $OUT/k_nvrtc --plan summary --no-checks --budget 125 \
    --commit "${COMMIT:-unknown}" > $OUT/kernels_nvrtc.txt 2>&1; tail -3 $OUT/kernels_nvrtc.txt
 if [ -d .baseline ]; then
   el "baseline (toolkit build of 0dc087f): waiting for its nvcc builds"; wait $BUILD; cat $OUT/baseline_build.txt | grep built
