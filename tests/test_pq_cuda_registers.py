@@ -27,3 +27,16 @@ def test_few_token_instances_do_not_spill(tmp_path):
     names = [lut.kernel_name(t, 6, lut.slab_widths(t, 6)[0]) for t in (2, 16)]
     regs, spills, report = ptxas_usage("lut.cu", names, "sm_90", tmp_path)
     assert len(regs) == len(names) and all(s == ("0", "0") for s in spills), report[-3000:]
+
+
+def test_param_array_takes_ctypes_only():
+    """cuLaunchKernel's argument array holds pointers to ctypes objects; a plain int is refused with its position
+    (a Python int among the lookup kernel's arguments failed only at launch on the GPU)."""
+    import ctypes
+
+    from athena_runtime.kernels import nvrtc
+
+    arr = nvrtc.param_array([ctypes.c_void_p(0), ctypes.c_int(3)])
+    assert len(arr) == 2
+    with pytest.raises(TypeError, match=r"\(1, 'int'\)"):
+        nvrtc.param_array([ctypes.c_int(1), 5])

@@ -219,7 +219,7 @@ class LutPlan:
         # the kernel's arguments: x (0-3), weights (4-14), partial (15), low-rank (16-20), epilogue (21)
         self.args = [ctypes.c_void_p(), i32(), i32(), i32(geo.M), ctypes.c_void_p(qweight.data_ptr()), i32(geo.N_pad),
                      ctypes.c_void_p(codebook.data_ptr()), i32(geo.G_pad), i32(geo.d), i32(geo.N), i32(geo.GW),
-                     i32(geo.k), i32(chunks), i32(self.rows), i32(n_row), ctypes.c_void_p(), _ptr(self.lr_b),
+                     i32(geo.k), i32(chunks), i32(self.rows), i32(n_row), ctypes.c_void_p(), ctypes.c_void_p(_ptr(self.lr_b)),
                      i32(0 if self.lr_b is None else self.lr_b.stride(0)), i32(self.rank), i32(), ctypes.c_void_p(),
                      self.ep]
         self.params = nvrtc.param_array(self.args)

@@ -277,4 +277,7 @@ class Kernel:
 def param_array(values: list) -> "ctypes.Array":
     """The kernelParams array of cuLaunchKernel: a pointer to each argument (ctypes objects: c_void_p for pointers,
     c_int, c_longlong, or a ctypes.Structure passed by value). Keep `values` alive while the array is used."""
+    bad = [(i, type(v).__name__) for i, v in enumerate(values) if not isinstance(v, (ctypes._SimpleCData, ctypes.Structure))]
+    if bad:
+        raise TypeError(f"kernel arguments must be ctypes objects; not: {bad}")
     return (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
