@@ -38,16 +38,18 @@ el "7B decode, toolkit hidden"
 "${HIDE[@]}" timeout 150 "$PY" -m bench.decode --workdir /tmp/w --skip-hf --json > $OUT/decode_nvrtc.txt 2>$OUT/decode_nvrtc.err
 grep -E "path|PQ|fp16" $OUT/decode_nvrtc.txt | head -4; grep -c "WARNING" $OUT/decode_nvrtc.err | sed 's/^/decode WARNING lines: /'
 grep -E "PQLinear \[" $OUT/decode_nvrtc.err | sort -u | head -12
+if [ "${TABLES:-1}" = 1 ]; then  # TABLES=0: tests and decode only (a short call)
 el "kernel table, toolkit hidden"
 "${HIDE[@]}" timeout 140 "$PY" bench/kernels.py --out $OUT/k_nvrtc --plan summary --no-checks --budget 125 \
    --commit "${COMMIT:-unknown}" > $OUT/kernels_nvrtc.txt 2>&1; tail -3 $OUT/kernels_nvrtc.txt
+fi
 if [ -d .baseline ]; then
   el "baseline (toolkit build of 0dc087f): waiting for its nvcc builds"; wait $BUILD; cat $OUT/baseline_build.txt | grep built
   (cd .baseline && ATHENA_CUDA_CACHE=/tmp/oldcache PYTHONPATH=/tmp/site:$PWD timeout 150 python3 -m bench.decode \
      --workdir /tmp/w --skip-hf --json > $OUT/decode_toolkit.txt 2>$OUT/decode_toolkit.err)
-  el "baseline kernel table"
+  if [ "${TABLES:-1}" = 1 ]; then el "baseline kernel table"
   (cd .baseline && ATHENA_CUDA_CACHE=/tmp/oldcache PYTHONPATH=/tmp/site:$PWD timeout 140 python3 bench/kernels.py \
-     --out $OUT/k_toolkit --plan summary --no-checks --budget 125 > $OUT/kernels_toolkit.txt 2>&1)
+     --out $OUT/k_toolkit --plan summary --no-checks --budget 125 > $OUT/kernels_toolkit.txt 2>&1); fi
 fi
 el "done"
 python3 - "$OUT" <<'PY'
