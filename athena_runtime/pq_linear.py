@@ -1,100 +1,34 @@
 """PQLinear: an Athena product-quantized linear layer (FORMAT.md) for inference.
 
-    y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias,   Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l]
+    y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias,   Ŵ[i, d·j + l] = C[i // k, j, I[i, j]]
 
 The indices stay bit-packed on the device, repacked at load time into the kernel layout
-(`kernels/layout.py`); codebooks are dequantized to fp16 once. `select_path` — the one place that
-decides — picks per call, from shapes alone (no host sync, CUDA-graph safe):
-    reference       dequantize + matmul in PyTorch: the spec; CPU
-    cuda-decode     CUDA lookup-table kernel (shared-memory table), 1 token, fp16, when it builds
-    cuda-frag       CUDA tensor-core kernel fed straight from the codebooks (one shared-memory lookup
-                    per two weights is an mma operand register), 2-64 tokens, fp16, d = 2, b = 6
-    cuda-mma        CUDA tensor-core kernel (Ŵ tiles decoded in shared memory), 5-64 tokens, fp16,
-                    default recipe (b = 6, d = 2), when cuda-frag does not serve the layer
-    triton-decode   Triton lookup-table kernel, <= 4 tokens, when cuda-decode is unavailable
-    cuda-dequant    CUDA dequantize of the whole Ŵᵀ (shared-memory codebooks), then one cuBLAS call
-                    (more tokens), fp16, b in 4/6/8 and d <= 4, when it builds; the low-rank term folded
-                    into Ŵᵀ by the dequantize (`pq_cuda_fold`, tensor cores) where that kernel serves the
-                    rank, else as extra inner-dimension rows ("rows", M < N) or a second product ("addmm")
-    dequant-matmul  the same with the Triton dequantize and the low-rank term folded into Ŵᵀ, when
-                    cuda-dequant is unavailable
-    triton-prefill  Triton dequantize-in-registers + tl.dot: only when forced (measured far slower
-                    than dequant-matmul on the H100, see bench/results/kernels.md)
-Force one with the constructor's `path=` or the ATHENA_PQ_PATH environment variable (tests,
-benchmarks); Triton paths run on CPU tensors only under TRITON_INTERPRET=1. Every (path, layer
-shape) is logged once at INFO, and a fallback (a CUDA kernel unavailable) once at WARNING.
-The thresholds below come from bench/kernels.py on an H100 (bench/results/kernels.md).
+(`kernels/layout.py`); codebooks are dequantized to fp16 once. Which kernel serves a call is decided once per
+token class when the layer is first used (`bind`), by the backend registry (`kernels/backends.py`: lut, frag,
+dequant on CUDA, compiled at run time by NVRTC; triton-gemv, triton-dequant where those cannot run; reference on
+CPU); a forward call looks its callable up and runs it. Force one backend with the constructor's `path=` or the
+ATHENA_PQ_PATH environment variable (read when the layer binds; tests, benchmarks). Every (backend, layer shape)
+is logged once at INFO, and a CUDA layer that does not get its class's first choice once at WARNING, with why.
 """
 from __future__ import annotations
 
-import logging
+import bisect
 import math
+import logging
 import os
 
 import torch
 from torch import nn
 
-from athena_runtime.kernels import layout
+from athena_runtime.kernels import layout, nvrtc
+from athena_runtime.kernels.backends import NAMES, registry, token_classes
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.pq_gemv import interpreting, pq_gemv, pq_gemv_reference
+from athena_runtime.kernels.pq_reference import interpreting, pq_matmul_reference
 
 log = logging.getLogger(__name__)
 
-PATHS = ("reference", "cuda-decode", "cuda-frag", "cuda-mma", "triton-decode", "triton-prefill", "cuda-dequant",
-         "dequant-matmul")
 PATH_ENV = "ATHENA_PQ_PATH"
-CUDA_LUT_MAX_TOKENS = 1  # CUDA lookup-table kernel up to this many tokens (its work grows with the tokens;
-# at 2 tokens cuda-frag was faster on 3 of the 4 7B shapes, 7% over all four, BENCHMARKS.md §3)
-CUDA_LUT_NO_FRAG_MAX_TOKENS = 4  # ... up to 4 where cuda-frag does not serve the layer (beats cuda-mma there)
-CUDA_LUT_FALLBACK_MAX_TOKENS = 8  # ... and up to 8 where no tensor-core kernel serves it (still beats dequantize)
-TRITON_LUT_MAX_TOKENS = 4  # Triton lookup-table kernel (fallback when the CUDA one is unavailable)
-MMA_MAX_TOKENS = 64  # CUDA tensor-core kernels (cuda-frag, else cuda-mma) above the lookup table
-LUT_MAX_N = 256  # lookup tables for codebooks of at most this many centroids (n entries per group)
 LOWRANK_ALIGN = 16  # low-rank factors padded with zeros to a multiple of this rank (cuBLAS tensor cores)
-
-
-def select_path(tokens: int, device: torch.device, geo: PQGeometry, dtype: torch.dtype, forced: str | None = None,
-                cuda_decode_ok=None, cuda_mma_ok=None, cuda_frag_ok=None, cuda_dequant_ok=None) -> str:
-    """The path for a call of `tokens` rows. `cuda_decode_ok(geo, tokens, dtype) -> bool` says whether
-    the CUDA lookup-table kernel serves it (default: ask `kernels.pq_cuda`, which builds it on first
-    use); `cuda_frag_ok` / `cuda_mma_ok` the same for the tensor-core kernels (`kernels.pq_cuda_frag`,
-    `kernels.pq_cuda_mma`), `cuda_dequant_ok` for the CUDA dequantize (`kernels.pq_cuda_dequant`)."""
-    if forced is not None:
-        if forced not in PATHS:
-            raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {PATHS}")
-        if forced != "reference" and device.type != "cuda" and not (not forced.startswith("cuda") and interpreting()):
-            raise ValueError(f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)")
-        return forced
-    if device.type != "cuda":
-        return "reference"
-    if cuda_decode_ok is None:
-        from athena_runtime.kernels import pq_cuda
-        cuda_decode_ok = pq_cuda.usable
-    if cuda_mma_ok is None:
-        from athena_runtime.kernels import pq_cuda_mma
-        cuda_mma_ok = pq_cuda_mma.usable
-    if cuda_frag_ok is None:
-        from athena_runtime.kernels import pq_cuda_frag
-        cuda_frag_ok = pq_cuda_frag.usable
-    lut = geo.n <= LUT_MAX_N
-    cuda_lut = tokens <= CUDA_LUT_FALLBACK_MAX_TOKENS and lut and cuda_decode_ok(geo, tokens, dtype)
-    if tokens <= CUDA_LUT_MAX_TOKENS and cuda_lut:
-        return "cuda-decode"
-    if tokens <= MMA_MAX_TOKENS and cuda_frag_ok(geo, tokens, dtype):
-        return "cuda-frag"
-    if tokens <= CUDA_LUT_NO_FRAG_MAX_TOKENS and cuda_lut:
-        return "cuda-decode"  # without cuda-frag the lookup table beats cuda-mma up to 4 tokens
-    if tokens <= TRITON_LUT_MAX_TOKENS and lut and not cuda_lut:
-        return "triton-decode"
-    if tokens <= MMA_MAX_TOKENS and cuda_mma_ok(geo, tokens, dtype):
-        return "cuda-mma"
-    if cuda_lut:
-        return "cuda-decode"  # recipes the tensor-core kernels do not serve
-    # many tokens: dequantize + cuBLAS; the fused Triton prefill kernel measured slower (kernels.md)
-    if cuda_dequant_ok is None:
-        from athena_runtime.kernels import pq_cuda_dequant
-        cuda_dequant_ok = lambda g, t, dt: pq_cuda_dequant.usable(g, dt)  # noqa: E731
-    return "cuda-dequant" if cuda_dequant_ok(geo, tokens, dtype) else "dequant-matmul"
 
 
 class PQLinear(nn.Module):
@@ -110,15 +44,15 @@ class PQLinear(nn.Module):
         self.codebook_bits = codebook_bits
         self.in_features, self.out_features = geo.M, geo.N
         self.path = path
-        if path is not None and path not in PATHS:
-            raise ValueError(f"unknown PQLinear path {path!r}; choose one of {PATHS}")
+        if path is not None and path not in NAMES:
+            raise ValueError(f"unknown PQLinear path {path!r}; choose one of {NAMES}")
         self.register_buffer("qweight", qweight, persistent=False)  # int32 [GW, N_pad]
         self.register_buffer("codebook", codebook, persistent=False)  # [Nb, G_pad, d, n]
         self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
-        self._paths: dict = {}  # (token class, forced path, device) -> path: `select_path` once per class
+        self._bound: tuple | None = None  # (forced path, class upper token counts, [(backend, callable)] per class)
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
@@ -231,60 +165,81 @@ class PQLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """Ŵ [N, M] in the codebook dtype (fp16), low-rank term excluded."""
         if self.qweight.device.type == "cuda":
-            from athena_runtime.kernels.pq_gemm import pq_dequantize_t
-            return pq_dequantize_t(self.qweight, self.codebook, self.geo, dtype=self.codebook.dtype).t()
+            from athena_runtime.kernels.dequant_matmul import triton_dequantize_t
+            return triton_dequantize_t(self.qweight, self.codebook, self.geo, dtype=self.codebook.dtype).t()
         return layout.dequantize_reference(self.qweight, self.codebook, self.geo).to(self.codebook.dtype)
 
-    def choose_path(self, tokens: int) -> str:
-        """The path for `tokens` rows (`select_path`), decided once per token class: every threshold of the
-        rules is at most MMA_MAX_TOKENS, so all larger counts share one answer (a prefill call pays no
-        Python for it: at 2048 tokens the host's work per call is on the GPU's critical path)."""
-        forced = self.path or os.environ.get(PATH_ENV) or None
-        key = (min(tokens, MMA_MAX_TOKENS + 1), forced, self.qweight.device)
-        path = self._paths.get(key)
-        if path is None:
-            path = self._paths[key] = self._select(tokens, forced)
-        return path
+    def kernel_args(self) -> tuple:
+        """What every PQ kernel takes after x: (qweight, codebook, geo, lowrank_a, lowrank_b, bias)."""
+        return self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, self.bias
 
-    def _select(self, tokens: int, forced: str | None) -> str:
-        path = select_path(tokens, self.qweight.device, self.geo, self.codebook.dtype, forced)
-        if forced is None and path != "cuda-decode" and self.qweight.device.type == "cuda" \
-                and tokens <= CUDA_LUT_MAX_TOKENS and self.geo.n <= LUT_MAX_N:
-            self._log_once("fallback", tokens, logging.WARNING,
-                           f"cuda-decode unavailable for this layer; using {path}")
-        if forced is None and path == "cuda-mma":
-            self._log_once("fallback-frag", tokens, logging.WARNING,
-                           "cuda-frag unavailable for this layer (recipe or build); using cuda-mma")
-        if forced is None and path in ("cuda-dequant", "dequant-matmul") and self.qweight.device.type == "cuda" \
-                and tokens <= MMA_MAX_TOKENS:
-            self._log_once("fallback-mma", tokens, logging.WARNING,
-                           f"no tensor-core kernel (cuda-frag, cuda-mma) serves this layer (recipe or build); using {path}")
-        if forced is None and path == "dequant-matmul" and self.qweight.device.type == "cuda":
-            self._log_once("fallback-dequant", tokens, logging.WARNING,
-                           "cuda-dequant unavailable for this layer (recipe, dtype or build); using the Triton dequantize")
-        self._log_once(path, tokens, why=self._lowrank_note(path))
-        return path
+    def reference_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cpu_reference(x) if self.qweight.device.type == "cpu" else pq_matmul_reference(x, *self.kernel_args())
+
+    def bind(self) -> list[str]:
+        """Resolve the backend of every token class (once; again only if the forced path changes) and return their
+        names, smallest class first. CUDA kernels are compiled here (NVRTC, cached on disk)."""
+        forced = self.path or os.environ.get(PATH_ENV) or None
+        if self._bound is not None and self._bound[0] == forced:
+            return [name for name, _ in self._bound[2]]
+        reg = registry(self.qweight.device)
+        classes = token_classes(reg.tuning)
+        if forced is not None:
+            if forced not in NAMES:
+                raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {NAMES}")
+            on_cuda = self.qweight.device.type == "cuda"
+            if forced != "reference" and not on_cuda and not (forced.startswith("triton") and interpreting()):
+                raise ValueError(f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)")
+            fns = [(forced, reg.bind(forced, self))] * len(classes)
+            self._log_once("path", forced, 1 << 20, logging.INFO, f"forced by path= or {PATH_ENV}")
+        else:
+            fns = [self._resolve(reg, min(c, 1 << 20)) for c in classes]
+        self._bound = (forced, classes, fns)
+        return [name for name, _ in fns]
+
+    def _resolve(self, reg, tokens: int):
+        """(backend, callable) for calls of up to `tokens` rows: the registry's first choice that binds."""
+        failed: list[tuple[str, str]] = []
+        while True:
+            name, skipped = reg.resolve(self.geo, tokens, self.codebook.dtype, exclude={n for n, _ in failed})
+            try:
+                fn = reg.bind(name, self)
+                break
+            except (nvrtc.KernelUnavailable, RuntimeError) as e:  # a kernel did not compile or load: the next one
+                failed.append((name, f"{type(e).__name__}: {e}"))
+        skipped += failed
+        if (self.qweight.device.type == "cuda" and skipped) or failed:
+            self._log_once("fallback", name, tokens, logging.WARNING, "; ".join(f"{n} unavailable ({why})"
+                                                                                for n, why in skipped))
+        self._log_once("path", name, tokens, logging.INFO, self._lowrank_note(name))
+        return name, fn
+
+    def backend_for(self, tokens: int) -> str:
+        """The backend that serves calls of `tokens` rows."""
+        self.bind()
+        return self._bound[2][bisect.bisect_left(self._bound[1], tokens)][0]
 
     def _lowrank_note(self, path: str) -> str:
         """How a dequantize-then-cuBLAS path applies the low-rank term (for the path log line)."""
-        if self.lowrank_a is None or path not in ("cuda-dequant", "dequant-matmul"):
+        if self.lowrank_a is None or path not in ("dequant", "triton-dequant"):
             return ""
-        from athena_runtime.kernels.pq_gemm import default_lowrank_mode
-        return "low-rank " + default_lowrank_mode(self.geo, "cuda" if path == "cuda-dequant" else "triton",
+        from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
+        return "low-rank " + default_lowrank_mode(self.geo, "cuda" if path == "dequant" else "triton",
                                                   self.lowrank_a.shape[1])
 
-    def _log_once(self, path: str, tokens: int, level=logging.INFO, why: str = ""):
-        """Log the first call of each (path, layer shape)."""
-        key = (path, self.geo.N, self.geo.M)
+    def _log_once(self, what: str, path: str, tokens: int, level, why: str = ""):
+        """Log once per (what, backend, layer shape): the path taken, or why the first choice was passed over."""
+        key = (what, path, self.geo.N, self.geo.M)
         if key not in PQLinear._logged:
             PQLinear._logged.add(key)
-            log.log(level, "PQLinear [%d x %d] d=%d n=%d k=%d, %d tokens: path %s%s", self.geo.N, self.geo.M,
-                    self.geo.d, self.geo.n, self.geo.k, tokens, path, f" ({why})" if why else "")
+            log.log(level, "PQLinear [%d x %d] d=%d n=%d k=%d, up to %s tokens: path %s%s", self.geo.N, self.geo.M,
+                    self.geo.d, self.geo.n, self.geo.k, tokens if tokens < 1 << 20 else "any", path,
+                    f" ({why})" if why else "")
 
     def forward(self, x: torch.Tensor, glu: tuple[int, int] | None = None) -> torch.Tensor:
         """y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias [..., N]; with `glu=(up_offset, F)` (a fused gate/up layer) the
         result is silu(y[..., :F]) · y[..., up_offset:up_offset + F] [..., F], computed by the split-K
-        epilogue of the decode kernels (no separate SiLU-mul launch), by `fused_ops.silu_mul` otherwise."""
+        epilogue of the lookup-table and fragment kernels, by `fused_ops.silu_mul` otherwise."""
         if x.shape[-1] != self.geo.M:
             raise ValueError(f"PQLinear expects [..., {self.geo.M}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
@@ -293,37 +248,10 @@ class PQLinear(nn.Module):
         n_out = glu[1] if glu is not None else self.geo.N
         if T == 0:
             return x.new_empty(*lead, n_out)
-        path = self.choose_path(T)
-        fused_glu = glu is not None and path in ("cuda-decode", "cuda-frag", "triton-decode")
-        args = (self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, self.bias)
-        if path == "reference" and self.qweight.device.type == "cpu":
-            y = self._cpu_reference(x2)
-        elif path == "reference":
-            y = pq_gemv_reference(x2, *args)
-        else:
-            xk = x2 if x2.dtype == self.codebook.dtype else x2.to(self.codebook.dtype)
-            if path == "cuda-decode":
-                from athena_runtime.kernels.pq_cuda import pq_gemv_cuda
-                y = pq_gemv_cuda(xk, *args, glu=glu)
-            elif path == "cuda-frag":
-                from athena_runtime.kernels.pq_cuda_frag import pq_frag_cuda
-                y = pq_frag_cuda(xk, *args, glu=glu)
-            elif path == "cuda-mma":
-                from athena_runtime.kernels.pq_cuda_mma import pq_mma_cuda
-                y = pq_mma_cuda(xk, *args)
-            elif path == "triton-decode":
-                y = pq_gemv(xk, *args, glu=glu)
-            elif path == "triton-prefill":
-                from athena_runtime.kernels.pq_gemm import pq_gemm
-                y = pq_gemm(xk, *args)
-            else:
-                from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
-                y = pq_dequant_matmul(xk, *args, dequant="cuda" if path == "cuda-dequant" else "triton")
-            y = y.to(x.dtype)
-        if glu is not None and not fused_glu:
-            from athena_runtime.kernels.fused_ops import silu_mul
-            y = silu_mul(y[:, :glu[1]], y[:, glu[0]:glu[0] + glu[1]])
-        return y.reshape(*lead, n_out)
+        if self._bound is None:
+            self.bind()
+        _, fn = self._bound[2][bisect.bisect_left(self._bound[1], T)]
+        return fn(x2, glu).to(x.dtype).reshape(*lead, n_out)
 
     def _cpu_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path on CPU: the same dequantization, done once and kept (CPU serving is for

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests foldtests kernels t1 t1ab t1trace prefilllr prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
+# (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-# built CUDA extensions are kept here (carry .cuda_cache to a fresh machine to skip the nvcc builds)
-export ATHENA_CUDA_CACHE=${ATHENA_CUDA_CACHE:-$PWD/.cuda_cache}
+# NVRTC cubins of the CUDA kernels are kept here (carry .kernel_cache to a fresh machine to skip the compiles)
+export ATHENA_KERNEL_CACHE=${ATHENA_KERNEL_CACHE:-$PWD/.kernel_cache}
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -19,10 +20,7 @@ for stage in "$@"; do
              tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py tests/test_pq_cuda_dequant.py \
              tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py tests/test_pq_cuda_fold.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
-    build) for m in pq_cuda pq_cuda_mma pq_cuda_frag pq_cuda_dequant pq_cuda_fold; do  # one process each: the nvcc builds run side by side
-             MAX_JOBS=4 timeout 400 python3 -c "from athena_runtime.kernels import $m; $m.EXTENSION.load(); print('$m built')" &
-           done; wait
-           cp -p "$ATHENA_CUDA_CACHE"/*.so "$OUT"/ 2>/dev/null; ls -la "$ATHENA_CUDA_CACHE" ;;
+    build) timeout 200 python3 -m bench.nvrtc_first_use 2>&1 | tail -8 ;;  # NVRTC, in parallel; cached
     kernels) timeout 300 python3 bench/kernels.py --out $OUT --plan summary --budget 280 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_stdout.txt 2>&1; tail -45 $OUT/kernels_stdout.txt ;;
     t1) timeout 330 python3 bench/kernels.py --out $OUT/t1 --plan t1 --budget 300 --commit "${COMMIT:-unknown}" \
@@ -41,11 +39,6 @@ for stage in "$@"; do
     chat) m=$(ls -d /tmp/m/*/ | head -1); timeout 240 python3 -m server.cli chat "$m" --temperature 0 --max-tokens 40 \
              --prompt "What is the capital of France?" 2>$OUT/chat.err | tee $OUT/chat.txt ;;
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;
-    t1ab) for v in ${AB:-mb4 mb1}; do  # T = 1 source variants (bench/diag/lut_parts.py): both builds side by side, then A/B
-             MAX_JOBS=8 timeout 400 python3 -c "from bench.diag.lut_parts import variant_extension as ve; ve('$v').load(); print('built $v')" &
-           done; wait
-           timeout 420 python3 -m bench.diag.lut_parts --variants $(echo ${AB:-mb4 mb1} | tr ' ' ,) --rounds ${ROUNDS:-2} 2>&1 | tee $OUT/t1ab.txt ;;
-    t1trace) timeout 400 python3 -m bench.diag.lut_trace --reps ${ROUNDS:-2} 2>&1 | tee $OUT/lut_trace.txt ;;  # per-CTA timeline
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;

@@ -1,6 +1,7 @@
 """Run CUDA kernel source on the CPU, for tests on machines without a GPU.
 
-The kernel text is compiled by g++ (C++20, -DATHENA_CUDA_EMULATION) after a header of stand-ins for the
+The runtime's kernel files (athena_runtime/kernels/cuda/*.cu) are compiled by g++ (C++20, -DATHENA_CUDA_EMULATION)
+with a header of stand-ins for the
 CUDA features the kernels use: one std::thread per CUDA thread, CTAs one after another in a shuffled order
 (a CTA that writes outside its share shows up even where the right CTA would overwrite it; `launch`'s
 `phases` keep groups of CTAs that later ones wait for in front), `__syncthreads` a std::barrier of the
@@ -18,6 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from athena_runtime.kernels.nvrtc import SOURCE_DIR
+
 SHIM = r"""
 #pragma once
 #include <cstdint>
@@ -30,6 +33,7 @@ SHIM = r"""
 #include <vector>
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
@@ -157,16 +161,17 @@ def compiler() -> str | None:
 
 
 def build(source: str, workdir: Path) -> ctypes.CDLL:
-    """Compile `source` (kernel text whose `#include <cuda_fp16.h>` is replaced by the shim, plus
-    extern "C" launchers using `launch(grid, threads, body)`) into a shared library and load it."""
+    """Compile `source` (`#include "lut.cu"` etc.: the runtime's kernel files, athena_runtime/kernels/cuda/, whose
+    common.cuh then takes the shim instead of cuda_fp16.h; plus extern "C" launchers using `launch(grid, threads,
+    body)`) into a shared library and load it."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "cuda_shim.h").write_text(SHIM)
     src = workdir / "emulated.cpp"
-    src.write_text(source.replace("#include <cuda_fp16.h>", '#include "cuda_shim.h"'))
+    src.write_text(source)
     lib = workdir / "libemulated.so"
-    res = subprocess.run([compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-DATHENA_CUDA_EMULATION", "-o",
-                          str(lib), str(src),
-                          "-lpthread"], capture_output=True, text=True)
+    res = subprocess.run([compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-DATHENA_CUDA_EMULATION",
+                          f"-I{workdir}", f"-I{SOURCE_DIR}", "-o", str(lib), str(src), "-lpthread"],
+                         capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(res.stderr[-4000:])
     return ctypes.CDLL(str(lib))

@@ -1,9 +1,9 @@
-"""The CUDA dequantize (`kernels/pq_cuda_dequant.py`) and the dequantize-then-cuBLAS path built on it.
+"""The CUDA dequantize (cuda/dequant.cu, host side `kernels/dequant.py`) and the dequantize-then-cuBLAS path.
 
 On CPU: the PyTorch references (the spec), argument checks, the launch-shape rule, the "rows"
 low-rank assembly of `pq_dequant_matmul` with the kernels replaced by their references, the kernel
 source itself run by the CPU emulation of `cuda_emulation.py` (where g++ >= 11 is installed) bit for
-bit against the reference, and (where nvcc is installed) a compile of the kernels for sm_89 and sm_90
+bit against the reference, and (where the NVRTC wheel is installed) an NVRTC compile for sm_89 and sm_90
 without register spills. With a GPU:
 the kernel against the reference, bit for bit (a pure gather), on odd shapes, and the matmul against
 the fp32 reference.
@@ -16,18 +16,19 @@ from __future__ import annotations
 import ctypes
 
 import cuda_emulation
-from nvcc_check import nvcc_path, ptxas_usage
+from nvrtc_check import ptxas_usage, toolchain_or_none
 import pytest
 import torch
 
-from athena_runtime.kernels import layout, pq_cuda_dequant as cdq
+from athena_runtime.kernels import dequant as cdq, layout
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.pq_gemm import pq_dequant_matmul, pq_dequantize_t_reference, pq_gemm_reference
+from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul, dequantize_t_reference as pq_dequantize_t_reference
+from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemm_reference
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 TOL16 = 4e-3
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA (and nvcc for the extension)")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA")
 
 
 def make_layer(N, M, d, n, k, rank=0, bias=False, seed=0, device=DEV):
@@ -50,12 +51,12 @@ def rel_err(y, ref):
 def test_reference_writes_top_rows_and_stacked_factor():
     geo, qw, cb, A, _, _ = make_layer(37, 29, 3, 16, 20, rank=5, device="cpu")
     Wt = pq_dequantize_t_reference(qw, cb, geo)
-    assert torch.equal(cdq.pq_dequantize_t_cuda_reference(qw, cb, geo), Wt)
+    assert torch.equal(cdq.dequantize_t_reference(qw, cb, geo), Wt)
     big = torch.full((29 + 3, 37), float("nan"), dtype=torch.float16)
-    cdq.pq_dequantize_t_cuda_reference(qw, cb, geo, out=big[:29])
+    cdq.dequantize_t_reference(qw, cb, geo, out=big[:29])
     assert torch.equal(big[:29], Wt) and torch.isnan(big[29:]).all()
     big = torch.full((29 + 8, 37), float("nan"), dtype=torch.float16)  # [Ŵᵀ; Aᵀ; 0]
-    cdq.pq_dequantize_t_cuda_reference(qw, cb, geo, out=big, stacked_a=A)
+    cdq.dequantize_t_reference(qw, cb, geo, out=big, stacked_a=A)
     assert torch.equal(big[:29], Wt) and torch.equal(big[29:34], A.t()) and (big[34:] == 0).all()
 
 
@@ -95,7 +96,7 @@ def test_argument_checks(change, match):
     elif change == "stacked_n":
         kw["stacked_a"] = A[:-1]
     dtype = kw.pop("dtype")
-    for fn in (cdq.pq_dequantize_t_cuda_reference, cdq.pq_dequantize_t_cuda):
+    for fn in (cdq.dequantize_t_reference, cdq.dequantize_t):
         with pytest.raises(ValueError, match=match):
             fn(qw, cb, geo, dtype, **kw)
 
@@ -103,7 +104,7 @@ def test_argument_checks(change, match):
 def test_cuda_wrapper_refuses_cpu_tensors():
     geo, qw, cb, _, _, _ = make_layer(40, 24, 2, 64, 40, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA"):
-        cdq.pq_dequantize_t_cuda(qw, cb, geo)
+        cdq.dequantize_t(qw, cb, geo)
     with pytest.raises(ValueError, match="needs CUDA"):
         cdq.copy_pad_cols(torch.zeros(2, 3).half(), torch.zeros(2, 8).half(), 4)
 
@@ -111,11 +112,11 @@ def test_cuda_wrapper_refuses_cpu_tensors():
 def test_variants_cover_the_recipes_within_shared_memory():
     for bits in (4, 6, 8):
         for d in (1, 2, 3, 4):
-            assert cdq.supports(PQGeometry(64, 64, d, 1 << bits, 64))
-    assert not cdq.supports(PQGeometry(64, 64, 2, 32, 64))  # b = 5: not instantiated (Triton serves it)
-    assert not cdq.supports(PQGeometry(64, 64, 2, 64, 64), torch.float32)
-    assert all(cdq.smem_bytes(b, d, s) <= cdq.SMEM_LIMIT for b, d, s in cdq.VARIANTS)
-    assert {s for b, d, s in cdq.VARIANTS if (b, d) == cdq.MAIN_RECIPE} == set(cdq.MAIN_SLABS)
+            assert cdq.supports(PQGeometry(64, 64, d, 1 << bits, 64)) is None
+            assert all(cdq.smem_bytes(bits, d, s) <= cdq.SMEM_LIMIT for s in cdq.slab_widths(bits, d))
+    assert cdq.supports(PQGeometry(64, 64, 2, 32, 64))  # b = 5: not instantiated (Triton serves it)
+    assert cdq.supports(PQGeometry(64, 64, 2, 64, 64), torch.float32)
+    assert cdq.slab_widths(*cdq.MAIN_RECIPE) == cdq.MAIN_SLABS
 
 
 @pytest.mark.parametrize("N,M", [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)])
@@ -130,15 +131,16 @@ def test_launch_rule_fills_the_gpu_in_one_wave(N, M):
 def test_launch_rule_small_layer():
     geo = PQGeometry(300, 301, 3, 16, 100)
     slab, rows = cdq.choose_launch(geo, 132)
-    assert (geo.bits, geo.d, slab) in cdq.VARIANTS and rows == min(cdq.ROWS_CANDIDATES)
+    assert slab in cdq.slab_widths(geo.bits, geo.d) and rows == min(cdq.ROWS_CANDIDATES)
 
 
 @pytest.mark.parametrize("mode", ["fold", "rows", "addmm"])
 @pytest.mark.parametrize("N,M,rank,bias", [(130, 50, 16, True), (45, 70, 3, False), (64, 200, 8, True)])
 def test_dequant_matmul_cuda_modes_with_reference_kernels(monkeypatch, mode, N, M, rank, bias):
-    """The low-rank assembly of the CUDA path (Ŵᵀ += Bᵀ Aᵀ, [x | u | 0] · [Ŵᵀ; Aᵀ; 0], or y += u Aᵀ), with the two
-    kernels replaced by their PyTorch references so that it runs on CPU."""
-    monkeypatch.setattr(cdq, "pq_dequantize_t_cuda", cdq.pq_dequantize_t_cuda_reference)
+    """The low-rank assembly of the CUDA path ((Ŵ + A B)ᵀ or Ŵᵀ += Bᵀ Aᵀ, [x | u | 0] · [Ŵᵀ; Aᵀ; 0], or y += u Aᵀ),
+    with the kernels replaced by their PyTorch references so that it runs on CPU."""
+    monkeypatch.setattr(cdq, "dequantize_t", cdq.dequantize_t_reference)
+    monkeypatch.setattr(cdq, "dequantize_fold_t", cdq.dequantize_fold_t_reference)
     monkeypatch.setattr(cdq, "copy_pad_cols", cdq.copy_pad_cols_reference)
     geo, qw, cb, A, B, b = make_layer(N, M, 2, 64, 64, rank, bias, device=DEV)
     x = torch.randn(9, M, generator=torch.Generator().manual_seed(1)).half().to(DEV)
@@ -156,20 +158,24 @@ def test_dequant_matmul_refuses_unknown_modes():
         pq_dequant_matmul(x, qw, cb, geo, dequant="cutlass")
 
 
+VARIANTS = [(b, d, s) for b, d in cdq.RECIPES for s in cdq.slab_widths(b, d)]
+
+
 def _emulated_launchers() -> str:
-    """extern "C" entry points over the kernel source, as the host launcher calls the kernels."""
+    """extern "C" entry points over the kernel file, with the grid the host side computes."""
     disp = "\n".join(
-        f"    if (bits == {b} && D == {d} && slab_w == {s}) {{ launch(grid, THREADS, [&] {{ pq_dequant_t_kernel<{b}, {d}, {s}>("
+        f"    if (bits == {b} && D == {d} && slab_w == {s}) {{ launch(grid, THREADS, [&] {{ dequant_kernel<{b}, {d}, {s}>("
         "qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, rows_per_chunk, out, stride_out, lr_a, stride_an, "
-        "rank, extra_rows); }); return 0; }" for b, d, s in cdq.VARIANTS)
-    return cdq.kernel_source().split("\ntemplate __global__")[0] + r"""
-namespace athena_pq_dq { alignas(16) uint16_t cb_s[48 * 1024 / 2]; }
-using namespace athena_pq_dq;
+        "rank, extra_rows); }); return 0; }" for b, d, s in VARIANTS)
+    return r"""
+#include "dequant.cu"
+namespace athena { alignas(16) uint16_t cb_s[48 * 1024 / 2]; }
+using namespace athena;
 extern "C" int run_dequant(const int* qweight, int N_pad, int GW, const uint16_t* codebook, int G_pad, int D, int bits,
                            int N, int M, int k_rows, int rows_per_chunk, int slab_w, uint16_t* out, long long stride_out,
                            const uint16_t* lr_a, int stride_an, int rank, int extra_rows) {
-    int chunks = 0;
-    const dim3 grid = dequant_grid(N, k_rows, rows_per_chunk, GW, slab_w, extra_rows, &chunks);
+    const int chunks = ((k_rows < N ? k_rows : N) + rows_per_chunk - 1) / rows_per_chunk;
+    const dim3 grid{(unsigned)(chunks * ((N + k_rows - 1) / k_rows)), (unsigned)(GW / slab_w + (extra_rows > 0)), 1};
 """ + disp + r"""
     return 1;
 }
@@ -236,13 +242,15 @@ def test_copy_kernel_emulated_on_cpu(emulated, T, M, zero_from, K):
     assert torch.equal(xu, ref)
 
 
-@pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc")
+@pytest.mark.skipif(toolchain_or_none() is None, reason="needs the nvidia-cuda-nvrtc and -runtime wheels")
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
 def test_kernels_compile_without_spills(tmp_path, arch):
-    """nvcc -arch=ARCH -Xptxas -v on `kernel_source()` (every variant): <= 128 registers (two CTAs of 256
-    threads per SM, MIN_BLOCKS) and no spills."""
-    regs, spills, report = ptxas_usage(cdq.kernel_source(), arch, tmp_path)
-    assert len(regs) >= len(cdq.VARIANTS) and max(regs) <= 128
+    """NVRTC (the runtime's compiler) with ptxas' report on the default recipe's slabs and the extreme recipes:
+    <= 128 registers (two CTAs of 256 threads per SM, MIN_BLOCKS) and no spills."""
+    names = [f"athena::dequant_kernel<{b}, {d}, {s}>" for b, d, s in VARIANTS
+             if (b, d) in (cdq.MAIN_RECIPE, (4, 1), (8, 4))]
+    regs, spills, report = ptxas_usage("dequant.cu", names, arch, tmp_path)
+    assert len(regs) >= len(names) and max(regs) <= 128
     assert spills and all(s == ("0", "0") for s in spills), report[-3000:]
 
 
@@ -264,16 +272,16 @@ GPU_CASES = [  # N, M, d, n, k: N % 128 != 0, ragged codebook blocks, k % 4 != 0
 def test_cuda_dequantize_is_exact(N, M, d, n, k):
     geo, qw, cb, A, _, _ = make_layer(N, M, d, n, k, rank=5)
     ref = pq_dequantize_t_reference(qw, cb, geo)
-    slabs = sorted({s for b, dd, s in cdq.VARIANTS if (b, dd) == (geo.bits, d)})
+    slabs = cdq.slab_widths(geo.bits, d)
     for slab in slabs:
         for rows in (None, 1024, 2048, 4096, 12):
-            assert torch.equal(cdq.pq_dequantize_t_cuda(qw, cb, geo, slab_w=slab, rows_per_chunk=rows), ref), (slab, rows)
+            assert torch.equal(cdq.dequantize_t(qw, cb, geo, slab_w=slab, rows_per_chunk=rows), ref), (slab, rows)
     for pad in (8, 3):  # a wider row stride (aligned, then unaligned): columns >= N and rows >= M untouched
         big = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16, device=DEV)
-        cdq.pq_dequantize_t_cuda(qw, cb, geo, out=big[:M, :N])
+        cdq.dequantize_t(qw, cb, geo, out=big[:M, :N])
         assert torch.equal(big[:M, :N], ref) and torch.isnan(big[:, N:]).all() and torch.isnan(big[M:]).all()
     big = torch.full((M + 11, N), float("nan"), dtype=torch.float16, device=DEV)  # [Ŵᵀ; Aᵀ; 0] in one launch
-    cdq.pq_dequantize_t_cuda(qw, cb, geo, out=big, stacked_a=A)
+    cdq.dequantize_t(qw, cb, geo, out=big, stacked_a=A)
     assert torch.equal(big[:M], ref) and torch.equal(big[M:M + 5], A.t()) and (big[M + 5:] == 0).all()
 
 

@@ -1,8 +1,8 @@
-"""The CUDA dequantize with the low-rank term folded in (`kernels/pq_cuda_fold.py`).
+"""The CUDA dequantize with the low-rank term folded in (cuda/fold.cu, its host side `kernels/dequant.py`).
 
 On CPU: the PyTorch reference (the spec) and argument checks, the kernel source run by the CPU emulation
 of `cuda_emulation.py` (mma.sync emulated too; where g++ >= 11 is installed) against the reference on odd
-shapes, and (where nvcc is installed) a compile for sm_89 and sm_90 without spills. With a GPU: the kernel
+shapes, and (where the NVRTC wheel is installed) an NVRTC compile for sm_89 and sm_90 without spills. With a GPU: the kernel
 against the reference on odd shapes and every launch shape, and the prefill matmul in "fold" mode.
 
 Tolerance of the folded weight: each value is one fp16 rounding of an fp32 sum whose order and rounding
@@ -16,16 +16,17 @@ from __future__ import annotations
 import ctypes
 
 import cuda_emulation
-from nvcc_check import nvcc_path, ptxas_usage
+from nvrtc_check import ptxas_usage, toolchain_or_none
 import pytest
 import torch
 
-from athena_runtime.kernels import layout, pq_cuda_fold as fold
+from athena_runtime.kernels import dequant as fold, layout
+from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
 from athena_runtime.kernels.layout import PQGeometry
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA (and nvcc for the extension)")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA")
 
 
 def make_layer(N, M, d, n, k, rank, seed=0, device=DEV):
@@ -51,10 +52,10 @@ def assert_within_ulp(out, ref):
 def test_reference_is_dequantize_plus_lowrank_rounded_once():
     geo, qw, cb, A, B = make_layer(37, 29, 3, 16, 20, 16, device="cpu")
     W = layout.dequantize_reference(qw, cb, geo).float() + A.float() @ B.float()
-    Wt = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
+    Wt = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
     assert Wt.dtype == torch.float16 and torch.equal(Wt, W.t().half())
     big = torch.full((29, 45), float("nan"), dtype=torch.float16)
-    fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B, out=big[:, :37])
+    fold.dequantize_fold_t_reference(qw, cb, geo, A, B, out=big[:, :37])
     assert torch.equal(big[:, :37], Wt) and torch.isnan(big[:, 37:]).all()
 
 
@@ -75,32 +76,31 @@ def test_argument_checks(change, match):
         args["qweight"] = qw[:, :-4]
     kw = {"out": torch.empty(24, 41, dtype=torch.float16)} if change == "out" else {}
     with pytest.raises(ValueError, match=match):
-        fold.pq_dequantize_fold_t_reference(**args, **kw)
+        fold.dequantize_fold_t_reference(**args, **kw)
     with pytest.raises(ValueError, match=match):
-        fold.pq_dequantize_fold_t_cuda(**args, **kw)
+        fold.dequantize_fold_t(**args, **kw)
 
 
 def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
     geo, qw, cb, A, B = make_layer(40, 24, 2, 64, 40, 16, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA"):
-        fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B)
-    assert fold.supports(geo, 16) and fold.supports(geo, 48)
-    assert not fold.supports(geo, 8)  # not a multiple of 16
-    assert not fold.supports(geo, 64)  # B's fragments would take 80 registers
-    assert not fold.supports(geo, 16, torch.float32)
-    assert not fold.supports(PQGeometry(40, 24, 4, 64, 40), 48)  # B's fragments: 5 slots x 2 m-tiles x 3 k-steps
+        fold.dequantize_fold_t(qw, cb, geo, A, B)
+    assert fold.fold_supports(geo, 16) is None and fold.fold_supports(geo, 48) is None
+    assert fold.fold_supports(geo, 8)  # not a multiple of 16
+    assert fold.fold_supports(geo, 64)  # B's fragments would take 80 registers
+    assert fold.fold_supports(geo, 16, torch.float32)
+    assert fold.fold_supports(PQGeometry(40, 24, 4, 64, 40), 48)  # B's fragments: 5 slots x 2 m-tiles x 3 k-steps
 
 
 def test_launch_rule_fills_the_last_wave():
-    assert fold.choose_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 1024  # 208 CTAs: 0.79 wave (512: 1.58 of 2)
-    assert fold.choose_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 512  # 1248 CTAs: 4.7 of 5 waves
-    assert fold.choose_rows(PQGeometry(4096, 11008, 2, 64, 4096), 132) == 512
-    assert fold.choose_rows(PQGeometry(14336, 4096, 2, 64, 4096), 132) == 512  # 6.3 of 7 waves (1024: 3.2 of 4)
-    assert fold.choose_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 2048  # one CTA per slab whatever the rows
+    assert fold.choose_fold_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 1024  # 208 CTAs: 0.79 wave (512: 1.58 of 2)
+    assert fold.choose_fold_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 512  # 1248 CTAs: 4.7 of 5 waves
+    assert fold.choose_fold_rows(PQGeometry(4096, 11008, 2, 64, 4096), 132) == 512
+    assert fold.choose_fold_rows(PQGeometry(14336, 4096, 2, 64, 4096), 132) == 512  # 6.3 of 7 waves (1024: 3.2 of 4)
+    assert fold.choose_fold_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 2048  # one CTA per slab whatever the rows
 
 
 def test_cuda_prefill_folds_the_low_rank_term_where_the_kernel_serves_the_rank():
-    from athena_runtime.kernels.pq_gemm import default_lowrank_mode
     wide, tall = PQGeometry(4096, 11008, 2, 64, 4096), PQGeometry(11008, 4096, 2, 64, 4096)  # M > N, M < N
     assert default_lowrank_mode(wide, "cuda", 48) == "fold" and default_lowrank_mode(tall, "cuda", 48) == "fold"
     assert default_lowrank_mode(wide, "cuda", 8) == "addmm"  # not a multiple of 16: a second product (M >= N)
@@ -110,15 +110,20 @@ def test_cuda_prefill_folds_the_low_rank_term_where_the_kernel_serves_the_rank()
 
 
 # ----------------------------------------------------------------------------------- CPU: the kernel emulated
+VARIANTS = [(b, d, ks) for b, d in fold.RECIPES for ks in range(1, fold.FOLD_MAX_RANK // 16 + 1)
+            if fold.fold_frag_regs(b, d, ks) <= fold.FOLD_FRAG_REGS]
+
+
 def _emulated_launcher() -> str:
     disp = "\n".join(
         f"    if (bits == {b} && D == {d} && rank == {16 * ks}) {{ launch(grid, THREADS, [&] {{ "
-        f"pq_dequant_fold_t_kernel<{b}, {d}, {ks}>(qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, "
+        f"fold_kernel<{b}, {d}, {ks}>(qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, "
         "rows_per_chunk, lr_a, stride_an, lr_b, stride_be, rank, out, stride_out); }); return 0; }"
-        for b, d, ks in fold.VARIANTS)
-    return fold.kernel_source() + r"""
-namespace athena_pq_fold { alignas(16) uint16_t smem[64 * 1024]; }  // 128 KB
-using namespace athena_pq_fold;
+        for b, d, ks in VARIANTS)
+    return r"""
+#include "fold.cu"
+namespace athena { alignas(16) uint16_t smem[64 * 1024]; }  // 128 KB
+using namespace athena;
 extern "C" int run_fold(const int* qweight, int N_pad, int GW, const uint16_t* codebook, int G_pad, int D, int bits,
                         int N, int M, int k_rows, int rows_per_chunk, const uint16_t* lr_a, int stride_an,
                         const uint16_t* lr_b, int stride_be, int rank, uint16_t* out, long long stride_out) {
@@ -153,8 +158,8 @@ def _emulate(lib, qw, cb, geo, A, B, out, rows):
 ])
 def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
     geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank, device="cpu")
-    assert fold.supports(geo, rank) and fold.smem_bytes(geo.bits, d, rank) <= 128 * 1024  # the emulation's buffer
-    ref = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
+    assert fold.fold_supports(geo, rank) is None and fold.fold_smem_bytes(geo.bits, d, rank) <= 128 * 1024  # the emulation's buffer
+    ref = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
     for pad in (0, 8, 3):  # row stride N, wider aligned, wider unaligned (every store element-wise)
         guard = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16)
         _emulate(emulated, qw, cb, geo, A, B, guard[:M, :N], rows)
@@ -162,17 +167,16 @@ def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
         assert torch.isnan(guard[M:]).all() and torch.isnan(guard[:, N:]).all()
 
 
-@pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc")
+@pytest.mark.skipif(toolchain_or_none() is None, reason="needs the nvidia-cuda-nvrtc and -runtime wheels")
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90"])
 def test_kernels_compile_without_spills(tmp_path, arch):
-    """nvcc -arch=ARCH -Xptxas -v on every recipe's kernel: <= 128 registers (two CTAs of 256 threads per
-    SM) and no spills."""
-    inst = "\n".join(f"template __global__ void athena_pq_fold::pq_dequant_fold_t_kernel<{b}, {d}, {ks}>(const int*, int, "
-                     "const uint16_t*, int, int, int, int, int, int, int, const uint16_t*, int, const uint16_t*, int, "
-                     "int, uint16_t*, long long);" for b, d, ks in fold.VARIANTS)
-    regs, spills, report = ptxas_usage(fold.kernel_source() + "\n" + inst + "\n", arch, tmp_path)
-    assert len(regs) >= len(fold.VARIANTS) and max(regs) <= 128
-    assert spills and all(s == ("0", "0") for s in spills), report[-3000:]
+    """NVRTC (the runtime's compiler) with ptxas' report on the default recipe's kernels and the extreme recipes:
+    <= 128 registers (two CTAs of 256 threads per SM) and no spills."""
+    names = [f"athena::fold_kernel<{b}, {d}, {ks}>" for b, d, ks in VARIANTS
+             if (b, d) == (6, 2) or (b, d, ks) in ((4, 4, 1), (8, 1, 4), (4, 1, 4))]
+    regs, spills, report = ptxas_usage("fold.cu", names, arch, tmp_path)
+    assert len(regs) == len(names) and max(regs) <= 128
+    assert all(s == ("0", "0") for s in spills), report[-3000:]
 
 
 # ----------------------------------------------------------------------------------- GPU
@@ -190,11 +194,11 @@ GPU_CASES = [  # N, M, d, n, k, rank
 @pytest.mark.parametrize("N,M,d,n,k,rank", GPU_CASES)
 def test_cuda_fold_matches_reference(N, M, d, n, k, rank):
     geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank)
-    ref = fold.pq_dequantize_fold_t_reference(qw, cb, geo, A, B)
+    ref = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
     for rows in (None, 8, 512, 1024, 2048):
-        assert_within_ulp(fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B, rows_per_chunk=rows), ref)
+        assert_within_ulp(fold.dequantize_fold_t(qw, cb, geo, A, B, rows_per_chunk=rows), ref)
     for pad in (8, 3):  # a wider row stride (aligned, then unaligned): columns >= N and rows >= M untouched
         big = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16, device=DEV)
-        fold.pq_dequantize_fold_t_cuda(qw, cb, geo, A, B, out=big[:M, :N])
+        fold.dequantize_fold_t(qw, cb, geo, A, B, out=big[:M, :N])
         assert_within_ulp(big[:M, :N], ref)
         assert torch.isnan(big[:, N:]).all() and torch.isnan(big[M:]).all()

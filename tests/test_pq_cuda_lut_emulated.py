@@ -1,4 +1,4 @@
-"""The CUDA lookup-table kernel's source (`pq_cuda.kernel_source()`) run on the CPU by `cuda_emulation.py`:
+"""The CUDA lookup-table kernel (athena_runtime/kernels/cuda/lut.cu) run on the CPU by `cuda_emulation.py`:
 table CTAs, u CTAs and the one-token fused epilogue (its counters included) against the PyTorch reference,
 on small odd shapes. The emulator runs the u CTAs, then the table CTAs, then the epilogue CTAs (each group
 shuffled): the order that lets the epilogue CTAs' waits end on a CPU. It checks indexing, bounds and the
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import cuda_emulation
-from athena_runtime.kernels import pq_cuda
-from athena_runtime.kernels.layout import PQGeometry, pack_words, pad_codebook
-from athena_runtime.kernels.pq_gemv import pq_gemv_reference, row_chunks
+from athena_runtime.kernels import lut
+from athena_runtime.kernels.layout import PQGeometry, pack_words, pad_codebook, row_chunks
+from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_reference
 
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 12 (C++20, _Float16)")
 
@@ -27,15 +27,15 @@ VARIANTS = [(1, 6, 4), (1, 6, 8), (1, 4, 32), (4, 6, 8), (16, 6, 2)]  # (T, bits
 
 def _source() -> str:
     disp = "\n".join(
-        f"    if (T == {t} && bits == {b} && slab_w == {s}) {{ launch(grid, {pq_cuda.THREADS}, [&] {{ "
-        f"pq_lut_gemv_kernel<{t}, {b}, {s}, true, {pq_cuda.THREADS}>((const __half*)x, stride_xt, t_valid, M, qweight, "
+        f"    if (T == {t} && bits == {b} && slab_w == {s}) {{ launch(grid, {lut.THREADS}, [&] {{ "
+        f"lut_kernel<{t}, {b}, {s}>((const __half*)x, stride_xt, t_valid, M, qweight, "
         "N_pad, (const __half*)codebook, G_pad, D, N, GW, k_rows, chunks, rows_per_chunk, n_row_progs, (__half*)partial, "
         "(const __half*)lr_b, stride_br, rank, m_vec, u, ep); }, phases); return 0; }"
         for t, b, s in VARIANTS)
-    kernel = pq_cuda.kernel_source()
-    return kernel + r"""
-namespace athena_pq { alignas(16) unsigned char smem_raw[64 * 1024]; }
-using namespace athena_pq;
+    return r"""
+#include "lut.cu"
+namespace athena { alignas(16) unsigned char smem_raw[64 * 1024]; }
+using namespace athena;
 extern "C" int run_lut(const uint16_t* x, int stride_xt, int t_valid, int M, const int* qweight, int N_pad,
                        const uint16_t* codebook, int G_pad, int D, int N, int GW, int k_rows, int chunks,
                        int rows_per_chunk, int n_row_progs, uint16_t* partial, const uint16_t* lr_b, int stride_br,
@@ -77,7 +77,7 @@ def _layer(N, M, n, k, rank, bias, seed=0):
 
 def _run(lib, x, geo, qw, cb, A, B, b, rows, *, fused, glu=None, tile=64, sync=None, slab_w=None):
     """What pq_gemv_cuda hands the kernel; returns (y or None, partial, u, sync)."""
-    t_inst = next(t for t in pq_cuda.TOKENS if t >= x.shape[0])
+    t_inst = next(t for t in lut.TOKENS if t >= x.shape[0])
     slab_w = slab_w or next(s for t, b, s in VARIANTS if (t, b) == (t_inst, geo.bits))
     chunks, n_row = row_chunks(geo, rows)
     rank = 0 if A is None else A.shape[1]

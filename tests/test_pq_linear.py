@@ -1,4 +1,4 @@
-"""PQLinear: loading from checkpoint tensors (FORMAT.md), the path selector, paths agreeing, errors.
+"""PQLinear: loading from checkpoint tensors (FORMAT.md), the backend registry's rules, paths agreeing, errors.
 
 Triton paths run on CPU under TRITON_INTERPRET=1 (conftest.py). Tolerance: relative Frobenius
 error 4e-3 for fp16 activations against the fp32 spec computed straight from the FORMAT tensors.
@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.pq_linear import PATH_ENV, PQLinear, select_path
+from athena_runtime.kernels import backends, nvrtc
+from athena_runtime.kernels.tuning import Tuning
+from athena_runtime.pq_linear import PATH_ENV, PQLinear
 from test_pq_kernels import DEV, pack_format, rel_err
 
 PREFIX = "model.layers.0.mlp.up_proj"
@@ -85,7 +87,7 @@ def test_matches_quantize_qlayers_when_available():
     assert rel_err(layer(x.to(DEV)).cpu(), ref) < 1e-3  # their fp32 codebook vs our fp16 one
 
 
-@pytest.mark.parametrize("path", ["triton-decode", "triton-prefill", "dequant-matmul"])
+@pytest.mark.parametrize("path", ["triton-gemv", "triton-dequant"])
 @pytest.mark.parametrize("T", [1, 3])
 def test_forced_paths_agree_with_reference(path, T):
     t, meta, W, bvec = checkpoint_layer(45, 70, 2, 64, 32, rank=3, bias=True, seed=T)
@@ -98,74 +100,84 @@ def test_forced_paths_agree_with_reference(path, T):
     assert rel_err(y, spec(x, W, bvec)) < 4e-3
 
 
-def test_env_var_forces_a_path(monkeypatch, caplog):
+def test_env_var_forces_a_path(monkeypatch):
     t, meta, _, _ = checkpoint_layer(33, 40, 2, 16, 40)
     layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
-    monkeypatch.setenv(PATH_ENV, "triton-prefill")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        assert layer.choose_path(5) == "triton-prefill"
+    assert layer.bind() == ["reference"] * 5
+    monkeypatch.setenv(PATH_ENV, "triton-dequant")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # read when the layer binds (again: the forced path changed)
+        assert layer.bind() == ["triton-dequant"] * 5 and layer.backend_for(5) == "triton-dequant"
     else:  # a GPU machine: Triton paths on CPU tensors only exist under the interpreter
         with pytest.raises(ValueError, match="needs a CUDA device"):
-            layer.choose_path(5)
+            layer.bind()
     monkeypatch.setenv(PATH_ENV, "no-such-path")
     with pytest.raises(ValueError, match="unknown PQLinear path"):
-        layer(torch.randn(1, 40))
+        layer.bind()
 
 
-def test_path_decided_once_per_token_class(monkeypatch):
-    """choose_path asks select_path once per (token class, forced path, device): every count above
-    MMA_MAX_TOKENS shares one answer, smaller counts and a forced path get their own."""
-    import athena_runtime.pq_linear as pql
+class FakeRegistry(backends.Registry):
+    """The rules of backends.Registry with `ok` backends runnable (the reference always), on no real device."""
+
+    def __init__(self, ok, fail=()):
+        self.device, self.tuning, self.ok, self.fail, self.binds = torch.device("cpu"), Tuning(), set(ok), set(fail), []
+
+    def can_run(self, name, geo, tokens, dtype):
+        return (name in self.ok or name == "reference"), f"{name} off in this test"
+
+    def bind(self, name, layer):
+        self.binds.append(name)
+        if name in self.fail:
+            raise nvrtc.KernelUnavailable(f"{name} did not compile")
+        return lambda x, glu, name=name: torch.full((x.shape[0], layer.geo.N), float(len(name)))
+
+
+def test_registry_rules():
+    geo, f16 = PQGeometry(4096, 4096, 2, 64, 4096), torch.float16
+
+    def pick(tokens, ok):
+        return FakeRegistry(ok).resolve(geo, tokens, f16)[0]
+    cuda = {"lut", "frag", "dequant", "triton-gemv", "triton-dequant"}
+    assert [pick(t, cuda) for t in (1, 2, 64, 65, 2048)] == ["lut", "frag", "frag", "dequant", "dequant"]
+    no_frag = cuda - {"frag"}  # a recipe frag does not serve: the table up to 8 tokens, then dequantize
+    assert [pick(t, no_frag) for t in (1, 4, 5, 8, 9)] == ["lut", "lut", "lut", "lut", "dequant"]
+    triton = {"triton-gemv", "triton-dequant"}  # no NVRTC: the portable paths
+    assert [pick(t, triton) for t in (1, 4, 5, 2048)] == ["triton-gemv", "triton-gemv", "triton-dequant", "triton-dequant"]
+    assert pick(1, set()) == "reference"
+    name, skipped = FakeRegistry(triton).resolve(geo, 1, f16)
+    assert name == "triton-gemv" and [n for n, _ in skipped] == ["lut", "frag"] and "off in this test" in skipped[0][1]
+    assert backends.token_classes(Tuning()) == (1, 4, 8, 64, float("inf"))
+
+
+def test_path_bound_once_per_token_class(monkeypatch):
+    """One registry decision and one bind per token class when the layer first runs; none afterwards."""
     t, meta, _, _ = checkpoint_layer(33, 40, 2, 16, 40)
     layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
-    calls = []
-    monkeypatch.setattr(pql, "select_path", lambda tokens, *a, **k: calls.append(tokens) or "reference")
-    for tokens in (2048, 65, 4096, 1, 1, pql.MMA_MAX_TOKENS, pql.MMA_MAX_TOKENS + 1):
-        assert layer.choose_path(tokens) == "reference"
-    assert calls == [2048, 1, pql.MMA_MAX_TOKENS]
-    monkeypatch.setenv(PATH_ENV, "reference")
-    layer.choose_path(2048)
-    assert calls == [2048, 1, pql.MMA_MAX_TOKENS, 2048]
+    reg = FakeRegistry({"lut", "frag", "dequant"})
+    monkeypatch.setattr("athena_runtime.pq_linear.registry", lambda device: reg)
+    assert layer(torch.randn(1, 40))[0, 0] == 3  # "lut"
+    assert reg.binds == ["lut", "frag", "frag", "frag", "dequant"]
+    assert layer(torch.randn(3, 40))[0, 0] == 4 and layer(torch.randn(65, 40))[0, 0] == 7  # "frag", "dequant"
+    assert len(reg.binds) == 5 and layer.backend_for(64) == "frag" and layer.backend_for(10_000) == "dequant"
 
 
-def test_select_path_rules():
-    geo = PQGeometry(4096, 4096, 2, 64, 4096)
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert select_path(1, cpu, geo, torch.float16) == "reference"
-    yes = lambda g, t, dt: True  # noqa: E731
-    no = lambda g, t, dt: False  # noqa: E731
-    assert select_path(1, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-decode"
-    assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-decode"
-    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
-    assert select_path(64, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
-    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
-    assert select_path(8, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no) == "cuda-decode"
-    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
-    assert select_path(4, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=no) == "triton-decode"
-    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=yes, cuda_frag_ok=no) == "cuda-mma"
-    assert select_path(5, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
-    kw = dict(cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_frag_ok=yes)
-    assert select_path(1, gpu, geo, torch.float16, **kw) == "cuda-decode"
-    assert select_path(2, gpu, geo, torch.float16, **kw) == "cuda-frag"
-    assert select_path(64, gpu, geo, torch.float16, **kw) == "cuda-frag"
-    assert select_path(65, gpu, geo, torch.float16, **kw, cuda_dequant_ok=no) == "dequant-matmul"
-    assert select_path(16, gpu, geo, torch.float16, cuda_decode_ok=no, cuda_mma_ok=no, cuda_frag_ok=yes) == "cuda-frag"
-    big_n = PQGeometry(64, 64, 2, 1024, 64)
-    assert select_path(1, gpu, big_n, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=no) == "dequant-matmul"
-    assert select_path(65, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
-    assert select_path(2048, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=yes, cuda_dequant_ok=yes) == "cuda-dequant"
-    assert select_path(9, gpu, geo, torch.float16, cuda_decode_ok=yes, cuda_mma_ok=no, cuda_frag_ok=no, cuda_dequant_ok=yes) == "cuda-dequant"
-    with pytest.raises(ValueError, match="unknown"):
-        select_path(1, gpu, geo, torch.float16, forced="fast")
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        select_path(1, cpu, geo, torch.float16, forced="cuda-decode")
+def test_a_backend_that_fails_to_bind_falls_back_loudly(monkeypatch, caplog):
+    t, meta, _, _ = checkpoint_layer(29, 40, 2, 16, 40)  # a shape no other test uses
+    layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
+    reg = FakeRegistry({"lut", "triton-gemv", "dequant"}, fail={"lut"})
+    monkeypatch.setattr("athena_runtime.pq_linear.registry", lambda device: reg)
+    with caplog.at_level(logging.INFO, logger="athena_runtime.pq_linear"):
+        assert layer.bind()[0] == "triton-gemv"
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "[29 x 40]" in r.getMessage()]
+    assert warn and "path triton-gemv" in warn[0] and "lut unavailable (KernelUnavailable: lut did not compile)" in warn[0]
 
 
 def test_triton_path_on_cpu_needs_interpreter(monkeypatch):
-    geo = PQGeometry(8, 8, 2, 16, 8)
+    t, meta, _, _ = checkpoint_layer(33, 40, 2, 16, 40)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        select_path(1, torch.device("cpu"), geo, torch.float16, forced="triton-decode")
+        PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path="triton-gemv").bind()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        PQLinear.from_tensors(PREFIX, t, meta, device="cpu", path="lut").bind()
 
 
 def test_path_logged_once_per_layer_shape(caplog):

@@ -23,7 +23,7 @@ def _pq(N, M, rank, bias, seed, path=None, k=32):
     return PQLinear.from_tensors(PREFIX, t, meta, DEV, DTYPE, path=path)
 
 
-@pytest.mark.parametrize("path", [None, "dequant-matmul", "triton-decode"])
+@pytest.mark.parametrize("path", [None, "triton-dequant", "triton-gemv"])
 def test_fused_pq_parts_equal_separate_layers(path):
     # 64 rows (two blocks of 32), 40 rows (padded to 64: straddles a block), 24 rows (last: unpadded);
     # ranks 0 / 3 / 2 and one bias: block-diagonal low-rank factors, zero bias rows
@@ -62,7 +62,7 @@ def test_dense_fusion_concatenates_weights_and_biases():
     assert fuse([a, _pq(64, 20, 0, False, 1)]) is None  # mixed types stay separate
 
 
-@pytest.mark.parametrize("path", [None, "dequant-matmul", "triton-decode"])
+@pytest.mark.parametrize("path", [None, "triton-dequant", "triton-gemv"])
 @pytest.mark.parametrize("T", [1, 3, 6])
 def test_fused_gate_up_silu_mul_equals_unfused(path, T):
     """SplitLinear.silu_mul: silu(gate) · up from the PQ layer's epilogue (lookup-table paths) or from

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from athena_runtime.kernels.pq_gemv import _next_pow2, interpreting, triton
+from athena_runtime.kernels.pq_reference import interpreting
+from athena_runtime.kernels.splitk import next_pow2 as _next_pow2, triton
 
 if triton is not None:
     import triton.language as tl

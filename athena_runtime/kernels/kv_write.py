@@ -43,7 +43,8 @@ import math
 import numpy as np
 import torch
 
-from athena_runtime.kernels.pq_gemv import interpreting, triton
+from athena_runtime.kernels.pq_reference import interpreting
+from athena_runtime.kernels.splitk import triton
 
 if triton is not None:
     import triton.language as tl

@@ -122,6 +122,12 @@ def unpack_words(qweight: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
     return planes.reshape(geo.N_pad, geo.G_pad)[: geo.N, : geo.G]
 
 
+def row_chunks(geo: PQGeometry, rows_per_chunk: int) -> tuple[int, int]:
+    """(chunks per codebook block, number of row programs) for chunks that never cross a block."""
+    chunks_per_block = -(-min(geo.k, geo.N) // rows_per_chunk)
+    return chunks_per_block, geo.Nb * chunks_per_block
+
+
 # --------------------------------------------------------------------------------- codebooks
 def dequantize_codebook(
     codebook: torch.Tensor, scale: torch.Tensor | None, cmin: torch.Tensor | None, dtype=torch.float16

@@ -13,8 +13,8 @@ import triton
 
 
 def ops(T, N, M, r, dev):
-    from athena_runtime.kernels import pq_cuda_dequant as cdq, pq_cuda_fold as fold
-    from athena_runtime.kernels.pq_gemm import pq_dequant_matmul
+    from athena_runtime.kernels import dequant as cdq, dequant as fold
+    from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul
     from bench.kernels import RECIPE, make_layer
     L = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], r, dev)
     x = torch.randn(T, M, device=dev).half()
@@ -43,9 +43,9 @@ def ops(T, N, M, r, dev):
         "PQ cuda-dequant, no low-rank": lambda: pq_dequant_matmul(x, L["qweight"], L["codebook"], L["geo"], dequant="cuda"),
         "PQ cuda-dequant, addmm": lambda: pq_dequant_matmul(
             x, L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], dequant="cuda", lowrank_mode="addmm"),
-        "dequantize alone": lambda: cdq.pq_dequantize_t_cuda(L["qweight"], L["codebook"], L["geo"]),
-        **{f"fold kernel alone r{r}": (lambda r=r: fold.pq_dequantize_fold_t_cuda(
-            L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], rows_per_chunk=r)) for r in fold.ROWS_CANDIDATES},
+        "dequantize alone": lambda: cdq.dequantize_t(L["qweight"], L["codebook"], L["geo"]),
+        **{f"fold kernel alone r{r}": (lambda r=r: fold.dequantize_fold_t(
+            L["qweight"], L["codebook"], L["geo"], L["A"], L["B"], rows_per_chunk=r)) for r in fold.FOLD_ROWS_CANDIDATES},
     }
 
 

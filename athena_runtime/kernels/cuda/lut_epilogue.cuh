@@ -1,24 +1,7 @@
-"""The one-token split-K epilogue inside the CUDA lookup-table launch (`pq_cuda`): its device code,
-spliced into that kernel's source, and the host side that decides where it runs and keeps its counters.
-
-Extra "epilogue CTAs" at the end of the grid finish y = Σ_s partial + A·u + bias (or silu(gate)·up) for a
-tile of rows, after waiting on a counter per row program that the table CTAs bump with a release once
-their partial sums are written; the counters are one buffer per device, zero between calls (the last
-epilogue CTA zeroes them), so launches share them one stream at a time. H100 measurements: BENCHMARKS.md §3.
-"""
-from __future__ import annotations
-
-import functools
-import os
-
-import torch
-
-from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.pq_gemv import row_chunks
-
-# device code: inside namespace athena_pq of pq_cuda's kernel source, before the kernel that calls it
-EPILOGUE_SRC = r"""
-// ---- fused split-K epilogue (EpiArgs.n_epi > 0): extra CTAs at the end of the grid finish y themselves, so no
+// The one-token split-K epilogue of the lookup-table launch: device code that lut.cu includes inside namespace
+// athena (the host side: athena_runtime/kernels/lut.py).
+#pragma once
+// Fused split-K epilogue (EpiArgs.n_epi > 0): extra CTAs at the end of the grid finish y themselves, so no
 // second launch. Table CTAs publish their partial sums with a release add on their row program's counter (after
 // a barrier, so it orders the whole CTA's stores), the u CTAs theirs on sync[0]; an epilogue CTA waits (thread 0,
 // acquire loads with back-off) only for the row programs its rows lie in, then sums the slabs from L2. The
@@ -32,7 +15,7 @@ struct EpiArgs {
     const __half* lr_a; int stride_an;  // A [N, rank] (rank % 8 == 0, 16-byte rows) or nullptr
     const __half* bias;                 // [N] or nullptr
     int n_out, up_off, glu;             // glu: y = silu(z[:, :n_out]) · z[:, up_off:up_off + n_out]
-    int n_epi, tile;                    // epilogue CTAs, rows per CTA (a multiple of 8 dividing 8 * THREADS)
+    int n_epi, tile;                    // epilogue CTAs (0: not fused), rows per CTA (a multiple of 8 dividing 8 * THREADS)
     int poll_ns;                        // back-off between two reads of a counter
 };
 
@@ -74,7 +57,7 @@ struct RowProgs {  // the (codebook block, row chunk) programs of the table CTAs
 // takes what does not depend on them: the bias and, once the u CTAs (the first wave) are done, A[row] · u[t]
 // in registers. After the wait one L2 round trip is left: lane l of a group of tile / 8 lanes reads rows
 // 8l..8l+7 (16 bytes) of slabs g, g + groups, ...: a few loads per thread, all in flight at once.
-template <int T, int THREADS>
+template <int T>
 __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__ partial, int N_pad, int n_slabs,
                                                const float* __restrict__ u, int rank, int t_valid,
                                                const EpiArgs& ep, const RowProgs& rp, int n_row_progs,
@@ -192,75 +175,3 @@ __device__ __forceinline__ void fused_epilogue(int e, const __half* __restrict__
     }
 }
 
-"""
-
-
-# the epilogue CTAs inside the lookup kernel (one launch) up to this many tokens; ATHENA_FUSED_EPILOGUE=0 turns
-# it off (A/B runs of bench.decode)
-FUSED_EPILOGUE_MAX_TOKENS = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
-EPI_POLL_NS = 64  # back-off of the epilogue CTAs between two reads of a counter
-EPI_TILE = 0  # rows per epilogue CTA; 0: 32 where that gives at most one CTA per SM, else 64, or 256 where 64-row CTAs
-# would fill the GPU
-SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
-_sync: dict[int, torch.Tensor] = {}
-
-
-def sync_buffer(device) -> torch.Tensor | None:
-    """The fused epilogue's counters on `device` (zero between calls; every call leaves them zero), or None
-    while a CUDA graph is being captured before the first eager call made them (a capture cannot zero
-    memory for the calls outside it)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    buf = _sync.get(idx)
-    if buf is None and not torch.cuda.is_current_stream_capturing():
-        buf = _sync[idx] = torch.zeros(SYNC_INTS, device=device, dtype=torch.int32)
-    return buf
-
-
-def prog_rows(geo: PQGeometry, rows_per_chunk: int) -> list[tuple[int, int]]:
-    """[row_start, row_end) of each row program of the table CTAs (empty ones too), as the kernel derives them."""
-    chunks_per_block, n_row = row_chunks(geo, rows_per_chunk)
-    out = []
-    for p in range(n_row):
-        blk = p // chunks_per_block
-        start = blk * geo.k + (p % chunks_per_block) * rows_per_chunk
-        out.append((start, min(start + rows_per_chunk, (blk + 1) * geo.k, geo.N)))
-    return out
-
-
-@functools.lru_cache(maxsize=256)
-def _layout_reason(geo: PQGeometry, rows_per_chunk: int, glu: tuple[int, int] | None) -> str | None:
-    """The geometry's part of `fused_epilogue_reason` (cached: it walks the row programs)."""
-    progs = prog_rows(geo, rows_per_chunk)
-    if 2 + len(progs) > SYNC_INTS:
-        return f"{len(progs)} row programs (counters for {SYNC_INTS - 2})"
-    if geo.N_pad % 8:
-        return f"N_pad {geo.N_pad} not a multiple of 8"
-    if glu is not None:
-        if glu[0] % 8:
-            return f"gate/up offset {glu[0]} not a multiple of 8"
-        # the epilogue CTAs wait for the row programs of their rows, and the counters are zeroed once they all
-        # waited: a row program whose rows are neither gate nor up rows would be left counted
-        up, F = glu
-        if any(s < e and min(e, F) <= s and min(e, up + F) <= max(s, up) for s, e in progs):
-            return "a row program holds neither gate nor up rows"
-    return None
-
-
-def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, lowrank_a, glu, device,
-                          threads: int) -> str | None:
-    """Why the split-K epilogue is a separate launch for this call of a `threads`-thread kernel (None: fused
-    into the kernel)."""
-    if t_inst > FUSED_EPILOGUE_MAX_TOKENS:
-        return f"more than {FUSED_EPILOGUE_MAX_TOKENS} token(s)"
-    reason = _layout_reason(geo, rows_per_chunk, tuple(glu) if glu is not None else None)
-    if reason is not None:
-        return reason
-    if lowrank_a is not None and (lowrank_a.dtype != torch.float16 or lowrank_a.shape[1] % 8 or lowrank_a.stride(1) != 1
-                                  or lowrank_a.stride(0) % 8 or lowrank_a.data_ptr() % 16):
-        return "low-rank A not fp16 with 16-byte rows of a rank divisible by 8"
-    parts = 2 if glu is not None else 1
-    if (parts * 8 * threads + t_inst * (0 if lowrank_a is None else lowrank_a.shape[1])) * 4 > 48 * 1024:
-        return "rank too large for the epilogue's shared memory"
-    if sync_buffer(device) is None:
-        return "first call inside a CUDA-graph capture (counters not made yet)"
-    return None

@@ -1,0 +1,50 @@
+"""Every launch threshold of the PQ kernels, in one frozen object per device, each with the reason it holds.
+
+Measured on an H100 (BENCHMARKS.md §3, bench/results/); `Tuning.for_device` adds the device's facts (SMs, shared
+memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tuning:
+    # ---- which kernel serves how many tokens (backends.py)
+    lut_max_tokens: int = 1  # CUDA lookup table alone: at 2 tokens frag was faster on 3 of the 4 7B shapes
+    lut_no_frag_max_tokens: int = 4  # ... up to 4 where frag does not serve the layer (the table beats dequantize)
+    lut_fallback_max_tokens: int = 8  # ... and up to 8 after Triton's table (2-7x cuBLAS from 8 tokens up)
+    triton_lut_max_tokens: int = 4  # the Triton lookup table where the CUDA one cannot run
+    frag_max_tokens: int = 64  # frag's tallest token tile; above it, dequantize + cuBLAS
+    lut_max_centroids: int = 256  # lookup tables for n <= 256 centroids (n table entries per group)
+    # ---- lookup table (lut.py)
+    lut_t1_slab_w: int = 4  # one token: 4-word slabs in 4096-row chunks beat 8 words / 2048 rows on all 7B shapes
+    lut_t1_rows: int = 4096  # ... (session 8 A/B), halved down to 1024 where fewer than lut_ctas_per_sm CTAs per SM
+    lut_ctas_per_sm: float = 1.5  # slab widths / chunks: at least this many table CTAs per SM (else the GPU idles)
+    fused_epilogue_max_tokens: int = 1  # split-K epilogue inside the one-token launch (0.5-1.0 µs a call saved)
+    epi_tile: int = 0  # rows per epilogue CTA; 0: 32 where that is <= 1 CTA per SM, else 64, 256 if 64 fills the GPU
+    epi_poll_ns: int = 64  # epilogue back-off between two reads of a counter (0-64 ns within 0.05 µs of best)
+    # ---- fragment kernel (frag.py)
+    frag_ctas_per_sm: int = 2  # K split so one wave of ~2 CTAs per SM (a few more would add a near-empty wave)
+    # ---- device facts
+    sms: int = 132
+    smem_per_cta: int = 227 * 1024  # opt-in dynamic shared memory per CTA (Ada: 99 KB)
+
+    @staticmethod
+    def for_device(device: torch.device) -> "Tuning":
+        if device.type != "cuda":
+            return Tuning(sms=4)
+        return _cuda_tuning(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_tuning(index: int) -> Tuning:
+    props = torch.cuda.get_device_properties(index)
+    # ATHENA_FUSED_EPILOGUE=0: the one-token epilogue as a second launch (A/B runs of bench.decode)
+    fused = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
+    return Tuning(sms=props.multi_processor_count, fused_epilogue_max_tokens=fused,
+                  smem_per_cta=getattr(props, "shared_memory_per_block_optin", 99 * 1024))
