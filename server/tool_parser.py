@@ -241,8 +241,9 @@ class ToolCallParser:
 
     # -- input ---------------------------------------------------------------------------------
     def feed(self, text: str, token_ids: tuple[int, ...] = ()) -> list[Event]:
-        starts = "".join(self.marker_ids[t] for t in token_ids if self.marker_ids.get(t) in self.syntax.start_markers)
-        ends = "".join(self.marker_ids[t] for t in token_ids if self.marker_ids.get(t) == self.syntax.end_marker)
+        markers = [self.marker_ids[t] for t in token_ids if t in self.marker_ids]
+        starts = "".join(m for m in markers if m in self.syntax.start_markers)
+        ends = "".join(m for m in markers if m == self.syntax.end_marker)
         return self._consume(starts + text + ends)
 
     def finish(self) -> list[Event]:
@@ -282,7 +283,7 @@ class ToolCallParser:
             self._seen_text = self._seen_text or bool(self._text.strip())
             if found:
                 i, marker = min(found)
-                events += self._content(self._text[:i])
+                events += self._content(self._text[:i].rstrip())
                 text = self._text[i + len(marker):]
                 self._text, self._region, self._marker = "", "", marker
                 continue
