@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from athena_runtime.generation_defaults import describe
 from server import errors
+from server.chat_page import install_chat_page
 from server.metrics import RequestCountMiddleware, ServerMetrics
 from server.routes import router
 from server.serving import ServingContext
@@ -44,6 +45,7 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
     app.state.load_failed = asyncio.Event()
     app.state.metrics = ServerMetrics(lambda: app.state.serving.engine.stats() if app.state.serving else None)
     app.include_router(router)
+    install_chat_page(app)
     errors.install_error_handlers(app)
     # Outermost last: counts -> API key -> body size -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

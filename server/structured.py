@@ -12,7 +12,9 @@ What a 400 names (xgrammar would ignore it, so outputs could break it): `not`, `
 `oneOf` (use `anyOf`: "exactly one" cannot be enforced), `uniqueItems`, `contains` / `minContains` /
 `maxContains`, `dependentRequired` / `dependentSchemas` / `dependencies`, `patternProperties`,
 OpenAPI's `nullable` / `discriminator` (use `"type": [..., "null"]`), `allOf` with several subschemas,
-`$ref` outside the schema, `$dynamicRef` / `$recursiveRef`.
+`$ref` outside the schema, `$dynamicRef` / `$recursiveRef`; and combinations whose other half xgrammar
+drops: validation keywords beside `$ref`, `anyOf`, `allOf`, `enum` or `const` (annotations are fine, so
+is a matching `type` beside `enum` / `const`), `minLength` / `maxLength` beside `pattern` or `format`.
 
 Output form: one line, `", "` and `": "` separators, properties in the schema's order, and (as
 OpenAI's strict mode) no properties beyond those the schema names. The `strict` flag is accepted
@@ -47,6 +49,42 @@ UNSUPPORTED = {
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")                 # name -> subschema
 _SCHEMA_LISTS = ("prefixItems", "anyOf", "allOf")                     # [subschema, ...]
 _SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                         "writeOnly", "$schema", "$id", "$anchor", "contentMediaType", "contentEncoding",
+                         "$defs", "definitions"})
+_ALONE = ("$ref", "anyOf", "allOf", "enum", "const")   # xgrammar ignores validation keywords beside these
+_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
+               "object": (dict,), "array": (list,)}
+
+
+def _matches_type(value: Any, types: Any) -> bool:
+    names = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+    for name in names:
+        kinds = _JSON_TYPES.get(name, ())
+        if isinstance(value, kinds) and not (isinstance(value, bool) and name in ("integer", "number")):
+            return True
+    return False
+
+
+def _ignored_combinations(schema: dict, path: str) -> list[str]:
+    found = []
+    validation = set(schema) - ANNOTATIONS
+    for alone in _ALONE:
+        if alone not in schema:
+            continue
+        others = validation - {alone}
+        if alone in ("enum", "const") and "type" in others:
+            values = schema.get("enum", []) if alone == "enum" else [schema["const"]]
+            if isinstance(values, list) and all(_matches_type(v, schema["type"]) for v in values):
+                others.discard("type")
+        if others:
+            found.append(f"{', '.join(sorted(others))} beside {alone} (only annotations may sit beside it) at {path}")
+        break
+    lengths = sorted({"minLength", "maxLength"} & validation)
+    for exact in ("pattern", "format"):
+        if exact in schema and lengths:
+            found.append(f"{'/'.join(lengths)} beside {exact} (the {exact} alone is enforced) at {path}")
+    return found
 
 
 def _pointer(path: str, key: str) -> str:
@@ -78,7 +116,7 @@ def unsupported_schema_features(schema: Any, path: str = "#") -> list[str]:
                 found += unsupported_schema_features(sub, f"{where}/{i}")
         elif key in _SCHEMA_VALUES and isinstance(value, dict):   # booleans here are plain rules (items: false)
             found += unsupported_schema_features(value, where)
-    return found
+    return found + _ignored_combinations(schema, path)
 
 
 def check_schema(schema: Any, param: str) -> None:
