@@ -156,7 +156,8 @@ class Sampler:
         return constraints, bitmask
 
     def _bitmask(self, constraints: list[TokenConstraint], device: torch.device) -> torch.Tensor:
-        """The constraints' bitmask rows [C, W] on `device` (prefetched if `prepare` saw the same ones)."""
+        """The constraints' bitmask rows [C, W] on the host, pinned for a CUDA `device` (prefetched if
+        `prepare` saw the same ones); apply_token_bitmask copies them over without a sync."""
         prepared = self._wait_pending()
         if prepared is not None and len(prepared[0]) == len(constraints) and all(
                 a is b for a, b in zip(prepared[0], constraints)):
@@ -169,7 +170,7 @@ class Sampler:
                 raise ValueError("token constraints of one batch cover different vocabularies")
             bitmask = self._buffer.rows(len(constraints), words, device.type == "cuda")
             fill_bitmasks(constraints, bitmask)
-        return bitmask.to(device, non_blocking=True)
+        return bitmask
 
     def _uniform(self, generator: torch.Generator | None) -> float:
         try:

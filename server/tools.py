@@ -11,8 +11,8 @@ turns in that format, and `tool` results become user turns wrapped in <tool_resp
 tool_choice: "none" renders no tools and parses nothing; "auto" lets the model answer or call, and
 the output is parsed (tool_parser.py, checked mode); "required" and a named function constrain the
 output with a grammar of the family's call format whose arguments follow each function's
-`parameters` schema, so the call always parses and validates; `parallel_tool_calls: false` allows
-one call.
+`parameters` schema, so the call always parses and validates; a named function is called once, and
+`parallel_tool_calls: false` allows one call.
 """
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ class ToolPlan:
     def parser(self) -> ToolCallParser | None:
         if self.mode is None:
             return None
+        one = not self.parallel or self.mode not in ("auto", "required")   # a named choice: one call
         return ToolCallParser(self.syntax, self.functions, incremental=self.mode != "auto",
-                              max_calls=None if self.parallel else 1, marker_ids=self.marker_ids)
+                              max_calls=1 if one else None, marker_ids=self.marker_ids)
 
 
 def plan_tools(req: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
@@ -175,7 +176,7 @@ async def forced_call_grammar(req: ChatCompletionRequest, plan: ToolPlan, tokeni
         functions.append((t.function.name, params))
     marker = plan.syntax.start_markers[0]
     marker_is_token = marker in plan.marker_ids.values()
-    structure = plan.syntax.structure(functions, plan.parallel, marker_is_token)
+    structure = plan.syntax.structure(functions, plan.parallel and plan.mode == "required", marker_is_token)
     return await structured.compile(lambda g: g.structural_tag(structure, f"tool call ({plan.mode})"), "tools")
 
 
