@@ -87,7 +87,7 @@ class Grammars:
         return Grammar(compiled, self, self.no_controls_but_newline, description)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # compared and hashed by identity (it holds a tensor and library objects)
 class Grammar:
     """A compiled grammar: what a request's `SamplingParams.constraint` holds (a ConstraintFactory)."""
 
