@@ -107,6 +107,8 @@ class EngineCore:
         self.sampler = Sampler()
         limits = [n for n in (settings.max_model_len, getattr(runner, "max_model_len", None)) if n]
         self.max_model_len: int = min(limits) if limits else runner.num_blocks * runner.block_size
+        config = getattr(runner, "config", None)
+        self.vocab_size: int = getattr(runner, "vocab_size", None) or getattr(config, "vocab_size", None) or len(tokenizer)
         self._arrivals = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -116,6 +118,8 @@ class EngineCore:
         n_prompt = len(prompt_token_ids)
         if n_prompt == 0:
             raise ValueError("the prompt must contain at least one token")
+        if any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.vocab_size}")
         total = n_prompt + params.max_tokens
         if total > self.max_model_len:
             raise ContextLengthExceeded(
@@ -135,6 +139,8 @@ class EngineCore:
         generator = RequestGenerator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         seq = Sequence(request_id, prompt_token_ids, params, self._arrivals, generator)
         seq.stream = TextStream(self.token_decoder.decode, seq.prompt_token_ids, params.stop)
+        if params.constraint is not None:
+            seq.constraint = params.constraint.new()
         self.scheduler.add(seq)
         self._arrivals += 1
         self.prompt_tokens_total += len(prompt_token_ids)
@@ -161,6 +167,7 @@ class EngineCore:
             if start + n == seq.num_tokens:
                 due_rows.append(i)
         try:
+            self.sampler.prepare([batch[i][0] for i in due_rows])   # grammar masks: on a worker, during the forward
             logits = self.runner.execute(chunks)                                 # [len(chunks), V]
             due = self.scheduler.advance(batch)
             if not due:                 # only prompt chunks short of their prompt's end: nothing to sample
@@ -183,9 +190,14 @@ class EngineCore:
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             return self._finish(seq, "stop", seq.stream.flush(), (token,), logprobs)
+        if seq.constraint is not None and not seq.constraint.accept(token):
+            log.error("%s: sampled token %d is outside its grammar", seq.request_id, token)
+            return self._finish(seq, "error", "", (token,), logprobs, f"token {token} is outside the request's grammar")
         text, hit = seq.stream.add(token)
         if hit:
             return self._finish(seq, "stop", text, (token,), logprobs)
+        if seq.constraint is not None and seq.constraint.is_finished():   # complete: only a stop token could follow
+            return self._finish(seq, "stop", text + seq.stream.flush(), (token,), logprobs)
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length", text + seq.stream.flush(), (token,), logprobs)
         return self._output(seq, text, (token,), logprobs)
@@ -243,6 +255,7 @@ class AsyncEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.model_name = model_name
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(self.core.eos_token_ids))
         self.max_model_len: int = self.core.max_model_len
         self.max_queue: int = settings.max_queue
         self.ready = False

@@ -7,6 +7,11 @@ Order per row (one row = one request):
    logit l becomes l / p if l > 0, else l * p;
 3. presence / frequency penalties (OpenAI semantics) over generated tokens only:
    l -= frequency_penalty * count + presence_penalty * (count > 0);
+3b. logit_bias (OpenAI): l[token] += bias;
+3c. token constraint (grammar): disallowed tokens -> -inf (token_masks.py). The host fills the
+   bitmask rows of the constrained rows first thing, before any device sync, so on a GPU the
+   grammar work overlaps the forward pass; `prepare()` can start it on a worker thread before the
+   forward pass instead (the engine does);
 4. temperature 0: argmax. Otherwise l / T, then top-k, top-p (smallest set whose probability
    reaches top_p), min-p (drop p < min_p * max p), renormalize, and draw by inverse CDF over the
    probabilities sorted descending with ONE uniform number from the request's own generator.
@@ -15,25 +20,33 @@ Order per row (one row = one request):
 """
 from __future__ import annotations
 
+import logging
 import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from athena_runtime.sampling_params import SamplingParams
+from athena_runtime.token_masks import (
+    BitmaskBuffer, MaskPrefetch, TokenConstraint, apply_logit_bias, apply_token_bitmask, bitmask_words, fill_bitmasks,
+)
+
+log = logging.getLogger(__name__)
 
 _UNIFORM_BLOCK = 64   # uniform numbers drawn at once from a request's generator
 
 
 @dataclass(frozen=True)
 class SampleRow:
-    """What the sampler needs of one request (the engine's `Sequence` has these four fields too and
+    """What the sampler needs of one request (the engine's `Sequence` has these five fields too and
     is passed as it is)."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None   # CPU generator; None draws from torch's default RNG
+    constraint: TokenConstraint | None = None  # grammar state: allowed next tokens
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,44 @@ class Sampler:
 
     def __init__(self) -> None:
         self._uniforms: weakref.WeakKeyDictionary[torch.Generator, list[float]] = weakref.WeakKeyDictionary()
+        self._buffer = BitmaskBuffer()
+        self._prefetch = MaskPrefetch()
+        self._pending: tuple[list[TokenConstraint], torch.Tensor, Future] | None = None
+
+    def prepare(self, rows: list[SampleRow]) -> None:
+        """Start filling the masks of `rows`' constraints on a worker thread; the next call with the
+        same constraints uses them. Call it before the forward pass that produces those rows' logits."""
+        self._wait_pending()
+        constraints = [r.constraint for r in rows if r.constraint is not None]
+        if constraints:
+            bitmask = self._buffer.rows(len(constraints), bitmask_words(constraints[0].vocab_size),
+                                        torch.cuda.is_available())
+            self._pending = (constraints, bitmask, self._prefetch.start(constraints, bitmask))
+
+    def _wait_pending(self) -> tuple[list[TokenConstraint], torch.Tensor] | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        constraints, bitmask, future = pending
+        future.result()
+        return constraints, bitmask
+
+    def _bitmask(self, constraints: list[TokenConstraint], device: torch.device) -> torch.Tensor:
+        """The constraints' bitmask rows [C, W] on the host, pinned for a CUDA `device` (prefetched if
+        `prepare` saw the same ones); apply_token_bitmask copies them over without a sync."""
+        prepared = self._wait_pending()
+        if prepared is not None and len(prepared[0]) == len(constraints) and all(
+                a is b for a, b in zip(prepared[0], constraints)):
+            bitmask = prepared[1]
+        else:
+            if prepared is not None:
+                log.warning("prefetched masks were for other sequences: filling them again")
+            words = bitmask_words(constraints[0].vocab_size)
+            if any(bitmask_words(c.vocab_size) != words for c in constraints):
+                raise ValueError("token constraints of one batch cover different vocabularies")
+            bitmask = self._buffer.rows(len(constraints), words, device.type == "cuda")
+            fill_bitmasks(constraints, bitmask)
+        return bitmask
 
     def _uniform(self, generator: torch.Generator | None) -> float:
         try:
@@ -134,18 +185,28 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
         """logits: float [B, V], one row per entry of `rows`; returns one Sample per row.
 
-        A row is anything with SampleRow's four fields (the engine passes its Sequences). Host work
+        A row is anything with SampleRow's five fields (the engine passes its Sequences). Host work
         is done before the first device sync, and the common cases skip what they do not need: all
         rows greedy -> one argmax; no penalties -> no penalty ops; no top-k / top-p / min-p -> no
-        filter ops; all temperatures 1 -> no division (each skip leaves the values bit-identical)."""
+        filter ops; all temperatures 1 -> no division; no logit_bias / constraint -> no mask ops
+        (each skip leaves the values bit-identical)."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} requests")
         if not rows:
+            self._wait_pending()
             return []
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        bitmask = self._bitmask([rows[i].constraint for i in constrained], logits.device) if constrained else None
+        if bitmask is None:
+            self._wait_pending()
         params = [r.params for r in rows]
         greedy = [p.temperature == 0.0 for p in params]
         logits = logits.float()
         processed = apply_penalties(logits, rows) if _any_penalty(params) else logits
+        if any(p.logit_bias for p in params):
+            processed = apply_logit_bias(processed, [p.logit_bias for p in params])
+        if bitmask is not None:
+            processed = apply_token_bitmask(processed, bitmask, constrained)
         if all(greedy):
             token_ids = processed.argmax(dim=-1)
         else:

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from athena_runtime.token_masks import ConstraintFactory
+
+MAX_LOGIT_BIAS = 100.0   # OpenAI's range for logit_bias values
 
 
 @dataclass(frozen=True)
@@ -10,6 +16,9 @@ class SamplingParams:
 
     temperature == 0 means greedy. top_k <= 0 disables top-k; min_p == 0 disables min-p.
     logprobs: None = off, otherwise the number of top alternatives (0..20) returned per token.
+    logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before sampling (OpenAI).
+    constraint: a grammar (e.g. `athena_runtime.grammar.Grammar`) that gives each sequence of the
+    request its own token constraint; the sequence ends when the grammar is complete.
     """
 
     temperature: float = 1.0
@@ -25,6 +34,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: "ConstraintFactory | None" = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -39,6 +50,8 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if any(not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS or token_id < 0 for token_id, bias in self.logit_bias):
+            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] for token ids >= 0")
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ from athena_runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from athena_runtime.stop_strings import TextStream
+    from athena_runtime.token_masks import TokenConstraint
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +45,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stream: TextStream | None = None    # detokenizer + stop strings, set by the engine
+        # the grammar state of a constrained request (params.constraint.new()), set by the engine
+        self.constraint: TokenConstraint | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 prefillhost frag prefill attention diag xfer chat-default chat decode engine serve quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 prefillhost frag prefill attention diag xfer chat-default chat decode engine serve serve-schema quantize7b
 # (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -55,6 +55,19 @@ for stage in "$@"; do
        timeout 420 python3 -m server.cli bench serve --base-url http://127.0.0.1:8000 --concurrency 1,8,32,64 \
          --num-prompts 64 --input-len 128 --output-len 128 --no-progress --json --plot $OUT/serve.png \
          > $OUT/serve.json 2>$OUT/serve_report.txt; tail -30 $OUT/serve_report.txt
+       pkill -f "server.cli serve" ;;
+    serve-schema) need_ckpt   # output tok/s at 64 streams without, then with a JSON schema on every request
+       (python3 -m server.cli serve $ckpt --kv-cache int4 --max-num-seqs 64 --port 8000 >$OUT/serve_schema.log 2>&1 &)
+       for i in $(seq 1 180); do curl -sf http://127.0.0.1:8000/health >/dev/null && break
+         pgrep -f "server.cli serve" >/dev/null || { tail -5 $OUT/serve_schema.log; break; }; sleep 1; done
+       for n in 1 2 3 4; do curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
+         -d '{"model":"llama7b-athena","prompt":"warm up","max_tokens":4}' >/dev/null & done; wait
+       # builds the grammar vocabulary of the tokenizer before timing
+       curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model":"llama7b-athena",
+         "prompt":"warm up","max_tokens":4,"response_format":{"type":"json_object"}}' >/dev/null
+       timeout 540 python3 -m server.cli bench serve --base-url http://127.0.0.1:8000 --concurrency 64 \
+         --num-prompts 128 --input-len 128 --output-len 128 --json-schema builtin --compare-unconstrained \
+         --no-progress --json > $OUT/serve_schema.json 2>$OUT/serve_schema_report.txt; tail -30 $OUT/serve_schema_report.txt
        pkill -f "server.cli serve" ;;
     *) echo "unknown stage $stage" ;;
   esac

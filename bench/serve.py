@@ -5,6 +5,7 @@
                        [--input-len 128 --output-len 128 | --dataset FILE] [--endpoint chat|completions]
                        [--api-key KEY] [--timeout-s 120] [--deadline-s 1800] [--seed 0]
                        [--extra-body JSON] [--json] [--plot FILE.png] [--allow-remote]
+                       [--json-schema builtin|FILE [--compare-unconstrained]]
 
 Every request streams (`stream: true`, `stream_options.include_usage`). A level is either a
 concurrency cap (that many requests always in flight until `--num-prompts` are done) or a mean
@@ -12,6 +13,12 @@ arrival rate (Poisson arrivals, no cap; `inf` sends all at once). Only loopback 
 tested unless `--allow-remote` is given. `--json` prints one JSON object as the last stdout line
 (the human report then goes to stderr). Exit status: 0 when some request completed, 1 when none
 did, 2 for bad arguments or a refused target.
+
+`--json-schema` puts `response_format: {"type": "json_schema", ...}` on every request (`builtin`: a
+list of at least 1000 note objects with a bounded string, an integer range and an enum array, so
+the grammar never completes before max_tokens and constrained requests are as long as free ones);
+`--compare-unconstrained` runs each level twice, without then with the schema, and reports the
+constrained output tok/s as a share of the free one.
 """
 from __future__ import annotations
 
@@ -40,6 +47,13 @@ from bench.serve_metrics import LevelSummary, RequestRecord, summarize
 from bench.serve_prompts import Prompt, dataset_prompts, random_prompts
 
 MAX_NUM_PROMPTS = 10_000
+BUILTIN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "minItems": 1000, "items": {
+    "type": "object", "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}},
+    "required": ["title", "score", "tags"], "additionalProperties": False}}},
+    "required": ["notes"], "additionalProperties": False}
 MAX_CONCURRENCY = 4096
 
 
@@ -112,6 +126,11 @@ class ServeBenchSettings:
     allow_remote: bool = field(default=False, metadata=_opt(
         "allow a base URL that is not loopback (127.0.0.0/8, ::1, localhost); only load-test servers you run",
         action="store_true"))
+    json_schema: str | None = field(default=None, metadata=_opt(
+        "put this JSON schema (builtin, or a FILE holding one) as response_format on every request",
+        metavar="builtin|FILE"))
+    compare_unconstrained: bool = field(default=False, metadata=_opt(
+        "with --json-schema: run every level without the schema first, then with it", action="store_true"))
     progress: bool = field(default=True, metadata=_opt(
         "tqdm progress bar on stderr (--no-progress to hide)", action=argparse.BooleanOptionalAction))
 
@@ -129,6 +148,19 @@ class ServeBenchSettings:
             raise ValueError("--timeout-s and --deadline-s must be > 0")
         if self.endpoint not in ("chat", "completions"):
             raise ValueError("--endpoint must be chat or completions")
+        if self.compare_unconstrained and self.json_schema is None:
+            raise ValueError("--compare-unconstrained needs --json-schema")
+
+    def response_format(self) -> dict | None:
+        """The response_format that --json-schema asks for (None without it)."""
+        if self.json_schema is None:
+            return None
+        if self.json_schema == "builtin":
+            schema = BUILTIN_SCHEMA
+        else:
+            with open(self.json_schema, encoding="utf-8") as f:
+                schema = json.load(f)
+        return {"type": "json_schema", "json_schema": {"name": "bench", "strict": True, "schema": schema}}
 
     @property
     def mode(self) -> str:
@@ -282,28 +314,57 @@ async def run_bench(settings: ServeBenchSettings, err: TextIO) -> tuple[dict, li
                 raise RuntimeError(f"{base}/models lists no model; pass --model")
             model = ids[0]
         result["model"] = model
-        target = Target(base_url=base, model=model, endpoint=settings.endpoint, api_key=settings.api_key,
-                        timeout_s=settings.timeout_s, extra_body=dict(settings.extra_body))
+        fmt = settings.response_format()
+        variants = [None, fmt] if settings.compare_unconstrained else [fmt]
         summaries: list[LevelSummary] = []
+        constrained: list[bool] = []
         for i, value in enumerate(levels):
-            left = settings.deadline_s - (time.monotonic() - t_start)
-            if left <= 0:
-                result["deadline_reached"] = True
-                result["skipped_levels"].append("inf" if math.isinf(value) else value)
-                continue
-            prompts = level_prompts(settings, i)
-            kw = {"concurrency": int(value)} if settings.mode == "concurrency" else {"request_rate": float(value)}
-            label = f"{settings.mode.replace('_', ' ')} {value:g}"
-            with tqdm(total=len(prompts), desc=label, unit="req", file=err, leave=False,
-                      disable=None if settings.progress else True) as bar:
-                records, wall, timed_out = await run_level(client, target, prompts, seed=settings.seed + i,
-                                                           time_left_s=left, bar=bar, **kw)
-            result["deadline_reached"] |= timed_out
-            summaries.append(summarize(records, wall, unfinished=len(prompts) - len(records), **kw))
-            print_level(summaries[-1], err if settings.json else sys.stdout)
-    result["levels"] = [s.to_dict() for s in summaries]
+            for variant in variants:
+                left = settings.deadline_s - (time.monotonic() - t_start)
+                if left <= 0:
+                    result["deadline_reached"] = True
+                    result["skipped_levels"].append("inf" if math.isinf(value) else value)
+                    continue
+                extra = dict(settings.extra_body) | ({"response_format": variant} if variant else {})
+                target = Target(base_url=base, model=model, endpoint=settings.endpoint, api_key=settings.api_key,
+                                timeout_s=settings.timeout_s, extra_body=extra)
+                prompts = level_prompts(settings, i)
+                kw = {"concurrency": int(value)} if settings.mode == "concurrency" else {"request_rate": float(value)}
+                label = f"{settings.mode.replace('_', ' ')} {value:g}" + (" json-schema" if variant else "")
+                with tqdm(total=len(prompts), desc=label, unit="req", file=err, leave=False,
+                          disable=None if settings.progress else True) as bar:
+                    records, wall, timed_out = await run_level(client, target, prompts, seed=settings.seed + i,
+                                                               time_left_s=left, bar=bar, **kw)
+                result["deadline_reached"] |= timed_out
+                summaries.append(summarize(records, wall, unfinished=len(prompts) - len(records), **kw))
+                constrained.append(variant is not None)
+                out = err if settings.json else sys.stdout
+                if fmt is not None:
+                    print(f"-- {'with the JSON schema' if variant else 'without constraints'}", file=out)
+                print_level(summaries[-1], out)
+    result["levels"] = [s.to_dict() | ({"json_schema": c} if fmt is not None else {})
+                        for s, c in zip(summaries, constrained)]
+    if settings.compare_unconstrained:
+        result["constrained_share"] = compare_constrained(summaries, constrained, err if settings.json else sys.stdout)
     result["duration_s"] = time.monotonic() - t_start
     return result, summaries
+
+
+def compare_constrained(summaries: list[LevelSummary], constrained: list[bool], out: TextIO) -> list[dict]:
+    """Per level: output tok/s with the schema as a share of the same level without it."""
+    rows = []
+    for k in range(0, len(summaries) - 1, 2):
+        free, fixed = summaries[k], summaries[k + 1]
+        if constrained[k] or not constrained[k + 1]:
+            continue
+        share = fixed.output_tokens_per_s / free.output_tokens_per_s if free.output_tokens_per_s else None
+        level = free.concurrency if free.request_rate is None else free.request_rate
+        rows.append({"level": level, "free_output_tokens_per_s": free.output_tokens_per_s,
+                     "schema_output_tokens_per_s": fixed.output_tokens_per_s, "share": share})
+        shown = "-" if share is None else f"{100 * share:.1f}%"
+        print(f"== level {level:g}: output tok/s with the JSON schema {fixed.output_tokens_per_s:.1f} = {shown} "
+              f"of {free.output_tokens_per_s:.1f} without", file=out)
+    return rows
 
 
 def _fmt(v: float | None, width: int = 9) -> str:
@@ -342,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if settings.dataset and not os.path.isfile(settings.dataset):
         print(f"athena bench serve: error: no dataset file {settings.dataset}", file=err)
+        return 2
+    try:
+        settings.response_format()
+    except (OSError, ValueError) as exc:
+        print(f"athena bench serve: error: --json-schema {settings.json_schema}: {exc}", file=err)
         return 2
     try:
         result, summaries = asyncio.run(run_bench(settings, err))

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from athena_runtime.generation_defaults import describe
 from server import errors
+from server.chat_page import install_chat_page
 from server.metrics import RequestCountMiddleware, ServerMetrics
 from server.middleware import ApiKeyMiddleware, RequestBodyMiddleware, TrailingSlashMiddleware
 from server.prompt_encoder import PromptEncoder
@@ -52,6 +53,7 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
     app.state.drained = None
     app.state.metrics = ServerMetrics(lambda: app.state.serving.engine.stats() if app.state.serving else None)
     app.include_router(router)
+    install_chat_page(app)
     errors.install_error_handlers(app)
     # Outermost last: trailing slash -> counts -> API key -> body -> routes.
     app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)

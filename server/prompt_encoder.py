@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jinja2
@@ -69,6 +69,17 @@ class PromptEncoder:
         adds the special tokens)."""
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         return await asyncio.to_thread(self._encode_chat, messages)
+
+    async def encode_rendered(self, render: Callable[[], str], chars: int, param: str) -> list[int]:
+        """Token ids of the text `render()` returns (a chat template's output, which adds the special tokens);
+        rendering and tokenizing both run off the event loop. `chars`: the input's length, checked first."""
+        self.check_chars(chars, param)
+        return await asyncio.to_thread(self._encode_rendered, render, param)
+
+    def _encode_rendered(self, render: Callable[[], str], param: str) -> list[int]:
+        text = render()
+        self.check_chars(len(text), param)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:

@@ -1,8 +1,8 @@
 """OpenAI request, response and stream-chunk schemas (the subset Athena serves) as pydantic models.
 
-Requests ignore unknown fields, as OpenAI does; a known field we cannot honour (tools, JSON
-response formats, logit_bias, image/audio content, ...) fails validation with a message naming
-it, which errors.py turns into a 400 with that `param`.
+Requests ignore unknown fields, as OpenAI does; a known field we cannot honour (legacy functions,
+image/audio content, ...) fails validation with a message naming it, which errors.py turns into a
+400 with that `param`. Structured outputs and tool calls: protocol_structured.py.
 """
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
+
+from server.protocol_structured import (
+    DeltaToolCall, ResponseFormat, ResponseToolCall, ToolCall, ToolChoice, ToolDefinition, check_tool_choice,
+)
 
 INT64_MAX = 2**63 - 1
 MAX_STOP = 4  # OpenAI accepts at most 4 stop sequences
@@ -104,10 +108,16 @@ class SamplingRequest(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server")
+    def _token_ids_and_bounds(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {key}")
         return v
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> "SamplingRequest":
@@ -129,7 +139,7 @@ class SamplingRequest(_Request):
 # ---- chat ----------------------------------------------------------------------------------
 
 _CONTENT_PART_TYPES = ("text",)
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class TextPart(_Request):
@@ -141,7 +151,8 @@ class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
 
     @field_validator("role")
@@ -162,11 +173,15 @@ class ChatMessage(_Request):
         return v
 
     @model_validator(mode="after")
-    def _no_tool_calls(self) -> "ChatMessage":
-        if self.tool_calls or self.function_call:
-            raise ValueError("tool calls in messages are not supported by this server")
+    def _consistent(self) -> "ChatMessage":
+        if self.function_call:
+            raise ValueError("function_call in messages is not supported (deprecated by OpenAI); use tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         return self
 
     def text(self) -> str:
@@ -177,25 +192,14 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Request):
-    type: str
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, v: str) -> str:
-        if v != "text":
-            raise ValueError(f"response_format type {v!r} is not supported; only 'text'")
-        return v
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
@@ -204,14 +208,19 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _supported(self) -> "ChatCompletionRequest":
-        if self.tool_choice not in (None, "none"):
-            raise ParameterError("tool_choice", "only 'none' is supported (this server does not call tools)")
-        if self.tools and self.tool_choice is None:
-            raise ParameterError("tools", "tools are not supported by this server (tool_choice 'none' ignores them)")
+        try:
+            check_tool_choice(self.tools, self.tool_choice)
+        except ValueError as exc:
+            raise ParameterError("tool_choice" if self.tool_choice is not None else "tools", str(exc)) from None
+        if (self.response_format is not None and self.response_format.type != "text"
+                and self.tools and self.tool_choice != "none"):
+            raise ParameterError("response_format", "a JSON response_format together with tools is not supported; "
+                                 "set tool_choice to 'none' or leave out response_format")
         if self.function_call not in (None, "none"):
-            raise ParameterError("function_call", "only 'none' is supported (this server does not call functions)")
+            raise ParameterError("function_call", "functions/function_call are deprecated by OpenAI and not "
+                                 "supported; use tools and tool_choice")
         if self.functions and self.function_call is None:
-            raise ParameterError("functions", "functions are not supported by this server")
+            raise ParameterError("functions", "functions are deprecated by OpenAI and not supported; use tools")
         if self.modalities is not None and any(m != "text" for m in self.modalities):
             raise ParameterError("modalities", "only the 'text' modality is supported")
         if self.audio is not None:
@@ -226,6 +235,16 @@ class ChatCompletionRequest(SamplingRequest):
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def tool_mode(self) -> str | None:
+        """None (no tools, or tool_choice 'none'), 'auto', 'required', or the forced function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if self.tool_choice is None or self.tool_choice == "auto":
+            return "auto"
+        if self.tool_choice == "required":
+            return "required"
+        return self.tool_choice.function.name
+
 
 # ---- completions ---------------------------------------------------------------------------
 
@@ -238,6 +257,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
+    response_format: ResponseFormat | None = None   # an extra on completions (vLLM has it too)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -306,8 +326,16 @@ class ChatLogprobs(_Response):
 
 class ChatResponseMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_when_any(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if self.tool_calls is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(_Response):
@@ -334,11 +362,15 @@ class ChatCompletionResponse(_Response):
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
-    def _only_set(self) -> dict[str, str]:
+    def _only_set(self) -> dict[str, Any]:
         # OpenAI sends {"role": "assistant", "content": ""}, then {"content": "..."}, then {}.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        out: dict[str, Any] = {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        if self.tool_calls is not None:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 class ChatChunkChoice(_Response):

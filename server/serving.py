@@ -29,6 +29,8 @@ from server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from athena_runtime.engine import AsyncEngine, RequestStream
+    from athena_runtime.token_masks import ConstraintFactory
+    from server.structured import StructuredOutputs
 
 log = logging.getLogger("athena.server")
 
@@ -48,6 +50,17 @@ class ServingContext:
     retry_after: RetryAfterEstimator
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # strong refs to running choice tasks
     sampling_defaults: dict[str, int | float] = field(default_factory=dict)  # for the fields a request leaves out
+    _structured: "StructuredOutputs | None" = field(default=None, repr=False)
+
+    def structured(self) -> "StructuredOutputs":
+        """Grammars for structured outputs and tool calls (server/structured.py), made on first use."""
+        if self._structured is None:
+            from server.structured import StructuredOutputs
+
+            tokenizer = self.engine.tokenizer
+            eos = getattr(self.engine, "eos_token_ids", None) or (tokenizer.eos_token_id,)
+            self._structured = StructuredOutputs(tokenizer, tuple(eos))
+        return self._structured
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -78,10 +91,11 @@ class ServingContext:
 
 
 def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int,
-                    defaults: dict[str, int | float] | None = None) -> SamplingParams:
+                    defaults: dict[str, int | float] | None = None,
+                    constraint: "ConstraintFactory | None" = None) -> SamplingParams:
     """The engine's parameters for choice `choice` of a request (with a seed, choice i uses seed + i). A knob the
     request leaves out takes `defaults` (the model's generation config, `ServerSettings.sampling_defaults`), else the
-    OpenAI API's default."""
+    OpenAI API's default. `constraint`: the grammar of a structured output or forced tool call."""
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     defaults = defaults or {}
 
@@ -102,6 +116,8 @@ def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None,
             max_tokens=max_tokens,
             stop=req.stop_sequences(),
             logprobs=logprobs,
+            logit_bias=req.logit_bias_pairs(),
+            constraint=constraint,
         )
     except ValueError as exc:  # SamplingParams' own checks; the message names the field
         raise errors.invalid_request(str(exc)) from None

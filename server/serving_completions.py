@@ -70,9 +70,11 @@ class CompletionServing:
         ctx.check_choices(len(req.prompts()), req.n)
         prompts = await self.prompts(req)
         budgets = [ctx.check_fits(len(p.token_ids), req.max_tokens, "prompt") for p in prompts]
+        ctx.check_token_ids([t for t, _ in req.logit_bias_pairs()], "logit_bias")
+        grammar = await ctx.structured().for_response_format(req.response_format)
         request_id = new_id("cmpl")
         jobs = [Job(i * req.n + j, f"{request_id}-{i * req.n + j}", p.token_ids,
-                    sampling_params(req, budget, req.logprobs, j, ctx.sampling_defaults))
+                    sampling_params(req, budget, req.logprobs, j, ctx.sampling_defaults, grammar))
                 for i, (p, budget) in enumerate(zip(prompts, budgets)) for j in range(req.n)]
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         streams = ChoiceStreams(ctx, jobs, arrival)

@@ -76,6 +76,10 @@ class FakeEngine:
         # Fault injection.
         self.fail_next: BaseException | None = None   # raised by the next generate() before it starts
         self.error_after_tokens: int | None = None    # finish every request with "error" after this many tokens
+        # Replays: each new request takes the next text, emits its tokens one by one (special tokens
+        # give no text, as the real detokenizer does) and finishes with "stop".
+        self.replies: list[str] = []
+        self.prompts: list[list[int]] = []            # prompt token ids of every request, in order
         self._aborts: set[str] = set()
         self._abort_all = False
         self._slots: asyncio.Semaphore | None = None
@@ -98,6 +102,7 @@ class FakeEngine:
         for _, prompt_token_ids, params in requests:
             if not prompt_token_ids:
                 raise ValueError("the prompt must contain at least one token")
+            self.prompts.append(list(prompt_token_ids))
             total = len(prompt_token_ids) + params.max_tokens
             if total > self.max_model_len:
                 raise ContextLengthExceeded(f"This model's maximum context length is {self.max_model_len} tokens. "
@@ -176,6 +181,10 @@ class FakeEngine:
 
     async def _decode(self, request_id: str, prompt: list[int],
                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if self.replies:
+            async for out in self._replay(request_id, prompt, self.replies.pop(0)):
+                yield out
+            return
         rng = self._rng(prompt, params)
         eos = self.tokenizer.eos_token_id
         generated: list[int] = []
@@ -211,6 +220,18 @@ class FakeEngine:
             hold = max((k for s in params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
             delta, sent = text[sent:len(text) - hold], max(sent, len(text) - hold)
             yield self._out(request_id, prompt, generated, delta, (token,), None, logprobs)
+
+    async def _replay(self, request_id: str, prompt: list[int], reply: str) -> AsyncIterator[RequestOutput]:
+        tokens = self.tokenizer.encode(reply, add_special_tokens=False)
+        for k, token in enumerate(tokens):
+            await asyncio.sleep(self.step_delay_s)
+            if request_id in self._aborts:
+                yield self._out(request_id, prompt, tokens[:k], "", (), "cancelled", None)
+                return
+            self.generation_tokens_total += 1
+            text = self.tokenizer.decode([token], skip_special_tokens=True)
+            last = k == len(tokens) - 1
+            yield self._out(request_id, prompt, tokens[:k + 1], text, (token,), "stop" if last else None, None)
 
     def _logprobs(self, token: int, step: int, params: SamplingParams) -> tuple[TokenLogprob, ...] | None:
         if params.logprobs is None:

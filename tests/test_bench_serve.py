@@ -464,3 +464,38 @@ def test_against_athena_server_with_fake_engine(capsys):
     assert c2["tpot_ms"]["p50"] >= 10 * 0.9 and c2["ttft_ms"]["p50"] > 0
     # 2 running + 1 waiting fit; the other 3 of 6 sent at once are refused with 429
     assert c6["errors"].get("http_429", 0) >= 1 and c6["completed"] + c6["failed"] == 6
+
+
+def test_json_schema_on_every_request_compared_with_none(capsys, tmp_path):
+    """--json-schema builtin --compare-unconstrained: each level runs free, then with the schema (which
+    the real server accepts), and the report gives the constrained share of output tok/s."""
+    fake_engine = pytest.importorskip("fake_engine")
+    server_fixtures = pytest.importorskip("server_fixtures")
+    engine = fake_engine.FakeEngine(model_name="fake-model", max_model_len=256, step_delay_s=0.002)
+    s = server_fixtures.serve_engine(engine)
+    try:
+        rc, res = run_json(capsys, ["--base-url", s.url, "--concurrency", "2", "--num-prompts", "4",
+                                    "--input-len", "8", "--output-len", "5", "--json-schema", "builtin",
+                                    "--compare-unconstrained"])
+        schema_file = tmp_path / "s.json"
+        schema_file.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
+        rc2, res2 = run_json(capsys, ["--base-url", s.url, "--concurrency", "2", "--num-prompts", "2",
+                                      "--input-len", "8", "--output-len", "4", "--json-schema", str(schema_file)])
+    finally:
+        s.stop()
+    assert rc == 0 and [lv["json_schema"] for lv in res["levels"]] == [False, True]
+    assert all(lv["completed"] == 4 and lv["failed"] == 0 for lv in res["levels"])
+    [row] = res["constrained_share"]
+    assert row["level"] == 2 and row["share"] == pytest.approx(
+        res["levels"][1]["output_tokens_per_s"] / res["levels"][0]["output_tokens_per_s"])
+    assert rc2 == 0 and [lv["json_schema"] for lv in res2["levels"]] == [True] and "constrained_share" not in res2
+    assert res["settings"]["json_schema"] == "builtin"
+
+
+@pytest.mark.parametrize("argv", [["--compare-unconstrained"], ["--json-schema", "/nonexistent/schema.json"]])
+def test_bad_schema_arguments(argv, capsys):
+    try:
+        rc = serve.main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2

@@ -65,7 +65,8 @@ def test_malformed_body_is_400(http, path, raw):
     ({"stream": "yes please"}, "stream"),
     ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.[0].role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages.[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.[0]"),
     ({"messages": [{"content": "x"}]}, "messages.[0].role"),
     ({"messages": [{"role": "user"}]}, "messages.[0]"),
     ({"model": None}, "model"),
@@ -84,13 +85,7 @@ def test_missing_model_is_400(http):
 
 
 @pytest.mark.parametrize("change, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format.type"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"top_logprobs": 2}, "top_logprobs"),
@@ -98,7 +93,6 @@ def test_missing_model_is_400(http):
      "messages.[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
      "messages.[0].content"),
-    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]}, "messages.[0]"),
 ])
 def test_unsupported_chat_params_are_400_naming_them(http, change, param):
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, **change}), 400)
@@ -110,7 +104,9 @@ def test_unsupported_chat_params_are_400_naming_them(http, change, param):
     ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"),
     ({"echo": True, "logprobs": 1}, "echo"),
-    ({"logit_bias": {"1": -100}}, "logit_bias"),
+    ({"logit_bias": {"99999": -100}}, "logit_bias"),
+    ({"logit_bias": {"one": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [[1, 2], []]}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
