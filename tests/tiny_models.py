@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face models (Llama, Mistral, Qwen2) with a small offline tokenizer."""
+"""Tiny random-weight Hugging Face models (Llama, Mistral, Qwen2, Qwen3, Gemma 3) with a small offline tokenizer."""
 from __future__ import annotations
 
 import functools
@@ -45,8 +45,11 @@ def save_tokenizer(folder: Path):
     return tok
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
 def tiny_config(family: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -59,6 +62,15 @@ def tiny_config(family: str, **overrides):
         cfg = MistralConfig(**{**common, "sliding_window": 16, **overrides})
     elif family == "qwen2":
         cfg = Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+    elif family == "qwen3":  # head_dim 32 != hidden / heads: read from the config, not derived
+        cfg = Qwen3Config(**{**common, "head_dim": 32, **overrides})
+    elif family == "gemma3":  # sliding, global, sliding; local and global RoPE bases differ; head_dim 32
+        gemma = dict(common, head_dim=32, tie_word_embeddings=True, sliding_window=5, query_pre_attn_scalar=24,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_hidden_layers=3,
+                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                     final_logit_softcapping=3.0, rms_norm_eps=1e-6, pad_token_id=0)
+        cfg = Gemma3TextConfig(**{**gemma, **overrides})
     else:
         raise ValueError(family)
     return cfg
@@ -73,10 +85,13 @@ def make_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overri
     folder.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     # Larger-than-init weights so quantization error and attention patterns are not negligible.
+    # Norm weights moved off their init (ones, or Gemma's zeros for 1 + w) so a wrong norm formula shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(folder)
     save_tokenizer(folder)
     return folder
