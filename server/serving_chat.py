@@ -9,6 +9,7 @@ import jinja2
 from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
+from athena_runtime.chat_prompt import render_chat
 from athena_runtime.outputs import TokenLogprob
 from server import errors
 from server.protocol import (
@@ -36,12 +37,13 @@ class ChatServing:
         self.ctx = ctx
 
     def prompt_token_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """The messages rendered with the tokenizer's chat template, then tokenized."""
+        """The messages rendered with the tokenizer's chat template (`render_chat`: a system prompt the template has
+        no role for is folded into the first user turn), then tokenized."""
         tokenizer = self.ctx.engine.tokenizer
         # Templates know system/user/assistant; "developer" is OpenAI's newer name for system.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_chat(tokenizer, messages)
         except jinja2.TemplateError as exc:  # the template's own raise_exception("...") messages
             raise errors.invalid_request(f"The messages do not fit the model's chat template: {exc}",
                                          param="messages") from None

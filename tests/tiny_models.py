@@ -32,7 +32,34 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def save_tokenizer(folder: Path):
+# Each family's chat format (written here after the released templates' output), for the server tests. Mistral's
+# first template has no system role (it raises), Qwen2's adds a default system prompt, Gemma's is quantize's own.
+FAMILY_CHAT_TEMPLATES = {
+    "llama": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}"
+                "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+                "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+                "{% endfor %}"),
+    "qwen2": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+              "{% endif %}" + CHAT_TEMPLATE),
+    "qwen3": CHAT_TEMPLATE,
+}
+
+
+def family_chat_template(family: str) -> str:
+    if family == "gemma3":
+        from quantize.chat_templates import GEMMA_TEMPLATE
+
+        return GEMMA_TEMPLATE
+    return FAMILY_CHAT_TEMPLATES[family]
+
+
+def save_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
 
@@ -40,7 +67,7 @@ def save_tokenizer(folder: Path):
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     tok.save_pretrained(folder)
     return tok
 
