@@ -23,6 +23,7 @@ from athena_runtime.batch import AttentionMetadata
 from athena_runtime.config import ModelConfig, RopeConfig
 from athena_runtime.kernels.fused_ops import GATED_ACTIVATIONS, add_rmsnorm, rope_
 from athena_runtime.kernels.paged_attention import PagedAttention
+from athena_runtime.log_once import log_once
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,11 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset  # unit_offset (Gemma): the weight acts as (1 + w)
         self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(r), r) with r = x + residual (or x): the residual add and the norm as one kernel on the GPU."""
-        return add_rmsnorm(x, residual, self.weight, self.eps, unit_offset=self.unit_offset)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(r), r) with r = x + residual (or x): the residual add and the norm as one kernel on the GPU.
+        `out_dtype`: the norm's output dtype (default r's)."""
+        return add_rmsnorm(x, residual, self.weight, self.eps, unit_offset=self.unit_offset, out_dtype=out_dtype)
 
 
 class Attention(nn.Module):
@@ -162,14 +165,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, f"{prefix}.mlp", linear)
 
     def forward(self, h, residual, cos, sin, attn):
-        """h: the previous layer's output, residual: the stream before it (None at layer 0) -> (h, residual)."""
-        x, residual = self.input_layernorm(h, residual)
-        a = self.self_attn(x, cos, sin, attn)
+        """h: the previous layer's output, residual: the stream before it (None at layer 0) -> (h, residual).
+        Gemma: the stream (h, residual) may be float32 under float16 layers (CausalLM.forward); the pre-norms
+        then hand the layers their own dtype, the post-norms the stream's."""
         if not self.sandwich:
-            x, residual = self.post_attention_layernorm(a, residual)
+            x, residual = self.input_layernorm(h, residual)
+            x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, attn), residual)
             return self.mlp(x), residual
-        x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(a)[0], residual)
-        return self.post_feedforward_layernorm(self.mlp(x))[0], residual
+        act = self.input_layernorm.weight.dtype
+        x, residual = self.input_layernorm(h, residual, out_dtype=act)
+        a = self.post_attention_layernorm(self.self_attn(x, cos, sin, attn), out_dtype=residual.dtype)[0]
+        x, residual = self.pre_feedforward_layernorm(a, residual, out_dtype=act)
+        return self.post_feedforward_layernorm(self.mlp(x), out_dtype=residual.dtype)[0], residual
 
 
 class Decoder(nn.Module):
@@ -197,17 +204,24 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]; writes K/V of the T tokens."""
         h = self.model.embed_tokens(input_ids)  # [T, hidden]
+        act = h.dtype  # the layers' dtype
         if self.config.embed_scale is not None:  # Gemma: the factor is rounded to the model dtype first (a host
             # scalar: the product is the same correctly rounded one, and nothing is copied inside a CUDA graph)
             h = h * torch.tensor(self.config.embed_scale, dtype=torch.float32).to(h.dtype).item()
-        rope = self.model.rotary_emb(positions, h.dtype)  # cos, sin [T, D]
+        if self.config.sandwich_norms and h.dtype == torch.float16:
+            # Gemma's residual stream outgrows float16 (Gemma-3-270M: |h| up to ~9e4 > 65504, all NaN after): it is
+            # kept in float32, the layers' inputs and outputs (|x| < ~300 there) stay float16
+            log_once(log, ("model", "fp32 residual"), logging.INFO, "Gemma in float16: the residual stream is "
+                     "kept in float32 (its values exceed float16's range), the layers run in float16")
+            h = h.float()
+        rope = self.model.rotary_emb(positions, act)  # cos, sin [T, D]
         local = self.model.rotary_emb_local
-        rope_local = local(positions, h.dtype) if local is not None else rope
+        rope_local = local(positions, act) if local is not None else rope
         residual = None
         for i, layer in enumerate(self.model.layers):
             cos, sin = rope_local if self.config.sliding_layers[i] else rope
             h, residual = layer(h, residual, cos, sin, attn)
-        return self.model.norm(h, residual)[0]
+        return self.model.norm(h, residual, out_dtype=self.model.norm.weight.dtype)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, hidden] -> logits [R, vocab] (model dtype; Gemma's final soft-capping applied)."""

@@ -54,6 +54,13 @@ def test_add_rmsnorm_unit_offset_is_gemmas(dtype, T, H):
     y, r = add_rmsnorm(x, res, w, 1e-6, use_triton=True, unit_offset=True)
     _close(r, r_ref, dtype)
     _close(y, y_ref, dtype)
+    # a float32 residual stream under float16 layers: the sum stays float32, the norm comes out in `out_dtype`
+    x32, res32 = x.float() * 1e3, res.float() * 1e3  # beyond float16's range once summed
+    y, r = add_rmsnorm(x32, res32, w, 1e-6, use_triton=True, unit_offset=True, out_dtype=dtype)
+    y_ref, r_ref = add_rmsnorm_reference(x32, res32, w, 1e-6, unit_offset=True, out_dtype=dtype)
+    assert r.dtype == torch.float32 and y.dtype == dtype
+    _close(r, r_ref, torch.float32)
+    _close(y, y_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

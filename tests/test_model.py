@@ -73,6 +73,31 @@ def test_gemma3_older_config_layout_reads_the_same(tmp_path):
         ModelConfig.from_hf_config({**new, "hidden_activation": "gelu"})
 
 
+def test_gemma_in_float16_keeps_its_residual_stream_in_float32(tmp_path):
+    """Gemma's residual stream outgrows float16 (the real 270M reaches ~9e4): with norms that push it past 65504,
+    the float16 model still gives the float32 model's logits (its stream is float32, its layers float16)."""
+    folder = make_tiny_model(tmp_path, "gemma3")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    for name in state:
+        if name.endswith(("post_feedforward_layernorm.weight", "post_attention_layernorm.weight")):
+            state[name] = torch.full_like(state[name], 3e4)  # (1 + w) ~ 3e4: outputs ~ 3e4 per layer, summed
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokens = torch.randint(0, 384, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = {}
+    for dtype in (torch.float32, torch.float16):
+        model, config = load_model(folder, "cpu", dtype)
+        cache = KVCache.create("fp32", config.num_layers, 4, 4, config.num_kv_heads, config.head_dim, "cpu")
+        with torch.no_grad():
+            batch = prepare_batch([SequenceChunk(tokens, 0, [0, 1, 2])], cache, "cpu")
+            hidden = model(batch.input_ids, batch.positions, batch.attn)
+            assert hidden.dtype == dtype
+            logits[dtype] = model.compute_logits(hidden).float()
+    assert torch.isfinite(logits[torch.float16]).all()
+    torch.testing.assert_close(logits[torch.float16], logits[torch.float32], rtol=2e-2, atol=2e-2)
+
+
 def test_sliding_window_is_really_exercised(tmp_path):
     """The windowed model's late logits differ from the same weights without the window."""
     tokens = list(range(5, 35))

@@ -138,24 +138,29 @@ def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
 
 
 # ------------------------------------------------------------------------------- RMSNorm (+ residual)
-def add_rmsnorm_reference(x, residual, weight, eps, unit_offset: bool = False):
+def add_rmsnorm_reference(x, residual, weight, eps, unit_offset: bool = False, out_dtype: torch.dtype | None = None):
     """(y, r): r = x + residual (or x when residual is None), y = weight · rmsnorm(r); with `unit_offset`
-    (Gemma) y = (rmsnorm(r) · (1 + weight)) in float32, rounded to r's dtype."""
+    (Gemma) y = (rmsnorm(r) · (1 + weight)) in float32, rounded to `out_dtype` (default r's dtype: a float32
+    residual stream can feed float16 layers)."""
     r = x if residual is None else x + residual
     rf = r.float()
     n = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
     if unit_offset:
-        return (n * (1.0 + weight.float())).to(r.dtype), r
-    return weight * n.to(r.dtype), r
+        return (n * (1.0 + weight.float())).to(out_dtype or r.dtype), r
+    y = weight * n.to(r.dtype)
+    return (y if out_dtype is None else y.to(out_dtype)), r
 
 
-def add_rmsnorm(x, residual, weight, eps, use_triton: bool | None = None, unit_offset: bool = False):
+def add_rmsnorm(x, residual, weight, eps, use_triton: bool | None = None, unit_offset: bool = False,
+                out_dtype: torch.dtype | None = None):
     if not _triton_ok(x, use_triton):
-        return add_rmsnorm_reference(x, residual, weight, eps, unit_offset)
+        return add_rmsnorm_reference(x, residual, weight, eps, unit_offset, out_dtype)
+    if residual is not None and residual.dtype != x.dtype:  # (Gemma's float32 stream takes float32 branches)
+        x = x.to(residual.dtype)
     if x.dim() != 2 or x.stride(-1) != 1 or (residual is not None and residual.shape != x.shape):
         raise ValueError(f"add_rmsnorm takes x [T, H] (row-contiguous) and a residual of the same shape, got {tuple(x.shape)}")
     T, H = x.shape
-    y_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)
+    y_dtype = out_dtype or (x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype))
     y = torch.empty(T, H, device=x.device, dtype=y_dtype)
     r = torch.empty_like(x) if residual is not None else x
     if T:
