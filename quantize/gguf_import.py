@@ -129,6 +129,32 @@ def _gemma3_config(reader, a, cfg: dict) -> dict:
     }
 
 
+# (low_freq_factor, high_freq_factor, original_max_position_embeddings) of the released Llama 3.1 / 3.2 / 3.3
+LLAMA3_ROPE_CANDIDATES = ((1.0, 4.0, 8192),)
+
+
+def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """config.json's llama3 `rope_scaling` from llama.cpp's rope_freqs (inv_freq is divided by factors[i]): the
+    released parameters that reproduce them, with factor = the largest divisor. Anything else is refused (a
+    silently unscaled RoPE would be wrong past 8k tokens)."""
+    from athena_runtime.config import RopeConfig
+    from athena_runtime.model import rope_inv_freq
+
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"rope_freqs has {factors.shape[0]} entries, head_dim {head_dim} needs {head_dim // 2}")
+    base = rope_inv_freq(RopeConfig(theta=theta), head_dim, 0).double().numpy()
+    factor = round(float(factors.max()), 3)  # llama.cpp stores float32 divisors
+    for low, high, original in LLAMA3_ROPE_CANDIDATES:
+        rope = RopeConfig(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                          original_max_position_embeddings=original)
+        scaled = rope_inv_freq(rope, head_dim, 0).double().numpy()
+        if np.allclose(base / scaled, factors, rtol=1e-3, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise ValueError(f"rope_freqs (max {factor}) match no llama3 RoPE scaling with (low, high, original) in "
+                     f"{LLAMA3_ROPE_CANDIDATES}: not supported")
+
+
 def _token_id(reader, token: str) -> int | None:
     field = reader.fields.get("tokenizer.ggml.tokens")
     if field is None:
@@ -170,8 +196,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             if rest not in layer_names:
                 raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r} for architecture {arch}")
             hf = f"model.layers.{idx}.{layer_names[rest]}"
-        elif t.name == "rope_freqs.weight":
-            continue  # llama3 rope factors; recomputed from config by transformers
+        elif t.name == "rope_freqs.weight":  # Llama 3.1+: the llama3 RoPE scaling as per-frequency divisors
+            factors = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+            cfg["rope_scaling"] = llama3_rope_scaling(factors, cfg["rope_theta"], cfg["head_dim"])
+            log.info("%s: rope_freqs -> llama3 RoPE scaling %s", gguf_path.name, cfg["rope_scaling"])
+            continue
         else:
             raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
         shape = [int(s) for s in reversed(t.shape)]  # GGUF lists the fastest dim first

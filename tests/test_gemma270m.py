@@ -28,7 +28,7 @@ def _text_ids(tokenizer) -> torch.Tensor:
 
     from quantize.calibration import tokenize_text
 
-    return tokenize_text(tokenizer, "\n\n".join(topics[k] for k in sorted(topics)[100:106]))
+    return tokenize_text(tokenizer, "\n\n".join(topics[k] for k in sorted(topics)[20:24]))
 
 
 def test_reference_perplexity_in_our_runtime_equals_transformers(gemma):
@@ -41,13 +41,13 @@ def test_reference_perplexity_in_our_runtime_equals_transformers(gemma):
 
     _, folder = gemma
     ids = _text_ids(load_tokenizer(folder))
-    seqlen, max_tokens = 192, 768
+    seqlen, max_tokens = 128, 512
     hf = perplexity(load_hf_model(folder), ids, seqlen, max_tokens, batch_size=2)
     runner = ModelRunner.from_path(folder, kv_format="fp32", block_size=16, num_blocks=seqlen // 16, device="cpu",
                                    max_model_len=seqlen, use_cuda_graphs=False)
     ours = runtime_perplexity(runner, ids, seqlen, max_tokens)
     assert ours["tokens"] == hf.tokens
-    assert 1.0 < hf.ppl < 100.0  # a working language model on English prose, not a broken conversion
+    assert 1.0 < hf.ppl < 1000.0  # a language model on reference docs (~100), not a broken conversion (~vocab size)
     assert ours["ppl"] == pytest.approx(hf.ppl, rel=1e-3)
 
 
