@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from athena_runtime.chat_prompt import render_chat
 from athena_runtime.engine_settings import KV_FORMATS, EngineSettings
 from athena_runtime.sampling_params import SamplingParams
 
@@ -62,10 +63,7 @@ def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], max_prompt_
     """Chat-template the messages, dropping the oldest turns (never the system message) to fit."""
     messages = list(messages)
     while True:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:   # a base model: plain text
-            text = "\n".join(m["content"] for m in messages) + "\n"
+        text = render_chat(tokenizer, messages)  # no template (a base model): plain text
         ids = tokenizer.encode(text, add_special_tokens=False)
         first_turn = 1 if messages[0]["role"] == "system" else 0
         if len(ids) <= max_prompt_tokens or len(messages) - first_turn <= 1:

@@ -1,21 +1,35 @@
 """The decoder architecture, read from a Hugging Face `config.json`.
 
-Supported families: Llama, Mistral and Qwen2 (pre-norm decoders with RMSNorm, RoPE, GQA and a
-SwiGLU MLP). Both the transformers-5 layout (`rope_parameters`) and the older one (`rope_theta` +
-`rope_scaling`) are read.
+Supported families (pre-norm decoders with RMSNorm, RoPE, GQA and a gated MLP):
+- Llama (1-3.x), Mistral, Qwen2: SwiGLU, optional biases and sliding windows;
+- Qwen3: Qwen2 without the q/k/v bias, plus an RMSNorm over each head of q and k before RoPE;
+- Gemma 3 (text, `gemma3_text`): RMSNorm weights applied as (1 + w), embeddings scaled by sqrt(hidden),
+  GELU-tanh gated MLP, q/k norms, norms around attention and MLP outputs too ("sandwich"), interleaved
+  sliding-window / global layers with their own RoPE, a query scale of query_pre_attn_scalar^-1/2 and
+  optional tanh soft-capping of attention scores and final logits.
+Both the transformers-5 layout (`rope_parameters`, per layer type for Gemma 3) and the older one
+(`rope_theta` + `rope_scaling`, Gemma's `rope_local_base_freq`) are read.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# config.json's activation name -> ours (both gate activations of a gated MLP: act(gate) · up)
+SUPPORTED_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 _ARCHITECTURE_CLASSES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+_GEMMA_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}  # transformers' defaults
 
 
 @dataclass(frozen=True)
@@ -32,7 +46,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -51,6 +65,16 @@ class ModelConfig:
     mlp_bias: bool = False  # Llama with mlp_bias
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh": the MLP's act(gate) · up
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k (weights [D]) before RoPE
+    norm_unit_offset: bool = False  # Gemma: every RMSNorm multiplies by (1 + w), in float32, rounded once
+    sandwich_norms: bool = False  # Gemma: attention and MLP outputs are normed before the residual add
+    embed_scale: float | None = None  # Gemma: embeddings · sqrt(hidden), that factor rounded to the model dtype
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale query_pre_attn_scalar^-1/2 (else D^-1/2)
+    attn_softcap: float | None = None  # scores -> c·tanh(scores / c) before the softmax (Gemma 2's; no supported
+    # family sets it from config.json: Gemma 3 dropped it for q/k norms. The attention paths implement it.)
+    final_softcap: float | None = None  # logits -> c·tanh(logits / c)
+    rope_local: RopeConfig | None = None  # Gemma 3: the RoPE of sliding-window layers (None: `rope` everywhere)
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None for full causal attention."""
@@ -58,11 +82,31 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def layer_rope(self, layer: int) -> RopeConfig:
+        """The RoPE parameters of `layer` (Gemma 3's sliding layers have their own)."""
+        if self.rope_local is not None and self.sliding_layers[layer]:
+            return self.rope_local
+        return self.rope
+
+    @property
+    def attn_scale(self) -> float:
+        """The softmax scale of q·k."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelConfig":
         architecture = _architecture(hf)
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        gemma = architecture == "gemma3_text"
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden activation {act!r} is not supported (supported: "
+                             f"{', '.join(SUPPORTED_ACTIVATIONS)})")
+        if gemma and hf.get("attn_logit_softcapping") is not None:
+            log.warning("config.json sets attn_logit_softcapping=%s, which Gemma 3 does not use (transformers' "
+                        "Gemma3Attention ignores it too): attention scores are not soft-capped",
+                        hf["attn_logit_softcapping"])
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention (an embedding model) is not supported: causal decoders only")
         num_heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         head_dim = hf.get("head_dim") or hidden // num_heads
@@ -81,17 +125,29 @@ class ModelConfig:
             num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_config(hf),
+            rope=_rope_config(hf, "full_attention" if gemma else None),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             sliding_window=window,
             sliding_layers=sliding_layers,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=architecture == "qwen2" or attention_bias,
-            o_bias=architecture == "llama" and attention_bias,
+            o_bias=architecture in ("llama", "qwen3", "gemma3_text") and attention_bias,
             mlp_bias=architecture == "llama" and bool(hf.get("mlp_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hidden_act=SUPPORTED_ACTIVATIONS[act],
+            qk_norm=architecture in ("qwen3", "gemma3_text"),
+            norm_unit_offset=gemma,
+            sandwich_norms=gemma,
+            embed_scale=hidden**0.5 if gemma else None,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)) if gemma else None,
+            final_softcap=_optional_float(hf.get("final_logit_softcapping")) if gemma else None,
+            rope_local=_rope_config(hf, "sliding_attention") if gemma else None,
         )
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _architecture(hf: dict) -> str:
@@ -99,6 +155,10 @@ def _architecture(hf: dict) -> str:
     architectures = hf.get("architectures") or []
     if model_type in SUPPORTED_ARCHITECTURES:
         return model_type
+    if model_type == "gemma3":
+        raise ValueError("model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration, the "
+                         "4B/12B/27B releases): only its text model is supported (model_type 'gemma3_text', "
+                         "Gemma3ForCausalLM, e.g. gemma-3-1b and gemma-3-270m, or a gemma3 GGUF)")
     if model_type is None:
         for name in architectures:
             if name in _ARCHITECTURE_CLASSES:
@@ -113,12 +173,15 @@ def _sliding_window(architecture: str, hf: dict, num_layers: int) -> tuple[int |
     window = hf.get("sliding_window")
     if architecture == "llama" or window is None:
         return None, (False,) * num_layers
-    if architecture == "qwen2" and not hf.get("use_sliding_window", False):
+    if architecture in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         return None, (False,) * num_layers
     layer_types = hf.get("layer_types")
     if layer_types is not None:
         sliding = tuple(t == "sliding_attention" for t in layer_types)
-    elif architecture == "qwen2":  # transformers: layers i >= max_window_layers use the window
+    elif architecture == "gemma3_text":  # older configs: every `sliding_window_pattern`-th layer is global
+        pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+        sliding = tuple(bool((i + 1) % pattern) for i in range(num_layers))
+    elif architecture in ("qwen2", "qwen3"):  # transformers: layers i >= max_window_layers use the window
         first = int(hf.get("max_window_layers", num_layers))
         sliding = tuple(i >= first for i in range(num_layers))
     else:
@@ -128,11 +191,21 @@ def _sliding_window(architecture: str, hf: dict, num_layers: int) -> tuple[int |
     return int(window), sliding
 
 
-def _rope_config(hf: dict) -> RopeConfig:
+def _rope_config(hf: dict, layer_type: str | None = None) -> RopeConfig:
+    """The RoPE of all layers, or (Gemma 3, `layer_type` given) of that layer type: transformers 5 keeps
+    one `rope_parameters` dict per type; older configs have rope_theta + rope_scaling for the global layers
+    and rope_local_base_freq for the sliding ones."""
     params = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
+    default_theta = 10000.0
+    if layer_type is not None:
+        default_theta = _GEMMA_DEFAULT_THETA[layer_type]
+        if any(k in params for k in _GEMMA_DEFAULT_THETA):  # transformers 5: per layer type
+            params = dict(params.get(layer_type) or {})
+        elif layer_type == "sliding_attention":  # older: local layers are unscaled, with their own base
+            params, legacy = {"rope_theta": hf.get("rope_local_base_freq", default_theta)}, {}
     params = {**legacy, **params}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")

@@ -76,7 +76,11 @@ def calibrate_key_basis(model, config, windows: torch.Tensor, device, dtype) -> 
         batch = prepare_batch([SequenceChunk(w, 0, list(range(blocks)))], cache, device)
         model(batch.input_ids, batch.positions, batch.attn)
     log.info("KV key basis calibrated on %d x %d tokens in %.1f s", n, length, time.perf_counter() - t0)
-    return cache.key_basis(config.num_heads // config.num_kv_heads)
+    basis = cache.key_basis(config.num_heads // config.num_kv_heads)
+    if config.attn_softcap is not None:  # capped scores are not shift-invariant: keep q·k itself (d and H only)
+        log.info("KV key basis: no key offset (soft-capped attention scores need q·k unshifted)")
+        basis = KeyBasis(offset=torch.zeros_like(basis.offset), scale=basis.scale, sink=torch.zeros_like(basis.sink))
+    return basis
 
 
 def calibration_windows(tokenizer, max_len: int) -> torch.Tensor:

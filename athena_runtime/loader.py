@@ -45,18 +45,25 @@ def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | 
     else:
         tensors, layers = read_hf_weights(folder), {}
         log.info("loading Hugging Face checkpoint %s", folder)
+    return build_model(config, tensors, layers, device, dtype, max_len, fuse, folder), config
+
+
+def build_model(config: ModelConfig, tensors, layers: dict, device, dtype: torch.dtype = torch.float16,
+                max_len: int | None = None, fuse: bool = True, source="checkpoint") -> CausalLM:
+    """Our decoder for `config` from checkpoint tensors (a mapping name -> tensor) and athena.json's "layers", in
+    eval mode on `device` (`load_model` after reading the files; benchmarks pass random tensors made on the device)."""
     build = LinearBuilder(tensors, layers, torch.device(device), dtype)
     model = CausalLM(config, build, max_len)
     unused_layers = set(layers) - build.built
     if unused_layers:
-        raise ValueError(f"{folder}: athena.json lists layers the model has no place for: {sorted(unused_layers)[:5]}")
-    _materialize(model, tensors, torch.device(device), dtype, folder)
-    _warn_unused(model, tensors, build.built, folder)
+        raise ValueError(f"{source}: athena.json lists layers the model has no place for: {sorted(unused_layers)[:5]}")
+    _materialize(model, tensors, torch.device(device), dtype, source)
+    _warn_unused(model, tensors, build.built, source)
     model.to(device)  # buffers (RoPE inverse frequencies); parameters are already there
     if fuse:
         from athena_runtime.split_linear import fuse_projections
         fuse_projections(model)
-    return model.eval(), config
+    return model.eval()
 
 
 def _resolve_folder(path: Path) -> Path:
@@ -186,7 +193,7 @@ class LinearBuilder:
         return t
 
 
-def _warn_unused(model: nn.Module, tensors: dict, linears: set[str], folder: Path) -> None:
+def _warn_unused(model: nn.Module, tensors, linears: set[str], folder) -> None:
     """Tensors nothing consumed usually mean config.json and the weights disagree: say so."""
     params = {name for name, _ in model.named_parameters()}
     unused = sorted(name for name in tensors if name not in params and name.rsplit(".", 1)[0] not in linears
@@ -197,7 +204,7 @@ def _warn_unused(model: nn.Module, tensors: dict, linears: set[str], folder: Pat
                     ", ".join(unused[:5]))
 
 
-def _materialize(model: nn.Module, tensors: dict, device: torch.device, dtype: torch.dtype, folder: Path) -> None:
+def _materialize(model: nn.Module, tensors, device: torch.device, dtype: torch.dtype, folder) -> None:
     """Give every parameter still on the meta device (embeddings, norms) its checkpoint tensor."""
     for name, param in list(model.named_parameters()):
         if not param.is_meta:

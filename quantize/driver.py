@@ -82,7 +82,7 @@ class LayerContext:
     from one calibration sample into the next)."""
 
     position_ids: torch.Tensor  # [1, S]
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> cos, sin (Gemma 3: two RoPEs)
     masks: dict[str, torch.Tensor]  # layer type -> additive mask [1, 1, S, S]
     layer_types: list[str]
 
@@ -102,7 +102,12 @@ def build_context(model, seqlen: int, device, dtype) -> LayerContext:
     pos = torch.arange(seqlen, device=device).unsqueeze(0)
     dummy = torch.zeros(1, seqlen, config.hidden_size, device=device, dtype=dtype)
     rotary = model.model.rotary_emb.to(device)
-    cos, sin = rotary(dummy, pos)
+    types = _layer_types(config, len(layers))
+    if getattr(rotary, "layer_types", None):  # Gemma 3: one RoPE per layer type
+        rope = {t: tuple(x.to(dtype) for x in rotary(dummy, pos, t)) for t in set(types)}
+    else:
+        cos, sin = rotary(dummy, pos)
+        rope = {t: (cos.to(dtype), sin.to(dtype)) for t in set(types)}
     i = torch.arange(seqlen, device=device)
     dist = i[:, None] - i[None, :]  # query - key
     neg = torch.finfo(dtype).min
@@ -111,7 +116,7 @@ def build_context(model, seqlen: int, device, dtype) -> LayerContext:
     if window:
         allowed = (dist >= 0) & (dist < window)
         masks["sliding_attention"] = torch.where(allowed, 0.0, neg).to(dtype)[None, None]
-    return LayerContext(pos, (cos.to(dtype), sin.to(dtype)), masks, _layer_types(config, len(layers)))
+    return LayerContext(pos, rope, masks, types)
 
 
 @torch.no_grad()
@@ -119,6 +124,7 @@ def run_layer(layer, index: int, inps: torch.Tensor, ctx: LayerContext, batch_si
     """inps [ns, S, H] -> outputs [ns, S, H] of decoder layer `index` (same dtype/device as inps)."""
     p = next(layer.parameters())
     mask = ctx.masks[ctx.layer_types[index]]
+    rope = ctx.position_embeddings[ctx.layer_types[index]]
     outs = torch.empty_like(inps)
     for s in range(0, inps.shape[0], batch_size):
         x = inps[s : s + batch_size].to(p.dtype)
@@ -126,7 +132,7 @@ def run_layer(layer, index: int, inps: torch.Tensor, ctx: LayerContext, batch_si
             x,
             attention_mask=mask.to(p.dtype),
             position_ids=ctx.position_ids,
-            position_embeddings=tuple(t.to(p.dtype) for t in ctx.position_embeddings),
+            position_embeddings=tuple(t.to(p.dtype) for t in rope),
             use_cache=False,
         )
         y = y[0] if isinstance(y, tuple) else y

@@ -55,9 +55,15 @@ def load_compressed_as_hf(path: Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if config.tie_word_embeddings:
         model.tie_weights()
-    # Buffers (rotary inv_freq) were created on meta: build the rotary embedding again on CPU.
+    # Buffers (rotary inv_freq; Gemma's embedding scale) were created on meta: build them again on CPU.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):  # Gemma: embeddings · sqrt(hidden)
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale, dtype=torch.float32)
+    on_meta = [name for name, b in model.named_buffers() if b.is_meta]
+    if on_meta:
+        raise ValueError(f"{path}: buffers left unbuilt for {type(model).__name__}: {on_meta[:5]}")
     model.eval()
     model.config.use_cache = False
     return model, meta

@@ -2,6 +2,12 @@
 
 The quantizer and the runtime then treat it like any Hugging Face checkpoint. GGUF block-quantized
 tensors are dequantized with `gguf.quants`; the dequantized model is the fp16 reference.
+
+Architectures: `llama` (q/k rows un-permuted: llama.cpp interleaves the rotary halves), `qwen2`, and
+`gemma3` (-> `gemma3_text`): llama.cpp stores Gemma's RMSNorm weights as 1 + w (it multiplies by the
+weight), so 1 is subtracted again; the settings GGUF does not carry are llama.cpp's fixed ones for
+Gemma 3 (every 6th layer global, local RoPE base 10000, query scale 1/sqrt(head_dim) except for 27B).
+A GGUF without a chat template gets its family's (`quantize.chat_templates`), logged.
 """
 from __future__ import annotations
 
@@ -14,7 +20,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "gemma3")
+_HF_CLASSES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+               "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: layers 6, 12, ... (1-based) are global, the others sliding
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 # GGUF tensor name (after "blk.{i}.") -> Hugging Face name (after "model.layers.{i}.")
 _LAYER_NAMES = {
@@ -30,6 +40,14 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GEMMA3_LAYER_NAMES = {  # Gemma 3's norms: sandwich around attention and MLP, q/k norms
+    **_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -58,10 +76,11 @@ def _hf_config(reader, arch: str, tied: bool) -> dict:
     n_head = int(a("attention.head_count"))
     hidden = int(a("embedding_length"))
     vocab = a("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    head_dim = int(a("rope.dimension_count", hidden // n_head))
+    head_dim = int(a("attention.key_length", a("rope.dimension_count", hidden // n_head)))
+    hf_class, model_type = _HF_CLASSES[arch]
     cfg = {
-        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
-        "model_type": arch,
+        "architectures": [hf_class],
+        "model_type": model_type,
         "vocab_size": int(vocab),
         "hidden_size": hidden,
         "intermediate_size": int(a("feed_forward_length")),
@@ -80,7 +99,70 @@ def _hf_config(reader, arch: str, tied: bool) -> dict:
     if arch == "llama":
         cfg["attention_bias"] = False
         cfg["mlp_bias"] = False
+    if arch == "gemma3":
+        cfg.update(_gemma3_config(reader, a, cfg))
     return cfg
+
+
+def _gemma3_config(reader, a, cfg: dict) -> dict:
+    n_layers = cfg["num_hidden_layers"]
+    # llama.cpp's query scale: 1/sqrt(hidden / heads) for the 27B model (62 layers), else 1/sqrt(head_dim)
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 62 else cfg["head_dim"]
+    glob = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+    if a("rope.scaling.type") == "linear" and a("rope.scaling.factor"):
+        glob.update(rope_type="linear", factor=float(a("rope.scaling.factor")))
+    eos = cfg["eos_token_id"]
+    end_of_turn = _token_id(reader, "<end_of_turn>")  # the chat turn's end: generation stops there too
+    eos_ids = [eos] if end_of_turn is None or end_of_turn == eos else [eos, end_of_turn]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(a("attention.sliding_window")),
+        "layer_types": ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+                        for i in range(n_layers)],
+        "rope_parameters": {"full_attention": glob,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}},
+        "final_logit_softcapping": a("final_logit_softcapping"),
+        "attn_logit_softcapping": a("attn_logit_softcapping"),
+        "eos_token_id": eos_ids,
+        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+    }
+
+
+# (low_freq_factor, high_freq_factor, original_max_position_embeddings) of the released Llama 3.1 / 3.2 / 3.3
+LLAMA3_ROPE_CANDIDATES = ((1.0, 4.0, 8192),)
+
+
+def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """config.json's llama3 `rope_scaling` from llama.cpp's rope_freqs (inv_freq is divided by factors[i]): the
+    released parameters that reproduce them, with factor = the largest divisor. Anything else is refused (a
+    silently unscaled RoPE would be wrong past 8k tokens)."""
+    from athena_runtime.config import RopeConfig
+    from athena_runtime.model import rope_inv_freq
+
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"rope_freqs has {factors.shape[0]} entries, head_dim {head_dim} needs {head_dim // 2}")
+    base = rope_inv_freq(RopeConfig(theta=theta), head_dim, 0).double().numpy()
+    factor = round(float(factors.max()), 3)  # llama.cpp stores float32 divisors
+    for low, high, original in LLAMA3_ROPE_CANDIDATES:
+        rope = RopeConfig(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                          original_max_position_embeddings=original)
+        scaled = rope_inv_freq(rope, head_dim, 0).double().numpy()
+        if np.allclose(base / scaled, factors, rtol=1e-3, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise ValueError(f"rope_freqs (max {factor}) match no llama3 RoPE scaling with (low, high, original) in "
+                     f"{LLAMA3_ROPE_CANDIDATES}: not supported")
+
+
+def _token_id(reader, token: str) -> int | None:
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return None
+    for i, idx in enumerate(field.data):
+        if bytes(field.parts[idx]) == token.encode():
+            return i
+    return None
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -103,6 +185,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names
     cfg = _hf_config(reader, arch, tied)
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -110,11 +193,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             hf = _GLOBAL_NAMES[t.name]
         elif t.name.startswith("blk."):
             _, idx, rest = t.name.split(".", 2)
-            if rest not in _LAYER_NAMES:
+            if rest not in layer_names:
                 raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r} for architecture {arch}")
-            hf = f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
-        elif t.name == "rope_freqs.weight":
-            continue  # llama3 rope factors; recomputed from config by transformers
+            hf = f"model.layers.{idx}.{layer_names[rest]}"
+        elif t.name == "rope_freqs.weight":  # Llama 3.1+: the llama3 RoPE scaling as per-frequency divisors
+            factors = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1)
+            cfg["rope_scaling"] = llama3_rope_scaling(factors, cfg["rope_theta"], cfg["head_dim"])
+            log.info("%s: rope_freqs -> llama3 RoPE scaling %s", gguf_path.name, cfg["rope_scaling"])
+            continue
         else:
             raise ValueError(f"{gguf_path}: unexpected tensor {t.name!r}")
         shape = [int(s) for s in reversed(t.shape)]  # GGUF lists the fastest dim first
@@ -123,10 +209,22 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             w = _unpermute_rope(w, cfg["num_attention_heads"])
         elif arch == "llama" and rest_is(t.name, "attn_k.weight"):
             w = _unpermute_rope(w, cfg["num_key_value_heads"])
+        elif arch == "gemma3" and t.name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stored 1 + w
         tensors[hf] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.float16)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if not getattr(tokenizer, "chat_template", None):
+        from quantize.chat_templates import family_chat_template
+
+        template = family_chat_template(cfg["model_type"])
+        if template is not None:
+            log.info("%s has no chat template: using the %s family's", gguf_path.name, cfg["model_type"])
+            tokenizer.chat_template = template
+        else:
+            log.warning("%s has no chat template and its family has none here: chat requests get plain text",
+                        gguf_path.name)
     tokenizer.save_pretrained(out_dir)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -1,4 +1,5 @@
-"""Source models for the quantizer: a Hugging Face folder (Llama / Mistral / Qwen2) or a GGUF file.
+"""Source models for the quantizer: a Hugging Face folder (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 text) or a
+GGUF file (llama, qwen2, gemma3).
 
 `resolve_source` turns whatever the user named into a validated Hugging Face folder (converting a
 GGUF file once, into a cache); `load_hf_model` builds the transformers model from it.
@@ -13,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from athena_runtime.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
 from quantize.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 

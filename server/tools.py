@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from athena_runtime.chat_prompt import render_chat
 from server import errors
 from server.protocol import ChatCompletionRequest, ChatMessage
 from server.structured import check_schema
@@ -156,6 +157,8 @@ def render_prompt(req: ChatCompletionRequest, tokenizer: Any, plan: ToolPlan) ->
     else:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
+        if "tools" not in kwargs:  # a system prompt the template has no role for is folded into the first user turn
+            return render_chat(tokenizer, messages)
         return tokenizer.apply_chat_template(messages, **kwargs)
     except jinja2.TemplateError as exc:  # the template's own raise_exception("...") messages
         raise errors.invalid_request(f"The messages do not fit the model's chat template: {exc}",

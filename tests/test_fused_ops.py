@@ -5,7 +5,8 @@ import torch
 
 from athena_runtime.kernels.fused_ops import (
     scatter_rows_pair_, scatter_rows_pair_reference,
-    add_rmsnorm, add_rmsnorm_reference, rope_, rope_reference, silu_mul, silu_mul_reference,
+    add_rmsnorm, add_rmsnorm_reference, gelu_tanh_mul, gelu_tanh_mul_reference, rope_, rope_reference, silu_mul,
+    silu_mul_reference,
 )
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,6 +38,32 @@ def test_add_rmsnorm(dtype, T, H, with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,H", [(1, 64), (3, 640), (2, 100)])
+def test_add_rmsnorm_unit_offset_is_gemmas(dtype, T, H):
+    """Gemma: y = (norm(r) · (1 + w)) in float32, rounded once; checked against transformers' Gemma3RMSNorm."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    g = torch.Generator().manual_seed(T + H)
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    res = torch.randn(T, H, generator=g).to(DEV, dtype)
+    w = (0.3 * torch.randn(H, generator=g)).to(DEV, dtype)
+    hf = Gemma3RMSNorm(H, eps=1e-6).to(DEV, dtype)
+    hf.weight.data.copy_(w)
+    y_ref, r_ref = add_rmsnorm_reference(x, res, w, 1e-6, unit_offset=True)
+    assert torch.equal(y_ref, hf(x + res))
+    y, r = add_rmsnorm(x, res, w, 1e-6, use_triton=True, unit_offset=True)
+    _close(r, r_ref, dtype)
+    _close(y, y_ref, dtype)
+    # a float32 residual stream under float16 layers: the sum stays float32, the norm comes out in `out_dtype`
+    x32, res32 = x.float() * 1e3, res.float() * 1e3  # beyond float16's range once summed
+    y, r = add_rmsnorm(x32, res32, w, 1e-6, use_triton=True, unit_offset=True, out_dtype=dtype)
+    y_ref, r_ref = add_rmsnorm_reference(x32, res32, w, 1e-6, unit_offset=True, out_dtype=dtype)
+    assert r.dtype == torch.float32 and y.dtype == dtype
+    _close(r, r_ref, torch.float32)
+    _close(y, y_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,H,Hkv,D", [(1, 4, 2, 64), (3, 9, 3, 64), (2, 5, 1, 34)])
 def test_rope_in_place(dtype, T, H, Hkv, D):
     g = torch.Generator().manual_seed(T + H + D)
@@ -50,6 +77,41 @@ def test_rope_in_place(dtype, T, H, Hkv, D):
     assert q2.data_ptr() == q.data_ptr() and k2.data_ptr() == k.data_ptr()  # in place
     _close(q2, q_ref, dtype)
     _close(k2, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("unit_offset", [False, True])  # Qwen3's norm, Gemma's
+@pytest.mark.parametrize("T,H,Hkv,D", [(1, 4, 1, 256), (3, 5, 2, 34), (2, 8, 4, 128)])
+def test_rope_with_qk_norm(dtype, unit_offset, T, H, Hkv, D):
+    """Each head of q and k RMS-normed (its own weights), then rotated: one launch, as the two references."""
+    g = torch.Generator().manual_seed(T + H + D + unit_offset)
+    q = (3 * torch.randn(T, H, D, generator=g)).to(DEV, dtype)
+    k = torch.randn(T, Hkv, D, generator=g).to(DEV, dtype)
+    wq = (0.5 * torch.randn(D, generator=g) + (0 if unit_offset else 1)).to(DEV, dtype)
+    wk = (0.5 * torch.randn(D, generator=g) + (0 if unit_offset else 1)).to(DEV, dtype)
+    ang = torch.rand(T, D // 2, generator=g) * 100
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    norm = (wq, wk, 1e-6, unit_offset)
+    q_ref = rope_reference(add_rmsnorm_reference(q, None, wq, 1e-6, unit_offset)[0], cos, sin)
+    k_ref = rope_reference(add_rmsnorm_reference(k, None, wk, 1e-6, unit_offset)[0], cos, sin)
+    q2, k2 = rope_(q, k, cos, sin, use_triton=True, qk_norm=norm)
+    assert q2.data_ptr() == q.data_ptr() and k2.data_ptr() == k.data_ptr()  # in place
+    _close(q2, q_ref, dtype)
+    _close(k2, k_ref, dtype)
+    with pytest.raises(ValueError, match="norm weights"):
+        rope_(q, k, cos, sin, use_triton=True, qk_norm=(wq[:-2], wk, 1e-6, unit_offset))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,F", [(1, 7), (3, 1500), (4, 2048)])
+def test_gelu_tanh_mul(dtype, T, F):
+    g = torch.Generator().manual_seed(T * F + 1)
+    gate = (4 * torch.randn(T, F, generator=g)).to(DEV, dtype)
+    up = torch.randn(T, F, generator=g).to(DEV, dtype)
+    _close(gelu_tanh_mul(gate, up, use_triton=True), gelu_tanh_mul_reference(gate, up), dtype)
+    with pytest.raises(ValueError, match="gelu_tanh_mul"):
+        gelu_tanh_mul(gate, up[:, :-1], use_triton=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

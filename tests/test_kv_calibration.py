@@ -15,7 +15,10 @@ from tiny_models import make_tiny_model
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib_models")
     return {"llama": make_tiny_model(root / "llama", "llama"),
-            "mistral": make_tiny_model(root / "mistral", "mistral", sliding_window=7)}
+            "mistral": make_tiny_model(root / "mistral", "mistral", sliding_window=7),
+            # Gemma 3 with its real head_dim 256 (2 heads, 1 KV head): the basis over wide heads, local/global layers
+            "gemma3": make_tiny_model(root / "gemma3", "gemma3", head_dim=256, num_attention_heads=2,
+                                      num_key_value_heads=1)}
 
 
 def test_recorded_statistics_follow_the_definitions():
@@ -42,7 +45,7 @@ def _hf_logits(folder, tokens):
         return hf(torch.tensor([tokens])).logits[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
 def test_calibrated_basis_with_an_exact_cache_matches_transformers(folders, family):
     """m, d, δ and H change what is stored, not what attention computes (sliding window included)."""
     folder = folders[family]

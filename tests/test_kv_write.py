@@ -76,6 +76,8 @@ CASES = [  # fmt, hadamard, calibrated, head_dim, Hkv, group_size, dtype, tokens
     ("int4", True, True, 64, 3, None, torch.float16, 8),
     ("int4", True, True, 128, 3, None, torch.float32, 5),
     ("int4", True, True, 64, 1, 32, torch.bfloat16, 6),
+    ("int8", False, False, 256, 2, None, torch.float16, 4),  # Gemma 3's head_dim (two warps per program)
+    ("int4", True, True, 256, 1, None, torch.float16, 5),
 ]
 
 

@@ -19,6 +19,15 @@ CASES = {
     "llama-linear-rope-mha": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), num_key_value_heads=4)),
     "mistral-window": ("mistral", dict(sliding_window=7)),
     "qwen2-bias-window": ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen3-qknorm-head_dim": ("qwen3", {}),
+    "qwen3-window-untied-bias": ("qwen3", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                                               attention_bias=True)),
+    "llama3-gqa8-tied": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, num_attention_heads=8,
+                                       num_key_value_heads=1, tie_word_embeddings=True)),
+    # local / global layers, their RoPE bases (global: linear scaling), q/k norms, (1 + w) norms, sandwich norms,
+    # GELU-tanh, query_pre_attn_scalar, final soft-capping, tied embeddings
+    "gemma3-local-global": ("gemma3", {}),
+    "gemma3-gqa-mqa-no-softcap": ("gemma3", dict(num_key_value_heads=1, final_logit_softcapping=None)),
 }
 
 
@@ -43,6 +52,50 @@ def test_decoder_matches_transformers_at_every_position(tmp_path, case):
             batch = prepare_batch([SequenceChunk(tokens[start:end], start, table)], cache, "cpu")
             got.append(model.compute_logits(model(batch.input_ids, batch.positions, batch.attn)))
     torch.testing.assert_close(torch.cat(got), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_gemma3_older_config_layout_reads_the_same(tmp_path):
+    """A Gemma 3 config.json in the transformers-4 layout (rope_theta, rope_local_base_freq, rope_scaling,
+    sliding_window_pattern, no layer_types) gives the same ModelConfig as the transformers-5 one."""
+    folder = make_tiny_model(tmp_path, "gemma3")
+    new = json.loads((folder / "config.json").read_text())
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
+    old.update(rope_theta=50000.0, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
+               sliding_window_pattern=2, num_hidden_layers=3)
+    a, b = ModelConfig.from_hf_config(new), ModelConfig.from_hf_config(old)
+    assert a == b
+    assert a.sliding_layers == (True, False, True) and a.window(0) == 5 and a.window(1) is None
+    assert a.layer_rope(0).theta == 100.0 and a.layer_rope(1) == a.rope and a.rope.rope_type == "linear"
+    assert a.attn_scale == 24**-0.5 and a.embed_scale == 8.0 and a.hidden_act == "gelu_tanh"
+    with pytest.raises(ValueError, match="multimodal Gemma 3"):
+        ModelConfig.from_hf_config({**new, "model_type": "gemma3"})
+    with pytest.raises(ValueError, match="hidden activation 'gelu'"):
+        ModelConfig.from_hf_config({**new, "hidden_activation": "gelu"})
+
+
+def test_gemma_in_float16_keeps_its_residual_stream_in_float32(tmp_path):
+    """Gemma's residual stream outgrows float16 (the real 270M reaches ~9e4): with norms that push it past 65504,
+    the float16 model still gives the float32 model's logits (its stream is float32, its layers float16)."""
+    folder = make_tiny_model(tmp_path, "gemma3")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    for name in state:
+        if name.endswith(("post_feedforward_layernorm.weight", "post_attention_layernorm.weight")):
+            state[name] = torch.full_like(state[name], 3e4)  # (1 + w) ~ 3e4: outputs ~ 3e4 per layer, summed
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokens = torch.randint(0, 384, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits = {}
+    for dtype in (torch.float32, torch.float16):
+        model, config = load_model(folder, "cpu", dtype)
+        cache = KVCache.create("fp32", config.num_layers, 4, 4, config.num_kv_heads, config.head_dim, "cpu")
+        with torch.no_grad():
+            batch = prepare_batch([SequenceChunk(tokens, 0, [0, 1, 2])], cache, "cpu")
+            hidden = model(batch.input_ids, batch.positions, batch.attn)
+            assert hidden.dtype == dtype
+            logits[dtype] = model.compute_logits(hidden).float()
+    assert torch.isfinite(logits[torch.float16]).all()
+    torch.testing.assert_close(logits[torch.float16], logits[torch.float32], rtol=2e-2, atol=2e-2)
 
 
 def test_sliding_window_is_really_exercised(tmp_path):
@@ -87,7 +140,10 @@ def test_config_fields_and_errors():
     old = ModelConfig.from_hf_config(legacy)
     assert (old.rope.theta, old.rope.rope_type, old.rope.factor, old.num_kv_heads, old.eos_token_ids) == (
         1234.0, "linear", 2.0, 2, (2, 3))
-    with pytest.raises(ValueError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*llama, mistral, qwen2"):
+    qwen3 = ModelConfig.from_hf_config(tiny_config("qwen3").to_dict())
+    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.qkv_bias, qwen3.window(1), qwen3.attn_scale) == (32, True, False,
+                                                                                                 None, 32**-0.5)
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*llama, mistral, qwen2, qwen3, gemma3"):
         ModelConfig.from_hf_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="rope type 'yarn'"):
         ModelConfig.from_hf_config({**legacy, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})

@@ -57,12 +57,14 @@ def _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed, num_l
     return cache, table.to(DEVICE), keys, values
 
 
-def _dense_attention(q, k, v, sm_scale, window):
-    """q [n, H, D] at the last n positions of k, v [L, Hkv, D]; causal (+ window); float64."""
+def _dense_attention(q, k, v, sm_scale, window, softcap=None):
+    """q [n, H, D] at the last n positions of k, v [L, Hkv, D]; causal (+ window, + soft-capping); float64."""
     n, num_heads, _ = q.shape
     length, group = k.shape[0], num_heads // k.shape[1]
     k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
     scores = torch.einsum("nhd,lhd->hnl", q.double(), k) * sm_scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     pos_q, pos_k = torch.arange(length - n, length), torch.arange(length)
     visible = pos_k[None] <= pos_q[:, None]
     if window is not None:
@@ -70,9 +72,11 @@ def _dense_attention(q, k, v, sm_scale, window):
     return torch.einsum("hnl,lhd->nhd", scores.masked_fill(~visible, -math.inf).softmax(-1), v)
 
 
-@pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("calibrated", [False, True])
-def test_reference_prefill_matches_dense_attention(window, calibrated):
+@pytest.mark.parametrize("window,softcap,calibrated", [
+    (None, None, False), (7, None, False), (None, None, True), (7, None, True),
+    (None, 1.5, False),  # soft-capping is not shift-invariant: no key offset (kv_calibration drops it then)
+])
+def test_reference_prefill_matches_dense_attention(window, softcap, calibrated):
     """Exact cache: attention in the stored basis (query in, output back) is attention on q, k, v."""
     seq_lens, new = [23, 5, 40], [9, 5, 1]
     cache, table, keys, values = _filled_cache("fp32", seq_lens, 2, 64, 16, seed=1, hadamard=calibrated,
@@ -80,10 +84,10 @@ def test_reference_prefill_matches_dense_attention(window, calibrated):
     q = torch.randn(sum(new), 6, 64)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
     out = pa.paged_attention_reference(cache.query(0, q.to(DEVICE)), cache, 0, table.to(DEVICE),
-                                       torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.125, window)
+                                       torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.125, window, softcap)
     out = cache.output(out).cpu()
     for s in range(3):
-        want = _dense_attention(q[qsl[s]:qsl[s + 1]], keys[s], values[s], 0.125, window)
+        want = _dense_attention(q[qsl[s]:qsl[s + 1]], keys[s], values[s], 0.125, window, softcap)
         torch.testing.assert_close(out[qsl[s]:qsl[s + 1]].double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -299,3 +303,54 @@ def test_mixed_batch_fresh_prompts_attend_over_their_own_kv(fmt, window, calibra
         same = pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list,
                                         fresh_kv=fresh16)
         torch.testing.assert_close(same, via_cache, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("fmt,window,softcap,calibrated", [
+    ("fp16", 5, None, False),
+    ("int8", None, 1.5, False),  # soft-capped scores (exp clamped: no overflow for large scores)
+    ("int4", 20, None, True),    # what a Gemma runner with --kv-cache int4 runs: calibrated basis, GQA, window
+    ("int4", None, None, True),
+])
+def test_triton_decode_wide_heads(fmt, window, softcap, calibrated):
+    """Gemma 3's heads: head_dim 256 (decode_launch_shape: 32-key tiles, 8 warps), 4 queries per KV head,
+    sliding windows, soft-capping; 3 splits; against the reference and, for the unquantized cache, dense attention."""
+    assert pa.decode_launch_shape(256) == (32, 8) and pa.decode_launch_shape(128) == (pa.TILE_TOKENS, pa.NUM_WARPS)
+    seq_lens = [1, 33, 70, 96]
+    cache, table, keys, values = _filled_cache(fmt, seq_lens, 2, 256, 16, seed=11, hadamard=fmt == "int4",
+                                               calibrated=calibrated)
+    q = torch.randn(len(seq_lens), 8, 256, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    if DEVICE == "cuda":
+        q = q.half()
+    args = (cache.query(0, q), cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), 256**-0.5, window)
+    got = pa.paged_attention_decode(*args, num_splits=3, softcap=softcap)
+    want = pa.paged_attention_reference(*args, softcap=softcap)
+    assert not torch.isnan(got).any()
+    tol = 2e-3 if q.dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    if fmt == "fp16" or softcap is not None:  # int8 with a cap: the reference itself against exact attention
+        for s, n in enumerate(seq_lens):
+            dense = _dense_attention(q[s:s + 1].float().cpu(), keys[s], values[s], 256**-0.5, window, softcap)
+            torch.testing.assert_close(cache.output(want)[s:s + 1].double().cpu(), dense, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+def test_mixed_batch_soft_capped(monkeypatch):
+    """With soft-capping every chunk (whole prompts too) takes the per-sequence einsum path: SDPA is never called,
+    and the result is the reference's."""
+    seq_lens, new = [23, 1, 40, 9], [1, 1, 12, 9]
+    cache, table, _, _ = _filled_cache("fp16", seq_lens, 2, 64, 16, seed=13)
+    q = torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+
+    def no_sdpa(*a, **k):
+        raise AssertionError("SDPA cannot soft-cap")
+
+    monkeypatch.setattr(pa.F, "scaled_dot_product_attention", no_sdpa)
+    want = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, 6, softcap=2.0)
+    got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, 6, seq_lens, qsl.tolist(), softcap=2.0)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+    uncapped = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, 6)
+    assert not torch.allclose(uncapped, want, atol=1e-3)  # the cap really bites at these scores

@@ -14,7 +14,7 @@ from quantize.recipe import AthenaRecipe, ScalarRecipe
 from quantize.source import load_hf_model
 from tiny_models import make_tiny_model, write_text
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 SMALL_ATHENA = AthenaRecipe(d=2, n=16, k=64, codebook_bits=8, lowrank=0.05, kmeans_iters=8)
 
 
@@ -57,7 +57,8 @@ def _job(model, out, texts, method="athena", **kw):
 def test_quantize_and_eval_end_to_end(models, texts, tmp_path, family):
     meta = run(_job(models[family], tmp_path / "q", texts))
     assert meta["complete"] and meta["format_version"] == 1
-    assert len(meta["layers"]) == 7 * 2
+    assert len(meta["layers"]) == 7 * meta["num_layers"] and meta["architecture"] == load_hf_model(
+        models[family]).config.model_type
     for st in meta["layers"].values():
         assert 0.0 <= st["proxy_loss"] < 0.5 and st["bits_per_weight"] > 0
     ref = eval_ppl(models[family], [str(texts[1])], seqlen=64, max_tokens=2048)
@@ -66,6 +67,11 @@ def test_quantize_and_eval_end_to_end(models, texts, tmp_path, family):
     assert math.isfinite(q["ppl"]) and q["tokens"] == ref["tokens"]
     # random tiny models sit near uniform perplexity: quantization may move it, but not blow it up
     assert q["ppl"] < 1.5 * ref["ppl"]
+    # our runtime on the compressed checkpoint (PQLinear, paged cache) agrees with the dequantized transformers model
+    from athena_runtime.perplexity import eval_ppl_runtime
+
+    ours = eval_ppl_runtime(tmp_path / "q", [str(texts[1])], 64, 2048, "fp32")
+    assert ours["tokens"] == q["tokens"] and ours["ppl"] == pytest.approx(q["ppl"], rel=1e-4)
 
 
 def test_bits_from_stored_bytes(models, texts, tmp_path):

@@ -128,3 +128,24 @@ def test_foreign_and_mismatched_checkpoints(compressed, tmp_path):
         checkpoint.read_checkpoint(bad)
     with pytest.raises(ValueError, match="already an Athena compressed checkpoint"):
         resolve_source(compressed)
+
+
+def test_llama3_rope_scaling_from_gguf_rope_freqs():
+    """A Llama 3.1 GGUF carries its RoPE scaling as llama.cpp's per-frequency divisors (rope_freqs): they are read
+    back as config.json's llama3 rope_scaling (factor 8 for 3.1, 32 for 3.2), and foreign divisors are refused."""
+    import numpy as np
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from quantize.gguf_import import llama3_rope_scaling
+
+    for factor in (8.0, 32.0):
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+        hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=dict(scaling),
+                         max_position_embeddings=131072)
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+        plain = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+        assert llama3_rope_scaling(plain / scaled.double().numpy(), 500000.0, 128) == scaling
+    with pytest.raises(ValueError, match="no llama3 RoPE scaling"):
+        llama3_rope_scaling(np.linspace(1.0, 8.0, 64), 500000.0, 128)

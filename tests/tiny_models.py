@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face models (Llama, Mistral, Qwen2) with a small offline tokenizer."""
+"""Tiny random-weight Hugging Face models (Llama, Mistral, Qwen2, Qwen3, Gemma 3) with a small offline tokenizer."""
 from __future__ import annotations
 
 import functools
@@ -32,7 +32,34 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def save_tokenizer(folder: Path):
+# Each family's chat format (written here after the released templates' output), for the server tests. Mistral's
+# first template has no system role (it raises), Qwen2's adds a default system prompt, Gemma's is quantize's own.
+FAMILY_CHAT_TEMPLATES = {
+    "llama": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}"
+                "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+                "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+                "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+                "{% endfor %}"),
+    "qwen2": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+              "{% endif %}" + CHAT_TEMPLATE),
+    "qwen3": CHAT_TEMPLATE,
+}
+
+
+def family_chat_template(family: str) -> str:
+    if family == "gemma3":
+        from quantize.chat_templates import GEMMA_TEMPLATE
+
+        return GEMMA_TEMPLATE
+    return FAMILY_CHAT_TEMPLATES[family]
+
+
+def save_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
 
@@ -40,13 +67,16 @@ def save_tokenizer(folder: Path):
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     tok.save_pretrained(folder)
     return tok
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
 def tiny_config(family: str, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -59,6 +89,15 @@ def tiny_config(family: str, **overrides):
         cfg = MistralConfig(**{**common, "sliding_window": 16, **overrides})
     elif family == "qwen2":
         cfg = Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+    elif family == "qwen3":  # head_dim 32 != hidden / heads: read from the config, not derived
+        cfg = Qwen3Config(**{**common, "head_dim": 32, **overrides})
+    elif family == "gemma3":  # sliding, global, sliding; local and global RoPE bases differ; head_dim 32
+        gemma = dict(common, head_dim=32, tie_word_embeddings=True, sliding_window=5, query_pre_attn_scalar=24,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_hidden_layers=3,
+                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                     final_logit_softcapping=3.0, rms_norm_eps=1e-6, pad_token_id=0)
+        cfg = Gemma3TextConfig(**{**gemma, **overrides})
     else:
         raise ValueError(family)
     return cfg
@@ -73,10 +112,13 @@ def make_tiny_model(folder: Path, family: str = "llama", seed: int = 0, **overri
     folder.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
     # Larger-than-init weights so quantization error and attention patterns are not negligible.
+    # Norm weights moved off their init (ones, or Gemma's zeros for 1 + w) so a wrong norm formula shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(folder)
     save_tokenizer(folder)
     return folder

@@ -5,14 +5,17 @@ graph each still costs ~2 µs, about as much as all of the layer's PQ matmuls. T
 
     add_rmsnorm(x, residual, w)   r = x + residual (in x's dtype);  y = w · (r / rms(r))     1 kernel, was ~8
     rope_(q, k, cos, sin)         q, k rotated in place (half-split convention)              1 kernel, was ~10
+      (qk_norm=...)               Qwen3 / Gemma 3: each head RMS-normed first, same kernel    was ~20 more
     silu_mul(gate, up)            silu(gate) · up                                            1 kernel, was 2
+    gelu_tanh_mul(gate, up)       gelu_tanh(gate) · up (Gemma)                               1 kernel, was 2
     scatter_rows_pair_(...)       a[idx] = a_src; b[idx] = b_src  (the fp16 KV-cache write)   1 kernel, was 2
 
 Every function has a PyTorch reference with the same signature (`*_reference`), which is the spec
 and the CPU path; the Triton kernels run on CUDA tensors (and on CPU under TRITON_INTERPRET=1 when
 `use_triton=True` is forced, for the tests). Rounding follows transformers' Llama modules: the
 residual sum is rounded to the model dtype, the norm is computed in fp32 and rounded before the
-weight multiply.
+weight multiply. Gemma's norms (`unit_offset=True`) multiply the float32 norm by (1 + w) in float32 and
+round once, as transformers' Gemma3RMSNorm does.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ if triton is not None:
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_out_ptr, H, eps,
                             stride_x, stride_r, stride_y, stride_ro,
-                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per token: r = x (+ res), y = w · fp16(r · rsqrt(mean(r²) + eps))."""
+                            HAS_RES: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per token: r = x (+ res), y = w · fp16(r · rsqrt(mean(r²) + eps));
+        UNIT_OFFSET (Gemma): y = fp16((r · rsqrt(mean(r²) + eps)) · (1 + w)), all in float32."""
         t = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
@@ -42,24 +46,43 @@ if triton is not None:
         rf = r.to(tl.float32)
         inv = tl.rsqrt(tl.sum(rf * rf, axis=0) / H + eps)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        y = w.to(tl.float32) * (rf * inv).to(x.dtype).to(tl.float32)
+        if UNIT_OFFSET:
+            y = (rf * inv) * (1.0 + w.to(tl.float32))
+        else:
+            y = w.to(tl.float32) * (rf * inv).to(x.dtype).to(tl.float32)
         tl.store(y_ptr + t * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_c, H,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr):
+    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_c, H,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr):
         """One program per (token, head) of q and k together (heads H.. are k's), in place:
-        x[:h], x[h:] = x1 c1 − x2 s1, x2 c2 + x1 s2."""
+        x[:h], x[h:] = x1 c1 − x2 s1, x2 c2 + x1 s2. NORM: x is first RMS-normed over the head with the
+        weights qw (q heads) / kw (k heads), rounded to x's dtype as `add_rmsnorm` does."""
         t = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
         mask = offs < HALF
         if h < H:
             base = q_ptr + t * stride_qt + h * stride_qh
+            w_ptr = qw_ptr
         else:
             base = k_ptr + t * stride_kt + (h - H) * stride_kh
+            w_ptr = kw_ptr
         x1 = tl.load(base + offs, mask=mask, other=0.0)
         x2 = tl.load(base + HALF + offs, mask=mask, other=0.0)
+        if NORM:
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            inv = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            if UNIT_OFFSET:
+                x1 = ((f1 * inv) * (1.0 + w1)).to(x1.dtype)
+                x2 = ((f2 * inv) * (1.0 + w2)).to(x2.dtype)
+            else:
+                x1 = (w1 * (f1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+                x2 = (w2 * (f2 * inv).to(x2.dtype).to(tl.float32)).to(x2.dtype)
         c1 = tl.load(cos_ptr + t * stride_c + offs, mask=mask, other=0.0)
         c2 = tl.load(cos_ptr + t * stride_c + HALF + offs, mask=mask, other=0.0)
         s1 = tl.load(sin_ptr + t * stride_c + offs, mask=mask, other=0.0)
@@ -94,6 +117,19 @@ if triton is not None:
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu rounds to the input dtype
         tl.store(y_ptr + t * stride_y + offs, s * u, mask=mask)
 
+    @triton.jit
+    def _gelu_tanh_mul_kernel(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < F
+        g = tl.load(g_ptr + t * stride_g + offs, mask=mask, other=0.0)
+        u = tl.load(u_ptr + t * stride_u + offs, mask=mask, other=0.0)
+        gf = g.to(tl.float32)
+        # 0.5·x·(1 + tanh(z)) = x · sigmoid(2z), z = sqrt(2/π)·(x + 0.044715·x³); rounded like F.gelu
+        z = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        s = (gf / (1.0 + tl.exp(tl.minimum(-2.0 * z, 80.0)))).to(g.dtype)  # (clamped: no inf)
+        tl.store(y_ptr + t * stride_y + offs, s * u, mask=mask)
+
 def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
     if use_triton is None:
         return t.is_cuda and triton is not None
@@ -103,27 +139,37 @@ def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
 
 
 # ------------------------------------------------------------------------------- RMSNorm (+ residual)
-def add_rmsnorm_reference(x, residual, weight, eps):
-    """(y, r): r = x + residual (or x when residual is None), y = weight · rmsnorm(r)."""
+def add_rmsnorm_reference(x, residual, weight, eps, unit_offset: bool = False, out_dtype: torch.dtype | None = None):
+    """(y, r): r = x + residual (or x when residual is None), y = weight · rmsnorm(r); with `unit_offset`
+    (Gemma) y = (rmsnorm(r) · (1 + weight)) in float32, rounded to `out_dtype` (default r's dtype: a float32
+    residual stream can feed float16 layers)."""
     r = x if residual is None else x + residual
     rf = r.float()
-    y = weight * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(r.dtype)
-    return y, r
+    n = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (n * (1.0 + weight.float())).to(out_dtype or r.dtype), r
+    y = weight * n.to(r.dtype)
+    return (y if out_dtype is None else y.to(out_dtype)), r
 
 
-def add_rmsnorm(x, residual, weight, eps, use_triton: bool | None = None):
+def add_rmsnorm(x, residual, weight, eps, use_triton: bool | None = None, unit_offset: bool = False,
+                out_dtype: torch.dtype | None = None):
     if not _triton_ok(x, use_triton):
-        return add_rmsnorm_reference(x, residual, weight, eps)
+        return add_rmsnorm_reference(x, residual, weight, eps, unit_offset, out_dtype)
+    if residual is not None and residual.dtype != x.dtype:  # (Gemma's float32 stream takes float32 branches)
+        x = x.to(residual.dtype)
     if x.dim() != 2 or x.stride(-1) != 1 or (residual is not None and residual.shape != x.shape):
         raise ValueError(f"add_rmsnorm takes x [T, H] (row-contiguous) and a residual of the same shape, got {tuple(x.shape)}")
     T, H = x.shape
-    y = torch.empty(T, H, device=x.device, dtype=torch.promote_types(weight.dtype, x.dtype))
+    y_dtype = out_dtype or (x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype))
+    y = torch.empty(T, H, device=x.device, dtype=y_dtype)
     r = torch.empty_like(x) if residual is not None else x
     if T:
         _add_rmsnorm_kernel[(T,)](
             x, residual if residual is not None else x, weight, y, r, H, eps,
             x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), r.stride(0),
-            HAS_RES=residual is not None, BLOCK=_next_pow2(H), num_warps=4 if H <= 4096 else 8)
+            HAS_RES=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=_next_pow2(H),
+            num_warps=4 if H <= 4096 else 8)
     return y, r
 
 
@@ -134,9 +180,14 @@ def rope_reference(x, cos, sin):
     return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
 
 
-def rope_(q, k, cos, sin, use_triton: bool | None = None):
-    """Rotate q [T, H, D] and k [T, Hkv, D] in place; returns (q, k)."""
+def rope_(q, k, cos, sin, use_triton: bool | None = None, qk_norm=None):
+    """Rotate q [T, H, D] and k [T, Hkv, D] in place; returns (q, k). `qk_norm` = (q_weight [D], k_weight [D],
+    eps, unit_offset): RMS-norm each head of q and k first (Qwen3, Gemma 3), in the same kernel."""
     if not _triton_ok(q, use_triton):
+        if qk_norm is not None:
+            wq, wk, eps, unit = qk_norm
+            q = add_rmsnorm_reference(q, None, wq, eps, unit)[0]
+            k = add_rmsnorm_reference(k, None, wk, eps, unit)[0]
         return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
     D = q.shape[-1]
     if D % 2 or cos.shape != (q.shape[0], D) or sin.shape != cos.shape:
@@ -144,10 +195,14 @@ def rope_(q, k, cos, sin, use_triton: bool | None = None):
     cos, sin = cos.contiguous(), sin.contiguous()
     if q.stride(-1) != 1 or k.stride(-1) != 1 or k.shape[0] != q.shape[0] or k.shape[-1] != D:
         raise ValueError("rope_ needs q [T, H, D] and k [T, Hkv, D] with the head dimension contiguous")
+    wq, wk, eps, unit = qk_norm if qk_norm is not None else (q, q, 0.0, False)
+    if qk_norm is not None and (wq.shape != (D,) or wk.shape != (D,)):
+        raise ValueError(f"rope_: q/k norm weights must be [{D}], got {tuple(wq.shape)}, {tuple(wk.shape)}")
     if q.shape[0] and q.shape[1] + k.shape[1]:  # one launch for both
         _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
-            q, k, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), q.shape[1],
-            HALF=D // 2, BLOCK=_next_pow2(D // 2), num_warps=1)
+            q, k, cos, sin, wq, wk, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+            q.shape[1], HALF=D // 2, BLOCK=_next_pow2(D // 2), NORM=qk_norm is not None, UNIT_OFFSET=bool(unit),
+            num_warps=1 if D <= 128 else 2)
     return q, k
 
 
@@ -169,6 +224,30 @@ def silu_mul(gate, up, use_triton: bool | None = None):
         _silu_mul_kernel[(T, triton.cdiv(F, BLOCK))](gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0),
                                                     BLOCK=BLOCK, num_warps=4)
     return y
+
+
+# ------------------------------------------------------------------------------- GELU(tanh)-gated MLP
+def gelu_tanh_mul_reference(gate, up):
+    """gate, up [T, F] -> gelu_tanh(gate) · up [T, F] (transformers' gelu_pytorch_tanh)."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def gelu_tanh_mul(gate, up, use_triton: bool | None = None):
+    if not _triton_ok(gate, use_triton):
+        return gelu_tanh_mul_reference(gate, up)
+    if gate.dim() != 2 or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"gelu_tanh_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, "
+                         f"{tuple(up.shape)}")
+    T, F = gate.shape
+    y = torch.empty(T, F, device=gate.device, dtype=gate.dtype)
+    BLOCK = 1024
+    if T:
+        _gelu_tanh_mul_kernel[(T, triton.cdiv(F, BLOCK))](gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0),
+                                                         BLOCK=BLOCK, num_warps=4)
+    return y
+
+
+GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}  # ModelConfig.hidden_act -> act(gate) · up
 
 
 # ------------------------------------------------------------------------------- paired row scatter

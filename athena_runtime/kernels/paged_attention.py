@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 # the Triton decode kernel lives in paged_decode.py; re-exported here (one module for the callers)
 from athena_runtime.kernels.paged_decode import (  # noqa: F401
-    _INTERPRETER_SMS, MAX_SPLITS, NUM_WARPS, SPLIT_PROGRAMS_PER_SM, TILE_TOKENS, _num_sms, decode_num_splits,
+    _INTERPRETER_SMS, MAX_SPLITS, NUM_WARPS, SPLIT_PROGRAMS_PER_SM, TILE_TOKENS, _num_sms, decode_launch_shape,
+    decode_num_splits,
     paged_attention_decode, triton,
 )
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
-                  seq_lens_list=None, query_start_list=None, use_sdpa=False):
+                  seq_lens_list=None, query_start_list=None, use_sdpa=False, softcap=None):
     seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
     qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
     group = q.shape[1] // kv_cache.num_kv_heads
@@ -55,33 +56,38 @@ def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, s
         visible = pos_k[None, :] <= pos_q[:, None]  # [n, L]
         if sliding_window is not None:
             visible &= pos_k[None, :] > pos_q[:, None] - sliding_window
-        if use_sdpa:
+        if use_sdpa and softcap is None:
             o = F.scaled_dot_product_attention(
                 q[q0:q1].transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1),
                 attn_mask=visible, scale=sm_scale)  # [H, n, D]
             out[q0:q1] = o.transpose(0, 1)
         else:
             scores = torch.einsum("nhd,lhd->hnl", q[q0:q1].float(), k) * sm_scale  # [H, n, L]
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
             p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
             out[q0:q1] = torch.einsum("hnl,lhd->nhd", p, v).to(q.dtype)
     return out
 
 
 def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                              sliding_window=None):
+                              sliding_window=None, softcap=None):
     """The spec: gather each sequence's K/V through its block table, dequantize, fp32 softmax."""
-    return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window)
+    return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
+                         softcap=softcap)
 
 
 def paged_attention_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                            sliding_window=None, seq_lens_list=None, query_start_list=None):
-    """GPU prefill: the reference's gather, then `F.scaled_dot_product_attention` per sequence."""
+                            sliding_window=None, seq_lens_list=None, query_start_list=None, softcap=None):
+    """GPU prefill: the reference's gather, then `F.scaled_dot_product_attention` per sequence (the einsum
+    of the reference with `softcap`)."""
     return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
-                         seq_lens_list, query_start_list, use_sdpa=True)
+                         seq_lens_list, query_start_list, use_sdpa=True, softcap=softcap)
 
 
 def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                          sliding_window=None, seq_lens_list=None, query_start_list=None, fresh_kv=None):
+                          sliding_window=None, seq_lens_list=None, query_start_list=None, fresh_kv=None,
+                          softcap=None):
     """A batch of prefill chunks and decode tokens (continuous batching): the one-token sequences go
     through the decode kernel in one launch, whole prompts through a few SDPA calls per group of up to
     FRESH_SDPA_MAX_TOKENS tokens (`_fresh_prompts_sdpa`), and only continued chunks through the
@@ -99,6 +105,8 @@ def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_star
     dec = [s for s, k in enumerate(n) if k == 1]
     fresh = [s for s, k in enumerate(n) if k > 1 and k == seq_lens_list[s]]  # whole prompts: no cached keys
     rest = [s for s, k in enumerate(n) if k > 1 and k != seq_lens_list[s]]   # continued chunks
+    if softcap is not None:  # SDPA cannot soft-cap: whole prompts join the per-sequence path
+        rest, fresh = sorted(rest + fresh), []
     out = torch.empty_like(q)
     if len(dec) == 1:
         rest.append(dec.pop())
@@ -107,14 +115,15 @@ def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_star
         rows = torch.tensor([qsl[s] for s in dec], dtype=torch.long, device=q.device)
         out[rows] = paged_attention_decode(
             q[rows], kv_cache, layer, block_tables[dec_idx], seq_lens[dec_idx],
-            torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device), sm_scale, sliding_window)
+            torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device), sm_scale, sliding_window,
+            softcap=softcap)
     for group in _token_groups(fresh, n, FRESH_SDPA_MAX_TOKENS):
         _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window, fresh_kv)
     for s in rest:  # each chunk with its own KV length and queries
         q0, q1 = qsl[s], qsl[s + 1]
         out[q0:q1] = paged_attention_prefill(
             q[q0:q1], kv_cache, layer, block_tables[s:s + 1], seq_lens[s:s + 1], None, sm_scale, sliding_window,
-            [seq_lens_list[s]], [0, q1 - q0])
+            [seq_lens_list[s]], [0, q1 - q0], softcap=softcap)
     return out
 
 
@@ -210,18 +219,24 @@ class PagedAttention:
             self._logged.add(path)
             log.info("paged attention: %s path (%s)", path, why)
 
-    def __call__(self, q, kv_cache, layer, attn, sm_scale, sliding_window, fresh_kv=None):
+    def __call__(self, q, kv_cache, layer, attn, sm_scale, sliding_window, fresh_kv=None, softcap=None):
         """`fresh_kv`: this step's k, v [T, Hkv, D] as written to the cache (rows of q's tokens); whole prompts on the
-        CUDA mixed path attend over them instead of reading them back (`paged_attention_mixed`)."""
+        CUDA mixed path attend over them instead of reading them back (`paged_attention_mixed`). `softcap`: the
+        model's attention-score soft-capping (module docstring)."""
         args = (q, kv_cache, layer, attn.block_tables, attn.seq_lens, attn.query_start_loc, sm_scale, sliding_window)
         if q.is_cuda and attn.is_decode and triton is not None:
             self._log("triton-decode", "CUDA decode batch")
-            return paged_attention_decode(*args)
+            return paged_attention_decode(*args, softcap=softcap)
         if q.is_cuda and triton is not None:
-            self._log("mixed", "CUDA batch with prefill: decode kernel for one-token sequences, SDPA for chunks")
-            return paged_attention_mixed(*args, attn.seq_lens_list, attn.query_start_list, fresh_kv=fresh_kv)
+            if softcap is not None:
+                self._log("mixed, soft-capped", "SDPA cannot soft-cap scores: prompts take the per-sequence "
+                          "einsum path (slower prefill), one-token sequences the decode kernel")
+            else:
+                self._log("mixed", "CUDA batch with prefill: decode kernel for one-token sequences, SDPA for chunks")
+            return paged_attention_mixed(*args, attn.seq_lens_list, attn.query_start_list, fresh_kv=fresh_kv,
+                                         softcap=softcap)
         if q.is_cuda:
-            self._log("sdpa-prefill", "CUDA batch, no Triton")
-            return paged_attention_prefill(*args, attn.seq_lens_list, attn.query_start_list)
+            self._log("sdpa-prefill", "CUDA batch, no Triton" + (", soft-capped: einsum" if softcap else ""))
+            return paged_attention_prefill(*args, attn.seq_lens_list, attn.query_start_list, softcap=softcap)
         self._log("reference", f"device {q.device.type}")
-        return paged_attention_reference(*args)
+        return paged_attention_reference(*args, softcap=softcap)

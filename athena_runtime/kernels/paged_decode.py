@@ -95,7 +95,7 @@ if triton is not None:
     def _paged_decode_kernel(
         q_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
         k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, k_zero_ptr, v_zero_ptr, sink_ptr,
-        block_tables_ptr, seq_lens_ptr, qk_scale, window, num_pages, num_splits,
+        block_tables_ptr, seq_lens_ptr, qk_scale, softcap, window, num_pages, num_splits,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_ms, stride_mh, stride_as, stride_ah,
         stride_kb, stride_kt, stride_kh,
@@ -104,7 +104,10 @@ if triton is not None:
         QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr,
         KV_FORMAT: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SPLIT: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
+        """qk_scale: sm_scale·log2(e), or without SOFTCAP's log2(e): then scores c·tanh(s / c) are moved to
+        log2 units after the cap (c = softcap)."""
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -172,6 +175,8 @@ if triton is not None:
             if HAS_SINK:
                 s = s + tl.where(offs_tok[None, :] == 0, q_sink[:, None], 0.0)
             s = s * qk_scale
+            if SOFTCAP:  # c·tanh(s / c) = c·(1 - 2 / (exp(2s / c) + 1)), finite for any s; then log2 units
+                s = (softcap - 2.0 * softcap / (tl.exp(tl.minimum(2.0 * s / softcap, 80.0)) + 1.0)) * 1.4426950408889634
             s = tl.where(t_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -224,6 +229,18 @@ if triton is not None:
 
 TILE_TOKENS = 64  # keys per loop step (4 pages of 16): 32 KiB of fp16 K and V loads in flight per step
 NUM_WARPS = 4  # per program; at 64 keys 8 warps take as many registers per program or more (sm_89/sm_90)
+# Heads wider than 128 (Gemma's 256): the K and V tiles hold TILE_TOKENS x BLOCK_D float32 values each, so the
+# tile is halved (the same 32 KiB in flight) and the program gets 8 warps: at 64 x 256 with 4 warps the two tiles
+# alone would take 256 registers per thread. Not yet timed on a GPU (bench.decode --family gemma3-12b).
+WIDE_HEAD_DIM = 128
+WIDE_TILE_TOKENS, WIDE_NUM_WARPS = 32, 8
+
+
+def decode_launch_shape(head_dim: int) -> tuple[int, int]:
+    """(keys per tile, warps per program) of the decode kernel for heads of `head_dim`."""
+    if head_dim > WIDE_HEAD_DIM:
+        return WIDE_TILE_TOKENS, WIDE_NUM_WARPS
+    return TILE_TOKENS, NUM_WARPS
 SPLIT_PROGRAMS_PER_SM = 2  # automatic split count: aim at this many programs per SM
 MAX_SPLITS = 16
 _INTERPRETER_SMS = 32  # CPU (Triton interpreter) stand-in for the SM count: the automatic choice still splits
@@ -250,7 +267,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                           sliding_window=None, *, num_splits: int | None = None):
+                           sliding_window=None, *, num_splits: int | None = None, softcap: float | None = None):
     """Triton decode: one query token per sequence (`query_start_loc` is then arange(S + 1)).
 
     num_splits: programs per (sequence, KV head) over the context (flash-decoding, module comment
@@ -283,7 +300,7 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
     queries_per_kv = num_heads // kv_cache.num_kv_heads
     block_q = 1 if queries_per_kv == 1 else max(16, triton.next_power_of_2(queries_per_kv))  # tl.dot: >= 16 rows
     block_d = triton.next_power_of_2(head_dim)
-    tile_tokens = TILE_TOKENS
+    tile_tokens, num_warps = decode_launch_shape(block_d)
     if block_q > 1 and (tile_tokens < 16 or block_d < 16):
         raise ValueError(f"GQA decode uses tl.dot: needs TILE_TOKENS >= 16 and head_dim >= 16, "
                          f"got {tile_tokens}, {head_dim}")
@@ -305,7 +322,8 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
     _paged_decode_kernel[(num_seqs, kv_cache.num_kv_heads, num_splits)](
         q, out, m, l, acc,
         k, v, k_scale, v_scale, k_zero, v_zero, sink, block_tables, seq_lens,
-        sm_scale * 1.4426950408889634, 0 if sliding_window is None else sliding_window, num_pages, num_splits,
+        sm_scale * (1.0 if softcap else 1.4426950408889634), float(softcap or 0.0),
+        0 if sliding_window is None else sliding_window, num_pages, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         m.stride(0), m.stride(1), acc.stride(0), acc.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
@@ -314,7 +332,7 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
         QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_D=block_d,
         BLOCK_SIZE=kv_cache.block_size, TILE_TOKENS=tile_tokens, GROUP_SIZE=group, GROUPS=groups,
         KV_FORMAT=_FORMAT_CODES[kv_cache.fmt], USE_WINDOW=sliding_window is not None,
-        HAS_SINK=kv_cache.sink_key is not None, SPLIT=num_splits > 1, num_warps=NUM_WARPS,
+        HAS_SINK=kv_cache.sink_key is not None, SPLIT=num_splits > 1, SOFTCAP=bool(softcap), num_warps=num_warps,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_seqs, num_heads)](
