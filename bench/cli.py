@@ -16,6 +16,7 @@ BENCHMARKS = {
     "engine": ("bench.engine", "engine throughput vs concurrent streams per KV format (GPU)"),
     "serve": ("bench.serve", "load test of an OpenAI-compatible server: TTFT, TPOT, throughput vs concurrency"),
     "kv-quality": ("bench.kv_quality", "held-out perplexity and bytes per token for each KV-cache format"),
+    "cpu-decode": ("bench.cpu_decode", "CPU decode ms per step: reference vs fast path, A/B in one process"),
     "serve-peers": ("bench.serve_peers", "bench serve against athena serve and llama.cpp llama-server on the CPU, same model"),
 }
 

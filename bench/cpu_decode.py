@@ -16,8 +16,9 @@ import time
 import torch
 
 
-def _round(runner, streams: int, steps: int, prompt_len: int = 64) -> tuple[float, float]:
-    """(prefill seconds for all streams, median decode ms per step)."""
+def _round(runner, streams: int, steps: int, prompt_len: int = 64, feed: list | None = None):
+    """(prefill seconds for all streams, median decode ms per step, logits of every step [steps + 1][S, V],
+    the tokens fed). `feed`: the tokens to feed at each step (another path's, so logits compare)."""
     from athena_runtime.batch import SequenceChunk
 
     bs = runner.block_size
@@ -25,18 +26,19 @@ def _round(runner, streams: int, steps: int, prompt_len: int = 64) -> tuple[floa
     tables = [list(range(i * per, (i + 1) * per)) for i in range(streams)]
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    last = []
+    first = []
     for t in tables:
         prompt = torch.randint(3, 1000, (prompt_len,), generator=g).tolist()
-        last.append(int(runner.execute([SequenceChunk(prompt, 0, t)])[0].argmax()))
+        first.append(runner.execute([SequenceChunk(prompt, 0, t)])[0])
     prefill = time.perf_counter() - t0
-    times = []
+    all_logits, fed, times = [torch.stack(first)], [], []
     for i in range(steps):
+        last = feed[i] if feed is not None else all_logits[-1].argmax(-1).tolist()
+        fed.append(last)
         t0 = time.perf_counter()
-        logits = runner.execute([SequenceChunk([tok], prompt_len + i, t) for tok, t in zip(last, tables)])
-        last = logits.argmax(-1).tolist()
+        all_logits.append(runner.execute([SequenceChunk([tok], prompt_len + i, t) for tok, t in zip(last, tables)]))
         times.append(time.perf_counter() - t0)
-    return prefill, statistics.median(times) * 1e3
+    return prefill, statistics.median(times) * 1e3, all_logits, fed
 
 
 @torch.inference_mode()
@@ -66,8 +68,18 @@ def main(argv=None) -> int:
     for s in streams:
         res = {p: [] for p in runners}
         for _ in range(args.rounds):
+            feed = None
             for p, r in runners.items():
-                res[p].append(_round(r, s, args.steps))
+                res[p].append(_round(r, s, args.steps, feed=feed))
+                feed = res[p][-1][3]
+        base = next(iter(runners))
+        for p in list(runners)[1:]:
+            want, got = res[base][-1][2], res[p][-1][2]
+            rng = max(w.abs().max().item() for w in want)
+            err = max((g - w).abs().max().item() for g, w in zip(got, want))
+            agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
+            print(f"{s} stream(s), {p} vs {base}: max |logit diff| {err:.4f} ({err / rng:.2e} of the max |logit| "
+                  f"{rng:.2f}); argmax agrees on {agree} of {sum(w.shape[0] for w in want)} rows", flush=True)
         for p, rs in res.items():
             pre = statistics.median(x[0] for x in rs)
             ms = statistics.median(x[1] for x in rs)
