@@ -59,14 +59,19 @@ class ModelRunner:
     def from_path(cls, path, kv_format: str = "fp16", block_size: int = 16, num_blocks: int | None = None,
                   kv_budget_bytes: int | None = None, device=None, max_model_len: int | None = None, *,
                   kv_hadamard: bool = False, kv_group_size: int | None = None, dtype: torch.dtype | None = None,
-                  use_cuda_graphs: bool = True) -> "ModelRunner":
+                  use_cuda_graphs: bool = True, cpu_path=None) -> "ModelRunner":
         """Load a model folder and size its KV cache: `num_blocks`, else `kv_budget_bytes`, else (CUDA)
         the free memory after loading less a reserve, or (CPU) 1 GiB. dtype: fp16 on CUDA, fp32 on CPU.
         A format that needs a key basis (int4) is calibrated here, on the folder's tokenizer
-        (kv_calibration.py)."""
+        (kv_calibration.py). On the CPU, `cpu_path` (a `cpu_path.CPUPathSettings`, default: from the
+        ATHENA_CPU_* environment) picks the reference or the fast path and the thread count (logged)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         model, config = load_model(path, device, dtype, max_len=max_model_len)
+        if device.type == "cpu":
+            from athena_runtime import cpu_path as cpu
+
+            cpu.apply(model, cpu_path or cpu.CPUPathSettings.from_env())
         if num_blocks is None:
             if kv_budget_bytes is None:
                 if device.type == "cuda":

@@ -17,6 +17,8 @@ BENCHMARKS = {
     "prefix-cache": ("bench.prefix_cache", "time to first token of a chat's second turn, prefix cache on vs off"),
     "serve": ("bench.serve", "load test of an OpenAI-compatible server: TTFT, TPOT, throughput vs concurrency"),
     "kv-quality": ("bench.kv_quality", "held-out perplexity and bytes per token for each KV-cache format"),
+    "cpu-decode": ("bench.cpu_decode", "CPU decode ms per step: reference vs fast path, A/B in one process"),
+    "serve-peers": ("bench.serve_peers", "bench serve against athena serve and llama.cpp llama-server on the CPU, same model"),
 }
 
 

@@ -8,6 +8,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# CPU model runners take the reference path (the spec, compared with transformers at 1e-4) unless a
+# test asks for the fast one (tests/test_cpu_path.py compares the two with stated tolerances).
+os.environ.setdefault("ATHENA_CPU_PATH", "reference")
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Under pytest-xdist each worker gets one thread: the tests run many tiny ops, which stall when two

@@ -1,0 +1,104 @@
+"""Which execution path a CPU model runner takes, and its thread count: decided once, logged.
+
+    reference   the spec: PQ layers dequantized to float32 (pq_linear.py), per-sequence paged attention
+    fast        compact weights through the compiled kernels (cpu_linear.py: int8 per output channel, or
+                fp16), q/k/v and gate/up fused, lm_head included; batched decode attention
+                (cpu_attention.py)
+    auto        fast when its kernels build here (a C compiler is needed once), else reference with a
+                WARNING saying why
+
+Settings come from the environment (the server and CLIs need no new flags):
+    ATHENA_CPU_PATH     auto | fast | reference        (default auto)
+    ATHENA_CPU_WEIGHTS  int8 | fp16                    (default int8; the fast path's weight format)
+    ATHENA_CPU_THREADS  N                              (default: PyTorch's, the cores it may use)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CPU_PATHS = ("auto", "fast", "reference")
+
+
+@dataclass(frozen=True)
+class CPUPathSettings:
+    path: str = "auto"  # auto | fast | reference
+    weights: str = "int8"  # int8 | fp16: the fast path's weight format (lm_head included)
+    threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
+
+    def __post_init__(self):
+        from athena_runtime.cpu_linear import WEIGHT_FORMATS
+
+        if self.path not in CPU_PATHS:
+            raise ValueError(f"unknown CPU path {self.path!r}; choose one of {CPU_PATHS}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown CPU weight format {self.weights!r}; choose one of {WEIGHT_FORMATS}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"CPU threads must be >= 1, got {self.threads}")
+
+    @classmethod
+    def from_env(cls, env=None) -> "CPUPathSettings":
+        env = os.environ if env is None else env
+        threads = env.get("ATHENA_CPU_THREADS")
+        try:
+            threads = int(threads) if threads else None
+        except ValueError:
+            raise ValueError(f"ATHENA_CPU_THREADS must be an integer, got {threads!r}") from None
+        return cls(path=env.get("ATHENA_CPU_PATH", "auto") or "auto",
+                   weights=env.get("ATHENA_CPU_WEIGHTS", "int8") or "int8", threads=threads)
+
+
+def set_threads(settings: CPUPathSettings) -> int:
+    """Apply the thread count (if set) and log the one in effect."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+        why = "ATHENA_CPU_THREADS"
+    else:
+        why = "PyTorch default: the cores this process may use" + (
+            ", OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "")
+    n = torch.get_num_threads()
+    log.info("CPU threads: %d (%s; %d CPUs visible)", n, why, len(os.sched_getaffinity(0)))
+    return n
+
+
+def choose_path(settings: CPUPathSettings) -> tuple[str, str]:
+    """("fast" | "reference", why)."""
+    if settings.path == "reference":
+        return "reference", "ATHENA_CPU_PATH=reference"
+    from athena_runtime.cpu_linear import KERNELS
+
+    ok, why = KERNELS.available()
+    if ok:
+        return "fast", "ATHENA_CPU_PATH=" + settings.path
+    if settings.path == "fast":
+        raise RuntimeError(f"ATHENA_CPU_PATH=fast, but {why}")
+    log.warning("CPU fast path unavailable, running the float32 reference path (slow): %s", why)
+    return "reference", why
+
+
+def apply(model: torch.nn.Module, settings: CPUPathSettings) -> str:
+    """Set threads, pick the path and, for "fast", rewrite `model` in place. Returns the path taken."""
+    set_threads(settings)
+    path, why = choose_path(settings)
+    if path == "reference":
+        log.info("CPU path: reference (%s): float32 dequantized weights, per-sequence attention", why)
+        return path
+    from athena_runtime.cpu_attention import CPUPagedAttention
+    from athena_runtime.cpu_linear import convert_model
+
+    t0 = time.perf_counter()
+    stats = convert_model(model, settings.weights)
+    attention = CPUPagedAttention()
+    for layer in model.model.layers:
+        layer.self_attn.paged_attention = attention
+    log.info("CPU path: fast (%s): %d linear layers as %s weights through the compiled kernel, "
+             "%.0f MB of weights per token (float32 reference: %.0f MB), batched decode attention; "
+             "converted in %.1f s", why, stats["layers"], settings.weights, stats["weight_bytes"] / 1e6,
+             stats["reference_bytes"] / 1e6, time.perf_counter() - t0)
+    return path

@@ -1,0 +1,108 @@
+"""Build-once loader of the CPU linear kernels (`cpu_linear.c`), called through ctypes.
+
+The source is compiled with the system C compiler (`$CC`, else cc/gcc/clang) as
+`-O3 -march=native -fopenmp -shared` into `<cache>/kernels/cpu_linear-<hash>.so`, the hash covering
+the source, the flags, the compiler and this CPU's feature flags (a cache shared between machines
+never hands one CPU another's build). `-fopenmp` links `libgomp.so.1`, which PyTorch's CPU wheel has
+already loaded, so the kernels share PyTorch's OpenMP runtime and thread count. Takes ~1 s once.
+
+`load()` returns the library or raises RuntimeError saying why (no compiler, build error, ABI
+mismatch); the failure is remembered, so the caller decides its fallback once and logs it.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_linear.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+ABI = 1
+COMPILERS = ("cc", "gcc", "clang")
+
+
+def _compiler() -> str | None:
+    for cc in ([os.environ["CC"]] if os.environ.get("CC") else []) + list(COMPILERS):
+        path = shutil.which(cc)
+        if path:
+            return path
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+class CPUKernels:
+    """The compiled kernels, built on first `load()`."""
+
+    def __init__(self):
+        self._lib = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> ctypes.CDLL:
+        with self._lock:
+            if self._lib is not None:
+                return self._lib
+            if self._error is not None:
+                raise RuntimeError(self._error)
+            try:
+                self._lib = self._build_and_load()
+            except Exception as e:  # noqa: BLE001 - any failure disables the kernels, loudly, once
+                self._error = f"CPU linear kernels unavailable: {type(e).__name__}: {e}"
+                raise RuntimeError(self._error) from e
+            return self._lib
+
+    def _build_and_load(self) -> ctypes.CDLL:
+        import torch  # noqa: F401 - loads PyTorch's libgomp before ours resolves against it
+
+        from quantize.source import cache_dir
+
+        cc = _compiler()
+        if cc is None:
+            raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
+        src = SOURCE.read_text()
+        key = hashlib.sha1("\n".join([src, " ".join(CFLAGS), cc, _cpu_flags()]).encode()).hexdigest()[:12]
+        out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            cmd = [cc, *CFLAGS, str(SOURCE), "-o", str(tmp)]
+            log.info("building the CPU linear kernels: %s", " ".join(cmd))
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if res.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
+            tmp.replace(out)
+        lib = ctypes.CDLL(str(out))
+        if lib.athena_cpu_linear_abi() != ABI:
+            raise RuntimeError(f"{out}: ABI {lib.athena_cpu_linear_abi()}, expected {ABI}")
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        for fn in (lib.i8_linear, lib.f16_linear):
+            fn.argtypes = [p, i64, i64, p, p, p, p, i64, ctypes.c_int]
+            fn.restype = None
+        log.info("CPU linear kernels loaded from %s", out)
+        return lib
+
+    def available(self) -> tuple[bool, str]:
+        """(True, "") when the kernels load here, else (False, why); never raises."""
+        try:
+            self.load()
+            return True, ""
+        except RuntimeError as e:
+            return False, str(e)

@@ -1,0 +1,165 @@
+"""The CPU fast path (cpu_path.py): the compiled linear kernels against PyTorch on odd shapes, the
+batched decode attention against the reference, and whole-model logits against the reference path
+within the int8 / fp16 weight tolerances."""
+import random
+
+import pytest
+import torch
+
+from athena_runtime.batch import SequenceChunk
+from athena_runtime.cpu_linear import KERNELS, CPULinear, quantize_rows_int8
+from athena_runtime.cpu_path import CPUPathSettings
+from athena_runtime.model_runner import ModelRunner
+from tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not KERNELS.available()[0], reason="no C compiler for the CPU kernels")
+
+FAST = CPUPathSettings("fast")
+REFERENCE = CPUPathSettings("reference")
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("N,M", [(1, 1), (7, 13), (33, 8), (40, 1537), (832, 576)])
+@pytest.mark.parametrize("weights", ["int8", "fp16"])
+def test_kernel_matches_torch_on_odd_shapes(T, N, M, weights):
+    """y = x Wᵀ + b with the kernel's own (dequantized) weight: fp32 accumulation-order error only."""
+    g = torch.Generator().manual_seed(N * 1000 + M + T)
+    W, b, x = torch.randn(N, M, generator=g), torch.randn(N, generator=g), torch.randn(T, M, generator=g)
+    lin = CPULinear(W, b, weights)
+    want = x.double() @ lin.dequantize().double().T + b.double()
+    got = lin(x)
+    assert got.dtype == torch.float32 and got.shape == (T, N) and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * (M ** 0.5))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_threads_give_the_same_result(threads):
+    before = torch.get_num_threads()
+    W, x = torch.randn(200, 96), torch.randn(3, 96)
+    lin = CPULinear(W, None)
+    try:
+        torch.set_num_threads(1)
+        want = lin(x)
+        torch.set_num_threads(threads)
+        assert torch.equal(lin(x), want)  # rows are split over threads, each row's sum is the same
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_int8_rows_bound_and_zero_rows():
+    W = torch.randn(9, 50)
+    W[3] = 0
+    q, scale = quantize_rows_int8(W)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale[3] == 1 and (q[3] == 0).all()
+    err = (q.float() * scale[:, None] - W).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    lin = CPULinear(W, None)
+    assert lin(torch.randn(2, 50))[:, 3].abs().max() == 0
+
+
+def test_settings_validation_and_env():
+    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "int8", None)
+    assert CPUPathSettings.from_env({"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3",
+                                     "ATHENA_CPU_WEIGHTS": "fp16"}) == CPUPathSettings("reference", "fp16", 3)
+    with pytest.raises(ValueError, match="unknown CPU path"):
+        CPUPathSettings("turbo")
+    with pytest.raises(ValueError, match="weight format"):
+        CPUPathSettings(weights="int4")
+    with pytest.raises(ValueError, match="integer"):
+        CPUPathSettings.from_env({"ATHENA_CPU_THREADS": "two"})
+    with pytest.raises(ValueError, match=">= 1"):
+        CPUPathSettings(threads=0)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from compressed_fixture import write_compressed
+
+    root = tmp_path_factory.mktemp("cpu_path_models")
+    llama = make_tiny_model(root / "llama", "llama", tie_word_embeddings=True)
+    mistral = make_tiny_model(root / "mistral", "mistral", sliding_window=5)
+    return {"llama": llama, "mistral": mistral,
+            "athena": write_compressed(make_tiny_model(root / "qwen2", "qwen2"), root / "athena", "athena")}
+
+
+def _tokens(n, seed):
+    return torch.randint(0, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run(runner, prompts, tables, steps):
+    """Prefill each prompt alone, then decode all sequences together (greedy on the REFERENCE tokens
+    `steps` so both paths see the same inputs); logits [step][seq]."""
+    out = [[runner.execute([SequenceChunk(p, 0, t)])[0] for p, t in zip(prompts, tables)]]
+    for i, toks in enumerate(steps):
+        chunks = [SequenceChunk([tok], len(p) + i, t) for tok, p, t in zip(toks, prompts, tables)]
+        out.append(list(runner.execute(chunks)))
+    return out
+
+
+@pytest.mark.parametrize("model,kv", [("llama", "fp32"), ("mistral", "fp32"), ("athena", "fp32"), ("athena", "int8")])
+@pytest.mark.parametrize("weights,tolerance", [("fp16", 2e-3), ("int8", 5e-2)])
+def test_fast_path_logits_match_the_reference(models, model, weights, tolerance, kv):
+    """Decode of three sequences of different lengths (one past the sliding window): max logit error
+    relative to the logit range within the weight format's tolerance (measured on these random tiny models:
+    fp16 <= ~1e-3, int8 <= ~3e-2); the fp16 one also bounds the attention and fusion changes, exact math."""
+    folder = models[model]
+    prompts = [_tokens(n, seed=n) for n in (3, 9, 14)]
+    ids = random.Random(2).sample(range(24), 18)
+    tables = [ids[0:6], ids[6:12], ids[12:18]]
+    steps = [_tokens(3, seed=100 + i) for i in range(6)]
+    kw = dict(kv_format=kv, kv_group_size=16, block_size=4, num_blocks=24, device="cpu")
+    want = _run(ModelRunner.from_path(folder, cpu_path=REFERENCE, **kw), prompts, tables, steps)
+    got = _run(ModelRunner.from_path(folder, cpu_path=CPUPathSettings("fast", weights), **kw), prompts, tables, steps)
+    scale = max(x.abs().max().item() for row in want for x in row)
+    err = max((g - w).abs().max().item() for gr, wr in zip(got, want) for g, w in zip(gr, wr)) / scale
+    assert err < (tolerance if kv == "fp32" else max(tolerance, 2e-2)), err  # int8 KV: rounding flips amplify
+
+
+def test_mixed_step_on_the_fast_path(models):
+    """A step with a prompt chunk and two decode tokens equals the same sequences run alone."""
+    folder = models["mistral"]
+    kw = dict(kv_format="fp32", block_size=4, num_blocks=24, device="cpu", cpu_path=FAST)
+    a, b, c = _tokens(6, 1), _tokens(10, 2), _tokens(7, 3)
+    runner = ModelRunner.from_path(folder, **kw)
+    runner.execute([SequenceChunk(a[:5], 0, [0, 1])])
+    runner.execute([SequenceChunk(b[:9], 0, [2, 3, 4])])
+    mixed = runner.execute([SequenceChunk(a[5:6], 5, [0, 1]), SequenceChunk(c, 0, [5, 6]),
+                            SequenceChunk(b[9:10], 9, [2, 3, 4])])
+    for row, (toks, n) in enumerate([(a, 5), (c, 0), (b, 9)]):
+        alone = ModelRunner.from_path(folder, **kw)
+        if n:
+            alone.execute([SequenceChunk(toks[:n], 0, [0, 1, 2])])
+        want = alone.execute([SequenceChunk(toks[n:], n, [0, 1, 2])])[0]
+        torch.testing.assert_close(mixed[row], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_path_is_logged_and_reference_is_selectable(models, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        ModelRunner.from_path(models["llama"], kv_format="fp32", block_size=4, num_blocks=4, device="cpu",
+                              cpu_path=CPUPathSettings("fast", threads=1))
+    assert "CPU path: fast" in caplog.text and "CPU threads: 1 (ATHENA_CPU_THREADS" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        runner = ModelRunner.from_path(models["llama"], kv_format="fp32", block_size=4, num_blocks=4, device="cpu",
+                                       cpu_path=REFERENCE)
+    assert "CPU path: reference" in caplog.text
+    assert not any(isinstance(m, CPULinear) for m in runner.model.modules())
+
+
+def test_fast_requested_without_kernels_is_an_error_and_auto_falls_back_loudly(monkeypatch, caplog):
+    """A machine without a C compiler (PATH emptied, CC unset): the kernels cannot build."""
+    import logging
+
+    from athena_runtime import cpu_linear, cpu_path
+    from athena_runtime.kernels.cpu_build import CPUKernels
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(cpu_linear, "KERNELS", CPUKernels())
+    with pytest.raises(RuntimeError, match="ATHENA_CPU_PATH=fast, but CPU linear kernels unavailable.*no C compiler"):
+        cpu_path.choose_path(FAST)
+    with caplog.at_level(logging.WARNING):
+        assert cpu_path.choose_path(CPUPathSettings("auto"))[0] == "reference"
+    assert "CPU fast path unavailable" in caplog.text and "no C compiler" in caplog.text
