@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("--paths", default="reference,fast")
-    ap.add_argument("--weights", default="int8", help="the fast path's weight format: int8 | fp16")
+    ap.add_argument("--weights", default="fp16", help="the fast path's weight format: fp16 | int8")
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)

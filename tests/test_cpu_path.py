@@ -58,9 +58,9 @@ def test_int8_rows_bound_and_zero_rows():
 
 
 def test_settings_validation_and_env():
-    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "int8", None)
+    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "fp16", None)
     assert CPUPathSettings.from_env({"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3",
-                                     "ATHENA_CPU_WEIGHTS": "fp16"}) == CPUPathSettings("reference", "fp16", 3)
+                                     "ATHENA_CPU_WEIGHTS": "int8"}) == CPUPathSettings("reference", "int8", 3)
     with pytest.raises(ValueError, match="unknown CPU path"):
         CPUPathSettings("turbo")
     with pytest.raises(ValueError, match="weight format"):

@@ -78,7 +78,7 @@ def test_quantize_then_serve_chat(gemma, tmp_path):
         return generate(request_id, prompt_token_ids, params)
 
     engine.generate = spy
-    mlp = engine.runner.model.model.layers[0].mlp
+    mlp = engine.core.runner.model.model.layers[0].mlp
     assert type(mlp.gate_up_proj.linear).__name__ == "PQLinear" and mlp.act == "gelu_tanh"
     server = serve_engine(engine)
     try:
