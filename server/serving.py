@@ -86,7 +86,7 @@ class ServingContext:
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = len(self.engine.tokenizer)
-        if min(ids) < 0 or max(ids) >= vocab:
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
             raise errors.invalid_request(f"token ids must be in [0, {vocab})", param=param)
 
 
