@@ -54,7 +54,8 @@ class CPUPagedAttention:
         self._plans[sliding_window] = plan
         return plan
 
-    def __call__(self, q, kv_cache, layer, attn: AttentionMetadata, sm_scale, sliding_window, fresh_kv=None):
+    def __call__(self, q, kv_cache, layer, attn: AttentionMetadata, sm_scale, sliding_window, fresh_kv=None,
+                 softcap=None):
         qsl = attn.query_start_list
         if qsl is None:
             qsl = attn.query_start_loc.tolist()
@@ -63,6 +64,10 @@ class CPUPagedAttention:
             attn.seq_lens_list = attn.seq_lens.tolist()
         n_seq = len(qsl) - 1
         dec = [s for s in range(n_seq) if qsl[s + 1] - qsl[s] == 1]
+        if softcap:  # attention logit soft-capping: the reference does it (the batched SDPA cannot)
+            self._log("reference-softcap", "CPU attention with logit soft-capping")
+            return paged_attention_reference(q, kv_cache, layer, attn.block_tables, attn.seq_lens,
+                                             attn.query_start_loc, sm_scale, sliding_window, softcap)
         if not dec:
             self._log("reference", "CPU prompt chunks")
             return paged_attention_reference(q, kv_cache, layer, attn.block_tables, attn.seq_lens,

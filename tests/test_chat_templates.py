@@ -52,13 +52,13 @@ def test_family_chat_template_through_the_server(folders, family):
                                                                    max_model_len=256, num_blocks=64, max_num_seqs=2),
                                    model_name=family)
     seen: list[list[int]] = []
-    generate = engine.generate
+    submit = engine.submit
 
-    def spy(request_id, prompt_token_ids, params):
-        seen.append(list(prompt_token_ids))
-        return generate(request_id, prompt_token_ids, params)
+    def spy(requests):  # the server admits a request's choices together through submit()
+        seen.extend(list(prompt) for _, prompt, _ in requests)
+        return submit(requests)
 
-    engine.generate = spy
+    engine.submit = spy
     server = serve_engine(engine)
     try:
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as client:
