@@ -103,9 +103,9 @@ def test_megabyte_prompt_is_refused_without_tokenizing(server, path, make):
 ])
 def test_long_prompt_is_tokenized_off_the_event_loop(path, make):
     """A prompt that fits but takes seconds to tokenize: /health answers all the while."""
-    engine = FakeEngine(model_name=MODEL, max_model_len=1_000_000)
+    engine = FakeEngine(model_name=MODEL, max_model_len=4_000_000)
     s = serve_engine(engine, max_body_bytes=8 << 20)
-    text = "hello world " * 50_000   # 600,000 characters, 250,000 tokens, seconds for the tiny tokenizer
+    text = "hello world " * 150_000   # 1.8M characters, 750,000 tokens: seconds for the tiny tokenizer
     try:
         with HealthProbe(s.url) as probe:
             time.sleep(0.1)
