@@ -71,13 +71,13 @@ def test_quantize_then_serve_chat(gemma, tmp_path):
     engine = AsyncEngine.from_path(out, EngineSettings(device="cpu", use_cuda_graphs=False, max_model_len=256,
                                                        num_blocks=32, max_num_seqs=2), model_name="gemma")
     seen: list[list[int]] = []
-    generate = engine.generate
+    submit = engine.submit
 
-    def spy(request_id, prompt_token_ids, params):
-        seen.append(list(prompt_token_ids))
-        return generate(request_id, prompt_token_ids, params)
+    def spy(requests):  # the server admits a request's choices together through submit()
+        seen.extend(list(prompt) for _, prompt, _ in requests)
+        return submit(requests)
 
-    engine.generate = spy
+    engine.submit = spy
     mlp = engine.core.runner.model.model.layers[0].mlp
     gate = mlp.gate_up_proj.linear if mlp.gate_up_proj is not None else mlp.gate_proj  # 2048-row parts: not fused
     assert type(gate).__name__ == "PQLinear" and mlp.act == "gelu_tanh"
