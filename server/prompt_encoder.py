@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jinja2
 
 from server import errors
 
@@ -64,12 +63,6 @@ class PromptEncoder:
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(self.tokenizer.encode(t, add_special_tokens=True)) for t in texts]
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The messages rendered with the tokenizer's chat template, then tokenized (the template
-        adds the special tokens)."""
-        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
-        return await asyncio.to_thread(self._encode_chat, messages)
-
     async def encode_rendered(self, render: Callable[[], str], chars: int, param: str) -> list[int]:
         """Token ids of the text `render()` returns (a chat template's output, which adds the special tokens);
         rendering and tokenizing both run off the event loop. `chars`: the input's length, checked first."""
@@ -79,13 +72,4 @@ class PromptEncoder:
     def _encode_rendered(self, render: Callable[[], str], param: str) -> list[int]:
         text = render()
         self.check_chars(len(text), param)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:  # the template's own raise_exception("...") messages
-            raise errors.invalid_request(f"The messages do not fit the model's chat template: {exc}",
-                                         param="messages") from None
-        self.check_chars(len(text), "messages")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
