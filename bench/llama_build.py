@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -103,12 +104,27 @@ def missing_tools(cuda: bool) -> str | None:
     return f"missing {' and '.join(missing)}" if missing else None
 
 
+def run_group(cmd: list[str], logf, timeout: float | None) -> None:
+    """Run cmd in its own process group, output to logf; on timeout the whole group (compilers included) is killed
+    and subprocess.TimeoutExpired raised; a non-zero exit raises CalledProcessError."""
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
+
+
 def build(src: Path, build_dir: Path, arch: str, jobs: int, log, timeout_s: float | None = None,
-          optimize: bool = True) -> LlamaBuild:
+          optimize: bool = True, niceness: int = 0) -> LlamaBuild:
     """Configure and build TARGETS for `arch` ("cpu", or a compute capability like "90" for CUDA) under
     build_dir/build-<arch>; reused when both binaries exist. Raises on failure (the build log is kept there).
     `optimize=False` compiles with -O0 and no debug info (build-<arch>-O0: a CPU check of the plumbing on a small
-    machine, several times quicker to build; never for timings)."""
+    machine, several times quicker to build; never for timings). `niceness` > 0 lowers the compilers' priority
+    (the peers benchmark measures on the GPU meanwhile)."""
     out = build_dir / (f"build-{arch}" if optimize else f"build-{arch}-O0")
     bins = out / "bin"
     if all((bins / t).is_file() for t in TARGETS):
@@ -135,14 +151,13 @@ def build(src: Path, build_dir: Path, arch: str, jobs: int, log, timeout_s: floa
     t0 = time.monotonic()
     deadline = None if timeout_s is None else t0 + timeout_s
     logf = out / "build.log"
+    nice = ["nice", "-n", str(niceness)] if niceness > 0 and shutil.which("nice") else []
     log(f"llama.cpp: configuring {cpp} for {arch}{'' if optimize else ' (-O0)'} in {out} (log {logf})")
+    left = lambda: None if deadline is None else max(1.0, deadline - time.monotonic())  # noqa: E731
     with open(logf, "a") as f:
-        subprocess.run([cmake, "-S", str(cpp), "-B", str(out), *flags], check=True, stdout=f, stderr=subprocess.STDOUT,
-                       timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+        run_group([*nice, cmake, "-S", str(cpp), "-B", str(out), *flags], f, left())
         log(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs}")
-        subprocess.run([cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], check=True, stdout=f,
-                       stderr=subprocess.STDOUT,
-                       timeout=None if deadline is None else max(1.0, deadline - time.monotonic()))
+        run_group([*nice, cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], f, left())
     secs = time.monotonic() - t0
     log(f"llama.cpp: built in {secs:.0f} s")
     return LlamaBuild(bins, arch, secs, False)
