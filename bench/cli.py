@@ -18,6 +18,7 @@ BENCHMARKS = {
     "serve": ("bench.serve", "load test of an OpenAI-compatible server: TTFT, TPOT, throughput vs concurrency"),
     "kv-quality": ("bench.kv_quality", "held-out perplexity and bytes per token for each KV-cache format"),
     "cpu-decode": ("bench.cpu_decode", "CPU decode ms per step: reference vs fast path, A/B in one process"),
+    "peers": ("bench.peers", "batch-1 decode tok/s, % of bandwidth limit, bits/weight: Athena vs llama.cpp (built here) vs torch int4 tinygemm, same GPU (GPU; --shape tiny --device cpu checks the plumbing)"),
     "serve-peers": ("bench.serve_peers", "bench serve against athena serve and llama.cpp llama-server on the CPU, same model"),
 }
 

@@ -82,26 +82,42 @@ def source_dir(src: Path, build_dir: Path) -> Path:
     return cpp
 
 
-def find_cmake() -> str | None:
-    """cmake on PATH, else the one of the `cmake` pip wheel if installed."""
-    found = shutil.which("cmake")
-    if found:
-        return found
-    try:
-        import cmake  # the PyPI wheel
+def _wheel_tool(name: str, build_dir: Path, log) -> str | None:
+    """`name` (cmake or ninja) from its PyPI wheel carried in build_dir/wheels/, installed once with pip into
+    build_dir/tools (for a machine without it and without network)."""
+    tools = build_dir / "tools"
+    cand = [tools / "cmake" / "data" / "bin" / "cmake"] if name == "cmake" else [tools / "bin" / "ninja"]
+    if not any(c.is_file() for c in cand):
+        wheels = sorted((build_dir / "wheels").glob(f"{name}-*.whl"))
+        if not wheels:
+            return None
+        log(f"{name} is not on PATH: installing {wheels[-1].name} into {tools}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(tools), str(wheels[-1])], check=True)
+    return next((str(c) for c in cand if c.is_file()), None)
 
-        cand = Path(cmake.CMAKE_BIN_DIR) / "cmake"
-        return str(cand) if cand.is_file() else None
-    except (ImportError, AttributeError):
-        return None
+
+def find_tool(name: str, build_dir: Path, log) -> str | None:
+    """cmake / ninja: on PATH, else from a wheel in build_dir/wheels (see _wheel_tool), else None."""
+    return shutil.which(name) or _wheel_tool(name, build_dir, log)
 
 
-def missing_tools(cuda: bool) -> str | None:
-    need = {"cmake": find_cmake(), "a C++ compiler": shutil.which("c++") or shutil.which("g++")}
+def missing_tools(cuda: bool, build_dir: Path, log) -> str | None:
+    need = {"cmake (on PATH or a cmake wheel in BUILD_DIR/wheels)": find_tool("cmake", build_dir, log),
+            "a C++ compiler": shutil.which("c++") or shutil.which("g++")}
     if cuda:
-        need["nvcc"] = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
+        need["nvcc"] = nvcc_path()
     missing = [k for k, v in need.items() if not v]
     return f"missing {' and '.join(missing)}" if missing else None
+
+
+def nvcc_path() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    cand = Path(home) / "bin" / "nvcc"
+    return str(cand) if cand.is_file() else None
 
 
 def run_group(cmd: list[str], logf, timeout: float | None) -> None:
@@ -131,28 +147,30 @@ def build(src: Path, build_dir: Path, arch: str, jobs: int, log, timeout_s: floa
         log(f"llama.cpp: reusing {bins}")
         return LlamaBuild(bins, arch, 0.0, True)
     cuda = arch != "cpu"
-    why = missing_tools(cuda)
+    why = missing_tools(cuda, build_dir, log)
     if why:
         raise RuntimeError(f"cannot build llama.cpp: {why}")
     cpp = source_dir(src, build_dir)
-    cmake = find_cmake()
+    cmake = find_tool("cmake", build_dir, log)
+    ninja = find_tool("ninja", build_dir, log)
     flags = list(CMAKE_FLAGS)
     flags += ["-DCMAKE_BUILD_TYPE=Release"] if optimize else [
         "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0", "-DCMAKE_CXX_FLAGS_DEBUG=-O0"]
     if cuda:
-        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", f"-DCMAKE_CUDA_COMPILER={nvcc_path()}",
                   "-DGGML_NATIVE=OFF"]
     else:
         flags += ["-DGGML_CUDA=OFF"]
-    if shutil.which("ninja"):
-        flags += ["-G", "Ninja"]
+    if ninja:
+        flags += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    else:
+        log("llama.cpp: no ninja (PATH or wheel): Unix Makefiles")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     deadline = None if timeout_s is None else t0 + timeout_s
     logf = out / "build.log"
     nice = ["nice", "-n", str(niceness)] if niceness > 0 and shutil.which("nice") else []
-    log(f"llama.cpp: configuring {cpp} for {arch}{'' if optimize else ' (-O0)'} in {out} (log {logf})")
+    log(f"llama.cpp: configuring {cpp} for {arch}{'' if optimize else ' (-O0)'} in {out} with {cmake} (log {logf})")
     left = lambda: None if deadline is None else max(1.0, deadline - time.monotonic())  # noqa: E731
     with open(logf, "a") as f:
         run_group([*nice, cmake, "-S", str(cpp), "-B", str(out), *flags], f, left())

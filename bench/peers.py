@@ -345,7 +345,7 @@ def run(s: PeersSettings) -> Run:
         res = r.stage("athena: decode (quiet)", lambda: athena.measure(bw, s), need_s=20) \
             or r.details.get("athena_during_build")
         r.details["athena"] = res
-        for path, label in (("pq", "Athena PQ (CUDA graphs)"), ("fp16", "Athena fp16 path")):
+        for path, label in (("pq", "Athena PQ"), ("fp16", "Athena fp16 path")):
             if res and path in res:
                 a = res[path]
                 r.rows.append(Row(label, a["tok_s"], a["pp_tok_s"], a["linear_bits_per_weight"], a["bytes_per_token"],
@@ -356,9 +356,10 @@ def run(s: PeersSettings) -> Run:
         r.details["tinygemm"] = res
         if res:
             st = res["step"]["int4"]
-            r.rows.append(Row(f"torch int4 tinygemm g128 (linears + lm_head only)", st["tok_s"], None,
+            dense = "cuBLAS fp16" if cuda else "torch fp32 (CPU)"
+            r.rows.append(Row("torch int4 tinygemm g128 (linears+lm_head)", st["tok_s"], None,
                               res["bits_per_weight"], st["bytes"], st["limit_tok_s"],
-                              f"estimate; cuBLAS fp16 same step {res['step']['fp16']['tok_s']:.1f} tok/s"))
+                              f"estimate, no attention/norms; {dense} same step {res['step']['fp16']['tok_s']:.1f} tok/s"))
     athena = tiny = None
     gc.collect()
     if cuda:

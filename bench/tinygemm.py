@@ -189,15 +189,16 @@ class TinygemmBench:
             b = self.step_bytes(fmt)
             step[fmt] = {"ms": t * 1e3, "tok_s": self.tokens / t, "bytes": b, "limit_tok_s": bandwidth / b,
                          "pct_limit": 100 * (b / bandwidth) / t}
-        return {"tokens": self.tokens, "layers": self.layers, "group": GROUP, "bits_per_weight": 4 + 32 / GROUP,
+        return {"dense": "cuBLAS fp16" if self.device.type == "cuda" else "torch fp32 (CPU)", "tokens": self.tokens,
+                "layers": self.layers, "group": GROUP, "bits_per_weight": 4 + 32 / GROUP,
                 "rel_error_vs_dequant": self.error, "shapes": rows, "step": step}
 
 
 def print_result(res: dict, device_name: str) -> None:
-    print(f"\n{device_name}: int4 tinygemm g{res['group']} ({res['bits_per_weight']:.2f} bits) vs cuBLAS fp16, "
+    print(f"\n{device_name}: int4 tinygemm g{res['group']} ({res['bits_per_weight']:.2f} bits) vs {res['dense']}, "
           f"{res['tokens']} token(s), {res['layers']} layers; rel. error vs dequantized reference "
           f"{res['rel_error_vs_dequant']:.1e}")
-    print(f"{'shape NxK':>12s} {'fp16 us':>8s} {'int4 us':>8s} {'speedup':>8s} {'int4 GB/s':>9s}  layers")
+    print(f"{'shape NxK':>12s} {'dense us':>8s} {'int4 us':>8s} {'speedup':>8s} {'int4 GB/s':>9s}  layers")
     for r in res["shapes"]:
         print(f"{r['shape']:>12s} {r['fp16_us']:8.1f} {r['int4_us']:8.1f} {r['speedup']:7.2f}x {r['int4_gb_s']:9.0f}  "
               f"{','.join(r['layers'])}")
