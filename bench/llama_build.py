@@ -71,10 +71,11 @@ def source_dir(src: Path, build_dir: Path) -> Path:
     if src.is_dir():
         root = src
     else:
-        root = build_dir / src.name.removesuffix(".tar.gz")
-        if not (root / "llama.cpp" / "CMakeLists.txt").is_file():
-            build_dir.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(src) as tar:
+        with tarfile.open(src) as tar:
+            top = tar.next().name.split("/", 1)[0]  # the sdist's one top folder
+            root = build_dir / top
+            if not (root / "llama.cpp" / "CMakeLists.txt").is_file():
+                build_dir.mkdir(parents=True, exist_ok=True)
                 tar.extractall(build_dir, filter="data")
     cpp = root / "llama.cpp" if (root / "llama.cpp" / "CMakeLists.txt").is_file() else root
     if not (cpp / "CMakeLists.txt").is_file():
