@@ -85,8 +85,8 @@ def source_dir(src: Path, build_dir: Path) -> Path:
 
 def _wheel_tool(name: str, build_dir: Path, log) -> str | None:
     """`name` (cmake or ninja) from its PyPI wheel carried in build_dir/wheels/, installed once with pip into
-    build_dir/tools (for a machine without it and without network)."""
-    tools = build_dir / "tools"
+    build_dir/tools/NAME (for a machine without it and without network)."""
+    tools = build_dir / "tools" / name
     cand = [tools / "cmake" / "data" / "bin" / "cmake"] if name == "cmake" else [tools / "bin" / "ninja"]
     if not any(c.is_file() for c in cand):
         wheels = sorted((build_dir / "wheels").glob(f"{name}-*.whl"))
