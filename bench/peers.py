@@ -416,6 +416,8 @@ def print_table(r: Run) -> None:
               f"{_fmt(row.limit_tok_s, '8.1f')} {_fmt(row.bits_per_weight, '5.2f')} "
               f"{_fmt(row.bytes_per_token and row.bytes_per_token / 1e6, '9.1f')} {_fmt(row.pp_tok_s, '9.0f')}  "
               f"{row.note}")
+    print("stages (s): " + "; ".join(f"{st['stage']} {st.get('seconds', 0):.0f}" for st in r.stages
+                                     if st["status"] == "ok"))
     bad = [st for st in r.stages if st["status"] != "ok"]
     for st in bad:
         print(f"  {st['stage']}: {st['status']}: {st.get('why') or st.get('error')}")
