@@ -33,11 +33,12 @@ CATEGORY_BY_NAME = (
 
 def module_category(qualname: str, type_name: str) -> str | None:
     """The breakdown category of a module of the model (None: not one of ours; its kernels go to the parent's)."""
-    last = qualname.rsplit(".", 1)[-1]
-    if last == "lm_head":
+    parts = qualname.split(".")
+    last = parts[-1]
+    if "lm_head" in parts:
         return "lm_head"
-    if last in LINEAR_NAMES:
-        return "linear layers"
+    if any(p in LINEAR_NAMES for p in parts):  # also the layer inside a fused one (gate_up_proj.linear: the PQ
+        return "linear layers"                 # gate/up call, SiLU x up in its epilogue, is made through it)
     if last == "embed_tokens":
         return "embedding"
     if type_name == "RMSNorm":

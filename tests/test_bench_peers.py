@@ -192,6 +192,9 @@ def test_module_scopes_cover_the_model_on_the_cpu():
     from bench.profile_decode import _scopes
 
     runner, _ = random_runner(dict(TINY), torch.device("cpu"), 64, "fp16", dense=False)
+    assert module_category("model.layers.3.mlp.gate_up_proj.linear", "PQLinear") == "linear layers"
+    assert module_category("model.layers.3.mlp", "MLP") == "activation (SiLU x up)"
+    assert module_category("model.layers.3", "DecoderLayer") is None
     cats = {module_category(n, type(m).__name__) for n, m in runner.model.named_modules()} - {None}
     assert cats == {"linear layers", "lm_head", "embedding", "norms (+ residual add)", "RoPE", "attention",
                     "activation (SiLU x up)"}
