@@ -162,7 +162,7 @@ def kv_fp16_bytes(cfg: dict, context: float) -> float:
 
 def quantize(bins, f16: Path, typ: str, imatrix: Path | None, out_dir: Path, timeout: float, log,
              log_dir: Path) -> Path:
-    dst = out_dir / f"model-{typ}.gguf"
+    dst = out_dir / f"{f16.name.removesuffix('-F16.gguf')}-{typ}.gguf"  # model-SHAPE-TYPE.gguf
     if dst.is_file() and dst.stat().st_size > 0:
         log(f"{dst} exists, reused")
         return dst
