@@ -393,6 +393,9 @@ def run(s: PeersSettings) -> Run:
 
 
 def _git_commit() -> str:
+    """$COMMIT (the GPU suite's copy of the tree has no .git), else git's short hash, else unknown."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"

@@ -201,10 +201,12 @@ def run_breakdown(args) -> int:
     context = pos - args.steps // 2
     nbytes = _bytes(runner.model, runner, context)
     bw = copy_bandwidth(dev)
-    res.update(path="fp16" if args.fp16 else "pq", kv_cache=args.kv_cache, device=torch.cuda.get_device_name(),
+    from bench.peers import _git_commit
+
+    res.update(commit=_git_commit(), path="fp16" if args.fp16 else "pq", kv_cache=args.kv_cache, device=torch.cuda.get_device_name(),
                copy_bandwidth_gb_s=bw / 1e9, bytes=nbytes, context=context,
                unscoped_kernels=sorted({n for n, c in sequence if c is None}))
-    print(f"\n{res['device']}, {res['path']} path, batch 1, kv {args.kv_cache}, context ~{context}: wall "
+    print(f"\n{res['device']} (commit {res['commit']}), {res['path']} path, batch 1, kv {args.kv_cache}, context ~{context}: wall "
           f"{wall_us / 1e3:.3f} ms/step ({1e6 / wall_us:.1f} tok/s), graph span {res['graph_span_us'] / 1e3:.3f} ms; "
           f"{res['steps_matched']} of {args.steps} replays matched ({res['kernels_per_replay']} kernels each; "
           f"categories from: {res['method']})")
