@@ -456,6 +456,10 @@ def main(argv=None) -> int:
                       threads=a.threads, skip_llama=a.skip_llama, skip_athena=a.skip_athena,
                       skip_tinygemm=a.skip_tinygemm)
     r = run(s)
+    if r.details.get("tinygemm"):
+        from bench.tinygemm import print_result
+
+        print_result(r.details["tinygemm"], r.details["device"])
     print_table(r)
     r.log(f"done; details in {Path(s.out) / 'peers.json'}")
     return 0
