@@ -264,3 +264,13 @@ def test_peers_on_the_cpu_with_llama_cpp(tmp_path):
     assert 3.0 < rows["llama.cpp IQ3_XXS (random imatrix)"]["bits_per_weight"] < 3.3
     log = (tmp_path / "out" / "quantize-IQ3_XXS.log").read_text()
     assert "--imatrix" in log
+
+
+def test_peers_is_an_athena_bench_command(capsys):
+    from bench.cli import BENCHMARKS
+    from bench.peers import main
+
+    assert BENCHMARKS["peers"][0] == "bench.peers"
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--budget" in capsys.readouterr().out
