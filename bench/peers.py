@@ -334,6 +334,11 @@ def run(s: PeersSettings) -> Run:
             if builder.is_alive():
                 raise TimeoutError("the llama.cpp build did not finish within the budget")
             if "error" in build_box:
+                logs_of = sorted(Path(s.build_dir).glob("build-*/build.log"), key=lambda f: f.stat().st_mtime)
+                if logs_of:  # the compiler's reason is in the log
+                    text = logs_of[-1].read_text(errors="replace")
+                    (logs / "llama_build.log").write_text(text)
+                    r.details["llama_build_log_tail"] = text[-3000:]
                 raise RuntimeError(build_box["error"])
             r.details["llama_build"] = {"seconds": build_box["seconds"], "reused": build_box["build"].reused,
                                         "bin_dir": str(build_box["build"].bin_dir)}
