@@ -132,8 +132,8 @@ def _gpu_events(prof) -> list:
 
     from bench.decode_breakdown import GpuEvent
 
-    return [GpuEvent(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-            if e.device_type == DeviceType.CUDA]
+    cuda = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    return [GpuEvent(e.name, e.time_range.start, e.time_range.end) for e in cuda]  # the order _kernel_categories uses
 
 
 def _bytes(model, runner, context: int) -> dict[str, float]:
@@ -183,22 +183,32 @@ def run_breakdown(args) -> int:
     for _ in range(args.steps):
         step()
     wall_us = (time.perf_counter() - t0) / args.steps * 1e6
-    # the graph's kernels named by module: the captured function, eagerly, under scopes
+    # One profiler session (a second session after graph capture may record nothing): first the captured function
+    # run eagerly under module scopes, which names the graph's kernels; a marker kernel; then the timed replays.
     handles = _scopes(runner.model)
     runner._fill([SequenceChunk([5], pos, table)], 1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as eager:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("cat::other (forward, outside modules)"):
             runner._graph_forward(1)
         torch.cuda.synchronize()
-    for h in handles:
-        h.remove()
-    pos += 1
-    sequence = _kernel_categories(eager)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for h in handles:
+            h.remove()
+        torch.cuda._sleep(1000)  # the marker between the eager pass and the replays
+        torch.cuda.synchronize()
+        pos += 1
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-    res = breakdown(_gpu_events(prof), sequence, args.steps, wall_us)
+    named = _kernel_categories(prof)  # every GPU event of the session, in start order
+    if not named:
+        raise SystemExit("the profiler recorded no GPU events (CUPTI unavailable?): nothing to break down")
+    marker = next((i for i, (n, _) in enumerate(named) if "spin" in n.lower()), None)
+    if marker is None:  # no marker seen: the eager pass is the events under a scope (the replays have none)
+        marker = next((i for i, (_, c) in enumerate(named) if c is None), len(named))
+        print("marker kernel not found: the eager pass taken as the GPU events under a module scope")
+    sequence = named[:marker]
+    events = _gpu_events(prof)[marker + 1:]
+    res = breakdown(events, sequence, args.steps, wall_us)
     context = pos - args.steps // 2
     nbytes = _bytes(runner.model, runner, context)
     bw = copy_bandwidth(dev)
