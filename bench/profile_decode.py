@@ -203,11 +203,12 @@ def run_breakdown(args) -> int:
     if not named:
         raise SystemExit("the profiler recorded no GPU events (CUPTI unavailable?): nothing to break down")
     marker = next((i for i, (n, _) in enumerate(named) if "spin" in n.lower()), None)
+    replays_from = None if marker is None else marker + 1
     if marker is None:  # no marker seen: the eager pass is the events under a scope (the replays have none)
-        marker = next((i for i, (_, c) in enumerate(named) if c is None), len(named))
+        marker = replays_from = next((i for i, (_, c) in enumerate(named) if c is None), len(named))
         print("marker kernel not found: the eager pass taken as the GPU events under a module scope")
     sequence = named[:marker]
-    events = _gpu_events(prof)[marker + 1:]
+    events = _gpu_events(prof)[replays_from:]
     res = breakdown(events, sequence, args.steps, wall_us)
     context = pos - args.steps // 2
     nbytes = _bytes(runner.model, runner, context)
