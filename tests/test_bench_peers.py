@@ -258,10 +258,10 @@ def test_peers_on_the_cpu_with_llama_cpp(tmp_path):
     rows = {r["system"]: r for r in doc["rows"]}
     assert set(rows) == {"llama.cpp Q4_K_M", "llama.cpp IQ3_XXS (random imatrix)", "llama.cpp F16"}
     assert all(r["tok_s"] > 0 and r["pp_tok_s"] > 0 for r in rows.values())
-    # bits per linear weight: F16 16, Q4_K_M ~4.5-5, IQ3_XXS ~3.06
+    # bits per linear weight from the files: F16 16, Q4_K_M ~4.8, IQ3_XXS ~3 (llama.cpp mixes types per tensor)
     assert rows["llama.cpp F16"]["bits_per_weight"] == pytest.approx(16)
     assert 4.4 < rows["llama.cpp Q4_K_M"]["bits_per_weight"] < 5.2
-    assert 3.0 < rows["llama.cpp IQ3_XXS (random imatrix)"]["bits_per_weight"] < 3.3
+    assert 2.9 < rows["llama.cpp IQ3_XXS (random imatrix)"]["bits_per_weight"] < 3.5
     log = (tmp_path / "out" / "quantize-IQ3_XXS.log").read_text()
     assert "--imatrix" in log
 
