@@ -300,6 +300,8 @@ def run(s: PeersSettings) -> Run:
             build_box["seconds"] = time.monotonic() - t
 
         r.log(f"llama.cpp build for {arch} from {src} (background, nice 10, -j{s.jobs})")
+        # the version is the sdist's (llama-bench's build_commit is whatever git repository holds the build folder)
+        r.details["llama_cpp_source"] = Path(src).name if src else None
         builder = threading.Thread(target=do_build, daemon=True)
         builder.start()
 
