@@ -15,7 +15,7 @@ leaves what it measured):
      and as a whole decode step of linear layers (bench.tinygemm), measured once while the build runs;
   3. when the build is done: Athena and tinygemm measured again on the quiet machine (the table's numbers; the
      first measurement is in the JSON), their GPU memory freed;
-  4. per llama.cpp type (Q4_K_M, Q3_K_S, IQ3_XXS with the random imatrix, then F16): llama-quantize, then
+  4. per llama.cpp type (Q4_K_M, Q3_K_S, F16, then IQ3_XXS with the random imatrix): llama-quantize, then
      `llama-bench -p PP -n TG -fa 1 -ngl 99 -r REPS -o json`.
 
 The bandwidth limit is bytes read per generated token / the device's *measured* copy bandwidth
@@ -43,7 +43,8 @@ import torch
 
 from bench.llama_build import run_group
 
-LLAMA_TYPES = ("Q4_K_M", "Q3_K_S", "IQ3_XXS", "F16")
+# in this order: F16 (no quantization, ~25 s) before IQ3_XXS, whose quantization is the slowest and gets what is left
+LLAMA_TYPES = ("Q4_K_M", "Q3_K_S", "F16", "IQ3_XXS")
 NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S"}
 
 
