@@ -43,7 +43,8 @@ import torch
 
 from bench.llama_build import run_group
 
-# in this order: F16 (no quantization, ~25 s) before IQ3_XXS, whose quantization is the slowest and gets what is left
+# in this order: F16 (no quantization: a load and the bench) before IQ3_XXS, the slowest to quantize, which gets what
+# the budget leaves
 LLAMA_TYPES = ("Q4_K_M", "Q3_K_S", "F16", "IQ3_XXS")
 NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "Q2_K_S"}
 
