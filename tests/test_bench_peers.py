@@ -184,6 +184,7 @@ def test_breakdown_falls_back_to_names_when_the_sequence_is_absent():
     assert replays == [] and outside == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_module_scopes_cover_the_model_on_the_cpu():
     from torch.profiler import ProfilerActivity, profile
 
