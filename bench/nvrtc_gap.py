@@ -123,12 +123,11 @@ def sass(image: bytes, workdir: Path) -> tuple[int, str] | None:
 
 # ------------------------------------------------------------------------------------------------ GPU side
 def kernel_provider(v: Variant, builds: Builds, cache: dict):
-    """A stand-in for lut._kernel(name, index, defines) that loads `v`'s cubin of the instance."""
-    def provide(name: str, index: int, defines: tuple = ()) -> nvrtc.Kernel:
-        key = (v, name, index, defines)
+    """A stand-in for lut._kernel(name, index) that loads `v`'s cubin of the instance."""
+    def provide(name: str, index: int) -> nvrtc.Kernel:
+        key = (v, name, index)
         if key not in cache:
-            cache[key] = nvrtc.Kernel("lut.cu", name, torch.device("cuda", index),
-                                      image=builds.get(v, "lut.cu", name, dict(defines)))
+            cache[key] = nvrtc.Kernel("lut.cu", name, torch.device("cuda", index), image=builds.get(v, "lut.cu", name, {}))
         return cache[key]
     return provide
 

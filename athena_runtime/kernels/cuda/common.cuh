@@ -19,12 +19,6 @@ typedef unsigned long long uintptr_t;
 #include <cuda_fp16.h>
 #endif
 
-// Diagnostic hooks, empty in the shipped build (nothing defines them there): bench/diag/lut_trace.py defines
-// ATHENA_TRACE_MARK(i) to record thread 0's timestamp at phase i of a lookup-table CTA.
-#ifndef ATHENA_TRACE_MARK
-#define ATHENA_TRACE_MARK(i)
-#endif
-
 namespace athena {
 
 constexpr int THREADS = 256;  // every kernel runs CTAs of 256 threads

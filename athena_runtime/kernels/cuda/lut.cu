@@ -1,4 +1,4 @@
-// Lookup-table PQ kernel for one to 16 tokens: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias with the tables in shared memory.
+// Lookup-table PQ kernel for one to 8 tokens: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias with the tables in shared memory.
 //
 // For a token x and column group j the table entry of centroid c is L[t, j, c] = Σ_l C[β, j, l, c] x[t, d j + l], so
 // y[t, i] = Σ_j L[t, j, I[i, j]]: one lookup and one add per index instead of d centroid loads and d FMAs. A CTA owns
@@ -16,18 +16,13 @@
 // Host side, launch shapes and the PyTorch spec: athena_runtime/kernels/lut.py.
 #include "common.cuh"
 
-// A/B builds (bench/diag/lut_parts.py) set this by a -D option; the shipped build takes the default
-#ifndef ATHENA_T1_MIN_BLOCKS_SM90
-#define ATHENA_T1_MIN_BLOCKS_SM90 4
-#endif
-
 namespace athena {
 
 // CTAs per SM the one-token fp16-table variants of <= 8-word slabs are compiled for (__launch_bounds__): on sm_90
 // four fit in 64 registers without spills (2 CTAs more per SM than unbounded with nvcc 13, to hide the index loads'
 // latency); sm_89 would spill at 64 and stays unbounded (90 registers with nvcc 13). Other variants: no bound.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define ATHENA_T1_MIN_BLOCKS ATHENA_T1_MIN_BLOCKS_SM90
+#define ATHENA_T1_MIN_BLOCKS 4
 #else
 #define ATHENA_T1_MIN_BLOCKS 1
 #endif
@@ -173,7 +168,6 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
     for (int w = 0; w < SLAB_W; ++w)
         cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
 
-    ATHENA_TRACE_MARK(0);  // the first pass's loads issued
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
     for (int e = threadIdx.x; e < PER_WORD * SLAB_W * NVEC; e += THREADS) {
@@ -201,7 +195,6 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
             *reinterpret_cast<int4*>(&lut[(sw * T + t) * NC + c0]) = *reinterpret_cast<const int4*>(acc[t]);
     }
 
-    ATHENA_TRACE_MARK(1);  // table built
     __syncthreads();
 
     // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
@@ -245,7 +238,6 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
             else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
-    ATHENA_TRACE_MARK(2);  // this thread's passes done
     if (ep.n_epi > 0 && row_start < row_end) {  // release this slab's partial sums of the row program
         __syncthreads();
         if (threadIdx.x == 0) add_release(ep.sync + 2 + prog, 1);
