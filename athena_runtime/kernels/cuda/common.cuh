@@ -37,21 +37,25 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
 
 // Shared-memory loads at 32-bit addresses. NVRTC 13.0 (PyTorch's cu13 wheels) addresses shared memory through
 // 64-bit pointers where nvcc and later NVRTCs use 32-bit ones: a 64-bit add more per access (lut_kernel<1, 6, 4>'s
-// row loop: 616 SASS instructions against nvcc's 484). lut.cu's lookups load through `lds_half<OFFSET>(a)`: the
-// fp16 at byte address a + OFFSET (a compile-time immediate, as nvcc would fold it), as float. The CPU emulation:
-// plain loads.
+// row loop: 616 SASS instructions against nvcc's 484). The hot gathers of lut.cu and dequant.cu load through
+// `lds_u16<OFFSET>(a)` / `lds_half<OFFSET>(a)`: the entry at byte address a + OFFSET (a compile-time immediate, as
+// nvcc would fold it). The CPU emulation: plain loads.
 #ifndef ATHENA_CUDA_EMULATION
 typedef uint32_t SmemAddr;
 __device__ __forceinline__ SmemAddr smem_addr32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 template <int OFFSET>
-__device__ __forceinline__ float lds_half(SmemAddr a) {
+__device__ __forceinline__ uint32_t lds_u16(SmemAddr a) {  // the 16 bits at byte address a + OFFSET
     unsigned short v;
     asm volatile("ld.shared.u16 %0, [%1+%2];" : "=h"(v) : "r"(a), "n"(OFFSET));
-    return __half2float(__ushort_as_half(v));
+    return v;
 }
+template <int OFFSET>
+__device__ __forceinline__ float lds_half(SmemAddr a) { return __half2float(__ushort_as_half((unsigned short)lds_u16<OFFSET>(a))); }
 #else
 typedef uintptr_t SmemAddr;
 inline SmemAddr smem_addr32(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+template <int OFFSET>
+inline uint32_t lds_u16(SmemAddr a) { return *reinterpret_cast<const uint16_t*>(a + OFFSET); }
 template <int OFFSET>
 inline float lds_half(SmemAddr a) { return __half2float(*reinterpret_cast<const __half*>(a + OFFSET)); }
 #endif
