@@ -279,6 +279,11 @@ class Kernel:
                                            params, None), f"launching {self.name}")
 
 
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    """A tensor's data pointer as a kernel argument (None: a null pointer)."""
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
 def param_array(values: list) -> "ctypes.Array":
     """The kernelParams array of cuLaunchKernel: a pointer to each argument (ctypes objects: c_void_p for pointers,
     c_int, c_longlong, or a ctypes.Structure passed by value). Keep `values` alive while the array is used."""
