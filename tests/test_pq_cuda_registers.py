@@ -1,6 +1,6 @@
 """NVRTC register and spill check of the lookup-table kernel's one-token instances (where the NVRTC wheel is
 installed; no GPU needed): on sm_90 the <= 8-word slabs (4 words: the runtime's launch) are compiled for 4 CTAs per
-SM (`ATHENA_T1_MIN_BLOCKS_SM90` in lut.cu), which must fit 64 registers without spilling; on sm_89 they stay
+SM (`ATHENA_T1_MIN_BLOCKS` in lut.cu), which must fit 64 registers without spilling; on sm_89 they stay
 unbounded and must not spill either; the few-token instances must not spill on either."""
 from __future__ import annotations
 
