@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-schema quantize7b peers breakdown
-# (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh)
+#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-schema quantize7b peers breakdown
+# (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -21,6 +21,8 @@ for stage in "$@"; do
              tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py tests/test_pq_cuda_fold.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
     build) timeout 200 python3 -m bench.nvrtc_first_use 2>&1 | tail -8 ;;  # NVRTC, in parallel; cached
+    gap) prev=; [ -f .prev/athena_runtime/kernels/cuda/lut.cu ] && prev="--prev .prev/athena_runtime/kernels/cuda"
+         timeout 360 python3 -m bench.nvrtc_gap --out $OUT/gap $prev > $OUT/gap_stdout.txt 2>&1; tail -14 $OUT/gap_stdout.txt ;;
     kernels) timeout 300 python3 bench/kernels.py --out $OUT --plan summary --budget 280 --commit "${COMMIT:-unknown}" \
              > $OUT/kernels_stdout.txt 2>&1; tail -45 $OUT/kernels_stdout.txt ;;
     t1) timeout 330 python3 bench/kernels.py --out $OUT/t1 --plan t1 --budget 300 --commit "${COMMIT:-unknown}" \

@@ -21,7 +21,7 @@ from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_r
 pytestmark = pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 12 (C++20, _Float16)")
 
 TOL = 4e-3
-VARIANTS = [(1, 6, 4), (1, 6, 8), (1, 4, 32), (4, 6, 8), (16, 6, 2)]  # (T, bits, slab_w) emulated: one token at b = 6
+VARIANTS = [(1, 6, 4), (1, 6, 8), (1, 4, 32), (4, 6, 8), (8, 6, 2)]  # (T, bits, slab_w) emulated: one token at b = 6
 # (4-word slabs, the runtime's launch, unless a test asks for 8) and 4, few tokens at b = 6
 
 
@@ -150,7 +150,7 @@ def test_glu_emulated(lib):
     assert not sync.any()
 
 
-@pytest.mark.parametrize("T", [3, 16])
+@pytest.mark.parametrize("T", [3, 8])
 def test_few_tokens_emulated(lib, T):
     """Few tokens: table per token, partial sums and u for every token (rows past T are zero)."""
     geo, qw, cb, A, B, b = _layer(300, 130, 64, 100, 8, True, seed=T)

@@ -16,7 +16,8 @@ import math
 import torch
 
 from athena_runtime.kernels import nvrtc
-from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
+from athena_runtime.kernels.layout import PQGeometry, dequantize_reference, row_chunks
+from athena_runtime.kernels.nvrtc import ptr
 from athena_runtime.kernels.pq_reference import check_layer_tensors
 from athena_runtime.kernels.tuning import Tuning
 
@@ -129,16 +130,6 @@ def kernel_names(geo: PQGeometry, rank: int) -> list[tuple[str, str, int]]:
     return out
 
 
-def _ptr(t) -> ctypes.c_void_p:
-    return ctypes.c_void_p(0 if t is None else t.data_ptr())
-
-
-def _grid_rows(geo: PQGeometry, rows_per_chunk: int) -> tuple[int, int]:
-    """(chunks per codebook block, row programs): chunks of rows_per_chunk rows never cross a block of k rows."""
-    chunks = -(-min(geo.k, geo.N) // rows_per_chunk)
-    return chunks, chunks * geo.Nb
-
-
 # ----------------------------------------------------------------------------------- wrappers
 def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> int:
     """Argument checks shared by the kernel wrapper and its reference; returns out's row count K."""
@@ -200,11 +191,11 @@ def dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out
         if a.shape[1] % 8 or a.stride(1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
             a = torch.nn.functional.pad(a, (0, -a.shape[1] % 8)).contiguous()
         extra = K - geo.M
-    chunks, n_row = _grid_rows(geo, rows_per_chunk)
+    chunks, n_row = row_chunks(geo, rows_per_chunk)
     k = _kernel("dequant.cu", f"athena::dequant_kernel<{geo.bits}, {geo.d}, {slab_w}>", qweight.device.index)
-    vals = [_ptr(qweight), ctypes.c_int(geo.N_pad), _ptr(codebook), ctypes.c_int(geo.G_pad), ctypes.c_int(geo.N),
+    vals = [ptr(qweight), ctypes.c_int(geo.N_pad), ptr(codebook), ctypes.c_int(geo.G_pad), ctypes.c_int(geo.N),
             ctypes.c_int(geo.M), ctypes.c_int(geo.GW), ctypes.c_int(geo.k), ctypes.c_int(chunks),
-            ctypes.c_int(rows_per_chunk), _ptr(Wt), ctypes.c_longlong(Wt.stride(0)), _ptr(a),
+            ctypes.c_int(rows_per_chunk), ptr(Wt), ctypes.c_longlong(Wt.stride(0)), ptr(a),
             ctypes.c_int(0 if a is None else a.stride(0)), ctypes.c_int(0 if a is None else a.shape[1]),
             ctypes.c_int(extra)]
     k.launch((n_row, geo.GW // slab_w + (1 if extra else 0)), smem_bytes(geo.bits, geo.d, slab_w),
@@ -255,10 +246,10 @@ def dequantize_fold_t(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, 
     Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=torch.float16) if out is None else out
     smem = fold_smem_bytes(geo.bits, geo.d, rank)
     k = _kernel("fold.cu", f"athena::fold_kernel<{geo.bits}, {geo.d}, {rank // 16}>", qweight.device.index, smem)
-    chunks, n_row = _grid_rows(geo, rows)
-    vals = [_ptr(qweight), ctypes.c_int(geo.N_pad), _ptr(codebook), ctypes.c_int(geo.G_pad), ctypes.c_int(geo.N),
+    chunks, n_row = row_chunks(geo, rows)
+    vals = [ptr(qweight), ctypes.c_int(geo.N_pad), ptr(codebook), ctypes.c_int(geo.G_pad), ctypes.c_int(geo.N),
             ctypes.c_int(geo.M), ctypes.c_int(geo.GW), ctypes.c_int(geo.k), ctypes.c_int(chunks), ctypes.c_int(rows),
-            _ptr(A), ctypes.c_int(A.stride(0)), _ptr(B), ctypes.c_int(B.stride(0)), ctypes.c_int(rank), _ptr(Wt),
+            ptr(A), ctypes.c_int(A.stride(0)), ptr(B), ctypes.c_int(B.stride(0)), ctypes.c_int(rank), ptr(Wt),
             ctypes.c_longlong(Wt.stride(0))]
     k.launch((n_row, geo.GW // FOLD_SLAB_W), smem, nvrtc.param_array(vals))
     return Wt
@@ -280,7 +271,7 @@ def copy_pad_cols(x, xu, zero_from: int):
     T = x.shape[0]
     if T:
         k = _kernel("dequant.cu", "athena::copy_pad_cols_kernel", x.device.index)
-        vals = [_ptr(x), ctypes.c_longlong(x.stride(0)), _ptr(xu), ctypes.c_longlong(xu.stride(0)), ctypes.c_int(T),
+        vals = [ptr(x), ctypes.c_longlong(x.stride(0)), ptr(xu), ctypes.c_longlong(xu.stride(0)), ctypes.c_int(T),
                 ctypes.c_int(x.shape[1]), ctypes.c_int(zero_from), ctypes.c_int(xu.shape[1])]
         k.launch((min(T, 65535), 1), 0, nvrtc.param_array(vals))
     return xu

@@ -119,10 +119,10 @@ def frag_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b
             u_part, lr_b = (x @ lr_b.t()).unsqueeze(0), None  # [1, T, r] by cuBLAS (the epilogue widens it)
     kernel = _kernel(t_pad, nr, geo.bits, stages, x.device.index)
     i32 = ctypes.c_int
-    vals = [ctypes.c_void_p(x.data_ptr()), i32(x.stride(0)), i32(T), i32(geo.M), ctypes.c_void_p(qweight.data_ptr()),
-            i32(geo.N_pad), ctypes.c_void_p(codebook.data_ptr()), i32(geo.G_pad), i32(geo.GW), i32(geo.k),
-            i32(per_split * WORDS), ctypes.c_void_p(partial.data_ptr()),
-            ctypes.c_void_p(0 if lr_b is None else lr_b.data_ptr()), i32(0 if lr_b is None else lr_b.stride(0)),
-            i32(0 if lr_b is None else lr_b.shape[0]), ctypes.c_void_p(0 if lr_b is None else u_part.data_ptr())]
+    ptr = nvrtc.ptr
+    vals = [ptr(x), i32(x.stride(0)), i32(T), i32(geo.M), ptr(qweight), i32(geo.N_pad), ptr(codebook), i32(geo.G_pad),
+            i32(geo.GW), i32(geo.k), i32(per_split * WORDS), ptr(partial), ptr(lr_b),
+            i32(0 if lr_b is None else lr_b.stride(0)), i32(0 if lr_b is None else lr_b.shape[0]),
+            ptr(None if lr_b is None else u_part)]
     kernel.launch((n_row, split), smem_bytes(t_pad, nr, stages, geo.bits), nvrtc.param_array(vals))
     return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype, glu)

@@ -1,6 +1,6 @@
 """Host side of the CUDA lookup-table kernel (cuda/lut.cu, its one-token epilogue cuda/lut_epilogue.cuh).
 
-The kernel (algorithm: the top of lut.cu) serves 1-16 tokens, instantiated per (T, BITS, SLAB_W) with T padded up
+The kernel (algorithm: the top of lut.cu) serves 1-8 tokens, instantiated per (T, BITS, SLAB_W) with T padded up
 to one of TOKENS. `LutPlan` fixes everything a launch needs for one layer and token count when it is made (kernel,
 grid, shared memory, the epilogue's tile, the argument array with the weights' pointers), so a call sets the
 pointers of x, the outputs and the scratch buffers and launches. With one token the split-K sums are finished by
@@ -10,6 +10,7 @@ epilogue CTAs in the same launch where `fused_epilogue_reason` allows it; otherw
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import logging
 
@@ -25,7 +26,7 @@ from athena_runtime.log_once import log_once
 log = logging.getLogger(__name__)
 
 THREADS, ROWS_PER_THREAD = 256, 4  # a CTA covers THREADS * 4 = 1024 rows per pass
-TOKENS = (1, 2, 4, 8, 16)  # instantiated token counts (T is padded up to the next one)
+TOKENS = (1, 2, 4, 8)  # instantiated token counts (T is padded up to the next one; the registry stops at 8)
 BITS = (4, 6, 8)
 SYNC_INTS = 4096  # counters of the fused epilogue: 2 + one per row program
 
@@ -160,17 +161,17 @@ def kernel_name(t_inst: int, bits: int, slab_w: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, index: int, defines: tuple = ()) -> nvrtc.Kernel:
-    return nvrtc.Kernel("lut.cu", name, torch.device("cuda", index), defines=dict(defines))
+def _kernel(name: str, index: int) -> nvrtc.Kernel:
+    return nvrtc.Kernel("lut.cu", name, torch.device("cuda", index))
 
 
 class LutPlan:
     """One layer (fp16 CUDA tensors, checked by the caller) and one instantiated token count, ready to launch:
-    `plan(x)` -> y [T, N] (or silu(gate) · up [T, F] with `glu`). `defines` builds an A/B source variant."""
+    `plan(x)` -> y [T, N] (or silu(gate) · up [T, F] with `glu`)."""
 
     def __init__(self, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, bias, t_inst: int, *,
                  tuning: Tuning, glu: tuple[int, int] | None = None, slab_w: int | None = None,
-                 rows_per_chunk: int | None = None, fused_epilogue: bool | None = None, defines: tuple = ()):
+                 rows_per_chunk: int | None = None, fused_epilogue: bool | None = None):
         dev = qweight.device
         auto_s, auto_r = choose_launch(geo, t_inst, tuning)
         self.slab_w, self.rows = slab_w or auto_s, rows_per_chunk or auto_r
@@ -185,7 +186,7 @@ class LutPlan:
         self.rank = 0 if lowrank_a is None else lowrank_a.shape[1]
         self.n_slabs = geo.GW // self.slab_w
         chunks, n_row = row_chunks(geo, self.rows)
-        self.kernel = _kernel(kernel_name(t_inst, geo.bits, self.slab_w), dev.index, defines)
+        self.kernel = _kernel(kernel_name(t_inst, geo.bits, self.slab_w), dev.index)
         smem = table_smem(t_inst, geo.bits, self.slab_w)
         self.n_out = glu[1] if glu is not None else geo.N
         ep = EpiArgs()
@@ -249,22 +250,18 @@ def _ptr(t) -> int:
 
 def lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
                slab_w: int | None = None, rows_per_chunk: int | None = None, glu: tuple[int, int] | None = None,
-               fused_epilogue: bool | None = None, epi_tile: int | None = None, epi_poll_ns: int | None = None,
-               defines: tuple = ()):
-    """The CUDA lookup-table kernel for T <= 16 fp16 tokens: x [T, M] -> y [T, N] (silu(gate) · up with `glu`).
-    A plan per call (tests, benchmarks; PQLinear keeps its plans): launch shape, epilogue tile and back-off
-    default to `Tuning`; `fused_epilogue` None: fused where the layer allows it, True: must be, False: never."""
+               fused_epilogue: bool | None = None, epi_tile: int | None = None):
+    """The CUDA lookup-table kernel for T <= 8 fp16 tokens: x [T, M] -> y [T, N] (silu(gate) · up with `glu`).
+    A plan per call (tests, benchmarks; PQLinear keeps its plans): launch shape and epilogue tile default to
+    `Tuning`; `fused_epilogue` None: fused where the layer allows it, True: must be, False: never."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias, cuda_fp16=True)
     why = supports(geo, x.shape[0], x.dtype)
     if why is not None:
         raise ValueError(f"lut_matmul: {why}")
     tuning = Tuning.for_device(x.device)
-    if epi_tile is not None or epi_poll_ns is not None:
-        import dataclasses
-        tuning = dataclasses.replace(tuning, epi_tile=tuning.epi_tile if epi_tile is None else epi_tile,
-                                     epi_poll_ns=tuning.epi_poll_ns if epi_poll_ns is None else epi_poll_ns)
+    if epi_tile is not None:
+        tuning = dataclasses.replace(tuning, epi_tile=epi_tile)
     t_inst = next(t for t in TOKENS if t >= x.shape[0])
     plan = LutPlan(qweight, codebook, geo, lowrank_a, lowrank_b, bias.half() if bias is not None else None, t_inst,
-                   tuning=tuning, glu=glu, slab_w=slab_w, rows_per_chunk=rows_per_chunk,
-                   fused_epilogue=fused_epilogue, defines=defines)
+                   tuning=tuning, glu=glu, slab_w=slab_w, rows_per_chunk=rows_per_chunk, fused_epilogue=fused_epilogue)
     return plan(x)

@@ -114,12 +114,13 @@ class Toolchain:
         return f"compute_{max(below)}", False
 
     def compile(self, file: str, name: str, arch: str, defines: dict[str, int] | None = None,
-                options: tuple[str, ...] = ()) -> tuple[bytes, str, str]:
+                options: tuple[str, ...] = (), source_dir: Path = SOURCE_DIR) -> tuple[bytes, str, str]:
         """Compile `cuda/<file>` with the template instance `name` (e.g. "athena::lut_kernel<1, 6, 4>") for `arch`
-        (from `target`): (cubin or PTX, lowered name, NVRTC's log); the result is cached on disk."""
-        opts = [f"--gpu-architecture={arch}", "-std=c++17", "-lineinfo", f"-I{SOURCE_DIR}", f"-I{self.include_dir}",
+        (from `target`): (cubin or PTX, lowered name, NVRTC's log); the result is cached on disk. `source_dir`: another
+        copy of the sources (bench/nvrtc_gap.py)."""
+        opts = [f"--gpu-architecture={arch}", "-std=c++17", "-lineinfo", f"-I{source_dir}", f"-I{self.include_dir}",
                 *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())), *options]
-        key = self._key(file, name, opts)
+        key = self._key(file, name, opts, source_dir)
         path = self.cache_dir / f"{Path(file).stem}-{key}"
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
@@ -127,7 +128,7 @@ class Toolchain:
         except (OSError, ValueError, KeyError):
             pass
         t0 = time.perf_counter()
-        image, lowered, text = self._nvrtc(file, name, opts, arch.startswith("sm_"))
+        image, lowered, text = self._nvrtc(source_dir / file, name, opts, arch.startswith("sm_"))
         seconds = time.perf_counter() - t0
         log.info("NVRTC: %s [%s] for %s in %.1f s", file, name, arch, seconds)
         try:  # written whole, then renamed: a reader never sees half a file
@@ -142,18 +143,17 @@ class Toolchain:
                         file, self.cache_dir, e)
         return image, lowered, text
 
-    def _key(self, file: str, name: str, opts: list[str]) -> str:
+    def _key(self, file: str, name: str, opts: list[str], source_dir: Path) -> str:
         h = hashlib.sha256()
-        for src in sorted(SOURCE_DIR.glob("*.cu*")):
+        for src in sorted(source_dir.glob("*.cu*")):
             h.update(src.name.encode() + b"\0" + src.read_bytes() + b"\0")
         h.update((self.include_dir / "cuda_fp16.h").read_bytes() + (self.include_dir / "cuda_fp16.hpp").read_bytes())
         h.update("\0".join([file, name, *opts, f"nvrtc {self.version}"]).encode())
         return h.hexdigest()[:20]
 
-    def _nvrtc(self, file: str, name: str, opts: list[str], cubin: bool) -> tuple[bytes, str, str]:
-        lib, prog = self.nvrtc, ctypes.c_void_p()
-        src = (SOURCE_DIR / file).read_bytes()
-        _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, file.encode(), 0, None, None))
+    def _nvrtc(self, path: Path, name: str, opts: list[str], cubin: bool) -> tuple[bytes, str, str]:
+        lib, prog, file = self.nvrtc, ctypes.c_void_p(), path.name
+        _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), file.encode(), 0, None, None))
         try:
             _check_nvrtc(lib, lib.nvrtcAddNameExpression(prog, name.encode()))
             c_opts = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
@@ -230,17 +230,22 @@ class Kernel:
 
         k = Kernel("lut.cu", "athena::lut_kernel<1, 6, 4>", device, smem_max=48 * 1024)
         k.launch(grid, smem, [ctypes args ...])     # on the current stream
-    `smem_max` above 48 KB opts the kernel in to that much dynamic shared memory."""
+    `smem_max` above 48 KB opts the kernel in to that much dynamic shared memory. `image`: (cubin, lowered name)
+    built elsewhere instead (bench/nvrtc_gap.py: nvcc), loaded the same way."""
 
     def __init__(self, file: str, name: str, device: torch.device, *, defines: dict[str, int] | None = None,
-                 smem_max: int = 0, threads: int = 256):
+                 smem_max: int = 0, threads: int = 256, options: tuple[str, ...] = (), source_dir: Path = SOURCE_DIR,
+                 image: tuple[bytes, str] | None = None):
         self.file, self.name, self.threads = file, name, threads
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         tc = toolchain()
         major, minor = torch.cuda.get_device_capability(self.index)
         arch, _ = tc.target(10 * major + minor)
         t0 = time.perf_counter()
-        image, lowered, self.build_log = tc.compile(file, name, arch, defines)
+        if image is None:
+            image, lowered, self.build_log = tc.compile(file, name, arch, defines, options, source_dir)
+        else:
+            (image, lowered), self.build_log = image, ""
         self.seconds = time.perf_counter() - t0  # compile (or cache read) time
         lib = _driver()
         _ensure_context(self.index)
@@ -272,6 +277,11 @@ class Kernel:
         stream = torch.cuda.current_stream(self.index).cuda_stream
         _check_cu(_driver().cuLaunchKernel(self._func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
                                            params, None), f"launching {self.name}")
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    """A tensor's data pointer as a kernel argument (None: a null pointer)."""
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
 
 
 def param_array(values: list) -> "ctypes.Array":

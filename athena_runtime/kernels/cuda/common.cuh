@@ -19,12 +19,6 @@ typedef unsigned long long uintptr_t;
 #include <cuda_fp16.h>
 #endif
 
-// Diagnostic hooks, empty in the shipped build (nothing defines them there): bench/diag/lut_trace.py defines
-// ATHENA_TRACE_MARK(i) to record thread 0's timestamp at phase i of a lookup-table CTA.
-#ifndef ATHENA_TRACE_MARK
-#define ATHENA_TRACE_MARK(i)
-#endif
-
 namespace athena {
 
 constexpr int THREADS = 256;  // every kernel runs CTAs of 256 threads
@@ -40,6 +34,31 @@ __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b
     emulated_mma16816(c, a, b0, b1);
 #endif
 }
+
+// Shared-memory loads at 32-bit addresses. NVRTC 13.0 (PyTorch's cu13 wheels) addresses shared memory through
+// 64-bit pointers where nvcc and later NVRTCs use 32-bit ones: a 64-bit add more per access (lut_kernel<1, 6, 4>'s
+// row loop: 616 SASS instructions against nvcc's 484). The hot gathers of lut.cu and dequant.cu load through
+// `lds_u16<OFFSET>(a)` / `lds_half<OFFSET>(a)`: the entry at byte address a + OFFSET (a compile-time immediate, as
+// nvcc would fold it). The CPU emulation: plain loads.
+#ifndef ATHENA_CUDA_EMULATION
+typedef uint32_t SmemAddr;
+__device__ __forceinline__ SmemAddr smem_addr32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+template <int OFFSET>
+__device__ __forceinline__ uint32_t lds_u16(SmemAddr a) {  // the 16 bits at byte address a + OFFSET
+    unsigned short v;
+    asm volatile("ld.shared.u16 %0, [%1+%2];" : "=h"(v) : "r"(a), "n"(OFFSET));
+    return v;
+}
+template <int OFFSET>
+__device__ __forceinline__ float lds_half(SmemAddr a) { return __half2float(__ushort_as_half((unsigned short)lds_u16<OFFSET>(a))); }
+#else
+typedef uintptr_t SmemAddr;
+inline SmemAddr smem_addr32(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+template <int OFFSET>
+inline uint32_t lds_u16(SmemAddr a) { return *reinterpret_cast<const uint16_t*>(a + OFFSET); }
+template <int OFFSET>
+inline float lds_half(SmemAddr a) { return __half2float(*reinterpret_cast<const __half*>(a + OFFSET)); }
+#endif
 
 // the 4 rows of quad r4 (rows 4 r4 .. 4 r4 + 3) that lie in [row_start, row_end): [lo, hi)
 struct Quad { int lo, hi; };

@@ -51,26 +51,21 @@ __device__ __forceinline__ uint32_t entry_offset(uint32_t word, int s) {
 }
 
 // Slot s of the slab's words for a whole, aligned quad whose D SLAB_W columns col_s .. are all < M:
-// out[col_s + D w + l, 4 r4 .. 4 r4 + 3] = C[l][entry of word w], one 8-byte store each (no tests).
-template <int BITS, int D, int SLAB_W>
-__device__ __forceinline__ void dequant_slot(const int4 (&words)[SLAB_W], int s, const char* tab_s, uint16_t* dst,
+// out[col_s + D w + l, 4 r4 .. 4 r4 + 3] = C[l][entry of word w], one 8-byte store each (no tests). `tab_s`: the
+// slot's codebook lines in shared memory; unrolled by template recursion over (w, l), so that each line's offset is
+// a compile-time immediate of the 32-bit shared load (common.cuh).
+template <int BITS, int D, int SLAB_W, int W = 0, int L = 0>
+__device__ __forceinline__ void dequant_slot(const int4 (&words)[SLAB_W], int s, SmemAddr tab_s, uint16_t* dst,
                                              long long stride_out) {
-    constexpr int NC = 1 << BITS;
-#pragma unroll
-    for (int w = 0; w < SLAB_W; ++w) {
-        const int4 wq = words[w];
-        const uint32_t off0 = entry_offset<BITS>(wq.x, s), off1 = entry_offset<BITS>(wq.y, s);
-        const uint32_t off2 = entry_offset<BITS>(wq.z, s), off3 = entry_offset<BITS>(wq.w, s);
-#pragma unroll
-        for (int l = 0; l < D; ++l) {
-            const char* tab = tab_s + (w * D + l) * NC * 2;  // compile-time offset from the slot's lines
-            const uint32_t v0 = *reinterpret_cast<const uint16_t*>(tab + off0);
-            const uint32_t v1 = *reinterpret_cast<const uint16_t*>(tab + off1);
-            const uint32_t v2 = *reinterpret_cast<const uint16_t*>(tab + off2);
-            const uint32_t v3 = *reinterpret_cast<const uint16_t*>(tab + off3);
-            *reinterpret_cast<uint2*>(dst) = make_uint2(pair(v0, v1), pair(v2, v3));
-            dst += stride_out;
-        }
+    if constexpr (W < SLAB_W) {
+        constexpr int OFF = (W * D + L) * (1 << BITS) * 2;
+        const int4 wq = words[W];
+        const SmemAddr a0 = tab_s + entry_offset<BITS>(wq.x, s), a1 = tab_s + entry_offset<BITS>(wq.y, s);
+        const SmemAddr a2 = tab_s + entry_offset<BITS>(wq.z, s), a3 = tab_s + entry_offset<BITS>(wq.w, s);
+        *reinterpret_cast<uint2*>(dst) = make_uint2(pair(lds_u16<OFF>(a0), lds_u16<OFF>(a1)),
+                                                    pair(lds_u16<OFF>(a2), lds_u16<OFF>(a3)));
+        if constexpr (L + 1 < D) dequant_slot<BITS, D, SLAB_W, W, L + 1>(words, s, tab_s, dst + stride_out, stride_out);
+        else dequant_slot<BITS, D, SLAB_W, W + 1, 0>(words, s, tab_s, dst + stride_out, stride_out);
     }
 }
 
@@ -117,6 +112,7 @@ __global__ void __launch_bounds__(THREADS, DQ_MIN_BLOCKS) dequant_kernel(
     constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
     constexpr int SEG = SLAB_W * D * NC / 8;                       // int4 per slot's codebook lines
     extern __shared__ __align__(16) uint16_t cb_s[];               // [PER_WORD][SLAB_W][D][NC]
+    const SmemAddr cb_a = smem_addr32(cb_s);                        // its 32-bit shared address (common.cuh)
 
     const int slab = blockIdx.y, w0 = slab * SLAB_W;
     const int blk = blockIdx.x / chunks_per_blk;
@@ -188,8 +184,8 @@ __global__ void __launch_bounds__(THREADS, DQ_MIN_BLOCKS) dequant_kernel(
             for (int s = 0; s < PER_WORD; ++s) {
                 const int col_s = D * (s * GW + w0);  // the slot's D SLAB_W columns start here (uniform)
                 if (col_s + D * SLAB_W <= M) {
-                    dequant_slot<BITS, D, SLAB_W>(cur, s, reinterpret_cast<const char*>(cb_s) + s * SLAB_W * D * NC * 2,
-                                                  o + (size_t)col_s * stride_out, stride_out);
+                    dequant_slot<BITS, D, SLAB_W>(cur, s, cb_a + s * SLAB_W * D * NC * 2, o + (size_t)col_s * stride_out,
+                                                  stride_out);
                 } else {  // this slot straddles column M (one slab of the layer) or is padding; later ones too
                     if (col_s < M)
                         dequant_quad_edges<BITS, D, SLAB_W>(qw4, N4, r4, s, reinterpret_cast<const char*>(cb_s), o,

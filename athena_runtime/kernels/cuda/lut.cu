@@ -1,4 +1,4 @@
-// Lookup-table PQ kernel for one to 16 tokens: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias with the tables in shared memory.
+// Lookup-table PQ kernel for one to 8 tokens: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias with the tables in shared memory.
 //
 // For a token x and column group j the table entry of centroid c is L[t, j, c] = Σ_l C[β, j, l, c] x[t, d j + l], so
 // y[t, i] = Σ_j L[t, j, I[i, j]]: one lookup and one add per index instead of d centroid loads and d FMAs. A CTA owns
@@ -16,18 +16,13 @@
 // Host side, launch shapes and the PyTorch spec: athena_runtime/kernels/lut.py.
 #include "common.cuh"
 
-// A/B builds (bench/diag/lut_parts.py) set this by a -D option; the shipped build takes the default
-#ifndef ATHENA_T1_MIN_BLOCKS_SM90
-#define ATHENA_T1_MIN_BLOCKS_SM90 4
-#endif
-
 namespace athena {
 
 // CTAs per SM the one-token fp16-table variants of <= 8-word slabs are compiled for (__launch_bounds__): on sm_90
 // four fit in 64 registers without spills (2 CTAs more per SM than unbounded with nvcc 13, to hide the index loads'
 // latency); sm_89 would spill at 64 and stays unbounded (90 registers with nvcc 13). Other variants: no bound.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define ATHENA_T1_MIN_BLOCKS ATHENA_T1_MIN_BLOCKS_SM90
+#define ATHENA_T1_MIN_BLOCKS 4
 #else
 #define ATHENA_T1_MIN_BLOCKS 1
 #endif
@@ -96,6 +91,31 @@ __device__ __forceinline__ void lowrank_u(const __half* __restrict__ x, int stri
 }
 
 
+// acc[t] += the fp16 entry at `at` + OFFSET + t STRIDE bytes of shared memory, t = I.. T - 1
+template <int T, int OFFSET, int STRIDE, int I = 0>
+__device__ __forceinline__ void lookup_tokens(float (&acc)[T], SmemAddr at) {
+    if constexpr (I < T) {
+        acc[I] += lds_half<OFFSET + I * STRIDE>(at);
+        lookup_tokens<T, OFFSET, STRIDE, I + 1>(acc, at);
+    }
+}
+
+// The lookups of one pass, acc[r][t] += L[s][w][t][I[row r, slot s of word w]] for every word w and slot s, unrolled
+// by template recursion so that each table's offset is a compile-time immediate of the shared load (common.cuh).
+template <int T, int BITS, int SLAB_W, int W = 0, int S = 0>
+__device__ __forceinline__ void lookup_words(float (&acc)[4][T], const int4 (&cur)[SLAB_W], SmemAddr lut_s) {
+    constexpr int NC = 1 << BITS, PER_WORD = 32 / BITS;
+    if constexpr (W < SLAB_W) {
+        const int4 q = cur[W];
+        const uint32_t wd[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+            lookup_tokens<T, ((S * SLAB_W + W) * T * NC) * 2, NC * 2>(acc[r], lut_s + ((wd[r] >> (S * BITS)) & (NC - 1)) * 2);
+        if constexpr (S + 1 < PER_WORD) lookup_words<T, BITS, SLAB_W, W, S + 1>(acc, cur, lut_s);
+        else lookup_words<T, BITS, SLAB_W, W + 1, 0>(acc, cur, lut_s);
+    }
+}
+
 #include "lut_epilogue.cuh"
 
 // 1-D grid of rank + n_row_progs * (GW / SLAB_W) + n_epi CTAs, THREADS threads: the first `rank` compute u = x Bᵀ
@@ -148,7 +168,6 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
     for (int w = 0; w < SLAB_W; ++w)
         cur[w] = r4 * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + r4) : make_int4(0, 0, 0, 0);
 
-    ATHENA_TRACE_MARK(0);  // the first pass's loads issued
     // ---- 1. table L[s][w][t][c] = sum_l C[blk, j, l, c] * x[t, D j + l], j = s GW + w0 + w (8 c per thread)
     const __half* cb = codebook + (size_t)blk * G_pad * D * NC;
     for (int e = threadIdx.x; e < PER_WORD * SLAB_W * NVEC; e += THREADS) {
@@ -176,13 +195,13 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
             *reinterpret_cast<int4*>(&lut[(sw * T + t) * NC + c0]) = *reinterpret_cast<const int4*>(acc[t]);
     }
 
-    ATHENA_TRACE_MARK(1);  // table built
     __syncthreads();
 
     // ---- 2. rows: y[t, i] += L[s][w][t][I[i, s GW + w0 + w]]. A thread owns 4 consecutive rows (one int4
     // per word); lane l holds rows 4l..4l+3, so for each (word, slot, r) the warp reads one group's table.
     // Rows past row_end (padding or the next chunk's) are read but not stored. With one token the next
     // pass's words are requested before this pass's lookups (double buffer: twice the bytes in flight).
+    const SmemAddr lut_s = smem_addr32(lut);  // 32-bit shared addresses for the lookups (common.cuh)
     constexpr bool PREFETCH = (T == 1);
     int4 nxt_words[PREFETCH ? SLAB_W : 1];
     for (; r4 * 4 < row_end; r4 += THREADS) {
@@ -197,21 +216,7 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
         for (int r = 0; r < 4; ++r)
 #pragma unroll
             for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-#pragma unroll
-        for (int w = 0; w < SLAB_W; ++w) {
-            const int4 q = cur[w];
-            const uint32_t wd[4] = {(uint32_t)q.x, (uint32_t)q.y, (uint32_t)q.z, (uint32_t)q.w};
-#pragma unroll
-            for (int s = 0; s < PER_WORD; ++s) {
-                const __half* tab = lut + ((s * SLAB_W + w) * T) * NC;
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const uint32_t idx = (wd[r] >> (s * BITS)) & (NC - 1);
-#pragma unroll
-                    for (int t = 0; t < T; ++t) acc[r][t] += __half2float(tab[t * NC + idx]);
-                }
-            }
-        }
+        lookup_words<T, BITS, SLAB_W>(acc, cur, lut_s);
 #pragma unroll
         for (int t = 0; t < T; ++t) {
             __half* dst = partial + ((size_t)slab * T + t) * N_pad + 4 * r4;
@@ -233,7 +238,6 @@ __global__ void __launch_bounds__(THREADS, (lut_min_blocks<T, SLAB_W>())) lut_ke
             else cur[w] = nxt * 4 < row_end ? __ldcs(qw4 + (size_t)w * N4 + nxt) : make_int4(0, 0, 0, 0);
         }
     }
-    ATHENA_TRACE_MARK(2);  // this thread's passes done
     if (ep.n_epi > 0 && row_start < row_end) {  // release this slab's partial sums of the row program
         __syncthreads();
         if (threadIdx.x == 0) add_release(ep.sync + 2 + prog, 1);
