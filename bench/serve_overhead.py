@@ -155,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU ({os.cpu_count()} cores), tokenizer {args.tokenizer}, prompt {args.prompt}, {args.new} new tokens, "
           f"stand-in GPU {args.gpu_ms} + {args.gpu_ms_per_seq} x n ms per step")
     print(f"{'streams':>7s} {'engine tok/s':>12s} {'server tok/s':>12s} {'ratio':>6s} {'engine ms/tok':>13s} "
-          f"{'server ITL p50':>14s} {'TPOT p50':>8s} {'ITL/engine':>10s}")
+          f"{'server ITL p50':>14s} {'TPOT p50':>8s} {'ITL/engine':>10s} {'TTFT p50':>8s}")
     for r in rows:
         print(f"{r['streams']:7d} {r['engine_tok_s']:12.1f} {r['server_tok_s']:12.1f} "
               f"{r['server_tok_s'] / r['engine_tok_s']:6.2f} {r['engine_ms_per_token']:13.2f} "
               f"{r['server_itl_p50_ms']:14.2f} {r['server_tpot_p50_ms']:8.2f} "
-              f"{r['server_itl_p50_ms'] / r['engine_ms_per_token']:10.2f}")
+              f"{r['server_itl_p50_ms'] / r['engine_ms_per_token']:10.2f} {r['server_ttft_p50_ms']:8.1f}")
     if args.json:
         print(json.dumps({"rows": rows, "args": vars(args)}))
     return 0
