@@ -56,14 +56,14 @@ def make_runner(args: argparse.Namespace, vocab: int, streams: int) -> SleepRunn
     return SleepRunner(vocab, blocks, streams, args.gpu_ms, args.gpu_ms_per_seq)
 
 
-def settings_for(runner: SleepRunner, streams: int) -> EngineSettings:
+def settings_for(runner: SleepRunner, streams: int, prefill_chunk: int | None) -> EngineSettings:
     return EngineSettings(max_num_seqs=streams, max_num_batched_tokens=max(2048, streams), num_blocks=runner.num_blocks,
-                          max_queue=max(64, streams), prefix_cache=False)
+                          max_queue=max(64, streams), prefix_cache=False, prefill_chunk_tokens=prefill_chunk)
 
 
 def engine_level(args: argparse.Namespace, tokenizer: Any, vocab: int, streams: int) -> dict:
     runner = make_runner(args, vocab, streams)
-    core = EngineCore(runner, tokenizer, settings_for(runner, streams), eos_token_ids=())
+    core = EngineCore(runner, tokenizer, settings_for(runner, streams, args.prefill_chunk), eos_token_ids=())
     run_level(core, min(streams, 2), args.prompt, 4, vocab, seed=99)   # warm-up
     return run_level(core, streams, args.prompt, args.new, vocab, seed=streams)
 
@@ -111,7 +111,7 @@ class ServerThread:
 def server_level(args: argparse.Namespace, tokenizer: Any, vocab: int, streams: int,
                  profile: cProfile.Profile | None) -> dict:
     runner = make_runner(args, vocab, streams)
-    engine = AsyncEngine(runner, tokenizer, settings_for(runner, streams), "bench", eos_token_ids=())
+    engine = AsyncEngine(runner, tokenizer, settings_for(runner, streams, args.prefill_chunk), "bench", eos_token_ids=())
     with ServerThread(engine, profile) as server:
         client = [sys.executable, "-m", "server.cli", "bench", "serve", "--base-url", server.url, "--model", "bench",
                   "--endpoint", "completions", "--concurrency", str(streams), "--num-prompts", str(streams),
@@ -120,7 +120,9 @@ def server_level(args: argparse.Namespace, tokenizer: Any, vocab: int, streams: 
         warm = client[:client.index("--concurrency")] + ["--concurrency", "2", "--num-prompts", "2", "--output-len",
                                                          "4", "--no-progress", "--json"]
         subprocess.run(warm, check=True, capture_output=True, text=True, timeout=300)
-        done = subprocess.run(client, check=True, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(client, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"athena bench serve exited {done.returncode}: {done.stderr[-2000:]}")
     level = json.loads(done.stdout.strip().splitlines()[-1])["levels"][0]
     return level
 
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--gpu-ms", type=float, default=4.0, help="stand-in GPU time of every step")
     ap.add_argument("--gpu-ms-per-seq", type=float, default=0.2, help="plus this much per sequence in the step")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="prompt tokens a step while others decode (default: the engine's for the CPU)")
     ap.add_argument("--tokenizer", default="bpe32k", help="bpe32k (the 7B stand-in's) or smollm2")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each level (medians reported)")
     ap.add_argument("--profile", default=None, help="write cProfile stats of the server's event loop thread here")

@@ -26,6 +26,7 @@ from server.prompt_encoder import PromptEncoder
 from server.protocol import SamplingRequest, Usage
 from server.retry_after import RetryAfterEstimator
 from server.settings import ServerSettings
+from server.stream_chunks import merge_outputs
 
 if TYPE_CHECKING:
     from athena_runtime.engine import AsyncEngine, RequestStream
@@ -242,11 +243,20 @@ class ChoiceStreams:
                 finished.add(index)
             yield index, out
         while len(finished) < len(self._jobs):
+            # everything that arrived meanwhile, each choice's outputs merged: a consumer that fell behind
+            # the engine (a busy event loop) catches up with one chunk per choice, not one per token
+            merged: dict[int, RequestOutput] = {}
             index, item = await self._queue.get()
-            out = self._check(index, item)
-            if out.finished:
-                finished.add(index)
-            yield index, out
+            while True:
+                out = self._check(index, item)
+                merged[index] = out if index not in merged else merge_outputs(merged[index], out)
+                if self._queue.empty():
+                    break
+                index, item = self._queue.get_nowait()
+            for index, out in merged.items():
+                if out.finished:
+                    finished.add(index)
+                yield index, out
 
     async def collect(self) -> list[ChoiceState]:
         states = [ChoiceState() for _ in self._jobs]
