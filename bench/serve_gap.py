@@ -10,7 +10,7 @@ One ModelRunner (CUDA graphs captured up front) serves both halves, in this orde
    prompt (random ids, max_tokens 1) added to the idle engine until its output, median of `--repeats`;
 2. server: `athena serve`'s app and uvicorn on 127.0.0.1 around `AsyncEngine` on the same runner
    (`bench.serve_overhead.ServerThread`); TTFT: the same prompt as token ids, streamed, until the first
-   event, median of `--repeats`; then `athena bench serve` in a child process, completions, temperature 0,
+   event, from a client in a child process, median of `--repeats`; then `athena bench serve` in a child process, completions, temperature 0,
    `--prompt`/`--new` tokens, at concurrency 1 (8 requests) and `--streams` (`--streams` requests).
 Goals (issue 17): server tok/s >= 90% of the engine's at `--streams`; ITL p50 <= 1.5x TPOT at one stream;
 TTFT of the `--ttft-prompt`-token prompt <= 30 ms.
@@ -66,6 +66,16 @@ def server_ttft_ms(url: str, model: str, prompt_len: int, vocab: int, repeats: i
     return times
 
 
+def server_ttft_in_child(url: str, model: str, prompt_len: int, vocab: int, repeats: int) -> list[float]:
+    """`server_ttft_ms` in a child process: a client in the server's interpreter would take its GIL."""
+    cmd = [sys.executable, "-m", "bench.serve_gap", "--ttft-client", url, "--model", model,
+           "--ttft-prompt", str(prompt_len), "--vocab", str(vocab), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"the TTFT client exited {done.returncode}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_serve(url: str, model: str, concurrency: int, requests: int, prompt: int, new: int) -> dict:
     cmd = [sys.executable, "-m", "server.cli", "bench", "serve", "--base-url", url, "--model", model,
            "--endpoint", "completions", "--concurrency", str(concurrency), "--num-prompts", str(requests),
@@ -89,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", default="llama2-7b", help="bench.random_checkpoint family (tiny-llama: a CPU smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--ttft-client", default=None, metavar="URL", help=argparse.SUPPRESS)  # the child's role
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.ttft_client:
+        print(json.dumps(server_ttft_ms(args.ttft_client, args.model, args.ttft_prompt, args.vocab, args.repeats)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.serve_gap measures on a CUDA GPU (--device cpu --family tiny-llama: a smoke run; "
@@ -131,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     del core
     engine = AsyncEngine(runner, tokenizer, settings, ckpt.name, eos_token_ids=())
     with ServerThread(engine, None) as server:
-        server_ttft_ms(server.url, ckpt.name, args.ttft_prompt, vocab, 2)   # warm-up (connection, first request)
-        result["server_ttft_ms"] = server_ttft_ms(server.url, ckpt.name, args.ttft_prompt, vocab, args.repeats)
+        # (the first 2 of the child's requests warm up the server: dropped)
+        result["server_ttft_ms"] = server_ttft_in_child(server.url, ckpt.name, args.ttft_prompt, vocab,
+                                                        args.repeats + 2)[2:]
         result["server_1"] = bench_serve(server.url, ckpt.name, 1, 8, args.prompt, args.new)
         result["server_n"] = bench_serve(server.url, ckpt.name, args.streams, args.streams, args.prompt, args.new)
     e1, en, s1, sn = result["engine_1"], result["engine_n"], result["server_1"], result["server_n"]
