@@ -242,12 +242,18 @@ class ChoiceStreams:
             if out.finished:
                 finished.add(index)
             yield index, out
+        carried: tuple[int, RequestOutput | BaseException] | None = None
         while len(finished) < len(self._jobs):
             # everything that arrived meanwhile, each choice's outputs merged: a consumer that fell behind
-            # the engine (a busy event loop) catches up with one chunk per choice, not one per token
+            # the engine (a busy event loop) catches up with one chunk per choice, not one per token. A failure
+            # waits for the next round, so the outputs before it are sent first, as they came.
             merged: dict[int, RequestOutput] = {}
-            index, item = await self._queue.get()
+            index, item = carried if carried is not None else await self._queue.get()
+            carried = None
             while True:
+                if merged and _fails(item):
+                    carried = (index, item)
+                    break
                 out = self._check(index, item)
                 merged[index] = out if index not in merged else merge_outputs(merged[index], out)
                 if self._queue.empty():
@@ -269,6 +275,11 @@ class ChoiceStreams:
             task.cancel()
         for stream in self._streams:  # a task cancelled before it started never closes its stream itself
             stream.close()
+
+
+def _fails(item: RequestOutput | BaseException) -> bool:
+    """Whether `ChoiceStreams._check` turns this item into an error."""
+    return isinstance(item, BaseException) or (item.finished and item.finish_reason in ("cancelled", "error"))
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:

@@ -8,6 +8,7 @@ import pytest
 
 from athena_runtime.outputs import RequestOutput, TokenLogprob
 from athena_runtime.sampling_params import SamplingParams
+from server import errors
 from server.metrics import ServerMetrics
 from server.prompt_encoder import PromptEncoder
 from server.protocol import ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChoice, CompletionResponse
@@ -102,3 +103,33 @@ def test_merged_and_unmerged_texts_match():
         return [(await streams.collect())[0].text]
 
     assert asyncio.run(run(0.0)) == asyncio.run(run(0.3))
+
+
+def test_outputs_before_a_failure_are_sent_before_its_error():
+    async def run() -> tuple[list[str], BaseException | None]:
+        engine = FakeEngine(step_delay_s=0.0)
+        engine.error_after_tokens = 10
+        await engine.start()
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        streams = ChoiceStreams(_context(engine), [Job(0, "r", [5, 6, 7], params)], 0.0)
+        await streams.start()
+        await asyncio.sleep(0.3)   # the tokens and the error output are all waiting
+        texts, error = [], None
+        try:
+            async for _, out in streams.outputs():
+                texts.append(out.text)
+        except errors.APIError as exc:
+            error = exc
+        return texts, error
+
+    async def first_ten() -> str:
+        engine = FakeEngine(step_delay_s=0.0)
+        await engine.start()
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        streams = ChoiceStreams(_context(engine), [Job(0, "r", [5, 6, 7], params)], 0.0)
+        await streams.start()
+        return (await streams.collect())[0].text
+
+    texts, error = asyncio.run(run())
+    assert error is not None and error.status == 500
+    assert "".join(texts) == asyncio.run(first_ten()) and len(texts) <= 2   # the 10 tokens' text, then the error
