@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-schema quantize7b peers breakdown
+#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-gap serve-schema quantize7b peers breakdown
 # (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -52,6 +52,8 @@ for stage in "$@"; do
              --no-checks --budget 280 --commit "${COMMIT:-unknown}" > $OUT/kernels_fam_stdout.txt 2>&1; tail -45 $OUT/kernels_fam_stdout.txt ;;
     decode) need_ckpt; timeout 300 python3 -m bench.decode --workdir /tmp/w --json 2>$OUT/decode.err | tee $OUT/decode.txt | tail -6 ;;
     engine) need_ckpt; timeout 300 python3 -m bench.engine --workdir /tmp/w --json 2>$OUT/engine.err | tee $OUT/engine.txt | tail -14 ;;
+    serve-gap) need_ckpt   # issue 17's goals in one table: engine alone vs behind the server, 1 and 64 streams, 170-token TTFT
+       timeout 480 python3 -m bench.serve_gap --workdir /tmp/w --json 2>$OUT/serve_gap.err | tee $OUT/serve_gap.txt | tail -8 ;;
     quantize7b) timeout 200 python3 -m bench.quantize_7b --json 2>$OUT/q7b.err | tee $OUT/q7b.txt | tail -2 ;;
     serve) need_ckpt
        (python3 -m server.cli serve $ckpt --kv-cache int4 --max-num-seqs 64 --port 8000 >$OUT/serve.log 2>&1 &)

@@ -75,10 +75,32 @@ def _tokenizer(out: Path, vocab: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=min(vocab, 8000), special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer)
+    tok = Tokenizer.from_str(json.dumps(_fill_vocab(json.loads(tok.to_str()), vocab)))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}[assistant] {% endif %}")
     fast.save_pretrained(out)
+
+
+def _fill_vocab(spec: dict, vocab: int) -> dict:
+    """A trained BPE tokenizer's JSON with its vocabulary filled up to `vocab` ids by word-like tokens
+    no merge produces: encoding is unchanged, and every id the model can sample decodes to text, as in
+    a real tokenizer of that size (ids without a token would stream nothing, so a server would send
+    one chunk every few tokens and its inter-token latency would read several times the model's)."""
+    table = spec["model"]["vocab"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    n = 0
+    while len(table) < vocab:
+        word, k = "", n
+        while True:
+            word, k = letters[k % 26] + word, k // 26
+            if k == 0:
+                break
+        n += 1
+        token = "\u0120" + word          # "Ġ": the byte-level spelling of a leading space
+        if token not in table:
+            table[token] = len(table)
+    return spec
 
 
 class LazyTensors(Mapping):

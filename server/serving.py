@@ -26,6 +26,7 @@ from server.prompt_encoder import PromptEncoder
 from server.protocol import SamplingRequest, Usage
 from server.retry_after import RetryAfterEstimator
 from server.settings import ServerSettings
+from server.stream_chunks import merge_outputs
 
 if TYPE_CHECKING:
     from athena_runtime.engine import AsyncEngine, RequestStream
@@ -241,12 +242,27 @@ class ChoiceStreams:
             if out.finished:
                 finished.add(index)
             yield index, out
+        carried: tuple[int, RequestOutput | BaseException] | None = None
         while len(finished) < len(self._jobs):
-            index, item = await self._queue.get()
-            out = self._check(index, item)
-            if out.finished:
-                finished.add(index)
-            yield index, out
+            # everything that arrived meanwhile, each choice's outputs merged: a consumer that fell behind
+            # the engine (a busy event loop) catches up with one chunk per choice, not one per token. A failure
+            # waits for the next round, so the outputs before it are sent first, as they came.
+            merged: dict[int, RequestOutput] = {}
+            index, item = carried if carried is not None else await self._queue.get()
+            carried = None
+            while True:
+                if merged and _fails(item):
+                    carried = (index, item)
+                    break
+                out = self._check(index, item)
+                merged[index] = out if index not in merged else merge_outputs(merged[index], out)
+                if self._queue.empty():
+                    break
+                index, item = self._queue.get_nowait()
+            for index, out in merged.items():
+                if out.finished:
+                    finished.add(index)
+                yield index, out
 
     async def collect(self) -> list[ChoiceState]:
         states = [ChoiceState() for _ in self._jobs]
@@ -259,6 +275,11 @@ class ChoiceStreams:
             task.cancel()
         for stream in self._streams:  # a task cancelled before it started never closes its stream itself
             stream.close()
+
+
+def _fails(item: RequestOutput | BaseException) -> bool:
+    """Whether `ChoiceStreams._check` turns this item into an error."""
+    return isinstance(item, BaseException) or (item.finished and item.finish_reason in ("cancelled", "error"))
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:

@@ -19,6 +19,7 @@ from server.protocol import (
 )
 from server.protocol_structured import DeltaFunctionCall, DeltaToolCall, ResponseToolCall
 from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, total_usage
+from server.stream_chunks import TextChunks, sse_event
 from server.tool_parser import ArgumentsDelta, CallStart, ContentDelta, Event, ToolCallParser
 from server.tools import ToolPlan, finish_reason, forced_call_grammar, plan_tools, render_prompt, response_calls
 
@@ -93,7 +94,7 @@ class ChatServing:
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, streams: ChoiceStreams,
-                      prompt_tokens: int, parsers: list[ToolCallParser | None]) -> AsyncIterator[str]:
+                      prompt_tokens: int, parsers: list[ToolCallParser | None]) -> AsyncIterator[str | bytes]:
         created = int(time.time())
         states = [ChoiceState() for _ in range(req.n)]
 
@@ -101,13 +102,23 @@ class ChatServing:
             return ChatCompletionChunk(id=request_id, created=created, model=self.ctx.model_name,
                                        choices=choices, usage=usage).model_dump_json()
 
+        text_chunks: dict[int, TextChunks] = {}   # choice -> the template of its content-only chunks
+
+        def text_chunk(i: int, text: str) -> bytes:
+            if i not in text_chunks:
+                text_chunks[i] = TextChunks(lambda t: chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=t))]))
+            return sse_event(text_chunks[i].chunk(text))
+
         try:
             for i in range(req.n):
                 yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
             async for i, out in streams.outputs():
                 states[i].add(out)
-                logprobs = chat_logprobs(out.logprobs or ()) if req.logprobs and out.logprobs else None
                 parser = parsers[i]
+                if parser is None and out.text and not out.finished and not req.logprobs:
+                    yield text_chunk(i, out.text)
+                    continue
+                logprobs = chat_logprobs(out.logprobs or ()) if req.logprobs and out.logprobs else None
                 if parser is None:
                     deltas = [ChatDelta(content=out.text)] if out.text else []
                 else:

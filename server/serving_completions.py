@@ -19,6 +19,7 @@ from server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, finite_logprob,
 )
 from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, total_usage
+from server.stream_chunks import TextChunks, sse_event
 
 log = logging.getLogger("athena.server")
 
@@ -99,7 +100,7 @@ class CompletionServing:
         return Response(body.model_dump_json(), media_type="application/json")
 
     async def _stream(self, req: CompletionRequest, request_id: str, streams: ChoiceStreams,
-                      prompts: list[Prompt], prompt_tokens: int) -> AsyncIterator[str]:
+                      prompts: list[Prompt], prompt_tokens: int) -> AsyncIterator[str | bytes]:
         created = int(time.time())
         states = [ChoiceState() for _ in range(len(prompts) * req.n)]
         offsets = [0] * len(states)  # text already sent per choice, for logprobs' text_offset
@@ -108,6 +109,13 @@ class CompletionServing:
             return CompletionResponse(id=request_id, created=created, model=self.ctx.model_name,
                                       choices=choices, usage=usage).model_dump_json()
 
+        text_chunks: dict[int, TextChunks] = {}   # choice -> the template of its text-only chunks
+
+        def text_chunk(i: int, text: str) -> bytes:
+            if i not in text_chunks:
+                text_chunks[i] = TextChunks(lambda t: chunk([CompletionChoice(index=i, text=t, finish_reason=None)]))
+            return sse_event(text_chunks[i].chunk(text))
+
         try:
             if req.echo:
                 for i in range(len(states)):
@@ -115,7 +123,9 @@ class CompletionServing:
                     yield chunk([CompletionChoice(index=i, text=prompts[i // req.n].text, finish_reason=None)])
             async for i, out in streams.outputs():
                 states[i].add(out)
-                if out.text or out.finished or (req.logprobs is not None and out.logprobs):
+                if out.text and not out.finished and req.logprobs is None:
+                    yield text_chunk(i, out.text)
+                elif out.text or out.finished or (req.logprobs is not None and out.logprobs):
                     logprobs = legacy_logprobs(out.logprobs or (), offsets[i]) if req.logprobs is not None else None
                     offsets[i] += len(out.text)
                     yield chunk([CompletionChoice(index=i, text=out.text, logprobs=logprobs,
