@@ -146,6 +146,16 @@ def write_job(out: Path, job: dict, resume: bool) -> None:
     job_file.write_text(json.dumps(job, indent=2, sort_keys=True))
 
 
+def write_partial_json(out: Path, name: str, obj) -> None:
+    """A JSON file of the run in the partial folder (e.g. the --target-bits plan), for --resume."""
+    (partial_dir(out) / name).write_text(json.dumps(obj, indent=2))
+
+
+def read_partial_json(out: Path, name: str):
+    path = partial_dir(out) / name
+    return read_json(path) if path.is_file() else None
+
+
 def write_layer_part(out: Path, index: int, tensors: dict[str, torch.Tensor], stats: dict) -> None:
     """Persist one finished decoder layer at once (atomic rename), so an interrupted run resumes."""
     part = partial_dir(out)
