@@ -9,6 +9,7 @@ sees bit-identical activations).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -281,7 +282,7 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
     )
     plan, allocation = None, None
     if job.budget is not None:
-        allocation = plan_allocation(model, ids, job, out)
+        allocation = plan_allocation(model, ids, job, out, device)
         plan = {name: AthenaRecipe(**{**dataclasses.asdict(job.athena), **entry["recipe_fields"]})
                 for name, entry in allocation["layers"].items()}
     inps = embed(model, ids, device, act_dtype)
@@ -357,9 +358,10 @@ def recipe_name(r: AthenaRecipe) -> str:
 
 
 @torch.no_grad()
-def plan_allocation(model, ids: torch.Tensor, job: QuantizeJob, out: Path) -> dict:
+def plan_allocation(model, ids: torch.Tensor, job: QuantizeJob, out: Path, device: torch.device) -> dict:
     """Per-layer recipes for job.budget (quantize/allocate.py), from the unquantized model; saved in the
-    partial folder so that --resume continues with the same plan."""
+    partial folder so that --resume continues with the same plan. The Fisher pass holds the whole model in
+    fp32 on `device` (fine for small models; a 7B model needs it layer by layer, not built yet)."""
     from quantize.allocate import Option, allocate
     from quantize.sensitivity import fisher_traces, kmeans_mse
 
@@ -370,11 +372,14 @@ def plan_allocation(model, ids: torch.Tensor, job: QuantizeJob, out: Path) -> di
     budget, base = job.budget, job.athena
     names = [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for g in LINEAR_GROUPS for n in g]
     modules = {name: _submodule(model, name) for name in names}
-    windows = ids[: budget.sensitivity_windows]
-    traces = fisher_traces(model, windows, modules)
+    windows = ids[: budget.sensitivity_windows].to(device)
+    on_cpu_fp32 = device.type == "cpu" and next(model.parameters()).dtype == torch.float32
+    work = model if on_cpu_fp32 else copy.deepcopy(model).to(device=device, dtype=torch.float32)  # model untouched
+    traces = fisher_traces(work, windows, {name: _submodule(work, name) for name in names})
+    del work
     options, numel, mse = {}, {}, {}
     for name, mod in modules.items():
-        W = mod.weight.detach().float()
+        W = mod.weight.detach().to(device=device, dtype=torch.float32)
         N, M = W.shape
         numel[name] = N * M
         options[name] = []
