@@ -38,10 +38,7 @@ def effective_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     """(W_eff float32 [N, M], bias float32 [N] or None) of a PQLinear or dense nn.Linear, as the
     reference path computes them."""
     if isinstance(layer, PQLinear):
-        W = layer.dequantize_weight().float()
-        if layer.lowrank_a is not None:
-            W = W + layer.lowrank_a.float() @ layer.lowrank_b.float()
-        return W, None if layer.bias is None else layer.bias.float()
+        return layer.effective_weight(), None if layer.bias is None else layer.bias.float()
     if isinstance(layer, nn.Linear):
         return layer.weight.float(), None if layer.bias is None else layer.bias.float()
     if isinstance(layer, CPULinear):

@@ -1,6 +1,7 @@
 """PQLinear: an Athena product-quantized linear layer (FORMAT.md) for inference.
 
     y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias,   Ŵ[i, d·j + l] = C[i // k, j, I[i, j]]
+    y = s ⊙ (x Ŵᵀ + (x Bᵀ) Aᵀ) + bias   with per-row scales s (format version 2; `row_scale.py`)
 
 The indices stay bit-packed on the device, repacked at load time into the kernel layout
 (`kernels/layout.py`); codebooks are dequantized to fp16 once. Which kernel serves a call is decided once per
@@ -24,6 +25,7 @@ from athena_runtime.kernels import layout, nvrtc
 from athena_runtime.kernels.backends import NAMES, registry, token_classes
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_reference import interpreting, pq_matmul_reference
+from athena_runtime.row_scale import read_row_scale, row_scale_epilogue
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ class PQLinear(nn.Module):
 
     def __init__(self, geo: PQGeometry, qweight: torch.Tensor, codebook: torch.Tensor,
                  lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, codebook_bits: int = 8, path: str | None = None):
+                 bias: torch.Tensor | None = None, codebook_bits: int = 8, path: str | None = None,
+                 row_scale: torch.Tensor | None = None):
         super().__init__()
         self.geo = geo
         self.codebook_bits = codebook_bits
@@ -51,6 +54,7 @@ class PQLinear(nn.Module):
         self.register_buffer("lowrank_a", lowrank_a, persistent=False)  # [N, r] or None
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
+        self.register_buffer("row_scale", row_scale, persistent=False)  # [N] or None: an epilogue, see forward
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
         self._bound: tuple | None = None  # (forced path, class upper token counts, [(backend, callable)] per class)
 
@@ -98,6 +102,7 @@ class PQLinear(nn.Module):
                 if f"{prefix}.{field}" in tensors:
                     raise ValueError(f"{prefix}.{field}: present but the layer's rank is 0")
         bias = get("bias", torch.float16, (geo.N,), required=False)
+        row_scale = read_row_scale(prefix, tensors, meta, geo.N)
 
         indices = layout.unpack_bits(packed.to(device), geo.G, geo.bits)  # [N, G]
         qweight = layout.pack_words(indices, geo)
@@ -107,7 +112,7 @@ class PQLinear(nn.Module):
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
         A, B = pad_lowrank(opt(A), opt(B))
-        return cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path)
+        return cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path, opt(row_scale))
 
     @classmethod
     def concat(cls, parts: list["PQLinear"], max_pad: float = 0.125) -> tuple["PQLinear", list[int]] | None:
@@ -121,6 +126,8 @@ class PQLinear(nn.Module):
         why = None
         if any((p.geo.M, p.geo.d, p.geo.n, p.geo.k) != (g0.M, g0.d, g0.n, g0.k) for p in parts):
             why = "different input size or recipe"
+        elif len({p.row_scale is None for p in parts}) != 1:
+            why = "row scales on some parts only"
         elif len({(p.codebook.dtype, p.codebook.device) for p in parts}) != 1 or any(p.path != parts[0].path for p in parts):
             why = "different dtype, device or forced path"
         offsets, rows = [], 0
@@ -159,7 +166,12 @@ class PQLinear(nn.Module):
             for off, p in zip(offsets, parts):
                 if p.bias is not None:
                     bias[off:off + p.geo.N] = p.bias
-        return cls(geo, qweight, codebook, A, B, bias, parts[0].codebook_bits, parts[0].path), offsets
+        scale = None
+        if parts[0].row_scale is not None:
+            scale = parts[0].codebook.new_ones(rows)
+            for off, p in zip(offsets, parts):
+                scale[off:off + p.geo.N] = p.row_scale
+        return cls(geo, qweight, codebook, A, B, bias, parts[0].codebook_bits, parts[0].path, scale), offsets
 
     # ------------------------------------------------------------------------------ compute
     def dequantize_weight(self) -> torch.Tensor:
@@ -170,8 +182,10 @@ class PQLinear(nn.Module):
         return layout.dequantize_reference(self.qweight, self.codebook, self.geo).to(self.codebook.dtype)
 
     def kernel_args(self) -> tuple:
-        """What every PQ kernel takes after x: (qweight, codebook, geo, lowrank_a, lowrank_b, bias)."""
-        return self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, self.bias
+        """What every PQ kernel takes after x: (qweight, codebook, geo, lowrank_a, lowrank_b, bias). With row
+        scales the bias is added after the scale epilogue (forward), so the kernels get none."""
+        bias = self.bias if self.row_scale is None else None
+        return self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, bias
 
     def reference_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return self._cpu_reference(x) if self.qweight.device.type == "cpu" else pq_matmul_reference(x, *self.kernel_args())
@@ -251,26 +265,35 @@ class PQLinear(nn.Module):
         if self._bound is None:
             self.bind()
         _, fn = self._bound[2][bisect.bisect_left(self._bound[1], T)]
+        if self.row_scale is not None and self.qweight.device.type != "cpu":
+            return row_scale_epilogue(fn(x2, None), self.row_scale, self.bias, glu).to(x.dtype).reshape(*lead, n_out)
         return fn(x2, glu).to(x.dtype).reshape(*lead, n_out)
 
     def _cpu_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path on CPU: the same dequantization, done once and kept (CPU serving is for
         small models; dequantizing every layer on every token would dominate decode time there)."""
         if self._cpu_weight is None:
-            W = self.dequantize_weight().float()  # [N, M]
-            if self.lowrank_a is not None:
-                W = W + self.lowrank_a.float() @ self.lowrank_b.float()
-            self._cpu_weight = W
+            self._cpu_weight = self.effective_weight()
         y = x.float() @ self._cpu_weight.t()
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
 
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff [N, M] fp32 = diag(s) (Ŵ + A B), as FORMAT.md dequantizes it."""
+        W = self.dequantize_weight().float()  # [N, M]
+        if self.lowrank_a is not None:
+            W = W + self.lowrank_a.float() @ self.lowrank_b.float()
+        if self.row_scale is not None:
+            W = W * self.row_scale.float().unsqueeze(1)
+        return W
+
     def extra_repr(self) -> str:
         g = self.geo
         rank = 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
         return (f"in_features={g.M}, out_features={g.N}, d={g.d}, n={g.n}, k={g.k}, "
-                f"codebook_bits={self.codebook_bits}, rank={rank}, bias={self.bias is not None}")
+                f"codebook_bits={self.codebook_bits}, rank={rank}, bias={self.bias is not None}, "
+                f"row_scale={self.row_scale is not None}")
 
 
 def pad_lowrank(A: torch.Tensor | None, B: torch.Tensor | None, align: int = LOWRANK_ALIGN):

@@ -37,6 +37,11 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "athena-2,16,4096-cb8-lr1%": ("athena", {"d": 2, "n": 16, "k": 4096, "codebook_bits": 8, "lowrank": 0.01}),
     "athena-2,16,4096-cb8-lr0": ("athena", {"d": 2, "n": 16, "k": 4096, "codebook_bits": 8, "lowrank": 0.0}),
     "athena-3,64,4096-cb8-lr1%": ("athena", {"d": 3, "n": 64, "k": 4096, "codebook_bits": 8, "lowrank": 0.01}),
+    "athena-2,64,4096-cb8-lr1%-rowscale": ("athena", {"d": 2, "n": 64, "k": 4096, "lowrank": 0.01, "row_scale": True}),
+    # --target-bits B (quantize/allocate.py): per-layer (d, n), low rank off
+    **{f"athena-budget-{b}": ("athena", {"lowrank": 0.0, "target_bits": b}) for b in (2.5, 3.0, 3.5, 4.0)},
+    **{f"athena-budget-{b}-rowscale": ("athena", {"lowrank": 0.0, "row_scale": True, "target_bits": b})
+       for b in (2.5, 3.0, 3.5, 4.0)},
 }
 
 
@@ -116,6 +121,7 @@ def main(argv=None) -> int:
 def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args) -> tuple[list[dict], dict]:
     """The reference's and every configuration's perplexity on `held` for one real model -> (rows, reference)."""
     from quantize.calibration import CalibConfig
+    from quantize.allocate import BitBudget
     from quantize.driver import QuantizeJob, run
     from quantize.evaluate import eval_ppl
     from quantize.recipe import AthenaRecipe, ScalarRecipe
@@ -131,7 +137,9 @@ def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args)
         if args.only and name not in args.only:
             continue
         qdir = out / name
-        recipes = (dict(athena=AthenaRecipe(**opts)) if method == "athena"
+        opts = dict(opts)
+        budget = BitBudget(opts.pop("target_bits")) if "target_bits" in opts else None
+        recipes = (dict(athena=AthenaRecipe(**opts), budget=budget) if method == "athena"
                    else dict(scalar=ScalarRecipe(method=method, **opts)))
         job = QuantizeJob(model=str(gguf), out=str(qdir), method=method, calib=CalibConfig(), device=args.device,
                           resume=qdir.exists(), **recipes)

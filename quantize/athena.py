@@ -87,6 +87,12 @@ def _top_singular(X: Tensor, r: int, generator: torch.Generator, niter: int = 4,
     return (Q @ Ub)[:, :r], S[:r], Vh[:r]
 
 
+def row_scales(W: Tensor) -> Tensor:
+    """Per-output-row scale of W [N, M]: its RMS, rounded to fp16 (as stored); 1 for an all-zero row."""
+    s = W.float().square().mean(1).sqrt().to(torch.float16)  # [N]
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 def lowrank_residual(R: Tensor, L: Tensor, r: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """R [N, M] ≈ A B under H = L Lᵀ (paper 2.3.3): SVD of R L, A = U_r S_r, B = V_rᵀ L⁻¹ (fp16)."""
     Ur, Sr, Vhr = _top_singular(R @ L, r, generator)
@@ -137,9 +143,12 @@ class _Workspace:
 class _GroupSteps:
     """Steps 1-3 of DESIGN.md §1 for the column groups of one lazy block, on a _Workspace."""
 
-    def __init__(self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool) -> None:
+    def __init__(self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool,
+                 row_mask: Tensor | None = None) -> None:
+        """weight [B, K]: k-means point weights (0 = padding row); row_mask [B, K]: 1 = real row (default:
+        weight, when the weights are 0/1)."""
         self.ws, self.recipe, self.weight, self.feedback = ws, recipe, weight, feedback
-        self.row_mask = weight.unsqueeze(1)  # [B, 1, K]
+        self.row_mask = (weight if row_mask is None else row_mask).unsqueeze(1)  # [B, 1, K]
 
     def run(self, ng: int, trim: bool) -> None:
         """Quantize groups 0..ng-1. trim: update only the columns right of each group (eager); else
@@ -244,6 +253,10 @@ def quantize_athena(
     dead = torch.diagonal(H) == 0  # [M]
     Ws = [W.to(torch.float32).masked_fill(dead, 0.0) for W in weights]  # [N_i, M]
     Ns = [W.shape[0] for W in Ws]
+    # row scales (recipe.row_scale): cluster W / s (rows at one scale share the codebook's shape better),
+    # each row weighted by s² so the objective stays tr(E H Eᵀ) in weight space
+    scales = [row_scales(W) if recipe.row_scale else None for W in Ws]  # fp16 [N_i] or None
+    Wn = [W if s is None else W / s.float().unsqueeze(1) for W, s in zip(Ws, scales)]
 
     # damped Hessian, padded to G*d columns with an identity block (padding never couples)
     G = -(-M // d)
@@ -262,9 +275,15 @@ def quantize_athena(
     Wt = torch.zeros(Mp, B, K, device=dev, dtype=torch.float32)  # [Mp, B, K]
     weight = torch.zeros(B, K, device=dev, dtype=torch.float32)  # [B, K] 1 = real row
     for bi, blk in enumerate(blocks):
-        Wt[:M, bi, : blk.rows] = Ws[blk.matrix][blk.row0 : blk.row0 + blk.rows].T
+        Wt[:M, bi, : blk.rows] = Wn[blk.matrix][blk.row0 : blk.row0 + blk.rows].T
         weight[bi, : blk.rows] = 1.0
     Wt = Wt.reshape(Mp, Rtot)
+    row_mask = s2_rows = None
+    if recipe.row_scale:
+        s2_rows = torch.zeros_like(weight)  # [B, K] s² per row, 0 for padding
+        for bi, blk in enumerate(blocks):
+            s2_rows[bi, : blk.rows] = scales[blk.matrix][blk.row0 : blk.row0 + blk.rows].float().square()
+        row_mask, weight = weight, s2_rows / s2_rows.sum() * weight.sum()  # k-means weights, mean 1
 
     bw = d * max(1, recipe.block_size // d)  # lazy block width, whole groups
     ws = _Workspace.allocate(bw, d, n, B, K, recipe.codebook_bits, dev)
@@ -274,7 +293,7 @@ def quantize_athena(
         scale_all = torch.empty(G, B, d, device=dev, dtype=torch.float16)
         min_all = torch.empty(G, B, d, device=dev, dtype=torch.float16)
     gen = torch.Generator(device=dev).manual_seed(recipe.seed)
-    step = _GroupSteps(ws, recipe, weight, feedback=_error_feedback)
+    step = _GroupSteps(ws, recipe, weight, feedback=_error_feedback, row_mask=row_mask)
     graph = _GraphedSteps(step, bw // d) if dev.type == "cuda" and _cuda_graph and Mp >= 2 * bw else None
 
     for b0 in range(0, Mp, bw):
@@ -305,6 +324,8 @@ def quantize_athena(
         L = torch.linalg.cholesky(Hd.to(torch.float64 if dev.type == "cpu" else torch.float32))
     idx_rows = idx_all.permute(1, 2, 0)  # [B, K, G]
     row_loss = row_loss.view(B, K)
+    if recipe.row_scale:  # whitened errors were in units of W / s
+        row_loss = row_loss * s2_rows
     results = []
     for i, W in enumerate(Ws):
         mine = [bi for bi, blk in enumerate(blocks) if blk.matrix == i]
@@ -315,12 +336,14 @@ def quantize_athena(
             fields["codebook_min"] = min_all[:, mine].transpose(0, 1).contiguous()
         fields["codebook"] = cb_all[:, mine].permute(1, 0, 3, 2).contiguous()  # [Nb, G, n, d]
         layer = AthenaLayer(shape=(Ns[i], M), d=d, n=n, k=k, codebook_bits=recipe.codebook_bits,
-                            indices=indices, **fields)
+                            indices=indices, row_scale=scales[i], **fields)
         W_hat = layer.dequantize(include_lowrank=False)  # [N_i, M]
         loss_pq = proxy_loss(W, W_hat, H)
         r = recipe.rank(Ns[i], M)
         if r > 0:
             A, Bf = lowrank_residual((W - W_hat).to(L.dtype), L, r, gen)
+            if scales[i] is not None:  # W_eff = diag(s) (Ŵ + A B): the stored A is divided by s
+                A = (A.double() / scales[i].double().unsqueeze(1)).to(torch.float16)
             layer.lowrank_a, layer.lowrank_b = A, Bf
             W_hat = layer.dequantize()
         stats = {"proxy_loss": proxy_loss(W, W_hat, H), "proxy_loss_no_lowrank": loss_pq,

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 FORMAT_NAME = "athena"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 added per-row scales (FORMAT.md "Versioning")
+READABLE_VERSIONS = (1, 2)  # a version-1 file is a version-2 file without row scales
 META_FILE = "athena.json"
 WEIGHTS_FILE = "model.safetensors"
 PARTIAL_DIR = ".partial"
@@ -89,10 +90,10 @@ def read_meta(path: str | Path) -> dict:
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{meta_path}: not an Athena checkpoint description (format={meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{meta_path}: format_version {meta.get('format_version')!r} is not supported "
-            f"(this build reads version {FORMAT_VERSION})"
+            f"(this build reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     if not meta.get("complete", False):
         raise ValueError(f"{folder}: incomplete checkpoint (an interrupted quantization: rerun with --resume)")
@@ -114,6 +115,8 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except Exception as exc:  # safetensors raises SafetensorError for damaged data
         raise ValueError(f"{weights}: unreadable ({exc})") from exc
     for prefix, layer_meta in meta.get("layers", {}).items():
+        if meta["format_version"] < 2 and isinstance(layer_meta, dict) and layer_meta.get("row_scale"):
+            raise ValueError(f"{folder}: layer {prefix} has row scales, which format version 1 does not have")
         layer_from_tensors(prefix, tensors, layer_meta, unpack=False)  # dtypes/shapes; ValueError naming the tensor
     return meta, tensors
 
@@ -141,6 +144,16 @@ def write_job(out: Path, job: dict, resume: bool) -> None:
         shutil.rmtree(part)
     part.mkdir(parents=True)
     job_file.write_text(json.dumps(job, indent=2, sort_keys=True))
+
+
+def write_partial_json(out: Path, name: str, obj) -> None:
+    """A JSON file of the run in the partial folder (e.g. the --target-bits plan), for --resume."""
+    (partial_dir(out) / name).write_text(json.dumps(obj, indent=2))
+
+
+def read_partial_json(out: Path, name: str):
+    path = partial_dir(out) / name
+    return read_json(path) if path.is_file() else None
 
 
 def write_layer_part(out: Path, index: int, tensors: dict[str, torch.Tensor], stats: dict) -> None:

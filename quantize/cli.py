@@ -30,7 +30,13 @@ def register(sub) -> None:
     q.add_argument("--codebook", type=_codebook, default=(a.d, a.n, a.k), metavar="d,n,k",
                    help=f"Athena vector dim, centroids per codebook, rows per codebook (default {a.d},{a.n},{a.k})")
     q.add_argument("--codebook-bits", type=int, choices=(8, 16), default=a.codebook_bits, help="codebook storage: uint8 with scales, or fp16")
-    q.add_argument("--lowrank", type=float, default=a.lowrank, metavar="FRACTION", help="low-rank residual rank as a fraction of min(N, M); 0 = off")
+    q.add_argument("--target-bits", type=float, default=None, metavar="B",
+                   help="bit budget: pick each linear layer's codebook shape (d, n) so that the stored bits per linear "
+                        "weight average at most B (Fisher-trace sensitivity, greedy knapsack); --codebook's k and the "
+                        "other recipe flags apply to every layer")
+    q.add_argument("--lowrank", type=float, default=None, metavar="FRACTION",
+                   help=f"low-rank residual rank as a fraction of min(N, M); 0 = off (default {a.lowrank}, or 0 with --target-bits)")
+    q.add_argument("--row-scale", action="store_true", help="one fp16 scale per output row; rows are clustered normalized (format version 2, +16/M bits)")
     q.add_argument("--kmeans-iters", type=int, default=a.kmeans_iters, help="k-means iterations per column group")
     q.add_argument("--damp", type=float, default=a.damp, help="Hessian dampening, fraction of mean(diag H)")
     q.add_argument("--bits", type=int, default=s.bits, help="rtn/gptq: bits per weight")
@@ -64,10 +70,17 @@ def cmd_quantize(args) -> int:
     from quantize.embedded import default_model_path, embedded_gguf_path
     from quantize.recipe import AthenaRecipe, ScalarRecipe
 
+    from quantize.allocate import BitBudget
+
     d, n, k = args.codebook
     base = AthenaRecipe()
+    budget = BitBudget(target_bits=args.target_bits) if args.target_bits is not None else None
+    if budget is not None and args.method != "athena":
+        raise ValueError("--target-bits picks Athena recipes: it cannot be combined with --method " + args.method)
+    if args.lowrank is None:
+        args.lowrank = 0.0 if budget is not None else base.lowrank
     athena = AthenaRecipe(d=d, n=n, k=k, codebook_bits=args.codebook_bits, lowrank=args.lowrank,
-                          kmeans_iters=args.kmeans_iters, damp=args.damp, seed=args.seed,
+                          row_scale=args.row_scale, kmeans_iters=args.kmeans_iters, damp=args.damp, seed=args.seed,
                           block_size=base.block_size)
     scalar = ScalarRecipe(method=args.method if args.method != "athena" else "gptq", bits=args.bits,
                           group_size=args.group_size, damp=args.damp)
@@ -76,14 +89,15 @@ def cmd_quantize(args) -> int:
     if args.out is None:
         if args.model is not None:
             raise ValueError("--out is required when MODEL is given")
-        job = QuantizeJob(model=model, out="", method=args.method, athena=athena, scalar=scalar, calib=calib)
+        job = QuantizeJob(model=model, out="", method=args.method, athena=athena, scalar=scalar, calib=calib,
+                          budget=budget)
         if job != QuantizeJob(model=model, out="", calib=calib) or args.calib or args.device:
             raise ValueError("--out is required for non-default settings")
         out = default_model_path()
         meta = read_meta(out)
     else:
         job = QuantizeJob(model=model, out=args.out, method=args.method, athena=athena, scalar=scalar,
-                          calib=calib, device=args.device, resume=args.resume)
+                          calib=calib, device=args.device, resume=args.resume, budget=budget)
         meta = run(job)
         out = Path(args.out)
     summary = {

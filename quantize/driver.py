@@ -9,6 +9,7 @@ sees bit-identical activations).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from quantize import checkpoint
+from quantize.allocate import BitBudget
 from quantize.athena import quantize_athena
 from quantize.calibration import CalibConfig, calibration_batch
 from quantize.gptq import quantize_gptq
@@ -52,15 +54,24 @@ class QuantizeJob:
     device: str | None = None  # None: cuda when available, else cpu
     resume: bool = False
     batch_size: int = 8  # calibration samples per forward chunk
+    budget: BitBudget | None = None  # --target-bits: per-layer (d, n) from the menu, the rest from `athena`
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.budget is not None and self.method != "athena":
+            raise ValueError("--target-bits allocates Athena recipes: it needs --method athena")
 
     def recipe_dict(self) -> dict:
-        return dataclasses.asdict(self.athena if self.method == "athena" else self.scalar)
+        if self.method != "athena":
+            return dataclasses.asdict(self.scalar)
+        recipe = dataclasses.asdict(self.athena)
+        if self.budget is not None:  # d and n are per layer (athena.json layers[P])
+            recipe = {k: v for k, v in recipe.items() if k not in ("d", "n")}
+            recipe["budget"] = dataclasses.asdict(self.budget)
+        return recipe
 
     def identity(self) -> dict:
         """What must match for --resume to continue a run."""
@@ -185,17 +196,26 @@ def _cpu_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def quantize_group(weights: list[torch.Tensor], H: torch.Tensor | None, job: QuantizeJob) -> list[tuple[object, dict]]:
+def quantize_group(weights: list[torch.Tensor], H: torch.Tensor | None, job: QuantizeJob,
+                   recipes: list[AthenaRecipe] | None = None) -> list[tuple[object, dict]]:
+    """Quantize matrices that share H; Athena matrices with one recipe run as one batched call."""
     if job.method == "athena":
-        return quantize_athena(weights, H, job.athena)
+        recipes = recipes or [job.athena] * len(weights)
+        out: list = [None] * len(weights)
+        for recipe in dict.fromkeys(recipes):
+            mine = [i for i, r in enumerate(recipes) if r == recipe]
+            for i, res in zip(mine, quantize_athena([weights[i] for i in mine], H, recipe)):
+                out[i] = res
+        return out
     if job.method == "gptq":
         return [quantize_gptq(w, H, job.scalar) for w in weights]
     return [quantize_rtn(w, job.scalar, H) for w in weights]
 
 
 @torch.no_grad()
-def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob):
-    """Quantize every linear of one decoder layer in place. Returns (tensors, stats)."""
+def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob, plan: dict | None = None):
+    """Quantize every linear of one decoder layer in place (`plan`: full name -> AthenaRecipe, from
+    --target-bits). Returns (tensors, stats)."""
     accs = collect_hessians(layer, index, inps, ctx, job.batch_size)
     tensors: dict[str, torch.Tensor] = {}
     stats: dict[str, dict] = {}
@@ -204,7 +224,8 @@ def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob):
         H = accs[group[0]].hessian(0.0)  # undamped: the algorithms damp it (recipe.damp) and score on it
         t0 = time.perf_counter()
         with _cpu_threads(1 if H.device.type == "cpu" else None):
-            results = quantize_group([m.weight.detach().float() for m in mods], H, job)
+            recipes = [plan[f"{prefix}.{n}"] for n in group] if plan else None
+            results = quantize_group([m.weight.detach().float() for m in mods], H, job, recipes)
         seconds = (time.perf_counter() - t0) / len(mods)
         for name, mod, (qlayer, st) in zip(group, mods, results):
             full = f"{prefix}.{name}"
@@ -222,6 +243,8 @@ def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob):
                 proxy_loss=float(st.get("proxy_loss", float("nan"))),
                 seconds=float(st.get("seconds", seconds)),
             )
+            if plan:
+                stats[full]["recipe"] = recipe_name(plan[full])
     return tensors, stats
 
 
@@ -257,6 +280,11 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
         "quantizing %s (%s, %d layers) with %s on %s; calibration %d x %d tokens",
         src.original, src.model_type, len(layers), job.method, device, ids.shape[0], ids.shape[1],
     )
+    plan, allocation = None, None
+    if job.budget is not None:
+        allocation = plan_allocation(model, ids, job, out, device)
+        plan = {name: AthenaRecipe(**{**dataclasses.asdict(job.athena), **entry["recipe_fields"]})
+                for name, entry in allocation["layers"].items()}
     inps = embed(model, ids, device, act_dtype)
     ctx = build_context(model, ids.shape[1], device, torch.float32)
     tensors: dict[str, torch.Tensor] = {}
@@ -275,7 +303,7 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
                 _submodule(layer, name[len(prefix) + 1 :]).weight.copy_(stored.dequantize())
             bar.set_postfix_str(f"layer {i} resumed")
         else:
-            part, part_stats = quantize_layer(layer, i, prefix, inps, ctx, job)
+            part, part_stats = quantize_layer(layer, i, prefix, inps, ctx, job, plan)
             checkpoint.write_layer_part(out, i, part, part_stats)
             fresh += 1
             bar.set_postfix_str(f"layer {i}: {time.perf_counter() - t0:.1f}s")
@@ -317,5 +345,71 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
         "seconds": time.perf_counter() - t_start,
         "device": str(device),
     }
+    if allocation is not None:
+        meta["allocation"] = allocation
     checkpoint.finalize(out, src.path, tensors, meta)
     return json.loads((out / checkpoint.META_FILE).read_text())
+
+
+# ---------------------------------------------------------------- --target-bits
+
+def recipe_name(r: AthenaRecipe) -> str:
+    return f"{r.d},{r.n},{r.k}"
+
+
+@torch.no_grad()
+def plan_allocation(model, ids: torch.Tensor, job: QuantizeJob, out: Path, device: torch.device) -> dict:
+    """Per-layer recipes for job.budget (quantize/allocate.py), from the unquantized model; saved in the
+    partial folder so that --resume continues with the same plan. The Fisher pass holds the whole model in
+    fp32 on `device` (fine for small models; a 7B model needs it layer by layer, not built yet)."""
+    from quantize.allocate import Option, allocate
+    from quantize.sensitivity import fisher_traces, kmeans_mse
+
+    saved = checkpoint.read_partial_json(out, "allocation.json") if job.resume else None
+    if saved is not None:
+        return saved
+    t0 = time.perf_counter()
+    budget, base = job.budget, job.athena
+    names = [f"model.layers.{i}.{n}" for i in range(len(model.model.layers)) for g in LINEAR_GROUPS for n in g]
+    modules = {name: _submodule(model, name) for name in names}
+    windows = ids[: budget.sensitivity_windows].to(device)
+    on_cpu_fp32 = device.type == "cpu" and next(model.parameters()).dtype == torch.float32
+    work = model if on_cpu_fp32 else copy.deepcopy(model).to(device=device, dtype=torch.float32)  # model untouched
+    traces = fisher_traces(work, windows, {name: _submodule(work, name) for name in names})
+    del work
+    options, numel, mse = {}, {}, {}
+    for name, mod in modules.items():
+        W = mod.weight.detach().to(device=device, dtype=torch.float32)
+        N, M = W.shape
+        numel[name] = N * M
+        options[name] = []
+        for r in budget.recipes(base, N):
+            e = kmeans_mse(W, r.d, r.n, row_scale=r.row_scale, groups=budget.sample_groups, seed=base.seed)
+            mse[(name, recipe_name(r))] = e
+            options[name].append(Option(r, r.stored_bytes(N, M), 0.5 * traces[name] * e))
+    choice = allocate(options, numel, budget.target_bits)
+    total_bytes = sum(o.bytes for o in choice.values())
+    allocation = {
+        "target_bits": budget.target_bits,
+        "planned_bits": 8.0 * total_bytes / sum(numel.values()),
+        "sensitivity": "Fisher trace on calibration windows x k-means error of each (d, n) (quantize/sensitivity.py)",
+        "seconds": time.perf_counter() - t0,
+        "layers": {
+            name: {"recipe": recipe_name(o.recipe), "recipe_fields": {"d": o.recipe.d, "n": o.recipe.n},
+                   "planned_bits": 8.0 * o.bytes / numel[name], "fisher_trace": traces[name],
+                   "kmeans_mse": mse[(name, recipe_name(o.recipe))], "expected_loss": o.loss}
+            for name, o in choice.items()
+        },
+    }
+    log.info("--target-bits %g: planned %.3f bits per linear weight in %.0f s; recipes %s", budget.target_bits,
+             allocation["planned_bits"], allocation["seconds"],
+             ", ".join(f"{k}: {v}" for k, v in sorted(_count(a["recipe"] for a in allocation["layers"].values()).items())))
+    checkpoint.write_partial_json(out, "allocation.json", allocation)
+    return allocation
+
+
+def _count(items) -> dict:
+    counts: dict = {}
+    for x in items:
+        counts[x] = counts.get(x, 0) + 1
+    return counts

@@ -3,7 +3,8 @@
 Layout: points are columns, ``z[B, d, K]`` (B independent problems, K points of dimension d) and
 centroids ``C[B, d, n]``: that is how a column group of Wᵀ lies in memory, so the quantizer hands
 views in without copies. ``weight[B, K]`` (1 = real point, 0 = padding) lets problems of different
-sizes share one padded batch; padded points must be zero vectors.
+sizes share one padded batch; padded points must be zero vectors. Other non-negative weights make the
+means weighted means (the row-scaled quantizer weighs each row by its scale squared).
 
 Everything is a fixed sequence of batched tensor ops (no host syncs on a GPU): k-means++ seeding in
 rounds of D²-sampling (each round adds a quarter more centres, sampled without replacement by the
@@ -131,7 +132,7 @@ def kmeans(
         weight = z.new_ones(B, K)
     C = kmeans_pp_seed(z, n, weight, generator, seed_growth) if init is None else init
     zt = z.transpose(1, 2).contiguous()  # [B, K, d]
-    aug = torch.cat([z, weight.unsqueeze(1)], 1)  # [B, d+1, K]: coordinates and a count row
+    aug = torch.cat([z * weight.unsqueeze(1), weight.unsqueeze(1)], 1)  # [B, d+1, K]: weighted coordinates, weights
     idx_shape = (B, d + 1, K)
     on_cpu = z.device.type == "cpu"  # a host check is free there and skips the re-seed ops
     for _ in range(iters):
@@ -140,9 +141,9 @@ def kmeans(
             sums = z.new_zeros(B, d + 1, n).scatter_add_(2, idx.unsqueeze(1).expand(idx_shape), aug)  # [B, d+1, n]
         else:  # atomics would make GPU runs irreproducible: one-hot [B, K, n] and a matmul instead
             sums = torch.bmm(aug, z.new_zeros(B, K, n).scatter_(2, idx.unsqueeze(-1), 1.0))  # [B, d+1, n]
-        counts = sums[:, d:]  # [B, 1, n]
-        means = sums[:, :d] / counts.clamp(min=1)
+        counts = sums[:, d:]  # [B, 1, n] total weight per cluster
         empty = counts == 0  # [B, 1, n]
+        means = sums[:, :d] / torch.where(empty, torch.ones_like(counts), counts)
         if not on_cpu or bool(empty.any()):
             means = torch.where(empty, _far_points(z, smin, weight, empty), means)
         C = means

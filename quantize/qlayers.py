@@ -102,7 +102,8 @@ def _tensor_bytes(t: Tensor | None) -> int:
 
 @dataclass
 class AthenaLayer:
-    """Product-quantized weight W_eff = Ŵ + A B, Ŵ[i, d j + l] = C[i // k, j, I[i, j], l]."""
+    """Product-quantized weight W_eff = diag(s) (Ŵ + A B), Ŵ[i, d j + l] = C[i // k, j, I[i, j], l]
+    (s = row_scale, all ones when absent: FORMAT.md version 1 layers)."""
 
     method: ClassVar[str] = "athena"
 
@@ -118,6 +119,7 @@ class AthenaLayer:
     lowrank_a: Tensor | None = None  # fp16 [N, r]
     lowrank_b: Tensor | None = None  # fp16 [r, M]
     bias: Tensor | None = None  # [N]
+    row_scale: Tensor | None = None  # fp16 [N] (format version 2)
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -169,6 +171,8 @@ class AthenaLayer:
                 raise ValueError(f"{where}: low-rank factors need rank >= 1")
         if self.bias is not None and tuple(self.bias.shape) != (N,):
             raise ValueError(f"{where}.bias has shape {list(self.bias.shape)}, expected [{N}]")
+        if self.row_scale is not None:
+            _check(f"{where}.row_scale", self.row_scale, torch.float16, (N,))
 
     # math --------------------------------------------------------------------------------------
     def codebook_f32(self) -> Tensor:
@@ -188,6 +192,8 @@ class AthenaLayer:
         W = W.reshape(N, self.G * self.d)[:, :M]
         if include_lowrank and self.lowrank_a is not None:
             W = W + self.lowrank_a.float() @ self.lowrank_b.float()
+        if self.row_scale is not None:
+            W = W * self.row_scale.to(dev).float().unsqueeze(1)
         return W.contiguous()
 
     # storage -----------------------------------------------------------------------------------
@@ -201,6 +207,8 @@ class AthenaLayer:
             out[f"{prefix}.lowrank_b"] = self.lowrank_b
         if self.bias is not None:
             out[f"{prefix}.bias"] = self.bias.to(torch.float16)
+        if self.row_scale is not None:
+            out[f"{prefix}.row_scale"] = self.row_scale
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
@@ -239,6 +247,15 @@ class AthenaLayer:
             for extra in ("lowrank_a", "lowrank_b"):
                 if f"{prefix}.{extra}" in tensors:
                     raise ValueError(f"tensor {prefix}.{extra} present but athena.json says rank 0")
+        row_scale = None
+        has_scale = meta.get("row_scale", False)
+        if not isinstance(has_scale, bool):
+            raise ValueError(f"layer {prefix}: athena.json 'row_scale' must be true or false, got {has_scale!r}")
+        if has_scale:
+            row_scale = tensors.get(f"{prefix}.row_scale")
+            _check(f"{prefix}.row_scale", row_scale, torch.float16, (N,))
+        elif f"{prefix}.row_scale" in tensors:
+            raise ValueError(f"tensor {prefix}.row_scale present but athena.json does not say row_scale")
         if not unpack:
             return None
         try:
@@ -248,19 +265,22 @@ class AthenaLayer:
         return cls(
             shape=(N, M), d=d, n=n, k=k, codebook_bits=cb_bits, indices=indices,
             codebook=tensors[f"{prefix}.codebook"], codebook_scale=scale, codebook_min=minimum,
-            lowrank_a=A, lowrank_b=B, bias=_bias_from(prefix, tensors, N),
+            lowrank_a=A, lowrank_b=B, bias=_bias_from(prefix, tensors, N), row_scale=row_scale,
         )
 
     def meta(self) -> dict:
-        return {"method": "athena", "shape": list(self.shape), "d": self.d, "n": self.n, "k": self.k,
+        meta = {"method": "athena", "shape": list(self.shape), "d": self.d, "n": self.n, "k": self.k,
                 "codebook_bits": self.codebook_bits, "rank": self.rank}
+        if self.row_scale is not None:
+            meta["row_scale"] = True
+        return meta
 
     def stored_bytes(self) -> int:
         """Bytes of to_tensors() without the bias (indices counted packed)."""
         N, _ = self.shape
         return (N * packed_width(self.G, self.index_bits) + _tensor_bytes(self.codebook)
                 + _tensor_bytes(self.codebook_scale) + _tensor_bytes(self.codebook_min)
-                + _tensor_bytes(self.lowrank_a) + _tensor_bytes(self.lowrank_b))
+                + _tensor_bytes(self.lowrank_a) + _tensor_bytes(self.lowrank_b) + _tensor_bytes(self.row_scale))
 
 
 @dataclass

@@ -27,6 +27,7 @@ class AthenaRecipe:
     k: int = 4096  # rows per codebook
     codebook_bits: int = 8  # 8: uint8 codes with per-dimension fp16 min/scale; 16: fp16 centroids
     lowrank: float = 0.01  # residual rank r = round(lowrank * min(N, M)); 0 disables it
+    row_scale: bool = False  # one fp16 scale per output row; rows are clustered normalized (FORMAT.md v2)
     kmeans_iters: int = 8  # fixed Lloyd-iteration budget per column group (after k-means++ seeding)
     damp: float = 0.01  # H += damp * mean(diag H) * I
     block_size: int = 128  # lazy-batch width in columns for the GPTQ-style error updates
@@ -46,6 +47,8 @@ class AthenaRecipe:
             raise ValueError(f"AthenaRecipe.codebook_bits must be 8 or 16, got {self.codebook_bits}")
         if not isinstance(self.lowrank, (int, float)) or isinstance(self.lowrank, bool) or not 0 <= self.lowrank < 1:
             raise ValueError(f"AthenaRecipe.lowrank must be a fraction in [0, 1), got {self.lowrank!r}")
+        if not isinstance(self.row_scale, bool):
+            raise ValueError(f"AthenaRecipe.row_scale must be a bool, got {self.row_scale!r}")
         if self.kmeans_iters < 1:
             raise ValueError(f"AthenaRecipe.kmeans_iters must be >= 1, got {self.kmeans_iters}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not self.damp >= 0:
@@ -71,13 +74,14 @@ class AthenaRecipe:
         codebook_bytes = Nb * G * self.n * self.d * self.codebook_bits // 8
         scale_bytes = 2 * (Nb * G * self.d * 2) if self.codebook_bits == 8 else 0  # scale + min, fp16
         lowrank_bytes = self.rank(N, M) * (N + M) * 2
-        return index_bytes + codebook_bytes + scale_bytes + lowrank_bytes
+        row_scale_bytes = 2 * N if self.row_scale else 0
+        return index_bytes + codebook_bytes + scale_bytes + lowrank_bytes + row_scale_bytes
 
     def bits_estimate(self, N: int, M: int) -> float:
         """Bits per weight of an [N, M] layer, from the stored byte count.
 
         Asymptotically ``log2(n)/d + codebook_bits * n / k`` (+ 32 / k for the uint8 scales/mins
-        per dimension) + ``16 r (N + M) / (N M)`` for the low-rank factors.
+        per dimension) + ``16 r (N + M) / (N M)`` for the low-rank factors (+ ``16 / M`` for row scales).
         """
         if N < 1 or M < 1:
             raise ValueError(f"bits_estimate needs a positive shape, got [{N}, {M}]")

@@ -56,7 +56,7 @@ def _job(model, out, texts, method="athena", **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantize_and_eval_end_to_end(models, texts, tmp_path, family):
     meta = run(_job(models[family], tmp_path / "q", texts))
-    assert meta["complete"] and meta["format_version"] == 1
+    assert meta["complete"] and meta["format_version"] == 2
     assert len(meta["layers"]) == 7 * meta["num_layers"] and meta["architecture"] == load_hf_model(
         models[family]).config.model_type
     for st in meta["layers"].values():

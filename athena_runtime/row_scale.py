@@ -1,0 +1,43 @@
+"""Per-output-row scales of an Athena layer (FORMAT.md version 2): reading them, and the epilogue that applies them.
+
+    y = s ⊙ (x Ŵᵀ + (x Bᵀ) Aᵀ) + bias        s fp16 [N]
+
+The PQ kernels compute the bracket (they get no bias); this epilogue scales their output, adds the bias and,
+for a fused gate/up layer, applies silu(gate) · up afterwards (the kernels' fused SiLU epilogue would run
+before the scale). On CPU the reference path folds s into its cached W_eff instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from athena_runtime.kernels.fused_ops import silu_mul
+
+
+def read_row_scale(prefix: str, tensors: dict, meta: dict, N: int) -> torch.Tensor | None:
+    """`prefix.row_scale` fp16 [N] when the layer's athena.json entry says `"row_scale": true`, else None."""
+    flag = meta.get("row_scale", False)
+    if not isinstance(flag, bool):
+        raise ValueError(f"{prefix}: row_scale must be true or false, got {flag!r}")
+    key = f"{prefix}.row_scale"
+    if not flag:
+        if key in tensors:
+            raise ValueError(f"{key}: present but the layer's athena.json entry has no row_scale")
+        return None
+    t = tensors.get(key)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{key}: missing (the layer's athena.json entry says row_scale)")
+    if t.dtype != torch.float16 or tuple(t.shape) != (N,):
+        raise ValueError(f"{key}: expected torch.float16 [{N}], got {t.dtype} {list(t.shape)}")
+    return t
+
+
+def row_scale_epilogue(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       glu: tuple[int, int] | None) -> torch.Tensor:
+    """y [T, N] (kernel output, no bias) -> s ⊙ y + bias [T, N], or silu(gate) · up [T, F] with glu=(offset, F)."""
+    y = y * scale
+    if bias is not None:
+        y = y + bias
+    if glu is None:
+        return y
+    up0, F = glu
+    return silu_mul(y[:, :F].contiguous(), y[:, up0:up0 + F].contiguous())

@@ -1,0 +1,90 @@
+"""Per-output-row scales alone, layer by layer on the embedded SmolLM2-135M: the relative output error of
+each linear layer on HELD-OUT activations, tr(E H_h Eᵀ) / tr(W H_h Wᵀ), for one recipe with and without
+--row-scale (Hessians for quantizing from calibration text; H_h from the held-out Python docs). A cheap
+check (a few layers, no error propagation between layers) for when whole-model runs cannot be afforded.
+
+    python -m bench.diag.row_scale_proxy --layers 0,15,29 [--codebook 2,64,4096] [--lowrank 0.01]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="0,15,29")
+    ap.add_argument("--codebook", default="2,64,4096")
+    ap.add_argument("--lowrank", type=float, default=0.01)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--out", default="out/row_scale_proxy")
+    args = ap.parse_args(argv)
+
+    from bench.quantize_quality import heldout_file
+    from quantize.athena import quantize_athena
+    from quantize.calibration import CalibConfig, calibration_batch, read_text_files, tokenize_text
+    from quantize.driver import LINEAR_GROUPS, _submodule
+    from quantize.embedded import reference_model_path
+    from quantize.hessian import HessianAccumulator
+    from quantize.recipe import AthenaRecipe
+    from quantize.source import load_hf_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = reference_model_path()
+    model, tok = load_hf_model(path), load_tokenizer(path)
+    calib = calibration_batch(tok, CalibConfig(nsamples=args.windows, seqlen=args.seqlen, seed=0))
+    held = tokenize_text(tok, read_text_files([str(heldout_file(out))]))[: args.windows * args.seqlen]
+    held = held.view(args.windows, args.seqlen)
+    layers = [int(v) for v in args.layers.split(",")]
+    d, n, k = (int(v) for v in args.codebook.split(","))
+    base = AthenaRecipe(d=d, n=n, k=k, lowrank=args.lowrank)
+
+    def hessians(ids):
+        accs, hooks = {}, []
+        for i in layers:
+            for group in LINEAR_GROUPS:
+                name = f"model.layers.{i}.{group[0]}"
+                mod = _submodule(model, name)
+                acc = accs[name] = HessianAccumulator(mod.in_features)
+                hooks.append(mod.register_forward_hook(lambda m, a, o, acc=acc: acc.add_batch(a[0])))
+        with torch.no_grad():
+            for row in ids:
+                model(input_ids=row.unsqueeze(0), use_cache=False)
+        for h in hooks:
+            h.remove()
+        return {name: acc.hessian(0.0) for name, acc in accs.items()}
+
+    Hc, Hh = hessians(calib), hessians(held)
+    rows = []
+    for i in layers:
+        for group in LINEAR_GROUPS:
+            key = f"model.layers.{i}.{group[0]}"
+            Ws = [_submodule(model, f"model.layers.{i}.{g}").weight.detach().float() for g in group]
+            for label, recipe in (("default", base), ("row_scale", dataclasses.replace(base, row_scale=True))):
+                t0 = time.process_time()
+                results = quantize_athena(Ws, Hc[key], recipe)
+                for g, W, (layer, _) in zip(group, Ws, results):
+                    E = W - layer.dequantize()
+                    err = float(((E @ Hh[key]) * E).sum() / ((W @ Hh[key]) * W).sum())
+                    rows.append({"layer": f"{i}.{g}", "variant": label, "heldout_rel_err": err,
+                                 "bits": 8.0 * layer.stored_bytes() / W.numel(), "cpu_s": time.process_time() - t0})
+                    print(json.dumps(rows[-1]), flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=2))
+    for label in ("default", "row_scale"):
+        mine = [r for r in rows if r["variant"] == label]
+        gm = torch.tensor([r["heldout_rel_err"] for r in mine]).log().mean().exp()
+        print(f"{label}: geometric-mean held-out relative error {float(gm):.5f}, "
+              f"bits {sum(r['bits'] for r in mine) / len(mine):.3f} (unweighted mean over layers)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
