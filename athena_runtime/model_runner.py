@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from athena_runtime.batch import AttentionMetadata, SequenceChunk, check_chunks, prepare_batch
-from athena_runtime.config import ModelConfig
+from athena_runtime.format.config import ModelConfig
 from athena_runtime.kernels import paged_attention
 from athena_runtime.kv_cache import KVCache, blocks_for_budget
 from athena_runtime.kv_calibration import calibrate_key_basis, calibration_windows
@@ -87,7 +87,7 @@ class ModelRunner:
         kv_cache = KVCache.create(kv_format, config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                   config.head_dim, device, hadamard=kv_hadamard, group_size=kv_group_size)
         if kv_cache.needs_key_basis:
-            from quantize.source import load_tokenizer
+            from athena_runtime.format.source import load_tokenizer
 
             windows = calibration_windows(load_tokenizer(path), max_model_len or config.max_position_embeddings)
             kv_cache.set_key_basis(calibrate_key_basis(model, config, windows, device, dtype))

@@ -133,7 +133,7 @@ def random_runner(cfg: dict, device, context: int, kv_format: str, dense: bool, 
     """A ModelRunner over a random model of `cfg` built in memory on `device` (bench.random_checkpoint's tensors,
     made as the loader asks for them): athena layers with the default recipe, or fp16 linears with `dense`.
     The KV cache is not calibrated (an int4 cache keeps the identity basis: the same work per token)."""
-    from athena_runtime.config import ModelConfig
+    from athena_runtime.format.config import ModelConfig
     from athena_runtime.kv_cache import KVCache
     from athena_runtime.loader import build_model
     from athena_runtime.model_runner import ModelRunner
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     # --- our fp16 path: same model, dense fp16 weights (built in memory, random)
     from athena_runtime.kv_cache import KVCache
     from athena_runtime.loader import LinearBuilder, _materialize
-    from athena_runtime.config import ModelConfig
+    from athena_runtime.format.config import ModelConfig
     from athena_runtime.model import CausalLM
 
     mc = ModelConfig.from_hf_config(cfg)

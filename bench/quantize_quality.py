@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m", help="real models to report (comma-separated)")
     args = ap.parse_args(argv)
 
-    from quantize.calibration import default_calibration_text
+    from athena_runtime.format.text import default_calibration_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .hessian import inverse_cholesky_upper, proxy_loss
 from .kmeans import assign, gather_points, kmeans, kmeans_pp_seed_indices
-from .qlayers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
+from athena_runtime.format.layers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
 from .recipe import AthenaRecipe
 
 

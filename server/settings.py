@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from athena_runtime.generation_defaults import parse_overrides
+from athena_runtime.format.generation_defaults import parse_overrides
 
 if TYPE_CHECKING:
     from athena_runtime.engine_settings import EngineSettings

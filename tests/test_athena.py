@@ -5,7 +5,7 @@ import torch
 
 from quantize.athena import quantize_athena
 from quantize.hessian import HessianAccumulator, prepare_hessian
-from quantize.qlayers import AthenaLayer, layer_from_tensors
+from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from quantize.recipe import AthenaRecipe
 
 

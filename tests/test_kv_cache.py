@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from athena_runtime.kv_cache import (CLIP_RATIOS, FP16KVCache, Int4KVCache, Int8KVCache, KeyBasis, KVCache,
+from athena_runtime.kv_quant_params import CLIP_RATIOS
+from athena_runtime.kv_cache import (FP16KVCache, Int4KVCache, Int8KVCache, KeyBasis, KVCache,
                                      blocks_for_budget, dequantize_asymmetric, dequantize_symmetric,
                                      hadamard_matrix, pack_nibbles, quantize_asymmetric, quantize_symmetric,
                                      unpack_nibbles)

@@ -130,8 +130,8 @@ def test_cache_sizing_and_bad_chunks(folders):
 def test_compressed_checkpoint_matches_its_reference_dequantization(folders, tmp_path, method):
     """Our loader on a compressed folder gives the logits of transformers with quantize's dequantized weights."""
     from compressed_fixture import write_compressed
-    from quantize.checkpoint import read_checkpoint
-    from quantize.qlayers import layer_from_tensors
+    from athena_runtime.format.checkpoint import read_checkpoint
+    from athena_runtime.format.layers import layer_from_tensors
 
     folder = write_compressed(folders["qwen2"], tmp_path / method, method)
     meta, tensors = read_checkpoint(folder)

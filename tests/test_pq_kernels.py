@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from athena_runtime.format.bits import unpack_bits
 from athena_runtime.kernels import layout
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.dequant_matmul import (
@@ -62,12 +63,12 @@ def test_unpack_bits_reads_format_stream(bits, count):
     vals = torch.randint(0, 1 << bits, (5, count), generator=torch.Generator().manual_seed(bits))
     packed = pack_format(vals, bits)
     assert packed.shape == (5, -(-count * bits // 8))
-    assert torch.equal(layout.unpack_bits(packed, count, bits), vals.to(torch.int32))
+    assert torch.equal(unpack_bits(packed, bits, count), vals.long())
 
 
 def test_unpack_bits_rejects_wrong_width():
-    with pytest.raises(ValueError, match="packed width"):
-        layout.unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 5, 6)
+    with pytest.raises(ValueError, match="need 4 bytes per row, got 3"):
+        unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 6, 5)
 
 
 @pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 301, 2, 64, 64), (5, 7, 1, 256, 3), (9, 40, 4, 2, 100)])

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from athena_runtime.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
-from quantize.checkpoint import read_json
+from athena_runtime.format.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
+from athena_runtime.format.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def resolve_source(name: str | Path) -> SourceInfo:
             magic = f.read(4)
         if magic != b"GGUF":
             raise ValueError(f"{p}: not a GGUF file and not a model folder")
-        from quantize.gguf_import import convert_gguf
+        from athena_runtime.format.gguf_import import convert_gguf
 
         out = cache_dir() / "gguf" / f"{p.stem}-{_file_digest(p)}"
         if not (out / "config.json").is_file():
