@@ -1,4 +1,4 @@
-"""The Athena quantizer (DESIGN.md §1): Hessian-metric k-means codebooks with GPTQ-style error feedback.
+"""The Athena quantizer (docs/ARCHITECTURE.md §3): Hessian-metric k-means codebooks with GPTQ-style error feedback.
 
 Notation: W [N, M], calibration Hessian H [M, M]; recipe (d, n, k). Inverse Hessian H⁻¹ = Uᵀ U
 with U upper triangular (GPTQ). Column group Q = columns d·j .. d·j+d-1, F = the columns after it.
@@ -135,7 +135,7 @@ class _Workspace:
 
 
 class _GroupSteps:
-    """Steps 1-3 of DESIGN.md §1 for the column groups of one lazy block, on a _Workspace."""
+    """Steps 1-3 above for the column groups of one lazy block, on a _Workspace."""
 
     def __init__(self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool) -> None:
         self.ws, self.recipe, self.weight, self.feedback = ws, recipe, weight, feedback

@@ -136,7 +136,7 @@ def test_storage_round_trip_and_bits(codebook_bits, lowrank):
 
 
 def test_bits_formula_matches_design_examples():
-    # 16 n / k + log2(n) / d for fp16 codebooks (DESIGN.md §1)
+    # 16 n / k + log2(n) / d for fp16 codebooks (docs/ARCHITECTURE.md §3)
     for (d, n, k), bits in [((2, 64, 1024), 4.0), ((2, 64, 4096), 3.25), ((3, 64, 4096), 2.25)]:
         r = AthenaRecipe(d=d, n=n, k=k, codebook_bits=16, lowrank=0)
         assert r.bits_estimate(8192, 4096 - (4096 % d)) == pytest.approx(bits, abs=2e-3)

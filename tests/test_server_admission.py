@@ -1,4 +1,4 @@
-"""A request's choices are queued all together or not at all (issue 17, item 3), on the real
+"""A request's choices are queued all together or not at all, on the real
 AsyncEngine (FakeRunner): a refused request leaves nothing queued, `n` above --max-queue is a 400
 (it could never be admitted), and a client resending such requests costs a normal client nothing."""
 from __future__ import annotations

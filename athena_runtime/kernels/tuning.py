@@ -23,7 +23,7 @@ class Tuning:
     lut_max_centroids: int = 256  # lookup tables for n <= 256 centroids (n table entries per group)
     # ---- lookup table (lut.py)
     lut_t1_slab_w: int = 4  # one token: 4-word slabs in 4096-row chunks beat 8 words / 2048 rows on all 7B shapes
-    lut_t1_rows: int = 4096  # ... (session 8 A/B), halved down to 1024 where fewer than lut_ctas_per_sm CTAs per SM
+    lut_t1_rows: int = 4096  # ..., halved down to 1024 where fewer than lut_ctas_per_sm CTAs per SM
     lut_ctas_per_sm: float = 1.5  # slab widths / chunks: at least this many table CTAs per SM (else the GPU idles)
     fused_epilogue_max_tokens: int = 1  # split-K epilogue inside the one-token launch (0.5-1.0 µs a call saved)
     epi_tile: int = 0  # rows per epilogue CTA; 0: 32 where that is <= 1 CTA per SM, else 64, 256 if 64 fills the GPU
