@@ -231,6 +231,7 @@ def test_refuses_bad_input():
             AthenaRecipe(**bad)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_matches_eager_on_gpu():
     M = 600  # 4 full lazy blocks of 128 columns (graph replays) and a partial one (eager)

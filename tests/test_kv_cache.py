@@ -8,6 +8,8 @@ from athena_runtime.kv_cache import (FP16KVCache, Int4KVCache, Int8KVCache, KeyB
                                      hadamard_matrix, pack_nibbles, quantize_asymmetric, quantize_symmetric,
                                      unpack_nibbles)
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 
 def _kv(T=37, heads=3, dim=64, seed=0):
     gen = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ import torch
 from athena_runtime.kv_cache import KeyBasis, KVCache
 from athena_runtime.kernels import paged_attention as pa
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

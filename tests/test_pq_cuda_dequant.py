@@ -25,6 +25,8 @@ from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul, dequantize_t_reference as pq_dequantize_t_reference
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemm_reference
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 TOL16 = 4e-3

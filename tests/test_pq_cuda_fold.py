@@ -24,6 +24,8 @@ from athena_runtime.kernels import dequant as fold, layout
 from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
 from athena_runtime.kernels.layout import PQGeometry
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs CUDA")

@@ -24,6 +24,8 @@ from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_r
 from athena_runtime.kernels.splitk import splitk_epilogue
 from athena_runtime.kernels.triton_lut import triton_lut_matmul as pq_gemv
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 pq_gemm_reference = pq_gemv_reference
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,6 +18,8 @@ from athena_runtime.kernels.tuning import Tuning
 from athena_runtime.pq_linear import PATH_ENV, PQLinear
 from test_pq_kernels import DEV, pack_format, rel_err
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 PREFIX = "model.layers.0.mlp.up_proj"
 
 

@@ -19,7 +19,7 @@ typedef unsigned long long uintptr_t;
 #include <cuda_fp16.h>
 #endif
 
-// Diagnostic hooks, empty in the shipped build (nothing defines them there): bench/diag/lut_trace.py defines
+// Diagnostic hooks, empty in the shipped build (nothing defines them there): a diagnostic build may define
 // ATHENA_TRACE_MARK(i) to record thread 0's timestamp at phase i of a lookup-table CTA.
 #ifndef ATHENA_TRACE_MARK
 #define ATHENA_TRACE_MARK(i)

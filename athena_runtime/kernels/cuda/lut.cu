@@ -16,7 +16,7 @@
 // Host side, launch shapes and the PyTorch spec: athena_runtime/kernels/lut.py.
 #include "common.cuh"
 
-// A/B builds (bench/diag/lut_parts.py) set this by a -D option; the shipped build takes the default
+// A/B builds set this by a -D option (lut_matmul(..., defines=...)); the shipped build takes the default
 #ifndef ATHENA_T1_MIN_BLOCKS_SM90
 #define ATHENA_T1_MIN_BLOCKS_SM90 4
 #endif
