@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from athena_runtime.format.bits import unpack_bits
+from athena_runtime.format.environment import Environment
 from athena_runtime.format.layers import read_athena_tensors
 from athena_runtime.kernels import layout, nvrtc
 from athena_runtime.kernels.backends import NAMES, registry, token_classes
@@ -149,7 +150,7 @@ class PQLinear(nn.Module):
     def bind(self) -> list[str]:
         """Resolve the backend of every token class (once; again only if the forced path changes) and return their
         names, smallest class first. CUDA kernels are compiled here (NVRTC, cached on disk)."""
-        forced = self.path or os.environ.get(PATH_ENV) or None
+        forced = self.path or Environment.read().pq_path
         if self._bound is not None and self._bound[0] == forced:
             return [name for name, _ in self._bound[2]]
         reg = registry(self.qweight.device)

@@ -16,6 +16,7 @@ import torch
 
 from athena_runtime.format.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
 from athena_runtime.format.checkpoint import read_json
+from athena_runtime.format.environment import Environment
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def cache_dir() -> Path:
     """Where Athena caches converted and compressed models (`ATHENA_CACHE_DIR`, default ~/.cache/athena)."""
-    return Path(os.environ.get("ATHENA_CACHE_DIR", Path.home() / ".cache" / "athena"))
+    return Environment.read().cache_dir
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Every launch threshold of the PQ kernels, in one frozen object per device, each with the reason it holds.
 
-Measured on an H100 (BENCHMARKS.md §3, bench/results/); `Tuning.for_device` adds the device's facts (SMs, shared
-memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
+Measured on an H100 (BENCHMARKS.md §3; the one-token slab A/B: `git show 34d9173:bench/results/t1ab_slab4_h100_2c3f2b0.txt`);
+`Tuning.for_device` adds the device's facts (SMs, shared memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from athena_runtime.format.environment import Environment
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,6 @@ class Tuning:
 def _cuda_tuning(index: int) -> Tuning:
     props = torch.cuda.get_device_properties(index)
     # ATHENA_FUSED_EPILOGUE=0: the one-token epilogue as a second launch (A/B runs of bench.decode)
-    fused = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
+    fused = 1 if Environment.read().fused_epilogue else 0
     return Tuning(sms=props.multi_processor_count, fused_epilogue_max_tokens=fused,
                   smem_per_cta=getattr(props, "shared_memory_per_block_optin", 99 * 1024))
