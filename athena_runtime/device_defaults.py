@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class DeviceDefaults:
     # prompt tokens per step while other requests decode, when EngineSettings.prefill_chunk_tokens is not set
     prefill_chunk_tokens: int
-    # KV cache bytes when neither num_blocks nor kv_budget_bytes is given (None: the free device memory, less the reserve)
+    # KV cache bytes when neither num_blocks nor kv_budget_bytes is given (None: the free device memory, less the
+    # reserve)
     kv_budget_bytes: int | None
     kv_reserve_bytes: int  # left free for activations and CUDA graph pools when the cache takes the free memory
 

@@ -12,8 +12,7 @@ Shapes: T tokens in the flat batch, H heads, Hkv KV heads, D head_dim.
 from __future__ import annotations
 
 import logging
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

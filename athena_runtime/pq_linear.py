@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 
 import torch
 from torch import nn

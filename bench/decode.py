@@ -47,7 +47,10 @@ def copy_bandwidth(device) -> float:
     times = []
     for _ in range(25):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); y.copy_(x); e.record(); torch.cuda.synchronize()
+        s.record()
+        y.copy_(x)
+        e.record()
+        torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     return 2 * x.numel() / statistics.median(times[5:])
 
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--family", default=None,
                     help="comma-separated shapes of bench.random_checkpoint.FAMILIES (llama2-7b, llama3-8b, qwen2.5-7b, "
-                         "mistral-7b, gemma3-12b; tiny-llama, tiny-gemma3 for CPU tests) or 'all': random models built in memory on the device, "
+                         "mistral-7b, gemma3-12b; tiny-llama, tiny-gemma3 for CPU tests) or 'all': random models built in memory "
+                         "on the device, "
                          "their rates against llama2-7b's per byte read (include llama2-7b for that column)")
     ap.add_argument("--paths", default="pq", help="with --family: pq and/or fp16 (comma-separated)")
     ap.add_argument("--rounds", type=int, default=2, help="with --family: decode runs per model (median)")

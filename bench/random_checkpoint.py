@@ -4,7 +4,8 @@ Gemma-3-12B's text model). Written in the real format (FORMAT.md), so the runtim
 path; also writes an fp16 Hugging Face folder of the same shape for the baselines. `random_tensors` gives the
 same tensors lazily on a device instead (bench.decode builds its models that way, without a file).
 
-    python -m bench.random_checkpoint --out /tmp/llama7b [--family llama2-7b] [--fp16-out /tmp/llama7b-fp16] [--layers 32]
+    python -m bench.random_checkpoint --out /tmp/llama7b [--family llama2-7b] [--fp16-out /tmp/llama7b-fp16]
+        [--layers 32]
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Calibration windows for the quantizer: how many, how long, and from which text (read by `athena_runtime.format.text`)."""
+"""Calibration windows for the quantizer: how many, how long, and from which text (`athena_runtime.format.text`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -26,7 +26,7 @@ def _engine_fields() -> dict[str, Any]:
     fields = {}
     for f in dataclasses.fields(EngineSettings):
         bound = {} if f.metadata.get("ge") is None else {"ge": f.metadata["ge"]}
-        fields[f.name] = (typing.Optional[hints[f.name]], Field(None, description=f.metadata["help"], **bound))
+        fields[f.name] = (hints[f.name] | None, Field(None, description=f.metadata["help"], **bound))
     return fields
 
 

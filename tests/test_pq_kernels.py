@@ -120,53 +120,6 @@ def test_lut_gemv_tokens_33():
     assert rel_err(pq_gemv(x, qw, cb, geo, A, B, b), pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 301, 2, 64, 64), (5, 7, 1, 256, 3), (9, 40, 4, 2, 100)])
-def test_pack_words_roundtrip_and_dequantize_spec(N, M, d, n, k):
-    geo, qw, cb, _, _, _, I, C = make_layer(N, M, d, n, k)
-    assert qw.dtype == torch.int32 and qw.shape == (geo.GW, geo.N_pad)
-    assert torch.equal(layout.unpack_words(qw, geo).cpu(), I)
-    W = layout.dequantize_reference(qw, cb, geo).cpu()
-    for i in (0, N // 2, N - 1):  # Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l]
-        for col in (0, M // 3, M - 1):
-            j, l = divmod(col, d)
-            assert W[i, col] == C[i // k, j, I[i, j], l]
-
-
-# ----------------------------------------------------------------------------------- kernels
-CASES = [  # N, M, d, n, k, rank, bias
-    (37, 29, 3, 16, 20, 3, True),
-    (70, 130, 2, 64, 64, 0, False),
-    (33, 17, 1, 256, 33, 2, True),
-    (45, 64, 4, 32, 100, 5, False),
-]
-
-
-@pytest.mark.parametrize("case,T", [(c, t) for c in CASES for t in (1, 3)] + [(CASES[1], 16)])
-def test_lut_gemv_matches_reference_fp16(case, T):
-    N, M, d, n, k, rank, bias = case
-    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, rank, bias, seed=T)
-    x = torch.randn(T, M, generator=torch.Generator().manual_seed(100 + T)).half().to(DEV)
-    y = pq_gemv(x, qw, cb, geo, A, B, b)
-    assert y.shape == (T, N) and y.dtype == torch.float16
-    assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
-
-
-def test_lut_gemv_fp32_table_and_short_chunks():
-    geo, qw, cb, A, B, b, _, _ = make_layer(300, 70, 2, 64, 130, 4, True)  # 3 codebook blocks, ragged
-    x = torch.randn(2, 70, generator=torch.Generator().manual_seed(1)).to(DEV)
-    ref = pq_gemv_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())
-    y = pq_gemv(x, qw, cb.float(), geo, A.float(), B.float(), b.float(), lut_fp16=False, rows_per_chunk=128,
-                slab_w=8, block_n=32)
-    assert y.dtype == torch.float32
-    assert rel_err(y, ref) < TOL[torch.float32]
-
-
-def test_lut_gemv_tokens_33():
-    geo, qw, cb, A, B, b, _, _ = make_layer(20, 24, 2, 16, 20, 2, True)
-    x = torch.randn(33, 24, generator=torch.Generator().manual_seed(2)).half().to(DEV)
-    assert rel_err(pq_gemv(x, qw, cb, geo, A, B, b), pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
-
-
 @pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 50, 2, 64, 64), (200, 130, 2, 64, 64)])
 def test_dequantize_kernel_is_exact(N, M, d, n, k):
     geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, 2, True)

@@ -36,7 +36,7 @@ def serve():
         return servers[-1]
     yield start
     for s in servers:
-        wait_until(lambda: engine_idle(s), 10.0, "the engine to go idle")
+        wait_until(lambda s=s: engine_idle(s), 10.0, "the engine to go idle")
         s.stop()
 
 

@@ -54,7 +54,7 @@ class Slowloris(threading.Thread):
                 while time.monotonic() < deadline:
                     try:
                         data = self.sock.recv(65536)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                     if not data:
                         self.closed_after = time.monotonic() - self.start_time

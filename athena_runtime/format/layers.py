@@ -16,7 +16,8 @@ from torch import Tensor
 from athena_runtime.format.bits import pack_bits, packed_width, unpack_bits
 
 # ---------------------------------------------------------------------------------------------
-# uint8 codebooks (the quantizer's step 2, docs/ARCHITECTURE.md §3): per codebook and dimension, codes in 0..255 with fp16 min/scale
+# uint8 codebooks (the quantizer's step 2, docs/ARCHITECTURE.md §3): per codebook and dimension, codes in 0..255
+# with fp16 min/scale
 
 
 def quantize_codebook_uint8(C: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -259,7 +259,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_pages: int, block_si
     return max(1, min(want, tiles, MAX_SPLITS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,12 +1,12 @@
 """Every launch threshold of the PQ kernels, in one frozen object per device, each with the reason it holds.
 
-Measured on an H100 (BENCHMARKS.md §3; the one-token slab A/B: `git show 34d9173:bench/results/t1ab_slab4_h100_2c3f2b0.txt`);
-`Tuning.for_device` adds the device's facts (SMs, shared memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
+Measured on an H100 (BENCHMARKS.md §3; the one-token slab A/B:
+`git show 34d9173:bench/results/t1ab_slab4_h100_2c3f2b0.txt`); `Tuning.for_device` adds the device's facts (SMs,
+shared memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
 """
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
