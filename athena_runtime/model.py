@@ -1,4 +1,4 @@
-"""The decoder of every supported family (config.py: Llama, Mistral, Qwen2, Qwen3, Gemma 3), over a flat
+"""The decoder of every supported family (format/config.py: Llama, Mistral, Qwen2, Qwen3, Gemma 3), over a flat
 batch of tokens and the paged KV cache.
 
 Module names mirror Hugging Face's (`model.layers.3.self_attn.q_proj`, `lm_head`, ...), so checkpoint
