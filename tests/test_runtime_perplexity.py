@@ -33,7 +33,7 @@ def test_quantized_cache_stays_close(setup, fmt, tol):
 
 
 def test_eval_cli_runs_both_paths_and_agrees(setup, capsys):
-    """`athena eval ppl` (server/eval_cli.py): the reference model, and the runtime with --kv-cache; bad use is exit 2."""
+    """`athena eval ppl` (server/eval_cli.py): the reference model, the runtime with --kv-cache; bad use exits 2."""
     import json
 
     from server.cli import main
