@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from athena_runtime.format.environment import Environment
+
 log = logging.getLogger(__name__)
 
 CPU_PATHS = ("auto", "fast", "reference")
@@ -49,14 +51,9 @@ class CPUPathSettings:
 
     @classmethod
     def from_env(cls, env=None) -> "CPUPathSettings":
-        env = os.environ if env is None else env
-        threads = env.get("ATHENA_CPU_THREADS")
-        try:
-            threads = int(threads) if threads else None
-        except ValueError:
-            raise ValueError(f"ATHENA_CPU_THREADS must be an integer, got {threads!r}") from None
-        return cls(path=env.get("ATHENA_CPU_PATH", "auto") or "auto",
-                   weights=env.get("ATHENA_CPU_WEIGHTS", "fp16") or "fp16", threads=threads)
+        """From the ATHENA_CPU_* variables of `env` (default: the process environment; format/environment.py)."""
+        e = Environment.read(env)
+        return cls(path=e.cpu_path, weights=e.cpu_weights, threads=e.cpu_threads)
 
 
 def set_threads(settings: CPUPathSettings) -> int:

@@ -24,7 +24,7 @@ import torch
 from athena_runtime.batch import SequenceChunk
 from athena_runtime.block_manager import BlockManager
 from athena_runtime.engine_settings import EngineSettings
-from athena_runtime.generation_defaults import read_generation_defaults
+from athena_runtime.format.generation_defaults import read_generation_defaults
 from athena_runtime.outputs import EngineStats, RequestOutput, TokenLogprob, TopLogprob
 from athena_runtime.prefix_cache import PrefixCache
 from athena_runtime.sampler import RequestGenerator, Sample, Sampler

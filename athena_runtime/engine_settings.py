@@ -1,16 +1,21 @@
-"""Engine settings: one frozen dataclass, mapped 1:1 to `athena serve` / `athena chat` flags."""
+"""Engine settings: one frozen dataclass, mapped 1:1 to `athena serve` / `athena chat` flags.
+
+Each field is declared here once, with its help text and lower bound (`setting`); the server's settings
+(server/settings.py) are built from these fields, so a new engine setting is a flag and an ATHENA_* variable at once."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from athena_runtime.device_defaults import device_defaults
 
 KVFormat = Literal["fp16", "int8", "int4"]
 KV_FORMATS: tuple[str, ...] = ("fp16", "int8", "int4")
-# prompt tokens per step while other requests decode, when not set. CPU: on the embedded model's fp16 reference
-# (2 cores) a 128-token chunk cost about three decode steps, no more than a 64-token one (both overhead-bound);
-# 256 cost 5.5. CUDA: 512, vLLM's first chunked-prefill default (its best ITL/TTFT balance on an A100); not
-# measured here.
-PREFILL_CHUNK_DEFAULTS: dict[str, int] = {"cpu": 128, "cuda": 512}
+
+
+def setting(default: Any, help: str, ge: int | None = None) -> Any:
+    """A field with its help text (the `athena serve` flag's and the ATHENA_* variable's) and lower bound."""
+    return field(default=default, metadata={"help": help, "ge": ge})
 
 
 @dataclass(frozen=True)
@@ -26,19 +31,23 @@ class EngineSettings:
     `prefill_chunk_tokens`, so a long prompt delays the others' next token by one such chunk.
     """
 
-    kv_cache: KVFormat = "fp16"           # KV cache storage format
-    kv_hadamard: bool = False             # rotate K and V by a Hadamard matrix before quantizing (int4 always does)
-    block_size: int = 16                  # tokens per KV block
-    max_num_seqs: int = 64                # sequences in one batch (running at once)
-    max_model_len: int | None = None      # prompt + completion limit per request (None: the model's)
-    max_num_batched_tokens: int = 2048    # tokens fed per step (decodes + prefill chunks)
-    prefill_chunk_tokens: int | None = None  # prompt tokens per step while requests decode (None: by device)
-    kv_budget_bytes: int | None = None    # bytes for the KV cache (alternative to num_blocks)
-    num_blocks: int | None = None         # KV blocks (overrides kv_budget_bytes)
-    max_queue: int = 256                  # waiting requests before new ones are refused (overload)
-    device: str | None = None             # torch device (None: cuda if available, else cpu)
-    use_cuda_graphs: bool = True          # replay decode steps as CUDA graphs (GPU only)
-    prefix_cache: bool = True             # reuse the KV blocks of prompt prefixes computed before
+    kv_cache: KVFormat = setting("fp16", "KV cache format")
+    kv_hadamard: bool = setting(False, "Hadamard-rotate K and V before quantizing (int4 always does)")
+    block_size: int = setting(16, "tokens per KV block", ge=1)
+    max_num_seqs: int = setting(64, "requests decoded together in one batch", ge=1)
+    max_model_len: int | None = setting(None, "prompt + completion token limit (default: the model's)", ge=1)
+    max_num_batched_tokens: int = setting(2048, "tokens fed to the model per step (decodes + prompt chunks)", ge=1)
+    prefill_chunk_tokens: int | None = setting(
+        None, "prompt tokens per step while requests decode: a long prompt delays their streams by one such chunk a "
+              "step (default: 128 on CPU, 512 on CUDA: device_defaults.py)", ge=1)
+    kv_budget_bytes: int | None = setting(None, "bytes for the KV cache (alternative to --num-blocks)", ge=1)
+    num_blocks: int | None = setting(None, "KV blocks (overrides --kv-budget-bytes)", ge=1)
+    max_queue: int = setting(256, "waiting requests before new ones are refused (429)", ge=0)
+    device: str | None = setting(None, "torch device (default: cuda if available, else cpu)")
+    use_cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU only)")
+    prefix_cache: bool = setting(
+        True, "reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, earlier turns of "
+              "a chat); --no-prefix-cache turns it off")
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_FORMATS:
@@ -63,4 +72,4 @@ class EngineSettings:
         """Prompt tokens a step feeds while other requests decode: the setting, else the device's default."""
         if self.prefill_chunk_tokens is not None:
             return self.prefill_chunk_tokens
-        return min(PREFILL_CHUNK_DEFAULTS.get(device_type, PREFILL_CHUNK_DEFAULTS["cpu"]), self.max_num_batched_tokens)
+        return min(device_defaults(device_type).prefill_chunk_tokens, self.max_num_batched_tokens)

@@ -53,15 +53,12 @@ import torch
 from athena_runtime.kernels import fused_ops
 from athena_runtime.kernels.fused_ops import scatter_rows_pair_
 from athena_runtime.kernels.kv_write import kv_write, kv_write_unsupported
+from athena_runtime.kv_quant_params import CLIP_RATIOS, SCALE_MIN, SCALE_ROUND_UP
 
 log = logging.getLogger(__name__)
 
 KV_FORMATS = ("fp16", "fp32", "int8", "int4")
 GROUP_SIZES = {"int8": 32, "int4": 64}  # default group size of each quantized format
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)  # int4: range shrink factors tried per group
-
-_SCALE_MIN = 2.0**-14  # smallest normal float16: a scale never underflows to a subnormal
-_SCALE_ROUND_UP = 1.0 + 2.0**-10  # > float16 rounding error, so the stored scale covers the range
 
 
 def hadamard_matrix(n: int, device=None) -> torch.Tensor:
@@ -79,7 +76,7 @@ def quantize_symmetric(x: torch.Tensor, bits: int, group_size: int) -> tuple[tor
     qmax = 2 ** (bits - 1) - 1
     xg = x.float().unflatten(-1, (-1, group_size))  # [..., D/G, G]
     amax = xg.abs().amax(-1)  # [..., D/G]
-    scale = (amax / qmax * _SCALE_ROUND_UP).clamp_min(_SCALE_MIN).half()
+    scale = (amax / qmax * SCALE_ROUND_UP).clamp_min(SCALE_MIN).half()
     q = torch.round(xg / scale.float().unsqueeze(-1)).clamp_(-qmax, qmax)
     return q.flatten(-2).to(torch.int8), scale
 
@@ -101,7 +98,7 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, group_size: int, clip_ratios
     best = None
     for c in clip_ratios:
         zero = (mid - c * half).half()
-        scale = ((mid + c * half - zero.float()) / levels * _SCALE_ROUND_UP).clamp_min(_SCALE_MIN).half()
+        scale = ((mid + c * half - zero.float()) / levels * SCALE_ROUND_UP).clamp_min(SCALE_MIN).half()
         z, s = zero.float().unsqueeze(-1), scale.float().unsqueeze(-1)
         n = torch.round((xg - z) / s).clamp_(0, levels)  # [..., D/G, G]
         err = (n * s + z - xg).square().sum(-1)  # [..., D/G]

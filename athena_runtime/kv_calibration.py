@@ -85,7 +85,7 @@ def calibrate_key_basis(model, config, windows: torch.Tensor, device, dtype) -> 
 
 def calibration_windows(tokenizer, max_len: int) -> torch.Tensor:
     """The fixed calibration windows [NUM_WINDOWS, min(WINDOW, max_len)] for a model's tokenizer."""
-    from quantize.calibration import default_calibration_text, sample_windows, tokenize_text
+    from athena_runtime.format.text import default_calibration_text, sample_windows, tokenize_text
 
     ids = tokenize_text(tokenizer, default_calibration_text())
     return sample_windows(ids, NUM_WINDOWS, min(WINDOW, max_len), seed=0)

@@ -1,6 +1,6 @@
 """Build our decoder from a compressed Athena folder, a Hugging Face folder, or a GGUF file.
 
-Compressed folder (FORMAT.md; read and validated by `quantize.checkpoint.read_checkpoint`):
+Compressed folder (FORMAT.md; read and validated by `athena_runtime.format.checkpoint.read_checkpoint`):
   method "athena"      -> `PQLinear.from_tensors(prefix, tensors, layer_meta, device, dtype)`
   method "rtn"/"gptq"  -> dense `nn.Linear`, W[i, c] = (q[i, c] - zeros[i, c // g]) · scales[i, c // g]
   anything else        -> loaded as stored (embeddings, norms, lm_head, unquantized linears)
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from athena_runtime.config import ModelConfig
+from athena_runtime.format.config import ModelConfig
 from athena_runtime.model import CausalLM
-from quantize.checkpoint import read_json
+from athena_runtime.format.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | 
     `fuse` computes q/k/v and gate/up as one layer each where they fit (split_linear.py)."""
     folder = _resolve_folder(Path(path))
     config = ModelConfig.from_hf_config(_read_json(folder / "config.json"))
-    from quantize.checkpoint import is_checkpoint, read_checkpoint
+    from athena_runtime.format.checkpoint import is_checkpoint, read_checkpoint
 
     if is_checkpoint(folder):
         meta, tensors = read_checkpoint(folder)
@@ -71,7 +71,7 @@ def _resolve_folder(path: Path) -> Path:
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ValueError(f"{path}: not a GGUF file and not a model folder")
-        from quantize.source import resolve_source
+        from athena_runtime.format.source import resolve_source
 
         log.info("converting GGUF file %s to a Hugging Face folder", path)
         return resolve_source(path).path
@@ -88,7 +88,7 @@ def _read_json(path: Path) -> dict:
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder, on the CPU."""
-    from quantize.checkpoint import check_safetensors
+    from athena_runtime.format.checkpoint import check_safetensors
     from safetensors.torch import load_file
 
     present = [name for name in HF_WEIGHT_FILES if (folder / name).is_file()]
@@ -125,7 +125,7 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def dequantize_scalar(prefix: str, tensors: dict, meta: dict, device) -> torch.Tensor:
     """RTN / GPTQ layer -> W float32 [N, M] on `device` (FORMAT.md "Scalar baselines")."""
-    from quantize.pack import unpack_bits
+    from athena_runtime.format.bits import unpack_bits
 
     N, M = meta["shape"]
     bits, g = int(meta["bits"]), int(meta["group_size"])
@@ -165,7 +165,7 @@ class LinearBuilder:
                 return self.pq_linear.from_tensors(prefix, self.tensors, layer, self.device, self.dtype)
             self._log_once("pq", logging.WARNING, "athena_runtime.pq_linear is missing: athena layers are "
                            "DEQUANTIZED to dense fp weights (slow, memory-hungry stand-in)")
-            from quantize.qlayers import AthenaLayer
+            from athena_runtime.format.layers import AthenaLayer
 
             weight = AthenaLayer.from_tensors(prefix, self.tensors, layer).dequantize()
         elif layer is not None and layer.get("method") in ("rtn", "gptq"):

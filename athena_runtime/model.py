@@ -1,4 +1,4 @@
-"""The decoder of every supported family (config.py: Llama, Mistral, Qwen2, Qwen3, Gemma 3), over a flat
+"""The decoder of every supported family (format/config.py: Llama, Mistral, Qwen2, Qwen3, Gemma 3), over a flat
 batch of tokens and the paged KV cache.
 
 Module names mirror Hugging Face's (`model.layers.3.self_attn.q_proj`, `lm_head`, ...), so checkpoint
@@ -12,15 +12,14 @@ Shapes: T tokens in the flat batch, H heads, Hkv KV heads, D head_dim.
 from __future__ import annotations
 
 import logging
-import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from athena_runtime.batch import AttentionMetadata
-from athena_runtime.config import ModelConfig, RopeConfig
+from athena_runtime.format.config import ModelConfig, RopeConfig, rope_inv_freq
 from athena_runtime.kernels.fused_ops import GATED_ACTIVATIONS, add_rmsnorm, rope_
 from athena_runtime.kernels.paged_attention import PagedAttention
 from athena_runtime.log_once import log_once
@@ -32,38 +31,6 @@ LinearFactory = Callable[[str, int, int, bool], nn.Module]  # (prefix, in_featur
 
 def meta_linear(prefix: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=bias, device="meta")
-
-
-def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
-                  max_len: int | None = None) -> torch.Tensor:
-    """Inverse frequencies [D / 2] float32, computed as transformers does for each rope type.
-
-    "dynamic" (NTK) is exact for contexts up to max_position_embeddings (where it equals "default");
-    for a longer `max_len` the base is stretched once for max_len (static, as vLLM does), whereas
-    transformers re-stretches as the sequence grows.
-    """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D / 2]
-    base = rope.theta
-    if rope.rope_type == "dynamic":
-        seq_len = max(max_len or max_position_embeddings, max_position_embeddings)
-        if seq_len > max_position_embeddings:
-            log.warning("dynamic NTK rope: frequencies fixed for %d positions (transformers rescales "
-                        "per sequence length)", seq_len)
-        stretch = rope.factor * seq_len / max_position_embeddings - (rope.factor - 1)
-        base = base * stretch ** (head_dim / (head_dim - 2))
-    inv_freq = 1.0 / (base**exponents)
-    if rope.rope_type == "linear":
-        inv_freq = inv_freq / rope.factor
-    elif rope.rope_type == "llama3":
-        old_len = rope.original_max_position_embeddings
-        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
 
 
 class RotaryEmbedding(nn.Module):

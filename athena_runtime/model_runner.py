@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from athena_runtime.batch import AttentionMetadata, SequenceChunk, check_chunks, prepare_batch
-from athena_runtime.config import ModelConfig
+from athena_runtime.device_defaults import device_defaults
+from athena_runtime.format.config import ModelConfig
 from athena_runtime.kernels import paged_attention
 from athena_runtime.kv_cache import KVCache, blocks_for_budget
 from athena_runtime.kv_calibration import calibrate_key_basis, calibration_windows
@@ -26,8 +27,6 @@ from athena_runtime.model import CausalLM
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_CUDA_RESERVE_BYTES = 2 << 30  # left free for activations and graph pools when sizing the cache
-_CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
 @dataclass
@@ -74,11 +73,11 @@ class ModelRunner:
             cpu.apply(model, cpu_path or cpu.CPUPathSettings.from_env())
         if num_blocks is None:
             if kv_budget_bytes is None:
-                if device.type == "cuda":
+                defaults = device_defaults(device.type)
+                kv_budget_bytes = defaults.kv_budget_bytes
+                if kv_budget_bytes is None:
                     free, _ = torch.cuda.mem_get_info(device)
-                    kv_budget_bytes = max(0, int(0.9 * free) - _CUDA_RESERVE_BYTES)
-                else:
-                    kv_budget_bytes = _CPU_DEFAULT_KV_BYTES
+                    kv_budget_bytes = max(0, int(0.9 * free) - defaults.kv_reserve_bytes)
                 log.info("KV cache budget %.2f GiB (%s default)", kv_budget_bytes / 2**30, device.type)
             num_blocks = blocks_for_budget(kv_budget_bytes, kv_format, config.num_layers, block_size,
                                            config.num_kv_heads, config.head_dim, kv_group_size)
@@ -87,7 +86,7 @@ class ModelRunner:
         kv_cache = KVCache.create(kv_format, config.num_layers, num_blocks, block_size, config.num_kv_heads,
                                   config.head_dim, device, hadamard=kv_hadamard, group_size=kv_group_size)
         if kv_cache.needs_key_basis:
-            from quantize.source import load_tokenizer
+            from athena_runtime.format.source import load_tokenizer
 
             windows = calibration_windows(load_tokenizer(path), max_model_len or config.max_position_embeddings)
             kv_cache.set_key_basis(calibrate_key_basis(model, config, windows, device, dtype))

@@ -47,9 +47,9 @@ def runtime_perplexity(runner, ids: torch.Tensor, seqlen: int, max_tokens: int |
 def eval_ppl_runtime(model_path: str | Path, data: list[str], seqlen: int, max_tokens: int | None, kv_cache: str,
                      kv_hadamard: bool = False, device=None) -> dict:
     from athena_runtime.model_runner import ModelRunner
-    from quantize import checkpoint
-    from quantize.calibration import read_text_files, tokenize_text
-    from quantize.source import load_tokenizer
+    from athena_runtime.format import checkpoint
+    from athena_runtime.format.text import read_text_files, tokenize_text
+    from athena_runtime.format.source import load_tokenizer
 
     path = Path(model_path)
     block_size = 16

@@ -14,18 +14,19 @@ is logged once at INFO, and a CUDA layer that does not get its class's first cho
 from __future__ import annotations
 
 import bisect
-import math
 import logging
-import os
 
 import torch
 from torch import nn
 
+from athena_runtime.format.bits import unpack_bits
+from athena_runtime.format.environment import Environment
+from athena_runtime.format.layers import read_athena_tensors
 from athena_runtime.kernels import layout, nvrtc
 from athena_runtime.kernels.backends import NAMES, registry, token_classes
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_reference import interpreting, pq_matmul_reference
-from athena_runtime.row_scale import read_row_scale, row_scale_epilogue
+from athena_runtime.row_scale import row_scale_epilogue
 
 log = logging.getLogger(__name__)
 
@@ -65,54 +66,22 @@ class PQLinear(nn.Module):
         """Build from the checkpoint tensors `prefix.indices`, `prefix.codebook`, ... (FORMAT.md) and the
         layer's athena.json entry `meta` = {"method": "athena", "shape": [N, M], "d", "n", "k",
         "codebook_bits", "rank"}. Raises ValueError naming the tensor or field that does not fit."""
-        geo, codebook_bits, rank = _check_meta(prefix, meta)
+        s = read_athena_tensors(prefix, tensors, meta)
+        geo = PQGeometry(*s.shape, s.d, s.n, s.k)
         device = torch.device(device)
-
-        def get(field, dt, shape, required=True):
-            key = f"{prefix}.{field}"
-            if key not in tensors:
-                if required:
-                    raise ValueError(f"{key}: missing (layer {prefix} is athena {list(shape)})")
-                return None
-            t = tensors[key]
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{key}: not a tensor")
-            if t.dtype != dt or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{key}: expected {dt} {list(shape)}, got {t.dtype} {list(t.shape)}")
-            return t
-
-        packed = get("indices", torch.uint8, (geo.N, geo.packed_bytes_per_row))
-        cb_shape = (geo.Nb, geo.G, geo.n, geo.d)
-        if codebook_bits == 8:
-            cb = get("codebook", torch.uint8, cb_shape)
-            scale = get("codebook_scale", torch.float16, (geo.Nb, geo.G, geo.d))
-            cmin = get("codebook_min", torch.float16, (geo.Nb, geo.G, geo.d))
-        else:
-            cb = get("codebook", torch.float16, cb_shape)
-            scale = cmin = None
-            for field in ("codebook_scale", "codebook_min"):
-                if f"{prefix}.{field}" in tensors:
-                    raise ValueError(f"{prefix}.{field}: unexpected with codebook_bits 16")
-        if rank > 0:
-            A = get("lowrank_a", torch.float16, (geo.N, rank))
-            B = get("lowrank_b", torch.float16, (rank, geo.M))
-        else:
-            A = B = None
-            for field in ("lowrank_a", "lowrank_b"):
-                if f"{prefix}.{field}" in tensors:
-                    raise ValueError(f"{prefix}.{field}: present but the layer's rank is 0")
-        bias = get("bias", torch.float16, (geo.N,), required=False)
-        row_scale = read_row_scale(prefix, tensors, meta, geo.N)
-
-        indices = layout.unpack_bits(packed.to(device), geo.G, geo.bits)  # [N, G]
+        try:
+            indices = unpack_bits(s.indices.to(device), geo.bits, geo.G)  # [N, G]
+        except ValueError as e:
+            raise ValueError(f"tensor {prefix}.indices: {e}") from None
         qweight = layout.pack_words(indices, geo)
         del indices
-        C = layout.dequantize_codebook(cb.to(device), scale.to(device) if scale is not None else None,
+        scale, cmin = s.codebook_scale, s.codebook_min
+        C = layout.dequantize_codebook(s.codebook.to(device), scale.to(device) if scale is not None else None,
                                        cmin.to(device) if cmin is not None else None, dtype=dtype)
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
-        A, B = pad_lowrank(opt(A), opt(B))
-        return cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path, opt(row_scale))
+        A, B = pad_lowrank(opt(s.lowrank_a), opt(s.lowrank_b))
+        return cls(geo, qweight, codebook, A, B, opt(s.bias), s.codebook_bits, path, opt(s.row_scale))
 
     @classmethod
     def concat(cls, parts: list["PQLinear"], max_pad: float = 0.125) -> tuple["PQLinear", list[int]] | None:
@@ -193,7 +162,7 @@ class PQLinear(nn.Module):
     def bind(self) -> list[str]:
         """Resolve the backend of every token class (once; again only if the forced path changes) and return their
         names, smallest class first. CUDA kernels are compiled here (NVRTC, cached on disk)."""
-        forced = self.path or os.environ.get(PATH_ENV) or None
+        forced = self.path or Environment.read().pq_path
         if self._bound is not None and self._bound[0] == forced:
             return [name for name, _ in self._bound[2]]
         reg = registry(self.qweight.device)
@@ -303,28 +272,3 @@ def pad_lowrank(A: torch.Tensor | None, B: torch.Tensor | None, align: int = LOW
     pad = align - A.shape[1] % align
     return torch.nn.functional.pad(A, (0, pad)), torch.nn.functional.pad(B, (0, 0, 0, pad))
 
-
-def _check_meta(prefix: str, meta: dict) -> tuple[PQGeometry, int, int]:
-    if not isinstance(meta, dict):
-        raise ValueError(f"{prefix}: layer meta must be a dict, got {type(meta).__name__}")
-    if meta.get("method") != "athena":
-        raise ValueError(f"{prefix}: method must be 'athena', got {meta.get('method')!r}")
-    shape = meta.get("shape")
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
-        raise ValueError(f"{prefix}: shape must be [N, M] of positive ints, got {shape!r}")
-    fields = {}
-    for name in ("d", "n", "k", "codebook_bits", "rank"):
-        v = meta.get(name, 0 if name == "rank" else None)
-        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "rank" else 1):
-            raise ValueError(f"{prefix}: {name} must be a {'non-negative' if name == 'rank' else 'positive'} int, got {v!r}")
-        fields[name] = v
-    if fields["codebook_bits"] not in (8, 16):
-        raise ValueError(f"{prefix}: codebook_bits must be 8 or 16, got {fields['codebook_bits']}")
-    n = fields["n"]
-    if n < 2 or n & (n - 1) or n > 1 << 16:
-        raise ValueError(f"{prefix}: n must be a power of two in 2..65536, got {n}")
-    if fields["rank"] > min(shape):
-        raise ValueError(f"{prefix}: rank {fields['rank']} exceeds min(N, M) = {min(shape)}")
-    geo = PQGeometry(shape[0], shape[1], fields["d"], n, fields["k"])
-    assert geo.G == math.ceil(shape[1] / fields["d"])
-    return geo, fields["codebook_bits"], fields["rank"]

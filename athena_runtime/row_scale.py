@@ -1,4 +1,5 @@
-"""Per-output-row scales of an Athena layer (FORMAT.md version 2): reading them, and the epilogue that applies them.
+"""Per-output-row scales of an Athena layer (FORMAT.md version 2; read and checked in athena_runtime.format.layers):
+the epilogue that applies them.
 
     y = s ⊙ (x Ŵᵀ + (x Bᵀ) Aᵀ) + bias        s fp16 [N]
 
@@ -11,24 +12,6 @@ from __future__ import annotations
 import torch
 
 from athena_runtime.kernels.fused_ops import silu_mul
-
-
-def read_row_scale(prefix: str, tensors: dict, meta: dict, N: int) -> torch.Tensor | None:
-    """`prefix.row_scale` fp16 [N] when the layer's athena.json entry says `"row_scale": true`, else None."""
-    flag = meta.get("row_scale", False)
-    if not isinstance(flag, bool):
-        raise ValueError(f"{prefix}: row_scale must be true or false, got {flag!r}")
-    key = f"{prefix}.row_scale"
-    if not flag:
-        if key in tensors:
-            raise ValueError(f"{key}: present but the layer's athena.json entry has no row_scale")
-        return None
-    t = tensors.get(key)
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{key}: missing (the layer's athena.json entry says row_scale)")
-    if t.dtype != torch.float16 or tuple(t.shape) != (N,):
-        raise ValueError(f"{key}: expected torch.float16 [{N}], got {t.dtype} {list(t.shape)}")
-    return t
 
 
 def row_scale_epilogue(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -160,8 +160,8 @@ def run(args, dev, log) -> list[dict]:
                                                                 num_splits=splits).float()
                                 row["max_err"] = float((got - want).abs().max())
                                 row["nan"] = bool(torch.isnan(got).any())
-                                calls = [lambda t=t, c=cache, n=splits: pa.paged_attention_decode(
-                                    q, c, 0, t, seq_lens, qsl, sm_scale, num_splits=n) for t in tables]
+                                calls = [lambda t=t, c=cache, n=splits, q=q, sl=seq_lens, qs=qsl: pa.paged_attention_decode(
+                                    q, c, 0, t, sl, qs, sm_scale, num_splits=n) for t in tables]
                                 row["us"] = time_calls(calls, not args.no_graph)
                                 row["gb_s"] = batch * context * token_bytes / (row["us"] * 1e-6) / 1e9
                             except Exception as ex:  # noqa: BLE001 - report it in the table, go on

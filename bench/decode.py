@@ -47,7 +47,10 @@ def copy_bandwidth(device) -> float:
     times = []
     for _ in range(25):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); y.copy_(x); e.record(); torch.cuda.synchronize()
+        s.record()
+        y.copy_(x)
+        e.record()
+        torch.cuda.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     return 2 * x.numel() / statistics.median(times[5:])
 
@@ -133,7 +136,7 @@ def random_runner(cfg: dict, device, context: int, kv_format: str, dense: bool, 
     """A ModelRunner over a random model of `cfg` built in memory on `device` (bench.random_checkpoint's tensors,
     made as the loader asks for them): athena layers with the default recipe, or fp16 linears with `dense`.
     The KV cache is not calibrated (an int4 cache keeps the identity basis: the same work per token)."""
-    from athena_runtime.config import ModelConfig
+    from athena_runtime.format.config import ModelConfig
     from athena_runtime.kv_cache import KVCache
     from athena_runtime.loader import build_model
     from athena_runtime.model_runner import ModelRunner
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--family", default=None,
                     help="comma-separated shapes of bench.random_checkpoint.FAMILIES (llama2-7b, llama3-8b, qwen2.5-7b, "
-                         "mistral-7b, gemma3-12b; tiny-llama, tiny-gemma3 for CPU tests) or 'all': random models built in memory on the device, "
+                         "mistral-7b, gemma3-12b; tiny-llama, tiny-gemma3 for CPU tests) or 'all': random models built in memory "
+                         "on the device, "
                          "their rates against llama2-7b's per byte read (include llama2-7b for that column)")
     ap.add_argument("--paths", default="pq", help="with --family: pq and/or fp16 (comma-separated)")
     ap.add_argument("--rounds", type=int, default=2, help="with --family: decode runs per model (median)")
@@ -269,7 +273,7 @@ def main(argv=None) -> int:
     # --- our fp16 path: same model, dense fp16 weights (built in memory, random)
     from athena_runtime.kv_cache import KVCache
     from athena_runtime.loader import LinearBuilder, _materialize
-    from athena_runtime.config import ModelConfig
+    from athena_runtime.format.config import ModelConfig
     from athena_runtime.model import CausalLM
 
     mc = ModelConfig.from_hf_config(cfg)

@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     print(f"{'KV':5s} {'streams':>7s} {'tok/s':>9s} {'x 1 stream':>10s} {'ms/token':>9s} {'errors':>6s}")
     for fmt, f in result["formats"].items():
         for r in f["rows"]:
-            print(f"{fmt:5s} {r['streams']:7d} {r['tok_s']:9.1f} {r['speedup_vs_1']:10.1f} {r['per_token_ms']:9.1f} {r['errors']:6d}")
+            print(f"{fmt:5s} {r['streams']:7d} {r['tok_s']:9.1f} {r['speedup_vs_1']:10.1f} "
+                  f"{r['per_token_ms']:9.1f} {r['errors']:6d}")
     for fmt, f in result["formats"].items():
         print(f"{fmt}: {f['kv_bytes_per_token']} KV bytes/token; {f['max_2k_seqs_in_24gb']} concurrent 2K-token "
               f"sequences in 24 GB next to {f['weights_gb']:.2f} GB of weights")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention diag xfer chat-default chat decode families engine serve serve-gap serve-schema quantize7b peers breakdown
-# (issue 18, the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
+#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine serve serve-gap serve-schema quantize7b peers breakdown
+# (the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT" /tmp/w
@@ -16,9 +16,7 @@ need_ckpt() { [ -f $ckpt/athena.json ] || python3 -m bench.random_checkpoint --o
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    tests) timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_paged_attention.py tests/test_kv_cache.py \
-             tests/test_model_runner.py tests/test_model.py tests/test_pq_linear.py tests/test_pq_kernels.py tests/test_pq_cuda_dequant.py \
-             tests/test_split_linear.py tests/test_fused_ops.py tests/test_kv_write.py tests/test_pq_frag.py tests/test_pq_cuda_fold.py -rfE 2>&1 > $OUT/gpu_tests_full.txt
+    tests) timeout 450 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rfE 2>&1 > $OUT/gpu_tests_full.txt  # @pytest.mark.gpu
            grep -E "^(FAILED|ERROR)|passed|failed" $OUT/gpu_tests_full.txt | tail -25 ;;
     build) timeout 200 python3 -m bench.nvrtc_first_use 2>&1 | tail -8 ;;  # NVRTC, in parallel; cached
     gap) prev=; [ -f .prev/athena_runtime/kernels/cuda/lut.cu ] && prev="--prev .prev/athena_runtime/kernels/cuda"
@@ -43,7 +41,6 @@ for stage in "$@"; do
     attention) timeout 240 python3 -m bench.attention --formats fp16,int4 --json > $OUT/attention.txt 2>&1; tail -12 $OUT/attention.txt ;;
     prefillhost) timeout 300 python3 -m bench.diag.prefill_host --rounds ${ROUNDS:-3} --profile $OUT/prefill_profile.txt 2>&1 \
              | tee $OUT/prefill_host.txt ;;
-    diag) timeout 240 python3 -m bench.diag.attn_matrix 2>&1 | tail -6 ;;
     families)  # batch-1 decode at the five 7B-class shapes, random weights built on the GPU (no files)
        timeout 500 python3 -m bench.decode --family llama2-7b,llama3-8b,qwen2.5-7b,mistral-7b,gemma3-12b --paths pq \
          --json 2>$OUT/families.err | tee $OUT/families.txt | tail -9

@@ -529,7 +529,8 @@ def summarize(checks, timings, copy_gbs, meta):
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in timings:
         if "us" not in r:
-            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r.get('lowrank')} | ERROR {r.get('error', '')} |||||")
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r.get('lowrank')} "
+                         f"| ERROR {r.get('error', '')} |||||")
             continue
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r['lowrank']} | {r['us']:.1f} "
                      f"| {r.get('speedup', float('nan')):.2f} | {r['gbs']:.0f} | {r['pct_copy_bw'] or float('nan'):.0f} "
@@ -549,7 +550,8 @@ def short_table(checks, timings):
         if "us" not in r or r["variant"] == "cublas":
             continue
         out.append(f"{r['T']:<5d} {r['shape'][0]:>5d}x{r['shape'][1]:<6d} {r['variant']:22s} {str(r['lowrank'])[0]} "
-                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['gbs']:7.0f} {r['pct_copy_bw'] or float('nan'):7.0f} "
+                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['gbs']:7.0f} "
+                   f"{r['pct_copy_bw'] or float('nan'):7.0f} "
                    f"{r.get('graph_us', float('nan')):9.1f} {r.get('graph_speedup', float('nan')):7.2f}")
     cub = [r for r in timings if r["variant"] == "cublas" and "us" in r]
     out.append("cuBLAS fp16 us: " + " ".join(f"{r['shape'][0]}x{r['shape'][1]}@{r['T']}={r['us']:.1f}"

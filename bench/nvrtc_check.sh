@@ -65,7 +65,7 @@ def tok(p):
     return {}
 fu = [l for l in (out / "first_use.txt").read_text().splitlines() if l.startswith("{")] if (out / "first_use.txt").exists() else []
 fu = json.loads(fu[-1]) if fu else {}
-print("\n==== issue 18: CUDA kernels without the toolkit (NVRTC) vs the toolkit build of 0dc087f ====")
+print("\n==== CUDA kernels without the toolkit (NVRTC) vs the toolkit build of 0dc087f ====")
 print(open(out / "hidden_env.txt").read().strip())
 print(f"first use (NVRTC, empty cache): {fu.get('first_use_s')} s for 4 7B shapes; {fu.get('compiled')} cubins; again {fu.get('again_s')} s")
 t = (out / "gpu_tests.txt").read_text().splitlines() if (out / "gpu_tests.txt").exists() else []

@@ -71,14 +71,15 @@ def variants(prev: Path | None, nvcc: str | None) -> list[Variant]:
     return out
 
 
-def nvcc_cubin(nvcc: str, source_dir: Path, file: str, name: str, arch: str, defines: dict, workdir: Path) -> bytes:
+def nvcc_cubin(nvcc: str, source_dir: Path, file: str, name: str, arch: str, defines: dict, workdir: Path,
+               include: tuple[str, ...] = ()) -> bytes:
     """`name` of cuda/`file` compiled by nvcc to a cubin for `arch` (sm_90): one translation unit that includes the
     file and takes the instance's address (which instantiates it)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(f"{source_dir}|{file}|{name}|{arch}|{sorted(defines.items())}".encode()).hexdigest()[:16]
     src, out = workdir / f"inst_{tag}.cu", workdir / f"inst_{tag}.cubin"
     src.write_text(f'#include "{file}"\nstatic auto* athena_instance = &{name};\n')
-    inc = [f"-I{source_dir}"] + [f"-I{d}" for d in os.environ.get("ATHENA_NVCC_INCLUDE", "").split(":") if d]
+    inc = [f"-I{source_dir}"] + [f"-I{d}" for d in include]
     cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "-std=c++17", *TORCH_NVCC_FLAGS, *inc,
            *(f"-D{k}={v}" for k, v in sorted(defines.items())), "-diag-suppress=177", "-o", str(out), str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -90,8 +91,8 @@ def nvcc_cubin(nvcc: str, source_dir: Path, file: str, name: str, arch: str, def
 class Builds:
     """The cubin of each (variant, template instance), built once: (image, lowered name)."""
 
-    def __init__(self, arch: str, nvcc: str | None, workdir: Path):
-        self.arch, self.nvcc, self.workdir = arch, nvcc, workdir
+    def __init__(self, arch: str, nvcc: str | None, workdir: Path, nvcc_include: tuple[str, ...] = ()):
+        self.arch, self.nvcc, self.workdir, self.nvcc_include = arch, nvcc, workdir, nvcc_include
         self.tc = dataclasses.replace(nvrtc.toolchain(), cache_dir=workdir / "nvrtc_cache")
         self._done: dict = {}
 
@@ -102,7 +103,8 @@ class Builds:
             image, lowered, _ = self.tc.compile(file, name, self.arch, defines, v.options if v.compiler == "nvrtc" else (),
                                                 v.source_dir)
             if v.compiler == "nvcc":
-                image = nvcc_cubin(self.nvcc, v.source_dir, file, name, self.arch, defines, self.workdir / "nvcc")
+                image = nvcc_cubin(self.nvcc, v.source_dir, file, name, self.arch, defines, self.workdir / "nvcc",
+                                   self.nvcc_include)
             self._done[key] = (image, lowered)
         return self._done[key]
 
@@ -162,7 +164,7 @@ def kernel_times(layers: dict, dev) -> dict[str, float]:
             continue
         plans = [lut.LutPlan(*m.kernel_args(), 1, tuning=tuning, glu=glu) for m, glu in entries]
         x = torch.randn(1, entries[0][0].geo.M, device=dev, dtype=torch.float16)
-        out[shape] = time_graph(lambda p: p(x), plans, dev, replays=10)
+        out[shape] = time_graph(lambda p, x=x: p(x), plans, dev, replays=10)
     return out
 
 
@@ -272,6 +274,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--budget", type=float, default=330, help="seconds for the GPU part (stops starting decode rounds)")
     ap.add_argument("--arch", default=None, help="default: the GPU's (sm_90 with --dry-run)")
+    ap.add_argument("--nvcc-include", default="", help="extra include folders for nvcc, colon-separated (a PyPI nvcc)")
     ap.add_argument("--dry-run", action="store_true", help="build and compare the cubins only (no GPU needed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -292,7 +295,7 @@ def main(argv=None) -> int:
         v = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         res["nvcc_version"] = v[-1] if v else "?"
     work = Path(tempfile.mkdtemp(prefix="nvrtc_gap_"))
-    builds = Builds(arch, nvcc, work)
+    builds = Builds(arch, nvcc, work, tuple(d for d in args.nvcc_include.split(":") if d))
     vs = variants(args.prev, nvcc)
     seen: dict[str, str] = {}
     for v in vs:  # every variant's one-token instance, built now (CPU): identical cubins are measured once

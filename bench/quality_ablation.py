@@ -38,7 +38,7 @@ def _logprobs(model, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def cache_reference(out: Path, max_tokens: int, seqlen: int, batch: int) -> dict:
     from quantize.embedded import reference_model_path
-    from quantize.source import load_hf_model, load_tokenizer
+    from athena_runtime.format.source import load_hf_model, load_tokenizer
 
     path = reference_model_path()
     model, tok = load_hf_model(path), load_tokenizer(path)

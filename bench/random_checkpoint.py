@@ -4,7 +4,8 @@ Gemma-3-12B's text model). Written in the real format (FORMAT.md), so the runtim
 path; also writes an fp16 Hugging Face folder of the same shape for the baselines. `random_tensors` gives the
 same tensors lazily on a device instead (bench.decode builds its models that way, without a file).
 
-    python -m bench.random_checkpoint --out /tmp/llama7b [--family llama2-7b] [--fp16-out /tmp/llama7b-fp16] [--layers 32]
+    python -m bench.random_checkpoint --out /tmp/llama7b [--family llama2-7b] [--fp16-out /tmp/llama7b-fp16]
+        [--layers 32]
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def model_shapes(cfg: dict) -> tuple[dict[str, tuple[int, int, bool]], dict[str,
     lm_head counts as a dense parameter (checkpoints keep it fp16)."""
     from torch import nn
 
-    from athena_runtime.config import ModelConfig
+    from athena_runtime.format.config import ModelConfig
     from athena_runtime.model import CausalLM
 
     with torch.device("meta"):
@@ -146,7 +147,7 @@ def _dense_factory(name: str, shape: tuple[int, ...], unit_offset: bool, gen: to
 
 def _pq_factories(prefix: str, N: int, M: int, bias: bool, recipe, gen: torch.Generator, device) -> tuple[dict, dict]:
     """Random packed tensors of one athena layer (FORMAT.md) and its athena.json entry."""
-    from quantize.pack import packed_width
+    from athena_runtime.format.bits import packed_width
 
     d, n, k = recipe.d, recipe.n, recipe.k
     G, Nb, r, b = -(-M // d), -(-N // k), recipe.rank(N, M), recipe.index_bits

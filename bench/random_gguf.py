@@ -94,7 +94,7 @@ def write_gguf(path: Path, cfg: dict, device: torch.device, seed: int = 0, log=N
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     g = torch.Generator(device=device).manual_seed(seed)
-    for name, (shape, kind) in shapes.items():
+    for shape, kind in shapes.values():
         if kind == "f32":  # RMSNorm weights: near 1
             arr = (1 + 0.02 * torch.randn(shape, generator=g, device=device)).float().cpu().numpy()
         else:

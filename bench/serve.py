@@ -42,6 +42,8 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm import tqdm
 
+from athena_runtime.format.environment import Environment
+
 from bench.serve_client import Target, list_models, stream_request, v1_base
 from bench.serve_metrics import LevelSummary, RequestRecord, summarize
 from bench.serve_prompts import Prompt, dataset_prompts, random_prompts
@@ -197,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(argv: list[str] | None) -> ServeBenchSettings:
     ap = build_parser()
     ns = ap.parse_args(argv)
-    if ns.api_key is None and os.environ.get("ATHENA_API_KEY"):
-        ns.api_key = os.environ["ATHENA_API_KEY"]
+    if ns.api_key is None:
+        ns.api_key = Environment.read().api_key
     try:
         return ServeBenchSettings(**vars(ns))
     except ValueError as exc:

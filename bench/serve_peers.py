@@ -88,7 +88,8 @@ def find_or_build_llama_server(binary: str | None, src: str | None, build_dir: P
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp = _llama_source(src, build_dir, log)
     out = cpp.parent / "build"
-    log(f"building llama-server (CPU) in {out}: cmake + `cmake --build --target llama-server -j2` (tens of minutes on 2 cores)")
+    log(f"building llama-server (CPU) in {out}: cmake + `cmake --build --target llama-server -j2` "
+        "(tens of minutes on 2 cores)")
     subprocess.run(["cmake", "-S", str(cpp), "-B", str(out), *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(out), "--target", "llama-server", "-j2"], check=True)
     return out / "bin" / "llama-server"

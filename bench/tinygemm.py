@@ -110,7 +110,10 @@ class _Timer:
         for _ in range(self.reps + 2):
             if self.graph is not None:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); self.graph.replay(); b.record(); b.synchronize()
+                a.record()
+                self.graph.replay()
+                b.record()
+                b.synchronize()
                 times.append(a.elapsed_time(b) / 1e3)
             else:
                 t0 = time.perf_counter()

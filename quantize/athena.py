@@ -1,4 +1,4 @@
-"""The Athena quantizer (DESIGN.md §1): Hessian-metric k-means codebooks with GPTQ-style error feedback.
+"""The Athena quantizer (docs/ARCHITECTURE.md §3): Hessian-metric k-means codebooks with GPTQ-style error feedback.
 
 Notation: W [N, M], calibration Hessian H [M, M]; recipe (d, n, k). Inverse Hessian H⁻¹ = Uᵀ U
 with U upper triangular (GPTQ). Column group Q = columns d·j .. d·j+d-1, F = the columns after it.
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .hessian import inverse_cholesky_upper, proxy_loss
 from .kmeans import assign, gather_points, kmeans, kmeans_pp_seed_indices
-from .qlayers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
+from athena_runtime.format.layers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
 from .recipe import AthenaRecipe
 
 
@@ -141,7 +141,7 @@ class _Workspace:
 
 
 class _GroupSteps:
-    """Steps 1-3 of DESIGN.md §1 for the column groups of one lazy block, on a _Workspace."""
+    """Steps 1-3 above for the column groups of one lazy block, on a _Workspace."""
 
     def __init__(self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool,
                  row_mask: Tensor | None = None) -> None:

@@ -1,10 +1,9 @@
-"""`athena quantize` and `athena eval ppl`: flags map 1:1 onto QuantizeJob / recipe fields."""
+"""`athena quantize`: flags map 1:1 onto QuantizeJob / recipe fields."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,22 +49,10 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="evaluate a model")
-    esub = e.add_subparsers(dest="eval_command", metavar="WHAT")
-    p = esub.add_parser("ppl", help="perplexity on held-out text")
-    p.add_argument("model", nargs="?", help="source model or compressed checkpoint (default: the embedded compressed model)")
-    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="held-out text files (.txt or .jsonl)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-    p.add_argument("--kv-cache", choices=("none", "fp16", "int8", "int4"), default="none",
-                   help="evaluate through the Athena runtime with this paged KV-cache format (default: none = reference model)")
-    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
-    p.set_defaults(func=cmd_eval_ppl)
-
 
 def cmd_quantize(args) -> int:
     from quantize.calibration import CalibConfig
-    from quantize.checkpoint import read_meta
+    from athena_runtime.format.checkpoint import read_meta
     from quantize.driver import QuantizeJob, run
     from quantize.embedded import default_model_path, embedded_gguf_path
     from quantize.recipe import AthenaRecipe, ScalarRecipe
@@ -113,28 +100,4 @@ def cmd_quantize(args) -> int:
     else:
         print(f"wrote {out}: {summary['bits_per_weight']:.3f} bits/weight (linear layers), "
               f"{summary['bits_per_weight_file']:.3f} (whole file), {summary['seconds']:.1f} s")
-    return 0
-
-
-def cmd_eval_ppl(args) -> int:
-    from quantize.embedded import resolve_model_arg
-
-    if getattr(args, "eval_command", None) != "ppl":
-        print("usage: athena eval ppl [MODEL] --data FILE...", file=sys.stderr)
-        return 2
-    model = resolve_model_arg(args.model)
-    if args.kv_cache != "none":
-        from athena_runtime.perplexity import eval_ppl_runtime
-
-        result = eval_ppl_runtime(model, args.data, args.seqlen, args.max_tokens, args.kv_cache)
-    else:
-        from quantize.evaluate import eval_ppl
-
-        result = eval_ppl(model, args.data, args.seqlen, args.max_tokens)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        bpw = result["bits_per_weight"]
-        print(f"{result['model']}: perplexity {result['ppl']:.4f} over {result['tokens']} tokens"
-              + (f" at {bpw:.3f} bits/weight" if bpw else ""))
     return 0

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from quantize import checkpoint
+from athena_runtime.format import checkpoint
 from quantize.allocate import BitBudget
 from quantize.athena import quantize_athena
 from quantize.calibration import CalibConfig, calibration_batch
 from quantize.gptq import quantize_gptq
 from quantize.hessian import HessianAccumulator
-from quantize.qlayers import layer_from_tensors
+from athena_runtime.format.layers import layer_from_tensors
 from quantize.recipe import AthenaRecipe, ScalarRecipe
 from quantize.rtn import quantize_rtn
-from quantize.source import load_hf_model, load_tokenizer, resolve_source
+from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from quantize.source import cache_dir, resolve_source
+from athena_runtime.format.source import cache_dir, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _lock(name: str):
 
 def default_model_path() -> Path:
     """The compressed embedded default, quantized with the default job on first use and cached."""
-    from quantize import checkpoint
+    from athena_runtime.format import checkpoint
     from quantize.driver import QuantizeJob, run
 
     gguf = embedded_gguf_path()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from quantize import checkpoint
-from quantize.calibration import read_text_files, tokenize_text
-from quantize.source import load_hf_model, load_tokenizer, resolve_source
+from athena_runtime.format import checkpoint
+from athena_runtime.format.text import read_text_files, tokenize_text
+from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_compressed_as_hf(path: Path, dtype: torch.dtype = torch.float32):
     """A transformers model whose weights are the checkpoint's reference dequantization."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantize.qlayers import layer_from_tensors
+    from athena_runtime.format.layers import layer_from_tensors
 
     meta, tensors = checkpoint.read_checkpoint(path)
     config = AutoConfig.from_pretrained(str(path))

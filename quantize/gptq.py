@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .hessian import inverse_cholesky_upper, proxy_loss
-from .qlayers import ScalarLayer
+from athena_runtime.format.layers import ScalarLayer
 from .recipe import ScalarRecipe
 from .rtn import _check_weight, grid_params, quantize_to_grid
 

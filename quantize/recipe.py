@@ -16,7 +16,7 @@ def _round_half_up(x: float) -> int:
 
 @dataclass(frozen=True)
 class AthenaRecipe:
-    """Product quantization with Hessian-aware k-means codebooks (DESIGN.md §1).
+    """Product quantization with Hessian-aware k-means codebooks (docs/ARCHITECTURE.md §3).
 
     Each row of W is cut into vectors of ``d`` consecutive input columns; every block of ``k``
     rows and every column group shares one codebook of ``n`` centroids.

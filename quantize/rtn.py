@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .hessian import proxy_loss
-from .qlayers import ScalarLayer
+from athena_runtime.format.layers import ScalarLayer
 from .recipe import ScalarRecipe
 
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from athena_runtime.generation_defaults import describe
+from athena_runtime.format.generation_defaults import describe
 from server import errors
 from server.chat_page import install_chat_page
 from server.metrics import RequestCountMiddleware, ServerMetrics

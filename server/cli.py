@@ -14,8 +14,9 @@ import sys
 
 # (module, sub-commands it registers) — listed here so `athena --help` works without importing torch.
 _COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "quantize.cli": ("quantize", "eval"),
-    "athena_runtime.chat_cli": ("chat",),
+    "quantize.cli": ("quantize",),
+    "server.eval_cli": ("eval",),
+    "server.chat_cli": ("chat",),
     "server.serve_cli": ("serve",),
     "bench.cli": ("bench",),
 }

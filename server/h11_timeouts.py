@@ -53,5 +53,5 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         self._header_deadline = None
         if not self.transport.is_closing():
             log.debug("closing a connection from %s: no complete request headers within %.1f s",
-                     "%s:%d" % self.client if self.client else "?", self.header_timeout_s)
+                     f"{self.client[0]}:{self.client[1]}" if self.client else "?", self.header_timeout_s)
             self.transport.close()

@@ -1,29 +1,38 @@
 """Server settings: one pydantic-settings class, read from `ATHENA_*` environment variables and
 overridden field by field by `athena serve` flags (serve_cli.py builds one flag per field).
 
-Engine fields left at None take the engine's own default (athena_runtime/engine_settings.py).
+The engine's fields are not declared here: `ServerSettings` is built from `EngineSettings`' fields (their types, help
+texts and lower bounds, athena_runtime/engine_settings.py), each optional; one left at None takes the engine's default.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import dataclasses
+import typing
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from athena_runtime.generation_defaults import parse_overrides
+from athena_runtime.engine_settings import EngineSettings
+from athena_runtime.format.generation_defaults import parse_overrides
 
-if TYPE_CHECKING:
-    from athena_runtime.engine_settings import EngineSettings
-
-# ServerSettings fields forwarded to EngineSettings under the same name.
-ENGINE_FIELDS: tuple[str, ...] = (
-    "kv_cache", "kv_hadamard", "block_size", "max_num_seqs", "max_model_len",
-    "max_num_batched_tokens", "prefill_chunk_tokens", "kv_budget_bytes", "num_blocks", "max_queue", "device",
-    "use_cuda_graphs", "prefix_cache",
-)
+# ServerSettings fields forwarded to EngineSettings under the same name: all of EngineSettings'.
+ENGINE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineSettings))
 
 
-class ServerSettings(BaseSettings):
+def _engine_fields() -> dict[str, Any]:
+    """pydantic fields for EngineSettings' fields: the same type or None (None: the engine's default)."""
+    hints = typing.get_type_hints(EngineSettings)
+    fields = {}
+    for f in dataclasses.fields(EngineSettings):
+        bound = {} if f.metadata.get("ge") is None else {"ge": f.metadata["ge"]}
+        fields[f.name] = (hints[f.name] | None, Field(None, description=f.metadata["help"], **bound))
+    return fields
+
+
+class _ServerOwnSettings(BaseSettings):
+    """The server's own fields; `ServerSettings` adds the engine's."""
+
     model_config = SettingsConfigDict(env_prefix="ATHENA_", extra="ignore", frozen=True)
 
     # What to serve and where.
@@ -35,25 +44,6 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind")
     api_key: SecretStr | None = Field(
         None, description="require 'Authorization: Bearer KEY' on /v1 routes (prefer ATHENA_API_KEY: flags show in ps)")
-
-    # Engine (None: the engine's default).
-    kv_cache: Literal["fp16", "int8", "int4"] | None = Field(None, description="KV cache format")
-    kv_hadamard: bool | None = Field(None, description="Hadamard-rotate K and V before quantizing (int4 always does)")
-    block_size: int | None = Field(None, ge=1, description="tokens per KV block")
-    max_num_seqs: int | None = Field(None, ge=1, description="requests decoded together in one batch")
-    max_model_len: int | None = Field(None, ge=1, description="prompt + completion token limit (default: the model's)")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens fed to the model per step")
-    prefill_chunk_tokens: int | None = Field(
-        None, ge=1, description="prompt tokens per step while requests decode: a long prompt delays their streams by "
-                                "one such chunk a step (default: 128 on CPU, 512 on CUDA)")
-    kv_budget_bytes: int | None = Field(None, ge=1, description="bytes for the KV cache")
-    num_blocks: int | None = Field(None, ge=1, description="KV blocks (overrides --kv-budget-bytes)")
-    max_queue: int | None = Field(None, ge=0, description="waiting requests before new ones get 429")
-    device: str | None = Field(None, description="torch device (default: cuda if available, else cpu)")
-    use_cuda_graphs: bool | None = Field(None, description="replay decode steps as CUDA graphs")
-    prefix_cache: bool | None = Field(
-        None, description="reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, "
-                          "earlier turns of a chat); --no-prefix-cache turns it off")
 
     # Sampling defaults (for the fields a request leaves out).
     generation_config: Literal["auto", "none"] = Field(
@@ -102,8 +92,10 @@ class ServerSettings(BaseSettings):
             given.update(parse_overrides(self.override_generation_config))
         return given
 
-    def engine_settings(self) -> "EngineSettings":
-        from athena_runtime.engine_settings import EngineSettings
-
+    def engine_settings(self) -> EngineSettings:
         given = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
         return EngineSettings(**given)
+
+
+ServerSettings = create_model("ServerSettings", __base__=_ServerOwnSettings, __module__=__name__, **_engine_fields())
+ServerSettings.__doc__ = "Everything `athena serve` takes: the server's own settings and the engine's (all optional)."

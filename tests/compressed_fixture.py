@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from quantize import checkpoint
-from quantize.qlayers import AthenaLayer, ScalarLayer, quantize_codebook_uint8
+from athena_runtime.format import checkpoint
+from athena_runtime.format.layers import AthenaLayer, ScalarLayer, quantize_codebook_uint8
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -7,7 +7,8 @@ CUDA features the kernels use: one std::thread per CUDA thread, CTAs one after a
 `phases` keep groups of CTAs that later ones wait for in front), `__syncthreads` a std::barrier of the
 CTA, `__shfl_xor_sync` an exchange through the CTA (valid where every thread of the CTA calls it at the
 same point), `mma.sync` m16n8k16 by the same kind of exchange (`emulated_mma16816`), fp16 on `_Float16`,
-`__ldg` / `__ldcs` / `__ldcg` plain loads, atomics from the compiler's builtins, `__byte_perm` in software, one static buffer for the (dynamic) shared memory. It checks
+`__ldg` / `__ldcs` / `__ldcg` plain loads, atomics from the compiler's builtins, `__byte_perm` in software, one
+static buffer for the (dynamic) shared memory. It checks
 indexing, bounds and edge handling, not timing, and not what differs on a GPU (memory ordering between
 CTAs, alignment faults, fp16 rounding inside fused operations). Slow: a few seconds per launch of a few
 hundred CTAs.
@@ -70,7 +71,8 @@ inline __half2 __floats2half2_rn(float a, float b) { return {(__half)a, (__half)
 inline __half2 __half2half2(__half h) { return {h, h}; }
 inline float2 __half22float2(__half2 h) { return {(float)h.x, (float)h.y}; }
 inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
-    return {(__half)__builtin_fmaf((float)a.x, (float)b.x, (float)c.x), (__half)__builtin_fmaf((float)a.y, (float)b.y, (float)c.y)};
+    return {(__half)__builtin_fmaf((float)a.x, (float)b.x, (float)c.x),
+            (__half)__builtin_fmaf((float)a.y, (float)b.y, (float)c.y)};
 }
 inline __half __hmul(__half a, __half b) { return (__half)((float)a * (float)b); }
 inline float __expf(float x) { return __builtin_expf(x); }
@@ -109,7 +111,9 @@ inline void emulated_mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t
     const uint32_t* w = mma_buf + 6 * (threadIdx.x & ~31u);
     // A [16 x 16] row-major: a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..); B [16 x 8]:
     // b0 (2t.., g), b1 (2t + 8.., g); lane = 4 g + t, the lower half holds the lower index
-    auto A = [&](int r, int k) { return half_bits(w[6 * (4 * (r % 8) + (k % 8) / 2) + (r >= 8) + 2 * (k >= 8)], k & 1); };
+    auto A = [&](int r, int k) {
+        return half_bits(w[6 * (4 * (r % 8) + (k % 8) / 2) + (r >= 8) + 2 * (k >= 8)], k & 1);
+    };
     auto B = [&](int k, int n) { return half_bits(w[6 * (4 * n + (k % 8) / 2) + 4 + (k >= 8)], k & 1); };
     const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     for (int i = 0; i < 4; ++i) {

@@ -14,7 +14,7 @@ from quantize.calibration import CalibConfig
 from quantize.driver import QuantizeJob, run
 from quantize.recipe import AthenaRecipe
 from quantize.sensitivity import fisher_traces, kmeans_mse
-from quantize.source import load_hf_model
+from athena_runtime.format.source import load_hf_model
 from tiny_models import make_tiny_model, write_text
 
 R = AthenaRecipe()

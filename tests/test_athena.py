@@ -5,7 +5,7 @@ import torch
 
 from quantize.athena import quantize_athena
 from quantize.hessian import HessianAccumulator, prepare_hessian
-from quantize.qlayers import AthenaLayer, layer_from_tensors
+from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from quantize.recipe import AthenaRecipe
 
 
@@ -136,7 +136,7 @@ def test_storage_round_trip_and_bits(codebook_bits, lowrank):
 
 
 def test_bits_formula_matches_design_examples():
-    # 16 n / k + log2(n) / d for fp16 codebooks (DESIGN.md §1)
+    # 16 n / k + log2(n) / d for fp16 codebooks (docs/ARCHITECTURE.md §3)
     for (d, n, k), bits in [((2, 64, 1024), 4.0), ((2, 64, 4096), 3.25), ((3, 64, 4096), 2.25)]:
         r = AthenaRecipe(d=d, n=n, k=k, codebook_bits=16, lowrank=0)
         assert r.bits_estimate(8192, 4096 - (4096 % d)) == pytest.approx(bits, abs=2e-3)
@@ -231,6 +231,7 @@ def test_refuses_bad_input():
             AthenaRecipe(**bad)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_matches_eager_on_gpu():
     M = 600  # 4 full lazy blocks of 128 columns (graph replays) and a partial one (eager)

@@ -157,10 +157,13 @@ def test_breakdown_matches_replays_and_accounts_gaps():
     events = []
     t = 0.0
     for _ in range(3):  # each step: an input copy, the 5 graph kernels with 1 us gaps, then argmax
-        events.append(_ev("Memcpy HtoD (Pageable -> Device)", t, 2)); t += 10
+        events.append(_ev("Memcpy HtoD (Pageable -> Device)", t, 2))
+        t += 10
         for name, _ in seq:
-            events.append(_ev(name, t, 4)); t += 5
-        events.append(_ev("argmax_kernel", t, 3)); t += 50
+            events.append(_ev(name, t, 4))
+            t += 5
+        events.append(_ev("argmax_kernel", t, 3))
+        t += 50
     res = breakdown(events, seq, 3, wall_us_per_step=100.0)
     assert res["steps_matched"] == 3 and res["method"].startswith("eager")
     rows = res["rows"]

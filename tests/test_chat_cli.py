@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from athena_runtime import chat_cli
+from server import chat_cli
 from athena_runtime.engine import AsyncEngine
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.sampling_params import SamplingParams

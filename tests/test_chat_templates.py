@@ -83,7 +83,7 @@ def test_fold_system_prompt():
 
 
 def test_render_chat_without_a_template_and_other_refusals(folders):
-    from quantize.source import load_tokenizer
+    from athena_runtime.format.source import load_tokenizer
 
     tok = load_tokenizer(folders["mistral"])
     with pytest.raises(jinja2.TemplateError, match="alternate"):  # no system message to blame: re-raised

@@ -9,6 +9,8 @@ from athena_runtime.kernels.fused_ops import (
     silu_mul_reference,
 )
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # fp32: identical up to summation order; fp16: one rounding of the result (values ~1)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}

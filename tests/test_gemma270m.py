@@ -26,7 +26,7 @@ def gemma():
 def _text_ids(tokenizer) -> torch.Tensor:
     from pydoc_data.topics import topics
 
-    from quantize.calibration import tokenize_text
+    from athena_runtime.format.text import tokenize_text
 
     return tokenize_text(tokenizer, "\n\n".join(topics[k] for k in sorted(topics)[20:24]))
 
@@ -37,7 +37,7 @@ def test_reference_perplexity_in_our_runtime_equals_transformers(gemma):
     from athena_runtime.model_runner import ModelRunner
     from athena_runtime.perplexity import runtime_perplexity
     from quantize.evaluate import perplexity
-    from quantize.source import load_hf_model, load_tokenizer
+    from athena_runtime.format.source import load_hf_model, load_tokenizer
 
     _, folder = gemma
     ids = _text_ids(load_tokenizer(folder))

@@ -11,10 +11,10 @@ import gguf
 import openai
 import pytest
 
-from athena_runtime import chat_cli
+from server import chat_cli
 from athena_runtime.engine import AsyncEngine
 from athena_runtime.engine_settings import EngineSettings
-from athena_runtime.generation_defaults import parse_overrides, read_generation_defaults
+from athena_runtime.format.generation_defaults import parse_overrides, read_generation_defaults
 from fake_engine import tiny_chat_tokenizer
 from fake_runner import FakeRunner
 from server.protocol import ChatCompletionRequest
@@ -110,7 +110,7 @@ def test_server_applies_the_model_defaults_to_omitted_fields():
 
 
 def test_gguf_recommended_sampling_becomes_generation_config(tmp_path, caplog):
-    from quantize.gguf_import import _sampling_defaults
+    from athena_runtime.format.gguf_import import _sampling_defaults
 
     path = tmp_path / "meta.gguf"
     w = gguf.GGUFWriter(str(path), arch="llama")

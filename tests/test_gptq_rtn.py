@@ -5,7 +5,7 @@ import torch
 
 from quantize.gptq import quantize_gptq
 from quantize.hessian import HessianAccumulator
-from quantize.qlayers import ScalarLayer, layer_from_tensors
+from athena_runtime.format.layers import ScalarLayer, layer_from_tensors
 from quantize.recipe import ScalarRecipe
 from quantize.rtn import quantize_rtn
 

@@ -10,7 +10,7 @@ from quantize.kmeans import (
     metric_kmeans,
     quantization_error,
 )
-from quantize.qlayers import dequantize_codebook_uint8, quantize_codebook_uint8
+from athena_runtime.format.layers import dequantize_codebook_uint8, quantize_codebook_uint8
 
 
 def gen(seed):

@@ -2,10 +2,13 @@
 import pytest
 import torch
 
-from athena_runtime.kv_cache import (CLIP_RATIOS, FP16KVCache, Int4KVCache, Int8KVCache, KeyBasis, KVCache,
+from athena_runtime.kv_quant_params import CLIP_RATIOS
+from athena_runtime.kv_cache import (FP16KVCache, Int4KVCache, Int8KVCache, KeyBasis, KVCache,
                                      blocks_for_budget, dequantize_asymmetric, dequantize_symmetric,
                                      hadamard_matrix, pack_nibbles, quantize_asymmetric, quantize_symmetric,
                                      unpack_nibbles)
+
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
 
 def _kv(T=37, heads=3, dim=64, seed=0):

@@ -7,7 +7,7 @@ from athena_runtime.batch import SequenceChunk
 from athena_runtime.kv_calibration import (NUM_WINDOWS, _RecordingCache, calibrate_key_basis,
                                            calibration_windows)
 from athena_runtime.model_runner import ModelRunner
-from quantize.source import load_tokenizer
+from athena_runtime.format.source import load_tokenizer
 from tiny_models import make_tiny_model
 
 

@@ -15,6 +15,8 @@ import athena_runtime.kv_cache as kv_cache_module
 from athena_runtime.kernels.kv_write import hadamard_entry, kv_write, kv_write_unsupported
 from athena_runtime.kv_cache import KeyBasis, KVCache, hadamard_matrix, unpack_nibbles
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FIELDS = ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero")
 

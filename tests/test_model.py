@@ -6,11 +6,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from athena_runtime.batch import SequenceChunk, prepare_batch
-from athena_runtime.config import ModelConfig
+from athena_runtime.format.config import ModelConfig
 from athena_runtime.kv_cache import KVCache
 from athena_runtime.loader import load_model
-from athena_runtime.model import rope_inv_freq
+from athena_runtime.format.config import rope_inv_freq
 from tiny_models import make_tiny_model, tiny_config
+
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=32)

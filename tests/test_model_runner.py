@@ -11,6 +11,8 @@ from athena_runtime.kv_cache import blocks_for_budget
 from athena_runtime.model_runner import ModelRunner
 from tiny_models import make_tiny_model
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=32)
 FAMILIES = {
@@ -130,8 +132,8 @@ def test_cache_sizing_and_bad_chunks(folders):
 def test_compressed_checkpoint_matches_its_reference_dequantization(folders, tmp_path, method):
     """Our loader on a compressed folder gives the logits of transformers with quantize's dequantized weights."""
     from compressed_fixture import write_compressed
-    from quantize.checkpoint import read_checkpoint
-    from quantize.qlayers import layer_from_tensors
+    from athena_runtime.format.checkpoint import read_checkpoint
+    from athena_runtime.format.layers import layer_from_tensors
 
     folder = write_compressed(folders["qwen2"], tmp_path / method, method)
     meta, tensors = read_checkpoint(folder)

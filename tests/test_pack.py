@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantize.pack import pack_bits, packed_width, unpack_bits
+from athena_runtime.format.bits import pack_bits, packed_width, unpack_bits
 
 
 def reference_pack(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 from athena_runtime.kv_cache import KeyBasis, KVCache
 from athena_runtime.kernels import paged_attention as pa
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -330,7 +332,7 @@ def test_triton_decode_wide_heads(fmt, window, softcap, calibrated):
     tol = 2e-3 if q.dtype == torch.float16 else 1e-5
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     if fmt == "fp16" or softcap is not None:  # int8 with a cap: the reference itself against exact attention
-        for s, n in enumerate(seq_lens):
+        for s in range(len(seq_lens)):
             dense = _dense_attention(q[s:s + 1].float().cpu(), keys[s], values[s], 256**-0.5, window, softcap)
             torch.testing.assert_close(cache.output(want)[s:s + 1].double().cpu(), dense, rtol=2e-2, atol=2e-2)
 

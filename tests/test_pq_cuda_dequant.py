@@ -25,6 +25,8 @@ from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul, dequantize_t_reference as pq_dequantize_t_reference
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemm_reference
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
 TOL16 = 4e-3
@@ -164,7 +166,8 @@ VARIANTS = [(b, d, s) for b, d in cdq.RECIPES for s in cdq.slab_widths(b, d)]
 def _emulated_launchers() -> str:
     """extern "C" entry points over the kernel file, with the grid the host side computes."""
     disp = "\n".join(
-        f"    if (bits == {b} && D == {d} && slab_w == {s}) {{ launch(grid, THREADS, [&] {{ dequant_kernel<{b}, {d}, {s}>("
+        f"    if (bits == {b} && D == {d} && slab_w == {s}) {{ launch(grid, THREADS, [&] {{ "
+        f"dequant_kernel<{b}, {d}, {s}>("
         "qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, rows_per_chunk, out, stride_out, lr_a, stride_an, "
         "rank, extra_rows); }); return 0; }" for b, d, s in VARIANTS)
     return r"""
@@ -172,14 +175,16 @@ def _emulated_launchers() -> str:
 namespace athena { alignas(16) uint16_t cb_s[48 * 1024 / 2]; }
 using namespace athena;
 extern "C" int run_dequant(const int* qweight, int N_pad, int GW, const uint16_t* codebook, int G_pad, int D, int bits,
-                           int N, int M, int k_rows, int rows_per_chunk, int slab_w, uint16_t* out, long long stride_out,
+                           int N, int M, int k_rows, int rows_per_chunk, int slab_w, uint16_t* out,
+                           long long stride_out,
                            const uint16_t* lr_a, int stride_an, int rank, int extra_rows) {
     const int chunks = ((k_rows < N ? k_rows : N) + rows_per_chunk - 1) / rows_per_chunk;
     const dim3 grid{(unsigned)(chunks * ((N + k_rows - 1) / k_rows)), (unsigned)(GW / slab_w + (extra_rows > 0)), 1};
 """ + disp + r"""
     return 1;
 }
-extern "C" void run_copy(const uint16_t* src, long long ss, uint16_t* dst, long long sd, int T, int M, int zero_from, int K) {
+extern "C" void run_copy(const uint16_t* src, long long ss, uint16_t* dst, long long sd, int T, int M, int zero_from,
+                         int K) {
     launch(dim3{(unsigned)(T < 65535 ? T : 65535), 1, 1}, THREADS,
            [&] { copy_pad_cols_kernel(src, ss, dst, sd, T, M, zero_from, K); });
 }

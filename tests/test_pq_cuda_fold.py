@@ -2,7 +2,8 @@
 
 On CPU: the PyTorch reference (the spec) and argument checks, the kernel source run by the CPU emulation
 of `cuda_emulation.py` (mma.sync emulated too; where g++ >= 11 is installed) against the reference on odd
-shapes, and (where the NVRTC wheel is installed) an NVRTC compile for sm_89 and sm_90 without spills. With a GPU: the kernel
+shapes, and (where the NVRTC wheel is installed) an NVRTC compile for sm_89 and sm_90 without spills. With a GPU:
+the kernel
 against the reference on odd shapes and every launch shape, and the prefill matmul in "fold" mode.
 
 Tolerance of the folded weight: each value is one fp16 rounding of an fp32 sum whose order and rounding
@@ -23,6 +24,8 @@ import torch
 from athena_runtime.kernels import dequant as fold, layout
 from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
 from athena_runtime.kernels.layout import PQGeometry
+
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")

@@ -29,7 +29,8 @@ def _source() -> str:
     disp = "\n".join(
         f"    if (T == {t} && bits == {b} && slab_w == {s}) {{ launch(grid, {lut.THREADS}, [&] {{ "
         f"lut_kernel<{t}, {b}, {s}>((const __half*)x, stride_xt, t_valid, M, qweight, "
-        "N_pad, (const __half*)codebook, G_pad, D, N, GW, k_rows, chunks, rows_per_chunk, n_row_progs, (__half*)partial, "
+        "N_pad, (const __half*)codebook, G_pad, D, N, GW, k_rows, chunks, rows_per_chunk, n_row_progs, "
+        "(__half*)partial, "
         "(const __half*)lr_b, stride_br, rank, m_vec, u, ep); }, phases); return 0; }"
         for t, b, s in VARIANTS)
     return r"""

@@ -17,6 +17,8 @@ from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.tuning import Tuning
 from tests.test_pq_kernels import make_layer, rel_err
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = 4e-3
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from athena_runtime.format.bits import unpack_bits
 from athena_runtime.kernels import layout
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.dequant_matmul import (
@@ -22,6 +23,8 @@ from athena_runtime.kernels.dequant_matmul import (
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_reference
 from athena_runtime.kernels.splitk import splitk_epilogue
 from athena_runtime.kernels.triton_lut import triton_lut_matmul as pq_gemv
+
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
 pq_gemm_reference = pq_gemv_reference
 
@@ -62,59 +65,12 @@ def test_unpack_bits_reads_format_stream(bits, count):
     vals = torch.randint(0, 1 << bits, (5, count), generator=torch.Generator().manual_seed(bits))
     packed = pack_format(vals, bits)
     assert packed.shape == (5, -(-count * bits // 8))
-    assert torch.equal(layout.unpack_bits(packed, count, bits), vals.to(torch.int32))
+    assert torch.equal(unpack_bits(packed, bits, count), vals.long())
 
 
 def test_unpack_bits_rejects_wrong_width():
-    with pytest.raises(ValueError, match="packed width"):
-        layout.unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 5, 6)
-
-
-@pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 301, 2, 64, 64), (5, 7, 1, 256, 3), (9, 40, 4, 2, 100)])
-def test_pack_words_roundtrip_and_dequantize_spec(N, M, d, n, k):
-    geo, qw, cb, _, _, _, I, C = make_layer(N, M, d, n, k)
-    assert qw.dtype == torch.int32 and qw.shape == (geo.GW, geo.N_pad)
-    assert torch.equal(layout.unpack_words(qw, geo).cpu(), I)
-    W = layout.dequantize_reference(qw, cb, geo).cpu()
-    for i in (0, N // 2, N - 1):  # Ŵ[i, d·j + l] = C[i // k, j, I[i, j], l]
-        for col in (0, M // 3, M - 1):
-            j, l = divmod(col, d)
-            assert W[i, col] == C[i // k, j, I[i, j], l]
-
-
-# ----------------------------------------------------------------------------------- kernels
-CASES = [  # N, M, d, n, k, rank, bias
-    (37, 29, 3, 16, 20, 3, True),
-    (70, 130, 2, 64, 64, 0, False),
-    (33, 17, 1, 256, 33, 2, True),
-    (45, 64, 4, 32, 100, 5, False),
-]
-
-
-@pytest.mark.parametrize("case,T", [(c, t) for c in CASES for t in (1, 3)] + [(CASES[1], 16)])
-def test_lut_gemv_matches_reference_fp16(case, T):
-    N, M, d, n, k, rank, bias = case
-    geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, rank, bias, seed=T)
-    x = torch.randn(T, M, generator=torch.Generator().manual_seed(100 + T)).half().to(DEV)
-    y = pq_gemv(x, qw, cb, geo, A, B, b)
-    assert y.shape == (T, N) and y.dtype == torch.float16
-    assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
-
-
-def test_lut_gemv_fp32_table_and_short_chunks():
-    geo, qw, cb, A, B, b, _, _ = make_layer(300, 70, 2, 64, 130, 4, True)  # 3 codebook blocks, ragged
-    x = torch.randn(2, 70, generator=torch.Generator().manual_seed(1)).to(DEV)
-    ref = pq_gemv_reference(x, qw, cb.float(), geo, A.float(), B.float(), b.float())
-    y = pq_gemv(x, qw, cb.float(), geo, A.float(), B.float(), b.float(), lut_fp16=False, rows_per_chunk=128,
-                slab_w=8, block_n=32)
-    assert y.dtype == torch.float32
-    assert rel_err(y, ref) < TOL[torch.float32]
-
-
-def test_lut_gemv_tokens_33():
-    geo, qw, cb, A, B, b, _, _ = make_layer(20, 24, 2, 16, 20, 2, True)
-    x = torch.randn(33, 24, generator=torch.Generator().manual_seed(2)).half().to(DEV)
-    assert rel_err(pq_gemv(x, qw, cb, geo, A, B, b), pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="need 4 bytes per row, got 3"):
+        unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 6, 5)
 
 
 @pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 50, 2, 64, 64), (200, 130, 2, 64, 64)])

@@ -18,6 +18,8 @@ from athena_runtime.kernels.tuning import Tuning
 from athena_runtime.pq_linear import PATH_ENV, PQLinear
 from test_pq_kernels import DEV, pack_format, rel_err
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 PREFIX = "model.layers.0.mlp.up_proj"
 
 
@@ -78,7 +80,7 @@ def test_reference_path_matches_format_spec(N, M, d, n, k, rank, bias, cbits):
 
 
 def test_matches_quantize_qlayers_when_available():
-    qlayers = pytest.importorskip("quantize.qlayers")
+    qlayers = pytest.importorskip("athena_runtime.format.layers")
     t, meta, W, bvec = checkpoint_layer(40, 33, 3, 64, 16, rank=2, bias=True)
     theirs = qlayers.AthenaLayer.from_tensors(PREFIX, t, meta)
     layer = PQLinear.from_tensors(PREFIX, t, meta, device=DEV, path="reference")
@@ -216,18 +218,19 @@ def _mutate(t, key, value):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda t, m: (_mutate(t, f"{PREFIX}.indices", None), m), "indices: missing"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.indices", t[f"{PREFIX}.indices"][:, :-1]), m), "indices: expected"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.codebook", t[f"{PREFIX}.codebook"].half()), m), "codebook: expected"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.codebook_scale", None), m), "codebook_scale: missing"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.lowrank_a", t[f"{PREFIX}.lowrank_a"].float()), m), "lowrank_a: expected"),
-    (lambda t, m: (t, {**m, "rank": 0}), "present but the layer's rank is 0"),
-    (lambda t, m: (t, {**m, "method": "gptq"}), "method must be 'athena'"),
-    (lambda t, m: (t, {**m, "n": 48}), "power of two"),
+    (lambda t, m: (_mutate(t, f"{PREFIX}.indices", None), m), "indices is missing"),
+    (lambda t, m: (_mutate(t, f"{PREFIX}.indices", t[f"{PREFIX}.indices"][:, :-1]), m), "indices has shape"),
+    (lambda t, m: (_mutate(t, f"{PREFIX}.codebook", t[f"{PREFIX}.codebook"].half()), m), "codebook has dtype"),
+    (lambda t, m: (_mutate(t, f"{PREFIX}.codebook_scale", None), m), "codebook_scale is missing"),
+    (lambda t, m: (_mutate(t, f"{PREFIX}.lowrank_a", t[f"{PREFIX}.lowrank_a"].float()), m), "lowrank_a has dtype"),
+    (lambda t, m: (t, {**m, "rank": 0}), "lowrank_a present but athena.json says rank 0"),
+    (lambda t, m: (t, {**m, "method": "gptq"}), "method is 'gptq', expected 'athena'"),
+    (lambda t, m: (t, {**m, "n": 48}), "invalid recipe.*n=48"),
     (lambda t, m: (t, {**m, "codebook_bits": 4}), "codebook_bits"),
-    (lambda t, m: (t, {**m, "shape": [24]}), "shape must be"),
-    (lambda t, m: (t, {**m, "d": 0}), "d must be"),
-    (lambda t, m: (t, {**m, "k": 7}), "codebook: expected"),
+    (lambda t, m: (t, {**m, "shape": [24]}), "'shape' must be"),
+    (lambda t, m: (t, {**m, "d": 0}), "invalid recipe.*d=0"),
+    (lambda t, m: (t, {**m, "rank": 21}), "rank 21 exceeds min\\(N, M\\) = 20"),
+    (lambda t, m: (t, {**m, "k": 7}), "codebook has shape"),
 ])
 def test_from_tensors_errors(change, match):
     t, meta, _, _ = checkpoint_layer(24, 20, 2, 16, 12, rank=2)

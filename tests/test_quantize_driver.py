@@ -11,7 +11,7 @@ from quantize.calibration import CalibConfig
 from quantize.driver import QuantizeJob, build_context, embed, run, run_layer
 from quantize.evaluate import eval_ppl, load_compressed_as_hf
 from quantize.recipe import AthenaRecipe, ScalarRecipe
-from quantize.source import load_hf_model
+from athena_runtime.format.source import load_hf_model
 from tiny_models import make_tiny_model, write_text
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from quantize import checkpoint
-from quantize.calibration import CalibConfig, read_text_files, sample_windows
-from quantize.source import resolve_source
+from athena_runtime.format import checkpoint
+from athena_runtime.format.text import read_text_files, sample_windows
+from quantize.calibration import CalibConfig
+from athena_runtime.format.source import resolve_source
 from tiny_models import make_tiny_model, write_text
 
 
@@ -137,7 +138,7 @@ def test_llama3_rope_scaling_from_gguf_rope_freqs():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from quantize.gguf_import import llama3_rope_scaling
+    from athena_runtime.format.gguf_import import llama3_rope_scaling
 
     for factor in (8.0, 32.0):
         scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

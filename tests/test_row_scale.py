@@ -7,9 +7,9 @@ import torch
 from athena_runtime.kernels.pq_reference import pq_matmul_reference
 from athena_runtime.pq_linear import PQLinear
 from athena_runtime.row_scale import row_scale_epilogue
-from quantize import checkpoint
+from athena_runtime.format import checkpoint
 from quantize.athena import quantize_athena, row_scales
-from quantize.qlayers import AthenaLayer, layer_from_tensors
+from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from quantize.recipe import AthenaRecipe
 from test_athena import calibration, layer_loss
 

@@ -30,3 +30,20 @@ def test_quantized_cache_stays_close(setup, fmt, tol):
     q = eval_ppl_runtime(model, [str(text)], seqlen=96, max_tokens=960, kv_cache=fmt, device="cpu")
     assert q["kv_bytes_per_token"] < base["kv_bytes_per_token"]
     assert abs(q["ppl"] / base["ppl"] - 1) < tol
+
+
+def test_eval_cli_runs_both_paths_and_agrees(setup, capsys):
+    """`athena eval ppl` (server/eval_cli.py): the reference model, the runtime with --kv-cache; bad use exits 2."""
+    import json
+
+    from server.cli import main
+
+    model, text = setup
+    args = ["eval", "ppl", str(model), "--data", str(text), "--seqlen", "96", "--max-tokens", "480", "--json"]
+    assert main(args) == 0
+    ref = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args + ["--kv-cache", "fp16"]) == 0
+    rt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rt["kv_cache"] == "fp16" and rt["tokens"] == ref["tokens"] > 0
+    assert rt["ppl"] == pytest.approx(ref["ppl"], rel=2e-3)
+    assert main(["eval"]) == 2  # no WHAT: usage, exit 2

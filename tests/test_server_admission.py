@@ -1,4 +1,4 @@
-"""A request's choices are queued all together or not at all (issue 17, item 3), on the real
+"""A request's choices are queued all together or not at all, on the real
 AsyncEngine (FakeRunner): a refused request leaves nothing queued, `n` above --max-queue is a 400
 (it could never be admitted), and a client resending such requests costs a normal client nothing."""
 from __future__ import annotations
@@ -36,7 +36,7 @@ def serve():
         return servers[-1]
     yield start
     for s in servers:
-        wait_until(lambda: engine_idle(s), 10.0, "the engine to go idle")
+        wait_until(lambda s=s: engine_idle(s), 10.0, "the engine to go idle")
         s.stop()
 
 

@@ -1,4 +1,4 @@
-"""HTTP details (issue 17, item 8): HEAD on the probe routes, and paths with a trailing slash
+"""HTTP details: HEAD on the probe routes, and paths with a trailing slash
 answered directly: never a redirect, whose Location uvicorn would build from the client's Host."""
 from __future__ import annotations
 

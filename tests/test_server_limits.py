@@ -1,6 +1,6 @@
 """Small requests that ask for a lot of work: refused before the work when they can never succeed
 (too many choices, a prompt longer than the context can hold), and otherwise prepared off the event
-loop, so /health and other clients' streams keep going while they are processed (issue 17, item 2)."""
+loop, so /health and other clients' streams keep going while they are processed."""
 from __future__ import annotations
 
 import json

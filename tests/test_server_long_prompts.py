@@ -1,4 +1,4 @@
-"""Prompts longer than one step's token budget through a real uvicorn (issue 17, Found 1: they
+"""Prompts longer than one step's token budget through a real uvicorn (they once
 failed with 500 when no other request was decoding). The real AsyncEngine on the fake runner, and
 (slow) the embedded SmolLM2 on CPU with the README's default budget."""
 from __future__ import annotations

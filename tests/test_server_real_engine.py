@@ -96,7 +96,7 @@ def test_queue_full_is_429(server):
             for i in range(MAX_NUM_SEQS + MAX_QUEUE):  # one at a time: 4 running, then 4 waiting
                 held.append(asyncio.create_task(hold(http, release)))
                 want = (min(i + 1, MAX_NUM_SEQS), max(0, i + 1 - MAX_NUM_SEQS))
-                await asyncio.to_thread(wait_until, lambda: (lambda st: (st.running, st.waiting))(
+                await asyncio.to_thread(wait_until, lambda want=want: (lambda st: (st.running, st.waiting))(
                     server.call(engine.stats)) == want, 5.0, f"running, waiting == {want}")
             refused = await http.post("/v1/chat/completions", json=body)
             release.set()

@@ -1,4 +1,4 @@
-"""Retry-After with a 429 follows the queue (issue 17, item 8): the waiting requests over the rate
+"""Retry-After with a 429 follows the queue: the waiting requests over the rate
 requests have lately been finishing, bounded by --retry-after-s and --retry-after-max-s."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SIGTERM to a real `athena serve` process (issue 17, item 4): the server stops admitting (503 with
+"""SIGTERM to a real `athena serve` process: the server stops admitting (503 with
 Retry-After, the port still answers), running streams finish if they can within --drain-timeout-s,
 the rest end cleanly (an error event, `data: [DONE]`, a complete chunked body), then it exits 0."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Request bodies are checked as strictly as OpenAI checks them: text that is not Unicode (a lone
 surrogate escape) and values of the wrong JSON type are a 400 naming the field, never a 500 and
-never quietly converted (issue 17, items 5 and 8)."""
+never quietly converted."""
 from __future__ import annotations
 
 import httpx

@@ -1,4 +1,4 @@
-"""Slow clients cannot hold connections (issue 17, item 6): a connection that does not finish a
+"""Slow clients cannot hold connections: a connection that does not finish a
 request's headers within --header-timeout-s is closed, a body not sent within --body-timeout-s gets
 408, and normal clients keep being served meanwhile. Raw sockets against a real uvicorn."""
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Slowloris(threading.Thread):
                 while time.monotonic() < deadline:
                     try:
                         data = self.sock.recv(65536)
-                    except socket.timeout:
+                    except TimeoutError:
                         continue
                     if not data:
                         self.closed_after = time.monotonic() - self.start_time

@@ -46,7 +46,8 @@ LLAMA_TEMPLATE = (
     "{{ c.function.arguments | tojson }}}{%- endfor %}{%- else %}{{ m.content }}{%- endif %}<|end|>\n{%- endfor %}"
     "{%- if add_generation_prompt %}<|start|>assistant\n{%- endif %}")
 MISTRAL_TEMPLATE = (
-    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}"
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set ns.last = loop.index0 %}"
     "{%- endif %}{%- endfor %}"
     "{%- for m in messages %}{%- if loop.index0 == ns.last and tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}"
     "[/AVAILABLE_TOOLS]{%- endif %}"

@@ -14,6 +14,8 @@ from athena_runtime.split_linear import SplitLinear, fuse
 from test_pq_kernels import DEV
 from test_pq_linear import PREFIX, checkpoint_layer
 
+pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
+
 DTYPE = torch.float16 if DEV.type == "cuda" else torch.float32  # the kernels' dtype on a GPU
 TOL = 4e-3 if DEV.type == "cuda" else 1e-4
 

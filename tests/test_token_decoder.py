@@ -48,7 +48,7 @@ def reference_deltas(tokenizer, prompt: list[int], tokens: list[int]) -> list[st
 
     ids, prefix, read = list(prompt[-5:]), 0, len(prompt[-5:])
     deltas = []
-    for i, t in enumerate(tokens + [None]):
+    for t in tokens + [None]:
         final = t is None
         if not final:
             ids.append(t)

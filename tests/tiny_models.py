@@ -53,7 +53,7 @@ FAMILY_CHAT_TEMPLATES = {
 
 def family_chat_template(family: str) -> str:
     if family == "gemma3":
-        from quantize.chat_templates import GEMMA_TEMPLATE
+        from athena_runtime.format.chat_templates import GEMMA_TEMPLATE
 
         return GEMMA_TEMPLATE
     return FAMILY_CHAT_TEMPLATES[family]

@@ -71,7 +71,7 @@ class CPUKernels:
     def _build_and_load(self) -> ctypes.CDLL:
         import torch  # noqa: F401 - loads PyTorch's libgomp before ours resolves against it
 
-        from quantize.source import cache_dir
+        from athena_runtime.format.source import cache_dir
 
         cc = _compiler()
         if cc is None:

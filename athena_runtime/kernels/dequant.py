@@ -115,7 +115,7 @@ def choose_fold_rows(geo: PQGeometry, n_sms: int) -> int:
     return max(r for r in FOLD_ROWS_CANDIDATES if fill(r) >= best - 0.02)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(file: str, name: str, index: int, smem_max: int = 0) -> nvrtc.Kernel:
     return nvrtc.Kernel(file, name, torch.device("cuda", index), smem_max=smem_max)
 

@@ -67,7 +67,7 @@ def in_kernel_lowrank(lr_b: torch.Tensor, n_row_tiles: int) -> bool:
             and lr_b.data_ptr() % 16 == 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(t_pad: int, nr: int, bits: int, stages: int, index: int) -> nvrtc.Kernel:
     return nvrtc.Kernel("frag.cu", kernel_name(t_pad, nr, bits, stages), torch.device("cuda", index),
                         smem_max=smem_bytes(t_pad, nr, stages, bits))

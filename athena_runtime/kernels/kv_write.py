@@ -45,6 +45,7 @@ import torch
 
 from athena_runtime.kernels.pq_reference import interpreting
 from athena_runtime.kernels.splitk import triton
+from athena_runtime.kv_quant_params import CLIP_RATIOS, SCALE_MIN, SCALE_ROUND_UP
 
 if triton is not None:
     import triton.language as tl
@@ -269,8 +270,6 @@ def kv_write(kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mappin
     assert not has_basis or all(b.is_contiguous() for b in basis)
     rotate = kv_cache.rotation is not None
     qsteps = 15.0 if int4 else 127.0
-    # import here: kv_cache imports this module
-    from athena_runtime.kv_cache import _SCALE_MIN, _SCALE_ROUND_UP, CLIP_RATIOS
     _kv_write_kernel[(T, Hkv, 2)](
         k, v, slot_mapping, positions, data[0], data[1], scale[0], scale[1], zero[0], zero[1], *basis,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -278,6 +277,6 @@ def kv_write(kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mappin
         HAS_BASIS=has_basis, ROTATE=rotate, ROUND_K=not has_basis,
         H_ENTRY=hadamard_entry(D), INT4=int4, D=D, G=G,
         BLOCK_I=min(G, 16), QSTEPS=qsteps, INV_QSTEPS=float(np.float32(1.0) / np.float32(qsteps)),
-        RECIPROCAL_DIV=k.is_cuda, SCALE_MIN=_SCALE_MIN, SCALE_ROUND_UP=_SCALE_ROUND_UP,
+        RECIPROCAL_DIV=k.is_cuda, SCALE_MIN=SCALE_MIN, SCALE_ROUND_UP=SCALE_ROUND_UP,
         CLIP_RATIOS=tuple(_fp32(c) for c in CLIP_RATIOS),
         enable_fp_fusion=False, num_warps=1 if D <= 128 else 2)

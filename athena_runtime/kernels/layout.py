@@ -83,24 +83,7 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-# --------------------------------------------------------------------------------- bit streams
-def unpack_bits(packed: torch.Tensor, count: int, bits: int) -> torch.Tensor:
-    """FORMAT.md bit stream -> int32 [R, count]. packed: uint8 [R, ceil(count·bits/8)]."""
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise ValueError(f"packed indices must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be in 1..16, got {bits}")
-    if packed.shape[1] != math.ceil(count * bits / 8):
-        raise ValueError(f"packed width {packed.shape[1]} != ceil({count}·{bits}/8)")
-    R = packed.shape[0]
-    # a value of <= 16 bits starting at any bit offset lies within 3 consecutive bytes
-    b = torch.nn.functional.pad(packed.to(torch.int32), (0, 2))  # [R, B + 2]
-    bit0 = torch.arange(count, device=packed.device, dtype=torch.int64) * bits  # [count]
-    byte0, shift = bit0 // 8, (bit0 % 8).to(torch.int32)
-    window = b[:, byte0] | (b[:, byte0 + 1] << 8) | (b[:, byte0 + 2] << 16)  # [R, count]
-    return (window >> shift) & ((1 << bits) - 1) if R else window
-
-
+# --------------------------------------------------------------------------------- index words
 def pack_words(indices: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
     """I [N, G] (values < n) -> qweight int32 [GW, N_pad] (module docstring)."""
     if tuple(indices.shape) != (geo.N, geo.G):

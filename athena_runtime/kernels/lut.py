@@ -160,7 +160,7 @@ def kernel_name(t_inst: int, bits: int, slab_w: int) -> str:
     return f"athena::lut_kernel<{t_inst}, {bits}, {slab_w}>"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(name: str, index: int) -> nvrtc.Kernel:
     return nvrtc.Kernel("lut.cu", name, torch.device("cuda", index))
 

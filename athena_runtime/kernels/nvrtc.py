@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from athena_runtime.format.environment import Environment
+
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
@@ -96,9 +98,8 @@ class Toolchain:
         _check_nvrtc(lib, lib.nvrtcGetNumSupportedArchs(ctypes.byref(n)))
         archs = (ctypes.c_int * n.value)()
         _check_nvrtc(lib, lib.nvrtcGetSupportedArchs(archs))
-        cache = os.environ.get("ATHENA_KERNEL_CACHE") or \
-            Path(os.environ.get("ATHENA_CACHE_DIR", Path.home() / ".cache" / "athena")) / "kernels"
-        return Toolchain(lib, path, (major.value, minor.value), tuple(archs), _find_fp16_header(), Path(cache))
+        cache = Environment.read().kernel_cache
+        return Toolchain(lib, path, (major.value, minor.value), tuple(archs), _find_fp16_header(), cache)
 
     def describe(self) -> str:
         return f"NVRTC {self.version[0]}.{self.version[1]} ({self.nvrtc_path}), cuda_fp16.h from {self.include_dir}"

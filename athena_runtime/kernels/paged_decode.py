@@ -259,7 +259,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_pages: int, block_si
     return max(1, min(want, tiles, MAX_SPLITS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -308,7 +308,7 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
     groups = block_d // group if kv_cache.quantized and group & (group - 1) == 0 and group <= block_d else 0
     if kv_cache.fmt == "int4" and block_d < 32:
         # Triton 3.6 on the H100 miscompiled the nibble join for heads of 16 (8 bytes per row) feeding the
-        # GQA tl.dot (errors ~3 against the reference; bench/diag/attn_matrix.py); heads of 64+ are fine
+        # GQA tl.dot (errors ~3 against the reference); heads of 64+ are fine
         groups = 0
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, kv_cache.num_kv_heads, num_pages, kv_cache.block_size,

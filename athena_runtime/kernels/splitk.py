@@ -157,8 +157,8 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype,
         return y
     # the epilogue is latency-bound: all partials of a row tile in one load, one round trip
     n_s = max(S, s_u, 1)
-    if T == 1:  # every slab in one block (up to 256), 4096-element tiles: H100 sweep, bench/diag/lut_parts
-        # --sweep (4096 x 11008, 140 slabs: 16.3 -> 15.3 µs a call; 14336 x 4096: 17.5 -> 16.9; others ±0.1)
+    if T == 1:  # every slab in one block (up to 256), 4096-element tiles: H100 sweep
+        # (4096 x 11008, 140 slabs: 16.3 -> 15.3 µs a call; 14336 x 4096: 17.5 -> 16.9; others ±0.1)
         block_s = block_s or min(256, max(16, next_pow2(n_s)))
         BLOCK_N = block_n or (64 if block_s <= 64 else 16)
         num_warps = num_warps or 4

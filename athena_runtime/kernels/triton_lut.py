@@ -173,6 +173,6 @@ def triton_lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
         lowrank_b.stride(0) if has_lr else 0, u_part.stride(0), u_part.stride(1),
         T_P2=T_P2, D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word,
         SLAB_W=slab_w, ROWS_PER_CHUNK=rows_per_chunk, BLOCK_N=min(block_n, rows_per_chunk), LUT_FP16=lut_fp16,
-        HAS_LOWRANK=has_lr, LR_ITERS=-(-(-(-rank // 16)) // n_row_progs), num_warps=num_warps,
+        HAS_LOWRANK=has_lr, LR_ITERS=-(-((rank + 15) // 16) // n_row_progs), num_warps=num_warps,
     )
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)

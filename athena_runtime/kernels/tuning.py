@@ -1,15 +1,17 @@
 """Every launch threshold of the PQ kernels, in one frozen object per device, each with the reason it holds.
 
-Measured on an H100 (BENCHMARKS.md §3, bench/results/); `Tuning.for_device` adds the device's facts (SMs, shared
-memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
+Measured on an H100 (BENCHMARKS.md §3; the one-token slab A/B:
+`git show 34d9173:bench/results/t1ab_slab4_h100_2c3f2b0.txt`); `Tuning.for_device` adds the device's facts (SMs,
+shared memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
 """
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from athena_runtime.format.environment import Environment
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class Tuning:
     lut_max_centroids: int = 256  # lookup tables for n <= 256 centroids (n table entries per group)
     # ---- lookup table (lut.py)
     lut_t1_slab_w: int = 4  # one token: 4-word slabs in 4096-row chunks beat 8 words / 2048 rows on all 7B shapes
-    lut_t1_rows: int = 4096  # ... (session 8 A/B), halved down to 1024 where fewer than lut_ctas_per_sm CTAs per SM
+    lut_t1_rows: int = 4096  # ..., halved down to 1024 where fewer than lut_ctas_per_sm CTAs per SM
     lut_ctas_per_sm: float = 1.5  # slab widths / chunks: at least this many table CTAs per SM (else the GPU idles)
     fused_epilogue_max_tokens: int = 1  # split-K epilogue inside the one-token launch (0.5-1.0 µs a call saved)
     epi_tile: int = 0  # rows per epilogue CTA; 0: 32 where that is <= 1 CTA per SM, else 64, 256 if 64 fills the GPU
@@ -45,6 +47,6 @@ class Tuning:
 def _cuda_tuning(index: int) -> Tuning:
     props = torch.cuda.get_device_properties(index)
     # ATHENA_FUSED_EPILOGUE=0: the one-token epilogue as a second launch (A/B runs of bench.decode)
-    fused = 0 if os.environ.get("ATHENA_FUSED_EPILOGUE", "1") == "0" else 1
+    fused = 1 if Environment.read().fused_epilogue else 0
     return Tuning(sms=props.multi_processor_count, fused_epilogue_max_tokens=fused,
                   smem_per_cta=getattr(props, "shared_memory_per_block_optin", 99 * 1024))

@@ -1,7 +1,8 @@
 """Where the admission of many streams goes: per-step wall times of an engine level and a GPU kernel
 profile of its prefill/mixed steps (7B-shaped random checkpoint, H100 diagnosis).
 
-    python -m bench.diag.engine_steps --workdir /tmp/w [--streams 64] [--prompt 128] [--profile-steps 4] [--kv-cache int4]
+    python -m bench.diag.engine_steps --workdir /tmp/w [--streams 64] [--prompt 128] [--profile-steps 4]
+        [--kv-cache int4]
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def main():
             x = torch.randn(args.tokens, M, device=dev).half()
             dense = [torch.randn(N, M, device=dev).half() * 0.02 for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))]
             cols = []
-            for fn, ss in ((lambda W: x @ W.t(), dense), (lambda L: L["lr"](x), sets), (lambda L: L["nolr"](x), sets)):
+            for fn, ss in ((lambda W, x=x: x @ W.t(), dense), (lambda L, x=x: L["lr"](x), sets),
+                           (lambda L, x=x: L["nolr"](x), sets)):
                 fn(ss[0])
                 cols.append((time_call(fn, ss, dev), time_graph(fn, ss, dev, replays=10), host_us(fn, ss)))
             print(f"{sh:>12s} {rnd:5d} | " + " | ".join(f"{e:7.1f} /{g:7.1f} /{h:7.1f}" for e, g, h in cols), flush=True)

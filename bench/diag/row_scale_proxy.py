@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from quantize.embedded import reference_model_path
     from quantize.hessian import HessianAccumulator
     from quantize.recipe import AthenaRecipe
-    from quantize.source import load_hf_model, load_tokenizer
+    from athena_runtime.format.source import load_hf_model, load_tokenizer
 
     torch.set_num_threads(1)
     out = Path(args.out)

@@ -7,7 +7,7 @@ Architectures: `llama` (q/k rows un-permuted: llama.cpp interleaves the rotary h
 `gemma3` (-> `gemma3_text`): llama.cpp stores Gemma's RMSNorm weights as 1 + w (it multiplies by the
 weight), so 1 is subtracted again; the settings GGUF does not carry are llama.cpp's fixed ones for
 Gemma 3 (every 6th layer global, local RoPE base 10000, query scale 1/sqrt(head_dim) except for 27B).
-A GGUF without a chat template gets its family's (`quantize.chat_templates`), logged.
+A GGUF without a chat template gets its family's (`athena_runtime.format.chat_templates`), logged.
 """
 from __future__ import annotations
 
@@ -137,8 +137,7 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dic
     """config.json's llama3 `rope_scaling` from llama.cpp's rope_freqs (inv_freq is divided by factors[i]): the
     released parameters that reproduce them, with factor = the largest divisor. Anything else is refused (a
     silently unscaled RoPE would be wrong past 8k tokens)."""
-    from athena_runtime.config import RopeConfig
-    from athena_runtime.model import rope_inv_freq
+    from athena_runtime.format.config import RopeConfig, rope_inv_freq
 
     if factors.shape != (head_dim // 2,):
         raise ValueError(f"rope_freqs has {factors.shape[0]} entries, head_dim {head_dim} needs {head_dim // 2}")
@@ -216,7 +215,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     if not getattr(tokenizer, "chat_template", None):
-        from quantize.chat_templates import family_chat_template
+        from athena_runtime.format.chat_templates import family_chat_template
 
         template = family_chat_template(cfg["model_type"])
         if template is not None:
@@ -242,7 +241,7 @@ _GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_
 
 def _sampling_defaults(reader) -> dict:
     """The file's recommended sampling settings, where it has them (invalid ones are left out, logged)."""
-    from athena_runtime.generation_defaults import check_knob
+    from athena_runtime.format.generation_defaults import check_knob
 
     found = {}
     for key, name in _GGUF_SAMPLING.items():

@@ -13,10 +13,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .pack import pack_bits, packed_width, unpack_bits
+from athena_runtime.format.bits import pack_bits, packed_width, unpack_bits
 
 # ---------------------------------------------------------------------------------------------
-# uint8 codebooks (DESIGN.md §1 step 2): per codebook and dimension, codes in 0..255 with fp16 min/scale
+# uint8 codebooks (the quantizer's step 2, docs/ARCHITECTURE.md §3): per codebook and dimension, codes in 0..255
+# with fp16 min/scale
 
 
 def quantize_codebook_uint8(C: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,6 +99,89 @@ def _tensor_bytes(t: Tensor | None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredAthena:
+    """One athena.json "athena" entry and its tensors, validated against FORMAT.md; indices still packed.
+
+    The runtime builds its kernel layout from this (`PQLinear.from_tensors`), the quantizer an `AthenaLayer`."""
+
+    shape: tuple[int, int]  # (N, M)
+    d: int
+    n: int
+    k: int
+    codebook_bits: int
+    rank: int
+    indices: Tensor  # uint8 [N, ceil(G * b / 8)], FORMAT.md bit stream
+    codebook: Tensor  # uint8 or fp16 [Nb, G, n, d]
+    codebook_scale: Tensor | None  # fp16 [Nb, G, d] (codebook_bits 8)
+    codebook_min: Tensor | None  # fp16 [Nb, G, d] (codebook_bits 8)
+    lowrank_a: Tensor | None  # fp16 [N, r]
+    lowrank_b: Tensor | None  # fp16 [r, M]
+    bias: Tensor | None  # fp16 [N]
+    row_scale: Tensor | None  # fp16 [N] (FORMAT.md version 2, "row_scale": true)
+
+    @property
+    def G(self) -> int:
+        return -(-self.shape[1] // self.d)
+
+    @property
+    def index_bits(self) -> int:
+        return self.n.bit_length() - 1
+
+
+def read_athena_tensors(prefix: str, tensors: dict, meta: dict) -> StoredAthena:
+    """Validate the athena.json entry `meta` of layer `prefix` and its tensors (presence, dtypes, shapes);
+    ValueError naming the field or tensor that does not fit."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"layer {prefix}: athena.json entry must be an object, got {type(meta).__name__}")
+    if meta.get("method") != "athena":
+        raise ValueError(f"layer {prefix}: athena.json method is {meta.get('method')!r}, expected 'athena'")
+    N, M = _meta_shape(meta, prefix)
+    d, n, k = (_meta_int(meta, key, prefix) for key in ("d", "n", "k"))
+    cb_bits = _meta_int(meta, "codebook_bits", prefix)
+    rank = _meta_int(meta, "rank", prefix)
+    if d < 1 or k < 1 or n < 2 or n & (n - 1) or n > (1 << 16) or cb_bits not in (8, 16) or rank < 0:
+        raise ValueError(f"layer {prefix}: invalid recipe in athena.json: d={d} n={n} k={k} "
+                         f"codebook_bits={cb_bits} rank={rank}")
+    if rank > min(N, M):
+        raise ValueError(f"layer {prefix}: rank {rank} exceeds min(N, M) = {min(N, M)}")
+    G, Nb, b = -(-M // d), -(-N // k), n.bit_length() - 1
+    name = f"{prefix}.indices"
+    _check(name, tensors.get(name), torch.uint8, (N, packed_width(G, b)))
+    cb_dtype = torch.uint8 if cb_bits == 8 else torch.float16
+    _check(f"{prefix}.codebook", tensors.get(f"{prefix}.codebook"), cb_dtype, (Nb, G, n, d))
+    scale = minimum = None
+    if cb_bits == 8:
+        scale, minimum = tensors.get(f"{prefix}.codebook_scale"), tensors.get(f"{prefix}.codebook_min")
+        _check(f"{prefix}.codebook_scale", scale, torch.float16, (Nb, G, d))
+        _check(f"{prefix}.codebook_min", minimum, torch.float16, (Nb, G, d))
+    else:
+        for extra in ("codebook_scale", "codebook_min"):
+            if f"{prefix}.{extra}" in tensors:
+                raise ValueError(f"tensor {prefix}.{extra} present but codebook_bits is 16")
+    A = B = None
+    if rank > 0:
+        A, B = tensors.get(f"{prefix}.lowrank_a"), tensors.get(f"{prefix}.lowrank_b")
+        _check(f"{prefix}.lowrank_a", A, torch.float16, (N, rank))
+        _check(f"{prefix}.lowrank_b", B, torch.float16, (rank, M))
+    else:
+        for extra in ("lowrank_a", "lowrank_b"):
+            if f"{prefix}.{extra}" in tensors:
+                raise ValueError(f"tensor {prefix}.{extra} present but athena.json says rank 0")
+    row_scale = None
+    has_scale = meta.get("row_scale", False)
+    if not isinstance(has_scale, bool):
+        raise ValueError(f"layer {prefix}: athena.json 'row_scale' must be true or false, got {has_scale!r}")
+    if has_scale:
+        row_scale = tensors.get(f"{prefix}.row_scale")
+        _check(f"{prefix}.row_scale", row_scale, torch.float16, (N,))
+    elif f"{prefix}.row_scale" in tensors:
+        raise ValueError(f"tensor {prefix}.row_scale present but athena.json does not say row_scale")
+    return StoredAthena(shape=(N, M), d=d, n=n, k=k, codebook_bits=cb_bits, rank=rank, indices=tensors[name],
+                        codebook=tensors[f"{prefix}.codebook"], codebook_scale=scale, codebook_min=minimum,
+                        lowrank_a=A, lowrank_b=B, bias=_bias_from(prefix, tensors, N), row_scale=row_scale)
 
 
 @dataclass
@@ -215,57 +299,18 @@ class AthenaLayer:
     def from_tensors(cls, prefix: str, tensors: dict, meta: dict, unpack: bool = True) -> "AthenaLayer | None":
         """The layer of an athena.json entry. With unpack=False only the dtypes and shapes are checked
         (cheap: every b-bit pattern is a valid index) and None is returned."""
-        if meta.get("method") != "athena":
-            raise ValueError(f"layer {prefix}: athena.json method is {meta.get('method')!r}, expected 'athena'")
-        N, M = _meta_shape(meta, prefix)
-        d, n, k = (_meta_int(meta, key, prefix) for key in ("d", "n", "k"))
-        cb_bits = _meta_int(meta, "codebook_bits", prefix)
-        rank = _meta_int(meta, "rank", prefix)
-        if d < 1 or k < 1 or n < 2 or n & (n - 1) or n > (1 << 16) or cb_bits not in (8, 16) or rank < 0:
-            raise ValueError(f"layer {prefix}: invalid recipe in athena.json: d={d} n={n} k={k} "
-                             f"codebook_bits={cb_bits} rank={rank}")
-        G, Nb, b = -(-M // d), -(-N // k), n.bit_length() - 1
-        name = f"{prefix}.indices"
-        _check(name, tensors.get(name), torch.uint8, (N, packed_width(G, b)))
-        cb_dtype = torch.uint8 if cb_bits == 8 else torch.float16
-        _check(f"{prefix}.codebook", tensors.get(f"{prefix}.codebook"), cb_dtype, (Nb, G, n, d))
-        scale = minimum = None
-        if cb_bits == 8:
-            scale, minimum = tensors.get(f"{prefix}.codebook_scale"), tensors.get(f"{prefix}.codebook_min")
-            _check(f"{prefix}.codebook_scale", scale, torch.float16, (Nb, G, d))
-            _check(f"{prefix}.codebook_min", minimum, torch.float16, (Nb, G, d))
-        else:
-            for extra in ("codebook_scale", "codebook_min"):
-                if f"{prefix}.{extra}" in tensors:
-                    raise ValueError(f"tensor {prefix}.{extra} present but codebook_bits is 16")
-        A = B = None
-        if rank > 0:
-            A, B = tensors.get(f"{prefix}.lowrank_a"), tensors.get(f"{prefix}.lowrank_b")
-            _check(f"{prefix}.lowrank_a", A, torch.float16, (N, rank))
-            _check(f"{prefix}.lowrank_b", B, torch.float16, (rank, M))
-        else:
-            for extra in ("lowrank_a", "lowrank_b"):
-                if f"{prefix}.{extra}" in tensors:
-                    raise ValueError(f"tensor {prefix}.{extra} present but athena.json says rank 0")
-        row_scale = None
-        has_scale = meta.get("row_scale", False)
-        if not isinstance(has_scale, bool):
-            raise ValueError(f"layer {prefix}: athena.json 'row_scale' must be true or false, got {has_scale!r}")
-        if has_scale:
-            row_scale = tensors.get(f"{prefix}.row_scale")
-            _check(f"{prefix}.row_scale", row_scale, torch.float16, (N,))
-        elif f"{prefix}.row_scale" in tensors:
-            raise ValueError(f"tensor {prefix}.row_scale present but athena.json does not say row_scale")
+        s = read_athena_tensors(prefix, tensors, meta)
         if not unpack:
             return None
         try:
-            indices = unpack_bits(tensors[name], b, G)
+            indices = unpack_bits(s.indices, s.index_bits, s.G)
         except ValueError as e:
-            raise ValueError(f"tensor {name}: {e}") from None
+            raise ValueError(f"tensor {prefix}.indices: {e}") from None
+        N, M = s.shape
         return cls(
-            shape=(N, M), d=d, n=n, k=k, codebook_bits=cb_bits, indices=indices,
-            codebook=tensors[f"{prefix}.codebook"], codebook_scale=scale, codebook_min=minimum,
-            lowrank_a=A, lowrank_b=B, bias=_bias_from(prefix, tensors, N), row_scale=row_scale,
+            shape=(N, M), d=s.d, n=s.n, k=s.k, codebook_bits=s.codebook_bits, indices=indices,
+            codebook=s.codebook, codebook_scale=s.codebook_scale, codebook_min=s.codebook_min,
+            lowrank_a=s.lowrank_a, lowrank_b=s.lowrank_b, bias=s.bias, row_scale=s.row_scale,
         )
 
     def meta(self) -> dict:

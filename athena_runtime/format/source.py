@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from athena_runtime.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
-from quantize.checkpoint import read_json
+from athena_runtime.format.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
+from athena_runtime.format.checkpoint import read_json
+from athena_runtime.format.environment import Environment
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def cache_dir() -> Path:
     """Where Athena caches converted and compressed models (`ATHENA_CACHE_DIR`, default ~/.cache/athena)."""
-    return Path(os.environ.get("ATHENA_CACHE_DIR", Path.home() / ".cache" / "athena"))
+    return Environment.read().cache_dir
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def resolve_source(name: str | Path) -> SourceInfo:
             magic = f.read(4)
         if magic != b"GGUF":
             raise ValueError(f"{p}: not a GGUF file and not a model folder")
-        from quantize.gguf_import import convert_gguf
+        from athena_runtime.format.gguf_import import convert_gguf
 
         out = cache_dir() / "gguf" / f"{p.stem}-{_file_digest(p)}"
         if not (out / "config.json").is_file():

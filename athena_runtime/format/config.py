@@ -13,7 +13,10 @@ Both the transformers-5 layout (`rope_parameters`, per layer type for Gemma 3) a
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +225,35 @@ def _rope_config(hf: dict, layer_type: str | None = None) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=None if original is None else int(original),
     )
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
+                  max_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [D / 2] float32, computed as transformers does for each rope type.
+
+    "dynamic" (NTK) is exact for contexts up to max_position_embeddings (where it equals "default");
+    for a longer `max_len` the base is stretched once for max_len (static, as vLLM does), whereas
+    transformers re-stretches as the sequence grows.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D / 2]
+    base = rope.theta
+    if rope.rope_type == "dynamic":
+        seq_len = max(max_len or max_position_embeddings, max_position_embeddings)
+        if seq_len > max_position_embeddings:
+            log.warning("dynamic NTK rope: frequencies fixed for %d positions (transformers rescales "
+                        "per sequence length)", seq_len)
+        stretch = rope.factor * seq_len / max_position_embeddings - (rope.factor - 1)
+        base = base * stretch ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / rope.low_freq_factor, old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq

@@ -1,7 +1,7 @@
 """The compressed checkpoint folder (FORMAT.md): writing, validating, reading.
 
 The only module that knows file names and the on-disk layout. Layers are (de)serialized by
-`quantize.qlayers`; this module handles the folder, athena.json, safetensors headers and resume parts.
+`athena_runtime.format.layers`; this module handles the folder, athena.json, safetensors headers and resume parts.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from athena_runtime.format.layers import layer_from_tensors
 
 FORMAT_NAME = "athena"
 FORMAT_VERSION = 2  # written; 2 added per-row scales (FORMAT.md "Versioning")
@@ -102,8 +104,6 @@ def read_meta(path: str | Path) -> dict:
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
     """(athena.json, all tensors) of a checkpoint folder, with every quantized layer validated."""
-    from quantize.qlayers import layer_from_tensors
-
     folder = Path(path)
     meta = read_meta(folder)
     weights = folder / WEIGHTS_FILE

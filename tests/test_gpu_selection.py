@@ -1,0 +1,30 @@
+"""GPU tests are chosen by the `gpu` marker: `pytest -m gpu` (bench/gpu_suite.sh tests) imports only modules that
+carry it; any other selection collects everything as usual."""
+from types import SimpleNamespace
+
+import conftest
+
+
+def _config(markexpr: str):
+    return SimpleNamespace(getoption=lambda name, default=None: markexpr if name == "markexpr" else default)
+
+
+def test_gpu_selection_skips_unmarked_modules_only(tmp_path):
+    marked, plain = tmp_path / "test_marked.py", tmp_path / "test_plain.py"
+    marked.write_text("import pytest\npytestmark = pytest.mark.gpu\n")
+    plain.write_text("import fastapi\n")
+    assert conftest.pytest_ignore_collect(plain, _config("gpu")) is True
+    assert conftest.pytest_ignore_collect(marked, _config("gpu")) is None
+    for expr in ("", "not slow", "gpu and slow"):  # only the GPU suite's exact selection prunes
+        assert conftest.pytest_ignore_collect(plain, _config(expr)) is None
+
+
+def test_the_gpu_suite_and_the_marker_agree():
+    """The suite selects by the marker (no hand list), and the marker is registered."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    suite = (root / "bench" / "gpu_suite.sh").read_text()
+    assert "-m gpu tests" in suite and "tests/test_" not in suite
+    assert '"gpu: ' in (root / "pyproject.toml").read_text()
+    assert "mark.gpu" in (root / "tests" / "test_pq_kernels.py").read_text()
