@@ -31,9 +31,8 @@ fi
 el "first use, toolkit hidden, empty cache"
 "${HIDE[@]}" timeout 120 "$PY" -m bench.nvrtc_first_use --json > $OUT/first_use.txt 2>&1; grep -v "^{" $OUT/first_use.txt | grep -v " INFO " | tail -8
 el "GPU tests, toolkit hidden"
-"${HIDE[@]}" timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_pq_linear.py tests/test_pq_kernels.py \
-   tests/test_pq_frag.py tests/test_pq_cuda_dequant.py tests/test_pq_cuda_fold.py tests/test_split_linear.py \
-   tests/test_model_runner.py -rfE > $OUT/gpu_tests.txt 2>&1; tail -3 $OUT/gpu_tests.txt
+"${HIDE[@]}" timeout ${TESTS_S:-250} "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -rfE > $OUT/gpu_tests.txt 2>&1
+tail -3 $OUT/gpu_tests.txt
 el "7B decode, toolkit hidden"
 "${HIDE[@]}" timeout 150 "$PY" -m bench.decode --workdir /tmp/w --skip-hf --json > $OUT/decode_nvrtc.txt 2>$OUT/decode_nvrtc.err
 grep -E "path|PQ|fp16" $OUT/decode_nvrtc.txt | head -4; grep -c "WARNING" $OUT/decode_nvrtc.err | sed 's/^/decode WARNING lines: /'
