@@ -52,6 +52,8 @@ class PQLinear(nn.Module):
         self.register_buffer("lowrank_b", lowrank_b, persistent=False)  # [r, M] or None
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
+        # (codes uint8 [Nb, G, n, d], scale fp16 [Nb, G, d], min fp16 [Nb, G, d]) as stored, kept on CPU loads only
+        self.codebook_codes: tuple | None = None
         self._bound: tuple | None = None  # (forced path, class upper token counts, [(backend, callable)] per class)
 
     # ------------------------------------------------------------------------------ loading
@@ -107,7 +109,10 @@ class PQLinear(nn.Module):
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
         A, B = pad_lowrank(opt(A), opt(B))
-        return cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path)
+        layer = cls(geo, qweight, codebook, A, B, opt(bias), codebook_bits, path)
+        if device.type == "cpu" and codebook_bits == 8:  # the CPU fast path multiplies by the codes (cpu_linear.py)
+            layer.codebook_codes = (cb.contiguous(), scale.contiguous(), cmin.contiguous())
+        return layer
 
     @classmethod
     def concat(cls, parts: list["PQLinear"], max_pad: float = 0.125) -> tuple["PQLinear", list[int]] | None:

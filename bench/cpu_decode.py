@@ -1,8 +1,10 @@
 """CPU decode step time of the reference and fast paths, A/B in one process (cpu_path.py).
 
-    python -m bench.cpu_decode [MODEL] [--streams 1,4] [--steps 16] [--rounds 5] [--profile]
+    python -m bench.cpu_decode [MODEL] [--paths reference,fast,fast:fp16] [--streams 1,4] [--steps 16] [--rounds 5]
+                               [--threads N] [--profile]
 
-MODEL defaults to the compressed embedded default. For each path a runner is loaded; each round then
+MODEL defaults to the compressed embedded default. For each path ("fast:FORMAT" picks the fast path's
+weight format, "fast" takes --weights) a runner is loaded; each round then
 prefills `--streams` prompts of 64 tokens per path and times `--steps` decode steps, the paths
 alternating round by round (the machine may be shared: medians over rounds are printed, and
 --profile prints the torch profiler's op table for one round of each path).
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("--paths", default="reference,fast")
-    ap.add_argument("--weights", default="fp16", help="the fast path's weight format: fp16 | int8")
+    ap.add_argument("--weights", default="auto", help="the fast path's weight format: auto | fp16 | int8")
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
@@ -60,10 +62,11 @@ def main(argv=None) -> int:
     model = resolve_model_arg(args.model)
     streams = [int(s) for s in args.streams.split(",")]
     runners = {}
-    for path in args.paths.split(","):
+    for path in args.paths.split(","):  # "reference", "fast" (--weights) or "fast:FORMAT"
         t0 = time.perf_counter()
+        kind, _, weights = path.partition(":")
         runners[path] = ModelRunner.from_path(model, num_blocks=64 * max(streams), device="cpu", max_model_len=1024,
-                                              cpu_path=CPUPathSettings(path, args.weights, args.threads))
+                                              cpu_path=CPUPathSettings(kind, weights or args.weights, args.threads))
         print(f"{path}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     for s in streams:
         res = {p: [] for p in runners}
