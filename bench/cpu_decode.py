@@ -20,7 +20,9 @@ import torch
 
 def _round(runner, streams: int, steps: int, prompt_len: int = 64, feed: list | None = None):
     """(prefill seconds for all streams, median decode ms per step, logits of every step [steps + 1][S, V],
-    the tokens fed). `feed`: the tokens to feed at each step (another path's, so logits compare)."""
+    the tokens fed, median process CPU ms per step). `feed`: the tokens to feed at each step (another path's, so
+    logits compare). CPU time (all threads of the process) is the figure to compare on a machine shared with
+    other jobs: wall time there includes waiting for a core."""
     from athena_runtime.batch import SequenceChunk
 
     bs = runner.block_size
@@ -33,14 +35,15 @@ def _round(runner, streams: int, steps: int, prompt_len: int = 64, feed: list | 
         prompt = torch.randint(3, 1000, (prompt_len,), generator=g).tolist()
         first.append(runner.execute([SequenceChunk(prompt, 0, t)])[0])
     prefill = time.perf_counter() - t0
-    all_logits, fed, times = [torch.stack(first)], [], []
+    all_logits, fed, times, cpu = [torch.stack(first)], [], [], []
     for i in range(steps):
         last = feed[i] if feed is not None else all_logits[-1].argmax(-1).tolist()
         fed.append(last)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         all_logits.append(runner.execute([SequenceChunk([tok], prompt_len + i, t) for tok, t in zip(last, tables)]))
         times.append(time.perf_counter() - t0)
-    return prefill, statistics.median(times) * 1e3, all_logits, fed
+        cpu.append(time.process_time() - c0)
+    return prefill, statistics.median(times) * 1e3, all_logits, fed, statistics.median(cpu) * 1e3
 
 
 @torch.inference_mode()
@@ -86,9 +89,10 @@ def main(argv=None) -> int:
         for p, rs in res.items():
             pre = statistics.median(x[0] for x in rs)
             ms = statistics.median(x[1] for x in rs)
-            print(f"{s} stream(s), {p:9s}: decode {ms:7.1f} ms/step (median of {args.rounds} rounds x {args.steps} "
-                  f"steps; rounds {', '.join(f'{x[1]:.1f}' for x in rs)}), prefill {pre * 1e3:.0f} ms for "
-                  f"{s} x 64 tokens", flush=True)
+            cms = statistics.median(x[4] for x in rs)
+            print(f"{s} stream(s), {p:10s}: decode {ms:7.1f} ms/step wall, {cms:7.1f} ms/step CPU (medians of "
+                  f"{args.rounds} rounds x {args.steps} steps; wall per round {', '.join(f'{x[1]:.1f}' for x in rs)}), "
+                  f"prefill {pre * 1e3:.0f} ms for {s} x 64 tokens", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
