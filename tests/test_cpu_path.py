@@ -86,7 +86,7 @@ def _pq_layers(seed, N, M, k, rank, bias, n=16, d=2):
     return PQLinear.from_tensors("p", tensors, meta, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 7])
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # 16 and more: float32 dequantization + sgemm (SGEMM_TOKENS)
 @pytest.mark.parametrize("N,M,k,rank,bias", [(1, 2, 4, 0, False), (9, 13, 4, 1, True), (40, 70, 16, 2, False),
                                              (33, 576, 64, 3, True)])
 def test_pq8_layer_is_exact(T, N, M, k, rank, bias):

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_ops.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI = 2  # cpu_linear.c's athena_cpu_linear_abi()
+ABI = 3  # cpu_linear.c's athena_cpu_linear_abi()
 OPS_ABI = 1  # cpu_ops.c's athena_cpu_ops_abi()
 COMPILERS = ("cc", "gcc", "clang")
 
@@ -101,6 +101,8 @@ class CPUKernels:
             fn.restype = None
         lib.pq8_linear.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, p, p, p, ctypes.c_int]
         lib.pq8_linear.restype = ctypes.c_int
+        lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, ctypes.c_int]
+        lib.pq8_dequant.restype = None
         f32 = ctypes.c_float
         for fn, args in ((lib.rmsnorm_add, [p, p, p, f32, p, p, i64, i64]),
                          (lib.rope_, [p, i64, i64, i64, i64, p, p]),

@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -47,6 +47,9 @@ static inline __m256 load_f16x8(const uint16_t *p) {
 #endif
 
 static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
         if (man == 0) {
@@ -328,6 +331,26 @@ int pq8_linear(const float *x, int64_t T, int64_t M, const uint8_t *W, int64_t N
     return 0;
 }
 
+/* Ŵ float32 [N, M] of pq8_linear's form (low-rank term excluded): for prompt chunks, which multiply faster
+   through PyTorch's sgemm than through the register-blocked loops above. */
+void pq8_dequant(const uint8_t *W, int64_t N, int64_t M, int64_t nblk, const int64_t *start, const float *colscale,
+                 const float *colmin, float *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && N * M > (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t b = 0;
+        while (b + 1 < nblk && n >= start[b + 1]) b++;
+        const float *cs = colscale + b * M, *cm = colmin + b * M;
+        const uint8_t *w = W + n * M;
+        float *o = out + n * M;
+        int64_t m = 0;
+#ifdef __AVX2__
+        for (; m + 8 <= M; m += 8)
+            _mm256_storeu_ps(o + m, _mm256_fmadd_ps(load_u8x8(w + m), _mm256_loadu_ps(cs + m), _mm256_loadu_ps(cm + m)));
+#endif
+        for (; m < M; m++) o[m] = cm[m] + cs[m] * (float)w[m];
+    }
+}
+
 /* The ABI version cpu_linear.py checks after loading (bump on any signature change). */
-int athena_cpu_linear_abi(void) { return 2; }
+int athena_cpu_linear_abi(void) { return 3; }
 
