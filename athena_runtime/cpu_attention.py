@@ -6,6 +6,8 @@ context, shorter rows padded and masked) are computed once per step, on the firs
 layer then gathers K/V through `kv_cache.read` (any format, sink key included), and runs one
 grouped-query `scaled_dot_product_attention` over [S, Hkv, L, D]. Prompt chunks take the reference path
 per sequence (a prefill step is one call per chunk, compute-bound, not op-bound).
+With the compiled kernels (`ops`), a step of decode tokens only over a float32/float16 cache without a stored
+basis is one call (`attn_decode` in kernels/cpu_ops.c: reads the paged cache in place, softmax in float32).
 Same signature as `kernels.paged_attention.PagedAttention.__call__`.
 """
 from __future__ import annotations
@@ -16,13 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from athena_runtime.batch import AttentionMetadata
+from athena_runtime.cpu_decoder import cache_fp16, plain_cache
 from athena_runtime.kernels.paged_attention import paged_attention_reference
 
 log = logging.getLogger(__name__)
 
 
 class CPUPagedAttention:
-    def __init__(self):
+    def __init__(self, ops=None):
+        self._ops = ops  # the compiled kernels (attn_decode), or None: batched PyTorch ops only
         self._logged: set[str] = set()
         self._attn: AttentionMetadata | None = None  # the step whose gather plans are cached
         self._plans: dict = {}  # sliding window -> plan (layers may differ in their window)
@@ -68,6 +72,18 @@ class CPUPagedAttention:
             self._log("reference-softcap", "CPU attention with logit soft-capping")
             return paged_attention_reference(q, kv_cache, layer, attn.block_tables, attn.seq_lens,
                                              attn.query_start_loc, sm_scale, sliding_window, softcap)
+        if self._ops is not None and len(dec) == n_seq and plain_cache(kv_cache) and q.stride(-1) == 1 \
+                and q.stride(1) == q.shape[2] and q.dtype == torch.float32:
+            self._log("cpu-compiled-decode", "CPU decode step over a float32/float16 cache: one compiled call")
+            H, D = q.shape[1], q.shape[2]
+            out = torch.empty(n_seq, H, D, dtype=torch.float32)
+            tables, lens = attn.block_tables.contiguous(), attn.seq_lens.contiguous()
+            if self._ops.attn_decode(q.data_ptr(), n_seq, q.stride(0), H, kv_cache.num_kv_heads, D,
+                                     kv_cache.k[layer].data_ptr(), kv_cache.v[layer].data_ptr(), cache_fp16(kv_cache),
+                                     tables.data_ptr(), tables.stride(0), lens.data_ptr(), kv_cache.block_size,
+                                     sm_scale, sliding_window or 0, out.data_ptr(), torch.get_num_threads()):
+                raise MemoryError("attn_decode: out of memory for its score buffer")
+            return out
         if not dec:
             self._log("reference", "CPU prompt chunks")
             return paged_attention_reference(q, kv_cache, layer, attn.block_tables, attn.seq_lens,

@@ -1,7 +1,7 @@
 """Which execution path a CPU model runner takes, and its thread count: decided once, logged.
 
     reference   the spec: PQ layers dequantized to float32 (pq_linear.py), per-sequence paged attention
-    fast        compact weights through the compiled kernels (cpu_linear.py: fp16, or int8 per output
+    fast        compact weights through the compiled kernels (cpu_linear.py: PQ layers as exact uint8, fp16, or int8 per output
                 channel), q/k/v and gate/up fused, lm_head included; batched decode attention
                 (cpu_attention.py)
     auto        fast when its kernels build here (a C compiler is needed once), else reference with a
@@ -9,12 +9,12 @@
 
 Settings come from the environment (the server and CLIs need no new flags):
     ATHENA_CPU_PATH     auto | fast | reference        (default auto)
-    ATHENA_CPU_WEIGHTS  fp16 | int8                    (default fp16; the fast path's weight format)
+    ATHENA_CPU_WEIGHTS  auto | fp16 | int8             (default auto; the fast path's weight format, cpu_linear.py)
 
-fp16 is the default because it is exact for practical purposes (dense SmolLM2-135M, one 64-token prompt: max
-|logit difference| 1.4e-6 of the largest logit), while int8 per output row moved logits by up to 3.6%
-of the largest (mean 0.19; argmax agreed on 98.3% of positions): SmolLM2's massive activations
-amplify per-row rounding. int8 halves the bytes again; choose it knowingly.
+auto keeps PQ layers in their exact uint8 form (1 byte a weight, same values as the reference) and the
+lm_head as int8 per 32 columns; fp16 stores every effective weight as float16 (2 bytes, exact for practical
+purposes); int8 per output row moved SmolLM2-135M's logits by up to 3.6% of the largest (its massive
+activations amplify per-row rounding): choose it knowingly.
     ATHENA_CPU_THREADS  N                              (default: PyTorch's, the cores it may use)
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ CPU_PATHS = ("auto", "fast", "reference")
 @dataclass(frozen=True)
 class CPUPathSettings:
     path: str = "auto"  # auto | fast | reference
-    weights: str = "fp16"  # fp16 | int8: the fast path's weight format (lm_head included)
+    weights: str = "auto"  # auto | fp16 | int8: the fast path's weight format (cpu_linear.py)
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
 
     def __post_init__(self):
@@ -92,15 +92,22 @@ def apply(model: torch.nn.Module, settings: CPUPathSettings) -> str:
         log.info("CPU path: reference (%s): float32 dequantized weights, per-sequence attention", why)
         return path
     from athena_runtime.cpu_attention import CPUPagedAttention
-    from athena_runtime.cpu_linear import convert_model
+    from athena_runtime.cpu_decoder import specialize
+    from athena_runtime.cpu_linear import KERNELS, convert_model
 
     t0 = time.perf_counter()
     stats = convert_model(model, settings.weights)
-    attention = CPUPagedAttention()
+    ops = KERNELS.load()
+    attention = CPUPagedAttention(ops)
     for layer in model.model.layers:
         layer.self_attn.paged_attention = attention
-    log.info("CPU path: fast (%s): %d linear layers as %s weights through the compiled kernel, "
+    switched = specialize(model, ops)
+    log.info("CPU path: compiled decoder ops for %s (norms, RoPE, SiLU, K/V writes and decode attention; "
+             "each module falls back to PyTorch where its kernel does not apply, e.g. a quantized KV cache)",
+             ", ".join(f"{n} {name}" for name, n in switched.items()) or "no module")
+    log.info("CPU path: fast (%s): %d linear layers through the compiled kernels (ATHENA_CPU_WEIGHTS=%s: %s), "
              "%.0f MB of weights per token (float32 reference: %.0f MB), batched decode attention; "
-             "converted in %.1f s", why, stats["layers"], settings.weights, stats["weight_bytes"] / 1e6,
+             "converted in %.1f s", why, stats["layers"], settings.weights,
+             ", ".join(f"{n} {f}" for f, n in stats["formats"].items()), stats["weight_bytes"] / 1e6,
              stats["reference_bytes"] / 1e6, time.perf_counter() - t0)
     return path

@@ -57,6 +57,8 @@ class PQLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)  # [N] or None
         self.register_buffer("row_scale", row_scale, persistent=False)  # [N] or None: an epilogue, see forward
         self._cpu_weight: torch.Tensor | None = None  # W_eff [N, M] fp32, cached for the CPU reference
+        # (codes uint8 [Nb, G, n, d], scale fp16 [Nb, G, d], min fp16 [Nb, G, d]) as stored, kept on CPU loads only
+        self.codebook_codes: tuple | None = None
         self._bound: tuple | None = None  # (forced path, class upper token counts, [(backend, callable)] per class)
 
     # ------------------------------------------------------------------------------ loading
@@ -81,7 +83,11 @@ class PQLinear(nn.Module):
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
         A, B = pad_lowrank(opt(s.lowrank_a), opt(s.lowrank_b))
-        return cls(geo, qweight, codebook, A, B, opt(s.bias), s.codebook_bits, path, opt(s.row_scale))
+        layer = cls(geo, qweight, codebook, A, B, opt(s.bias), s.codebook_bits, path, opt(s.row_scale))
+        if device.type == "cpu" and s.codebook_bits == 8 and s.row_scale is None:
+            # the CPU fast path multiplies by the stored codes (cpu_linear.py; row-scaled layers take its fp16 form)
+            layer.codebook_codes = (s.codebook.contiguous(), scale.contiguous(), cmin.contiguous())
+        return layer
 
     @classmethod
     def concat(cls, parts: list["PQLinear"], max_pad: float = 0.125) -> tuple["PQLinear", list[int]] | None:

@@ -1,8 +1,10 @@
 """CPU decode step time of the reference and fast paths, A/B in one process (cpu_path.py).
 
-    python -m bench.cpu_decode [MODEL] [--streams 1,4] [--steps 16] [--rounds 5] [--profile]
+    python -m bench.cpu_decode [MODEL] [--paths reference,fast,fast:fp16] [--streams 1,4] [--steps 16] [--rounds 5]
+                               [--threads N] [--profile]
 
-MODEL defaults to the compressed embedded default. For each path a runner is loaded; each round then
+MODEL defaults to the compressed embedded default. For each path ("fast:FORMAT" picks the fast path's
+weight format, "fast" takes --weights) a runner is loaded; each round then
 prefills `--streams` prompts of 64 tokens per path and times `--steps` decode steps, the paths
 alternating round by round (the machine may be shared: medians over rounds are printed, and
 --profile prints the torch profiler's op table for one round of each path).
@@ -18,7 +20,9 @@ import torch
 
 def _round(runner, streams: int, steps: int, prompt_len: int = 64, feed: list | None = None):
     """(prefill seconds for all streams, median decode ms per step, logits of every step [steps + 1][S, V],
-    the tokens fed). `feed`: the tokens to feed at each step (another path's, so logits compare)."""
+    the tokens fed, median process CPU ms per step). `feed`: the tokens to feed at each step (another path's, so
+    logits compare). CPU time (all threads of the process) is the figure to compare on a machine shared with
+    other jobs: wall time there includes waiting for a core."""
     from athena_runtime.batch import SequenceChunk
 
     bs = runner.block_size
@@ -31,14 +35,15 @@ def _round(runner, streams: int, steps: int, prompt_len: int = 64, feed: list | 
         prompt = torch.randint(3, 1000, (prompt_len,), generator=g).tolist()
         first.append(runner.execute([SequenceChunk(prompt, 0, t)])[0])
     prefill = time.perf_counter() - t0
-    all_logits, fed, times = [torch.stack(first)], [], []
+    all_logits, fed, times, cpu = [torch.stack(first)], [], [], []
     for i in range(steps):
         last = feed[i] if feed is not None else all_logits[-1].argmax(-1).tolist()
         fed.append(last)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         all_logits.append(runner.execute([SequenceChunk([tok], prompt_len + i, t) for tok, t in zip(last, tables)]))
         times.append(time.perf_counter() - t0)
-    return prefill, statistics.median(times) * 1e3, all_logits, fed
+        cpu.append(time.process_time() - c0)
+    return prefill, statistics.median(times) * 1e3, all_logits, fed, statistics.median(cpu) * 1e3
 
 
 @torch.inference_mode()
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("--paths", default="reference,fast")
-    ap.add_argument("--weights", default="fp16", help="the fast path's weight format: fp16 | int8")
+    ap.add_argument("--weights", default="auto", help="the fast path's weight format: auto | fp16 | int8")
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
@@ -60,10 +65,11 @@ def main(argv=None) -> int:
     model = resolve_model_arg(args.model)
     streams = [int(s) for s in args.streams.split(",")]
     runners = {}
-    for path in args.paths.split(","):
+    for path in args.paths.split(","):  # "reference", "fast" (--weights) or "fast:FORMAT"
         t0 = time.perf_counter()
+        kind, _, weights = path.partition(":")
         runners[path] = ModelRunner.from_path(model, num_blocks=64 * max(streams), device="cpu", max_model_len=1024,
-                                              cpu_path=CPUPathSettings(path, args.weights, args.threads))
+                                              cpu_path=CPUPathSettings(kind, weights or args.weights, args.threads))
         print(f"{path}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     for s in streams:
         res = {p: [] for p in runners}
@@ -83,9 +89,10 @@ def main(argv=None) -> int:
         for p, rs in res.items():
             pre = statistics.median(x[0] for x in rs)
             ms = statistics.median(x[1] for x in rs)
-            print(f"{s} stream(s), {p:9s}: decode {ms:7.1f} ms/step (median of {args.rounds} rounds x {args.steps} "
-                  f"steps; rounds {', '.join(f'{x[1]:.1f}' for x in rs)}), prefill {pre * 1e3:.0f} ms for "
-                  f"{s} x 64 tokens", flush=True)
+            cms = statistics.median(x[4] for x in rs)
+            print(f"{s} stream(s), {p:10s}: decode {ms:7.1f} ms/step wall, {cms:7.1f} ms/step CPU (medians of "
+                  f"{args.rounds} rounds x {args.steps} steps; wall per round {', '.join(f'{x[1]:.1f}' for x in rs)}), "
+                  f"prefill {pre * 1e3:.0f} ms for {s} x 64 tokens", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

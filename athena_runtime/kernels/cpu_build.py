@@ -1,8 +1,9 @@
-"""Build-once loader of the CPU linear kernels (`cpu_linear.c`), called through ctypes.
+"""Build-once loader of the CPU kernels (`cpu_linear.c`: linear layers, `cpu_ops.c`: norms, RoPE, SiLU,
+KV writes and decode attention), called through ctypes.
 
-The source is compiled with the system C compiler (`$CC`, else cc/gcc/clang) as
-`-O3 -march=native -fopenmp -shared` into `<cache>/kernels/cpu_linear-<hash>.so`, the hash covering
-the source, the flags, the compiler and this CPU's feature flags (a cache shared between machines
+The sources are compiled with the system C compiler (`$CC`, else cc/gcc/clang) as
+`-O3 -march=native -fopenmp -shared` into one `<cache>/kernels/cpu_linear-<hash>.so`, the hash covering
+the sources, the flags, the compiler and this CPU's feature flags (a cache shared between machines
 never hands one CPU another's build). `-fopenmp` links `libgomp.so.1`, which PyTorch's CPU wheel has
 already loaded, so the kernels share PyTorch's OpenMP runtime and thread count. Takes ~1 s once.
 
@@ -22,9 +23,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_linear.c")
+SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_ops.c"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI = 1
+ABI = 3  # cpu_linear.c's athena_cpu_linear_abi()
+OPS_ABI = 1  # cpu_ops.c's athena_cpu_ops_abi()
 COMPILERS = ("cc", "gcc", "clang")
 
 
@@ -76,13 +78,13 @@ class CPUKernels:
         cc = _compiler()
         if cc is None:
             raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
-        src = SOURCE.read_text()
+        src = "\n".join(p.read_text() for p in SOURCES)
         key = hashlib.sha1("\n".join([src, " ".join(CFLAGS), cc, _cpu_flags()]).encode()).hexdigest()[:12]
         out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, *CFLAGS, str(SOURCE), "-o", str(tmp)]
+            cmd = [cc, *CFLAGS, *map(str, SOURCES), "-lm", "-o", str(tmp)]
             log.info("building the CPU linear kernels: %s", " ".join(cmd))
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
@@ -90,12 +92,26 @@ class CPUKernels:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
             tmp.replace(out)
         lib = ctypes.CDLL(str(out))
-        if lib.athena_cpu_linear_abi() != ABI:
-            raise RuntimeError(f"{out}: ABI {lib.athena_cpu_linear_abi()}, expected {ABI}")
+        if lib.athena_cpu_linear_abi() != ABI or lib.athena_cpu_ops_abi() != OPS_ABI:
+            raise RuntimeError(f"{out}: ABI {lib.athena_cpu_linear_abi()}/{lib.athena_cpu_ops_abi()}, "
+                               f"expected {ABI}/{OPS_ABI}")
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        for fn in (lib.i8_linear, lib.f16_linear):
+        for fn in (lib.i8_linear, lib.f16_linear, lib.q8g_linear):
             fn.argtypes = [p, i64, i64, p, p, p, p, i64, ctypes.c_int]
             fn.restype = None
+        lib.pq8_linear.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, p, p, p, ctypes.c_int]
+        lib.pq8_linear.restype = ctypes.c_int
+        lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, ctypes.c_int]
+        lib.pq8_dequant.restype = None
+        f32 = ctypes.c_float
+        for fn, args in ((lib.rmsnorm_add, [p, p, p, f32, p, p, i64, i64]),
+                         (lib.rope_, [p, i64, i64, i64, i64, p, p]),
+                         (lib.silu_mul, [p, i64, i64, i64, i64, p]),
+                         (lib.kv_write, [p, p, i64, i64, p, p, p, i64, ctypes.c_int])):
+            fn.argtypes, fn.restype = args, None
+        lib.attn_decode.argtypes = [p, i64, i64, i64, i64, i64, p, p, ctypes.c_int, p, i64, p, i64, f32, i64, p,
+                                    ctypes.c_int]
+        lib.attn_decode.restype = ctypes.c_int
         log.info("CPU linear kernels loaded from %s", out)
         return lib
 

@@ -2,6 +2,13 @@
 
    i8_linear:  y[t, n] = scale[n] * sum_m x[t, m] * W[n, m] (+ bias[n])     W int8 [N, M]
    f16_linear: y[t, n] =            sum_m x[t, m] * W[n, m] (+ bias[n])     W float16 bits [N, M]
+   q8g_linear: y[t, n] = sum_g scale[n, g] * sum_{m in group g} x[t, m] * W[n, m] (+ bias[n])
+               W int8 [N, M], groups of 32 columns (the last one may be shorter), scale float32 [N, ceil(M/32)]
+   pq8_linear: a PQ layer's exact u8 form (cpu_linear.py): rows [start[b], start[b+1]) of block b have
+               W_eff[n, m] = colmin[b, m] + colscale[b, m] * W[n, m] + sum_r A[n, r] B[r, m], W uint8 [N, M],
+               so y[t, n] = sum_m (x[t, m] colscale[b, m]) W[n, m] + sum_m x[t, m] colmin[b, m]
+                            + sum_r A[n, r] (sum_m B[r, m] x[t, m]) (+ bias[n])
+               A float16 bits [N, R], B float16 bits [R, M] (R may be 0).
 
    x [T, M] and y [T, N] float32, row-major and contiguous. Accumulation in float32. Decode is
    memory-bound: each weight row is converted in registers once per pair of tokens (x rows stay in
@@ -9,8 +16,9 @@
    runtime: PyTorch's, so torch.set_num_threads governs it; `threads` is passed explicitly).
    Built with -march=native by cpu_linear.py; without AVX2 the scalar loops below run. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -28,12 +36,20 @@ static inline __m256 load_i8x8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
+static inline __m256 load_u8x8(const uint8_t *p) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
+
 static inline __m256 load_f16x8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 #endif
 
 static inline float f16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#endif
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
         if (man == 0) {
@@ -103,10 +119,13 @@ static inline float row1_##SUFFIX(const float *x, int64_t M, const WTYPE *w) {  
 }
 
 #define SCALAR_i8(v) ((float)(v))
+#define SCALAR_u8(v) ((float)(v))
 #define SCALAR_f16(v) f16_to_f32(v)
 BLOCKS(i8, int8_t, load_i8x8)
+BLOCKS(u8, uint8_t, load_u8x8)
 BLOCKS(f16, uint16_t, load_f16x8)
 ROW1(i8, int8_t)
+ROW1(u8, uint8_t)
 ROW1(f16, uint16_t)
 
 #define ROWS_PER_TASK 32
@@ -152,7 +171,7 @@ ROW1(f16, uint16_t)
 void NAME(const float *x, int64_t T, int64_t M, const WTYPE *W, const float *scale,                 \
           const float *bias, float *y, int64_t N, int threads) {                                    \
     int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;                                        \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1 && tasks > 1)")  \
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1 && tasks > 1)")  \
     for (int64_t task = 0; task < tasks; task++) {                                                  \
         int64_t n0 = task * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;    \
         int64_t n = n0;                                                                             \
@@ -163,5 +182,175 @@ void NAME(const float *x, int64_t T, int64_t M, const WTYPE *W, const float *sca
 LINEAR(i8_linear, i8, int8_t)
 LINEAR(f16_linear, f16, uint16_t)
 
+/* ---------------------------------------------------------------------------------------------- q8g
+   int8 weights with one float32 scale per 32 columns of a row (the last group may be shorter). */
+#define QG 32
+static inline float q8g_row1(const float *x, int64_t M, const int8_t *w, const float *s) {
+    float acc = 0.0f;
+    for (int64_t g0 = 0; g0 < M; g0 += QG) {
+        int64_t g1 = g0 + QG < M ? g0 + QG : M;
+        float part = 0.0f;
+        for (int64_t m = g0; m < g1; m++) part += x[m] * (float)w[m];
+        acc += part * s[g0 / QG];
+    }
+    return acc;
+}
+
+#ifdef __AVX2__
+/* RR rows x TT tokens (TT = 1 or 2), full groups only (M0 = M rounded down to 32); returns raw sums. */
+#define Q8G_BLOCK(RR, TT)                                                                           \
+static inline void q8g_r##RR##_t##TT(const float *x, int64_t M, int64_t M0, const int8_t *w,        \
+                                     const float *s, int64_t G, float *out) {                       \
+    __m256 a[RR][TT];                                                                               \
+    for (int r = 0; r < RR; r++) for (int t = 0; t < TT; t++) a[r][t] = _mm256_setzero_ps();        \
+    for (int64_t m = 0; m < M0; m += QG) {                                                          \
+        for (int r = 0; r < RR; r++) {                                                              \
+            const int8_t *wr = w + r * M + m;                                                       \
+            __m256 w0 = load_i8x8(wr), w1 = load_i8x8(wr + 8), w2 = load_i8x8(wr + 16),             \
+                   w3 = load_i8x8(wr + 24);                                                         \
+            __m256 sc = _mm256_broadcast_ss(s + r * G + m / QG);                                    \
+            for (int t = 0; t < TT; t++) {                                                          \
+                const float *xt = x + t * M + m;                                                    \
+                __m256 g = _mm256_mul_ps(_mm256_loadu_ps(xt), w0);                                  \
+                g = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), w1, g);                                \
+                g = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 16), w2, g);                               \
+                g = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 24), w3, g);                               \
+                a[r][t] = _mm256_fmadd_ps(g, sc, a[r][t]);                                          \
+            }                                                                                       \
+        }                                                                                           \
+    }                                                                                               \
+    for (int r = 0; r < RR; r++) for (int t = 0; t < TT; t++) out[t * RR + r] = hsum8(a[r][t]);     \
+}
+Q8G_BLOCK(8, 1)
+Q8G_BLOCK(4, 2)
+#endif
+
+/* the tail group (columns M0..M) of row w for token x */
+static inline float q8g_tail(const float *x, int64_t M, int64_t M0, const int8_t *w, const float *s) {
+    if (M0 >= M) return 0.0f;
+    float part = 0.0f;
+    for (int64_t m = M0; m < M; m++) part += x[m] * (float)w[m];
+    return part * s[M0 / QG];
+}
+
+void q8g_linear(const float *x, int64_t T, int64_t M, const int8_t *W, const float *scale,
+                const float *bias, float *y, int64_t N, int threads) {
+    int64_t G = (M + QG - 1) / QG, M0 = M / QG * QG;
+    int64_t tasks = (N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    #pragma omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1 && tasks > 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t n0 = task * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < N ? n0 + ROWS_PER_TASK : N;
+        int64_t t = 0;
+#ifdef __AVX2__
+        for (; t + 2 <= T; t += 2) {
+            const float *xt = x + t * M;
+            int64_t n = n0;
+            for (; n + 4 <= n1; n += 4) {
+                float o[8];
+                q8g_r4_t2(xt, M, M0, W + n * M, scale + n * G, G, o);
+                for (int r = 0; r < 4; r++)
+                    for (int u = 0; u < 2; u++)
+                        y[(t + u) * N + n + r] = o[u * 4 + r] + q8g_tail(xt + u * M, M, M0, W + (n + r) * M,
+                                                                         scale + (n + r) * G) + B(n + r);
+            }
+            for (; n < n1; n++)
+                for (int u = 0; u < 2; u++)
+                    y[(t + u) * N + n] = q8g_row1(xt + u * M, M, W + n * M, scale + n * G) + B(n);
+        }
+        if (t < T) {
+            const float *xt = x + t * M;
+            int64_t n = n0;
+            for (; n + 8 <= n1; n += 8) {
+                float o[8];
+                q8g_r8_t1(xt, M, M0, W + n * M, scale + n * G, G, o);
+                for (int r = 0; r < 8; r++)
+                    y[t * N + n + r] = o[r] + q8g_tail(xt, M, M0, W + (n + r) * M, scale + (n + r) * G) + B(n + r);
+            }
+            for (; n < n1; n++) y[t * N + n] = q8g_row1(xt, M, W + n * M, scale + n * G) + B(n);
+        }
+#else
+        (void)M0;
+        for (; t < T; t++)
+            for (int64_t n = n0; n < n1; n++) y[t * N + n] = q8g_row1(x + t * M, M, W + n * M, scale + n * G) + B(n);
+#endif
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- pq8 */
+/* raw dot products x[t] . W[n] for rows [n0, n1), all tokens (u8 weights) */
+static void dots_u8(const float *x, int64_t T, int64_t M, const uint8_t *W, int64_t n0, int64_t n1,
+                    float *y, int64_t N) {
+    const float *scale = NULL, *bias = NULL;
+    int64_t n = n0;
+    ROWS_SIMD(u8)
+}
+
+static inline float dot_f16(const uint16_t *w, const float *x, int64_t M) {
+    float s = 0.0f;
+    int64_t m = 0;
+#ifdef __AVX2__
+    __m256 a = _mm256_setzero_ps();
+    for (; m + 8 <= M; m += 8) a = _mm256_fmadd_ps(load_f16x8(w + m), _mm256_loadu_ps(x + m), a);
+    s = hsum8(a);
+#endif
+    for (; m < M; m++) s += f16_to_f32(w[m]) * x[m];
+    return s;
+}
+
+int pq8_linear(const float *x, int64_t T, int64_t M, const uint8_t *W, int64_t N, int64_t nblk,
+               const int64_t *start, const float *colscale, const float *colmin, int64_t R,
+               const uint16_t *A, const uint16_t *Bm, const float *bias, float *y, int threads) {
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(T * nblk * M + T * nblk + T * R + 1));
+    if (!xs) return 1;
+    float *cst = xs + T * nblk * M, *z = cst + T * nblk;  /* x·colscale [nblk, T, M], x·colmin [nblk, T], Bx [T, R] */
+    for (int64_t b = 0; b < nblk; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *xt = x + t * M, *cs = colscale + b * M, *cm = colmin + b * M;
+            float *o = xs + (b * T + t) * M, c = 0.0f;
+            for (int64_t m = 0; m < M; m++) { o[m] = xt[m] * cs[m]; c += xt[m] * cm[m]; }
+            cst[b * T + t] = c;
+        }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t r = 0; r < R; r++) z[t * R + r] = dot_f16(Bm + r * M, x + t * M, M);
+    int64_t tasks = 0;
+    for (int64_t b = 0; b < nblk; b++) tasks += (start[b + 1] - start[b] + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    #pragma omp parallel for schedule(dynamic) num_threads(threads) if(threads > 1 && tasks > 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = 0, k = task, per;
+        while (k >= (per = (start[b + 1] - start[b] + ROWS_PER_TASK - 1) / ROWS_PER_TASK)) { k -= per; b++; }
+        int64_t n0 = start[b] + k * ROWS_PER_TASK, n1 = n0 + ROWS_PER_TASK < start[b + 1] ? n0 + ROWS_PER_TASK : start[b + 1];
+        dots_u8(xs + b * T * M, T, M, W, n0, n1, y, N);
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t n = n0; n < n1; n++) {
+                float v = y[t * N + n] + cst[b * T + t] + B(n);
+                for (int64_t r = 0; r < R; r++) v += f16_to_f32(A[n * R + r]) * z[t * R + r];
+                y[t * N + n] = v;
+            }
+    }
+    free(xs);
+    return 0;
+}
+
+/* Ŵ float32 [N, M] of pq8_linear's form (low-rank term excluded): for prompt chunks, which multiply faster
+   through PyTorch's sgemm than through the register-blocked loops above. */
+void pq8_dequant(const uint8_t *W, int64_t N, int64_t M, int64_t nblk, const int64_t *start, const float *colscale,
+                 const float *colmin, float *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && N * M > (1 << 16))
+    for (int64_t n = 0; n < N; n++) {
+        int64_t b = 0;
+        while (b + 1 < nblk && n >= start[b + 1]) b++;
+        const float *cs = colscale + b * M, *cm = colmin + b * M;
+        const uint8_t *w = W + n * M;
+        float *o = out + n * M;
+        int64_t m = 0;
+#ifdef __AVX2__
+        for (; m + 8 <= M; m += 8)
+            _mm256_storeu_ps(o + m, _mm256_fmadd_ps(load_u8x8(w + m), _mm256_loadu_ps(cs + m), _mm256_loadu_ps(cm + m)));
+#endif
+        for (; m < M; m++) o[m] = cm[m] + cs[m] * (float)w[m];
+    }
+}
+
 /* The ABI version cpu_linear.py checks after loading (bump on any signature change). */
-int athena_cpu_linear_abi(void) { return 1; }
+int athena_cpu_linear_abi(void) { return 3; }
+

@@ -1,0 +1,109 @@
+"""The CPU fast path's decoder modules: the same math as model.py's, with each step's element-wise work and
+decode attention done by one compiled call each (`kernels/cpu_ops.c`) instead of several PyTorch ops.
+
+A decode step of a small model on the CPU is op-bound: SmolLM2-135M runs ~50 PyTorch ops in each of its
+30 layers, ~5-10 µs apiece. `specialize(model)` switches, in place, the modules that have a fast form:
+
+    RMSNorm        -> CPURMSNorm     residual add + RMSNorm (float32, no unit offset)
+    Attention      -> CPUAttention   fused q/k/v projection, RoPE in place on its output, K/V written into a
+                                     float32/float16 cache without a stored basis or rotation, then the
+                                     layer's paged attention (cpu_attention.py: one compiled call for decode)
+    MLP            -> CPUMLP         fused gate/up projection, SiLU(gate)·up in one call
+
+Each keeps its class's interface and falls back to the original forward for what it does not cover
+(q/k norms, logit soft-capping, GELU, a quantized or rotated KV cache, unfused projections); which modules
+were switched is counted and logged by cpu_path.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from athena_runtime.kv_cache import FP16KVCache
+from athena_runtime.model import MLP, Attention, RMSNorm
+from athena_runtime.split_linear import SplitLinear
+
+
+def plain_cache(cache) -> bool:
+    """A float32/float16 cache storing K and V as computed (no key basis, no rotation): the compiled write and
+    decode attention read and write it directly."""
+    return isinstance(cache, FP16KVCache) and cache.key_offset is None and cache.rotation is None
+
+
+def cache_fp16(cache) -> int:
+    return int(cache.storage_dtype == torch.float16)
+
+
+class CPURMSNorm(RMSNorm):
+    _ops = None  # the compiled library (kernels/cpu_build.py), set per module by specialize
+
+    def forward(self, x, residual=None, out_dtype=None):
+        if (self.unit_offset or x.dtype != torch.float32 or x.dim() != 2 or self.weight.dtype != torch.float32
+                or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))):
+            return super().forward(x, residual, out_dtype)
+        x = x.contiguous()
+        residual = None if residual is None else residual.contiguous()
+        y = torch.empty_like(x)
+        r = torch.empty_like(x) if residual is not None else x
+        T, H = x.shape
+        self._ops.rmsnorm_add(x.data_ptr(), None if residual is None else residual.data_ptr(), self.weight.data_ptr(),
+                              self.eps, y.data_ptr(), r.data_ptr(), T, H)
+        return (y if out_dtype in (None, torch.float32) else y.to(out_dtype)), r
+
+
+class CPUAttention(Attention):
+    _ops = None
+
+    def forward(self, x, cos, sin, attn):
+        qkv = self.qkv_proj
+        if (self.qk_norm or not isinstance(qkv, SplitLinear) or x.dtype != torch.float32
+                or cos.dtype != torch.float32):
+            return super().forward(x, cos, sin, attn)
+        T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        y = qkv.linear(x)  # [T, (H + 2 Hkv) D]: q, k, v side by side (split_linear offsets)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        self._ops.rope_(y.data_ptr(), T, y.stride(0), H + Hkv, D, cos.data_ptr(), sin.data_ptr())
+        q = y[:, :H * D].view(T, H, D)
+        k = y[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
+        v = y[:, (H + Hkv) * D:].view(T, Hkv, D)
+        cache = attn.kv_cache
+        if plain_cache(cache):
+            slots = attn.slot_mapping.contiguous()
+            self._ops.kv_write(k.data_ptr(), v.data_ptr(), T, y.stride(0), slots.data_ptr(), cache.k[self.layer].data_ptr(),
+                               cache.v[self.layer].data_ptr(), Hkv * D, cache_fp16(cache))
+        else:
+            cache.write(self.layer, k, v, attn.slot_mapping, attn.positions)
+        o = self.paged_attention(cache.query(self.layer, q), cache, self.layer, attn, self.scale, self.window,
+                                 fresh_kv=(k, v), softcap=self.softcap)
+        return self.o_proj(cache.output(o).reshape(T, H * D))
+
+
+class CPUMLP(MLP):
+    _ops = None
+
+    def forward(self, x):
+        gu = self.gate_up_proj
+        if (self.act != "silu" or not isinstance(gu, SplitLinear) or len(gu.sizes) != 2
+                or gu.sizes[0] != gu.sizes[1] or gu.offsets[0] != 0 or x.dtype != torch.float32):
+            return super().forward(x)
+        y = gu.linear(x)  # [T, rows]: gate at 0, up at offsets[1]
+        T, F = y.shape[0], gu.sizes[0]
+        out = torch.empty(T, F, dtype=torch.float32)
+        self._ops.silu_mul(y.data_ptr(), T, y.stride(0), F, gu.offsets[1], out.data_ptr())
+        return self.down_proj(out)
+
+
+SWITCH = ((RMSNorm, CPURMSNorm), (Attention, CPUAttention), (MLP, CPUMLP))
+
+
+def specialize(model: nn.Module, ops) -> dict[str, int]:
+    """Switch the modules of `model` that have a CPU form to it (in place; state and submodules unchanged).
+    Returns {class name: count}."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        for base, fast in SWITCH:
+            if type(module) is base:
+                module.__class__ = fast
+                module._ops = ops
+                counts[fast.__name__] = counts.get(fast.__name__, 0) + 1
+    return counts
