@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     log = lambda msg: print(f"[serve-peers] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     from quantize.embedded import embedded_gguf_path
-    from quantize.source import cache_dir
+    from athena_runtime.format.source import cache_dir
 
     args.build_dir = args.build_dir or str(cache_dir() / "peers")
     logs = Path(args.build_dir) / "logs"

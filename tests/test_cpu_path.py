@@ -70,7 +70,7 @@ def test_int8_groups_bound_tail_group_and_zero_groups():
 def _pq_layers(seed, N, M, k, rank, bias, n=16, d=2):
     """Random PQ layers (8-bit codebooks, as the quantizer stores them) through the checkpoint format."""
     from athena_runtime.pq_linear import PQLinear
-    from quantize.qlayers import AthenaLayer, quantize_codebook_uint8
+    from athena_runtime.format.layers import AthenaLayer, quantize_codebook_uint8
 
     g = torch.Generator().manual_seed(seed)
     G, Nb = -(-M // d), -(-N // k)

@@ -14,7 +14,7 @@ def test_defaults_and_overrides(tmp_path):
     e = Environment.read({})
     assert e.cache_dir == Path.home() / ".cache" / "athena" and e.kernel_cache == e.cache_dir / "kernels"
     assert (e.pq_path, e.fused_epilogue, e.cpu_path, e.cpu_weights, e.cpu_threads, e.api_key) == \
-        (None, True, "auto", "fp16", None, None)
+        (None, True, "auto", "auto", None, None)
     e = Environment.read({"ATHENA_CACHE_DIR": str(tmp_path), "ATHENA_PQ_PATH": "lut", "ATHENA_FUSED_EPILOGUE": "0",
                           "ATHENA_CPU_THREADS": "3", "ATHENA_API_KEY": "k"})
     assert e.kernel_cache == tmp_path / "kernels" and e.pq_path == "lut" and not e.fused_epilogue
