@@ -3,6 +3,7 @@
 Sequence `s` contributes `n_s` new tokens at positions `start_pos_s … start_pos_s + n_s - 1`;
 all tokens of all sequences are concatenated into one flat batch of `T = Σ n_s` tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,10 @@ def check_chunks(chunks: list[SequenceChunk], block_size: int, num_blocks: int) 
             raise ValueError(f"chunk {i}: start_pos {c.start_pos} < 0")
         need = -(-(c.start_pos + len(c.token_ids)) // block_size)
         if len(c.block_table) < need:
-            raise ValueError(f"chunk {i}: block_table has {len(c.block_table)} blocks, "
-                             f"positions [0, {c.start_pos + len(c.token_ids)}) need {need}")
+            raise ValueError(
+                f"chunk {i}: block_table has {len(c.block_table)} blocks, "
+                f"positions [0, {c.start_pos + len(c.token_ids)}) need {need}"
+            )
         used = c.block_table[:need]
         if min(used) < 0 or max(used) >= num_blocks:  # C-speed check: this runs every step
             bad = [b for b in used if not 0 <= b < num_blocks]

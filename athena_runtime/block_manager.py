@@ -1,4 +1,5 @@
 """The paged KV cache's physical blocks: reference counts, the free list, and the optional prefix cache."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -55,7 +56,7 @@ class BlockManager:
 
     def can_allocate(self, num_tokens: int, cached: list[int]) -> bool:
         """Whether a new sequence of `num_tokens` tokens whose prefix is in the `cached` blocks fits."""
-        revived = sum(1 for block in cached if self._refs[block] == 0)   # cached, nobody holds them
+        revived = sum(1 for block in cached if self._refs[block] == 0)  # cached, nobody holds them
         return self.blocks_for(num_tokens) - len(cached) + revived <= len(self._free)
 
     def allocate(self, block_table: list[int], num_tokens: int, cached: list[int]) -> None:
@@ -86,7 +87,7 @@ class BlockManager:
                 self.num_used -= 1
                 self._free[block] = None
                 if self.prefix_cache is None or not self.prefix_cache.is_cached(block):
-                    self._free.move_to_end(block, last=False)   # holds nothing worth keeping: reuse first
+                    self._free.move_to_end(block, last=False)  # holds nothing worth keeping: reuse first
         block_table.clear()
 
     def _hold(self, block: int) -> None:

@@ -6,6 +6,7 @@
   template is tried again; logged once. Any other refusal is the caller's error to report.
 - No template at all (a base model): the turns' text, one per line; logged once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
     """The prompt text of `messages` ([{"role", "content"}]). Raises jinja2.TemplateError when the template
     refuses the conversation for a reason other than its system message."""
     if not getattr(tokenizer, "chat_template", None):
-        log_once(log, ("chat_prompt", "no template"), logging.WARNING,
-                 "the tokenizer has no chat template: chat prompts are the messages' text, one per line")
+        log_once(
+            log,
+            ("chat_prompt", "no template"),
+            logging.WARNING,
+            "the tokenizer has no chat template: chat prompts are the messages' text, one per line",
+        )
         return "\n".join(m["content"] for m in messages) + "\n"
 
     def apply(msgs):
@@ -49,6 +54,10 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_p
         if not any(m["role"] == "system" for m in messages):
             raise
     text = apply(fold_system_prompt(messages))  # a second refusal is about something else: the caller reports it
-    log_once(log, ("chat_prompt", "folded"), logging.INFO,
-             "the chat template refuses system messages: the system prompt is folded into the first user turn")
+    log_once(
+        log,
+        ("chat_prompt", "folded"),
+        logging.INFO,
+        "the chat template refuses system messages: the system prompt is folded into the first user turn",
+    )
     return text

@@ -10,6 +10,7 @@ With the compiled kernels (`ops`), a step of decode tokens only over a float32/f
 basis is one call (`attn_decode` in kernels/cpu_ops.c: reads the paged cache in place, softmax in float32).
 Same signature as `kernels.paged_attention.PagedAttention.__call__`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,9 @@ class CPUPagedAttention:
         self._plans[sliding_window] = plan
         return plan
 
-    def __call__(self, q, kv_cache, layer, attn: AttentionMetadata, sm_scale, sliding_window, fresh_kv=None,
-                 softcap=None):
+    def __call__(
+        self, q, kv_cache, layer, attn: AttentionMetadata, sm_scale, sliding_window, fresh_kv=None, softcap=None
+    ):
         qsl = attn.query_start_list
         if qsl is None:
             qsl = attn.query_start_loc.tolist()
@@ -70,24 +72,55 @@ class CPUPagedAttention:
         dec = [s for s in range(n_seq) if qsl[s + 1] - qsl[s] == 1]
         if softcap:  # attention logit soft-capping: the reference does it (the batched SDPA cannot)
             self._log("reference-softcap", "CPU attention with logit soft-capping")
-            return paged_attention_reference(q, kv_cache, layer, attn.block_tables, attn.seq_lens,
-                                             attn.query_start_loc, sm_scale, sliding_window, softcap)
-        if self._ops is not None and len(dec) == n_seq and plain_cache(kv_cache) and q.stride(-1) == 1 \
-                and q.stride(1) == q.shape[2] and q.dtype == torch.float32:
+            return paged_attention_reference(
+                q,
+                kv_cache,
+                layer,
+                attn.block_tables,
+                attn.seq_lens,
+                attn.query_start_loc,
+                sm_scale,
+                sliding_window,
+                softcap,
+            )
+        if (
+            self._ops is not None
+            and len(dec) == n_seq
+            and plain_cache(kv_cache)
+            and q.stride(-1) == 1
+            and q.stride(1) == q.shape[2]
+            and q.dtype == torch.float32
+        ):
             self._log("cpu-compiled-decode", "CPU decode step over a float32/float16 cache: one compiled call")
             H, D = q.shape[1], q.shape[2]
             out = torch.empty(n_seq, H, D, dtype=torch.float32)
             tables, lens = attn.block_tables.contiguous(), attn.seq_lens.contiguous()
-            if self._ops.attn_decode(q.data_ptr(), n_seq, q.stride(0), H, kv_cache.num_kv_heads, D,
-                                     kv_cache.k[layer].data_ptr(), kv_cache.v[layer].data_ptr(), cache_fp16(kv_cache),
-                                     tables.data_ptr(), tables.stride(0), lens.data_ptr(), kv_cache.block_size,
-                                     sm_scale, sliding_window or 0, out.data_ptr(), torch.get_num_threads()):
+            if self._ops.attn_decode(
+                q.data_ptr(),
+                n_seq,
+                q.stride(0),
+                H,
+                kv_cache.num_kv_heads,
+                D,
+                kv_cache.k[layer].data_ptr(),
+                kv_cache.v[layer].data_ptr(),
+                cache_fp16(kv_cache),
+                tables.data_ptr(),
+                tables.stride(0),
+                lens.data_ptr(),
+                kv_cache.block_size,
+                sm_scale,
+                sliding_window or 0,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            ):
                 raise MemoryError("attn_decode: out of memory for its score buffer")
             return out
         if not dec:
             self._log("reference", "CPU prompt chunks")
-            return paged_attention_reference(q, kv_cache, layer, attn.block_tables, attn.seq_lens,
-                                             attn.query_start_loc, sm_scale, sliding_window)
+            return paged_attention_reference(
+                q, kv_cache, layer, attn.block_tables, attn.seq_lens, attn.query_start_loc, sm_scale, sliding_window
+            )
         self._log("cpu-batched-decode", "CPU: one-token sequences gathered and attended together")
         out = torch.empty_like(q) if len(dec) < n_seq else None
         slots, pos, mask, rows, S, L = self._decode_plan(attn, kv_cache, [qsl[s] for s in dec], dec, sliding_window)
@@ -96,8 +129,9 @@ class CPUPagedAttention:
         k = k.view(S, L, Hkv, D).transpose(1, 2)  # [S, Hkv, L, D]
         v = v.view(S, L, Hkv, D).transpose(1, 2)
         qd = q if out is None else q[rows]
-        o = F.scaled_dot_product_attention(qd.float()[:, :, None, :], k, v, attn_mask=mask, scale=sm_scale,
-                                           enable_gqa=True)  # [S, H, 1, D]
+        o = F.scaled_dot_product_attention(
+            qd.float()[:, :, None, :], k, v, attn_mask=mask, scale=sm_scale, enable_gqa=True
+        )  # [S, H, 1, D]
         o = o[:, :, 0, :].to(q.dtype)
         if out is None:
             return o
@@ -107,6 +141,13 @@ class CPUPagedAttention:
                 continue
             q0, q1 = qsl[s], qsl[s + 1]
             out[q0:q1] = paged_attention_reference(
-                q[q0:q1], kv_cache, layer, attn.block_tables[s:s + 1], attn.seq_lens[s:s + 1],
-                torch.tensor([0, q1 - q0], dtype=torch.int32), sm_scale, sliding_window)
+                q[q0:q1],
+                kv_cache,
+                layer,
+                attn.block_tables[s : s + 1],
+                attn.seq_lens[s : s + 1],
+                torch.tensor([0, q1 - q0], dtype=torch.int32),
+                sm_scale,
+                sliding_window,
+            )
         return out

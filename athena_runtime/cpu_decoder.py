@@ -14,6 +14,7 @@ Each keeps its class's interface and falls back to the original forward for what
 (q/k norms, logit soft-capping, GELU, a quantized or rotated KV cache, unfused projections); which modules
 were switched is counted and logged by cpu_path.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,16 +39,29 @@ class CPURMSNorm(RMSNorm):
     _ops = None  # the compiled library (kernels/cpu_build.py), set per module by specialize
 
     def forward(self, x, residual=None, out_dtype=None):
-        if (self.unit_offset or x.dtype != torch.float32 or x.dim() != 2 or self.weight.dtype != torch.float32
-                or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))):
+        if (
+            self.unit_offset
+            or x.dtype != torch.float32
+            or x.dim() != 2
+            or self.weight.dtype != torch.float32
+            or (residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape))
+        ):
             return super().forward(x, residual, out_dtype)
         x = x.contiguous()
         residual = None if residual is None else residual.contiguous()
         y = torch.empty_like(x)
         r = torch.empty_like(x) if residual is not None else x
         T, H = x.shape
-        self._ops.rmsnorm_add(x.data_ptr(), None if residual is None else residual.data_ptr(), self.weight.data_ptr(),
-                              self.eps, y.data_ptr(), r.data_ptr(), T, H)
+        self._ops.rmsnorm_add(
+            x.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            self.weight.data_ptr(),
+            self.eps,
+            y.data_ptr(),
+            r.data_ptr(),
+            T,
+            H,
+        )
         return (y if out_dtype in (None, torch.float32) else y.to(out_dtype)), r
 
 
@@ -56,25 +70,41 @@ class CPUAttention(Attention):
 
     def forward(self, x, cos, sin, attn):
         qkv = self.qkv_proj
-        if (self.qk_norm or not isinstance(qkv, SplitLinear) or x.dtype != torch.float32
-                or cos.dtype != torch.float32):
+        if self.qk_norm or not isinstance(qkv, SplitLinear) or x.dtype != torch.float32 or cos.dtype != torch.float32:
             return super().forward(x, cos, sin, attn)
         T, H, Hkv, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         y = qkv.linear(x)  # [T, (H + 2 Hkv) D]: q, k, v side by side (split_linear offsets)
         cos, sin = cos.contiguous(), sin.contiguous()
         self._ops.rope_(y.data_ptr(), T, y.stride(0), H + Hkv, D, cos.data_ptr(), sin.data_ptr())
-        q = y[:, :H * D].view(T, H, D)
-        k = y[:, H * D:(H + Hkv) * D].view(T, Hkv, D)
-        v = y[:, (H + Hkv) * D:].view(T, Hkv, D)
+        q = y[:, : H * D].view(T, H, D)
+        k = y[:, H * D : (H + Hkv) * D].view(T, Hkv, D)
+        v = y[:, (H + Hkv) * D :].view(T, Hkv, D)
         cache = attn.kv_cache
         if plain_cache(cache):
             slots = attn.slot_mapping.contiguous()
-            self._ops.kv_write(k.data_ptr(), v.data_ptr(), T, y.stride(0), slots.data_ptr(), cache.k[self.layer].data_ptr(),
-                               cache.v[self.layer].data_ptr(), Hkv * D, cache_fp16(cache))
+            self._ops.kv_write(
+                k.data_ptr(),
+                v.data_ptr(),
+                T,
+                y.stride(0),
+                slots.data_ptr(),
+                cache.k[self.layer].data_ptr(),
+                cache.v[self.layer].data_ptr(),
+                Hkv * D,
+                cache_fp16(cache),
+            )
         else:
             cache.write(self.layer, k, v, attn.slot_mapping, attn.positions)
-        o = self.paged_attention(cache.query(self.layer, q), cache, self.layer, attn, self.scale, self.window,
-                                 fresh_kv=(k, v), softcap=self.softcap)
+        o = self.paged_attention(
+            cache.query(self.layer, q),
+            cache,
+            self.layer,
+            attn,
+            self.scale,
+            self.window,
+            fresh_kv=(k, v),
+            softcap=self.softcap,
+        )
         return self.o_proj(cache.output(o).reshape(T, H * D))
 
 
@@ -83,8 +113,14 @@ class CPUMLP(MLP):
 
     def forward(self, x):
         gu = self.gate_up_proj
-        if (self.act != "silu" or not isinstance(gu, SplitLinear) or len(gu.sizes) != 2
-                or gu.sizes[0] != gu.sizes[1] or gu.offsets[0] != 0 or x.dtype != torch.float32):
+        if (
+            self.act != "silu"
+            or not isinstance(gu, SplitLinear)
+            or len(gu.sizes) != 2
+            or gu.sizes[0] != gu.sizes[1]
+            or gu.offsets[0] != 0
+            or x.dtype != torch.float32
+        ):
             return super().forward(x)
         y = gu.linear(x)  # [T, rows]: gate at 0, up at offsets[1]
         T, F = y.shape[0], gu.sizes[0]

@@ -21,6 +21,7 @@ padding here: each part keeps its own row blocks). The tied or separate lm_head 
 `convert_model(model, weights)` rewrites a loaded CausalLM in place; `cpu_path.py` decides whether
 to (and logs it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,19 +101,24 @@ class CPULinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float().contiguous(), persistent=False)
         lib = KERNELS.load()
         self._fn = {"int8": lib.i8_linear, "fp16": lib.f16_linear, "q8g": lib.q8g_linear}[weights]
-        self._ptrs = (self.qweight.data_ptr(), None if scale is None else scale.data_ptr(),
-                      None if self.bias is None else self.bias.data_ptr())
+        self._ptrs = (
+            self.qweight.data_ptr(),
+            None if scale is None else scale.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
+        )
 
     def nbytes(self) -> int:
         """Bytes read per call (weights and scales)."""
-        return self.qweight.numel() * self.qweight.element_size() + (0 if self.scale is None else 4 * self.scale.numel())
+        return self.qweight.numel() * self.qweight.element_size() + (
+            0 if self.scale is None else 4 * self.scale.numel()
+        )
 
     def dequantize(self) -> torch.Tensor:
         """The weight the kernel multiplies by, float32 [N, M]."""
         if self.scale is None:
             return self.qweight.float()
         if self.weights == "q8g":
-            return self.qweight.float() * self.scale.repeat_interleave(Q8_GROUP, 1)[:, :self.in_features]
+            return self.qweight.float() * self.scale.repeat_interleave(Q8_GROUP, 1)[:, : self.in_features]
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +135,9 @@ class CPULinear(nn.Module):
         y = torch.empty(T, self.out_features, dtype=torch.float32)
         if T:
             w, s, b = self._ptrs
-            self._fn(x2.data_ptr(), T, self.in_features, w, s, b, y.data_ptr(), self.out_features,
-                     torch.get_num_threads())
+            self._fn(
+                x2.data_ptr(), T, self.in_features, w, s, b, y.data_ptr(), self.out_features, torch.get_num_threads()
+            )
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -152,7 +159,7 @@ def pq_uint8_form(layer: PQLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
         codes, scale, cmin = layer.codebook_codes  # [Nb, G, n, d], [Nb, G, d], [Nb, G, d]
         codes, step, lo = codes.transpose(2, 3), scale.float(), cmin.float()  # codes [Nb, G, d, n]
     else:
-        C = layer.codebook[:, :geo.G].float()  # [Nb, G, d, n]
+        C = layer.codebook[:, : geo.G].float()  # [Nb, G, d, n]
         lo, hi = C.amin(3), C.amax(3)  # [Nb, G, d]
         step = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
         codes = torch.round((C - lo[..., None]) / step[..., None]).clamp_(0, 255).to(torch.uint8)
@@ -161,9 +168,9 @@ def pq_uint8_form(layer: PQLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     blk = (torch.arange(geo.N) // geo.k)[:, None]  # [N, 1]
     j = torch.arange(geo.G)[None, :]  # [1, G]
     U = codes[blk, j, :, I]  # [N, G, d]
-    U = U.reshape(geo.N, geo.G * geo.d)[:, :geo.M].contiguous()
-    colscale = step.reshape(geo.Nb, geo.G * geo.d)[:, :geo.M].contiguous()
-    colmin = lo.reshape(geo.Nb, geo.G * geo.d)[:, :geo.M].contiguous()
+    U = U.reshape(geo.N, geo.G * geo.d)[:, : geo.M].contiguous()
+    colscale = step.reshape(geo.Nb, geo.G * geo.d)[:, : geo.M].contiguous()
+    colmin = lo.reshape(geo.Nb, geo.G * geo.d)[:, : geo.M].contiguous()
     return U, colscale, colmin
 
 
@@ -204,7 +211,7 @@ class PQ8Linear(nn.Module):
         for p, lr in zip(parts, lowranks):
             if lr is not None:
                 r = lr[0].shape[1]
-                A[n0:n0 + p.geo.N, r0:r0 + r], B[r0:r0 + r] = lr
+                A[n0 : n0 + p.geo.N, r0 : r0 + r], B[r0 : r0 + r] = lr
                 r0 += r
             n0 += p.geo.N
         bias = None
@@ -219,9 +226,18 @@ class PQ8Linear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)  # float32 [N] or None
         self.rank = R
         self._fn, self._dequant = KERNELS.load().pq8_linear, KERNELS.load().pq8_dequant
-        self._args = (self.U.data_ptr(), row, len(starts), self.starts.data_ptr(), self.colscale.data_ptr(),
-                      self.colmin.data_ptr(), R, self.A.data_ptr(), self.B.data_ptr(),
-                      None if bias is None else bias.data_ptr())
+        self._args = (
+            self.U.data_ptr(),
+            row,
+            len(starts),
+            self.starts.data_ptr(),
+            self.colscale.data_ptr(),
+            self.colmin.data_ptr(),
+            R,
+            self.A.data_ptr(),
+            self.B.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.U, self.colscale, self.colmin, self.A, self.B))
@@ -253,14 +269,24 @@ class PQ8Linear(nn.Module):
     def dequantize_codes(self) -> torch.Tensor:
         """Ŵ float32 [N, M] (low-rank term excluded), by the compiled loop."""
         W = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
-        self._dequant(self.U.data_ptr(), self.out_features, self.in_features, self.starts.numel() - 1,
-                      self.starts.data_ptr(), self.colscale.data_ptr(), self.colmin.data_ptr(), W.data_ptr(),
-                      torch.get_num_threads())
+        self._dequant(
+            self.U.data_ptr(),
+            self.out_features,
+            self.in_features,
+            self.starts.numel() - 1,
+            self.starts.data_ptr(),
+            self.colscale.data_ptr(),
+            self.colmin.data_ptr(),
+            W.data_ptr(),
+            torch.get_num_threads(),
+        )
         return W
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, weights=pq8, "
-                f"blocks={self.starts.numel() - 1}, rank={self.rank}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, weights=pq8, "
+            f"blocks={self.starts.numel() - 1}, rank={self.rank}"
+        )
 
 
 def _is_pq8(layer: nn.Module) -> bool:
@@ -268,9 +294,15 @@ def _is_pq8(layer: nn.Module) -> bool:
     if not (isinstance(layer, PQLinear) and layer.codebook_bits == 8):
         return False
     if layer.codebook_codes is None and pq_uint8_form(layer) is None:
-        log_once(log, ("pq8-inexact", layer.geo.N, layer.geo.M), logging.INFO, "CPU path: a PQ layer [%d x %d] without "
-                 "its stored codebook codes is not exactly min + scale · u8 per column: fp16 weights for it",
-                 layer.geo.N, layer.geo.M)
+        log_once(
+            log,
+            ("pq8-inexact", layer.geo.N, layer.geo.M),
+            logging.INFO,
+            "CPU path: a PQ layer [%d x %d] without "
+            "its stored codebook codes is not exactly min + scale · u8 per column: fp16 weights for it",
+            layer.geo.N,
+            layer.geo.M,
+        )
         return False
     return True
 
@@ -303,9 +335,9 @@ def _fused(module: nn.Module, fused_name: str, names: tuple[str, ...], weights: 
     parts = []
     for off, size in zip(split.offsets, split.sizes):
         part = nn.Linear(W.shape[1], size, bias=bias is not None, device="meta")
-        part.weight = nn.Parameter(W[off:off + size], requires_grad=False)
+        part.weight = nn.Parameter(W[off : off + size], requires_grad=False)
         if bias is not None:
-            part.bias = nn.Parameter(bias[off:off + size], requires_grad=False)
+            part.bias = nn.Parameter(bias[off : off + size], requires_grad=False)
         parts.append(part)
     return compact(parts, weights)
 
@@ -341,5 +373,9 @@ def convert_model(model: nn.Module, weights: str = "auto") -> dict:
     for lin in layers:
         name = "pq8" if isinstance(lin, PQ8Linear) else lin.weights
         formats[name] = formats.get(name, 0) + 1
-    return {"layers": len(layers), "weight_bytes": sum(lin.nbytes() for lin in layers),
-            "reference_bytes": sum(4 * lin.in_features * lin.out_features for lin in layers), "formats": formats}
+    return {
+        "layers": len(layers),
+        "weight_bytes": sum(lin.nbytes() for lin in layers),
+        "reference_bytes": sum(4 * lin.in_features * lin.out_features for lin in layers),
+        "formats": formats,
+    }

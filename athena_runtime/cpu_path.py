@@ -1,8 +1,8 @@
 """Which execution path a CPU model runner takes, and its thread count: decided once, logged.
 
     reference   the spec: PQ layers dequantized to float32 (pq_linear.py), per-sequence paged attention
-    fast        compact weights through the compiled kernels (cpu_linear.py: PQ layers as exact uint8, fp16, or int8 per output
-                channel), q/k/v and gate/up fused, lm_head included; batched decode attention
+    fast        compact weights through the compiled kernels (cpu_linear.py: PQ layers as exact uint8, fp16, or
+                int8 per output channel), q/k/v and gate/up fused, lm_head included; batched decode attention
                 (cpu_attention.py)
     auto        fast when its kernels build here (a C compiler is needed once), else reference with a
                 WARNING saying why
@@ -17,6 +17,7 @@ purposes); int8 per output row moved SmolLM2-135M's logits by up to 3.6% of the 
 activations amplify per-row rounding): choose it knowingly.
     ATHENA_CPU_THREADS  N                              (default: PyTorch's, the cores it may use)
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,8 @@ def set_threads(settings: CPUPathSettings) -> int:
         why = "ATHENA_CPU_THREADS"
     else:
         why = "PyTorch default: the cores this process may use" + (
-            ", OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "")
+            ", OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else ""
+        )
     n = torch.get_num_threads()
     log.info("CPU threads: %d (%s; %d CPUs visible)", n, why, len(os.sched_getaffinity(0)))
     return n
@@ -102,12 +104,21 @@ def apply(model: torch.nn.Module, settings: CPUPathSettings) -> str:
     for layer in model.model.layers:
         layer.self_attn.paged_attention = attention
     switched = specialize(model, ops)
-    log.info("CPU path: compiled decoder ops for %s (norms, RoPE, SiLU, K/V writes and decode attention; "
-             "each module falls back to PyTorch where its kernel does not apply, e.g. a quantized KV cache)",
-             ", ".join(f"{n} {name}" for name, n in switched.items()) or "no module")
-    log.info("CPU path: fast (%s): %d linear layers through the compiled kernels (ATHENA_CPU_WEIGHTS=%s: %s), "
-             "%.0f MB of weights per token (float32 reference: %.0f MB), batched decode attention; "
-             "converted in %.1f s", why, stats["layers"], settings.weights,
-             ", ".join(f"{n} {f}" for f, n in stats["formats"].items()), stats["weight_bytes"] / 1e6,
-             stats["reference_bytes"] / 1e6, time.perf_counter() - t0)
+    log.info(
+        "CPU path: compiled decoder ops for %s (norms, RoPE, SiLU, K/V writes and decode attention; "
+        "each module falls back to PyTorch where its kernel does not apply, e.g. a quantized KV cache)",
+        ", ".join(f"{n} {name}" for name, n in switched.items()) or "no module",
+    )
+    log.info(
+        "CPU path: fast (%s): %d linear layers through the compiled kernels (ATHENA_CPU_WEIGHTS=%s: %s), "
+        "%.0f MB of weights per token (float32 reference: %.0f MB), batched decode attention; "
+        "converted in %.1f s",
+        why,
+        stats["layers"],
+        settings.weights,
+        ", ".join(f"{n} {f}" for f, n in stats["formats"].items()),
+        stats["weight_bytes"] / 1e6,
+        stats["reference_bytes"] / 1e6,
+        time.perf_counter() - t0,
+    )
     return path

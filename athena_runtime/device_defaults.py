@@ -1,5 +1,6 @@
 """The runtime's tuned defaults that depend on the device type, one frozen object per type. (The PQ kernels'
 launch thresholds are `kernels/tuning.py`'s `Tuning`, one per device.)"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ the step thread; the step thread alone touches the scheduler, the runner and the
 hands outputs back with `loop.call_soon_threadsafe`. A command is taken in before the next step,
 so an abort frees the request's KV blocks within one step.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,9 @@ class RequestStream:
     """One request's outputs as an async iterator, ending after its finished output. Closing it
     before that (`close()`, from any code, even before the first output) withdraws the request."""
 
-    def __init__(self, request_id: str, outputs: "asyncio.Queue[RequestOutput]",
-                 on_close: Callable[[str, bool], None]) -> None:
+    def __init__(
+        self, request_id: str, outputs: "asyncio.Queue[RequestOutput]", on_close: Callable[[str, bool], None]
+    ) -> None:
         self.request_id = request_id
         self._outputs, self._on_close = outputs, on_close
         self._finished = self._closed = False
@@ -88,8 +90,9 @@ class RequestStream:
 class EngineCore:
     """Scheduler + runner + sampler + detokenizer, one `step()` at a time."""
 
-    def __init__(self, runner: Any, tokenizer: Any, settings: EngineSettings,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, runner: Any, tokenizer: Any, settings: EngineSettings, eos_token_ids: tuple[int, ...] = ()
+    ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.token_decoder = TokenDecoder(tokenizer)
@@ -101,14 +104,19 @@ class EngineCore:
         log.info("prefix cache: %s", "off" if prefix_cache is None else "on (full KV blocks reused across requests)")
         chunk = settings.prefill_chunk(torch.device(getattr(runner, "device", "cpu")).type)
         self.scheduler = Scheduler(self.block_manager, settings.max_num_seqs, settings.max_num_batched_tokens, chunk)
-        log.info("prefill: up to %d prompt tokens a step while requests decode (%s), else up to %d",
-                 chunk, "set" if settings.prefill_chunk_tokens else "the device's default",
-                 settings.max_num_batched_tokens)
+        log.info(
+            "prefill: up to %d prompt tokens a step while requests decode (%s), else up to %d",
+            chunk,
+            "set" if settings.prefill_chunk_tokens else "the device's default",
+            settings.max_num_batched_tokens,
+        )
         self.sampler = Sampler()
         limits = [n for n in (settings.max_model_len, getattr(runner, "max_model_len", None)) if n]
         self.max_model_len: int = min(limits) if limits else runner.num_blocks * runner.block_size
         config = getattr(runner, "config", None)
-        self.vocab_size: int = getattr(runner, "vocab_size", None) or getattr(config, "vocab_size", None) or len(tokenizer)
+        self.vocab_size: int = (
+            getattr(runner, "vocab_size", None) or getattr(config, "vocab_size", None) or len(tokenizer)
+        )
         self._arrivals = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -125,14 +133,16 @@ class EngineCore:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{total} tokens ({n_prompt} in the prompt, {params.max_tokens} in the completion). "
-                "Please reduce the length of the prompt or completion.")
+                "Please reduce the length of the prompt or completion."
+            )
         need = self.block_manager.blocks_for(total)
         if need > self.block_manager.num_blocks:
             capacity = self.block_manager.num_blocks * self.block_manager.block_size
             raise ContextLengthExceeded(
                 f"The KV cache holds {capacity} tokens, but this request needs up to {total} tokens "
                 f"({n_prompt} in the prompt, {params.max_tokens} in the completion). "
-                "Please reduce the length of the prompt or completion.")
+                "Please reduce the length of the prompt or completion."
+            )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.check_request(prompt_token_ids, params)
@@ -160,23 +170,23 @@ class EngineCore:
         if not batch:
             return []
         blocks_for = self.block_manager.blocks_for
-        chunks, due_rows = [], []     # due_rows: chunks that reach their sequence's last token
+        chunks, due_rows = [], []  # due_rows: chunks that reach their sequence's last token
         for i, (seq, n) in enumerate(batch):
             start = seq.num_computed
-            chunks.append(SequenceChunk(seq.next_chunk(n), start, seq.block_table[:blocks_for(start + n)]))
+            chunks.append(SequenceChunk(seq.next_chunk(n), start, seq.block_table[: blocks_for(start + n)]))
             if start + n == seq.num_tokens:
                 due_rows.append(i)
         try:
-            self.sampler.prepare([batch[i][0] for i in due_rows])   # grammar masks: on a worker, during the forward
-            logits = self.runner.execute(chunks)                                 # [len(chunks), V]
+            self.sampler.prepare([batch[i][0] for i in due_rows])  # grammar masks: on a worker, during the forward
+            logits = self.runner.execute(chunks)  # [len(chunks), V]
             due = self.scheduler.advance(batch)
-            if not due:                 # only prompt chunks short of their prompt's end: nothing to sample
+            if not due:  # only prompt chunks short of their prompt's end: nothing to sample
                 return []
             if len(due_rows) < len(chunks):
                 rows = torch.tensor(due_rows, dtype=torch.long).to(logits.device, non_blocking=True)
-                logits = logits.index_select(0, rows)                            # [len(due), V]
-            samples = self.sampler(logits, due)   # a Sequence has the fields of a SampleRow
-        except Exception as exc:   # a failed step fails its requests, never the engine
+                logits = logits.index_select(0, rows)  # [len(due), V]
+            samples = self.sampler(logits, due)  # a Sequence has the fields of a SampleRow
+        except Exception as exc:  # a failed step fails its requests, never the engine
             log.exception("model step failed; failing %d request(s)", len(batch))
             message = f"{type(exc).__name__}: {exc}"
             return [self._finish(c.seq, "error", "", (), None, message) for c in batch]
@@ -196,24 +206,44 @@ class EngineCore:
         text, hit = seq.stream.add(token)
         if hit:
             return self._finish(seq, "stop", text, (token,), logprobs)
-        if seq.constraint is not None and seq.constraint.is_finished():   # complete: only a stop token could follow
+        if seq.constraint is not None and seq.constraint.is_finished():  # complete: only a stop token could follow
             return self._finish(seq, "stop", text + seq.stream.flush(), (token,), logprobs)
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length", text + seq.stream.flush(), (token,), logprobs)
         return self._output(seq, text, (token,), logprobs)
 
-    def _finish(self, seq: Sequence, reason: str, text: str, token_ids: tuple[int, ...],
-                logprobs: tuple[TokenLogprob, ...] | None, error: str | None = None) -> RequestOutput:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        text: str,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] | None,
+        error: str | None = None,
+    ) -> RequestOutput:
         self.scheduler.finish(seq, reason)
         return self._output(seq, text, token_ids, logprobs, reason, error)
 
     @staticmethod
-    def _output(seq: Sequence, text: str, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...] | None,
-                finish_reason: str | None = None, error: str | None = None) -> RequestOutput:
-        return RequestOutput(seq.request_id, text, token_ids, finished=finish_reason is not None,
-                             finish_reason=finish_reason, logprobs=logprobs,
-                             prompt_tokens=len(seq.prompt_token_ids),
-                             completion_tokens=len(seq.output_token_ids), error=error)
+    def _output(
+        seq: Sequence,
+        text: str,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] | None,
+        finish_reason: str | None = None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            seq.request_id,
+            text,
+            token_ids,
+            finished=finish_reason is not None,
+            finish_reason=finish_reason,
+            logprobs=logprobs,
+            prompt_tokens=len(seq.prompt_token_ids),
+            completion_tokens=len(seq.output_token_ids),
+            error=error,
+        )
 
     def _token_logprob(self, sample: Sample) -> TokenLogprob:
         text = self.token_decoder.token_text
@@ -222,13 +252,17 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         bm, cache = self.block_manager, self.block_manager.prefix_cache
-        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used,
-                           prompt_tokens_total=self.prompt_tokens_total,
-                           generation_tokens_total=self.generation_tokens_total,
-                           preemptions_total=self.scheduler.num_preemptions,
-                           prefix_cache_queries_total=0 if cache is None else cache.queries,
-                           prefix_cache_hits_total=0 if cache is None else cache.hits)
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=0 if cache is None else cache.queries,
+            prefix_cache_hits_total=0 if cache is None else cache.hits,
+        )
 
 
 def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[int, ...]:
@@ -244,9 +278,15 @@ def find_eos_token_ids(tokenizer: Any, path: str | Path | None = None) -> tuple[
 
 
 class AsyncEngine:
-    def __init__(self, runner: Any, tokenizer: Any, settings: EngineSettings, model_name: str,
-                 eos_token_ids: tuple[int, ...] | None = None,
-                 generation_defaults: dict[str, int | float] | None = None) -> None:
+    def __init__(
+        self,
+        runner: Any,
+        tokenizer: Any,
+        settings: EngineSettings,
+        model_name: str,
+        eos_token_ids: tuple[int, ...] | None = None,
+        generation_defaults: dict[str, int | float] | None = None,
+    ) -> None:
         if eos_token_ids is None:
             eos_token_ids = find_eos_token_ids(tokenizer)
         # the model's own sampling defaults (generation_config.json); the server decides whether to use them
@@ -265,9 +305,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}   # loop thread only
-        self._live: set[str] = set()                                  # submitted, not finished (loop thread only)
-        self._submitted_unseen = 0                                   # adds not yet taken in by the step thread
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # loop thread only
+        self._live: set[str] = set()  # submitted, not finished (loop thread only)
+        self._submitted_unseen = 0  # adds not yet taken in by the step thread
 
     @classmethod
     def from_path(cls, path: str | Path, settings: EngineSettings, model_name: str | None = None) -> "AsyncEngine":
@@ -277,13 +317,26 @@ class AsyncEngine:
 
         path = Path(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        runner = ModelRunner.from_path(path, kv_format=settings.kv_cache, block_size=settings.block_size,
-                                       num_blocks=settings.num_blocks, kv_budget_bytes=settings.kv_budget_bytes,
-                                       device=settings.device, max_model_len=settings.max_model_len,
-                                       kv_hadamard=settings.kv_hadamard, use_cuda_graphs=settings.use_cuda_graphs)
+        runner = ModelRunner.from_path(
+            path,
+            kv_format=settings.kv_cache,
+            block_size=settings.block_size,
+            num_blocks=settings.num_blocks,
+            kv_budget_bytes=settings.kv_budget_bytes,
+            device=settings.device,
+            max_model_len=settings.max_model_len,
+            kv_hadamard=settings.kv_hadamard,
+            use_cuda_graphs=settings.use_cuda_graphs,
+        )
         runner.capture_graphs(settings.max_num_seqs)  # at start-up, not in the middle of a request
-        return cls(runner, tokenizer, settings, model_name or path.name, find_eos_token_ids(tokenizer, path),
-                   read_generation_defaults(path))
+        return cls(
+            runner,
+            tokenizer,
+            settings,
+            model_name or path.name,
+            find_eos_token_ids(tokenizer, path),
+            read_generation_defaults(path),
+        )
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -306,8 +359,9 @@ class AsyncEngine:
         for _, prompt_token_ids, params in requests:
             self.core.check_request(prompt_token_ids, params)
         if len(requests) > self.max_queue:
-            raise GroupTooLarge(f"{len(requests)} requests at once can never be admitted: "
-                                f"the queue holds {self.max_queue}")
+            raise GroupTooLarge(
+                f"{len(requests)} requests at once can never be admitted: the queue holds {self.max_queue}"
+            )
         if self.stats().waiting + len(requests) > self.max_queue:
             raise EngineOverloaded(f"no room for {len(requests)} more requests: the queue holds {self.max_queue}")
         streams = []
@@ -322,11 +376,12 @@ class AsyncEngine:
 
     def _stream_closed(self, request_id: str, finished: bool) -> None:
         self._queues.pop(request_id, None)
-        if not finished:           # closed early: client gone, task cancelled
+        if not finished:  # closed early: client gone, task cancelled
             self._send(("abort", request_id))
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs (`submit` of one; its checks raise at the first `__anext__`)."""
         (stream,) = self.submit([(request_id, prompt_token_ids, params)])
         try:
@@ -358,7 +413,7 @@ class AsyncEngine:
         self._wake.set()
         await loop.run_in_executor(None, self._thread.join)
         self._thread = None
-        await asyncio.sleep(0)   # let the last outputs handed over reach their queues
+        await asyncio.sleep(0)  # let the last outputs handed over reach their queues
 
     # -- step thread -------------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
@@ -375,7 +430,7 @@ class AsyncEngine:
             if self.core.has_work():
                 try:
                     outputs += self.core.step()
-                except Exception as exc:   # a bug outside the model step: fail everything, keep serving
+                except Exception as exc:  # a bug outside the model step: fail everything, keep serving
                     log.exception("engine step failed; failing all requests")
                     outputs += self.core.abort_all("error", f"{type(exc).__name__}: {exc}")
             self._deliver_threadsafe(outputs)
@@ -397,8 +452,17 @@ class AsyncEngine:
                     try:
                         self.core.add_request(request_id, prompt, params)
                     except Exception as exc:
-                        outputs.append(RequestOutput(request_id, "", (), finished=True, finish_reason="error",
-                                                     prompt_tokens=len(prompt), error=str(exc)))
+                        outputs.append(
+                            RequestOutput(
+                                request_id,
+                                "",
+                                (),
+                                finished=True,
+                                finish_reason="error",
+                                prompt_tokens=len(prompt),
+                                error=str(exc),
+                            )
+                        )
             elif kind == "abort":
                 out = self.core.abort(args[0])
                 outputs += [out] if out is not None else []
@@ -411,7 +475,7 @@ class AsyncEngine:
     def _call_soon(self, fn, *args) -> None:
         try:
             self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:   # the event loop is closed: nobody is listening any more
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
     def _deliver_threadsafe(self, outputs: list[RequestOutput]) -> None:

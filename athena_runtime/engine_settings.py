@@ -2,6 +2,7 @@
 
 Each field is declared here once, with its help text and lower bound (`setting`); the server's settings
 (server/settings.py) are built from these fields, so a new engine setting is a flag and an ATHENA_* variable at once."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,16 +39,21 @@ class EngineSettings:
     max_model_len: int | None = setting(None, "prompt + completion token limit (default: the model's)", ge=1)
     max_num_batched_tokens: int = setting(2048, "tokens fed to the model per step (decodes + prompt chunks)", ge=1)
     prefill_chunk_tokens: int | None = setting(
-        None, "prompt tokens per step while requests decode: a long prompt delays their streams by one such chunk a "
-              "step (default: 128 on CPU, 512 on CUDA: device_defaults.py)", ge=1)
+        None,
+        "prompt tokens per step while requests decode: a long prompt delays their streams by one such chunk a "
+        "step (default: 128 on CPU, 512 on CUDA: device_defaults.py)",
+        ge=1,
+    )
     kv_budget_bytes: int | None = setting(None, "bytes for the KV cache (alternative to --num-blocks)", ge=1)
     num_blocks: int | None = setting(None, "KV blocks (overrides --kv-budget-bytes)", ge=1)
     max_queue: int = setting(256, "waiting requests before new ones are refused (429)", ge=0)
     device: str | None = setting(None, "torch device (default: cuda if available, else cpu)")
     use_cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU only)")
     prefix_cache: bool = setting(
-        True, "reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, earlier turns of "
-              "a chat); --no-prefix-cache turns it off")
+        True,
+        "reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, earlier turns of "
+        "a chat); --no-prefix-cache turns it off",
+    )
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_FORMATS:
@@ -56,9 +62,13 @@ class EngineSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)")
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes each step)"
+            )
         if self.prefill_chunk_tokens is not None and not 1 <= self.prefill_chunk_tokens <= self.max_num_batched_tokens:
-            raise ValueError(f"prefill_chunk_tokens must be in [1, max_num_batched_tokens={self.max_num_batched_tokens}]")
+            raise ValueError(
+                f"prefill_chunk_tokens must be in [1, max_num_batched_tokens={self.max_num_batched_tokens}]"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError("max_model_len must be >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -18,6 +18,7 @@ SmolLM2's 49152-token vocabulary, 64 streams, one mask thread, 2026-12-07 at com
   named tool choices.
 Everything here works offline: the vocabulary comes from the tokenizer object already loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,11 +50,13 @@ class Grammars:
 
         self.stop_token_ids = tuple(sorted(set(stop_token_ids)))
         self.vocab_size = len(tokenizer)
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
-                                                       stop_token_ids=list(self.stop_token_ids) or None)
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.stop_token_ids) or None
+        )
         threads = mask_threads or default_mask_threads()
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True,
-                                            cache_limit_bytes=256 << 20)
+        self.compiler = xgr.GrammarCompiler(
+            self.info, max_threads=threads, cache_enabled=True, cache_limit_bytes=256 << 20
+        )
         self.filler = xgr.BatchGrammarMatcher(max_threads=threads)
         # Raw control characters (bytes < 0x20) are never valid JSON text outside whitespace, which the
         # JSON grammars here do not allow, but xgrammar's length-bounded strings accept them
@@ -61,14 +64,18 @@ class Grammars:
         # tool-call structures keep "\n" (their tags contain it; xgrammar's strings exclude it).
         self.no_controls = self._without_bytes(set(range(0x20)))
         self.no_controls_but_newline = self._without_bytes(set(range(0x20)) - {0x0A})
-        log.info("grammars: xgrammar, %d-token vocabulary, stop tokens %s, %d mask thread(s)", self.vocab_size,
-                 list(self.stop_token_ids), threads)
+        log.info(
+            "grammars: xgrammar, %d-token vocabulary, stop tokens %s, %d mask thread(s)",
+            self.vocab_size,
+            list(self.stop_token_ids),
+            threads,
+        )
 
     def _without_bytes(self, banned: set[int]) -> torch.Tensor:
         """int32 words [W]: every token whose text holds none of the `banned` bytes (special and stop
         tokens, whose decoded text is their name, stay allowed)."""
         allowed = torch.tensor([not (banned & set(piece)) for piece in self.info.decoded_vocab], dtype=torch.bool)
-        return pack_bitmask(allowed[:self.vocab_size])
+        return pack_bitmask(allowed[: self.vocab_size])
 
     def json_schema(self, schema: dict[str, Any], description: str = "json_schema") -> "Grammar":
         """A JSON value valid under `schema`, on one line with ', ' and ': ' separators; properties in
@@ -87,13 +94,13 @@ class Grammars:
         return Grammar(compiled, self, self.no_controls_but_newline, description)
 
 
-@dataclass(frozen=True, eq=False)   # compared and hashed by identity (it holds a tensor and library objects)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (it holds a tensor and library objects)
 class Grammar:
     """A compiled grammar: what a request's `SamplingParams.constraint` holds (a ConstraintFactory)."""
 
     compiled: Any
     grammars: Grammars = field(repr=False)
-    byte_mask: torch.Tensor = field(repr=False)   # int32 words [W] ANDed with every mask (see Grammars)
+    byte_mask: torch.Tensor = field(repr=False)  # int32 words [W] ANDed with every mask (see Grammars)
     description: str = "grammar"
 
     def new(self) -> "GrammarState":
@@ -133,6 +140,6 @@ class GrammarState:
         states[0].grammar.grammars.filler.batch_fill_next_token_bitmask([s.matcher for s in states], bitmask)
         masks = {id(s.grammar.byte_mask): s.grammar.byte_mask for s in states}
         if len(masks) == 1:
-            bitmask[:len(states)] &= next(iter(masks.values()))
+            bitmask[: len(states)] &= next(iter(masks.values()))
         else:
-            bitmask[:len(states)] &= torch.stack([s.grammar.byte_mask for s in states])
+            bitmask[: len(states)] &= torch.stack([s.grammar.byte_mask for s in states])

@@ -42,6 +42,7 @@ The identity (`m = 0, d = 1, δ = 0`, no `H`) is the default. `int4` always rota
 calibrated (`set_key_basis`, statistics from `kv_calibration.py`; the model runner does it); `fp16`
 and `int8` rotate with `hadamard=True` and are never calibrated by the runner (int8 does not need it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,8 +88,9 @@ def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor, group_size: int) 
     return xg.flatten(-2)
 
 
-def quantize_asymmetric(x: torch.Tensor, bits: int, group_size: int, clip_ratios=CLIP_RATIOS
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_asymmetric(
+    x: torch.Tensor, bits: int, group_size: int, clip_ratios=CLIP_RATIOS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., D] -> (n uint8 [..., D] in [0, 2^bits - 1], scale, zero float16 [..., D // group_size]),
     x ≈ zero + n·scale; per group, the clip ratio (range shrink about the midpoint) of least squared error."""
     levels = 2**bits - 1
@@ -106,8 +108,12 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, group_size: int, clip_ratios
             best = (err, n, scale, zero)
             continue
         better = err < best[0]
-        best = (torch.where(better, err, best[0]), torch.where(better.unsqueeze(-1), n, best[1]),
-                torch.where(better, scale, best[2]), torch.where(better, zero, best[3]))
+        best = (
+            torch.where(better, err, best[0]),
+            torch.where(better.unsqueeze(-1), n, best[1]),
+            torch.where(better, scale, best[2]),
+            torch.where(better, zero, best[3]),
+        )
     _, n, scale, zero = best
     return n.flatten(-2).to(torch.uint8), scale, zero
 
@@ -145,8 +151,17 @@ class KVCache:
     always_rotated: bool = False  # the format stores k·H, v·H whatever `hadamard` says
     needs_key_basis: bool = False  # the model runner calibrates a KeyBasis for this format
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 device, hadamard: bool = False, group_size: int | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device,
+        hadamard: bool = False,
+        group_size: int | None = None,
+    ):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         group_size = group_size or default_group_size(self.fmt, head_dim)
@@ -173,8 +188,17 @@ class KVCache:
         self._write_path: str | None = None  # the last write path logged (write logs each change once)
 
     @staticmethod
-    def create(fmt: str, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-               device, hadamard: bool = False, group_size: int | None = None) -> "KVCache":
+    def create(
+        fmt: str,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device,
+        hadamard: bool = False,
+        group_size: int | None = None,
+    ) -> "KVCache":
         """`fmt`: fp16 | fp32 (unquantized, for exact tests) | int8 | int4. group_size None: the format's."""
         if fmt not in KV_FORMATS:
             raise ValueError(f"unknown KV cache format {fmt!r}; supported: {', '.join(KV_FORMATS)}")
@@ -238,8 +262,15 @@ class KVCache:
         return self.rotate(k)
 
     # --- interface ----------------------------------------------------------------------------
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-              positions: torch.Tensor, use_triton: bool | None = None) -> None:
+    def write(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        positions: torch.Tensor,
+        use_triton: bool | None = None,
+    ) -> None:
         """Store k, v [T, Hkv, D] (post-RoPE) of the tokens at `positions` [T] into slots slot_mapping [T].
         On CUDA: one Triton launch (`write_kernel`), else `write_reference`; the path is logged when it
         changes. `use_triton` forces the choice (True runs on CPU under TRITON_INTERPRET=1, for the tests)."""
@@ -248,8 +279,9 @@ class KVCache:
         else:
             self.write_reference(layer, k, v, slot_mapping, positions)
 
-    def write_kernel(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                     positions: torch.Tensor) -> None:
+    def write_kernel(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor
+    ) -> None:
         """The one-launch write of the format (quantized formats: `kernels/kv_write.py`)."""
         kv_write(self, layer, k, v, slot_mapping, positions)
 
@@ -267,24 +299,30 @@ class KVCache:
             log.info("KV cache write (%s): %s path%s", self.fmt, path, f" ({reason})" if reason else "")
         return reason is None
 
-    def write_reference(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                        positions: torch.Tensor) -> None:
+    def write_reference(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor
+    ) -> None:
         """The PyTorch write (the spec and the CPU path): stored basis, `quantize`, one `index_copy_` per field."""
-        fields = ((self.stored_key(layer, k, positions), self.k, self.k_scale, self.k_zero),
-                  (self.rotate(v), self.v, self.v_scale, self.v_zero))
+        fields = (
+            (self.stored_key(layer, k, positions), self.k, self.k_scale, self.k_zero),
+            (self.rotate(v), self.v, self.v_scale, self.v_zero),
+        )
         for x, data, scale, zero in fields:
             for src, dst in zip(self.quantize(x), (data, scale, zero)):
                 if src is not None:
                     dst[layer].view(-1, self.num_kv_heads, dst.shape[-1]).index_copy_(0, slot_mapping, src)
 
-    def read(self, layer: int, slots: torch.Tensor, positions: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """k̃, ṽ float32 [len(slots), Hkv, D], dequantized, in the stored basis. Attention passes the
         tokens' `positions` [len(slots)]: the key at position 0 then gets `sink_key` added back."""
         out = []
         for data, scale, zero in ((self.k, self.k_scale, self.k_zero), (self.v, self.v_scale, self.v_zero)):
-            fields = [None if t is None else t[layer].view(-1, self.num_kv_heads, t.shape[-1])[slots]
-                      for t in (data, scale, zero)]
+            fields = [
+                None if t is None else t[layer].view(-1, self.num_kv_heads, t.shape[-1])[slots]
+                for t in (data, scale, zero)
+            ]
             out.append(self.dequantize(*fields))
         k, v = out
         if positions is not None and self.sink_key is not None:
@@ -305,9 +343,11 @@ class KVCache:
         return 2 * self.num_layers * self.num_kv_heads * head_bytes(fmt, self.head_dim, self.group_size)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(layers={self.num_layers}, blocks={self.num_blocks}, "
-                f"block_size={self.block_size}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"hadamard={self.hadamard}, key_basis={self.key_offset is not None})")
+        return (
+            f"{type(self).__name__}(layers={self.num_layers}, blocks={self.num_blocks}, "
+            f"block_size={self.block_size}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"hadamard={self.hadamard}, key_basis={self.key_offset is not None})"
+        )
 
 
 class FP16KVCache(KVCache):
@@ -325,8 +365,14 @@ class FP16KVCache(KVCache):
 
     def write_kernel(self, layer, k, v, slot_mapping, positions) -> None:  # K and V rows in one launch
         width = self.num_kv_heads * self.head_dim
-        scatter_rows_pair_(self.k[layer].view(-1, width), self.v[layer].view(-1, width),
-                           k.reshape(-1, width), v.reshape(-1, width), slot_mapping, use_triton=True)
+        scatter_rows_pair_(
+            self.k[layer].view(-1, width),
+            self.v[layer].view(-1, width),
+            k.reshape(-1, width),
+            v.reshape(-1, width),
+            slot_mapping,
+            use_triton=True,
+        )
 
     def write_kernel_unsupported(self) -> str | None:
         if self.key_offset is not None or self.rotation is not None:
@@ -376,12 +422,23 @@ def default_group_size(fmt: str, head_dim: int) -> int:
 def head_bytes(fmt: str, head_dim: int, group_size: int | None = None) -> int:
     """Bytes of one token's vector of one KV head in `fmt`, float16 group parameters included."""
     groups = head_dim // (group_size or default_group_size(fmt, head_dim))
-    return {"fp16": 2 * head_dim, "fp32": 4 * head_dim, "int8": head_dim + 2 * groups,
-            "int4": head_dim // 2 + 4 * groups}[fmt]
+    return {
+        "fp16": 2 * head_dim,
+        "fp32": 4 * head_dim,
+        "int8": head_dim + 2 * groups,
+        "int4": head_dim // 2 + 4 * groups,
+    }[fmt]
 
 
-def blocks_for_budget(budget_bytes: int, fmt: str, num_layers: int, block_size: int, num_kv_heads: int,
-                      head_dim: int, group_size: int | None = None) -> int:
+def blocks_for_budget(
+    budget_bytes: int,
+    fmt: str,
+    num_layers: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    group_size: int | None = None,
+) -> int:
     """How many blocks of `fmt` fit in `budget_bytes` (the scratch null block included)."""
     if fmt not in KV_FORMATS:
         raise ValueError(f"unknown KV cache format {fmt!r}; supported: {', '.join(KV_FORMATS)}")

@@ -9,6 +9,7 @@ The windows are `sample_windows(default calibration text, NUM_WINDOWS, WINDOW, s
 the quantizer calibrates on, pydoc_data.topics), so the basis is a deterministic function of the
 model. Any basis is exact (kv_cache.py); these statistics only decide how small the rounding error is.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,8 +70,7 @@ def calibrate_key_basis(model, config, windows: torch.Tensor, device, dtype) -> 
     n, length = windows.shape
     block_size = 16
     blocks = -(-length // block_size)
-    cache = _RecordingCache(config.num_layers, blocks, block_size, config.num_kv_heads, config.head_dim,
-                            device, dtype)
+    cache = _RecordingCache(config.num_layers, blocks, block_size, config.num_kv_heads, config.head_dim, device, dtype)
     t0 = time.perf_counter()
     for w in windows.tolist():
         batch = prepare_batch([SequenceChunk(w, 0, list(range(blocks)))], cache, device)

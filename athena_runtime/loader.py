@@ -7,6 +7,7 @@ Compressed folder (FORMAT.md; read and validated by `athena_runtime.format.check
 Hugging Face folder: `model.safetensors` (or sharded with its index), else `pytorch_model.bin`
 (or sharded), read with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,18 +16,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from athena_runtime.format.checkpoint import read_json
 from athena_runtime.format.config import ModelConfig
 from athena_runtime.model import CausalLM
-from athena_runtime.format.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
-HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                   "pytorch_model.bin")
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 
 
-def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | None = None, fuse: bool = True
-               ) -> tuple[CausalLM, ModelConfig]:
+def load_model(
+    path, device, dtype: torch.dtype = torch.float16, max_len: int | None = None, fuse: bool = True
+) -> tuple[CausalLM, ModelConfig]:
     """(model in eval mode on `device`, its ModelConfig). `max_len` only matters for dynamic RoPE;
     `fuse` computes q/k/v and gate/up as one layer each where they fit (split_linear.py)."""
     folder = _resolve_folder(Path(path))
@@ -38,18 +44,28 @@ def load_model(path, device, dtype: torch.dtype = torch.float16, max_len: int | 
         layers = meta.get("layers", {})
         arch = meta.get("architecture")
         if arch is not None and arch != config.architecture:
-            raise ValueError(f"{folder}: athena.json says architecture {arch!r}, config.json says "
-                             f"{config.architecture!r}")
-        log.info("loading compressed checkpoint %s (%d quantized layers, method %s)", folder, len(layers),
-                 meta.get("method"))
+            raise ValueError(
+                f"{folder}: athena.json says architecture {arch!r}, config.json says {config.architecture!r}"
+            )
+        log.info(
+            "loading compressed checkpoint %s (%d quantized layers, method %s)", folder, len(layers), meta.get("method")
+        )
     else:
         tensors, layers = read_hf_weights(folder), {}
         log.info("loading Hugging Face checkpoint %s", folder)
     return build_model(config, tensors, layers, device, dtype, max_len, fuse, folder), config
 
 
-def build_model(config: ModelConfig, tensors, layers: dict, device, dtype: torch.dtype = torch.float16,
-                max_len: int | None = None, fuse: bool = True, source="checkpoint") -> CausalLM:
+def build_model(
+    config: ModelConfig,
+    tensors,
+    layers: dict,
+    device,
+    dtype: torch.dtype = torch.float16,
+    max_len: int | None = None,
+    fuse: bool = True,
+    source="checkpoint",
+) -> CausalLM:
     """Our decoder for `config` from checkpoint tensors (a mapping name -> tensor) and athena.json's "layers", in
     eval mode on `device` (`load_model` after reading the files; benchmarks pass random tensors made on the device)."""
     build = LinearBuilder(tensors, layers, torch.device(device), dtype)
@@ -62,6 +78,7 @@ def build_model(config: ModelConfig, tensors, layers: dict, device, dtype: torch
     model.to(device)  # buffers (RoPE inverse frequencies); parameters are already there
     if fuse:
         from athena_runtime.split_linear import fuse_projections
+
         fuse_projections(model)
     return model.eval()
 
@@ -88,8 +105,9 @@ def _read_json(path: Path) -> dict:
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face folder, on the CPU."""
-    from athena_runtime.format.checkpoint import check_safetensors
     from safetensors.torch import load_file
+
+    from athena_runtime.format.checkpoint import check_safetensors
 
     present = [name for name in HF_WEIGHT_FILES if (folder / name).is_file()]
     if not present:
@@ -157,14 +175,19 @@ class LinearBuilder:
         self.built.add(prefix)
         layer = self.layers.get(prefix)
         if layer is not None and list(layer.get("shape", [])) != [out_features, in_features]:
-            raise ValueError(f"layer {prefix}: athena.json shape {layer.get('shape')} != model's "
-                             f"[{out_features}, {in_features}]")
+            raise ValueError(
+                f"layer {prefix}: athena.json shape {layer.get('shape')} != model's [{out_features}, {in_features}]"
+            )
         if layer is not None and layer.get("method") == "athena":
             if self.pq_linear is not None:
                 self._log_once("pq", logging.INFO, "athena layers -> PQLinear")
                 return self.pq_linear.from_tensors(prefix, self.tensors, layer, self.device, self.dtype)
-            self._log_once("pq", logging.WARNING, "athena_runtime.pq_linear is missing: athena layers are "
-                           "DEQUANTIZED to dense fp weights (slow, memory-hungry stand-in)")
+            self._log_once(
+                "pq",
+                logging.WARNING,
+                "athena_runtime.pq_linear is missing: athena layers are "
+                "DEQUANTIZED to dense fp weights (slow, memory-hungry stand-in)",
+            )
             from athena_runtime.format.layers import AthenaLayer
 
             weight = AthenaLayer.from_tensors(prefix, self.tensors, layer).dequantize()
@@ -178,8 +201,9 @@ class LinearBuilder:
         linear = nn.Linear(in_features, out_features, bias=bias, device="meta")
         linear.weight = nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
         if bias:
-            linear.bias = nn.Parameter(self._tensor(f"{prefix}.bias", (out_features,)).to(self.device, self.dtype),
-                                       requires_grad=False)
+            linear.bias = nn.Parameter(
+                self._tensor(f"{prefix}.bias", (out_features,)).to(self.device, self.dtype), requires_grad=False
+            )
         elif f"{prefix}.bias" in self.tensors:
             raise ValueError(f"tensor {prefix}.bias present, but config.json says this layer has no bias")
         return linear
@@ -196,12 +220,21 @@ class LinearBuilder:
 def _warn_unused(model: nn.Module, tensors, linears: set[str], folder) -> None:
     """Tensors nothing consumed usually mean config.json and the weights disagree: say so."""
     params = {name for name, _ in model.named_parameters()}
-    unused = sorted(name for name in tensors if name not in params and name.rsplit(".", 1)[0] not in linears
-                    and not name.endswith("rotary_emb.inv_freq")
-                    and not (name == "lm_head.weight" and model.lm_head is None))
+    unused = sorted(
+        name
+        for name in tensors
+        if name not in params
+        and name.rsplit(".", 1)[0] not in linears
+        and not name.endswith("rotary_emb.inv_freq")
+        and not (name == "lm_head.weight" and model.lm_head is None)
+    )
     if unused:
-        log.warning("%s: %d tensors not used by the model (config.json mismatch?): %s", folder, len(unused),
-                    ", ".join(unused[:5]))
+        log.warning(
+            "%s: %d tensors not used by the model (config.json mismatch?): %s",
+            folder,
+            len(unused),
+            ", ".join(unused[:5]),
+        )
 
 
 def _materialize(model: nn.Module, tensors, device: torch.device, dtype: torch.dtype, folder) -> None:
@@ -213,8 +246,9 @@ def _materialize(model: nn.Module, tensors, device: torch.device, dtype: torch.d
         if t is None:
             raise ValueError(f"{folder}: tensor {name} missing from the checkpoint")
         if t.shape != param.shape:
-            raise ValueError(f"{folder}: tensor {name} has shape {list(t.shape)}, config.json implies "
-                             f"{list(param.shape)}")
+            raise ValueError(
+                f"{folder}: tensor {name} has shape {list(t.shape)}, config.json implies {list(param.shape)}"
+            )
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, nn.Parameter(t.to(device, dtype), requires_grad=False))

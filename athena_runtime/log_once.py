@@ -1,5 +1,6 @@
 """Log a message the first time its key is seen in this process: kernel paths and fallbacks are logged once per
 layer shape, not once per call."""
+
 from __future__ import annotations
 
 import logging

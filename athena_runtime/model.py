@@ -9,6 +9,7 @@ the loader.
 
 Shapes: T tokens in the flat batch, H heads, Hkv KV heads, D head_dim.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,16 +52,18 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset  # unit_offset (Gemma): the weight acts as (1 + w)
         self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(r), r) with r = x + residual (or x): the residual add and the norm as one kernel on the GPU.
         `out_dtype`: the norm's output dtype (default r's)."""
         return add_rmsnorm(x, residual, self.weight, self.eps, unit_offset=self.unit_offset, out_dtype=out_dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, prefix: str, linear: LinearFactory,
-                 paged_attention: PagedAttention):
+    def __init__(
+        self, config: ModelConfig, layer: int, prefix: str, linear: LinearFactory, paged_attention: PagedAttention
+    ):
         super().__init__()
         c = config
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
@@ -83,16 +86,30 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x)  # views of one [T, (H + 2 Hkv) D] output
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        norm = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.unit_offset)
-                if self.qk_norm else None)
-        q, k = rope_(q.view(T, self.num_heads, self.head_dim),  # [T, H, D]
-                     k.view(T, self.num_kv_heads, self.head_dim), cos, sin, qk_norm=norm)  # [T, Hkv, D]
+        norm = (
+            (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.unit_offset) if self.qk_norm else None
+        )
+        q, k = rope_(
+            q.view(T, self.num_heads, self.head_dim),  # [T, H, D]
+            k.view(T, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+            qk_norm=norm,
+        )  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         cache = attn.kv_cache
         cache.write(self.layer, k, v, attn.slot_mapping, attn.positions)
         # Attend in the cache's stored basis: the query moves in, the output back out (kv_cache.py).
-        o = self.paged_attention(cache.query(self.layer, q), cache, self.layer, attn, self.scale, self.window,
-                                 fresh_kv=(k, v), softcap=self.softcap)
+        o = self.paged_attention(
+            cache.query(self.layer, q),
+            cache,
+            self.layer,
+            attn,
+            self.scale,
+            self.window,
+            fresh_kv=(k, v),
+            softcap=self.softcap,
+        )
         return self.o_proj(cache.output(o).reshape(T, self.num_heads * self.head_dim))
 
 
@@ -156,8 +173,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
         self.rotary_emb = RotaryEmbedding(config, max_len)
         # Gemma 3: sliding-window layers rotate with their own base (no buffers when every layer shares one RoPE)
-        self.rotary_emb_local = (RotaryEmbedding(config, max_len, config.rope_local)
-                                 if config.rope_local is not None else None)
+        self.rotary_emb_local = (
+            RotaryEmbedding(config, max_len, config.rope_local) if config.rope_local is not None else None
+        )
 
 
 class CausalLM(nn.Module):
@@ -165,8 +183,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config, linear, max_len)
-        self.lm_head = None if config.tie_word_embeddings else linear(
-            "lm_head", config.hidden_size, config.vocab_size, False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else linear("lm_head", config.hidden_size, config.vocab_size, False)
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]; writes K/V of the T tokens."""
@@ -178,8 +197,13 @@ class CausalLM(nn.Module):
         if self.config.sandwich_norms and h.dtype == torch.float16:
             # Gemma's residual stream outgrows float16 (Gemma-3-270M: |h| up to ~9e4 > 65504, all NaN after): it is
             # kept in float32, the layers' inputs and outputs (|x| < ~300 there) stay float16
-            log_once(log, ("model", "fp32 residual"), logging.INFO, "Gemma in float16: the residual stream is "
-                     "kept in float32 (its values exceed float16's range), the layers run in float16")
+            log_once(
+                log,
+                ("model", "fp32 residual"),
+                logging.INFO,
+                "Gemma in float16: the residual stream is "
+                "kept in float32 (its values exceed float16's range), the layers run in float16",
+            )
             h = h.float()
         rope = self.model.rotary_emb(positions, act)  # cos, sin [T, D]
         local = self.model.rotary_emb_local

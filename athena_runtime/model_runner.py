@@ -6,6 +6,7 @@ chunk) replay a CUDA graph captured for the batch-size bucket (1, 2, 4, ... padd
 feed token 0 at position 0, write to the cache's null block and attend to nothing. Everything else
 (prefill chunks, mixed batches, CPU) runs eagerly.
 """
+
 from __future__ import annotations
 
 import array
@@ -36,8 +37,16 @@ class _DecodeGraph:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, config: ModelConfig, kv_cache: KVCache, device,
-                 use_cuda_graphs: bool = True, max_model_len: int | None = None, max_graph_batch: int = 128):
+    def __init__(
+        self,
+        model: CausalLM,
+        config: ModelConfig,
+        kv_cache: KVCache,
+        device,
+        use_cuda_graphs: bool = True,
+        max_model_len: int | None = None,
+        max_graph_batch: int = 128,
+    ):
         self.model, self.config, self.kv_cache = model, config, kv_cache
         self.device = torch.device(device)
         self.block_size, self.num_blocks = kv_cache.block_size, kv_cache.num_blocks
@@ -51,14 +60,31 @@ class ModelRunner:
         self._graphs: dict[int, _DecodeGraph] = {}
         if self.use_cuda_graphs:
             self._init_graph_buffers()
-        log.info("model runner: %s, %s, max_model_len %d, CUDA graphs %s", self.device, kv_cache,
-                 self.max_model_len, "on" if self.use_cuda_graphs else "off")
+        log.info(
+            "model runner: %s, %s, max_model_len %d, CUDA graphs %s",
+            self.device,
+            kv_cache,
+            self.max_model_len,
+            "on" if self.use_cuda_graphs else "off",
+        )
 
     @classmethod
-    def from_path(cls, path, kv_format: str = "fp16", block_size: int = 16, num_blocks: int | None = None,
-                  kv_budget_bytes: int | None = None, device=None, max_model_len: int | None = None, *,
-                  kv_hadamard: bool = False, kv_group_size: int | None = None, dtype: torch.dtype | None = None,
-                  use_cuda_graphs: bool = True, cpu_path=None) -> "ModelRunner":
+    def from_path(
+        cls,
+        path,
+        kv_format: str = "fp16",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_budget_bytes: int | None = None,
+        device=None,
+        max_model_len: int | None = None,
+        *,
+        kv_hadamard: bool = False,
+        kv_group_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        use_cuda_graphs: bool = True,
+        cpu_path=None,
+    ) -> "ModelRunner":
         """Load a model folder and size its KV cache: `num_blocks`, else `kv_budget_bytes`, else (CUDA)
         the free memory after loading less a reserve, or (CPU) 1 GiB. dtype: fp16 on CUDA, fp32 on CPU.
         A format that needs a key basis (int4) is calibrated here, on the folder's tokenizer
@@ -79,12 +105,28 @@ class ModelRunner:
                     free, _ = torch.cuda.mem_get_info(device)
                     kv_budget_bytes = max(0, int(0.9 * free) - defaults.kv_reserve_bytes)
                 log.info("KV cache budget %.2f GiB (%s default)", kv_budget_bytes / 2**30, device.type)
-            num_blocks = blocks_for_budget(kv_budget_bytes, kv_format, config.num_layers, block_size,
-                                           config.num_kv_heads, config.head_dim, kv_group_size)
+            num_blocks = blocks_for_budget(
+                kv_budget_bytes,
+                kv_format,
+                config.num_layers,
+                block_size,
+                config.num_kv_heads,
+                config.head_dim,
+                kv_group_size,
+            )
             if num_blocks < 1:
                 raise ValueError(f"KV cache budget of {kv_budget_bytes} bytes holds no block of {block_size} tokens")
-        kv_cache = KVCache.create(kv_format, config.num_layers, num_blocks, block_size, config.num_kv_heads,
-                                  config.head_dim, device, hadamard=kv_hadamard, group_size=kv_group_size)
+        kv_cache = KVCache.create(
+            kv_format,
+            config.num_layers,
+            num_blocks,
+            block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            device,
+            hadamard=kv_hadamard,
+            group_size=kv_group_size,
+        )
         if kv_cache.needs_key_basis:
             from athena_runtime.format.source import load_tokenizer
 
@@ -106,8 +148,12 @@ class ModelRunner:
                 self._log_once("graph", "decode batches: CUDA graph replay")
                 return self._replay(chunks)
             self._log_once("graph-miss", "decode batch too large or too long for the CUDA graphs: eager")
-        self._log_once("eager", "eager forward on %s (%s)", self.device,
-                       "prefill and mixed batches" if self.use_cuda_graphs else "CUDA graphs off")
+        self._log_once(
+            "eager",
+            "eager forward on %s (%s)",
+            self.device,
+            "prefill and mixed batches" if self.use_cuda_graphs else "CUDA graphs off",
+        )
         batch = prepare_batch(chunks, self.kv_cache, self.device)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn)  # [T, hidden]
         return self.model.compute_logits(hidden[batch.logits_indices]).float()
@@ -130,9 +176,14 @@ class ModelRunner:
 
     def _graph_forward(self, bucket: int) -> torch.Tensor:
         attn = AttentionMetadata(
-            kv_cache=self.kv_cache, slot_mapping=self._slots[:bucket], positions=self._positions[:bucket],
+            kv_cache=self.kv_cache,
+            slot_mapping=self._slots[:bucket],
+            positions=self._positions[:bucket],
             block_tables=self._tables[:bucket],
-            seq_lens=self._seq_lens[:bucket], query_start_loc=self._query_start[: bucket + 1], is_decode=True)
+            seq_lens=self._seq_lens[:bucket],
+            query_start_loc=self._query_start[: bucket + 1],
+            is_decode=True,
+        )
         hidden = self.model(self._ids[:bucket], self._positions[:bucket], attn)
         return self.model.compute_logits(hidden).float()
 
@@ -163,21 +214,21 @@ class ModelRunner:
         pad = bucket - n
         pos = [c.start_pos for c in chunks]
         width = max(pos) // bs + 1 if chunks else 1
-        flat = [c.token_ids[0] for c in chunks] + [0] * pad                                   # ids
-        flat += pos + [0] * pad                                                               # positions
+        flat = [c.token_ids[0] for c in chunks] + [0] * pad  # ids
+        flat += pos + [0] * pad  # positions
         flat += [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)] + [null * bs] * pad  # slots
-        flat += [p + 1 for p in pos] + [0] * pad                                              # seq_lens
-        for c, p in zip(chunks, pos):                                                         # tables
+        flat += [p + 1 for p in pos] + [0] * pad  # seq_lens
+        for c, p in zip(chunks, pos):  # tables
             flat += c.block_table[: p // bs + 1]
             flat += [null] * (width - p // bs - 1)
         flat += [null] * (width * pad)
-        host = torch.frombuffer(array.array("q", flat), dtype=torch.int64)   # [4 * bucket + bucket * width]
+        host = torch.frombuffer(array.array("q", flat), dtype=torch.int64)  # [4 * bucket + bucket * width]
         b = bucket
         self._ids[:b].copy_(host[:b], non_blocking=True)
-        self._positions[:b].copy_(host[b:2 * b], non_blocking=True)
-        self._slots[:b].copy_(host[2 * b:3 * b], non_blocking=True)
-        self._seq_lens[:b].copy_(host[3 * b:4 * b].to(torch.int32), non_blocking=True)
-        self._tables[:b, :width].copy_(host[4 * b:].view(b, width).to(torch.int32), non_blocking=True)
+        self._positions[:b].copy_(host[b : 2 * b], non_blocking=True)
+        self._slots[:b].copy_(host[2 * b : 3 * b], non_blocking=True)
+        self._seq_lens[:b].copy_(host[3 * b : 4 * b].to(torch.int32), non_blocking=True)
+        self._tables[:b, :width].copy_(host[4 * b :].view(b, width).to(torch.int32), non_blocking=True)
 
     @torch.inference_mode()
     def capture_graphs(self, max_batch: int | None = None) -> int:
@@ -192,8 +243,12 @@ class ModelRunner:
         for bucket in todo:
             self._graphs[bucket] = self._capture(bucket)
         if todo:
-            log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(todo),
-                     ",".join(map(str, todo)), time.perf_counter() - t0)
+            log.info(
+                "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                len(todo),
+                ",".join(map(str, todo)),
+                time.perf_counter() - t0,
+            )
         return len(todo)
 
     def _replay(self, chunks: list[SequenceChunk]) -> torch.Tensor:

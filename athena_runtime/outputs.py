@@ -1,4 +1,5 @@
 """What the engine streams back per request: one `RequestOutput` per step that produced text."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,5 +56,5 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     preemptions_total: int = 0
-    prefix_cache_queries_total: int = 0   # prompt tokens looked up in the prefix cache at admission
-    prefix_cache_hits_total: int = 0      # of those, tokens whose KV blocks were cached
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache at admission
+    prefix_cache_hits_total: int = 0  # of those, tokens whose KV blocks were cached

@@ -5,6 +5,7 @@ Each window is fed in prefill chunks of `chunk` tokens; every chunk attends to t
 through the (quantized) cache, as a long conversation does when it is served. (On the GPU a window's first chunk, a
 whole prompt, attends over its own keys as computed, unquantized: `paged_attention_mixed`.)
 """
+
 from __future__ import annotations
 
 import math
@@ -44,24 +45,42 @@ def runtime_perplexity(runner, ids: torch.Tensor, seqlen: int, max_tokens: int |
     return {"ppl": math.exp(nll / count), "tokens": count, "seconds": time.perf_counter() - t0}
 
 
-def eval_ppl_runtime(model_path: str | Path, data: list[str], seqlen: int, max_tokens: int | None, kv_cache: str,
-                     kv_hadamard: bool = False, device=None) -> dict:
-    from athena_runtime.model_runner import ModelRunner
+def eval_ppl_runtime(
+    model_path: str | Path,
+    data: list[str],
+    seqlen: int,
+    max_tokens: int | None,
+    kv_cache: str,
+    kv_hadamard: bool = False,
+    device=None,
+) -> dict:
     from athena_runtime.format import checkpoint
-    from athena_runtime.format.text import read_text_files, tokenize_text
     from athena_runtime.format.source import load_tokenizer
+    from athena_runtime.format.text import read_text_files, tokenize_text
+    from athena_runtime.model_runner import ModelRunner
 
     path = Path(model_path)
     block_size = 16
-    runner = ModelRunner.from_path(path, kv_format=kv_cache, block_size=block_size,
-                                   num_blocks=-(-seqlen // block_size), device=device,
-                                   max_model_len=seqlen, kv_hadamard=kv_hadamard, use_cuda_graphs=False)
+    runner = ModelRunner.from_path(
+        path,
+        kv_format=kv_cache,
+        block_size=block_size,
+        num_blocks=-(-seqlen // block_size),
+        device=device,
+        max_model_len=seqlen,
+        kv_hadamard=kv_hadamard,
+        use_cuda_graphs=False,
+    )
     ids = tokenize_text(load_tokenizer(path), read_text_files(data))
     res = runtime_perplexity(runner, ids, seqlen, max_tokens)
     meta = checkpoint.read_meta(path) if checkpoint.is_checkpoint(path) else None
     return {
-        "model": str(model_path), **res, "seqlen": seqlen, "kv_cache": kv_cache,
-        "kv_hadamard": runner.kv_cache.hadamard, "kv_key_basis": runner.kv_cache.key_offset is not None,
+        "model": str(model_path),
+        **res,
+        "seqlen": seqlen,
+        "kv_cache": kv_cache,
+        "kv_hadamard": runner.kv_cache.hadamard,
+        "kv_key_basis": runner.kv_cache.key_offset is not None,
         "bits_per_weight": meta["bits_per_weight"]["linear"] if meta else None,
         "kv_bytes_per_token": runner.kv_cache.bytes_per_token(),
     }

@@ -11,6 +11,7 @@ CPU); a forward call looks its callable up and runs it. Force one backend with t
 ATHENA_PQ_PATH environment variable (read when the layer binds; tests, benchmarks). Every (backend, layer shape)
 is logged once at INFO, and a CUDA layer that does not get its class's first choice once at WARNING, with why.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -39,10 +40,18 @@ class PQLinear(nn.Module):
 
     _logged: set = set()  # (path, N, M) already logged: "once per layer shape" across all instances
 
-    def __init__(self, geo: PQGeometry, qweight: torch.Tensor, codebook: torch.Tensor,
-                 lowrank_a: torch.Tensor | None = None, lowrank_b: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, codebook_bits: int = 8, path: str | None = None,
-                 row_scale: torch.Tensor | None = None):
+    def __init__(
+        self,
+        geo: PQGeometry,
+        qweight: torch.Tensor,
+        codebook: torch.Tensor,
+        lowrank_a: torch.Tensor | None = None,
+        lowrank_b: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        codebook_bits: int = 8,
+        path: str | None = None,
+        row_scale: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.geo = geo
         self.codebook_bits = codebook_bits
@@ -63,8 +72,9 @@ class PQLinear(nn.Module):
 
     # ------------------------------------------------------------------------------ loading
     @classmethod
-    def from_tensors(cls, prefix: str, tensors: dict, meta: dict, device, dtype=torch.float16,
-                     path: str | None = None) -> "PQLinear":
+    def from_tensors(
+        cls, prefix: str, tensors: dict, meta: dict, device, dtype=torch.float16, path: str | None = None
+    ) -> "PQLinear":
         """Build from the checkpoint tensors `prefix.indices`, `prefix.codebook`, ... (FORMAT.md) and the
         layer's athena.json entry `meta` = {"method": "athena", "shape": [N, M], "d", "n", "k",
         "codebook_bits", "rank"}. Raises ValueError naming the tensor or field that does not fit."""
@@ -78,8 +88,12 @@ class PQLinear(nn.Module):
         qweight = layout.pack_words(indices, geo)
         del indices
         scale, cmin = s.codebook_scale, s.codebook_min
-        C = layout.dequantize_codebook(s.codebook.to(device), scale.to(device) if scale is not None else None,
-                                       cmin.to(device) if cmin is not None else None, dtype=dtype)
+        C = layout.dequantize_codebook(
+            s.codebook.to(device),
+            scale.to(device) if scale is not None else None,
+            cmin.to(device) if cmin is not None else None,
+            dtype=dtype,
+        )
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
         A, B = pad_lowrank(opt(s.lowrank_a), opt(s.lowrank_b))
@@ -103,7 +117,9 @@ class PQLinear(nn.Module):
             why = "different input size or recipe"
         elif len({p.row_scale is None for p in parts}) != 1:
             why = "row scales on some parts only"
-        elif len({(p.codebook.dtype, p.codebook.device) for p in parts}) != 1 or any(p.path != parts[0].path for p in parts):
+        elif len({(p.codebook.dtype, p.codebook.device) for p in parts}) != 1 or any(
+            p.path != parts[0].path for p in parts
+        ):
             why = "different dtype, device or forced path"
         offsets, rows = [], 0
         for i, p in enumerate(parts):
@@ -116,15 +132,17 @@ class PQLinear(nn.Module):
             key = ("not-fused", tuple(p.geo.N for p in parts), g0.M, why)
             if key not in PQLinear._logged:  # once per shape set, not once per decoder layer
                 PQLinear._logged.add(key)
-                log.info("PQLinear: not fusing %d layers [%s]: %s", len(parts), ", ".join(str(p.geo.N) for p in parts), why)
+                log.info(
+                    "PQLinear: not fusing %d layers [%s]: %s", len(parts), ", ".join(str(p.geo.N) for p in parts), why
+                )
             return None
         geo = PQGeometry(rows, g0.M, g0.d, g0.n, g0.k)
         ref = parts[0].qweight
         qweight = torch.zeros(geo.GW, geo.N_pad, dtype=ref.dtype, device=ref.device)
         codebook = parts[0].codebook.new_zeros(geo.Nb, geo.G_pad, geo.d, geo.n)
         for off, p in zip(offsets, parts):
-            qweight[:, off:off + p.geo.N] = p.qweight[:, :p.geo.N]
-            codebook[off // g0.k: off // g0.k + p.geo.Nb] = p.codebook
+            qweight[:, off : off + p.geo.N] = p.qweight[:, : p.geo.N]
+            codebook[off // g0.k : off // g0.k + p.geo.Nb] = p.codebook
         A = B = bias = None
         ranks = [0 if p.lowrank_a is None else p.lowrank_a.shape[1] for p in parts]
         if any(ranks):
@@ -133,19 +151,19 @@ class PQLinear(nn.Module):
             r0 = 0
             for off, p, r in zip(offsets, parts, ranks):
                 if r:
-                    A[off:off + p.geo.N, r0:r0 + r] = p.lowrank_a
-                    B[r0:r0 + r] = p.lowrank_b
+                    A[off : off + p.geo.N, r0 : r0 + r] = p.lowrank_a
+                    B[r0 : r0 + r] = p.lowrank_b
                     r0 += r
         if any(p.bias is not None for p in parts):
             bias = parts[0].codebook.new_zeros(rows)
             for off, p in zip(offsets, parts):
                 if p.bias is not None:
-                    bias[off:off + p.geo.N] = p.bias
+                    bias[off : off + p.geo.N] = p.bias
         scale = None
         if parts[0].row_scale is not None:
             scale = parts[0].codebook.new_ones(rows)
             for off, p in zip(offsets, parts):
-                scale[off:off + p.geo.N] = p.row_scale
+                scale[off : off + p.geo.N] = p.row_scale
         return cls(geo, qweight, codebook, A, B, bias, parts[0].codebook_bits, parts[0].path, scale), offsets
 
     # ------------------------------------------------------------------------------ compute
@@ -153,6 +171,7 @@ class PQLinear(nn.Module):
         """Ŵ [N, M] in the codebook dtype (fp16), low-rank term excluded."""
         if self.qweight.device.type == "cuda":
             from athena_runtime.kernels.dequant_matmul import triton_dequantize_t
+
             return triton_dequantize_t(self.qweight, self.codebook, self.geo, dtype=self.codebook.dtype).t()
         return layout.dequantize_reference(self.qweight, self.codebook, self.geo).to(self.codebook.dtype)
 
@@ -163,7 +182,9 @@ class PQLinear(nn.Module):
         return self.qweight, self.codebook, self.geo, self.lowrank_a, self.lowrank_b, bias
 
     def reference_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._cpu_reference(x) if self.qweight.device.type == "cpu" else pq_matmul_reference(x, *self.kernel_args())
+        return (
+            self._cpu_reference(x) if self.qweight.device.type == "cpu" else pq_matmul_reference(x, *self.kernel_args())
+        )
 
     def bind(self) -> list[str]:
         """Resolve the backend of every token class (once; again only if the forced path changes) and return their
@@ -178,7 +199,9 @@ class PQLinear(nn.Module):
                 raise ValueError(f"unknown PQLinear path {forced!r}; choose one of {NAMES}")
             on_cuda = self.qweight.device.type == "cuda"
             if forced != "reference" and not on_cuda and not (forced.startswith("triton") and interpreting()):
-                raise ValueError(f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)")
+                raise ValueError(
+                    f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)"
+                )
             fns = [(forced, reg.bind(forced, self))] * len(classes)
             self._log_once("path", forced, 1 << 20, logging.INFO, f"forced by path= or {PATH_ENV}")
         else:
@@ -198,8 +221,9 @@ class PQLinear(nn.Module):
                 failed.append((name, f"{type(e).__name__}: {e}"))
         skipped += failed
         if (self.qweight.device.type == "cuda" and skipped) or failed:
-            self._log_once("fallback", name, tokens, logging.WARNING, "; ".join(f"{n} unavailable ({why})"
-                                                                                for n, why in skipped))
+            self._log_once(
+                "fallback", name, tokens, logging.WARNING, "; ".join(f"{n} unavailable ({why})" for n, why in skipped)
+            )
         self._log_once("path", name, tokens, logging.INFO, self._lowrank_note(name))
         return name, fn
 
@@ -213,17 +237,28 @@ class PQLinear(nn.Module):
         if self.lowrank_a is None or path not in ("dequant", "triton-dequant"):
             return ""
         from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
-        return "low-rank " + default_lowrank_mode(self.geo, "cuda" if path == "dequant" else "triton",
-                                                  self.lowrank_a.shape[1])
+
+        return "low-rank " + default_lowrank_mode(
+            self.geo, "cuda" if path == "dequant" else "triton", self.lowrank_a.shape[1]
+        )
 
     def _log_once(self, what: str, path: str, tokens: int, level, why: str = ""):
         """Log once per (what, backend, layer shape): the path taken, or why the first choice was passed over."""
         key = (what, path, self.geo.N, self.geo.M)
         if key not in PQLinear._logged:
             PQLinear._logged.add(key)
-            log.log(level, "PQLinear [%d x %d] d=%d n=%d k=%d, up to %s tokens: path %s%s", self.geo.N, self.geo.M,
-                    self.geo.d, self.geo.n, self.geo.k, tokens if tokens < 1 << 20 else "any", path,
-                    f" ({why})" if why else "")
+            log.log(
+                level,
+                "PQLinear [%d x %d] d=%d n=%d k=%d, up to %s tokens: path %s%s",
+                self.geo.N,
+                self.geo.M,
+                self.geo.d,
+                self.geo.n,
+                self.geo.k,
+                tokens if tokens < 1 << 20 else "any",
+                path,
+                f" ({why})" if why else "",
+            )
 
     def forward(self, x: torch.Tensor, glu: tuple[int, int] | None = None) -> torch.Tensor:
         """y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias [..., N]; with `glu=(up_offset, F)` (a fused gate/up layer) the
@@ -266,9 +301,11 @@ class PQLinear(nn.Module):
     def extra_repr(self) -> str:
         g = self.geo
         rank = 0 if self.lowrank_a is None else self.lowrank_a.shape[1]
-        return (f"in_features={g.M}, out_features={g.N}, d={g.d}, n={g.n}, k={g.k}, "
-                f"codebook_bits={self.codebook_bits}, rank={rank}, bias={self.bias is not None}, "
-                f"row_scale={self.row_scale is not None}")
+        return (
+            f"in_features={g.M}, out_features={g.N}, d={g.d}, n={g.n}, k={g.k}, "
+            f"codebook_bits={self.codebook_bits}, rank={rank}, bias={self.bias is not None}, "
+            f"row_scale={self.row_scale is not None}"
+        )
 
 
 def pad_lowrank(A: torch.Tensor | None, B: torch.Tensor | None, align: int = LOWRANK_ALIGN):
@@ -277,4 +314,3 @@ def pad_lowrank(A: torch.Tensor | None, B: torch.Tensor | None, align: int = LOW
         return A, B
     pad = align - A.shape[1] % align
     return torch.nn.functional.pad(A, (0, pad)), torch.nn.functional.pad(B, (0, 0, 0, pad))
-

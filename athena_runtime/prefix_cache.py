@@ -13,6 +13,7 @@ A block enters the cache once it is full and its K/V are all computed; from then
 (a sequence only writes past its last cached block). The block manager keeps cached blocks nobody
 holds until it needs them for new contents, least recently released first (`block_manager.py`).
 """
+
 from __future__ import annotations
 
 import array
@@ -33,8 +34,8 @@ class PrefixCache:
         self.root = root
         self._block_of: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
-        self.queries = 0           # prompt tokens looked up at admission (again after a preemption)
-        self.hits = 0              # of those, tokens found cached
+        self.queries = 0  # prompt tokens looked up at admission (again after a preemption)
+        self.hits = 0  # of those, tokens found cached
 
     def keys(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """The keys of `seq`'s first `num_blocks` (full) blocks, computed once per sequence."""
@@ -42,7 +43,7 @@ class PrefixCache:
         if len(keys) < num_blocks:
             tokens = seq.token_ids
             for i in range(len(keys), num_blocks):
-                keys.append(block_key(keys[-1] if keys else self.root, tokens[i * bs:(i + 1) * bs]))
+                keys.append(block_key(keys[-1] if keys else self.root, tokens[i * bs : (i + 1) * bs]))
         return keys[:num_blocks]
 
     def match(self, seq: Sequence) -> list[int]:

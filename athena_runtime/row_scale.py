@@ -7,6 +7,7 @@ The PQ kernels compute the bracket (they get no bias); this epilogue scales thei
 for a fused gate/up layer, applies silu(gate) · up afterwards (the kernels' fused SiLU epilogue would run
 before the scale). On CPU the reference path folds s into its cached W_eff instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ import torch
 from athena_runtime.kernels.fused_ops import silu_mul
 
 
-def row_scale_epilogue(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                       glu: tuple[int, int] | None) -> torch.Tensor:
+def row_scale_epilogue(
+    y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, glu: tuple[int, int] | None
+) -> torch.Tensor:
     """y [T, N] (kernel output, no bias) -> s ⊙ y + bias [T, N], or silu(gate) · up [T, F] with glu=(offset, F)."""
     y = y * scale
     if bias is not None:
@@ -23,4 +25,4 @@ def row_scale_epilogue(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor 
     if glu is None:
         return y
     up0, F = glu
-    return silu_mul(y[:, :F].contiguous(), y[:, up0:up0 + F].contiguous())
+    return silu_mul(y[:, :F].contiguous(), y[:, up0 : up0 + F].contiguous())

@@ -18,6 +18,7 @@ Order per row (one row = one request):
    Every row is computed by row-wise ops only, so a seeded request draws the same tokens whatever
    else is in the batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,12 +30,18 @@ import torch
 
 from athena_runtime.sampling_params import SamplingParams
 from athena_runtime.token_masks import (
-    BitmaskBuffer, MaskPrefetch, TokenConstraint, apply_logit_bias, apply_token_bitmask, bitmask_words, fill_bitmasks,
+    BitmaskBuffer,
+    MaskPrefetch,
+    TokenConstraint,
+    apply_logit_bias,
+    apply_token_bitmask,
+    bitmask_words,
+    fill_bitmasks,
 )
 
 log = logging.getLogger(__name__)
 
-_UNIFORM_BLOCK = 64   # uniform numbers drawn at once from a request's generator
+_UNIFORM_BLOCK = 64  # uniform numbers drawn at once from a request's generator
 
 
 @dataclass(frozen=True)
@@ -45,15 +52,15 @@ class SampleRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None = None   # CPU generator; None draws from torch's default RNG
+    generator: torch.Generator | None = None  # CPU generator; None draws from torch's default RNG
     constraint: TokenConstraint | None = None  # grammar state: allowed next tokens
 
 
 @dataclass(frozen=True)
 class Sample:
     token_id: int
-    logprob: float | None = None                       # raw-model logprob of token_id (if asked)
-    top: tuple[tuple[int, float], ...] = ()            # (token_id, logprob), most likely first
+    logprob: float | None = None  # raw-model logprob of token_id (if asked)
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
 
 
 def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -71,7 +78,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     """Repetition, presence and frequency penalties on logits [B, V] (never modified in place)."""
     B, V = logits.shape
     dev = logits.device
-    if any(r.params.repetition_penalty != 1.0 for r in rows):   # decided on the host: no device sync
+    if any(r.params.repetition_penalty != 1.0 for r in rows):  # decided on the host: no device sync
         rep = _to_device([r.params.repetition_penalty for r in rows], logits.dtype, dev)
         ids = _token_matrix([r.prompt_token_ids + r.output_token_ids for r in rows], V, dev)
         seen = torch.zeros(B, V + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :V]
@@ -93,17 +100,23 @@ def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple
     """Temperature, top-k, top-p, min-p. Returns (probs [B, V] sorted descending, their token ids)."""
     B, V = logits.shape
     dev = logits.device
-    settings = _to_device([[r.params.temperature or 1.0, r.params.top_k if r.params.top_k > 0 else V,
-                            r.params.top_p, r.params.min_p] for r in rows], torch.float64, dev)   # [B, 4]
+    settings = _to_device(
+        [
+            [r.params.temperature or 1.0, r.params.top_k if r.params.top_k > 0 else V, r.params.top_p, r.params.min_p]
+            for r in rows
+        ],
+        torch.float64,
+        dev,
+    )  # [B, 4]
     temp, top_p, min_p = settings[:, 0].float(), settings[:, 2].float(), settings[:, 3].float()
     top_k = settings[:, 1].long()
     sorted_logits, sorted_ids = torch.sort(logits.float() / temp[:, None], dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     rank = torch.arange(V, device=dev)[None, :]
-    drop = rank >= top_k[:, None]                                       # top-k
+    drop = rank >= top_k[:, None]  # top-k
     drop |= ((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)  # top-p
-    drop |= probs < min_p[:, None] * probs[:, :1]                       # min-p
-    drop[:, 0] = False                                                  # the most likely token always stays
+    drop |= probs < min_p[:, None] * probs[:, :1]  # min-p
+    drop[:, 0] = False  # the most likely token always stays
     return probs.masked_fill(drop, 0.0), sorted_ids
 
 
@@ -143,8 +156,9 @@ class Sampler:
         self._wait_pending()
         constraints = [r.constraint for r in rows if r.constraint is not None]
         if constraints:
-            bitmask = self._buffer.rows(len(constraints), bitmask_words(constraints[0].vocab_size),
-                                        torch.cuda.is_available())
+            bitmask = self._buffer.rows(
+                len(constraints), bitmask_words(constraints[0].vocab_size), torch.cuda.is_available()
+            )
             self._pending = (constraints, bitmask, self._prefetch.start(constraints, bitmask))
 
     def _wait_pending(self) -> tuple[list[TokenConstraint], torch.Tensor] | None:
@@ -159,8 +173,11 @@ class Sampler:
         """The constraints' bitmask rows [C, W] on the host, pinned for a CUDA `device` (prefetched if
         `prepare` saw the same ones); apply_token_bitmask copies them over without a sync."""
         prepared = self._wait_pending()
-        if prepared is not None and len(prepared[0]) == len(constraints) and all(
-                a is b for a, b in zip(prepared[0], constraints)):
+        if (
+            prepared is not None
+            and len(prepared[0]) == len(constraints)
+            and all(a is b for a, b in zip(prepared[0], constraints))
+        ):
             bitmask = prepared[1]
         else:
             if prepared is not None:
@@ -175,7 +192,7 @@ class Sampler:
     def _uniform(self, generator: torch.Generator | None) -> float:
         try:
             pending = self._uniforms.get(generator)
-        except TypeError:   # None, or a torch.Generator this torch cannot weakly reference: no buffer
+        except TypeError:  # None, or a torch.Generator this torch cannot weakly reference: no buffer
             return torch.rand((), generator=generator, dtype=torch.float64).item()
         if not pending:
             pending = torch.rand(_UNIFORM_BLOCK, generator=generator, dtype=torch.float64).tolist()[::-1]
@@ -233,7 +250,7 @@ class Sampler:
         samples = [Sample(t) for t in token_ids]
         if not want:
             return samples
-        logprobs = torch.log_softmax(raw_logits[want], dim=-1)                          # [W, V]
+        logprobs = torch.log_softmax(raw_logits[want], dim=-1)  # [W, V]
         chosen = logprobs.gather(1, torch.tensor([[token_ids[i]] for i in want], device=logprobs.device))
         num_top = max(rows[i].params.logprobs for i in want)
         top_values, top_ids = torch.topk(logprobs, num_top, dim=-1) if num_top else (logprobs[:, :0], logprobs[:, :0])

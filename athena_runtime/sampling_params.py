@@ -1,4 +1,5 @@
 """Per-request generation settings, shared by the engine and the server."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from athena_runtime.token_masks import ConstraintFactory
 
-MAX_LOGIT_BIAS = 100.0   # OpenAI's range for logit_bias values
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
         if any(not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS or token_id < 0 for token_id, bias in self.logit_bias):
-            raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] for token ids >= 0")
+            raise ValueError(
+                f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] for token ids >= 0"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -13,6 +13,7 @@ Each step builds one batch within `max_num_seqs` sequences and `max_num_batched_
    starts on the blocks of its longest cached prefix (`prefix_cache.py`): computed already, and
    shared, they need no free block.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -24,18 +25,23 @@ from athena_runtime.sequence import Sequence, SequenceStatus
 
 class ScheduledChunk(NamedTuple):
     seq: Sequence
-    num_tokens: int    # tokens of seq fed this step, from seq.num_computed on
+    num_tokens: int  # tokens of seq fed this step, from seq.num_computed on
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 prefill_chunk_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_chunk_tokens: int | None = None,
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens or max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []     # in admission order
+        self.running: list[Sequence] = []  # in admission order
         self.requests: dict[str, Sequence] = {}
         self.num_preemptions = 0
 
@@ -53,11 +59,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledChunk] = []
         preempted = False
-        for seq in list(self.running):                       # 1. decodes
+        for seq in list(self.running):  # 1. decodes
             num_tokens = seq.num_tokens
             if seq.status is not SequenceStatus.RUNNING or num_tokens - seq.num_computed != 1 or budget == 0:
                 continue
-            if bm.blocks_for(num_tokens) > len(seq.block_table):   # needs a new block (1 step in block_size)
+            if bm.blocks_for(num_tokens) > len(seq.block_table):  # needs a new block (1 step in block_size)
                 while not bm.can_grow(seq.block_table, num_tokens):
                     victim = self.running[-1]
                     self._preempt(victim)
@@ -69,14 +75,18 @@ class Scheduler:
                 bm.grow(seq.block_table, num_tokens)
             batch.append(ScheduledChunk(seq, 1))
             budget -= 1
-        prefill = min(budget, self.prefill_chunk_tokens) if batch else budget   # prompt tokens this step
-        for seq in self.running:                             # 2. prefill chunks in progress
+        prefill = min(budget, self.prefill_chunk_tokens) if batch else budget  # prompt tokens this step
+        for seq in self.running:  # 2. prefill chunks in progress
             if seq.num_uncomputed > 1 and prefill > 0:
                 n = min(seq.num_uncomputed, prefill)
                 batch.append(ScheduledChunk(seq, n))
                 prefill -= n
-        while (self.waiting and not preempted and prefill > 0    # 3. admissions, FCFS
-               and len(self.running) < self.max_num_seqs):
+        while (
+            self.waiting
+            and not preempted
+            and prefill > 0  # 3. admissions, FCFS
+            and len(self.running) < self.max_num_seqs
+        ):
             seq = self.waiting[0]
             cached = bm.cached_prefix(seq)
             if not bm.can_allocate(seq.num_tokens, cached):

@@ -1,4 +1,5 @@
 """One request's state inside the engine: its tokens, its KV blocks, how far the cache has got."""
+
 from __future__ import annotations
 
 import enum
@@ -14,8 +15,8 @@ if TYPE_CHECKING:
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"    # queued (new, or preempted and waiting to recompute)
-    RUNNING = "running"    # admitted: holds KV blocks for all its tokens
+    WAITING = "waiting"  # queued (new, or preempted and waiting to recompute)
+    RUNNING = "running"  # admitted: holds KV blocks for all its tokens
     FINISHED = "finished"
 
 
@@ -29,22 +30,28 @@ class Sequence:
     is prefilled.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival: int, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
-        self.arrival = arrival                  # FCFS order
-        self.generator = generator              # per-request RNG (seeded sampling)
+        self.arrival = arrival  # FCFS order
+        self.generator = generator  # per-request RNG (seeded sampling)
         self.block_table: list[int] = []
-        self.block_hashes: list[bytes] = []     # prefix-cache keys of its full blocks, computed as needed
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of its full blocks, computed as needed
         self.num_computed = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
-        self.stream: TextStream | None = None    # detokenizer + stop strings, set by the engine
+        self.stream: TextStream | None = None  # detokenizer + stop strings, set by the engine
         # the grammar state of a constrained request (params.constraint.new()), set by the engine
         self.constraint: TokenConstraint | None = None
 
@@ -63,10 +70,12 @@ class Sequence:
     def next_chunk(self, n: int) -> list[int]:
         start = self.num_computed
         if start < len(self.prompt_token_ids):
-            return self.token_ids[start:start + n]
+            return self.token_ids[start : start + n]
         out_start = start - len(self.prompt_token_ids)
-        return self.output_token_ids[out_start:out_start + n]
+        return self.output_token_ids[out_start : out_start + n]
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed}, blocks={len(self.block_table)})")
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed}, blocks={len(self.block_table)})"
+        )

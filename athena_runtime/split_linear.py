@@ -8,6 +8,7 @@ of one output tensor (no copies; the fused element-wise kernels take strided row
 `fuse_projections(model)` runs after loading: dense layers are concatenated as they are, PQ layers
 with `PQLinear.concat` (which refuses, with a log line, parts that do not fit one layout).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ class SplitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = self.linear(x)
-        return tuple(y[..., o:o + n] for o, n in zip(self.offsets, self.sizes))
+        return tuple(y[..., o : o + n] for o, n in zip(self.offsets, self.sizes))
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu(part 0) · part 1 (gate/up): a PQ layer does it in its split-K epilogue (one launch less per
@@ -50,9 +51,14 @@ class SplitLinear(nn.Module):
         if act == "silu":
             return self.silu_mul(x)
         if isinstance(self.linear, PQLinear):
-            log_once(log, ("gated", act), logging.WARNING,
-                     "fused gate/up: the PQ split-K epilogue fuses SiLU only; %s(gate) · up runs as its own kernel "
-                     "after the projection (one launch and the [T, 2F] output more per layer)", act)
+            log_once(
+                log,
+                ("gated", act),
+                logging.WARNING,
+                "fused gate/up: the PQ split-K epilogue fuses SiLU only; %s(gate) · up runs as its own kernel "
+                "after the projection (one launch and the [T, 2F] output more per layer)",
+                act,
+            )
         gate, up = self(x)
         return GATED_ACTIVATIONS[act](gate, up)
 
@@ -72,8 +78,10 @@ def fuse(parts: list[nn.Module]) -> SplitLinear | None:
         linear = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=False)
         if has_bias:
-            linear.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else w.new_zeros(p.out_features)
-                                                  for p in parts]), requires_grad=False)
+            linear.bias = nn.Parameter(
+                torch.cat([p.bias if p.bias is not None else w.new_zeros(p.out_features) for p in parts]),
+                requires_grad=False,
+            )
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         return SplitLinear(linear, offsets, sizes)
     log.info("not fusing %s: mixed layer types", [type(p).__name__ for p in parts])

@@ -10,11 +10,12 @@ Stop strings: the text's tail that could still grow into a stop string is held b
 emitted is never retracted. When a stop string appears, the text before it is emitted and the
 stop string (and anything after it) is dropped.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 
-_PROMPT_CONTEXT = 5   # prompt tokens decoded ahead of the output, so the first token's spacing is right
+_PROMPT_CONTEXT = 5  # prompt tokens decoded ahead of the output, so the first token's spacing is right
 
 
 class IncrementalDetokenizer:
@@ -24,8 +25,8 @@ class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[list[int]], str], prompt_token_ids: list[int]) -> None:
         self.decode = decode
         self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
-        self.prefix_offset = 0              # window start
-        self.read_offset = len(self.ids)    # tokens before this are already turned into text
+        self.prefix_offset = 0  # window start
+        self.read_offset = len(self.ids)  # tokens before this are already turned into text
         self.prefix_text: str | None = None  # decode(ids[prefix_offset:read_offset]), once per window
 
     def add(self, token_id: int) -> str:
@@ -40,12 +41,12 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         prefix_text = self.prefix_text
         if prefix_text is None:
-            prefix_text = self.prefix_text = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        full_text = self.decode(self.ids[self.prefix_offset:])
+            prefix_text = self.prefix_text = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self.decode(self.ids[self.prefix_offset :])
         if len(full_text) > len(prefix_text) and (final or not full_text.endswith("\ufffd")):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             self.prefix_text = None
-            return full_text[len(prefix_text):]
+            return full_text[len(prefix_text) :]
         return ""
 
 
@@ -55,7 +56,7 @@ class StopStringMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.max_len = max((len(s) for s in self.stops), default=0)
-        self.pending = ""   # received, not yet emitted
+        self.pending = ""  # received, not yet emitted
 
     def add(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was hit)."""
@@ -66,10 +67,10 @@ class StopStringMatcher:
             return out, False
         hits = [i for i in (self.pending.find(s, searched_from) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[:min(hits)], ""
+            out, self.pending = self.pending[: min(hits)], ""
             return out, True
         keep = self._held_length()
-        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
         return out, False
 
     def _held_length(self) -> int:
@@ -88,8 +89,9 @@ class StopStringMatcher:
 class TextStream:
     """One request's output text: tokens in, (text delta, stop string hit) out."""
 
-    def __init__(self, decode: Callable[[list[int]], str], prompt_token_ids: list[int],
-                 stops: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, decode: Callable[[list[int]], str], prompt_token_ids: list[int], stops: tuple[str, ...] = ()
+    ) -> None:
         self.detokenizer = IncrementalDetokenizer(decode, prompt_token_ids)
         self.matcher = StopStringMatcher(stops)
 

@@ -20,6 +20,7 @@ The check, once per tokenizer: random single ids and id sequences (special token
 vocabulary, characters split across tokens) must decode to `tokenizer.decode`'s text through the
 backend, and through the byte table, which must also give the backend's text for every single id.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,13 +30,17 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_CHECK_SEQUENCES = 256   # random id sequences compared against the tokenizer when a decoder is built
+_CHECK_SEQUENCES = 256  # random id sequences compared against the tokenizer when a decoder is built
 _CHECK_LENGTH = 12
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
     extra = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
@@ -67,7 +72,7 @@ class TokenDecoder:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._texts: dict[int, str] = {}                  # token_text cache
+        self._texts: dict[int, str] = {}  # token_text cache
         self.decode: Callable[[list[int]], str] = self._reference
         self.kind = "tokenizer.decode"
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -79,8 +84,10 @@ class TokenDecoder:
         expected = [self._reference(ids) for ids in cases]
         direct = self._backend_decode = backend.decode
         if not all(direct(ids, skip_special_tokens=True) == text for ids, text in zip(cases, expected)):
-            log.warning("detokenizer: %s.decode differs from its tokenizers backend; using tokenizer.decode",
-                        type(tokenizer).__name__)
+            log.warning(
+                "detokenizer: %s.decode differs from its tokenizers backend; using tokenizer.decode",
+                type(tokenizer).__name__,
+            )
             return
         self.decode, self.kind = self._decode_backend, "tokenizers backend"
         pieces = byte_level_pieces(backend)
@@ -88,12 +95,15 @@ class TokenDecoder:
             return
         self._pieces = pieces
         singles = backend.decode_batch([[i] for i in range(vocab)], skip_special_tokens=True)
-        if (all(self._decode_bytes([i]) == text for i, text in enumerate(singles))
-                and all(self._decode_bytes(ids) == text for ids, text in zip(cases, expected))):
+        if all(self._decode_bytes([i]) == text for i, text in enumerate(singles)) and all(
+            self._decode_bytes(ids) == text for ids, text in zip(cases, expected)
+        ):
             self.decode, self.kind = self._decode_bytes, "byte table"
         else:
-            log.warning("detokenizer: the byte table does not reproduce %s; using its tokenizers backend",
-                        type(tokenizer).__name__)
+            log.warning(
+                "detokenizer: the byte table does not reproduce %s; using its tokenizers backend",
+                type(tokenizer).__name__,
+            )
 
     def _reference(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -105,7 +115,7 @@ class TokenDecoder:
         pieces = self._pieces
         try:
             data = b"".join([pieces[i] for i in ids])
-        except IndexError:                                  # ids past the vocabulary decode to nothing
+        except IndexError:  # ids past the vocabulary decode to nothing
             data = b"".join([pieces[i] for i in ids if i < len(pieces)])
         return data.decode("utf-8", "replace")
 
@@ -117,8 +127,12 @@ class TokenDecoder:
         edges = [*range(min(vocab, 64)), *range(max(0, vocab - 64), vocab), vocab, vocab + 1000]
         cases = [[i] for i in edges] + [[rng.randrange(vocab)] for _ in range(_CHECK_SEQUENCES)]
         for _ in range(_CHECK_SEQUENCES):
-            cases.append([rng.choice(edges) if rng.random() < 0.2 else rng.randrange(vocab)
-                          for _ in range(rng.randint(2, _CHECK_LENGTH))])
+            cases.append(
+                [
+                    rng.choice(edges) if rng.random() < 0.2 else rng.randrange(vocab)
+                    for _ in range(rng.randint(2, _CHECK_LENGTH))
+                ]
+            )
         return cases
 
     def token_text(self, token_id: int) -> str:
@@ -126,5 +140,6 @@ class TokenDecoder:
         text = self._texts.get(token_id)
         if text is None:
             text = self._texts[token_id] = self.tokenizer.decode(
-                [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                [token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
         return text

@@ -18,6 +18,7 @@ Per step, for the rows that carry a constraint only:
 Unconstrained rows of the same batch are untouched (bit-identical). `apply_logit_bias` adds
 OpenAI's `logit_bias` (token id -> bias) to the rows that carry one.
 """
+
 from __future__ import annotations
 
 import sys
@@ -35,7 +36,7 @@ WORD_BITS = 32
 class TokenConstraint(Protocol):
     """One sequence's constraint state."""
 
-    vocab_size: int   # tokens its bitmask rows cover (the tokenizer's vocabulary)
+    vocab_size: int  # tokens its bitmask rows cover (the tokenizer's vocabulary)
 
     def accept(self, token_id: int) -> bool:
         """Advance over a sampled token; False when the token is not allowed (a bug upstream)."""
@@ -67,7 +68,7 @@ def fill_bitmasks(constraints: Sequence[TokenConstraint], bitmask: torch.Tensor)
     for cls, rows in by_class.items():
         if len(rows) == len(constraints):
             cls.fill_bitmasks(constraints, bitmask)
-        else:   # a class's rows are scattered: fill a compact block, then place its rows
+        else:  # a class's rows are scattered: fill a compact block, then place its rows
             block = torch.empty(len(rows), bitmask.shape[1], dtype=torch.int32)
             cls.fill_bitmasks([constraints[i] for i in rows], block)
             bitmask[torch.tensor(rows)] = block
@@ -79,7 +80,7 @@ def pack_bitmask(allowed: torch.Tensor) -> torch.Tensor:
     W = bitmask_words(V)
     padded = torch.zeros(*allowed.shape[:-1], W * WORD_BITS, dtype=torch.int64)
     padded[..., :V] = allowed.to(torch.int64)
-    words = (padded.view(*allowed.shape[:-1], W, WORD_BITS) << torch.arange(WORD_BITS)).sum(-1)   # [..., W] < 2^32
+    words = (padded.view(*allowed.shape[:-1], W, WORD_BITS) << torch.arange(WORD_BITS)).sum(-1)  # [..., W] < 2^32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -90,11 +91,11 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     the shift-and-mask ops."""
     C, W = bitmask.shape
     if bitmask.device.type == "cpu" and sys.byteorder == "little":
-        words = bitmask.contiguous().numpy().view(np.uint8)                           # [C, 4 W], bit order kept
-        bits = torch.from_numpy(np.unpackbits(words, axis=1, bitorder="little")).view(torch.bool)   # [C, 32 W]
+        words = bitmask.contiguous().numpy().view(np.uint8)  # [C, 4 W], bit order kept
+        bits = torch.from_numpy(np.unpackbits(words, axis=1, bitorder="little")).view(torch.bool)  # [C, 32 W]
     else:
         shifts = torch.arange(WORD_BITS, dtype=torch.int32, device=bitmask.device)
-        bits = ((bitmask[:, :, None] >> shifts) & 1).view(C, W * WORD_BITS).bool()   # [C, 32 W]
+        bits = ((bitmask[:, :, None] >> shifts) & 1).view(C, W * WORD_BITS).bool()  # [C, 32 W]
     if W * WORD_BITS >= vocab_size:
         return bits[:, :vocab_size]
     return torch.cat([bits, bits.new_zeros(C, vocab_size - W * WORD_BITS)], dim=1)
@@ -103,7 +104,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """logits [B, V] with -inf wherever row rows[i]'s bitmask [C, W] (on logits' device) disallows a
     token; other rows unchanged. Returns a new tensor (the input is never modified)."""
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])   # [C, V]
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])  # [C, V]
     if len(rows) == logits.shape[0]:
         return torch.where(allowed, logits, float("-inf"))
     index = torch.tensor(rows).to(logits.device, non_blocking=True)
@@ -122,8 +123,7 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Sequence[tuple[int, 
             values.append(bias)
     dev = logits.device
     index = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(cols).to(dev, non_blocking=True))
-    return logits.index_put(index, torch.tensor(values, dtype=logits.dtype).to(dev, non_blocking=True),
-                            accumulate=True)
+    return logits.index_put(index, torch.tensor(values, dtype=logits.dtype).to(dev, non_blocking=True), accumulate=True)
 
 
 class BitmaskBuffer:

@@ -21,6 +21,7 @@ sets. --no-graph times plain calls instead (Python launch overhead included). GB
 --tile-tokens and --num-warps override the module constants TILE_TOKENS and NUM_WARPS of
 athena_runtime/kernels/paged_attention.py for a sweep (several values: every combination is timed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,11 @@ def random_basis(num_kv_heads: int, head_dim: int, seed: int):
 
     gen = torch.Generator().manual_seed(seed)
     shape = (1, num_kv_heads, head_dim)
-    return KeyBasis(offset=torch.randn(shape, generator=gen) * 2, scale=torch.rand(shape, generator=gen) + 0.5,
-                    sink=torch.randn(shape, generator=gen) * 3)
+    return KeyBasis(
+        offset=torch.randn(shape, generator=gen) * 2,
+        scale=torch.rand(shape, generator=gen) + 0.5,
+        sink=torch.randn(shape, generator=gen) * 3,
+    )
 
 
 def build_cache(fmt: str, tokens: int, args, dev):
@@ -151,17 +155,31 @@ def run(args, dev, log) -> list[dict]:
                     pa.TILE_TOKENS, pa.NUM_WARPS = tile, warps
                     try:
                         for splits in args.splits:
-                            actual = splits or pa.decode_num_splits(batch, args.kv_heads, width, args.block_size,
-                                                                    tile, sms)
-                            row = dict(fmt=fmt, batch=batch, context=context, splits="auto" if splits is None
-                                       else splits, num_splits=actual, tile_tokens=tile, num_warps=warps, sets=sets)
+                            actual = splits or pa.decode_num_splits(
+                                batch, args.kv_heads, width, args.block_size, tile, sms
+                            )
+                            row = dict(
+                                fmt=fmt,
+                                batch=batch,
+                                context=context,
+                                splits="auto" if splits is None else splits,
+                                num_splits=actual,
+                                tile_tokens=tile,
+                                num_warps=warps,
+                                sets=sets,
+                            )
                             try:
-                                got = pa.paged_attention_decode(q, cache, 0, tables[0], seq_lens, qsl, sm_scale,
-                                                                num_splits=splits).float()
+                                got = pa.paged_attention_decode(
+                                    q, cache, 0, tables[0], seq_lens, qsl, sm_scale, num_splits=splits
+                                ).float()
                                 row["max_err"] = float((got - want).abs().max())
                                 row["nan"] = bool(torch.isnan(got).any())
-                                calls = [lambda t=t, c=cache, n=splits, q=q, sl=seq_lens, qs=qsl: pa.paged_attention_decode(
-                                    q, c, 0, t, sl, qs, sm_scale, num_splits=n) for t in tables]
+                                calls = [
+                                    lambda t=t, c=cache, n=splits, q=q, sl=seq_lens, qs=qsl: pa.paged_attention_decode(
+                                        q, c, 0, t, sl, qs, sm_scale, num_splits=n
+                                    )
+                                    for t in tables
+                                ]
                                 row["us"] = time_calls(calls, not args.no_graph)
                                 row["gb_s"] = batch * context * token_bytes / (row["us"] * 1e-6) / 1e9
                             except Exception as ex:  # noqa: BLE001 - report it in the table, go on
@@ -176,13 +194,17 @@ def run(args, dev, log) -> list[dict]:
     return rows
 
 
-HEADER = (f"{'fmt':5s} {'batch':>5s} {'context':>7s} {'splits':>6s} {'n':>3s} {'tile':>4s} {'warps':>5s} "
-          f"{'µs':>8s} {'GB/s':>7s} {'max_err':>8s}")
+HEADER = (
+    f"{'fmt':5s} {'batch':>5s} {'context':>7s} {'splits':>6s} {'n':>3s} {'tile':>4s} {'warps':>5s} "
+    f"{'µs':>8s} {'GB/s':>7s} {'max_err':>8s}"
+)
 
 
 def format_row(r: dict) -> str:
-    head = (f"{r['fmt']:5s} {r['batch']:5d} {r['context']:7d} {str(r['splits']):>6s} {r['num_splits']:3d} "
-            f"{r['tile_tokens']:4d} {r['num_warps']:5d}")
+    head = (
+        f"{r['fmt']:5s} {r['batch']:5d} {r['context']:7d} {str(r['splits']):>6s} {r['num_splits']:3d} "
+        f"{r['tile_tokens']:4d} {r['num_warps']:5d}"
+    )
     if "error" in r:
         return f"{head} ERROR {r['error']}"
     return f"{head} {r['us']:8.1f} {r['gb_s']:7.0f} {r['max_err']:8.1e}" + (" NaN!" if r["nan"] else "")
@@ -190,15 +212,22 @@ def format_row(r: dict) -> str:
 
 def summary(rows: list[dict]) -> str:
     """µs of one split against the automatic choice, per format, batch, context, tile and warps."""
-    timed = {(r["fmt"], r["batch"], r["context"], r["tile_tokens"], r["num_warps"], r["splits"]): r
-             for r in rows if "us" in r}
-    lines = [f"{'fmt':5s} {'batch':>5s} {'context':>7s} {'tile':>4s} {'warps':>5s} {'1 split µs':>10s} "
-             f"{'auto µs':>8s} {'n':>3s} {'speedup':>7s}"]
+    timed = {
+        (r["fmt"], r["batch"], r["context"], r["tile_tokens"], r["num_warps"], r["splits"]): r
+        for r in rows
+        if "us" in r
+    }
+    lines = [
+        f"{'fmt':5s} {'batch':>5s} {'context':>7s} {'tile':>4s} {'warps':>5s} {'1 split µs':>10s} "
+        f"{'auto µs':>8s} {'n':>3s} {'speedup':>7s}"
+    ]
     for key, one in timed.items():
         auto = timed.get(key[:-1] + ("auto",))
         if key[-1] == 1 and auto is not None:
-            lines.append(f"{key[0]:5s} {key[1]:5d} {key[2]:7d} {key[3]:4d} {key[4]:5d} {one['us']:10.1f} "
-                         f"{auto['us']:8.1f} {auto['num_splits']:3d} {one['us'] / auto['us']:6.2f}x")
+            lines.append(
+                f"{key[0]:5s} {key[1]:5d} {key[2]:7d} {key[3]:4d} {key[4]:5d} {one['us']:10.1f} "
+                f"{auto['us']:8.1f} {auto['num_splits']:3d} {one['us'] / auto['us']:6.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -225,8 +254,10 @@ def main(argv=None) -> int:
         args.contexts = args.contexts if "--contexts" in (argv or sys.argv) else [40, 100]
     if not torch.cuda.is_available():
         if not args.smoke:
-            print("bench.attention needs a CUDA GPU (--smoke runs tiny shapes on CPU under TRITON_INTERPRET=1)",
-                  file=sys.stderr)
+            print(
+                "bench.attention needs a CUDA GPU (--smoke runs tiny shapes on CPU under TRITON_INTERPRET=1)",
+                file=sys.stderr,
+            )
             return 1
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module imports Triton
     from athena_runtime.kernels import paged_attention as pa
@@ -239,17 +270,32 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
     how = "interpreted calls" if dev.type != "cuda" else "plain calls" if args.no_graph else "CUDA-graph replays"
-    print(f"{device}; {args.heads} heads, {args.kv_heads} KV heads, head_dim {args.head_dim}, "
-          f"{args.block_size}-token pages; {how}", flush=True)
+    print(
+        f"{device}; {args.heads} heads, {args.kv_heads} KV heads, head_dim {args.head_dim}, "
+        f"{args.block_size}-token pages; {how}",
+        flush=True,
+    )
     print(HEADER, flush=True)
     rows = run(args, dev, lambda msg: print(msg, flush=True))
     print("\n" + summary(rows), flush=True)
     if args.json:
         import triton
 
-        print(json.dumps(dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                              graph=not args.no_graph, heads=args.heads, kv_heads=args.kv_heads,
-                              head_dim=args.head_dim, block_size=args.block_size, rows=rows)))
+        print(
+            json.dumps(
+                dict(
+                    device=device,
+                    torch=torch.__version__,
+                    triton=triton.__version__,
+                    graph=not args.no_graph,
+                    heads=args.heads,
+                    kv_heads=args.kv_heads,
+                    head_dim=args.head_dim,
+                    block_size=args.block_size,
+                    rows=rows,
+                )
+            )
+        )
     bad = [r for r in rows if "error" in r or r.get("nan") or r.get("max_err", 0) > 1e-2]
     return 1 if bad else 0
 

@@ -2,6 +2,7 @@
 
 Each benchmark is a module with `main(argv) -> int`; arguments after WHAT are passed through.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,10 @@ import importlib
 BENCHMARKS = {
     "kernels": ("bench.kernels", "PQ decode/prefill kernels vs cuBLAS fp16 at 7B shapes (GPU)"),
     "quantize-7b": ("bench.quantize_7b", "seconds and peak memory to quantize a 7B-shaped layer (GPU)"),
-    "quality": ("bench.quantize_quality", "perplexity vs bits: reference, RTN, GPTQ, Athena on both real models (SmolLM2-135M, Gemma-3-270M)"),
+    "quality": (
+        "bench.quantize_quality",
+        "perplexity vs bits: reference, RTN, GPTQ, Athena on both real models (SmolLM2-135M, Gemma-3-270M)",
+    ),
     "decode": ("bench.decode", "end-to-end batch-1 decode tok/s: PQ vs fp16 vs HF transformers (GPU)"),
     "attention": ("bench.attention", "paged decode attention µs per call: KV format x batch x context x splits (GPU)"),
     "engine": ("bench.engine", "engine throughput vs concurrent streams per KV format (GPU)"),
@@ -18,8 +22,15 @@ BENCHMARKS = {
     "serve": ("bench.serve", "load test of an OpenAI-compatible server: TTFT, TPOT, throughput vs concurrency"),
     "kv-quality": ("bench.kv_quality", "held-out perplexity and bytes per token for each KV-cache format"),
     "cpu-decode": ("bench.cpu_decode", "CPU decode ms per step: reference vs fast path, A/B in one process"),
-    "peers": ("bench.peers", "batch-1 decode tok/s, % of bandwidth limit, bits/weight: Athena vs llama.cpp (built here) vs torch int4 tinygemm, same GPU (GPU; --shape tiny --device cpu checks the plumbing)"),
-    "serve-peers": ("bench.serve_peers", "bench serve against athena serve and llama.cpp llama-server on the CPU, same model"),
+    "peers": (
+        "bench.peers",
+        "batch-1 decode tok/s, % of bandwidth limit, bits/weight: Athena vs llama.cpp (built here) vs torch int4 "
+        "tinygemm, same GPU (GPU; --shape tiny --device cpu checks the plumbing)",
+    ),
+    "serve-peers": (
+        "bench.serve_peers",
+        "bench serve against athena serve and llama.cpp llama-server on the CPU, same model",
+    ),
 }
 
 

@@ -9,6 +9,7 @@ prefills `--streams` prompts of 64 tokens per path and times `--steps` decode st
 alternating round by round (the machine may be shared: medians over rounds are printed, and
 --profile prints the torch profiler's op table for one round of each path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,13 @@ def main(argv=None) -> int:
     for path in args.paths.split(","):  # "reference", "fast" (--weights) or "fast:FORMAT"
         t0 = time.perf_counter()
         kind, _, weights = path.partition(":")
-        runners[path] = ModelRunner.from_path(model, num_blocks=64 * max(streams), device="cpu", max_model_len=1024,
-                                              cpu_path=CPUPathSettings(kind, weights or args.weights, args.threads))
+        runners[path] = ModelRunner.from_path(
+            model,
+            num_blocks=64 * max(streams),
+            device="cpu",
+            max_model_len=1024,
+            cpu_path=CPUPathSettings(kind, weights or args.weights, args.threads),
+        )
         print(f"{path}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     for s in streams:
         res = {p: [] for p in runners}
@@ -84,15 +90,21 @@ def main(argv=None) -> int:
             rng = max(w.abs().max().item() for w in want)
             err = max((g - w).abs().max().item() for g, w in zip(got, want))
             agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
-            print(f"{s} stream(s), {p} vs {base}: max |logit diff| {err:.4f} ({err / rng:.2e} of the max |logit| "
-                  f"{rng:.2f}); argmax agrees on {agree} of {sum(w.shape[0] for w in want)} rows", flush=True)
+            print(
+                f"{s} stream(s), {p} vs {base}: max |logit diff| {err:.4f} ({err / rng:.2e} of the max |logit| "
+                f"{rng:.2f}); argmax agrees on {agree} of {sum(w.shape[0] for w in want)} rows",
+                flush=True,
+            )
         for p, rs in res.items():
             pre = statistics.median(x[0] for x in rs)
             ms = statistics.median(x[1] for x in rs)
             cms = statistics.median(x[4] for x in rs)
-            print(f"{s} stream(s), {p:10s}: decode {ms:7.1f} ms/step wall, {cms:7.1f} ms/step CPU (medians of "
-                  f"{args.rounds} rounds x {args.steps} steps; wall per round {', '.join(f'{x[1]:.1f}' for x in rs)}), "
-                  f"prefill {pre * 1e3:.0f} ms for {s} x 64 tokens", flush=True)
+            print(
+                f"{s} stream(s), {p:10s}: decode {ms:7.1f} ms/step wall, {cms:7.1f} ms/step CPU (medians of "
+                f"{args.rounds} rounds x {args.steps} steps; wall per round {', '.join(f'{x[1]:.1f}' for x in rs)}), "
+                f"prefill {pre * 1e3:.0f} ms for {s} x 64 tokens",
+                flush=True,
+            )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

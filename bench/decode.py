@@ -13,6 +13,7 @@ tok/s counts decode steps only (after the prompt's prefill), greedy, EOS ignored
 is (bytes that must be read per token) / (measured device-to-device copy bandwidth): every weight
 byte once (packed indices, codebooks, low-rank factors, fp16 lm_head, norms) plus the KV cache so far.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -182,47 +183,74 @@ def run_families(args, device) -> dict:
             wb = weight_bytes(runner.model)
             per_token = wb + kv_bytes_read(mc, runner.kv_cache, args.prompt + args.new / 2)
             tps = statistics.median(rates)
-            rows.append({"family": name, "path": path, "tok_s": tps, "rounds": rates, "weight_gb": wb / 1e9,
-                         "bytes_per_token": per_token, "limit_tok_s": bw / per_token, "gb_s": tps * per_token / 1e9,
-                         "build_s": built, "peak_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                                        if device.type == "cuda" else float("nan"))})
+            rows.append(
+                {
+                    "family": name,
+                    "path": path,
+                    "tok_s": tps,
+                    "rounds": rates,
+                    "weight_gb": wb / 1e9,
+                    "bytes_per_token": per_token,
+                    "limit_tok_s": bw / per_token,
+                    "gb_s": tps * per_token / 1e9,
+                    "build_s": built,
+                    "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")),
+                }
+            )
             log.info("%s %s: %.1f tok/s (%s)", name, path, tps, ", ".join(f"{r:.1f}" for r in rates))
             del runner
     base = {r["path"]: r["gb_s"] for r in rows if r["family"] == args.baseline}
     for r in rows:
         r["vs_baseline"] = r["gb_s"] / base[r["path"]] if r["path"] in base else None
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "copy_bandwidth_gb_s": bw / 1e9,
-            "prompt": args.prompt, "new_tokens": args.new, "kv_cache": args.kv_cache, "baseline": args.baseline,
-            "rows": rows}
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "copy_bandwidth_gb_s": bw / 1e9,
+        "prompt": args.prompt,
+        "new_tokens": args.new,
+        "kv_cache": args.kv_cache,
+        "baseline": args.baseline,
+        "rows": rows,
+    }
 
 
 def print_families(result: dict) -> None:
-    print(f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s, prompt {result['prompt']}, "
-          f"{result['new_tokens']} new tokens, {result['kv_cache']} KV")
-    print(f"{'family':12s} {'path':5s} {'tok/s':>8s} {'limit':>8s} {'% lim':>6s} {'MB/token':>9s} {'GB/s':>7s} "
-          f"{'vs ' + result['baseline']:>14s} {'peak GiB':>9s}")
+    print(
+        f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s, prompt {result['prompt']}, "
+        f"{result['new_tokens']} new tokens, {result['kv_cache']} KV"
+    )
+    print(
+        f"{'family':12s} {'path':5s} {'tok/s':>8s} {'limit':>8s} {'% lim':>6s} {'MB/token':>9s} {'GB/s':>7s} "
+        f"{'vs ' + result['baseline']:>14s} {'peak GiB':>9s}"
+    )
     for r in result["rows"]:
         rel = f"{r['vs_baseline']:.3f}" if r["vs_baseline"] is not None else "-"
-        print(f"{r['family']:12s} {r['path']:5s} {r['tok_s']:8.1f} {r['limit_tok_s']:8.1f} "
-              f"{100 * r['tok_s'] / r['limit_tok_s']:5.0f}% {r['bytes_per_token'] / 1e6:9.1f} {r['gb_s']:7.1f} "
-              f"{rel:>14s} {r['peak_gib']:9.2f}")
+        print(
+            f"{r['family']:12s} {r['path']:5s} {r['tok_s']:8.1f} {r['limit_tok_s']:8.1f} "
+            f"{100 * r['tok_s'] / r['limit_tok_s']:5.0f}% {r['bytes_per_token'] / 1e6:9.1f} {r['gb_s']:7.1f} "
+            f"{rel:>14s} {r['peak_gib']:9.2f}"
+        )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own; 32 for Llama-2-7B)")
+    ap.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: the shape's own; 32 for Llama-2-7B)"
+    )
     ap.add_argument("--context", type=int, default=4096, help="KV cache sized for this many tokens (memory figure)")
     ap.add_argument("--kv-cache", default="fp16")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--family", default=None,
-                    help="comma-separated shapes of bench.random_checkpoint.FAMILIES (llama2-7b, llama3-8b, qwen2.5-7b, "
-                         "mistral-7b, gemma3-12b; tiny-llama, tiny-gemma3 for CPU tests) or 'all': random models built in memory "
-                         "on the device, "
-                         "their rates against llama2-7b's per byte read (include llama2-7b for that column)")
+    ap.add_argument(
+        "--family",
+        default=None,
+        help="comma-separated shapes of bench.random_checkpoint.FAMILIES (llama2-7b, llama3-8b, qwen2.5-7b, "
+        "mistral-7b, gemma3-12b; tiny-llama, tiny-gemma3 for CPU tests) or 'all': random models built in memory "
+        "on the device, "
+        "their rates against llama2-7b's per byte read (include llama2-7b for that column)",
+    )
     ap.add_argument("--paths", default="pq", help="with --family: pq and/or fp16 (comma-separated)")
     ap.add_argument("--rounds", type=int, default=2, help="with --family: decode runs per model (median)")
     ap.add_argument("--baseline", default="llama2-7b", help="with --family: the shape the GB/s column is compared to")
@@ -258,22 +286,35 @@ def main(argv=None) -> int:
     # --- our PQ path
     torch.cuda.reset_peak_memory_stats()
     bs = 16
-    runner = ModelRunner.from_path(ckpt, kv_format=args.kv_cache, block_size=bs, num_blocks=args.context // bs,
-                                   device=dev, max_model_len=args.context)
+    runner = ModelRunner.from_path(
+        ckpt,
+        kv_format=args.kv_cache,
+        block_size=bs,
+        num_blocks=args.context // bs,
+        device=dev,
+        max_model_len=args.context,
+    )
     tps, _ = decode_runner(runner, prompt, args.new)
     tps2, _ = decode_runner(runner, prompt, args.new)
     peak = torch.cuda.max_memory_allocated() / 2**30
     wb = weight_bytes(runner.model)
     kv_read = runner.kv_cache.bytes_per_token() * (args.prompt + args.new / 2)
-    rows.append({"path": f"athena PQ ({args.kv_cache} KV)", "tok_s": statistics.median([tps, tps2]),
-                 "weight_gb": wb / 1e9, "limit_tok_s": bw / (wb + kv_read), "peak_gib": peak})
+    rows.append(
+        {
+            "path": f"athena PQ ({args.kv_cache} KV)",
+            "tok_s": statistics.median([tps, tps2]),
+            "weight_gb": wb / 1e9,
+            "limit_tok_s": bw / (wb + kv_read),
+            "peak_gib": peak,
+        }
+    )
     del runner
     torch.cuda.empty_cache()
 
     # --- our fp16 path: same model, dense fp16 weights (built in memory, random)
+    from athena_runtime.format.config import ModelConfig
     from athena_runtime.kv_cache import KVCache
     from athena_runtime.loader import LinearBuilder, _materialize
-    from athena_runtime.format.config import ModelConfig
     from athena_runtime.model import CausalLM
 
     mc = ModelConfig.from_hf_config(cfg)
@@ -290,7 +331,7 @@ def main(argv=None) -> int:
             if name not in self.shapes:
                 return default
             if not dict.__contains__(self, name):
-                self[name] = (torch.randn(self.shapes[name], generator=gen, device=dev, dtype=torch.float16) * 0.02)
+                self[name] = torch.randn(self.shapes[name], generator=gen, device=dev, dtype=torch.float16) * 0.02
             return dict.__getitem__(self, name)
 
         def __contains__(self, name):
@@ -317,9 +358,15 @@ def main(argv=None) -> int:
     tps, _ = decode_runner(runner, prompt, args.new)
     tps2, _ = decode_runner(runner, prompt, args.new)
     wb = weight_bytes(model)
-    rows.append({"path": f"athena fp16 ({args.kv_cache} KV)", "tok_s": statistics.median([tps, tps2]),
-                 "weight_gb": wb / 1e9, "limit_tok_s": bw / (wb + kv_read),
-                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+    rows.append(
+        {
+            "path": f"athena fp16 ({args.kv_cache} KV)",
+            "tok_s": statistics.median([tps, tps2]),
+            "weight_gb": wb / 1e9,
+            "limit_tok_s": bw / (wb + kv_read),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+    )
     del runner, model, kv
     torch.cuda.empty_cache()
 
@@ -327,17 +374,32 @@ def main(argv=None) -> int:
     if not args.skip_hf:
         torch.cuda.reset_peak_memory_stats()
         tps, wb = decode_hf(cfg, prompt, min(args.new, 64), dev)
-        rows.append({"path": "HF transformers fp16 (eager)", "tok_s": tps, "weight_gb": wb / 1e9,
-                     "limit_tok_s": bw / (wb + kv_tok_fp16 * (args.prompt + 32)),
-                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        rows.append(
+            {
+                "path": "HF transformers fp16 (eager)",
+                "tok_s": tps,
+                "weight_gb": wb / 1e9,
+                "limit_tok_s": bw / (wb + kv_tok_fp16 * (args.prompt + 32)),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
 
-    result = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bw / 1e9, "prompt": args.prompt,
-              "new_tokens": args.new, "layers": args.layers, "context_for_memory": args.context, "rows": rows}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_gb_s": bw / 1e9,
+        "prompt": args.prompt,
+        "new_tokens": args.new,
+        "layers": args.layers,
+        "context_for_memory": args.context,
+        "rows": rows,
+    }
     print(f"\n{result['device']}, copy bandwidth {bw / 1e9:.0f} GB/s, prompt {args.prompt}, {args.new} new tokens")
     print(f"{'path':34s} {'tok/s':>8s} {'limit':>8s} {'% lim':>6s} {'weights GB':>10s} {'peak GiB':>9s}")
     for r in rows:
-        print(f"{r['path']:34s} {r['tok_s']:8.1f} {r['limit_tok_s']:8.1f} {100 * r['tok_s'] / r['limit_tok_s']:5.0f}% "
-              f"{r['weight_gb']:10.2f} {r['peak_gib']:9.2f}")
+        print(
+            f"{r['path']:34s} {r['tok_s']:8.1f} {r['limit_tok_s']:8.1f} {100 * r['tok_s'] / r['limit_tok_s']:5.0f}% "
+            f"{r['weight_gb']:10.2f} {r['peak_gib']:9.2f}"
+        )
     if args.json:
         print(json.dumps(result))
     return 0

@@ -11,13 +11,13 @@ Per step: GPU time per category, the GPU's idle time between the graph's kernels
 the rest of the wall-clock step (host work between replays: input copies' launch, replay launch, logits clone,
 argmax, Python) as "outside the graph".
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
-                "gate_up_proj")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
 # name patterns for kernels without a module scope (first match wins)
 CATEGORY_BY_NAME = (
     ("RoPE", r"rope"),
@@ -38,7 +38,7 @@ def module_category(qualname: str, type_name: str) -> str | None:
     if "lm_head" in parts:
         return "lm_head"
     if any(p in LINEAR_NAMES for p in parts):  # also the layer inside a fused one (gate_up_proj.linear: the PQ
-        return "linear layers"                 # gate/up call, SiLU x up in its epilogue, is made through it)
+        return "linear layers"  # gate/up call, SiLU x up in its epilogue, is made through it)
     if last == "embed_tokens":
         return "embedding"
     if type_name == "RMSNorm":
@@ -147,6 +147,14 @@ def breakdown(events: list[GpuEvent], sequence: list[tuple[str, str]], steps: in
         rows["gaps inside the graph (GPU idle between its kernels)"] = {"us": gaps / n_steps, "calls": 0}
     outside_gpu = sum(v["us"] for c, v in rows.items() if c.startswith("outside the graph"))
     rows["host between replays (wall - graph span - GPU work outside it)"] = {
-        "us": max(0.0, wall_us_per_step - graph_span - outside_gpu), "calls": 0}
-    return {"method": method, "steps_matched": len(replays), "kernels_per_replay": len(sequence),
-            "wall_us_per_step": wall_us_per_step, "graph_span_us": graph_span, "rows": rows}
+        "us": max(0.0, wall_us_per_step - graph_span - outside_gpu),
+        "calls": 0,
+    }
+    return {
+        "method": method,
+        "steps_matched": len(replays),
+        "kernels_per_replay": len(sequence),
+        "wall_us_per_step": wall_us_per_step,
+        "graph_span_us": graph_span,
+        "rows": rows,
+    }

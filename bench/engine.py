@@ -7,6 +7,7 @@ Drives `EngineCore` directly (the same scheduler, runner, CUDA graphs and sample
 Per level: output tok/s, mean per-token latency (time between a stream's tokens), speed-up over one
 stream, and errors (requests that did not finish with 'length').
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,15 @@ def run_level(core, streams: int, prompt_len: int, new: int, vocab: int, seed: i
     total = sum(counts.values())
     per_token = [(last[r] - first[r]) / max(1, counts[r] - 1) for r in counts if counts[r] > 1]
     errors = sum(1 for r in finished.values() if r != "length") + (streams - len(finished))
-    return {"streams": streams, "output_tokens": total, "seconds": wall, "tok_s": total / wall,
-            "per_token_ms": 1e3 * statistics.mean(per_token) if per_token else float("nan"), "errors": errors,
-            "kv_blocks_used_after": core.block_manager.num_used}
+    return {
+        "streams": streams,
+        "output_tokens": total,
+        "seconds": wall,
+        "tok_s": total / wall,
+        "per_token_ms": 1e3 * statistics.mean(per_token) if per_token else float("nan"),
+        "errors": errors,
+        "kv_blocks_used_after": core.block_manager.num_used,
+    }
 
 
 def main(argv=None) -> int:
@@ -68,12 +75,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench.engine needs a CUDA GPU")
+    from transformers import AutoTokenizer
+
     from athena_runtime.engine import EngineCore
     from athena_runtime.engine_settings import EngineSettings
     from athena_runtime.model_runner import ModelRunner
     from bench.decode import weight_bytes
     from bench.random_checkpoint import build
-    from transformers import AutoTokenizer
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="athena-engine-"))
     ckpt = work / "llama7b-athena"
@@ -84,10 +92,12 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(), "prompt": args.prompt, "new_tokens": args.new, "formats": {}}
     for fmt in args.formats.split(","):
         need = max(levels) * (-(-(args.prompt + args.new) // 16)) + 8
-        runner = ModelRunner.from_path(ckpt, kv_format=fmt, block_size=16, num_blocks=need, device="cuda",
-                                       max_model_len=4096)
-        settings = EngineSettings(kv_cache=fmt, max_num_seqs=max(levels), max_num_batched_tokens=max(2048, max(levels)),
-                                  num_blocks=need)
+        runner = ModelRunner.from_path(
+            ckpt, kv_format=fmt, block_size=16, num_blocks=need, device="cuda", max_model_len=4096
+        )
+        settings = EngineSettings(
+            kv_cache=fmt, max_num_seqs=max(levels), max_num_batched_tokens=max(2048, max(levels)), num_blocks=need
+        )
         core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
         runner.capture_graphs(max(levels))  # every decode graph, before any timing
         run_level(core, 2, args.prompt, 4, runner.config.vocab_size, seed=0)  # warm-up: the prefill kernels
@@ -100,19 +110,27 @@ def main(argv=None) -> int:
         per_tok = runner.kv_cache.bytes_per_token()
         reserve = 1.5 * 10**9  # activations, CUDA graphs, allocator slack
         fits = int((CARD_BYTES - wbytes - reserve) // (2048 * per_tok))
-        result["formats"][fmt] = {"rows": rows, "kv_bytes_per_token": per_tok, "weights_gb": wbytes / 1e9,
-                                  "max_2k_seqs_in_24gb": fits}
+        result["formats"][fmt] = {
+            "rows": rows,
+            "kv_bytes_per_token": per_tok,
+            "weights_gb": wbytes / 1e9,
+            "max_2k_seqs_in_24gb": fits,
+        }
         del core, runner
         torch.cuda.empty_cache()
     print(f"\n{result['device']}: prompt {args.prompt}, {args.new} new tokens per stream (greedy, EOS ignored)")
     print(f"{'KV':5s} {'streams':>7s} {'tok/s':>9s} {'x 1 stream':>10s} {'ms/token':>9s} {'errors':>6s}")
     for fmt, f in result["formats"].items():
         for r in f["rows"]:
-            print(f"{fmt:5s} {r['streams']:7d} {r['tok_s']:9.1f} {r['speedup_vs_1']:10.1f} "
-                  f"{r['per_token_ms']:9.1f} {r['errors']:6d}")
+            print(
+                f"{fmt:5s} {r['streams']:7d} {r['tok_s']:9.1f} {r['speedup_vs_1']:10.1f} "
+                f"{r['per_token_ms']:9.1f} {r['errors']:6d}"
+            )
     for fmt, f in result["formats"].items():
-        print(f"{fmt}: {f['kv_bytes_per_token']} KV bytes/token; {f['max_2k_seqs_in_24gb']} concurrent 2K-token "
-              f"sequences in 24 GB next to {f['weights_gb']:.2f} GB of weights")
+        print(
+            f"{fmt}: {f['kv_bytes_per_token']} KV bytes/token; {f['max_2k_seqs_in_24gb']} concurrent 2K-token "
+            f"sequences in 24 GB next to {f['weights_gb']:.2f} GB of weights"
+        )
     if args.json:
         print(json.dumps(result))
     return 0

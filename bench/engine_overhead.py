@@ -20,6 +20,7 @@ With --checkpoint (CUDA): the real ModelRunner (fp16 KV, CUDA graphs) under the 
 eager prefill/mixed steps that admit the streams (timed with a device sync each), then the median
 decode step and its profile, where `.tolist()` (the sampled ids to the host) is the wait for the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,7 +81,7 @@ class HostRunner:
         if all(len(c.token_ids) == 1 for c in chunks):
             self.graphs._fill(chunks, self.graphs._bucket(len(chunks)))
         self.calls += 1
-        return self.pool[self.calls % len(self.pool), :len(chunks)]
+        return self.pool[self.calls % len(self.pool), : len(chunks)]
 
 
 def graph_buffers(num_blocks: int, max_batch: int) -> ModelRunner:
@@ -128,9 +129,9 @@ def make_core(tokenizer, vocab: int, streams: int, steps: int, sampling: str, se
     for i in range(streams):
         core.add_request(f"r{i}", torch.randint(3, len(tokenizer), (PROMPT_LEN,), generator=g).tolist(), params)
     while any(s.num_computed < s.num_tokens - 1 for s in core.scheduler.requests.values()) or core.scheduler.waiting:
-        core.step()   # prefill
+        core.step()  # prefill
     for _ in range(5):
-        core.step()   # warm-up decodes
+        core.step()  # warm-up decodes
     return core
 
 
@@ -156,7 +157,7 @@ def profile_steps(core: EngineCore, steps: int) -> dict[str, float]:
     for (file, _line, func), (_cc, calls, tottime, cum, _callers) in stats.items():
         if file.endswith("engine.py") and func == "step":
             own = 1e3 * tottime / steps
-        if file == "~" and "torch" in func:      # a torch builtin: dispatch + (on CPU) the arithmetic
+        if file == "~" and "torch" in func:  # a torch builtin: dispatch + (on CPU) the arithmetic
             torch_ms += 1e3 * tottime / steps
             torch_calls += calls / steps
         for (fname, fn), label in PARTS:
@@ -170,7 +171,7 @@ def profile_steps(core: EngineCore, steps: int) -> dict[str, float]:
             out[label] = found[label]
         if label == "Sampler":
             out.update({k: v for k, v in found.items() if "tolist" in k})
-    if own is not None:   # (python 3.12's cProfile on the GPU machine did not list `step`)
+    if own is not None:  # (python 3.12's cProfile on the GPU machine did not list `step`)
         out["EngineCore.step's own lines"] = own
     out[f"torch calls ({torch_calls:.0f} per step; on CPU incl. arithmetic)"] = torch_ms
     return out
@@ -182,8 +183,10 @@ def time_fill(streams: int, repeats: int = 2000) -> dict[str, float]:
     r = graph_buffers(blocks, streams)
     chunks = [SequenceChunk([5], 200 + i % 16, list(range(i * 16, i * 16 + 14))) for i in range(streams)]
     out = {}
-    for name, fn in (("check_chunks", lambda: check_chunks(chunks, BLOCK_SIZE, blocks)),
-                     ("_fill", lambda: r._fill(chunks, r._bucket(streams)))):
+    for name, fn in (
+        ("check_chunks", lambda: check_chunks(chunks, BLOCK_SIZE, blocks)),
+        ("_fill", lambda: r._fill(chunks, r._bucket(streams))),
+    ):
         samples = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -196,8 +199,9 @@ def time_fill(streams: int, repeats: int = 2000) -> dict[str, float]:
 
 def gpu_case(runner, tokenizer, streams: int, steps: int, sampling: str) -> dict:
     """The real runner on CUDA: eager prefill/mixed step times, then decode steps (CUDA graphs)."""
-    settings = EngineSettings(max_num_seqs=streams, max_num_batched_tokens=max(2048, streams),
-                              num_blocks=runner.num_blocks)
+    settings = EngineSettings(
+        max_num_seqs=streams, max_num_batched_tokens=max(2048, streams), num_blocks=runner.num_blocks
+    )
     core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
     g = torch.Generator().manual_seed(0)
     for i in range(streams):
@@ -211,16 +215,20 @@ def gpu_case(runner, tokenizer, streams: int, steps: int, sampling: str) -> dict
         torch.cuda.synchronize()
         prefill.append(1e3 * (time.perf_counter() - t0))
     for _ in range(10):
-        core.step()   # captures the decode graph
+        core.step()  # captures the decode graph
     times = []
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         core.step()
         times.append(1e3 * (time.perf_counter() - t0))
-    return {"vocab": runner.config.vocab_size, "median_ms": statistics.median(times),
-            "p90_ms": statistics.quantiles(times, n=10)[-1], "prefill_steps_ms": prefill,
-            "profile_ms": profile_steps(core, steps)}
+    return {
+        "vocab": runner.config.vocab_size,
+        "median_ms": statistics.median(times),
+        "p90_ms": statistics.quantiles(times, n=10)[-1],
+        "prefill_steps_ms": prefill,
+        "profile_ms": profile_steps(core, steps),
+    }
 
 
 def async_ms_per_step(tokenizer, vocab: int, streams: int, steps: int, sampling: str) -> float:
@@ -257,8 +265,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="smollm2:default,smollm2:greedy,bpe32k:default,bpe32k:greedy")
     ap.add_argument("--profile", action="store_true", help="cProfile breakdown per case")
     ap.add_argument("--async-engine", action="store_true", help="also time steps through AsyncEngine")
-    ap.add_argument("--checkpoint", default=None, help="a compressed checkpoint: run its model on CUDA instead "
-                    "(e.g. bench.random_checkpoint's 7B); only the sampling part of each case is used")
+    ap.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a compressed checkpoint: run its model on CUDA instead "
+        "(e.g. bench.random_checkpoint's 7B); only the sampling part of each case is used",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -268,12 +280,19 @@ def main(argv=None) -> int:
         from transformers import AutoTokenizer
 
         blocks = args.streams * -(-(PROMPT_LEN + 2 * args.steps + 64) // BLOCK_SIZE) + 8
-        runner = ModelRunner.from_path(args.checkpoint, kv_format="fp16", block_size=BLOCK_SIZE, num_blocks=blocks,
-                                       device="cuda", max_model_len=MAX_MODEL_LEN)
+        runner = ModelRunner.from_path(
+            args.checkpoint,
+            kv_format="fp16",
+            block_size=BLOCK_SIZE,
+            num_blocks=blocks,
+            device="cuda",
+            max_model_len=MAX_MODEL_LEN,
+        )
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
         for sampling in dict.fromkeys(case.split(":")[-1] for case in args.cases.split(",")):
             result["cases"][f"{Path(args.checkpoint).name}:{sampling}"] = gpu_case(
-                runner, tokenizer, args.streams, args.steps, sampling)
+                runner, tokenizer, args.streams, args.steps, sampling
+            )
     for case in [] if args.checkpoint else args.cases.split(","):
         tok_name, sampling = case.split(":")
         if tok_name not in tokenizers:
@@ -282,24 +301,30 @@ def main(argv=None) -> int:
         times = []
         for rep in range(args.repeats):
             times += time_steps(make_core(tok, vocab, args.streams, args.steps, sampling, seed=rep), args.steps)
-        row = {"vocab": vocab, "median_ms": statistics.median(times),
-               "p90_ms": statistics.quantiles(times, n=10)[-1]}
+        row = {"vocab": vocab, "median_ms": statistics.median(times), "p90_ms": statistics.quantiles(times, n=10)[-1]}
         if args.profile:
             row["profile_ms"] = profile_steps(make_core(tok, vocab, args.streams, args.steps, sampling), args.steps)
         if args.async_engine:
             row["async_ms"] = async_ms_per_step(tok, vocab, args.streams, args.steps, sampling)
         result["cases"][case] = row
-    where = (f"1 engine per case, {torch.cuda.get_device_name()}" if args.checkpoint
-             else f"{args.repeats} engines per case, CPU, 1 thread")
+    where = (
+        f"1 engine per case, {torch.cuda.get_device_name()}"
+        if args.checkpoint
+        else f"{args.repeats} engines per case, CPU, 1 thread"
+    )
     print(f"{args.streams} streams, {args.steps} decode steps, {where}")
     print("runner host work alone: " + ", ".join(f"{k} {v:.3f} ms" for k, v in result["fill"].items()))
     for case, row in result["cases"].items():
         extra = f", AsyncEngine {row['async_ms']:.2f} ms/step" if "async_ms" in row else ""
-        print(f"{case:16s} vocab {row['vocab']:6d}: median {row['median_ms']:.2f} ms/step, "
-              f"p90 {row['p90_ms']:.2f}{extra}")
+        print(
+            f"{case:16s} vocab {row['vocab']:6d}: median {row['median_ms']:.2f} ms/step, p90 {row['p90_ms']:.2f}{extra}"
+        )
         if "prefill_steps_ms" in row:
-            print("    eager prefill/mixed steps before the decode steps: "
-                  + ", ".join(f"{ms:.0f}" for ms in row["prefill_steps_ms"]) + " ms")
+            print(
+                "    eager prefill/mixed steps before the decode steps: "
+                + ", ".join(f"{ms:.0f}" for ms in row["prefill_steps_ms"])
+                + " ms"
+            )
         for label, ms in row.get("profile_ms", {}).items():
             print(f"    {label:42s} {ms:7.2f} ms/step (cProfile)")
     if args.json:

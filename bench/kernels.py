@@ -23,6 +23,7 @@ low-rank rank = 1% of min(N, M), no bias. "Compressed bytes" = what the kernel m
 index words as stored (int32, 5 per word, padding included), fp16 codebook, low-rank factors, x,
 plus the output written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from athena_runtime.kernels import layout  # noqa: E402
-from athena_runtime.kernels.layout import PQGeometry  # noqa: E402
 from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul  # noqa: E402
+from athena_runtime.kernels.layout import PQGeometry  # noqa: E402
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_reference  # noqa: E402
 from athena_runtime.kernels.triton_lut import triton_lut_matmul as pq_gemv  # noqa: E402
 from athena_runtime.pq_linear import PQLinear, pad_lowrank  # noqa: E402
@@ -70,6 +71,8 @@ def family_shapes(families: list[str]) -> list[tuple[int, int]]:
             if shape not in out:
                 out.append(shape)
     return out
+
+
 TOKENS = [1, 2, 4, 8, 16, 64, 256, 2048]
 RECIPE = dict(d=2, n=64, k=4096)
 TOL = 4e-3
@@ -103,8 +106,9 @@ def weight_sets(N, M, rank, device, l2_bytes, seed):
     than 3x the L2 cache per round (timings of memory-bound calls then measure DRAM, not the cache)."""
     one = make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, device, seed=seed)
     n_sets = max(2, min(32, math.ceil(3 * l2_bytes / compressed_bytes(one, 1))))
-    return [one] + [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, device, seed=seed + s)
-                    for s in range(1, n_sets)]
+    return [one] + [
+        make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, device, seed=seed + s) for s in range(1, n_sets)
+    ]
 
 
 def layer_args(L, lowrank=True):
@@ -144,32 +148,46 @@ def variants(cuda_ok, cuda_dq_ok=lambda: False):
         return slab is None or (slab in lut.slab_widths(t_inst, geo.bits) and geo.GW % slab == 0)
 
     v = {
-        "cuda-frag": (lambda x, L, lr: frag.frag_matmul(x, *layer_args(L, lr)),
-                      lambda T, g: cuda_ok() and frag.supports(g, T, torch.float16) is None),
+        "cuda-frag": (
+            lambda x, L, lr: frag.frag_matmul(x, *layer_args(L, lr)),
+            lambda T, g: cuda_ok() and frag.supports(g, T, torch.float16) is None,
+        ),
         "cuda-lut": (cuda(), lambda T, g: cuda_applies(T, g)),
         "triton-lut": (lambda x, L, lr: pq_gemv(x, *layer_args(L, lr)), lambda T, g: T <= 16 and g.n <= 256),
         "dequant+cublas": (lambda x, L, lr: pq_dequant_matmul(x, *layer_args(L, lr)), lambda T, g: T >= 16),
     }
     for slab in (4, 8, 16):
         for rows in (1024, 2048, 4096):
-            v[f"cuda-lut-s{slab}-r{rows}"] = (cuda(slab_w=slab, rows_per_chunk=rows),
-                                              lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s))
+            v[f"cuda-lut-s{slab}-r{rows}"] = (
+                cuda(slab_w=slab, rows_per_chunk=rows),
+                lambda T, g, s=slab: T == 1 and cuda_applies(T, g, s),
+            )
     for slab in (4, 8, 16):
-        v[f"triton-lut-s{slab}"] = (lambda x, L, lr, s=slab: pq_gemv(x, *layer_args(L, lr), slab_w=s),
-                                    lambda T, g: T == 1)
+        v[f"triton-lut-s{slab}"] = (
+            lambda x, L, lr, s=slab: pq_gemv(x, *layer_args(L, lr), slab_w=s),
+            lambda T, g: T == 1,
+        )
     _dmm = pq_dequant_matmul
     for bn, bw, nw in ((128, 16, 4), (128, 32, 8), (256, 16, 8), (64, 32, 4), (128, 8, 4)):
         v[f"dequantT{bn}x{bw}w{nw}+cublas"] = (
             lambda x, L, lr, bn=bn, bw=bw, nw=nw: _dmm(x, *layer_args(L, lr), block_n=bn, block_w=bw, num_warps=nw),
-            lambda T, g, bn=bn, bw=bw: T >= 2 and g.N_pad % bn == 0 and g.GW % bw == 0)
-    v["dequant+cublas-addmm"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="addmm"), lambda T, g: T >= 16)
+            lambda T, g, bn=bn, bw=bw: T >= 2 and g.N_pad % bn == 0 and g.GW % bw == 0,
+        )
+    v["dequant+cublas-addmm"] = (
+        lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="addmm"),
+        lambda T, g: T >= 16,
+    )
     v["dequant+cublas-rows"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="rows"), lambda T, g: T >= 16)
     for nr, st in ((2, 3), (4, 4)):  # the other instantiated fragment-kernel shapes
         v[f"cuda-frag-nr{nr}-st{st}"] = (
             lambda x, L, lr, nr=nr, st=st: frag.frag_matmul(x, *layer_args(L, lr), nr=nr, stages=st),
-            lambda T, g, nr=nr, st=st: cuda_ok() and frag.supports(g, T, torch.float16) is None
-            and (g.Nb == 1 or g.k % (64 * nr) == 0)  # row tiles inside codebook blocks, as the kernel demands
-            and (next(t for t in frag.T_PADS if t >= T), nr, st) in frag.VARIANTS)
+            lambda T, g, nr=nr, st=st: (
+                cuda_ok()
+                and frag.supports(g, T, torch.float16) is None
+                and (g.Nb == 1 or g.k % (64 * nr) == 0)  # row tiles inside codebook blocks, as the kernel demands
+                and (next(t for t in frag.T_PADS if t >= T), nr, st) in frag.VARIANTS
+            ),
+        )
     v.update(dequant_variants(cuda_dq_ok))
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
@@ -179,28 +197,40 @@ def dequant_variants(cuda_dq_ok):
     """The dequantize-then-cuBLAS path with the CUDA dequantize (kernels/dequant.py), and both dequantize
     kernels alone (their bytes: `DEQUANT_ALONE`)."""
     from athena_runtime.kernels import dequant as cdq
-    from athena_runtime.kernels.dequant_matmul import dequant_matmul as dmm, triton_dequantize_t as pq_dequantize_t
+    from athena_runtime.kernels.dequant_matmul import dequant_matmul as dmm
+    from athena_runtime.kernels.dequant_matmul import triton_dequantize_t as pq_dequantize_t
 
     def ok(T, g):
         return cuda_dq_ok() and cdq.supports(g, torch.float16) is None
 
     v = {
-        "cuda-dq+cublas": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda"), lambda T, g: T >= 16 and ok(T, g)),
-        "cuda-dq+cublas-fold": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="fold"),
-                                lambda T, g: T >= 16 and ok(T, g)),
-        "cuda-dq+cublas-rows": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="rows"),
-                                lambda T, g: T >= 16 and ok(T, g)),
-        "cuda-dq+cublas-addmm": (lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="addmm"),
-                                 lambda T, g: T >= 16 and ok(T, g)),
+        "cuda-dq+cublas": (
+            lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda"),
+            lambda T, g: T >= 16 and ok(T, g),
+        ),
+        "cuda-dq+cublas-fold": (
+            lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="fold"),
+            lambda T, g: T >= 16 and ok(T, g),
+        ),
+        "cuda-dq+cublas-rows": (
+            lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="rows"),
+            lambda T, g: T >= 16 and ok(T, g),
+        ),
+        "cuda-dq+cublas-addmm": (
+            lambda x, L, lr: dmm(x, *layer_args(L, lr), dequant="cuda", lowrank_mode="addmm"),
+            lambda T, g: T >= 16 and ok(T, g),
+        ),
         "triton-dqT": (lambda x, L, lr: pq_dequantize_t(L["qweight"], L["codebook"], L["geo"]), lambda T, g: True),
         "cuda-dqT": (lambda x, L, lr: cdq.dequantize_t(L["qweight"], L["codebook"], L["geo"]), ok),
     }
     for slab in cdq.MAIN_SLABS:
         for rows in cdq.ROWS_CANDIDATES:
             v[f"cuda-dqT-s{slab}-r{rows}"] = (
-                lambda x, L, lr, s=slab, r=rows: cdq.dequantize_t(L["qweight"], L["codebook"], L["geo"],
-                                                                  slab_w=s, rows_per_chunk=r),
-                lambda T, g, s=slab: ok(T, g) and s in cdq.slab_widths(g.bits, g.d))
+                lambda x, L, lr, s=slab, r=rows: cdq.dequantize_t(
+                    L["qweight"], L["codebook"], L["geo"], slab_w=s, rows_per_chunk=r
+                ),
+                lambda T, g, s=slab: ok(T, g) and s in cdq.slab_widths(g.bits, g.d),
+            )
     return v
 
 
@@ -229,14 +259,35 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096),
     rows = []
     if cuda_dq_ok():  # the CUDA dequantize first: bit for bit, then the matmul paths built on it
         rows += _check_dequant_exact(dev, log, cases)
-        rows += _check_cases(dev, V, clock, log, cases, True, {"cuda-dq+cublas", "cuda-dq+cublas-fold",
-                                                                "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm"})
+        rows += _check_cases(
+            dev,
+            V,
+            clock,
+            log,
+            cases,
+            True,
+            {"cuda-dq+cublas", "cuda-dq+cublas-fold", "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm"},
+        )
     # a few Triton checks first (the CUDA extension builds in the background meanwhile); the Triton
     # kernels passed every case of the previous run, their code is unchanged since
-    rows += _check_cases(dev, V, clock, log, cases[1:3], False, {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas",
-                                                                      "dequantT256x16w8+cublas"})
-    rows += _check_cases(dev, V, clock, log, cases + FRAG_CHECK_CASES, True,
-                         {"cuda-lut", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4"})
+    rows += _check_cases(
+        dev,
+        V,
+        clock,
+        log,
+        cases[1:3],
+        False,
+        {"triton-lut", "dequant+cublas", "dequantT128x16w4+cublas", "dequantT256x16w8+cublas"},
+    )
+    rows += _check_cases(
+        dev,
+        V,
+        clock,
+        log,
+        cases + FRAG_CHECK_CASES,
+        True,
+        {"cuda-lut", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4"},
+    )
     rows += _check_linear(dev, log, linear_shape)
     return rows
 
@@ -258,11 +309,34 @@ def _check_cases(dev, V, clock, log, cases, cuda_pass, only):
                     y = fn(x, L, True)
                     e = rel_err(y, ref)
                     nan = bool(torch.isnan(y).any())
-                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=T, variant=name, rel_err=e, nan=nan,
-                                     ok=(e < TOL and not nan)))
+                    rows.append(
+                        dict(
+                            shape=[N, M],
+                            d=d,
+                            n=n,
+                            k=k,
+                            rank=rank,
+                            T=T,
+                            variant=name,
+                            rel_err=e,
+                            nan=nan,
+                            ok=(e < TOL and not nan),
+                        )
+                    )
                 except Exception as ex:  # noqa: BLE001
-                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=T, variant=name, ok=False,
-                                     error=f"{type(ex).__name__}: {ex}"[:300]))
+                    rows.append(
+                        dict(
+                            shape=[N, M],
+                            d=d,
+                            n=n,
+                            k=k,
+                            rank=rank,
+                            T=T,
+                            variant=name,
+                            ok=False,
+                            error=f"{type(ex).__name__}: {ex}"[:300],
+                        )
+                    )
                     log(f"CHECK ERROR {name} {N}x{M} T={T}: {ex}")
             if clock.left() < 230:
                 log("checks cut short by the time budget")
@@ -274,6 +348,7 @@ def _check_dequant_exact(dev, log, cases):
     """pq_dequantize_t_cuda == pq_dequantize_t_reference (a pure gather), every launch shape of the recipe."""
     from athena_runtime.kernels import dequant as cdq
     from athena_runtime.kernels.dequant_matmul import dequantize_t_reference as pq_dequantize_t_reference
+
     rows = []
     for ci, (N, M, d, n, k, rank, _) in enumerate(cases):
         L = make_layer(N, M, d, n, k, rank, dev, seed=50 + ci)
@@ -288,11 +363,34 @@ def _check_dequant_exact(dev, log, cases):
                     poison(dev)
                     out = cdq.dequantize_t(L["qweight"], L["codebook"], geo, slab_w=slab, rows_per_chunk=rpc)
                     same = bool(torch.equal(out, ref))
-                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=0, variant=name,
-                                     rel_err=0.0 if same else rel_err(out, ref), nan=bool(torch.isnan(out).any()), ok=same))
+                    rows.append(
+                        dict(
+                            shape=[N, M],
+                            d=d,
+                            n=n,
+                            k=k,
+                            rank=rank,
+                            T=0,
+                            variant=name,
+                            rel_err=0.0 if same else rel_err(out, ref),
+                            nan=bool(torch.isnan(out).any()),
+                            ok=same,
+                        )
+                    )
                 except Exception as ex:  # noqa: BLE001
-                    rows.append(dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=0, variant=name, ok=False,
-                                     error=f"{type(ex).__name__}: {ex}"[:300]))
+                    rows.append(
+                        dict(
+                            shape=[N, M],
+                            d=d,
+                            n=n,
+                            k=k,
+                            rank=rank,
+                            T=0,
+                            variant=name,
+                            ok=False,
+                            error=f"{type(ex).__name__}: {ex}"[:300],
+                        )
+                    )
                     log(f"CHECK ERROR {name} {N}x{M}: {ex}")
     return rows
 
@@ -302,16 +400,22 @@ def _check_linear(dev, log, linear_shape):
     rows = []
     Nl, Ml = linear_shape
     L = make_layer(Nl, Ml, 2, 64, 4096, 41, dev, seed=99)
-    layer = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None,
-                     path=None if dev.type == "cuda" else "triton-gemv")
+    layer = PQLinear(
+        L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None, path=None if dev.type == "cuda" else "triton-gemv"
+    )
     for T in (1, 4, 16, 64, 300):
         try:
             path = layer.backend_for(T)
             x = torch.randn(T, Ml, device=dev).half()
             ref = pq_gemv_reference(x, *layer_args(L))
             y = layer(x)
-            row = dict(shape=[Nl, Ml], T=T, variant=f"PQLinear[{path}]", rel_err=rel_err(y, ref),
-                       nan=bool(torch.isnan(y).any()))
+            row = dict(
+                shape=[Nl, Ml],
+                T=T,
+                variant=f"PQLinear[{path}]",
+                rel_err=rel_err(y, ref),
+                nan=bool(torch.isnan(y).any()),
+            )
             if dev.type == "cuda":
                 static_x = torch.zeros_like(x)
                 s = torch.cuda.Stream()
@@ -330,7 +434,9 @@ def _check_linear(dev, log, linear_shape):
             row["ok"] = row["rel_err"] < TOL and not row["nan"] and row.get("graph_rel_err", 0) < TOL
             rows.append(row)
         except Exception as ex:  # noqa: BLE001
-            rows.append(dict(shape=[Nl, Ml], T=T, variant="PQLinear", ok=False, error=f"{type(ex).__name__}: {ex}"[:300]))
+            rows.append(
+                dict(shape=[Nl, Ml], T=T, variant="PQLinear", ok=False, error=f"{type(ex).__name__}: {ex}"[:300])
+            )
             log(f"CHECK ERROR PQLinear T={T}: {ex}")
     return rows
 
@@ -343,6 +449,7 @@ def time_call(fn, sets, dev):
         fn(sets[0])
         return (time.perf_counter() - t0) * 1e6
     import triton
+
     i = [0]
 
     def call():
@@ -389,6 +496,7 @@ def copy_bandwidth(dev):
     if dev.type != "cuda":
         return float("nan")
     import triton
+
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
@@ -401,34 +509,79 @@ def copy_bandwidth(dev):
 def plan(smoke, name="full"):
     """(priority order) list of (T, variant names, lowrank flags, graph?)."""
     if name == "summary":  # what BENCHMARKS.md reports: PQLinear (the runtime's chosen path) vs cuBLAS
-        return [(1, ["cublas", "PQLinear"], (True, False), True)] + \
-            [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64, 256)] + \
-            [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), True)]
+        return (
+            [(1, ["cublas", "PQLinear"], (True, False), True)]
+            + [(t, ["cublas", "PQLinear"], (True,), True) for t in (2, 4, 8, 16, 32, 64, 256)]
+            + [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), True)]
+        )
     if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
         names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]
     if name == "prefill":  # 2048 tokens: cuBLAS vs the dequantize-then-cuBLAS paths, then the kernels alone
         from athena_runtime.kernels import dequant as cdq
+
         sweep = [f"cuda-dqT-s{s}-r{r}" for s in cdq.MAIN_SLABS for r in cdq.ROWS_CANDIDATES]
-        return [(2048, ["cublas", "dequant+cublas", "cuda-dq+cublas-fold", "cuda-dq+cublas-rows", "cuda-dq+cublas-addmm",
-                        "PQLinear"],
-                 (True,), False),
-                (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
-                (2048, ["triton-dqT", "cuda-dqT"] + sweep, (False,), False)]
+        return [
+            (
+                2048,
+                [
+                    "cublas",
+                    "dequant+cublas",
+                    "cuda-dq+cublas-fold",
+                    "cuda-dq+cublas-rows",
+                    "cuda-dq+cublas-addmm",
+                    "PQLinear",
+                ],
+                (True,),
+                False,
+            ),
+            (2048, ["dequant+cublas", "cuda-dq+cublas", "PQLinear"], (False,), False),
+            (2048, ["triton-dqT", "cuda-dqT"] + sweep, (False,), False),
+        ]
     if name == "t1":  # one token: the decode launch (1024- vs 2048-row chunks), with and without low-rank
-        return [(1, ["cublas", "PQLinear", "cuda-lut-s8-r1024", "cuda-lut-s8-r2048", "cuda-lut-s16-r1024",
-                     "cuda-lut-s16-r2048"], (True, False), True)]
+        return [
+            (
+                1,
+                [
+                    "cublas",
+                    "PQLinear",
+                    "cuda-lut-s8-r1024",
+                    "cuda-lut-s8-r2048",
+                    "cuda-lut-s16-r1024",
+                    "cuda-lut-s16-r2048",
+                ],
+                (True, False),
+                True,
+            )
+        ]
     if name == "mid":  # a batch of decode tokens: lookup table vs tensor cores vs dequantize + cuBLAS
         names = ["cublas", "PQLinear", "cuda-lut", "cuda-frag", "dequant+cublas"]
-        return [(t, names, (True,), True) for t in (64, 16, 8, 32, 4, 2)] + \
-            [(2048, ["cublas", "PQLinear", "dequant+cublas-addmm"], (True, False), False)]
+        return [(t, names, (True,), True) for t in (64, 16, 8, 32, 4, 2)] + [
+            (2048, ["cublas", "PQLinear", "dequant+cublas-addmm"], (True, False), False)
+        ]
     if name == "focus":  # the decode launch with low-rank, and the dequantize(+low-rank) + cuBLAS path
-        dqt = ["dequantT128x16w4+cublas", "dequantT128x32w8+cublas", "dequantT256x16w8+cublas",
-               "dequantT64x32w4+cublas", "dequantT128x8w4+cublas"]
+        dqt = [
+            "dequantT128x16w4+cublas",
+            "dequantT128x32w8+cublas",
+            "dequantT256x16w8+cublas",
+            "dequantT64x32w4+cublas",
+            "dequantT128x8w4+cublas",
+        ]
         mid = ["cublas", "PQLinear", "cuda-lut", "dequantT128x16w4+cublas", "dequantT256x16w8+cublas"]
         return [
-            (1, ["cublas", "PQLinear", "cuda-lut-s8-r2048", "cuda-lut-s8-r1024", "cuda-lut-s16-r1024",
-                 "cuda-lut-s16-r2048"], (True, False), True),
+            (
+                1,
+                [
+                    "cublas",
+                    "PQLinear",
+                    "cuda-lut-s8-r2048",
+                    "cuda-lut-s8-r1024",
+                    "cuda-lut-s16-r1024",
+                    "cuda-lut-s16-r2048",
+                ],
+                (True, False),
+                True,
+            ),
             (2048, ["cublas", "PQLinear", "dequant+cublas"] + dqt, (True, False), False),
             (8, mid, (True,), True),
             (4, mid, (True,), True),
@@ -438,10 +591,15 @@ def plan(smoke, name="full"):
             (32, mid, (True,), True),
         ]
     if smoke:
-        return [(1, ["cublas", "triton-lut", "PQLinear"], (True, False), True),
-                (64, ["cublas", "dequantT64x32w4+cublas", "PQLinear"], (True,), False)]
-    sweep = [f"cuda-lut-s{s}-r{r}" for s in (4, 8, 16) for r in (1024, 2048, 4096)] \
-        + ["triton-lut-s4", "triton-lut-s8", "triton-lut-s16"]
+        return [
+            (1, ["cublas", "triton-lut", "PQLinear"], (True, False), True),
+            (64, ["cublas", "dequantT64x32w4+cublas", "PQLinear"], (True,), False),
+        ]
+    sweep = [f"cuda-lut-s{s}-r{r}" for s in (4, 8, 16) for r in (1024, 2048, 4096)] + [
+        "triton-lut-s4",
+        "triton-lut-s8",
+        "triton-lut-s16",
+    ]
     dq = ["dequantT128x16w4+cublas", "dequantT128x32w8+cublas", "dequantT64x32w4+cublas"]
     return [
         (1, ["cublas", "cuda-lut", "triton-lut", "PQLinear"], (True, False), True),
@@ -459,17 +617,20 @@ def plan(smoke, name="full"):
 def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes, plan_name="full"):
     rows = []
     layers, dense = {}, {}
-    for (N, M) in shapes:
+    for N, M in shapes:
         rank = max(1, round(0.01 * min(N, M)))
-        layers[(N, M)] = [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M)] if smoke \
+        layers[(N, M)] = (
+            [make_layer(N, M, RECIPE["d"], RECIPE["n"], RECIPE["k"], rank, dev, seed=N + M)]
+            if smoke
             else weight_sets(N, M, rank, dev, l2_bytes, seed=N + M)
+        )
         for L in layers[(N, M)]:  # the module the runtime uses (path chosen per call)
             L["linear"] = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None)
             L["linear_nolr"] = PQLinear(L["geo"], L["qweight"], L["codebook"], None, None, None)
         n_dense = 1 if smoke else max(2, min(8, math.ceil(3 * l2_bytes / (N * M * 2))))
         dense[(N, M)] = [torch.randn(N, M, device=dev).half() * 0.02 for _ in range(n_dense)]
     for T, names, lowranks, graph in plan(smoke, plan_name):
-        for (N, M) in shapes:
+        for N, M in shapes:
             x = torch.randn(T, M, device=dev).half()
             for name in names:
                 for lr in lowranks:
@@ -492,16 +653,27 @@ def run_timings(dev, V, clock, log, shapes, smoke, copy_gbs, l2_bytes, plan_name
                             alone = name.startswith(DEQUANT_ALONE)
                             nbytes = (dequant_alone_bytes if alone else compressed_bytes)(sets[0], T, lr)
                         us = time_call(fn, sets, dev)
-                        row = dict(shape=[N, M], T=T, variant=name, lowrank=lr if name != "cublas" else None,
-                                   us=us, bytes=nbytes, gbs=nbytes / (us * 1e-6) / 1e9)
+                        row = dict(
+                            shape=[N, M],
+                            T=T,
+                            variant=name,
+                            lowrank=lr if name != "cublas" else None,
+                            us=us,
+                            bytes=nbytes,
+                            gbs=nbytes / (us * 1e-6) / 1e9,
+                        )
                         row["pct_copy_bw"] = 100 * row["gbs"] / copy_gbs if copy_gbs == copy_gbs else None
                         if graph and clock.left() > 60:
                             row["graph_us"] = time_graph(fn, sets, dev)
                         rows.append(row)
-                        log(f"{clock} T={T:5d} {N:6d}x{M:<6d} {name:22s} lr={str(lr):5s} {us:9.1f} us"
-                            + (f"  graph {row['graph_us']:8.1f} us" if "graph_us" in row else ""))
+                        log(
+                            f"{clock} T={T:5d} {N:6d}x{M:<6d} {name:22s} lr={str(lr):5s} {us:9.1f} us"
+                            + (f"  graph {row['graph_us']:8.1f} us" if "graph_us" in row else "")
+                        )
                     except Exception as ex:  # noqa: BLE001
-                        rows.append(dict(shape=[N, M], T=T, variant=name, lowrank=lr, error=f"{type(ex).__name__}: {ex}"[:300]))
+                        rows.append(
+                            dict(shape=[N, M], T=T, variant=name, lowrank=lr, error=f"{type(ex).__name__}: {ex}"[:300])
+                        )
                         log(f"TIMING ERROR T={T} {N}x{M} {name}: {ex}")
     return rows
 
@@ -515,47 +687,73 @@ def summarize(checks, timings, copy_gbs, meta):
             r["speedup"] = c["us"] / r["us"]
             if "graph_us" in r and "graph_us" in c:
                 r["graph_speedup"] = c["graph_us"] / r["graph_us"]
-    lines = [f"# PQ kernels: {meta['device']}, {meta['date']}, commit {meta['commit']}", "",
-             f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; recipe d=2 n=64 k=4096, rank 1%, no bias", "",
-             "## checks (rel. Frobenius error vs fp32 reference; tolerance 4e-3)", "",
-             "| shape | d | n | k | T | variant | rel err | ok |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# PQ kernels: {meta['device']}, {meta['date']}, commit {meta['commit']}",
+        "",
+        f"copy bandwidth (read+write): {copy_gbs:.0f} GB/s; recipe d=2 n=64 k=4096, rank 1%, no bias",
+        "",
+        "## checks (rel. Frobenius error vs fp32 reference; tolerance 4e-3)",
+        "",
+        "| shape | d | n | k | T | variant | rel err | ok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in checks:
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r.get('d', '')} | {r.get('n', '')} | {r.get('k', '')} | {r['T']} "
-                     f"| {r['variant']} | {r.get('rel_err', float('nan')):.2e}"
-                     f"{' graph ' + format(r['graph_rel_err'], '.1e') if 'graph_rel_err' in r else ''} "
-                     f"| {'ok' if r['ok'] else 'FAIL ' + r.get('error', 'nan' if r.get('nan') else 'err')} |")
-    lines += ["", "## timings (do_bench median, µs; speedup = cuBLAS fp16 time / variant time; graph = CUDA-graph replay)", "",
-              "| W [N x M] | T | variant | low-rank | µs | speedup | GB/s | % copy BW | graph µs | graph speedup |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r.get('d', '')} | {r.get('n', '')} | {r.get('k', '')} | {r['T']} "
+            f"| {r['variant']} | {r.get('rel_err', float('nan')):.2e}"
+            f"{' graph ' + format(r['graph_rel_err'], '.1e') if 'graph_rel_err' in r else ''} "
+            f"| {'ok' if r['ok'] else 'FAIL ' + r.get('error', 'nan' if r.get('nan') else 'err')} |"
+        )
+    lines += [
+        "",
+        "## timings (do_bench median, µs; speedup = cuBLAS fp16 time / variant time; graph = CUDA-graph replay)",
+        "",
+        "| W [N x M] | T | variant | low-rank | µs | speedup | GB/s | % copy BW | graph µs | graph speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in timings:
         if "us" not in r:
-            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r.get('lowrank')} "
-                         f"| ERROR {r.get('error', '')} |||||")
+            lines.append(
+                f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r.get('lowrank')} "
+                f"| ERROR {r.get('error', '')} |||||"
+            )
             continue
-        lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r['lowrank']} | {r['us']:.1f} "
-                     f"| {r.get('speedup', float('nan')):.2f} | {r['gbs']:.0f} | {r['pct_copy_bw'] or float('nan'):.0f} "
-                     f"| {r.get('graph_us', float('nan')):.1f} | {r.get('graph_speedup', float('nan')):.2f} |")
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['variant']} | {r['lowrank']} | {r['us']:.1f} "
+            f"| {r.get('speedup', float('nan')):.2f} | {r['gbs']:.0f} | {r['pct_copy_bw'] or float('nan'):.0f} "
+            f"| {r.get('graph_us', float('nan')):.1f} | {r.get('graph_speedup', float('nan')):.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def short_table(checks, timings):
     out = []
     bad = [r for r in checks if not r["ok"]]
-    out.append(f"CHECKS: {len(checks) - len(bad)}/{len(checks)} ok; max rel err "
-               f"{max((r.get('rel_err', 0) for r in checks), default=0):.2e}")
+    out.append(
+        f"CHECKS: {len(checks) - len(bad)}/{len(checks)} ok; max rel err "
+        f"{max((r.get('rel_err', 0) for r in checks), default=0):.2e}"
+    )
     for r in bad[:12]:
         out.append(f"  FAIL {r['variant']} {r['shape']} T={r['T']} {r.get('rel_err', '')} {r.get('error', '')[:120]}")
     out.append("T     W[N x M]      variant                lr     us  speedup    GB/s  %copyBW  graph_us g_speedup")
     for r in timings:
         if "us" not in r or r["variant"] == "cublas":
             continue
-        out.append(f"{r['T']:<5d} {r['shape'][0]:>5d}x{r['shape'][1]:<6d} {r['variant']:22s} {str(r['lowrank'])[0]} "
-                   f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['gbs']:7.0f} "
-                   f"{r['pct_copy_bw'] or float('nan'):7.0f} "
-                   f"{r.get('graph_us', float('nan')):9.1f} {r.get('graph_speedup', float('nan')):7.2f}")
+        out.append(
+            f"{r['T']:<5d} {r['shape'][0]:>5d}x{r['shape'][1]:<6d} {r['variant']:22s} {str(r['lowrank'])[0]} "
+            f"{r['us']:8.1f} {r.get('speedup', float('nan')):7.2f} {r['gbs']:7.0f} "
+            f"{r['pct_copy_bw'] or float('nan'):7.0f} "
+            f"{r.get('graph_us', float('nan')):9.1f} {r.get('graph_speedup', float('nan')):7.2f}"
+        )
     cub = [r for r in timings if r["variant"] == "cublas" and "us" in r]
-    out.append("cuBLAS fp16 us: " + " ".join(f"{r['shape'][0]}x{r['shape'][1]}@{r['T']}={r['us']:.1f}"
-                                              + (f"/g{r['graph_us']:.1f}" if "graph_us" in r else "") for r in cub))
+    out.append(
+        "cuBLAS fp16 us: "
+        + " ".join(
+            f"{r['shape'][0]}x{r['shape'][1]}@{r['T']}={r['us']:.1f}"
+            + (f"/g{r['graph_us']:.1f}" if "graph_us" in r else "")
+            for r in cub
+        )
+    )
     return "\n".join(out)
 
 
@@ -565,14 +763,22 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly (TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds before the script wraps up")
     ap.add_argument("--commit", default="", help="git commit of the tree (the device copy has no .git)")
-    ap.add_argument("--plan", default="full", choices=("full", "focus", "t1", "mid", "summary", "frag", "prefill"),
-                    help="which timings (focus: decode launch with low-rank, dequantize + cuBLAS, 2-64 tokens; "
-                    "frag: 1-64 tokens, fragment-lookup kernel vs lookup table; "
-                    "prefill: 2048 tokens, Triton vs CUDA dequantize + cuBLAS, the dequantize kernels alone)")
+    ap.add_argument(
+        "--plan",
+        default="full",
+        choices=("full", "focus", "t1", "mid", "summary", "frag", "prefill"),
+        help="which timings (focus: decode launch with low-rank, dequantize + cuBLAS, 2-64 tokens; "
+        "frag: 1-64 tokens, fragment-lookup kernel vs lookup table; "
+        "prefill: 2048 tokens, Triton vs CUDA dequantize + cuBLAS, the dequantize kernels alone)",
+    )
     ap.add_argument("--no-checks", action="store_true", help="skip the correctness checks")
     ap.add_argument("--shapes", default=None, help="W shapes NxM,NxM,... (default: the four 7B shapes)")
-    ap.add_argument("--family", default=None, help="instead of --shapes: the layer shapes of these model families "
-                    "(comma-separated bench.random_checkpoint.FAMILIES names, e.g. llama3-8b,qwen2.5-7b,mistral-7b,gemma3-12b)")
+    ap.add_argument(
+        "--family",
+        default=None,
+        help="instead of --shapes: the layer shapes of these model families "
+        "(comma-separated bench.random_checkpoint.FAMILIES names, e.g. llama3-8b,qwen2.5-7b,mistral-7b,gemma3-12b)",
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     clock = Clock(args.budget)
@@ -586,6 +792,7 @@ def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # compile the CUDA kernels (NVRTC) in the background while the Triton kernels compile and run
     from athena_runtime.kernels import dequant, lut
+
     g7 = PQGeometry(4096, 4096, 2, 64, 4096)
     build, build_dq = {"ok": None, "err": None}, {"ok": None, "err": None}
 
@@ -598,8 +805,11 @@ def main():
 
     t0 = time.perf_counter()  # noqa: F841 - read by _build
     th = threading.Thread(target=_build, args=(lambda: lut._kernel(lut.kernel_name(1, 6, 4), 0), build), daemon=True)
-    th_dq = threading.Thread(target=_build, args=(lambda: [dequant._kernel(f, n, 0, m) for f, n, m in
-                                                           dequant.kernel_names(g7, 48)], build_dq), daemon=True)
+    th_dq = threading.Thread(
+        target=_build,
+        args=(lambda: [dequant._kernel(f, n, 0, m) for f, n, m in dequant.kernel_names(g7, 48)], build_dq),
+        daemon=True,
+    )
     if dev.type == "cuda":
         th.start()
         th_dq.start()
@@ -617,13 +827,21 @@ def main():
     def cuda_dq_ok():
         return built(th_dq, build_dq)
 
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True).stdout.strip() or "unknown"
-    meta = dict(device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
-                torch=torch.__version__, command=" ".join(sys.argv))
+    commit = (
+        args.commit
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        or "unknown"
+    )
+    meta = dict(
+        device=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=commit,
+        torch=torch.__version__,
+        command=" ".join(sys.argv),
+    )
     try:
         import triton
+
         meta["triton"] = triton.__version__
     except ImportError:
         pass
@@ -641,8 +859,10 @@ def main():
             checks = run_checks(dev, V, clock, log, SMOKE_CHECK_CASES, linear_shape=(64, 40))
         else:
             checks = run_checks(dev, V, clock, log, cuda_dq_ok=cuda_dq_ok)
-        log(f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}, "
-            f"dequantize build: {build_dq}")
+        log(
+            f"{clock} checks done: {sum(r['ok'] for r in checks)}/{len(checks)} ok; cuda build: {build}, "
+            f"dequantize build: {build_dq}"
+        )
         shapes = [(64, 96), (128, 256)] if args.smoke else SHAPES
         if args.shapes:
             shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]

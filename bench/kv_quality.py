@@ -6,6 +6,7 @@ PQLinear, the paged cache), on the compressed embedded model.
 Each window is prefilled in 64-token chunks that attend to the earlier chunks through the quantized
 cache (athena_runtime.perplexity), so the cache format's error reaches every later token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,27 @@ def main(argv=None) -> int:
     model = resolve_model_arg(args.model)
     rows = []
     for fmt, hadamard in FORMATS:
-        r = eval_ppl_runtime(model, [str(held)], args.seqlen, args.max_tokens, fmt, kv_hadamard=hadamard,
-                             device=args.device)
+        r = eval_ppl_runtime(
+            model, [str(held)], args.seqlen, args.max_tokens, fmt, kv_hadamard=hadamard, device=args.device
+        )
         rows.append(r)
         print(json.dumps(r), flush=True)
     base = rows[0]
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {args.device}, model {Path(model).name}, "
-             f"{base['tokens']} held-out tokens, seqlen {args.seqlen}, 64-token prefill chunks.", "",
-             "| KV cache | bytes/token (all layers) | vs fp16 | perplexity | Δ vs fp16 KV |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {args.device}, model {Path(model).name}, "
+        f"{base['tokens']} held-out tokens, seqlen {args.seqlen}, 64-token prefill chunks.",
+        "",
+        "| KV cache | bytes/token (all layers) | vs fp16 | perplexity | Δ vs fp16 KV |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        name = (r["kv_cache"] + (" + Hadamard" if r["kv_hadamard"] else "")
-                + (" + key basis" if r["kv_key_basis"] else ""))
-        lines.append(f"| {name} | {r['kv_bytes_per_token']} | {base['kv_bytes_per_token'] / r['kv_bytes_per_token']:.2f}x | "
-                     f"{r['ppl']:.4f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f}% |")
+        name = (
+            r["kv_cache"] + (" + Hadamard" if r["kv_hadamard"] else "") + (" + key basis" if r["kv_key_basis"] else "")
+        )
+        lines.append(
+            f"| {name} | {r['kv_bytes_per_token']} | {base['kv_bytes_per_token'] / r['kv_bytes_per_token']:.2f}x | "
+            f"{r['ppl']:.4f} | {100 * (r['ppl'] / base['ppl'] - 1):+.2f}% |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -10,6 +10,7 @@ without them (SLIM_DROP, 5 MB), which still configures and builds the two target
 A build is kept under BUILD_DIR/build-<arch>/bin and reused when both binaries are there. cmake and ninja: on PATH,
 else installed from their PyPI wheels put in BUILD_DIR/wheels/ (for a machine without them and without network).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,23 +26,66 @@ from pathlib import Path
 
 TARGETS = ("llama-bench", "llama-quantize")
 # Paths under llama.cpp/ that no configure or build of TARGETS (tests, examples, server, app off) reads.
-SLIM_DROP = ("docs", "models", "benches", "tests", "examples", "pocs", "app", "media", "gguf-py", "ci", "skills",
-             "scripts", "requirements", "conversion", "grammars", "tools/ui", "tools/server", ".devops",
-             ".github") + tuple(
-    f"ggml/src/ggml-{b}" for b in ("cann", "et", "hexagon", "metal", "opencl", "openvino", "sycl", "vulkan", "webgpu",
-                                   "zdnn", "zendnn", "virtgpu", "hip", "musa"))
-CMAKE_FLAGS = ("-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-               "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
-               "-DGGML_CUDA_NCCL=OFF")
+SLIM_DROP = (
+    "docs",
+    "models",
+    "benches",
+    "tests",
+    "examples",
+    "pocs",
+    "app",
+    "media",
+    "gguf-py",
+    "ci",
+    "skills",
+    "scripts",
+    "requirements",
+    "conversion",
+    "grammars",
+    "tools/ui",
+    "tools/server",
+    ".devops",
+    ".github",
+) + tuple(
+    f"ggml/src/ggml-{b}"
+    for b in (
+        "cann",
+        "et",
+        "hexagon",
+        "metal",
+        "opencl",
+        "openvino",
+        "sycl",
+        "vulkan",
+        "webgpu",
+        "zdnn",
+        "zendnn",
+        "virtgpu",
+        "hip",
+        "musa",
+    )
+)
+CMAKE_FLAGS = (
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DGGML_CUDA_NCCL=OFF",
+)
 
 
 @dataclass(frozen=True)
 class LlamaBuild:
     """Where the binaries of one build are."""
+
     bin_dir: Path
-    arch: str           # "cpu" or a CUDA compute capability such as "90"
-    seconds: float      # build time (0 when reused)
+    arch: str  # "cpu" or a CUDA compute capability such as "90"
+    seconds: float  # build time (0 when reused)
     reused: bool
 
     def binary(self, name: str) -> Path:
@@ -96,8 +140,22 @@ def _wheel_tool(name: str, build_dir: Path, log) -> str | None:
         if not wheels:
             return None
         log(f"{name} is not on PATH: installing {wheels[-1].name} into {tools}")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(tools), str(wheels[-1])], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-index",
+                "--no-deps",
+                "--no-compile",
+                "--target",
+                str(tools),
+                str(wheels[-1]),
+            ],
+            check=True,
+        )
     return next((str(c) for c in cand if c.is_file()), None)
 
 
@@ -107,8 +165,10 @@ def find_tool(name: str, build_dir: Path, log) -> str | None:
 
 
 def missing_tools(cuda: bool, build_dir: Path, log) -> str | None:
-    need = {"cmake (on PATH or a cmake wheel in BUILD_DIR/wheels)": find_tool("cmake", build_dir, log),
-            "a C++ compiler": shutil.which("c++") or shutil.which("g++")}
+    need = {
+        "cmake (on PATH or a cmake wheel in BUILD_DIR/wheels)": find_tool("cmake", build_dir, log),
+        "a C++ compiler": shutil.which("c++") or shutil.which("g++"),
+    }
     if cuda:
         need["nvcc"] = nvcc_path()
     missing = [k for k, v in need.items() if not v]
@@ -138,8 +198,16 @@ def run_group(cmd: list[str], logf, timeout: float | None) -> None:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
-def build(src: Path, build_dir: Path, arch: str, jobs: int, log, timeout_s: float | None = None,
-          optimize: bool = True, niceness: int = 0) -> LlamaBuild:
+def build(
+    src: Path,
+    build_dir: Path,
+    arch: str,
+    jobs: int,
+    log,
+    timeout_s: float | None = None,
+    optimize: bool = True,
+    niceness: int = 0,
+) -> LlamaBuild:
     """Configure and build TARGETS for `arch` ("cpu", or a compute capability like "90" for CUDA) under
     build_dir/build-<arch>; reused when both binaries exist. Raises on failure (the build log is kept there).
     `optimize=False` compiles with -O0 and no debug info (build-<arch>-O0: a CPU check of the plumbing on a small
@@ -158,8 +226,11 @@ def build(src: Path, build_dir: Path, arch: str, jobs: int, log, timeout_s: floa
     cmake = find_tool("cmake", build_dir, log)
     ninja = find_tool("ninja", build_dir, log)
     flags = list(CMAKE_FLAGS)
-    flags += ["-DCMAKE_BUILD_TYPE=Release"] if optimize else [
-        "-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0", "-DCMAKE_CXX_FLAGS_DEBUG=-O0"]
+    flags += (
+        ["-DCMAKE_BUILD_TYPE=Release"]
+        if optimize
+        else ["-DCMAKE_BUILD_TYPE=Debug", "-DCMAKE_C_FLAGS_DEBUG=-O0", "-DCMAKE_CXX_FLAGS_DEBUG=-O0"]
+    )
     if cuda:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}", f"-DCMAKE_CUDA_COMPILER={nvcc_path()}"]
         # GGML_NATIVE stays on: -march=native for the CPU code (llama-quantize's speed); with the architecture

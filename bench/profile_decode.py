@@ -10,6 +10,7 @@ path) and the step is split by part of the model (linear layers, attention, KV w
 lm_head, embedding, sampling, gaps inside the graph, host time between replays: bench.decode_breakdown), each
 with its bytes read and GB/s where that applies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ def main(argv=None) -> int:
     if not (ckpt / "athena.json").exists():
         build(ckpt)
     bs, prompt_len = 16, 128
-    runner = ModelRunner.from_path(ckpt, kv_format=args.kv_cache, block_size=bs, num_blocks=args.batch * 32,
-                                   device=torch.device("cuda"), max_model_len=512)
+    runner = ModelRunner.from_path(
+        ckpt,
+        kv_format=args.kv_cache,
+        block_size=bs,
+        num_blocks=args.batch * 32,
+        device=torch.device("cuda"),
+        max_model_len=512,
+    )
     tables = [list(range(i * 32, (i + 1) * 32)) for i in range(args.batch)]
     prompt = torch.randint(3, 30000, (prompt_len,)).tolist()
     for t in tables:
@@ -93,6 +100,7 @@ def _scopes(model) -> list:
             rf = torch.profiler.record_function("cat::" + cat)
             rf.__enter__()
             stack.append(rf)
+
         return hook
 
     def post(mod, args, out):
@@ -119,10 +127,11 @@ def _kernel_categories(prof) -> list[tuple[str, str | None]]:
         f = by_id.get(getattr(k, "linked_correlation_id", -1))
         cat = None
         if f is not None:
-            inside = [s for s in scopes
-                      if s.time_range.start <= f.time_range.start and f.time_range.end <= s.time_range.end]
+            inside = [
+                s for s in scopes if s.time_range.start <= f.time_range.start and f.time_range.end <= s.time_range.end
+            ]
             if inside:
-                cat = max(inside, key=lambda s: s.time_range.start).name[len("cat::"):]
+                cat = max(inside, key=lambda s: s.time_range.start).name[len("cat::") :]
         out.append((k.name, cat))
     return out
 
@@ -215,22 +224,32 @@ def run_breakdown(args) -> int:
     bw = copy_bandwidth(dev)
     from bench.peers import _git_commit
 
-    res.update(commit=_git_commit(), path="fp16" if args.fp16 else "pq", kv_cache=args.kv_cache,
-               device=torch.cuda.get_device_name(),
-               copy_bandwidth_gb_s=bw / 1e9, bytes=nbytes, context=context,
-               unscoped_kernels=sorted({n for n, c in sequence if c is None}))
-    print(f"\n{res['device']} (commit {res['commit']}), {res['path']} path, batch 1, kv {args.kv_cache}, "
-          f"context ~{context}: wall "
-          f"{wall_us / 1e3:.3f} ms/step ({1e6 / wall_us:.1f} tok/s), graph span {res['graph_span_us'] / 1e3:.3f} ms; "
-          f"{res['steps_matched']} of {args.steps} replays matched ({res['kernels_per_replay']} kernels each; "
-          f"categories from: {res['method']})")
+    res.update(
+        commit=_git_commit(),
+        path="fp16" if args.fp16 else "pq",
+        kv_cache=args.kv_cache,
+        device=torch.cuda.get_device_name(),
+        copy_bandwidth_gb_s=bw / 1e9,
+        bytes=nbytes,
+        context=context,
+        unscoped_kernels=sorted({n for n, c in sequence if c is None}),
+    )
+    print(
+        f"\n{res['device']} (commit {res['commit']}), {res['path']} path, batch 1, kv {args.kv_cache}, "
+        f"context ~{context}: wall "
+        f"{wall_us / 1e3:.3f} ms/step ({1e6 / wall_us:.1f} tok/s), graph span {res['graph_span_us'] / 1e3:.3f} ms; "
+        f"{res['steps_matched']} of {args.steps} replays matched ({res['kernels_per_replay']} kernels each; "
+        f"categories from: {res['method']})"
+    )
     print(f"{'part':62s} {'us/step':>9s} {'% wall':>7s} {'calls':>6s} {'MB/step':>8s} {'GB/s':>7s} {'% copy bw':>9s}")
     for cat, r in sorted(res["rows"].items(), key=lambda kv: -kv[1]["us"]):
         b = nbytes.get(cat)
         gbs = b / r["us"] / 1e3 if b and r["us"] > 0 else None
-        print(f"{cat[:62]:62s} {r['us']:9.1f} {100 * r['us'] / wall_us:6.1f}% {r['calls']:6.0f} "
-              f"{b / 1e6 if b else float('nan'):8.1f} {gbs or float('nan'):7.0f} "
-              f"{100 * gbs * 1e9 / bw if gbs else float('nan'):8.0f}%")
+        print(
+            f"{cat[:62]:62s} {r['us']:9.1f} {100 * r['us'] / wall_us:6.1f}% {r['calls']:6.0f} "
+            f"{b / 1e6 if b else float('nan'):8.1f} {gbs or float('nan'):7.0f} "
+            f"{100 * gbs * 1e9 / bw if gbs else float('nan'):8.0f}%"
+        )
     if res["unscoped_kernels"]:
         print("kernels outside any module scope (classified by name):", ", ".join(res["unscoped_kernels"])[:2000])
     if args.json:

@@ -10,6 +10,7 @@ calibration text), with bits per linear weight from the checkpoints' stored byte
 The reference's log-probabilities are cached (fp16, `ref_logprobs.pt`) so every checkpoint is compared with
 the same numbers and evaluations of different checkpoints can run in separate processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,8 @@ def _logprobs(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def cache_reference(out: Path, max_tokens: int, seqlen: int, batch: int) -> dict:
-    from quantize.embedded import reference_model_path
     from athena_runtime.format.source import load_hf_model, load_tokenizer
+    from quantize.embedded import reference_model_path
 
     path = reference_model_path()
     model, tok = load_hf_model(path), load_tokenizer(path)
@@ -78,23 +79,38 @@ def evaluate(ckpt: Path, out: Path, batch: int) -> dict:
         acc["n"] += n
     n = acc["n"]
     recipe = meta.get("recipe", {})
-    return {"name": ckpt.name, "path": str(ckpt), "method": meta["method"], "recipe": recipe,
-            "bits": meta["bits_per_weight"]["linear"], "bytes_linear": meta["bytes"]["linear"],
-            "ppl": math.exp(acc["nll"] / n), "kl": acc["kl"] / n, "top1": acc["top1"] / n, "tokens": n,
-            "quantize_seconds": meta["seconds"], "eval_seconds": time.perf_counter() - t0}
+    return {
+        "name": ckpt.name,
+        "path": str(ckpt),
+        "method": meta["method"],
+        "recipe": recipe,
+        "bits": meta["bits_per_weight"]["linear"],
+        "bytes_linear": meta["bytes"]["linear"],
+        "ppl": math.exp(acc["nll"] / n),
+        "kl": acc["kl"] / n,
+        "top1": acc["top1"] / n,
+        "tokens": n,
+        "quantize_seconds": meta["seconds"],
+        "eval_seconds": time.perf_counter() - t0,
+    }
 
 
 def table(out: Path) -> str:
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
     ref = next(r for r in rows if r["name"] == "reference")
-    lines = [f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}", "",
-             "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}",
+        "",
+        "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r["name"] == "reference":
             continue
-        lines.append(f"| {r.get('label', r['name'])} | {r['bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref['ppl']:.3f}x | "
-                     f"{r['kl']:.4f} | {r['top1']:.2%} |")
+        lines.append(
+            f"| {r.get('label', r['name'])} | {r['bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref['ppl']:.3f}x | "
+            f"{r['kl']:.4f} | {r['top1']:.2%} |"
+        )
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
@@ -114,8 +130,11 @@ def main(argv=None) -> int:
     if args.what == "table":
         print(table(out))
         return 0
-    rows = ([cache_reference(out, args.max_tokens, args.seqlen, args.batch)] if args.what == "reference"
-            else [evaluate(Path(c), out, args.batch) for c in args.checkpoints])
+    rows = (
+        [cache_reference(out, args.max_tokens, args.seqlen, args.batch)]
+        if args.what == "reference"
+        else [evaluate(Path(c), out, args.batch) for c in args.checkpoints]
+    )
     with open(out / "rows.jsonl", "a") as f:
         for r in rows:
             print(json.dumps(r), flush=True)

@@ -6,6 +6,7 @@ random calibration activations), projected to the whole 32-layer model.
 Runs the real driver code path (Hessians from hooks, Athena on every linear, propagation through the
 quantized layer). Speed does not depend on the weights' values, so random weights are fine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench.quantize_7b needs a CUDA GPU")
     dev = torch.device("cuda")
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                      num_hidden_layers=32, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=32,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, 0).to(dev, torch.float32)
     with torch.no_grad():
@@ -51,9 +58,13 @@ def main(argv=None) -> int:
     mask = torch.where(i[:, None] >= i[None, :], 0.0, torch.finfo(torch.float32).min)[None, None]
     ctx = LayerContext(pos, (cos, sin), {"full_attention": mask}, ["full_attention"])
     d, n, k = (int(v) for v in args.codebook.split(","))
-    job = QuantizeJob(model="random-7b-layer", out="", method=args.method,
-                      athena=AthenaRecipe(d=d, n=n, k=k, codebook_bits=args.codebook_bits, lowrank=args.lowrank),
-                      scalar=ScalarRecipe(method=args.method if args.method != "athena" else "gptq", bits=3, group_size=128))
+    job = QuantizeJob(
+        model="random-7b-layer",
+        out="",
+        method=args.method,
+        athena=AthenaRecipe(d=d, n=n, k=k, codebook_bits=args.codebook_bits, lowrank=args.lowrank),
+        scalar=ScalarRecipe(method=args.method if args.method != "athena" else "gptq", bits=3, group_size=128),
+    )
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -75,11 +86,19 @@ def main(argv=None) -> int:
         "seconds_propagate_layer": t_prop,
         "projected_minutes": per_layer * args.layers / 60,
         "peak_gpu_gib": peak,
-        "per_linear": {k.split(".")[-1]: {"seconds": round(v["seconds"], 2), "bits_per_weight": round(v["bits_per_weight"], 3),
-                                           "proxy_loss": v["proxy_loss"]} for k, v in stats.items()},
+        "per_linear": {
+            k.split(".")[-1]: {
+                "seconds": round(v["seconds"], 2),
+                "bits_per_weight": round(v["bits_per_weight"], 3),
+                "proxy_loss": v["proxy_loss"],
+            }
+            for k, v in stats.items()
+        },
     }
-    print(f"{result['device']}: {args.method} layer {t_quant:.1f}s + propagate {t_prop:.1f}s -> "
-          f"{result['projected_minutes']:.1f} min for {args.layers} layers; peak GPU {peak:.1f} GiB")
+    print(
+        f"{result['device']}: {args.method} layer {t_quant:.1f}s + propagate {t_prop:.1f}s -> "
+        f"{result['projected_minutes']:.1f} min for {args.layers} layers; peak GPU {peak:.1f} GiB"
+    )
     if args.json:
         print(json.dumps(result))
     return 0

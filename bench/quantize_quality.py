@@ -10,6 +10,7 @@ Held-out text: the .rst.txt sources of Python's documentation from Debian's pyth
 library/). The script reports the share of held-out 8-word shingles that also occur in the
 calibration text, so the separation is checked, not assumed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "athena-2,64,4096-cb8-lr1%-rowscale": ("athena", {"d": 2, "n": 64, "k": 4096, "lowrank": 0.01, "row_scale": True}),
     # --target-bits B (quantize/allocate.py): per-layer (d, n), low rank off
     **{f"athena-budget-{b}": ("athena", {"lowrank": 0.0, "target_bits": b}) for b in (2.5, 3.0, 3.5, 4.0)},
-    **{f"athena-budget-{b}-rowscale": ("athena", {"lowrank": 0.0, "row_scale": True, "target_bits": b})
-       for b in (2.5, 3.0, 3.5, 4.0)},
+    **{
+        f"athena-budget-{b}-rowscale": ("athena", {"lowrank": 0.0, "row_scale": True, "target_bits": b})
+        for b in (2.5, 3.0, 3.5, 4.0)
+    },
 }
 
 
@@ -51,8 +54,10 @@ def real_models() -> dict:
     from quantize.embedded import embedded_gguf_path, reference_model_path
     from quantize.gemma270m import gemma_gguf_path, gemma_reference_path
 
-    return {"smollm2-135m": (embedded_gguf_path, reference_model_path),
-            "gemma3-270m": (gemma_gguf_path, gemma_reference_path)}
+    return {
+        "smollm2-135m": (embedded_gguf_path, reference_model_path),
+        "gemma3-270m": (gemma_gguf_path, gemma_reference_path),
+    }
 
 
 def heldout_file(out: Path) -> Path:
@@ -112,8 +117,10 @@ def main(argv=None) -> int:
     ]
     for r in rows:
         d = (r["ppl"] / refs[r["model"]]["ppl"] - 1) * 100
-        lines.append(f"| {r['model']} | {r['name']} | {r['bits']:.3f} | {r.get('bits_file', float('nan')):.3f} | "
-                     f"{r['ppl']:.3f} | {d:+.1f}% | {r['seconds']:.0f} | {r.get('device', '')} |")
+        lines.append(
+            f"| {r['model']} | {r['name']} | {r['bits']:.3f} | {r.get('bits_file', float('nan')):.3f} | "
+            f"{r['ppl']:.3f} | {d:+.1f}% | {r['seconds']:.0f} | {r.get('device', '')} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
@@ -122,8 +129,8 @@ def main(argv=None) -> int:
 
 def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args) -> tuple[list[dict], dict]:
     """The reference's and every configuration's perplexity on `held` for one real model -> (rows, reference)."""
-    from quantize.calibration import CalibConfig
     from quantize.allocate import BitBudget
+    from quantize.calibration import CalibConfig
     from quantize.driver import QuantizeJob, run
     from quantize.evaluate import eval_ppl
     from quantize.recipe import AthenaRecipe, ScalarRecipe
@@ -132,8 +139,16 @@ def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args)
     ref = {"ppl": float("nan"), "tokens": 0}
     if not args.no_reference:
         ref = eval_ppl(reference(), [str(held)], args.seqlen, args.max_tokens)
-        rows.append({"model": model, "name": "reference (fp16)", "bits": 16.0, "ppl": ref["ppl"], "tokens": ref["tokens"],
-                     "seconds": 0.0})
+        rows.append(
+            {
+                "model": model,
+                "name": "reference (fp16)",
+                "bits": 16.0,
+                "ppl": ref["ppl"],
+                "tokens": ref["tokens"],
+                "seconds": 0.0,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     for name, (method, opts) in CONFIGS.items():
         if args.only and name not in args.only:
@@ -141,18 +156,37 @@ def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args)
         qdir = out / name
         opts = dict(opts)
         budget = BitBudget(opts.pop("target_bits")) if "target_bits" in opts else None
-        recipes = (dict(athena=AthenaRecipe(**opts), budget=budget) if method == "athena"
-                   else dict(scalar=ScalarRecipe(method=method, **opts)))
-        job = QuantizeJob(model=str(gguf), out=str(qdir), method=method, calib=CalibConfig(), device=args.device,
-                          resume=qdir.exists(), **recipes)
+        recipes = (
+            dict(athena=AthenaRecipe(**opts), budget=budget)
+            if method == "athena"
+            else dict(scalar=ScalarRecipe(method=method, **opts))
+        )
+        job = QuantizeJob(
+            model=str(gguf),
+            out=str(qdir),
+            method=method,
+            calib=CalibConfig(),
+            device=args.device,
+            resume=qdir.exists(),
+            **recipes,
+        )
         if (qdir / "athena.json").exists():
             meta = json.loads((qdir / "athena.json").read_text())
         else:
             meta = run(job)
         r = eval_ppl(qdir, [str(held)], args.seqlen, args.max_tokens)
-        rows.append({"model": model, "name": name, "bits": meta["bits_per_weight"]["linear"],
-                     "bits_file": meta["bits_per_weight"]["file"], "ppl": r["ppl"], "tokens": r["tokens"],
-                     "seconds": meta["seconds"], "device": meta["device"]})
+        rows.append(
+            {
+                "model": model,
+                "name": name,
+                "bits": meta["bits_per_weight"]["linear"],
+                "bits_file": meta["bits_per_weight"]["file"],
+                "ppl": r["ppl"],
+                "tokens": r["tokens"],
+                "seconds": meta["seconds"],
+                "device": meta["device"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows, ref
 

@@ -7,6 +7,7 @@ same tensors lazily on a device instead (bench.decode builds its models that way
     python -m bench.random_checkpoint --out /tmp/llama7b [--family llama2-7b] [--fp16-out /tmp/llama7b-fp16]
         [--layers 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,68 +19,166 @@ from pathlib import Path
 import torch
 
 LLAMA2_7B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=4096,
-    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-    head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="float16",
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    torch_dtype="float16",
 )
 # The shapes people self-host (config.json fields as released; weights random): `bench.decode --family`.
 FAMILIES = {
     "llama2-7b": LLAMA2_7B,
     "llama3-8b": dict(  # Llama-3.1-8B: GQA 8, 128k vocabulary, llama3 RoPE scaling
-        LLAMA2_7B, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001),
+        LLAMA2_7B,
+        vocab_size=128256,
+        intermediate_size=14336,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     "qwen2.5-7b": dict(  # Qwen2.5-7B: q/k/v biases, 28 heads over 4 KV heads
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
-        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False,
-        bos_token_id=151643, eos_token_id=151645, torch_dtype="float16"),
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        torch_dtype="float16",
+    ),
     "mistral-7b": dict(  # Mistral-7B v0.3: GQA 8, 32768 vocabulary, no sliding window
-        architectures=["MistralForCausalLM"], model_type="mistral", vocab_size=32768, hidden_size=4096,
-        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768, sliding_window=None,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, torch_dtype="float16"),
+        architectures=["MistralForCausalLM"],
+        model_type="mistral",
+        vocab_size=32768,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float16",
+    ),
     "gemma3-12b": dict(  # Gemma-3-12B's text model: head_dim 256, 5 local : 1 global layers, tied 262k embeddings
-        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262208, hidden_size=3840,
-        intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=1024,
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        vocab_size=262208,
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
         layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(48)],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-        max_position_embeddings=131072, tie_word_embeddings=True, bos_token_id=2, eos_token_id=[1, 106],
-        torch_dtype="float16"),
-    "tiny-llama": dict(LLAMA2_7B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16),  # CPU tests
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=[1, 106],
+        torch_dtype="float16",
+    ),
+    "tiny-llama": dict(
+        LLAMA2_7B,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),  # CPU tests
     "tiny-gemma3": dict(  # CPU tests: every Gemma feature at toy size
-        architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=512, hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
-        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=16,
+        architectures=["Gemma3ForCausalLM"],
+        model_type="gemma3_text",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256,
+        sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
-        torch_dtype="float16"),
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        torch_dtype="float16",
+    ),
 }
 
 
 def _tokenizer(out: Path, vocab: int) -> None:
     """A byte-level BPE trained offline on pydoc_data.topics (a stand-in for the real tokenizer)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab, 8000), special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab, 8000),
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([topics[k] for k in sorted(topics)], trainer)
     tok = Tokenizer.from_str(json.dumps(_fill_vocab(json.loads(tok.to_str()), vocab)))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     fast.save_pretrained(out)
 
 
@@ -98,7 +197,7 @@ def _fill_vocab(spec: dict, vocab: int) -> dict:
             if k == 0:
                 break
         n += 1
-        token = "\u0120" + word          # "Ġ": the byte-level spelling of a leading space
+        token = "\u0120" + word  # "Ġ": the byte-level spelling of a leading space
         if token not in table:
             table[token] = len(table)
     return spec
@@ -131,8 +230,11 @@ def model_shapes(cfg: dict) -> tuple[dict[str, tuple[int, int, bool]], dict[str,
 
     with torch.device("meta"):
         model = CausalLM(ModelConfig.from_hf_config(cfg))
-    linears = {name: (m.out_features, m.in_features, m.bias is not None) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name != "lm_head"}
+    linears = {
+        name: (m.out_features, m.in_features, m.bias is not None)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name != "lm_head"
+    }
     dense = {name: tuple(p.shape) for name, p in model.named_parameters() if name.rsplit(".", 1)[0] not in linears}
     return linears, dense
 
@@ -162,8 +264,9 @@ def _pq_factories(prefix: str, N: int, M: int, bias: bool, recipe, gen: torch.Ge
 
     f = {
         f"{prefix}.indices": indices,
-        f"{prefix}.codebook": lambda: torch.randint(0, 256, (Nb, G, n, d), generator=gen, dtype=torch.uint8,
-                                                    device=device),
+        f"{prefix}.codebook": lambda: torch.randint(
+            0, 256, (Nb, G, n, d), generator=gen, dtype=torch.uint8, device=device
+        ),
         f"{prefix}.codebook_scale": lambda: torch.full((Nb, G, d), 0.04 / 255, dtype=torch.float16, device=device),
         f"{prefix}.codebook_min": lambda: torch.full((Nb, G, d), -0.02, dtype=torch.float16, device=device),
     }
@@ -176,8 +279,9 @@ def _pq_factories(prefix: str, N: int, M: int, bias: bool, recipe, gen: torch.Ge
     return f, meta
 
 
-def random_tensors(cfg: dict, recipe=None, device="cpu", seed: int = 0, dense_linears: bool = False
-                   ) -> tuple[LazyTensors, dict[str, dict]]:
+def random_tensors(
+    cfg: dict, recipe=None, device="cpu", seed: int = 0, dense_linears: bool = False
+) -> tuple[LazyTensors, dict[str, dict]]:
     """(tensors, athena.json "layers") of a random model of `cfg`, made on `device` as the loader asks for them:
     athena layers with `recipe` (default: AthenaRecipe's), or with `dense_linears` fp16 weights (no layers)."""
     from quantize.recipe import AthenaRecipe
@@ -199,8 +303,17 @@ def random_tensors(cfg: dict, recipe=None, device="cpu", seed: int = 0, dense_li
     return LazyTensors(factories), layers
 
 
-def build(out: Path, d: int = 2, n: int = 64, k: int = 4096, rank_frac: float = 0.01, layers: int | None = None,
-          fp16_out: Path | None = None, seed: int = 0, family: str = "llama2-7b") -> dict:
+def build(
+    out: Path,
+    d: int = 2,
+    n: int = 64,
+    k: int = 4096,
+    rank_frac: float = 0.01,
+    layers: int | None = None,
+    fp16_out: Path | None = None,
+    seed: int = 0,
+    family: str = "llama2-7b",
+) -> dict:
     """Write the random athena checkpoint of `family` (and, with `fp16_out`, an fp16 Hugging Face folder of the
     same shape) to disk."""
     from safetensors.torch import save_file
@@ -216,24 +329,37 @@ def build(out: Path, d: int = 2, n: int = 64, k: int = 4096, rank_frac: float = 
     packed = {name: tensors[name] for name in tensors}
     for prefix, meta in stats.items():
         N, M = meta["shape"]
-        nbytes = sum(t.numel() * t.element_size() for name, t in packed.items()
-                     if name.startswith(prefix + ".") and not name.endswith(".bias"))
+        nbytes = sum(
+            t.numel() * t.element_size()
+            for name, t in packed.items()
+            if name.startswith(prefix + ".") and not name.endswith(".bias")
+        )
         stats[prefix] = dict(meta, bits_per_weight=8 * nbytes / (N * M), proxy_loss=None, seconds=0.0)
     out.mkdir(parents=True, exist_ok=True)
     save_file(packed, str(out / "model.safetensors"), metadata={"format": "athena", "format_version": "1"})
     linears, dense = model_shapes(cfg)
     nparams = sum(N * M for N, M, _ in linears.values()) + sum(math.prod(s) for s in dense.values())
-    linear_bytes = sum(t.numel() * t.element_size() for name, t in packed.items()
-                       if name.rsplit(".", 1)[0] in stats and not name.endswith(".bias"))
+    linear_bytes = sum(
+        t.numel() * t.element_size()
+        for name, t in packed.items()
+        if name.rsplit(".", 1)[0] in stats and not name.endswith(".bias")
+    )
     linear_params = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
     meta = {
-        "format": "athena", "format_version": 1, "architecture": cfg["model_type"],
+        "format": "athena",
+        "format_version": 1,
+        "architecture": cfg["model_type"],
         "source": {"path": f"random {family} (bench.random_checkpoint)", "kind": "random"},
-        "method": "athena", "recipe": {"d": d, "n": n, "k": k, "codebook_bits": 8, "lowrank": rank_frac},
-        "layers": stats, "num_layers": cfg["num_hidden_layers"], "source_parameters": nparams,
+        "method": "athena",
+        "recipe": {"d": d, "n": n, "k": k, "codebook_bits": 8, "lowrank": rank_frac},
+        "layers": stats,
+        "num_layers": cfg["num_hidden_layers"],
+        "source_parameters": nparams,
         "bytes": {"linear": linear_bytes, "file": (out / "model.safetensors").stat().st_size},
-        "bits_per_weight": {"linear": 8 * linear_bytes / linear_params,
-                            "file": 8 * (out / "model.safetensors").stat().st_size / nparams},
+        "bits_per_weight": {
+            "linear": 8 * linear_bytes / linear_params,
+            "file": 8 * (out / "model.safetensors").stat().st_size / nparams,
+        },
         "complete": True,
     }
     (out / "athena.json").write_text(json.dumps(meta, indent=1))

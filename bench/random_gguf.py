@@ -8,6 +8,7 @@ with torch on `device` (the GPU when there is one: seconds for 7B; numpy would t
 time, and streamed into the file. The vocabulary is a stand-in SentencePiece-style list (<unk>, <s>, </s>, the 256
 byte tokens, then filler pieces): llama-bench feeds token ids and never tokenizes text.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,17 @@ import torch
 from bench.random_checkpoint import FAMILIES, LLAMA2_7B
 
 # The CPU check's shape: every row a multiple of 256 (k-quant and i-quant blocks), 259+ tokens for the byte pieces.
-TINY = dict(LLAMA2_7B, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024)
+TINY = dict(
+    LLAMA2_7B,
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=1024,
+)
 
 # GGUF token types (llama.cpp's llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _BYTE = 1, 2, 3, 6
@@ -36,11 +46,19 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     out = {"token_embd.weight": ((v, h), "f16")}
     for i in range(cfg["num_hidden_layers"]):
         b = f"blk.{i}."
-        out.update({b + "attn_norm.weight": ((h,), "f32"), b + "attn_q.weight": ((q, h), "f16"),
-                    b + "attn_k.weight": ((kv, h), "f16"), b + "attn_v.weight": ((kv, h), "f16"),
-                    b + "attn_output.weight": ((h, q), "f16"), b + "ffn_norm.weight": ((h,), "f32"),
-                    b + "ffn_gate.weight": ((f, h), "f16"), b + "ffn_up.weight": ((f, h), "f16"),
-                    b + "ffn_down.weight": ((h, f), "f16")})
+        out.update(
+            {
+                b + "attn_norm.weight": ((h,), "f32"),
+                b + "attn_q.weight": ((q, h), "f16"),
+                b + "attn_k.weight": ((kv, h), "f16"),
+                b + "attn_v.weight": ((kv, h), "f16"),
+                b + "attn_output.weight": ((h, q), "f16"),
+                b + "ffn_norm.weight": ((h,), "f32"),
+                b + "ffn_gate.weight": ((f, h), "f16"),
+                b + "ffn_up.weight": ((f, h), "f16"),
+                b + "ffn_down.weight": ((h, f), "f16"),
+            }
+        )
     out["output_norm.weight"] = ((h,), "f32")
     out["output.weight"] = ((v, h), "f16")
     return out
@@ -48,8 +66,11 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def linear_weight_count(cfg: dict) -> int:
     """Weights of the decoder layers' linear layers (what the bits-per-weight of a quantized file is about)."""
-    return sum(int(np.prod(s)) for n, (s, _) in tensor_shapes(cfg).items()
-               if n.startswith("blk.") and not n.endswith("norm.weight"))
+    return sum(
+        int(np.prod(s))
+        for n, (s, _) in tensor_shapes(cfg).items()
+        if n.startswith("blk.") and not n.endswith("norm.weight")
+    )
 
 
 def _vocab(n: int) -> tuple[list[str], list[float], list[int]]:

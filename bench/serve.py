@@ -20,6 +20,7 @@ the grammar never completes before max_tokens and constrained requests are as lo
 `--compare-unconstrained` runs each level twice, without then with the schema, and reports the
 constrained output tok/s as a share of the free one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,19 +44,32 @@ import httpx
 from tqdm import tqdm
 
 from athena_runtime.format.environment import Environment
-
 from bench.serve_client import Target, list_models, stream_request, v1_base
 from bench.serve_metrics import LevelSummary, RequestRecord, summarize
 from bench.serve_prompts import Prompt, dataset_prompts, random_prompts
 
 MAX_NUM_PROMPTS = 10_000
-BUILTIN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "minItems": 1000, "items": {
-    "type": "object", "properties": {
-        "title": {"type": "string", "maxLength": 40},
-        "score": {"type": "integer", "minimum": 0, "maximum": 100},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}},
-    "required": ["title", "score", "tags"], "additionalProperties": False}}},
-    "required": ["notes"], "additionalProperties": False}
+BUILTIN_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "notes": {
+            "type": "array",
+            "minItems": 1000,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "title": {"type": "string", "maxLength": 40},
+                    "score": {"type": "integer", "minimum": 0, "maximum": 100},
+                    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+                },
+                "required": ["title", "score", "tags"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["notes"],
+    "additionalProperties": False,
+}
 MAX_CONCURRENCY = 4096
 
 
@@ -91,50 +105,97 @@ def _opt(help: str, type: Callable | None = None, metavar: str | None = None, **
 class ServeBenchSettings:
     """One benchmark run. Each field is the command-line flag of the same name (`_` -> `-`)."""
 
-    base_url: str = field(default="http://127.0.0.1:8000", metadata=_opt(
-        "server root or its /v1 URL", metavar="URL"))
-    model: str | None = field(default=None, metadata=_opt(
-        "model id to send (default: the first id of GET /v1/models)", metavar="NAME"))
-    concurrency: tuple[int, ...] = field(default=(1, 8, 32, 64), metadata=_opt(
-        "comma-separated concurrency levels: requests kept in flight", _int_list, "N[,N...]", group="load"))
-    request_rate: tuple[float, ...] | None = field(default=None, metadata=_opt(
-        "instead of --concurrency: comma-separated mean arrival rates in req/s, Poisson arrivals, no "
-        "concurrency cap (inf: all at once)", _rate_list, "R[,R...]", group="load"))
-    num_prompts: int = field(default=64, metadata=_opt(
-        f"requests per level (at most {MAX_NUM_PROMPTS})", int, "N"))
-    input_len: int = field(default=128, metadata=_opt(
-        "approximate prompt tokens of the random-word prompts", int, "L"))
-    output_len: int = field(default=128, metadata=_opt(
-        "max_tokens of every request (a dataset record's own max_tokens wins)", int, "L"))
-    dataset: str | None = field(default=None, metadata=_opt(
-        "prompts from FILE (.jsonl/.json records with prompt, text, conversations or messages; "
-        "else one prompt per line) instead of random words", metavar="FILE"))
-    endpoint: str = field(default="chat", metadata=_opt(
-        "chat: /v1/chat/completions; completions: /v1/completions", choices=("chat", "completions")))
-    api_key: str | None = field(default=None, metadata=_opt(
-        "send 'Authorization: Bearer KEY' (default: $ATHENA_API_KEY when set)", metavar="KEY"))
-    extra_body: dict = field(default_factory=dict, metadata=_opt(
-        "JSON object merged into every request body, for non-OpenAI fields such as "
-        "'{\"ignore_eos\": true}' (nothing non-standard is sent without it)", _json_object, "JSON"))
-    timeout_s: float = field(default=120.0, metadata=_opt(
-        "per-request limit in seconds, connect to [DONE]", float, "T"))
-    deadline_s: float = field(default=1800.0, metadata=_opt(
-        "overall limit in seconds; unfinished requests are cancelled and later levels skipped", float, "T"))
+    base_url: str = field(default="http://127.0.0.1:8000", metadata=_opt("server root or its /v1 URL", metavar="URL"))
+    model: str | None = field(
+        default=None, metadata=_opt("model id to send (default: the first id of GET /v1/models)", metavar="NAME")
+    )
+    concurrency: tuple[int, ...] = field(
+        default=(1, 8, 32, 64),
+        metadata=_opt(
+            "comma-separated concurrency levels: requests kept in flight", _int_list, "N[,N...]", group="load"
+        ),
+    )
+    request_rate: tuple[float, ...] | None = field(
+        default=None,
+        metadata=_opt(
+            "instead of --concurrency: comma-separated mean arrival rates in req/s, Poisson arrivals, no "
+            "concurrency cap (inf: all at once)",
+            _rate_list,
+            "R[,R...]",
+            group="load",
+        ),
+    )
+    num_prompts: int = field(default=64, metadata=_opt(f"requests per level (at most {MAX_NUM_PROMPTS})", int, "N"))
+    input_len: int = field(default=128, metadata=_opt("approximate prompt tokens of the random-word prompts", int, "L"))
+    output_len: int = field(
+        default=128, metadata=_opt("max_tokens of every request (a dataset record's own max_tokens wins)", int, "L")
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata=_opt(
+            "prompts from FILE (.jsonl/.json records with prompt, text, conversations or messages; "
+            "else one prompt per line) instead of random words",
+            metavar="FILE",
+        ),
+    )
+    endpoint: str = field(
+        default="chat",
+        metadata=_opt("chat: /v1/chat/completions; completions: /v1/completions", choices=("chat", "completions")),
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_opt("send 'Authorization: Bearer KEY' (default: $ATHENA_API_KEY when set)", metavar="KEY"),
+    )
+    extra_body: dict = field(
+        default_factory=dict,
+        metadata=_opt(
+            "JSON object merged into every request body, for non-OpenAI fields such as "
+            "'{\"ignore_eos\": true}' (nothing non-standard is sent without it)",
+            _json_object,
+            "JSON",
+        ),
+    )
+    timeout_s: float = field(
+        default=120.0, metadata=_opt("per-request limit in seconds, connect to [DONE]", float, "T")
+    )
+    deadline_s: float = field(
+        default=1800.0,
+        metadata=_opt(
+            "overall limit in seconds; unfinished requests are cancelled and later levels skipped", float, "T"
+        ),
+    )
     seed: int = field(default=0, metadata=_opt("seed of the prompts and of the arrival times", int, "S"))
-    json: bool = field(default=False, metadata=_opt(
-        "print the results as one JSON object, last on stdout", action="store_true"))
-    plot: str | None = field(default=None, metadata=_opt(
-        "write a PNG of latency and throughput per level (needs matplotlib)", metavar="FILE.png"))
-    allow_remote: bool = field(default=False, metadata=_opt(
-        "allow a base URL that is not loopback (127.0.0.0/8, ::1, localhost); only load-test servers you run",
-        action="store_true"))
-    json_schema: str | None = field(default=None, metadata=_opt(
-        "put this JSON schema (builtin, or a FILE holding one) as response_format on every request",
-        metavar="builtin|FILE"))
-    compare_unconstrained: bool = field(default=False, metadata=_opt(
-        "with --json-schema: run every level without the schema first, then with it", action="store_true"))
-    progress: bool = field(default=True, metadata=_opt(
-        "tqdm progress bar on stderr (--no-progress to hide)", action=argparse.BooleanOptionalAction))
+    json: bool = field(
+        default=False, metadata=_opt("print the results as one JSON object, last on stdout", action="store_true")
+    )
+    plot: str | None = field(
+        default=None,
+        metadata=_opt("write a PNG of latency and throughput per level (needs matplotlib)", metavar="FILE.png"),
+    )
+    allow_remote: bool = field(
+        default=False,
+        metadata=_opt(
+            "allow a base URL that is not loopback (127.0.0.0/8, ::1, localhost); only load-test servers you run",
+            action="store_true",
+        ),
+    )
+    json_schema: str | None = field(
+        default=None,
+        metadata=_opt(
+            "put this JSON schema (builtin, or a FILE holding one) as response_format on every request",
+            metavar="builtin|FILE",
+        ),
+    )
+    compare_unconstrained: bool = field(
+        default=False,
+        metadata=_opt(
+            "with --json-schema: run every level without the schema first, then with it", action="store_true"
+        ),
+    )
+    progress: bool = field(
+        default=True,
+        metadata=_opt("tqdm progress bar on stderr (--no-progress to hide)", action=argparse.BooleanOptionalAction),
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_prompts <= MAX_NUM_PROMPTS:
@@ -231,8 +292,10 @@ def check_target(url: str, allow_remote: bool) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"--base-url must be an http(s) URL with a host, got {url!r}"
     if not allow_remote and not is_loopback_url(url):
-        return (f"refusing to load-test {parts.hostname!r}: not a loopback address (127.0.0.0/8, ::1, localhost). "
-                "Pass --allow-remote only for a server you run.")
+        return (
+            f"refusing to load-test {parts.hostname!r}: not a loopback address (127.0.0.0/8, ::1, localhost). "
+            "Pass --allow-remote only for a server you run."
+        )
     return None
 
 
@@ -250,9 +313,17 @@ async def _send(client: httpx.AsyncClient, target: Target, p: Prompt, records: l
     bar.update(1)
 
 
-async def run_level(client: httpx.AsyncClient, target: Target, prompts: list[Prompt], *,
-                    concurrency: int | None = None, request_rate: float | None = None, seed: int = 0,
-                    time_left_s: float = math.inf, bar=None) -> tuple[list[RequestRecord], float, bool]:
+async def run_level(
+    client: httpx.AsyncClient,
+    target: Target,
+    prompts: list[Prompt],
+    *,
+    concurrency: int | None = None,
+    request_rate: float | None = None,
+    seed: int = 0,
+    time_left_s: float = math.inf,
+    bar=None,
+) -> tuple[list[RequestRecord], float, bool]:
     """Run one level; returns (records, wall seconds, whether the time ran out). Exactly one of
     `concurrency` and `request_rate` is given."""
     if (concurrency is None) == (request_rate is None):
@@ -297,9 +368,17 @@ async def run_bench(settings: ServeBenchSettings, err: TextIO) -> tuple[dict, li
     t_start = time.monotonic()
     base = v1_base(settings.base_url)
     levels = settings.concurrency if settings.request_rate is None else settings.request_rate
-    result: dict = {"bench": "serve", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "base_url": base, "mode": settings.mode, "settings": settings.public_dict(),
-                    "model": settings.model, "deadline_reached": False, "skipped_levels": [], "levels": []}
+    result: dict = {
+        "bench": "serve",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_url": base,
+        "mode": settings.mode,
+        "settings": settings.public_dict(),
+        "model": settings.model,
+        "deadline_reached": False,
+        "skipped_levels": [],
+        "levels": [],
+    }
     # No pool cap (a queue in the client would count as server latency); keep-alive up to the most
     # requests that can be in flight.
     in_flight = settings.num_prompts if settings.request_rate else min(settings.num_prompts, max(settings.concurrency))
@@ -328,15 +407,28 @@ async def run_bench(settings: ServeBenchSettings, err: TextIO) -> tuple[dict, li
                     result["skipped_levels"].append("inf" if math.isinf(value) else value)
                     continue
                 extra = dict(settings.extra_body) | ({"response_format": variant} if variant else {})
-                target = Target(base_url=base, model=model, endpoint=settings.endpoint, api_key=settings.api_key,
-                                timeout_s=settings.timeout_s, extra_body=extra)
+                target = Target(
+                    base_url=base,
+                    model=model,
+                    endpoint=settings.endpoint,
+                    api_key=settings.api_key,
+                    timeout_s=settings.timeout_s,
+                    extra_body=extra,
+                )
                 prompts = level_prompts(settings, i)
                 kw = {"concurrency": int(value)} if settings.mode == "concurrency" else {"request_rate": float(value)}
                 label = f"{settings.mode.replace('_', ' ')} {value:g}" + (" json-schema" if variant else "")
-                with tqdm(total=len(prompts), desc=label, unit="req", file=err, leave=False,
-                          disable=None if settings.progress else True) as bar:
-                    records, wall, timed_out = await run_level(client, target, prompts, seed=settings.seed + i,
-                                                               time_left_s=left, bar=bar, **kw)
+                with tqdm(
+                    total=len(prompts),
+                    desc=label,
+                    unit="req",
+                    file=err,
+                    leave=False,
+                    disable=None if settings.progress else True,
+                ) as bar:
+                    records, wall, timed_out = await run_level(
+                        client, target, prompts, seed=settings.seed + i, time_left_s=left, bar=bar, **kw
+                    )
                 result["deadline_reached"] |= timed_out
                 summaries.append(summarize(records, wall, unfinished=len(prompts) - len(records), **kw))
                 constrained.append(variant is not None)
@@ -344,8 +436,9 @@ async def run_bench(settings: ServeBenchSettings, err: TextIO) -> tuple[dict, li
                 if fmt is not None:
                     print(f"-- {'with the JSON schema' if variant else 'without constraints'}", file=out)
                 print_level(summaries[-1], out)
-    result["levels"] = [s.to_dict() | ({"json_schema": c} if fmt is not None else {})
-                        for s, c in zip(summaries, constrained)]
+    result["levels"] = [
+        s.to_dict() | ({"json_schema": c} if fmt is not None else {}) for s, c in zip(summaries, constrained)
+    ]
     if settings.compare_unconstrained:
         result["constrained_share"] = compare_constrained(summaries, constrained, err if settings.json else sys.stdout)
     result["duration_s"] = time.monotonic() - t_start
@@ -361,11 +454,20 @@ def compare_constrained(summaries: list[LevelSummary], constrained: list[bool], 
             continue
         share = fixed.output_tokens_per_s / free.output_tokens_per_s if free.output_tokens_per_s else None
         level = free.concurrency if free.request_rate is None else free.request_rate
-        rows.append({"level": level, "free_output_tokens_per_s": free.output_tokens_per_s,
-                     "schema_output_tokens_per_s": fixed.output_tokens_per_s, "share": share})
+        rows.append(
+            {
+                "level": level,
+                "free_output_tokens_per_s": free.output_tokens_per_s,
+                "schema_output_tokens_per_s": fixed.output_tokens_per_s,
+                "share": share,
+            }
+        )
         shown = "-" if share is None else f"{100 * share:.1f}%"
-        print(f"== level {level:g}: output tok/s with the JSON schema {fixed.output_tokens_per_s:.1f} = {shown} "
-              f"of {free.output_tokens_per_s:.1f} without", file=out)
+        print(
+            f"== level {level:g}: output tok/s with the JSON schema {fixed.output_tokens_per_s:.1f} = {shown} "
+            f"of {free.output_tokens_per_s:.1f} without",
+            file=out,
+        )
     return rows
 
 
@@ -374,12 +476,18 @@ def _fmt(v: float | None, width: int = 9) -> str:
 
 
 def print_level(s: LevelSummary, out: TextIO) -> None:
-    what = f"concurrency {s.concurrency}" if s.request_rate is None else (
-        "request rate inf (all at once)" if math.isinf(s.request_rate) else f"request rate {s.request_rate:g}/s")
+    what = (
+        f"concurrency {s.concurrency}"
+        if s.request_rate is None
+        else ("request rate inf (all at once)" if math.isinf(s.request_rate) else f"request rate {s.request_rate:g}/s")
+    )
     extra = f", {s.unfinished} unfinished (deadline)" if s.unfinished else ""
     print(f"== {what}: {s.completed} ok, {s.failed} failed{extra} in {s.duration_s:.2f} s", file=out)
-    print(f"   requests/s {s.requests_per_s:.2f}   output tok/s {s.output_tokens_per_s:.1f}   "
-          f"input tok/s {s.input_tokens_per_s:.1f}   (token counts from {s.token_counts_from})", file=out)
+    print(
+        f"   requests/s {s.requests_per_s:.2f}   output tok/s {s.output_tokens_per_s:.1f}   "
+        f"input tok/s {s.input_tokens_per_s:.1f}   (token counts from {s.token_counts_from})",
+        file=out,
+    )
     print(f"   {'ms':<6}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}", file=out)
     for name, st in (("TTFT", s.ttft_ms), ("TPOT", s.tpot_ms), ("ITL", s.itl_ms), ("E2E", s.e2e_ms)):
         print(f"   {name:<6}{_fmt(st.mean)}{_fmt(st.p50)}{_fmt(st.p90)}{_fmt(st.p99)}", file=out)

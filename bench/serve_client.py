@@ -7,6 +7,7 @@ token counts of the final usage chunk when the server sends one. It never raises
 request: the failure becomes the record's error kind (`http_<status>`, `timeout`, `connection`,
 `bad_stream`, `stream_error`, `client_error`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,8 +54,12 @@ def v1_base(url: str) -> str:
 
 def build_payload(target: Target, prompt: str, max_tokens: int) -> dict:
     """The request body: only standard OpenAI fields, then `extra_body` merged over them."""
-    body: dict = {"model": target.model, "max_tokens": max_tokens, "stream": True,
-                  "stream_options": {"include_usage": True}}
+    body: dict = {
+        "model": target.model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if target.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -154,8 +159,9 @@ def _handle_event(ev: SSEEvent, endpoint: str, p: _Progress) -> bool:
     return False
 
 
-async def _exchange(client: httpx.AsyncClient, target: Target, body: dict, p: _Progress,
-                    clock: Callable[[], float]) -> None:
+async def _exchange(
+    client: httpx.AsyncClient, target: Target, body: dict, p: _Progress, clock: Callable[[], float]
+) -> None:
     async with client.stream("POST", target.url, json=body, headers=target.headers) as resp:
         if resp.status_code != 200:
             text = (await resp.aread())[:300].decode("utf-8", "replace")
@@ -174,9 +180,15 @@ async def _exchange(client: httpx.AsyncClient, target: Target, body: dict, p: _P
         raise _Failure("bad_stream", "stream ended without data: [DONE]")
 
 
-async def stream_request(client: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int, *,
-                         prompt_tokens_estimate: int = 0,
-                         clock: Callable[[], float] = time.perf_counter) -> RequestRecord:
+async def stream_request(
+    client: httpx.AsyncClient,
+    target: Target,
+    prompt: str,
+    max_tokens: int,
+    *,
+    prompt_tokens_estimate: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> RequestRecord:
     """Send one streaming request and time it; failures become the record's `error`."""
     body = build_payload(target, prompt, max_tokens)
     p = _Progress()
@@ -193,9 +205,16 @@ async def stream_request(client: httpx.AsyncClient, target: Target, prompt: str,
     except Exception as exc:  # noqa: BLE001 - one odd request must not end the benchmark
         error, detail = "client_error", f"{type(exc).__name__}: {exc}"
     end = p.done_s if (error is None and p.done_s is not None) else clock()
-    return RequestRecord(send_s=send, end_s=end, chunk_times=tuple(p.chunk_times),
-                         prompt_tokens=p.prompt_tokens, completion_tokens=p.completion_tokens,
-                         prompt_tokens_estimate=prompt_tokens_estimate, error=error, error_detail=detail)
+    return RequestRecord(
+        send_s=send,
+        end_s=end,
+        chunk_times=tuple(p.chunk_times),
+        prompt_tokens=p.prompt_tokens,
+        completion_tokens=p.completion_tokens,
+        prompt_tokens_estimate=prompt_tokens_estimate,
+        error=error,
+        error_detail=detail,
+    )
 
 
 async def list_models(client: httpx.AsyncClient, base_url: str, api_key: str | None = None) -> list[str]:

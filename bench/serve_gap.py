@@ -10,12 +10,14 @@ One ModelRunner (CUDA graphs captured up front) serves both halves, in this orde
    prompt (random ids, max_tokens 1) added to the idle engine until its output, median of `--repeats`;
 2. server: `athena serve`'s app and uvicorn on 127.0.0.1 around `AsyncEngine` on the same runner
    (`bench.serve_overhead.ServerThread`); TTFT: the same prompt as token ids, streamed, until the first
-   event, from a client in a child process, median of `--repeats`; then `athena bench serve` in a child process, completions, temperature 0,
+   event, from a client in a child process, median of `--repeats`; then `athena bench serve` in a child process,
+   completions, temperature 0,
    `--prompt`/`--new` tokens, at concurrency 1 (8 requests) and `--streams` (`--streams` requests), the latter
    again with each `--prefill-chunks` value (a new AsyncEngine on the same runner).
 Goals (issue 17): server tok/s >= 90% of the engine's at `--streams`; ITL p50 <= 1.5x TPOT at one stream;
 TTFT of the `--ttft-prompt`-token prompt <= 30 ms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +41,11 @@ def engine_ttft_ms(core, prompt_len: int, vocab: int, repeats: int) -> list[floa
     g = torch.Generator().manual_seed(170)
     times = []
     for r in range(repeats):
-        core.add_request(f"ttft{r}", torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
-                         SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        core.add_request(
+            f"ttft{r}",
+            torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
+            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+        )
         t0 = time.perf_counter()
         while core.has_work():
             core.step()
@@ -55,13 +60,18 @@ def server_ttft_ms(url: str, model: str, prompt_len: int, vocab: int, repeats: i
     times = []
     with httpx.Client(timeout=60) as http:
         for _ in range(repeats):
-            body = {"model": model, "prompt": torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
-                    "max_tokens": 1, "temperature": 0, "stream": True}
+            body = {
+                "model": model,
+                "prompt": torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
+                "max_tokens": 1,
+                "temperature": 0,
+                "stream": True,
+            }
             t0 = time.perf_counter()
             first = None
             with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
                 resp.raise_for_status()
-                for line in resp.iter_lines():   # read to [DONE]: the next request starts on an idle server
+                for line in resp.iter_lines():  # read to [DONE]: the next request starts on an idle server
                     if first is None and line.startswith("data:"):
                         first = time.perf_counter()
             times.append(1e3 * (first - t0))
@@ -70,8 +80,21 @@ def server_ttft_ms(url: str, model: str, prompt_len: int, vocab: int, repeats: i
 
 def server_ttft_in_child(url: str, model: str, prompt_len: int, vocab: int, repeats: int) -> list[float]:
     """`server_ttft_ms` in a child process: a client in the server's interpreter would take its GIL."""
-    cmd = [sys.executable, "-m", "bench.serve_gap", "--ttft-client", url, "--model", model,
-           "--ttft-prompt", str(prompt_len), "--vocab", str(vocab), "--repeats", str(repeats)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serve_gap",
+        "--ttft-client",
+        url,
+        "--model",
+        model,
+        "--ttft-prompt",
+        str(prompt_len),
+        "--vocab",
+        str(vocab),
+        "--repeats",
+        str(repeats),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"the TTFT client exited {done.returncode}: {done.stderr[-2000:]}")
@@ -79,10 +102,31 @@ def server_ttft_in_child(url: str, model: str, prompt_len: int, vocab: int, repe
 
 
 def bench_serve(url: str, model: str, concurrency: int, requests: int, prompt: int, new: int) -> dict:
-    cmd = [sys.executable, "-m", "server.cli", "bench", "serve", "--base-url", url, "--model", model,
-           "--endpoint", "completions", "--concurrency", str(concurrency), "--num-prompts", str(requests),
-           "--input-len", str(prompt), "--output-len", str(new), "--no-progress", "--json",
-           "--extra-body", '{"temperature": 0}']   # greedy, as bench.engine samples
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "bench",
+        "serve",
+        "--base-url",
+        url,
+        "--model",
+        model,
+        "--endpoint",
+        "completions",
+        "--concurrency",
+        str(concurrency),
+        "--num-prompts",
+        str(requests),
+        "--input-len",
+        str(prompt),
+        "--output-len",
+        str(new),
+        "--no-progress",
+        "--json",
+        "--extra-body",
+        '{"temperature": 0}',
+    ]  # greedy, as bench.engine samples
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     if done.returncode != 0:
         raise RuntimeError(f"athena bench serve exited {done.returncode}: {done.stderr[-2000:]}")
@@ -98,9 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--ttft-prompt", type=int, default=170)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--prefill-chunks", default="2048",
-                    help="also run the many-stream server level with these --prefill-chunk-tokens (comma-separated)")
-    ap.add_argument("--family", default="llama2-7b", help="bench.random_checkpoint family (tiny-llama: a CPU smoke run)")
+    ap.add_argument(
+        "--prefill-chunks",
+        default="2048",
+        help="also run the many-stream server level with these --prefill-chunk-tokens (comma-separated)",
+    )
+    ap.add_argument(
+        "--family", default="llama2-7b", help="bench.random_checkpoint family (tiny-llama: a CPU smoke run)"
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--ttft-client", default=None, metavar="URL", help=argparse.SUPPRESS)  # the child's role
@@ -112,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.serve_gap measures on a CUDA GPU (--device cpu --family tiny-llama: a smoke run; "
-                         "bench.serve_overhead: the CPU stand-in)")
+        raise SystemExit(
+            "bench.serve_gap measures on a CUDA GPU (--device cpu --family tiny-llama: a smoke run; "
+            "bench.serve_overhead: the CPU stand-in)"
+        )
     from transformers import AutoTokenizer
 
     from athena_runtime.engine import AsyncEngine, EngineCore
@@ -128,24 +179,37 @@ def main(argv: list[str] | None = None) -> int:
         build(ckpt, family=args.family)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-    if len(tokenizer) < vocab:   # a checkpoint written before the stand-in tokenizer covered the vocabulary
-        log.warning("%s: the tokenizer has %d of the model's %d ids (ids without text stream no chunk): "
-                    "rewriting it", ckpt, len(tokenizer), vocab)
+    if len(tokenizer) < vocab:  # a checkpoint written before the stand-in tokenizer covered the vocabulary
+        log.warning(
+            "%s: the tokenizer has %d of the model's %d ids (ids without text stream no chunk): rewriting it",
+            ckpt,
+            len(tokenizer),
+            vocab,
+        )
         _tokenizer(ckpt, vocab)
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
     blocks = 2 * args.streams * -(-(max(args.prompt, args.ttft_prompt) + args.new + 64) // 16) + 8
-    runner = ModelRunner.from_path(ckpt, kv_format=args.kv_cache, block_size=16, num_blocks=blocks, device=args.device,
-                                   max_model_len=4096)
+    runner = ModelRunner.from_path(
+        ckpt, kv_format=args.kv_cache, block_size=16, num_blocks=blocks, device=args.device, max_model_len=4096
+    )
     runner.capture_graphs(args.streams)
-    settings = EngineSettings(kv_cache=args.kv_cache, max_num_seqs=args.streams,
-                              max_num_batched_tokens=max(2048, args.streams), num_blocks=blocks,
-                              max_queue=max(256, args.streams), prefix_cache=False)
+    settings = EngineSettings(
+        kv_cache=args.kv_cache,
+        max_num_seqs=args.streams,
+        max_num_batched_tokens=max(2048, args.streams),
+        num_blocks=blocks,
+        max_queue=max(256, args.streams),
+        prefix_cache=False,
+    )
     core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
-    run_level(core, 2, args.prompt, 4, vocab, seed=0)   # warm-up: the prefill kernels
-    run_level(core, 2, 16, 4, vocab, seed=0)            # and the few-token ones
+    run_level(core, 2, args.prompt, 4, vocab, seed=0)  # warm-up: the prefill kernels
+    run_level(core, 2, 16, 4, vocab, seed=0)  # and the few-token ones
     engine_ttft_ms(core, args.ttft_prompt, vocab, 2)
-    result: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-                    "kv_cache": args.kv_cache, "args": vars(args)}
+    result: dict = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "kv_cache": args.kv_cache,
+        "args": vars(args),
+    }
     result["engine_ttft_ms"] = engine_ttft_ms(core, args.ttft_prompt, vocab, args.repeats)
     result["engine_1"] = run_level(core, 1, args.prompt, args.new, vocab, seed=1)
     result["engine_n"] = run_level(core, args.streams, args.prompt, args.new, vocab, seed=2)
@@ -153,38 +217,64 @@ def main(argv: list[str] | None = None) -> int:
     engine = AsyncEngine(runner, tokenizer, settings, ckpt.name, eos_token_ids=())
     with ServerThread(engine, None) as server:
         # (the first 2 of the child's requests warm up the server: dropped)
-        result["server_ttft_ms"] = server_ttft_in_child(server.url, ckpt.name, args.ttft_prompt, vocab,
-                                                        args.repeats + 2)[2:]
+        result["server_ttft_ms"] = server_ttft_in_child(
+            server.url, ckpt.name, args.ttft_prompt, vocab, args.repeats + 2
+        )[2:]
         result["server_1"] = bench_serve(server.url, ckpt.name, 1, 8, args.prompt, args.new)
         result["server_n"] = bench_serve(server.url, ckpt.name, args.streams, args.streams, args.prompt, args.new)
     result["server_n_by_prefill_chunk"] = {}
     for chunk in [int(c) for c in args.prefill_chunks.split(",") if c]:
         # the same level with another --prefill-chunk-tokens: in the server the first requests decode while the
         # rest arrive, so their prompts are fed at most this many tokens a step (the engine alone admits all at once)
-        engine = AsyncEngine(runner, tokenizer, dataclasses.replace(settings, prefill_chunk_tokens=chunk), ckpt.name,
-                             eos_token_ids=())
+        engine = AsyncEngine(
+            runner, tokenizer, dataclasses.replace(settings, prefill_chunk_tokens=chunk), ckpt.name, eos_token_ids=()
+        )
         with ServerThread(engine, None) as server:
-            result["server_n_by_prefill_chunk"][chunk] = bench_serve(server.url, ckpt.name, args.streams,
-                                                                     args.streams, args.prompt, args.new)
+            result["server_n_by_prefill_chunk"][chunk] = bench_serve(
+                server.url, ckpt.name, args.streams, args.streams, args.prompt, args.new
+            )
     e1, en, s1, sn = result["engine_1"], result["engine_n"], result["server_1"], result["server_n"]
     ttft_e, ttft_s = statistics.median(result["engine_ttft_ms"]), statistics.median(result["server_ttft_ms"])
     ratio = sn["output_tokens_per_s"] / en["tok_s"]
     itl, tpot = s1["itl_ms"]["p50"], e1["per_token_ms"]
     rows = [
-        (f"output tok/s at {args.streams} streams", f"engine {en['tok_s']:.0f}",
-         f"server {sn['output_tokens_per_s']:.0f} ({100 * ratio:.0f}%; TTFT p50 {sn['ttft_ms']['p50']:.0f} ms)",
-         ">= 90%", ratio >= 0.9),
-        *((f"  the same, --prefill-chunk-tokens {chunk}", "",
-           f"server {r['output_tokens_per_s']:.0f} ({100 * r['output_tokens_per_s'] / en['tok_s']:.0f}%; "
-           f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms)", ">= 90%", r["output_tokens_per_s"] >= 0.9 * en["tok_s"])
-          for chunk, r in result["server_n_by_prefill_chunk"].items()),
-        ("1 stream: ITL p50 vs TPOT, ms", f"engine TPOT {tpot:.2f}",
-         f"server ITL p50 {itl:.2f} ({itl / tpot:.2f}x; server TPOT p50 {s1['tpot_ms']['p50']:.2f})", "<= 1.5x",
-         itl <= 1.5 * tpot),
-        (f"TTFT of a {args.ttft_prompt}-token prompt, ms (median of {args.repeats})", f"engine {ttft_e:.1f}",
-         f"server {ttft_s:.1f}", "<= 30", ttft_s <= 30),
+        (
+            f"output tok/s at {args.streams} streams",
+            f"engine {en['tok_s']:.0f}",
+            f"server {sn['output_tokens_per_s']:.0f} ({100 * ratio:.0f}%; TTFT p50 {sn['ttft_ms']['p50']:.0f} ms)",
+            ">= 90%",
+            ratio >= 0.9,
+        ),
+        *(
+            (
+                f"  the same, --prefill-chunk-tokens {chunk}",
+                "",
+                f"server {r['output_tokens_per_s']:.0f} ({100 * r['output_tokens_per_s'] / en['tok_s']:.0f}%; "
+                f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms)",
+                ">= 90%",
+                r["output_tokens_per_s"] >= 0.9 * en["tok_s"],
+            )
+            for chunk, r in result["server_n_by_prefill_chunk"].items()
+        ),
+        (
+            "1 stream: ITL p50 vs TPOT, ms",
+            f"engine TPOT {tpot:.2f}",
+            f"server ITL p50 {itl:.2f} ({itl / tpot:.2f}x; server TPOT p50 {s1['tpot_ms']['p50']:.2f})",
+            "<= 1.5x",
+            itl <= 1.5 * tpot,
+        ),
+        (
+            f"TTFT of a {args.ttft_prompt}-token prompt, ms (median of {args.repeats})",
+            f"engine {ttft_e:.1f}",
+            f"server {ttft_s:.1f}",
+            "<= 30",
+            ttft_s <= 30,
+        ),
     ]
-    print(f"\n{result['device']}, random {args.family}, {args.kv_cache} KV, prompt {args.prompt}, {args.new} new tokens, greedy")
+    print(
+        f"\n{result['device']}, random {args.family}, {args.kv_cache} KV, prompt {args.prompt}, "
+        f"{args.new} new tokens, greedy"
+    )
     print(f"{'measure':44s} {'engine alone':>16s}   {'behind the server':44s} {'goal':>7s}  met")
     for name, eng, srv, goal, met in rows:
         print(f"{name:44s} {eng:>16s}   {srv:44s} {goal:>7s}  {'yes' if met else 'NO'}")

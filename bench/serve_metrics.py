@@ -14,6 +14,7 @@ number of content chunks. Throughputs divide totals of successful requests by th
 Failed requests count only in `errors` (by kind) and in `failed`.
 Percentiles use linear interpolation between closest ranks (numpy's default method).
 """
+
 from __future__ import annotations
 
 import math
@@ -140,9 +141,14 @@ def _token_source(ok: list[RequestRecord]) -> str:
     return "usage" if with_usage == len(ok) else "chunks" if with_usage == 0 else "mixed"
 
 
-def summarize(records: list[RequestRecord], duration_s: float | None = None, *,
-              concurrency: int | None = None, request_rate: float | None = None,
-              unfinished: int = 0) -> LevelSummary:
+def summarize(
+    records: list[RequestRecord],
+    duration_s: float | None = None,
+    *,
+    concurrency: int | None = None,
+    request_rate: float | None = None,
+    unfinished: int = 0,
+) -> LevelSummary:
     """One level's summary. `duration_s` is the level's wall time; by default the span from the
     first send to the last end among the records."""
     if duration_s is None:

@@ -14,6 +14,7 @@ TPOT 4.1 ms at 1 stream, ~17 ms a step at 64). Per level:
 Reported: output tok/s of both and their ratio, the engine's ms per token (TPOT) and the server's
 ITL p50 / TPOT p50. `--profile FILE` writes cProfile stats of the server's event-loop thread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,14 +58,20 @@ def make_runner(args: argparse.Namespace, vocab: int, streams: int) -> SleepRunn
 
 
 def settings_for(runner: SleepRunner, streams: int, prefill_chunk: int | None) -> EngineSettings:
-    return EngineSettings(max_num_seqs=streams, max_num_batched_tokens=max(2048, streams), num_blocks=runner.num_blocks,
-                          max_queue=max(64, streams), prefix_cache=False, prefill_chunk_tokens=prefill_chunk)
+    return EngineSettings(
+        max_num_seqs=streams,
+        max_num_batched_tokens=max(2048, streams),
+        num_blocks=runner.num_blocks,
+        max_queue=max(64, streams),
+        prefix_cache=False,
+        prefill_chunk_tokens=prefill_chunk,
+    )
 
 
 def engine_level(args: argparse.Namespace, tokenizer: Any, vocab: int, streams: int) -> dict:
     runner = make_runner(args, vocab, streams)
     core = EngineCore(runner, tokenizer, settings_for(runner, streams, args.prefill_chunk), eos_token_ids=())
-    run_level(core, min(streams, 2), args.prompt, 4, vocab, seed=99)   # warm-up
+    run_level(core, min(streams, 2), args.prompt, 4, vocab, seed=99)  # warm-up
     return run_level(core, streams, args.prompt, args.new, vocab, seed=streams)
 
 
@@ -108,17 +115,49 @@ class ServerThread:
         self.sock.close()
 
 
-def server_level(args: argparse.Namespace, tokenizer: Any, vocab: int, streams: int,
-                 profile: cProfile.Profile | None) -> dict:
+def server_level(
+    args: argparse.Namespace, tokenizer: Any, vocab: int, streams: int, profile: cProfile.Profile | None
+) -> dict:
     runner = make_runner(args, vocab, streams)
-    engine = AsyncEngine(runner, tokenizer, settings_for(runner, streams, args.prefill_chunk), "bench", eos_token_ids=())
+    engine = AsyncEngine(
+        runner, tokenizer, settings_for(runner, streams, args.prefill_chunk), "bench", eos_token_ids=()
+    )
     with ServerThread(engine, profile) as server:
-        client = [sys.executable, "-m", "server.cli", "bench", "serve", "--base-url", server.url, "--model", "bench",
-                  "--endpoint", "completions", "--concurrency", str(streams), "--num-prompts", str(streams),
-                  "--input-len", str(args.prompt), "--output-len", str(args.new), "--no-progress", "--json",
-                  "--extra-body", '{"temperature": 0}']   # greedy, as bench.engine.run_level samples
-        warm = client[:client.index("--concurrency")] + ["--concurrency", "2", "--num-prompts", "2", "--output-len",
-                                                         "4", "--no-progress", "--json"]
+        client = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--model",
+            "bench",
+            "--endpoint",
+            "completions",
+            "--concurrency",
+            str(streams),
+            "--num-prompts",
+            str(streams),
+            "--input-len",
+            str(args.prompt),
+            "--output-len",
+            str(args.new),
+            "--no-progress",
+            "--json",
+            "--extra-body",
+            '{"temperature": 0}',
+        ]  # greedy, as bench.engine.run_level samples
+        warm = client[: client.index("--concurrency")] + [
+            "--concurrency",
+            "2",
+            "--num-prompts",
+            "2",
+            "--output-len",
+            "4",
+            "--no-progress",
+            "--json",
+        ]
         subprocess.run(warm, check=True, capture_output=True, text=True, timeout=300)
         done = subprocess.run(client, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
@@ -134,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--gpu-ms", type=float, default=4.0, help="stand-in GPU time of every step")
     ap.add_argument("--gpu-ms-per-seq", type=float, default=0.2, help="plus this much per sequence in the step")
-    ap.add_argument("--prefill-chunk", type=int, default=None,
-                    help="prompt tokens a step while others decode (default: the engine's for the CPU)")
+    ap.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prompt tokens a step while others decode (default: the engine's for the CPU)",
+    )
     ap.add_argument("--tokenizer", default="bpe32k", help="bpe32k (the 7B stand-in's) or smollm2")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each level (medians reported)")
     ap.add_argument("--profile", default=None, help="write cProfile stats of the server's event loop thread here")
@@ -150,21 +193,36 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             eng = engine_level(args, tokenizer, vocab, streams)
             srv = server_level(args, tokenizer, vocab, streams, profile)
-            rows.append({"streams": streams, "repeat": rep, "engine_tok_s": eng["tok_s"],
-                         "engine_ms_per_token": eng["per_token_ms"], "server_tok_s": srv["output_tokens_per_s"],
-                         "server_tpot_p50_ms": srv["tpot_ms"]["p50"], "server_itl_p50_ms": srv["itl_ms"]["p50"],
-                         "server_ttft_p50_ms": srv["ttft_ms"]["p50"], "server_errors": srv.get("failed", 0)})
+            rows.append(
+                {
+                    "streams": streams,
+                    "repeat": rep,
+                    "engine_tok_s": eng["tok_s"],
+                    "engine_ms_per_token": eng["per_token_ms"],
+                    "server_tok_s": srv["output_tokens_per_s"],
+                    "server_tpot_p50_ms": srv["tpot_ms"]["p50"],
+                    "server_itl_p50_ms": srv["itl_ms"]["p50"],
+                    "server_ttft_p50_ms": srv["ttft_ms"]["p50"],
+                    "server_errors": srv.get("failed", 0),
+                }
+            )
     if profile is not None:
         profile.dump_stats(args.profile)
-    print(f"CPU ({os.cpu_count()} cores), tokenizer {args.tokenizer}, prompt {args.prompt}, {args.new} new tokens, "
-          f"stand-in GPU {args.gpu_ms} + {args.gpu_ms_per_seq} x n ms per step")
-    print(f"{'streams':>7s} {'engine tok/s':>12s} {'server tok/s':>12s} {'ratio':>6s} {'engine ms/tok':>13s} "
-          f"{'server ITL p50':>14s} {'TPOT p50':>8s} {'ITL/engine':>10s} {'TTFT p50':>8s}")
+    print(
+        f"CPU ({os.cpu_count()} cores), tokenizer {args.tokenizer}, prompt {args.prompt}, {args.new} new tokens, "
+        f"stand-in GPU {args.gpu_ms} + {args.gpu_ms_per_seq} x n ms per step"
+    )
+    print(
+        f"{'streams':>7s} {'engine tok/s':>12s} {'server tok/s':>12s} {'ratio':>6s} {'engine ms/tok':>13s} "
+        f"{'server ITL p50':>14s} {'TPOT p50':>8s} {'ITL/engine':>10s} {'TTFT p50':>8s}"
+    )
     for r in rows:
-        print(f"{r['streams']:7d} {r['engine_tok_s']:12.1f} {r['server_tok_s']:12.1f} "
-              f"{r['server_tok_s'] / r['engine_tok_s']:6.2f} {r['engine_ms_per_token']:13.2f} "
-              f"{r['server_itl_p50_ms']:14.2f} {r['server_tpot_p50_ms']:8.2f} "
-              f"{r['server_itl_p50_ms'] / r['engine_ms_per_token']:10.2f} {r['server_ttft_p50_ms']:8.1f}")
+        print(
+            f"{r['streams']:7d} {r['engine_tok_s']:12.1f} {r['server_tok_s']:12.1f} "
+            f"{r['server_tok_s'] / r['engine_tok_s']:6.2f} {r['engine_ms_per_token']:13.2f} "
+            f"{r['server_itl_p50_ms']:14.2f} {r['server_tpot_p50_ms']:8.2f} "
+            f"{r['server_itl_p50_ms'] / r['engine_ms_per_token']:10.2f} {r['server_ttft_p50_ms']:8.1f}"
+        )
     if args.json:
         print(json.dumps({"rows": rows, "args": vars(args)}))
     return 0

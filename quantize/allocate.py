@@ -10,6 +10,7 @@ Multiple-choice knapsack, greedy on the lower convex hull: every layer starts at
 upgrades are taken in order of loss saved per extra byte while they fit; a last pass spends what is left
 on any single upgrade that still fits, best saving first.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,19 @@ from .recipe import AthenaRecipe
 
 # (d, n) shapes offered per layer: index bits log2(n)/d from 1.5 to 4.
 DEFAULT_MENU: tuple[tuple[int, int], ...] = (
-    (1, 4), (1, 8), (1, 16),
-    (2, 8), (2, 16), (2, 32), (2, 64), (2, 128), (2, 256),
-    (3, 32), (3, 64), (3, 128), (3, 256),
+    (1, 4),
+    (1, 8),
+    (1, 16),
+    (2, 8),
+    (2, 16),
+    (2, 32),
+    (2, 64),
+    (2, 128),
+    (2, 256),
+    (3, 32),
+    (3, 64),
+    (3, 128),
+    (3, 256),
     (4, 256),
 )
 
@@ -37,7 +48,11 @@ class BitBudget:
     sample_groups: int = 8  # column groups per layer k-means'd to measure each option's error
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) or not self.target_bits > 0:
+        if (
+            isinstance(self.target_bits, bool)
+            or not isinstance(self.target_bits, (int, float))
+            or not self.target_bits > 0
+        ):
             raise ValueError(f"--target-bits must be a positive number, got {self.target_bits!r}")
         if not self.menu or any(len(o) != 2 or o[0] < 1 or o[1] < 2 or o[1] & (o[1] - 1) for o in self.menu):
             raise ValueError(f"BitBudget.menu must be (d, n) pairs with n a power of two, got {self.menu!r}")
@@ -85,8 +100,10 @@ def allocate(options: dict[str, list[Option]], numel: dict[str, int], target_bit
     choice = {name: min(opts, key=lambda o: (o.bytes, o.loss)) for name, opts in options.items()}
     used = sum(o.bytes for o in choice.values())
     if used > budget:
-        raise ValueError(f"--target-bits {target_bits:g} is below what the menu can store: the cheapest recipes "
-                         f"take {8.0 * used / total:.3f} bits per linear weight")
+        raise ValueError(
+            f"--target-bits {target_bits:g} is below what the menu can store: the cheapest recipes "
+            f"take {8.0 * used / total:.3f} bits per linear weight"
+        )
     hulls = {name: _hull(opts) for name, opts in options.items()}
     pos = {name: 0 for name in options}
     for name, h in hulls.items():  # the hull's first point may beat the raw cheapest on loss at equal bytes

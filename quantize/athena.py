@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from athena_runtime.format.layers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
+
 from .hessian import inverse_cholesky_upper, proxy_loss
 from .kmeans import assign, gather_points, kmeans, kmeans_pp_seed_indices
-from athena_runtime.format.layers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
 from .recipe import AthenaRecipe
 
 
@@ -51,8 +52,10 @@ def _check_inputs(weights: list[Tensor], H: Tensor, recipe: AthenaRecipe) -> int
         raise ValueError("quantize_athena: weights must be a non-empty list of [N, M] tensors")
     for i, W in enumerate(weights):
         if not isinstance(W, Tensor) or W.dim() != 2 or W.shape[0] < 1 or W.shape[1] < 1:
-            raise ValueError(f"quantize_athena: weights[{i}] must be a non-empty 2-D tensor, got "
-                             f"{getattr(W, 'shape', type(W).__name__)}")
+            raise ValueError(
+                f"quantize_athena: weights[{i}] must be a non-empty 2-D tensor, got "
+                f"{getattr(W, 'shape', type(W).__name__)}"
+            )
         if not W.dtype.is_floating_point:
             raise ValueError(f"quantize_athena: weights[{i}] must be floating point, got {W.dtype}")
         if W.device != weights[0].device:
@@ -60,8 +63,10 @@ def _check_inputs(weights: list[Tensor], H: Tensor, recipe: AthenaRecipe) -> int
     M = weights[0].shape[1]
     for i, W in enumerate(weights):
         if W.shape[1] != M:
-            raise ValueError(f"quantize_athena: matrices sharing a Hessian need the same M; weights[0] has "
-                             f"M={M}, weights[{i}] has M={W.shape[1]}")
+            raise ValueError(
+                f"quantize_athena: matrices sharing a Hessian need the same M; weights[0] has "
+                f"M={M}, weights[{i}] has M={W.shape[1]}"
+            )
     if not isinstance(H, Tensor) or tuple(H.shape) != (M, M):
         raise ValueError(f"quantize_athena: H must be [{M}, {M}], got {getattr(H, 'shape', type(H).__name__)}")
     for i, W in enumerate(weights):
@@ -123,13 +128,17 @@ class _Workspace:
         f32 = dict(device=dev, dtype=torch.float32)
         eight = codebook_bits == 8
         return cls(
-            W=torch.zeros(bw, R, **f32), whiten=torch.zeros(ng, d, d, **f32), unwhiten=torch.zeros(ng, d, d, **f32),
-            U=torch.zeros(bw, bw, **f32), seeds=torch.zeros(ng, B, n, device=dev, dtype=torch.int64),
+            W=torch.zeros(bw, R, **f32),
+            whiten=torch.zeros(ng, d, d, **f32),
+            unwhiten=torch.zeros(ng, d, d, **f32),
+            U=torch.zeros(bw, bw, **f32),
+            seeds=torch.zeros(ng, B, n, device=dev, dtype=torch.int64),
             idx=torch.zeros(ng, B, K, device=dev, dtype=torch.int64),
             codebook=torch.zeros(ng, B, d, n, device=dev, dtype=torch.uint8 if eight else torch.float16),
             scale=torch.zeros(ng, B, d, device=dev, dtype=torch.float16) if eight else None,
             minimum=torch.zeros(ng, B, d, device=dev, dtype=torch.float16) if eight else None,
-            Err=torch.zeros(bw, R, **f32), row_loss=torch.zeros(R, **f32),
+            Err=torch.zeros(bw, R, **f32),
+            row_loss=torch.zeros(R, **f32),
         )
 
     def load(self, Wt_block: Tensor, whiten: Tensor, unwhiten: Tensor, U_block: Tensor) -> None:
@@ -143,8 +152,9 @@ class _Workspace:
 class _GroupSteps:
     """Steps 1-3 above for the column groups of one lazy block, on a _Workspace."""
 
-    def __init__(self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool,
-                 row_mask: Tensor | None = None) -> None:
+    def __init__(
+        self, ws: _Workspace, recipe: AthenaRecipe, weight: Tensor, feedback: bool, row_mask: Tensor | None = None
+    ) -> None:
         """weight [B, K]: k-means point weights (0 = padding row); row_mask [B, K]: 1 = real row (default:
         weight, when the weights are 0/1)."""
         self.ws, self.recipe, self.weight, self.feedback = ws, recipe, weight, feedback
@@ -335,8 +345,16 @@ def quantize_athena(
             fields["codebook_scale"] = scale_all[:, mine].transpose(0, 1).contiguous()  # [Nb, G, d]
             fields["codebook_min"] = min_all[:, mine].transpose(0, 1).contiguous()
         fields["codebook"] = cb_all[:, mine].permute(1, 0, 3, 2).contiguous()  # [Nb, G, n, d]
-        layer = AthenaLayer(shape=(Ns[i], M), d=d, n=n, k=k, codebook_bits=recipe.codebook_bits,
-                            indices=indices, row_scale=scales[i], **fields)
+        layer = AthenaLayer(
+            shape=(Ns[i], M),
+            d=d,
+            n=n,
+            k=k,
+            codebook_bits=recipe.codebook_bits,
+            indices=indices,
+            row_scale=scales[i],
+            **fields,
+        )
         W_hat = layer.dequantize(include_lowrank=False)  # [N_i, M]
         loss_pq = proxy_loss(W, W_hat, H)
         r = recipe.rank(Ns[i], M)
@@ -346,9 +364,14 @@ def quantize_athena(
                 A = (A.double() / scales[i].double().unsqueeze(1)).to(torch.float16)
             layer.lowrank_a, layer.lowrank_b = A, Bf
             W_hat = layer.dequantize()
-        stats = {"proxy_loss": proxy_loss(W, W_hat, H), "proxy_loss_no_lowrank": loss_pq,
-                 "proxy_loss_hessian": "undamped", "rank": r, "damp": damp_used,
-                 "hessian_loss_damped": float(sum(row_loss[bi].sum() for bi in mine))}
+        stats = {
+            "proxy_loss": proxy_loss(W, W_hat, H),
+            "proxy_loss_no_lowrank": loss_pq,
+            "proxy_loss_hessian": "undamped",
+            "rank": r,
+            "damp": damp_used,
+            "hessian_loss_damped": float(sum(row_loss[bi].sum() for bi in mine)),
+        }
         results.append((layer, stats))
     seconds = time.perf_counter() - t_start
     for (_, stats), N in zip(results, Ns):

@@ -1,4 +1,5 @@
 """Calibration windows for the quantizer: how many, how long, and from which text (`athena_runtime.format.text`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,6 @@ from dataclasses import dataclass
 import torch
 
 from athena_runtime.format.text import default_calibration_text, read_text_files, sample_windows, tokenize_text
-
 
 # Defaults per device type: (nsamples, seqlen). A GPU takes GPTQ's usual 128 x 2048 tokens; on a CPU
 # the two forward passes per layer dominate, and 32 x 512 tokens keep the embedded model's

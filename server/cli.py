@@ -5,6 +5,7 @@ sub-commands and sets `func` (called with the parsed namespace, returning an exi
 Modules are imported lazily so `athena --help` stays fast and a missing optional piece
 (e.g. triton) only affects the commands that need it.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ Everything that fails a request becomes an `APIError`; the handlers installed by
 route, wrong method) and unexpected exceptions into that body. Only messages written here reach a
 client: no paths, tracebacks or exception reprs.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request.
 class APIError(Exception):
     """A failure the client is told about."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -51,35 +59,44 @@ def context_length_exceeded(max_model_len: int, prompt_tokens: int, completion_t
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
         f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the {param}, {completion_tokens} in the "
         f"completion). Please reduce the length of the {param} or completion.",
-        param=param, code="context_length_exceeded",
+        param=param,
+        code="context_length_exceeded",
     )
 
 
 def overloaded(retry_after_s: int) -> APIError:
     # OpenAI's rate-limit body: type "requests" (the limit that was hit), code "rate_limit_exceeded".
-    return APIError(429, f"The server is overloaded: too many requests are waiting. Retry after {retry_after_s} s.",
-                    type="requests", code="rate_limit_exceeded", headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        429,
+        f"The server is overloaded: too many requests are waiting. Retry after {retry_after_s} s.",
+        type="requests",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def unavailable(message: str, retry_after_s: int) -> APIError:
-    return APIError(503, message, type="server_error", code="service_unavailable",
-                    headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        503, message, type="server_error", code="service_unavailable", headers={"Retry-After": str(retry_after_s)}
+    )
 
 
 def internal_error() -> APIError:
     return APIError(500, INTERNAL_ERROR_MESSAGE, type="server_error")
 
 
-def from_engine_error(exc: BaseException, retry_after_s: int,
-                      queue_retry_after_s: Callable[[], int]) -> APIError | None:
+def from_engine_error(
+    exc: BaseException, retry_after_s: int, queue_retry_after_s: Callable[[], int]
+) -> APIError | None:
     """The client-facing error for an exception the engine raises when a request cannot start,
     or None when it is not one of those. `retry_after_s` goes with a 503, `queue_retry_after_s()`
     with a 429 (queue full)."""
     from athena_runtime.engine import ContextLengthExceeded, EngineClosed, EngineOverloaded, GroupTooLarge
 
     if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, str(exc) or "The prompt and max_tokens do not fit the model's context.",
-                        code="context_length_exceeded")
+        return APIError(
+            400, str(exc) or "The prompt and max_tokens do not fit the model's context.", code="context_length_exceeded"
+        )
     if isinstance(exc, GroupTooLarge):
         return invalid_request(f"Too many choices for this server: {exc}.", param="n")
     if isinstance(exc, EngineOverloaded):
@@ -99,8 +116,10 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
 
 def _validation_message(err: dict[str, Any]) -> str:
     if err.get("type") == "json_invalid":
-        return ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-                "HTTP library correctly. The OpenAI API expects a JSON payload.)")
+        return (
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+        )
     msg = str(err.get("msg", "invalid value"))
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
@@ -135,8 +154,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     elif exc.status_code == 405:
         err = APIError(405, f"Method {request.method} is not allowed for {request.url.path}")
     else:
-        err = APIError(exc.status_code, str(exc.detail) if exc.status_code < 500 else INTERNAL_ERROR_MESSAGE,
-                       type="invalid_request_error" if exc.status_code < 500 else "server_error")
+        err = APIError(
+            exc.status_code,
+            str(exc.detail) if exc.status_code < 500 else INTERNAL_ERROR_MESSAGE,
+            type="invalid_request_error" if exc.status_code < 500 else "server_error",
+        )
     err.headers.update(exc.headers or {})
     return err.response()
 

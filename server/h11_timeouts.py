@@ -7,6 +7,7 @@ headers within `header_timeout_s` of connecting, or, on a kept-alive connection,
 of its next request; otherwise it is closed. (A body sent too slowly is answered 408 by the app:
 server/app.py, RequestBodyMiddleware.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,9 +32,9 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._header_deadline is None and self.conn.their_state is h11.IDLE:
-            self._arm()                                    # the first bytes of a kept-alive connection's next request
+            self._arm()  # the first bytes of a kept-alive connection's next request
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:         # the headers are in (or the connection failed)
+        if self.conn.their_state is not h11.IDLE:  # the headers are in (or the connection failed)
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -52,6 +53,9 @@ class HeaderTimeoutH11Protocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
         if not self.transport.is_closing():
-            log.debug("closing a connection from %s: no complete request headers within %.1f s",
-                     f"{self.client[0]}:{self.client[1]}" if self.client else "?", self.header_timeout_s)
+            log.debug(
+                "closing a connection from %s: no complete request headers within %.1f s",
+                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+                self.header_timeout_s,
+            )
             self.transport.close()

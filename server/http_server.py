@@ -7,6 +7,7 @@ new requests get 503 with Retry-After while the port stays open, running request
 open connections FLUSH_TIMEOUT_S to take their last bytes and exits. A second signal stops at once.
 (uvicorn's own shutdown closes the port first and cuts what is still streaming after its grace.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,10 +33,15 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings, **overrides: Any) -> 
     """The server's uvicorn settings: h11 with a header deadline (server/h11_timeouts.py), the
     keep-alive timeout, the connection limit and the shutdown flush time."""
     options: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
         http=functools.partial(HeaderTimeoutH11Protocol, header_timeout_s=settings.header_timeout_s),
-        timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
-        timeout_graceful_shutdown=FLUSH_TIMEOUT_S)
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
+    )
     options.update(overrides)
     return uvicorn.Config(app, **options)
 

@@ -3,6 +3,7 @@
 Request counts and token/latency figures are recorded by the server as requests run; engine
 gauges (running, waiting, KV cache usage) are read from `engine.stats()` at scrape time.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -37,31 +38,48 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("athena_requests_waiting", "Requests queued for admission.", value=s.waiting)
         yield GaugeMetricFamily("athena_kv_cache_blocks_used", "KV cache blocks in use.", value=s.kv_blocks_used)
         yield GaugeMetricFamily("athena_kv_cache_blocks_total", "KV cache blocks in all.", value=s.kv_blocks_total)
-        yield GaugeMetricFamily("athena_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).",
-                                value=s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
-        yield CounterMetricFamily("athena_engine_preemptions", "Sequences preempted for lack of KV blocks.",
-                                  value=s.preemptions_total)
+        yield GaugeMetricFamily(
+            "athena_kv_cache_usage_ratio",
+            "Fraction of KV cache blocks in use (0..1).",
+            value=s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0,
+        )
+        yield CounterMetricFamily(
+            "athena_engine_preemptions", "Sequences preempted for lack of KV blocks.", value=s.preemptions_total
+        )
         # hit rate: rate(athena_prefix_cache_hits_total[5m]) / rate(athena_prefix_cache_queries_total[5m])
-        yield CounterMetricFamily("athena_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=s.prefix_cache_queries_total)
-        yield CounterMetricFamily("athena_prefix_cache_hits", "Prompt tokens whose KV blocks the prefix cache held.",
-                                  value=s.prefix_cache_hits_total)
+        yield CounterMetricFamily(
+            "athena_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            value=s.prefix_cache_queries_total,
+        )
+        yield CounterMetricFamily(
+            "athena_prefix_cache_hits",
+            "Prompt tokens whose KV blocks the prefix cache held.",
+            value=s.prefix_cache_hits_total,
+        )
 
 
 class ServerMetrics:
     def __init__(self, engine_stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("athena_http_requests", "HTTP requests by endpoint and status.",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "athena_http_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("athena_prompt_tokens", "Prompt tokens of started generations.", registry=r)
         self.generation_tokens = Counter("athena_generation_tokens", "Tokens generated.", registry=r)
-        self.time_to_first_token = Histogram("athena_time_to_first_token_seconds",
-                                             "From request arrival to the first generated token.",
-                                             buckets=_TTFT_BUCKETS, registry=r)
-        self.time_per_output_token = Histogram("athena_time_per_output_token_seconds",
-                                               "Between generated tokens, after the first.",
-                                               buckets=_TPOT_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "athena_time_to_first_token_seconds",
+            "From request arrival to the first generated token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.time_per_output_token = Histogram(
+            "athena_time_per_output_token_seconds",
+            "Between generated tokens, after the first.",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
         r.register(_EngineCollector(engine_stats))
 
     def render(self) -> bytes:

@@ -1,4 +1,5 @@
 """The app's ASGI middleware, outermost first: trailing slashes, the API key, the request body."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ from server.protocol import lone_surrogate_param
 
 
 class TrailingSlashMiddleware:
-    """"/v1/models/" is served as "/v1/models" (any trailing slashes dropped), so no route needs a
+    """ "/v1/models/" is served as "/v1/models" (any trailing slashes dropped), so no route needs a
     redirect: a redirect's Location would be built from the client's Host header."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -40,14 +41,30 @@ class ApiKeyMiddleware:
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if not header:
-                await _send_error(scope, receive, send, errors.APIError(
-                    401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                         "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                    headers={"WWW-Authenticate": "Bearer"}))
+                await _send_error(
+                    scope,
+                    receive,
+                    send,
+                    errors.APIError(
+                        401,
+                        "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                        "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    ),
+                )
                 return
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
-                await _send_error(scope, receive, send, errors.APIError(
-                    401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                await _send_error(
+                    scope,
+                    receive,
+                    send,
+                    errors.APIError(
+                        401,
+                        "Incorrect API key provided.",
+                        code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    ),
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -64,8 +81,9 @@ class RequestBodyMiddleware:
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     def _too_large(self) -> errors.APIError:
-        return errors.APIError(413, f"Request body too large: the limit is {self.max_bytes} bytes.",
-                               code="request_too_large")
+        return errors.APIError(
+            413, f"Request body too large: the limit is {self.max_bytes} bytes.", code="request_too_large"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,16 +114,31 @@ class RequestBodyMiddleware:
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
-            await _send_error(scope, receive, send, errors.APIError(
-                408, f"The request body did not arrive within {self.timeout_s:g} s.", code="request_timeout",
-                headers={"Connection": "close"}))
+            await _send_error(
+                scope,
+                receive,
+                send,
+                errors.APIError(
+                    408,
+                    f"The request body did not arrive within {self.timeout_s:g} s.",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                ),
+            )
             return
         body = b"".join(chunks)
         param = lone_surrogate_param(body)
         if param is not None:
-            await _send_error(scope, receive, send, errors.invalid_request(
-                f"Invalid value for '{param}': the text holds a lone UTF-16 surrogate (an escape such as \\ud800 "
-                "without its pair), which is not valid Unicode.", param=param))
+            await _send_error(
+                scope,
+                receive,
+                send,
+                errors.invalid_request(
+                    f"Invalid value for '{param}': the text holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                    "without its pair), which is not valid Unicode.",
+                    param=param,
+                ),
+            )
             return
         replayed = False
 

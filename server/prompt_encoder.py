@@ -11,13 +11,13 @@ need at least c / longest_token_chars tokens. A tokenizer with a normalizer gets
 times more room, for normalizers that merge characters before tokenizing (NFC composes a base
 letter and its combining marks into one), so the check never refuses a text that would fit.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
-
 
 from server import errors
 
@@ -41,18 +41,27 @@ class PromptEncoder:
         normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
         shrink = 1 if normalizer is None else NORMALIZER_SHRINK
         self.max_chars = max_model_len * self.longest_token_chars * shrink
-        log.info("prompts over %d characters are refused before tokenizing (context %d tokens x %d characters in "
-                 "the longest token x %d for %s)", self.max_chars, max_model_len, self.longest_token_chars, shrink,
-                 "no normalizer" if normalizer is None else f"the normalizer {type(normalizer).__name__}")
+        log.info(
+            "prompts over %d characters are refused before tokenizing (context %d tokens x %d characters in "
+            "the longest token x %d for %s)",
+            self.max_chars,
+            max_model_len,
+            self.longest_token_chars,
+            shrink,
+            "no normalizer" if normalizer is None else f"the normalizer {type(normalizer).__name__}",
+        )
 
     def check_chars(self, chars: int, param: str) -> None:
         """A 400 `context_length_exceeded` for text too long for the context, whatever its tokens."""
         if chars > self.max_chars:
             raise errors.APIError(
-                400, f"This model's maximum context length is {self.max_model_len} tokens. However, your {param} "
-                     f"{'are' if param.endswith('s') else 'is'} {chars} characters long, more than that many tokens "
-                     f"can hold. Please reduce the length of the {param}.",
-                param=param, code="context_length_exceeded")
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your {param} "
+                f"{'are' if param.endswith('s') else 'is'} {chars} characters long, more than that many tokens "
+                f"can hold. Please reduce the length of the {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     async def encode(self, texts: Sequence[str], param: str) -> list[list[int]]:
         """Token ids of each text (with the tokenizer's special tokens, as a completion prompt)."""

@@ -4,6 +4,7 @@ Requests ignore unknown fields, as OpenAI does; a known field we cannot honour (
 image/audio content, ...) fails validation with a message naming it, which errors.py turns into a
 400 with that `param`. Structured outputs and tool calls: protocol_structured.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
 
 from server.protocol_structured import (
-    DeltaToolCall, ResponseFormat, ResponseToolCall, ToolCall, ToolChoice, ToolDefinition, check_tool_choice,
+    DeltaToolCall,
+    ResponseFormat,
+    ResponseToolCall,
+    ToolCall,
+    ToolChoice,
+    ToolDefinition,
+    check_tool_choice,
 )
 
 INT64_MAX = 2**63 - 1
@@ -212,13 +219,22 @@ class ChatCompletionRequest(SamplingRequest):
             check_tool_choice(self.tools, self.tool_choice)
         except ValueError as exc:
             raise ParameterError("tool_choice" if self.tool_choice is not None else "tools", str(exc)) from None
-        if (self.response_format is not None and self.response_format.type != "text"
-                and self.tools and self.tool_choice != "none"):
-            raise ParameterError("response_format", "a JSON response_format together with tools is not supported; "
-                                 "set tool_choice to 'none' or leave out response_format")
+        if (
+            self.response_format is not None
+            and self.response_format.type != "text"
+            and self.tools
+            and self.tool_choice != "none"
+        ):
+            raise ParameterError(
+                "response_format",
+                "a JSON response_format together with tools is not supported; "
+                "set tool_choice to 'none' or leave out response_format",
+            )
         if self.function_call not in (None, "none"):
-            raise ParameterError("function_call", "functions/function_call are deprecated by OpenAI and not "
-                                 "supported; use tools and tool_choice")
+            raise ParameterError(
+                "function_call",
+                "functions/function_call are deprecated by OpenAI and not supported; use tools and tool_choice",
+            )
         if self.functions and self.function_call is None:
             raise ParameterError("functions", "functions are deprecated by OpenAI and not supported; use tools")
         if self.modalities is not None and any(m != "text" for m in self.modalities):
@@ -248,6 +264,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---- completions ---------------------------------------------------------------------------
 
+
 class CompletionRequest(SamplingRequest):
     # Tried in this order (a list of token ids first): validating a long id list against list[str] first would
     # make one error per id. The before-validator refuses an over-long batch before any of it is looked at.
@@ -257,7 +274,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
-    response_format: ResponseFormat | None = None   # an extra on completions (vLLM has it too)
+    response_format: ResponseFormat | None = None  # an extra on completions (vLLM has it too)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -299,6 +316,7 @@ def finite_logprob(x: float) -> float:
 
 
 # ---- responses -----------------------------------------------------------------------------
+
 
 class Usage(_Response):
     prompt_tokens: int

@@ -1,5 +1,6 @@
 """OpenAI's schemas for structured outputs and tool calls: `response_format`, `tools`, `tool_choice`,
 tool calls in assistant messages (history and responses) and their streamed deltas."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"   # OpenAI's rule for function and schema names
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 
 
 class _Request(BaseModel):
@@ -20,10 +21,11 @@ class _Response(BaseModel):
 
 # ---- response_format -------------------------------------------------------------------------
 
+
 class JsonSchemaSpec(_Request):
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = None
-    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")   # `schema` shadows a BaseModel name
+    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")  # `schema` shadows a BaseModel name
     strict: bool | None = None
 
 
@@ -39,6 +41,7 @@ class ResponseFormat(_Request):
 
 
 # ---- tools -----------------------------------------------------------------------------------
+
 
 class FunctionDefinition(_Request):
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
@@ -85,6 +88,7 @@ class ToolCall(_Request):
 
 
 # ---- responses -------------------------------------------------------------------------------
+
 
 class ResponseFunctionCall(_Response):
     name: str
@@ -135,4 +139,3 @@ def check_tool_choice(tools: list[ToolDefinition] | None, choice: ToolChoice | N
         raise ValueError("tool_choice 'required' needs at least one tool in 'tools'")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not in 'tools'")
-

@@ -7,6 +7,7 @@ clamped to [floor_s, ceiling_s] (--retry-after-s, --retry-after-max-s). With not
 window the rate is unknown and the answer is the ceiling: requests are running slower than the
 window is long, or nothing has run yet.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ class RetryAfterEstimator:
         self.floor_s, self.ceiling_s = floor_s, max(floor_s, ceiling_s)
         self._clock = clock
         self._started = clock()
-        self._finished: deque[float] = deque()   # when requests finished, oldest first
+        self._finished: deque[float] = deque()  # when requests finished, oldest first
 
     def finished(self) -> None:
         """One engine request (one choice) finished, however it ended: its slot is free."""
@@ -36,7 +37,7 @@ class RetryAfterEstimator:
         if not self._finished:
             return self.ceiling_s
         observed = min(WINDOW_S, now - self._started)
-        rate = len(self._finished) / max(observed, 1.0)   # per second; a moment after start counts as a second
+        rate = len(self._finished) / max(observed, 1.0)  # per second; a moment after start counts as a second
         return min(self.ceiling_s, max(self.floor_s, math.ceil(waiting / rate)))
 
     def _forget(self, now: float) -> None:

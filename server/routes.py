@@ -1,4 +1,5 @@
 """HTTP routes: thin functions that check readiness and hand the parsed request to its serving class."""
+
 from __future__ import annotations
 
 import time
@@ -58,12 +59,12 @@ async def retrieve_model(model: str, ctx: ServingContext = Depends(serving)) -> 
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ctx: ServingContext = Depends(serving)) -> Response:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, ctx: ServingContext = Depends(serving)
+) -> Response:
     return await cancel_on_disconnect(request, ChatServing(ctx).create(body, time.perf_counter()))
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request,
-                      ctx: ServingContext = Depends(serving)) -> Response:
+async def completions(body: CompletionRequest, request: Request, ctx: ServingContext = Depends(serving)) -> Response:
     return await cancel_on_disconnect(request, CompletionServing(ctx).create(body, time.perf_counter()))

@@ -1,5 +1,6 @@
 """`athena serve [MODEL]`: one flag per ServerSettings field (flags override ATHENA_* env vars),
 then uvicorn (server/http_server.py), which drains the app before it stops."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,12 @@ def _flag_options(annotation: Any) -> dict[str, Any]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve a compressed model over the OpenAI API",
+        "serve",
+        help="serve a compressed model over the OpenAI API",
         description="Serve a compressed checkpoint over the OpenAI API (/v1/chat/completions, /v1/completions, "
-                    "/v1/models, /health, /metrics). Every flag can also be set as an ATHENA_<NAME> "
-                    "environment variable; flags win.")
+        "/v1/models, /health, /metrics). Every flag can also be set as an ATHENA_<NAME> "
+        "environment variable; flags win.",
+    )
     engine_defaults = {f.name: f.default for f in dataclasses.fields(EngineSettings)}
     for name, field in ServerSettings.model_fields.items():
         shown = engine_defaults.get(name) if field.default is None and name in ENGINE_FIELDS else field.default
@@ -44,8 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "model":
             p.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL", help=help_text)
             continue
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                       help=help_text, **_flag_options(field.annotation))
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            **_flag_options(field.annotation),
+        )
     p.set_defaults(func=run)
 
 
@@ -83,4 +91,3 @@ async def serve(settings: ServerSettings) -> int:
     load_failed.cancel()
     serving.result()
     return 0 if server.started else 1
-

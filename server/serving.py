@@ -5,6 +5,7 @@ Cancellation path: each choice is consumed by its own task; `ChoiceStreams.close
 those tasks, the cancellation closes the engine iterator (its `finally` runs `aclose()`), and
 closing the iterator aborts the request in the engine and frees its KV blocks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +66,12 @@ class ServingContext:
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise errors.APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                                  param="model", code="model_not_found")
+            raise errors.APIError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_choices(self, prompts: int, n: int) -> None:
         """A 400 for more choices than one request may have, before any work is done for them."""
@@ -74,7 +79,9 @@ class ServingContext:
             asked = f"{prompts} prompts x n={n} = {prompts * n} choices" if prompts > 1 else f"{n} choices"
             raise errors.invalid_request(
                 f"This request asks for {asked}; this server generates at most {self.max_choices} per request "
-                "(--max-choices, at most --max-queue).", param="n")
+                "(--max-choices, at most --max-queue).",
+                param="n",
+            )
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """The completion budget for a prompt: `max_tokens`, or what is left of the context when
@@ -91,9 +98,14 @@ class ServingContext:
             raise errors.invalid_request(f"token ids must be in [0, {vocab})", param=param)
 
 
-def sampling_params(req: SamplingRequest, max_tokens: int, logprobs: int | None, choice: int,
-                    defaults: dict[str, int | float] | None = None,
-                    constraint: "ConstraintFactory | None" = None) -> SamplingParams:
+def sampling_params(
+    req: SamplingRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    choice: int,
+    defaults: dict[str, int | float] | None = None,
+    constraint: "ConstraintFactory | None" = None,
+) -> SamplingParams:
     """The engine's parameters for choice `choice` of a request (with a seed, choice i uses seed + i). A knob the
     request leaves out takes `defaults` (the model's generation config, `ServerSettings.sampling_defaults`), else the
     OpenAI API's default. `constraint`: the grammar of a structured output or forced tool call."""
@@ -171,16 +183,18 @@ class ChoiceStreams:
         self._streams: list["RequestStream"] = streams
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self._buffer: list[tuple[int, RequestOutput]] = []
-        self._tasks = [asyncio.create_task(self._run(job, stream), name=job.request_id)
-                       for job, stream in zip(jobs, streams)]
+        self._tasks = [
+            asyncio.create_task(self._run(job, stream), name=job.request_id) for job, stream in zip(jobs, streams)
+        ]
         for task in self._tasks:
             ctx.tasks.add(task)
             task.add_done_callback(ctx.tasks.discard)
 
     def _api_error(self, exc: BaseException) -> errors.APIError:
         ctx = self._ctx
-        api_error = errors.from_engine_error(exc, ctx.settings.retry_after_s,
-                                             lambda: ctx.retry_after.seconds(ctx.engine.stats().waiting))
+        api_error = errors.from_engine_error(
+            exc, ctx.settings.retry_after_s, lambda: ctx.retry_after.seconds(ctx.engine.stats().waiting)
+        )
         if api_error is None:
             log.error("request %s failed", self._jobs[0].request_id if self._jobs else "?", exc_info=exc)
             api_error = errors.internal_error()
@@ -217,8 +231,9 @@ class ChoiceStreams:
             raise self._api_error(item)
         if item.finished and item.finish_reason == "cancelled":
             self.close()
-            raise errors.unavailable("The request was cancelled by the server (shutting down).",
-                                     self._ctx.settings.retry_after_s)
+            raise errors.unavailable(
+                "The request was cancelled by the server (shutting down).", self._ctx.settings.retry_after_s
+            )
         if item.finished and item.finish_reason == "error":
             self.close()
             log.error("engine error for %s: %s", item.request_id, item.error)

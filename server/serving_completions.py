@@ -2,6 +2,7 @@
 
 Choice `i * n + j` is the j-th generation for prompt i (OpenAI's order).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,12 @@ from starlette.responses import Response
 from athena_runtime.outputs import TokenLogprob
 from server import errors
 from server.protocol import (
-    CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, finite_logprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    finite_logprob,
 )
 from server.serving import ChoiceState, ChoiceStreams, Job, ServingContext, new_id, sampling_params, total_usage
 from server.stream_chunks import TextChunks, sse_event
@@ -74,16 +80,26 @@ class CompletionServing:
         ctx.check_token_ids([t for t, _ in req.logit_bias_pairs()], "logit_bias")
         grammar = await ctx.structured().for_response_format(req.response_format)
         request_id = new_id("cmpl")
-        jobs = [Job(i * req.n + j, f"{request_id}-{i * req.n + j}", p.token_ids,
-                    sampling_params(req, budget, req.logprobs, j, ctx.sampling_defaults, grammar))
-                for i, (p, budget) in enumerate(zip(prompts, budgets)) for j in range(req.n)]
+        jobs = [
+            Job(
+                i * req.n + j,
+                f"{request_id}-{i * req.n + j}",
+                p.token_ids,
+                sampling_params(req, budget, req.logprobs, j, ctx.sampling_defaults, grammar),
+            )
+            for i, (p, budget) in enumerate(zip(prompts, budgets))
+            for j in range(req.n)
+        ]
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         streams = ChoiceStreams(ctx, jobs, arrival)
         try:
             await streams.start()
             if req.stream:
-                return EventSourceResponse(self._stream(req, request_id, streams, prompts, prompt_tokens), sep="\n",
-                                           shutdown_grace_period=ctx.settings.drain_timeout_s)
+                return EventSourceResponse(
+                    self._stream(req, request_id, streams, prompts, prompt_tokens),
+                    sep="\n",
+                    shutdown_grace_period=ctx.settings.drain_timeout_s,
+                )
             states = await streams.collect()
         except BaseException:  # refused, failed, or cancelled because the client left
             streams.close()
@@ -91,25 +107,32 @@ class CompletionServing:
         choices = []
         for index, s in enumerate(states):
             prefix = prompts[index // req.n].text if req.echo else ""
-            choices.append(CompletionChoice(
-                index=index, text=prefix + s.text, finish_reason=s.finish_reason,
-                logprobs=legacy_logprobs(s.logprobs, 0) if req.logprobs is not None else None,
-            ))
-        body = CompletionResponse(id=request_id, model=ctx.model_name, choices=choices,
-                                  usage=total_usage(prompt_tokens, states))
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=prefix + s.text,
+                    finish_reason=s.finish_reason,
+                    logprobs=legacy_logprobs(s.logprobs, 0) if req.logprobs is not None else None,
+                )
+            )
+        body = CompletionResponse(
+            id=request_id, model=ctx.model_name, choices=choices, usage=total_usage(prompt_tokens, states)
+        )
         return Response(body.model_dump_json(), media_type="application/json")
 
-    async def _stream(self, req: CompletionRequest, request_id: str, streams: ChoiceStreams,
-                      prompts: list[Prompt], prompt_tokens: int) -> AsyncIterator[str | bytes]:
+    async def _stream(
+        self, req: CompletionRequest, request_id: str, streams: ChoiceStreams, prompts: list[Prompt], prompt_tokens: int
+    ) -> AsyncIterator[str | bytes]:
         created = int(time.time())
         states = [ChoiceState() for _ in range(len(prompts) * req.n)]
         offsets = [0] * len(states)  # text already sent per choice, for logprobs' text_offset
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            return CompletionResponse(id=request_id, created=created, model=self.ctx.model_name,
-                                      choices=choices, usage=usage).model_dump_json()
+            return CompletionResponse(
+                id=request_id, created=created, model=self.ctx.model_name, choices=choices, usage=usage
+            ).model_dump_json()
 
-        text_chunks: dict[int, TextChunks] = {}   # choice -> the template of its text-only chunks
+        text_chunks: dict[int, TextChunks] = {}  # choice -> the template of its text-only chunks
 
         def text_chunk(i: int, text: str) -> bytes:
             if i not in text_chunks:
@@ -128,8 +151,16 @@ class CompletionServing:
                 elif out.text or out.finished or (req.logprobs is not None and out.logprobs):
                     logprobs = legacy_logprobs(out.logprobs or (), offsets[i]) if req.logprobs is not None else None
                     offsets[i] += len(out.text)
-                    yield chunk([CompletionChoice(index=i, text=out.text, logprobs=logprobs,
-                                                  finish_reason=out.finish_reason if out.finished else None)])
+                    yield chunk(
+                        [
+                            CompletionChoice(
+                                index=i,
+                                text=out.text,
+                                logprobs=logprobs,
+                                finish_reason=out.finish_reason if out.finished else None,
+                            )
+                        ]
+                    )
             if req.include_usage:
                 yield chunk([], usage=total_usage(prompt_tokens, states))
         except errors.APIError as err:
@@ -140,4 +171,3 @@ class CompletionServing:
         finally:
             streams.close()
         yield "[DONE]"
-

@@ -4,6 +4,7 @@ overridden field by field by `athena serve` flags (serve_cli.py builds one flag 
 The engine's fields are not declared here: `ServerSettings` is built from `EngineSettings`' fields (their types, help
 texts and lower bounds, athena_runtime/engine_settings.py), each optional; one left at None takes the engine's default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,45 +38,68 @@ class _ServerOwnSettings(BaseSettings):
 
     # What to serve and where.
     model: str | None = Field(
-        None, description="compressed checkpoint folder (default: the embedded model, quantized on first use)")
+        None, description="compressed checkpoint folder (default: the embedded model, quantized on first use)"
+    )
     served_model_name: str | None = Field(
-        None, description="model id clients send and /v1/models lists (default: the checkpoint's name)")
+        None, description="model id clients send and /v1/models lists (default: the checkpoint's name)"
+    )
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to bind")
     api_key: SecretStr | None = Field(
-        None, description="require 'Authorization: Bearer KEY' on /v1 routes (prefer ATHENA_API_KEY: flags show in ps)")
+        None, description="require 'Authorization: Bearer KEY' on /v1 routes (prefer ATHENA_API_KEY: flags show in ps)"
+    )
 
     # Sampling defaults (for the fields a request leaves out).
     generation_config: Literal["auto", "none"] = Field(
-        "auto", description="sampling defaults for fields a request leaves out: 'auto' takes the model's "
-                            "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), 'none' the "
-                            "OpenAI API's (temperature 1, top_p 1)")
+        "auto",
+        description="sampling defaults for fields a request leaves out: 'auto' takes the model's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty), 'none' the "
+        "OpenAI API's (temperature 1, top_p 1)",
+    )
     override_generation_config: str | None = Field(
-        None, description="JSON object of sampling defaults over those, e.g. '{\"temperature\": 0.7, \"top_p\": 0.9}'")
+        None, description='JSON object of sampling defaults over those, e.g. \'{"temperature": 0.7, "top_p": 0.9}\''
+    )
 
     # Limits per request.
     max_choices: int | None = Field(
-        None, ge=1, description="choices (prompts x n) one request may ask for; 400 above (default and upper bound: "
-                                "--max-queue, as a request's choices are queued all together or not at all)")
+        None,
+        ge=1,
+        description="choices (prompts x n) one request may ask for; 400 above (default and upper bound: "
+        "--max-queue, as a request's choices are queued all together or not at all)",
+    )
 
     # HTTP behaviour.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest accepted request body (413 above)")
     header_timeout_s: float = Field(
-        10.0, gt=0, description="a connection must send a request's headers within this many seconds (of connecting, "
-                                "or of its next request's first byte), else it is closed")
-    body_timeout_s: float = Field(60.0, gt=0, description="a request's body must arrive within this many seconds "
-                                                           "of its headers (408 after)")
-    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after this "
-                                                                "many seconds")
-    max_connections: int = Field(1000, ge=1, description="open connections (or requests) beyond which new requests "
-                                                          "get a plain 503 from uvicorn")
+        10.0,
+        gt=0,
+        description="a connection must send a request's headers within this many seconds (of connecting, "
+        "or of its next request's first byte), else it is closed",
+    )
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="a request's body must arrive within this many seconds of its headers (408 after)"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle kept-alive connection is closed after this many seconds"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="open connections (or requests) beyond which new requests get a plain 503 from uvicorn"
+    )
     drain_timeout_s: float = Field(
-        10.0, ge=0, description="on SIGTERM/SIGINT, how long running requests may finish (new ones get 503); then the "
-                                "rest end (streams: an error event and [DONE])")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 (loading, draining), and the "
-                                                     "fewest sent with 429")
-    retry_after_max_s: int = Field(60, ge=0, description="the most Retry-After seconds sent with 429 (queue full: "
-                                                          "waiting requests / requests finished per second lately)")
+        10.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, how long running requests may finish (new ones get 503); then the "
+        "rest end (streams: an error event and [DONE])",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="Retry-After seconds sent with 503 (loading, draining), and the fewest sent with 429"
+    )
+    retry_after_max_s: int = Field(
+        60,
+        ge=0,
+        description="the most Retry-After seconds sent with 429 (queue full: "
+        "waiting requests / requests finished per second lately)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="server log level")
 
     @field_validator("override_generation_config")

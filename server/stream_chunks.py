@@ -10,6 +10,7 @@ runs 64 times a step at 64 streams, on the event loop.
 - `merge_outputs`: consecutive outputs of one choice as one (text and tokens joined), for a stream
   whose consumer fell behind the engine: one chunk instead of several.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,9 @@ def sse_event(data: str) -> bytes:
 
 def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
     """Two consecutive outputs of one request as one: `later`'s status, both texts, tokens and logprobs."""
-    logprobs = None if first.logprobs is None and later.logprobs is None else (first.logprobs or ()) + (later.logprobs or ())
-    return dataclasses.replace(later, text=first.text + later.text, token_ids=first.token_ids + later.token_ids,
-                               logprobs=logprobs)
+    logprobs = (
+        None if first.logprobs is None and later.logprobs is None else (first.logprobs or ()) + (later.logprobs or ())
+    )
+    return dataclasses.replace(
+        later, text=first.text + later.text, token_ids=first.token_ids + later.token_ids, logprobs=logprobs
+    )

@@ -21,6 +21,7 @@ OpenAI's strict mode) no properties beyond those the schema names. The `strict` 
 either way: the schema is always enforced. The grammar vocabulary for the tokenizer is built on the
 first structured request (about a second for a 50k vocabulary); compiled schemas are cached.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,23 +39,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("athena.server")
 
 UNSUPPORTED = {
-    "not": "not", "if": "if/then/else", "then": "if/then/else", "else": "if/then/else",
-    "oneOf": "oneOf (use anyOf)", "uniqueItems": "uniqueItems", "contains": "contains", "minContains": "minContains",
-    "maxContains": "maxContains", "dependentRequired": "dependentRequired", "dependentSchemas": "dependentSchemas",
-    "dependencies": "dependencies", "patternProperties": "patternProperties",
-    "nullable": "nullable (OpenAPI; use \"type\": [..., \"null\"])", "discriminator": "discriminator (OpenAPI)",
-    "$dynamicRef": "$dynamicRef", "$recursiveRef": "$recursiveRef", "$dynamicAnchor": "$dynamicAnchor",
+    "not": "not",
+    "if": "if/then/else",
+    "then": "if/then/else",
+    "else": "if/then/else",
+    "oneOf": "oneOf (use anyOf)",
+    "uniqueItems": "uniqueItems",
+    "contains": "contains",
+    "minContains": "minContains",
+    "maxContains": "maxContains",
+    "dependentRequired": "dependentRequired",
+    "dependentSchemas": "dependentSchemas",
+    "dependencies": "dependencies",
+    "patternProperties": "patternProperties",
+    "nullable": 'nullable (OpenAPI; use "type": [..., "null"])',
+    "discriminator": "discriminator (OpenAPI)",
+    "$dynamicRef": "$dynamicRef",
+    "$recursiveRef": "$recursiveRef",
+    "$dynamicAnchor": "$dynamicAnchor",
     "$recursiveAnchor": "$recursiveAnchor",
 }
-_SCHEMA_MAPS = ("properties", "$defs", "definitions")                 # name -> subschema
-_SCHEMA_LISTS = ("prefixItems", "anyOf", "allOf")                     # [subschema, ...]
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")  # name -> subschema
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "allOf")  # [subschema, ...]
 _SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems")
-ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
-                         "writeOnly", "$schema", "$id", "$anchor", "contentMediaType", "contentEncoding",
-                         "$defs", "definitions"})
-_ALONE = ("$ref", "anyOf", "allOf", "enum", "const")   # xgrammar ignores validation keywords beside these
-_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "null": (type(None),),
-               "object": (dict,), "array": (list,)}
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$comment",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "$schema",
+        "$id",
+        "$anchor",
+        "contentMediaType",
+        "contentEncoding",
+        "$defs",
+        "definitions",
+    }
+)
+_ALONE = ("$ref", "anyOf", "allOf", "enum", "const")  # xgrammar ignores validation keywords beside these
+_JSON_TYPES = {
+    "string": (str,),
+    "integer": (int,),
+    "number": (int, float),
+    "boolean": (bool,),
+    "null": (type(None),),
+    "object": (dict,),
+    "array": (list,),
+}
 
 
 def _matches_type(value: Any, types: Any) -> bool:
@@ -114,7 +150,7 @@ def unsupported_schema_features(schema: Any, path: str = "#") -> list[str]:
         elif key in _SCHEMA_LISTS and isinstance(value, list):
             for i, sub in enumerate(value):
                 found += unsupported_schema_features(sub, f"{where}/{i}")
-        elif key in _SCHEMA_VALUES and isinstance(value, dict):   # booleans here are plain rules (items: false)
+        elif key in _SCHEMA_VALUES and isinstance(value, dict):  # booleans here are plain rules (items: false)
             found += unsupported_schema_features(value, where)
     return found + _ignored_combinations(schema, path)
 
@@ -124,8 +160,9 @@ def check_schema(schema: Any, param: str) -> None:
     found = unsupported_schema_features(schema)
     if found:
         raise errors.invalid_request(
-            f"The JSON schema in '{param}' uses features that constrained decoding cannot enforce: "
-            f"{'; '.join(found)}.", param=param)
+            f"The JSON schema in '{param}' uses features that constrained decoding cannot enforce: {'; '.join(found)}.",
+            param=param,
+        )
 
 
 class StructuredOutputs:
@@ -151,7 +188,7 @@ class StructuredOutputs:
         grammars = await self.grammars()
         try:
             return await asyncio.to_thread(build, grammars)
-        except (RuntimeError, ValueError) as exc:   # xgrammar's errors for schemas and structures it cannot use
+        except (RuntimeError, ValueError) as exc:  # xgrammar's errors for schemas and structures it cannot use
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise errors.invalid_request(f"Invalid JSON schema in '{param}': {message}", param=param) from None
 
@@ -162,7 +199,7 @@ class StructuredOutputs:
         if fmt.type == "json_object":
             return await self.compile(lambda g: g.json_object(), "response_format")
         spec = fmt.json_schema
-        assert spec is not None   # ResponseFormat checks it
+        assert spec is not None  # ResponseFormat checks it
         schema = {} if spec.json_schema is None else spec.json_schema
         param = "response_format.json_schema.schema"
         check_schema(schema, param)

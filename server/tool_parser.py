@@ -12,6 +12,7 @@ Two modes:
   in it parses, names a declared function and has JSON arguments; otherwise its raw text is content.
 Arguments are the model's own JSON text (for the Llama family, the "parameters" value).
 """
+
 from __future__ import annotations
 
 import json
@@ -73,11 +74,11 @@ class _Partial:
     """A call object as far as it has been read."""
 
     name: str | None = None
-    arguments: str = ""           # raw JSON text of the arguments value so far
+    arguments: str = ""  # raw JSON text of the arguments value so far
     arguments_started: bool = False
     arguments_done: bool = False
-    done: bool = False            # the closing brace was read
-    name_first: bool = False      # "name" came before the arguments (so arguments can stream)
+    done: bool = False  # the closing brace was read
+    name_first: bool = False  # "name" came before the arguments (so arguments can stream)
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -117,11 +118,13 @@ def _value_end(text: str, pos: int) -> int | None:
         return None
     m = _LITERAL.match(text, pos)
     if m is None:
-        if any(lit.startswith(text[pos:]) for lit in ("true", "false", "null")) or re.fullmatch(r"-?[\d.eE+-]*", text[pos:]):
+        if any(lit.startswith(text[pos:]) for lit in ("true", "false", "null")) or re.fullmatch(
+            r"-?[\d.eE+-]*", text[pos:]
+        ):
             return None
-        raise Malformed(f"not a JSON value at {text[pos:pos + 20]!r}")
+        raise Malformed(f"not a JSON value at {text[pos : pos + 20]!r}")
     if m.end() == len(text):
-        return None   # a number may still grow
+        return None  # a number may still grow
     return m.end()
 
 
@@ -131,7 +134,7 @@ def _read_call(text: str, pos: int, arguments_key: str) -> tuple[_Partial, int |
     if pos >= len(text):
         return call, None
     if text[pos] != "{":
-        raise Malformed(f"expected a call object at {text[pos:pos + 20]!r}")
+        raise Malformed(f"expected a call object at {text[pos : pos + 20]!r}")
     pos += 1
     keys = ("arguments", arguments_key)
     while True:
@@ -206,7 +209,7 @@ def read_region(syntax: ToolSyntax, body: str) -> tuple[list[_Partial], bool]:
         if pos >= len(body):
             return calls, syntax.name != "mistral"
         if separator is None or body[pos] != separator:
-            raise Malformed(f"unexpected {body[pos:pos + 20]!r} after a call")
+            raise Malformed(f"unexpected {body[pos : pos + 20]!r} after a call")
         pos = _skip_ws(body, pos + 1)
 
 
@@ -224,19 +227,19 @@ class ToolCallParser:
     syntax: ToolSyntax
     functions: frozenset[str]
     incremental: bool
-    max_calls: int | None = None                       # 1 when parallel_tool_calls is false
+    max_calls: int | None = None  # 1 when parallel_tool_calls is false
     marker_ids: dict[int, str] = field(default_factory=dict)
     new_id: Callable[[ToolSyntax], str] = new_call_id
     calls: list[Call] = field(default_factory=list)
     content: str = ""
 
     def __post_init__(self) -> None:
-        self._text = ""                  # undecided text outside a region
+        self._text = ""  # undecided text outside a region
         self._region: str | None = None  # region body so far (None: outside a region)
-        self._marker = ""                # the marker that opened the region ("" for a bare start)
-        self._seen_text = False          # any non-whitespace output yet (bare starts only at the beginning)
-        self._region_calls: list[int | None] = []   # incremental: each region call's index in `calls` (None: dropped)
-        self._streamed: list[int] = []                # incremental: arguments characters sent per region call
+        self._marker = ""  # the marker that opened the region ("" for a bare start)
+        self._seen_text = False  # any non-whitespace output yet (bare starts only at the beginning)
+        self._region_calls: list[int | None] = []  # incremental: each region call's index in `calls` (None: dropped)
+        self._streamed: list[int] = []  # incremental: arguments characters sent per region call
         self._dropped = 0
 
     # -- input ---------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ class ToolCallParser:
             if not found and not self._seen_text and bare is not None:
                 stripped = self._text.lstrip()
                 if not stripped or any(m.startswith(stripped) for m in self.syntax.start_markers):
-                    return events   # undecided: only whitespace, or the beginning of a marker
+                    return events  # undecided: only whitespace, or the beginning of a marker
                 self._seen_text = True
                 if stripped[0] == bare:
                     self._text, self._region, self._marker = "", "", ""
@@ -284,14 +287,14 @@ class ToolCallParser:
             if found:
                 i, marker = min(found)
                 events += self._content(self._text[:i].rstrip())
-                text = self._text[i + len(marker):]
+                text = self._text[i + len(marker) :]
                 self._text, self._region, self._marker = "", "", marker
                 continue
             keep = self._held_suffix(self._text)
-            send = self._text[:len(self._text) - keep]
+            send = self._text[: len(self._text) - keep]
             stripped = send.rstrip()
             events += self._content(stripped)
-            self._text = self._text[len(stripped):]
+            self._text = self._text[len(stripped) :]
         return events
 
     def _held_suffix(self, text: str) -> int:
@@ -330,20 +333,20 @@ class ToolCallParser:
         assert self._region is not None
         try:
             partials, _ = read_region(self.syntax, self._region)
-        except Malformed as exc:   # cannot happen under the call grammar; keep the raw text
+        except Malformed as exc:  # cannot happen under the call grammar; keep the raw text
             log.error("forced tool call did not parse (%s): %r", exc, self._region[:200])
             return []
         events: list[Event] = []
         for k, p in enumerate(partials):
             if k == len(self._region_calls):
                 if p.name is None or not (p.name_first or p.done):
-                    break   # arguments stream only once the name is known
+                    break  # arguments stream only once the name is known
                 started = self._start(p.name)
                 events += started
                 self._region_calls.append(len(self.calls) - 1 if started else None)
                 self._streamed.append(0)
             index = self._region_calls[k]
-            piece = p.arguments[self._streamed[k]:]
+            piece = p.arguments[self._streamed[k] :]
             if index is None or not piece:
                 continue
             self._streamed[k] += len(piece)
@@ -379,8 +382,11 @@ class ToolCallParser:
                     raise Malformed(f"undeclared function {p.name!r}")
                 checked.append((p.name, _arguments_text(p.arguments) if p.arguments_started else "{}"))
         except (Malformed, ValueError) as exc:
-            log.info("model output looked like a %s tool call but is not one (%s); returned as content",
-                     self.syntax.name, exc)
+            log.info(
+                "model output looked like a %s tool call but is not one (%s); returned as content",
+                self.syntax.name,
+                exc,
+            )
             return self._content(marker + body + end)
         events: list[Event] = []
         for name, arguments in checked:

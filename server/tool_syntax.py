@@ -14,6 +14,7 @@ Families (each call is a JSON object with the function's name first, then its ar
 A special marker token (`[TOOL_CALLS]`, `<|python_tag|>`) gives no text when detokenized; the parser
 is told when its id appears, and a reply that starts with the family's bare JSON is read as calls too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,39 +23,67 @@ from typing import Any
 
 log = logging.getLogger("athena.server")
 
-MAX_ARGUMENT_WHITESPACE = 1   # whitespace characters allowed between JSON tokens of forced arguments
+MAX_ARGUMENT_WHITESPACE = 1  # whitespace characters allowed between JSON tokens of forced arguments
 
 
 @dataclass(frozen=True)
 class ToolSyntax:
     name: str
-    arguments_key: str             # "arguments" or "parameters"
+    arguments_key: str  # "arguments" or "parameters"
     start_markers: tuple[str, ...]  # text that opens a region of calls
-    end_marker: str | None          # text that closes a region (None: the region runs to the end)
-    bare_start: str | None          # a reply starting with this character is a region without a marker
-    call_separator: str             # between calls when forced
-    single_call: bool = False       # the template takes one call per turn
-    id_length: int | None = None    # exact id length the template requires (letters and digits), else OpenAI's style
+    end_marker: str | None  # text that closes a region (None: the region runs to the end)
+    bare_start: str | None  # a reply starting with this character is a region without a marker
+    call_separator: str  # between calls when forced
+    single_call: bool = False  # the template takes one call per turn
+    id_length: int | None = None  # exact id length the template requires (letters and digits), else OpenAI's style
 
     def call_prefix(self, function: str) -> str:
         return f'{{"name": "{function}", "{self.arguments_key}": '
 
-    def structure(self, functions: list[tuple[str, dict[str, Any]]], parallel: bool,
-                  marker_is_token: bool = False) -> dict[str, Any]:
+    def structure(
+        self, functions: list[tuple[str, dict[str, Any]]], parallel: bool, marker_is_token: bool = False
+    ) -> dict[str, Any]:
         """xgrammar structural tag: at least one call of `functions` ((name, parameters schema) pairs),
         each call's arguments valid under its schema; one call unless `parallel`."""
-        tags = [{"type": "tag", "begin": self._tag_begin(name),
-                 "content": {"type": "json_schema", "json_schema": params,
-                             "max_whitespace_cnt": MAX_ARGUMENT_WHITESPACE},
-                 "end": self._tag_end()} for name, params in functions]
-        calls = {"type": "tags_with_separator", "tags": tags, "separator": self.call_separator,
-                 "at_least_one": True, "stop_after_first": self.single_call or not parallel}
+        tags = [
+            {
+                "type": "tag",
+                "begin": self._tag_begin(name),
+                "content": {
+                    "type": "json_schema",
+                    "json_schema": params,
+                    "max_whitespace_cnt": MAX_ARGUMENT_WHITESPACE,
+                },
+                "end": self._tag_end(),
+            }
+            for name, params in functions
+        ]
+        calls = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": self.call_separator,
+            "at_least_one": True,
+            "stop_after_first": self.single_call or not parallel,
+        }
         if self.name != "mistral":
             return {"type": "structural_tag", "format": calls}
-        marker = ({"type": "token", "token": self.start_markers[0]} if marker_is_token
-                  else {"type": "const_string", "value": self.start_markers[0]})
-        return {"type": "structural_tag", "format": {"type": "sequence", "elements": [
-            marker, {"type": "const_string", "value": " ["}, calls, {"type": "const_string", "value": "]"}]}}
+        marker = (
+            {"type": "token", "token": self.start_markers[0]}
+            if marker_is_token
+            else {"type": "const_string", "value": self.start_markers[0]}
+        )
+        return {
+            "type": "structural_tag",
+            "format": {
+                "type": "sequence",
+                "elements": [
+                    marker,
+                    {"type": "const_string", "value": " ["},
+                    calls,
+                    {"type": "const_string", "value": "]"},
+                ],
+            },
+        }
 
     def _tag_begin(self, function: str) -> str:
         if self.name == "hermes":

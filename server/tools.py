@@ -14,6 +14,7 @@ output with a grammar of the family's call format whose arguments follow each fu
 `parameters` schema, so the call always parses and validates; a named function is called once, and
 `parallel_tool_calls: false` allows one call.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,8 @@ class ToolPlan:
     """How one chat request uses tools."""
 
     syntax: ToolSyntax
-    native: bool                   # the chat template renders tools itself
-    mode: str | None               # None (none/no tools), "auto", "required", or a forced function's name
+    native: bool  # the chat template renders tools itself
+    mode: str | None  # None (none/no tools), "auto", "required", or a forced function's name
     functions: frozenset[str]
     parallel: bool
     marker_ids: dict[int, str]
@@ -65,9 +66,14 @@ class ToolPlan:
     def parser(self) -> ToolCallParser | None:
         if self.mode is None:
             return None
-        one = not self.parallel or self.mode not in ("auto", "required")   # a named choice: one call
-        return ToolCallParser(self.syntax, self.functions, incremental=self.mode != "auto",
-                              max_calls=1 if one else None, marker_ids=self.marker_ids)
+        one = not self.parallel or self.mode not in ("auto", "required")  # a named choice: one call
+        return ToolCallParser(
+            self.syntax,
+            self.functions,
+            incremental=self.mode != "auto",
+            max_calls=1 if one else None,
+            marker_ids=self.marker_ids,
+        )
 
 
 def plan_tools(req: ChatCompletionRequest, tokenizer: Any) -> ToolPlan:
@@ -95,8 +101,11 @@ def _tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 def _generic_call_text(m: ChatMessage) -> str:
-    blocks = [f"<tool_call>\n{json.dumps({'name': c.function.name, 'arguments': c.function.arguments_object()})}"
-              f"\n</tool_call>" for c in m.tool_calls or []]
+    blocks = [
+        f"<tool_call>\n{json.dumps({'name': c.function.name, 'arguments': c.function.arguments_object()})}"
+        f"\n</tool_call>"
+        for c in m.tool_calls or []
+    ]
     return "\n".join(([m.text()] if m.text() else []) + blocks)
 
 
@@ -104,9 +113,14 @@ def _native_message(m: ChatMessage) -> dict[str, Any]:
     role = "system" if m.role == "developer" else m.role
     out: dict[str, Any] = {"role": role, "content": m.text()}
     if m.tool_calls:
-        out["tool_calls"] = [{"id": c.id, "type": "function",
-                              "function": {"name": c.function.name, "arguments": c.function.arguments_object()}}
-                             for c in m.tool_calls]
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments_object()},
+            }
+            for c in m.tool_calls
+        ]
     if m.role == "tool":
         out["tool_call_id"] = m.tool_call_id
         if m.name:
@@ -120,7 +134,7 @@ def _generic_messages(req: ChatCompletionRequest, plan: ToolPlan) -> list[dict[s
         if m.role == "tool":
             text = f"<tool_response>\n{m.text()}\n</tool_response>"
             if messages and messages[-1]["role"] == "user" and messages[-1].get("tool_results"):
-                messages[-1]["content"] += "\n" + text       # consecutive results: one user turn
+                messages[-1]["content"] += "\n" + text  # consecutive results: one user turn
             else:
                 messages.append({"role": "user", "content": text, "tool_results": True})
         elif m.role == "assistant" and m.tool_calls:
@@ -132,8 +146,9 @@ def _generic_messages(req: ChatCompletionRequest, plan: ToolPlan) -> list[dict[s
     if plan.mode is not None:
         prompt = GENERIC_TOOLS_PROMPT.format(tools="\n".join(json.dumps(t) for t in _tool_dicts(req)))
         if plan.mode == "required":
-            prompt += GENERIC_MUST_CALL.format(which="one of the functions" if len(plan.functions) > 1
-                                               else "the function")
+            prompt += GENERIC_MUST_CALL.format(
+                which="one of the functions" if len(plan.functions) > 1 else "the function"
+            )
         elif plan.mode != "auto":
             prompt += GENERIC_MUST_CALL.format(which=f"the function {plan.mode}")
         if messages and messages[0]["role"] == "system":
@@ -161,12 +176,14 @@ def render_prompt(req: ChatCompletionRequest, tokenizer: Any, plan: ToolPlan) ->
             return render_chat(tokenizer, messages)
         return tokenizer.apply_chat_template(messages, **kwargs)
     except jinja2.TemplateError as exc:  # the template's own raise_exception("...") messages
-        raise errors.invalid_request(f"The messages do not fit the model's chat template: {exc}",
-                                     param="messages") from None
+        raise errors.invalid_request(
+            f"The messages do not fit the model's chat template: {exc}", param="messages"
+        ) from None
 
 
-async def forced_call_grammar(req: ChatCompletionRequest, plan: ToolPlan, tokenizer: Any,
-                              structured: "StructuredOutputs") -> "Grammar | None":
+async def forced_call_grammar(
+    req: ChatCompletionRequest, plan: ToolPlan, tokenizer: Any, structured: "StructuredOutputs"
+) -> "Grammar | None":
     """The grammar of a "required" or named tool choice (None otherwise)."""
     if plan.mode is None or plan.mode == "auto":
         return None

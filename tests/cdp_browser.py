@@ -1,9 +1,10 @@
 """A headless Chromium driven through its DevTools protocol (websocket), for the chat-page test.
 
-    with HeadlessChromium(profile_dir) as browser:
-        page = browser.page()
-        page.navigate(url); page.evaluate("document.title"); page.screenshot(path)
+with HeadlessChromium(profile_dir) as browser:
+    page = browser.page()
+    page.navigate(url); page.evaluate("document.title"); page.screenshot(path)
 """
+
 from __future__ import annotations
 
 import base64
@@ -85,11 +86,25 @@ class HeadlessChromium:
         if binary is None:
             raise FileNotFoundError("no chromium binary on PATH")
         self.proc = subprocess.Popen(
-            [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--remote-debugging-port=0",
-             "--remote-debugging-address=127.0.0.1", f"--user-data-dir={profile_dir}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--remote-debugging-port=0",
+                "--remote-debugging-address=127.0.0.1",
+                f"--user-data-dir={profile_dir}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.port = self._devtools_port()
         # keep reading its log so that a full pipe never blocks the browser
         threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()

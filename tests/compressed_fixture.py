@@ -4,6 +4,7 @@ Every decoder linear layer is stored quantized: "rtn" (4-bit, group 32, min/max 
 "athena" (d=2, n=16, k=32, uint8 codebooks drawn from the layer's own sub-vectors, rank-2 residual).
 The numbers are not good quantization; they are valid tensors for exercising the loader.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,15 @@ from safetensors.torch import load_file
 from athena_runtime.format import checkpoint
 from athena_runtime.format.layers import AthenaLayer, ScalarLayer, quantize_codebook_uint8
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def _rtn(W: torch.Tensor, bias, bits=4, g=32) -> ScalarLayer:
@@ -25,8 +33,16 @@ def _rtn(W: torch.Tensor, bias, bits=4, g=32) -> ScalarLayer:
     scales = ((hi - lo) / (2**bits - 1)).clamp_min(1e-4).half()
     zeros = torch.round(-lo / scales.float()).half()
     q = torch.round(Wg / scales.float()[..., None] + zeros.float()[..., None]).clamp(0, 2**bits - 1)
-    return ScalarLayer(shape=(N, M), bits=bits, group_size=g, method="rtn", q=q.flatten(1).long(),
-                       scales=scales, zeros=zeros, bias=bias)
+    return ScalarLayer(
+        shape=(N, M),
+        bits=bits,
+        group_size=g,
+        method="rtn",
+        q=q.flatten(1).long(),
+        scales=scales,
+        zeros=zeros,
+        bias=bias,
+    )
 
 
 def _athena(W: torch.Tensor, bias, gen, d=2, n=16, k=32, rank=2) -> AthenaLayer:
@@ -40,9 +56,20 @@ def _athena(W: torch.Tensor, bias, gen, d=2, n=16, k=32, rank=2) -> AthenaLayer:
     dist = (vecs[:, :, None, :] - Cq[torch.arange(N) // k]).pow(2).sum(-1)  # [N, G, n]
     A = (torch.randn(N, rank, generator=gen) * 0.01).half()
     B = (torch.randn(rank, M, generator=gen) * 0.01).half()
-    return AthenaLayer(shape=(N, M), d=d, n=n, k=k, codebook_bits=8, indices=dist.argmin(-1),
-                       codebook=codes, codebook_scale=scale, codebook_min=minimum, lowrank_a=A, lowrank_b=B,
-                       bias=bias)
+    return AthenaLayer(
+        shape=(N, M),
+        d=d,
+        n=n,
+        k=k,
+        codebook_bits=8,
+        indices=dist.argmin(-1),
+        codebook=codes,
+        codebook_scale=scale,
+        codebook_min=minimum,
+        lowrank_a=A,
+        lowrank_b=B,
+        bias=bias,
+    )
 
 
 def write_compressed(hf_folder: Path, out: Path, method: str) -> Path:
@@ -63,6 +90,10 @@ def write_compressed(hf_folder: Path, out: Path, method: str) -> Path:
         if name.rsplit(".", 1)[0] not in quantized:
             tensors[name] = t.half()
     out.mkdir(parents=True)
-    checkpoint.finalize(out, hf_folder, tensors, {"architecture": config["model_type"], "method": method,
-                                                  "recipe": {}, "layers": layers})
+    checkpoint.finalize(
+        out,
+        hf_folder,
+        tensors,
+        {"architecture": config["model_type"], "method": method, "recipe": {}, "layers": layers},
+    )
     return out

@@ -1,5 +1,6 @@
 """Shared test set-up: kernels run under the Triton interpreter when there is no GPU; tests use a
 private cache folder; tiny models are built once per session."""
+
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,10 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 def pytest_ignore_collect(collection_path, config):
     """Under `-m gpu` (bench/gpu_suite.sh tests) a test module with no gpu mark is not even imported: the lent GPU
     machine lacks parts of the server stack that other modules import."""
-    if config.getoption("markexpr", "") == "gpu" and collection_path.name.startswith("test_") \
-            and collection_path.suffix == ".py":
+    if (
+        config.getoption("markexpr", "") == "gpu"
+        and collection_path.name.startswith("test_")
+        and collection_path.suffix == ".py"
+    ):
         return True if "mark.gpu" not in collection_path.read_text() else None
     return None

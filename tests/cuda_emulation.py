@@ -13,6 +13,7 @@ indexing, bounds and edge handling, not timing, and not what differs on a GPU (m
 CTAs, alignment faults, fp16 rounding inside fused operations). Slow: a few seconds per launch of a few
 hundred CTAs.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -159,8 +160,12 @@ def compiler() -> str | None:
     gxx = shutil.which("g++")
     if gxx is None:
         return None
-    probe = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"],
-                           input="#include <barrier>\n_Float16 h = (_Float16)1.0f;\n", capture_output=True, text=True)
+    probe = subprocess.run(
+        [gxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"],
+        input="#include <barrier>\n_Float16 h = (_Float16)1.0f;\n",
+        capture_output=True,
+        text=True,
+    )
     return gxx if probe.returncode == 0 else None
 
 
@@ -173,9 +178,25 @@ def build(source: str, workdir: Path) -> ctypes.CDLL:
     src = workdir / "emulated.cpp"
     src.write_text(source)
     lib = workdir / "libemulated.so"
-    res = subprocess.run([compiler(), "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-DATHENA_CUDA_EMULATION",
-                          f"-I{workdir}", f"-I{SOURCE_DIR}", "-o", str(lib), str(src), "-lpthread"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            compiler(),
+            "-std=c++20",
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-w",
+            "-DATHENA_CUDA_EMULATION",
+            f"-I{workdir}",
+            f"-I{SOURCE_DIR}",
+            "-o",
+            str(lib),
+            str(src),
+            "-lpthread",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode:
         raise RuntimeError(res.stderr[-4000:])
     return ctypes.CDLL(str(lib))

@@ -9,6 +9,7 @@ context limit (ContextLengthExceeded), cancellation by closing the stream or `ab
 with a bounded drain. `active` holds the ids of requests not yet finished or cancelled, and
 `stats()` counts the KV blocks they hold, so tests can check that nothing leaks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,12 @@ def tiny_chat_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(SENTENCES, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
@@ -53,9 +58,18 @@ def tiny_chat_tokenizer():
 
 
 class FakeEngine:
-    def __init__(self, *, model_name: str = "fake-model", max_model_len: int = 256, max_num_seqs: int = 8,
-                 max_queue: int = 64, block_size: int = 16, num_blocks: int = 1024, step_delay_s: float = 0.001,
-                 eos_probability: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str = "fake-model",
+        max_model_len: int = 256,
+        max_num_seqs: int = 8,
+        max_queue: int = 64,
+        block_size: int = 16,
+        num_blocks: int = 1024,
+        step_delay_s: float = 0.001,
+        eos_probability: float = 0.0,
+    ) -> None:
         self.tokenizer = tiny_chat_tokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -66,26 +80,28 @@ class FakeEngine:
         self.ready = False
         self.closed = False
         # Bookkeeping tests read.
-        self.active: dict[str, int] = {}          # request id -> KV blocks held (admitted, not finished)
+        self.active: dict[str, int] = {}  # request id -> KV blocks held (admitted, not finished)
         self.waiting = 0
-        self.cancelled: list[str] = []            # closed early or aborted
+        self.cancelled: list[str] = []  # closed early or aborted
         self.finished: list[str] = []
         self.shutdown_calls: list[float] = []
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         # Fault injection.
-        self.fail_next: BaseException | None = None   # raised by the next generate() before it starts
-        self.error_after_tokens: int | None = None    # finish every request with "error" after this many tokens
+        self.fail_next: BaseException | None = None  # raised by the next generate() before it starts
+        self.error_after_tokens: int | None = None  # finish every request with "error" after this many tokens
         # Replays: each new request takes the next text, emits its tokens one by one (special tokens
         # give no text, as the real detokenizer does) and finishes with "stop".
         self.replies: list[str] = []
-        self.prompts: list[list[int]] = []            # prompt token ids of every request, in order
+        self.prompts: list[list[int]] = []  # prompt token ids of every request, in order
         self._aborts: set[str] = set()
         self._abort_all = False
         self._slots: asyncio.Semaphore | None = None
-        self._vocab = [i for i in range(len(self.tokenizer))
-                       if (s := self.tokenizer.decode([i])).isascii() and s.isprintable() and s.strip()
-                       and "<|" not in s]
+        self._vocab = [
+            i
+            for i in range(len(self.tokenizer))
+            if (s := self.tokenizer.decode([i])).isascii() and s.isprintable() and s.strip() and "<|" not in s
+        ]
 
     # -- interface ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,8 +121,10 @@ class FakeEngine:
             self.prompts.append(list(prompt_token_ids))
             total = len(prompt_token_ids) + params.max_tokens
             if total > self.max_model_len:
-                raise ContextLengthExceeded(f"This model's maximum context length is {self.max_model_len} tokens. "
-                                            f"However, you requested {total} tokens.")
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, you requested {total} tokens."
+                )
         if len(requests) > self.max_queue:
             raise GroupTooLarge(f"{len(requests)} requests at once can never be admitted")
         if self.waiting + len(requests) > self.max_queue:
@@ -119,8 +137,9 @@ class FakeEngine:
             streams.append(RequestStream(request_id, outputs, lambda _, finished, t=task: finished or t.cancel()))
         return streams
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         (stream,) = self.submit([(request_id, prompt_token_ids, params)])
         try:
             async for out in stream:
@@ -128,8 +147,13 @@ class FakeEngine:
         finally:
             stream.close()
 
-    async def _serve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     outputs: asyncio.Queue[RequestOutput]) -> None:
+    async def _serve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        outputs: asyncio.Queue[RequestOutput],
+    ) -> None:
         admitted, reason = False, None
         try:
             await self._slots.acquire()
@@ -153,9 +177,14 @@ class FakeEngine:
         self._aborts.add(request_id)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.active), waiting=self.waiting, kv_blocks_total=self.num_blocks,
-                           kv_blocks_used=sum(self.active.values()), prompt_tokens_total=self.prompt_tokens_total,
-                           generation_tokens_total=self.generation_tokens_total)
+        return EngineStats(
+            running=len(self.active),
+            waiting=self.waiting,
+            kv_blocks_total=self.num_blocks,
+            kv_blocks_used=sum(self.active.values()),
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
 
     async def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         self.shutdown_calls.append(drain_timeout_s)
@@ -165,7 +194,7 @@ class FakeEngine:
         deadline = loop.time() + drain_timeout_s
         while (self.active or self.waiting) and loop.time() < deadline:
             await asyncio.sleep(0.005)
-        self._abort_all = True   # running requests end "cancelled", as do waiting ones when they get a slot
+        self._abort_all = True  # running requests end "cancelled", as do waiting ones when they get a slot
 
     # -- generation ----------------------------------------------------------------------------
     def _blocks(self, tokens: int) -> int:
@@ -179,8 +208,7 @@ class FakeEngine:
             return random.Random(int.from_bytes(digest[:8], "little"))
         return random.Random()
 
-    async def _decode(self, request_id: str, prompt: list[int],
-                      params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def _decode(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         if self.replies:
             async for out in self._replay(request_id, prompt, self.replies.pop(0)):
                 yield out
@@ -188,7 +216,7 @@ class FakeEngine:
         rng = self._rng(prompt, params)
         eos = self.tokenizer.eos_token_id
         generated: list[int] = []
-        text, sent = "", 0   # all generated text; how much of it was handed out
+        text, sent = "", 0  # all generated text; how much of it was handed out
         longest_stop = max((len(s) for s in params.stop), default=0)
         while True:
             await asyncio.sleep(self.step_delay_s)
@@ -212,13 +240,13 @@ class FakeEngine:
             text += self.tokenizer.decode([token])
             hits = [i for i in (text.find(s, max(0, sent - longest_stop)) for s in params.stop) if i >= 0]
             if hits:
-                yield self._out(request_id, prompt, generated, text[sent:min(hits)], (token,), "stop", logprobs)
+                yield self._out(request_id, prompt, generated, text[sent : min(hits)], (token,), "stop", logprobs)
                 return
             if len(generated) >= params.max_tokens:
                 yield self._out(request_id, prompt, generated, text[sent:], (token,), "length", logprobs)
                 return
             hold = max((k for s in params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            delta, sent = text[sent:len(text) - hold], max(sent, len(text) - hold)
+            delta, sent = text[sent : len(text) - hold], max(sent, len(text) - hold)
             yield self._out(request_id, prompt, generated, delta, (token,), None, logprobs)
 
     async def _replay(self, request_id: str, prompt: list[int], reply: str) -> AsyncIterator[RequestOutput]:
@@ -231,7 +259,7 @@ class FakeEngine:
             self.generation_tokens_total += 1
             text = self.tokenizer.decode([token], skip_special_tokens=True)
             last = k == len(tokens) - 1
-            yield self._out(request_id, prompt, tokens[:k + 1], text, (token,), "stop" if last else None, None)
+            yield self._out(request_id, prompt, tokens[: k + 1], text, (token,), "stop" if last else None, None)
 
     def _logprobs(self, token: int, step: int, params: SamplingParams) -> tuple[TokenLogprob, ...] | None:
         if params.logprobs is None:
@@ -241,11 +269,27 @@ class FakeEngine:
         lp = math.log(rng.uniform(0.05, 0.95))
         others = rng.sample(self._vocab, params.logprobs)
         top = tuple(TopLogprob(t, decode([t]), lp - i * 0.5) for i, t in enumerate([token] + others))
-        return (TokenLogprob(token, decode([token]), lp, top[:params.logprobs]),)
+        return (TokenLogprob(token, decode([token]), lp, top[: params.logprobs]),)
 
-    def _out(self, request_id: str, prompt: list[int], generated: list[int], text: str, token_ids: tuple[int, ...],
-             finish_reason: str | None, logprobs: tuple[TokenLogprob, ...] | None,
-             error: str | None = None) -> RequestOutput:
-        return RequestOutput(request_id, text, token_ids, finished=finish_reason is not None,
-                             finish_reason=finish_reason, logprobs=logprobs, prompt_tokens=len(prompt),
-                             completion_tokens=len(generated), error=error)
+    def _out(
+        self,
+        request_id: str,
+        prompt: list[int],
+        generated: list[int],
+        text: str,
+        token_ids: tuple[int, ...],
+        finish_reason: str | None,
+        logprobs: tuple[TokenLogprob, ...] | None,
+        error: str | None = None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id,
+            text,
+            token_ids,
+            finished=finish_reason is not None,
+            finish_reason=finish_reason,
+            logprobs=logprobs,
+            prompt_tokens=len(prompt),
+            completion_tokens=len(generated),
+            error=error,
+        )

@@ -7,6 +7,7 @@ block written while another sequence holds it or a block reused before it was fr
 error (or as different logits, caught by comparing against a solo run). Logits are a
 deterministic function of (history, position) only, never of the rest of the batch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Hello world! Hello there, how are you today?",
     "Stop here. Do not go further than the end of the line.",
-    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u65e5\u672c\u8a9e \U0001F600 emoji and accents.",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u65e5\u672c\u8a9e \U0001f600 emoji and accents.",
     "Paged attention keeps the KV cache in blocks of sixteen tokens.",
 ]
 
@@ -33,8 +34,12 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(SENTENCES, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -45,17 +50,24 @@ def _chain(prev: int, token: int, pos: int) -> int:
 
 
 class FakeRunner:
-    def __init__(self, vocab_size: int = 300, num_blocks: int = 64, block_size: int = 4,
-                 max_model_len: int = 256, banned: tuple[int, ...] = (), fail_when=None,
-                 delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 300,
+        num_blocks: int = 64,
+        block_size: int = 4,
+        max_model_len: int = 256,
+        banned: tuple[int, ...] = (),
+        fail_when=None,
+        delay_s: float = 0.0,
+    ) -> None:
         self.vocab_size = vocab_size
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.banned = banned            # token ids whose logit is -inf (e.g. eos, for long runs)
-        self.fail_when = fail_when      # callable(chunks) -> bool: raise RuntimeError in that step
-        self.delay_s = delay_s          # sleep per step (async tests: keep requests in flight)
-        self.kv: dict[tuple[int, int], tuple[int, int]] = {}   # (block, slot) -> (token, chain hash)
+        self.banned = banned  # token ids whose logit is -inf (e.g. eos, for long runs)
+        self.fail_when = fail_when  # callable(chunks) -> bool: raise RuntimeError in that step
+        self.delay_s = delay_s  # sleep per step (async tests: keep requests in flight)
+        self.kv: dict[tuple[int, int], tuple[int, int]] = {}  # (block, slot) -> (token, chain hash)
         self.calls: list[list[SequenceChunk]] = []
 
     def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
@@ -66,7 +78,7 @@ class FakeRunner:
         bs = self.block_size
         # chunks may share cached prefix blocks (read-only), never a block one of them writes
         owned = [set(c.block_table[: -(-(c.start_pos + len(c.token_ids)) // bs)]) for c in chunks]
-        written = [set(c.block_table[c.start_pos // bs: -(-(c.start_pos + len(c.token_ids)) // bs)]) for c in chunks]
+        written = [set(c.block_table[c.start_pos // bs : -(-(c.start_pos + len(c.token_ids)) // bs)]) for c in chunks]
         for i in range(len(chunks)):
             for j in range(len(chunks)):
                 assert i == j or not written[i] & owned[j], f"chunk {i} writes KV blocks {written[i] & owned[j]} of {j}"
@@ -78,13 +90,13 @@ class FakeRunner:
             assert len(c.block_table) * bs >= end, "block table too small"
             assert all(0 <= b < self.num_blocks for b in c.block_table), "block id out of range"
             h = 0
-            for pos in range(c.start_pos):                     # history already in the cache
+            for pos in range(c.start_pos):  # history already in the cache
                 entry = self.kv.get((c.block_table[pos // bs], pos % bs))
                 assert entry is not None, f"position {pos} was never written"
                 token, stored = entry
                 h = _chain(h, token, pos)
                 assert stored == h, f"KV slot for position {pos} holds another sequence's token"
-            for k, token in enumerate(c.token_ids):            # write the new tokens
+            for k, token in enumerate(c.token_ids):  # write the new tokens
                 pos = c.start_pos + k
                 h = _chain(h, token, pos)
                 self.kv[(c.block_table[pos // bs], pos % bs)] = (token, h)

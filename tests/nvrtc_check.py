@@ -1,5 +1,6 @@
 """Register and spill checks of the CUDA kernels compiled by NVRTC itself (the runtime's compiler), on the CPU:
 NVRTC needs no GPU, only the nvidia-cuda-nvrtc and nvidia-cuda-runtime wheels (`.[kernels-check]`)."""
+
 from __future__ import annotations
 
 import dataclasses

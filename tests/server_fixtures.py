@@ -1,5 +1,6 @@
 """A real uvicorn server on 127.0.0.1 (free port, own thread and event loop) for server tests,
 plus helpers to read /metrics and wait for the engine to go idle."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,8 +19,13 @@ from server.settings import ServerSettings
 
 def make_settings(**overrides: Any) -> ServerSettings:
     """Settings for tests: no key, small drain, whatever the environment says otherwise."""
-    base: dict[str, Any] = {"api_key": None, "served_model_name": None, "drain_timeout_s": 5.0,
-                            "max_body_bytes": 1 << 20, "log_level": "warning"}
+    base: dict[str, Any] = {
+        "api_key": None,
+        "served_model_name": None,
+        "drain_timeout_s": 5.0,
+        "max_body_bytes": 1 << 20,
+        "log_level": "warning",
+    }
     base.update(overrides)
     return ServerSettings(**base)
 
@@ -37,8 +43,9 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         # the production config and server (server/http_server.py), on this socket
-        config = uvicorn_config(app, app.state.settings, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=graceful_timeout_s)
+        config = uvicorn_config(
+            app, app.state.settings, log_level="warning", access_log=False, timeout_graceful_shutdown=graceful_timeout_s
+        )
         self.server = AppServer(config, app)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
@@ -76,8 +83,10 @@ class LiveServer:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` on the server's event loop (where the engine lives) and returns its result."""
+
         async def run() -> Any:
             return fn()
+
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def __enter__(self) -> "LiveServer":
@@ -117,8 +126,11 @@ def engine_idle(server: LiveServer) -> bool:
     if stats.running or stats.waiting or stats.kv_blocks_used:
         return False
     m = metrics(server.url)
-    return (m["athena_requests_running"] == 0 and m["athena_requests_waiting"] == 0
-            and m["athena_kv_cache_usage_ratio"] == 0)
+    return (
+        m["athena_requests_running"] == 0
+        and m["athena_requests_waiting"] == 0
+        and m["athena_kv_cache_usage_ratio"] == 0
+    )
 
 
 class HealthProbe:

@@ -1,5 +1,6 @@
 """--target-bits: the greedy knapsack keeps the budget (both sides of it), the sensitivity measures, and the
 driver end to end (athena.json's plan and bits against the stored bytes of the files)."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,14 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_tiny_model, write_text
 
+from athena_runtime.format.source import load_hf_model
 from quantize.allocate import BitBudget, Option, _hull, allocate
 from quantize.calibration import CalibConfig
 from quantize.driver import QuantizeJob, run
 from quantize.recipe import AthenaRecipe
 from quantize.sensitivity import fisher_traces, kmeans_mse
-from athena_runtime.format.source import load_hf_model
-from tiny_models import make_tiny_model, write_text
 
 R = AthenaRecipe()
 
@@ -112,8 +113,10 @@ def tiny(tmp_path_factory):
 
 def test_fisher_traces_positive_and_grads_restored(tiny):
     model = load_hf_model(tiny[0])
-    mods = {"model.layers.0.self_attn.q_proj": model.model.layers[0].self_attn.q_proj,
-            "model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj}
+    mods = {
+        "model.layers.0.self_attn.q_proj": model.model.layers[0].self_attn.q_proj,
+        "model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj,
+    }
     before = [p.requires_grad for p in model.parameters()]
     ids = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
     tr = fisher_traces(model, ids, mods)
@@ -126,9 +129,14 @@ def test_fisher_traces_positive_and_grads_restored(tiny):
 def test_driver_target_bits_end_to_end(tiny, tmp_path, target):
     model, calib = tiny
     base = AthenaRecipe(k=4096, lowrank=0.0, kmeans_iters=4)
-    job = QuantizeJob(model=str(model), out=str(tmp_path / "q"), athena=base,
-                      calib=CalibConfig(files=(str(calib),), nsamples=4, seqlen=32, seed=0), batch_size=4,
-                      budget=BitBudget(target, sensitivity_windows=2, sample_groups=4))
+    job = QuantizeJob(
+        model=str(model),
+        out=str(tmp_path / "q"),
+        athena=base,
+        calib=CalibConfig(files=(str(calib),), nsamples=4, seqlen=32, seed=0),
+        batch_size=4,
+        budget=BitBudget(target, sensitivity_windows=2, sample_groups=4),
+    )
     meta = run(job)
     alloc = meta["allocation"]
     assert meta["bits_per_weight"]["linear"] <= target
@@ -139,8 +147,11 @@ def test_driver_target_bits_end_to_end(tiny, tmp_path, target):
     for name, st in meta["layers"].items():
         plan = alloc["layers"][name]
         assert st["recipe"] == plan["recipe"] == f"{st['d']},{st['n']},{st['k']}"
-        stored = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                     if k.startswith(name + ".") and not k.endswith(".bias"))
+        stored = sum(
+            t.numel() * t.element_size()
+            for k, t in tensors.items()
+            if k.startswith(name + ".") and not k.endswith(".bias")
+        )
         N, M = st["shape"]
         assert st["bits_per_weight"] == pytest.approx(8.0 * stored / (N * M)) == pytest.approx(plan["planned_bits"])
         linear_bytes += stored

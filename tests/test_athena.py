@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from quantize.athena import quantize_athena
 from quantize.hessian import HessianAccumulator, prepare_hessian
-from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from quantize.recipe import AthenaRecipe
 
 
@@ -52,9 +52,9 @@ def test_feedback_and_lowrank_lower_the_layer_loss():
     X, H = calibration(M)
     (W,) = weights([(96, M)])
     base = dict(d=2, n=8, k=32, codebook_bits=16, kmeans_iters=6)
-    (l_fb, s_fb), = quantize_athena([W], H, AthenaRecipe(lowrank=0, **base))
-    (l_nofb, _), = quantize_athena([W], H, AthenaRecipe(lowrank=0, **base), _error_feedback=False)
-    (l_lr, s_lr), = quantize_athena([W], H, AthenaRecipe(lowrank=0.1, **base))
+    ((l_fb, s_fb),) = quantize_athena([W], H, AthenaRecipe(lowrank=0, **base))
+    ((l_nofb, _),) = quantize_athena([W], H, AthenaRecipe(lowrank=0, **base), _error_feedback=False)
+    ((l_lr, s_lr),) = quantize_athena([W], H, AthenaRecipe(lowrank=0.1, **base))
     loss_nofb, loss_fb, loss_lr = layer_loss(W, l_nofb, X), layer_loss(W, l_fb, X), layer_loss(W, l_lr, X)
     assert loss_fb < 0.9 * loss_nofb
     assert loss_lr < 0.95 * loss_fb
@@ -71,7 +71,7 @@ def test_shapes_not_multiples_of_d_or_k(d):
     _, H = calibration(M)
     (W,) = weights([(N, M)])
     recipe = AthenaRecipe(d=d, n=n, k=k, lowrank=0.2, kmeans_iters=3)
-    (layer, stats), = quantize_athena([W], H, recipe)
+    ((layer, stats),) = quantize_athena([W], H, recipe)
     G, Nb = -(-M // d), -(-N // k)
     assert layer.indices.shape == (N, G) and int(layer.indices.max()) < n
     assert layer.codebook.shape == (Nb, G, n, d) and layer.codebook.dtype == torch.uint8
@@ -91,7 +91,7 @@ def test_lossless_when_every_row_gets_a_centroid():
     M = 12
     _, H = calibration(M)
     (W,) = weights([(8, M)])
-    (layer, stats), = quantize_athena([W], H, AthenaRecipe(d=2, n=8, k=8, codebook_bits=16, lowrank=0))
+    ((layer, stats),) = quantize_athena([W], H, AthenaRecipe(d=2, n=8, k=8, codebook_bits=16, lowrank=0))
     assert stats["proxy_loss"] < 1e-6
 
 
@@ -105,7 +105,7 @@ def test_batched_qkv_matches_separate_calls(k):
     for seed in (0, 1):
         recipe = AthenaRecipe(d=2, n=8, k=k, lowrank=0, kmeans_iters=6, seed=seed)
         for i, (W, (layer, _)) in enumerate(zip(Ws, quantize_athena(Ws, H, recipe))):
-            (single, _), = quantize_athena([W], H, recipe)
+            ((single, _),) = quantize_athena([W], H, recipe)
             assert layer.indices.shape == single.indices.shape and layer.codebook.shape == single.codebook.shape
             assert layer.codebook.shape[0] == -(-W.shape[0] // k)
             together[i] += layer_loss(W, layer, X)
@@ -120,12 +120,19 @@ def test_storage_round_trip_and_bits(codebook_bits, lowrank):
     _, H = calibration(M)
     (W,) = weights([(N, M)])
     recipe = AthenaRecipe(d=3, n=16, k=32, codebook_bits=codebook_bits, lowrank=lowrank, kmeans_iters=3)
-    (layer, _), = quantize_athena([W], H, recipe)
+    ((layer, _),) = quantize_athena([W], H, recipe)
     layer.bias = torch.randn(N).half()
     tensors = layer.to_tensors("model.layers.0.mlp.up_proj")
     meta = layer.meta()
-    assert meta == {"method": "athena", "shape": [N, M], "d": 3, "n": 16, "k": 32,
-                    "codebook_bits": codebook_bits, "rank": recipe.rank(N, M)}
+    assert meta == {
+        "method": "athena",
+        "shape": [N, M],
+        "d": 3,
+        "n": 16,
+        "k": 32,
+        "codebook_bits": codebook_bits,
+        "rank": recipe.rank(N, M),
+    }
     again = layer_from_tensors("model.layers.0.mlp.up_proj", tensors, meta)
     assert isinstance(again, AthenaLayer)
     assert torch.equal(again.dequantize(), layer.dequantize())
@@ -149,7 +156,7 @@ def test_from_tensors_names_the_bad_tensor():
     N, M = 20, 12
     _, H = calibration(M)
     (W,) = weights([(N, M)])
-    (layer, _), = quantize_athena([W], H, AthenaRecipe(d=2, n=4, k=8, lowrank=0.1, kmeans_iters=2))
+    ((layer, _),) = quantize_athena([W], H, AthenaRecipe(d=2, n=4, k=8, lowrank=0.1, kmeans_iters=2))
     good, meta = layer.to_tensors("p"), layer.meta()
 
     def broken(**changes):
@@ -207,7 +214,7 @@ def test_dead_input_columns():
     H = acc.hessian(0.0)
     assert H[3, 3] == 1.0
     (W,) = weights([(16, M)])
-    (layer, stats), = quantize_athena([W], acc.H, AthenaRecipe(d=2, n=4, k=16, kmeans_iters=2))
+    ((layer, stats),) = quantize_athena([W], acc.H, AthenaRecipe(d=2, n=4, k=16, kmeans_iters=2))
     assert torch.isfinite(layer.dequantize()).all() and 0 <= stats["proxy_loss"] < 1
 
 
@@ -225,8 +232,17 @@ def test_refuses_bad_input():
         quantize_athena([], H, r)
     with pytest.raises(ValueError, match="AthenaRecipe"):
         quantize_athena([W], H, {"d": 2})
-    for bad in (dict(n=48), dict(d=0), dict(k=0), dict(codebook_bits=4), dict(lowrank=1.5),
-                dict(kmeans_iters=0), dict(damp=-1.0), dict(block_size=0), dict(d=2.0)):
+    for bad in (
+        dict(n=48),
+        dict(d=0),
+        dict(k=0),
+        dict(codebook_bits=4),
+        dict(lowrank=1.5),
+        dict(kmeans_iters=0),
+        dict(damp=-1.0),
+        dict(block_size=0),
+        dict(d=2.0),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             AthenaRecipe(**bad)
 

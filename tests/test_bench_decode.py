@@ -1,5 +1,6 @@
 """`python -m bench.decode --family ...` on the CPU at tiny shapes: the families' random models are built in memory,
 decoded at batch 1, and their rates reported against the baseline shape's per byte read."""
+
 import json
 
 import pytest
@@ -11,8 +12,25 @@ from bench.random_checkpoint import FAMILIES, model_shapes
 
 @pytest.mark.slow  # ~35 s on 2 busy cores
 def test_family_decode_runs_on_cpu(capsys):
-    argv = ["--family", "tiny-llama,tiny-gemma3", "--baseline", "tiny-llama", "--device", "cpu", "--paths", "pq,fp16",
-            "--prompt", "5", "--new", "3", "--context", "32", "--rounds", "1", "--json"]
+    argv = [
+        "--family",
+        "tiny-llama,tiny-gemma3",
+        "--baseline",
+        "tiny-llama",
+        "--device",
+        "cpu",
+        "--paths",
+        "pq,fp16",
+        "--prompt",
+        "5",
+        "--new",
+        "3",
+        "--context",
+        "32",
+        "--rounds",
+        "1",
+        "--json",
+    ]
     assert decode.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = {(r["family"], r["path"]): r for r in result["rows"]}

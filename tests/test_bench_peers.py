@@ -1,6 +1,7 @@
 """athena bench peers: the parts that run without a GPU (sdist slimming, the random GGUF and imatrix, the int4
 tinygemm layout on the CPU ops, the decode-step breakdown's matching of graph replays, the module scopes), and the
 whole run on the CPU with the tiny shape (llama.cpp part only where a CPU build of it already exists)."""
+
 import io
 import json
 import os
@@ -32,12 +33,22 @@ def _tar(path: Path, names: list[str]) -> None:
 
 
 def test_slim_sdist_drops_only_unbuilt_paths(tmp_path):
-    keep = ["p-1/llama.cpp/CMakeLists.txt", "p-1/llama.cpp/ggml/src/ggml-cuda/mmq.cu",
-            "p-1/llama.cpp/tools/llama-bench/llama-bench.cpp", "p-1/llama.cpp/tools/mtmd/CMakeLists.txt",
-            "p-1/llama.cpp/vendor/miniaudio/miniaudio.h", "p-1/PKG-INFO", "p-1/llama.cpp/docsnot/kept.txt"]
-    drop = ["p-1/llama.cpp/docs/ops/CUDA.csv", "p-1/llama.cpp/models/ggml-vocab-gpt-2.gguf",
-            "p-1/llama.cpp/ggml/src/ggml-vulkan/x.cpp", "p-1/llama.cpp/tools/ui/index.html",
-            "p-1/llama.cpp/tests/test-backend-ops.cpp"]
+    keep = [
+        "p-1/llama.cpp/CMakeLists.txt",
+        "p-1/llama.cpp/ggml/src/ggml-cuda/mmq.cu",
+        "p-1/llama.cpp/tools/llama-bench/llama-bench.cpp",
+        "p-1/llama.cpp/tools/mtmd/CMakeLists.txt",
+        "p-1/llama.cpp/vendor/miniaudio/miniaudio.h",
+        "p-1/PKG-INFO",
+        "p-1/llama.cpp/docsnot/kept.txt",
+    ]
+    drop = [
+        "p-1/llama.cpp/docs/ops/CUDA.csv",
+        "p-1/llama.cpp/models/ggml-vocab-gpt-2.gguf",
+        "p-1/llama.cpp/ggml/src/ggml-vulkan/x.cpp",
+        "p-1/llama.cpp/tools/ui/index.html",
+        "p-1/llama.cpp/tests/test-backend-ops.cpp",
+    ]
     src, out = tmp_path / "p-1.tar.gz", tmp_path / "slim.tar.gz"
     _tar(src, keep + drop)
     kept, dropped = llama_build.slim_sdist(src, out)
@@ -81,6 +92,7 @@ def test_run_group_kills_the_whole_group_on_timeout(tmp_path):
     with open(tmp_path / "log", "w") as f, pytest.raises(subprocess.TimeoutExpired):
         llama_build.run_group(["bash", "-c", f"(sleep 2; touch {marker}) & wait"], f, 0.5)
     import time
+
     time.sleep(2.5)
     assert not marker.exists()  # the grandchild died with its group
     with open(tmp_path / "log", "w") as f, pytest.raises(subprocess.CalledProcessError):
@@ -152,8 +164,13 @@ def test_busy_counts_overlaps_once():
 
 
 def test_breakdown_matches_replays_and_accounts_gaps():
-    seq = [("gemv_pq", "linear layers"), ("_rope_kernel", "attention"), ("_paged_decode_kernel", "attention"),
-           ("gemv_pq", "linear layers"), ("cublas_gemv", "lm_head")]
+    seq = [
+        ("gemv_pq", "linear layers"),
+        ("_rope_kernel", "attention"),
+        ("_paged_decode_kernel", "attention"),
+        ("gemv_pq", "linear layers"),
+        ("cublas_gemv", "lm_head"),
+    ]
     events = []
     t = 0.0
     for _ in range(3):  # each step: an input copy, the 5 graph kernels with 1 us gaps, then argmax
@@ -200,8 +217,15 @@ def test_module_scopes_cover_the_model_on_the_cpu():
     assert module_category("model.layers.3.mlp", "MLP") == "activation (SiLU x up)"
     assert module_category("model.layers.3", "DecoderLayer") is None
     cats = {module_category(n, type(m).__name__) for n, m in runner.model.named_modules()} - {None}
-    assert cats == {"linear layers", "lm_head", "embedding", "norms (+ residual add)", "RoPE", "attention",
-                    "activation (SiLU x up)"}
+    assert cats == {
+        "linear layers",
+        "lm_head",
+        "embedding",
+        "norms (+ residual add)",
+        "RoPE",
+        "attention",
+        "activation (SiLU x up)",
+    }
     handles = _scopes(runner.model)
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         runner.execute([SequenceChunk([5, 6, 7], 0, [0])])
@@ -223,10 +247,29 @@ def _cpu_llama_build() -> Path | None:
 
 def _peers(tmp_path, *extra) -> dict:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bench.peers", "--shape", "tiny", "--device", "cpu", "--pp", "16", "--tg", "4",
-           "--reps", "1", "--out", str(out), "--workdir", str(tmp_path / "w"), *extra]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.peers",
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--pp",
+        "16",
+        "--tg",
+        "4",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "w"),
+        *extra,
+    ]
+    res = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((out / "peers.json").read_text()), res.stdout
 
@@ -250,15 +293,26 @@ def test_peers_budget_guard_skips_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_cpu_llama_build() is None, reason="no CPU build of llama.cpp under .peers/build-cpu*/ "
-                    "(python -m bench.llama_build --src SDIST --cuda-arch cpu --O0 makes one)")
+@pytest.mark.skipif(
+    _cpu_llama_build() is None,
+    reason="no CPU build of llama.cpp under .peers/build-cpu*/ "
+    "(python -m bench.llama_build --src SDIST --cuda-arch cpu --O0 makes one)",
+)
 def test_peers_on_the_cpu_with_llama_cpp(tmp_path):
     bins = _cpu_llama_build()
     build_dir = tmp_path / "peers"
     (build_dir / "build-cpu-O0").mkdir(parents=True)
     (build_dir / "build-cpu-O0" / "bin").symlink_to(bins)
-    doc, stdout = _peers(tmp_path, "--O0", "--build-dir", str(build_dir), "--skip-athena", "--skip-tinygemm",
-                         "--types", "Q4_K_M,IQ3_XXS,F16")
+    doc, stdout = _peers(
+        tmp_path,
+        "--O0",
+        "--build-dir",
+        str(build_dir),
+        "--skip-athena",
+        "--skip-tinygemm",
+        "--types",
+        "Q4_K_M,IQ3_XXS,F16",
+    )
     rows = {r["system"]: r for r in doc["rows"]}
     assert set(rows) == {"llama.cpp Q4_K_M", "llama.cpp IQ3_XXS (random imatrix)", "llama.cpp F16"}
     assert all(r["tok_s"] > 0 and r["pp_tok_s"] > 0 for r in rows.values())

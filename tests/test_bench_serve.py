@@ -1,5 +1,6 @@
 """`athena bench serve`: metric arithmetic on constructed timings, and the whole tool against a small
 fake OpenAI-compatible streaming server (FastAPI + uvicorn on 127.0.0.1, known sleeps per token)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,9 @@ ITL_S = 0.03  # and between tokens
 
 
 def test_ttft_tpot_itl_exact_on_constructed_request():
-    r = RequestRecord(send_s=10.0, chunk_times=(10.5, 10.6, 10.8, 11.1), end_s=11.2, completion_tokens=4,
-                      prompt_tokens=7)
+    r = RequestRecord(
+        send_s=10.0, chunk_times=(10.5, 10.6, 10.8, 11.1), end_s=11.2, completion_tokens=4, prompt_tokens=7
+    )
     assert r.ttft_s == pytest.approx(0.5)
     assert r.e2e_s == pytest.approx(1.2)
     assert r.tpot_s == pytest.approx(0.7 / 3)
@@ -86,9 +88,11 @@ def test_percentile_matches_numpy_linear():
 
 def test_failed_requests_are_counted_by_kind_and_left_out_of_latencies():
     ok = RequestRecord(send_s=0.0, chunk_times=(0.1, 0.2), end_s=0.3)
-    bad = [RequestRecord(send_s=0.0, end_s=0.01, error="http_429", error_detail="busy"),
-           RequestRecord(send_s=0.0, end_s=0.01, error="http_429"),
-           RequestRecord(send_s=0.0, chunk_times=(5.0,), end_s=9.0, error="timeout")]
+    bad = [
+        RequestRecord(send_s=0.0, end_s=0.01, error="http_429", error_detail="busy"),
+        RequestRecord(send_s=0.0, end_s=0.01, error="http_429"),
+        RequestRecord(send_s=0.0, chunk_times=(5.0,), end_s=9.0, error="timeout"),
+    ]
     s = summarize([ok, *bad], duration_s=1.0, concurrency=4, unfinished=2)
     assert s.errors == {"http_429": 2, "timeout": 1}
     assert (s.requests, s.completed, s.failed, s.unfinished) == (4, 1, 3, 2)
@@ -101,10 +105,10 @@ def test_failed_requests_are_counted_by_kind_and_left_out_of_latencies():
 def test_sse_parser_events_comments_multiline_and_flush():
     p = SSEParser()
     assert p.feed(": ping", 0.0) is None
-    assert p.feed("data: {\"a\":", 1.0) is None
+    assert p.feed('data: {"a":', 1.0) is None
     assert p.feed("data: 1}", 2.0) is None
     ev = p.feed("", 3.0)
-    assert ev.data == "{\"a\":\n1}" and ev.t == 1.0 and ev.event is None
+    assert ev.data == '{"a":\n1}' and ev.t == 1.0 and ev.event is None
     p.feed("event: error", 4.0)
     p.feed("data:{}", 5.0)
     ev = p.flush()
@@ -115,8 +119,13 @@ def test_sse_parser_events_comments_multiline_and_flush():
 def test_payload_is_plain_openai_and_extra_body_merges():
     t = Target(base_url="http://127.0.0.1:1/v1", model="m")
     body = build_payload(t, "hi", 5)
-    assert body == {"model": "m", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": "hi"}]}
+    assert body == {
+        "model": "m",
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     t2 = Target(base_url="http://127.0.0.1:1/v1", model="m", endpoint="completions", extra_body={"ignore_eos": True})
     body2 = build_payload(t2, "hi", 5)
     assert body2["prompt"] == "hi" and body2["ignore_eos"] is True and "messages" not in body2
@@ -130,13 +139,24 @@ def test_payload_is_plain_openai_and_extra_body_merges():
 # loopback guard and arguments
 
 
-@pytest.mark.parametrize("url,ok", [
-    ("http://127.0.0.1:8000", True), ("http://127.3.4.5:9/v1", True), ("http://localhost:8000/", True),
-    ("http://[::1]:8000", True), ("http://[::ffff:127.0.0.1]:80", True), ("https://LOCALHOST.", True),
-    ("http://10.0.0.2:8000", False), ("http://192.168.1.1", False), ("http://example.com:8000", False),
-    ("http://127.0.0.1.nip.io", False), ("http://0.0.0.0:8000", False), ("ftp://127.0.0.1", False),
-    ("127.0.0.1:8000", False),
-])
+@pytest.mark.parametrize(
+    "url,ok",
+    [
+        ("http://127.0.0.1:8000", True),
+        ("http://127.3.4.5:9/v1", True),
+        ("http://localhost:8000/", True),
+        ("http://[::1]:8000", True),
+        ("http://[::ffff:127.0.0.1]:80", True),
+        ("https://LOCALHOST.", True),
+        ("http://10.0.0.2:8000", False),
+        ("http://192.168.1.1", False),
+        ("http://example.com:8000", False),
+        ("http://127.0.0.1.nip.io", False),
+        ("http://0.0.0.0:8000", False),
+        ("ftp://127.0.0.1", False),
+        ("127.0.0.1:8000", False),
+    ],
+)
 def test_loopback_guard(url, ok):
     assert serve.is_loopback_url(url) is ok
 
@@ -149,10 +169,20 @@ def test_remote_url_is_refused_before_any_request(capsys):
     assert "refusing" in cap.err and "--allow-remote" in cap.err and cap.out == ""
 
 
-@pytest.mark.parametrize("argv", [["--num-prompts", "0"], ["--num-prompts", "10001"], ["--concurrency", "0"],
-                                  ["--concurrency", "a,b"], ["--request-rate", "-1"], ["--extra-body", "[1]"],
-                                  ["--endpoint", "embeddings"], ["--timeout-s", "0"],
-                                  ["--concurrency", "2", "--request-rate", "3"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--num-prompts", "0"],
+        ["--num-prompts", "10001"],
+        ["--concurrency", "0"],
+        ["--concurrency", "a,b"],
+        ["--request-rate", "-1"],
+        ["--extra-body", "[1]"],
+        ["--endpoint", "embeddings"],
+        ["--timeout-s", "0"],
+        ["--concurrency", "2", "--request-rate", "3"],
+    ],
+)
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         serve.main(argv)
@@ -184,8 +214,9 @@ class FakeState:
     flaky: int = 0
 
 
-def _chunk(kind: str, text: str | None, usage: dict | None = None, delta: dict | None = None,
-           finish: str | None = None) -> str:
+def _chunk(
+    kind: str, text: str | None, usage: dict | None = None, delta: dict | None = None, finish: str | None = None
+) -> str:
     """One SSE event; chat events end in CRLF (as sse-starlette writes them), completions in LF."""
     if kind == "chat":
         d = delta if delta is not None else {"content": text}
@@ -215,8 +246,9 @@ def make_app(state: FakeState) -> FastAPI:
         model, n = body["model"], int(body["max_tokens"])
         prompt = body["messages"][0]["content"] if kind == "chat" else body["prompt"]
         if model == "err-429":
-            return JSONResponse({"error": {"message": "queue full", "type": "rate_limit"}}, 429,
-                                headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"error": {"message": "queue full", "type": "rate_limit"}}, 429, headers={"Retry-After": "1"}
+            )
         if model == "flaky":
             state.flaky += 1
         if model == "err-500" or (model == "flaky" and state.flaky % 2 == 0):
@@ -248,11 +280,19 @@ def make_app(state: FakeState) -> FastAPI:
                     raise RuntimeError("connection dropped on purpose")
                 if i == 0:
                     yield ": keep-alive comment\n\n"
-            yield _chunk(kind, "" if kind == "completions" else None, delta={} if kind == "chat" else None,
-                         finish="length")
+            yield _chunk(
+                kind, "" if kind == "completions" else None, delta={} if kind == "chat" else None, finish="length"
+            )
             if usage:
-                yield _chunk(kind, None, {"prompt_tokens": len(prompt.split()), "completion_tokens": n,
-                                          "total_tokens": len(prompt.split()) + n})
+                yield _chunk(
+                    kind,
+                    None,
+                    {
+                        "prompt_tokens": len(prompt.split()),
+                        "completion_tokens": n,
+                        "total_tokens": len(prompt.split()) + n,
+                    },
+                )
             if model != "nodone":
                 yield "data: [DONE]\n\n"
 
@@ -277,8 +317,9 @@ def fake_server():
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(state), log_level="critical", lifespan="off",
-                                           timeout_graceful_shutdown=1))
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(state), log_level="critical", lifespan="off", timeout_graceful_shutdown=1)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -305,8 +346,25 @@ def test_end_to_end_timings_json_and_plot(fake_server, capsys, tmp_path):
     url, state = fake_server
     state.bodies.clear()
     png = tmp_path / "serve.png"
-    rc, res = run_json(capsys, ["--base-url", url, "--model", "fake", "--concurrency", "1,4", "--num-prompts", "8",
-                                "--input-len", "16", "--output-len", "6", "--plot", str(png)])
+    rc, res = run_json(
+        capsys,
+        [
+            "--base-url",
+            url,
+            "--model",
+            "fake",
+            "--concurrency",
+            "1,4",
+            "--num-prompts",
+            "8",
+            "--input-len",
+            "16",
+            "--output-len",
+            "6",
+            "--plot",
+            str(png),
+        ],
+    )
     assert rc == 0
     assert res["bench"] == "serve" and res["model"] == "fake" and res["mode"] == "concurrency"
     assert res["base_url"] == url + "/v1" and res["deadline_reached"] is False
@@ -346,14 +404,38 @@ def test_request_rate_completions_dataset_without_usage(fake_server, capsys, tmp
     url, state = fake_server
     state.bodies.clear()
     data = tmp_path / "prompts.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "alpha beta gamma", "max_tokens": 3},
-        {"conversations": [{"from": "human", "value": "delta epsilon"}, {"from": "gpt", "value": "x"}]},
-        {"text": "zeta"},
-    ]) + "\n")
-    rc, res = run_json(capsys, ["--base-url", url, "--model", "nousage", "--endpoint", "completions",
-                                "--request-rate", "40,inf", "--num-prompts", "6", "--dataset", str(data),
-                                "--output-len", "4", "--extra-body", '{"ignore_eos": true}'])
+    data.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"prompt": "alpha beta gamma", "max_tokens": 3},
+                {"conversations": [{"from": "human", "value": "delta epsilon"}, {"from": "gpt", "value": "x"}]},
+                {"text": "zeta"},
+            ]
+        )
+        + "\n"
+    )
+    rc, res = run_json(
+        capsys,
+        [
+            "--base-url",
+            url,
+            "--model",
+            "nousage",
+            "--endpoint",
+            "completions",
+            "--request-rate",
+            "40,inf",
+            "--num-prompts",
+            "6",
+            "--dataset",
+            str(data),
+            "--output-len",
+            "4",
+            "--extra-body",
+            '{"ignore_eos": true}',
+        ],
+    )
     assert rc == 0 and res["mode"] == "request_rate"
     assert [lv["request_rate"] for lv in res["levels"]] == [40.0, "inf"]
     assert res["settings"]["request_rate"] == [40.0, "inf"] and res["settings"]["concurrency"] is None
@@ -367,14 +449,39 @@ def test_request_rate_completions_dataset_without_usage(fake_server, capsys, tmp
     assert {b["max_tokens"] for b in state.bodies if b["prompt"] == "alpha beta gamma"} == {3}
 
 
-@pytest.mark.parametrize("model,kind", [("err-429", "http_429"), ("err-500", "http_500"), ("drop", "connection"),
-                                        ("garbage", "bad_stream"), ("json", "bad_stream"), ("nodone", "bad_stream"),
-                                        ("midstream-error", "stream_error"), ("slow", "timeout")])
+@pytest.mark.parametrize(
+    "model,kind",
+    [
+        ("err-429", "http_429"),
+        ("err-500", "http_500"),
+        ("drop", "connection"),
+        ("garbage", "bad_stream"),
+        ("json", "bad_stream"),
+        ("nodone", "bad_stream"),
+        ("midstream-error", "stream_error"),
+        ("slow", "timeout"),
+    ],
+)
 def test_errors_are_counted_by_kind(fake_server, capsys, model, kind):
     url, _ = fake_server
     t0 = time.monotonic()
-    rc, res = run_json(capsys, ["--base-url", url, "--model", model, "--concurrency", "2", "--num-prompts", "3",
-                                "--output-len", "4", "--timeout-s", "0.4"])
+    rc, res = run_json(
+        capsys,
+        [
+            "--base-url",
+            url,
+            "--model",
+            model,
+            "--concurrency",
+            "2",
+            "--num-prompts",
+            "3",
+            "--output-len",
+            "4",
+            "--timeout-s",
+            "0.4",
+        ],
+    )
     assert rc == 1  # nothing completed
     (lv,) = res["levels"]
     assert lv["errors"] == {kind: 3} and lv["failed"] == 3 and lv["completed"] == 0
@@ -384,8 +491,9 @@ def test_errors_are_counted_by_kind(fake_server, capsys, model, kind):
 
 def test_mixed_errors_and_successes(fake_server, capsys):
     url, _ = fake_server
-    rc, res = run_json(capsys, ["--base-url", url, "--model", "flaky", "--concurrency", "1", "--num-prompts", "6",
-                                "--output-len", "2"])
+    rc, res = run_json(
+        capsys, ["--base-url", url, "--model", "flaky", "--concurrency", "1", "--num-prompts", "6", "--output-len", "2"]
+    )
     (lv,) = res["levels"]
     assert rc == 0 and lv["errors"] == {"http_500": 3} and lv["completed"] == 3
     assert "boom" in lv["error_examples"]["http_500"]
@@ -395,8 +503,9 @@ def test_connection_refused_is_counted(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again before the run: nothing listens
-    rc, res = run_json(capsys, ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--concurrency", "2",
-                                "--num-prompts", "2"])
+    rc, res = run_json(
+        capsys, ["--base-url", f"http://127.0.0.1:{port}", "--model", "m", "--concurrency", "2", "--num-prompts", "2"]
+    )
     assert rc == 1 and res["levels"][0]["errors"] == {"connection": 2}
 
 
@@ -411,12 +520,16 @@ def test_model_discovery_failure_is_a_clear_error(capsys):
 def test_api_key_sent_and_hidden_model_discovered(fake_server, capsys, monkeypatch):
     url, state = fake_server
     monkeypatch.delenv("ATHENA_API_KEY", raising=False)
-    rc, res = run_json(capsys, ["--base-url", url + "/v1", "--model", "auth", "--concurrency", "1",
-                                "--num-prompts", "2", "--output-len", "2"])
+    rc, res = run_json(
+        capsys,
+        ["--base-url", url + "/v1", "--model", "auth", "--concurrency", "1", "--num-prompts", "2", "--output-len", "2"],
+    )
     assert rc == 1 and res["levels"][0]["errors"] == {"http_401": 2}
     monkeypatch.setenv("ATHENA_API_KEY", "sekrit")
-    rc, res = run_json(capsys, ["--base-url", url + "/v1", "--model", "auth", "--concurrency", "1",
-                                "--num-prompts", "2", "--output-len", "2"])
+    rc, res = run_json(
+        capsys,
+        ["--base-url", url + "/v1", "--model", "auth", "--concurrency", "1", "--num-prompts", "2", "--output-len", "2"],
+    )
     assert rc == 0 and res["levels"][0]["completed"] == 2
     assert res["settings"]["api_key"] == "***" and "sekrit" not in json.dumps(res)
     state.bodies.clear()
@@ -427,8 +540,23 @@ def test_api_key_sent_and_hidden_model_discovered(fake_server, capsys, monkeypat
 def test_overall_deadline_cancels_and_skips(fake_server, capsys):
     url, _ = fake_server
     t0 = time.monotonic()
-    rc, res = run_json(capsys, ["--base-url", url, "--model", "slow", "--concurrency", "2,4", "--num-prompts", "5",
-                                "--timeout-s", "60", "--deadline-s", "0.5"])
+    rc, res = run_json(
+        capsys,
+        [
+            "--base-url",
+            url,
+            "--model",
+            "slow",
+            "--concurrency",
+            "2,4",
+            "--num-prompts",
+            "5",
+            "--timeout-s",
+            "60",
+            "--deadline-s",
+            "0.5",
+        ],
+    )
     assert time.monotonic() - t0 < 4
     assert rc == 1 and res["deadline_reached"] is True and res["skipped_levels"] == [4]
     (lv,) = res["levels"]
@@ -437,8 +565,21 @@ def test_overall_deadline_cancels_and_skips(fake_server, capsys):
 
 def test_human_report_without_json(fake_server, capsys):
     url, _ = fake_server
-    rc = serve.main(["--base-url", url, "--model", "fake", "--concurrency", "2", "--num-prompts", "2",
-                     "--output-len", "3", "--no-progress"])
+    rc = serve.main(
+        [
+            "--base-url",
+            url,
+            "--model",
+            "fake",
+            "--concurrency",
+            "2",
+            "--num-prompts",
+            "2",
+            "--output-len",
+            "3",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "== concurrency 2: 2 ok, 0 failed" in out
@@ -451,11 +592,27 @@ def test_against_athena_server_with_fake_engine(capsys):
     """The tool speaks the real server's dialect (role chunk, usage chunk, CRLF events, 429 bodies)."""
     fake_engine = pytest.importorskip("fake_engine")
     server_fixtures = pytest.importorskip("server_fixtures")
-    s = server_fixtures.serve_engine(fake_engine.FakeEngine(model_name="fake-model", max_model_len=128,
-                                                            max_num_seqs=2, max_queue=2, step_delay_s=0.01))
+    s = server_fixtures.serve_engine(
+        fake_engine.FakeEngine(
+            model_name="fake-model", max_model_len=128, max_num_seqs=2, max_queue=2, step_delay_s=0.01
+        )
+    )
     try:
-        rc, res = run_json(capsys, ["--base-url", s.url, "--concurrency", "2,6", "--num-prompts", "6",
-                                    "--input-len", "8", "--output-len", "6"])
+        rc, res = run_json(
+            capsys,
+            [
+                "--base-url",
+                s.url,
+                "--concurrency",
+                "2,6",
+                "--num-prompts",
+                "6",
+                "--input-len",
+                "8",
+                "--output-len",
+                "6",
+            ],
+        )
     finally:
         s.stop()
     assert rc == 0 and res["model"] == "fake-model"
@@ -474,20 +631,51 @@ def test_json_schema_on_every_request_compared_with_none(capsys, tmp_path):
     engine = fake_engine.FakeEngine(model_name="fake-model", max_model_len=256, step_delay_s=0.002)
     s = server_fixtures.serve_engine(engine)
     try:
-        rc, res = run_json(capsys, ["--base-url", s.url, "--concurrency", "2", "--num-prompts", "4",
-                                    "--input-len", "8", "--output-len", "5", "--json-schema", "builtin",
-                                    "--compare-unconstrained"])
+        rc, res = run_json(
+            capsys,
+            [
+                "--base-url",
+                s.url,
+                "--concurrency",
+                "2",
+                "--num-prompts",
+                "4",
+                "--input-len",
+                "8",
+                "--output-len",
+                "5",
+                "--json-schema",
+                "builtin",
+                "--compare-unconstrained",
+            ],
+        )
         schema_file = tmp_path / "s.json"
         schema_file.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
-        rc2, res2 = run_json(capsys, ["--base-url", s.url, "--concurrency", "2", "--num-prompts", "2",
-                                      "--input-len", "8", "--output-len", "4", "--json-schema", str(schema_file)])
+        rc2, res2 = run_json(
+            capsys,
+            [
+                "--base-url",
+                s.url,
+                "--concurrency",
+                "2",
+                "--num-prompts",
+                "2",
+                "--input-len",
+                "8",
+                "--output-len",
+                "4",
+                "--json-schema",
+                str(schema_file),
+            ],
+        )
     finally:
         s.stop()
     assert rc == 0 and [lv["json_schema"] for lv in res["levels"]] == [False, True]
     assert all(lv["completed"] == 4 and lv["failed"] == 0 for lv in res["levels"])
     [row] = res["constrained_share"]
     assert row["level"] == 2 and row["share"] == pytest.approx(
-        res["levels"][1]["output_tokens_per_s"] / res["levels"][0]["output_tokens_per_s"])
+        res["levels"][1]["output_tokens_per_s"] / res["levels"][0]["output_tokens_per_s"]
+    )
     assert rc2 == 0 and [lv["json_schema"] for lv in res2["levels"]] == [True] and "constrained_share" not in res2
     assert res["settings"]["json_schema"] == "builtin"
 

@@ -1,6 +1,7 @@
 """The random checkpoints' stand-in tokenizer covers the model's whole vocabulary: every id a random
 model samples decodes to text, so a streaming server sends one chunk per token (with ids that decode to
 nothing it sent one every ~4 tokens and its inter-token latency read ~4x the time per token)."""
+
 from __future__ import annotations
 
 import random
@@ -12,16 +13,16 @@ from bench.random_checkpoint import _tokenizer
 
 
 def test_every_id_decodes_to_text_and_encoding_uses_trained_tokens(tmp_path):
-    vocab = 9000   # over the 8000 ids the BPE trains
+    vocab = 9000  # over the 8000 ids the BPE trains
     _tokenizer(tmp_path, vocab)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert len(tok) == vocab
     special = set(tok.all_special_ids)
     texts = [tok.decode([i]) for i in range(vocab)]
     assert all(text for i, text in enumerate(texts) if i not in special)
-    assert len(set(texts[8000:])) == vocab - 8000   # fillers are distinct words
+    assert len(set(texts[8000:])) == vocab - 8000  # fillers are distinct words
     ids = tok.encode("The with statement is used to wrap the execution of a block.", add_special_tokens=False)
-    assert ids and max(ids) < 8000                     # no merge makes a filler token
+    assert ids and max(ids) < 8000  # no merge makes a filler token
     decoder = TokenDecoder(tok)
     assert decoder.kind == "byte table"
     rng = random.Random(0)

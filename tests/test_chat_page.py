@@ -2,6 +2,7 @@
 fake engine: the page loads, a reply streams in, Stop aborts the generation on the server, the
 conversation and the settings go into the next request, and the API key is asked for and used.
 Screenshots: tests/artifacts/chat_page/*.png."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from cdp_browser import HeadlessChromium, find_chromium
 from fake_engine import FakeEngine
 from server_fixtures import serve_engine, wait_until
@@ -25,13 +25,17 @@ def _js(value: str) -> str:
 
 
 def _type_and_send(page, text: str) -> None:
-    page.evaluate(f"document.getElementById('input').value = {_js(text)}; "
-                  "document.getElementById('composer').requestSubmit(); true")
+    page.evaluate(
+        f"document.getElementById('input').value = {_js(text)}; "
+        "document.getElementById('composer').requestSubmit(); true"
+    )
 
 
 def _set_key(page, key: str) -> None:
-    page.evaluate(f"(() => {{ const k = document.getElementById('api-key'); k.value = {_js(key)}; "
-                  "k.dispatchEvent(new Event('change')); return true; })()")
+    page.evaluate(
+        f"(() => {{ const k = document.getElementById('api-key'); k.value = {_js(key)}; "
+        "k.dispatchEvent(new Event('change')); return true; })()"
+    )
 
 
 def _assistant_texts(page) -> list[str]:
@@ -52,18 +56,22 @@ def test_page_streams_a_reply_stops_and_keeps_the_conversation(browser):
         page = browser.page()
         page.navigate(server.url + "/")
         page.wait_for("document.getElementById('model').textContent === 'fake-model'", what="the model name")
-        page.evaluate("document.getElementById('system').value = 'You are a test pilot.';"
-                      "document.getElementById('max-tokens').value = '400'; true")
+        page.evaluate(
+            "document.getElementById('system').value = 'You are a test pilot.';"
+            "document.getElementById('max-tokens').value = '400'; true"
+        )
         page.screenshot(ARTIFACTS / "1_loaded.png")
 
         # a long reply: it streams (text grows while Stop is enabled), then Stop aborts it
         _type_and_send(page, "Tell me a long story.")
-        page.wait_for("(document.querySelector('.message.assistant')?.textContent || '').length > 20",
-                      what="streamed text")
+        page.wait_for(
+            "(document.querySelector('.message.assistant')?.textContent || '').length > 20", what="streamed text"
+        )
         first = _assistant_texts(page)[0]
         assert page.evaluate("!document.getElementById('stop').disabled && document.getElementById('send').disabled")
-        page.wait_for(f"document.querySelector('.message.assistant').textContent.length > {len(first)}",
-                      what="more streamed text")
+        page.wait_for(
+            f"document.querySelector('.message.assistant').textContent.length > {len(first)}", what="more streamed text"
+        )
         page.screenshot(ARTIFACTS / "2_streaming.png")
         page.evaluate("document.getElementById('stop').click(); true")
         page.wait_for("document.getElementById('status').textContent === 'stopped'", what="the stopped status")
@@ -75,15 +83,20 @@ def test_page_streams_a_reply_stops_and_keeps_the_conversation(browser):
         page.screenshot(ARTIFACTS / "3_stopped.png")
 
         # a short reply finishes on its own; the request carried the system prompt and the history
-        page.evaluate("document.getElementById('max-tokens').value = '6'; "
-                      "document.getElementById('temperature').value = '0'; true")
+        page.evaluate(
+            "document.getElementById('max-tokens').value = '6'; "
+            "document.getElementById('temperature').value = '0'; true"
+        )
         _type_and_send(page, "And a short one?")
-        page.wait_for("document.querySelectorAll('.message.assistant').length === 2 && "
-                      "document.getElementById('send').disabled === false", what="the second reply")
+        page.wait_for(
+            "document.querySelectorAll('.message.assistant').length === 2 && "
+            "document.getElementById('send').disabled === false",
+            what="the second reply",
+        )
         assert _assistant_texts(page)[1] and engine.finished
         prompt = engine.tokenizer.decode(engine.prompts[-1])
         assert "You are a test pilot." in prompt and "Tell me a long story." in prompt and "And a short one?" in prompt
-        assert stopped.removesuffix("(stopped)") in prompt          # the stopped reply is part of the history
+        assert stopped.removesuffix("(stopped)") in prompt  # the stopped reply is part of the history
         assert page.evaluate("document.getElementById('status').textContent") == "stopped at the max tokens limit"
         page.screenshot(ARTIFACTS / "4_conversation.png")
     finally:
@@ -102,8 +115,10 @@ def test_page_asks_for_the_api_key_and_uses_it(browser):
         page.wait_for("document.getElementById('model').textContent === 'fake-model'", what="the model name")
         page.evaluate("document.getElementById('max-tokens').value = '5'; true")
         _type_and_send(page, "Hello?")
-        page.wait_for("document.querySelectorAll('.message.assistant').length === 1 && "
-                      "!document.getElementById('send').disabled", what="a reply")
+        page.wait_for(
+            "document.querySelectorAll('.message.assistant').length === 1 && !document.getElementById('send').disabled",
+            what="a reply",
+        )
         assert _assistant_texts(page)[0] and not page.evaluate("document.querySelectorAll('.message.error').length")
         _set_key(page, "wrong")
         _type_and_send(page, "Again?")

@@ -1,15 +1,16 @@
 """Chunked prefill: a prompt longer than one step's token budget, alone or among running decodes,
 gives what an unchunked run gives (fake runner, then the real tiny model on CPU)."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
+from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
 
 from athena_runtime.engine import EngineCore
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.sampling_params import SamplingParams
-from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
 
 VOCAB = 300
 EOS = 0
@@ -21,8 +22,9 @@ def tok():
 
 
 def fake_core(tok, max_model_len=256, **settings) -> EngineCore:
-    runner = FakeRunner(vocab_size=VOCAB, num_blocks=max_model_len // 4 + 100, block_size=4,
-                        max_model_len=max_model_len, banned=(EOS,))
+    runner = FakeRunner(
+        vocab_size=VOCAB, num_blocks=max_model_len // 4 + 100, block_size=4, max_model_len=max_model_len, banned=(EOS,)
+    )
     return EngineCore(runner, tok, EngineSettings(block_size=4, **settings), eos_token_ids=(EOS,))
 
 
@@ -60,12 +62,15 @@ def test_a_lone_prompt_up_to_max_model_len(tok):
 
 
 def test_long_prompts_chunked_among_running_decodes(tok):
-    requests = {"short": (prompt(3, 1), greedy(60)), "long": (prompt(130, 2), greedy(5)),
-                "long2": (prompt(61, 3), greedy(7))}
+    requests = {
+        "short": (prompt(3, 1), greedy(60)),
+        "long": (prompt(130, 2), greedy(5)),
+        "long2": (prompt(61, 3), greedy(7)),
+    }
     want = {rid: run(fake_core(tok), {rid: r})[rid] for rid, r in requests.items()}
     core = fake_core(tok, max_num_seqs=4, max_num_batched_tokens=12)
     core.add_request("short", *requests["short"])
-    first = core.step()                                  # short is decoding before the long ones arrive
+    first = core.step()  # short is decoding before the long ones arrive
     for rid in ("long", "long2"):
         core.add_request(rid, *requests[rid])
     outs = drain(core)
@@ -73,13 +78,13 @@ def test_long_prompts_chunked_among_running_decodes(tok):
     assert {rid: joined(o) for rid, o in outs.items()} == want
     assert core.block_manager.num_used == 0
     mixed = [step for step in core.runner.calls if len(step) > 1 and max(len(c.token_ids) for c in step) > 1]
-    assert len(mixed) >= 10                              # prompt chunks rode along with decodes
+    assert len(mixed) >= 10  # prompt chunks rode along with decodes
 
 
 def test_a_step_with_nothing_due_samples_nothing(tok):
     core = fake_core(tok, max_num_seqs=4, max_num_batched_tokens=8)
     core.add_request("a", prompt(20), greedy(2))
-    assert core.step() == [] and core.step() == []       # 8 + 8 of 20 tokens: nothing to sample yet
+    assert core.step() == [] and core.step() == []  # 8 + 8 of 20 tokens: nothing to sample yet
     (out,) = core.step()
     assert out.request_id == "a" and len(out.token_ids) == 1 and not out.finished
 
@@ -93,8 +98,10 @@ def test_a_long_prompt_does_not_stall_running_decodes(tok):
     """Issue 17 (Found 7): a 2000-token prompt took a whole 2048-token step while another request
     was decoding, pausing its stream for the whole prefill. Now each step carries the decode and
     at most `prefill_chunk_tokens` prompt tokens."""
-    want = {rid: run(fake_core(tok, max_model_len=2100), {rid: r})[rid]
-            for rid, r in {"short": (prompt(3), greedy(150)), "long": (prompt(2000, 1), greedy(2))}.items()}
+    want = {
+        rid: run(fake_core(tok, max_model_len=2100), {rid: r})[rid]
+        for rid, r in {"short": (prompt(3), greedy(150)), "long": (prompt(2000, 1), greedy(2))}.items()
+    }
     core = fake_core(tok, max_model_len=2100, max_num_batched_tokens=2048, prefill_chunk_tokens=16)
     core.add_request("short", prompt(3), greedy(150))
     outs = [core.step()]
@@ -102,10 +109,10 @@ def test_a_long_prompt_does_not_stall_running_decodes(tok):
     while core.has_work():
         outs.append(core.step())
     short_steps = [i for i, step in enumerate(outs) if any(o.request_id == "short" for o in step)]
-    assert short_steps == list(range(150))                     # a token for short in every step
+    assert short_steps == list(range(150))  # a token for short in every step
     calls = step_tokens(core.runner.calls)
     assert max(sum(n for _, n in step) for step in calls) == 1 + 16
-    assert [step[1:] for step in calls[1:126]] == [[(16 * i, 16)] for i in range(125)]   # the prompt, 16 a step
+    assert [step[1:] for step in calls[1:126]] == [[(16 * i, 16)] for i in range(125)]  # the prompt, 16 a step
     got = {rid: joined([o for step in outs for o in step if o.request_id == rid]) for rid in want}
     assert got == want
 
@@ -148,6 +155,7 @@ def test_prefill_chunk_setting_and_device_defaults():
 
 # -- the real tiny model on CPU -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from tiny_models import make_tiny_model
@@ -186,7 +194,7 @@ def test_chunk_boundaries_give_the_unchunked_greedy_outputs(tiny, seed):
     whole = tiny_core(tiny, prefix_cache=False)
     chunked = tiny_core(tiny, max_num_seqs=4, max_num_batched_tokens=chunk, prefix_cache=False)
     want, got = {}, {}
-    for rid, p in prompts.items():                          # one at a time: lone prompts
+    for rid, p in prompts.items():  # one at a time: lone prompts
         whole.add_request(rid, p, params)
         chunked.add_request(rid, p, params)
         want[rid] = drain(whole)[rid]
@@ -194,7 +202,7 @@ def test_chunk_boundaries_give_the_unchunked_greedy_outputs(tiny, seed):
     background = [rng.randrange(3, 384) for _ in range(3)]
     chunked.add_request("bg", background, SamplingParams(temperature=0.0, max_tokens=40))
     chunked.step()
-    for rid, p in prompts.items():                          # all at once, next to a running decode
+    for rid, p in prompts.items():  # all at once, next to a running decode
         chunked.add_request(rid + "-mixed", p, params)
     mixed = drain(chunked)
     assert chunked.block_manager.num_used == 0

@@ -1,6 +1,7 @@
 """The CPU fast path's compiled decoder ops (kernels/cpu_ops.c, through cpu_decoder.py / cpu_attention.py) against
 their PyTorch references on odd shapes. Tolerances: float32 math in a different order (1e-5 relative); the
 float16 cache rounds K/V exactly as torch's .half() does (compared bit for bit)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ def test_rmsnorm_add(ops, T, H, with_residual):
     x, res, w = torch.randn(T, H, generator=g) * 5, torch.randn(T, H, generator=g), torch.randn(H, generator=g)
     res = res if with_residual else None
     y, r = torch.empty(T, H), torch.empty(T, H)
-    ops.rmsnorm_add(x.data_ptr(), None if res is None else res.data_ptr(), w.data_ptr(), 1e-5, y.data_ptr(), r.data_ptr(), T, H)
+    ops.rmsnorm_add(
+        x.data_ptr(), None if res is None else res.data_ptr(), w.data_ptr(), 1e-5, y.data_ptr(), r.data_ptr(), T, H
+    )
     want_y, want_r = add_rmsnorm_reference(x, res, w, 1e-5)
     torch.testing.assert_close(r, want_r, rtol=0, atol=0)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
@@ -53,11 +56,11 @@ def test_rope_in_place_on_strided_rows(ops, T, heads, D):
     freqs = pos / 10000 ** (torch.arange(0, D, 2) / D)
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos().contiguous(), emb.sin().contiguous()
-    x = buf[:, :heads * D].view(T, heads, D)
-    want, tail = rope_reference(x.clone(), cos, sin), buf[:, heads * D:].clone()
+    x = buf[:, : heads * D].view(T, heads, D)
+    want, tail = rope_reference(x.clone(), cos, sin), buf[:, heads * D :].clone()
     ops.rope_(buf.data_ptr(), T, buf.stride(0), heads, D, cos.data_ptr(), sin.data_ptr())
     torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
-    assert torch.equal(buf[:, heads * D:], tail)
+    assert torch.equal(buf[:, heads * D :], tail)
 
 
 @pytest.mark.parametrize("T,Fdim", [(1, 1), (3, 13), (2, 1536)])
@@ -65,7 +68,7 @@ def test_silu_mul(ops, T, Fdim):
     y = torch.randn(T, 2 * Fdim + 3) * 4  # gate at 0, up at Fdim + 3
     out = torch.empty(T, Fdim)
     ops.silu_mul(y.data_ptr(), T, y.stride(0), Fdim, Fdim + 3, out.data_ptr())
-    torch.testing.assert_close(out, F.silu(y[:, :Fdim]) * y[:, Fdim + 3:2 * Fdim + 3], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, F.silu(y[:, :Fdim]) * y[:, Fdim + 3 : 2 * Fdim + 3], rtol=1e-5, atol=1e-6)
 
 
 def test_mlp_module_falls_back_for_gelu():
@@ -82,7 +85,9 @@ def test_mlp_module_falls_back_for_gelu():
 
 
 def _cache(fmt, Hkv=3, D=10, blocks=12, bs=4):
-    return KVCache.create(fmt, num_layers=2, num_blocks=blocks, block_size=bs, num_kv_heads=Hkv, head_dim=D, device="cpu")
+    return KVCache.create(
+        fmt, num_layers=2, num_blocks=blocks, block_size=bs, num_kv_heads=Hkv, head_dim=D, device="cpu"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "fp16"])
@@ -90,12 +95,21 @@ def test_kv_write_equals_the_reference_write(ops, fmt):
     a, b = _cache(fmt), _cache(fmt)
     T, Hkv, D = 5, 3, 10
     kv = torch.randn(T, 2 * Hkv * D + 1) * 3
-    k, v = kv[:, :Hkv * D].view(T, Hkv, D), kv[:, Hkv * D:2 * Hkv * D].view(T, Hkv, D)
+    k, v = kv[:, : Hkv * D].view(T, Hkv, D), kv[:, Hkv * D : 2 * Hkv * D].view(T, Hkv, D)
     slots = torch.tensor([0, 7, 8, 30, 45], dtype=torch.int64)
     a.write_reference(1, k, v, slots, torch.arange(T))
     assert plain_cache(b)
-    ops.kv_write(k.data_ptr(), v.data_ptr(), T, kv.stride(0), slots.data_ptr(), b.k[1].data_ptr(), b.v[1].data_ptr(),
-                 Hkv * D, int(fmt == "fp16"))
+    ops.kv_write(
+        k.data_ptr(),
+        v.data_ptr(),
+        T,
+        kv.stride(0),
+        slots.data_ptr(),
+        b.k[1].data_ptr(),
+        b.v[1].data_ptr(),
+        Hkv * D,
+        int(fmt == "fp16"),
+    )
     assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)  # float16: same rounding as .half(), bit for bit
 
 
@@ -110,11 +124,16 @@ def test_decode_attention_equals_the_reference(fmt, window, H, Hkv, D):
     cache.v[1].copy_(torch.randn(cache.v[1].shape, generator=g))
     lens = [1, 6, 11]
     tables = torch.tensor([[5, 12, 12], [3, 0, 12], [9, 1, 7]], dtype=torch.int32)  # 12: the null block
-    attn = AttentionMetadata(kv_cache=cache, slot_mapping=torch.zeros(3, dtype=torch.int64),
-                             positions=torch.tensor([x - 1 for x in lens]), block_tables=tables,
-                             seq_lens=torch.tensor(lens, dtype=torch.int32),
-                             query_start_loc=torch.arange(4, dtype=torch.int32), is_decode=True)
-    q = torch.randn(3, H * D + 5, generator=g)[:, :H * D].view(3, H, D)  # strided rows, as from the q/k/v output
+    attn = AttentionMetadata(
+        kv_cache=cache,
+        slot_mapping=torch.zeros(3, dtype=torch.int64),
+        positions=torch.tensor([x - 1 for x in lens]),
+        block_tables=tables,
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        query_start_loc=torch.arange(4, dtype=torch.int32),
+        is_decode=True,
+    )
+    q = torch.randn(3, H * D + 5, generator=g)[:, : H * D].view(3, H, D)  # strided rows, as from the q/k/v output
     got = CPUPagedAttention(KERNELS.load())(q, cache, 1, attn, 0.3, window)
     want = paged_attention_reference(q.contiguous(), cache, 1, tables, attn.seq_lens, attn.query_start_loc, 0.3, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

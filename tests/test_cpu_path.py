@@ -1,16 +1,25 @@
 """The CPU fast path (cpu_path.py): the compiled linear kernels against PyTorch on odd shapes, the
 batched decode attention against the reference, and whole-model logits against the reference path
 within the int8 / fp16 weight tolerances."""
+
 import random
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 from athena_runtime.batch import SequenceChunk
-from athena_runtime.cpu_linear import KERNELS, CPULinear, PQ8Linear, effective_weight, pq_uint8_form, quantize_groups_int8, quantize_rows_int8
+from athena_runtime.cpu_linear import (
+    KERNELS,
+    CPULinear,
+    PQ8Linear,
+    effective_weight,
+    pq_uint8_form,
+    quantize_groups_int8,
+    quantize_rows_int8,
+)
 from athena_runtime.cpu_path import CPUPathSettings
 from athena_runtime.model_runner import ModelRunner
-from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not KERNELS.available()[0], reason="no C compiler for the CPU kernels")
 
@@ -29,7 +38,7 @@ def test_kernel_matches_torch_on_odd_shapes(T, N, M, weights):
     want = x.double() @ lin.dequantize().double().T + b.double()
     got = lin(x)
     assert got.dtype == torch.float32 and got.shape == (T, N) and not got.isnan().any()
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * (M ** 0.5))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * (M**0.5))
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -69,26 +78,35 @@ def test_int8_groups_bound_tail_group_and_zero_groups():
 
 def _pq_layers(seed, N, M, k, rank, bias, n=16, d=2):
     """Random PQ layers (8-bit codebooks, as the quantizer stores them) through the checkpoint format."""
-    from athena_runtime.pq_linear import PQLinear
     from athena_runtime.format.layers import AthenaLayer, quantize_codebook_uint8
+    from athena_runtime.pq_linear import PQLinear
 
     g = torch.Generator().manual_seed(seed)
     G, Nb = -(-M // d), -(-N // k)
     codes, cscale, cmin = quantize_codebook_uint8(torch.randn(Nb, G, n, d, generator=g), dim=-2)
-    layer = AthenaLayer(shape=(N, M), d=d, n=n, k=k, codebook_bits=8,
-                        indices=torch.randint(0, n, (N, G), generator=g), codebook=codes,
-                        codebook_scale=cscale, codebook_min=cmin,
-                        lowrank_a=torch.randn(N, rank, generator=g).half() * 0.1 if rank else None,
-                        lowrank_b=torch.randn(rank, M, generator=g).half() * 0.1 if rank else None,
-                        bias=torch.randn(N, generator=g).half() if bias else None)
+    layer = AthenaLayer(
+        shape=(N, M),
+        d=d,
+        n=n,
+        k=k,
+        codebook_bits=8,
+        indices=torch.randint(0, n, (N, G), generator=g),
+        codebook=codes,
+        codebook_scale=cscale,
+        codebook_min=cmin,
+        lowrank_a=torch.randn(N, rank, generator=g).half() * 0.1 if rank else None,
+        lowrank_b=torch.randn(rank, M, generator=g).half() * 0.1 if rank else None,
+        bias=torch.randn(N, generator=g).half() if bias else None,
+    )
     tensors = layer.to_tensors("p")
     meta = {"method": "athena", "shape": [N, M], "d": d, "n": n, "k": k, "codebook_bits": 8, "rank": rank}
     return PQLinear.from_tensors("p", tensors, meta, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # 16 and more: float32 dequantization + sgemm (SGEMM_TOKENS)
-@pytest.mark.parametrize("N,M,k,rank,bias", [(1, 2, 4, 0, False), (9, 13, 4, 1, True), (40, 70, 16, 2, False),
-                                             (33, 576, 64, 3, True)])
+@pytest.mark.parametrize(
+    "N,M,k,rank,bias", [(1, 2, 4, 0, False), (9, 13, 4, 1, True), (40, 70, 16, 2, False), (33, 576, 64, 3, True)]
+)
 def test_pq8_layer_is_exact(T, N, M, k, rank, bias):
     """The uint8 form reproduces the PQ layer's Ŵ exactly (odd M: the last column group is half padding; several
     codebook blocks; low-rank terms padded by pq_linear; bias); y within fp32 accumulation-order error."""
@@ -135,14 +153,16 @@ def test_pq8_fuses_parts_with_their_own_blocks_and_ranks():
     x = torch.randn(3, 40)
     want = torch.cat([p.reference_matmul(x) for p in parts], 1)
     torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    torch.testing.assert_close(lin.dequantize(), torch.cat([effective_weight(p)[0] for p in parts]),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        lin.dequantize(), torch.cat([effective_weight(p)[0] for p in parts]), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_settings_validation_and_env():
     assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "auto", None)
-    assert CPUPathSettings.from_env({"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3",
-                                     "ATHENA_CPU_WEIGHTS": "int8"}) == CPUPathSettings("reference", "int8", 3)
+    assert CPUPathSettings.from_env(
+        {"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3", "ATHENA_CPU_WEIGHTS": "int8"}
+    ) == CPUPathSettings("reference", "int8", 3)
     assert CPUPathSettings.from_env({"ATHENA_CPU_WEIGHTS": "fp16"}).weights == "fp16"
     with pytest.raises(ValueError, match="unknown CPU path"):
         CPUPathSettings("turbo")
@@ -161,8 +181,11 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cpu_path_models")
     llama = make_tiny_model(root / "llama", "llama", tie_word_embeddings=True)
     mistral = make_tiny_model(root / "mistral", "mistral", sliding_window=5)
-    return {"llama": llama, "mistral": mistral,
-            "athena": write_compressed(make_tiny_model(root / "qwen2", "qwen2"), root / "athena", "athena")}
+    return {
+        "llama": llama,
+        "mistral": mistral,
+        "athena": write_compressed(make_tiny_model(root / "qwen2", "qwen2"), root / "athena", "athena"),
+    }
 
 
 def _tokens(n, seed):
@@ -207,8 +230,9 @@ def test_mixed_step_on_the_fast_path(models):
     runner = ModelRunner.from_path(folder, **kw)
     runner.execute([SequenceChunk(a[:5], 0, [0, 1])])
     runner.execute([SequenceChunk(b[:9], 0, [2, 3, 4])])
-    mixed = runner.execute([SequenceChunk(a[5:6], 5, [0, 1]), SequenceChunk(c, 0, [5, 6]),
-                            SequenceChunk(b[9:10], 9, [2, 3, 4])])
+    mixed = runner.execute(
+        [SequenceChunk(a[5:6], 5, [0, 1]), SequenceChunk(c, 0, [5, 6]), SequenceChunk(b[9:10], 9, [2, 3, 4])]
+    )
     for row, (toks, n) in enumerate([(a, 5), (c, 0), (b, 9)]):
         alone = ModelRunner.from_path(folder, **kw)
         if n:
@@ -221,13 +245,20 @@ def test_path_is_logged_and_reference_is_selectable(models, caplog):
     import logging
 
     with caplog.at_level(logging.INFO):
-        ModelRunner.from_path(models["llama"], kv_format="fp32", block_size=4, num_blocks=4, device="cpu",
-                              cpu_path=CPUPathSettings("fast", threads=1))
+        ModelRunner.from_path(
+            models["llama"],
+            kv_format="fp32",
+            block_size=4,
+            num_blocks=4,
+            device="cpu",
+            cpu_path=CPUPathSettings("fast", threads=1),
+        )
     assert "CPU path: fast" in caplog.text and "CPU threads: 1 (ATHENA_CPU_THREADS" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        runner = ModelRunner.from_path(models["llama"], kv_format="fp32", block_size=4, num_blocks=4, device="cpu",
-                                       cpu_path=REFERENCE)
+        runner = ModelRunner.from_path(
+            models["llama"], kv_format="fp32", block_size=4, num_blocks=4, device="cpu", cpu_path=REFERENCE
+        )
     assert "CPU path: reference" in caplog.text
     assert not any(isinstance(m, CPULinear) for m in runner.model.modules())
 

@@ -1,4 +1,5 @@
 """Structure of docker/Dockerfile and docker/compose.yaml (no Docker engine here: nothing is built)."""
+
 from __future__ import annotations
 
 import re
@@ -66,7 +67,9 @@ def test_runs_as_non_root_user_it_creates(dockerfile):
     assert user not in ("root", "0", "")
     runs = " ".join(values(dockerfile, "RUN"))
     m = re.search(r"useradd\b[^&;]*", expand(runs, arg_defaults(dockerfile)))
-    assert m and (f"--uid \"{user}\"" in m.group(0) or f"--uid {user}" in m.group(0) or m.group(0).rstrip().endswith(user))
+    assert m and (
+        f'--uid "{user}"' in m.group(0) or f"--uid {user}" in m.group(0) or m.group(0).rstrip().endswith(user)
+    )
     # the USER comes after everything that needs root, and before the entrypoint
     order = [i for i, _ in dockerfile]
     assert max(k for k, i in enumerate(order) if i == "RUN") < max(k for k, i in enumerate(order) if i == "USER")
@@ -110,8 +113,15 @@ def test_compose_structure():
         import yaml
     except ImportError:  # PyYAML comes with transformers; keep a crude check for a bare environment
         text = _compose_text()
-        for needle in ("driver: nvidia", "capabilities: [gpu]", '"127.0.0.1:', ":8000", "/health", "healthcheck:",
-                       ":/models"):
+        for needle in (
+            "driver: nvidia",
+            "capabilities: [gpu]",
+            '"127.0.0.1:',
+            ":8000",
+            "/health",
+            "healthcheck:",
+            ":/models",
+        ):
             assert needle in text
         return
     doc = yaml.safe_load(_compose_text())

@@ -1,18 +1,19 @@
 """The engine end to end on the fake runner: batching invariance, finish reasons, errors, async API."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
 
 from athena_runtime.engine import AsyncEngine, ContextLengthExceeded, EngineClosed, EngineCore, EngineOverloaded
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.sampling_params import SamplingParams
-from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
 
 VOCAB = 300
 EOS = 0
-POISON = 299     # a prompt containing it makes the fake model step fail
+POISON = 299  # a prompt containing it makes the fake model step fail
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,13 @@ def tok():
 
 def make_runner(**kw) -> FakeRunner:
     kw.setdefault("banned", (EOS, POISON))  # sampled output never hits the failure trigger by chance
-    return FakeRunner(vocab_size=VOCAB, num_blocks=kw.pop("num_blocks", 64), block_size=4,
-                      fail_when=lambda chunks: any(POISON in c.token_ids for c in chunks), **kw)
+    return FakeRunner(
+        vocab_size=VOCAB,
+        num_blocks=kw.pop("num_blocks", 64),
+        block_size=4,
+        fail_when=lambda chunks: any(POISON in c.token_ids for c in chunks),
+        **kw,
+    )
 
 
 def make_core(tok, eos=(EOS,), runner=None, **settings) -> EngineCore:
@@ -40,14 +46,24 @@ def run_alone(tok, rid: str, p: list[int], params: SamplingParams, eos=(EOS,)):
     return joined(drain(core)[rid])
 
 
-MIXED = [(prompt(n, i), SamplingParams(temperature=t, seed=s, max_tokens=m, top_k=k))
-         for i, (n, t, s, m, k) in enumerate([(1, 0.0, None, 9, 0), (23, 0.0, None, 17, 0), (6, 1.0, 11, 12, 0),
-                                               (41, 0.0, None, 5, 0), (12, 0.8, 5, 20, 20), (3, 1.3, 7, 14, 0)])]
+MIXED = [
+    (prompt(n, i), SamplingParams(temperature=t, seed=s, max_tokens=m, top_k=k))
+    for i, (n, t, s, m, k) in enumerate(
+        [
+            (1, 0.0, None, 9, 0),
+            (23, 0.0, None, 17, 0),
+            (6, 1.0, 11, 12, 0),
+            (41, 0.0, None, 5, 0),
+            (12, 0.8, 5, 20, 20),
+            (3, 1.3, 7, 14, 0),
+        ]
+    )
+]
 
 
 def test_mixed_batch_produces_what_each_request_produces_alone(tok):
     alone = [run_alone(tok, f"r{i}", p, sp) for i, (p, sp) in enumerate(MIXED)]
-    core = make_core(tok, max_num_seqs=4, max_num_batched_tokens=10)    # chunked prefill + queueing
+    core = make_core(tok, max_num_seqs=4, max_num_batched_tokens=10)  # chunked prefill + queueing
     for i, (p, sp) in enumerate(MIXED):
         core.add_request(f"r{i}", p, sp)
     outs = drain(core)
@@ -82,10 +98,10 @@ def test_eos_and_stop_token_ids_finish_with_stop(tok):
 def test_stop_string_cuts_the_text_at_its_first_occurrence(tok):
     p, params = prompt(7, 3), SamplingParams(temperature=0.0, max_tokens=40)
     _, full, _ = run_alone(tok, "a", p, params)
-    start = next(i for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2])
-    stop = full[start:start + 2]
+    start = next(i for i in range(4, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    stop = full[start : start + 2]
     tokens, text, reason = run_alone(tok, "a", p, SamplingParams(temperature=0.0, max_tokens=40, stop=(stop,)))
-    assert reason == "stop" and text == full[:full.find(stop)] and len(tokens) < 40
+    assert reason == "stop" and text == full[: full.find(stop)] and len(tokens) < 40
 
 
 def test_logprobs_in_outputs(tok):
@@ -105,13 +121,14 @@ def test_a_failing_model_step_fails_its_requests_and_the_engine_keeps_serving(to
     core.add_request("bad", [5, POISON, 6], SamplingParams(temperature=0.0, max_tokens=5))
     outs = drain(core)
     assert outs["bad"][-1].finish_reason == "error" and "injected" in outs["bad"][-1].error
-    assert outs["ok-before"][-1].finish_reason == "error"            # was in the same batch
+    assert outs["ok-before"][-1].finish_reason == "error"  # was in the same batch
     assert core.block_manager.num_used == 0
     core.add_request("ok-after", prompt(3), SamplingParams(temperature=0.0, max_tokens=4))
     assert joined(drain(core)["ok-after"])[2] == "length"
 
 
 # -- AsyncEngine ---------------------------------------------------------------------------------
+
 
 def run(coro, timeout: float = 20.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
@@ -130,8 +147,9 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 
 
 def make_engine(tok, delay_s: float = 0.0, **settings) -> AsyncEngine:
-    return AsyncEngine(make_runner(delay_s=delay_s), tok, EngineSettings(block_size=4, **settings), "fake",
-                       eos_token_ids=(EOS,))
+    return AsyncEngine(
+        make_runner(delay_s=delay_s), tok, EngineSettings(block_size=4, **settings), "fake", eos_token_ids=(EOS,)
+    )
 
 
 def test_async_generate_matches_the_core(tok):
@@ -168,7 +186,7 @@ def test_closing_the_stream_aborts_and_frees_blocks_within_a_step(tok):
         await wait_for(lambda: engine.stats().running == 1)
         task.cancel()
         await wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().running == 0)
-        await engine.abort("unknown")                                  # harmless
+        await engine.abort("unknown")  # harmless
         await engine.shutdown()
 
     run(main())
@@ -193,7 +211,7 @@ def test_request_errors_raise_from_generate(tok):
     async def main():
         engine = make_engine(tok, delay_s=0.02, max_num_seqs=1, max_queue=1, max_model_len=64)
         with pytest.raises(EngineClosed):
-            await collect(engine, "x", prompt(3), SamplingParams())         # not started
+            await collect(engine, "x", prompt(3), SamplingParams())  # not started
         await engine.start()
         with pytest.raises(ContextLengthExceeded, match="maximum context length is 64"):
             await collect(engine, "x", prompt(60), SamplingParams(max_tokens=5))
@@ -218,8 +236,9 @@ def test_shutdown_drains_running_requests(tok):
     async def main():
         engine = make_engine(tok, delay_s=0.001)
         await engine.start()
-        tasks = [asyncio.create_task(collect(engine, f"r{i}", prompt(5, i), SamplingParams(max_tokens=30)))
-                 for i in range(3)]
+        tasks = [
+            asyncio.create_task(collect(engine, f"r{i}", prompt(5, i), SamplingParams(max_tokens=30))) for i in range(3)
+        ]
         await wait_for(lambda: engine.stats().running + engine.stats().waiting == 3)  # all three admitted
         await engine.shutdown(drain_timeout_s=10.0)
         return [await t for t in tasks]

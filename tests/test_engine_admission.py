@@ -1,15 +1,16 @@
 """AsyncEngine.submit: the requests of one group (an API request's choices) are admitted all
 together or not at all, and a stream closed before it is read withdraws its request."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from fake_runner import FakeRunner, tiny_tokenizer
 
 from athena_runtime.engine import AsyncEngine, EngineOverloaded, GroupTooLarge
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.sampling_params import SamplingParams
-from fake_runner import FakeRunner, tiny_tokenizer
 
 
 def run(coro, timeout: float = 30.0):
@@ -26,10 +27,8 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 
 def make_engine(delay_s: float, **settings) -> AsyncEngine:
     tok = tiny_tokenizer()
-    runner = FakeRunner(vocab_size=len(tok), num_blocks=256, block_size=4, delay_s=delay_s,
-                        banned=(tok.eos_token_id,))
-    return AsyncEngine(runner, tok, EngineSettings(block_size=4, **settings), "fake",
-                       eos_token_ids=(tok.eos_token_id,))
+    runner = FakeRunner(vocab_size=len(tok), num_blocks=256, block_size=4, delay_s=delay_s, banned=(tok.eos_token_id,))
+    return AsyncEngine(runner, tok, EngineSettings(block_size=4, **settings), "fake", eos_token_ids=(tok.eos_token_id,))
 
 
 def group(name: str, k: int, max_tokens: int = 2) -> list[tuple[str, list[int], SamplingParams]]:
@@ -46,17 +45,17 @@ def test_a_group_is_admitted_all_together_or_not_at_all():
         engine = make_engine(delay_s=0.2, max_num_seqs=1, max_queue=4)
         await engine.start()
         (running,) = engine.submit(group("a", 1, max_tokens=200))
-        await running.__anext__()                                     # running, holds the only slot
+        await running.__anext__()  # running, holds the only slot
         waiting = engine.submit(group("b", 2))
         await wait_for(lambda: engine.stats().waiting == 2)
-        for k in (3, 4):                                              # 2 + k > 4: refused, nothing queued
+        for k in (3, 4):  # 2 + k > 4: refused, nothing queued
             with pytest.raises(EngineOverloaded):
                 engine.submit(group(f"refused{k}", k))
-        filling = engine.submit(group("c", 2))                        # 2 + 2 == 4: exactly fills the queue
+        filling = engine.submit(group("c", 2))  # 2 + 2 == 4: exactly fills the queue
         with pytest.raises(EngineOverloaded):
             engine.submit(group("d", 1))
         await wait_for(lambda: engine.stats().waiting == 4)
-        running.close()                                               # the slot frees: b and c run in turn
+        running.close()  # the slot frees: b and c run in turn
         outs = await asyncio.gather(*(read_all(s) for s in waiting + filling))
         assert [o[-1].finish_reason for o in outs] == ["length"] * 4
         await wait_for(lambda: engine.stats().kv_blocks_used == 0)

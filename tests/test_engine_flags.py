@@ -1,4 +1,5 @@
 """`athena serve` flags and ATHENA_* variables of the engine's scheduling and caching settings."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,7 @@ def parse(*argv: str):
 
 def test_prefill_chunk_tokens_flag_and_env(monkeypatch):
     monkeypatch.delenv("ATHENA_PREFILL_CHUNK_TOKENS", raising=False)
-    assert parse().engine_settings().prefill_chunk_tokens is None                    # the device's default
+    assert parse().engine_settings().prefill_chunk_tokens is None  # the device's default
     assert parse("--prefill-chunk-tokens", "32").engine_settings().prefill_chunk_tokens == 32
     monkeypatch.setenv("ATHENA_PREFILL_CHUNK_TOKENS", "48")
     assert parse().engine_settings().prefill_chunk_tokens == 48
@@ -27,8 +28,8 @@ def test_prefill_chunk_tokens_flag_and_env(monkeypatch):
 
 def test_prefix_cache_flag_and_env(monkeypatch):
     monkeypatch.delenv("ATHENA_PREFIX_CACHE", raising=False)
-    assert parse().prefix_cache is None and parse().engine_settings().prefix_cache is True     # on by default
+    assert parse().prefix_cache is None and parse().engine_settings().prefix_cache is True  # on by default
     assert parse("--no-prefix-cache").engine_settings().prefix_cache is False
     monkeypatch.setenv("ATHENA_PREFIX_CACHE", "false")
     assert parse().engine_settings().prefix_cache is False
-    assert parse("--prefix-cache").engine_settings().prefix_cache is True                     # the flag wins
+    assert parse("--prefix-cache").engine_settings().prefix_cache is True  # the flag wins

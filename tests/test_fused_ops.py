@@ -1,11 +1,19 @@
 """Fused element-wise kernels (kernels/fused_ops.py) against their PyTorch references: Triton under
 TRITON_INTERPRET=1 on CPU (conftest), on the GPU when there is one. Odd sizes (not powers of two)."""
+
 import pytest
 import torch
 
 from athena_runtime.kernels.fused_ops import (
-    scatter_rows_pair_, scatter_rows_pair_reference,
-    add_rmsnorm, add_rmsnorm_reference, gelu_tanh_mul, gelu_tanh_mul_reference, rope_, rope_reference, silu_mul,
+    add_rmsnorm,
+    add_rmsnorm_reference,
+    gelu_tanh_mul,
+    gelu_tanh_mul_reference,
+    rope_,
+    rope_reference,
+    scatter_rows_pair_,
+    scatter_rows_pair_reference,
+    silu_mul,
     silu_mul_reference,
 )
 
@@ -132,8 +140,13 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="silu_mul"):
         silu_mul(x, torch.randn(2, 9).to(DEV), use_triton=True)
     with pytest.raises(ValueError, match="rope_"):
-        rope_(torch.randn(2, 1, 8).to(DEV), torch.randn(2, 1, 8).to(DEV), torch.ones(2, 6).to(DEV),
-              torch.ones(2, 6).to(DEV), use_triton=True)
+        rope_(
+            torch.randn(2, 1, 8).to(DEV),
+            torch.randn(2, 1, 8).to(DEV),
+            torch.ones(2, 6).to(DEV),
+            torch.ones(2, 6).to(DEV),
+            use_triton=True,
+        )
 
 
 @pytest.mark.parametrize("T,R,rows", [(1, 64, 9), (5, 40, 33), (3, 2048, 7)])

@@ -2,12 +2,12 @@
 perplexity on its dequantized weights equals transformers' (0.1%); `athena quantize` of it, then the server answers
 chat requests in Gemma's turn format. Slow: the first conversion builds the 262k-token tokenizer (minutes on 2 cores,
 cached afterwards)."""
+
 from __future__ import annotations
 
 import openai
 import pytest
 import torch
-
 from server_fixtures import serve_engine
 
 pytestmark = pytest.mark.slow
@@ -34,17 +34,24 @@ def _text_ids(tokenizer) -> torch.Tensor:
 def test_reference_perplexity_in_our_runtime_equals_transformers(gemma):
     """Same weights (the converted GGUF), same text and windows: our decoder over the paged cache (prefill chunks of
     64 across local and global layers) against transformers' Gemma3ForCausalLM, fp32."""
+    from athena_runtime.format.source import load_hf_model, load_tokenizer
     from athena_runtime.model_runner import ModelRunner
     from athena_runtime.perplexity import runtime_perplexity
     from quantize.evaluate import perplexity
-    from athena_runtime.format.source import load_hf_model, load_tokenizer
 
     _, folder = gemma
     ids = _text_ids(load_tokenizer(folder))
     seqlen, max_tokens = 128, 256
     hf = perplexity(load_hf_model(folder), ids, seqlen, max_tokens, batch_size=2)
-    runner = ModelRunner.from_path(folder, kv_format="fp32", block_size=16, num_blocks=seqlen // 16, device="cpu",
-                                   max_model_len=seqlen, use_cuda_graphs=False)
+    runner = ModelRunner.from_path(
+        folder,
+        kv_format="fp32",
+        block_size=16,
+        num_blocks=seqlen // 16,
+        device="cpu",
+        max_model_len=seqlen,
+        use_cuda_graphs=False,
+    )
     ours = runtime_perplexity(runner, ids, seqlen, max_tokens)
     assert ours["tokens"] == hf.tokens
     assert 1.0 < hf.ppl < 1000.0  # a language model on reference docs (~100), not a broken conversion (~vocab size)
@@ -64,12 +71,22 @@ def test_quantize_then_serve_chat(gemma, tmp_path):
 
     gguf, _ = gemma
     out = tmp_path / "gemma-athena"
-    meta = run(QuantizeJob(model=str(gguf), out=str(out), calib=CalibConfig(nsamples=4, seqlen=32), batch_size=4,
-                           athena=AthenaRecipe(n=16, kmeans_iters=2, lowrank=0.0)))
+    meta = run(
+        QuantizeJob(
+            model=str(gguf),
+            out=str(out),
+            calib=CalibConfig(nsamples=4, seqlen=32),
+            batch_size=4,
+            athena=AthenaRecipe(n=16, kmeans_iters=2, lowrank=0.0),
+        )
+    )
     assert meta["architecture"] == "gemma3_text" and len(meta["layers"]) == 7 * 18
     assert 2.0 < meta["bits_per_weight"]["linear"] < 2.5
-    engine = AsyncEngine.from_path(out, EngineSettings(device="cpu", use_cuda_graphs=False, max_model_len=256,
-                                                       num_blocks=32, max_num_seqs=2), model_name="gemma")
+    engine = AsyncEngine.from_path(
+        out,
+        EngineSettings(device="cpu", use_cuda_graphs=False, max_model_len=256, num_blocks=32, max_num_seqs=2),
+        model_name="gemma",
+    )
     seen: list[list[int]] = []
     submit = engine.submit
 
@@ -84,15 +101,23 @@ def test_quantize_then_serve_chat(gemma, tmp_path):
     server = serve_engine(engine)
     try:
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300) as client:
-            r = client.chat.completions.create(model="gemma", max_tokens=8, temperature=0, messages=[
-                {"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": "What is the capital of France?"}])
+            r = client.chat.completions.create(
+                model="gemma",
+                max_tokens=8,
+                temperature=0,
+                messages=[
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": "What is the capital of France?"},
+                ],
+            )
     finally:
         server.stop()
     tok = engine.tokenizer
     text = tok.decode(seen[0])
-    assert text == ("<bos><start_of_turn>user\nAnswer briefly.\n\nWhat is the capital of France?<end_of_turn>\n"
-                    "<start_of_turn>model\n")
+    assert text == (
+        "<bos><start_of_turn>user\nAnswer briefly.\n\nWhat is the capital of France?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
     assert choice.message.content.strip()

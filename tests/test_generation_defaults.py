@@ -1,6 +1,7 @@
 """Sampling defaults from the model's generation_config.json: reading them, the server's and `athena chat`'s use of
 them for the knobs a request leaves out, the flags over them, the GGUF import's recommended-sampling keys and the
 embedded default's values."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,16 +11,16 @@ import logging
 import gguf
 import openai
 import pytest
+from fake_engine import tiny_chat_tokenizer
+from fake_runner import FakeRunner
+from server_fixtures import make_settings, serve_engine
 
-from server import chat_cli
 from athena_runtime.engine import AsyncEngine
 from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.format.generation_defaults import parse_overrides, read_generation_defaults
-from fake_engine import tiny_chat_tokenizer
-from fake_runner import FakeRunner
+from server import chat_cli
 from server.protocol import ChatCompletionRequest
 from server.serving import sampling_params
-from server_fixtures import make_settings, serve_engine
 
 
 def write_config(tmp_path, config) -> None:
@@ -27,10 +28,27 @@ def write_config(tmp_path, config) -> None:
 
 
 def test_reads_the_sampler_knobs_only(tmp_path):
-    write_config(tmp_path, {"bos_token_id": 1, "eos_token_id": [2, 3], "do_sample": True, "max_new_tokens": 9,
-                            "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1})
-    assert read_generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.05,
-                                                  "repetition_penalty": 1.1}
+    write_config(
+        tmp_path,
+        {
+            "bos_token_id": 1,
+            "eos_token_id": [2, 3],
+            "do_sample": True,
+            "max_new_tokens": 9,
+            "temperature": 0.6,
+            "top_p": 0.9,
+            "top_k": 20,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+        },
+    )
+    assert read_generation_defaults(tmp_path) == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+    }
     assert isinstance(read_generation_defaults(tmp_path)["top_k"], int)
 
 
@@ -52,8 +70,12 @@ def test_unreadable_config_gives_no_defaults(tmp_path, caplog, text):
 
 def test_overrides_are_checked():
     assert parse_overrides('{"temperature": 0, "top_k": 40}') == {"temperature": 0.0, "top_k": 40}
-    for text, message in (('{"temperature": 0.7', "JSON object"), ('[0.7]', "JSON object"),
-                          ('{"temp": 0.7}', "unknown sampling default 'temp'"), ('{"top_p": 0}', "in (0, 1]")):
+    for text, message in (
+        ('{"temperature": 0.7', "JSON object"),
+        ("[0.7]", "JSON object"),
+        ('{"temp": 0.7}', "unknown sampling default 'temp'"),
+        ('{"top_p": 0}', "in (0, 1]"),
+    ):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             parse_overrides(text)
 
@@ -92,10 +114,17 @@ def test_server_applies_the_model_defaults_to_omitted_fields():
     tok = tiny_chat_tokenizer()
 
     def engine():
-        runner = FakeRunner(vocab_size=len(tok), num_blocks=256, block_size=4, max_model_len=256,
-                            banned=(tok.eos_token_id,))
-        return AsyncEngine(runner, tok, EngineSettings(block_size=4, max_num_seqs=4), "tiny",
-                           eos_token_ids=(tok.eos_token_id,), generation_defaults={"temperature": 0.0})
+        runner = FakeRunner(
+            vocab_size=len(tok), num_blocks=256, block_size=4, max_model_len=256, banned=(tok.eos_token_id,)
+        )
+        return AsyncEngine(
+            runner,
+            tok,
+            EngineSettings(block_size=4, max_num_seqs=4),
+            "tiny",
+            eos_token_ids=(tok.eos_token_id,),
+            generation_defaults={"temperature": 0.0},
+        )
 
     messages = [{"role": "user", "content": "Say hello."}]
     for mode, same in (("auto", True), ("none", False)):

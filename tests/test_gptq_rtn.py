@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from athena_runtime.format.layers import ScalarLayer, layer_from_tensors
 from quantize.gptq import quantize_gptq
 from quantize.hessian import HessianAccumulator
-from athena_runtime.format.layers import ScalarLayer, layer_from_tensors
 from quantize.recipe import ScalarRecipe
 from quantize.rtn import quantize_rtn
 
@@ -113,7 +113,13 @@ def test_refuses_bad_input():
         quantize_rtn(torch.full((2, 8), float("nan")), ScalarRecipe(method="rtn"))
     with pytest.raises(ValueError, match="2-D"):
         quantize_rtn(torch.randn(8), ScalarRecipe(method="rtn"))
-    for bad in (dict(method="awq"), dict(bits=0), dict(bits=9), dict(group_size=0), dict(damp=-0.1),
-                dict(block_size=0)):
+    for bad in (
+        dict(method="awq"),
+        dict(bits=0),
+        dict(bits=9),
+        dict(group_size=0),
+        dict(damp=-0.1),
+        dict(block_size=0),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ScalarRecipe(**bad)

@@ -1,5 +1,6 @@
 """GPU tests are chosen by the `gpu` marker: `pytest -m gpu` (bench/gpu_suite.sh tests) imports only modules that
 carry it; any other selection collects everything as usual."""
+
 from types import SimpleNamespace
 
 import conftest

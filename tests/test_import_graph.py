@@ -2,6 +2,7 @@
 import each other except through `athena_runtime.format`, the format package imports nothing else of either, the
 server reaches the quantizer only through its application commands, and no first-party file imports itself back
 through a cycle (lazy imports inside functions count too)."""
+
 from __future__ import annotations
 
 import ast
@@ -105,7 +106,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 stack.pop()
                 path.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 stack.append((nxt, iter(sorted(graph.get(nxt, ())))))
@@ -136,17 +137,31 @@ def _write(root: Path, files: dict[str, str]) -> None:
         path.write_text(text)
 
 
-@pytest.mark.parametrize("files,expected", [
-    ({"athena_runtime/loader.py": "def f():\n    from quantize.driver import run\n", "quantize/driver.py": ""},
-     "the runtime never imports the quantizer"),
-    ({"quantize/driver.py": "from athena_runtime.engine import LLMEngine\n", "athena_runtime/engine.py": ""},
-     "the quantizer imports only"),
-    ({"athena_runtime/format/layers.py": "from ..kernels import layout\n", "athena_runtime/kernels/layout.py": ""},
-     "the format package imports nothing outside itself"),
-    ({"server/routes.py": "import quantize.embedded\n", "quantize/embedded.py": ""}, "reach the quantizer"),
-    ({"bench/diag/x.py": "from tests.tiny_models import tiny\n", "tests/tiny_models.py": ""},
-     "nothing outside tests/ imports from tests/"),
-])
+@pytest.mark.parametrize(
+    "files,expected",
+    [
+        (
+            {"athena_runtime/loader.py": "def f():\n    from quantize.driver import run\n", "quantize/driver.py": ""},
+            "the runtime never imports the quantizer",
+        ),
+        (
+            {"quantize/driver.py": "from athena_runtime.engine import LLMEngine\n", "athena_runtime/engine.py": ""},
+            "the quantizer imports only",
+        ),
+        (
+            {
+                "athena_runtime/format/layers.py": "from ..kernels import layout\n",
+                "athena_runtime/kernels/layout.py": "",
+            },
+            "the format package imports nothing outside itself",
+        ),
+        ({"server/routes.py": "import quantize.embedded\n", "quantize/embedded.py": ""}, "reach the quantizer"),
+        (
+            {"bench/diag/x.py": "from tests.tiny_models import tiny\n", "tests/tiny_models.py": ""},
+            "nothing outside tests/ imports from tests/",
+        ),
+    ],
+)
 def test_boundary_check_fails_on_a_forbidden_import(tmp_path, files, expected):
     _write(tmp_path, files)
     bad = boundary_violations(import_graph(tmp_path))
@@ -154,15 +169,23 @@ def test_boundary_check_fails_on_a_forbidden_import(tmp_path, files, expected):
 
 
 def test_boundary_check_allows_the_format_package(tmp_path):
-    _write(tmp_path, {"quantize/driver.py": "from athena_runtime.format import checkpoint\n",
-                      "athena_runtime/format/checkpoint.py": "from .layers import x\n",
-                      "athena_runtime/format/layers.py": "", "server/app.py": "from quantize import embedded\n",
-                      "quantize/embedded.py": ""})
+    _write(
+        tmp_path,
+        {
+            "quantize/driver.py": "from athena_runtime.format import checkpoint\n",
+            "athena_runtime/format/checkpoint.py": "from .layers import x\n",
+            "athena_runtime/format/layers.py": "",
+            "server/app.py": "from quantize import embedded\n",
+            "quantize/embedded.py": "",
+        },
+    )
     graph = import_graph(tmp_path)
     assert graph["athena_runtime.format.checkpoint"] == {"athena_runtime.format.layers"}
     assert boundary_violations(graph) == []
 
 
 def test_cycle_check_finds_a_lazy_cycle(tmp_path):
-    _write(tmp_path, {"quantize/a.py": "from quantize import b\n", "quantize/b.py": "def f():\n    import quantize.a\n"})
+    _write(
+        tmp_path, {"quantize/a.py": "from quantize import b\n", "quantize/b.py": "def f():\n    import quantize.a\n"}
+    )
     assert find_cycle(import_graph(tmp_path)) == ["quantize.a", "quantize.b", "quantize.a"]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from athena_runtime.format.layers import dequantize_codebook_uint8, quantize_codebook_uint8
 from quantize.kmeans import (
     assign,
     kmeans,
@@ -10,7 +11,6 @@ from quantize.kmeans import (
     metric_kmeans,
     quantization_error,
 )
-from athena_runtime.format.layers import dequantize_codebook_uint8, quantize_codebook_uint8
 
 
 def gen(seed):

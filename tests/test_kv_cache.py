@@ -1,12 +1,24 @@
 """The paged KV cache: quantization error bounds, the stored key basis, slot writes, byte accounting."""
+
 import pytest
 import torch
 
+from athena_runtime.kv_cache import (
+    FP16KVCache,
+    Int4KVCache,
+    Int8KVCache,
+    KeyBasis,
+    KVCache,
+    blocks_for_budget,
+    dequantize_asymmetric,
+    dequantize_symmetric,
+    hadamard_matrix,
+    pack_nibbles,
+    quantize_asymmetric,
+    quantize_symmetric,
+    unpack_nibbles,
+)
 from athena_runtime.kv_quant_params import CLIP_RATIOS
-from athena_runtime.kv_cache import (FP16KVCache, Int4KVCache, Int8KVCache, KeyBasis, KVCache,
-                                     blocks_for_budget, dequantize_asymmetric, dequantize_symmetric,
-                                     hadamard_matrix, pack_nibbles, quantize_asymmetric, quantize_symmetric,
-                                     unpack_nibbles)
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
@@ -22,9 +34,11 @@ def _kv(T=37, heads=3, dim=64, seed=0):
 
 def _basis(layers=2, heads=3, dim=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return KeyBasis(offset=torch.randn(layers, heads, dim, generator=gen) * 3,
-                    scale=torch.rand(layers, heads, dim, generator=gen) + 0.5,
-                    sink=torch.randn(layers, heads, dim, generator=gen))
+    return KeyBasis(
+        offset=torch.randn(layers, heads, dim, generator=gen) * 3,
+        scale=torch.rand(layers, heads, dim, generator=gen) + 0.5,
+        sink=torch.randn(layers, heads, dim, generator=gen),
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -85,8 +99,9 @@ def test_hadamard_is_orthonormal_and_its_own_inverse():
 @pytest.mark.parametrize("hadamard", [False, True])
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_write_then_read_through_shuffled_slots(fmt, hadamard, calibrated):
-    cache = KVCache.create(fmt, num_layers=2, num_blocks=6, block_size=16, num_kv_heads=3, head_dim=64,
-                           device="cpu", hadamard=hadamard)
+    cache = KVCache.create(
+        fmt, num_layers=2, num_blocks=6, block_size=16, num_kv_heads=3, head_dim=64, device="cpu", hadamard=hadamard
+    )
     assert cache.hadamard == (hadamard or fmt == "int4")  # int4 always rotates
     if calibrated:
         cache.set_key_basis(_basis())

@@ -1,24 +1,27 @@
 """The key basis calibration: its statistics, its exactness through the whole model, the runner's use."""
+
 import pytest
 import torch
+from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from athena_runtime.batch import SequenceChunk
-from athena_runtime.kv_calibration import (NUM_WINDOWS, _RecordingCache, calibrate_key_basis,
-                                           calibration_windows)
-from athena_runtime.model_runner import ModelRunner
 from athena_runtime.format.source import load_tokenizer
-from tiny_models import make_tiny_model
+from athena_runtime.kv_calibration import NUM_WINDOWS, _RecordingCache, calibrate_key_basis, calibration_windows
+from athena_runtime.model_runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("calib_models")
-    return {"llama": make_tiny_model(root / "llama", "llama"),
-            "mistral": make_tiny_model(root / "mistral", "mistral", sliding_window=7),
-            # Gemma 3 with its real head_dim 256 (2 heads, 1 KV head): the basis over wide heads, local/global layers
-            "gemma3": make_tiny_model(root / "gemma3", "gemma3", head_dim=256, num_attention_heads=2,
-                                      num_key_value_heads=1)}
+    return {
+        "llama": make_tiny_model(root / "llama", "llama"),
+        "mistral": make_tiny_model(root / "mistral", "mistral", sliding_window=7),
+        # Gemma 3 with its real head_dim 256 (2 heads, 1 KV head): the basis over wide heads, local/global layers
+        "gemma3": make_tiny_model(
+            root / "gemma3", "gemma3", head_dim=256, num_attention_heads=2, num_key_value_heads=1
+        ),
+    }
 
 
 def test_recorded_statistics_follow_the_definitions():

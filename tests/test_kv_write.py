@@ -6,6 +6,7 @@ x·H sums in another order than the reference's matmul, so a rare value may roun
 the tests ask: nearly all stored values identical, every dequantized value within 1.5 quantization steps
 of the reference's (one step for a flipped n, a bit more for an int4 group that took another clip ratio
 of equal error), and no more total quantization error than the reference."""
+
 import logging
 
 import pytest
@@ -24,8 +25,9 @@ FIELDS = ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero")
 def _twin_caches(fmt, layers, Hkv, D, hadamard, calibrated, group_size, seed):
     """Two identical caches whose storage holds random bytes (so untouched rows are visible)."""
     gen = torch.Generator().manual_seed(seed)
-    caches = [KVCache.create(fmt, layers, 4, 4, Hkv, D, DEV, hadamard=hadamard, group_size=group_size)
-              for _ in range(2)]
+    caches = [
+        KVCache.create(fmt, layers, 4, 4, Hkv, D, DEV, hadamard=hadamard, group_size=group_size) for _ in range(2)
+    ]
     for name in FIELDS:
         t = getattr(caches[0], name)
         if t is None:
@@ -36,9 +38,11 @@ def _twin_caches(fmt, layers, Hkv, D, hadamard, calibrated, group_size, seed):
             t.copy_(torch.randint(-128 if t.dtype == torch.int8 else 0, 128, t.shape, generator=gen))
         getattr(caches[1], name).copy_(t)
     if calibrated:
-        basis = KeyBasis(offset=torch.randn(layers, Hkv, D, generator=gen) * 3,
-                         scale=torch.rand(layers, Hkv, D, generator=gen) + 0.5,
-                         sink=torch.randn(layers, Hkv, D, generator=gen))
+        basis = KeyBasis(
+            offset=torch.randn(layers, Hkv, D, generator=gen) * 3,
+            scale=torch.rand(layers, Hkv, D, generator=gen) + 0.5,
+            sink=torch.randn(layers, Hkv, D, generator=gen),
+        )
         for c in caches:
             c.set_key_basis(basis)
     return caches

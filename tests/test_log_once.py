@@ -1,4 +1,5 @@
 """log_once: a message per key, once per process."""
+
 import logging
 
 from athena_runtime.log_once import log_once

@@ -1,31 +1,42 @@
 """Our decoder vs transformers (eager, fp32) on tiny random models; config parsing; RoPE; the loader."""
+
 import json
 
 import pytest
 import torch
+from tiny_models import make_tiny_model, tiny_config
 from transformers import AutoModelForCausalLM
 
 from athena_runtime.batch import SequenceChunk, prepare_batch
-from athena_runtime.format.config import ModelConfig
+from athena_runtime.format.config import ModelConfig, rope_inv_freq
 from athena_runtime.kv_cache import KVCache
 from athena_runtime.loader import load_model
-from athena_runtime.format.config import rope_inv_freq
-from tiny_models import make_tiny_model, tiny_config
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=32)
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+)
 CASES = {
     "llama-llama3-rope-tied": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, tie_word_embeddings=True)),
     "llama-linear-rope-mha": ("llama", dict(rope_scaling=dict(rope_type="linear", factor=2.0), num_key_value_heads=4)),
     "mistral-window": ("mistral", dict(sliding_window=7)),
     "qwen2-bias-window": ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "qwen3-qknorm-head_dim": ("qwen3", {}),
-    "qwen3-window-untied-bias": ("qwen3", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
-                                               attention_bias=True)),
-    "llama3-gqa8-tied": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, num_attention_heads=8,
-                                       num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3-window-untied-bias": (
+        "qwen3",
+        dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, attention_bias=True),
+    ),
+    "llama3-gqa8-tied": (
+        "llama",
+        dict(
+            rope_scaling=LLAMA3_ROPE,
+            rope_theta=500000.0,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        ),
+    ),
     # local / global layers, their RoPE bases (global: linear scaling), q/k norms, (1 + w) norms, sandwich norms,
     # GELU-tanh, query_pre_attn_scalar, final soft-capping, tied embeddings
     "gemma3-local-global": ("gemma3", {}),
@@ -62,8 +73,13 @@ def test_gemma3_older_config_layout_reads_the_same(tmp_path):
     folder = make_tiny_model(tmp_path, "gemma3")
     new = json.loads((folder / "config.json").read_text())
     old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
-    old.update(rope_theta=50000.0, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
-               sliding_window_pattern=2, num_hidden_layers=3)
+    old.update(
+        rope_theta=50000.0,
+        rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        sliding_window_pattern=2,
+        num_hidden_layers=3,
+    )
     a, b = ModelConfig.from_hf_config(new), ModelConfig.from_hf_config(old)
     assert a == b
     assert a.sliding_layers == (True, False, True) and a.window(0) == 5 and a.window(1) is None
@@ -109,12 +125,21 @@ def test_sliding_window_is_really_exercised(tmp_path):
     assert not torch.allclose(windowed[-1], full[-1], atol=1e-3)
 
 
-@pytest.mark.parametrize("rope", [
-    dict(rope_type="default"),
-    dict(rope_type="linear", factor=4.0),
-    dict(rope_type="dynamic", factor=2.0),
-    dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        dict(rope_type="default"),
+        dict(rope_type="linear", factor=4.0),
+        dict(rope_type="dynamic", factor=2.0),
+        dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ],
+)
 def test_rope_inverse_frequencies_match_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -129,22 +154,41 @@ def test_rope_inverse_frequencies_match_transformers(rope):
 
 
 def test_config_fields_and_errors():
-    qwen = ModelConfig.from_hf_config(tiny_config("qwen2", use_sliding_window=True, sliding_window=6,
-                                                  max_window_layers=1).to_dict())
+    qwen = ModelConfig.from_hf_config(
+        tiny_config("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1).to_dict()
+    )
     assert qwen.architecture == "qwen2" and qwen.qkv_bias and not qwen.o_bias and qwen.tie_word_embeddings
     assert (qwen.window(0), qwen.window(1)) == (None, 6)
     llama = ModelConfig.from_hf_config(tiny_config("llama").to_dict())
     assert (llama.num_heads, llama.num_kv_heads, llama.head_dim, llama.window(0)) == (4, 2, 16, None)
     assert llama.bos_token_id == 1 and llama.eos_token_ids == (2,)
-    legacy = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 1234.0,
-              "rope_scaling": {"type": "linear", "factor": 2.0}, "eos_token_id": [2, 3]}
+    legacy = {
+        "model_type": "llama",
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "rope_theta": 1234.0,
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "eos_token_id": [2, 3],
+    }
     old = ModelConfig.from_hf_config(legacy)
     assert (old.rope.theta, old.rope.rope_type, old.rope.factor, old.num_kv_heads, old.eos_token_ids) == (
-        1234.0, "linear", 2.0, 2, (2, 3))
+        1234.0,
+        "linear",
+        2.0,
+        2,
+        (2, 3),
+    )
     qwen3 = ModelConfig.from_hf_config(tiny_config("qwen3").to_dict())
-    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.qkv_bias, qwen3.window(1), qwen3.attn_scale) == (32, True, False,
-                                                                                                 None, 32**-0.5)
+    assert (qwen3.head_dim, qwen3.qk_norm, qwen3.qkv_bias, qwen3.window(1), qwen3.attn_scale) == (
+        32,
+        True,
+        False,
+        None,
+        32**-0.5,
+    )
     with pytest.raises(ValueError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*llama, mistral, qwen2, qwen3, gemma3"):
         ModelConfig.from_hf_config({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(ValueError, match="rope type 'yarn'"):
@@ -181,6 +225,8 @@ def test_loader_reads_pytorch_bin_and_names_missing_tensors(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         load_model(folder, "cpu", torch.float32)
     cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
+    (folder / "config.json").write_text(
+        json.dumps({**cfg, "model_type": "falcon", "architectures": ["FalconForCausalLM"]})
+    )
     with pytest.raises(ValueError, match="falcon"):
         load_model(folder, "cpu", torch.float32)

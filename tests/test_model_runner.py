@@ -1,20 +1,22 @@
 """ModelRunner: chunked prefill + decode vs transformers, batch invariance, quantized caches,
 compressed checkpoints, CUDA graphs (GPU only)."""
+
 import random
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from athena_runtime.batch import SequenceChunk
 from athena_runtime.kv_cache import blocks_for_budget
 from athena_runtime.model_runner import ModelRunner
-from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=32)
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
+)
 FAMILIES = {
     "llama": dict(rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True),
     "mistral": dict(sliding_window=7),
@@ -42,7 +44,7 @@ def _feed(runner, tokens, table, chunk_sizes):
     """Prefill `tokens` in chunks, then decode the rest one token at a time; logits of each step."""
     out, pos = {}, 0
     for n in chunk_sizes:
-        out[pos + n - 1] = runner.execute([SequenceChunk(tokens[pos:pos + n], pos, table)])[0]
+        out[pos + n - 1] = runner.execute([SequenceChunk(tokens[pos : pos + n], pos, table)])[0]
         pos += n
     for p in range(pos, len(tokens)):
         out[p] = runner.execute([SequenceChunk([tokens[p]], p, table)])[0]
@@ -68,11 +70,13 @@ def test_mixed_batch_equals_each_sequence_alone(folders):
     prompts = [_tokens(n, seed=10 + n) for n in (3, 11, 18)]
     alone = []
     for prompt in prompts:
-        runner = ModelRunner.from_path(folder, kv_format="int8", kv_group_size=16, block_size=4, num_blocks=8,
-                                       device="cpu")
+        runner = ModelRunner.from_path(
+            folder, kv_format="int8", kv_group_size=16, block_size=4, num_blocks=8, device="cpu"
+        )
         alone.append(_feed(runner, prompt, list(range(8))[: -(-len(prompt) // 4)], chunk_sizes=(len(prompt) - 2,)))
-    runner = ModelRunner.from_path(folder, kv_format="int8", kv_group_size=16, block_size=4, num_blocks=16,
-                                   device="cpu")
+    runner = ModelRunner.from_path(
+        folder, kv_format="int8", kv_group_size=16, block_size=4, num_blocks=16, device="cpu"
+    )
     ids = random.Random(1).sample(range(16), 11)
     tables = [ids[:1], ids[1:4], ids[4:9]]
     steps = [  # (sequence, start, length) per chunk of each step
@@ -82,7 +86,7 @@ def test_mixed_batch_equals_each_sequence_alone(folders):
         [(0, 2, 1), (2, 17, 1), (1, 10, 1)],
     ]
     for step in steps:
-        chunks = [SequenceChunk(prompts[s][a:a + n], a, tables[s]) for s, a, n in step]
+        chunks = [SequenceChunk(prompts[s][a : a + n], a, tables[s]) for s, a, n in step]
         logits = runner.execute(chunks)
         assert logits.shape == (len(step), 384)
         for row, (s, a, n) in enumerate(step):
@@ -97,8 +101,9 @@ def test_quantized_caches_stay_close_to_exact(folders, fmt, tolerance, hadamard)
     folder = folders["llama"]
     tokens = _tokens(20, seed=4)
     want = _hf_logits(folder, tokens)
-    runner = ModelRunner.from_path(folder, kv_format=fmt, kv_group_size=16, kv_hadamard=hadamard, block_size=4,
-                                   num_blocks=8, device="cpu")
+    runner = ModelRunner.from_path(
+        folder, kv_format=fmt, kv_group_size=16, kv_hadamard=hadamard, block_size=4, num_blocks=8, device="cpu"
+    )
     got = _feed(runner, tokens, [3, 1, 4, 0, 5], chunk_sizes=(12,))
     err = max((got[p] - want[p]).abs().max().item() for p in got) / want.abs().max().item()
     assert err < tolerance
@@ -108,16 +113,18 @@ def test_hadamard_with_exact_cache_matches_transformers(folders):
     """Rotation of q, K, V and back of the output is exact math: no error beyond fp32 rounding."""
     tokens = _tokens(15, seed=5)
     want = _hf_logits(folders["mistral"], tokens)
-    runner = ModelRunner.from_path(folders["mistral"], kv_format="fp32", kv_hadamard=True, block_size=4,
-                                   num_blocks=8, device="cpu")
+    runner = ModelRunner.from_path(
+        folders["mistral"], kv_format="fp32", kv_hadamard=True, block_size=4, num_blocks=8, device="cpu"
+    )
     got = _feed(runner, tokens, [6, 2, 7, 0], chunk_sizes=(8,))
     for p, logits in got.items():
         torch.testing.assert_close(logits, want[p], rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_cache_sizing_and_bad_chunks(folders):
-    runner = ModelRunner.from_path(folders["llama"], kv_format="int4", kv_group_size=16, block_size=8,
-                                   kv_budget_bytes=100_000, device="cpu")
+    runner = ModelRunner.from_path(
+        folders["llama"], kv_format="int4", kv_group_size=16, block_size=8, kv_budget_bytes=100_000, device="cpu"
+    )
     assert runner.num_blocks == blocks_for_budget(100_000, "int4", 2, 8, 2, 16, 16) > 0
     assert runner.block_size == 8 and runner.max_model_len == min(256, runner.num_blocks * 8)
     with pytest.raises(ValueError, match="block_table has 1 blocks"):
@@ -132,6 +139,7 @@ def test_cache_sizing_and_bad_chunks(folders):
 def test_compressed_checkpoint_matches_its_reference_dequantization(folders, tmp_path, method):
     """Our loader on a compressed folder gives the logits of transformers with quantize's dequantized weights."""
     from compressed_fixture import write_compressed
+
     from athena_runtime.format.checkpoint import read_checkpoint
     from athena_runtime.format.layers import layer_from_tensors
 
@@ -188,8 +196,9 @@ def test_capture_graphs_is_a_no_op_without_cuda_graphs(folders):
 def test_graph_buffers_give_the_eager_logits_on_cpu(folders):
     """The CUDA-graph path's static buffers (padding rows, null block, partial table refresh), run
     eagerly on the CPU, give the same logits as the eager path: only capture/replay is GPU-only."""
-    runner = ModelRunner.from_path(folders["mistral"], kv_format="int8", kv_group_size=16, block_size=4,
-                                   num_blocks=24, device="cpu")
+    runner = ModelRunner.from_path(
+        folders["mistral"], kv_format="int8", kv_group_size=16, block_size=4, num_blocks=24, device="cpu"
+    )
     runner._init_graph_buffers()
     prompts = [_tokens(n, seed=n) for n in (5, 13, 9)]
     tables = [[3, 7], [10, 1, 0, 12], [5, 20, 8]]
@@ -201,8 +210,9 @@ def test_graph_buffers_give_the_eager_logits_on_cpu(folders):
         assert runner._seq_lens[3] == 0 and runner._slots[3] == runner.kv_cache.null_block * 4
         with torch.inference_mode():
             graph_path = runner._graph_forward(4)[:3]
-        alone = ModelRunner.from_path(folders["mistral"], kv_format="int8", kv_group_size=16, block_size=4,
-                                      num_blocks=24, device="cpu")
+        alone = ModelRunner.from_path(
+            folders["mistral"], kv_format="int8", kv_group_size=16, block_size=4, num_blocks=24, device="cpu"
+        )
         for p, t, row in zip(prompts, tables, graph_path):
             want = alone.execute([SequenceChunk(p[: len(p) - step + 1], 0, t)])[0]
             torch.testing.assert_close(row, want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """Paged attention: Triton decode kernel vs the PyTorch reference, and the reference vs dense attention."""
+
 import os
 
 if not __import__("torch").cuda.is_available():
@@ -11,8 +12,8 @@ import random
 import pytest
 import torch
 
-from athena_runtime.kv_cache import KeyBasis, KVCache
 from athena_runtime.kernels import paged_attention as pa
+from athena_runtime.kv_cache import KeyBasis, KVCache
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
@@ -23,19 +24,41 @@ def _basis(num_layers, num_kv_heads, head_dim, seed):
     """A random key basis: offsets m and δ of the keys' size, channel scales d in [0.5, 1.5]."""
     gen = torch.Generator().manual_seed(seed + 100)
     shape = (num_layers, num_kv_heads, head_dim)
-    return KeyBasis(offset=torch.randn(shape, generator=gen) * 2, scale=torch.rand(shape, generator=gen) + 0.5,
-                    sink=torch.randn(shape, generator=gen) * 3)
+    return KeyBasis(
+        offset=torch.randn(shape, generator=gen) * 2,
+        scale=torch.rand(shape, generator=gen) + 0.5,
+        sink=torch.randn(shape, generator=gen) * 3,
+    )
 
 
-def _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed, num_layers=1, hadamard=False,
-                  calibrated=False, group_size=None):
+def _filled_cache(
+    fmt,
+    seq_lens,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    seed,
+    num_layers=1,
+    hadamard=False,
+    calibrated=False,
+    group_size=None,
+):
     """A cache holding random K/V for each sequence (positions from 0), its blocks shuffled, with a
     random key basis when `calibrated`; returns cache, tables, K, V."""
     gen = torch.Generator().manual_seed(seed)
     need = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(need) + 3
-    cache = KVCache.create(fmt, num_layers, num_blocks, block_size, num_kv_heads, head_dim, DEVICE, hadamard=hadamard,
-                           group_size=group_size)
+    cache = KVCache.create(
+        fmt,
+        num_layers,
+        num_blocks,
+        block_size,
+        num_kv_heads,
+        head_dim,
+        DEVICE,
+        hadamard=hadamard,
+        group_size=group_size,
+    )
     if calibrated:
         cache.set_key_basis(_basis(num_layers, num_kv_heads, head_dim, seed))
     ids = list(range(num_blocks))
@@ -74,41 +97,61 @@ def _dense_attention(q, k, v, sm_scale, window, softcap=None):
     return torch.einsum("hnl,lhd->nhd", scores.masked_fill(~visible, -math.inf).softmax(-1), v)
 
 
-@pytest.mark.parametrize("window,softcap,calibrated", [
-    (None, None, False), (7, None, False), (None, None, True), (7, None, True),
-    (None, 1.5, False),  # soft-capping is not shift-invariant: no key offset (kv_calibration drops it then)
-])
+@pytest.mark.parametrize(
+    "window,softcap,calibrated",
+    [
+        (None, None, False),
+        (7, None, False),
+        (None, None, True),
+        (7, None, True),
+        (None, 1.5, False),  # soft-capping is not shift-invariant: no key offset (kv_calibration drops it then)
+    ],
+)
 def test_reference_prefill_matches_dense_attention(window, softcap, calibrated):
     """Exact cache: attention in the stored basis (query in, output back) is attention on q, k, v."""
     seq_lens, new = [23, 5, 40], [9, 5, 1]
-    cache, table, keys, values = _filled_cache("fp32", seq_lens, 2, 64, 16, seed=1, hadamard=calibrated,
-                                               calibrated=calibrated)
+    cache, table, keys, values = _filled_cache(
+        "fp32", seq_lens, 2, 64, 16, seed=1, hadamard=calibrated, calibrated=calibrated
+    )
     q = torch.randn(sum(new), 6, 64)
     qsl = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
-    out = pa.paged_attention_reference(cache.query(0, q.to(DEVICE)), cache, 0, table.to(DEVICE),
-                                       torch.tensor(seq_lens, dtype=torch.int32), qsl, 0.125, window, softcap)
+    out = pa.paged_attention_reference(
+        cache.query(0, q.to(DEVICE)),
+        cache,
+        0,
+        table.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32),
+        qsl,
+        0.125,
+        window,
+        softcap,
+    )
     out = cache.output(out).cpu()
     for s in range(3):
-        want = _dense_attention(q[qsl[s]:qsl[s + 1]], keys[s], values[s], 0.125, window, softcap)
-        torch.testing.assert_close(out[qsl[s]:qsl[s + 1]].double(), want, rtol=1e-5, atol=1e-5)
+        want = _dense_attention(q[qsl[s] : qsl[s + 1]], keys[s], values[s], 0.125, window, softcap)
+        torch.testing.assert_close(out[qsl[s] : qsl[s + 1]].double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
 @pytest.mark.parametrize("num_splits", [1, 3, None])  # None: the automatic choice (4 or 2 here, see below)
-@pytest.mark.parametrize("fmt,queries_per_kv,window,hadamard,calibrated,head_dim,block_size", [
-    ("fp16", 1, None, False, False, 64, 16),
-    ("fp16", 3, 5, False, False, 64, 16),
-    ("fp16", 3, None, True, True, 64, 16),  # the key basis on an unquantized cache: the sink score term
-    ("int8", 3, None, False, False, 64, 16),
-    ("int8", 1, 20, True, False, 64, 16),
-    ("int4", 3, None, True, True, 64, 16),  # what the runner uses: calibrated, GQA
-    ("int4", 1, None, True, False, 64, 16),  # uncalibrated: rotation only
-    ("int4", 4, 20, True, True, 64, 8),  # window: position 0 (and its sink term) out of sight for long sequences
-    ("int4", 2, None, True, True, 128, 16),  # two scale/zero groups per head
-    ("int4", 2, 7, True, True, 16, 4),  # tiny heads (the runner tests' models): miscompiled on the GPU once
-])
-def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, calibrated, head_dim, block_size,
-                                         num_splits):
+@pytest.mark.parametrize(
+    "fmt,queries_per_kv,window,hadamard,calibrated,head_dim,block_size",
+    [
+        ("fp16", 1, None, False, False, 64, 16),
+        ("fp16", 3, 5, False, False, 64, 16),
+        ("fp16", 3, None, True, True, 64, 16),  # the key basis on an unquantized cache: the sink score term
+        ("int8", 3, None, False, False, 64, 16),
+        ("int8", 1, 20, True, False, 64, 16),
+        ("int4", 3, None, True, True, 64, 16),  # what the runner uses: calibrated, GQA
+        ("int4", 1, None, True, False, 64, 16),  # uncalibrated: rotation only
+        ("int4", 4, 20, True, True, 64, 8),  # window: position 0 (and its sink term) out of sight for long sequences
+        ("int4", 2, None, True, True, 128, 16),  # two scale/zero groups per head
+        ("int4", 2, 7, True, True, 16, 4),  # tiny heads (the runner tests' models): miscompiled on the GPU once
+    ],
+)
+def test_triton_decode_matches_reference(
+    fmt, queries_per_kv, window, hadamard, calibrated, head_dim, block_size, num_splits
+):
     """Every format, GQA, windows, tiles of several pages and the context split over programs. Tiles
     are 64 keys (TILE_TOKENS), so 200 keys make 4 tiles: 3 splits take 2, 2 and 0 of them (a split
     without tiles), and a 1-key sequence leaves two splits empty; the table width (13 or 25 pages) is
@@ -116,17 +159,27 @@ def test_triton_decode_matches_reference(fmt, queries_per_kv, window, hadamard, 
     splits, 2 with a window (a window spans at most 2 tiles)."""
     num_kv_heads = 2
     seq_lens = [1, 16, 17, 50, 64, 65, 130, 200]  # odd lengths, block- and tile-boundary neighbours
-    cache, table, _, _ = _filled_cache(fmt, seq_lens, num_kv_heads, head_dim, block_size, seed=2, hadamard=hadamard,
-                                       calibrated=calibrated)
+    cache, table, _, _ = _filled_cache(
+        fmt, seq_lens, num_kv_heads, head_dim, block_size, seed=2, hadamard=hadamard, calibrated=calibrated
+    )
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     q = torch.randn(len(seq_lens), num_kv_heads * queries_per_kv, head_dim).to(DEVICE, dtype)
     q = cache.query(0, q)
-    args = (q, cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, window)
+    args = (
+        q,
+        cache,
+        0,
+        table,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE),
+        head_dim**-0.5,
+        window,
+    )
     got = pa.paged_attention_decode(*args, num_splits=num_splits)
     if num_splits is None and DEVICE == "cpu":
-        auto = pa.decode_num_splits(len(seq_lens), num_kv_heads, table.shape[1], block_size, pa.TILE_TOKENS,
-                                    pa._num_sms(q.device), window)
+        auto = pa.decode_num_splits(
+            len(seq_lens), num_kv_heads, table.shape[1], block_size, pa.TILE_TOKENS, pa._num_sms(q.device), window
+        )
         assert auto == (4 if window is None else 2)
     want = pa.paged_attention_reference(*args)
     assert not torch.isnan(got).any()
@@ -146,8 +199,16 @@ def test_triton_decode_fp16_query_gqa(fmt):
     cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=6, hadamard=rotated, calibrated=rotated)
     q = 3 * torch.randn(len(seq_lens), 6, 64, generator=torch.Generator().manual_seed(7))
     q = cache.query(0, q.to(DEVICE))
-    args = (q.half(), cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), 0.125, None)
+    args = (
+        q.half(),
+        cache,
+        0,
+        table,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE),
+        0.125,
+        None,
+    )
     got = pa.paged_attention_decode(*args, num_splits=3)
     want = pa.paged_attention_reference(*args)
     assert got.dtype == torch.float16 and not torch.isnan(got).any()
@@ -155,22 +216,34 @@ def test_triton_decode_fp16_query_gqa(fmt):
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,queries_per_kv,head_dim,group_size,block_size", [
-    ("int8", 1, 96, 32, 16),  # head_dim below BLOCK_D: the last scale group is masked
-    ("int8", 2, 96, 48, 12),  # a group size that is no power of two (per-element scale gathers), 12-key pages
-    ("fp16", 2, 64, None, 128),  # pages larger than the tile: tiles cut pages
-    ("int4", 1, 64, 32, 24),  # int4 with two groups per head, pages cut by tiles
-])
+@pytest.mark.parametrize(
+    "fmt,queries_per_kv,head_dim,group_size,block_size",
+    [
+        ("int8", 1, 96, 32, 16),  # head_dim below BLOCK_D: the last scale group is masked
+        ("int8", 2, 96, 48, 12),  # a group size that is no power of two (per-element scale gathers), 12-key pages
+        ("fp16", 2, 64, None, 128),  # pages larger than the tile: tiles cut pages
+        ("int4", 1, 64, 32, 24),  # int4 with two groups per head, pages cut by tiles
+    ],
+)
 def test_triton_decode_odd_geometry(fmt, queries_per_kv, head_dim, group_size, block_size):
     """Shapes the default models do not have; 3 splits. The key basis needs a power-of-two head_dim."""
     seq_lens = [1, 23, 64, 150]
     pow2 = head_dim & (head_dim - 1) == 0
-    cache, table, _, _ = _filled_cache(fmt, seq_lens, 2, head_dim, block_size, seed=4, hadamard=pow2, calibrated=pow2,
-                                       group_size=group_size)
+    cache, table, _, _ = _filled_cache(
+        fmt, seq_lens, 2, head_dim, block_size, seed=4, hadamard=pow2, calibrated=pow2, group_size=group_size
+    )
     dtype = torch.float16 if DEVICE == "cuda" else torch.float32
     q = cache.query(0, torch.randn(len(seq_lens), 2 * queries_per_kv, head_dim).to(DEVICE, dtype))
-    args = (q, cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, None)
+    args = (
+        q,
+        cache,
+        0,
+        table,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE),
+        head_dim**-0.5,
+        None,
+    )
     got = pa.paged_attention_decode(*args, num_splits=3)
     want = pa.paged_attention_reference(*args)
     assert not torch.isnan(got).any()
@@ -185,8 +258,9 @@ def test_triton_decode_empty_sequence_gives_zeros(num_splits):
     cache, table, _, _ = _filled_cache("int8", [3, 1], 1, 64, 16, seed=3)
     q = torch.randn(2, 1, 64, device=DEVICE)
     seq_lens = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
-    out = pa.paged_attention_decode(q, cache, 0, table, seq_lens, torch.arange(3, device=DEVICE), 0.125, None,
-                                    num_splits=num_splits)
+    out = pa.paged_attention_decode(
+        q, cache, 0, table, seq_lens, torch.arange(3, device=DEVICE), 0.125, None, num_splits=num_splits
+    )
     assert torch.isfinite(out).all() and (out[1] == 0).all()
 
 
@@ -204,9 +278,16 @@ def test_decode_split_choice():
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,window,max_tokens,calibrated", [
-    ("fp16", None, 4096, False), ("int8", 6, 4096, False), ("int4", None, 4096, True), ("int4", None, 25, False),
-    ("fp16", 4, 25, False)])
+@pytest.mark.parametrize(
+    "fmt,window,max_tokens,calibrated",
+    [
+        ("fp16", None, 4096, False),
+        ("int8", 6, 4096, False),
+        ("int4", None, 4096, True),
+        ("int4", None, 25, False),
+        ("fp16", 4, 25, False),
+    ],
+)
 def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated, monkeypatch):
     """Continuous batching: prefill chunks (fresh and continued) between decode tokens; the one-token
     sequences go through the decode kernel in one launch, the chunks through SDPA."""
@@ -238,10 +319,12 @@ def test_mixed_batch_equal_length_prompts_batched(fmt, window, monkeypatch):
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     calls = {"batched": 0, "masked": 0}
     same, masked = pa._same_length_prompts, pa._masked_prompts
-    monkeypatch.setattr(pa, "_same_length_prompts",
-                        lambda *a: (calls.__setitem__("batched", calls["batched"] + 1), same(*a))[1])
-    monkeypatch.setattr(pa, "_masked_prompts",
-                        lambda *a: (calls.__setitem__("masked", calls["masked"] + 1), masked(*a))[1])
+    monkeypatch.setattr(
+        pa, "_same_length_prompts", lambda *a: (calls.__setitem__("batched", calls["batched"] + 1), same(*a))[1]
+    )
+    monkeypatch.setattr(
+        pa, "_masked_prompts", lambda *a: (calls.__setitem__("masked", calls["masked"] + 1), masked(*a))[1]
+    )
     want = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, window)
     got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl.tolist())
     assert not torch.isnan(got).any()
@@ -259,39 +342,55 @@ def test_bench_attention_smoke(capsys):
         pytest.skip("the smoke run is the CPU one")
     from bench import attention
 
-    assert attention.main(["--smoke", "--formats", "int4", "--batches", "2", "--contexts", "70",
-                           "--splits", "1,auto", "--json"]) == 0
+    assert (
+        attention.main(
+            ["--smoke", "--formats", "int4", "--batches", "2", "--contexts", "70", "--splits", "1,auto", "--json"]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert [r["num_splits"] for r in rows] == [1, 2] and all(r["max_err"] < 1e-5 for r in rows)
 
 
 def _step_kv(keys, values, new):
     """This step's k, v rows (the last `new[s]` tokens of each sequence, in batch order), as the model passes them."""
-    return (torch.cat([k[len(k) - m:] for k, m in zip(keys, new)]).to(DEVICE),
-            torch.cat([v[len(v) - m:] for v, m in zip(values, new)]).to(DEVICE))
+    return (
+        torch.cat([k[len(k) - m :] for k, m in zip(keys, new)]).to(DEVICE),
+        torch.cat([v[len(v) - m :] for v, m in zip(values, new)]).to(DEVICE),
+    )
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,window,calibrated,hadamard", [
-    ("fp16", None, False, False), ("fp16", 5, False, True), ("int8", None, False, False), ("int4", None, True, True),
-    ("int4", 6, True, True)])
+@pytest.mark.parametrize(
+    "fmt,window,calibrated,hadamard",
+    [
+        ("fp16", None, False, False),
+        ("fp16", 5, False, True),
+        ("int8", None, False, False),
+        ("int4", None, True, True),
+        ("int4", 6, True, True),
+    ],
+)
 def test_mixed_batch_fresh_prompts_attend_over_their_own_kv(fmt, window, calibrated, hadamard):
     """With the step's k, v given, whole prompts attend over them as computed (no read back, no quantization):
     their rows match dense attention over the exact keys (1e-3, or fp16 rounding), the decode tokens and the
     continued chunk still match the reference over the cache; an fp16 cache gives what reading it back gives."""
     seq_lens, new = [23, 1, 40, 17, 9, 30, 21, 5], [1, 1, 12, 1, 9, 1, 21, 5]  # fresh prompts: 9, 21, 5 tokens
-    cache, table, keys, values = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=5, calibrated=calibrated,
-                                               hadamard=hadamard)
+    cache, table, keys, values = _filled_cache(
+        fmt, seq_lens, 2, 64, 16, seed=5, calibrated=calibrated, hadamard=hadamard
+    )
     q = torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     qsl_list = [0] + torch.tensor(new).cumsum(0).tolist()
     qsl = torch.tensor(qsl_list, dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     fresh = _step_kv(keys, values, new)
     query = cache.query(0, q)
-    got = cache.output(pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list,
-                                                fresh_kv=fresh))
-    via_cache = cache.output(pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens,
-                                                      qsl_list))
+    got = cache.output(
+        pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list, fresh_kv=fresh)
+    )
+    via_cache = cache.output(
+        pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list)
+    )
     assert not torch.isnan(got).any()
     for s, (n_new, length) in enumerate(zip(new, seq_lens)):
         rows = slice(qsl_list[s], qsl_list[s + 1])
@@ -302,30 +401,43 @@ def test_mixed_batch_fresh_prompts_attend_over_their_own_kv(fmt, window, calibra
             torch.testing.assert_close(got[rows], via_cache[rows])
     if fmt == "fp16" and not hadamard:  # keys as fp16 as the model's are: what the cache gives back, to rounding
         fresh16 = tuple(t.half().to(q.dtype) for t in fresh)
-        same = pa.paged_attention_mixed(query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list,
-                                        fresh_kv=fresh16)
+        same = pa.paged_attention_mixed(
+            query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list, fresh_kv=fresh16
+        )
         torch.testing.assert_close(same, via_cache, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
-@pytest.mark.parametrize("fmt,window,softcap,calibrated", [
-    ("fp16", 5, None, False),
-    ("int8", None, 1.5, False),  # soft-capped scores (exp clamped: no overflow for large scores)
-    ("int4", 20, None, True),    # what a Gemma runner with --kv-cache int4 runs: calibrated basis, GQA, window
-    ("int4", None, None, True),
-])
+@pytest.mark.parametrize(
+    "fmt,window,softcap,calibrated",
+    [
+        ("fp16", 5, None, False),
+        ("int8", None, 1.5, False),  # soft-capped scores (exp clamped: no overflow for large scores)
+        ("int4", 20, None, True),  # what a Gemma runner with --kv-cache int4 runs: calibrated basis, GQA, window
+        ("int4", None, None, True),
+    ],
+)
 def test_triton_decode_wide_heads(fmt, window, softcap, calibrated):
     """Gemma 3's heads: head_dim 256 (decode_launch_shape: 32-key tiles, 8 warps), 4 queries per KV head,
     sliding windows, soft-capping; 3 splits; against the reference and, for the unquantized cache, dense attention."""
     assert pa.decode_launch_shape(256) == (32, 8) and pa.decode_launch_shape(128) == (pa.TILE_TOKENS, pa.NUM_WARPS)
     seq_lens = [1, 33, 70, 96]
-    cache, table, keys, values = _filled_cache(fmt, seq_lens, 2, 256, 16, seed=11, hadamard=fmt == "int4",
-                                               calibrated=calibrated)
+    cache, table, keys, values = _filled_cache(
+        fmt, seq_lens, 2, 256, 16, seed=11, hadamard=fmt == "int4", calibrated=calibrated
+    )
     q = torch.randn(len(seq_lens), 8, 256, generator=torch.Generator().manual_seed(12)).to(DEVICE)
     if DEVICE == "cuda":
         q = q.half()
-    args = (cache.query(0, q), cache, 0, table, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-            torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE), 256**-0.5, window)
+    args = (
+        cache.query(0, q),
+        cache,
+        0,
+        table,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE),
+        256**-0.5,
+        window,
+    )
     got = pa.paged_attention_decode(*args, num_splits=3, softcap=softcap)
     want = pa.paged_attention_reference(*args, softcap=softcap)
     assert not torch.isnan(got).any()
@@ -333,8 +445,8 @@ def test_triton_decode_wide_heads(fmt, window, softcap, calibrated):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     if fmt == "fp16" or softcap is not None:  # int8 with a cap: the reference itself against exact attention
         for s in range(len(seq_lens)):
-            dense = _dense_attention(q[s:s + 1].float().cpu(), keys[s], values[s], 256**-0.5, window, softcap)
-            torch.testing.assert_close(cache.output(want)[s:s + 1].double().cpu(), dense, rtol=2e-2, atol=2e-2)
+            dense = _dense_attention(q[s : s + 1].float().cpu(), keys[s], values[s], 256**-0.5, window, softcap)
+            torch.testing.assert_close(cache.output(want)[s : s + 1].double().cpu(), dense, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")

@@ -11,18 +11,21 @@ the fp32 reference.
 Tolerance of the matmul (relative Frobenius error against the fp32 reference): 4e-3, as for the
 other fp16 kernels (fp16 Ŵ, u = x Bᵀ and output rounding; cuBLAS accumulates in fp32).
 """
+
 from __future__ import annotations
 
 import ctypes
 
 import cuda_emulation
-from nvrtc_check import ptxas_usage, toolchain_or_none
 import pytest
 import torch
+from nvrtc_check import ptxas_usage, toolchain_or_none
 
-from athena_runtime.kernels import dequant as cdq, layout
+from athena_runtime.kernels import dequant as cdq
+from athena_runtime.kernels import layout
+from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul
+from athena_runtime.kernels.dequant_matmul import dequantize_t_reference as pq_dequantize_t_reference
 from athena_runtime.kernels.layout import PQGeometry
-from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul, dequantize_t_reference as pq_dequantize_t_reference
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemm_reference
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
@@ -71,11 +74,20 @@ def test_copy_pad_cols_reference_leaves_the_middle():
         cdq.copy_pad_cols_reference(x, xu, 4)  # zero_from < M
 
 
-@pytest.mark.parametrize("change,match", [
-    ("qweight", "qweight must be"), ("codebook", "codebook must be"), ("cb_dtype", "fp16"), ("dtype", "fp16"),
-    ("out_cols", "out must be"), ("out_rows", "out must be"), ("out_strided", "out must be"),
-    ("stacked_short", "out must be"), ("stacked_n", "stacked_a must be"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ("qweight", "qweight must be"),
+        ("codebook", "codebook must be"),
+        ("cb_dtype", "fp16"),
+        ("dtype", "fp16"),
+        ("out_cols", "out must be"),
+        ("out_rows", "out must be"),
+        ("out_strided", "out must be"),
+        ("stacked_short", "out must be"),
+        ("stacked_n", "stacked_a must be"),
+    ],
+)
 def test_argument_checks(change, match):
     geo, qw, cb, A, _, _ = make_layer(40, 24, 2, 64, 40, rank=3, device="cpu")
     kw = dict(dtype=torch.float16, out=None, stacked_a=None)
@@ -169,8 +181,11 @@ def _emulated_launchers() -> str:
         f"    if (bits == {b} && D == {d} && slab_w == {s}) {{ launch(grid, THREADS, [&] {{ "
         f"dequant_kernel<{b}, {d}, {s}>("
         "qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, rows_per_chunk, out, stride_out, lr_a, stride_an, "
-        "rank, extra_rows); }); return 0; }" for b, d, s in VARIANTS)
-    return r"""
+        "rank, extra_rows); }); return 0; }"
+        for b, d, s in VARIANTS
+    )
+    return (
+        r"""
 #include "dequant.cu"
 namespace athena { alignas(16) uint16_t cb_s[48 * 1024 / 2]; }
 using namespace athena;
@@ -180,7 +195,9 @@ extern "C" int run_dequant(const int* qweight, int N_pad, int GW, const uint16_t
                            const uint16_t* lr_a, int stride_an, int rank, int extra_rows) {
     const int chunks = ((k_rows < N ? k_rows : N) + rows_per_chunk - 1) / rows_per_chunk;
     const dim3 grid{(unsigned)(chunks * ((N + k_rows - 1) / k_rows)), (unsigned)(GW / slab_w + (extra_rows > 0)), 1};
-""" + disp + r"""
+"""
+        + disp
+        + r"""
     return 1;
 }
 extern "C" void run_copy(const uint16_t* src, long long ss, uint16_t* dst, long long sd, int T, int M, int zero_from,
@@ -189,6 +206,7 @@ extern "C" void run_copy(const uint16_t* src, long long ss, uint16_t* dst, long 
            [&] { copy_pad_cols_kernel(src, ss, dst, sd, T, M, zero_from, K); });
 }
 """
+    )
 
 
 @pytest.fixture(scope="module")
@@ -205,23 +223,42 @@ def _emulate_dequant(lib, qw, cb, geo, out, slab_w, rows_per_chunk, stacked_a=No
     a = None
     if stacked_a is not None:
         a = torch.nn.functional.pad(stacked_a.half(), (0, -stacked_a.shape[1] % 8)).contiguous()
-    rc = lib.run_dequant(qw.data_ptr(), qw.shape[1], qw.shape[0], cb.data_ptr(), cb.shape[1], geo.d, geo.bits,
-                         geo.N, geo.M, geo.k, rows_per_chunk, slab_w, out.data_ptr(), out.stride(0),
-                         None if a is None else a.data_ptr(), 0 if a is None else a.stride(0),
-                         0 if a is None else a.shape[1], 0 if a is None else out.shape[0] - geo.M)
+    rc = lib.run_dequant(
+        qw.data_ptr(),
+        qw.shape[1],
+        qw.shape[0],
+        cb.data_ptr(),
+        cb.shape[1],
+        geo.d,
+        geo.bits,
+        geo.N,
+        geo.M,
+        geo.k,
+        rows_per_chunk,
+        slab_w,
+        out.data_ptr(),
+        out.stride(0),
+        None if a is None else a.data_ptr(),
+        0 if a is None else a.stride(0),
+        0 if a is None else a.shape[1],
+        0 if a is None else out.shape[0] - geo.M,
+    )
     assert rc == 0, "no variant"
 
 
 @pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 11 (C++20 <barrier>)")
-@pytest.mark.parametrize("N,M,d,n,k,slab,rows", [
-    (2100, 130, 2, 64, 4096, 8, 4096),   # several passes, next pass's words prefetched
-    (2100, 130, 2, 64, 4096, 16, 2048),  # 16-word slabs: no prefetch
-    (203, 77, 2, 64, 50, 4, 12),         # k % 4 != 0: quads straddle chunks; M inside a slab
-    (204, 78, 2, 64, 50, 4, 12),         # ... a slab's columns end 2 past M (aligned rows)
-    (300, 301, 3, 16, 100, 8, 1024),
-    (257, 1030, 4, 256, 128, 4, 1024),   # odd N: every quad element-wise (unaligned rows)
-    (130, 50, 1, 64, 64, 8, 1024),
-])
+@pytest.mark.parametrize(
+    "N,M,d,n,k,slab,rows",
+    [
+        (2100, 130, 2, 64, 4096, 8, 4096),  # several passes, next pass's words prefetched
+        (2100, 130, 2, 64, 4096, 16, 2048),  # 16-word slabs: no prefetch
+        (203, 77, 2, 64, 50, 4, 12),  # k % 4 != 0: quads straddle chunks; M inside a slab
+        (204, 78, 2, 64, 50, 4, 12),  # ... a slab's columns end 2 past M (aligned rows)
+        (300, 301, 3, 16, 100, 8, 1024),
+        (257, 1030, 4, 256, 128, 4, 1024),  # odd N: every quad element-wise (unaligned rows)
+        (130, 50, 1, 64, 64, 8, 1024),
+    ],
+)
 def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, slab, rows):
     geo, qw, cb, A, _, _ = make_layer(N, M, d, n, k, rank=5, device="cpu")
     ref = pq_dequantize_t_reference(qw, cb, geo)
@@ -233,7 +270,7 @@ def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, slab, rows):
     assert torch.equal(guard[:M, :N], ref) and torch.isnan(guard[M:]).all() and torch.isnan(guard[:, N:]).all()
     big = torch.full((M + 11, N + 8), float("nan"), dtype=torch.float16)  # [Ŵᵀ; Aᵀ; 0], wider row stride
     _emulate_dequant(emulated, qw, cb, geo, big[:, :N], slab, rows, stacked_a=A)
-    assert torch.equal(big[:M, :N], ref) and torch.equal(big[M:M + 5, :N], A.t()) and (big[M + 5:, :N] == 0).all()
+    assert torch.equal(big[:M, :N], ref) and torch.equal(big[M : M + 5, :N], A.t()) and (big[M + 5 :, :N] == 0).all()
     assert torch.isnan(big[:, N:]).all()
 
 
@@ -252,8 +289,9 @@ def test_copy_kernel_emulated_on_cpu(emulated, T, M, zero_from, K):
 def test_kernels_compile_without_spills(tmp_path, arch):
     """NVRTC (the runtime's compiler) with ptxas' report on the default recipe's slabs and the extreme recipes:
     <= 128 registers (two CTAs of 256 threads per SM, MIN_BLOCKS) and no spills."""
-    names = [f"athena::dequant_kernel<{b}, {d}, {s}>" for b, d, s in VARIANTS
-             if (b, d) in (cdq.MAIN_RECIPE, (4, 1), (8, 4))]
+    names = [
+        f"athena::dequant_kernel<{b}, {d}, {s}>" for b, d, s in VARIANTS if (b, d) in (cdq.MAIN_RECIPE, (4, 1), (8, 4))
+    ]
     regs, spills, report = ptxas_usage("dequant.cu", names, arch, tmp_path)
     assert len(regs) >= len(names) and max(regs) <= 128
     assert spills and all(s == ("0", "0") for s in spills), report[-3000:]
@@ -287,7 +325,7 @@ def test_cuda_dequantize_is_exact(N, M, d, n, k):
         assert torch.equal(big[:M, :N], ref) and torch.isnan(big[:, N:]).all() and torch.isnan(big[M:]).all()
     big = torch.full((M + 11, N), float("nan"), dtype=torch.float16, device=DEV)  # [Ŵᵀ; Aᵀ; 0] in one launch
     cdq.dequantize_t(qw, cb, geo, out=big, stacked_a=A)
-    assert torch.equal(big[:M], ref) and torch.equal(big[M:M + 5], A.t()) and (big[M + 5:] == 0).all()
+    assert torch.equal(big[:M], ref) and torch.equal(big[M : M + 5], A.t()) and (big[M + 5 :] == 0).all()
 
 
 @needs_gpu
@@ -301,8 +339,15 @@ def test_cuda_copy_pad_cols_is_exact(T, M, zero_from, K):
 
 @needs_gpu
 @pytest.mark.parametrize("mode", ["fold", "rows", "addmm", None])
-@pytest.mark.parametrize("N,M,k,rank,bias,T", [(1000, 2050, 512, 8, True, 65), (257, 1030, 128, 5, True, 17),
-                                               (4096, 4096, 4096, 48, False, 300), (300, 130, 4096, 0, False, 33)])
+@pytest.mark.parametrize(
+    "N,M,k,rank,bias,T",
+    [
+        (1000, 2050, 512, 8, True, 65),
+        (257, 1030, 128, 5, True, 17),
+        (4096, 4096, 4096, 48, False, 300),
+        (300, 130, 4096, 0, False, 33),
+    ],
+)
 def test_cuda_dequant_matmul_matches_reference(mode, N, M, k, rank, bias, T):
     geo, qw, cb, A, B, b = make_layer(N, M, 2, 64, k, rank, bias)
     x = torch.randn(T, M, device=DEV).half()

@@ -12,16 +12,18 @@ ulp of the value, plus 2^-18 absolute where the codebook entry and the low-rank 
 (|Δ| <= 2^-10 |ref| + 2^-18, operands of magnitude ~1); every value outside the written range untouched
 (NaN guard).
 """
+
 from __future__ import annotations
 
 import ctypes
 
 import cuda_emulation
-from nvrtc_check import ptxas_usage, toolchain_or_none
 import pytest
 import torch
+from nvrtc_check import ptxas_usage, toolchain_or_none
 
-from athena_runtime.kernels import dequant as fold, layout
+from athena_runtime.kernels import dequant as fold
+from athena_runtime.kernels import layout
 from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
 from athena_runtime.kernels.layout import PQGeometry
 
@@ -45,10 +47,11 @@ def make_layer(N, M, d, n, k, rank, seed=0, device=DEV):
 def assert_within_ulp(out, ref):
     assert not torch.isnan(out).any(), "NaN (a value not written)"
     diff = (out.float() - ref.float()).abs()
-    bound = ref.float().abs() * 2.0 ** -10 + 2.0 ** -18
+    bound = ref.float().abs() * 2.0**-10 + 2.0**-18
     bad = diff > bound
-    assert not bad.any(), (f"{int(bad.sum())} values beyond 1 ulp + 2^-18, e.g. out {out[bad][:4].tolist()} "
-                           f"ref {ref[bad][:4].tolist()}")
+    assert not bad.any(), (
+        f"{int(bad.sum())} values beyond 1 ulp + 2^-18, e.g. out {out[bad][:4].tolist()} ref {ref[bad][:4].tolist()}"
+    )
 
 
 # ----------------------------------------------------------------------------------- CPU: the spec
@@ -62,10 +65,16 @@ def test_reference_is_dequantize_plus_lowrank_rounded_once():
     assert torch.equal(big[:, :37], Wt) and torch.isnan(big[:, 37:]).all()
 
 
-@pytest.mark.parametrize("change,match", [
-    ("no_b", "low-rank factors"), ("a_rows", "low-rank factors"), ("ranks", "low-rank factors"),
-    ("out", "out must be"), ("qweight", "qweight must be"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ("no_b", "low-rank factors"),
+        ("a_rows", "low-rank factors"),
+        ("ranks", "low-rank factors"),
+        ("out", "out must be"),
+        ("qweight", "qweight must be"),
+    ],
+)
 def test_argument_checks(change, match):
     geo, qw, cb, A, B = make_layer(40, 24, 2, 64, 40, 16, device="cpu")
     args = dict(qweight=qw, codebook=cb, geo=geo, lowrank_a=A, lowrank_b=B)
@@ -96,7 +105,9 @@ def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
 
 
 def test_launch_rule_fills_the_last_wave():
-    assert fold.choose_fold_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 1024  # 208 CTAs: 0.79 wave (512: 1.58 of 2)
+    assert (
+        fold.choose_fold_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 1024
+    )  # 208 CTAs: 0.79 wave (512: 1.58 of 2)
     assert fold.choose_fold_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 512  # 1248 CTAs: 4.7 of 5 waves
     assert fold.choose_fold_rows(PQGeometry(4096, 11008, 2, 64, 4096), 132) == 512
     assert fold.choose_fold_rows(PQGeometry(14336, 4096, 2, 64, 4096), 132) == 512  # 6.3 of 7 waves (1024: 3.2 of 4)
@@ -113,8 +124,12 @@ def test_cuda_prefill_folds_the_low_rank_term_where_the_kernel_serves_the_rank()
 
 
 # ----------------------------------------------------------------------------------- CPU: the kernel emulated
-VARIANTS = [(b, d, ks) for b, d in fold.RECIPES for ks in range(1, fold.FOLD_MAX_RANK // 16 + 1)
-            if fold.fold_frag_regs(b, d, ks) <= fold.FOLD_FRAG_REGS]
+VARIANTS = [
+    (b, d, ks)
+    for b, d in fold.RECIPES
+    for ks in range(1, fold.FOLD_MAX_RANK // 16 + 1)
+    if fold.fold_frag_regs(b, d, ks) <= fold.FOLD_FRAG_REGS
+]
 
 
 def _emulated_launcher() -> str:
@@ -122,8 +137,10 @@ def _emulated_launcher() -> str:
         f"    if (bits == {b} && D == {d} && rank == {16 * ks}) {{ launch(grid, THREADS, [&] {{ "
         f"fold_kernel<{b}, {d}, {ks}>(qweight, N_pad, codebook, G_pad, N, M, GW, k_rows, chunks, "
         "rows_per_chunk, lr_a, stride_an, lr_b, stride_be, rank, out, stride_out); }); return 0; }"
-        for b, d, ks in VARIANTS)
-    return r"""
+        for b, d, ks in VARIANTS
+    )
+    return (
+        r"""
 #include "fold.cu"
 namespace athena { alignas(16) uint16_t smem[64 * 1024]; }  // 128 KB
 using namespace athena;
@@ -132,7 +149,10 @@ extern "C" int run_fold(const int* qweight, int N_pad, int GW, const uint16_t* c
                         const uint16_t* lr_b, int stride_be, int rank, uint16_t* out, long long stride_out) {
     const int k_eff = k_rows < N ? k_rows : N, chunks = (k_eff + rows_per_chunk - 1) / rows_per_chunk;
     const dim3 grid{(unsigned)(chunks * ((N + k_rows - 1) / k_rows)), (unsigned)(GW / SLAB_W), 1};
-""" + disp + "\n    return 1;\n}\n"
+"""
+        + disp
+        + "\n    return 1;\n}\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,24 +164,46 @@ def emulated(tmp_path_factory):
 
 
 def _emulate(lib, qw, cb, geo, A, B, out, rows):
-    rc = lib.run_fold(qw.data_ptr(), qw.shape[1], qw.shape[0], cb.data_ptr(), cb.shape[1], geo.d, geo.bits,
-                      geo.N, geo.M, geo.k, rows, A.data_ptr(), A.stride(0), B.data_ptr(), B.stride(0), A.shape[1],
-                      out.data_ptr(), out.stride(0))
+    rc = lib.run_fold(
+        qw.data_ptr(),
+        qw.shape[1],
+        qw.shape[0],
+        cb.data_ptr(),
+        cb.shape[1],
+        geo.d,
+        geo.bits,
+        geo.N,
+        geo.M,
+        geo.k,
+        rows,
+        A.data_ptr(),
+        A.stride(0),
+        B.data_ptr(),
+        B.stride(0),
+        A.shape[1],
+        out.data_ptr(),
+        out.stride(0),
+    )
     assert rc == 0, "no variant"
 
 
 @pytest.mark.skipif(cuda_emulation.compiler() is None, reason="needs g++ >= 11 (C++20 <barrier>)")
-@pytest.mark.parametrize("N,M,d,n,k,rank,rows", [
-    (203, 83, 2, 64, 50, 16, 24),    # k % 8 != 0: tiles straddle chunks and blocks; a slot straddles M
-    (130, 96, 2, 64, 130, 48, 64),   # the recipe's rank (3 k-steps); several rounds of the 8 warps
-    (77, 61, 3, 64, 77, 16, 512),    # d = 3: two m-tiles, the second partly padding; odd N
-    (64, 40, 1, 256, 64, 16, 512),   # d = 1: half an m-tile; b = 8
-    (45, 70, 4, 64, 20, 16, 16),     # d = 4: two whole m-tiles; three codebook blocks
-    (96, 50, 2, 64, 96, 48, 512),    # the recipe's largest rank (B's fragments in 60 registers)
-])
+@pytest.mark.parametrize(
+    "N,M,d,n,k,rank,rows",
+    [
+        (203, 83, 2, 64, 50, 16, 24),  # k % 8 != 0: tiles straddle chunks and blocks; a slot straddles M
+        (130, 96, 2, 64, 130, 48, 64),  # the recipe's rank (3 k-steps); several rounds of the 8 warps
+        (77, 61, 3, 64, 77, 16, 512),  # d = 3: two m-tiles, the second partly padding; odd N
+        (64, 40, 1, 256, 64, 16, 512),  # d = 1: half an m-tile; b = 8
+        (45, 70, 4, 64, 20, 16, 16),  # d = 4: two whole m-tiles; three codebook blocks
+        (96, 50, 2, 64, 96, 48, 512),  # the recipe's largest rank (B's fragments in 60 registers)
+    ],
+)
 def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
     geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank, device="cpu")
-    assert fold.fold_supports(geo, rank) is None and fold.fold_smem_bytes(geo.bits, d, rank) <= 128 * 1024  # the emulation's buffer
+    assert (
+        fold.fold_supports(geo, rank) is None and fold.fold_smem_bytes(geo.bits, d, rank) <= 128 * 1024
+    )  # the emulation's buffer
     ref = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
     for pad in (0, 8, 3):  # row stride N, wider aligned, wider unaligned (every store element-wise)
         guard = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16)
@@ -175,8 +217,11 @@ def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
 def test_kernels_compile_without_spills(tmp_path, arch):
     """NVRTC (the runtime's compiler) with ptxas' report on the default recipe's kernels and the extreme recipes:
     <= 128 registers (two CTAs of 256 threads per SM) and no spills."""
-    names = [f"athena::fold_kernel<{b}, {d}, {ks}>" for b, d, ks in VARIANTS
-             if (b, d) == (6, 2) or (b, d, ks) in ((4, 4, 1), (8, 1, 4), (4, 1, 4))]
+    names = [
+        f"athena::fold_kernel<{b}, {d}, {ks}>"
+        for b, d, ks in VARIANTS
+        if (b, d) == (6, 2) or (b, d, ks) in ((4, 4, 1), (8, 1, 4), (4, 1, 4))
+    ]
     regs, spills, report = ptxas_usage("fold.cu", names, arch, tmp_path)
     assert len(regs) == len(names) and max(regs) <= 128
     assert all(s == ("0", "0") for s in spills), report[-3000:]

@@ -6,14 +6,15 @@ counters' reset, not timing or memory ordering (the GPU tests do).
 
 Tolerance: 4e-3 relative Frobenius error against the fp32 reference (fp16 tables and partial sums).
 """
+
 from __future__ import annotations
 
 import ctypes
 
+import cuda_emulation
 import pytest
 import torch
 
-import cuda_emulation
 from athena_runtime.kernels import lut
 from athena_runtime.kernels.layout import PQGeometry, pack_words, pad_codebook, row_chunks
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_reference
@@ -32,8 +33,10 @@ def _source() -> str:
         "N_pad, (const __half*)codebook, G_pad, D, N, GW, k_rows, chunks, rows_per_chunk, n_row_progs, "
         "(__half*)partial, "
         "(const __half*)lr_b, stride_br, rank, m_vec, u, ep); }, phases); return 0; }"
-        for t, b, s in VARIANTS)
-    return r"""
+        for t, b, s in VARIANTS
+    )
+    return (
+        r"""
 #include "lut.cu"
 namespace athena { alignas(16) unsigned char smem_raw[64 * 1024]; }
 using namespace athena;
@@ -50,18 +53,54 @@ extern "C" int run_lut(const uint16_t* x, int stride_xt, int t_valid, int M, con
     const unsigned n_table = (unsigned)(n_row_progs * (GW / slab_w));
     const dim3 grid{(unsigned)rank + n_table + (unsigned)ep.n_epi, 1, 1};
     const std::vector<unsigned> phases{(unsigned)rank, (unsigned)rank + n_table};
-""" + disp + r"""
+"""
+        + disp
+        + r"""
     return 1;
 }
 """
+    )
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     lib = cuda_emulation.build(_source(), tmp_path_factory.mktemp("pq_cuda_lut_emu"))
     P, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.run_lut.argtypes = [P, i32, i32, i32, P, i32, P, i32, i32, i32, i32, i32, i32, i32, i32, P, P, i32, i32, i32,
-                            P, i32, i32, i32, P, P, P, i32, P, i32, i32, i32, i32]
+    lib.run_lut.argtypes = [
+        P,
+        i32,
+        i32,
+        i32,
+        P,
+        i32,
+        P,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        P,
+        P,
+        i32,
+        i32,
+        i32,
+        P,
+        i32,
+        i32,
+        i32,
+        P,
+        P,
+        P,
+        i32,
+        P,
+        i32,
+        i32,
+        i32,
+        i32,
+    ]
     return lib
 
 
@@ -88,11 +127,42 @@ def _run(lib, x, geo, qw, cb, A, B, b, rows, *, fused, glu=None, tile=64, sync=N
     n_out = glu[1] if glu else geo.N
     y = torch.full((1, n_out), float("nan")).half() if fused else None
     m_vec = geo.M // 8 * 8 if rank and geo.M % 8 == 0 else 0
-    ptr = (lambda t: None if t is None else t.data_ptr())  # noqa: E731
-    rc = lib.run_lut(ptr(x), x.stride(0), x.shape[0], geo.M, ptr(qw), geo.N_pad, ptr(cb), geo.G_pad, geo.d, geo.N,
-                     geo.GW, geo.k, chunks, rows, n_row, ptr(partial), ptr(B), B.stride(0) if rank else 0, rank, m_vec,
-                     ptr(u), t_inst, geo.bits, slab_w, ptr(sync), ptr(y), ptr(A), A.stride(0) if rank else 0, ptr(b),
-                     n_out, glu[0] if glu else 0, 1 if glu else 0, tile)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    rc = lib.run_lut(
+        ptr(x),
+        x.stride(0),
+        x.shape[0],
+        geo.M,
+        ptr(qw),
+        geo.N_pad,
+        ptr(cb),
+        geo.G_pad,
+        geo.d,
+        geo.N,
+        geo.GW,
+        geo.k,
+        chunks,
+        rows,
+        n_row,
+        ptr(partial),
+        ptr(B),
+        B.stride(0) if rank else 0,
+        rank,
+        m_vec,
+        ptr(u),
+        t_inst,
+        geo.bits,
+        slab_w,
+        ptr(sync),
+        ptr(y),
+        ptr(A),
+        A.stride(0) if rank else 0,
+        ptr(b),
+        n_out,
+        glu[0] if glu else 0,
+        1 if glu else 0,
+        tile,
+    )
     assert rc == 0, "no emulated variant"
     return y, partial, u, sync
 
@@ -102,14 +172,26 @@ def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-@pytest.mark.parametrize("N,M,n,k,rank,bias,rows,tile", [
-    (300, 130, 64, 100, 8, True, 1024, 64),    # 3 codebook blocks, scalar u loads (M % 8 != 0), bias
-    (4100, 72, 64, 4096, 8, False, 4096, 64),  # four passes per CTA, a second block of 4 rows
-    (1100, 136, 64, 4096, 16, False, 2048, 128),  # two passes per CTA (the one-token double buffer), 16-byte u loads
-    (257, 80, 16, 128, 0, True, 1024, 32),     # b = 4, no low-rank term, a part row quad at the end
-    (203, 136, 64, 52, 24, True, 1024, 8),     # one-lane groups (8-row tiles), 4 blocks of 52 rows
-    (130, 96, 64, 4096, 8, False, 1024, 256),  # one warp-wide group per warp, a tile longer than the layer
-])
+@pytest.mark.parametrize(
+    "N,M,n,k,rank,bias,rows,tile",
+    [
+        (300, 130, 64, 100, 8, True, 1024, 64),  # 3 codebook blocks, scalar u loads (M % 8 != 0), bias
+        (4100, 72, 64, 4096, 8, False, 4096, 64),  # four passes per CTA, a second block of 4 rows
+        (
+            1100,
+            136,
+            64,
+            4096,
+            16,
+            False,
+            2048,
+            128,
+        ),  # two passes per CTA (the one-token double buffer), 16-byte u loads
+        (257, 80, 16, 128, 0, True, 1024, 32),  # b = 4, no low-rank term, a part row quad at the end
+        (203, 136, 64, 52, 24, True, 1024, 8),  # one-lane groups (8-row tiles), 4 blocks of 52 rows
+        (130, 96, 64, 4096, 8, False, 1024, 256),  # one warp-wide group per warp, a tile longer than the layer
+    ],
+)
 def test_fused_epilogue_emulated(lib, N, M, n, k, rank, bias, rows, tile):
     geo, qw, cb, A, B, b = _layer(N, M, n, k, rank, bias)
     x = torch.randn(1, M).half()
@@ -135,7 +217,7 @@ def test_partial_sums_emulated(lib):
     geo, qw, cb, A, B, b = _layer(300, 130, 64, 100, 8, True, seed=1)
     x = torch.randn(1, 130).half()
     _, partial, u, sync = _run(lib, x, geo, qw, cb, A, B, b, 1024, fused=False)
-    y = partial.float().sum(0)[:, :geo.N] + u[0] @ A.float().t() + b.float()
+    y = partial.float().sum(0)[:, : geo.N] + u[0] @ A.float().t() + b.float()
     assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL
     assert not sync.any()
 
@@ -147,7 +229,7 @@ def test_glu_emulated(lib):
     x = torch.randn(1, 96).half()
     z = pq_gemv_reference(x, qw, cb, geo, A, B, b).float()
     y, _, _, sync = _run(lib, x, geo, qw, cb, A, B, b, 1024, fused=True, glu=(up, F))
-    assert rel_err(y, torch.nn.functional.silu(z[:, :F]) * z[:, up:up + F]) < TOL
+    assert rel_err(y, torch.nn.functional.silu(z[:, :F]) * z[:, up : up + F]) < TOL
     assert not sync.any()
 
 
@@ -157,6 +239,6 @@ def test_few_tokens_emulated(lib, T):
     geo, qw, cb, A, B, b = _layer(300, 130, 64, 100, 8, True, seed=T)
     x = torch.randn(T, 130).half()
     _, partial, u, sync = _run(lib, x, geo, qw, cb, A, B, b, 1024, fused=False)
-    y = partial.float().sum(0)[:T, :geo.N] + u[0, :T] @ A.float().t() + b.float()
+    y = partial.float().sum(0)[:T, : geo.N] + u[0, :T] @ A.float().t() + b.float()
     assert rel_err(y, pq_gemv_reference(x, qw, cb, geo, A, B, b)) < TOL
     assert not u[0, T:].any() and not sync.any()

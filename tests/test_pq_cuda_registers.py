@@ -2,12 +2,13 @@
 installed; no GPU needed): on sm_90 the <= 8-word slabs (4 words: the runtime's launch) are compiled for 4 CTAs per
 SM (`ATHENA_T1_MIN_BLOCKS` in lut.cu), which must fit 64 registers without spilling; on sm_89 they stay
 unbounded and must not spill either; the few-token instances must not spill on either."""
+
 from __future__ import annotations
 
 import pytest
+from nvrtc_check import ptxas_usage, toolchain_or_none
 
 from athena_runtime.kernels import lut
-from nvrtc_check import ptxas_usage, toolchain_or_none
 
 T1 = [lut.kernel_name(1, 6, s) for s in lut.slab_widths(1, 6) if s <= 8]
 

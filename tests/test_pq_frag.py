@@ -5,15 +5,16 @@ lent H100); on CPU the layer-support rules, the shared-memory sizes and an NVRTC
 Tolerance: relative Frobenius error 4e-3 against the fp32 reference on the same fp16 codebook (fp16
 split-K partial sums; measured ~1e-4 for the tensor-core kernels).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from nvrtc_check import ptxas_usage, toolchain_or_none
 
 from athena_runtime.kernels import frag
-from athena_runtime.kernels.pq_reference import pq_matmul_reference
-from nvrtc_check import ptxas_usage, toolchain_or_none
 from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.pq_reference import pq_matmul_reference
 from athena_runtime.kernels.tuning import Tuning
 from tests.test_pq_kernels import make_layer, rel_err
 
@@ -64,8 +65,10 @@ def test_rejects_cpu_input():
 
 
 @GPU
-@pytest.mark.parametrize("N,M,k,rank,bias", [(1000, 1000, 512, 8, True), (300, 1000, 128, 4, False),
-                                             (4096, 4096, 4096, 48, False), (257, 1032, 4096, 5, True)])
+@pytest.mark.parametrize(
+    "N,M,k,rank,bias",
+    [(1000, 1000, 512, 8, True), (300, 1000, 128, 4, False), (4096, 4096, 4096, 48, False), (257, 1032, 4096, 5, True)],
+)
 @pytest.mark.parametrize("T", [1, 3, 16, 17, 40, 64])
 def test_frag_kernel_matches_reference(N, M, k, rank, bias, T):
     geo, qw, cb, A, B, b, _, _ = make_layer(N, M, 2, 64, k, rank, bias, seed=N + T)

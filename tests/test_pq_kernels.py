@@ -7,6 +7,7 @@ Tolerances (relative Frobenius error against the fp32 reference on the same fp16
     fp16 x  : 4e-3  (fp16 table entries / fp16 output rounding; measured ~5e-4)
     fp32 x  : 1e-5  (fp32 table, fp32 accumulate; the interpreter's dot is exact fp32)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,11 +16,16 @@ import torch
 
 from athena_runtime.format.bits import unpack_bits
 from athena_runtime.kernels import layout
-from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.dequant_matmul import (
-    dequant_matmul as pq_dequant_matmul, dequantize_t_reference as pq_dequantize_t_reference,
+    dequant_matmul as pq_dequant_matmul,
+)
+from athena_runtime.kernels.dequant_matmul import (
+    dequantize_t_reference as pq_dequantize_t_reference,
+)
+from athena_runtime.kernels.dequant_matmul import (
     triton_dequantize_t as pq_dequantize_t,
 )
+from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_reference
 from athena_runtime.kernels.splitk import splitk_epilogue
 from athena_runtime.kernels.triton_lut import triton_lut_matmul as pq_gemv
@@ -93,8 +99,16 @@ def test_dequant_matmul_with_lowrank_modes(rank, bias, T):
     x = torch.randn(T, 50, generator=torch.Generator().manual_seed(4)).to(DEV)
     ref = pq_gemm_reference(x, qw, cb.float(), geo, A, B, b)
     for mode in ("fold", "rows", "addmm"):
-        y = pq_dequant_matmul(x, qw, cb.float(), geo, None if A is None else A.float(),
-                              None if B is None else B.float(), None if b is None else b.float(), lowrank_mode=mode)
+        y = pq_dequant_matmul(
+            x,
+            qw,
+            cb.float(),
+            geo,
+            None if A is None else A.float(),
+            None if B is None else B.float(),
+            None if b is None else b.float(),
+            lowrank_mode=mode,
+        )
         assert rel_err(y, ref) < TOL[torch.float32]
         y16 = pq_dequant_matmul(x.half(), qw, cb, geo, A, B, b, lowrank_mode=mode)
         assert y16.dtype == torch.float16 and rel_err(y16, ref) < TOL[torch.float16]
@@ -112,6 +126,7 @@ def test_kernels_check_operands():
     with pytest.raises(ValueError, match="slab_w"):
         pq_gemv(x, qw, cb, geo, slab_w=6)
     from athena_runtime.kernels.dequant import dequantize_t_reference
+
     with pytest.raises(ValueError, match="qweight must be int32"):  # the layer checks shared with the dequantize
         dequantize_t_reference(qw.long(), cb.half(), geo)
 
@@ -120,6 +135,7 @@ def test_cuda_wrappers_refuse_what_they_do_not_serve():
     """The CUDA kernel wrappers' shared precondition: fp16 CUDA operands; and each says why it does not serve."""
     from athena_runtime.kernels import lut
     from athena_runtime.kernels.pq_reference import check_operands
+
     geo, qw, cb, _, _, _, _, _ = make_layer(20, 24, 2, 16, 20)
     with pytest.raises(ValueError, match="CUDA device"):
         check_operands(torch.randn(2, 24).half(), qw.cpu(), cb.cpu().half(), geo, None, None, None, cuda_fp16=True)
@@ -132,12 +148,14 @@ def test_cuda_wrappers_refuse_what_they_do_not_serve():
     assert lut.supports(geo, 8, torch.float16) is None
 
 
-@pytest.mark.parametrize("N,M,rows", [(4096, 4096, 2048), (11008, 4096, 4096),
-                                       (4096, 11008, 4096), (14336, 4096, 4096), (1024, 1024, 1024)])
+@pytest.mark.parametrize(
+    "N,M,rows", [(4096, 4096, 2048), (11008, 4096, 4096), (4096, 11008, 4096), (14336, 4096, 4096), (1024, 1024, 1024)]
+)
 def test_one_token_launch_fills_the_gpu(N, M, rows):
     """4096-row chunks unless they give fewer than 1.5 table CTAs per SM (H100: 132 SMs), then 2048, then 1024."""
     from athena_runtime.kernels import lut
     from athena_runtime.kernels.tuning import Tuning
+
     assert lut.choose_launch(PQGeometry(N, M, 2, 64, 4096), 1, Tuning(sms=132)) == (4, rows)
 
 
@@ -147,6 +165,7 @@ def test_one_token_launch_fills_the_gpu(N, M, rows):
 @pytest.mark.parametrize("M", [2050, 2048])  # u = x Bᵀ with scalar loads (odd M) and with 16-byte loads
 def test_cuda_lut_kernel_matches_reference(T, M):
     from athena_runtime.kernels.lut import lut_matmul as pq_gemv_cuda
+
     pq_gemv_cuda_reference = pq_gemv_reference
     geo, qw, cb, A, B, b, _, _ = make_layer(1000, M, 2, 64, 512, 8, True)
     args = [qw, cb, A, B, b]
@@ -157,17 +176,21 @@ def test_cuda_lut_kernel_matches_reference(T, M):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("N,M,k,rank,bias,tile", [
-    (1000, 2050, 512, 8, True, 128),   # two codebook blocks (k < N), 16-byte u loads off, bias
-    (1001, 2048, 4096, 16, False, 64),  # N odd (a part quad at the end), one block
-    (4100, 1030, 1024, 0, True, 256),  # no low-rank term, 5 blocks (the last one 4 rows)
-    (300, 130, 100, 8, False, 128),    # k % 4 == 0 with short blocks
-])
+@pytest.mark.parametrize(
+    "N,M,k,rank,bias,tile",
+    [
+        (1000, 2050, 512, 8, True, 128),  # two codebook blocks (k < N), 16-byte u loads off, bias
+        (1001, 2048, 4096, 16, False, 64),  # N odd (a part quad at the end), one block
+        (4100, 1030, 1024, 0, True, 256),  # no low-rank term, 5 blocks (the last one 4 rows)
+        (300, 130, 100, 8, False, 128),  # k % 4 == 0 with short blocks
+    ],
+)
 def test_cuda_lut_fused_epilogue_matches_reference(N, M, k, rank, bias, tile):
     """One token, the epilogue CTAs in the lookup launch: y against the reference and against the
     unfused launch; calls alternating between two layers and a CUDA-graph replay on new input show the
     counters are left zero after every call."""
     from athena_runtime.kernels.lut import lut_matmul as pq_gemv_cuda
+
     pq_gemv_cuda_reference = pq_gemv_reference
     geo, qw, cb, A, B, b, _, _ = make_layer(N, M, 2, 64, k, rank, bias)
     geo2, qw2, cb2, A2, B2, b2, _, _ = make_layer(700, M, 2, 64, 256, 16, True, seed=1)
@@ -193,6 +216,7 @@ def test_cuda_lut_fused_epilogue_matches_reference(N, M, k, rank, bias, tile):
 def test_cuda_lut_capture_before_counters_exist(monkeypatch):
     """A CUDA graph captured before any eager call made the counters: the second launch, still correct."""
     from athena_runtime.kernels import lut
+
     geo, qw, cb, A, B, b, _, _ = make_layer(1000, 2050, 2, 64, 512, 16, True)
     x = torch.randn(1, 2050, device=DEV).half()
     lut.lut_matmul(x, qw, cb, geo, A, B, b, fused_epilogue=False)  # compiles / loads the kernel
@@ -212,25 +236,28 @@ def test_cuda_lut_fused_epilogue_glu(F, up_off, rank):
     """glu in the fused epilogue: silu(gate) · up of the same layer's unfused output (rounding only)."""
     from athena_runtime.kernels.fused_ops import silu_mul_reference
     from athena_runtime.kernels.lut import lut_matmul as pq_gemv_cuda
+
     N = up_off + F + 5
     geo, qw, cb, A, B, b, _, _ = make_layer(N, 1030, 2, 64, 512, rank, True)
     x = torch.randn(1, 1030, device=DEV).half()
     z = pq_gemv_cuda(x, qw, cb, geo, A, B, b, fused_epilogue=False)
     y = pq_gemv_cuda(x, qw, cb, geo, A, B, b, glu=(up_off, F), fused_epilogue=True)
     assert y.shape == (1, F)
-    assert rel_err(y, silu_mul_reference(z[:, :F].float(), z[:, up_off:up_off + F].float())) < 2e-3
+    assert rel_err(y, silu_mul_reference(z[:, :F].float(), z[:, up_off : up_off + F].float())) < 2e-3
 
 
 def test_fused_epilogue_reasons(monkeypatch):
     """When the split-K epilogue stays a second launch (logged by lut.LutPlan)."""
     from athena_runtime.kernels import lut
     from athena_runtime.kernels.tuning import Tuning
+
     monkeypatch.setattr(lut, "sync_buffer", lambda device: torch.zeros(4))
     geo, cpu = PQGeometry(4096, 4096, 2, 64, 4096), torch.device("cpu")
     A = torch.zeros(4096, 16, dtype=torch.float16)
 
     def reason(*args):
         return lut.fused_epilogue_reason(*args, Tuning())
+
     assert "token" in reason(geo, 2, 2048, A, None, cpu)
     assert "row programs" in reason(PQGeometry(4096 * 4096, 8, 2, 64, 4096), 1, 4, A, None, cpu)
     assert "multiple of 8" in reason(geo, 1, 2048, A, (2052, 2000), cpu)
@@ -243,14 +270,26 @@ def test_fused_epilogue_reasons(monkeypatch):
 
 def test_prog_rows_match_row_chunks():
     from athena_runtime.kernels.lut import prog_rows
+
     assert prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 2048) == [
-        (0, 1024), (1024, 2048), (2048, 3072), (3072, 4096), (4096, 4100)]
+        (0, 1024),
+        (1024, 2048),
+        (2048, 3072),
+        (3072, 4096),
+        (4096, 4100),
+    ]
     assert prog_rows(PQGeometry(4100, 64, 2, 64, 1024), 512)[-3:] == [(3584, 4096), (4096, 4100), (4608, 4100)]
 
 
-@pytest.mark.parametrize("S,S_U,T,N,rank,dtype", [(150, 3, 1, 70, 5, torch.float16), (300, 1, 1, 40, 3, torch.float16),
-                                                   (7, 1, 2, 300, 0, torch.float32),
-                                                   (40, 1, 6, 130, 9, torch.float16)])
+@pytest.mark.parametrize(
+    "S,S_U,T,N,rank,dtype",
+    [
+        (150, 3, 1, 70, 5, torch.float16),
+        (300, 1, 1, 40, 3, torch.float16),
+        (7, 1, 2, 300, 0, torch.float32),
+        (40, 1, 6, 130, 9, torch.float16),
+    ],
+)
 def test_splitk_epilogue_sums_every_slab(S, S_U, T, N, rank, dtype):
     """Σ_s partial + (Σ_s u_part) Aᵀ + bias, for more slabs than one load holds (S > 64), fp16 or fp32
     partials, the per-token and the token-tile kernels."""
@@ -273,6 +312,7 @@ def test_splitk_epilogue_glu_matches_unfused(S, T, F, up_off, rank):
     """glu=(up_offset, F): silu(gate) · up straight from the epilogue, bit for bit what the unfused
     epilogue followed by fused_ops.silu_mul gives (per-token kernel for T <= 4, token tiles above)."""
     from athena_runtime.kernels.fused_ops import silu_mul
+
     g = torch.Generator().manual_seed(S + T)
     N = up_off + F + 7  # rows past the up part are not read
     n_pad = -(-N // 128) * 128
@@ -282,7 +322,7 @@ def test_splitk_epilogue_glu_matches_unfused(S, T, F, up_off, rank):
     bias = torch.randn(N, generator=g).half().to(DEV)
     z = splitk_epilogue(partial, u_part, A, bias, T, N, torch.float16)
     y = splitk_epilogue(partial, u_part, A, bias, T, N, torch.float16, glu=(up_off, F))
-    ref = silu_mul(z[:, :F], z[:, up_off:up_off + F], use_triton=True)
+    ref = silu_mul(z[:, :F], z[:, up_off : up_off + F], use_triton=True)
     assert y.shape == (T, F)
     if T > 4 and rank:  # the tile kernel's tl.dot runs its two low-rank products separately: rounding only
         assert rel_err(y, ref) < TOL[torch.float16]

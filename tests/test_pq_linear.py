@@ -3,20 +3,20 @@
 Triton paths run on CPU under TRITON_INTERPRET=1 (conftest.py). Tolerance: relative Frobenius
 error 4e-3 for fp16 activations against the fp32 spec computed straight from the FORMAT tensors.
 """
+
 from __future__ import annotations
 
 import logging
-
 import os
 
 import pytest
 import torch
+from test_pq_kernels import DEV, pack_format, rel_err
 
-from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels import backends, nvrtc
+from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.tuning import Tuning
 from athena_runtime.pq_linear import PATH_ENV, PQLinear
-from test_pq_kernels import DEV, pack_format, rel_err
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
@@ -59,11 +59,14 @@ def spec(x, W, bvec):
     return y + bvec.float() if bvec is not None else y
 
 
-@pytest.mark.parametrize("N,M,d,n,k,rank,bias,cbits", [
-    (37, 29, 3, 16, 20, 3, True, 8),
-    (64, 100, 2, 64, 64, 0, False, 16),
-    (20, 9, 4, 256, 7, 2, False, 8),
-])
+@pytest.mark.parametrize(
+    "N,M,d,n,k,rank,bias,cbits",
+    [
+        (37, 29, 3, 16, 20, 3, True, 8),
+        (64, 100, 2, 64, 64, 0, False, 16),
+        (20, 9, 4, 256, 7, 2, False, 8),
+    ],
+)
 def test_reference_path_matches_format_spec(N, M, d, n, k, rank, bias, cbits):
     t, meta, W, bvec = checkpoint_layer(N, M, d, n, k, rank, bias, cbits)
     layer = PQLinear.from_tensors(PREFIX, t, meta, device=DEV, path="reference")
@@ -138,12 +141,18 @@ def test_registry_rules():
 
     def pick(tokens, ok):
         return FakeRegistry(ok).resolve(geo, tokens, f16)[0]
+
     cuda = {"lut", "frag", "dequant", "triton-gemv", "triton-dequant"}
     assert [pick(t, cuda) for t in (1, 2, 64, 65, 2048)] == ["lut", "frag", "frag", "dequant", "dequant"]
     no_frag = cuda - {"frag"}  # a recipe frag does not serve: the table up to 8 tokens, then dequantize
     assert [pick(t, no_frag) for t in (1, 4, 5, 8, 9)] == ["lut", "lut", "lut", "lut", "dequant"]
     triton = {"triton-gemv", "triton-dequant"}  # no NVRTC: the portable paths
-    assert [pick(t, triton) for t in (1, 4, 5, 2048)] == ["triton-gemv", "triton-gemv", "triton-dequant", "triton-dequant"]
+    assert [pick(t, triton) for t in (1, 4, 5, 2048)] == [
+        "triton-gemv",
+        "triton-gemv",
+        "triton-dequant",
+        "triton-dequant",
+    ]
     assert pick(1, set()) == "reference"
     name, skipped = FakeRegistry(triton).resolve(geo, 1, f16)
     assert name == "triton-gemv" and [n for n, _ in skipped] == ["lut", "frag"] and "off in this test" in skipped[0][1]
@@ -170,7 +179,9 @@ def test_a_backend_that_fails_to_bind_falls_back_loudly(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="athena_runtime.pq_linear"):
         assert layer.bind()[0] == "triton-gemv"
     warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "[29 x 40]" in r.getMessage()]
-    assert warn and "path triton-gemv" in warn[0] and "lut unavailable (KernelUnavailable: lut did not compile)" in warn[0]
+    assert (
+        warn and "path triton-gemv" in warn[0] and "lut unavailable (KernelUnavailable: lut did not compile)" in warn[0]
+    )
 
 
 def test_triton_path_on_cpu_needs_interpreter(monkeypatch):
@@ -217,21 +228,24 @@ def _mutate(t, key, value):
     return t
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda t, m: (_mutate(t, f"{PREFIX}.indices", None), m), "indices is missing"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.indices", t[f"{PREFIX}.indices"][:, :-1]), m), "indices has shape"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.codebook", t[f"{PREFIX}.codebook"].half()), m), "codebook has dtype"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.codebook_scale", None), m), "codebook_scale is missing"),
-    (lambda t, m: (_mutate(t, f"{PREFIX}.lowrank_a", t[f"{PREFIX}.lowrank_a"].float()), m), "lowrank_a has dtype"),
-    (lambda t, m: (t, {**m, "rank": 0}), "lowrank_a present but athena.json says rank 0"),
-    (lambda t, m: (t, {**m, "method": "gptq"}), "method is 'gptq', expected 'athena'"),
-    (lambda t, m: (t, {**m, "n": 48}), "invalid recipe.*n=48"),
-    (lambda t, m: (t, {**m, "codebook_bits": 4}), "codebook_bits"),
-    (lambda t, m: (t, {**m, "shape": [24]}), "'shape' must be"),
-    (lambda t, m: (t, {**m, "d": 0}), "invalid recipe.*d=0"),
-    (lambda t, m: (t, {**m, "rank": 21}), "rank 21 exceeds min\\(N, M\\) = 20"),
-    (lambda t, m: (t, {**m, "k": 7}), "codebook has shape"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda t, m: (_mutate(t, f"{PREFIX}.indices", None), m), "indices is missing"),
+        (lambda t, m: (_mutate(t, f"{PREFIX}.indices", t[f"{PREFIX}.indices"][:, :-1]), m), "indices has shape"),
+        (lambda t, m: (_mutate(t, f"{PREFIX}.codebook", t[f"{PREFIX}.codebook"].half()), m), "codebook has dtype"),
+        (lambda t, m: (_mutate(t, f"{PREFIX}.codebook_scale", None), m), "codebook_scale is missing"),
+        (lambda t, m: (_mutate(t, f"{PREFIX}.lowrank_a", t[f"{PREFIX}.lowrank_a"].float()), m), "lowrank_a has dtype"),
+        (lambda t, m: (t, {**m, "rank": 0}), "lowrank_a present but athena.json says rank 0"),
+        (lambda t, m: (t, {**m, "method": "gptq"}), "method is 'gptq', expected 'athena'"),
+        (lambda t, m: (t, {**m, "n": 48}), "invalid recipe.*n=48"),
+        (lambda t, m: (t, {**m, "codebook_bits": 4}), "codebook_bits"),
+        (lambda t, m: (t, {**m, "shape": [24]}), "'shape' must be"),
+        (lambda t, m: (t, {**m, "d": 0}), "invalid recipe.*d=0"),
+        (lambda t, m: (t, {**m, "rank": 21}), "rank 21 exceeds min\\(N, M\\) = 20"),
+        (lambda t, m: (t, {**m, "k": 7}), "codebook has shape"),
+    ],
+)
 def test_from_tensors_errors(change, match):
     t, meta, _, _ = checkpoint_layer(24, 20, 2, 16, 12, rank=2)
     t, meta = change(t, meta)

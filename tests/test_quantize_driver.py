@@ -1,4 +1,5 @@
 """The layer-by-layer driver: activations match the full model; quantize + eval end to end; resume."""
+
 from __future__ import annotations
 
 import math
@@ -6,13 +7,13 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_tiny_model, write_text
 
+from athena_runtime.format.source import load_hf_model
 from quantize.calibration import CalibConfig
 from quantize.driver import QuantizeJob, build_context, embed, run, run_layer
 from quantize.evaluate import eval_ppl, load_compressed_as_hf
 from quantize.recipe import AthenaRecipe, ScalarRecipe
-from athena_runtime.format.source import load_hf_model
-from tiny_models import make_tiny_model, write_text
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 SMALL_ATHENA = AthenaRecipe(d=2, n=16, k=64, codebook_bits=8, lowrank=0.05, kmeans_iters=8)
@@ -47,9 +48,14 @@ def test_layer_driver_matches_full_model_hidden_states(models, family):
 
 def _job(model, out, texts, method="athena", **kw):
     return QuantizeJob(
-        model=str(model), out=str(out), method=method, athena=SMALL_ATHENA,
+        model=str(model),
+        out=str(out),
+        method=method,
+        athena=SMALL_ATHENA,
         scalar=ScalarRecipe(method="gptq" if method == "athena" else method, bits=4, group_size=32),
-        calib=CalibConfig(files=(str(texts[0]),), nsamples=8, seqlen=48, seed=0), batch_size=4, **kw,
+        calib=CalibConfig(files=(str(texts[0]),), nsamples=8, seqlen=48, seed=0),
+        batch_size=4,
+        **kw,
     )
 
 
@@ -57,8 +63,10 @@ def _job(model, out, texts, method="athena", **kw):
 def test_quantize_and_eval_end_to_end(models, texts, tmp_path, family):
     meta = run(_job(models[family], tmp_path / "q", texts))
     assert meta["complete"] and meta["format_version"] == 2
-    assert len(meta["layers"]) == 7 * meta["num_layers"] and meta["architecture"] == load_hf_model(
-        models[family]).config.model_type
+    assert (
+        len(meta["layers"]) == 7 * meta["num_layers"]
+        and meta["architecture"] == load_hf_model(models[family]).config.model_type
+    )
     for st in meta["layers"].values():
         assert 0.0 <= st["proxy_loss"] < 0.5 and st["bits_per_weight"] > 0
     ref = eval_ppl(models[family], [str(texts[1])], seqlen=64, max_tokens=2048)
@@ -79,8 +87,11 @@ def test_bits_from_stored_bytes(models, texts, tmp_path):
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     total_bits = total_weights = 0
     for prefix, st in meta["layers"].items():
-        nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                     if k.startswith(prefix + ".") and not k.endswith(".bias"))
+        nbytes = sum(
+            t.numel() * t.element_size()
+            for k, t in tensors.items()
+            if k.startswith(prefix + ".") and not k.endswith(".bias")
+        )
         n, m = st["shape"]
         assert st["bits_per_weight"] == pytest.approx(8 * nbytes / (n * m))
         total_bits += 8 * nbytes

@@ -1,16 +1,17 @@
 """Bad inputs to the quantizer and the checkpoint reader give clear errors."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
+from tiny_models import make_tiny_model, write_text
 
 from athena_runtime.format import checkpoint
+from athena_runtime.format.source import resolve_source
 from athena_runtime.format.text import read_text_files, sample_windows
 from quantize.calibration import CalibConfig
-from athena_runtime.format.source import resolve_source
-from tiny_models import make_tiny_model, write_text
 
 
 def test_unsupported_architecture(tmp_path):
@@ -68,6 +69,7 @@ def test_calibration_inputs(tmp_path):
     good.write_text('{"text": "hello"}\n\n{"text": "world"}\n')
     assert read_text_files([str(good)]) == "hello\n\nworld"
     import torch
+
     with pytest.raises(ValueError, match="fewer than --seqlen"):
         sample_windows(torch.arange(10), 4, 32, 0)
     with pytest.raises(ValueError, match="nsamples"):
@@ -83,8 +85,14 @@ def compressed(tmp_path_factory):
     model = make_tiny_model(root / "m", "llama", num_hidden_layers=1)
     text = write_text(root / "t.txt", (0, 20))
     out = root / "q"
-    run(QuantizeJob(model=str(model), out=str(out), athena=AthenaRecipe(d=2, n=16, k=64, kmeans_iters=4),
-                    calib=CalibConfig(files=(str(text),), nsamples=4, seqlen=32)))
+    run(
+        QuantizeJob(
+            model=str(model),
+            out=str(out),
+            athena=AthenaRecipe(d=2, n=16, k=64, kmeans_iters=4),
+            calib=CalibConfig(files=(str(text),), nsamples=4, seqlen=32),
+        )
+    )
     return out
 
 
@@ -141,10 +149,20 @@ def test_llama3_rope_scaling_from_gguf_rope_freqs():
     from athena_runtime.format.gguf_import import llama3_rope_scaling
 
     for factor in (8.0, 32.0):
-        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
-        hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=dict(scaling),
-                         max_position_embeddings=131072)
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+        hf = LlamaConfig(
+            hidden_size=4096,
+            num_attention_heads=32,
+            rope_theta=500000.0,
+            rope_scaling=dict(scaling),
+            max_position_embeddings=131072,
+        )
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
         plain = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
         assert llama3_rope_scaling(plain / scaled.double().numpy(), 500000.0, 128) == scaling

@@ -1,17 +1,18 @@
 """Per-output-row scales (FORMAT.md version 2): the quantizer, storage and bits, the runtime paths, versioning."""
+
 import json
 
 import pytest
 import torch
+from test_athena import calibration, layer_loss
 
+from athena_runtime.format import checkpoint
+from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from athena_runtime.kernels.pq_reference import pq_matmul_reference
 from athena_runtime.pq_linear import PQLinear
 from athena_runtime.row_scale import row_scale_epilogue
-from athena_runtime.format import checkpoint
 from quantize.athena import quantize_athena, row_scales
-from athena_runtime.format.layers import AthenaLayer, layer_from_tensors
 from quantize.recipe import AthenaRecipe
-from test_athena import calibration, layer_loss
 
 PREFIX = "model.layers.0.mlp.up_proj"
 
@@ -27,8 +28,8 @@ def test_row_scales_lower_the_layer_loss_on_uneven_rows():
     X, H = calibration(M)
     W = uneven_rows(N, M)
     base = AthenaRecipe(d=2, n=16, k=4096, lowrank=0.0, kmeans_iters=6)
-    (plain, _), = quantize_athena([W], H, base)
-    (scaled, st), = quantize_athena([W], H, AthenaRecipe(**{**base.__dict__, "row_scale": True}))
+    ((plain, _),) = quantize_athena([W], H, base)
+    ((scaled, st),) = quantize_athena([W], H, AthenaRecipe(**{**base.__dict__, "row_scale": True}))
     assert scaled.row_scale is not None and scaled.row_scale.dtype == torch.float16
     assert layer_loss(W, scaled, X) < 0.8 * layer_loss(W, plain, X)
     # the accumulated whitened error is reported in weight space (scaled back by s²)
@@ -38,7 +39,7 @@ def test_row_scales_lower_the_layer_loss_on_uneven_rows():
 def test_row_scale_is_the_row_rms_in_fp16():
     W = torch.tensor([[3.0, -4.0], [0.0, 0.0]])
     s = row_scales(W)
-    assert s.dtype == torch.float16 and s.tolist() == [pytest.approx(12.5 ** 0.5, rel=1e-3), 1.0]
+    assert s.dtype == torch.float16 and s.tolist() == [pytest.approx(12.5**0.5, rel=1e-3), 1.0]
 
 
 @pytest.mark.parametrize("lowrank", [0.0, 0.1])
@@ -47,7 +48,7 @@ def test_storage_round_trip_and_stored_bits(lowrank):
     X, H = calibration(M)
     W = uneven_rows(N, M)
     recipe = AthenaRecipe(d=3, n=16, k=32, lowrank=lowrank, row_scale=True, kmeans_iters=3)
-    (layer, _), = quantize_athena([W], H, recipe)
+    ((layer, _),) = quantize_athena([W], H, recipe)
     tensors = layer.to_tensors(PREFIX)
     meta = layer.meta()
     assert meta["row_scale"] is True and f"{PREFIX}.row_scale" in tensors
@@ -55,7 +56,9 @@ def test_storage_round_trip_and_stored_bits(lowrank):
     assert torch.equal(again.dequantize(), layer.dequantize())
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     assert stored == layer.stored_bytes() == recipe.stored_bytes(N, M)
-    assert recipe.stored_bytes(N, M) - AthenaRecipe(**{**recipe.__dict__, "row_scale": False}).stored_bytes(N, M) == 2 * N
+    assert (
+        recipe.stored_bytes(N, M) - AthenaRecipe(**{**recipe.__dict__, "row_scale": False}).stored_bytes(N, M) == 2 * N
+    )
     # W_eff = diag(s) (Ŵ + A B)
     unscaled = AthenaLayer(**{**layer.__dict__, "row_scale": None})
     assert torch.allclose(layer.dequantize(), unscaled.dequantize() * layer.row_scale.float()[:, None])
@@ -65,7 +68,7 @@ def test_storage_round_trip_and_stored_bits(lowrank):
 def test_meta_and_tensor_must_agree():
     N, M = 16, 8
     _, H = calibration(M)
-    (layer, _), = quantize_athena([uneven_rows(N, M)], H, AthenaRecipe(d=2, n=4, k=16, lowrank=0.0, row_scale=True))
+    ((layer, _),) = quantize_athena([uneven_rows(N, M)], H, AthenaRecipe(d=2, n=4, k=16, lowrank=0.0, row_scale=True))
     tensors, meta = layer.to_tensors(PREFIX), layer.meta()
     with pytest.raises(ValueError, match="row_scale present"):
         layer_from_tensors(PREFIX, tensors, {k: v for k, v in meta.items() if k != "row_scale"})
@@ -77,8 +80,9 @@ def test_meta_and_tensor_must_agree():
 
 def _layer(N=45, M=70, rank=0.05, bias=True, seed=0, n=16, k=32):
     X, H = calibration(M, seed=seed)
-    (layer, _), = quantize_athena([uneven_rows(N, M, seed)], H,
-                                  AthenaRecipe(d=2, n=n, k=k, lowrank=rank, row_scale=True, kmeans_iters=3))
+    ((layer, _),) = quantize_athena(
+        [uneven_rows(N, M, seed)], H, AthenaRecipe(d=2, n=n, k=k, lowrank=rank, row_scale=True, kmeans_iters=3)
+    )
     if bias:
         layer.bias = torch.randn(N).half()
     return layer
@@ -114,7 +118,9 @@ def test_concat_keeps_each_parts_scales_and_refuses_a_mix():
     fused, offsets = PQLinear.concat([pa, pb])
     x = torch.randn(2, 70)
     y = fused(x)
-    assert torch.allclose(y[:, :32], pa(x), atol=1e-4) and torch.allclose(y[:, offsets[1]:offsets[1] + 32], pb(x), atol=1e-4)
+    assert torch.allclose(y[:, :32], pa(x), atol=1e-4) and torch.allclose(
+        y[:, offsets[1] : offsets[1] + 32], pb(x), atol=1e-4
+    )
     plain = AthenaLayer(**{**b.__dict__, "row_scale": None})
     pp = PQLinear.from_tensors(PREFIX, plain.to_tensors(PREFIX), plain.meta(), "cpu", path="reference")
     assert PQLinear.concat([pa, pp]) is None
@@ -127,10 +133,14 @@ def _write(folder, version, row_scale):
     from safetensors.torch import save_file
 
     folder.mkdir()
-    save_file(layer.to_tensors(PREFIX), str(folder / checkpoint.WEIGHTS_FILE),
-              metadata={"format": "athena", "format_version": str(version)})
-    (folder / checkpoint.META_FILE).write_text(json.dumps(
-        {"format": "athena", "format_version": version, "complete": True, "layers": {PREFIX: layer.meta()}}))
+    save_file(
+        layer.to_tensors(PREFIX),
+        str(folder / checkpoint.WEIGHTS_FILE),
+        metadata={"format": "athena", "format_version": str(version)},
+    )
+    (folder / checkpoint.META_FILE).write_text(
+        json.dumps({"format": "athena", "format_version": version, "complete": True, "layers": {PREFIX: layer.meta()}})
+    )
 
 
 def test_versions(tmp_path):

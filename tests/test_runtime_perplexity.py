@@ -1,12 +1,13 @@
 """Perplexity through the runtime agrees with the reference path and degrades gracefully with KV
 quantization."""
+
 from __future__ import annotations
 
 import pytest
+from tiny_models import make_tiny_model, write_text
 
 from athena_runtime.perplexity import eval_ppl_runtime
 from quantize.evaluate import eval_ppl
-from tiny_models import make_tiny_model, write_text
 
 
 @pytest.fixture(scope="module")

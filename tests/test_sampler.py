@@ -1,4 +1,5 @@
 """Sampler: greedy, filters, seeds independent of the batch, penalties, logprobs."""
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ def test_top_k_top_p_min_p_restrict_the_support():
     top3 = set(draw(logits, SamplingParams(top_k=3), 300).tolist())
     assert top3 <= set(order[:3].tolist()) and len(top3) == 3
     p_sorted = probs[order]
-    k = int((torch.cumsum(p_sorted, 0) < 0.6).sum()) + 1               # smallest set reaching 0.6
+    k = int((torch.cumsum(p_sorted, 0) < 0.6).sum()) + 1  # smallest set reaching 0.6
     nucleus = set(draw(logits, SamplingParams(top_p=0.6), 300).tolist())
     assert nucleus <= set(order[:k].tolist()) and len(nucleus) > 1
     allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
@@ -65,7 +66,7 @@ def test_seeded_draws_reproduce_regardless_of_batch_composition():
     gen = torch.Generator().manual_seed(1234)
     others = [SamplingParams(temperature=0.0), SamplingParams(top_k=5, seed=9), SamplingParams(temperature=2.0)]
     mixed = []
-    for step in range(30):                          # batch size and position change every step
+    for step in range(30):  # batch size and position change every step
         n_others = step % 4
         rows = [row(others[i % 3], seed=step + i) for i in range(n_others)]
         pos = step % (n_others + 1)
@@ -104,8 +105,10 @@ def test_penalties_apply_per_row():
 
 def test_logprobs_are_raw_model_logprobs_with_sorted_alternatives():
     logits = logits_rows(2, seed=5)
-    rows = [row(SamplingParams(temperature=0.5, repetition_penalty=1.5, logprobs=3), prompt=[0, 1]),
-            row(SamplingParams(temperature=0.0))]
+    rows = [
+        row(SamplingParams(temperature=0.5, repetition_penalty=1.5, logprobs=3), prompt=[0, 1]),
+        row(SamplingParams(temperature=0.0)),
+    ]
     samples = Sampler()(logits, rows)
     raw = torch.log_softmax(logits[0], -1)
     s = samples[0]
@@ -124,12 +127,12 @@ def test_plain_temperature_path_draws_what_the_filtered_path_draws():
         plain = [row(SamplingParams(temperature=t), seed=i) for i, t in enumerate(temps)]
         filtered = [row(SamplingParams(temperature=t, top_k=V), seed=i) for i, t in enumerate(temps)]
         a, b = Sampler(), Sampler()
-        for _ in range(100):   # crosses the sampler's block of pre-drawn uniforms
+        for _ in range(100):  # crosses the sampler's block of pre-drawn uniforms
             assert [s.token_id for s in a(logits, plain)] == [s.token_id for s in b(logits, filtered)]
 
 
 def test_uniforms_are_the_generators_scalar_draws_in_order():
-    for g in (RequestGenerator(), torch.Generator()):   # buffered; buffered or not, by torch version
+    for g in (RequestGenerator(), torch.Generator()):  # buffered; buffered or not, by torch version
         sampler = Sampler()
         g.manual_seed(3)
         got = [sampler._uniform(g) for _ in range(150)]
@@ -137,4 +140,4 @@ def test_uniforms_are_the_generators_scalar_draws_in_order():
         assert got == [torch.rand((), generator=g, dtype=torch.float64).item() for _ in range(150)]
     sampler, g = Sampler(), RequestGenerator().manual_seed(1)
     sampler._uniform(g)
-    assert isinstance(g, RequestGenerator) and len(sampler._uniforms[g]) == 63    # 64 drawn, one handed out
+    assert isinstance(g, RequestGenerator) and len(sampler._uniforms[g]) == 63  # 64 drawn, one handed out

@@ -1,9 +1,11 @@
 """Scheduler and block manager: admission, chunked prefill, preemption, cancellation, fairness."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
+from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
 
 from athena_runtime.block_manager import BlockManager
 from athena_runtime.engine import ContextLengthExceeded, EngineCore
@@ -11,7 +13,6 @@ from athena_runtime.engine_settings import EngineSettings
 from athena_runtime.sampling_params import SamplingParams
 from athena_runtime.scheduler import Scheduler
 from athena_runtime.sequence import Sequence, SequenceStatus
-from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
 
 VOCAB = 300
 EOS = 0
@@ -35,9 +36,9 @@ def prompt(n: int, salt: int = 0) -> list[int]:
 def test_block_manager_counts_and_refuses_misuse():
     bm = BlockManager(num_blocks=5, block_size=4)
     table: list[int] = []
-    bm.grow(table, 9)                         # 9 tokens -> 3 blocks
+    bm.grow(table, 9)  # 9 tokens -> 3 blocks
     assert len(table) == 3 and bm.num_used == 3 and bm.num_free == 2
-    bm.grow(table, 12)                        # still 3 blocks
+    bm.grow(table, 12)  # still 3 blocks
     assert len(table) == 3
     assert bm.can_grow(table, 20) and not bm.can_grow(table, 21)
     with pytest.raises(RuntimeError):
@@ -59,13 +60,13 @@ def test_admission_needs_blocks_for_all_tokens_and_a_free_slot():
     for s in seqs:
         sched.add(s)
     batch = sched.schedule()
-    assert [c.seq.request_id for c in batch] == ["r0", "r1"]          # max_num_seqs
+    assert [c.seq.request_id for c in batch] == ["r0", "r1"]  # max_num_seqs
     assert [c.num_tokens for c in batch] == [12, 12]
     assert bm.num_used == 6 and seqs[2].status is SequenceStatus.WAITING
     sched.finish(seqs[0], "stop")
     assert bm.num_used == 3
     sched.advance(batch[1:])
-    seqs[1].output_token_ids.append(5)                                   # r1 decodes, r2 admitted
+    seqs[1].output_token_ids.append(5)  # r1 decodes, r2 admitted
     batch = sched.schedule()
     assert [(c.seq.request_id, c.num_tokens) for c in batch] == [("r1", 1), ("r2", 12)]
 
@@ -73,18 +74,24 @@ def test_admission_needs_blocks_for_all_tokens_and_a_free_slot():
 def test_chunked_prefill_interleaves_with_running_decodes(tok):
     core = make_core(tok, max_num_seqs=4, max_num_batched_tokens=8)
     core.add_request("short", prompt(3), SamplingParams(temperature=0.0, max_tokens=20))
-    core.step()                                                          # short is now decoding
+    core.step()  # short is now decoding
     core.add_request("long", prompt(40, 1), SamplingParams(temperature=0.0, max_tokens=2))
     runner = core.runner
     first_long_call = len(runner.calls)
     drain(core)
-    prefill_calls = runner.calls[first_long_call:first_long_call + 5]     # 40 tokens at <= 7 per step
+    prefill_calls = runner.calls[first_long_call : first_long_call + 5]  # 40 tokens at <= 7 per step
     for chunks in prefill_calls:
         assert sum(len(c.token_ids) for c in chunks) <= 8
-        assert len(chunks[0].token_ids) == 1                             # the decode of "short" goes first
+        assert len(chunks[0].token_ids) == 1  # the decode of "short" goes first
         assert len(chunks) == 2 and 1 < len(chunks[1].token_ids) <= 7
-    assert sum(len(chunks[1].token_ids) for chunks in runner.calls[first_long_call:first_long_call + 6]
-               if len(chunks) == 2) >= 40
+    assert (
+        sum(
+            len(chunks[1].token_ids)
+            for chunks in runner.calls[first_long_call : first_long_call + 6]
+            if len(chunks) == 2
+        )
+        >= 40
+    )
 
 
 def test_preempted_request_recomputes_to_the_same_greedy_output(tok):
@@ -95,7 +102,7 @@ def test_preempted_request_recomputes_to_the_same_greedy_output(tok):
         core = make_core(tok)
         core.add_request(f"r{i}", p, sp)
         solo.append(joined(drain(core)[f"r{i}"]))
-    core = make_core(tok, num_blocks=16, max_num_seqs=3)                # 64 token slots for ~105 tokens
+    core = make_core(tok, num_blocks=16, max_num_seqs=3)  # 64 token slots for ~105 tokens
     for i, (p, sp) in enumerate(zip(prompts, params)):
         core.add_request(f"r{i}", p, sp)
     outs = drain(core)
@@ -110,9 +117,9 @@ def test_preemption_takes_the_most_recently_admitted():
     a, b = Sequence("a", [1, 2, 3], GREEDY, 0), Sequence("b", [4, 5, 6, 7], GREEDY, 1)
     sched.add(a)
     sched.add(b)
-    sched.advance(sched.schedule())                                      # a: 2 blocks, b: 2 blocks
+    sched.advance(sched.schedule())  # a: 2 blocks, b: 2 blocks
     a.output_token_ids.append(9)
-    b.output_token_ids.append(9)                                         # a fits its slot; b needs a 3rd block
+    b.output_token_ids.append(9)  # a fits its slot; b needs a 3rd block
     batch = sched.schedule()
     assert [(c.seq.request_id, c.num_tokens) for c in batch] == [("a", 1)]
     assert b.status is SequenceStatus.WAITING and b.num_computed == 0 and b.block_table == []
@@ -128,17 +135,17 @@ def test_cancellation_frees_blocks_at_once(tok):
     used_before = core.block_manager.num_used
     out = core.abort("a")
     assert out.finished and out.finish_reason == "cancelled"
-    assert core.block_manager.num_used == used_before - 3                # a held ceil(12 / 4) blocks
+    assert core.block_manager.num_used == used_before - 3  # a held ceil(12 / 4) blocks
     assert core.abort("a") is None
     core.abort("b")
     assert core.block_manager.num_used == 0 and not core.has_work()
 
 
 def test_fcfs_a_big_request_is_not_overtaken_by_later_small_ones(tok):
-    core = make_core(tok, num_blocks=12, max_num_seqs=8)                 # 48 slots
+    core = make_core(tok, num_blocks=12, max_num_seqs=8)  # 48 slots
     core.add_request("first", prompt(20), SamplingParams(temperature=0.0, max_tokens=8))
     core.step()
-    core.add_request("big", prompt(30, 1), SamplingParams(temperature=0.0, max_tokens=4))   # does not fit yet
+    core.add_request("big", prompt(30, 1), SamplingParams(temperature=0.0, max_tokens=4))  # does not fit yet
     for i in range(5):
         core.add_request(f"small{i}", prompt(3, i + 2), SamplingParams(temperature=0.0, max_tokens=3))
     admitted: list[str] = []
@@ -149,7 +156,7 @@ def test_fcfs_a_big_request_is_not_overtaken_by_later_small_ones(tok):
 
 
 def test_requests_that_can_never_fit_are_rejected_up_front(tok):
-    core = make_core(tok, num_blocks=8, max_model_len=40)                # cache: 32 tokens
+    core = make_core(tok, num_blocks=8, max_model_len=40)  # cache: 32 tokens
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 40"):
         core.add_request("a", prompt(30), SamplingParams(max_tokens=11))
     with pytest.raises(ContextLengthExceeded, match="KV cache holds 32 tokens"):
@@ -171,9 +178,13 @@ def test_random_stress_with_aborts_ends_with_every_block_free(tok, seed):
     for step in range(400):
         if step < 300 and rng.random() < 0.3:
             rid = f"r{step}"
-            params = SamplingParams(temperature=rng.choice([0.0, 0.9]), top_p=rng.choice([1.0, 0.8]),
-                                    seed=rng.choice([None, step]), max_tokens=rng.randint(1, 30),
-                                    stop=rng.choice([(), ("a",), ("th", "e")]))
+            params = SamplingParams(
+                temperature=rng.choice([0.0, 0.9]),
+                top_p=rng.choice([1.0, 0.8]),
+                seed=rng.choice([None, step]),
+                max_tokens=rng.randint(1, 30),
+                stop=rng.choice([(), ("a",), ("th", "e")]),
+            )
             core.add_request(rid, prompt(rng.randint(1, 40), step), params)
             live.append(rid)
         if live and rng.random() < 0.05:
@@ -185,7 +196,7 @@ def test_random_stress_with_aborts_ends_with_every_block_free(tok, seed):
             if out.finished:
                 finished[out.request_id] = out.finish_reason
         used = {b for s in core.scheduler.running for b in s.block_table}
-        assert core.block_manager.num_used == len(used)                 # only running sequences hold blocks
+        assert core.block_manager.num_used == len(used)  # only running sequences hold blocks
     drain(core)
     assert core.block_manager.num_used == 0 and core.block_manager.num_free == 20
     assert not core.scheduler.requests

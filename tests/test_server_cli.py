@@ -1,5 +1,6 @@
 """`athena serve`: flags map 1:1 onto ServerSettings and win over ATHENA_* env vars; it exits 1 when
 the model cannot load; the process drains running streams on SIGTERM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,17 +40,50 @@ def test_flags_map_onto_settings(monkeypatch):
     for name in list(os.environ):
         if name.startswith("ATHENA_"):
             monkeypatch.delenv(name)
-    s = parse("/models/x", "--port", "9001", "--host", "0.0.0.0", "--api-key", "k", "--kv-cache", "int4",
-              "--max-num-seqs", "3", "--max-model-len", "1024", "--served-model-name", "x", "--no-use-cuda-graphs",
-              "--kv-hadamard", "--drain-timeout-s", "2.5", "--max-body-bytes", "100")
-    assert (s.model, s.port, s.host, s.api_key.get_secret_value(), s.served_model_name) == ("/models/x", 9001, "0.0.0.0", "k", "x")
+    s = parse(
+        "/models/x",
+        "--port",
+        "9001",
+        "--host",
+        "0.0.0.0",
+        "--api-key",
+        "k",
+        "--kv-cache",
+        "int4",
+        "--max-num-seqs",
+        "3",
+        "--max-model-len",
+        "1024",
+        "--served-model-name",
+        "x",
+        "--no-use-cuda-graphs",
+        "--kv-hadamard",
+        "--drain-timeout-s",
+        "2.5",
+        "--max-body-bytes",
+        "100",
+    )
+    assert (s.model, s.port, s.host, s.api_key.get_secret_value(), s.served_model_name) == (
+        "/models/x",
+        9001,
+        "0.0.0.0",
+        "k",
+        "x",
+    )
     e = s.engine_settings()
-    assert (e.kv_cache, e.max_num_seqs, e.max_model_len, e.use_cuda_graphs, e.kv_hadamard) == ("int4", 3, 1024, False, True)
+    assert (e.kv_cache, e.max_num_seqs, e.max_model_len, e.use_cuda_graphs, e.kv_hadamard) == (
+        "int4",
+        3,
+        1024,
+        False,
+        True,
+    )
     assert (s.drain_timeout_s, s.max_body_bytes) == (2.5, 100)
     # nothing given: the engine's own defaults, the embedded model, loopback only
     d = parse()
     assert d.model is None and d.host == "127.0.0.1" and d.api_key is None
     from athena_runtime.engine_settings import EngineSettings
+
     assert d.engine_settings() == EngineSettings()
     assert all(getattr(d, name) is None for name in ENGINE_FIELDS)
 
@@ -73,8 +107,14 @@ def test_bad_values_are_clear_errors(capsys):
 
 def run_serve(script: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_unloadable_model_exits_1(tmp_path, monkeypatch, caplog):
@@ -97,6 +137,7 @@ SERVE_FAKE = """
 @pytest.mark.slow
 def test_sigterm_drains_running_streams():
     import socket
+
     with socket.socket() as s:  # a free port for the child (tiny race, acceptable in a test)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -112,12 +153,17 @@ def test_sigterm_drains_running_streams():
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
             time.sleep(0.1)
-        body = {"model": "fake", "prompt": "hi", "max_tokens": 80, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": "fake",
+            "prompt": "hi",
+            "max_tokens": 80,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGTERM)   # ~0.8 s of generation left
+            proc.send_signal(signal.SIGTERM)  # ~0.8 s of generation left
             events = [line[6:] for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 80

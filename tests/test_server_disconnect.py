@@ -1,4 +1,5 @@
 """Clients that leave: the engine request is cancelled and its KV blocks freed; shutdown drains."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,19 +9,23 @@ import time
 
 import httpx
 import pytest
-
 from fake_engine import FakeEngine
 from server_fixtures import engine_idle, metrics, serve_engine, wait_until
 
 MODEL = "fake-model"
-LONG_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
-             "max_tokens": 400, "stream": True}
+LONG_CHAT = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 400,
+    "stream": True,
+}
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = serve_engine(FakeEngine(model_name=MODEL, max_model_len=512, max_num_seqs=16, max_queue=256,
-                                step_delay_s=0.002))
+    s = serve_engine(
+        FakeEngine(model_name=MODEL, max_model_len=512, max_num_seqs=16, max_queue=256, step_delay_s=0.002)
+    )
     yield s
     s.stop()
 
@@ -47,12 +52,14 @@ def test_100_stream_disconnects_free_everything(server):
     async def run() -> None:
         limit = asyncio.Semaphore(10)
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+
             async def one(i: int) -> int:
                 async with limit:
                     if i % 2:
                         return await open_read_close(http, "/v1/chat/completions", {**LONG_CHAT, "seed": i})
                     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "stream": True}
                     return await open_read_close(http, "/v1/completions", body)
+
             assert await asyncio.gather(*(one(i) for i in range(100))) == [3] * 100
 
     start = time.monotonic()
@@ -75,6 +82,7 @@ def test_stream_with_n_choices_cancels_all_of_them(server):
     async def run() -> None:
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             await open_read_close(http, "/v1/chat/completions", {**LONG_CHAT, "n": 4}, lines=6)
+
     asyncio.run(run())
     wait_until(lambda: engine_idle(server), 5.0, "the engine to go idle")
     assert len(engine.cancelled) - before == 4
@@ -100,8 +108,10 @@ def test_disconnect_while_waiting_for_a_slot():
         async with httpx.AsyncClient(base_url=s.url, timeout=30) as http:
             async with http.stream("POST", "/v1/chat/completions", json=LONG_CHAT) as running:
                 assert running.status_code == 200
-                for path, body in (("/v1/chat/completions", LONG_CHAT),
-                                   ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5})):
+                for path, body in (
+                    ("/v1/chat/completions", LONG_CHAT),
+                    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 5}),
+                ):
                     waiting = asyncio.create_task(http.post(path, json=body))
                     await asyncio.to_thread(wait_until, lambda: s.call(engine.stats).waiting == 1, 5.0, "waiting")
                     waiting.cancel()  # the client gives up before its request was admitted
@@ -128,7 +138,7 @@ def test_shutdown_drains_running_streams():
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         stopper = threading.Thread(target=s.stop)
-        stopper.start()                      # shutdown begins while the stream runs
+        stopper.start()  # shutdown begins while the stream runs
         wait_until(lambda: s.app.state.draining, 5.0, "shutdown to begin")
         rest = [line[6:] for line in lines if line.startswith("data: ")]
     stopper.join(20)
@@ -143,14 +153,14 @@ def test_shutdown_drains_running_streams():
 def test_shutdown_drain_is_bounded():
     engine = FakeEngine(model_name=MODEL, max_model_len=4096, step_delay_s=0.004)
     s = serve_engine(engine, drain_timeout_s=0.3)
-    body = {**LONG_CHAT, "max_tokens": 3000}         # ~12 s if it were allowed to finish
+    body = {**LONG_CHAT, "max_tokens": 3000}  # ~12 s if it were allowed to finish
     with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         start = time.monotonic()
         stopper = threading.Thread(target=s.stop)
         stopper.start()
-        events = [line[6:] for line in lines if line.startswith("data: ")]   # ends cleanly, never cut
+        events = [line[6:] for line in lines if line.startswith("data: ")]  # ends cleanly, never cut
     stopper.join(20)
     assert not stopper.is_alive() and time.monotonic() - start < 5
     assert len(events) < 3000 and events[-1] == "[DONE]"

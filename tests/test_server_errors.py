@@ -1,4 +1,5 @@
 """Every error the server sends, in OpenAI's shape and with OpenAI's status codes (raw httpx)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,11 +8,11 @@ import threading
 
 import httpx
 import pytest
+from fake_engine import FakeEngine
+from server_fixtures import LiveServer, engine_idle, make_settings, serve_engine, wait_until
 
 import server.app as app_module
-from fake_engine import FakeEngine
 from server.app import create_app
-from server_fixtures import LiveServer, engine_idle, make_settings, serve_engine, wait_until
 
 MODEL = "fake-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -39,40 +40,45 @@ def error_of(r: httpx.Response, status: int) -> dict:
     body = r.json()
     assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    for leak in ("Traceback", "File \"", ".py", "/work", "site-packages", "Exception(", "Error("):
+    for leak in ("Traceback", 'File "', ".py", "/work", "site-packages", "Exception(", "Error("):
         assert leak not in r.text, r.text
     return body["error"]
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-@pytest.mark.parametrize("raw", [b"{bad json", b"", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"model": "fake-model", "messages": [}'])
+@pytest.mark.parametrize(
+    "raw", [b"{bad json", b"", b"[1, 2]", b'"text"', b"\xff\xfe", b'{"model": "fake-model", "messages": [}']
+)
 def test_malformed_body_is_400(http, path, raw):
     err = error_of(http.post(path, content=raw, headers={"content-type": "application/json"}), 400)
     assert err["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"temperature": "hot"}, "temperature"),
-    ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"n": 1000}, "n"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"stop": 5}, "stop"),
-    ({"seed": 2**70}, "seed"),
-    ({"presence_penalty": 3}, "presence_penalty"),
-    ({"stream": "yes please"}, "stream"),
-    ({"messages": []}, "messages"),
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "function", "content": "x"}]}, "messages.[0].role"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.[0]"),
-    ({"messages": [{"content": "x"}]}, "messages.[0].role"),
-    ({"messages": [{"role": "user"}]}, "messages.[0]"),
-    ({"model": None}, "model"),
-    ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 1000}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"seed": 2**70}, "seed"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"stream": "yes please"}, "stream"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages.[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.[0]"),
+        ({"messages": [{"content": "x"}]}, "messages.[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages.[0]"),
+        ({"model": None}, "model"),
+        ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
 def test_invalid_chat_fields_are_400_naming_the_param(http, change, param):
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, **change}), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param, err
@@ -84,65 +90,102 @@ def test_missing_model_is_400(http):
     assert error_of(http.post("/v1/chat/completions", json=body), 400)["param"] == "model"
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"functions": [{"name": "f"}]}, "functions"),
-    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-    ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     "messages.[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
-     "messages.[0].content"),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+                ]
+            },
+            "messages.[0].content",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}
+                ]
+            },
+            "messages.[0].content",
+        ),
+    ],
+)
 def test_unsupported_chat_params_are_400_naming_them(http, change, param):
     err = error_of(http.post("/v1/chat/completions", json={**CHAT, **change}), 400)
     assert err["param"] == param, err
     assert "support" in err["message"] or "needs" in err["message"]
 
 
-@pytest.mark.parametrize("change, param", [
-    ({"best_of": 3}, "best_of"),
-    ({"suffix": "end"}, "suffix"),
-    ({"echo": True, "logprobs": 1}, "echo"),
-    ({"logit_bias": {"99999": -100}}, "logit_bias"),
-    ({"logit_bias": {"one": 1}}, "logit_bias"),
-    ({"logit_bias": {"1": 101}}, "logit_bias"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [[1, 2], []]}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
-    ({"prompt": [True, False]}, "prompt"),
-    ({"prompt": [0, 10**6]}, "prompt"),
-    ({"prompt": [-1]}, "prompt"),
-    ({"logprobs": 50}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"logit_bias": {"99999": -100}}, "logit_bias"),
+        ({"logit_bias": {"one": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [True, False]}, "prompt"),
+        ({"prompt": [0, 10**6]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({"logprobs": 50}, "logprobs"),
+    ],
+)
 def test_bad_completion_params_are_400(http, change, param):
     err = error_of(http.post("/v1/completions", json={**COMPLETION, **change}), 400)
     assert err["param"] == param, err
 
 
 def test_accepted_no_op_fields_and_unknown_fields(http):
-    ok = {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none", "logit_bias": {},
-          "response_format": {"type": "text"}, "user": "u", "parallel_tool_calls": False, "metadata": {"a": "b"},
-          "store": False, "service_tier": "auto", "brand_new_field": [1, 2, 3]}
+    ok = {
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "none",
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "user": "u",
+        "parallel_tool_calls": False,
+        "metadata": {"a": "b"},
+        "store": False,
+        "service_tier": "auto",
+        "brand_new_field": [1, 2, 3],
+    }
     assert http.post("/v1/chat/completions", json={**CHAT, **ok}).status_code == 200
-    assert http.post("/v1/completions", json={**COMPLETION, "best_of": 1, "suffix": "", "whatever": None}).status_code == 200
+    assert (
+        http.post("/v1/completions", json={**COMPLETION, "best_of": 1, "suffix": "", "whatever": None}).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)])
 def test_unknown_model_is_404(http, path, body):
     err = error_of(http.post(path, json={**body, "model": "gpt-17"}), 404)
-    assert err == {"message": "The model `gpt-17` does not exist or you do not have access to it.",
-                   "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert err == {
+        "message": "The model `gpt-17` does not exist or you do not have access to it.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hello world " * 40}]}),
-    ("/v1/chat/completions", {**CHAT, "max_tokens": 60}),
-    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**6, "stream": True}),
-    ("/v1/completions", {**COMPLETION, "prompt": list(range(70))}),
-    ("/v1/completions", {**COMPLETION, "prompt": ["hi", "hello world " * 40]}),
-    ("/v1/completions", {**COMPLETION, "max_tokens": 64, "stream": True}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hello world " * 40}]}),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 60}),
+        ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 10**6, "stream": True}),
+        ("/v1/completions", {**COMPLETION, "prompt": list(range(70))}),
+        ("/v1/completions", {**COMPLETION, "prompt": ["hi", "hello world " * 40]}),
+        ("/v1/completions", {**COMPLETION, "max_tokens": 64, "stream": True}),
+    ],
+)
 def test_context_length_exceeded(http, path, body):
     err = error_of(http.post(path, json=body), 400)
     assert err["code"] == "context_length_exceeded" and "maximum context length is 64 tokens" in err["message"]
@@ -155,7 +198,8 @@ def test_body_too_large_by_content_length_and_by_stream(http):
 
     def chunks():  # no Content-Length: sent chunked, counted as it arrives
         for i in range(0, len(big), 512):
-            yield big[i:i + 512]
+            yield big[i : i + 512]
+
     r = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in r.request.headers
     error_of(r, 413)
@@ -167,8 +211,10 @@ def test_body_too_large_by_content_length_and_by_stream(http):
 
 
 def test_body_must_be_json(http):
-    err = error_of(http.post("/v1/completions", content=json.dumps(COMPLETION).encode(),
-                             headers={"content-type": "text/plain"}), 400)
+    err = error_of(
+        http.post("/v1/completions", content=json.dumps(COMPLETION).encode(), headers={"content-type": "text/plain"}),
+        400,
+    )
     assert "Content-Type: application/json" in err["message"]
     error_of(http.post("/v1/completions"), 400)
 
@@ -241,7 +287,7 @@ def test_queue_full_is_429_with_retry_after():
         async with httpx.AsyncClient(base_url=s.url, timeout=30) as http:
             long = {**CHAT, "max_tokens": 60, "stream": True}  # 60 steps of 20 ms: outlasts the checks below
             async with http.stream("POST", "/v1/chat/completions", json=long) as running:
-                assert running.status_code == 200      # holds the only slot
+                assert running.status_code == 200  # holds the only slot
                 waiting = asyncio.create_task(http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}))
                 await asyncio.to_thread(wait_until, lambda: s.call(engine.stats).waiting == 1, 5.0, "a waiting request")
                 refused = await http.post("/v1/chat/completions", json=CHAT)
@@ -285,4 +331,3 @@ def test_503_while_loading_then_ready(monkeypatch):
         release.set()
         s.stop()
     assert s.app.state.engine.shutdown_calls == [5.0]
-

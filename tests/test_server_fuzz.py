@@ -1,6 +1,7 @@
 """Property-based fuzz of both POST endpoints: random bodies (plausible fields with random types and
 values, unknown fields, raw bytes) never get a 5xx, every refusal is an OpenAI-shaped error, every
 200 is a well-formed response or stream, and the server is healthy and idle afterwards."""
+
 from __future__ import annotations
 
 import json
@@ -8,54 +9,91 @@ import re
 
 import httpx
 import pytest
+from fake_engine import FakeEngine
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from fake_engine import FakeEngine
 from server_fixtures import engine_idle, serve_engine, wait_until
 
 MODEL = "fake-model"
 
-scalars = (st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
-any_json = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                        max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+)
+any_json = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+)
 
 
 part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=30)})
-message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "user", "assistant"]),
-                                 "content": st.text(max_size=60) | st.lists(part, max_size=3)},
-                                optional={"name": st.text(max_size=5)})
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "developer", "user", "user", "assistant"]),
+        "content": st.text(max_size=60) | st.lists(part, max_size=3),
+    },
+    optional={"name": st.text(max_size=5)},
+)
 unit = st.floats(min_value=0.01, max_value=1.0)
 stop = st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=4)
 
 # Valid values; `one_wild` below puts one field out of range or of the wrong type.
 COMMON = {
     "model": st.sampled_from([MODEL] * 8 + ["gpt-4o"]),
-    "n": st.integers(1, 3), "max_tokens": st.integers(1, 30),
-    "temperature": st.floats(min_value=0, max_value=2), "top_p": unit, "min_p": unit,
-    "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
-    "repetition_penalty": st.floats(0.5, 2), "top_k": st.integers(-1, 50), "seed": st.integers(-2**63, 2**63 - 1),
-    "stop": stop, "stream": st.booleans(),
+    "n": st.integers(1, 3),
+    "max_tokens": st.integers(1, 30),
+    "temperature": st.floats(min_value=0, max_value=2),
+    "top_p": unit,
+    "min_p": unit,
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "top_k": st.integers(-1, 50),
+    "seed": st.integers(-(2**63), 2**63 - 1),
+    "stop": stop,
+    "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "logit_bias": st.just({}), "user": st.text(max_size=10),
+    "logit_bias": st.just({}),
+    "user": st.text(max_size=10),
 }
 CHAT = {
     **COMMON,
     "messages": st.lists(message, min_size=1, max_size=3),
-    "max_completion_tokens": st.integers(1, 30), "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20),
-    "tool_choice": st.just("none"), "response_format": st.just({"type": "text"}),
+    "max_completion_tokens": st.integers(1, 30),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 20),
+    "tool_choice": st.just("none"),
+    "response_format": st.just({"type": "text"}),
 }
 COMPLETION = {
     **COMMON,
-    "prompt": (st.text(min_size=1, max_size=60) | st.lists(st.integers(0, 420), min_size=1, max_size=20)
-               | st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=3)
-               | st.lists(st.lists(st.integers(0, 399), min_size=1, max_size=6), min_size=1, max_size=3)),
-    "echo": st.booleans(), "logprobs": st.integers(0, 5), "best_of": st.integers(1, 2), "suffix": st.just(""),
+    "prompt": (
+        st.text(min_size=1, max_size=60)
+        | st.lists(st.integers(0, 420), min_size=1, max_size=20)
+        | st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=3)
+        | st.lists(st.lists(st.integers(0, 399), min_size=1, max_size=6), min_size=1, max_size=3)
+    ),
+    "echo": st.booleans(),
+    "logprobs": st.integers(0, 5),
+    "best_of": st.integers(1, 2),
+    "suffix": st.just(""),
 }
 # Fields we refuse or that are absent above, for the "one wild field" bodies.
-EXTRA_NAMES = ["tools", "functions", "function_call", "modalities", "audio", "logit_bias", "suffix", "best_of",
-               "response_format", "tool_choice", "brand_new_field"]
+EXTRA_NAMES = [
+    "tools",
+    "functions",
+    "function_call",
+    "modalities",
+    "audio",
+    "logit_bias",
+    "suffix",
+    "best_of",
+    "response_format",
+    "tool_choice",
+    "brand_new_field",
+]
 
 
 def consistent(body: dict) -> dict:
@@ -74,12 +112,18 @@ def consistent(body: dict) -> dict:
 def bodies(fields: dict, required: tuple[str, ...]) -> st.SearchStrategy:
     """JSON bodies: plausible (required fields always there, others half the time), plausible with one
     field of any type, random fields of random types, or not a JSON object at all."""
-    plausible = st.fixed_dictionaries({k: fields[k] for k in required},
-                                      optional={k: v for k, v in fields.items() if k not in required}).map(consistent)
-    one_wild = st.builds(lambda body, name, value: {**body, name: value},
-                         plausible, st.sampled_from(sorted(fields) + EXTRA_NAMES), any_json)
-    random_fields = st.dictionaries(st.sampled_from(sorted(fields) + EXTRA_NAMES) | st.text(max_size=8), any_json,
-                                    max_size=6)
+    plausible = st.fixed_dictionaries(
+        {k: fields[k] for k in required}, optional={k: v for k, v in fields.items() if k not in required}
+    ).map(consistent)
+    one_wild = st.builds(
+        lambda body, name, value: {**body, name: value},
+        plausible,
+        st.sampled_from(sorted(fields) + EXTRA_NAMES),
+        any_json,
+    )
+    random_fields = st.dictionaries(
+        st.sampled_from(sorted(fields) + EXTRA_NAMES) | st.text(max_size=8), any_json, max_size=6
+    )
     as_json = st.one_of(plausible, plausible, plausible, one_wild, one_wild, random_fields, any_json)
     return st.one_of(as_json.map(lambda v: json.dumps(v).encode()), st.binary(max_size=80))
 
@@ -119,7 +163,9 @@ def check(http: httpx.Client, path: str, body: bytes) -> None:
         assert response["choices"] and response["usage"]["total_tokens"] >= response["usage"]["prompt_tokens"]
 
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 @FUZZ

@@ -1,6 +1,7 @@
 """Small requests that ask for a lot of work: refused before the work when they can never succeed
 (too many choices, a prompt longer than the context can hold), and otherwise prepared off the event
 loop, so /health and other clients' streams keep going while they are processed."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,11 @@ import time
 
 import httpx
 import pytest
-
 from fake_engine import FakeEngine
 from server_fixtures import HealthProbe, engine_idle, serve_engine, wait_until
 
 MODEL = "fake-model"
-HEALTH_BOUND_S = 0.5   # the longest /health may take while a hostile request is processed
+HEALTH_BOUND_S = 0.5  # the longest /health may take while a hostile request is processed
 
 
 def error_of(r: httpx.Response, status: int) -> dict:
@@ -29,7 +29,7 @@ def server():
 
 
 def test_hostile_choice_count_is_refused_at_once_and_health_stays_up(server):
-    body = {"model": MODEL, "prompt": ["a"] * 2048, "n": 128, "max_tokens": 1}   # 262,144 choices, 10 KB
+    body = {"model": MODEL, "prompt": ["a"] * 2048, "n": 128, "max_tokens": 1}  # 262,144 choices, 10 KB
     with HealthProbe(server.url) as probe:
         time.sleep(0.1)
         start = time.monotonic()
@@ -43,10 +43,13 @@ def test_hostile_choice_count_is_refused_at_once_and_health_stays_up(server):
     wait_until(lambda: engine_idle(server), what="engine idle")
 
 
-@pytest.mark.parametrize("path, base", [
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
-])
+@pytest.mark.parametrize(
+    "path, base",
+    [
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ],
+)
 def test_choice_cap_defaults_to_the_queue_size(path, base):
     s = serve_engine(FakeEngine(model_name=MODEL, max_queue=5))
     try:
@@ -78,14 +81,20 @@ def test_choice_cap_setting_counts_prompts_times_n():
         s.stop()
 
 
-@pytest.mark.parametrize("path, make", [
-    ("/v1/completions", lambda text: {"prompt": text}),
-    ("/v1/completions", lambda text: {"prompt": ["hi", text]}),
-    ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}]}),
-    ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}),
-])
+@pytest.mark.parametrize(
+    "path, make",
+    [
+        ("/v1/completions", lambda text: {"prompt": text}),
+        ("/v1/completions", lambda text: {"prompt": ["hi", text]}),
+        ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}]}),
+        (
+            "/v1/chat/completions",
+            lambda text: {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]},
+        ),
+    ],
+)
 def test_megabyte_prompt_is_refused_without_tokenizing(server, path, make):
-    text = "hello " * 1_250_000   # 7.5 MB: the tiny tokenizer would take minutes over it
+    text = "hello " * 1_250_000  # 7.5 MB: the tiny tokenizer would take minutes over it
     body = json.dumps({"model": MODEL, "max_tokens": 1, **make(text)}).encode()
     with HealthProbe(server.url) as probe:
         start = time.monotonic()
@@ -97,15 +106,18 @@ def test_megabyte_prompt_is_refused_without_tokenizing(server, path, make):
     assert probe.worst < HEALTH_BOUND_S, probe.worst
 
 
-@pytest.mark.parametrize("path, make", [
-    ("/v1/completions", lambda text: {"prompt": text}),
-    ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}] * 2}),
-])
+@pytest.mark.parametrize(
+    "path, make",
+    [
+        ("/v1/completions", lambda text: {"prompt": text}),
+        ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}] * 2}),
+    ],
+)
 def test_long_prompt_is_tokenized_off_the_event_loop(path, make):
     """A prompt that fits but takes seconds to tokenize: /health answers all the while."""
     engine = FakeEngine(model_name=MODEL, max_model_len=4_000_000)
     s = serve_engine(engine, max_body_bytes=8 << 20)
-    text = "hello world " * 150_000   # 1.8M characters, 750,000 tokens: seconds for the tiny tokenizer
+    text = "hello world " * 150_000  # 1.8M characters, 750,000 tokens: seconds for the tiny tokenizer
     try:
         with HealthProbe(s.url) as probe:
             time.sleep(0.1)
@@ -128,17 +140,19 @@ def test_character_bound_boundary_and_a_prompt_of_the_longest_tokens_still_fits(
     tok = engine.tokenizer
     pieces = [tok.decode([i]) for i in range(len(tok))]
     longest = max((p for p in pieces if "<|" not in p), key=len)
-    bound = 64 * max(len(p) for p in tok.convert_ids_to_tokens(list(range(len(tok)))))   # no normalizer: x 1
+    bound = 64 * max(len(p) for p in tok.convert_ids_to_tokens(list(range(len(tok)))))  # no normalizer: x 1
     try:
         with httpx.Client(base_url=s.url, timeout=30) as http:
+
             def post(prompt: str) -> httpx.Response:
                 return http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+
             fits = longest * (60 // len(tok.encode(longest)))
             assert len(tok.encode(fits)) <= 62
-            assert post(fits).status_code == 200           # the longest tokens, as many as fit: served
-            at = error_of(post("x" * bound), 400)           # at the bound: tokenized, then too long
+            assert post(fits).status_code == 200  # the longest tokens, as many as fit: served
+            at = error_of(post("x" * bound), 400)  # at the bound: tokenized, then too long
             assert "you requested" in at["message"] and at["code"] == "context_length_exceeded", at
-            over = error_of(post("x" * (bound + 1)), 400)   # over it: refused without tokenizing
+            over = error_of(post("x" * (bound + 1)), 400)  # over it: refused without tokenizing
             assert f"is {bound + 1} characters long" in over["message"] and over["code"] == "context_length_exceeded"
     finally:
         s.stop()

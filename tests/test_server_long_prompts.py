@@ -1,28 +1,35 @@
 """Prompts longer than one step's token budget through a real uvicorn (they once
 failed with 500 when no other request was decoding). The real AsyncEngine on the fake runner, and
 (slow) the embedded SmolLM2 on CPU with the README's default budget."""
+
 from __future__ import annotations
 
 import httpx
 import pytest
-
-from athena_runtime.engine import AsyncEngine
-from athena_runtime.engine_settings import EngineSettings
 from fake_engine import tiny_chat_tokenizer
 from fake_runner import FakeRunner
 from server_fixtures import engine_idle, serve_engine, wait_until
 
+from athena_runtime.engine import AsyncEngine
+from athena_runtime.engine_settings import EngineSettings
+
 MODEL = "tiny"
-BUDGET = 32     # tokens per step: every prompt below spans several steps
+BUDGET = 32  # tokens per step: every prompt below spans several steps
 
 
 @pytest.fixture(scope="module")
 def server():
     tok = tiny_chat_tokenizer()
-    runner = FakeRunner(vocab_size=len(tok), num_blocks=256, block_size=4, max_model_len=512,
-                        banned=(tok.eos_token_id,))
-    engine = AsyncEngine(runner, tok, EngineSettings(block_size=4, max_num_seqs=4, max_num_batched_tokens=BUDGET),
-                         MODEL, eos_token_ids=(tok.eos_token_id,))
+    runner = FakeRunner(
+        vocab_size=len(tok), num_blocks=256, block_size=4, max_model_len=512, banned=(tok.eos_token_id,)
+    )
+    engine = AsyncEngine(
+        runner,
+        tok,
+        EngineSettings(block_size=4, max_num_seqs=4, max_num_batched_tokens=BUDGET),
+        MODEL,
+        eos_token_ids=(tok.eos_token_id,),
+    )
     s = serve_engine(engine)
     yield s
     s.stop()
@@ -53,7 +60,9 @@ def test_completion_prompt_longer_than_the_step_budget(server, n):
     body = r.json()
     assert body["usage"]["prompt_tokens"] == n and body["choices"][0]["finish_reason"] == "length"
     assert stream_text(server, "/v1/completions", {"prompt": [7] * n, "max_tokens": 3, "temperature": 0}) == (
-        body["choices"][0]["text"], "length")
+        body["choices"][0]["text"],
+        "length",
+    )
     wait_until(lambda: engine_idle(server), 5.0, "the engine to go idle")
 
 
@@ -64,7 +73,9 @@ def test_chat_prompt_longer_than_the_step_budget(server):
     assert r.json()["usage"]["prompt_tokens"] > 3 * BUDGET
     content = r.json()["choices"][0]["message"]["content"]
     assert stream_text(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0}) == (
-        content, "length")
+        content,
+        "length",
+    )
     wait_until(lambda: engine_idle(server), 5.0, "the engine to go idle")
 
 

@@ -1,4 +1,5 @@
 """The server against the official `openai` client, over a real uvicorn on 127.0.0.1 (FakeEngine)."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import json
 import httpx
 import openai
 import pytest
-
 from fake_engine import FakeEngine
 from server_fixtures import serve_engine
 
@@ -53,8 +53,9 @@ def test_chat_completion_usage_and_length(client, server):
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
     # greedy is deterministic; max_completion_tokens wins over max_tokens
     assert chat_text(client, max_tokens=7, temperature=0) == choice.message.content
-    r2 = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=50, max_completion_tokens=3,
-                                        temperature=0)
+    r2 = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=50, max_completion_tokens=3, temperature=0
+    )
     assert r2.usage.completion_tokens == 3
 
 
@@ -67,8 +68,9 @@ def test_chat_without_max_tokens_fills_the_context(client, server):
 def test_content_parts_equal_string_content(client):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hello."}]}]
     a = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=5, seed=3)
-    b = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
-                                       max_tokens=5, seed=3)
+    b = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5, seed=3
+    )
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
     assert a.choices[0].message.content == b.choices[0].message.content
 
@@ -80,8 +82,9 @@ def test_seed_reproducibility_and_n(client):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12, seed=42, temperature=0.8, n=3)
     assert [c.index for c in r.choices] == [0, 1, 2]
     # with a seed, choice i uses seed + i
-    assert [c.message.content for c in r.choices] == [chat_text(client, max_tokens=12, seed=42 + i, temperature=0.8)
-                                                      for i in range(3)]
+    assert [c.message.content for c in r.choices] == [
+        chat_text(client, max_tokens=12, seed=42 + i, temperature=0.8) for i in range(3)
+    ]
     assert r.usage.completion_tokens == 36
 
 
@@ -96,11 +99,18 @@ def test_chat_stream(client, server):
 
 
 def test_chat_stream_include_usage_and_done(server):
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5, "stream": True, "n": 2, "seed": 1,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 5,
+        "stream": True,
+        "n": 2,
+        "seed": 1,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     usage_chunk = chunks[-1]
@@ -114,18 +124,20 @@ def test_chat_stream_include_usage_and_done(server):
 def test_stop_strings(client):
     full = chat_text(client, max_tokens=40, seed=11)
     stop = full[10:13]
-    expected = full[:full.find(stop)]
+    expected = full[: full.find(stop)]
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=11, stop=[stop, "\x00"])
     assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
-    streamed = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=11, stop=stop,
-                                                   stream=True))
+    streamed = list(
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, seed=11, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
     assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, seed=5, logprobs=True,
-                                       top_logprobs=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, seed=5, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 6
     assert "".join(t.token for t in content) == r.choices[0].message.content
@@ -138,9 +150,18 @@ def test_chat_logprobs(client):
 
 def test_extras_and_accepted_fields(client):
     r = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.5, top_p=0.9, presence_penalty=0.5,
-        frequency_penalty=-0.5, user="someone", tool_choice="none", response_format={"type": "text"},
-        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "some_future_field": {"x": 1}})
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0.5,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        user="someone",
+        tool_choice="none",
+        response_format={"type": "text"},
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "some_future_field": {"x": 1}},
+    )
     assert r.usage.completion_tokens == 4
 
 
@@ -168,16 +189,20 @@ def test_completion_batch_and_n(client):
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     single = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, n=2, seed=9).choices for p in prompts]
     assert [c.text for c in r.choices] == [c.text for cs in single for c in cs]
-    assert r.usage.prompt_tokens == sum(client.completions.create(model=MODEL, prompt=p, max_tokens=1).usage.prompt_tokens
-                                        for p in prompts)
+    assert r.usage.prompt_tokens == sum(
+        client.completions.create(model=MODEL, prompt=p, max_tokens=1).usage.prompt_tokens for p in prompts
+    )
     lists = client.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=3)
     assert len(lists.choices) == 2 and lists.usage.prompt_tokens == 5
 
 
 def test_completion_stream(client):
     full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=10, seed=4).choices[0].text
-    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=10, seed=4, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=10, seed=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10

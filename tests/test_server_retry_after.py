@@ -1,14 +1,15 @@
 """Retry-After with a 429 follows the queue: the waiting requests over the rate
 requests have lately been finishing, bounded by --retry-after-s and --retry-after-max-s."""
+
 from __future__ import annotations
 
 import asyncio
 
 import httpx
-
 from fake_engine import FakeEngine
-from server.retry_after import WINDOW_S, RetryAfterEstimator
 from server_fixtures import engine_idle, serve_engine, wait_until
+
+from server.retry_after import WINDOW_S, RetryAfterEstimator
 
 MODEL = "fake-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -25,18 +26,18 @@ class Clock:
 def test_estimate_is_the_queue_over_the_recent_rate_within_bounds():
     clock = Clock()
     est = RetryAfterEstimator(floor_s=2, ceiling_s=60, clock=clock)
-    assert est.seconds(waiting=5) == 60                       # nothing finished yet: the rate is unknown
-    for _ in range(10):                                       # one request a second for 10 s
+    assert est.seconds(waiting=5) == 60  # nothing finished yet: the rate is unknown
+    for _ in range(10):  # one request a second for 10 s
         clock.now += 1.0
         est.finished()
     assert est.seconds(waiting=5) == 5
     assert est.seconds(waiting=7) == 7
-    assert est.seconds(waiting=1) == 2                        # the floor
-    assert est.seconds(waiting=60) == 60 and est.seconds(waiting=61) == 60   # the ceiling
-    clock.now += 50.0                                         # still in the window: 10 in 60 s
+    assert est.seconds(waiting=1) == 2  # the floor
+    assert est.seconds(waiting=60) == 60 and est.seconds(waiting=61) == 60  # the ceiling
+    clock.now += 50.0  # still in the window: 10 in 60 s
     assert est.seconds(waiting=6) == 36
-    assert est.seconds(waiting=12) == 60                      # 72, over the ceiling
-    clock.now += WINDOW_S                                     # all of them forgotten
+    assert est.seconds(waiting=12) == 60  # 72, over the ceiling
+    clock.now += WINDOW_S  # all of them forgotten
     assert est.seconds(waiting=1) == 60
 
 
@@ -47,13 +48,15 @@ def test_429_retry_after_estimates_the_wait():
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(base_url=s.url, timeout=60) as http:
-            for _ in range(3):                                # finished requests: the recent rate
+            for _ in range(3):  # finished requests: the recent rate
                 assert (await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 30})).status_code == 200
             long = {**CHAT, "max_tokens": 400, "stream": True}
             async with http.stream("POST", "/v1/chat/completions", json=long) as running:
                 assert running.status_code == 200
-                waiting = [asyncio.create_task(http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 30}))
-                           for _ in range(2)]
+                waiting = [
+                    asyncio.create_task(http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 30}))
+                    for _ in range(2)
+                ]
                 await asyncio.to_thread(wait_until, lambda: s.call(engine.stats).waiting == 2, 5.0, "a full queue")
                 refused = await http.post("/v1/chat/completions", json={**CHAT, "max_tokens": 30})
             for task in waiting:

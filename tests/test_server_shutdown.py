@@ -1,6 +1,7 @@
 """SIGTERM to a real `athena serve` process: the server stops admitting (503 with
 Retry-After, the port still answers), running streams finish if they can within --drain-timeout-s,
 the rest end cleanly (an error event, `data: [DONE]`, a complete chunked body), then it exits 0."""
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ SERVE = """
 
 
 def free_port() -> int:
-    with socket.socket() as s:   # a free port for the child (tiny race, acceptable in a test)
+    with socket.socket() as s:  # a free port for the child (tiny race, acceptable in a test)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -63,12 +64,16 @@ class Stream(threading.Thread):
         self.ended_at: float | None = None
 
     def run(self) -> None:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": self.max_tokens,
-                "stream": True}
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": self.max_tokens,
+            "stream": True,
+        }
         try:
             with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body, timeout=60) as r:
                 assert r.status_code == 200, r.read()
-                for line in r.iter_lines():   # raises on a cut connection or an unterminated chunked body
+                for line in r.iter_lines():  # raises on a cut connection or an unterminated chunked body
                     if line.startswith("data: "):
                         self.events.append(line[6:])
                         self.started.set()
@@ -85,9 +90,28 @@ def test_sigterm_drains_then_ends_streams_cleanly_and_exits_0(engine):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SERVE), engine, "serve", "--port", str(port),
-                             "--drain-timeout-s", str(DRAIN_S), "--retry-after-s", "2", "--log-level", "warning"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SERVE),
+            engine,
+            "serve",
+            "--port",
+            str(port),
+            "--drain-timeout-s",
+            str(DRAIN_S),
+            "--retry-after-s",
+            "2",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -98,7 +122,7 @@ def test_sigterm_drains_then_ends_streams_cleanly_and_exits_0(engine):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
-        short, long = Stream(url, max_tokens=60), Stream(url, max_tokens=3000)   # ~0.6 s; ~30 s at 10 ms a token
+        short, long = Stream(url, max_tokens=60), Stream(url, max_tokens=3000)  # ~0.6 s; ~30 s at 10 ms a token
         for s in (short, long):
             s.start()
             assert s.started.wait(30) and s.error is None, s.error
@@ -107,8 +131,11 @@ def test_sigterm_drains_then_ends_streams_cleanly_and_exits_0(engine):
 
         # draining: the port still answers, with 503 and Retry-After
         time.sleep(0.3)
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
-                       timeout=10)
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            timeout=10,
+        )
         assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
         assert r.json()["error"]["code"] == "service_unavailable"
         health = httpx.get(f"{url}/health", timeout=10)
@@ -116,7 +143,7 @@ def test_sigterm_drains_then_ends_streams_cleanly_and_exits_0(engine):
 
         for s in (short, long):
             s.join(30)
-            assert not s.is_alive() and s.error is None, repr(s.error)   # a complete, terminated body
+            assert not s.is_alive() and s.error is None, repr(s.error)  # a complete, terminated body
         # the short stream ran to its end
         assert short.events[-1] == "[DONE]"
         assert json.loads(short.events[-2])["choices"][0]["finish_reason"] == "length"

@@ -1,11 +1,11 @@
 """The server on a real model: the embedded SmolLM2-135M-Instruct (its fp16 reference folder, not the
 compressed default, which would take the quantizer's time), on CPU, through the openai client."""
+
 from __future__ import annotations
 
 import httpx
 import openai
 import pytest
-
 from server_fixtures import engine_idle, serve_engine, wait_until
 
 pytestmark = pytest.mark.slow
@@ -39,9 +39,10 @@ def client(server):
 def test_chat_answers_and_stops(client):
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
     assert "Paris" in r.choices[0].message.content
-    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 12   # the model's own eos
-    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
-                                                 stream=True))
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 12  # the model's own eos
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
 
 
@@ -59,8 +60,26 @@ def test_load_test_tool_against_the_embedded_model(server, capsys):
 
     from bench.serve import main as bench_serve
 
-    rc = bench_serve(["--base-url", server.url, "--model", MODEL, "--concurrency", "1,2", "--num-prompts", "2",
-                      "--input-len", "8", "--output-len", "4", "--no-progress", "--json", "--timeout-s", "60"])
+    rc = bench_serve(
+        [
+            "--base-url",
+            server.url,
+            "--model",
+            MODEL,
+            "--concurrency",
+            "1,2",
+            "--num-prompts",
+            "2",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--no-progress",
+            "--json",
+            "--timeout-s",
+            "60",
+        ]
+    )
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     levels = result["levels"]

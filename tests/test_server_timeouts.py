@@ -1,6 +1,7 @@
 """Slow clients cannot hold connections: a connection that does not finish a
 request's headers within --header-timeout-s is closed, a body not sent within --body-timeout-s gets
 408, and normal clients keep being served meanwhile. Raw sockets against a real uvicorn."""
+
 from __future__ import annotations
 
 import socket
@@ -9,13 +10,12 @@ import time
 
 import httpx
 import pytest
-
 from fake_engine import FakeEngine
 from server_fixtures import serve_engine
 
 MODEL = "fake-model"
 HEADER_S, BODY_S = 1.0, 1.5
-SLACK_S = 1.5   # scheduling on a loaded machine
+SLACK_S = 1.5  # scheduling on a loaded machine
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -47,9 +47,9 @@ class Slowloris(threading.Thread):
     def run(self) -> None:
         try:
             self.sock.sendall(self.head)
-            for i in range(int(20 / self.every_s)):   # gives up after 20 s: the server never closed it
+            for i in range(int(20 / self.every_s)):  # gives up after 20 s: the server never closed it
                 if i < len(self.trickle):
-                    self.sock.sendall(self.trickle[i:i + 1])
+                    self.sock.sendall(self.trickle[i : i + 1])
                 deadline = time.monotonic() + self.every_s
                 while time.monotonic() < deadline:
                     try:
@@ -68,12 +68,12 @@ class Slowloris(threading.Thread):
 
 def test_slow_headers_are_cut_and_normal_clients_keep_working(server):
     lorises = [Slowloris(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n") for _ in range(20)]
-    lorises.append(Slowloris(server, b""))                                      # connects and says nothing
+    lorises.append(Slowloris(server, b""))  # connects and says nothing
     lorises.append(Slowloris(server, b"GET /health HTTP/1.1\r\nHost: x\r\n"))
     for loris in lorises:
         loris.start()
     time.sleep(0.3)
-    with httpx.Client(base_url=server.url, timeout=10) as http:               # served while they hang on
+    with httpx.Client(base_url=server.url, timeout=10) as http:  # served while they hang on
         for _ in range(3):
             assert http.get("/health").status_code == 200
             assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
@@ -85,9 +85,11 @@ def test_slow_headers_are_cut_and_normal_clients_keep_working(server):
 
 
 def test_slow_body_gets_408(server):
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 400\r\n\r\n{\"model\": ")
-    loris = Slowloris(server, head, trickle=b"\"" + b"m" * 300)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 400\r\n\r\n{"model": '
+    )
+    loris = Slowloris(server, head, trickle=b'"' + b"m" * 300)
     loris.start()
     loris.join(30)
     assert loris.closed_after is not None and loris.closed_after < BODY_S + SLACK_S, loris.closed_after
@@ -104,7 +106,7 @@ def test_a_kept_alive_connection_must_send_its_next_headers_in_time(server):
         reply += sock.recv(65536)
     assert reply.startswith(b"HTTP/1.1 200 ")
     start = time.monotonic()
-    sock.sendall(b"GET /health HTTP/1.1\r\n")            # the next request begins, then stalls
+    sock.sendall(b"GET /health HTTP/1.1\r\n")  # the next request begins, then stalls
     sock.settimeout(HEADER_S + SLACK_S + 5)
     try:
         assert sock.recv(65536) == b""
@@ -118,10 +120,14 @@ def test_a_client_sending_within_the_deadlines_is_served(server):
     sock = connect(server)
     sock.settimeout(10)
     body = b'{"model": "fake-model", "prompt": "hi", "max_tokens": 2}'
-    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-               + str(len(body)).encode() + b"\r\n\r\n" + body)
-    for i in range(0, len(request), 40):                  # slow, but well within both deadlines
-        sock.sendall(request[i:i + 40])
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    for i in range(0, len(request), 40):  # slow, but well within both deadlines
+        sock.sendall(request[i : i + 40])
         time.sleep(0.02)
     reply = b""
     while b"\r\n\r\n" not in reply:
@@ -134,16 +140,18 @@ def test_connection_limit_boundary():
     s = serve_engine(FakeEngine(model_name=MODEL), max_connections=4)
     idle: list[socket.socket] = []
     try:
-        def status() -> int:   # a request on a connection of its own
+
+        def status() -> int:  # a request on a connection of its own
             with httpx.Client(base_url=s.url, timeout=10) as http:
                 return http.get("/health").status_code
+
         for _ in range(2):
             idle.append(connect(s))
         time.sleep(0.2)
-        assert status() == 200                 # 2 idle + this one: 3 connections, under the limit of 4
+        assert status() == 200  # 2 idle + this one: 3 connections, under the limit of 4
         idle.append(connect(s))
         time.sleep(0.2)
-        assert status() == 503                 # 3 idle + this one: at the limit
+        assert status() == 503  # 3 idle + this one: at the limit
         idle.pop().close()
         time.sleep(0.2)
         assert status() == 200

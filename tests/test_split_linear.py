@@ -1,18 +1,19 @@
 """Fused projections (split_linear.py, PQLinear.concat): the fused layer's parts equal the separate
 layers on every path (CPU reference, Triton dequantize + matmul and lookup-table under
 TRITON_INTERPRET=1), padding between codebook blocks included; refusals are logged, not errors."""
+
 from __future__ import annotations
 
 import logging
 
 import pytest
 import torch
+from test_pq_kernels import DEV
+from test_pq_linear import PREFIX, checkpoint_layer
 from torch import nn
 
 from athena_runtime.pq_linear import PQLinear
 from athena_runtime.split_linear import SplitLinear, fuse
-from test_pq_kernels import DEV
-from test_pq_linear import PREFIX, checkpoint_layer
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
@@ -70,6 +71,7 @@ def test_fused_gate_up_silu_mul_equals_unfused(path, T):
     """SplitLinear.silu_mul: silu(gate) · up from the PQ layer's epilogue (lookup-table paths) or from
     fused_ops.silu_mul (other paths) equals silu_mul over the parts; gate 40 rows padded to 64."""
     from athena_runtime.kernels.fused_ops import silu_mul
+
     parts = [_pq(40, 50, 3, True, 4, path), _pq(40, 50, 2, False, 5, path)]
     layer, offsets = PQLinear.concat(parts, max_pad=1.0)
     assert offsets == [0, 64]

@@ -1,15 +1,16 @@
 """Incremental detokenization and stop-string hold-back."""
+
 from __future__ import annotations
 
 import pytest
+from fake_runner import tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from athena_runtime.stop_strings import IncrementalDetokenizer, StopStringMatcher, TextStream
 from athena_runtime.token_decoder import TokenDecoder
-from fake_runner import tiny_tokenizer
 
-TEXT = "Caf\u00e9 na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001F600 Hello world!"
+TEXT = "Caf\u00e9 na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001f600 Hello world!"
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,13 @@ def decode(tok):
 
 def test_multibyte_characters_stream_whole_and_match_a_full_decode(tok, decode):
     ids = tok.encode(TEXT)
-    assert len(ids) > len(TEXT.split())                          # characters really span several tokens
+    assert len(ids) > len(TEXT.split())  # characters really span several tokens
     prompt = tok.encode("Hello there,")
     detok = IncrementalDetokenizer(decode, prompt)
     pieces = [detok.add(t) for t in ids]
     assert "".join(pieces) + detok.flush() == TEXT == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
-    assert pieces.count("") > 0                                   # some tokens had to wait for the next
+    assert pieces.count("") > 0  # some tokens had to wait for the next
 
 
 def test_leading_space_of_the_first_token_survives(tok, decode):
@@ -40,7 +41,7 @@ def test_leading_space_of_the_first_token_survives(tok, decode):
 
 
 def test_incomplete_character_at_the_end_is_flushed(tok, decode):
-    ids = tok.encode("\U0001F600")
+    ids = tok.encode("\U0001f600")
     detok = IncrementalDetokenizer(decode, [])
     assert "".join(detok.add(t) for t in ids[:-1]) == ""
     assert detok.flush() == "\ufffd"
@@ -61,7 +62,7 @@ def test_stop_string_split_across_pieces_is_never_emitted():
     emitted, hit = feed(StopStringMatcher(("STOP",)), ["Hel", "lo S", "TO", "P there"])
     assert hit and emitted == ["Hel", "lo ", "", ""]
     emitted, hit = feed(StopStringMatcher(("STOP",)), ["Hel", "lo S", "TO", "ry"])
-    assert not hit and emitted == ["Hel", "lo ", "", "STOry", ""]    # held back, then released whole
+    assert not hit and emitted == ["Hel", "lo ", "", "STOry", ""]  # held back, then released whole
 
 
 def test_earliest_stop_string_wins_and_text_after_it_is_dropped():
@@ -76,7 +77,7 @@ def reference(pieces: list[str], stops: tuple[str, ...]) -> tuple[str, bool]:
         text += piece
         found = [text.find(s) for s in stops if s and s in text]
         if found:
-            return text[:min(found)], True
+            return text[: min(found)], True
     return text, False
 
 
@@ -87,7 +88,7 @@ def test_hold_back_matches_reference_and_never_retracts(pieces, stops):
     final, should_hit = reference(pieces, stops)
     emitted, hit = feed(StopStringMatcher(stops), pieces)
     assert hit == should_hit
-    assert "".join(emitted) == final                              # only ever appended: nothing retracted
+    assert "".join(emitted) == final  # only ever appended: nothing retracted
 
 
 def test_text_stream_with_a_stop_string_spanning_tokens(tok, decode):
@@ -100,7 +101,7 @@ def test_text_stream_with_a_stop_string_spanning_tokens(tok, decode):
         if hit:
             break
     assert hit and "".join(out) == "Hello world! Hel"
-    assert all("lo th" not in "".join(out[:i + 1]) for i in range(len(out)))
+    assert all("lo th" not in "".join(out[: i + 1]) for i in range(len(out)))
 
 
 def test_text_stream_flush_releases_held_back_text(tok, decode):

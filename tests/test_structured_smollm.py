@@ -1,5 +1,6 @@
 """Acceptance: structured outputs and forced tool calls on the embedded SmolLM2-135M-Instruct (CPU),
 through a real uvicorn and the official openai client. Every output must parse and validate."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-
 from server_fixtures import engine_idle, serve_engine, wait_until
 
 pytestmark = pytest.mark.slow
@@ -19,54 +19,120 @@ O = "object"
 
 
 def obj(props: dict, required: list | None = None, **extra) -> dict:
-    return {"type": O, "properties": props, "required": list(props) if required is None else required,
-            "additionalProperties": False, **extra}
+    return {
+        "type": O,
+        "properties": props,
+        "required": list(props) if required is None else required,
+        "additionalProperties": False,
+        **extra,
+    }
 
 
 SCHEMAS = {
     "person": obj({"name": S, "age": {"type": "integer", "minimum": 0, "maximum": 120}}),
-    "point": obj({"x": {"type": "number", "minimum": -10, "maximum": 10}, "y": {"type": "number", "minimum": -10,
-                                                                              "maximum": 10}}),
+    "point": obj(
+        {"x": {"type": "number", "minimum": -10, "maximum": 10}, "y": {"type": "number", "minimum": -10, "maximum": 10}}
+    ),
     "color": obj({"color": {"enum": ["red", "green", "blue"]}}),
     "address": obj({"street": S, "city": obj({"name": S, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}})}),
-    "tags": obj({"tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3}}),
+    "tags": obj(
+        {"tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3}}
+    ),
     "flag_optional": obj({"done": {"type": "boolean"}, "note": S}, required=["done"]),
-    "line_refs": {"$defs": {"pt": obj({"x": {"type": "integer", "minimum": 0, "maximum": 9},
-                                       "y": {"type": "integer", "minimum": 0, "maximum": 9}})},
-                  **obj({"start": {"$ref": "#/$defs/pt"}, "end": {"$ref": "#/$defs/pt"}})},
-    "any_of": obj({"value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99},
-                                       {"type": "string", "maxLength": 8}, {"type": "null"}]}}),
+    "line_refs": {
+        "$defs": {
+            "pt": obj(
+                {
+                    "x": {"type": "integer", "minimum": 0, "maximum": 9},
+                    "y": {"type": "integer", "minimum": 0, "maximum": 9},
+                }
+            )
+        },
+        **obj({"start": {"$ref": "#/$defs/pt"}, "end": {"$ref": "#/$defs/pt"}}),
+    },
+    "any_of": obj(
+        {
+            "value": {
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": 99},
+                    {"type": "string", "maxLength": 8},
+                    {"type": "null"},
+                ]
+            }
+        }
+    ),
     "nullable_list": obj({"count": {"type": ["integer", "null"], "minimum": 0, "maximum": 50}}),
     "const_kind": obj({"kind": {"const": "circle"}, "radius": {"type": "integer", "minimum": 1, "maximum": 9}}),
     "date": obj({"when": {"type": "string", "format": "date"}}),
     "alarm": obj({"time": {"type": "string", "format": "time"}, "label": S}),
     "phone_pattern": obj({"phone": {"type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}}),
-    "order_items": obj({"items": {"type": "array", "maxItems": 3, "items": obj(
-        {"name": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 1, "maximum": 9}})}}),
-    "int_array": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "minItems": 2,
-                  "maxItems": 4},
+    "order_items": obj(
+        {
+            "items": {
+                "type": "array",
+                "maxItems": 3,
+                "items": obj(
+                    {
+                        "name": {"type": "string", "maxLength": 12},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                    }
+                ),
+            }
+        }
+    ),
+    "int_array": {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": 100},
+        "minItems": 2,
+        "maxItems": 4,
+    },
     "top_enum": {"enum": ["yes", "no", "maybe"]},
     "top_integer": {"type": "integer", "minimum": 1, "maximum": 1000},
     "top_boolean": {"type": "boolean"},
-    "matrix": obj({"rows": {"type": "array", "maxItems": 2, "items": {
-        "type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": 0, "maximum": 9}}}}),
-    "contact": obj({"name": S, "phones": {"type": "array", "maxItems": 2, "items": {
-        "type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}}}),
-    "scores_map": {"type": O, "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 10},
-                   "propertyNames": {"pattern": "^[a-z]{1,8}$"}, "maxProperties": 3},
+    "matrix": obj(
+        {
+            "rows": {
+                "type": "array",
+                "maxItems": 2,
+                "items": {"type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": 0, "maximum": 9}},
+            }
+        }
+    ),
+    "contact": obj(
+        {
+            "name": S,
+            "phones": {"type": "array", "maxItems": 2, "items": {"type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}},
+        }
+    ),
+    "scores_map": {
+        "type": O,
+        "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 10},
+        "propertyNames": {"pattern": "^[a-z]{1,8}$"},
+        "maxProperties": 3,
+    },
     "multiple_of": obj({"n": {"type": "integer", "multipleOf": 5, "minimum": 0, "maximum": 100}}),
     "exclusive": obj({"p": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}}),
     "uuid": obj({"id": {"type": "string", "format": "uuid"}}),
     "all_optional": obj({"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": S}, required=[]),
-    "pydantic_allof": {"$defs": {"Pet": obj({"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer",
-                                                                                       "minimum": 0, "maximum": 30}})},
-                       **obj({"pet": {"allOf": [{"$ref": "#/$defs/Pet"}], "description": "the pet"}})},
+    "pydantic_allof": {
+        "$defs": {
+            "Pet": obj({"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 30}})
+        },
+        **obj({"pet": {"allOf": [{"$ref": "#/$defs/Pet"}], "description": "the pet"}}),
+    },
     "deep": obj({"a": obj({"b": obj({"c": {"type": "integer", "minimum": 0, "maximum": 9}})})}),
-    "tuple": {"type": "array", "prefixItems": [{"type": "string", "maxLength": 5},
-                                               {"type": "integer", "minimum": 0, "maximum": 9}], "items": False},
+    "tuple": {
+        "type": "array",
+        "prefixItems": [{"type": "string", "maxLength": 5}, {"type": "integer", "minimum": 0, "maximum": 9}],
+        "items": False,
+    },
     "short_word": obj({"word": {"type": "string", "minLength": 2, "maxLength": 6}}),
-    "weekday_plan": obj({"day": {"enum": ["mon", "tue", "wed"]}, "tasks": {
-        "type": "array", "maxItems": 3, "items": {"enum": ["read", "code", "walk"]}}}),
+    "weekday_plan": obj(
+        {
+            "day": {"enum": ["mon", "tue", "wed"]},
+            "tasks": {"type": "array", "maxItems": 3, "items": {"enum": ["read", "code", "walk"]}},
+        }
+    ),
 }
 assert len(SCHEMAS) == 30
 
@@ -127,41 +193,75 @@ def test_thirty_schemas_parse_and_validate_streaming_and_not(client, server):
 
 
 def test_json_object_mode(client):
-    r = client.chat.completions.create(model=MODEL, messages=_ask("book with a title"), max_tokens=120,
-                                       response_format={"type": "json_object"}, seed=3)
+    r = client.chat.completions.create(
+        model=MODEL, messages=_ask("book with a title"), max_tokens=120, response_format={"type": "json_object"}, seed=3
+    )
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
-    else:   # a free-form object may run long; what came out is still a prefix of one object
+    else:  # a free-form object may run long; what came out is still a prefix of one object
         assert r.choices[0].message.content.startswith("{")
 
 
 def test_completions_endpoint_takes_a_schema(client):
     schema = SCHEMAS["person"]
-    r = client.completions.create(model=MODEL, prompt="A person as JSON:", max_tokens=60, seed=1,
-                                  extra_body={"response_format": {"type": "json_schema", "json_schema": {
-                                      "name": "person", "schema": schema}}})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="A person as JSON:",
+        max_tokens=60,
+        seed=1,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}},
+    )
     jsonschema.validate(json.loads(r.choices[0].text), schema)
 
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                      "parameters": {"type": "object", "properties": {
-                                          "city": {"type": "string", "maxLength": 20},
-                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
-                                          "required": ["city", "unit"], "additionalProperties": False}}},
-    {"type": "function", "function": {"name": "add", "description": "Add two integers",
-                                      "parameters": {"type": "object", "properties": {
-                                          "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
-                                          "b": {"type": "integer", "minimum": -1000, "maximum": 1000}},
-                                          "required": ["a", "b"], "additionalProperties": False}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                    "b": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                },
+                "required": ["a", "b"],
+                "additionalProperties": False,
+            },
+        },
+    },
 ]
 PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 QUESTIONS = ["What is the weather in Paris?", "Add 2 and 40.", "Tell me a joke."]
 
 
 def _call(client: openai.OpenAI, question: str, stream: bool, choice, parallel: bool = True):
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": question}], tools=TOOLS, tool_choice=choice,
-              max_tokens=100, seed=11, parallel_tool_calls=parallel)
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        tools=TOOLS,
+        tool_choice=choice,
+        max_tokens=100,
+        seed=11,
+        parallel_tool_calls=parallel,
+    )
     if not stream:
         r = client.chat.completions.create(**kw)
         m = r.choices[0].message
@@ -204,12 +304,24 @@ def test_named_tool_choice_calls_that_function(client):
 
 
 def test_a_tool_result_in_the_history_gets_an_answer(client):
-    first, _ = _call(client, "What is the weather in Paris?", False, {"type": "function",
-                                                                      "function": {"name": "get_weather"}})
+    first, _ = _call(
+        client, "What is the weather in Paris?", False, {"type": "function", "function": {"name": "get_weather"}}
+    )
     call_id, name, arguments = first[0]
-    r = client.chat.completions.create(model=MODEL, max_tokens=40, seed=2, tools=TOOLS, tool_choice="none", messages=[
-        {"role": "user", "content": "What is the weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
-        {"role": "tool", "tool_call_id": call_id, "content": '{"temperature": 21, "sky": "sunny"}'}])
+    r = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=40,
+        seed=2,
+        tools=TOOLS,
+        tool_choice="none",
+        messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}],
+            },
+            {"role": "tool", "tool_call_id": call_id, "content": '{"temperature": 21, "sky": "sunny"}'},
+        ],
+    )
     assert r.choices[0].message.content and r.choices[0].message.tool_calls is None

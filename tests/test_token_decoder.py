@@ -1,16 +1,17 @@
 """TokenDecoder and the streaming detokenizer on it: the same text as tokenizer.decode, delta by delta."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
+from fake_runner import SENTENCES, tiny_tokenizer
 
 from athena_runtime import token_decoder
 from athena_runtime.stop_strings import IncrementalDetokenizer
 from athena_runtime.token_decoder import TokenDecoder
-from fake_runner import SENTENCES, tiny_tokenizer
 
-TEXTS = SENTENCES + ["na\u00efve \u65e5\u672c\u8a9e\U0001F600\U0001F600 \u00e9\u00e9", "  two  spaces\n\ttab"]
+TEXTS = SENTENCES + ["na\u00efve \u65e5\u672c\u8a9e\U0001f600\U0001f600 \u00e9\u00e9", "  two  spaces\n\ttab"]
 
 
 def sentencepiece_tokenizer():
@@ -21,11 +22,13 @@ def sentencepiece_tokenizer():
 
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     pieces += ["\u2581", "\u2581Hello", "\u2581world", "Hello", "lo", "\u2581\u2581", "\u00e9", "\u65e5", "!", ","]
-    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], byte_fallback=True,
-                               unk_token="<unk>"))
+    tok = Tokenizer(
+        models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], byte_fallback=True, unk_token="<unk>")
+    )
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -43,6 +46,7 @@ def smollm2():
 
 def reference_deltas(tokenizer, prompt: list[int], tokens: list[int]) -> list[str]:
     """The streaming detokenizer before TokenDecoder: two tokenizer.decode calls per token."""
+
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
@@ -55,7 +59,7 @@ def reference_deltas(tokenizer, prompt: list[int], tokens: list[int]) -> list[st
         prefix_text, full = decode(ids[prefix:read]), decode(ids[prefix:])
         if len(full) > len(prefix_text) and (final or not full.endswith("\ufffd")):
             prefix, read = read, len(ids)
-            deltas.append(full[len(prefix_text):])
+            deltas.append(full[len(prefix_text) :])
         else:
             deltas.append("")
     return deltas
@@ -73,8 +77,9 @@ def random_sequences(tok, n: int, seed: int, vocab: int | None = None) -> list[l
     seqs = [tok.encode(t, add_special_tokens=False) for t in TEXTS]
     seqs += [[rng.randrange(size) for _ in range(rng.randint(1, 40))] for _ in range(n)]
     specials = sorted(tok.all_special_ids)
-    seqs += [[rng.choice(specials) if rng.random() < 0.3 else rng.randrange(size) for _ in range(20)]
-             for _ in range(n // 4)]
+    seqs += [
+        [rng.choice(specials) if rng.random() < 0.3 else rng.randrange(size) for _ in range(20)] for _ in range(n // 4)
+    ]
     return seqs
 
 
@@ -90,7 +95,7 @@ def check_against_tokenizer(tok, decoder: TokenDecoder, vocab: int | None = None
 
 def test_byte_level_tokenizer_takes_the_byte_table_and_decodes_exactly():
     tok = tiny_tokenizer()
-    tok.add_tokens(["h\u00e9llo", " \u0391\u0392", "plain"])          # added tokens: mapped and unmapped characters
+    tok.add_tokens(["h\u00e9llo", " \u0391\u0392", "plain"])  # added tokens: mapped and unmapped characters
     tok.add_special_tokens({"additional_special_tokens": ["<sp>"]})
     decoder = TokenDecoder(tok)
     assert decoder.kind == "byte table"
@@ -100,10 +105,10 @@ def test_byte_level_tokenizer_takes_the_byte_table_and_decodes_exactly():
 def test_characters_split_across_tokens_stream_whole():
     tok = tiny_tokenizer()
     decoder = TokenDecoder(tok)
-    ids = tok.encode("\u65e5\u672c\u8a9e \U0001F600!")
-    assert any("\ufffd" in tok.decode([i]) for i in ids)               # some tokens hold partial characters
+    ids = tok.encode("\u65e5\u672c\u8a9e \U0001f600!")
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens hold partial characters
     deltas = streamed(decoder.decode, tok.encode("Hi"), ids)
-    assert "".join(deltas) == "\u65e5\u672c\u8a9e \U0001F600!" and not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == "\u65e5\u672c\u8a9e \U0001f600!" and not any("\ufffd" in d for d in deltas)
     assert deltas == reference_deltas(tok, tok.encode("Hi"), ids)
 
 

@@ -1,4 +1,5 @@
 """Token masks and logit biases in the batched sampler: bit layout, mixed batches, bias semantics."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,12 @@ import torch
 from athena_runtime.sampler import Sampler, SampleRow
 from athena_runtime.sampling_params import SamplingParams
 from athena_runtime.token_masks import (
-    apply_logit_bias, apply_token_bitmask, bitmask_words, fill_bitmasks, pack_bitmask, unpack_bitmask,
+    apply_logit_bias,
+    apply_token_bitmask,
+    bitmask_words,
+    fill_bitmasks,
+    pack_bitmask,
+    unpack_bitmask,
 )
 
 
@@ -22,10 +28,10 @@ def _reference_unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 @pytest.mark.parametrize("vocab,words", [(1, 1), (31, 1), (32, 1), (33, 2), (100, 4), (100, 3), (70, 3)])
 def test_unpack_matches_the_bit_layout_and_pack_inverts_it(vocab, words):
     g = torch.Generator().manual_seed(vocab * 7 + words)
-    bitmask = torch.randint(-2**31, 2**31 - 1, (3, words), dtype=torch.int32, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=g)
     got = unpack_bitmask(bitmask, vocab)
     assert got.dtype == torch.bool and got.shape == (3, vocab)
-    assert torch.equal(got, _reference_unpack(bitmask, vocab))      # past 32 * words: disallowed
+    assert torch.equal(got, _reference_unpack(bitmask, vocab))  # past 32 * words: disallowed
     allowed = torch.rand(3, vocab, generator=g) < 0.5
     assert torch.equal(unpack_bitmask(pack_bitmask(allowed), vocab), allowed)
     assert pack_bitmask(allowed).shape == (3, bitmask_words(vocab))
@@ -40,7 +46,7 @@ def test_mask_touches_only_the_constrained_rows():
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
     assert torch.equal(torch.isfinite(out[1]), allowed[0]) and torch.equal(torch.isfinite(out[3]), allowed[1])
     assert torch.equal(out[1][allowed[0]], logits[1][allowed[0]])
-    assert torch.isfinite(logits).all()                               # the input is not modified
+    assert torch.isfinite(logits).all()  # the input is not modified
 
 
 def test_logit_bias_adds_per_row():
@@ -94,8 +100,10 @@ V = 64
 
 
 def _rows(n_rows, constraints, seed=0, **params):
-    return [SampleRow(SamplingParams(**params), [1], [], torch.Generator().manual_seed(seed + i), constraints[i])
-            for i in range(n_rows)]
+    return [
+        SampleRow(SamplingParams(**params), [1], [], torch.Generator().manual_seed(seed + i), constraints[i])
+        for i in range(n_rows)
+    ]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -114,12 +122,12 @@ def test_mixed_batch_constrained_rows_stay_in_their_set_and_free_rows_are_unchan
         free = _rows(4, [None] * 4, seed=step, temperature=temperature, top_p=0.9)
         unconstrained = [s.token_id for s in Sampler()(logits, free)]
         assert got[1] in sets[1] and got[3] == 63
-        assert [got[0], got[2]] == [unconstrained[0], unconstrained[2]]     # seeded rows: same draws
+        assert [got[0], got[2]] == [unconstrained[0], unconstrained[2]]  # seeded rows: same draws
         if alone is not None:
             assert [got[0], got[2]] == alone
     if temperature == 0:
         best = max(sets[1], key=lambda t: logits[1, t].item())
-        assert got[1] == best                                                 # greedy: argmax inside the set
+        assert got[1] == best  # greedy: argmax inside the set
 
 
 def test_prefetched_masks_for_other_rows_are_refilled():
@@ -133,9 +141,11 @@ def test_prefetched_masks_for_other_rows_are_refilled():
 def test_logit_bias_bans_and_forces_tokens():
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3))
     top = logits.argmax(-1).tolist()
-    rows = [SampleRow(SamplingParams(temperature=0.0, logit_bias=((top[0], -100.0),)), [1], []),
-            SampleRow(SamplingParams(temperature=1.0, logit_bias=((11, 100.0),)), [1], [], torch.Generator()),
-            SampleRow(SamplingParams(temperature=0.0), [1], [])]
+    rows = [
+        SampleRow(SamplingParams(temperature=0.0, logit_bias=((top[0], -100.0),)), [1], []),
+        SampleRow(SamplingParams(temperature=1.0, logit_bias=((11, 100.0),)), [1], [], torch.Generator()),
+        SampleRow(SamplingParams(temperature=0.0), [1], []),
+    ]
     for _ in range(20):
         got = [s.token_id for s in Sampler()(logits, rows)]
         assert got[0] != top[0] and got[1] == 11 and got[2] == top[2]

@@ -1,5 +1,6 @@
 """Tool-call parsing of each family's output format, fed whole and in pieces; family detection and
 forced-call grammars of each family."""
+
 from __future__ import annotations
 
 import json
@@ -15,28 +16,65 @@ WEATHER = {"city": "Paris", "unit": "celsius"}
 
 # What each family's models write (formats from their chat templates' instructions and history rendering).
 OUTPUTS = {
-    "hermes_one": (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
-                           '</tool_call>', "", [("get_weather", WEATHER)]),
-    "hermes_two_with_text": (HERMES, 'Let me look both up.\n<tool_call>\n{"name": "get_weather", "arguments": '
-                                     '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": '
-                                     '"get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
-                             "Let me look both up.", [("get_weather", WEATHER), ("get_time", {"tz": "Europe/Paris"})]),
-    "hermes_plain": (HERMES, "The weather in Paris is sunny, 21 degrees.", "The weather in Paris is sunny, 21 degrees.", []),
-    "hermes_undeclared": (HERMES, '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
-                          '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>', []),
-    "hermes_broken_json": (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
-                           '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>', []),
-    "llama_bare": (LLAMA3_JSON, '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}', "",
-                   [("get_weather", WEATHER)]),
-    "llama_python_tag": (LLAMA3_JSON, '<|python_tag|>{"name": "get_time", "parameters": {"tz": "UTC"}}', "",
-                         [("get_time", {"tz": "UTC"})]),
+    "hermes_one": (
+        HERMES,
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+        "",
+        [("get_weather", WEATHER)],
+    ),
+    "hermes_two_with_text": (
+        HERMES,
+        'Let me look both up.\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": '
+        '"get_time", "arguments": {"tz": "Europe/Paris"}}\n</tool_call>',
+        "Let me look both up.",
+        [("get_weather", WEATHER), ("get_time", {"tz": "Europe/Paris"})],
+    ),
+    "hermes_plain": (
+        HERMES,
+        "The weather in Paris is sunny, 21 degrees.",
+        "The weather in Paris is sunny, 21 degrees.",
+        [],
+    ),
+    "hermes_undeclared": (
+        HERMES,
+        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',
+        [],
+    ),
+    "hermes_broken_json": (
+        HERMES,
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>',
+        [],
+    ),
+    "llama_bare": (
+        LLAMA3_JSON,
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+        "",
+        [("get_weather", WEATHER)],
+    ),
+    "llama_python_tag": (
+        LLAMA3_JSON,
+        '<|python_tag|>{"name": "get_time", "parameters": {"tz": "UTC"}}',
+        "",
+        [("get_time", {"tz": "UTC"})],
+    ),
     "llama_json_answer": (LLAMA3_JSON, '{"answer": 42}', '{"answer": 42}', []),
     "llama_plain": (LLAMA3_JSON, "Paris is the capital of France.", "Paris is the capital of France.", []),
-    "mistral_marker": (MISTRAL, '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
-                                '"celsius"}}, {"name": "get_time", "arguments": {"tz": "CET"}}]', "",
-                       [("get_weather", WEATHER), ("get_time", {"tz": "CET"})]),
-    "mistral_marker_dropped": (MISTRAL, ' [{"name": "get_time", "arguments": {"tz": "CET"}}]', "",
-                               [("get_time", {"tz": "CET"})]),
+    "mistral_marker": (
+        MISTRAL,
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
+        '"celsius"}}, {"name": "get_time", "arguments": {"tz": "CET"}}]',
+        "",
+        [("get_weather", WEATHER), ("get_time", {"tz": "CET"})],
+    ),
+    "mistral_marker_dropped": (
+        MISTRAL,
+        ' [{"name": "get_time", "arguments": {"tz": "CET"}}]',
+        "",
+        [("get_time", {"tz": "CET"})],
+    ),
     "mistral_plain": (MISTRAL, "It is sunny [citation needed].", "It is sunny [citation needed].", []),
 }
 
@@ -61,13 +99,15 @@ def _pieces(text: str, seed: int) -> list[str]:
     rng, out, i = random.Random(seed), [], 0
     while i < len(text):
         n = rng.randint(1, 7)
-        out.append(text[i:i + n])
+        out.append(text[i : i + n])
         i += n
     return out
 
 
-@pytest.mark.parametrize("case, incremental", [(case, False) for case in sorted(OUTPUTS)] + [
-    (case, True) for case in sorted(OUTPUTS) if OUTPUTS[case][3]])   # incremental: forced, well-formed calls only
+@pytest.mark.parametrize(
+    "case, incremental",
+    [(case, False) for case in sorted(OUTPUTS)] + [(case, True) for case in sorted(OUTPUTS) if OUTPUTS[case][3]],
+)  # incremental: forced, well-formed calls only
 def test_outputs_parse_the_same_whole_or_in_pieces(case, incremental):
     syntax, text, content, expected = OUTPUTS[case]
     results = []
@@ -79,7 +119,7 @@ def test_outputs_parse_the_same_whole_or_in_pieces(case, incremental):
         assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == expected
         assert all(cid.startswith("call_") or len(cid) == 9 for cid, _, _ in calls)
         results.append(([(n, a) for _, n, a in calls], got_content.strip()))
-        if incremental and len(pieces) > 1:   # arguments arrive in several pieces, after their start
+        if incremental and len(pieces) > 1:  # arguments arrive in several pieces, after their start
             starts = [i for i, e in enumerate(events) if isinstance(e, CallStart)]
             first_args = [i for i, e in enumerate(events) if isinstance(e, ArgumentsDelta)]
             assert starts and first_args and starts[0] < first_args[0]
@@ -122,11 +162,11 @@ def test_call_ids():
 
 TEMPLATES = {
     "hermes": "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> reply with "
-              "<tool_call>{...}</tool_call>{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
-    "llama3_json": "{% if tools %}Respond with {\"name\": function name, \"parameters\": dict}.{% endif %}"
-                   "{% for m in messages %}{% if m.role == 'tool' %}ipython{% endif %}{{ m.content }}{% endfor %}",
+    "<tool_call>{...}</tool_call>{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    "llama3_json": '{% if tools %}Respond with {"name": function name, "parameters": dict}.{% endif %}'
+    "{% for m in messages %}{% if m.role == 'tool' %}ipython{% endif %}{{ m.content }}{% endfor %}",
     "mistral": "{% for m in messages %}{% if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}"
-               "[/AVAILABLE_TOOLS]{% endif %}{{ m.content }}{% endfor %}",
+    "[/AVAILABLE_TOOLS]{% endif %}{{ m.content }}{% endfor %}",
     None: "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}",
 }
 
@@ -143,19 +183,26 @@ def test_family_detection_from_the_template(family):
 def test_forced_call_grammars_accept_their_format_and_parse_back(syntax):
     """The grammar each family forces accepts that family's canonical call, rejects a call that breaks
     the parameters' schema, and the parser reads the forced output back."""
-    from athena_runtime.grammar import Grammars
     from fake_engine import tiny_chat_tokenizer
+
+    from athena_runtime.grammar import Grammars
 
     tok = tiny_chat_tokenizer()
     grammars = Grammars(tok, [tok.eos_token_id], mask_threads=1)
-    params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-              "additionalProperties": False}
-    structure = syntax.structure([("get_weather", params), ("get_time", {"type": "object", "properties": {}})],
-                                 parallel=True)
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    structure = syntax.structure(
+        [("get_weather", params), ("get_time", {"type": "object", "properties": {}})], parallel=True
+    )
     grammar = grammars.structural_tag(structure)
     call = syntax.call_prefix("get_weather") + '{"city": "Paris"}}'
-    text = {"hermes": f"<tool_call>\n{call}\n</tool_call>", "llama3_json": call,
-            "mistral": f"[TOOL_CALLS] [{call}]"}[syntax.name]
+    text = {"hermes": f"<tool_call>\n{call}\n</tool_call>", "llama3_json": call, "mistral": f"[TOOL_CALLS] [{call}]"}[
+        syntax.name
+    ]
 
     def accepts(t: str) -> bool:
         state = grammar.new()

@@ -1,4 +1,5 @@
 """Tiny random-weight Hugging Face models (Llama, Mistral, Qwen2, Qwen3, Gemma 3) with a small offline tokenizer."""
+
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ CHAT_TEMPLATE = (
 def _tokenizer_json() -> str:
     """A byte-level BPE (vocab 384) trained on a slice of pydoc_data.topics — offline, ~1 s."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     text = [topics[k] for k in sorted(topics)[:60]]
@@ -35,18 +37,24 @@ def _tokenizer_json() -> str:
 # Each family's chat format (written here after the released templates' output), for the server tests. Mistral's
 # first template has no system role (it raises), Qwen2's adds a default system prompt, Gemma's is quantize's own.
 FAMILY_CHAT_TEMPLATES = {
-    "llama": ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
-    "mistral": ("{{ bos_token }}{% for m in messages %}"
-                "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-                "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-                "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
-                "{% endfor %}"),
-    "qwen2": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-              "{% endif %}" + CHAT_TEMPLATE),
+    "llama": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+        "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "qwen2": (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "{% endif %}" + CHAT_TEMPLATE
+    ),
     "qwen3": CHAT_TEMPLATE,
 }
 
@@ -60,12 +68,15 @@ def family_chat_template(family: str) -> str:
 
 
 def save_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
     tok.chat_template = chat_template
     tok.save_pretrained(folder)
@@ -79,8 +90,16 @@ def tiny_config(family: str, **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
     )
     if family == "llama":
@@ -92,11 +111,22 @@ def tiny_config(family: str, **overrides):
     elif family == "qwen3":  # head_dim 32 != hidden / heads: read from the config, not derived
         cfg = Qwen3Config(**{**common, "head_dim": 32, **overrides})
     elif family == "gemma3":  # sliding, global, sliding; local and global RoPE bases differ; head_dim 32
-        gemma = dict(common, head_dim=32, tie_word_embeddings=True, sliding_window=5, query_pre_attn_scalar=24,
-                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_hidden_layers=3,
-                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
-                                      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
-                     final_logit_softcapping=3.0, rms_norm_eps=1e-6, pad_token_id=0)
+        gemma = dict(
+            common,
+            head_dim=32,
+            tie_word_embeddings=True,
+            sliding_window=5,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            num_hidden_layers=3,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+            final_logit_softcapping=3.0,
+            rms_norm_eps=1e-6,
+            pad_token_id=0,
+        )
         cfg = Gemma3TextConfig(**{**gemma, **overrides})
     else:
         raise ValueError(family)

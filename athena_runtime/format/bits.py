@@ -107,14 +107,11 @@ def unpack_bits(packed: Tensor, bits: int, C: int) -> Tensor:
     if not isinstance(C, int) or C < 0:
         raise ValueError(f"unpack_bits: C must be a non-negative integer, got {C!r}")
     if packed.dim() != 2 or packed.dtype != torch.uint8:
-        raise ValueError(
-            f"unpack_bits expects a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
-        )
+        raise ValueError(f"unpack_bits expects a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     R, nbytes = packed.shape
     if nbytes != packed_width(C, bits):
         raise ValueError(
-            f"unpack_bits: {C} values of {bits} bits need {packed_width(C, bits)} bytes per row, "
-            f"got {nbytes}"
+            f"unpack_bits: {C} values of {bits} bits need {packed_width(C, bits)} bytes per row, got {nbytes}"
         )
     out = torch.empty(R, C, dtype=torch.int64, device=packed.device)
     if R == 0 or C == 0:
@@ -122,7 +119,7 @@ def unpack_bits(packed: Tensor, bits: int, C: int) -> Tensor:
     if _word_group(bits)[0] * bits <= 64:
         return _unpack_words(packed, bits, C)
     bit_idx = torch.arange(8, device=packed.device, dtype=torch.int32)  # [8]
-    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int64))  # [b]
+    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int64)  # [b]
     used = C * bits
     step = max(1, _CHUNK_BITS // (nbytes * 8))
     for r0 in range(0, R, step):

@@ -5,6 +5,7 @@ Each renders the family's turn format as its own released template does (written
 `tokenizer.apply_chat_template`). Gemma has no system role: the system prompt is folded into the
 first user turn, separated by a blank line.
 """
+
 from __future__ import annotations
 
 # Gemma (2, 3): <start_of_turn>{user|model}\n{text}<end_of_turn>\n, assistant turns are "model", the generation

@@ -3,6 +3,7 @@
 The only module that knows file names and the on-disk layout. Layers are (de)serialized by
 `athena_runtime.format.layers`; this module handles the folder, athena.json, safetensors headers and resume parts.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 # ---------------------------------------------------------------- safetensors validation
 
+
 def check_safetensors(path: Path, want_format: str | None = None) -> dict:
     """Validate a safetensors file's header against its size; return the header's metadata.
 
@@ -72,6 +74,7 @@ def check_safetensors(path: Path, want_format: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- reading
+
 
 def read_json(path: Path):
     """A JSON file's content; invalid JSON is a ValueError naming the file."""
@@ -122,6 +125,7 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 # ---------------------------------------------------------------- writing (driver side)
+
 
 def partial_dir(out: Path) -> Path:
     return out / PARTIAL_DIR

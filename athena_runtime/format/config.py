@@ -10,6 +10,7 @@ Supported families (pre-norm decoders with RMSNorm, RoPE, GQA and a gated MLP):
 Both the transformers-5 layout (`rope_parameters`, per layer type for Gemma 3) and the older one
 (`rope_theta` + `rope_scaling`, Gemma's `rope_local_base_freq`) are read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -102,12 +103,15 @@ class ModelConfig:
         gemma = architecture == "gemma3_text"
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         if act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden activation {act!r} is not supported (supported: "
-                             f"{', '.join(SUPPORTED_ACTIVATIONS)})")
+            raise ValueError(
+                f"hidden activation {act!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
+            )
         if gemma and hf.get("attn_logit_softcapping") is not None:
-            log.warning("config.json sets attn_logit_softcapping=%s, which Gemma 3 does not use (transformers' "
-                        "Gemma3Attention ignores it too): attention scores are not soft-capped",
-                        hf["attn_logit_softcapping"])
+            log.warning(
+                "config.json sets attn_logit_softcapping=%s, which Gemma 3 does not use (transformers' "
+                "Gemma3Attention ignores it too): attention scores are not soft-capped",
+                hf["attn_logit_softcapping"],
+            )
         if hf.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention (an embedding model) is not supported: causal decoders only")
         num_heads = int(hf["num_attention_heads"])
@@ -159,9 +163,11 @@ def _architecture(hf: dict) -> str:
     if model_type in SUPPORTED_ARCHITECTURES:
         return model_type
     if model_type == "gemma3":
-        raise ValueError("model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration, the "
-                         "4B/12B/27B releases): only its text model is supported (model_type 'gemma3_text', "
-                         "Gemma3ForCausalLM, e.g. gemma-3-1b and gemma-3-270m, or a gemma3 GGUF)")
+        raise ValueError(
+            "model_type 'gemma3' is the multimodal Gemma 3 (Gemma3ForConditionalGeneration, the "
+            "4B/12B/27B releases): only its text model is supported (model_type 'gemma3_text', "
+            "Gemma3ForCausalLM, e.g. gemma-3-1b and gemma-3-270m, or a gemma3 GGUF)"
+        )
     if model_type is None:
         for name in architectures:
             if name in _ARCHITECTURE_CLASSES:
@@ -227,8 +233,9 @@ def _rope_config(hf: dict, layer_type: str | None = None) -> RopeConfig:
     )
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
-                  max_len: int | None = None) -> torch.Tensor:
+def rope_inv_freq(
+    rope: RopeConfig, head_dim: int, max_position_embeddings: int, max_len: int | None = None
+) -> torch.Tensor:
     """Inverse frequencies [D / 2] float32, computed as transformers does for each rope type.
 
     "dynamic" (NTK) is exact for contexts up to max_position_embeddings (where it equals "default");
@@ -240,8 +247,10 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
     if rope.rope_type == "dynamic":
         seq_len = max(max_len or max_position_embeddings, max_position_embeddings)
         if seq_len > max_position_embeddings:
-            log.warning("dynamic NTK rope: frequencies fixed for %d positions (transformers rescales "
-                        "per sequence length)", seq_len)
+            log.warning(
+                "dynamic NTK rope: frequencies fixed for %d positions (transformers rescales per sequence length)",
+                seq_len,
+            )
         stretch = rope.factor * seq_len / max_position_embeddings - (rope.factor - 1)
         base = base * stretch ** (head_dim / (head_dim - 2))
     inv_freq = 1.0 / (base**exponents)

@@ -15,6 +15,7 @@ server/settings.py.
     ATHENA_API_KEY         the key `athena bench serve` sends when --api-key is not given (the server reads it as a
                            setting)
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,13 @@ class Environment:
         fused = env.get("ATHENA_FUSED_EPILOGUE", "1")
         if fused not in ("0", "1"):
             raise ValueError(f"ATHENA_FUSED_EPILOGUE must be 0 or 1, got {fused!r}")
-        return cls(cache_dir=cache_dir, kernel_cache=Path(env.get("ATHENA_KERNEL_CACHE") or cache_dir / "kernels"),
-                   pq_path=env.get("ATHENA_PQ_PATH") or None, fused_epilogue=fused == "1",
-                   cpu_path=env.get("ATHENA_CPU_PATH") or "auto", cpu_weights=env.get("ATHENA_CPU_WEIGHTS") or "auto",
-                   cpu_threads=threads, api_key=env.get("ATHENA_API_KEY") or None)
+        return cls(
+            cache_dir=cache_dir,
+            kernel_cache=Path(env.get("ATHENA_KERNEL_CACHE") or cache_dir / "kernels"),
+            pq_path=env.get("ATHENA_PQ_PATH") or None,
+            fused_epilogue=fused == "1",
+            cpu_path=env.get("ATHENA_CPU_PATH") or "auto",
+            cpu_weights=env.get("ATHENA_CPU_WEIGHTS") or "auto",
+            cpu_threads=threads,
+            api_key=env.get("ATHENA_API_KEY") or None,
+        )

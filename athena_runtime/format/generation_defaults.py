@@ -5,6 +5,7 @@ Only the sampler's knobs are taken (temperature, top_p, top_k, min_p, repetition
 settings and lengths are not. A value of the wrong type or out of range is left out with a warning: a model folder's
 metadata never stops it from loading.
 """
+
 from __future__ import annotations
 
 import json

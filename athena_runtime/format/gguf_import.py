@@ -9,6 +9,7 @@ weight), so 1 is subtracted again; the settings GGUF does not carry are llama.cp
 Gemma 3 (every 6th layer global, local RoPE base 10000, query scale 1/sqrt(head_dim) except for 27B).
 A GGUF without a chat template gets its family's (`athena_runtime.format.chat_templates`), logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "gemma3")
-_HF_CLASSES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-               "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+_HF_CLASSES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+}
 GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: layers 6, 12, ... (1-based) are global, the others sliding
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
@@ -118,10 +122,13 @@ def _gemma3_config(reader, a, cfg: dict) -> dict:
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": scalar,
         "sliding_window": int(a("attention.sliding_window")),
-        "layer_types": ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
-                        for i in range(n_layers)],
-        "rope_parameters": {"full_attention": glob,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA}},
+        "layer_types": [
+            "full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention" for i in range(n_layers)
+        ],
+        "rope_parameters": {
+            "full_attention": glob,
+            "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA},
+        },
         "final_logit_softcapping": a("final_logit_softcapping"),
         "attn_logit_softcapping": a("attn_logit_softcapping"),
         "eos_token_id": eos_ids,
@@ -144,14 +151,27 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dic
     base = rope_inv_freq(RopeConfig(theta=theta), head_dim, 0).double().numpy()
     factor = round(float(factors.max()), 3)  # llama.cpp stores float32 divisors
     for low, high, original in LLAMA3_ROPE_CANDIDATES:
-        rope = RopeConfig(theta=theta, rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
-                          original_max_position_embeddings=original)
+        rope = RopeConfig(
+            theta=theta,
+            rope_type="llama3",
+            factor=factor,
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=original,
+        )
         scaled = rope_inv_freq(rope, head_dim, 0).double().numpy()
         if np.allclose(base / scaled, factors, rtol=1e-3, atol=0):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                    "original_max_position_embeddings": original}
-    raise ValueError(f"rope_freqs (max {factor}) match no llama3 RoPE scaling with (low, high, original) in "
-                     f"{LLAMA3_ROPE_CANDIDATES}: not supported")
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": original,
+            }
+    raise ValueError(
+        f"rope_freqs (max {factor}) match no llama3 RoPE scaling with (low, high, original) in "
+        f"{LLAMA3_ROPE_CANDIDATES}: not supported"
+    )
 
 
 def _token_id(reader, token: str) -> int | None:
@@ -222,8 +242,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             log.info("%s has no chat template: using the %s family's", gguf_path.name, cfg["model_type"])
             tokenizer.chat_template = template
         else:
-            log.warning("%s has no chat template and its family has none here: chat requests get plain text",
-                        gguf_path.name)
+            log.warning(
+                "%s has no chat template and its family has none here: chat requests get plain text", gguf_path.name
+            )
     tokenizer.save_pretrained(out_dir)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -234,9 +255,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 
 # GGUF's recommended-sampling keys -> generation_config.json names (the server and `athena chat` use them as defaults)
-_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
-                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
-                  "general.sampling.penalty_repeat": "repetition_penalty"}
+_GGUF_SAMPLING = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
 
 
 def _sampling_defaults(reader) -> dict:

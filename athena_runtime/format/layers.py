@@ -143,8 +143,9 @@ def read_athena_tensors(prefix: str, tensors: dict, meta: dict) -> StoredAthena:
     cb_bits = _meta_int(meta, "codebook_bits", prefix)
     rank = _meta_int(meta, "rank", prefix)
     if d < 1 or k < 1 or n < 2 or n & (n - 1) or n > (1 << 16) or cb_bits not in (8, 16) or rank < 0:
-        raise ValueError(f"layer {prefix}: invalid recipe in athena.json: d={d} n={n} k={k} "
-                         f"codebook_bits={cb_bits} rank={rank}")
+        raise ValueError(
+            f"layer {prefix}: invalid recipe in athena.json: d={d} n={n} k={k} codebook_bits={cb_bits} rank={rank}"
+        )
     if rank > min(N, M):
         raise ValueError(f"layer {prefix}: rank {rank} exceeds min(N, M) = {min(N, M)}")
     G, Nb, b = -(-M // d), -(-N // k), n.bit_length() - 1
@@ -179,9 +180,22 @@ def read_athena_tensors(prefix: str, tensors: dict, meta: dict) -> StoredAthena:
         _check(f"{prefix}.row_scale", row_scale, torch.float16, (N,))
     elif f"{prefix}.row_scale" in tensors:
         raise ValueError(f"tensor {prefix}.row_scale present but athena.json does not say row_scale")
-    return StoredAthena(shape=(N, M), d=d, n=n, k=k, codebook_bits=cb_bits, rank=rank, indices=tensors[name],
-                        codebook=tensors[f"{prefix}.codebook"], codebook_scale=scale, codebook_min=minimum,
-                        lowrank_a=A, lowrank_b=B, bias=_bias_from(prefix, tensors, N), row_scale=row_scale)
+    return StoredAthena(
+        shape=(N, M),
+        d=d,
+        n=n,
+        k=k,
+        codebook_bits=cb_bits,
+        rank=rank,
+        indices=tensors[name],
+        codebook=tensors[f"{prefix}.codebook"],
+        codebook_scale=scale,
+        codebook_min=minimum,
+        lowrank_a=A,
+        lowrank_b=B,
+        bias=_bias_from(prefix, tensors, N),
+        row_scale=row_scale,
+    )
 
 
 @dataclass
@@ -308,14 +322,31 @@ class AthenaLayer:
             raise ValueError(f"tensor {prefix}.indices: {e}") from None
         N, M = s.shape
         return cls(
-            shape=(N, M), d=s.d, n=s.n, k=s.k, codebook_bits=s.codebook_bits, indices=indices,
-            codebook=s.codebook, codebook_scale=s.codebook_scale, codebook_min=s.codebook_min,
-            lowrank_a=s.lowrank_a, lowrank_b=s.lowrank_b, bias=s.bias, row_scale=s.row_scale,
+            shape=(N, M),
+            d=s.d,
+            n=s.n,
+            k=s.k,
+            codebook_bits=s.codebook_bits,
+            indices=indices,
+            codebook=s.codebook,
+            codebook_scale=s.codebook_scale,
+            codebook_min=s.codebook_min,
+            lowrank_a=s.lowrank_a,
+            lowrank_b=s.lowrank_b,
+            bias=s.bias,
+            row_scale=s.row_scale,
         )
 
     def meta(self) -> dict:
-        meta = {"method": "athena", "shape": list(self.shape), "d": self.d, "n": self.n, "k": self.k,
-                "codebook_bits": self.codebook_bits, "rank": self.rank}
+        meta = {
+            "method": "athena",
+            "shape": list(self.shape),
+            "d": self.d,
+            "n": self.n,
+            "k": self.k,
+            "codebook_bits": self.codebook_bits,
+            "rank": self.rank,
+        }
         if self.row_scale is not None:
             meta["row_scale"] = True
         return meta
@@ -323,9 +354,15 @@ class AthenaLayer:
     def stored_bytes(self) -> int:
         """Bytes of to_tensors() without the bias (indices counted packed)."""
         N, _ = self.shape
-        return (N * packed_width(self.G, self.index_bits) + _tensor_bytes(self.codebook)
-                + _tensor_bytes(self.codebook_scale) + _tensor_bytes(self.codebook_min)
-                + _tensor_bytes(self.lowrank_a) + _tensor_bytes(self.lowrank_b) + _tensor_bytes(self.row_scale))
+        return (
+            N * packed_width(self.G, self.index_bits)
+            + _tensor_bytes(self.codebook)
+            + _tensor_bytes(self.codebook_scale)
+            + _tensor_bytes(self.codebook_min)
+            + _tensor_bytes(self.lowrank_a)
+            + _tensor_bytes(self.lowrank_b)
+            + _tensor_bytes(self.row_scale)
+        )
 
 
 @dataclass
@@ -371,8 +408,11 @@ class ScalarLayer:
         return (self.q.float() - zeros) * scales
 
     def to_tensors(self, prefix: str) -> dict[str, Tensor]:
-        out = {f"{prefix}.qweight": pack_bits(self.q, self.bits), f"{prefix}.scales": self.scales,
-               f"{prefix}.zeros": self.zeros}
+        out = {
+            f"{prefix}.qweight": pack_bits(self.q, self.bits),
+            f"{prefix}.scales": self.scales,
+            f"{prefix}.zeros": self.zeros,
+        }
         if self.bias is not None:
             out[f"{prefix}.bias"] = self.bias.to(torch.float16)
         return {k: v.contiguous() for k, v in out.items()}
@@ -397,9 +437,16 @@ class ScalarLayer:
             q = unpack_bits(tensors[name], bits, M)
         except ValueError as e:
             raise ValueError(f"tensor {name}: {e}") from None
-        return cls(shape=(N, M), bits=bits, group_size=g, method=method, q=q,
-                   scales=tensors[f"{prefix}.scales"], zeros=tensors[f"{prefix}.zeros"],
-                   bias=_bias_from(prefix, tensors, N))
+        return cls(
+            shape=(N, M),
+            bits=bits,
+            group_size=g,
+            method=method,
+            q=q,
+            scales=tensors[f"{prefix}.scales"],
+            zeros=tensors[f"{prefix}.zeros"],
+            bias=_bias_from(prefix, tensors, N),
+        )
 
     def meta(self) -> dict:
         return {"method": self.method, "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size}

@@ -4,6 +4,7 @@ GGUF file (llama, qwen2, gemma3).
 `resolve_source` turns whatever the user named into a validated Hugging Face folder (converting a
 GGUF file once, into a cache); `load_hf_model` builds the transformers model from it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,13 +14,18 @@ from pathlib import Path
 
 import torch
 
-from athena_runtime.format.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
 from athena_runtime.format.checkpoint import read_json
+from athena_runtime.format.config import SUPPORTED_ARCHITECTURES as SUPPORTED_MODEL_TYPES  # one list for both packages
 from athena_runtime.format.environment import Environment
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def cache_dir() -> Path:

@@ -1,4 +1,5 @@
 """Text for calibration and evaluation: the default text, .txt / .jsonl files, token windows."""
+
 from __future__ import annotations
 
 import json

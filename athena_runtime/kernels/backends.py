@@ -11,6 +11,7 @@
 PQLinear binds one callable per token class at load and never decides again; a CUDA layer that does not get the
 first choice of its class logs a WARNING naming the path taken and why.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,16 @@ Matmul = Callable[[torch.Tensor, "tuple[int, int] | None"], torch.Tensor]  # (x 
 
 def rules(t: Tuning) -> tuple[tuple[str, float], ...]:
     """(backend, most tokens) in priority order (thresholds: tuning.py)."""
-    return (("lut", t.lut_max_tokens), ("frag", t.frag_max_tokens), ("lut", t.lut_no_frag_max_tokens),
-            ("triton-gemv", t.triton_lut_max_tokens), ("lut", t.lut_fallback_max_tokens),
-            ("dequant", math.inf), ("triton-dequant", math.inf), ("reference", math.inf))
+    return (
+        ("lut", t.lut_max_tokens),
+        ("frag", t.frag_max_tokens),
+        ("lut", t.lut_no_frag_max_tokens),
+        ("triton-gemv", t.triton_lut_max_tokens),
+        ("lut", t.lut_fallback_max_tokens),
+        ("dequant", math.inf),
+        ("triton-dequant", math.inf),
+        ("reference", math.inf),
+    )
 
 
 def token_classes(t: Tuning) -> tuple[int, ...]:
@@ -67,8 +75,11 @@ class Registry:
         self.device, self.tuning = device, tuning
         self.cuda_reason = _probe_cuda(device)
         # (the Triton interpreter runs them on CPU tensors only where a test forces a path)
-        self.triton_reason = None if triton is not None and device.type == "cuda" else \
-            ("Triton is not installed" if triton is None else "not a CUDA device")
+        self.triton_reason = (
+            None
+            if triton is not None and device.type == "cuda"
+            else ("Triton is not installed" if triton is None else "not a CUDA device")
+        )
 
     def can_run(self, name: str, geo: PQGeometry, tokens: int, dtype: torch.dtype) -> tuple[bool, str]:
         if name == "reference":
@@ -87,8 +98,9 @@ class Registry:
             why = dequant.supports(geo, dtype)
         return why is None, why or ""
 
-    def resolve(self, geo: PQGeometry, tokens: int, dtype: torch.dtype,
-                exclude: set[str] = frozenset()) -> tuple[str, list[tuple[str, str]]]:
+    def resolve(
+        self, geo: PQGeometry, tokens: int, dtype: torch.dtype, exclude: set[str] = frozenset()
+    ) -> tuple[str, list[tuple[str, str]]]:
         """(backend for `tokens`, [(backend passed over, why)]); `exclude`: backends that failed to bind."""
         skipped = []
         for name, most in rules(self.tuning):
@@ -126,24 +138,33 @@ class Registry:
 
     def _bind_frag(self, layer) -> Matmul:
         args, geo = layer.kernel_args(), layer.geo
-        _compile([(frag._kernel, (t, frag.choose_nr(geo, t, 3, self.tuning), geo.bits, 3, self.device.index))
-                  for t in frag.T_PADS])
+        _compile(
+            [
+                (frag._kernel, (t, frag.choose_nr(geo, t, 3, self.tuning), geo.bits, 3, self.device.index))
+                for t in frag.T_PADS
+            ]
+        )
         return lambda x, glu: frag.frag_matmul(x, *args, glu=glu, tuning=self.tuning, checked=True)
 
     def _bind_dequant(self, layer) -> Matmul:
         rank = 0 if layer.lowrank_a is None else layer.lowrank_a.shape[1]
-        _compile([(dequant._kernel, (f, n, self.device.index, smem)) for f, n, smem in dequant.kernel_names(layer.geo, rank)])
+        _compile(
+            [(dequant._kernel, (f, n, self.device.index, smem)) for f, n, smem in dequant.kernel_names(layer.geo, rank)]
+        )
         from athena_runtime.kernels.dequant_matmul import dequant_matmul
+
         args = layer.kernel_args()
         return _unfused_glu(lambda x: dequant_matmul(x, *args, dequant="cuda"))
 
     def _bind_triton_gemv(self, layer) -> Matmul:
         from athena_runtime.kernels.triton_lut import triton_lut_matmul
+
         args = layer.kernel_args()
         return lambda x, glu: triton_lut_matmul(x, *args, glu=glu)
 
     def _bind_triton_dequant(self, layer) -> Matmul:
         from athena_runtime.kernels.dequant_matmul import dequant_matmul
+
         args = layer.kernel_args()
         return _unfused_glu(lambda x: dequant_matmul(x, *args, dequant="triton"))
 
@@ -153,12 +174,15 @@ class Registry:
 
 def _unfused_glu(fn: Callable[[torch.Tensor], torch.Tensor]) -> Matmul:
     """A backend without a fused gate/up epilogue: silu(gate) · up by `fused_ops.silu_mul` after it."""
+
     def call(x, glu):
         y = fn(x)
         if glu is None:
             return y
         from athena_runtime.kernels.fused_ops import silu_mul
-        return silu_mul(y[:, :glu[1]], y[:, glu[0]:glu[0] + glu[1]])
+
+        return silu_mul(y[:, : glu[1]], y[:, glu[0] : glu[0] + glu[1]])
+
     return call
 
 

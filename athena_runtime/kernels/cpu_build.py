@@ -10,6 +10,7 @@ already loaded, so the kernels share PyTorch's OpenMP runtime and thread count. 
 `load()` returns the library or raises RuntimeError saying why (no compiler, build error, ABI
 mismatch); the failure is remembered, so the caller decides its fallback once and logs it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -46,6 +47,7 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or platform.machine()
 
 
@@ -93,8 +95,9 @@ class CPUKernels:
             tmp.replace(out)
         lib = ctypes.CDLL(str(out))
         if lib.athena_cpu_linear_abi() != ABI or lib.athena_cpu_ops_abi() != OPS_ABI:
-            raise RuntimeError(f"{out}: ABI {lib.athena_cpu_linear_abi()}/{lib.athena_cpu_ops_abi()}, "
-                               f"expected {ABI}/{OPS_ABI}")
+            raise RuntimeError(
+                f"{out}: ABI {lib.athena_cpu_linear_abi()}/{lib.athena_cpu_ops_abi()}, expected {ABI}/{OPS_ABI}"
+            )
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.i8_linear, lib.f16_linear, lib.q8g_linear):
             fn.argtypes = [p, i64, i64, p, p, p, p, i64, ctypes.c_int]
@@ -104,13 +107,32 @@ class CPUKernels:
         lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, ctypes.c_int]
         lib.pq8_dequant.restype = None
         f32 = ctypes.c_float
-        for fn, args in ((lib.rmsnorm_add, [p, p, p, f32, p, p, i64, i64]),
-                         (lib.rope_, [p, i64, i64, i64, i64, p, p]),
-                         (lib.silu_mul, [p, i64, i64, i64, i64, p]),
-                         (lib.kv_write, [p, p, i64, i64, p, p, p, i64, ctypes.c_int])):
+        for fn, args in (
+            (lib.rmsnorm_add, [p, p, p, f32, p, p, i64, i64]),
+            (lib.rope_, [p, i64, i64, i64, i64, p, p]),
+            (lib.silu_mul, [p, i64, i64, i64, i64, p]),
+            (lib.kv_write, [p, p, i64, i64, p, p, p, i64, ctypes.c_int]),
+        ):
             fn.argtypes, fn.restype = args, None
-        lib.attn_decode.argtypes = [p, i64, i64, i64, i64, i64, p, p, ctypes.c_int, p, i64, p, i64, f32, i64, p,
-                                    ctypes.c_int]
+        lib.attn_decode.argtypes = [
+            p,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            p,
+            p,
+            ctypes.c_int,
+            p,
+            i64,
+            p,
+            i64,
+            f32,
+            i64,
+            p,
+            ctypes.c_int,
+        ]
         lib.attn_decode.restype = ctypes.c_int
         log.info("CPU linear kernels loaded from %s", out)
         return lib

@@ -7,6 +7,7 @@
 The algorithms are described at the top of the .cu files; the `*_reference` functions are the PyTorch spec with the
 same arguments (and checks). Compiled by NVRTC on first use (`nvrtc.py`).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -88,8 +89,11 @@ def fold_smem_bytes(bits: int, d: int, rank: int) -> int:
     """Low-rank tile (fp32) + codebook lines + B's columns of one fold CTA."""
     per_word, cols = 32 // bits, d * FOLD_SLAB_W
     m_tiles = -(-cols // 16)
-    return (per_word * m_tiles * 16 * (FOLD_ROUND_ROWS + 4) * 4 + per_word * FOLD_SLAB_W * d * (1 << bits) * 2
-            + per_word * m_tiles * 16 * (rank + 8) * 2)
+    return (
+        per_word * m_tiles * 16 * (FOLD_ROUND_ROWS + 4) * 4
+        + per_word * FOLD_SLAB_W * d * (1 << bits) * 2
+        + per_word * m_tiles * 16 * (rank + 8) * 2
+    )
 
 
 def fold_supports(geo: PQGeometry, rank: int, dtype: torch.dtype = torch.float16) -> str | None:
@@ -108,9 +112,11 @@ def choose_fold_rows(geo: PQGeometry, n_sms: int) -> int:
     """Rows per chunk with the fullest last wave (CTAs / slots over its ceiling, 2 CTAs per SM), ties (within 0.02)
     to taller chunks (fewer CTAs stage the same codebook lines and B columns). H100, 2048 tokens (BENCHMARKS.md
     §3): 4096 x 4096 1024 rows 31.8 µs (512: 34.6, 2048: 43.0); 11008 x 4096 512 rows 76.8 (1024: 82.3, 2048: 95.8)."""
+
     def fill(rows):
         waves = geo.Nb * -(-min(geo.k, geo.N) // rows) * (geo.GW // FOLD_SLAB_W) / (2 * n_sms)
         return waves / math.ceil(waves)
+
     best = max(fill(r) for r in FOLD_ROWS_CANDIDATES)
     return max(r for r in FOLD_ROWS_CANDIDATES if fill(r) >= best - 0.02)
 
@@ -122,11 +128,19 @@ def _kernel(file: str, name: str, index: int, smem_max: int = 0) -> nvrtc.Kernel
 
 def kernel_names(geo: PQGeometry, rank: int) -> list[tuple[str, str, int]]:
     """(file, instance, opt-in shared memory) of every kernel this layer's prefill may launch (compiled ahead)."""
-    out = [("dequant.cu", f"athena::dequant_kernel<{geo.bits}, {geo.d}, {s}>", 0) for s in slab_widths(geo.bits, geo.d)
-           if geo.GW % s == 0]
+    out = [
+        ("dequant.cu", f"athena::dequant_kernel<{geo.bits}, {geo.d}, {s}>", 0)
+        for s in slab_widths(geo.bits, geo.d)
+        if geo.GW % s == 0
+    ]
     if rank and fold_supports(geo, rank) is None:
-        out.append(("fold.cu", f"athena::fold_kernel<{geo.bits}, {geo.d}, {rank // 16}>",
-                    fold_smem_bytes(geo.bits, geo.d, rank)))
+        out.append(
+            (
+                "fold.cu",
+                f"athena::fold_kernel<{geo.bits}, {geo.d}, {rank // 16}>",
+                fold_smem_bytes(geo.bits, geo.d, rank),
+            )
+        )
     return out
 
 
@@ -142,10 +156,17 @@ def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> int
             raise ValueError(f"stacked_a must be A [{geo.N}, r], got {tuple(stacked_a.shape)}")
         r = stacked_a.shape[1]
     K = geo.M + r if out is None else out.shape[0]
-    if out is not None and (out.dim() != 2 or out.shape[1] != geo.N or out.shape[0] < geo.M + r
-                            or out.stride(1) != 1 or out.dtype != torch.float16):
-        raise ValueError(f"out must be a row-contiguous fp16 [K >= {geo.M + r}, {geo.N}] tensor, got "
-                         f"{out.dtype} {tuple(out.shape)} strides {tuple(out.stride())}")
+    if out is not None and (
+        out.dim() != 2
+        or out.shape[1] != geo.N
+        or out.shape[0] < geo.M + r
+        or out.stride(1) != 1
+        or out.dtype != torch.float16
+    ):
+        raise ValueError(
+            f"out must be a row-contiguous fp16 [K >= {geo.M + r}, {geo.N}] tensor, got "
+            f"{out.dtype} {tuple(out.shape)} strides {tuple(out.stride())}"
+        )
     if out is not None and stacked_a is None and out.shape[0] != geo.M:
         raise ValueError(f"out must be [{geo.M}, {geo.N}] without stacked_a, got {tuple(out.shape)}")
     if len({t.device for t in (qweight, codebook, out, stacked_a) if t is not None}) != 1:
@@ -153,8 +174,17 @@ def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> int
     return K
 
 
-def dequantize_t_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out=None, stacked_a=None,
-                           slab_w: int | None = None, rows_per_chunk: int | None = None):
+def dequantize_t_reference(
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    dtype=torch.float16,
+    *,
+    out=None,
+    stacked_a=None,
+    slab_w: int | None = None,
+    rows_per_chunk: int | None = None,
+):
     """The spec of `dequantize_t` in PyTorch (any device): out[:M] = Ŵᵀ, and with stacked_a = A [N, r] also
     out[M:M + r] = Aᵀ, out[M + r:] = 0. Launch arguments are accepted and ignored."""
     K = check_args(qweight, codebook, geo, dtype, out, stacked_a)
@@ -162,13 +192,22 @@ def dequantize_t_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float
     Wt[: geo.M] = dequantize_reference(qweight, codebook, geo).t().to(dtype)
     if stacked_a is not None:
         r = stacked_a.shape[1]
-        Wt[geo.M: geo.M + r] = stacked_a.t().to(dtype)
-        Wt[geo.M + r:] = 0
+        Wt[geo.M : geo.M + r] = stacked_a.t().to(dtype)
+        Wt[geo.M + r :] = 0
     return Wt
 
 
-def dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out=None, stacked_a=None,
-                 slab_w: int | None = None, rows_per_chunk: int | None = None):
+def dequantize_t(
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    dtype=torch.float16,
+    *,
+    out=None,
+    stacked_a=None,
+    slab_w: int | None = None,
+    rows_per_chunk: int | None = None,
+):
     """Ŵᵀ [M, N] fp16 by the CUDA kernel: `out` an optional row-contiguous destination (e.g. the top rows of a
     taller buffer); with `stacked_a` = A [N, r], `out` is [K >= M + r, N] and gets [Ŵᵀ; Aᵀ; 0] in the same launch.
     slab_w / rows_per_chunk: launch shape (default `choose_launch`)."""
@@ -186,36 +225,64 @@ def dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out
         raise ValueError(f"rows_per_chunk must be a positive multiple of 4, got {rows_per_chunk}")
     Wt = torch.empty(K, geo.N, device=qweight.device, dtype=dtype) if out is None else out
     a, extra = None, 0
-    if stacked_a is not None:  # the kernel reads 8 ranks per 16-byte load: pad r to a multiple of 8 (zeros) where needed
+    if (
+        stacked_a is not None
+    ):  # the kernel reads 8 ranks per 16-byte load: pad r to a multiple of 8 (zeros) where needed
         a = stacked_a.to(torch.float16)
         if a.shape[1] % 8 or a.stride(1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
             a = torch.nn.functional.pad(a, (0, -a.shape[1] % 8)).contiguous()
         extra = K - geo.M
     chunks, n_row = row_chunks(geo, rows_per_chunk)
     k = _kernel("dequant.cu", f"athena::dequant_kernel<{geo.bits}, {geo.d}, {slab_w}>", qweight.device.index)
-    vals = [ptr(qweight), ctypes.c_int(geo.N_pad), ptr(codebook), ctypes.c_int(geo.G_pad), ctypes.c_int(geo.N),
-            ctypes.c_int(geo.M), ctypes.c_int(geo.GW), ctypes.c_int(geo.k), ctypes.c_int(chunks),
-            ctypes.c_int(rows_per_chunk), ptr(Wt), ctypes.c_longlong(Wt.stride(0)), ptr(a),
-            ctypes.c_int(0 if a is None else a.stride(0)), ctypes.c_int(0 if a is None else a.shape[1]),
-            ctypes.c_int(extra)]
-    k.launch((n_row, geo.GW // slab_w + (1 if extra else 0)), smem_bytes(geo.bits, geo.d, slab_w),
-             nvrtc.param_array(vals))
+    vals = [
+        ptr(qweight),
+        ctypes.c_int(geo.N_pad),
+        ptr(codebook),
+        ctypes.c_int(geo.G_pad),
+        ctypes.c_int(geo.N),
+        ctypes.c_int(geo.M),
+        ctypes.c_int(geo.GW),
+        ctypes.c_int(geo.k),
+        ctypes.c_int(chunks),
+        ctypes.c_int(rows_per_chunk),
+        ptr(Wt),
+        ctypes.c_longlong(Wt.stride(0)),
+        ptr(a),
+        ctypes.c_int(0 if a is None else a.stride(0)),
+        ctypes.c_int(0 if a is None else a.shape[1]),
+        ctypes.c_int(extra),
+    ]
+    k.launch(
+        (n_row, geo.GW // slab_w + (1 if extra else 0)), smem_bytes(geo.bits, geo.d, slab_w), nvrtc.param_array(vals)
+    )
     return Wt
 
 
 def _check_fold(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, out):
     check_layer_tensors(qweight, codebook, geo)
-    if lowrank_a is None or lowrank_b is None or lowrank_a.dim() != 2 or lowrank_b.dim() != 2 \
-            or lowrank_a.shape[0] != geo.N or lowrank_b.shape[1] != geo.M or lowrank_a.shape[1] != lowrank_b.shape[0]:
-        raise ValueError(f"dequantize_fold_t: low-rank factors A [{geo.N}, r] and B [r, {geo.M}] needed, got "
-                         f"{None if lowrank_a is None else tuple(lowrank_a.shape)} x "
-                         f"{None if lowrank_b is None else tuple(lowrank_b.shape)}")
+    if (
+        lowrank_a is None
+        or lowrank_b is None
+        or lowrank_a.dim() != 2
+        or lowrank_b.dim() != 2
+        or lowrank_a.shape[0] != geo.N
+        or lowrank_b.shape[1] != geo.M
+        or lowrank_a.shape[1] != lowrank_b.shape[0]
+    ):
+        raise ValueError(
+            f"dequantize_fold_t: low-rank factors A [{geo.N}, r] and B [r, {geo.M}] needed, got "
+            f"{None if lowrank_a is None else tuple(lowrank_a.shape)} x "
+            f"{None if lowrank_b is None else tuple(lowrank_b.shape)}"
+        )
     if out is not None and (tuple(out.shape) != (geo.M, geo.N) or out.stride(1) != 1 or out.dtype != torch.float16):
-        raise ValueError(f"out must be a row-contiguous fp16 [{geo.M}, {geo.N}] tensor, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a row-contiguous fp16 [{geo.M}, {geo.N}] tensor, got {out.dtype} {tuple(out.shape)}"
+        )
 
 
-def dequantize_fold_t_reference(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None,
-                                rows_per_chunk: int | None = None):
+def dequantize_fold_t_reference(
+    qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None, rows_per_chunk: int | None = None
+):
     """The spec in PyTorch (any device): (Ŵ + A B)ᵀ summed in fp32, rounded to fp16 once."""
     _check_fold(qweight, codebook, geo, lowrank_a, lowrank_b, out)
     W = dequantize_reference(qweight, codebook, geo).float() + lowrank_a.float() @ lowrank_b.float()
@@ -226,8 +293,9 @@ def dequantize_fold_t_reference(qweight, codebook, geo: PQGeometry, lowrank_a, l
     return out
 
 
-def dequantize_fold_t(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None,
-                      rows_per_chunk: int | None = None):
+def dequantize_fold_t(
+    qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None, rows_per_chunk: int | None = None
+):
     """(Ŵ + A B)ᵀ [M, N] fp16 by the CUDA kernel; `out` an optional row-contiguous destination, `rows_per_chunk` the
     launch shape (default `choose_fold_rows`)."""
     _check_fold(qweight, codebook, geo, lowrank_a, lowrank_b, out)
@@ -247,10 +315,25 @@ def dequantize_fold_t(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, 
     smem = fold_smem_bytes(geo.bits, geo.d, rank)
     k = _kernel("fold.cu", f"athena::fold_kernel<{geo.bits}, {geo.d}, {rank // 16}>", qweight.device.index, smem)
     chunks, n_row = row_chunks(geo, rows)
-    vals = [ptr(qweight), ctypes.c_int(geo.N_pad), ptr(codebook), ctypes.c_int(geo.G_pad), ctypes.c_int(geo.N),
-            ctypes.c_int(geo.M), ctypes.c_int(geo.GW), ctypes.c_int(geo.k), ctypes.c_int(chunks), ctypes.c_int(rows),
-            ptr(A), ctypes.c_int(A.stride(0)), ptr(B), ctypes.c_int(B.stride(0)), ctypes.c_int(rank), ptr(Wt),
-            ctypes.c_longlong(Wt.stride(0))]
+    vals = [
+        ptr(qweight),
+        ctypes.c_int(geo.N_pad),
+        ptr(codebook),
+        ctypes.c_int(geo.G_pad),
+        ctypes.c_int(geo.N),
+        ctypes.c_int(geo.M),
+        ctypes.c_int(geo.GW),
+        ctypes.c_int(geo.k),
+        ctypes.c_int(chunks),
+        ctypes.c_int(rows),
+        ptr(A),
+        ctypes.c_int(A.stride(0)),
+        ptr(B),
+        ctypes.c_int(B.stride(0)),
+        ctypes.c_int(rank),
+        ptr(Wt),
+        ctypes.c_longlong(Wt.stride(0)),
+    ]
     k.launch((n_row, geo.GW // FOLD_SLAB_W), smem, nvrtc.param_array(vals))
     return Wt
 
@@ -271,16 +354,26 @@ def copy_pad_cols(x, xu, zero_from: int):
     T = x.shape[0]
     if T:
         k = _kernel("dequant.cu", "athena::copy_pad_cols_kernel", x.device.index)
-        vals = [ptr(x), ctypes.c_longlong(x.stride(0)), ptr(xu), ctypes.c_longlong(xu.stride(0)), ctypes.c_int(T),
-                ctypes.c_int(x.shape[1]), ctypes.c_int(zero_from), ctypes.c_int(xu.shape[1])]
+        vals = [
+            ptr(x),
+            ctypes.c_longlong(x.stride(0)),
+            ptr(xu),
+            ctypes.c_longlong(xu.stride(0)),
+            ctypes.c_int(T),
+            ctypes.c_int(x.shape[1]),
+            ctypes.c_int(zero_from),
+            ctypes.c_int(xu.shape[1]),
+        ]
         k.launch((min(T, 65535), 1), 0, nvrtc.param_array(vals))
     return xu
 
 
 def _check_copy(x, xu, zero_from):
     if x.dim() != 2 or xu.dim() != 2 or x.shape[0] != xu.shape[0] or not x.shape[1] <= zero_from <= xu.shape[1]:
-        raise ValueError(f"copy_pad_cols: x [T, M] into xu [T, K >= zero_from >= M], got {tuple(x.shape)}, "
-                         f"{tuple(xu.shape)}, zero_from={zero_from}")
+        raise ValueError(
+            f"copy_pad_cols: x [T, M] into xu [T, K >= zero_from >= M], got {tuple(x.shape)}, "
+            f"{tuple(xu.shape)}, zero_from={zero_from}"
+        )
     if x.stride(1) != 1 or xu.stride(1) != 1 or x.dtype != xu.dtype or x.device != xu.device:
         raise ValueError("copy_pad_cols: row-contiguous tensors of one dtype and device")
     if x.device.type == "cuda" and x.dtype != torch.float16:

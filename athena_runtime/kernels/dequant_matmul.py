@@ -5,6 +5,7 @@ copy bandwidth on the H100) and "triton" the Triton one below (a gather through 
 low-rank term (`lowrank_mode`, default `default_lowrank_mode`) is folded into Ŵᵀ, added as extra GEMM rows, or
 computed first and added by the GEMM's epilogue. `pq_reference.pq_matmul_reference` is the spec.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,11 +25,30 @@ if triton is not None:
 
     @triton.jit
     def _pq_dequant_t_kernel(
-        qweight_ptr, codebook_ptr, lr_a_ptr, lr_b_ptr, wt_ptr,
-        N, M, GW, K_ROWS, NB, RANK,
-        stride_qw, stride_cbb, stride_an, stride_br, stride_wm,
-        D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HAS_LOWRANK: tl.constexpr, RANK_P2: tl.constexpr,
+        qweight_ptr,
+        codebook_ptr,
+        lr_a_ptr,
+        lr_b_ptr,
+        wt_ptr,
+        N,
+        M,
+        GW,
+        K_ROWS,
+        NB,
+        RANK,
+        stride_qw,
+        stride_cbb,
+        stride_an,
+        stride_br,
+        stride_wm,
+        D: tl.constexpr,
+        NC: tl.constexpr,
+        BITS: tl.constexpr,
+        PER_WORD: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr,
+        RANK_P2: tl.constexpr,
         FP32_FOLD: tl.constexpr,
     ):
         """Ŵᵀ[D·j + l, i] = C[i // K_ROWS, j, l, I[i, j]] (+ (A B)ᵀ[D·j + l, i] with the low-rank term
@@ -45,8 +65,11 @@ if triton is not None:
         if HAS_LOWRANK:
             offs_r = tl.arange(0, RANK_P2)
             r_mask = offs_r < RANK
-            a_t = tl.load(lr_a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
-                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # Aᵀ [RANK_P2, BLOCK_N]
+            a_t = tl.load(
+                lr_a_ptr + offs_n[None, :] * stride_an + offs_r[:, None],
+                mask=r_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # Aᵀ [RANK_P2, BLOCK_N]
         for s in tl.static_range(PER_WORD):
             idx = (words >> (s * BITS)) & (NC - 1)
             j = s * GW + w  # [BLOCK_W]
@@ -54,23 +77,42 @@ if triton is not None:
                 col = j * D + l
                 vals = tl.load(cb_rows[None, :] + (col * NC)[:, None] + idx)  # [BLOCK_W, BLOCK_N]
                 if HAS_LOWRANK:
-                    b_t = tl.load(lr_b_ptr + offs_r[None, :] * stride_br + col[:, None],
-                                  mask=(col < M)[:, None] & r_mask[None, :], other=0.0)  # Bᵀ [BLOCK_W, RANK_P2]
+                    b_t = tl.load(
+                        lr_b_ptr + offs_r[None, :] * stride_br + col[:, None],
+                        mask=(col < M)[:, None] & r_mask[None, :],
+                        other=0.0,
+                    )  # Bᵀ [BLOCK_W, RANK_P2]
                     if FP32_FOLD:  # fp32 factors (reference-precision runs): no tf32 rounding
-                        vals = vals.to(tl.float32) + tl.dot(b_t.to(tl.float32), a_t.to(tl.float32),
-                                                            input_precision="ieee")
+                        vals = vals.to(tl.float32) + tl.dot(
+                            b_t.to(tl.float32), a_t.to(tl.float32), input_precision="ieee"
+                        )
                     else:
                         vals = vals.to(tl.float32) + tl.dot(b_t.to(tl.float16), a_t.to(tl.float16))
-                tl.store(wt_ptr + col[:, None] * stride_wm + offs_n[None, :], vals.to(wt_ptr.dtype.element_ty),
-                         mask=(col < M)[:, None] & n_mask[None, :])
+                tl.store(
+                    wt_ptr + col[:, None] * stride_wm + offs_n[None, :],
+                    vals.to(wt_ptr.dtype.element_ty),
+                    mask=(col < M)[:, None] & n_mask[None, :],
+                )
+
 
 def dequantize_t_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16):
     """Ŵᵀ [M, N] (contiguous): the spec of both dequantize kernels."""
     return dequantize_reference(qweight, codebook, geo).t().contiguous().to(dtype)
 
 
-def triton_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16, *, out=None,
-                    lowrank_a=None, lowrank_b=None, block_n: int = 128, block_w: int = 16, num_warps: int = 4):
+def triton_dequantize_t(
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    dtype=torch.float16,
+    *,
+    out=None,
+    lowrank_a=None,
+    lowrank_b=None,
+    block_n: int = 128,
+    block_w: int = 16,
+    num_warps: int = 4,
+):
     """Ŵᵀ [M, N] in `dtype` by a Triton kernel (reference: pq_dequantize_t_reference), or (Ŵ + A B)ᵀ when
     the low-rank factors A [N, r], B [r, M] are given. `out`: an [M, N] row-contiguous destination
     (e.g. the top rows of a taller buffer)."""
@@ -85,12 +127,31 @@ def triton_dequantize_t(qweight, codebook, geo: PQGeometry, dtype=torch.float16,
     rank = lowrank_a.shape[1] if has_lr else 0
     grid = (geo.N_pad // block_n, geo.GW // block_w)
     _pq_dequant_t_kernel[grid](
-        qweight, codebook, lowrank_a if has_lr else qweight, lowrank_b if has_lr else qweight, Wt,
-        geo.N, geo.M, geo.GW, geo.k, geo.Nb, rank,
-        qweight.stride(0), codebook.stride(0), lowrank_a.stride(0) if has_lr else 0,
-        lowrank_b.stride(0) if has_lr else 0, Wt.stride(0),
-        D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word, BLOCK_N=block_n, BLOCK_W=block_w,
-        HAS_LOWRANK=has_lr, RANK_P2=max(16, next_pow2(rank)), num_warps=num_warps,
+        qweight,
+        codebook,
+        lowrank_a if has_lr else qweight,
+        lowrank_b if has_lr else qweight,
+        Wt,
+        geo.N,
+        geo.M,
+        geo.GW,
+        geo.k,
+        geo.Nb,
+        rank,
+        qweight.stride(0),
+        codebook.stride(0),
+        lowrank_a.stride(0) if has_lr else 0,
+        lowrank_b.stride(0) if has_lr else 0,
+        Wt.stride(0),
+        D=geo.d,
+        NC=geo.n,
+        BITS=geo.bits,
+        PER_WORD=geo.per_word,
+        BLOCK_N=block_n,
+        BLOCK_W=block_w,
+        HAS_LOWRANK=has_lr,
+        RANK_P2=max(16, next_pow2(rank)),
+        num_warps=num_warps,
         FP32_FOLD=has_lr and dtype == torch.float32,
     )
     return Wt
@@ -101,7 +162,7 @@ DEQUANT_KERNELS = ("triton", "cuda")
 
 
 def default_lowrank_mode(geo: PQGeometry, dequant: str, rank: int | None = None) -> str:
-    """"fold" with the Triton dequantize, and with the CUDA one where the folding kernel
+    """ "fold" with the Triton dequantize, and with the CUDA one where the folding kernel
     (`dequant.dequantize_fold_t`) serves the layer's rank (a multiple of 16 whose fragments fit its registers; the 7B
     recipe's 48; PQLinear pads ranks to 16): the
     low-rank term costs no extra launch or host work there. Otherwise with the CUDA dequantize: "rows"
@@ -115,8 +176,19 @@ def default_lowrank_mode(geo: PQGeometry, dequant: str, rank: int | None = None)
     return "rows" if geo.M < geo.N else "addmm"
 
 
-def dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                   lowrank_mode: str | None = None, dequant: str = "triton", **tuning):
+def dequant_matmul(
+    x,
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    lowrank_a=None,
+    lowrank_b=None,
+    bias=None,
+    *,
+    lowrank_mode: str | None = None,
+    dequant: str = "triton",
+    **tuning,
+):
     """Ŵᵀ dequantized by a kernel, then cuBLAS. `dequant`: "triton" (`triton_dequantize_t`) or "cuda"
     (`dequant.dequantize_t`, fp16 only); `tuning` goes to that kernel's wrapper.
     The low-rank term, by `lowrank_mode` (default: `default_lowrank_mode`):
@@ -143,8 +215,9 @@ def dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowran
     if has_lr and mode == "fold" and dequant == "triton":
         Wt = triton_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
     elif dequant == "cuda" and has_lr and mode == "fold" and _fold_kernel(geo, lowrank_a.shape[1], x.dtype):
-        Wt = cuda_dq.dequantize_fold_t(qweight, codebook, geo, lowrank_a, lowrank_b,
-                                       rows_per_chunk=tuning.get("rows_per_chunk"))
+        Wt = cuda_dq.dequantize_fold_t(
+            qweight, codebook, geo, lowrank_a, lowrank_b, rows_per_chunk=tuning.get("rows_per_chunk")
+        )
     elif dequant == "cuda":
         Wt = cuda_dq.dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
         if has_lr and mode == "fold":  # Ŵᵀ += Bᵀ Aᵀ: cuBLAS, fp32 accumulation, one rounding per weight
@@ -153,8 +226,11 @@ def dequant_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowran
         Wt = triton_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
     if has_lr and mode == "addmm":  # the small product first; the big GEMM adds it in its epilogue (beta = 1)
         u = x @ lowrank_b.t().to(x.dtype)
-        y = torch.addmm(bias.to(x.dtype), u, lowrank_a.t().to(x.dtype)) if bias is not None \
+        y = (
+            torch.addmm(bias.to(x.dtype), u, lowrank_a.t().to(x.dtype))
+            if bias is not None
             else u @ lowrank_a.t().to(x.dtype)
+        )
         return y.addmm_(x, Wt)
     return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
 
@@ -164,8 +240,16 @@ def _fold_kernel(geo: PQGeometry, rank: int, dtype) -> bool:
     why = cuda_dq.fold_supports(geo, rank, dtype)
     if why is None:
         return True
-    log_once(log, ("dequant_matmul", "fold-cublas", geo, rank), logging.WARNING, "CUDA fold %dx%d rank %d: folding "
-             "kernel unavailable (%s); Ŵᵀ += Bᵀ Aᵀ by cuBLAS", geo.N, geo.M, rank, why)
+    log_once(
+        log,
+        ("dequant_matmul", "fold-cublas", geo, rank),
+        logging.WARNING,
+        "CUDA fold %dx%d rank %d: folding kernel unavailable (%s); Ŵᵀ += Bᵀ Aᵀ by cuBLAS",
+        geo.N,
+        geo.M,
+        rank,
+        why,
+    )
     return False
 
 
@@ -175,16 +259,14 @@ def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, 
     K = -(-(M + r) // 64) * 64
     Wt = torch.empty(K, geo.N, device=x.device, dtype=x.dtype)
     xu = torch.empty(T, K, device=x.device, dtype=x.dtype)
-    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M:M + r])  # cuBLAS writes u into its columns (ld = K)
+    torch.mm(x, lowrank_b.t().to(x.dtype), out=xu[:, M : M + r])  # cuBLAS writes u into its columns (ld = K)
     if dequant == "cuda":
         cuda_dq.dequantize_t(qweight, codebook, geo, x.dtype, out=Wt, stacked_a=lowrank_a, **tuning)
         cuda_dq.copy_pad_cols(x, xu, M + r)
     else:
         triton_dequantize_t(qweight, codebook, geo, x.dtype, out=Wt[:M], **tuning)
-        Wt[M:M + r].copy_(lowrank_a.t())
-        Wt[M + r:].zero_()
+        Wt[M : M + r].copy_(lowrank_a.t())
+        Wt[M + r :].zero_()
         xu[:, :M].copy_(x)
-        xu[:, M + r:].zero_()
+        xu[:, M + r :].zero_()
     return xu, Wt
-
-

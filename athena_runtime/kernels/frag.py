@@ -5,6 +5,7 @@ padded to one of T_PADS, 256-row CTAs (NR = 4) where codebook blocks allow, else
 holds about `Tuning.frag_ctas_per_sm` CTAs per SM. The fp16 split-K partial sums (and u = x Bᵀ, summed in the kernel
 where `in_kernel_lowrank`) are finished by `splitk.splitk_epilogue`. `pq_reference.pq_matmul_reference` is the spec.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -63,14 +64,23 @@ def in_kernel_lowrank(lr_b: torch.Tensor, n_row_tiles: int) -> bool:
     """Whether the kernel computes u = x Bᵀ itself: rank a multiple of 8 (PQLinear pads it to 16), at most
     8 ranks per row tile, 16-byte aligned rows."""
     r = lr_b.shape[0]
-    return (r % 8 == 0 and r // 8 <= n_row_tiles and lr_b.stride(1) == 1 and lr_b.stride(0) % 8 == 0
-            and lr_b.data_ptr() % 16 == 0)
+    return (
+        r % 8 == 0
+        and r // 8 <= n_row_tiles
+        and lr_b.stride(1) == 1
+        and lr_b.stride(0) % 8 == 0
+        and lr_b.data_ptr() % 16 == 0
+    )
 
 
 @functools.cache
 def _kernel(t_pad: int, nr: int, bits: int, stages: int, index: int) -> nvrtc.Kernel:
-    return nvrtc.Kernel("frag.cu", kernel_name(t_pad, nr, bits, stages), torch.device("cuda", index),
-                        smem_max=smem_bytes(t_pad, nr, stages, bits))
+    return nvrtc.Kernel(
+        "frag.cu",
+        kernel_name(t_pad, nr, bits, stages),
+        torch.device("cuda", index),
+        smem_max=smem_bytes(t_pad, nr, stages, bits),
+    )
 
 
 def kernel_name(t_pad: int, nr: int, bits: int, stages: int) -> str:
@@ -83,9 +93,22 @@ def choose_nr(geo: PQGeometry, t_pad: int, stages: int, tuning: Tuning) -> int:
     return 2 if nr == 4 and smem_bytes(t_pad, 4, stages, geo.bits) > tuning.smem_per_cta else nr
 
 
-def frag_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                split: int | None = None, nr: int | None = None, stages: int = 3, glu: tuple[int, int] | None = None,
-                tuning: Tuning | None = None, checked: bool = False):
+def frag_matmul(
+    x,
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    lowrank_a=None,
+    lowrank_b=None,
+    bias=None,
+    *,
+    split: int | None = None,
+    nr: int | None = None,
+    stages: int = 3,
+    glu: tuple[int, int] | None = None,
+    tuning: Tuning | None = None,
+    checked: bool = False,
+):
     """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores fed by codebook lookups); with `glu`,
     silu(gate) · up from the epilogue. `checked`: the caller (PQLinear) checked the layer once."""
     T = x.shape[0]
@@ -120,9 +143,23 @@ def frag_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b
     kernel = _kernel(t_pad, nr, geo.bits, stages, x.device.index)
     i32 = ctypes.c_int
     ptr = nvrtc.ptr
-    vals = [ptr(x), i32(x.stride(0)), i32(T), i32(geo.M), ptr(qweight), i32(geo.N_pad), ptr(codebook), i32(geo.G_pad),
-            i32(geo.GW), i32(geo.k), i32(per_split * WORDS), ptr(partial), ptr(lr_b),
-            i32(0 if lr_b is None else lr_b.stride(0)), i32(0 if lr_b is None else lr_b.shape[0]),
-            ptr(None if lr_b is None else u_part)]
+    vals = [
+        ptr(x),
+        i32(x.stride(0)),
+        i32(T),
+        i32(geo.M),
+        ptr(qweight),
+        i32(geo.N_pad),
+        ptr(codebook),
+        i32(geo.G_pad),
+        i32(geo.GW),
+        i32(geo.k),
+        i32(per_split * WORDS),
+        ptr(partial),
+        ptr(lr_b),
+        i32(0 if lr_b is None else lr_b.stride(0)),
+        i32(0 if lr_b is None else lr_b.shape[0]),
+        ptr(None if lr_b is None else u_part),
+    ]
     kernel.launch((n_row, split), smem_bytes(t_pad, nr, stages, geo.bits), nvrtc.param_array(vals))
     return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype, glu)

@@ -17,20 +17,35 @@ residual sum is rounded to the model dtype, the norm is computed in fp32 and rou
 weight multiply. Gemma's norms (`unit_offset=True`) multiply the float32 norm by (1 + w) in float32 and
 round once, as transformers' Gemma3RMSNorm does.
 """
+
 from __future__ import annotations
 
 import torch
 
 from athena_runtime.kernels.pq_reference import interpreting
-from athena_runtime.kernels.splitk import next_pow2 as _next_pow2, triton
+from athena_runtime.kernels.splitk import next_pow2 as _next_pow2
+from athena_runtime.kernels.splitk import triton
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_out_ptr, H, eps,
-                            stride_x, stride_r, stride_y, stride_ro,
-                            HAS_RES: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rmsnorm_kernel(
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        y_ptr,
+        r_out_ptr,
+        H,
+        eps,
+        stride_x,
+        stride_r,
+        stride_y,
+        stride_ro,
+        HAS_RES: tl.constexpr,
+        UNIT_OFFSET: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """One program per token: r = x (+ res), y = w · fp16(r · rsqrt(mean(r²) + eps));
         UNIT_OFFSET (Gemma): y = fp16((r · rsqrt(mean(r²) + eps)) · (1 + w)), all in float32."""
         t = tl.program_id(0)
@@ -38,7 +53,7 @@ if triton is not None:
         mask = offs < H
         x = tl.load(x_ptr + t * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
-            r = (x.to(tl.float32) + tl.load(res_ptr + t * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+            r = x.to(tl.float32) + tl.load(res_ptr + t * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
             r = r.to(x.dtype)  # the residual stream is kept in the model dtype
             tl.store(r_out_ptr + t * stride_ro + offs, r, mask=mask)
         else:
@@ -53,9 +68,25 @@ if triton is not None:
         tl.store(y_ptr + t * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, eps,
-                     stride_qt, stride_qh, stride_kt, stride_kh, stride_c, H,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr):
+    def _rope_kernel(
+        q_ptr,
+        k_ptr,
+        cos_ptr,
+        sin_ptr,
+        qw_ptr,
+        kw_ptr,
+        eps,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_c,
+        H,
+        HALF: tl.constexpr,
+        BLOCK: tl.constexpr,
+        NORM: tl.constexpr,
+        UNIT_OFFSET: tl.constexpr,
+    ):
         """One program per (token, head) of q and k together (heads H.. are k's), in place:
         x[:h], x[h:] = x1 c1 − x2 s1, x2 c2 + x1 s2. NORM: x is first RMS-normed over the head with the
         weights qw (q heads) / kw (k heads), rounded to x's dtype as `add_rmsnorm` does."""
@@ -94,8 +125,9 @@ if triton is not None:
         tl.store(base + HALF + offs, a2.to(x1.dtype), mask=mask)
 
     @triton.jit
-    def _scatter_pair_kernel(a_dst, b_dst, a_src, b_src, idx_ptr, stride_ad, stride_bd, stride_as, stride_bs, R,
-                             BLOCK: tl.constexpr):
+    def _scatter_pair_kernel(
+        a_dst, b_dst, a_src, b_src, idx_ptr, stride_ad, stride_bd, stride_as, stride_bs, R, BLOCK: tl.constexpr
+    ):
         """Program (t, which): row t of a_src (which = 0) or b_src (1) into row idx[t] of its destination."""
         t = tl.program_id(0)
         row = tl.load(idx_ptr + t).to(tl.int64)
@@ -130,6 +162,7 @@ if triton is not None:
         s = (gf / (1.0 + tl.exp(tl.minimum(-2.0 * z, 80.0)))).to(g.dtype)  # (clamped: no inf)
         tl.store(y_ptr + t * stride_y + offs, s * u, mask=mask)
 
+
 def _triton_ok(t: torch.Tensor, use_triton: bool | None) -> bool:
     if use_triton is None:
         return t.is_cuda and triton is not None
@@ -152,24 +185,45 @@ def add_rmsnorm_reference(x, residual, weight, eps, unit_offset: bool = False, o
     return (y if out_dtype is None else y.to(out_dtype)), r
 
 
-def add_rmsnorm(x, residual, weight, eps, use_triton: bool | None = None, unit_offset: bool = False,
-                out_dtype: torch.dtype | None = None):
+def add_rmsnorm(
+    x,
+    residual,
+    weight,
+    eps,
+    use_triton: bool | None = None,
+    unit_offset: bool = False,
+    out_dtype: torch.dtype | None = None,
+):
     if not _triton_ok(x, use_triton):
         return add_rmsnorm_reference(x, residual, weight, eps, unit_offset, out_dtype)
     if residual is not None and residual.dtype != x.dtype:  # (Gemma's float32 stream takes float32 branches)
         x = x.to(residual.dtype)
     if x.dim() != 2 or x.stride(-1) != 1 or (residual is not None and residual.shape != x.shape):
-        raise ValueError(f"add_rmsnorm takes x [T, H] (row-contiguous) and a residual of the same shape, got {tuple(x.shape)}")
+        raise ValueError(
+            f"add_rmsnorm takes x [T, H] (row-contiguous) and a residual of the same shape, got {tuple(x.shape)}"
+        )
     T, H = x.shape
     y_dtype = out_dtype or (x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype))
     y = torch.empty(T, H, device=x.device, dtype=y_dtype)
     r = torch.empty_like(x) if residual is not None else x
     if T:
         _add_rmsnorm_kernel[(T,)](
-            x, residual if residual is not None else x, weight, y, r, H, eps,
-            x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0), r.stride(0),
-            HAS_RES=residual is not None, UNIT_OFFSET=unit_offset, BLOCK=_next_pow2(H),
-            num_warps=4 if H <= 4096 else 8)
+            x,
+            residual if residual is not None else x,
+            weight,
+            y,
+            r,
+            H,
+            eps,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            y.stride(0),
+            r.stride(0),
+            HAS_RES=residual is not None,
+            UNIT_OFFSET=unit_offset,
+            BLOCK=_next_pow2(H),
+            num_warps=4 if H <= 4096 else 8,
+        )
     return y, r
 
 
@@ -200,9 +254,25 @@ def rope_(q, k, cos, sin, use_triton: bool | None = None, qk_norm=None):
         raise ValueError(f"rope_: q/k norm weights must be [{D}], got {tuple(wq.shape)}, {tuple(wk.shape)}")
     if q.shape[0] and q.shape[1] + k.shape[1]:  # one launch for both
         _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
-            q, k, cos, sin, wq, wk, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-            q.shape[1], HALF=D // 2, BLOCK=_next_pow2(D // 2), NORM=qk_norm is not None, UNIT_OFFSET=bool(unit),
-            num_warps=1 if D <= 128 else 2)
+            q,
+            k,
+            cos,
+            sin,
+            wq,
+            wk,
+            eps,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            q.shape[1],
+            HALF=D // 2,
+            BLOCK=_next_pow2(D // 2),
+            NORM=qk_norm is not None,
+            UNIT_OFFSET=bool(unit),
+            num_warps=1 if D <= 128 else 2,
+        )
     return q, k
 
 
@@ -216,13 +286,16 @@ def silu_mul(gate, up, use_triton: bool | None = None):
     if not _triton_ok(gate, use_triton):
         return silu_mul_reference(gate, up)
     if gate.dim() != 2 or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
-        raise ValueError(f"silu_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, {tuple(up.shape)}")
+        raise ValueError(
+            f"silu_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, {tuple(up.shape)}"
+        )
     T, F = gate.shape
     y = torch.empty(T, F, device=gate.device, dtype=gate.dtype)
     BLOCK = 1024
     if T:
-        _silu_mul_kernel[(T, triton.cdiv(F, BLOCK))](gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0),
-                                                    BLOCK=BLOCK, num_warps=4)
+        _silu_mul_kernel[(T, triton.cdiv(F, BLOCK))](
+            gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4
+        )
     return y
 
 
@@ -236,14 +309,16 @@ def gelu_tanh_mul(gate, up, use_triton: bool | None = None):
     if not _triton_ok(gate, use_triton):
         return gelu_tanh_mul_reference(gate, up)
     if gate.dim() != 2 or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
-        raise ValueError(f"gelu_tanh_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, "
-                         f"{tuple(up.shape)}")
+        raise ValueError(
+            f"gelu_tanh_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, {tuple(up.shape)}"
+        )
     T, F = gate.shape
     y = torch.empty(T, F, device=gate.device, dtype=gate.dtype)
     BLOCK = 1024
     if T:
-        _gelu_tanh_mul_kernel[(T, triton.cdiv(F, BLOCK))](gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0),
-                                                         BLOCK=BLOCK, num_warps=4)
+        _gelu_tanh_mul_kernel[(T, triton.cdiv(F, BLOCK))](
+            gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4
+        )
     return y
 
 
@@ -262,13 +337,29 @@ def scatter_rows_pair_(a, b, a_src, b_src, index, use_triton: bool | None = None
     if not _triton_ok(a, use_triton):
         return scatter_rows_pair_reference(a, b, a_src, b_src, index)
     T, R = a_src.shape
-    if (b_src.shape != (T, R) or a.shape[1] != R or b.shape[1] != R or index.shape != (T,)
-            or any(x.stride(-1) != 1 for x in (a, b, a_src, b_src))):
+    if (
+        b_src.shape != (T, R)
+        or a.shape[1] != R
+        or b.shape[1] != R
+        or index.shape != (T,)
+        or any(x.stride(-1) != 1 for x in (a, b, a_src, b_src))
+    ):
         raise ValueError("scatter_rows_pair_ takes [rows, R] destinations, [T, R] sources and a [T] index")
     if a_src.dtype != a.dtype or b_src.dtype != b.dtype:
         a_src, b_src = a_src.to(a.dtype), b_src.to(b.dtype)
     if T:
         block = min(1024, _next_pow2(R))
-        _scatter_pair_kernel[(T, 2, -(-R // block))](a, b, a_src, b_src, index, a.stride(0), b.stride(0),
-                                                     a_src.stride(0), b_src.stride(0), R, BLOCK=block,
-                                                     num_warps=4 if block >= 512 else 1)
+        _scatter_pair_kernel[(T, 2, -(-R // block))](
+            a,
+            b,
+            a_src,
+            b_src,
+            index,
+            a.stride(0),
+            b.stride(0),
+            a_src.stride(0),
+            b_src.stride(0),
+            R,
+            BLOCK=block,
+            num_warps=4 if block >= 512 else 1,
+        )

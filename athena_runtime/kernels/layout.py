@@ -18,6 +18,7 @@ coalesced and, for one word, all its lanes look up the same group's codebook / t
 line for n = 64 in fp16). Unused high bits, padding groups (j >= G) and padding rows (i >= N) hold
 index 0.
 """
+
 from __future__ import annotations
 
 import math

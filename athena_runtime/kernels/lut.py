@@ -7,6 +7,7 @@ pointers of x, the outputs and the scratch buffers and launches. With one token 
 epilogue CTAs in the same launch where `fused_epilogue_reason` allows it; otherwise by `splitk.splitk_epilogue`.
 `pq_reference.pq_matmul_reference` is the spec; `lut_matmul` the functional form (tests, benchmarks).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,8 +45,11 @@ def slab_widths(t_inst: int, bits: int) -> tuple[int, ...]:
     """The slab widths launched for (T, b), widest first: b = 6 with 2-3 widths (one is picked per layer shape), the
     others with one; all with tables within the default 48 KB of shared memory; 4 words for one token at b = 6."""
     top = max_slab_w(bits, t_inst)
-    slabs = {s for s in ((top, top // 2, top // 4) if bits == 6 else (top,))
-             if s >= 2 and (32 // bits) * s * t_inst * (1 << bits) * 2 <= 48 * 1024}
+    slabs = {
+        s
+        for s in ((top, top // 2, top // 4) if bits == 6 else (top,))
+        if s >= 2 and (32 // bits) * s * t_inst * (1 << bits) * 2 <= 48 * 1024
+    }
     if (t_inst, bits) == (1, 6):
         slabs.add(4)
     return tuple(sorted(slabs, reverse=True))
@@ -116,16 +120,22 @@ def _layout_reason(geo: PQGeometry, rows_per_chunk: int, glu: tuple[int, int] | 
     return None
 
 
-def fused_epilogue_reason(geo: PQGeometry, t_inst: int, rows_per_chunk: int, lowrank_a, glu, device,
-                          tuning: Tuning) -> str | None:
+def fused_epilogue_reason(
+    geo: PQGeometry, t_inst: int, rows_per_chunk: int, lowrank_a, glu, device, tuning: Tuning
+) -> str | None:
     """Why the split-K epilogue is a separate launch for this layer (None: fused into the kernel)."""
     if t_inst > tuning.fused_epilogue_max_tokens:
         return f"more than {tuning.fused_epilogue_max_tokens} token(s)"
     reason = _layout_reason(geo, rows_per_chunk, tuple(glu) if glu is not None else None)
     if reason is not None:
         return reason
-    if lowrank_a is not None and (lowrank_a.dtype != torch.float16 or lowrank_a.shape[1] % 8 or lowrank_a.stride(1) != 1
-                                  or lowrank_a.stride(0) % 8 or lowrank_a.data_ptr() % 16):
+    if lowrank_a is not None and (
+        lowrank_a.dtype != torch.float16
+        or lowrank_a.shape[1] % 8
+        or lowrank_a.stride(1) != 1
+        or lowrank_a.stride(0) % 8
+        or lowrank_a.data_ptr() % 16
+    ):
         return "low-rank A not fp16 with 16-byte rows of a rank divisible by 8"
     parts = 2 if glu is not None else 1
     if (parts * 8 * THREADS + t_inst * (0 if lowrank_a is None else lowrank_a.shape[1])) * 4 > 48 * 1024:
@@ -150,10 +160,20 @@ def sync_buffer(device) -> torch.Tensor | None:
 
 
 class EpiArgs(ctypes.Structure):  # lut_epilogue.cuh's EpiArgs, passed by value
-    _fields_ = [("sync", ctypes.c_void_p), ("y", ctypes.c_void_p), ("stride_yt", ctypes.c_int),
-                ("lr_a", ctypes.c_void_p), ("stride_an", ctypes.c_int), ("bias", ctypes.c_void_p),
-                ("n_out", ctypes.c_int), ("up_off", ctypes.c_int), ("glu", ctypes.c_int), ("n_epi", ctypes.c_int),
-                ("tile", ctypes.c_int), ("poll_ns", ctypes.c_int)]
+    _fields_ = [
+        ("sync", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("stride_yt", ctypes.c_int),
+        ("lr_a", ctypes.c_void_p),
+        ("stride_an", ctypes.c_int),
+        ("bias", ctypes.c_void_p),
+        ("n_out", ctypes.c_int),
+        ("up_off", ctypes.c_int),
+        ("glu", ctypes.c_int),
+        ("n_epi", ctypes.c_int),
+        ("tile", ctypes.c_int),
+        ("poll_ns", ctypes.c_int),
+    ]
 
 
 def kernel_name(t_inst: int, bits: int, slab_w: int) -> str:
@@ -169,15 +189,29 @@ class LutPlan:
     """One layer (fp16 CUDA tensors, checked by the caller) and one instantiated token count, ready to launch:
     `plan(x)` -> y [T, N] (or silu(gate) · up [T, F] with `glu`)."""
 
-    def __init__(self, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, bias, t_inst: int, *,
-                 tuning: Tuning, glu: tuple[int, int] | None = None, slab_w: int | None = None,
-                 rows_per_chunk: int | None = None, fused_epilogue: bool | None = None):
+    def __init__(
+        self,
+        qweight,
+        codebook,
+        geo: PQGeometry,
+        lowrank_a,
+        lowrank_b,
+        bias,
+        t_inst: int,
+        *,
+        tuning: Tuning,
+        glu: tuple[int, int] | None = None,
+        slab_w: int | None = None,
+        rows_per_chunk: int | None = None,
+        fused_epilogue: bool | None = None,
+    ):
         dev = qweight.device
         auto_s, auto_r = choose_launch(geo, t_inst, tuning)
         self.slab_w, self.rows = slab_w or auto_s, rows_per_chunk or auto_r
         if self.slab_w not in slab_widths(t_inst, geo.bits) or geo.GW % self.slab_w:
-            raise ValueError(f"no CUDA lookup-table launch for T={t_inst} bits={geo.bits} slab_w={self.slab_w} "
-                             f"(GW={geo.GW})")
+            raise ValueError(
+                f"no CUDA lookup-table launch for T={t_inst} bits={geo.bits} slab_w={self.slab_w} (GW={geo.GW})"
+            )
         if self.rows % 4 or self.rows <= 0:
             raise ValueError(f"rows_per_chunk must be a positive multiple of 4, got {self.rows}")
         self.geo, self.t_inst, self.glu, self.device = geo, t_inst, glu, dev
@@ -190,8 +224,11 @@ class LutPlan:
         smem = table_smem(t_inst, geo.bits, self.slab_w)
         self.n_out = glu[1] if glu is not None else geo.N
         ep = EpiArgs()
-        reason = "not asked for" if fused_epilogue is False else \
-            fused_epilogue_reason(geo, t_inst, self.rows, lowrank_a, glu, dev, tuning)
+        reason = (
+            "not asked for"
+            if fused_epilogue is False
+            else fused_epilogue_reason(geo, t_inst, self.rows, lowrank_a, glu, dev, tuning)
+        )
         if reason is None:  # epilogue CTAs after the table CTAs, where the GPU holds them all beside the others
             parts = 2 if glu is not None else 1
             tile = tuning.epi_tile
@@ -206,23 +243,60 @@ class LutPlan:
                 reason = "more epilogue CTAs than the GPU holds at once"
             else:
                 smem = max(smem, epi_smem(tile))
-                ep = EpiArgs(sync_buffer(dev).data_ptr(), 0, 0, _ptr(lowrank_a), 0 if lowrank_a is None else
-                             lowrank_a.stride(0), _ptr(bias), self.n_out, glu[0] if glu else 0, 1 if glu else 0,
-                             n_epi, tile, tuning.epi_poll_ns)
+                ep = EpiArgs(
+                    sync_buffer(dev).data_ptr(),
+                    0,
+                    0,
+                    _ptr(lowrank_a),
+                    0 if lowrank_a is None else lowrank_a.stride(0),
+                    _ptr(bias),
+                    self.n_out,
+                    glu[0] if glu else 0,
+                    1 if glu else 0,
+                    n_epi,
+                    tile,
+                    tuning.epi_poll_ns,
+                )
         if fused_epilogue and reason is not None:
             raise ValueError(f"lut: fused epilogue unavailable: {reason}")
         if reason is not None and fused_epilogue is None and t_inst <= tuning.fused_epilogue_max_tokens:
-            log_once(log, ("lut", "unfused", geo.N, geo.M, glu), logging.INFO,
-                     "lut %dx%d: split-K epilogue as a second launch (%s)", geo.N, geo.M, reason)
+            log_once(
+                log,
+                ("lut", "unfused", geo.N, geo.M, glu),
+                logging.INFO,
+                "lut %dx%d: split-K epilogue as a second launch (%s)",
+                geo.N,
+                geo.M,
+                reason,
+            )
         self.fused, self.smem, self.ep = reason is None, smem, ep
         self.grid = (self.rank + n_row * self.n_slabs + ep.n_epi, 1)
         i32 = ctypes.c_int
         # the kernel's arguments: x (0-3), weights (4-14), partial (15), low-rank (16-20), epilogue (21)
-        self.args = [ctypes.c_void_p(), i32(), i32(), i32(geo.M), ctypes.c_void_p(qweight.data_ptr()), i32(geo.N_pad),
-                     ctypes.c_void_p(codebook.data_ptr()), i32(geo.G_pad), i32(geo.d), i32(geo.N), i32(geo.GW),
-                     i32(geo.k), i32(chunks), i32(self.rows), i32(n_row), ctypes.c_void_p(), ctypes.c_void_p(_ptr(self.lr_b)),
-                     i32(0 if self.lr_b is None else self.lr_b.stride(0)), i32(self.rank), i32(), ctypes.c_void_p(),
-                     self.ep]
+        self.args = [
+            ctypes.c_void_p(),
+            i32(),
+            i32(),
+            i32(geo.M),
+            ctypes.c_void_p(qweight.data_ptr()),
+            i32(geo.N_pad),
+            ctypes.c_void_p(codebook.data_ptr()),
+            i32(geo.G_pad),
+            i32(geo.d),
+            i32(geo.N),
+            i32(geo.GW),
+            i32(geo.k),
+            i32(chunks),
+            i32(self.rows),
+            i32(n_row),
+            ctypes.c_void_p(),
+            ctypes.c_void_p(_ptr(self.lr_b)),
+            i32(0 if self.lr_b is None else self.lr_b.stride(0)),
+            i32(self.rank),
+            i32(),
+            ctypes.c_void_p(),
+            self.ep,
+        ]
         self.params = nvrtc.param_array(self.args)
         self._b_vec = self.lr_b is not None and self.lr_b.stride(0) % 8 == 0 and self.lr_b.data_ptr() % 16 == 0
 
@@ -248,9 +322,21 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-               slab_w: int | None = None, rows_per_chunk: int | None = None, glu: tuple[int, int] | None = None,
-               fused_epilogue: bool | None = None, epi_tile: int | None = None):
+def lut_matmul(
+    x,
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    lowrank_a=None,
+    lowrank_b=None,
+    bias=None,
+    *,
+    slab_w: int | None = None,
+    rows_per_chunk: int | None = None,
+    glu: tuple[int, int] | None = None,
+    fused_epilogue: bool | None = None,
+    epi_tile: int | None = None,
+):
     """The CUDA lookup-table kernel for T <= 8 fp16 tokens: x [T, M] -> y [T, N] (silu(gate) · up with `glu`).
     A plan per call (tests, benchmarks; PQLinear keeps its plans): launch shape and epilogue tile default to
     `Tuning`; `fused_epilogue` None: fused where the layer allows it, True: must be, False: never."""
@@ -262,6 +348,18 @@ def lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=
     if epi_tile is not None:
         tuning = dataclasses.replace(tuning, epi_tile=epi_tile)
     t_inst = next(t for t in TOKENS if t >= x.shape[0])
-    plan = LutPlan(qweight, codebook, geo, lowrank_a, lowrank_b, bias.half() if bias is not None else None, t_inst,
-                   tuning=tuning, glu=glu, slab_w=slab_w, rows_per_chunk=rows_per_chunk, fused_epilogue=fused_epilogue)
+    plan = LutPlan(
+        qweight,
+        codebook,
+        geo,
+        lowrank_a,
+        lowrank_b,
+        bias.half() if bias is not None else None,
+        t_inst,
+        tuning=tuning,
+        glu=glu,
+        slab_w=slab_w,
+        rows_per_chunk=rows_per_chunk,
+        fused_epilogue=fused_epilogue,
+    )
     return plan(x)

@@ -11,6 +11,7 @@ with `cuLaunchKernel`, so CUDA graphs capture them like any other kernel.
 `Toolchain.find()` says what is missing when something is (the caller falls back, loudly); `Kernel` holds one
 compiled template instance on one device. Everything here is read once per process and kept (`toolchain()`).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -76,13 +77,15 @@ def _find_fp16_header() -> Path:
     for d in cands:
         if (d / "cuda_fp16.h").is_file():
             return d
-    raise KernelUnavailable("cuda_fp16.h not found (install the nvidia-cuda-runtime wheel that CUDA builds of "
-                            "PyTorch depend on)")
+    raise KernelUnavailable(
+        "cuda_fp16.h not found (install the nvidia-cuda-runtime wheel that CUDA builds of PyTorch depend on)"
+    )
 
 
 @dataclass(frozen=True)
 class Toolchain:
     """What compiles the kernels here: NVRTC (path, version), the fp16 header folder, the cubin cache folder."""
+
     nvrtc: ctypes.CDLL
     nvrtc_path: str
     version: tuple[int, int]
@@ -114,13 +117,27 @@ class Toolchain:
             raise KernelUnavailable(f"NVRTC {self.version} builds for {self.archs}, not compute capability {cc}")
         return f"compute_{max(below)}", False
 
-    def compile(self, file: str, name: str, arch: str, defines: dict[str, int] | None = None,
-                options: tuple[str, ...] = (), source_dir: Path = SOURCE_DIR) -> tuple[bytes, str, str]:
+    def compile(
+        self,
+        file: str,
+        name: str,
+        arch: str,
+        defines: dict[str, int] | None = None,
+        options: tuple[str, ...] = (),
+        source_dir: Path = SOURCE_DIR,
+    ) -> tuple[bytes, str, str]:
         """Compile `cuda/<file>` with the template instance `name` (e.g. "athena::lut_kernel<1, 6, 4>") for `arch`
         (from `target`): (cubin or PTX, lowered name, NVRTC's log); the result is cached on disk. `source_dir`: another
         copy of the sources (bench/nvrtc_gap.py)."""
-        opts = [f"--gpu-architecture={arch}", "-std=c++17", "-lineinfo", f"-I{source_dir}", f"-I{self.include_dir}",
-                *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())), *options]
+        opts = [
+            f"--gpu-architecture={arch}",
+            "-std=c++17",
+            "-lineinfo",
+            f"-I{source_dir}",
+            f"-I{self.include_dir}",
+            *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())),
+            *options,
+        ]
         key = self._key(file, name, opts, source_dir)
         path = self.cache_dir / f"{Path(file).stem}-{key}"
         try:
@@ -134,14 +151,17 @@ class Toolchain:
         log.info("NVRTC: %s [%s] for %s in %.1f s", file, name, arch, seconds)
         try:  # written whole, then renamed: a reader never sees half a file
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            for suffix, data in ((".bin", image), (".json", json.dumps(dict(lowered=lowered, log=text,
-                                                                            seconds=seconds)).encode())):
+            for suffix, data in (
+                (".bin", image),
+                (".json", json.dumps(dict(lowered=lowered, log=text, seconds=seconds)).encode()),
+            ):
                 tmp = path.with_suffix(f"{suffix}.{os.getpid()}.{threading.get_ident()}")
                 tmp.write_bytes(data)
                 os.replace(tmp, path.with_suffix(suffix))
         except OSError as e:
-            log.warning("NVRTC: cannot cache %s in %s (%s); it is compiled again in the next process",
-                        file, self.cache_dir, e)
+            log.warning(
+                "NVRTC: cannot cache %s in %s (%s); it is compiled again in the next process", file, self.cache_dir, e
+            )
         return image, lowered, text
 
     def _key(self, file: str, name: str, opts: list[str], source_dir: Path) -> str:
@@ -166,7 +186,9 @@ class Toolchain:
             text = buf.value.decode(errors="replace")
             if rc != 0:
                 raise KernelUnavailable(f"NVRTC could not compile {file} [{name}]:\n{text[-4000:]}")
-            get_size, get = (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if cubin else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
+            get_size, get = (
+                (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if cubin else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
+            )
             _check_nvrtc(lib, get_size(prog, ctypes.byref(size)))
             image = ctypes.create_string_buffer(size.value)
             _check_nvrtc(lib, get(prog, image))
@@ -234,9 +256,19 @@ class Kernel:
     `smem_max` above 48 KB opts the kernel in to that much dynamic shared memory. `image`: (cubin, lowered name)
     built elsewhere instead (bench/nvrtc_gap.py: nvcc), loaded the same way."""
 
-    def __init__(self, file: str, name: str, device: torch.device, *, defines: dict[str, int] | None = None,
-                 smem_max: int = 0, threads: int = 256, options: tuple[str, ...] = (), source_dir: Path = SOURCE_DIR,
-                 image: tuple[bytes, str] | None = None):
+    def __init__(
+        self,
+        file: str,
+        name: str,
+        device: torch.device,
+        *,
+        defines: dict[str, int] | None = None,
+        smem_max: int = 0,
+        threads: int = 256,
+        options: tuple[str, ...] = (),
+        source_dir: Path = SOURCE_DIR,
+        image: tuple[bytes, str] | None = None,
+    ):
         self.file, self.name, self.threads = file, name, threads
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         tc = toolchain()
@@ -252,11 +284,15 @@ class Kernel:
         _ensure_context(self.index)
         self._module, self._func = ctypes.c_void_p(), ctypes.c_void_p()
         _check_cu(lib.cuModuleLoadData(ctypes.byref(self._module), image), f"loading {file} [{name}]")
-        _check_cu(lib.cuModuleGetFunction(ctypes.byref(self._func), self._module, lowered.encode()),
-                  f"finding {lowered} in {file}")
+        _check_cu(
+            lib.cuModuleGetFunction(ctypes.byref(self._func), self._module, lowered.encode()),
+            f"finding {lowered} in {file}",
+        )
         if smem_max > 48 * 1024:
-            _check_cu(lib.cuFuncSetAttribute(self._func, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_max),
-                      f"{name}: {smem_max} bytes of shared memory")
+            _check_cu(
+                lib.cuFuncSetAttribute(self._func, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_max),
+                f"{name}: {smem_max} bytes of shared memory",
+            )
         self.registers = self._attribute(CU_FUNC_ATTRIBUTE_NUM_REGS)
         self.spill_bytes = self._attribute(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
 
@@ -268,16 +304,22 @@ class Kernel:
     def occupancy(self, smem: int) -> int:
         """CTAs of this kernel that one SM holds at once with `smem` bytes of dynamic shared memory."""
         n = ctypes.c_int()
-        _check_cu(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), self._func, self.threads,
-                                                                        ctypes.c_size_t(smem)), "occupancy")
+        _check_cu(
+            _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(n), self._func, self.threads, ctypes.c_size_t(smem)
+            ),
+            "occupancy",
+        )
         return n.value
 
     def launch(self, grid: tuple[int, int], smem: int, params: "ctypes.Array"):
         """Launch on the current stream of this kernel's device; `params` from `param_array`."""
         _ensure_context(self.index)
         stream = torch.cuda.current_stream(self.index).cuda_stream
-        _check_cu(_driver().cuLaunchKernel(self._func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
-                                           params, None), f"launching {self.name}")
+        _check_cu(
+            _driver().cuLaunchKernel(self._func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream, params, None),
+            f"launching {self.name}",
+        )
 
 
 def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -288,7 +330,11 @@ def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
 def param_array(values: list) -> "ctypes.Array":
     """The kernelParams array of cuLaunchKernel: a pointer to each argument (ctypes objects: c_void_p for pointers,
     c_int, c_longlong, or a ctypes.Structure passed by value). Keep `values` alive while the array is used."""
-    bad = [(i, type(v).__name__) for i, v in enumerate(values) if not isinstance(v, (ctypes._SimpleCData, ctypes.Structure))]
+    bad = [
+        (i, type(v).__name__)
+        for i, v in enumerate(values)
+        if not isinstance(v, (ctypes._SimpleCData, ctypes.Structure))
+    ]
     if bad:
         raise TypeError(f"kernel arguments must be ctypes objects; not: {bad}")
     return (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))

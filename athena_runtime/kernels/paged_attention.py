@@ -18,6 +18,7 @@ Both dequantize the cache's format (kv_cache.py) and score the key at position 0
 `sink_key` added back: the reference through `kv_cache.read(layer, slots, positions)`, the kernel as
 `q·sink_key` added to that one score.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,16 @@ import torch.nn.functional as F
 
 # the Triton decode kernel lives in paged_decode.py; re-exported here (one module for the callers)
 from athena_runtime.kernels.paged_decode import (  # noqa: F401
-    _INTERPRETER_SMS, MAX_SPLITS, NUM_WARPS, SPLIT_PROGRAMS_PER_SM, TILE_TOKENS, _num_sms, decode_launch_shape,
+    _INTERPRETER_SMS,
+    MAX_SPLITS,
+    NUM_WARPS,
+    SPLIT_PROGRAMS_PER_SM,
+    TILE_TOKENS,
+    _num_sms,
+    decode_launch_shape,
     decode_num_splits,
-    paged_attention_decode, triton,
+    paged_attention_decode,
+    triton,
 )
 
 log = logging.getLogger(__name__)
@@ -39,8 +47,21 @@ log = logging.getLogger(__name__)
 # PyTorch reference (any number of query tokens per sequence) and the SDPA prefill path
 # --------------------------------------------------------------------------------------------
 
-def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
-                  seq_lens_list=None, query_start_list=None, use_sdpa=False, softcap=None):
+
+def _per_sequence(
+    q,
+    kv_cache,
+    layer,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    sm_scale,
+    sliding_window,
+    seq_lens_list=None,
+    query_start_list=None,
+    use_sdpa=False,
+    softcap=None,
+):
     seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
     qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
     group = q.shape[1] // kv_cache.num_kv_heads
@@ -58,8 +79,12 @@ def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, s
             visible &= pos_k[None, :] > pos_q[:, None] - sliding_window
         if use_sdpa and softcap is None:
             o = F.scaled_dot_product_attention(
-                q[q0:q1].transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1),
-                attn_mask=visible, scale=sm_scale)  # [H, n, D]
+                q[q0:q1].transpose(0, 1),
+                k.to(q.dtype).transpose(0, 1),
+                v.to(q.dtype).transpose(0, 1),
+                attn_mask=visible,
+                scale=sm_scale,
+            )  # [H, n, D]
             out[q0:q1] = o.transpose(0, 1)
         else:
             scores = torch.einsum("nhd,lhd->hnl", q[q0:q1].float(), k) * sm_scale  # [H, n, L]
@@ -70,24 +95,60 @@ def _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, s
     return out
 
 
-def paged_attention_reference(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                              sliding_window=None, softcap=None):
+def paged_attention_reference(
+    q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window=None, softcap=None
+):
     """The spec: gather each sequence's K/V through its block table, dequantize, fp32 softmax."""
-    return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
-                         softcap=softcap)
+    return _per_sequence(
+        q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window, softcap=softcap
+    )
 
 
-def paged_attention_prefill(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                            sliding_window=None, seq_lens_list=None, query_start_list=None, softcap=None):
+def paged_attention_prefill(
+    q,
+    kv_cache,
+    layer,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    sm_scale,
+    sliding_window=None,
+    seq_lens_list=None,
+    query_start_list=None,
+    softcap=None,
+):
     """GPU prefill: the reference's gather, then `F.scaled_dot_product_attention` per sequence (the einsum
     of the reference with `softcap`)."""
-    return _per_sequence(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale, sliding_window,
-                         seq_lens_list, query_start_list, use_sdpa=True, softcap=softcap)
+    return _per_sequence(
+        q,
+        kv_cache,
+        layer,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        sm_scale,
+        sliding_window,
+        seq_lens_list,
+        query_start_list,
+        use_sdpa=True,
+        softcap=softcap,
+    )
 
 
-def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                          sliding_window=None, seq_lens_list=None, query_start_list=None, fresh_kv=None,
-                          softcap=None):
+def paged_attention_mixed(
+    q,
+    kv_cache,
+    layer,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    sm_scale,
+    sliding_window=None,
+    seq_lens_list=None,
+    query_start_list=None,
+    fresh_kv=None,
+    softcap=None,
+):
     """A batch of prefill chunks and decode tokens (continuous batching): the one-token sequences go
     through the decode kernel in one launch, whole prompts through a few SDPA calls per group of up to
     FRESH_SDPA_MAX_TOKENS tokens (`_fresh_prompts_sdpa`), and only continued chunks through the
@@ -104,7 +165,7 @@ def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_star
     n = [qsl[s + 1] - qsl[s] for s in range(len(seq_lens_list))]
     dec = [s for s, k in enumerate(n) if k == 1]
     fresh = [s for s, k in enumerate(n) if k > 1 and k == seq_lens_list[s]]  # whole prompts: no cached keys
-    rest = [s for s, k in enumerate(n) if k > 1 and k != seq_lens_list[s]]   # continued chunks
+    rest = [s for s, k in enumerate(n) if k > 1 and k != seq_lens_list[s]]  # continued chunks
     if softcap is not None:  # SDPA cannot soft-cap: whole prompts join the per-sequence path
         rest, fresh = sorted(rest + fresh), []
     out = torch.empty_like(q)
@@ -114,16 +175,33 @@ def paged_attention_mixed(q, kv_cache, layer, block_tables, seq_lens, query_star
         dec_idx = torch.tensor(dec, dtype=torch.long, device=q.device)
         rows = torch.tensor([qsl[s] for s in dec], dtype=torch.long, device=q.device)
         out[rows] = paged_attention_decode(
-            q[rows], kv_cache, layer, block_tables[dec_idx], seq_lens[dec_idx],
-            torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device), sm_scale, sliding_window,
-            softcap=softcap)
+            q[rows],
+            kv_cache,
+            layer,
+            block_tables[dec_idx],
+            seq_lens[dec_idx],
+            torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device),
+            sm_scale,
+            sliding_window,
+            softcap=softcap,
+        )
     for group in _token_groups(fresh, n, FRESH_SDPA_MAX_TOKENS):
         _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window, fresh_kv)
     for s in rest:  # each chunk with its own KV length and queries
         q0, q1 = qsl[s], qsl[s + 1]
         out[q0:q1] = paged_attention_prefill(
-            q[q0:q1], kv_cache, layer, block_tables[s:s + 1], seq_lens[s:s + 1], None, sm_scale, sliding_window,
-            [seq_lens_list[s]], [0, q1 - q0], softcap=softcap)
+            q[q0:q1],
+            kv_cache,
+            layer,
+            block_tables[s : s + 1],
+            seq_lens[s : s + 1],
+            None,
+            sm_scale,
+            sliding_window,
+            [seq_lens_list[s]],
+            [0, q1 - q0],
+            softcap=softcap,
+        )
     return out
 
 
@@ -194,14 +272,20 @@ def _masked_prompts(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scal
     visible = (sid[:, None] == sid[None, :]) & (pos_t[None, :] <= pos_t[:, None])  # [T, T]
     if sliding_window is not None:
         visible &= pos_t[None, :] > pos_t[:, None] - sliding_window
-    o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k.to(q.dtype).transpose(0, 1),
-                                       v.to(q.dtype).transpose(0, 1), attn_mask=visible, scale=sm_scale)
+    o = F.scaled_dot_product_attention(
+        q[rows].transpose(0, 1),
+        k.to(q.dtype).transpose(0, 1),
+        v.to(q.dtype).transpose(0, 1),
+        attn_mask=visible,
+        scale=sm_scale,
+    )
     out[rows] = o.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------
 # The one place a path is chosen
 # --------------------------------------------------------------------------------------------
+
 
 class PagedAttention:
     """Picks the path for a batch and logs each path the first time it runs.
@@ -229,12 +313,16 @@ class PagedAttention:
             return paged_attention_decode(*args, softcap=softcap)
         if q.is_cuda and triton is not None:
             if softcap is not None:
-                self._log("mixed, soft-capped", "SDPA cannot soft-cap scores: prompts take the per-sequence "
-                          "einsum path (slower prefill), one-token sequences the decode kernel")
+                self._log(
+                    "mixed, soft-capped",
+                    "SDPA cannot soft-cap scores: prompts take the per-sequence "
+                    "einsum path (slower prefill), one-token sequences the decode kernel",
+                )
             else:
                 self._log("mixed", "CUDA batch with prefill: decode kernel for one-token sequences, SDPA for chunks")
-            return paged_attention_mixed(*args, attn.seq_lens_list, attn.query_start_list, fresh_kv=fresh_kv,
-                                         softcap=softcap)
+            return paged_attention_mixed(
+                *args, attn.seq_lens_list, attn.query_start_list, fresh_kv=fresh_kv, softcap=softcap
+            )
         if q.is_cuda:
             self._log("sdpa-prefill", "CUDA batch, no Triton" + (", soft-capped: einsum" if softcap else ""))
             return paged_attention_prefill(*args, attn.seq_lens_list, attn.query_start_list, softcap=softcap)

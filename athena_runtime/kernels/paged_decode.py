@@ -3,6 +3,7 @@ the PyTorch reference (the spec), the SDPA prefill / mixed-batch paths and the p
 re-exports what is here. Same arguments and result as `paged_attention_reference`, one query per
 sequence.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,9 +49,20 @@ _FORMAT_CODES = {"fp16": 0, "int8": 1, "int4": 2}  # the unquantized class may a
 if triton is not None:
 
     @triton.jit
-    def _load_kv_tile(data_ptr, scale_ptr, zero_ptr, data_offs, scale_offs, t_mask,
-                      KV_FORMAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr, TILE_TOKENS: tl.constexpr):
+    def _load_kv_tile(
+        data_ptr,
+        scale_ptr,
+        zero_ptr,
+        data_offs,
+        scale_offs,
+        t_mask,
+        KV_FORMAT: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        GROUPS: tl.constexpr,
+        TILE_TOKENS: tl.constexpr,
+    ):
         """One [TILE_TOKENS, BLOCK_D] tile of K or V dequantized to float32 in registers (kv_cache.py):
         fp16 as stored, int8 q·s, int4 z + n·s with the nibble n of element d in byte d // 2.
         `data_offs`, `scale_offs` [TILE_TOKENS, 1]: each token's offset; `t_mask` [TILE_TOKENS].
@@ -93,17 +105,52 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-        k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, k_zero_ptr, v_zero_ptr, sink_ptr,
-        block_tables_ptr, seq_lens_ptr, qk_scale, softcap, window, num_pages, num_splits,
-        stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_ms, stride_mh, stride_as, stride_ah,
-        stride_kb, stride_kt, stride_kh,
-        stride_sb, stride_st, stride_sh,
+        q_ptr,
+        out_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        k_ptr,
+        v_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
+        k_zero_ptr,
+        v_zero_ptr,
+        sink_ptr,
+        block_tables_ptr,
+        seq_lens_ptr,
+        qk_scale,
+        softcap,
+        window,
+        num_pages,
+        num_splits,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_ms,
+        stride_mh,
+        stride_as,
+        stride_ah,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_sb,
+        stride_st,
+        stride_sh,
         stride_bt,
-        QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TILE_TOKENS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr,
-        KV_FORMAT: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, SPLIT: tl.constexpr,
+        QUERIES_PER_KV: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        TILE_TOKENS: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        GROUPS: tl.constexpr,
+        KV_FORMAT: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+        HAS_SINK: tl.constexpr,
+        SPLIT: tl.constexpr,
         SOFTCAP: tl.constexpr,
     ):
         """qk_scale: sm_scale·log2(e), or without SOFTCAP's log2(e): then scores c·tanh(s / c) are moved to
@@ -161,10 +208,34 @@ if triton is not None:
             data_offs = phys[:, None] * stride_kb + row * stride_kt + kv_head * stride_kh
             scale_offs = phys[:, None] * stride_sb + row * stride_st + kv_head * stride_sh
             # V is loaded before the scores are computed so that both tiles' loads are in flight together.
-            k = _load_kv_tile(k_ptr, k_scale_ptr, k_zero_ptr, data_offs, scale_offs, t_mask,
-                              KV_FORMAT, HEAD_DIM, BLOCK_D, GROUP_SIZE, GROUPS, TILE_TOKENS)  # [TILE_TOKENS, BLOCK_D]
-            v = _load_kv_tile(v_ptr, v_scale_ptr, v_zero_ptr, data_offs, scale_offs, t_mask,
-                              KV_FORMAT, HEAD_DIM, BLOCK_D, GROUP_SIZE, GROUPS, TILE_TOKENS)
+            k = _load_kv_tile(
+                k_ptr,
+                k_scale_ptr,
+                k_zero_ptr,
+                data_offs,
+                scale_offs,
+                t_mask,
+                KV_FORMAT,
+                HEAD_DIM,
+                BLOCK_D,
+                GROUP_SIZE,
+                GROUPS,
+                TILE_TOKENS,
+            )  # [TILE_TOKENS, BLOCK_D]
+            v = _load_kv_tile(
+                v_ptr,
+                v_scale_ptr,
+                v_zero_ptr,
+                data_offs,
+                scale_offs,
+                t_mask,
+                KV_FORMAT,
+                HEAD_DIM,
+                BLOCK_D,
+                GROUP_SIZE,
+                GROUPS,
+                TILE_TOKENS,
+            )
             if BLOCK_Q == 1:
                 s = tl.sum(q_vec[None, :] * k, axis=1)[None, :]  # [1, TILE_TOKENS]
             else:
@@ -204,9 +275,20 @@ if triton is not None:
 
     @triton.jit
     def _combine_splits_kernel(
-        m_ptr, l_ptr, acc_ptr, out_ptr, num_splits,
-        stride_ms, stride_mh, stride_as, stride_ah, stride_ot, stride_oh,
-        HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        out_ptr,
+        num_splits,
+        stride_ms,
+        stride_mh,
+        stride_as,
+        stride_ah,
+        stride_ot,
+        stride_oh,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One program per (sequence, query head): merge the splits' (m, l, acc) (module comment)."""
         seq = tl.program_id(0)
@@ -241,13 +323,22 @@ def decode_launch_shape(head_dim: int) -> tuple[int, int]:
     if head_dim > WIDE_HEAD_DIM:
         return WIDE_TILE_TOKENS, WIDE_NUM_WARPS
     return TILE_TOKENS, NUM_WARPS
+
+
 SPLIT_PROGRAMS_PER_SM = 2  # automatic split count: aim at this many programs per SM
 MAX_SPLITS = 16
 _INTERPRETER_SMS = 32  # CPU (Triton interpreter) stand-in for the SM count: the automatic choice still splits
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, num_pages: int, block_size: int, tile_tokens: int,
-                      num_sms: int, sliding_window: int | None = None) -> int:
+def decode_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    num_pages: int,
+    block_size: int,
+    tile_tokens: int,
+    num_sms: int,
+    sliding_window: int | None = None,
+) -> int:
     """How many programs share one (sequence, KV head): enough for SPLIT_PROGRAMS_PER_SM programs per
     SM, no more than the tiles the longest possible sequence has (table width `num_pages` pages, or the
     window), at most MAX_SPLITS. Static shapes only, never seq_lens: CUDA graphs replay one choice."""
@@ -266,8 +357,19 @@ def _num_sms(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, sm_scale,
-                           sliding_window=None, *, num_splits: int | None = None, softcap: float | None = None):
+def paged_attention_decode(
+    q,
+    kv_cache,
+    layer,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    sm_scale,
+    sliding_window=None,
+    *,
+    num_splits: int | None = None,
+    softcap: float | None = None,
+):
     """Triton decode: one query token per sequence (`query_start_loc` is then arange(S + 1)).
 
     num_splits: programs per (sequence, KV head) over the context (flash-decoding, module comment
@@ -302,8 +404,9 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
     block_d = triton.next_power_of_2(head_dim)
     tile_tokens, num_warps = decode_launch_shape(block_d)
     if block_q > 1 and (tile_tokens < 16 or block_d < 16):
-        raise ValueError(f"GQA decode uses tl.dot: needs TILE_TOKENS >= 16 and head_dim >= 16, "
-                         f"got {tile_tokens}, {head_dim}")
+        raise ValueError(
+            f"GQA decode uses tl.dot: needs TILE_TOKENS >= 16 and head_dim >= 16, got {tile_tokens}, {head_dim}"
+        )
     group = kv_cache.group_size
     groups = block_d // group if kv_cache.quantized and group & (group - 1) == 0 and group <= block_d else 0
     if kv_cache.fmt == "int4" and block_d < 32:
@@ -311,8 +414,15 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
         # GQA tl.dot (errors ~3 against the reference); heads of 64+ are fine
         groups = 0
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, kv_cache.num_kv_heads, num_pages, kv_cache.block_size,
-                                       tile_tokens, _num_sms(q.device), sliding_window)
+        num_splits = decode_num_splits(
+            num_seqs,
+            kv_cache.num_kv_heads,
+            num_pages,
+            kv_cache.block_size,
+            tile_tokens,
+            _num_sms(q.device),
+            sliding_window,
+        )
     if num_splits > 1:  # every split writes its slot, padding rows and empty splits included
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
@@ -320,24 +430,68 @@ def paged_attention_decode(q, kv_cache, layer, block_tables, seq_lens, query_sta
     else:
         m = l = acc = out  # unused
     _paged_decode_kernel[(num_seqs, kv_cache.num_kv_heads, num_splits)](
-        q, out, m, l, acc,
-        k, v, k_scale, v_scale, k_zero, v_zero, sink, block_tables, seq_lens,
-        sm_scale * (1.0 if softcap else 1.4426950408889634), float(softcap or 0.0),
-        0 if sliding_window is None else sliding_window, num_pages, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        m.stride(0), m.stride(1), acc.stride(0), acc.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
+        q,
+        out,
+        m,
+        l,
+        acc,
+        k,
+        v,
+        k_scale,
+        v_scale,
+        k_zero,
+        v_zero,
+        sink,
+        block_tables,
+        seq_lens,
+        sm_scale * (1.0 if softcap else 1.4426950408889634),
+        float(softcap or 0.0),
+        0 if sliding_window is None else sliding_window,
+        num_pages,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        m.stride(0),
+        m.stride(1),
+        acc.stride(0),
+        acc.stride(1),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
         *scale_strides,
         block_tables.stride(0),
-        QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_D=block_d,
-        BLOCK_SIZE=kv_cache.block_size, TILE_TOKENS=tile_tokens, GROUP_SIZE=group, GROUPS=groups,
-        KV_FORMAT=_FORMAT_CODES[kv_cache.fmt], USE_WINDOW=sliding_window is not None,
-        HAS_SINK=kv_cache.sink_key is not None, SPLIT=num_splits > 1, SOFTCAP=bool(softcap), num_warps=num_warps,
+        QUERIES_PER_KV=queries_per_kv,
+        HEAD_DIM=head_dim,
+        BLOCK_Q=block_q,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=kv_cache.block_size,
+        TILE_TOKENS=tile_tokens,
+        GROUP_SIZE=group,
+        GROUPS=groups,
+        KV_FORMAT=_FORMAT_CODES[kv_cache.fmt],
+        USE_WINDOW=sliding_window is not None,
+        HAS_SINK=kv_cache.sink_key is not None,
+        SPLIT=num_splits > 1,
+        SOFTCAP=bool(softcap),
+        num_warps=num_warps,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_seqs, num_heads)](
-            m, l, acc, out, num_splits,
-            m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            m,
+            l,
+            acc,
+            out,
+            num_splits,
+            m.stride(0),
+            m.stride(1),
+            acc.stride(0),
+            acc.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
         )
     return out

@@ -5,6 +5,7 @@
 `pq_matmul_reference` takes the same arguments as the kernels (`lut.lut_matmul`, `frag.frag_matmul`,
 `triton_lut.triton_lut_matmul`, `dequant_matmul.dequant_matmul`) and is what they are tested against.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,12 @@ def check_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, 
     check_layer_tensors(qweight, codebook, geo)
     if (lowrank_a is None) != (lowrank_b is None):
         raise ValueError("lowrank_a and lowrank_b come together")
-    if lowrank_a is not None and (lowrank_a.shape[0] != geo.N or lowrank_b.shape[1] != geo.M
-                                  or lowrank_a.shape[1] != lowrank_b.shape[0]):
-        raise ValueError(f"low-rank factors {tuple(lowrank_a.shape)} x {tuple(lowrank_b.shape)} do not fit [{geo.N}, {geo.M}]")
+    if lowrank_a is not None and (
+        lowrank_a.shape[0] != geo.N or lowrank_b.shape[1] != geo.M or lowrank_a.shape[1] != lowrank_b.shape[0]
+    ):
+        raise ValueError(
+            f"low-rank factors {tuple(lowrank_a.shape)} x {tuple(lowrank_b.shape)} do not fit [{geo.N}, {geo.M}]"
+        )
     if bias is not None and tuple(bias.shape) != (geo.N,):
         raise ValueError(f"bias must be [{geo.N}], got {tuple(bias.shape)}")
     tensors = [t for t in (x, qweight, codebook, lowrank_a, lowrank_b, bias) if t is not None]

@@ -4,6 +4,7 @@ The lookup-table kernels (`lut.py` where its epilogue is not fused, `triton_lut.
 (`frag.py`) write partial sums per slab of index words; `splitk_epilogue` sums them in fp32 and adds the low-rank
 term and the bias, or, for a fused gate/up layer (`glu`), returns silu(gate) · up.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,11 +26,29 @@ if triton is not None:
 
     @triton.jit
     def _splitk_epilogue_kernel(
-        partial_ptr, u_part_ptr, lr_a_ptr, bias_ptr, y_ptr,
-        S, S_U, N, RANK, UP_OFF,
-        stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
-        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, RANK_P2: tl.constexpr, S_ITERS: tl.constexpr,
-        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+        partial_ptr,
+        u_part_ptr,
+        lr_a_ptr,
+        bias_ptr,
+        y_ptr,
+        S,
+        S_U,
+        N,
+        RANK,
+        UP_OFF,
+        stride_ps,
+        stride_pt,
+        stride_us,
+        stride_ut,
+        stride_an,
+        stride_yt,
+        BLOCK_N: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        RANK_P2: tl.constexpr,
+        S_ITERS: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        GLU: tl.constexpr,
     ):
         """y[t, i] = Σ_s partial[s, t, i] + Σ_r (Σ_s' u_part[s', t, r]) A[i, r] + bias[i]; with GLU the
         output is silu(z[t, i]) · z[t, UP_OFF + i] of that sum z (gate and up rows of one fused layer),
@@ -44,16 +63,28 @@ if triton is not None:
         if HAS_LOWRANK:
             offs_r = tl.arange(0, RANK_P2)
             mask_r = offs_r < RANK
-            a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
-                        mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(
+                lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
+                mask=row_mask[:, None] & mask_r[None, :],
+                other=0.0,
+            )
             if GLU:
-                a_up = tl.load(lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
-                               mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+                a_up = tl.load(
+                    lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
+                    mask=row_mask[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
             u = tl.zeros([RANK_P2], dtype=tl.float32)
             for i in tl.static_range(S_ITERS):
                 ss = i * BLOCK_S + offs_s
-                u += tl.sum(tl.load(u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
-                                    mask=(ss < S_U)[:, None] & mask_r[None, :], other=0.0), axis=0)
+                u += tl.sum(
+                    tl.load(
+                        u_part_ptr + ss[:, None] * stride_us + t * stride_ut + offs_r[None, :],
+                        mask=(ss < S_U)[:, None] & mask_r[None, :],
+                        other=0.0,
+                    ),
+                    axis=0,
+                )
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(S_ITERS):
@@ -76,14 +107,31 @@ if triton is not None:
             acc = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty) * acc_up.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + t * stride_yt + rows, acc.to(y_ptr.dtype.element_ty), mask=row_mask)
 
-
     @triton.jit
     def _splitk_epilogue_tile_kernel(
-        partial_ptr, u_part_ptr, lr_a_ptr, bias_ptr, y_ptr,
-        S, S_U, T, N, RANK, UP_OFF,
-        stride_ps, stride_pt, stride_us, stride_ut, stride_an, stride_yt,
-        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, RANK_P2: tl.constexpr,
-        HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr,
+        partial_ptr,
+        u_part_ptr,
+        lr_a_ptr,
+        bias_ptr,
+        y_ptr,
+        S,
+        S_U,
+        T,
+        N,
+        RANK,
+        UP_OFF,
+        stride_ps,
+        stride_pt,
+        stride_us,
+        stride_ut,
+        stride_an,
+        stride_yt,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        RANK_P2: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        GLU: tl.constexpr,
     ):
         """The same sum for a [BLOCK_T tokens, BLOCK_N rows] tile: A's rows are read once for all the
         tile's tokens and the low-rank term is one tl.dot (many tokens: the tensor-core path)."""
@@ -106,15 +154,24 @@ if triton is not None:
             u = tl.zeros([BLOCK_T, RANK_P2], dtype=tl.float32)
             s = tl.program_id(0) * 0
             while s < S_U:
-                u += tl.load(u_part_ptr + s * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :],
-                             mask=t_mask[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                u += tl.load(
+                    u_part_ptr + s * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :],
+                    mask=t_mask[:, None] & mask_r[None, :],
+                    other=0.0,
+                ).to(tl.float32)
                 s += 1
-            a = tl.load(lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
-                        mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(
+                lr_a_ptr + rows[:, None] * stride_an + offs_r[None, :],
+                mask=row_mask[:, None] & mask_r[None, :],
+                other=0.0,
+            )
             acc += tl.dot(u.to(a.dtype), tl.trans(a))
             if GLU:
-                a_up = tl.load(lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
-                               mask=row_mask[:, None] & mask_r[None, :], other=0.0)
+                a_up = tl.load(
+                    lr_a_ptr + (rows + UP_OFF)[:, None] * stride_an + offs_r[None, :],
+                    mask=row_mask[:, None] & mask_r[None, :],
+                    other=0.0,
+                )
                 acc_up += tl.dot(u.to(a.dtype), tl.trans(a_up))
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -123,15 +180,30 @@ if triton is not None:
         if GLU:  # the same roundings as the unfused layer + `fused_ops.silu_mul`: bit-identical output
             g = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty) * acc_up.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs_t[:, None] * stride_yt + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=t_mask[:, None] & row_mask[None, :])
+        tl.store(
+            y_ptr + offs_t[:, None] * stride_yt + rows[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=t_mask[:, None] & row_mask[None, :],
+        )
 
 
 TILE_EPILOGUE_MIN_TOKENS = 4  # above this many tokens the epilogue works on [16 tokens, 64 rows] tiles
 
 
-def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype, glu: tuple[int, int] | None = None,
-                    *, block_n: int | None = None, block_s: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def splitk_epilogue(
+    partial,
+    u_part,
+    lowrank_a,
+    bias,
+    T: int,
+    N: int,
+    out_dtype,
+    glu: tuple[int, int] | None = None,
+    *,
+    block_n: int | None = None,
+    block_s: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
     """Finish split-K partial sums: partial [S, T_, N_pad] fp32 or fp16 (summed in fp32), u_part [S', T_, r]
     fp32 or None. `glu=(up_offset, F)`: return silu(z[:, :F]) · z[:, up_offset:up_offset + F] [T, F] of the
     finished sum z instead of z (a fused gate/up layer; saves the SiLU-mul launch and half the writes).
@@ -145,15 +217,27 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype,
     rank = lowrank_a.shape[1] if has_lr else 0
     s_u = u_part.shape[0] if has_lr else 0
     # what both kernels take: pointers (unused ones stand in as `partial`), strides, constexpr flags
-    ptrs = (partial, u_part if has_lr else partial, lowrank_a if has_lr else partial,
-            bias if bias is not None else partial, y)
-    strides = (partial.stride(0), partial.stride(1), u_part.stride(0) if has_lr else 0,
-               u_part.stride(1) if has_lr else 0, lowrank_a.stride(0) if has_lr else 0, y.stride(0))
+    ptrs = (
+        partial,
+        u_part if has_lr else partial,
+        lowrank_a if has_lr else partial,
+        bias if bias is not None else partial,
+        y,
+    )
+    strides = (
+        partial.stride(0),
+        partial.stride(1),
+        u_part.stride(0) if has_lr else 0,
+        u_part.stride(1) if has_lr else 0,
+        lowrank_a.stride(0) if has_lr else 0,
+        y.stride(0),
+    )
     flags = dict(RANK_P2=max(16, next_pow2(rank)), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, GLU=glu is not None)
     if T > TILE_EPILOGUE_MIN_TOKENS:  # token tiles: A read once per tile, not once per token
         BLOCK_T, BLOCK_N = 16, 64
         _splitk_epilogue_tile_kernel[(triton.cdiv(n_out, BLOCK_N), triton.cdiv(T, BLOCK_T))](
-            *ptrs, S, s_u, T, n_out, rank, up_off, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4)
+            *ptrs, S, s_u, T, n_out, rank, up_off, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4
+        )
         return y
     # the epilogue is latency-bound: all partials of a row tile in one load, one round trip
     n_s = max(S, s_u, 1)
@@ -169,7 +253,17 @@ def splitk_epilogue(partial, u_part, lowrank_a, bias, T: int, N: int, out_dtype,
         BLOCK_N = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
         num_warps = num_warps or (8 if block_s * BLOCK_N >= 64 * 128 else 4)
     _splitk_epilogue_kernel[(triton.cdiv(n_out, BLOCK_N), T)](
-        *ptrs, S, s_u, n_out, rank, up_off, *strides, BLOCK_N=BLOCK_N, BLOCK_S=block_s,
-        S_ITERS=triton.cdiv(n_s, block_s), **flags, num_warps=num_warps,
+        *ptrs,
+        S,
+        s_u,
+        n_out,
+        rank,
+        up_off,
+        *strides,
+        BLOCK_N=BLOCK_N,
+        BLOCK_S=block_s,
+        S_ITERS=triton.cdiv(n_s, block_s),
+        **flags,
+        num_warps=num_warps,
     )
     return y

@@ -12,6 +12,7 @@ bytes for n=64, one cache line) per lookup. Split-K partial sums [S, T, N_pad] (
 rank blocks of 16 are spread over the row-chunk programs of each slab) and the bias.
 `pq_reference.pq_matmul_reference` is the spec.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,10 +27,24 @@ if triton is not None:
 
     @triton.jit
     def _lowrank_partial(
-        x_ptr, lr_b_ptr, u_part_ptr,
-        T, M, GW, RANK, w_begin, pid_s, r_begin,
-        stride_xt, stride_br, stride_us, stride_ut,
-        T_P2: tl.constexpr, D: tl.constexpr, PER_WORD: tl.constexpr, N_WORDS: tl.constexpr,
+        x_ptr,
+        lr_b_ptr,
+        u_part_ptr,
+        T,
+        M,
+        GW,
+        RANK,
+        w_begin,
+        pid_s,
+        r_begin,
+        stride_xt,
+        stride_br,
+        stride_us,
+        stride_ut,
+        T_P2: tl.constexpr,
+        D: tl.constexpr,
+        PER_WORD: tl.constexpr,
+        N_WORDS: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         """u_part[pid_s, t, r] = Σ_col x[t, col] B[r, col] for the 16 ranks r_begin … r_begin + 15 and
@@ -47,26 +62,62 @@ if triton is not None:
             for c in tl.static_range(0, D * N_WORDS, BLOCK_C):
                 cols = c_lo + c + offs_c
                 mask_c = cols < c_hi
-                xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + cols[None, :],
-                             mask=mask_t[:, None] & mask_c[None, :], other=0.0)  # [TT, BLOCK_C]
-                bv = tl.load(lr_b_ptr + offs_r[:, None] * stride_br + cols[None, :],
-                             mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # [16, BLOCK_C]
+                xv = tl.load(
+                    x_ptr + offs_t[:, None] * stride_xt + cols[None, :],
+                    mask=mask_t[:, None] & mask_c[None, :],
+                    other=0.0,
+                )  # [TT, BLOCK_C]
+                bv = tl.load(
+                    lr_b_ptr + offs_r[:, None] * stride_br + cols[None, :],
+                    mask=mask_r[:, None] & mask_c[None, :],
+                    other=0.0,
+                )  # [16, BLOCK_C]
                 u = tl.dot(xv, tl.trans(bv.to(xv.dtype)), u)
-        tl.store(u_part_ptr + pid_s * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :], u,
-                 mask=mask_t[:, None] & mask_r[None, :])
+        tl.store(
+            u_part_ptr + pid_s * stride_us + offs_t[:, None] * stride_ut + offs_r[None, :],
+            u,
+            mask=mask_t[:, None] & mask_r[None, :],
+        )
 
     @triton.jit
     def _pq_lut_gemv_kernel(
         # pointers
-        x_ptr, qweight_ptr, codebook_ptr, lut_ptr, partial_ptr, lr_b_ptr, u_part_ptr,
+        x_ptr,
+        qweight_ptr,
+        codebook_ptr,
+        lut_ptr,
+        partial_ptr,
+        lr_b_ptr,
+        u_part_ptr,
         # sizes
-        T, N, M, GW, K_ROWS, CHUNKS_PER_BLOCK, RANK,
+        T,
+        N,
+        M,
+        GW,
+        K_ROWS,
+        CHUNKS_PER_BLOCK,
+        RANK,
         # strides
-        stride_xt, stride_qw, stride_cbb, stride_ps, stride_pt, stride_br, stride_us, stride_ut,
+        stride_xt,
+        stride_qw,
+        stride_cbb,
+        stride_ps,
+        stride_pt,
+        stride_br,
+        stride_us,
+        stride_ut,
         # meta
-        T_P2: tl.constexpr, D: tl.constexpr, NC: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-        SLAB_W: tl.constexpr, ROWS_PER_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, LUT_FP16: tl.constexpr,
-        HAS_LOWRANK: tl.constexpr, LR_ITERS: tl.constexpr,
+        T_P2: tl.constexpr,
+        D: tl.constexpr,
+        NC: tl.constexpr,
+        BITS: tl.constexpr,
+        PER_WORD: tl.constexpr,
+        SLAB_W: tl.constexpr,
+        ROWS_PER_CHUNK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        LUT_FP16: tl.constexpr,
+        HAS_LOWRANK: tl.constexpr,
+        LR_ITERS: tl.constexpr,
     ):
         pid_r = tl.program_id(0)  # (codebook block, row chunk)
         pid_s = tl.program_id(1)  # slab of SLAB_W words
@@ -93,16 +144,37 @@ if triton is not None:
                 x_mask = (offs_t[:, None] < T) & (col[None, :] < M)
                 xv = tl.load(x_ptr + offs_t[:, None] * stride_xt + col[None, :], mask=x_mask, other=0.0)
                 entry += xv.to(ENTRY_DTYPE)[:, :, None] * cv.to(ENTRY_DTYPE)[None, :, :]
-            lut_ptrs = lut_base + ((s * SLAB_W + offs_w)[None, :, None] * NC + offs_c[None, None, :]) * T_P2 \
+            lut_ptrs = (
+                lut_base
+                + ((s * SLAB_W + offs_w)[None, :, None] * NC + offs_c[None, None, :]) * T_P2
                 + offs_t[:, None, None]
+            )
             tl.store(lut_ptrs, entry)
         if HAS_LOWRANK:  # this slab's share of u = x Bᵀ, rank blocks of 16 spread over the row programs
             for i in tl.static_range(LR_ITERS):
                 rb = pid_r + i * tl.num_programs(0)
                 if rb * 16 < RANK:
-                    _lowrank_partial(x_ptr, lr_b_ptr, u_part_ptr, T, M, GW, RANK, w0, pid_s, rb * 16,
-                                     stride_xt, stride_br, stride_us, stride_ut,
-                                     T_P2, D, PER_WORD, SLAB_W, 64)
+                    _lowrank_partial(
+                        x_ptr,
+                        lr_b_ptr,
+                        u_part_ptr,
+                        T,
+                        M,
+                        GW,
+                        RANK,
+                        w0,
+                        pid_s,
+                        rb * 16,
+                        stride_xt,
+                        stride_br,
+                        stride_us,
+                        stride_ut,
+                        T_P2,
+                        D,
+                        PER_WORD,
+                        SLAB_W,
+                        64,
+                    )
         tl.debug_barrier()  # the table is read by other threads of this program
 
         # ---- 2. stream the rows: y[t, i] += L[s, w, t, I[i, s·GW + w0 + w]]; lanes own consecutive rows,
@@ -116,8 +188,9 @@ if triton is not None:
                 row_mask = rows < row_end
                 acc = tl.zeros([BLOCK_N, T_P2], dtype=tl.float32)
                 for w in tl.static_range(SLAB_W):
-                    words = tl.load(qweight_ptr + (w0 + w) * stride_qw + rows, mask=row_mask, other=0,
-                                    cache_modifier=".cg")  # [BLOCK_N]
+                    words = tl.load(
+                        qweight_ptr + (w0 + w) * stride_qw + rows, mask=row_mask, other=0, cache_modifier=".cg"
+                    )  # [BLOCK_N]
                     for s in tl.static_range(PER_WORD):
                         idx = (words >> (s * BITS)) & (NC - 1)
                         tab = lut_base + (s * SLAB_W + w) * NC * T_P2  # table of group s·GW + w0 + w
@@ -135,9 +208,22 @@ def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, device, slabs=(32, 16, 8
     return next((s for s in ok if n_row * (geo.GW // s) >= target), ok[-1])
 
 
-def triton_lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, lowrank_b=None, bias=None, *,
-                      lut_fp16: bool = True, slab_w: int | None = None, rows_per_chunk: int | None = None,
-                      block_n: int = 128, num_warps: int = 4, glu: tuple[int, int] | None = None):
+def triton_lut_matmul(
+    x,
+    qweight,
+    codebook,
+    geo: PQGeometry,
+    lowrank_a=None,
+    lowrank_b=None,
+    bias=None,
+    *,
+    lut_fp16: bool = True,
+    slab_w: int | None = None,
+    rows_per_chunk: int | None = None,
+    block_n: int = 128,
+    num_warps: int = 4,
+    glu: tuple[int, int] | None = None,
+):
     """Triton lookup-table kernel for few tokens. x [T, M] -> y [T, N] in x's dtype (silu(gate) · up [T, F]
     with `glu=(up_offset, F)`, see `splitk_epilogue`)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
@@ -150,8 +236,9 @@ def triton_lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     if slab_w is None and T_P2 == 1 and geo.GW % 8 == 0:
         slab_w = 8  # T = 1: measured best or within 10% of the best on the 7B shapes (kernels.md sweep)
     if slab_w is None:  # table <= 20 KB per program
-        slab_w = choose_slab_w(geo, rows_per_chunk, x.device,
-                               tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,))
+        slab_w = choose_slab_w(
+            geo, rows_per_chunk, x.device, tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,)
+        )
     if geo.GW % slab_w:
         raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
     n_slabs = geo.GW // slab_w
@@ -161,18 +248,46 @@ def triton_lut_matmul(x, qweight, codebook, geo: PQGeometry, lowrank_a=None, low
     x = x.contiguous()
 
     lut_size = geo.per_word * slab_w * T_P2 * geo.n
-    lut = torch.empty(n_row_progs * n_slabs * lut_size, device=x.device,
-                      dtype=torch.float16 if lut_fp16 else torch.float32)
+    lut = torch.empty(
+        n_row_progs * n_slabs * lut_size, device=x.device, dtype=torch.float16 if lut_fp16 else torch.float32
+    )
     partial = torch.empty(n_slabs, T, geo.N_pad, device=x.device, dtype=torch.float32)
     u_part = torch.empty(n_slabs, T, max(rank, 1), device=x.device, dtype=torch.float32) if has_lr else partial
     grid = (n_row_progs, n_slabs)
     _pq_lut_gemv_kernel[grid](
-        x, qweight, codebook, lut, partial, lowrank_b if has_lr else x, u_part,
-        T, geo.N, geo.M, geo.GW, geo.k, chunks_per_block, rank,
-        x.stride(0), qweight.stride(0), codebook.stride(0), partial.stride(0), partial.stride(1),
-        lowrank_b.stride(0) if has_lr else 0, u_part.stride(0), u_part.stride(1),
-        T_P2=T_P2, D=geo.d, NC=geo.n, BITS=geo.bits, PER_WORD=geo.per_word,
-        SLAB_W=slab_w, ROWS_PER_CHUNK=rows_per_chunk, BLOCK_N=min(block_n, rows_per_chunk), LUT_FP16=lut_fp16,
-        HAS_LOWRANK=has_lr, LR_ITERS=-(-((rank + 15) // 16) // n_row_progs), num_warps=num_warps,
+        x,
+        qweight,
+        codebook,
+        lut,
+        partial,
+        lowrank_b if has_lr else x,
+        u_part,
+        T,
+        geo.N,
+        geo.M,
+        geo.GW,
+        geo.k,
+        chunks_per_block,
+        rank,
+        x.stride(0),
+        qweight.stride(0),
+        codebook.stride(0),
+        partial.stride(0),
+        partial.stride(1),
+        lowrank_b.stride(0) if has_lr else 0,
+        u_part.stride(0),
+        u_part.stride(1),
+        T_P2=T_P2,
+        D=geo.d,
+        NC=geo.n,
+        BITS=geo.bits,
+        PER_WORD=geo.per_word,
+        SLAB_W=slab_w,
+        ROWS_PER_CHUNK=rows_per_chunk,
+        BLOCK_N=min(block_n, rows_per_chunk),
+        LUT_FP16=lut_fp16,
+        HAS_LOWRANK=has_lr,
+        LR_ITERS=-(-((rank + 15) // 16) // n_row_progs),
+        num_warps=num_warps,
     )
     return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)

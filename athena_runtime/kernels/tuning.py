@@ -4,6 +4,7 @@ Measured on an H100 (BENCHMARKS.md §3; the one-token slab A/B:
 `git show 34d9173:bench/results/t1ab_slab4_h100_2c3f2b0.txt`); `Tuning.for_device` adds the device's facts (SMs,
 shared memory per CTA). Tests and benchmarks build their own with `dataclasses.replace`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,5 +49,8 @@ def _cuda_tuning(index: int) -> Tuning:
     props = torch.cuda.get_device_properties(index)
     # ATHENA_FUSED_EPILOGUE=0: the one-token epilogue as a second launch (A/B runs of bench.decode)
     fused = 1 if Environment.read().fused_epilogue else 0
-    return Tuning(sms=props.multi_processor_count, fused_epilogue_max_tokens=fused,
-                  smem_per_cta=getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+    return Tuning(
+        sms=props.multi_processor_count,
+        fused_epilogue_max_tokens=fused,
+        smem_per_cta=getattr(props, "shared_memory_per_block_optin", 99 * 1024),
+    )

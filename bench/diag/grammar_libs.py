@@ -11,6 +11,7 @@ the schema produces) and (b) random walks (a uniformly random allowed token each
 long stretches inside free strings, the expensive state): median / p90 / max milliseconds to fill
 all masks of one step, and to accept one token per stream.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,62 +30,204 @@ import torch
 _OBJ = "object"
 # name -> (schema, valid instance, invalid instances)
 CASES: dict[str, tuple[dict, Any, list]] = {
-    "nested": ({"type": _OBJ, "properties": {"name": {"type": "string"}, "address": {
-        "type": _OBJ, "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
-        "required": ["city", "zip"], "additionalProperties": False}}, "required": ["name", "address"],
-        "additionalProperties": False}, {"name": "Ada", "address": {"city": "Paris", "zip": "75001"}}, [{"name": "A"}]),
-    "array": ({"type": _OBJ, "properties": {"tags": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                                                      "maxItems": 4}}, "required": ["tags"]},
-              {"tags": ["a", "bc"]}, [{"tags": []}, {"tags": ["a", "b", "c", "d", "e"]}]),
-    "enum": ({"type": _OBJ, "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
-             {"color": "green"}, [{"color": "pink"}]),
-    "bounds": ({"type": _OBJ, "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                             "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
-                "required": ["age", "score"]}, {"age": 42, "score": 0.5},
-               [{"age": 121, "score": 0.5}, {"age": 4, "score": 0}]),
-    "ref": ({"$defs": {"pt": {"type": _OBJ, "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
-                              "required": ["x", "y"]}}, "type": _OBJ,
-             "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}}, "required": ["a", "b"]},
-            {"a": {"x": 1, "y": 2}, "b": {"x": 3.5, "y": -1}}, []),
-    "anyOf": ({"type": _OBJ, "properties": {"v": {"anyOf": [{"type": "integer"}, {"type": "string"},
-                                                            {"type": "null"}]}}, "required": ["v"]}, {"v": "hi"}, []),
-    "strlen": ({"type": _OBJ, "properties": {"code": {"type": "string", "minLength": 3, "maxLength": 5}},
-                "required": ["code"]}, {"code": "abcd"}, [{"code": "ab"}, {"code": "abcdef"}]),
-    "pattern": ({"type": _OBJ, "properties": {"phone": {"type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}},
-                 "required": ["phone"]}, {"phone": "555-1234"}, [{"phone": "5551234"}]),
+    "nested": (
+        {
+            "type": _OBJ,
+            "properties": {
+                "name": {"type": "string"},
+                "address": {
+                    "type": _OBJ,
+                    "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+                    "required": ["city", "zip"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": ["name", "address"],
+            "additionalProperties": False,
+        },
+        {"name": "Ada", "address": {"city": "Paris", "zip": "75001"}},
+        [{"name": "A"}],
+    ),
+    "array": (
+        {
+            "type": _OBJ,
+            "properties": {"tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 4}},
+            "required": ["tags"],
+        },
+        {"tags": ["a", "bc"]},
+        [{"tags": []}, {"tags": ["a", "b", "c", "d", "e"]}],
+    ),
+    "enum": (
+        {"type": _OBJ, "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+        {"color": "green"},
+        [{"color": "pink"}],
+    ),
+    "bounds": (
+        {
+            "type": _OBJ,
+            "properties": {
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            },
+            "required": ["age", "score"],
+        },
+        {"age": 42, "score": 0.5},
+        [{"age": 121, "score": 0.5}, {"age": 4, "score": 0}],
+    ),
+    "ref": (
+        {
+            "$defs": {
+                "pt": {
+                    "type": _OBJ,
+                    "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                    "required": ["x", "y"],
+                }
+            },
+            "type": _OBJ,
+            "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}},
+            "required": ["a", "b"],
+        },
+        {"a": {"x": 1, "y": 2}, "b": {"x": 3.5, "y": -1}},
+        [],
+    ),
+    "anyOf": (
+        {
+            "type": _OBJ,
+            "properties": {"v": {"anyOf": [{"type": "integer"}, {"type": "string"}, {"type": "null"}]}},
+            "required": ["v"],
+        },
+        {"v": "hi"},
+        [],
+    ),
+    "strlen": (
+        {
+            "type": _OBJ,
+            "properties": {"code": {"type": "string", "minLength": 3, "maxLength": 5}},
+            "required": ["code"],
+        },
+        {"code": "abcd"},
+        [{"code": "ab"}, {"code": "abcdef"}],
+    ),
+    "pattern": (
+        {
+            "type": _OBJ,
+            "properties": {"phone": {"type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}},
+            "required": ["phone"],
+        },
+        {"phone": "555-1234"},
+        [{"phone": "5551234"}],
+    ),
     "const": ({"type": _OBJ, "properties": {"kind": {"const": "point"}}, "required": ["kind"]}, {"kind": "point"}, []),
-    "oneOf": ({"oneOf": [{"type": _OBJ, "properties": {"a": {"type": "integer"}}, "required": ["a"],
-                          "additionalProperties": False},
-                         {"type": _OBJ, "properties": {"b": {"type": "string"}}, "required": ["b"],
-                          "additionalProperties": False}]}, {"b": "x"}, []),
-    "allOf": ({"allOf": [{"type": _OBJ, "properties": {"a": {"type": "integer"}}, "required": ["a"]},
-                         {"type": _OBJ, "properties": {"b": {"type": "string"}}, "required": ["b"]}]},
-              {"a": 1, "b": "x"}, []),
-    "format_date": ({"type": _OBJ, "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"]},
-                    {"d": "2024-01-31"}, [{"d": "hello"}]),
-    "format_email": ({"type": _OBJ, "properties": {"e": {"type": "string", "format": "email"}}, "required": ["e"]},
-                     {"e": "a@b.co"}, []),
-    "recursive": ({"$defs": {"node": {"type": _OBJ, "properties": {"v": {"type": "integer"}, "kids": {
-        "type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["v", "kids"]}}, "$ref": "#/$defs/node"},
-                  {"v": 1, "kids": [{"v": 2, "kids": []}]}, []),
-    "multipleOf": ({"type": _OBJ, "properties": {"n": {"type": "integer", "multipleOf": 5}}, "required": ["n"]},
-                   {"n": 15}, [{"n": 7}]),
+    "oneOf": (
+        {
+            "oneOf": [
+                {
+                    "type": _OBJ,
+                    "properties": {"a": {"type": "integer"}},
+                    "required": ["a"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": _OBJ,
+                    "properties": {"b": {"type": "string"}},
+                    "required": ["b"],
+                    "additionalProperties": False,
+                },
+            ]
+        },
+        {"b": "x"},
+        [],
+    ),
+    "allOf": (
+        {
+            "allOf": [
+                {"type": _OBJ, "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"type": _OBJ, "properties": {"b": {"type": "string"}}, "required": ["b"]},
+            ]
+        },
+        {"a": 1, "b": "x"},
+        [],
+    ),
+    "format_date": (
+        {"type": _OBJ, "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"]},
+        {"d": "2024-01-31"},
+        [{"d": "hello"}],
+    ),
+    "format_email": (
+        {"type": _OBJ, "properties": {"e": {"type": "string", "format": "email"}}, "required": ["e"]},
+        {"e": "a@b.co"},
+        [],
+    ),
+    "recursive": (
+        {
+            "$defs": {
+                "node": {
+                    "type": _OBJ,
+                    "properties": {
+                        "v": {"type": "integer"},
+                        "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                    },
+                    "required": ["v", "kids"],
+                }
+            },
+            "$ref": "#/$defs/node",
+        },
+        {"v": 1, "kids": [{"v": 2, "kids": []}]},
+        [],
+    ),
+    "multipleOf": (
+        {"type": _OBJ, "properties": {"n": {"type": "integer", "multipleOf": 5}}, "required": ["n"]},
+        {"n": 15},
+        [{"n": 7}],
+    ),
     "uniqueItems": ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, [1, 2], [[1, 1]]),
     "map": ({"type": _OBJ, "additionalProperties": {"type": "integer"}}, {"x": 1}, [{"x": "s"}]),
-    "optional": ({"type": _OBJ, "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]},
-                 {"a": 1}, [{"b": "x"}]),
-    "not": ({"type": _OBJ, "properties": {"a": {"not": {"type": "string"}}}, "required": ["a"]}, {"a": 1},
-            [{"a": "s"}]),
-    "if_then": ({"type": _OBJ, "properties": {"a": {"type": "integer"}}, "if": {"properties": {"a": {"const": 1}}},
-                 "then": {"required": ["a"]}}, {"a": 1}, []),
-    "prefixItems": ({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False},
-                    [1, "a"], []),
+    "optional": (
+        {"type": _OBJ, "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]},
+        {"a": 1},
+        [{"b": "x"}],
+    ),
+    "not": (
+        {"type": _OBJ, "properties": {"a": {"not": {"type": "string"}}}, "required": ["a"]},
+        {"a": 1},
+        [{"a": "s"}],
+    ),
+    "if_then": (
+        {
+            "type": _OBJ,
+            "properties": {"a": {"type": "integer"}},
+            "if": {"properties": {"a": {"const": 1}}},
+            "then": {"required": ["a"]},
+        },
+        {"a": 1},
+        [],
+    ),
+    "prefixItems": (
+        {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False},
+        [1, "a"],
+        [],
+    ),
     "minProperties": ({"type": _OBJ, "additionalProperties": {"type": "integer"}, "minProperties": 1}, {"a": 1}, [{}]),
-    "type_list": ({"type": _OBJ, "properties": {"a": {"type": ["integer", "null"]}}, "required": ["a"]},
-                  {"a": None}, []),
+    "type_list": (
+        {"type": _OBJ, "properties": {"a": {"type": ["integer", "null"]}}, "required": ["a"]},
+        {"a": None},
+        [],
+    ),
 }
-COST_MIX = ["nested", "array", "enum", "bounds", "ref", "anyOf", "strlen", "optional", "recursive", "format_date",
-            "oneOf", "map"]
+COST_MIX = [
+    "nested",
+    "array",
+    "enum",
+    "bounds",
+    "ref",
+    "anyOf",
+    "strlen",
+    "optional",
+    "recursive",
+    "format_date",
+    "oneOf",
+    "map",
+]
 
 
 @dataclass
@@ -92,10 +235,10 @@ class Lib:
     """One library behind the same five calls."""
 
     name: str
-    compile: Callable[[dict], Any]            # schema -> compiled grammar (raises on what it refuses)
-    matcher: Callable[[Any], Any]             # compiled -> fresh matcher
+    compile: Callable[[dict], Any]  # schema -> compiled grammar (raises on what it refuses)
+    matcher: Callable[[Any], Any]  # compiled -> fresh matcher
     accept: Callable[[Any, int], bool]
-    complete: Callable[[Any], bool]           # the text so far is a whole instance
+    complete: Callable[[Any], bool]  # the text so far is a whole instance
     fill: Callable[[list, torch.Tensor], None]  # matchers -> int32 bitmask rows 0..len-1
 
 
@@ -104,10 +247,14 @@ def _xgrammar(tok, vocab: int, threads: int) -> Lib:
 
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab), max_threads=threads)
     batch = xgr.BatchGrammarMatcher(max_threads=threads)
-    return Lib("xgrammar " + importlib.metadata.version("xgrammar"),
-               lambda s: compiler.compile_json_schema(json.dumps(s), any_whitespace=False, strict_mode=True),
-               xgr.GrammarMatcher, lambda m, t: m.accept_token(t), lambda m: m.is_completed(),
-               lambda ms, bm: batch.batch_fill_next_token_bitmask(ms, bm))
+    return Lib(
+        "xgrammar " + importlib.metadata.version("xgrammar"),
+        lambda s: compiler.compile_json_schema(json.dumps(s), any_whitespace=False, strict_mode=True),
+        xgr.GrammarMatcher,
+        lambda m, t: m.accept_token(t),
+        lambda m: m.is_completed(),
+        lambda ms, bm: batch.batch_fill_next_token_bitmask(ms, bm),
+    )
 
 
 def _llguidance(tok, vocab: int, threads: int) -> Lib:
@@ -122,15 +269,21 @@ def _llguidance(tok, vocab: int, threads: int) -> Lib:
     def compile(schema):
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
-        if is_error or messages:   # warnings name unimplemented keywords: the grammar would ignore them
+        if is_error or messages:  # warnings name unimplemented keywords: the grammar would ignore them
             raise ValueError("; ".join(messages))
         return grammar
 
     def fill(ms, bm):
         llguidance.torch.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(ms)], bm)
 
-    return Lib("llguidance", compile, lambda g: llguidance.LLMatcher(lltok, g),
-               lambda m, t: m.consume_token(t) and not m.is_error(), lambda m: m.is_accepting(), fill)
+    return Lib(
+        "llguidance",
+        compile,
+        lambda g: llguidance.LLMatcher(lltok, g),
+        lambda m, t: m.consume_token(t) and not m.is_error(),
+        lambda m: m.is_accepting(),
+        fill,
+    )
 
 
 def _outlines(tok, vocab: int, threads: int) -> Lib:
@@ -158,12 +311,21 @@ def _outlines(tok, vocab: int, threads: int) -> Lib:
         except ValueError:
             return False
 
-    return Lib("outlines-core", lambda s: Index(build_regex_from_schema(json.dumps(s)), vocabulary), Guide, accept,
-               lambda m: m.is_finished(), fill)
+    return Lib(
+        "outlines-core",
+        lambda s: Index(build_regex_from_schema(json.dumps(s)), vocabulary),
+        Guide,
+        accept,
+        lambda m: m.is_finished(),
+        fill,
+    )
 
 
-LIBS = {"xgrammar": ("xgrammar", _xgrammar), "llguidance": ("llguidance", _llguidance),
-        "outlines": ("outlines_core", _outlines)}
+LIBS = {
+    "xgrammar": ("xgrammar", _xgrammar),
+    "llguidance": ("llguidance", _llguidance),
+    "outlines": ("outlines_core", _outlines),
+}
 
 
 def _tokens(tok, instance) -> list[int]:
@@ -184,7 +346,7 @@ def coverage(tok, lib: Lib) -> dict[str, Any]:
             c = lib.compile(schema)
             if not _walks(tok, lib, good, c):
                 raise ValueError("a valid instance was rejected")
-        except Exception as exc:   # noqa: BLE001 - what the library says is the result
+        except Exception as exc:  # noqa: BLE001 - what the library says is the result
             rows.append((name, "refused", str(exc).splitlines()[0][:100]))
             continue
         ms = 1e3 * (time.perf_counter() - t0)
@@ -196,13 +358,15 @@ def coverage(tok, lib: Lib) -> dict[str, Any]:
 
 def _stats(xs: list[float]) -> str:
     xs = sorted(xs)
-    return (f"median {1e3 * statistics.median(xs):.2f} p90 {1e3 * xs[int(0.9 * (len(xs) - 1))]:.2f} "
-            f"max {1e3 * xs[-1]:.2f} ms")
+    return (
+        f"median {1e3 * statistics.median(xs):.2f} p90 {1e3 * xs[int(0.9 * (len(xs) - 1))]:.2f} "
+        f"max {1e3 * xs[-1]:.2f} ms"
+    )
 
 
 def mask_cost(tok, lib: Lib, compiled: dict, streams: int, vocab: int, random_walk: bool, steps: int = 64) -> str:
     names = [n for n in COST_MIX if n in compiled]
-    fresh = lambda i: lib.matcher(compiled[names[i % len(names)]])   # noqa: E731
+    fresh = lambda i: lib.matcher(compiled[names[i % len(names)]])  # noqa: E731
     ms = [fresh(i) for i in range(streams)]
     scripts = [_tokens(tok, CASES[names[i % len(names)]][1]) for i in range(streams)]
     pos = [0] * streams

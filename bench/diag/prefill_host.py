@@ -6,6 +6,7 @@ behind). With `--profile FILE` the host side of 30 eager calls is written as cPr
 
     python -m bench.diag.prefill_host [--shapes 4096x4096,11008x4096] [--rounds 3] [--profile out.txt]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"{'shape':>12s} {'round':>5s} | {'cuBLAS eager/graph/host':>24s} | {'PQ+LR eager/graph/host':>24s} | "
-          f"{'PQ eager/graph/host':>24s}   (µs; T = {args.tokens})")
+    print(
+        f"{'shape':>12s} {'round':>5s} | {'cuBLAS eager/graph/host':>24s} | {'PQ+LR eager/graph/host':>24s} | "
+        f"{'PQ eager/graph/host':>24s}   (µs; T = {args.tokens})"
+    )
     for sh in args.shapes.split(","):
         N, M = (int(v) for v in sh.split("x"))
         rank = max(1, round(0.01 * min(N, M)))
@@ -52,13 +55,21 @@ def main():
                 L["lr"] = PQLinear(L["geo"], L["qweight"], L["codebook"], L["A"], L["B"], None)
                 L["nolr"] = PQLinear(L["geo"], L["qweight"], L["codebook"], None, None, None)
             x = torch.randn(args.tokens, M, device=dev).half()
-            dense = [torch.randn(N, M, device=dev).half() * 0.02 for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))]
+            dense = [
+                torch.randn(N, M, device=dev).half() * 0.02
+                for _ in range(max(2, min(8, math.ceil(3 * l2 / (N * M * 2)))))
+            ]
             cols = []
-            for fn, ss in ((lambda W, x=x: x @ W.t(), dense), (lambda L, x=x: L["lr"](x), sets),
-                           (lambda L, x=x: L["nolr"](x), sets)):
+            for fn, ss in (
+                (lambda W, x=x: x @ W.t(), dense),
+                (lambda L, x=x: L["lr"](x), sets),
+                (lambda L, x=x: L["nolr"](x), sets),
+            ):
                 fn(ss[0])
                 cols.append((time_call(fn, ss, dev), time_graph(fn, ss, dev, replays=10), host_us(fn, ss)))
-            print(f"{sh:>12s} {rnd:5d} | " + " | ".join(f"{e:7.1f} /{g:7.1f} /{h:7.1f}" for e, g, h in cols), flush=True)
+            print(
+                f"{sh:>12s} {rnd:5d} | " + " | ".join(f"{e:7.1f} /{g:7.1f} /{h:7.1f}" for e, g, h in cols), flush=True
+            )
             if args.profile and rnd == 0:
                 prof = cProfile.Profile()
                 torch.cuda.synchronize()

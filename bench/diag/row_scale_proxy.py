@@ -5,6 +5,7 @@ check (a few layers, no error propagation between layers) for when whole-model r
 
     python -m bench.diag.row_scale_proxy --layers 0,15,29 [--codebook 2,64,4096] [--lowrank 0.01]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out/row_scale_proxy")
     args = ap.parse_args(argv)
 
+    from athena_runtime.format.source import load_hf_model, load_tokenizer
     from bench.quantize_quality import heldout_file
     from quantize.athena import quantize_athena
     from quantize.calibration import CalibConfig, calibration_batch, read_text_files, tokenize_text
@@ -33,7 +35,6 @@ def main(argv=None) -> int:
     from quantize.embedded import reference_model_path
     from quantize.hessian import HessianAccumulator
     from quantize.recipe import AthenaRecipe
-    from athena_runtime.format.source import load_hf_model, load_tokenizer
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -74,15 +75,24 @@ def main(argv=None) -> int:
                 for g, W, (layer, _) in zip(group, Ws, results):
                     E = W - layer.dequantize()
                     err = float(((E @ Hh[key]) * E).sum() / ((W @ Hh[key]) * W).sum())
-                    rows.append({"layer": f"{i}.{g}", "variant": label, "heldout_rel_err": err,
-                                 "bits": 8.0 * layer.stored_bytes() / W.numel(), "cpu_s": time.process_time() - t0})
+                    rows.append(
+                        {
+                            "layer": f"{i}.{g}",
+                            "variant": label,
+                            "heldout_rel_err": err,
+                            "bits": 8.0 * layer.stored_bytes() / W.numel(),
+                            "cpu_s": time.process_time() - t0,
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
     for label in ("default", "row_scale"):
         mine = [r for r in rows if r["variant"] == label]
         gm = torch.tensor([r["heldout_rel_err"] for r in mine]).log().mean().exp()
-        print(f"{label}: geometric-mean held-out relative error {float(gm):.5f}, "
-              f"bits {sum(r['bits'] for r in mine) / len(mine):.3f} (unweighted mean over layers)")
+        print(
+            f"{label}: geometric-mean held-out relative error {float(gm):.5f}, "
+            f"bits {sum(r['bits'] for r in mine) / len(mine):.3f} (unweighted mean over layers)"
+        )
     return 0
 
 
