@@ -202,12 +202,31 @@ class PQLinear(nn.Module):
                 raise ValueError(
                     f"path {forced!r} needs a CUDA device (Triton paths also run under TRITON_INTERPRET=1)"
                 )
-            fns = [(forced, reg.bind(forced, self))] * len(classes)
+            if on_cuda:  # a forced kernel that cannot take a call says why (the Triton interpreter's CPU runs: tests)
+                ok, why = reg.can_run(forced, self.geo, 1, self.codebook.dtype)
+                if not ok:
+                    raise nvrtc.KernelUnavailable(f"path {forced!r} cannot serve this layer: {why}")
+            fn = reg.bind(forced, self)
+            if on_cuda:
+                fn = self._forced_guard(reg, forced, fn)
+            fns = [(forced, fn)] * len(classes)
             self._log_once("path", forced, 1 << 20, logging.INFO, f"forced by path= or {PATH_ENV}")
         else:
             fns = [self._resolve(reg, min(c, 1 << 20)) for c in classes]
         self._bound = (forced, classes, fns)
         return [name for name, _ in fns]
+
+    def _forced_guard(self, reg, name: str, fn):
+        """`fn` of a forced backend, refusing (ValueError, saying why) a call it does not serve, e.g. lut past 8
+        tokens."""
+
+        def call(x, glu):
+            ok, why = reg.can_run(name, self.geo, x.shape[0], self.codebook.dtype)
+            if not ok:
+                raise ValueError(f"forced PQLinear path {name!r} cannot take {x.shape[0]} tokens: {why}")
+            return fn(x, glu)
+
+        return call
 
     def _resolve(self, reg, tokens: int):
         """(backend, callable) for calls of up to `tokens` rows: the registry's first choice that binds."""

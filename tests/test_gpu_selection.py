@@ -29,3 +29,18 @@ def test_the_gpu_suite_and_the_marker_agree():
     assert "-m gpu tests" in suite and "tests/test_" not in suite
     assert '"gpu: ' in (root / "pyproject.toml").read_text()
     assert "mark.gpu" in (root / "tests" / "test_pq_kernels.py").read_text()
+
+
+def test_every_module_with_cuda_tests_carries_the_marker():
+    """A test module that runs on CUDA when there is one is selected by `pytest -m gpu` (else the GPU suite skips
+    it without a word)."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    needles = ("torch.cuda.is_available()", "needs a CUDA GPU")
+    unmarked = [
+        p.name
+        for p in here.parent.glob("test_*.py")
+        if p != here and any(n in p.read_text() for n in needles) and "mark.gpu" not in p.read_text()
+    ]
+    assert unmarked == []

@@ -15,6 +15,7 @@ from quantize.athena import quantize_athena, row_scales
 from quantize.recipe import AthenaRecipe
 
 PREFIX = "model.layers.0.mlp.up_proj"
+pytestmark = pytest.mark.gpu  # the CUDA paths' test runs on a GPU machine (`pytest -m gpu tests`)
 
 
 def uneven_rows(N, M, seed=1):
@@ -163,15 +164,20 @@ def test_versions(tmp_path):
 def test_every_cuda_path_applies_row_scales(path, T):
     """Each CUDA backend (kernel without bias, then the scale epilogue) against the spec W_eff, with and without
     the fused gate/up; tolerance: relative Frobenius error 4e-3 (fp16 activations)."""
-    from athena_runtime.kernels import nvrtc
+    from athena_runtime.kernels import lut, nvrtc
 
-    layer = _layer(N=128, M=96, rank=0.05, bias=True, seed=T, n=64, k=64)  # d=2, 6-bit: every backend's shape
+    # d=2, 6-bit, one codebook block of 128 rows: every backend's shape (frag's 128-row tiles included)
+    layer = _layer(N=128, M=96, rank=0.05, bias=True, seed=T, n=64, k=128)
     pq = PQLinear.from_tensors(PREFIX, layer.to_tensors(PREFIX), layer.meta(), "cuda", path=path)
     try:
         pq.bind()
     except nvrtc.KernelUnavailable as e:
         pytest.skip(f"{path} unavailable here: {e}")
     x = torch.randn(T, 96).half()
+    if path == "lut" and T > max(lut.TOKENS):  # a forced path refuses a call it does not serve, saying why
+        with pytest.raises(ValueError, match="cannot take"):
+            pq(x.cuda())
+        return
     want = x.float() @ layer.dequantize().t() + layer.bias.float()
     y = pq(x.cuda()).float().cpu()
     assert float((y - want).norm() / want.norm()) < 4e-3
