@@ -200,10 +200,10 @@ if triton is not None:
                 tl.store(p_ptrs, acc, mask=row_mask[:, None] & t_mask[None, :])
 
 
-def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, device, slabs=(32, 16, 8, 4)) -> int:
-    """The widest slab that still gives >= 1.5 programs per SM (wide slabs: fewer partial sums)."""
+def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, tuning: Tuning, slabs=(32, 16, 8, 4)) -> int:
+    """The widest slab that still gives `triton_lut_ctas_per_sm` programs per SM (wide slabs: fewer partial sums)."""
     _, n_row = row_chunks(geo, rows_per_chunk)
-    target = 1.5 * Tuning.for_device(device).sms
+    target = tuning.triton_lut_ctas_per_sm * tuning.sms
     ok = [s for s in slabs if geo.GW % s == 0]
     return next((s for s in ok if n_row * (geo.GW // s) >= target), ok[-1])
 
@@ -231,13 +231,13 @@ def triton_lut_matmul(
         raise ValueError(f"the lookup-table kernel takes n <= 256, got n={geo.n}")
     T = x.shape[0]
     T_P2 = next_pow2(T)
-    if rows_per_chunk is None:
-        rows_per_chunk = 1024  # tall chunks amortize the table over many rows
-    if slab_w is None and T_P2 == 1 and geo.GW % 8 == 0:
-        slab_w = 8  # T = 1: measured best or within 10% of the best on the 7B shapes (kernels.md sweep)
+    tuning = Tuning.for_device(x.device)
+    rows_per_chunk = rows_per_chunk or tuning.triton_lut_rows
+    if slab_w is None and T_P2 == 1 and geo.GW % tuning.triton_lut_t1_slab_w == 0:
+        slab_w = tuning.triton_lut_t1_slab_w
     if slab_w is None:  # table <= 20 KB per program
         slab_w = choose_slab_w(
-            geo, rows_per_chunk, x.device, tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,)
+            geo, rows_per_chunk, tuning, tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,)
         )
     if geo.GW % slab_w:
         raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
@@ -290,4 +290,4 @@ def triton_lut_matmul(
         LR_ITERS=-(-((rank + 15) // 16) // n_row_progs),
         num_warps=num_warps,
     )
-    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)
+    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu, tuning=tuning)
