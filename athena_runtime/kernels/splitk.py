@@ -198,15 +198,11 @@ def splitk_epilogue(
     glu: tuple[int, int] | None = None,
     *,
     tuning: Tuning | None = None,
-    block_n: int | None = None,
-    block_s: int | None = None,
-    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Finish split-K partial sums: partial [S, T_, N_pad] fp32 or fp16 (summed in fp32), u_part [S', T_, r]
     fp32 or None. `glu=(up_offset, F)`: return silu(z[:, :F]) · z[:, up_offset:up_offset + F] [T, F] of the
     finished sum z instead of z (a fused gate/up layer; saves the SiLU-mul launch and half the writes).
-    `tuning`: default `Tuning.for_device`; `block_n`, `block_s`, `num_warps`: override the few-token kernel's
-    launch (benchmarks)."""
+    `tuning`: default `Tuning.for_device`."""
     S = partial.shape[0]
     up_off, n_out = (glu[0], glu[1]) if glu is not None else (0, N)
     if glu is not None and not (n_out <= up_off and up_off + n_out <= N):
@@ -243,7 +239,7 @@ def splitk_epilogue(
         )
         return y
     n_s = max(S, s_u, 1)
-    block_n, block_s, num_warps = _few_token_launch(T, n_out, n_s, tuning, block_n, block_s, num_warps)
+    block_n, block_s, num_warps = _few_token_launch(T, n_out, n_s, tuning)
     _splitk_epilogue_kernel[(triton.cdiv(n_out, block_n), T)](
         *args,
         n_out,
@@ -259,14 +255,14 @@ def splitk_epilogue(
     return y
 
 
-def _few_token_launch(T, n_out, n_s, tuning: Tuning, block_n, block_s, num_warps) -> tuple[int, int, int]:
+def _few_token_launch(T: int, n_out: int, n_s: int, tuning: Tuning) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_S, warps) of the per-token kernel; it is latency-bound: all partials of a row tile in one
     load, one round trip. One token: every slab in one block, 4096-element tiles. More: row tiles narrow enough
     for `splitk_ctas_per_sm` programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)."""
     if T == 1:
-        block_s = block_s or min(tuning.splitk_t1_max_slabs, max(16, next_pow2(n_s)))
-        return block_n or (64 if block_s <= 64 else 16), block_s, num_warps or 4
-    block_s = block_s or min(tuning.splitk_max_slabs, max(16, next_pow2(n_s)))
+        block_s = min(tuning.splitk_t1_max_slabs, max(16, next_pow2(n_s)))
+        return (64 if block_s <= 64 else 16), block_s, 4
+    block_s = min(tuning.splitk_max_slabs, max(16, next_pow2(n_s)))
     target = tuning.splitk_ctas_per_sm * tuning.sms
-    block_n = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
-    return block_n, block_s, num_warps or (8 if block_s * block_n >= 64 * 128 else 4)
+    block_n = next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
+    return block_n, block_s, (8 if block_s * block_n >= 64 * 128 else 4)

@@ -115,7 +115,6 @@ if triton is not None:
         SLAB_W: tl.constexpr,
         ROWS_PER_CHUNK: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        LUT_FP16: tl.constexpr,
         HAS_LOWRANK: tl.constexpr,
         LR_ITERS: tl.constexpr,
     ):
@@ -134,7 +133,7 @@ if triton is not None:
         # ---- 1. table L[s, w, c, t] = Σ_l C[blk, j, l, c] x[t, D j + l] for group j = s·GW + w0 + w
         # (tokens innermost: one vector load per index fetches every token's entry)
         cb_blk = codebook_ptr + blk * stride_cbb
-        ENTRY_DTYPE: tl.constexpr = tl.float16 if LUT_FP16 else tl.float32  # fp16: two entries per HFMA2
+        ENTRY_DTYPE: tl.constexpr = tl.float16  # two entries per HFMA2
         for s in tl.static_range(PER_WORD):
             j = s * GW + w0 + offs_w  # [SLAB_W]
             entry = tl.zeros([T_P2, SLAB_W, NC], dtype=ENTRY_DTYPE)
@@ -217,7 +216,6 @@ def triton_lut_matmul(
     lowrank_b=None,
     bias=None,
     *,
-    lut_fp16: bool = True,
     slab_w: int | None = None,
     rows_per_chunk: int | None = None,
     block_n: int = 128,
@@ -248,9 +246,7 @@ def triton_lut_matmul(
     x = x.contiguous()
 
     lut_size = geo.per_word * slab_w * T_P2 * geo.n
-    lut = torch.empty(
-        n_row_progs * n_slabs * lut_size, device=x.device, dtype=torch.float16 if lut_fp16 else torch.float32
-    )
+    lut = torch.empty(n_row_progs * n_slabs * lut_size, device=x.device, dtype=torch.float16)
     partial = torch.empty(n_slabs, T, geo.N_pad, device=x.device, dtype=torch.float32)
     u_part = torch.empty(n_slabs, T, max(rank, 1), device=x.device, dtype=torch.float32) if has_lr else partial
     grid = (n_row_progs, n_slabs)
@@ -285,7 +281,6 @@ def triton_lut_matmul(
         SLAB_W=slab_w,
         ROWS_PER_CHUNK=rows_per_chunk,
         BLOCK_N=min(block_n, rows_per_chunk),
-        LUT_FP16=lut_fp16,
         HAS_LOWRANK=has_lr,
         LR_ITERS=-(-((rank + 15) // 16) // n_row_progs),
         num_warps=num_warps,

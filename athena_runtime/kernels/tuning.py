@@ -58,6 +58,8 @@ class Tuning:
     decode_max_splits: int = 16
     decode_sms: int = 0  # SMs the split count aims at; 0: `sms` (the CPU interpreter's 32: tests still split)
     fresh_sdpa_max_tokens: int = 4096  # one SDPA call of whole prompts covers at most this many (its mask is T x T)
+    # ---- quantized KV write (kv_write.py)
+    kv_write_one_warp_max_head_dim: int = 128  # one warp per head up to here (SASS counts, sm_89/sm_90; not timed)
     # ---- device facts
     sms: int = 132
     smem_per_cta: int = 227 * 1024  # opt-in dynamic shared memory per CTA (Ada: 99 KB)
