@@ -22,7 +22,7 @@ from torch import nn
 
 from athena_runtime.format.bits import unpack_bits
 from athena_runtime.format.environment import Environment
-from athena_runtime.format.layers import read_athena_tensors
+from athena_runtime.format.layers import dequantize_codebook_uint8, read_athena_tensors
 from athena_runtime.kernels import layout, nvrtc
 from athena_runtime.kernels.backends import NAMES, registry, token_classes
 from athena_runtime.kernels.layout import PQGeometry
@@ -88,12 +88,10 @@ class PQLinear(nn.Module):
         qweight = layout.pack_words(indices, geo)
         del indices
         scale, cmin = s.codebook_scale, s.codebook_min
-        C = layout.dequantize_codebook(
-            s.codebook.to(device),
-            scale.to(device) if scale is not None else None,
-            cmin.to(device) if cmin is not None else None,
-            dtype=dtype,
-        )
+        C = s.codebook.to(device)  # [Nb, G, n, d], uint8 codes (+ scale, min [Nb, G, d]) or fp16
+        if C.dtype == torch.uint8:
+            C = dequantize_codebook_uint8(C, scale.to(device), cmin.to(device), dim=-2)
+        C = C.float().to(dtype)
         codebook = layout.pad_codebook(C, geo)
         opt = lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous()  # noqa: E731
         A, B = pad_lowrank(opt(s.lowrank_a), opt(s.lowrank_b))

@@ -18,13 +18,14 @@ sets. --no-graph times plain calls instead (Python launch overhead included). GB
 (scales included) read per call / time. Every configuration is also checked against
 `paged_attention_reference` (max |error|, output in fp16).
 
---tile-tokens and --num-warps override the module constants TILE_TOKENS and NUM_WARPS of
-athena_runtime/kernels/paged_attention.py for a sweep (several values: every combination is timed).
+--tile-tokens and --num-warps override Tuning.decode_tile_tokens and decode_warps (kernels/tuning.py) for a
+sweep (several values: every combination is timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -120,13 +121,11 @@ def time_calls(calls, use_graph: bool) -> float:
 
 def run(args, dev, log) -> list[dict]:
     from athena_runtime.kernels import paged_attention as pa
+    from athena_runtime.kernels.tuning import Tuning
     from athena_runtime.kv_cache import head_bytes
 
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        l2, sms = getattr(props, "L2_cache_size", 50 << 20), props.multi_processor_count
-    else:
-        l2, sms = 0, pa._INTERPRETER_SMS  # one set: no L2 to defeat
+    tuning = Tuning.for_device(dev)
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20) if dev.type == "cuda" else 0
     width = args.table_width or -(-max(args.contexts) // args.block_size)
     if width * args.block_size < max(args.contexts):
         raise ValueError(f"--table-width {width} pages holds no {max(args.contexts)}-token context")
@@ -151,43 +150,37 @@ def run(args, dev, log) -> list[dict]:
             want = pa.paged_attention_reference(q, cache, 0, tables[0], seq_lens, qsl, sm_scale).float()
             for tile in args.tile_tokens:
                 for warps in args.num_warps:
-                    saved = pa.TILE_TOKENS, pa.NUM_WARPS
-                    pa.TILE_TOKENS, pa.NUM_WARPS = tile, warps
-                    try:
-                        for splits in args.splits:
-                            actual = splits or pa.decode_num_splits(
-                                batch, args.kv_heads, width, args.block_size, tile, sms
-                            )
-                            row = dict(
-                                fmt=fmt,
-                                batch=batch,
-                                context=context,
-                                splits="auto" if splits is None else splits,
-                                num_splits=actual,
-                                tile_tokens=tile,
-                                num_warps=warps,
-                                sets=sets,
-                            )
-                            try:
-                                got = pa.paged_attention_decode(
-                                    q, cache, 0, tables[0], seq_lens, qsl, sm_scale, num_splits=splits
-                                ).float()
-                                row["max_err"] = float((got - want).abs().max())
-                                row["nan"] = bool(torch.isnan(got).any())
-                                calls = [
-                                    lambda t=t, c=cache, n=splits, q=q, sl=seq_lens, qs=qsl: pa.paged_attention_decode(
-                                        q, c, 0, t, sl, qs, sm_scale, num_splits=n
-                                    )
-                                    for t in tables
-                                ]
-                                row["us"] = time_calls(calls, not args.no_graph)
-                                row["gb_s"] = batch * context * token_bytes / (row["us"] * 1e-6) / 1e9
-                            except Exception as ex:  # noqa: BLE001 - report it in the table, go on
-                                row["error"] = f"{type(ex).__name__}: {ex}"[:300]
-                            rows.append(row)
-                            log(format_row(row))
-                    finally:
-                        pa.TILE_TOKENS, pa.NUM_WARPS = saved
+                    tun = dataclasses.replace(tuning, decode_tile_tokens=tile, decode_warps=warps)
+                    for splits in args.splits:
+                        actual = splits or pa.decode_num_splits(batch, args.kv_heads, width, args.block_size, tile, tun)
+                        row = dict(
+                            fmt=fmt,
+                            batch=batch,
+                            context=context,
+                            splits="auto" if splits is None else splits,
+                            num_splits=actual,
+                            tile_tokens=tile,
+                            num_warps=warps,
+                            sets=sets,
+                        )
+                        try:
+                            got = pa.paged_attention_decode(
+                                q, cache, 0, tables[0], seq_lens, qsl, sm_scale, num_splits=splits, tuning=tun
+                            ).float()
+                            row["max_err"] = float((got - want).abs().max())
+                            row["nan"] = bool(torch.isnan(got).any())
+                            calls = [
+                                lambda t=t, c=cache, n=splits, q=q, sl=seq_lens, qs=qsl, u=tun: (
+                                    pa.paged_attention_decode(q, c, 0, t, sl, qs, sm_scale, num_splits=n, tuning=u)
+                                )
+                                for t in tables
+                            ]
+                            row["us"] = time_calls(calls, not args.no_graph)
+                            row["gb_s"] = batch * context * token_bytes / (row["us"] * 1e-6) / 1e9
+                        except Exception as ex:  # noqa: BLE001 - report it in the table, go on
+                            row["error"] = f"{type(ex).__name__}: {ex}"[:300]
+                        rows.append(row)
+                        log(format_row(row))
         del cache
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -261,12 +254,13 @@ def main(argv=None) -> int:
             return 1
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module imports Triton
     from athena_runtime.kernels import paged_attention as pa
+    from athena_runtime.kernels.tuning import Tuning
 
     if pa.triton is None:
         print("bench.attention needs Triton", file=sys.stderr)
         return 1
-    args.tile_tokens = args.tile_tokens or [pa.TILE_TOKENS]
-    args.num_warps = args.num_warps or [pa.NUM_WARPS]
+    args.tile_tokens = args.tile_tokens or [Tuning().decode_tile_tokens]
+    args.num_warps = args.num_warps or [Tuning().decode_warps]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
     how = "interpreted calls" if dev.type != "cuda" else "plain calls" if args.no_graph else "CUDA-graph replays"

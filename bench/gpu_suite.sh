@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine serve serve-gap serve-schema quantize7b peers breakdown
+#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine engine-steps ttft serve serve-gap serve-schema quantize7b peers breakdown
 # (the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -49,6 +49,12 @@ for stage in "$@"; do
              --no-checks --budget 280 --commit "${COMMIT:-unknown}" > $OUT/kernels_fam_stdout.txt 2>&1; tail -45 $OUT/kernels_fam_stdout.txt ;;
     decode) need_ckpt; timeout 300 python3 -m bench.decode --workdir /tmp/w --json 2>$OUT/decode.err | tee $OUT/decode.txt | tail -6 ;;
     engine) need_ckpt; timeout 300 python3 -m bench.engine --workdir /tmp/w --json 2>$OUT/engine.err | tee $OUT/engine.txt | tail -14 ;;
+    engine-steps) need_ckpt   # one 170-token admission step's wall time and kernel profile (BENCHMARKS.md: time to first token)
+       timeout 300 python3 -m bench.diag.engine_steps --workdir /tmp/w --streams 1 --prompt 170 --profile-steps 1 \
+         --cprofile $OUT/engine_steps_cprofile.txt 2>&1 | tee $OUT/engine_steps.txt | tail -30 ;;
+    ttft) need_ckpt   # a lone prompt's first token: wall vs GPU kernel time, and the host's profile
+       timeout 300 python3 -m bench.diag.ttft_profile --workdir /tmp/w --profile $OUT/ttft_host.txt \
+         --trace $OUT/ttft_kernels.txt 2>&1 | tee $OUT/ttft.txt | tail -30 ;;
     serve-gap) need_ckpt   # issue 17's goals in one table: engine alone vs behind the server, 1 and 64 streams, 170-token TTFT
        timeout 480 python3 -m bench.serve_gap --workdir /tmp/w --json 2>$OUT/serve_gap.err | tee $OUT/serve_gap.txt | tail -8 ;;
     quantize7b) timeout 200 python3 -m bench.quantize_7b --json 2>$OUT/q7b.err | tee $OUT/q7b.txt | tail -2 ;;
@@ -56,7 +62,7 @@ for stage in "$@"; do
        (python3 -m server.cli serve $ckpt --kv-cache int4 --max-num-seqs 64 --port 8000 >$OUT/serve.log 2>&1 &)
        for i in $(seq 1 180); do curl -sf http://127.0.0.1:8000/health >/dev/null && break
          pgrep -f "server.cli serve" >/dev/null || { tail -5 $OUT/serve.log; break; }; sleep 1; done
-       # warm-up: compiles the CUDA decode extension and captures the CUDA graphs before timing
+       # warm-up: loads the NVRTC-compiled kernels and captures the CUDA graphs before timing
        for n in 1 2 3 4; do curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \
          -d '{"model":"llama7b-athena","prompt":"warm up","max_tokens":4}' >/dev/null & done; wait
        timeout 420 python3 -m server.cli bench serve --base-url http://127.0.0.1:8000 --concurrency 1,8,32,64 \

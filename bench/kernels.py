@@ -46,6 +46,7 @@ from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_m
 from athena_runtime.kernels.layout import PQGeometry  # noqa: E402
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemv_reference  # noqa: E402
 from athena_runtime.kernels.triton_lut import triton_lut_matmul as pq_gemv  # noqa: E402
+from athena_runtime.kernels.tuning import Tuning  # noqa: E402
 from athena_runtime.pq_linear import PQLinear, pad_lowrank  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]  # W [N, M]
@@ -224,7 +225,7 @@ def dequant_variants(cuda_dq_ok):
         "cuda-dqT": (lambda x, L, lr: cdq.dequantize_t(L["qweight"], L["codebook"], L["geo"]), ok),
     }
     for slab in cdq.MAIN_SLABS:
-        for rows in cdq.ROWS_CANDIDATES:
+        for rows in Tuning().dequant_rows:
             v[f"cuda-dqT-s{slab}-r{rows}"] = (
                 lambda x, L, lr, s=slab, r=rows: cdq.dequantize_t(
                     L["qweight"], L["codebook"], L["geo"], slab_w=s, rows_per_chunk=r
@@ -357,7 +358,7 @@ def _check_dequant_exact(dev, log, cases):
             continue
         ref = pq_dequantize_t_reference(L["qweight"], L["codebook"], geo)
         for slab in cdq.slab_widths(geo.bits, d):
-            for rpc in (None,) + cdq.ROWS_CANDIDATES:
+            for rpc in (None,) + Tuning().dequant_rows:
                 name = f"cuda-dqT-s{slab}-r{rpc or 'auto'}"
                 try:
                     poison(dev)
@@ -520,7 +521,7 @@ def plan(smoke, name="full"):
     if name == "prefill":  # 2048 tokens: cuBLAS vs the dequantize-then-cuBLAS paths, then the kernels alone
         from athena_runtime.kernels import dequant as cdq
 
-        sweep = [f"cuda-dqT-s{s}-r{r}" for s in cdq.MAIN_SLABS for r in cdq.ROWS_CANDIDATES]
+        sweep = [f"cuda-dqT-s{s}-r{r}" for s in cdq.MAIN_SLABS for r in Tuning().dequant_rows]
         return [
             (
                 2048,

@@ -90,14 +90,13 @@ def nvcc_cubin(
     file: str,
     name: str,
     arch: str,
-    defines: dict,
     workdir: Path,
     include: tuple[str, ...] = (),
 ) -> bytes:
     """`name` of cuda/`file` compiled by nvcc to a cubin for `arch` (sm_90): one translation unit that includes the
     file and takes the instance's address (which instantiates it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(f"{source_dir}|{file}|{name}|{arch}|{sorted(defines.items())}".encode()).hexdigest()[:16]
+    tag = hashlib.sha256(f"{source_dir}|{file}|{name}|{arch}".encode()).hexdigest()[:16]
     src, out = workdir / f"inst_{tag}.cu", workdir / f"inst_{tag}.cubin"
     src.write_text(f'#include "{file}"\nstatic auto* athena_instance = &{name};\n')
     inc = [f"-I{source_dir}"] + [f"-I{d}" for d in include]
@@ -110,7 +109,6 @@ def nvcc_cubin(
         "-std=c++17",
         *TORCH_NVCC_FLAGS,
         *inc,
-        *(f"-D{k}={v}" for k, v in sorted(defines.items())),
         "-diag-suppress=177",
         "-o",
         str(out),
@@ -130,16 +128,16 @@ class Builds:
         self.tc = dataclasses.replace(nvrtc.toolchain(), cache_dir=workdir / "nvrtc_cache")
         self._done: dict = {}
 
-    def get(self, v: Variant, file: str, name: str, defines: dict) -> tuple[bytes, str]:
-        key = (v, file, name, tuple(sorted(defines.items())))
+    def get(self, v: Variant, file: str, name: str) -> tuple[bytes, str]:
+        key = (v, file, name)
         if key not in self._done:
             # NVRTC gives the lowered (mangled) name; nvcc mangles the same way (Itanium ABI)
             image, lowered, _ = self.tc.compile(
-                file, name, self.arch, defines, v.options if v.compiler == "nvrtc" else (), v.source_dir
+                file, name, self.arch, v.options if v.compiler == "nvrtc" else (), v.source_dir
             )
             if v.compiler == "nvcc":
                 image = nvcc_cubin(
-                    self.nvcc, v.source_dir, file, name, self.arch, defines, self.workdir / "nvcc", self.nvcc_include
+                    self.nvcc, v.source_dir, file, name, self.arch, self.workdir / "nvcc", self.nvcc_include
                 )
             self._done[key] = (image, lowered)
         return self._done[key]
@@ -170,9 +168,7 @@ def kernel_provider(v: Variant, builds: Builds, cache: dict):
     def provide(name: str, index: int) -> nvrtc.Kernel:
         key = (v, name, index)
         if key not in cache:
-            cache[key] = nvrtc.Kernel(
-                "lut.cu", name, torch.device("cuda", index), image=builds.get(v, "lut.cu", name, {})
-            )
+            cache[key] = nvrtc.Kernel("lut.cu", name, torch.device("cuda", index), image=builds.get(v, "lut.cu", name))
         return cache[key]
 
     return provide
@@ -370,7 +366,7 @@ def main(argv=None) -> int:
         )
         try:
             t0 = time.perf_counter()
-            image, _ = builds.get(v, "lut.cu", lut.kernel_name(1, 6, 4), {})
+            image, _ = builds.get(v, "lut.cu", lut.kernel_name(1, 6, 4))
             row["build_s"] = round(time.perf_counter() - t0, 2)
             code = sass(image, work)
             digest = code[1] if code else hashlib.sha256(image).hexdigest()[:16]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from bench.tiny_shape import TINY
+
 LLAMA2_7B = dict(
     architectures=["LlamaForCausalLM"],
     model_type="llama",
@@ -118,16 +120,7 @@ FAMILIES = {
         eos_token_id=[1, 106],
         torch_dtype="float16",
     ),
-    "tiny-llama": dict(
-        LLAMA2_7B,
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ),  # CPU tests
+    "tiny-llama": dict(LLAMA2_7B, **TINY, vocab_size=512, intermediate_size=128, head_dim=16),  # CPU tests
     "tiny-gemma3": dict(  # CPU tests: every Gemma feature at toy size
         architectures=["Gemma3ForCausalLM"],
         model_type="gemma3_text",

@@ -44,3 +44,21 @@ def test_every_module_with_cuda_tests_carries_the_marker():
         if p != here and any(n in p.read_text() for n in needles) and "mark.gpu" not in p.read_text()
     ]
     assert unmarked == []
+
+
+def test_the_gpu_suite_stages_exist():
+    """Every stage the suite's header lists has a case and every case is listed; every script a stage runs exists."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    suite = (root / "bench" / "gpu_suite.sh").read_text()
+    listed = re.search(r"stages: (.*)", suite).group(1).split()
+    cases = re.findall(r"^ {4}([a-z0-9-]+)\)", suite, re.M)
+    assert sorted(listed) == sorted(cases) and len(set(cases)) == len(cases)
+    modules = set(re.findall(r"python3 -m ((?:bench|server)[\w.]*)", suite))
+    scripts = set(re.findall(r"python3 (bench/[\w/]+\.py)", suite))
+    assert "bench.diag.ttft_profile" in modules and "bench/kernels.py" in scripts
+    missing = [m for m in modules if not (root / (m.replace(".", "/") + ".py")).is_file()]
+    missing += [s for s in scripts if not (root / s).is_file()]
+    assert missing == []

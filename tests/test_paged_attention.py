@@ -5,6 +5,7 @@ import os
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses
 import json
 import math
 import random
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from athena_runtime.kernels import paged_attention as pa
+from athena_runtime.kernels.tuning import Tuning
 from athena_runtime.kv_cache import KeyBasis, KVCache
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
@@ -153,7 +155,7 @@ def test_triton_decode_matches_reference(
     fmt, queries_per_kv, window, hadamard, calibrated, head_dim, block_size, num_splits
 ):
     """Every format, GQA, windows, tiles of several pages and the context split over programs. Tiles
-    are 64 keys (TILE_TOKENS), so 200 keys make 4 tiles: 3 splits take 2, 2 and 0 of them (a split
+    are 64 keys (Tuning.decode_tile_tokens), so 200 keys make 4 tiles: 3 splits take 2, 2 and 0 of them (a split
     without tiles), and a 1-key sequence leaves two splits empty; the table width (13 or 25 pages) is
     no multiple of the tile's pages. The automatic choice on CPU (32 stand-in SMs, 16 programs) is 4
     splits, 2 with a window (a window spans at most 2 tiles)."""
@@ -177,9 +179,9 @@ def test_triton_decode_matches_reference(
     )
     got = pa.paged_attention_decode(*args, num_splits=num_splits)
     if num_splits is None and DEVICE == "cpu":
-        auto = pa.decode_num_splits(
-            len(seq_lens), num_kv_heads, table.shape[1], block_size, pa.TILE_TOKENS, pa._num_sms(q.device), window
-        )
+        tuning = Tuning.for_device(q.device)
+        tile = tuning.decode_launch_shape(head_dim)[0]
+        auto = pa.decode_num_splits(len(seq_lens), num_kv_heads, table.shape[1], block_size, tile, tuning, window)
         assert auto == (4 if window is None else 2)
     want = pa.paged_attention_reference(*args)
     assert not torch.isnan(got).any()
@@ -268,13 +270,16 @@ def test_decode_split_choice():
     """The split count depends on static shapes only: enough programs for 2 per SM, no more splits than
     the table width (or the window) has tiles, at most 16."""
     # Llama-2-7B on an H100 (132 SMs), 32 KV heads, a 4096-token table of 16-token pages, 64-key tiles
-    assert pa.decode_num_splits(1, 32, 256, 16, 64, 132) == 9  # cdiv(264, 32)
-    assert pa.decode_num_splits(16, 32, 256, 16, 64, 132) == 1  # 512 programs already
-    assert pa.decode_num_splits(64, 32, 256, 16, 64, 132) == 1
-    assert pa.decode_num_splits(1, 32, 8, 16, 64, 132) == 2  # a 128-token table: 2 tiles
-    assert pa.decode_num_splits(1, 32, 256, 16, 64, 132, sliding_window=100) == 3  # cdiv(100, 64) + 1
-    assert pa.decode_num_splits(1, 1, 1024, 16, 64, 132) == 16  # capped
-    assert pa.decode_num_splits(0, 32, 256, 16, 64, 132) == 16  # no sequences: no division by zero
+    h100 = Tuning(sms=132)
+    assert pa.decode_num_splits(1, 32, 256, 16, 64, h100) == 9  # cdiv(264, 32)
+    assert pa.decode_num_splits(16, 32, 256, 16, 64, h100) == 1  # 512 programs already
+    assert pa.decode_num_splits(64, 32, 256, 16, 64, h100) == 1
+    assert pa.decode_num_splits(1, 32, 8, 16, 64, h100) == 2  # a 128-token table: 2 tiles
+    assert pa.decode_num_splits(1, 32, 256, 16, 64, h100, sliding_window=100) == 3  # cdiv(100, 64) + 1
+    assert pa.decode_num_splits(1, 1, 1024, 16, 64, h100) == 16  # capped
+    assert pa.decode_num_splits(0, 32, 256, 16, 64, h100) == 16  # no sequences: no division by zero
+    # the CPU interpreter aims at 32 SMs whatever Tuning.sms says there
+    assert pa.decode_num_splits(1, 32, 256, 16, 64, Tuning.for_device(torch.device("cpu"))) == 2
 
 
 @pytest.mark.skipif(pa.triton is None, reason="needs Triton")
@@ -288,7 +293,7 @@ def test_decode_split_choice():
         ("fp16", 4, 25, False),
     ],
 )
-def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated, monkeypatch):
+def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated):
     """Continuous batching: prefill chunks (fresh and continued) between decode tokens; the one-token
     sequences go through the decode kernel in one launch, the chunks through SDPA."""
     seq_lens, new = [23, 1, 40, 17, 9, 30, 21, 5], [1, 1, 12, 1, 9, 1, 21, 5]  # fresh prompts: 9, 21, 5 tokens
@@ -298,9 +303,9 @@ def test_mixed_batch_matches_reference(fmt, window, max_tokens, calibrated, monk
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     if fmt == "fp16":
         q = q.half() if DEVICE == "cuda" else q
-    monkeypatch.setattr(pa, "FRESH_SDPA_MAX_TOKENS", max_tokens)  # 25: the prompts split into SDPA groups
+    tuning = dataclasses.replace(Tuning.for_device(q.device), fresh_sdpa_max_tokens=max_tokens)  # 25: SDPA groups
     want = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, window)
-    got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl.tolist())
+    got = pa.paged_attention_mixed(q, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl.tolist(), tuning=tuning)
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
 
@@ -420,7 +425,7 @@ def test_mixed_batch_fresh_prompts_attend_over_their_own_kv(fmt, window, calibra
 def test_triton_decode_wide_heads(fmt, window, softcap, calibrated):
     """Gemma 3's heads: head_dim 256 (decode_launch_shape: 32-key tiles, 8 warps), 4 queries per KV head,
     sliding windows, soft-capping; 3 splits; against the reference and, for the unquantized cache, dense attention."""
-    assert pa.decode_launch_shape(256) == (32, 8) and pa.decode_launch_shape(128) == (pa.TILE_TOKENS, pa.NUM_WARPS)
+    assert Tuning().decode_launch_shape(256) == (32, 8) and Tuning().decode_launch_shape(128) == (64, 4)
     seq_lens = [1, 33, 70, 96]
     cache, table, keys, values = _filled_cache(
         fmt, seq_lens, 2, 256, 16, seed=11, hadamard=fmt == "int4", calibrated=calibrated

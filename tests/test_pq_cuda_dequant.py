@@ -27,6 +27,7 @@ from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_m
 from athena_runtime.kernels.dequant_matmul import dequantize_t_reference as pq_dequantize_t_reference
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemm_reference
+from athena_runtime.kernels.tuning import Tuning
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
@@ -137,15 +138,15 @@ def test_variants_cover_the_recipes_within_shared_memory():
 def test_launch_rule_fills_the_gpu_in_one_wave(N, M):
     geo = PQGeometry(N, M, 2, 64, 4096)
     for sms in (128, 132):  # RTX 4090, H100 SXM
-        slab, rows = cdq.choose_launch(geo, sms)
+        slab, rows = cdq.choose_launch(geo, Tuning(sms=sms))
         assert geo.GW % slab == 0 and rows % 4 == 0
         assert sms <= cdq.n_ctas(geo, slab, rows) <= cdq.MIN_BLOCKS * sms
 
 
 def test_launch_rule_small_layer():
     geo = PQGeometry(300, 301, 3, 16, 100)
-    slab, rows = cdq.choose_launch(geo, 132)
-    assert slab in cdq.slab_widths(geo.bits, geo.d) and rows == min(cdq.ROWS_CANDIDATES)
+    slab, rows = cdq.choose_launch(geo, Tuning(sms=132))
+    assert slab in cdq.slab_widths(geo.bits, geo.d) and rows == 1024
 
 
 @pytest.mark.parametrize("mode", ["fold", "rows", "addmm"])

@@ -26,6 +26,7 @@ from athena_runtime.kernels import dequant as fold
 from athena_runtime.kernels import layout
 from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
 from athena_runtime.kernels.layout import PQGeometry
+from athena_runtime.kernels.tuning import Tuning
 
 pytestmark = pytest.mark.gpu  # on CUDA when there is one: `bash bench/gpu_suite.sh tests` runs `pytest -m gpu`
 
@@ -105,13 +106,14 @@ def test_cuda_wrapper_refuses_cpu_tensors_and_unserved_ranks():
 
 
 def test_launch_rule_fills_the_last_wave():
+    H100 = Tuning(sms=132)
     assert (
-        fold.choose_fold_rows(PQGeometry(4096, 4096, 2, 64, 4096), 132) == 1024
+        fold.choose_fold_rows(PQGeometry(4096, 4096, 2, 64, 4096), H100) == 1024
     )  # 208 CTAs: 0.79 wave (512: 1.58 of 2)
-    assert fold.choose_fold_rows(PQGeometry(11008, 4096, 2, 64, 4096), 132) == 512  # 1248 CTAs: 4.7 of 5 waves
-    assert fold.choose_fold_rows(PQGeometry(4096, 11008, 2, 64, 4096), 132) == 512
-    assert fold.choose_fold_rows(PQGeometry(14336, 4096, 2, 64, 4096), 132) == 512  # 6.3 of 7 waves (1024: 3.2 of 4)
-    assert fold.choose_fold_rows(PQGeometry(96, 64, 2, 64, 96), 132) == 2048  # one CTA per slab whatever the rows
+    assert fold.choose_fold_rows(PQGeometry(11008, 4096, 2, 64, 4096), H100) == 512  # 1248 CTAs: 4.7 of 5 waves
+    assert fold.choose_fold_rows(PQGeometry(4096, 11008, 2, 64, 4096), H100) == 512
+    assert fold.choose_fold_rows(PQGeometry(14336, 4096, 2, 64, 4096), H100) == 512  # 6.3 of 7 waves (1024: 3.2 of 4)
+    assert fold.choose_fold_rows(PQGeometry(96, 64, 2, 64, 96), H100) == 2048  # one CTA per slab whatever the rows
 
 
 def test_cuda_prefill_folds_the_low_rank_term_where_the_kernel_serves_the_rank():

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from bench.tiny_shape import TINY
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -89,19 +91,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 def tiny_config(family: str, **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    common = dict(TINY, vocab_size=384, intermediate_size=96, max_position_embeddings=256)  # the tokenizer's 384
     if family == "llama":
         cfg = LlamaConfig(**{**common, "rope_theta": 10000.0, **overrides})
     elif family == "mistral":

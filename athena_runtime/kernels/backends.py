@@ -137,10 +137,10 @@ class Registry:
         return lambda x, glu: plan_for(next(t for t in t_insts if t >= x.shape[0]), glu)(x)
 
     def _bind_frag(self, layer) -> Matmul:
-        args, geo = layer.kernel_args(), layer.geo
+        args, geo, st = layer.kernel_args(), layer.geo, self.tuning.frag_stages
         _compile(
             [
-                (frag._kernel, (t, frag.choose_nr(geo, t, 3, self.tuning), geo.bits, 3, self.device.index))
+                (frag._kernel, (t, frag.choose_nr(geo, t, st, self.tuning), geo.bits, st, self.device.index))
                 for t in frag.T_PADS
             ]
         )

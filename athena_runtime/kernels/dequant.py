@@ -26,13 +26,11 @@ THREADS = 256  # a thread owns 4 consecutive rows: passes of 1024 rows
 MIN_BLOCKS = 2  # __launch_bounds__(THREADS, 2) in dequant.cu: <= 128 registers, 2 CTAs per SM
 MAIN_RECIPE, MAIN_SLABS = (6, 2), (4, 8, 16)  # (bits, d) of the default recipe and its slab widths
 SMEM_LIMIT = 48 * 1024  # codebook lines per CTA (the default dynamic shared-memory limit)
-ROWS_CANDIDATES = (1024, 2048, 4096)  # rows per chunk the launch rule picks from (any multiple of 4 runs)
-DEFAULT_ROWS_PER_CHUNK = 2048
-# fold: 8-word slabs, rounds of 64 rows, B's fragments (rank / 16 k-steps) in registers for the CTA's life
-FOLD_SLAB_W, FOLD_ROUND_ROWS, FOLD_MAX_RANK = 8, 64, 64
+# fold.cu: 8-word slabs, rounds of 64 rows, B's fragments (rank / 16 k-steps) in registers for the CTA's life,
+# __launch_bounds__(THREADS, 2)
+FOLD_SLAB_W, FOLD_ROUND_ROWS, FOLD_MAX_RANK, FOLD_MIN_BLOCKS = 8, 64, 64, 2
 FOLD_FRAG_REGS = 60  # at most this many registers of B's fragments (PER_WORD · m-tiles · KS · 4): 64 and more spill
 FOLD_SMEM_LIMIT = 96 * 1024  # per CTA (opt-in above 48 KB; Ada allows 99 KB, Hopper 227 KB)
-FOLD_ROWS_CANDIDATES = (512, 1024, 2048)
 RECIPES = tuple((bits, d) for bits in (4, 6, 8) for d in (1, 2, 3, 4))  # both kernels: b in 4/6/8, d <= 4
 
 
@@ -62,22 +60,23 @@ def n_ctas(geo: PQGeometry, slab_w: int, rows_per_chunk: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_launch(geo: PQGeometry, n_sms: int) -> tuple[int, int]:
+def choose_launch(geo: PQGeometry, tuning: Tuning) -> tuple[int, int]:
     """(slab_w, rows_per_chunk) by a rule to be replaced by measurements: all CTAs resident at once (no
     partial last wave) with at least one per SM, as many as that allows (more warps to hide latency),
     ties to taller chunks (the codebook lines staged per CTA are a fraction n / rows of its output);
-    layers too small or too large for that get the most CTAs, or 8-word slabs of 2048 rows."""
+    layers too small or too large for that get the most CTAs, or `tuning.dequant_fallback`."""
+    n_sms = tuning.sms
     slabs = [s for s in slab_widths(geo.bits, geo.d) if geo.GW % s == 0]
     resident = MIN_BLOCKS * n_sms
-    cands = [(n_ctas(geo, s, r), r, s) for s in slabs for r in ROWS_CANDIDATES]
+    cands = [(n_ctas(geo, s, r), r, s) for s in slabs for r in tuning.dequant_rows]
     fits = [c for c in cands if n_sms <= c[0] <= resident]
     if fits:
         _, r, s = max(fits)
     elif all(c[0] < n_sms for c in cands):
         _, r, s = max(cands, key=lambda c: (c[0], -c[1]))
     else:
-        s = 8 if 8 in slabs else slabs[0]
-        r = DEFAULT_ROWS_PER_CHUNK
+        s, r = tuning.dequant_fallback
+        s = s if s in slabs else slabs[0]
     return s, r
 
 
@@ -108,17 +107,18 @@ def fold_supports(geo: PQGeometry, rank: int, dtype: torch.dtype = torch.float16
 
 
 @functools.lru_cache(maxsize=1024)
-def choose_fold_rows(geo: PQGeometry, n_sms: int) -> int:
-    """Rows per chunk with the fullest last wave (CTAs / slots over its ceiling, 2 CTAs per SM), ties (within 0.02)
-    to taller chunks (fewer CTAs stage the same codebook lines and B columns). H100, 2048 tokens (BENCHMARKS.md
-    §3): 4096 x 4096 1024 rows 31.8 µs (512: 34.6, 2048: 43.0); 11008 x 4096 512 rows 76.8 (1024: 82.3, 2048: 95.8)."""
+def choose_fold_rows(geo: PQGeometry, tuning: Tuning) -> int:
+    """Rows per chunk with the fullest last wave (CTAs / slots over its ceiling, FOLD_MIN_BLOCKS CTAs per SM), ties
+    (within 0.02) to taller chunks (fewer CTAs stage the same codebook lines and B columns). H100, 2048 tokens
+    (BENCHMARKS.md §3): 4096 x 4096 1024 rows 31.8 µs (512: 34.6, 2048: 43.0); 11008 x 4096 512 rows 76.8 (1024:
+    82.3, 2048: 95.8)."""
 
     def fill(rows):
-        waves = geo.Nb * -(-min(geo.k, geo.N) // rows) * (geo.GW // FOLD_SLAB_W) / (2 * n_sms)
+        waves = n_ctas(geo, FOLD_SLAB_W, rows) / (FOLD_MIN_BLOCKS * tuning.sms)
         return waves / math.ceil(waves)
 
-    best = max(fill(r) for r in FOLD_ROWS_CANDIDATES)
-    return max(r for r in FOLD_ROWS_CANDIDATES if fill(r) >= best - 0.02)
+    best = max(fill(r) for r in tuning.fold_rows)
+    return max(r for r in tuning.fold_rows if fill(r) >= best - 0.02)
 
 
 @functools.cache
@@ -145,6 +145,24 @@ def kernel_names(geo: PQGeometry, rank: int) -> list[tuple[str, str, int]]:
 
 
 # ----------------------------------------------------------------------------------- wrappers
+def _geometry_args(qweight, codebook, geo: PQGeometry, rows_per_chunk: int) -> tuple[int, list]:
+    """(row programs, the leading arguments of dequant_kernel and fold_kernel: the layer and its row chunks)."""
+    chunks, n_row = row_chunks(geo, rows_per_chunk)
+    i32 = ctypes.c_int
+    return n_row, [
+        ptr(qweight),
+        i32(geo.N_pad),
+        ptr(codebook),
+        i32(geo.G_pad),
+        i32(geo.N),
+        i32(geo.M),
+        i32(geo.GW),
+        i32(geo.k),
+        i32(chunks),
+        i32(rows_per_chunk),
+    ]
+
+
 def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> int:
     """Argument checks shared by the kernel wrapper and its reference; returns out's row count K."""
     check_layer_tensors(qweight, codebook, geo)
@@ -217,7 +235,7 @@ def dequantize_t(
     why = supports(geo, dtype)
     if why is not None:
         raise ValueError(f"dequantize_t: {why}")
-    auto_s, auto_r = choose_launch(geo, Tuning.for_device(qweight.device).sms)
+    auto_s, auto_r = choose_launch(geo, Tuning.for_device(qweight.device))
     slab_w, rows_per_chunk = slab_w or auto_s, rows_per_chunk or auto_r
     if slab_w not in slab_widths(geo.bits, geo.d) or geo.GW % slab_w:
         raise ValueError(f"no CUDA dequantize for bits={geo.bits} d={geo.d} slab_w={slab_w} (GW={geo.GW})")
@@ -232,19 +250,9 @@ def dequantize_t(
         if a.shape[1] % 8 or a.stride(1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
             a = torch.nn.functional.pad(a, (0, -a.shape[1] % 8)).contiguous()
         extra = K - geo.M
-    chunks, n_row = row_chunks(geo, rows_per_chunk)
     k = _kernel("dequant.cu", f"athena::dequant_kernel<{geo.bits}, {geo.d}, {slab_w}>", qweight.device.index)
-    vals = [
-        ptr(qweight),
-        ctypes.c_int(geo.N_pad),
-        ptr(codebook),
-        ctypes.c_int(geo.G_pad),
-        ctypes.c_int(geo.N),
-        ctypes.c_int(geo.M),
-        ctypes.c_int(geo.GW),
-        ctypes.c_int(geo.k),
-        ctypes.c_int(chunks),
-        ctypes.c_int(rows_per_chunk),
+    n_row, vals = _geometry_args(qweight, codebook, geo, rows_per_chunk)
+    vals += [
         ptr(Wt),
         ctypes.c_longlong(Wt.stride(0)),
         ptr(a),
@@ -305,7 +313,7 @@ def dequantize_fold_t(
     why = fold_supports(geo, rank, codebook.dtype)
     if why is not None:
         raise ValueError(f"dequantize_fold_t: {why}")
-    rows = rows_per_chunk or choose_fold_rows(geo, Tuning.for_device(qweight.device).sms)
+    rows = rows_per_chunk or choose_fold_rows(geo, Tuning.for_device(qweight.device))
     if rows % 8 or rows <= 0:
         raise ValueError(f"rows_per_chunk must be a positive multiple of 8, got {rows}")
     A, B = lowrank_a.half(), lowrank_b.half()
@@ -314,18 +322,8 @@ def dequantize_fold_t(
     Wt = torch.empty(geo.M, geo.N, device=qweight.device, dtype=torch.float16) if out is None else out
     smem = fold_smem_bytes(geo.bits, geo.d, rank)
     k = _kernel("fold.cu", f"athena::fold_kernel<{geo.bits}, {geo.d}, {rank // 16}>", qweight.device.index, smem)
-    chunks, n_row = row_chunks(geo, rows)
-    vals = [
-        ptr(qweight),
-        ctypes.c_int(geo.N_pad),
-        ptr(codebook),
-        ctypes.c_int(geo.G_pad),
-        ctypes.c_int(geo.N),
-        ctypes.c_int(geo.M),
-        ctypes.c_int(geo.GW),
-        ctypes.c_int(geo.k),
-        ctypes.c_int(chunks),
-        ctypes.c_int(rows),
+    n_row, vals = _geometry_args(qweight, codebook, geo, rows)
+    vals += [
         ptr(A),
         ctypes.c_int(A.stride(0)),
         ptr(B),

@@ -104,7 +104,7 @@ def frag_matmul(
     *,
     split: int | None = None,
     nr: int | None = None,
-    stages: int = 3,
+    stages: int | None = None,
     glu: tuple[int, int] | None = None,
     tuning: Tuning | None = None,
     checked: bool = False,
@@ -118,6 +118,7 @@ def frag_matmul(
         if why is not None:
             raise ValueError(f"frag_matmul: {why}")
     tuning = tuning or Tuning.for_device(x.device)
+    stages = stages or tuning.frag_stages
     t_pad = next(t for t in T_PADS if t >= T)
     nr = nr or choose_nr(geo, t_pad, stages, tuning)
     if (t_pad, nr, stages) not in VARIANTS:
@@ -162,4 +163,4 @@ def frag_matmul(
         ptr(None if lr_b is None else u_part),
     ]
     kernel.launch((n_row, split), smem_bytes(t_pad, nr, stages, geo.bits), nvrtc.param_array(vals))
-    return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype, glu)
+    return splitk_epilogue(partial, u_part, lowrank_a, bias, T, geo.N, x.dtype, glu, tuning=tuning)

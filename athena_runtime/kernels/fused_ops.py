@@ -283,20 +283,7 @@ def silu_mul_reference(gate, up):
 
 
 def silu_mul(gate, up, use_triton: bool | None = None):
-    if not _triton_ok(gate, use_triton):
-        return silu_mul_reference(gate, up)
-    if gate.dim() != 2 or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
-        raise ValueError(
-            f"silu_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, {tuple(up.shape)}"
-        )
-    T, F = gate.shape
-    y = torch.empty(T, F, device=gate.device, dtype=gate.dtype)
-    BLOCK = 1024
-    if T:
-        _silu_mul_kernel[(T, triton.cdiv(F, BLOCK))](
-            gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4
-        )
-    return y
+    return _gated_mul("silu", gate, up, use_triton)
 
 
 # ------------------------------------------------------------------------------- GELU(tanh)-gated MLP
@@ -306,17 +293,23 @@ def gelu_tanh_mul_reference(gate, up):
 
 
 def gelu_tanh_mul(gate, up, use_triton: bool | None = None):
+    return _gated_mul("gelu_tanh", gate, up, use_triton)
+
+
+def _gated_mul(act: str, gate, up, use_triton: bool | None):
+    """act(gate) · up by the activation's kernel (or its reference); both wrappers' checks and launch."""
     if not _triton_ok(gate, use_triton):
-        return gelu_tanh_mul_reference(gate, up)
+        return silu_mul_reference(gate, up) if act == "silu" else gelu_tanh_mul_reference(gate, up)
     if gate.dim() != 2 or gate.shape != up.shape or gate.stride(-1) != 1 or up.stride(-1) != 1:
         raise ValueError(
-            f"gelu_tanh_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, {tuple(up.shape)}"
+            f"{act}_mul takes gate and up [T, F] row-contiguous, got {tuple(gate.shape)}, {tuple(up.shape)}"
         )
     T, F = gate.shape
     y = torch.empty(T, F, device=gate.device, dtype=gate.dtype)
     BLOCK = 1024
     if T:
-        _gelu_tanh_mul_kernel[(T, triton.cdiv(F, BLOCK))](
+        kernel = _silu_mul_kernel if act == "silu" else _gelu_tanh_mul_kernel
+        kernel[(T, triton.cdiv(F, BLOCK))](
             gate, up, y, F, gate.stride(0), up.stride(0), y.stride(0), BLOCK=BLOCK, num_warps=4
         )
     return y

@@ -33,8 +33,8 @@ Exactness against the PyTorch reference (the spec, `kv_write_reference`):
   group takes the other, equally good ratio. The tests bound these cases (tests/test_kv_write.py).
 - Non-finite inputs (NaN / inf) are not specified by either path.
 
-Launch: num_warps=1 for D <= 128 (a single warp holds the whole head: no cross-warp reductions; chosen from
-the SASS instruction count for sm_89 / sm_90, not yet timed on a GPU).
+Launch: one warp for D <= `Tuning.kv_write_one_warp_max_head_dim` (it holds the whole head: no cross-warp
+reductions), else two.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch
 
 from athena_runtime.kernels.pq_reference import interpreting
 from athena_runtime.kernels.splitk import triton
+from athena_runtime.kernels.tuning import Tuning
 from athena_runtime.kv_quant_params import CLIP_RATIOS, SCALE_MIN, SCALE_ROUND_UP
 
 if triton is not None:
@@ -413,5 +414,5 @@ def kv_write(
         SCALE_ROUND_UP=SCALE_ROUND_UP,
         CLIP_RATIOS=tuple(_fp32(c) for c in CLIP_RATIOS),
         enable_fp_fusion=False,
-        num_warps=1 if D <= 128 else 2,
+        num_warps=1 if D <= Tuning.for_device(k.device).kv_write_one_warp_max_head_dim else 2,
     )

@@ -75,10 +75,6 @@ class PQGeometry:
     def N_pad(self) -> int:
         return _round_up(self.N, N_ALIGN)
 
-    @property
-    def packed_bytes_per_row(self) -> int:  # FORMAT.md indices width
-        return math.ceil(self.G * self.bits / 8)
-
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
@@ -113,17 +109,6 @@ def row_chunks(geo: PQGeometry, rows_per_chunk: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------- codebooks
-def dequantize_codebook(
-    codebook: torch.Tensor, scale: torch.Tensor | None, cmin: torch.Tensor | None, dtype=torch.float16
-) -> torch.Tensor:
-    """C[β, j, c, l] = codebook · scale[β, j, l] + min[β, j, l] (uint8), or the fp16 codebook as is."""
-    if codebook.dtype == torch.uint8:
-        C = codebook.float() * scale.float()[:, :, None, :] + cmin.float()[:, :, None, :]
-    else:
-        C = codebook.float()
-    return C.to(dtype)
-
-
 def pad_codebook(C: torch.Tensor, geo: PQGeometry) -> torch.Tensor:
     """C [Nb, G, n, d] -> kernel codebook [Nb, G_pad, d, n]: l-major, zero for the padding groups."""
     if tuple(C.shape) != (geo.Nb, geo.G, geo.n, geo.d):

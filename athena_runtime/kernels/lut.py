@@ -214,7 +214,7 @@ class LutPlan:
             )
         if self.rows % 4 or self.rows <= 0:
             raise ValueError(f"rows_per_chunk must be a positive multiple of 4, got {self.rows}")
-        self.geo, self.t_inst, self.glu, self.device = geo, t_inst, glu, dev
+        self.geo, self.t_inst, self.glu, self.device, self.tuning = geo, t_inst, glu, dev, tuning
         self.lowrank_a, self.bias = lowrank_a, bias
         self.lr_b = None if lowrank_b is None else lowrank_b.half().contiguous()
         self.rank = 0 if lowrank_a is None else lowrank_a.shape[1]
@@ -315,7 +315,9 @@ class LutPlan:
             self.kernel.launch(self.grid, self.smem, self.params)
             return y
         self.kernel.launch(self.grid, self.smem, self.params)
-        return splitk_epilogue(partial, u, self.lowrank_a, self.bias, T, self.geo.N, x.dtype, self.glu)
+        return splitk_epilogue(
+            partial, u, self.lowrank_a, self.bias, T, self.geo.N, x.dtype, self.glu, tuning=self.tuning
+        )
 
 
 def _ptr(t) -> int:

@@ -122,7 +122,6 @@ class Toolchain:
         file: str,
         name: str,
         arch: str,
-        defines: dict[str, int] | None = None,
         options: tuple[str, ...] = (),
         source_dir: Path = SOURCE_DIR,
     ) -> tuple[bytes, str, str]:
@@ -135,7 +134,6 @@ class Toolchain:
             "-lineinfo",
             f"-I{source_dir}",
             f"-I{self.include_dir}",
-            *(f"-D{k}={v}" for k, v in sorted((defines or {}).items())),
             *options,
         ]
         key = self._key(file, name, opts, source_dir)
@@ -262,7 +260,6 @@ class Kernel:
         name: str,
         device: torch.device,
         *,
-        defines: dict[str, int] | None = None,
         smem_max: int = 0,
         threads: int = 256,
         options: tuple[str, ...] = (),
@@ -276,7 +273,7 @@ class Kernel:
         arch, _ = tc.target(10 * major + minor)
         t0 = time.perf_counter()
         if image is None:
-            image, lowered, self.build_log = tc.compile(file, name, arch, defines, options, source_dir)
+            image, lowered, self.build_log = tc.compile(file, name, arch, options, source_dir)
         else:
             (image, lowered), self.build_log = image, ""
         self.seconds = time.perf_counter() - t0  # compile (or cache read) time

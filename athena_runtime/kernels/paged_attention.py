@@ -27,18 +27,8 @@ import torch
 import torch.nn.functional as F
 
 # the Triton decode kernel lives in paged_decode.py; re-exported here (one module for the callers)
-from athena_runtime.kernels.paged_decode import (  # noqa: F401
-    _INTERPRETER_SMS,
-    MAX_SPLITS,
-    NUM_WARPS,
-    SPLIT_PROGRAMS_PER_SM,
-    TILE_TOKENS,
-    _num_sms,
-    decode_launch_shape,
-    decode_num_splits,
-    paged_attention_decode,
-    triton,
-)
+from athena_runtime.kernels.paged_decode import decode_num_splits, paged_attention_decode, triton  # noqa: F401
+from athena_runtime.kernels.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +52,7 @@ def _per_sequence(
     use_sdpa=False,
     softcap=None,
 ):
-    seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
-    qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
+    seq_lens_list, qsl = _host_lists(seq_lens, query_start_loc, seq_lens_list, query_start_list)
     group = q.shape[1] // kv_cache.num_kv_heads
     bs = kv_cache.block_size
     out = torch.empty_like(q)
@@ -93,6 +82,14 @@ def _per_sequence(
             p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
             out[q0:q1] = torch.einsum("hnl,lhd->nhd", p, v).to(q.dtype)
     return out
+
+
+def _host_lists(seq_lens, query_start_loc, seq_lens_list, query_start_list) -> tuple[list[int], list[int]]:
+    """seq_lens and query_start_loc as lists: the caller's copies where it has them (no device sync)."""
+    return (
+        seq_lens.tolist() if seq_lens_list is None else seq_lens_list,
+        query_start_loc.tolist() if query_start_list is None else query_start_list,
+    )
 
 
 def paged_attention_reference(
@@ -148,26 +145,26 @@ def paged_attention_mixed(
     query_start_list=None,
     fresh_kv=None,
     softcap=None,
+    tuning: Tuning | None = None,
 ):
     """A batch of prefill chunks and decode tokens (continuous batching): the one-token sequences go
     through the decode kernel in one launch, whole prompts through a few SDPA calls per group of up to
-    FRESH_SDPA_MAX_TOKENS tokens (`_fresh_prompts_sdpa`), and only continued chunks through the
-    per-sequence path. (With every
-    sequence in the per-sequence loop, a 64-stream step while prompts arrive cost 0.5-1.7 s on the
-    H100: hundreds of small launches per layer.)
+    `tuning.fresh_sdpa_max_tokens` tokens (`_fresh_prompts_sdpa`), and only continued chunks through the
+    per-sequence path. (With every sequence in the per-sequence loop, a 64-stream step while prompts arrive
+    cost 0.5-1.7 s on the H100: hundreds of small launches per layer.)
 
     With `fresh_kv` (this step's k, v [T, Hkv, D], rows as q's), whole prompts attend over their own keys and values
     as computed (`KVCache.fresh_kv`: the cache's basis, no quantization) instead of reading them back: the same
     result for an fp16 cache, the unquantized one for int8/int4, and no gather or dequantize (a prompt's admission
     step is host-bound, BENCHMARKS.md §7). Decode tokens and continued chunks still read the cache."""
-    seq_lens_list = seq_lens.tolist() if seq_lens_list is None else seq_lens_list
-    qsl = query_start_loc.tolist() if query_start_list is None else query_start_list
+    seq_lens_list, qsl = _host_lists(seq_lens, query_start_loc, seq_lens_list, query_start_list)
     n = [qsl[s + 1] - qsl[s] for s in range(len(seq_lens_list))]
     dec = [s for s, k in enumerate(n) if k == 1]
     fresh = [s for s, k in enumerate(n) if k > 1 and k == seq_lens_list[s]]  # whole prompts: no cached keys
     rest = [s for s, k in enumerate(n) if k > 1 and k != seq_lens_list[s]]  # continued chunks
     if softcap is not None:  # SDPA cannot soft-cap: whole prompts join the per-sequence path
         rest, fresh = sorted(rest + fresh), []
+    tuning = tuning or Tuning.for_device(q.device)
     out = torch.empty_like(q)
     if len(dec) == 1:
         rest.append(dec.pop())
@@ -184,8 +181,9 @@ def paged_attention_mixed(
             sm_scale,
             sliding_window,
             softcap=softcap,
+            tuning=tuning,
         )
-    for group in _token_groups(fresh, n, FRESH_SDPA_MAX_TOKENS):
+    for group in _token_groups(fresh, n, tuning.fresh_sdpa_max_tokens):
         _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window, fresh_kv)
     for s in rest:  # each chunk with its own KV length and queries
         q0, q1 = qsl[s], qsl[s + 1]
@@ -203,9 +201,6 @@ def paged_attention_mixed(
             softcap=softcap,
         )
     return out
-
-
-FRESH_SDPA_MAX_TOKENS = 4096  # one SDPA call covers at most this many prompt tokens (its mask is T x T)
 
 
 def _token_groups(seqs: list[int], n: list[int], limit: int) -> list[list[int]]:

@@ -6,9 +6,9 @@ sequence.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from athena_runtime.kernels.tuning import Tuning
 
 try:
     import triton
@@ -309,52 +309,24 @@ if triton is not None:
         tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-TILE_TOKENS = 64  # keys per loop step (4 pages of 16): 32 KiB of fp16 K and V loads in flight per step
-NUM_WARPS = 4  # per program; at 64 keys 8 warps take as many registers per program or more (sm_89/sm_90)
-# Heads wider than 128 (Gemma's 256): the K and V tiles hold TILE_TOKENS x BLOCK_D float32 values each, so the
-# tile is halved (the same 32 KiB in flight) and the program gets 8 warps: at 64 x 256 with 4 warps the two tiles
-# alone would take 256 registers per thread. Not yet timed on a GPU (bench.decode --family gemma3-12b).
-WIDE_HEAD_DIM = 128
-WIDE_TILE_TOKENS, WIDE_NUM_WARPS = 32, 8
-
-
-def decode_launch_shape(head_dim: int) -> tuple[int, int]:
-    """(keys per tile, warps per program) of the decode kernel for heads of `head_dim`."""
-    if head_dim > WIDE_HEAD_DIM:
-        return WIDE_TILE_TOKENS, WIDE_NUM_WARPS
-    return TILE_TOKENS, NUM_WARPS
-
-
-SPLIT_PROGRAMS_PER_SM = 2  # automatic split count: aim at this many programs per SM
-MAX_SPLITS = 16
-_INTERPRETER_SMS = 32  # CPU (Triton interpreter) stand-in for the SM count: the automatic choice still splits
-
-
 def decode_num_splits(
     num_seqs: int,
     num_kv_heads: int,
     num_pages: int,
     block_size: int,
     tile_tokens: int,
-    num_sms: int,
+    tuning: Tuning,
     sliding_window: int | None = None,
 ) -> int:
-    """How many programs share one (sequence, KV head): enough for SPLIT_PROGRAMS_PER_SM programs per
+    """How many programs share one (sequence, KV head): enough for `tuning.decode_programs_per_sm` programs per
     SM, no more than the tiles the longest possible sequence has (table width `num_pages` pages, or the
-    window), at most MAX_SPLITS. Static shapes only, never seq_lens: CUDA graphs replay one choice."""
+    window), at most `tuning.decode_max_splits`. Static shapes only, never seq_lens: CUDA graphs replay one choice."""
     programs = max(1, num_seqs * num_kv_heads)
-    want = -(-SPLIT_PROGRAMS_PER_SM * num_sms // programs)
+    want = -(-tuning.decode_programs_per_sm * (tuning.decode_sms or tuning.sms) // programs)
     tiles = -(-num_pages * block_size // tile_tokens)
     if sliding_window is not None:  # the visible keys span at most cdiv(W, tile) + 1 tiles
         tiles = min(tiles, -(-sliding_window // tile_tokens) + 1)
-    return max(1, min(want, tiles, MAX_SPLITS))
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_SMS
+    return max(1, min(want, tiles, tuning.decode_max_splits))
 
 
 def paged_attention_decode(
@@ -369,11 +341,13 @@ def paged_attention_decode(
     *,
     num_splits: int | None = None,
     softcap: float | None = None,
+    tuning: Tuning | None = None,
 ):
     """Triton decode: one query token per sequence (`query_start_loc` is then arange(S + 1)).
 
     num_splits: programs per (sequence, KV head) over the context (flash-decoding, module comment
-    above the kernel); None = `decode_num_splits` for these shapes and this GPU."""
+    above the kernel); None = `decode_num_splits` for these shapes and this GPU. `tuning`: default
+    `Tuning.for_device` (benchmarks pass other tiles and warps)."""
     if triton is None:
         raise RuntimeError("paged_attention_decode needs Triton")
     num_tokens, num_heads, head_dim = q.shape
@@ -402,7 +376,8 @@ def paged_attention_decode(
     queries_per_kv = num_heads // kv_cache.num_kv_heads
     block_q = 1 if queries_per_kv == 1 else max(16, triton.next_power_of_2(queries_per_kv))  # tl.dot: >= 16 rows
     block_d = triton.next_power_of_2(head_dim)
-    tile_tokens, num_warps = decode_launch_shape(block_d)
+    tuning = tuning or Tuning.for_device(q.device)
+    tile_tokens, num_warps = tuning.decode_launch_shape(block_d)
     if block_q > 1 and (tile_tokens < 16 or block_d < 16):
         raise ValueError(
             f"GQA decode uses tl.dot: needs TILE_TOKENS >= 16 and head_dim >= 16, got {tile_tokens}, {head_dim}"
@@ -415,13 +390,7 @@ def paged_attention_decode(
         groups = 0
     if num_splits is None:
         num_splits = decode_num_splits(
-            num_seqs,
-            kv_cache.num_kv_heads,
-            num_pages,
-            kv_cache.block_size,
-            tile_tokens,
-            _num_sms(q.device),
-            sliding_window,
+            num_seqs, kv_cache.num_kv_heads, num_pages, kv_cache.block_size, tile_tokens, tuning, sliding_window
         )
     if num_splits > 1:  # every split writes its slot, padding rows and empty splits included
         m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)

@@ -187,9 +187,6 @@ if triton is not None:
         )
 
 
-TILE_EPILOGUE_MIN_TOKENS = 4  # above this many tokens the epilogue works on [16 tokens, 64 rows] tiles
-
-
 def splitk_epilogue(
     partial,
     u_part,
@@ -200,29 +197,30 @@ def splitk_epilogue(
     out_dtype,
     glu: tuple[int, int] | None = None,
     *,
-    block_n: int | None = None,
-    block_s: int | None = None,
-    num_warps: int | None = None,
+    tuning: Tuning | None = None,
 ) -> torch.Tensor:
     """Finish split-K partial sums: partial [S, T_, N_pad] fp32 or fp16 (summed in fp32), u_part [S', T_, r]
     fp32 or None. `glu=(up_offset, F)`: return silu(z[:, :F]) · z[:, up_offset:up_offset + F] [T, F] of the
     finished sum z instead of z (a fused gate/up layer; saves the SiLU-mul launch and half the writes).
-    `block_n`, `block_s`, `num_warps`: override the few-token kernel's launch (benchmarks)."""
+    `tuning`: default `Tuning.for_device`."""
     S = partial.shape[0]
     up_off, n_out = (glu[0], glu[1]) if glu is not None else (0, N)
     if glu is not None and not (n_out <= up_off and up_off + n_out <= N):
         raise ValueError(f"glu={glu}: gate rows [0, {n_out}) and up rows [{up_off}, {up_off + n_out}) must fit N={N}")
+    tuning = tuning or Tuning.for_device(partial.device)
     y = torch.empty(T, n_out, device=partial.device, dtype=out_dtype)
     has_lr = lowrank_a is not None
     rank = lowrank_a.shape[1] if has_lr else 0
     s_u = u_part.shape[0] if has_lr else 0
-    # what both kernels take: pointers (unused ones stand in as `partial`), strides, constexpr flags
-    ptrs = (
+    # what both kernels take: pointers (unused ones stand in as `partial`), sizes, strides, constexpr flags
+    args = (
         partial,
         u_part if has_lr else partial,
         lowrank_a if has_lr else partial,
         bias if bias is not None else partial,
         y,
+        S,
+        s_u,
     )
     strides = (
         partial.stride(0),
@@ -233,37 +231,38 @@ def splitk_epilogue(
         y.stride(0),
     )
     flags = dict(RANK_P2=max(16, next_pow2(rank)), HAS_LOWRANK=has_lr, HAS_BIAS=bias is not None, GLU=glu is not None)
-    if T > TILE_EPILOGUE_MIN_TOKENS:  # token tiles: A read once per tile, not once per token
+    if T > tuning.splitk_tile_min_tokens:  # token tiles: A read once per tile, not once per token
         BLOCK_T, BLOCK_N = 16, 64
-        _splitk_epilogue_tile_kernel[(triton.cdiv(n_out, BLOCK_N), triton.cdiv(T, BLOCK_T))](
-            *ptrs, S, s_u, T, n_out, rank, up_off, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4
+        grid = (triton.cdiv(n_out, BLOCK_N), triton.cdiv(T, BLOCK_T))
+        _splitk_epilogue_tile_kernel[grid](
+            *args, T, n_out, rank, up_off, *strides, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, **flags, num_warps=4
         )
         return y
-    # the epilogue is latency-bound: all partials of a row tile in one load, one round trip
     n_s = max(S, s_u, 1)
-    if T == 1:  # every slab in one block (up to 256), 4096-element tiles: H100 sweep
-        # (4096 x 11008, 140 slabs: 16.3 -> 15.3 µs a call; 14336 x 4096: 17.5 -> 16.9; others ±0.1)
-        block_s = block_s or min(256, max(16, next_pow2(n_s)))
-        BLOCK_N = block_n or (64 if block_s <= 64 else 16)
-        num_warps = num_warps or 4
-    else:  # <= 64 slabs a block; row tiles narrow enough for ~2 programs per SM (N = 4096 at 128 rows
-        # would leave 100 SMs idle)
-        block_s = block_s or min(64, max(16, next_pow2(n_s)))
-        target = 2 * Tuning.for_device(partial.device).sms
-        BLOCK_N = block_n or next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
-        num_warps = num_warps or (8 if block_s * BLOCK_N >= 64 * 128 else 4)
-    _splitk_epilogue_kernel[(triton.cdiv(n_out, BLOCK_N), T)](
-        *ptrs,
-        S,
-        s_u,
+    block_n, block_s, num_warps = _few_token_launch(T, n_out, n_s, tuning)
+    _splitk_epilogue_kernel[(triton.cdiv(n_out, block_n), T)](
+        *args,
         n_out,
         rank,
         up_off,
         *strides,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_S=block_s,
         S_ITERS=triton.cdiv(n_s, block_s),
         **flags,
         num_warps=num_warps,
     )
     return y
+
+
+def _few_token_launch(T: int, n_out: int, n_s: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_S, warps) of the per-token kernel; it is latency-bound: all partials of a row tile in one
+    load, one round trip. One token: every slab in one block, 4096-element tiles. More: row tiles narrow enough
+    for `splitk_ctas_per_sm` programs per SM (N = 4096 at 128 rows would leave 100 SMs idle)."""
+    if T == 1:
+        block_s = min(tuning.splitk_t1_max_slabs, max(16, next_pow2(n_s)))
+        return (64 if block_s <= 64 else 16), block_s, 4
+    block_s = min(tuning.splitk_max_slabs, max(16, next_pow2(n_s)))
+    target = tuning.splitk_ctas_per_sm * tuning.sms
+    block_n = next((b for b in (128, 64) if triton.cdiv(n_out, b) * T >= target), 32)
+    return block_n, block_s, (8 if block_s * block_n >= 64 * 128 else 4)

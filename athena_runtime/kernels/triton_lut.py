@@ -115,7 +115,6 @@ if triton is not None:
         SLAB_W: tl.constexpr,
         ROWS_PER_CHUNK: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        LUT_FP16: tl.constexpr,
         HAS_LOWRANK: tl.constexpr,
         LR_ITERS: tl.constexpr,
     ):
@@ -134,7 +133,7 @@ if triton is not None:
         # ---- 1. table L[s, w, c, t] = Σ_l C[blk, j, l, c] x[t, D j + l] for group j = s·GW + w0 + w
         # (tokens innermost: one vector load per index fetches every token's entry)
         cb_blk = codebook_ptr + blk * stride_cbb
-        ENTRY_DTYPE: tl.constexpr = tl.float16 if LUT_FP16 else tl.float32  # fp16: two entries per HFMA2
+        ENTRY_DTYPE: tl.constexpr = tl.float16  # two entries per HFMA2
         for s in tl.static_range(PER_WORD):
             j = s * GW + w0 + offs_w  # [SLAB_W]
             entry = tl.zeros([T_P2, SLAB_W, NC], dtype=ENTRY_DTYPE)
@@ -200,10 +199,10 @@ if triton is not None:
                 tl.store(p_ptrs, acc, mask=row_mask[:, None] & t_mask[None, :])
 
 
-def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, device, slabs=(32, 16, 8, 4)) -> int:
-    """The widest slab that still gives >= 1.5 programs per SM (wide slabs: fewer partial sums)."""
+def choose_slab_w(geo: PQGeometry, rows_per_chunk: int, tuning: Tuning, slabs=(32, 16, 8, 4)) -> int:
+    """The widest slab that still gives `triton_lut_ctas_per_sm` programs per SM (wide slabs: fewer partial sums)."""
     _, n_row = row_chunks(geo, rows_per_chunk)
-    target = 1.5 * Tuning.for_device(device).sms
+    target = tuning.triton_lut_ctas_per_sm * tuning.sms
     ok = [s for s in slabs if geo.GW % s == 0]
     return next((s for s in ok if n_row * (geo.GW // s) >= target), ok[-1])
 
@@ -217,7 +216,6 @@ def triton_lut_matmul(
     lowrank_b=None,
     bias=None,
     *,
-    lut_fp16: bool = True,
     slab_w: int | None = None,
     rows_per_chunk: int | None = None,
     block_n: int = 128,
@@ -231,13 +229,13 @@ def triton_lut_matmul(
         raise ValueError(f"the lookup-table kernel takes n <= 256, got n={geo.n}")
     T = x.shape[0]
     T_P2 = next_pow2(T)
-    if rows_per_chunk is None:
-        rows_per_chunk = 1024  # tall chunks amortize the table over many rows
-    if slab_w is None and T_P2 == 1 and geo.GW % 8 == 0:
-        slab_w = 8  # T = 1: measured best or within 10% of the best on the 7B shapes (kernels.md sweep)
+    tuning = Tuning.for_device(x.device)
+    rows_per_chunk = rows_per_chunk or tuning.triton_lut_rows
+    if slab_w is None and T_P2 == 1 and geo.GW % tuning.triton_lut_t1_slab_w == 0:
+        slab_w = tuning.triton_lut_t1_slab_w
     if slab_w is None:  # table <= 20 KB per program
         slab_w = choose_slab_w(
-            geo, rows_per_chunk, x.device, tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,)
+            geo, rows_per_chunk, tuning, tuple(s for s in (32, 16, 8, 4, 2, 1) if s * T_P2 <= 32) or (1,)
         )
     if geo.GW % slab_w:
         raise ValueError(f"slab_w={slab_w} must divide GW={geo.GW}")
@@ -248,9 +246,7 @@ def triton_lut_matmul(
     x = x.contiguous()
 
     lut_size = geo.per_word * slab_w * T_P2 * geo.n
-    lut = torch.empty(
-        n_row_progs * n_slabs * lut_size, device=x.device, dtype=torch.float16 if lut_fp16 else torch.float32
-    )
+    lut = torch.empty(n_row_progs * n_slabs * lut_size, device=x.device, dtype=torch.float16)
     partial = torch.empty(n_slabs, T, geo.N_pad, device=x.device, dtype=torch.float32)
     u_part = torch.empty(n_slabs, T, max(rank, 1), device=x.device, dtype=torch.float32) if has_lr else partial
     grid = (n_row_progs, n_slabs)
@@ -285,9 +281,8 @@ def triton_lut_matmul(
         SLAB_W=slab_w,
         ROWS_PER_CHUNK=rows_per_chunk,
         BLOCK_N=min(block_n, rows_per_chunk),
-        LUT_FP16=lut_fp16,
         HAS_LOWRANK=has_lr,
         LR_ITERS=-(-((rank + 15) // 16) // n_row_progs),
         num_warps=num_warps,
     )
-    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu)
+    return splitk_epilogue(partial, u_part if has_lr else None, lowrank_a, bias, T, geo.N, x.dtype, glu, tuning=tuning)
