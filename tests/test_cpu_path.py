@@ -1,4 +1,4 @@
-"""The CPU fast path (cpu_path.py): the compiled linear kernels against PyTorch on odd shapes, the
+"""The CPU fast path (athena_runtime/cpu/path.py): the compiled linear kernels against PyTorch on odd shapes, the
 batched decode attention against the reference, and whole-model logits against the reference path
 within the int8 / fp16 weight tolerances."""
 
@@ -9,7 +9,7 @@ import torch
 from tiny_models import make_tiny_model
 
 from athena_runtime.batch import SequenceChunk
-from athena_runtime.cpu_linear import (
+from athena_runtime.cpu.linear import (
     KERNELS,
     CPULinear,
     PQ8Linear,
@@ -18,7 +18,7 @@ from athena_runtime.cpu_linear import (
     quantize_groups_int8,
     quantize_rows_int8,
 )
-from athena_runtime.cpu_path import CPUPathSettings
+from athena_runtime.cpu.path import CPUPathSettings
 from athena_runtime.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(not KERNELS.available()[0], reason="no C compiler for the CPU kernels")
@@ -126,7 +126,7 @@ def test_pq8_layer_is_exact(T, N, M, k, rank, bias):
 def test_pq8_without_stored_codes_is_exact_or_refused():
     """A PQ layer without its stored codes (e.g. fused by PQLinear.concat): codes recovered from each codebook
     column's min and max only when that reproduces the codebook; otherwise the layer takes fp16 weights."""
-    from athena_runtime.cpu_linear import compact
+    from athena_runtime.cpu.linear import compact
 
     pq = _pq_layers(5, 12, 30, 4, 1, False)
     full = pq_uint8_form(pq)
@@ -267,8 +267,9 @@ def test_fast_requested_without_kernels_is_an_error_and_auto_falls_back_loudly(m
     """A machine without a C compiler (PATH emptied, CC unset): the kernels cannot build."""
     import logging
 
-    from athena_runtime import cpu_linear, cpu_path
-    from athena_runtime.kernels.cpu_build import CPUKernels
+    from athena_runtime.cpu import linear as cpu_linear
+    from athena_runtime.cpu import path as cpu_path
+    from athena_runtime.cpu.build import CPUKernels
 
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", "")

@@ -9,7 +9,7 @@ server/settings.py.
     ATHENA_KERNEL_CACHE    NVRTC cubins (default $ATHENA_CACHE_DIR/kernels)
     ATHENA_PQ_PATH         force one PQ matmul backend (kernels/backends.py NAMES; tests, benchmarks)
     ATHENA_FUSED_EPILOGUE  0: the one-token split-K epilogue as a second launch (A/B runs; default 1)
-    ATHENA_CPU_PATH        auto | fast | reference: the CPU execution path (cpu_path.py; default auto)
+    ATHENA_CPU_PATH        auto | fast | reference: the CPU execution path (cpu/path.py; default auto)
     ATHENA_CPU_WEIGHTS     fp16 | auto | int8: the CPU fast path's weight format (default fp16)
     ATHENA_CPU_THREADS     N: torch threads on the CPU (default: PyTorch's)
     ATHENA_API_KEY         the key `athena bench serve` sends when --api-key is not given (the server reads it as a

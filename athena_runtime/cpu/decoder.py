@@ -1,5 +1,5 @@
 """The CPU fast path's decoder modules: the same math as model.py's, with each step's element-wise work and
-decode attention done by one compiled call each (`kernels/cpu_ops.c`) instead of several PyTorch ops.
+decode attention done by one compiled call each (`cpu/ops.c`) instead of several PyTorch ops.
 
 A decode step of a small model on the CPU is op-bound: SmolLM2-135M runs ~50 PyTorch ops in each of its
 30 layers, ~5-10 µs apiece. `specialize(model)` switches, in place, the modules that have a fast form:
@@ -7,12 +7,12 @@ A decode step of a small model on the CPU is op-bound: SmolLM2-135M runs ~50 PyT
     RMSNorm        -> CPURMSNorm     residual add + RMSNorm (float32, no unit offset)
     Attention      -> CPUAttention   fused q/k/v projection, RoPE in place on its output, K/V written into a
                                      float32/float16 cache without a stored basis or rotation, then the
-                                     layer's paged attention (cpu_attention.py: one compiled call for decode)
+                                     layer's paged attention (attention.py: one compiled call for decode)
     MLP            -> CPUMLP         fused gate/up projection, SiLU(gate)·up in one call
 
 Each keeps its class's interface and falls back to the original forward for what it does not cover
 (q/k norms, logit soft-capping, GELU, a quantized or rotated KV cache, unfused projections); which modules
-were switched is counted and logged by cpu_path.py.
+were switched is counted and logged by path.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def cache_fp16(cache) -> int:
 
 
 class CPURMSNorm(RMSNorm):
-    _ops = None  # the compiled library (kernels/cpu_build.py), set per module by specialize
+    _ops = None  # the compiled library (cpu/build.py), set per module by specialize
 
     def forward(self, x, residual=None, out_dtype=None):
         if (

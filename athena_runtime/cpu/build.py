@@ -1,4 +1,4 @@
-"""Build-once loader of the CPU kernels (`cpu_linear.c`: linear layers, `cpu_ops.c`: norms, RoPE, SiLU,
+"""Build-once loader of the CPU kernels (`linear.c`: linear layers, `ops.c`: norms, RoPE, SiLU,
 KV writes and decode attention), called through ctypes.
 
 The sources are compiled with the system C compiler (`$CC`, else cc/gcc/clang) as
@@ -24,10 +24,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_ops.c"))
+SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("ops.c"))
+HEADERS = (Path(__file__).with_name("half.h"),)  # included by both sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI = 3  # cpu_linear.c's athena_cpu_linear_abi()
-OPS_ABI = 1  # cpu_ops.c's athena_cpu_ops_abi()
+ABI = 3  # linear.c's athena_cpu_linear_abi()
+OPS_ABI = 1  # ops.c's athena_cpu_ops_abi()
 COMPILERS = ("cc", "gcc", "clang")
 
 
@@ -80,7 +81,7 @@ class CPUKernels:
         cc = _compiler()
         if cc is None:
             raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
-        src = "\n".join(p.read_text() for p in SOURCES)
+        src = "\n".join(p.read_text() for p in SOURCES + HEADERS)
         key = hashlib.sha1("\n".join([src, " ".join(CFLAGS), cc, _cpu_flags()]).encode()).hexdigest()[:12]
         out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
         if not out.is_file():

@@ -1,10 +1,10 @@
-/* CPU linear layers with compressed weights and fp32 activations (athena_runtime/cpu_linear.py).
+/* CPU linear layers with compressed weights and fp32 activations (athena_runtime/cpu/linear.py).
 
    i8_linear:  y[t, n] = scale[n] * sum_m x[t, m] * W[n, m] (+ bias[n])     W int8 [N, M]
    f16_linear: y[t, n] =            sum_m x[t, m] * W[n, m] (+ bias[n])     W float16 bits [N, M]
    q8g_linear: y[t, n] = sum_g scale[n, g] * sum_{m in group g} x[t, m] * W[n, m] (+ bias[n])
                W int8 [N, M], groups of 32 columns (the last one may be shorter), scale float32 [N, ceil(M/32)]
-   pq8_linear: a PQ layer's exact u8 form (cpu_linear.py): rows [start[b], start[b+1]) of block b have
+   pq8_linear: a PQ layer's exact u8 form (linear.py): rows [start[b], start[b+1]) of block b have
                W_eff[n, m] = colmin[b, m] + colscale[b, m] * W[n, m] + sum_r A[n, r] B[r, m], W uint8 [N, M],
                so y[t, n] = sum_m (x[t, m] colscale[b, m]) W[n, m] + sum_m x[t, m] colmin[b, m]
                             + sum_r A[n, r] (sum_m B[r, m] x[t, m]) (+ bias[n])
@@ -14,13 +14,15 @@
    memory-bound: each weight row is converted in registers once per pair of tokens (x rows stay in
    L1/L2). Rows are split over OpenMP threads (the process's OpenMP
    runtime: PyTorch's, so torch.set_num_threads governs it; `threads` is passed explicitly).
-   Built with -march=native by cpu_linear.py; without AVX2 the scalar loops below run. */
+   Built with -march=native by build.py; without AVX2 the scalar loops below run. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+
+#include "half.h"
 
 #ifdef __AVX2__
 static inline float hsum8(__m256 v) {
@@ -45,29 +47,6 @@ static inline __m256 load_f16x8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 #endif
-
-static inline float f16_to_f32(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#endif
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  /* subnormal: normalize */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* Register blocking (AVX2 has 16 vector registers): one token against 8 rows (8 independent FMA
    chains: a single chain would be bound by FMA latency, not memory), or 2 tokens against 4 rows.
@@ -120,7 +99,7 @@ static inline float row1_##SUFFIX(const float *x, int64_t M, const WTYPE *w) {  
 
 #define SCALAR_i8(v) ((float)(v))
 #define SCALAR_u8(v) ((float)(v))
-#define SCALAR_f16(v) f16_to_f32(v)
+#define SCALAR_f16(v) half_to_float(v)
 BLOCKS(i8, int8_t, load_i8x8)
 BLOCKS(u8, uint8_t, load_u8x8)
 BLOCKS(f16, uint16_t, load_f16x8)
@@ -293,7 +272,7 @@ static inline float dot_f16(const uint16_t *w, const float *x, int64_t M) {
     for (; m + 8 <= M; m += 8) a = _mm256_fmadd_ps(load_f16x8(w + m), _mm256_loadu_ps(x + m), a);
     s = hsum8(a);
 #endif
-    for (; m < M; m++) s += f16_to_f32(w[m]) * x[m];
+    for (; m < M; m++) s += half_to_float(w[m]) * x[m];
     return s;
 }
 
@@ -323,7 +302,7 @@ int pq8_linear(const float *x, int64_t T, int64_t M, const uint8_t *W, int64_t N
         for (int64_t t = 0; t < T; t++)
             for (int64_t n = n0; n < n1; n++) {
                 float v = y[t * N + n] + cst[b * T + t] + B(n);
-                for (int64_t r = 0; r < R; r++) v += f16_to_f32(A[n * R + r]) * z[t * R + r];
+                for (int64_t r = 0; r < R; r++) v += half_to_float(A[n * R + r]) * z[t * R + r];
                 y[t * N + n] = v;
             }
     }
@@ -351,6 +330,6 @@ void pq8_dequant(const uint8_t *W, int64_t N, int64_t M, int64_t nblk, const int
     }
 }
 
-/* The ABI version cpu_linear.py checks after loading (bump on any signature change). */
+/* The ABI version build.py checks after loading (bump on any signature change). */
 int athena_cpu_linear_abi(void) { return 3; }
 

@@ -2,7 +2,7 @@
 
 On the CPU the reference path (pq_linear.py) keeps every layer dequantized as float32 and calls
 `x @ Wᵀ`: a SmolLM2-135M decode step then streams ~0.5 GB of weights (memory-bound). Here the layers
-are stored in 1 or 2 bytes a weight and multiplied in `kernels/cpu_linear.c` (fp32 activations and
+are stored in 1 or 2 bytes a weight and multiplied in `cpu/linear.c` (fp32 activations and
 accumulation, the weight converted in registers). Weight formats (ATHENA_CPU_WEIGHTS):
 
     auto   (default) a PQ layer with 8-bit codebooks in its exact uint8 form (`PQ8Linear`): every codebook
@@ -18,7 +18,7 @@ accumulation, the weight converted in registers). Weight formats (ATHENA_CPU_WEI
 Layers that read the same input (q/k/v, gate/up) are concatenated into one (no PQ codebook-block
 padding here: each part keeps its own row blocks). The tied or separate lm_head becomes one more layer.
 
-`convert_model(model, weights)` rewrites a loaded CausalLM in place; `cpu_path.py` decides whether
+`convert_model(model, weights)` rewrites a loaded CausalLM in place; `path.py` decides whether
 to (and logs it).
 """
 
@@ -29,8 +29,8 @@ import logging
 import torch
 from torch import nn
 
+from athena_runtime.cpu.build import CPUKernels
 from athena_runtime.kernels import layout
-from athena_runtime.kernels.cpu_build import CPUKernels
 from athena_runtime.log_once import log_once
 from athena_runtime.pq_linear import PQLinear
 from athena_runtime.split_linear import SplitLinear
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("auto", "fp16", "int8")  # ATHENA_CPU_WEIGHTS
 LAYER_FORMATS = ("fp16", "int8", "q8g")  # CPULinear
-Q8_GROUP = 32  # columns per scale of the q8g format (cpu_linear.c QG)
+Q8_GROUP = 32  # columns per scale of the q8g format (linear.c QG)
 # Calls of at least this many tokens (prompt chunks) dequantize the weight to float32 and use PyTorch's sgemm:
 # measured on the 2-core EPYC, [3072 x 576] with 64 tokens: 14.1 ms through pq8_linear, 5.2 ms sgemm (+ ~0.3 ms
 # dequantization); at 16 tokens 3.9 vs 2.6 ms; one token stays on the kernels (memory-bound, 1 byte a weight).
@@ -185,7 +185,7 @@ def _lowrank(layer: PQLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 class PQ8Linear(nn.Module):
     """One or more PQ layers (same input) in their exact uint8 form (`pq_uint8_form`), the low-rank terms and
-    biases included: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias through `pq8_linear` in cpu_linear.c."""
+    biases included: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias through `pq8_linear` in linear.c."""
 
     def __init__(self, parts: list[PQLinear]):
         super().__init__()
