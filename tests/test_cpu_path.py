@@ -11,6 +11,7 @@ from tiny_models import make_tiny_model
 from athena_runtime.batch import SequenceChunk
 from athena_runtime.cpu.linear import (
     KERNELS,
+    LAYER_FORMATS,
     CPULinear,
     PQ8Linear,
     effective_weight,
@@ -51,6 +52,46 @@ def test_kernel_threads_give_the_same_result(threads):
         want = lin(x)
         torch.set_num_threads(threads)
         assert torch.equal(lin(x), want)  # rows are split over threads, each row's sum is the same
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("N,M", [(1, 1), (9, 33), (17, 64)])
+def test_q8g_panels_round_trip(N, M):
+    """pack_q8g stores rows in panels of 8 (the last padded) and columns in groups of 32; unpack_q8g inverts it."""
+    from athena_runtime.cpu.linear import pack_q8g, quantize_groups_int8, unpack_q8g
+
+    q, scale = quantize_groups_int8(torch.randn(N, M))
+    qp, sp = pack_q8g(q, scale)
+    assert qp.shape == (-(-N // 8), -(-M // 32), 8, 32) and sp.shape == (-(-N // 8), -(-M // 32), 8)
+    q2, s2 = unpack_q8g(qp, sp, N, M)
+    assert torch.equal(q2, q) and torch.equal(s2, scale)
+
+
+def test_pq8_panels_round_trip_across_blocks():
+    """Blocks of 5, 8 and 3 rows: each block's rows start a new panel (zero rows pad its last one)."""
+    from athena_runtime.cpu.linear import pack_panels, unpack_panels
+
+    U = torch.randint(0, 256, (16, 13), dtype=torch.uint8)
+    starts = [0, 5, 13, 16]
+    panels, prow, pblk = pack_panels(U, starts)
+    assert prow.tolist() == [0, 5, 13] and pblk.tolist() == [0, 1, 2] and panels.shape == (3, 8 * 16)
+    assert torch.equal(unpack_panels(panels, prow, torch.tensor(starts), 13), U)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("T", [1, 4, 6])
+def test_packed_layers_threads_give_the_same_result(threads, T):
+    """pq8 and q8g split their panels over threads: every row's sum is computed the same way."""
+    before = torch.get_num_threads()
+    pq8 = PQ8Linear([_pq_layers(7, 90, 50, 16, 2, True)])
+    q8g = CPULinear(torch.randn(90, 50), None, "q8g")
+    x = torch.randn(T, 50)
+    try:
+        torch.set_num_threads(1)
+        want = pq8(x), q8g(x)
+        torch.set_num_threads(threads)
+        assert torch.equal(pq8(x), want[0]) and torch.equal(q8g(x), want[1])
     finally:
         torch.set_num_threads(before)
 
@@ -279,3 +320,26 @@ def test_fast_requested_without_kernels_is_an_error_and_auto_falls_back_loudly(m
     with caplog.at_level(logging.WARNING):
         assert cpu_path.choose_path(CPUPathSettings("auto"))[0] == "reference"
     assert "CPU fast path unavailable" in caplog.text and "no C compiler" in caplog.text
+
+
+def test_portable_build_matches_the_native_one(monkeypatch):
+    """The scalar loops (a build for plain x86-64: no AVX2/FMA/F16C) give the native build's results within fp32
+    accumulation-order error, for every packed format and token count."""
+    import platform
+
+    from athena_runtime.cpu import linear as cpu_linear
+    from athena_runtime.cpu.build import CPUKernels
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is an x86-64 one")
+    g = torch.Generator().manual_seed(3)
+    W, b = torch.randn(41, 70, generator=g), torch.randn(41, generator=g)
+    pq = _pq_layers(11, 41, 70, 16, 2, True)
+    native = [CPULinear(W, b, f) for f in LAYER_FORMATS] + [PQ8Linear([pq])]
+    monkeypatch.setattr(cpu_linear, "KERNELS", CPUKernels("x86-64"))
+    portable = [CPULinear(W, b, f) for f in LAYER_FORMATS] + [PQ8Linear([pq])]
+    for T in (1, 2, 3, 4, 5):
+        x = torch.randn(T, 70, generator=g)
+        for n, p in zip(native, portable):
+            want = n(x)
+            torch.testing.assert_close(p(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

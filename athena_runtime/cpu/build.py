@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("ops.c"))
 HEADERS = (Path(__file__).with_name("half.h"),)  # included by both sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI = 3  # linear.c's athena_cpu_linear_abi()
+ABI = 4  # linear.c's athena_cpu_linear_abi()
 OPS_ABI = 1  # ops.c's athena_cpu_ops_abi()
 COMPILERS = ("cc", "gcc", "clang")
 
@@ -53,9 +53,11 @@ def _cpu_flags() -> str:
 
 
 class CPUKernels:
-    """The compiled kernels, built on first `load()`."""
+    """The compiled kernels, built on first `load()`; `march` other than "native" (e.g. "x86-64": no AVX2, F16C
+    or FMA) builds the portable scalar loops, which tests compare with the native build."""
 
-    def __init__(self):
+    def __init__(self, march: str = "native"):
+        self.cflags = tuple(f"-march={march}" if f == "-march=native" else f for f in CFLAGS)
         self._lib = None
         self._error: str | None = None
         self._lock = threading.Lock()
@@ -82,12 +84,12 @@ class CPUKernels:
         if cc is None:
             raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
         src = "\n".join(p.read_text() for p in SOURCES + HEADERS)
-        key = hashlib.sha1("\n".join([src, " ".join(CFLAGS), cc, _cpu_flags()]).encode()).hexdigest()[:12]
+        key = hashlib.sha1("\n".join([src, " ".join(self.cflags), cc, _cpu_flags()]).encode()).hexdigest()[:12]
         out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, *CFLAGS, *map(str, SOURCES), "-lm", "-o", str(tmp)]
+            cmd = [cc, *self.cflags, *map(str, SOURCES), "-lm", "-o", str(tmp)]
             log.info("building the CPU linear kernels: %s", " ".join(cmd))
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
@@ -103,9 +105,10 @@ class CPUKernels:
         for fn in (lib.i8_linear, lib.f16_linear, lib.q8g_linear):
             fn.argtypes = [p, i64, i64, p, p, p, p, i64, ctypes.c_int]
             fn.restype = None
-        lib.pq8_linear.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, p, p, p, ctypes.c_int]
+        lib.q8g_linear.restype = ctypes.c_int
+        lib.pq8_linear.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, p, p, p, p, i64, ctypes.c_int]
         lib.pq8_linear.restype = ctypes.c_int
-        lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, ctypes.c_int]
+        lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
         lib.pq8_dequant.restype = None
         f32 = ctypes.c_float
         for fn, args in (
