@@ -24,11 +24,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("linear.c"), Path(__file__).with_name("ops.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("linear.c", "ops.c", "layer.c"))
 HEADERS = (Path(__file__).with_name("half.h"),)  # included by both sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ABI = 4  # linear.c's athena_cpu_linear_abi()
 OPS_ABI = 1  # ops.c's athena_cpu_ops_abi()
+LAYER_ABI = 1  # layer.c's athena_cpu_layer_abi() (and its structs: LinearDesc, LayerDesc in layer_desc.py)
 COMPILERS = ("cc", "gcc", "clang")
 
 
@@ -97,10 +98,9 @@ class CPUKernels:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
             tmp.replace(out)
         lib = ctypes.CDLL(str(out))
-        if lib.athena_cpu_linear_abi() != ABI or lib.athena_cpu_ops_abi() != OPS_ABI:
-            raise RuntimeError(
-                f"{out}: ABI {lib.athena_cpu_linear_abi()}/{lib.athena_cpu_ops_abi()}, expected {ABI}/{OPS_ABI}"
-            )
+        got = (lib.athena_cpu_linear_abi(), lib.athena_cpu_ops_abi(), lib.athena_cpu_layer_abi())
+        if got != (ABI, OPS_ABI, LAYER_ABI):
+            raise RuntimeError(f"{out}: ABI {got}, expected {(ABI, OPS_ABI, LAYER_ABI)}")
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.i8_linear, lib.f16_linear, lib.q8g_linear):
             fn.argtypes = [p, i64, i64, p, p, p, p, i64, ctypes.c_int]
@@ -138,6 +138,10 @@ class CPUKernels:
             ctypes.c_int,
         ]
         lib.attn_decode.restype = ctypes.c_int
+        lib.linear_run.argtypes = [p, p, i64, p, ctypes.c_int]
+        lib.linear_run.restype = ctypes.c_int
+        lib.layer_decode.argtypes = [p, p, p, p, p, i64, p, p, p, p, i64, p, p, ctypes.c_int]
+        lib.layer_decode.restype = ctypes.c_int
         log.info("CPU linear kernels loaded from %s", out)
         return lib
 

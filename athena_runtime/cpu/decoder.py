@@ -9,6 +9,8 @@ A decode step of a small model on the CPU is op-bound: SmolLM2-135M runs ~50 PyT
                                      float32/float16 cache without a stored basis or rotation, then the
                                      layer's paged attention (attention.py: one compiled call for decode)
     MLP            -> CPUMLP         fused gate/up projection, SiLU(gate)·up in one call
+    DecoderLayer   -> CPUDecoderLayer  a decode step's whole layer in one call (layer.c) when all of the above
+                                     apply and its linear layers were converted (linear.py)
 
 Each keeps its class's interface and falls back to the original forward for what it does not cover
 (q/k norms, logit soft-capping, GELU, a quantized or rotated KV cache, unfused projections); which modules
@@ -17,11 +19,13 @@ were switched is counted and logged by path.py.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
 from athena_runtime.kv_cache import FP16KVCache
-from athena_runtime.model import MLP, Attention, RMSNorm
+from athena_runtime.model import MLP, Attention, DecoderLayer, RMSNorm
 from athena_runtime.split_linear import SplitLinear
 
 
@@ -129,7 +133,106 @@ class CPUMLP(MLP):
         return self.down_proj(out)
 
 
-SWITCH = ((RMSNorm, CPURMSNorm), (Attention, CPUAttention), (MLP, CPUMLP))
+class CPUDecoderLayer(DecoderLayer):
+    """A decode step's layer in one compiled call (`layer_decode` in layer.c) when every part has its compiled form:
+    RMSNorms, attention without q/k norms or soft-capping over a plain float32/float16 cache, SiLU gate/up, and
+    linear layers converted by linear.py. Anything else (a prompt chunk, a mixed batch, Gemma's sandwich norms,
+    a quantized cache) takes the per-module path."""
+
+    _ops = None
+
+    def _static_desc(self):
+        """LayerDesc without the cache pointers, or the reason this layer has no fused form (once)."""
+        if self.__dict__.get("_fused") is None:
+            self._fused = self._describe()
+        return self._fused
+
+    def _describe(self):
+        from athena_runtime.cpu.layer_desc import LayerDesc
+
+        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        lin = lambda m: getattr(m, "descriptor", None)  # noqa: E731
+        if self.sandwich or not (isinstance(n1, CPURMSNorm) and isinstance(n2, CPURMSNorm)):
+            return "sandwich norms or unswitched norms"
+        if n1.unit_offset or n2.unit_offset or n1.weight.dtype != torch.float32 or n2.weight.dtype != torch.float32:
+            return "norms with a unit offset or not float32"
+        if not isinstance(attn, CPUAttention) or attn.qk_norm or attn.softcap:
+            return "attention with q/k norms or soft-capping"
+        qkv, gu = getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)
+        H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        if not isinstance(qkv, SplitLinear) or qkv.offsets != [0, H * D, (H + Hkv) * D] or not lin(qkv.linear):
+            return "unfused or unconverted q/k/v"
+        if not isinstance(mlp, CPUMLP) or mlp.act != "silu" or not isinstance(gu, SplitLinear):
+            return "MLP without SiLU or unfused gate/up"
+        if len(gu.sizes) != 2 or gu.sizes[0] != gu.sizes[1] or gu.offsets[0] != 0 or not lin(gu.linear):
+            return "gate/up layout"
+        if not (lin(attn.o_proj) and lin(mlp.down_proj)):
+            return "unconverted o/down projection"
+        return LayerDesc(
+            qkv=qkv.linear.descriptor(),
+            o=attn.o_proj.descriptor(),
+            gate_up=gu.linear.descriptor(),
+            down=mlp.down_proj.descriptor(),
+            ln1=n1.weight.data_ptr(),
+            ln2=n2.weight.data_ptr(),
+            eps1=n1.eps,
+            eps2=n2.eps,
+            Hd=n1.weight.numel(),
+            H=H,
+            Hkv=Hkv,
+            D=D,
+            F=gu.sizes[0],
+            up=gu.offsets[1],
+            window=attn.window or 0,
+            scale=attn.scale,
+        )
+
+    def forward(self, h, residual, cos, sin, attn):
+        desc = self._static_desc()
+        cache = attn.kv_cache
+        if (
+            isinstance(desc, str)
+            or not attn.is_decode
+            or h.dtype != torch.float32
+            or h.dim() != 2
+            or (residual is not None and (residual.dtype != torch.float32 or residual.shape != h.shape))
+            or cos.dtype != torch.float32
+            or not plain_cache(cache)
+            or cache.key_scale is not None
+        ):
+            return super().forward(h, residual, cos, sin, attn)
+        from athena_runtime.cpu.layer_desc import scratch_floats
+
+        layer = self.self_attn.layer
+        kc, vc = cache.k[layer], cache.v[layer]
+        desc.kc, desc.vc, desc.fp16, desc.block_size = kc.data_ptr(), vc.data_ptr(), cache_fp16(cache), cache.block_size
+        T = h.shape[0]
+        h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
+        residual = None if residual is None else residual.contiguous()
+        tables, lens, slots = attn.block_tables.contiguous(), attn.seq_lens.contiguous(), attn.slot_mapping.contiguous()
+        h_out, r_out = torch.empty_like(h), torch.empty_like(h)
+        scratch = torch.empty(scratch_floats(desc, T), dtype=torch.float32)
+        if self._ops.layer_decode(
+            ctypes.byref(desc),
+            h.data_ptr(),
+            None if residual is None else residual.data_ptr(),
+            h_out.data_ptr(),
+            r_out.data_ptr(),
+            T,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slots.data_ptr(),
+            tables.data_ptr(),
+            tables.stride(0),
+            lens.data_ptr(),
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        ):
+            raise MemoryError("layer_decode: out of memory for a scratch buffer")
+        return h_out, r_out
+
+
+SWITCH = ((RMSNorm, CPURMSNorm), (Attention, CPUAttention), (MLP, CPUMLP), (DecoderLayer, CPUDecoderLayer))
 
 
 def specialize(model: nn.Module, ops) -> dict[str, int]:

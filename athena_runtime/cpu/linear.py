@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from athena_runtime.cpu.build import CPUKernels
+from athena_runtime.cpu.layer_desc import KINDS, LinearDesc
 from athena_runtime.kernels import layout
 from athena_runtime.log_once import log_once
 from athena_runtime.pq_linear import PQLinear
@@ -130,6 +131,11 @@ class CPULinear(nn.Module):
             None if scale is None else scale.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(),
         )
+
+    def descriptor(self) -> LinearDesc:
+        """This layer for layer.c's linear_run (pointers into its buffers)."""
+        w, s, b = self._ptrs
+        return LinearDesc(kind=KINDS[self.weights], N=self.out_features, M=self.in_features, W=w, scale=s, bias=b)
 
     def nbytes(self) -> int:
         """Bytes read per call (weights and scales)."""
@@ -332,6 +338,28 @@ class PQ8Linear(nn.Module):
             self.A_panels.data_ptr(),
             self.B.data_ptr(),
             None if bias is None else bias.data_ptr(),
+        )
+
+    def descriptor(self) -> LinearDesc:
+        """This layer for layer.c's linear_run (pointers into its buffers)."""
+        Mp, W, P, prow, pblk, start, nblk, colscale, colmin, R, A, B, bias = self._args
+        return LinearDesc(
+            kind=KINDS["pq8"],
+            N=self.out_features,
+            M=self.in_features,
+            W=W,
+            bias=bias,
+            Mp=Mp,
+            P=P,
+            prow=prow,
+            pblk=pblk,
+            start=start,
+            nblk=nblk,
+            colscale=colscale,
+            colmin=colmin,
+            R=R,
+            A=A,
+            B=B,
         )
 
     def nbytes(self) -> int:
