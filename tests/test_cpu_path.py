@@ -263,6 +263,44 @@ def test_fast_path_logits_match_the_reference(models, model, weights, tolerance,
     assert err < (tolerance if kv == "fp32" else max(tolerance, 2e-2)), err  # int8 KV: rounding flips amplify
 
 
+@pytest.mark.parametrize("model,weights,kv", [("athena", "auto", "fp16"), ("mistral", "fp16", "fp32")])
+def test_fused_decode_layer_equals_the_per_module_path(models, model, weights, kv):
+    """A decode step's layers in one compiled call (CPUDecoderLayer) compute exactly what the per-module path does
+    (the same kernels in the same order): logits equal bit for bit, sliding window and PQ8 layers included; a
+    prompt chunk still takes the per-module path."""
+    from athena_runtime.cpu.decoder import CPUDecoderLayer
+    from athena_runtime.cpu.layer_desc import LayerDesc
+
+    prompts = [_tokens(n, seed=n) for n in (3, 9, 14)]
+    tables = [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    steps = [_tokens(3, seed=100 + i) for i in range(6)]
+    kw = dict(kv_format=kv, block_size=4, num_blocks=24, device="cpu", cpu_path=CPUPathSettings("fast", weights))
+    fused = ModelRunner.from_path(models[model], **kw)
+    layers = fused.model.model.layers
+    assert all(type(layer) is CPUDecoderLayer for layer in layers)
+    calls = []
+
+    class Counting:  # the library, counting layer_decode calls
+        def __init__(self, lib):
+            self.lib = lib
+
+        def layer_decode(self, *args):
+            calls.append(1)
+            return self.lib.layer_decode(*args)
+
+    for layer in layers:
+        layer._ops = Counting(layer._ops)
+    got = _run(fused, prompts, tables, steps)
+    assert all(isinstance(layer._fused, LayerDesc) for layer in layers)
+    assert len(calls) == len(layers) * len(steps)  # every decode step, no prompt chunk
+    per_module = ModelRunner.from_path(models[model], **kw)
+    for layer in per_module.model.model.layers:
+        layer._fused = "off for this test"
+    want = _run(per_module, prompts, tables, steps)
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+
+
 def test_mixed_step_on_the_fast_path(models):
     """A step with a prompt chunk and two decode tokens equals the same sequences run alone."""
     folder = models["mistral"]
