@@ -144,7 +144,7 @@ def _pq_layers(seed, N, M, k, rank, bias, n=16, d=2):
     return PQLinear.from_tensors("p", tensors, meta, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # 16 and more: float32 dequantization + sgemm (SGEMM_TOKENS)
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # every token count through the panel kernel (4 tokens a pass)
 @pytest.mark.parametrize(
     "N,M,k,rank,bias", [(1, 2, 4, 0, False), (9, 13, 4, 1, True), (40, 70, 16, 2, False), (33, 576, 64, 3, True)]
 )
@@ -381,3 +381,20 @@ def test_portable_build_matches_the_native_one(monkeypatch):
         for n, p in zip(native, portable):
             want = n(x)
             torch.testing.assert_close(p(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("weights,rel", [("auto", 1e-3), ("fp16", 2e-3)])
+def test_fast_path_perplexity_equals_the_reference_path(models, weights, rel):
+    """`athena eval ppl`'s runtime perplexity (prompt chunks of 64, the prefill path) on the compressed tiny model:
+    the fast path's equals the reference path's within the weight format's bound (auto: exact PQ weights, its int8
+    lm_head on random embeddings the only rounding: 2.7e-4 measured; fp16: 2^-11 per weight)."""
+    from athena_runtime.perplexity import runtime_perplexity
+
+    ids = torch.tensor(_tokens(200, seed=7))
+    kw = dict(kv_format="fp32", block_size=4, num_blocks=40, device="cpu")
+    ref = runtime_perplexity(ModelRunner.from_path(models["athena"], cpu_path=REFERENCE, **kw), ids, 96)
+    fast = runtime_perplexity(
+        ModelRunner.from_path(models["athena"], cpu_path=CPUPathSettings("fast", weights), **kw), ids, 96
+    )
+    assert fast["tokens"] == ref["tokens"] > 0
+    assert fast["ppl"] == pytest.approx(ref["ppl"], rel=rel)

@@ -108,8 +108,6 @@ class CPUKernels:
         lib.q8g_linear.restype = ctypes.c_int
         lib.pq8_linear.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, p, p, p, p, i64, ctypes.c_int]
         lib.pq8_linear.restype = ctypes.c_int
-        lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, ctypes.c_int]
-        lib.pq8_dequant.restype = None
         f32 = ctypes.c_float
         for fn, args in (
             (lib.rmsnorm_add, [p, p, p, f32, p, p, i64, i64]),

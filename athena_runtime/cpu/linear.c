@@ -351,29 +351,6 @@ int pq8_linear(const float *x, int64_t T, int64_t M, int64_t Mp, const uint8_t *
     return 0;
 }
 
-/* Ŵ float32 [N, M] of pq8_linear's form (low-rank term excluded): for prompt chunks, which multiply faster
-   through PyTorch's sgemm than through the panel loop above. */
-void pq8_dequant(const uint8_t *Wp, int64_t M, int64_t Mp, int64_t P, const int64_t *prow, const int64_t *pblk,
-                 const int64_t *start, const float *colscale, const float *colmin, float *out, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1 && P * Mp > (1 << 13))
-    for (int64_t p = 0; p < P; p++) {
-        int64_t b = pblk[p], n0 = prow[p], rows = start[b + 1] - n0 < PR ? start[b + 1] - n0 : PR;
-        const float *cs = colscale + b * M, *cm = colmin + b * M;
-        const uint8_t *w = Wp + p * PR * Mp;
-        for (int64_t r = 0; r < rows; r++) {
-            float *o = out + (n0 + r) * M;
-            const uint8_t *wr = w + r * 8;
-            int64_t m = 0;
-#ifdef __AVX2__
-            for (; m + 8 <= M; m += 8)
-                _mm256_storeu_ps(o + m, _mm256_fmadd_ps(load_u8x8(wr + m * 8), _mm256_loadu_ps(cs + m),
-                                                        _mm256_loadu_ps(cm + m)));
-#endif
-            for (; m < M; m++) o[m] = cm[m] + cs[m] * (float)wr[(m >> 3) * 64 + (m & 7)];
-        }
-    }
-}
-
 /* The ABI version build.py checks after loading (bump on any signature change). */
 int athena_cpu_linear_abi(void) { return 4; }
 

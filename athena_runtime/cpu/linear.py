@@ -42,9 +42,10 @@ WEIGHT_FORMATS = ("auto", "fp16", "int8")  # ATHENA_CPU_WEIGHTS
 LAYER_FORMATS = ("fp16", "int8", "q8g")  # CPULinear
 Q8_GROUP = 32  # columns per scale of the q8g format (linear.c QG)
 PANEL_ROWS = 8  # rows per panel of the packed pq8 and q8g weights (linear.c PR)
-# Calls of at least this many tokens (prompt chunks) dequantize the weight to float32 and use PyTorch's sgemm:
-# measured on the 2-core EPYC, [3072 x 576] with 64 tokens: 14.1 ms through pq8_linear, 5.2 ms sgemm (+ ~0.3 ms
-# dequantization); at 16 tokens 3.9 vs 2.6 ms; one token stays on the kernels (memory-bound, 1 byte a weight).
+# CPULinear calls of at least this many tokens (prompt chunks) convert the weight to float32 for PyTorch's sgemm
+# (its row-major kernels convert each weight once per 2 tokens). PQ8Linear always runs its panel kernel (4 tokens a
+# pass over an L1-resident panel): all 120 linears of SmolLM2-135M with 64 tokens, one thread, 2-core EPYC:
+# 419 ms CPU against 454 for float32 dequantization + sgemm (A/B in one process, 2026-12-07, load ~2.5).
 SGEMM_TOKENS = 16
 KERNELS = CPUKernels()  # built on first use, shared by every layer of the process
 
@@ -320,17 +321,14 @@ class PQ8Linear(nn.Module):
         self.register_buffer("B", B.half().contiguous(), persistent=False)  # fp16 [R, M]
         self.register_buffer("bias", bias, persistent=False)  # float32 [N] or None
         self.rank = R
-        self._fn, self._dequant = KERNELS.load().pq8_linear, KERNELS.load().pq8_dequant
-        self._panel_args = (
+        self._fn = KERNELS.load().pq8_linear
+        self._args = (
             self.padded_in,
             self.panels.data_ptr(),
             prow.numel(),
             prow.data_ptr(),
             pblk.data_ptr(),
             self.starts.data_ptr(),
-        )
-        self._args = (
-            *self._panel_args,
             len(starts) - 1,
             self.colscale.data_ptr(),
             self.colmin.data_ptr(),
@@ -381,34 +379,12 @@ class PQ8Linear(nn.Module):
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         T = x2.shape[0]
-        if T >= SGEMM_TOKENS:
-            y = x2 @ self.dequantize_codes().t()
-            if self.rank:
-                y += (x2 @ self.B.float().t()) @ self.A.float().t()
-            if self.bias is not None:
-                y += self.bias
-            return y.reshape(*lead, self.out_features).to(x.dtype)
         y = torch.empty(T, self.out_features, dtype=torch.float32)
         if T and self._fn(
             x2.data_ptr(), T, self.in_features, *self._args, y.data_ptr(), self.out_features, torch.get_num_threads()
         ):
             raise MemoryError("pq8_linear: out of memory for its scratch buffer")
         return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def dequantize_codes(self) -> torch.Tensor:
-        """Ŵ float32 [N, M] (low-rank term excluded), by the compiled loop."""
-        W = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
-        self._dequant(
-            self.panels.data_ptr(),
-            self.in_features,
-            self.padded_in,
-            *self._panel_args[2:],
-            self.colscale.data_ptr(),
-            self.colmin.data_ptr(),
-            W.data_ptr(),
-            torch.get_num_threads(),
-        )
-        return W
 
     def extra_repr(self) -> str:
         return (
