@@ -200,11 +200,11 @@ def test_pq8_fuses_parts_with_their_own_blocks_and_ranks():
 
 
 def test_settings_validation_and_env():
-    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "fp16", None)
+    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "auto", None)
     assert CPUPathSettings.from_env(
         {"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3", "ATHENA_CPU_WEIGHTS": "int8"}
     ) == CPUPathSettings("reference", "int8", 3)
-    assert CPUPathSettings.from_env({"ATHENA_CPU_WEIGHTS": "auto"}).weights == "auto"
+    assert CPUPathSettings.from_env({"ATHENA_CPU_WEIGHTS": "fp16"}).weights == "fp16"
     with pytest.raises(ValueError, match="unknown CPU path"):
         CPUPathSettings("turbo")
     with pytest.raises(ValueError, match="weight format"):

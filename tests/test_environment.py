@@ -18,7 +18,7 @@ def test_defaults_and_overrides(tmp_path):
         None,
         True,
         "auto",
-        "fp16",
+        "auto",
         None,
         None,
     )

@@ -9,7 +9,7 @@
 
 Settings come from the environment (the server and CLIs need no new flags):
     ATHENA_CPU_PATH     auto | fast | reference        (default auto)
-    ATHENA_CPU_WEIGHTS  fp16 | auto | int8             (default fp16; the fast path's weight format, linear.py)
+    ATHENA_CPU_WEIGHTS  auto | fp16 | int8             (default auto; the fast path's weight format, linear.py)
 
 auto keeps PQ layers in their exact uint8 form (1 byte a weight, same values as the reference) and the
 lm_head as int8 per 32 columns; fp16 stores every effective weight as float16 (2 bytes, exact for practical
@@ -37,7 +37,7 @@ CPU_PATHS = ("auto", "fast", "reference")
 @dataclass(frozen=True)
 class CPUPathSettings:
     path: str = "auto"  # auto | fast | reference
-    weights: str = "fp16"  # fp16 | auto | int8: the fast path's weight format (linear.py)
+    weights: str = "auto"  # auto | fp16 | int8: the fast path's weight format (linear.py)
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
 
     def __post_init__(self):
