@@ -94,7 +94,7 @@ class ModelRunner:
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         model, config = load_model(path, device, dtype, max_len=max_model_len)
         if device.type == "cpu":
-            from athena_runtime import cpu_path as cpu
+            from athena_runtime.cpu import path as cpu
 
             cpu.apply(model, cpu_path or cpu.CPUPathSettings.from_env())
         if num_blocks is None:

@@ -97,7 +97,7 @@ class PQLinear(nn.Module):
         A, B = pad_lowrank(opt(s.lowrank_a), opt(s.lowrank_b))
         layer = cls(geo, qweight, codebook, A, B, opt(s.bias), s.codebook_bits, path, opt(s.row_scale))
         if device.type == "cpu" and s.codebook_bits == 8 and s.row_scale is None:
-            # the CPU fast path multiplies by the stored codes (cpu_linear.py; row-scaled layers take its fp16 form)
+            # the CPU fast path multiplies by the stored codes (cpu/linear.py; row-scaled layers take its fp16 form)
             layer.codebook_codes = (s.codebook.contiguous(), scale.contiguous(), cmin.contiguous())
         return layer
 

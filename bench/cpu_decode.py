@@ -1,4 +1,4 @@
-"""CPU decode step time of the reference and fast paths, A/B in one process (cpu_path.py).
+"""CPU decode step time of the reference and fast paths, A/B in one process (athena_runtime/cpu/path.py).
 
     python -m bench.cpu_decode [MODEL] [--paths reference,fast,fast:fp16] [--streams 1,4] [--steps 16] [--rounds 5]
                                [--threads N] [--profile]
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
-    from athena_runtime.cpu_path import CPUPathSettings
+    from athena_runtime.cpu.path import CPUPathSettings
     from athena_runtime.model_runner import ModelRunner
     from quantize.embedded import resolve_model_arg
 

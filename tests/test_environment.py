@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from athena_runtime.cpu_path import CPUPathSettings
+from athena_runtime.cpu.path import CPUPathSettings
 from athena_runtime.format.environment import Environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def test_defaults_and_overrides(tmp_path):
         None,
         True,
         "auto",
-        "fp16",
+        "auto",
         None,
         None,
     )

@@ -9,8 +9,8 @@ server/settings.py.
     ATHENA_KERNEL_CACHE    NVRTC cubins (default $ATHENA_CACHE_DIR/kernels)
     ATHENA_PQ_PATH         force one PQ matmul backend (kernels/backends.py NAMES; tests, benchmarks)
     ATHENA_FUSED_EPILOGUE  0: the one-token split-K epilogue as a second launch (A/B runs; default 1)
-    ATHENA_CPU_PATH        auto | fast | reference: the CPU execution path (cpu_path.py; default auto)
-    ATHENA_CPU_WEIGHTS     fp16 | auto | int8: the CPU fast path's weight format (default fp16)
+    ATHENA_CPU_PATH        auto | fast | reference: the CPU execution path (cpu/path.py; default auto)
+    ATHENA_CPU_WEIGHTS     auto | fp16 | int8: the CPU fast path's weight format (default auto)
     ATHENA_CPU_THREADS     N: torch threads on the CPU (default: PyTorch's)
     ATHENA_API_KEY         the key `athena bench serve` sends when --api-key is not given (the server reads it as a
                            setting)
@@ -54,7 +54,7 @@ class Environment:
             pq_path=env.get("ATHENA_PQ_PATH") or None,
             fused_epilogue=fused == "1",
             cpu_path=env.get("ATHENA_CPU_PATH") or "auto",
-            cpu_weights=env.get("ATHENA_CPU_WEIGHTS") or "fp16",
+            cpu_weights=env.get("ATHENA_CPU_WEIGHTS") or "auto",
             cpu_threads=threads,
             api_key=env.get("ATHENA_API_KEY") or None,
         )

@@ -7,7 +7,7 @@ layer then gathers K/V through `kv_cache.read` (any format, sink key included), 
 grouped-query `scaled_dot_product_attention` over [S, Hkv, L, D]. Prompt chunks take the reference path
 per sequence (a prefill step is one call per chunk, compute-bound, not op-bound).
 With the compiled kernels (`ops`), a step of decode tokens only over a float32/float16 cache without a stored
-basis is one call (`attn_decode` in kernels/cpu_ops.c: reads the paged cache in place, softmax in float32).
+basis is one call (`attn_decode` in cpu/ops.c: reads the paged cache in place, softmax in float32).
 Same signature as `kernels.paged_attention.PagedAttention.__call__`.
 """
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from athena_runtime.batch import AttentionMetadata
-from athena_runtime.cpu_decoder import cache_fp16, plain_cache
+from athena_runtime.cpu.decoder import cache_fp16, plain_cache
 from athena_runtime.kernels.paged_attention import paged_attention_reference
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Build-once loader of the CPU kernels (`cpu_linear.c`: linear layers, `cpu_ops.c`: norms, RoPE, SiLU,
+"""Build-once loader of the CPU kernels (`linear.c`: linear layers, `ops.c`: norms, RoPE, SiLU,
 KV writes and decode attention), called through ctypes.
 
 The sources are compiled with the system C compiler (`$CC`, else cc/gcc/clang) as
@@ -24,10 +24,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_ops.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("linear.c", "ops.c", "layer.c"))
+HEADERS = (Path(__file__).with_name("half.h"),)  # included by both sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-ABI = 3  # cpu_linear.c's athena_cpu_linear_abi()
-OPS_ABI = 1  # cpu_ops.c's athena_cpu_ops_abi()
+ABI = 4  # linear.c's athena_cpu_linear_abi()
+OPS_ABI = 1  # ops.c's athena_cpu_ops_abi()
+LAYER_ABI = 1  # layer.c's athena_cpu_layer_abi() (and its structs: LinearDesc, LayerDesc in layer_desc.py)
 COMPILERS = ("cc", "gcc", "clang")
 
 
@@ -52,9 +54,11 @@ def _cpu_flags() -> str:
 
 
 class CPUKernels:
-    """The compiled kernels, built on first `load()`."""
+    """The compiled kernels, built on first `load()`; `march` other than "native" (e.g. "x86-64": no AVX2, F16C
+    or FMA) builds the portable scalar loops, which tests compare with the native build."""
 
-    def __init__(self):
+    def __init__(self, march: str = "native"):
+        self.cflags = tuple(f"-march={march}" if f == "-march=native" else f for f in CFLAGS)
         self._lib = None
         self._error: str | None = None
         self._lock = threading.Lock()
@@ -80,13 +84,13 @@ class CPUKernels:
         cc = _compiler()
         if cc is None:
             raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
-        src = "\n".join(p.read_text() for p in SOURCES)
-        key = hashlib.sha1("\n".join([src, " ".join(CFLAGS), cc, _cpu_flags()]).encode()).hexdigest()[:12]
+        src = "\n".join(p.read_text() for p in SOURCES + HEADERS)
+        key = hashlib.sha1("\n".join([src, " ".join(self.cflags), cc, _cpu_flags()]).encode()).hexdigest()[:12]
         out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, *CFLAGS, *map(str, SOURCES), "-lm", "-o", str(tmp)]
+            cmd = [cc, *self.cflags, *map(str, SOURCES), "-lm", "-o", str(tmp)]
             log.info("building the CPU linear kernels: %s", " ".join(cmd))
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if res.returncode != 0:
@@ -94,18 +98,16 @@ class CPUKernels:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
             tmp.replace(out)
         lib = ctypes.CDLL(str(out))
-        if lib.athena_cpu_linear_abi() != ABI or lib.athena_cpu_ops_abi() != OPS_ABI:
-            raise RuntimeError(
-                f"{out}: ABI {lib.athena_cpu_linear_abi()}/{lib.athena_cpu_ops_abi()}, expected {ABI}/{OPS_ABI}"
-            )
+        got = (lib.athena_cpu_linear_abi(), lib.athena_cpu_ops_abi(), lib.athena_cpu_layer_abi())
+        if got != (ABI, OPS_ABI, LAYER_ABI):
+            raise RuntimeError(f"{out}: ABI {got}, expected {(ABI, OPS_ABI, LAYER_ABI)}")
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         for fn in (lib.i8_linear, lib.f16_linear, lib.q8g_linear):
             fn.argtypes = [p, i64, i64, p, p, p, p, i64, ctypes.c_int]
             fn.restype = None
-        lib.pq8_linear.argtypes = [p, i64, i64, p, i64, i64, p, p, p, i64, p, p, p, p, ctypes.c_int]
+        lib.q8g_linear.restype = ctypes.c_int
+        lib.pq8_linear.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, p, p, p, p, i64, ctypes.c_int]
         lib.pq8_linear.restype = ctypes.c_int
-        lib.pq8_dequant.argtypes = [p, i64, i64, i64, p, p, p, p, ctypes.c_int]
-        lib.pq8_dequant.restype = None
         f32 = ctypes.c_float
         for fn, args in (
             (lib.rmsnorm_add, [p, p, p, f32, p, p, i64, i64]),
@@ -134,6 +136,10 @@ class CPUKernels:
             ctypes.c_int,
         ]
         lib.attn_decode.restype = ctypes.c_int
+        lib.linear_run.argtypes = [p, p, i64, p, ctypes.c_int]
+        lib.linear_run.restype = ctypes.c_int
+        lib.layer_decode.argtypes = [p, p, p, p, p, i64, p, p, p, p, i64, p, p, ctypes.c_int]
+        lib.layer_decode.restype = ctypes.c_int
         log.info("CPU linear kernels loaded from %s", out)
         return lib
 

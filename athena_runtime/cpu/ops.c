@@ -1,4 +1,4 @@
-/* The CPU fast path's element-wise and attention ops for decode steps (athena_runtime/cpu_decoder.py),
+/* The CPU fast path's element-wise and attention ops for decode steps (athena_runtime/cpu/decoder.py),
    one call each instead of several PyTorch ops (a decode step of a small model is op-bound on the CPU).
    float32 activations; the KV cache stores float32 or float16 (bits); row strides in elements.
 
@@ -17,54 +17,7 @@
 #include <immintrin.h>
 #endif
 
-static inline float h2f(uint16_t h) {
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-#endif
-}
-
-static inline uint16_t f2h(float f) {  /* round to nearest even, as torch's .half() */
-#ifdef __F16C__
-    return _cvtss_sh(f, 0);
-#else
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    uint32_t sign = (x >> 16) & 0x8000, mant = x & 0x7fffff;
-    int32_t exp = (int32_t)((x >> 23) & 0xff);
-    if (exp == 255) return (uint16_t)(sign | 0x7c00 | (mant ? 0x200 : 0));
-    exp = exp - 127 + 15;
-    if (exp >= 31) return (uint16_t)(sign | 0x7c00);
-    if (exp <= 0) {
-        if (exp < -10) return (uint16_t)sign;
-        mant |= 0x800000;
-        uint32_t shift = (uint32_t)(14 - exp), half = 1u << (shift - 1);
-        uint32_t h = mant >> shift, rem = mant & ((1u << shift) - 1);
-        if (rem > half || (rem == half && (h & 1))) h++;
-        return (uint16_t)(sign | h);
-    }
-    uint32_t h = ((uint32_t)exp << 10) | (mant >> 13), rem = mant & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
-    return (uint16_t)(sign | h);
-#endif
-}
+#include "half.h"
 
 void rmsnorm_add(const float *x, const float *res, const float *w, float eps, float *y, float *r,
                  int64_t T, int64_t H) {
@@ -111,7 +64,7 @@ void kv_write(const float *k, const float *v, int64_t T, int64_t stride, const i
         const float *kt = k + t * stride, *vt = v + t * stride;
         if (fp16) {
             uint16_t *kd = (uint16_t *)kc + slot[t] * W, *vd = (uint16_t *)vc + slot[t] * W;
-            for (int64_t i = 0; i < W; i++) { kd[i] = f2h(kt[i]); vd[i] = f2h(vt[i]); }
+            for (int64_t i = 0; i < W; i++) { kd[i] = float_to_half(kt[i]); vd[i] = float_to_half(vt[i]); }
         } else {
             memcpy((float *)kc + slot[t] * W, kt, sizeof(float) * W);
             memcpy((float *)vc + slot[t] * W, vt, sizeof(float) * W);
@@ -137,7 +90,7 @@ static inline float dot_row(const float *q, const void *k, int64_t D, int fp16) 
     lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
     s = _mm_cvtss_f32(lo);
 #endif
-    for (; i < D; i++) s += q[i] * (fp16 ? h2f(((const uint16_t *)k)[i]) : ((const float *)k)[i]);
+    for (; i < D; i++) s += q[i] * (fp16 ? half_to_float(((const uint16_t *)k)[i]) : ((const float *)k)[i]);
     return s;
 }
 
@@ -151,7 +104,7 @@ static inline void axpy_row(float *o, float p, const void *v, int64_t D, int fp1
         _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(o + i)));
     }
 #endif
-    for (; i < D; i++) o[i] += p * (fp16 ? h2f(((const uint16_t *)v)[i]) : ((const float *)v)[i]);
+    for (; i < D; i++) o[i] += p * (fp16 ? half_to_float(((const uint16_t *)v)[i]) : ((const float *)v)[i]);
 }
 
 /* q [S, H*D] (row stride q_stride), out [S, H*D]; caches [slots, Hkv*D]; tables int32 [S, tstride]; lens int32 [S].
@@ -202,5 +155,5 @@ int attn_decode(const float *q, int64_t S, int64_t q_stride, int64_t H, int64_t 
     return fail;
 }
 
-/* The ABI version cpu_decoder.py checks after loading (bump on any signature change). */
+/* The ABI version build.py checks after loading (bump on any signature change). */
 int athena_cpu_ops_abi(void) { return 1; }

@@ -2,7 +2,7 @@
 
 On the CPU the reference path (pq_linear.py) keeps every layer dequantized as float32 and calls
 `x @ Wᵀ`: a SmolLM2-135M decode step then streams ~0.5 GB of weights (memory-bound). Here the layers
-are stored in 1 or 2 bytes a weight and multiplied in `kernels/cpu_linear.c` (fp32 activations and
+are stored in 1 or 2 bytes a weight and multiplied in `cpu/linear.c` (fp32 activations and
 accumulation, the weight converted in registers). Weight formats (ATHENA_CPU_WEIGHTS):
 
     auto   (default) a PQ layer with 8-bit codebooks in its exact uint8 form (`PQ8Linear`): every codebook
@@ -18,7 +18,7 @@ accumulation, the weight converted in registers). Weight formats (ATHENA_CPU_WEI
 Layers that read the same input (q/k/v, gate/up) are concatenated into one (no PQ codebook-block
 padding here: each part keeps its own row blocks). The tied or separate lm_head becomes one more layer.
 
-`convert_model(model, weights)` rewrites a loaded CausalLM in place; `cpu_path.py` decides whether
+`convert_model(model, weights)` rewrites a loaded CausalLM in place; `path.py` decides whether
 to (and logs it).
 """
 
@@ -29,8 +29,9 @@ import logging
 import torch
 from torch import nn
 
+from athena_runtime.cpu.build import CPUKernels
+from athena_runtime.cpu.layer_desc import KINDS, LinearDesc
 from athena_runtime.kernels import layout
-from athena_runtime.kernels.cpu_build import CPUKernels
 from athena_runtime.log_once import log_once
 from athena_runtime.pq_linear import PQLinear
 from athena_runtime.split_linear import SplitLinear
@@ -39,10 +40,12 @@ log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("auto", "fp16", "int8")  # ATHENA_CPU_WEIGHTS
 LAYER_FORMATS = ("fp16", "int8", "q8g")  # CPULinear
-Q8_GROUP = 32  # columns per scale of the q8g format (cpu_linear.c QG)
-# Calls of at least this many tokens (prompt chunks) dequantize the weight to float32 and use PyTorch's sgemm:
-# measured on the 2-core EPYC, [3072 x 576] with 64 tokens: 14.1 ms through pq8_linear, 5.2 ms sgemm (+ ~0.3 ms
-# dequantization); at 16 tokens 3.9 vs 2.6 ms; one token stays on the kernels (memory-bound, 1 byte a weight).
+Q8_GROUP = 32  # columns per scale of the q8g format (linear.c QG)
+PANEL_ROWS = 8  # rows per panel of the packed pq8 and q8g weights (linear.c PR)
+# CPULinear calls of at least this many tokens (prompt chunks) convert the weight to float32 for PyTorch's sgemm
+# (its row-major kernels convert each weight once per 2 tokens). PQ8Linear always runs its panel kernel (4 tokens a
+# pass over an L1-resident panel): all 120 linears of SmolLM2-135M with 64 tokens, one thread, 2-core EPYC:
+# 419 ms CPU against 454 for float32 dequantization + sgemm (A/B in one process, 2026-12-07, load ~2.5).
 SGEMM_TOKENS = 16
 KERNELS = CPUKernels()  # built on first use, shared by every layer of the process
 
@@ -79,6 +82,27 @@ def quantize_groups_int8(W: torch.Tensor, group: int = Q8_GROUP) -> tuple[torch.
     return q.contiguous(), scale.contiguous()
 
 
+def pack_q8g(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [N, M], scale [N, G]) -> panels of 8 rows: (int8 [P, G, 8, 32], float32 [P, G, 8]), P = ceil(N / 8),
+    zero rows and columns as padding (linear.c's q8g section)."""
+    N, M = q.shape
+    G = scale.shape[1]
+    P = -(-N // PANEL_ROWS)
+    qp = torch.zeros(P * PANEL_ROWS, G * Q8_GROUP, dtype=torch.int8)
+    qp[:N, :M] = q
+    sp = torch.zeros(P * PANEL_ROWS, G, dtype=torch.float32)
+    sp[:N] = scale
+    qp = qp.view(P, PANEL_ROWS, G, Q8_GROUP).permute(0, 2, 1, 3).contiguous()
+    return qp, sp.view(P, PANEL_ROWS, G).permute(0, 2, 1).contiguous()
+
+
+def unpack_q8g(qp: torch.Tensor, sp: torch.Tensor, N: int, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_q8g: (q int8 [N, M], scale float32 [N, G])."""
+    P, G = qp.shape[:2]
+    q = qp.permute(0, 2, 1, 3).reshape(P * PANEL_ROWS, G * Q8_GROUP)[:N, :M]
+    return q, sp.permute(0, 2, 1).reshape(P * PANEL_ROWS, G)[:N]
+
+
 class CPULinear(nn.Module):
     """y = x W_effᵀ + bias with W_eff stored as fp16, int8 (+ per-row scale) or q8g (int8 + a scale per 32
     columns); x and y float32."""
@@ -93,11 +117,13 @@ class CPULinear(nn.Module):
         if weights == "int8":
             q, scale = quantize_rows_int8(W)
         elif weights == "q8g":
-            q, scale = quantize_groups_int8(W)
+            q, scale = pack_q8g(*quantize_groups_int8(W))
         else:
             q, scale = W.half().contiguous(), None
-        self.register_buffer("qweight", q, persistent=False)  # int8 / float16 [N, M]
-        self.register_buffer("scale", scale, persistent=False)  # float32 [N] (int8), [N, G] (q8g) or None
+        # int8 / float16 [N, M]; q8g: int8 panels [ceil(N / 8), G, 8, 32] (pack_q8g)
+        self.register_buffer("qweight", q, persistent=False)
+        # float32 [N] (int8), [ceil(N / 8), G, 8] (q8g) or None
+        self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.float().contiguous(), persistent=False)
         lib = KERNELS.load()
         self._fn = {"int8": lib.i8_linear, "fp16": lib.f16_linear, "q8g": lib.q8g_linear}[weights]
@@ -106,6 +132,11 @@ class CPULinear(nn.Module):
             None if scale is None else scale.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(),
         )
+
+    def descriptor(self) -> LinearDesc:
+        """This layer for layer.c's linear_run (pointers into its buffers)."""
+        w, s, b = self._ptrs
+        return LinearDesc(kind=KINDS[self.weights], N=self.out_features, M=self.in_features, W=w, scale=s, bias=b)
 
     def nbytes(self) -> int:
         """Bytes read per call (weights and scales)."""
@@ -118,7 +149,8 @@ class CPULinear(nn.Module):
         if self.scale is None:
             return self.qweight.float()
         if self.weights == "q8g":
-            return self.qweight.float() * self.scale.repeat_interleave(Q8_GROUP, 1)[:, : self.in_features]
+            q, scale = unpack_q8g(self.qweight, self.scale, self.out_features, self.in_features)
+            return q.float() * scale.repeat_interleave(Q8_GROUP, 1)[:, : self.in_features]
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,11 +165,15 @@ class CPULinear(nn.Module):
                 y += self.bias
             return y.reshape(*lead, self.out_features).to(x.dtype)
         y = torch.empty(T, self.out_features, dtype=torch.float32)
-        if T:
-            w, s, b = self._ptrs
-            self._fn(
+        w, s, b = self._ptrs
+        if (
+            T
+            and self._fn(
                 x2.data_ptr(), T, self.in_features, w, s, b, y.data_ptr(), self.out_features, torch.get_num_threads()
             )
+            and self.weights == "q8g"
+        ):
+            raise MemoryError("q8g_linear: out of memory for its scratch buffer")
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -183,9 +219,61 @@ def _lowrank(layer: PQLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
     return (A[:, keep], B[keep]) if bool(keep.any()) else None
 
 
+def _round_up(v: int, to: int) -> int:
+    return -(-v // to) * to
+
+
+def pack_panels(U: torch.Tensor, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U uint8 [N, M] with codebook blocks [starts[b], starts[b+1]) -> (panels uint8 [P, 8 · Mp], first row int64
+    [P], block int64 [P]): each panel is 8 rows of one block (the block's last one padded with zero rows) stored
+    as [Mp / 8][8 rows][8 columns], Mp = M rounded up to 8 (zero columns), i.e. one 64-byte cache line per
+    8 columns of the panel's rows (linear.c's pq8 section)."""
+    M = U.shape[1]
+    Mp = _round_up(M, 8)
+    chunks, prow, pblk = [], [], []
+    for b in range(len(starts) - 1):
+        n0, n1 = starts[b], starts[b + 1]
+        if n1 <= n0:
+            continue
+        rows = _round_up(n1 - n0, PANEL_ROWS)
+        part = torch.zeros(rows, Mp, dtype=torch.uint8)
+        part[: n1 - n0, :M] = U[n0:n1]
+        chunks.append(part.view(rows // PANEL_ROWS, PANEL_ROWS, Mp // 8, 8).permute(0, 2, 1, 3).reshape(-1, 8 * Mp))
+        prow += range(n0, n1, PANEL_ROWS)
+        pblk += [b] * (rows // PANEL_ROWS)
+    panels = torch.cat(chunks) if chunks else torch.zeros(0, 8 * Mp, dtype=torch.uint8)
+    return panels, torch.tensor(prow, dtype=torch.int64), torch.tensor(pblk, dtype=torch.int64)
+
+
+def _panel_rows(prow: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index [P, 8] of each panel slot, clamped to a valid row; valid [P, 8]: the slot holds a row of its
+    block)."""
+    ends = starts[torch.searchsorted(starts, prow, right=True)]  # [P]: the end of each panel's block
+    idx = prow[:, None] + torch.arange(PANEL_ROWS)
+    valid = idx < ends[:, None]
+    return idx.clamp(max=max(int(starts[-1]) - 1, 0)), valid
+
+
+def pack_rows(A: torch.Tensor, prow: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """A [N, R] -> [P, R, 8]: each panel's 8 rows of A side by side (zero rows past its block's end)."""
+    idx, valid = _panel_rows(prow, starts)
+    return (A[idx] * valid[:, :, None]).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, prow: torch.Tensor, starts: torch.Tensor, M: int) -> torch.Tensor:
+    """The inverse of pack_panels: U uint8 [N, M]."""
+    U = torch.zeros(int(starts[-1]), M, dtype=torch.uint8)
+    if panels.numel():
+        Mp = panels.shape[1] // PANEL_ROWS
+        rows = panels.view(-1, Mp // 8, PANEL_ROWS, 8).permute(0, 2, 1, 3).reshape(-1, PANEL_ROWS, Mp)
+        idx, valid = _panel_rows(prow, starts)
+        U[idx[valid]] = rows[valid][:, :M]
+    return U
+
+
 class PQ8Linear(nn.Module):
     """One or more PQ layers (same input) in their exact uint8 form (`pq_uint8_form`), the low-rank terms and
-    biases included: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias through `pq8_linear` in cpu_linear.c."""
+    biases included: y = x Ŵᵀ + (x Bᵀ) Aᵀ + bias through `pq8_linear` in linear.c."""
 
     def __init__(self, parts: list[PQLinear]):
         super().__init__()
@@ -217,35 +305,72 @@ class PQ8Linear(nn.Module):
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(p.geo.N) for p, b in zip(parts, biases)])
-        self.register_buffer("U", torch.cat(Us).contiguous(), persistent=False)  # uint8 [N, M]
+        U = torch.cat(Us)
+        starts.append(row)
+        self.register_buffer("starts", torch.tensor(starts, dtype=torch.int64), persistent=False)
+        panels, prow, pblk = pack_panels(U, starts)
+        self.padded_in = panels.shape[1] // PANEL_ROWS if panels.numel() else _round_up(M, 8)
+        self.register_buffer("panels", panels.contiguous(), persistent=False)  # uint8, see pack_panels
+        self.register_buffer("panel_row", prow, persistent=False)  # int64 [P]: first row of each panel
+        self.register_buffer("panel_block", pblk, persistent=False)  # int64 [P]: its codebook block
         self.register_buffer("colscale", torch.cat(scales).contiguous(), persistent=False)  # float32 [blocks, M]
         self.register_buffer("colmin", torch.cat(mins).contiguous(), persistent=False)  # float32 [blocks, M]
-        self.register_buffer("starts", torch.tensor(starts + [row], dtype=torch.int64), persistent=False)
         self.register_buffer("A", A.half().contiguous(), persistent=False)  # fp16 [N, R]
+        # the kernel reads A per panel: [P, R, 8] (rows of a panel side by side, zero for padding rows)
+        self.register_buffer("A_panels", pack_rows(self.A, prow, self.starts), persistent=False)
         self.register_buffer("B", B.half().contiguous(), persistent=False)  # fp16 [R, M]
         self.register_buffer("bias", bias, persistent=False)  # float32 [N] or None
         self.rank = R
-        self._fn, self._dequant = KERNELS.load().pq8_linear, KERNELS.load().pq8_dequant
+        self._fn = KERNELS.load().pq8_linear
         self._args = (
-            self.U.data_ptr(),
-            row,
-            len(starts),
+            self.padded_in,
+            self.panels.data_ptr(),
+            prow.numel(),
+            prow.data_ptr(),
+            pblk.data_ptr(),
             self.starts.data_ptr(),
+            len(starts) - 1,
             self.colscale.data_ptr(),
             self.colmin.data_ptr(),
             R,
-            self.A.data_ptr(),
+            self.A_panels.data_ptr(),
             self.B.data_ptr(),
             None if bias is None else bias.data_ptr(),
         )
 
+    def descriptor(self) -> LinearDesc:
+        """This layer for layer.c's linear_run (pointers into its buffers)."""
+        Mp, W, P, prow, pblk, start, nblk, colscale, colmin, R, A, B, bias = self._args
+        return LinearDesc(
+            kind=KINDS["pq8"],
+            N=self.out_features,
+            M=self.in_features,
+            W=W,
+            bias=bias,
+            Mp=Mp,
+            P=P,
+            prow=prow,
+            pblk=pblk,
+            start=start,
+            nblk=nblk,
+            colscale=colscale,
+            colmin=colmin,
+            R=R,
+            A=A,
+            B=B,
+        )
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.U, self.colscale, self.colmin, self.A, self.B))
+        return sum(t.numel() * t.element_size() for t in (self.panels, self.colscale, self.colmin, self.A, self.B))
+
+    def codes(self) -> torch.Tensor:
+        """U uint8 [N, M] (the panels unpacked)."""
+        return unpack_panels(self.panels, self.panel_row, self.starts, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight the kernel multiplies by, float32 [N, M] (Ŵ + A·B)."""
         blk = torch.bucketize(torch.arange(self.out_features), self.starts[1:], right=True)  # [N] block of each row
-        W = self.colmin[blk] + self.colscale[blk] * self.U.float()
+        W = self.colmin[blk] + self.colscale[blk] * self.codes().float()
         return W + self.A.float() @ self.B.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,33 +379,12 @@ class PQ8Linear(nn.Module):
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         T = x2.shape[0]
-        if T >= SGEMM_TOKENS:
-            y = x2 @ self.dequantize_codes().t()
-            if self.rank:
-                y += (x2 @ self.B.float().t()) @ self.A.float().t()
-            if self.bias is not None:
-                y += self.bias
-            return y.reshape(*lead, self.out_features).to(x.dtype)
         y = torch.empty(T, self.out_features, dtype=torch.float32)
-        if T and self._fn(x2.data_ptr(), T, self.in_features, *self._args, y.data_ptr(), torch.get_num_threads()):
+        if T and self._fn(
+            x2.data_ptr(), T, self.in_features, *self._args, y.data_ptr(), self.out_features, torch.get_num_threads()
+        ):
             raise MemoryError("pq8_linear: out of memory for its scratch buffer")
         return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def dequantize_codes(self) -> torch.Tensor:
-        """Ŵ float32 [N, M] (low-rank term excluded), by the compiled loop."""
-        W = torch.empty(self.out_features, self.in_features, dtype=torch.float32)
-        self._dequant(
-            self.U.data_ptr(),
-            self.out_features,
-            self.in_features,
-            self.starts.numel() - 1,
-            self.starts.data_ptr(),
-            self.colscale.data_ptr(),
-            self.colmin.data_ptr(),
-            W.data_ptr(),
-            torch.get_num_threads(),
-        )
-        return W
 
     def extra_repr(self) -> str:
         return (

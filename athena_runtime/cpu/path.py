@@ -1,15 +1,15 @@
 """Which execution path a CPU model runner takes, and its thread count: decided once, logged.
 
     reference   the spec: PQ layers dequantized to float32 (pq_linear.py), per-sequence paged attention
-    fast        compact weights through the compiled kernels (cpu_linear.py: PQ layers as exact uint8, fp16, or
+    fast        compact weights through the compiled kernels (linear.py: PQ layers as exact uint8, fp16, or
                 int8 per output channel), q/k/v and gate/up fused, lm_head included; batched decode attention
-                (cpu_attention.py)
+                (attention.py)
     auto        fast when its kernels build here (a C compiler is needed once), else reference with a
                 WARNING saying why
 
 Settings come from the environment (the server and CLIs need no new flags):
     ATHENA_CPU_PATH     auto | fast | reference        (default auto)
-    ATHENA_CPU_WEIGHTS  fp16 | auto | int8             (default fp16; the fast path's weight format, cpu_linear.py)
+    ATHENA_CPU_WEIGHTS  auto | fp16 | int8             (default auto; the fast path's weight format, linear.py)
 
 auto keeps PQ layers in their exact uint8 form (1 byte a weight, same values as the reference) and the
 lm_head as int8 per 32 columns; fp16 stores every effective weight as float16 (2 bytes, exact for practical
@@ -37,11 +37,11 @@ CPU_PATHS = ("auto", "fast", "reference")
 @dataclass(frozen=True)
 class CPUPathSettings:
     path: str = "auto"  # auto | fast | reference
-    weights: str = "fp16"  # fp16 | auto | int8: the fast path's weight format (cpu_linear.py)
+    weights: str = "auto"  # auto | fp16 | int8: the fast path's weight format (linear.py)
     threads: int | None = None  # torch.set_num_threads; None keeps PyTorch's default
 
     def __post_init__(self):
-        from athena_runtime.cpu_linear import WEIGHT_FORMATS
+        from athena_runtime.cpu.linear import WEIGHT_FORMATS
 
         if self.path not in CPU_PATHS:
             raise ValueError(f"unknown CPU path {self.path!r}; choose one of {CPU_PATHS}")
@@ -75,7 +75,7 @@ def choose_path(settings: CPUPathSettings) -> tuple[str, str]:
     """("fast" | "reference", why)."""
     if settings.path == "reference":
         return "reference", "ATHENA_CPU_PATH=reference"
-    from athena_runtime.cpu_linear import KERNELS
+    from athena_runtime.cpu.linear import KERNELS
 
     ok, why = KERNELS.available()
     if ok:
@@ -93,9 +93,9 @@ def apply(model: torch.nn.Module, settings: CPUPathSettings) -> str:
     if path == "reference":
         log.info("CPU path: reference (%s): float32 dequantized weights, per-sequence attention", why)
         return path
-    from athena_runtime.cpu_attention import CPUPagedAttention
-    from athena_runtime.cpu_decoder import specialize
-    from athena_runtime.cpu_linear import KERNELS, convert_model
+    from athena_runtime.cpu.attention import CPUPagedAttention
+    from athena_runtime.cpu.decoder import specialize
+    from athena_runtime.cpu.linear import KERNELS, convert_model
 
     t0 = time.perf_counter()
     stats = convert_model(model, settings.weights)
