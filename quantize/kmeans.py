@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kmeans_native import NativeKMeans
+
+NATIVE = NativeKMeans()  # the compiled Lloyd steps for CPU problems, built on first use, shared by the process
 SEED_GROWTH = 1.25  # seeding rounds add 25% more centres each: 19 rounds for n = 64
 _MAX_DIST_ELEMS = 1 << 26  # distance scratch ([B, K, n] / [B, K, s]) above this is computed in chunks
 
@@ -51,8 +54,11 @@ def _assign(zt: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     return idx, smin
 
 
-def assign(z: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest centroid: z [B, d, K], C [B, d, n] -> (idx int64 [B, K], squared distance - ‖z‖² [B, K])."""
+def assign(z: Tensor, C: Tensor, native: bool = True) -> tuple[Tensor, Tensor]:
+    """Nearest centroid: z [B, d, K], C [B, d, n] -> (idx int64 [B, K], squared distance - ‖z‖² [B, K]).
+    ``native``: use the compiled CPU steps when they apply (float32 CPU tensors); False: PyTorch only."""
+    if native and NATIVE.usable_for(z):
+        return NATIVE.nearest(z, C)
     return _assign(z.transpose(1, 2).contiguous(), C)
 
 
@@ -122,17 +128,21 @@ def kmeans(
     weight: Tensor | None = None,
     seed_growth: float = SEED_GROWTH,
     init: Tensor | None = None,
+    native: bool = True,
 ) -> Tensor:
     """Euclidean k-means, batched: z [B, d, K] -> centroids C [B, d, n].
 
     Fixed budget: seeding (unless ``init`` [B, d, n] is given) + ``iters`` Lloyd steps (assign,
     then means). A cluster left empty is re-seeded with a point of largest squared error
-    (distinct points for distinct clusters).
+    (distinct points for distinct clusters). On the CPU the Lloyd steps run compiled
+    (`kmeans_native.c`, the same steps; ``native=False`` keeps them in PyTorch).
     """
     B, d, K = z.shape
     if weight is None:
         weight = z.new_ones(B, K)
     C = kmeans_pp_seed(z, n, weight, generator, seed_growth) if init is None else init
+    if native and NATIVE.usable_for(z):
+        return NATIVE.lloyd(z, weight, C, iters)
     zt = z.transpose(1, 2).contiguous()  # [B, K, d]
     aug = torch.cat([z * weight.unsqueeze(1), weight.unsqueeze(1)], 1)  # [B, d+1, K]: weighted coordinates, weights
     idx_shape = (B, d + 1, K)
