@@ -132,24 +132,25 @@ def build_context(model, seqlen: int, device, dtype) -> LayerContext:
     return LayerContext(pos, rope, masks, types)
 
 
+def _call_layer(layer, index: int, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """Decoder layer `index` on one batch x [b, S, H] (in the layer's dtype)."""
+    p = next(layer.parameters())
+    y = layer(
+        x.to(p.dtype),
+        attention_mask=ctx.masks[ctx.layer_types[index]].to(p.dtype),
+        position_ids=ctx.position_ids,
+        position_embeddings=tuple(t.to(p.dtype) for t in ctx.position_embeddings[ctx.layer_types[index]]),
+        use_cache=False,
+    )
+    return y[0] if isinstance(y, tuple) else y
+
+
 @torch.no_grad()
 def run_layer(layer, index: int, inps: torch.Tensor, ctx: LayerContext, batch_size: int) -> torch.Tensor:
     """inps [ns, S, H] -> outputs [ns, S, H] of decoder layer `index` (same dtype/device as inps)."""
-    p = next(layer.parameters())
-    mask = ctx.masks[ctx.layer_types[index]]
-    rope = ctx.position_embeddings[ctx.layer_types[index]]
     outs = torch.empty_like(inps)
     for s in range(0, inps.shape[0], batch_size):
-        x = inps[s : s + batch_size].to(p.dtype)
-        y = layer(
-            x,
-            attention_mask=mask.to(p.dtype),
-            position_ids=ctx.position_ids,
-            position_embeddings=tuple(t.to(p.dtype) for t in rope),
-            use_cache=False,
-        )
-        y = y[0] if isinstance(y, tuple) else y
-        outs[s : s + batch_size] = y.to(inps.dtype)
+        outs[s : s + batch_size] = _call_layer(layer, index, inps[s : s + batch_size], ctx).to(inps.dtype)
     return outs
 
 
@@ -168,17 +169,38 @@ def _submodule(layer, name: str):
     return mod
 
 
+class _InputsSeen(Exception):
+    """Raised by the last Hessian hook of a batch: the rest of the layer's forward is not needed."""
+
+
 @torch.no_grad()
 def collect_hessians(layer, index, inps, ctx, batch_size) -> dict[str, HessianAccumulator]:
+    """One Hessian per linear group from the inputs the (unquantized) layer feeds them. Each batch's
+    forward stops at the last group's input (the down projection and what follows it are not run)."""
     accs: dict[str, HessianAccumulator] = {}
     hooks = []
+    last_group = LINEAR_GROUPS[-1]
     for group in LINEAR_GROUPS:
         mod = _submodule(layer, group[0])
         acc = HessianAccumulator(mod.in_features, device=inps.device)
         accs[group[0]] = acc
-        hooks.append(mod.register_forward_hook(lambda m, args, out, acc=acc: acc.add_batch(args[0])))
+
+        def hook(m, args, acc=acc, last=group is last_group):
+            acc.add_batch(args[0])
+            if last:
+                raise _InputsSeen
+
+        hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        run_layer(layer, index, inps, ctx, batch_size)
+        for s in range(0, inps.shape[0], batch_size):
+            x = inps[s : s + batch_size]
+            try:
+                _call_layer(layer, index, x, ctx)
+            except _InputsSeen:
+                pass
+            seen = {name: acc.nsamples for name, acc in accs.items()}
+            if len(set(seen.values())) != 1:  # a group's input came after the last group's: none may be missed
+                raise RuntimeError(f"collect_hessians: layer {index} fed its linear groups unevenly: {seen}")
     finally:
         for h in hooks:
             h.remove()
