@@ -141,9 +141,11 @@ def evaluate(ckpt: Path, out: Path, batch: int, device: torch.device) -> dict:
 
 def table(out: Path) -> str:
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    rows = list({r["name"]: r for r in rows}.values())  # the latest evaluation of each run
     ref = next(r for r in rows if r["name"] == "reference")
     lines = [
-        f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}",
+        f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}; calibration "
+        + ", ".join(sorted({json.dumps(r.get("calibration")) for r in rows if r["name"] != "reference"})),
         "",
         "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement "
         "| quantize s (device) |",
@@ -177,15 +179,23 @@ def quantize_configs(names: list[str], out: Path, args) -> list[dict]:
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     pending, running, done = list(names), {}, []
+    deadline = time.time() + args.time_limit if args.time_limit else None
     while pending or running:
-        while pending and len(running) < args.jobs:
+        late = deadline is not None and time.time() > deadline
+        while pending and len(running) < args.jobs and not late:
             name = pending.pop(0)
             log = open(out / f"quantize-{name}.log", "w")
             argv = [sys.executable, "-m", "bench.quality_ablation", "quantize", name, *cmd]
             running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+        if late:  # stop the rest: their finished layers are on disk, and the next call resumes them
+            for proc, _, _ in running.values():
+                proc.terminate()
+            pending = []
         time.sleep(0.5)
         for name, (proc, log, t0) in list(running.items()):
-            if proc.poll() is None:
+            if late:
+                proc.wait()
+            elif proc.poll() is None:
                 continue
             log.close()
             del running[name]
@@ -193,9 +203,14 @@ def quantize_configs(names: list[str], out: Path, args) -> list[dict]:
             row = {"name": name, "rc": proc.returncode, "wall_s": round(time.time() - t0, 1)}
             if meta.is_file():
                 row["quantize_seconds"] = json.loads(meta.read_text())["seconds"]
+            elif late:
+                row["stopped"] = f"--time-limit {args.time_limit} s; run again to resume"
             print(json.dumps(row), flush=True)
             done.append(row)
-    failed = [r["name"] for r in done if r["rc"] != 0]
+    unstarted = [n for n in names if n not in {r["name"] for r in done}]
+    if unstarted:
+        print(json.dumps({"not_started": unstarted, "why": f"--time-limit {args.time_limit} s"}), flush=True)
+    failed = [r["name"] for r in done if r["rc"] != 0 and "stopped" not in r]
     if failed:
         raise SystemExit(f"quantization failed for {', '.join(failed)} (see {out}/quantize-NAME.log)")
     return done
@@ -258,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=Path, default=None, help="held-out text file (default: python3.11-doc)")
     ap.add_argument("--calib", type=Path, default=None, help="quantize: calibration text file (default: built in)")
     ap.add_argument("--jobs", type=int, default=1, help="quantize: configurations quantized at once")
+    ap.add_argument("--time-limit", type=float, default=None, help="quantize (--jobs > 1): stop the runs after S s")
     ap.add_argument("--model", type=Path, default=None, help="reference/quantize: model (default: the embedded one)")
     ap.add_argument("--calib-windows", type=int, default=None, help="quantize: calibration windows (device default)")
     ap.add_argument("--calib-seqlen", type=int, default=None, help="quantize: calibration window length")

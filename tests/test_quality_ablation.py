@@ -15,12 +15,23 @@ from bench import quality_ablation as qa
 
 
 @pytest.mark.slow
-def test_quantize_eval_table_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_quantize_eval_table_on_a_tiny_model(tmp_path, device):
+    """The GPU stage's steps with tiny settings: reference, two quantizations in parallel processes, eval, table."""
     model = make_tiny_model(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256)
     held = write_text(tmp_path / "held.txt", (40, 60))
     calib = write_text(tmp_path / "calib.txt", (0, 30))
     out = tmp_path / "abl"
-    common = ["--out", str(out), "--device", "cpu", "--seqlen", "128"]
+    common = ["--out", str(out), "--device", device, "--seqlen", "128"]
     assert qa.main(["reference", "--model", str(model), "--heldout", str(held), "--max-tokens", "512"] + common) == 0
     names = ["rtn-4b-g128", "athena-budget-4.0"]
     quant = ["--model", str(model), "--calib", str(calib), "--calib-windows", "4", "--calib-seqlen", "32", "--jobs", "2"]
@@ -28,7 +39,7 @@ def test_quantize_eval_table_on_a_tiny_model(tmp_path):
     for n in names:  # one process each, all finished
         meta = json.loads((out / n / "athena.json").read_text())
         assert meta["calibration"]["files"] == [str(calib)] and meta["calibration"]["nsamples"] == 4
-        assert meta["device"] == "cpu"
+        assert meta["device"].startswith(device)
     assert json.loads((out / "athena-budget-4.0" / "athena.json").read_text())["allocation"]["planned_bits"] <= 4.0
     # a second call finds them done (no new quantization)
     again = qa.quantize_configs(names[:1], out, argparse.Namespace(jobs=1, model=model))
@@ -39,7 +50,7 @@ def test_quantize_eval_table_on_a_tiny_model(tmp_path):
     ref = rows[0]
     assert ref["kl"] == pytest.approx(0.0, abs=1e-6) and ref["top1"] == 1.0 and ref["tokens"] == 4 * 127
     for r in rows[1:]:
-        assert r["kl"] > 0 and 0 < r["top1"] <= 1 and r["tokens"] == ref["tokens"] and r["device"] == "cpu"
+        assert r["kl"] > 0 and 0 < r["top1"] <= 1 and r["tokens"] == ref["tokens"] and r["device"].startswith(device)
     by = {r["name"]: r for r in rows}
     assert by["rtn-4b-g128"]["kl"] < 0.2 and by["rtn-4b-g128"]["bits"] == pytest.approx(4.25, abs=0.3)
     text = qa.main(["table"] + common[:2])
