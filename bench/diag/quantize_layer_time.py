@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads outside the quantizer (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--baseline", default=None, help="folder holding another version's quantize/ package")
+    ap.add_argument(
+        "--thread-counts", default="", help="e.g. 2,1: each variant once per torch thread count (the whole layer)"
+    )
     args = ap.parse_args(argv)
 
     import quantize.driver as driver
@@ -63,13 +66,16 @@ def main(argv=None) -> int:
     variants = {"current": driver.quantize_athena}
     if args.baseline:
         variants = {"baseline": _baseline_quantizer(Path(args.baseline)), **variants}
+    counts = [int(v) for v in args.thread_counts.split(",") if v] or [torch.get_num_threads()]
+    variants = {(f"{k}@{t}t" if len(counts) > 1 else k): (v, t) for k, v in variants.items() for t in counts}
     wanted = sorted(int(v) for v in args.layers.split(","))
     print(f"load {os.getloadavg()}, threads {torch.get_num_threads()}, calibration {tuple(ids.shape)}", flush=True)
     for i in range(wanted[-1] + 1):
         layer = model.model.layers[i].to(dev, torch.float32)
         if i in wanted:
-            for rep, (label, quantizer) in ((r, v) for r in range(args.repeat) for v in variants.items()):
+            for rep, (label, (quantizer, threads)) in ((r, v) for r in range(args.repeat) for v in variants.items()):
                 driver.quantize_athena = quantizer
+                torch.set_num_threads(threads)
                 work = copy.deepcopy(layer)
                 prof = cProfile.Profile() if args.profile and i == wanted[0] and rep == 0 else None
                 t0 = time.perf_counter()
