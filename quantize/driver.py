@@ -102,7 +102,7 @@ class LayerContext:
 
     position_ids: torch.Tensor  # [1, S]
     position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> cos, sin (Gemma 3: two RoPEs)
-    masks: dict[str, torch.Tensor]  # layer type -> additive mask [1, 1, S, S]
+    masks: dict[str, torch.Tensor | None]  # layer type -> additive mask [1, 1, S, S]; None: causal (SDPA is_causal)
     layer_types: list[str]
 
 
@@ -130,7 +130,7 @@ def build_context(model, seqlen: int, device, dtype) -> LayerContext:
     i = torch.arange(seqlen, device=device)
     dist = i[:, None] - i[None, :]  # query - key
     neg = torch.finfo(dtype).min
-    masks = {"full_attention": torch.where(dist >= 0, 0.0, neg).to(dtype)[None, None]}
+    masks: dict[str, torch.Tensor | None] = {"full_attention": None}  # SDPA's causal kernel, no [S, S] mask to read
     window = getattr(config, "sliding_window", None)
     if window:
         allowed = (dist >= 0) & (dist < window)
@@ -142,8 +142,9 @@ def _call_layer(layer, index: int, x: torch.Tensor, ctx: LayerContext, params: d
     """Decoder layer `index` on one batch x [b, S, H] (in the layer's dtype); `params` (parameter name -> tensor)
     stand in for the layer's own (torch.func.functional_call), for fine-tuning."""
     p = next(layer.parameters())
+    mask = ctx.masks[ctx.layer_types[index]]
     kwargs = dict(
-        attention_mask=ctx.masks[ctx.layer_types[index]].to(p.dtype),
+        attention_mask=None if mask is None else mask.to(p.dtype),
         position_ids=ctx.position_ids,
         position_embeddings=tuple(t.to(p.dtype) for t in ctx.position_embeddings[ctx.layer_types[index]]),
         use_cache=False,
