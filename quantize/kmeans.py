@@ -69,7 +69,12 @@ def gather_points(z: Tensor, idx: Tensor) -> Tensor:
 
 
 def kmeans_pp_seed_indices(
-    z: Tensor, n: int, weight: Tensor, generator: torch.Generator | None = None, growth: float = SEED_GROWTH
+    z: Tensor,
+    n: int,
+    weight: Tensor,
+    generator: torch.Generator | None = None,
+    growth: float = SEED_GROWTH,
+    native: bool = True,
 ) -> Tensor:
     """k-means++-style seeding, batched: z [B, d, K], weight [B, K] -> indices of the seed points [B, n].
 
@@ -78,12 +83,15 @@ def kmeans_pp_seed_indices(
     exponential race (the largest D²/Exp(1) wins). ``growth`` trades rounds for quality: 1 is
     classic k-means++ (n rounds), 2 doubles the centres every round. Points rather than
     coordinates come back, so a caller may seed from a snapshot and start from the points' current
-    values (the quantizer does: one seeding pass per lazy block of column groups).
+    values (the quantizer does: one seeding pass per lazy block of column groups). On the CPU the rounds
+    run compiled (``native=False``: PyTorch).
     """
     B, d, K = z.shape
     sizes = _seed_round_sizes(n, K, growth)
     u = torch.empty(len(sizes), B, K, dtype=z.dtype, device=z.device).uniform_(generator=generator)
     race = weight / u.log_().neg_()  # [rounds, B, K] = weight / Exp(1); padding never wins
+    if native and NATIVE.usable_for(z):  # the same rounds, compiled (CPU)
+        return NATIVE.seed(z, weight, race, sizes)
     step = max(1, _MAX_DIST_ELEMS // (K * max(sizes)))  # problems per chunk: bounded [chunk, K, s] scratch
     if step >= B:
         return _seed_rounds(z, weight, race, sizes)

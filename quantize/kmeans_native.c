@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int athena_kmeans_abi(void) { return 1; }
+int athena_kmeans_abi(void) { return 2; }
 
 #define PB 64 /* points per tile: the scores of a tile stay in L1, the loops over it vectorize */
 
@@ -134,5 +134,73 @@ int athena_kmeans_lloyd(const float *z, const float *w, float *C, int64_t B, int
     free(idx);
     free(fscratch);
     free(taken);
+    return 0;
+}
+
+/* k-means++ seeding in rounds of D^2 sampling (kmeans.py's _seed_rounds): z [B, d, K], w [B, K], race [R, B, K]
+ * (weight / Exp(1) keys, drawn by the caller), sizes [R] centres per round (sum n) -> idx [B, n]. Each round picks
+ * the `sizes[r]` points of largest D^2 * race (largest first; the lowest index on ties), then lowers D^2 to
+ * the squared distance to the nearest new centre. Returns 0, or -1 when scratch memory cannot be had. */
+int athena_kmeans_seed(const float *z, const float *w, const float *race, const int64_t *sizes, int64_t R, int64_t B,
+                       int64_t d, int64_t K, int64_t n, int64_t *idx) {
+    int64_t smax = 1;
+    for (int64_t r = 0; r < R; r++) smax = sizes[r] > smax ? sizes[r] : smax;
+    float *D2 = malloc(sizeof(float) * (4 * K + smax + d));
+    if (!D2) return -1;
+    float *zn = D2 + K, *m = zn + K, *acc = m + K, *topv = acc + K, *pt = topv + smax;
+    for (int64_t b = 0; b < B; b++) {
+        const float *zb = z + b * d * K, *wb = w + b * K;
+        int64_t *out = idx + b * n;
+        for (int64_t k = 0; k < K; k++) {
+            zn[k] = 0.0f;
+            D2[k] = wb[k];
+        }
+        for (int64_t t = 0; t < d; t++)
+            for (int64_t k = 0; k < K; k++) zn[k] += zb[t * K + k] * zb[t * K + k];
+        int64_t filled = 0;
+        for (int64_t r = 0; r < R; r++) {
+            const float *rb = race + (r * B + b) * K;
+            const int64_t s = sizes[r], first = filled;
+            int64_t *topi = out + first, cnt = 0; /* the round's picks, largest key first, written in place */
+            for (int64_t k = 0; k < K; k++) {
+                const float v = D2[k] * rb[k];
+                if (cnt == s && !(v > topv[s - 1])) continue;
+                int64_t pos = cnt < s ? cnt++ : s - 1;
+                while (pos > 0 && v > topv[pos - 1]) {
+                    topv[pos] = topv[pos - 1];
+                    topi[pos] = topi[pos - 1];
+                    pos--;
+                }
+                topv[pos] = v;
+                topi[pos] = k;
+            }
+            filled += s;
+            if (filled >= n) break;
+            for (int64_t k = 0; k < K; k++) m[k] = INFINITY;
+            for (int64_t j = first; j < filled; j++) {
+                const int64_t p = out[j];
+                float pn = 0.0f;
+                for (int64_t t = 0; t < d; t++) {
+                    pt[t] = zb[t * K + p];
+                    pn += pt[t] * pt[t];
+                }
+                for (int64_t k = 0; k < K; k++) acc[k] = 0.0f;
+                for (int64_t t = 0; t < d; t++) {
+                    const float c = pt[t];
+                    const float *zt = zb + t * K;
+                    for (int64_t k = 0; k < K; k++) acc[k] += zt[k] * c;
+                }
+                for (int64_t k = 0; k < K; k++) {
+                    const float dist = (zn[k] - 2.0f * acc[k]) + pn;
+                    m[k] = dist < m[k] ? dist : m[k];
+                }
+            }
+            for (int64_t k = 0; k < K; k++) {
+                const float v = r == 0 ? m[k] : (m[k] < D2[k] ? m[k] : D2[k]);
+                D2[k] = v > 0.0f ? v : 0.0f;
+            }
+        }
+    }
+    free(D2);
     return 0;
 }

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kmeans_native.c")
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
-ABI = 1
+ABI = 2
 COMPILERS = ("cc", "gcc", "clang")
 
 
@@ -101,6 +101,8 @@ class NativeKMeans:
         lib.athena_kmeans_lloyd.restype = ctypes.c_int
         lib.athena_kmeans_assign.argtypes = [p, p, i64, i64, i64, i64, p, p]
         lib.athena_kmeans_assign.restype = ctypes.c_int
+        lib.athena_kmeans_seed.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p]
+        lib.athena_kmeans_seed.restype = ctypes.c_int
         log.info("compiled k-means loaded from %s", out)
         return lib
 
@@ -123,6 +125,20 @@ class NativeKMeans:
         if self.load().athena_kmeans_lloyd(z.data_ptr(), w.data_ptr(), out.data_ptr(), B, d, K, n, iters) != 0:
             raise MemoryError("compiled k-means: out of memory")
         return out
+
+    def seed(self, z: Tensor, weight: Tensor, race: Tensor, sizes: list[int]) -> Tensor:
+        """k-means++ rounds: z [B, d, K], weight [B, K], race keys [rounds, B, K], centres per round -> idx [B, n]."""
+        B, d, K = z.shape
+        n = sum(sizes)
+        z, w, race = z.contiguous(), weight.to(torch.float32).contiguous(), race.to(torch.float32).contiguous()
+        sz = torch.tensor(sizes, dtype=torch.int64)
+        idx = torch.empty(B, n, dtype=torch.int64)
+        lib = self.load()
+        if lib.athena_kmeans_seed(
+            z.data_ptr(), w.data_ptr(), race.data_ptr(), sz.data_ptr(), len(sizes), B, d, K, n, idx.data_ptr()
+        ):
+            raise MemoryError("compiled k-means: out of memory")
+        return idx
 
     def nearest(self, z: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
         """z [B, d, K], C [B, d, n] -> (idx int64 [B, K], min over c of ‖c‖² - 2 z·c [B, K])."""

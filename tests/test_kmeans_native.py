@@ -115,3 +115,19 @@ def test_no_compiler_falls_back_loudly(monkeypatch, caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="quantize.kmeans_native"):
         assert not lib.usable_for(torch.zeros(1))
     assert any("no C compiler found" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("B,d,K,n", [(64, 2, 1537, 64), (3, 1, 100, 16), (2, 4, 700, 256), (1, 3, 65, 8)])
+def test_seeding_matches_pytorch(B, d, K, n):
+    """The compiled D²-sampling rounds pick the same points from the same random keys (padding included)."""
+    g = gen(K)
+    z = torch.randn(B, d, K, generator=g)
+    w = torch.ones(B, K)
+    if B > 1:
+        w[1, K // 2 :] = 0
+        z[1, :, K // 2 :] = 0
+    ref = kmeans_pp_seed_indices(z, n, w, gen(9), native=False)
+    got = kmeans_pp_seed_indices(z, n, w, gen(9))
+    assert got.shape == (B, n) and got.dtype == torch.int64
+    assert torch.equal(got, ref)
+    assert all(len(set(row.tolist())) == n for row in got)

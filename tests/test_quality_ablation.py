@@ -34,7 +34,8 @@ def test_quantize_eval_table_on_a_tiny_model(tmp_path, device):
     common = ["--out", str(out), "--device", device, "--seqlen", "128"]
     assert qa.main(["reference", "--model", str(model), "--heldout", str(held), "--max-tokens", "512"] + common) == 0
     names = ["rtn-4b-g128", "athena-budget-4.0"]
-    quant = ["--model", str(model), "--calib", str(calib), "--calib-windows", "4", "--calib-seqlen", "32", "--jobs", "2"]
+    quant = ["--model", str(model), "--calib", str(calib), "--calib-windows", "4", "--calib-seqlen", "32"]
+    quant += ["--jobs", "2"]
     assert qa.main(["quantize", *names, *quant, *common]) == 0
     for n in names:  # one process each, all finished
         meta = json.loads((out / n / "athena.json").read_text())

@@ -12,6 +12,7 @@ For checking that a faster quantizer gives the same quality.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="out/quantizer_ab")
+    ap.add_argument("--noise-seed", type=int, default=None, help="also the current version with this k-means seed")
     args = ap.parse_args(argv)
 
     from athena_runtime.format.source import load_hf_model, load_tokenizer
@@ -52,6 +54,12 @@ def main(argv=None) -> int:
     d, n, k = (int(v) for v in args.codebook.split(","))
     recipe = AthenaRecipe(d=d, n=n, k=k, lowrank=args.lowrank)
     versions = {"baseline": _baseline_quantizer(Path(args.baseline)), "current": quantize_athena}
+    if args.noise_seed is not None:  # the spread a k-means seed makes: what "equal within noise" means
+
+        def reseeded(weights, H, r):
+            return quantize_athena(weights, H, dataclasses.replace(r, seed=args.noise_seed))
+
+        versions[f"current-seed{args.noise_seed}"] = reseeded
 
     def hessians(ids):
         accs, hooks = {}, []
