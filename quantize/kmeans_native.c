@@ -1,4 +1,5 @@
-/* Lloyd iterations and nearest-centroid assignment for many small k-means problems, on the CPU.
+/* k-means++ seeding rounds, Lloyd iterations and nearest-centroid assignment for many small k-means problems,
+ * on the CPU.
  *
  * The same computation as quantize/kmeans.py's batched PyTorch loop (its docstring is the spec), one
  * problem at a time in one pass over the points instead of ~15 tensor ops per iteration: for the

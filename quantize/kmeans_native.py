@@ -1,6 +1,6 @@
 """The compiled k-means steps (`kmeans_native.c`) for CPU tensors, built once with the system C compiler.
 
-`kmeans.py` calls `lloyd` / `nearest` here for float32 CPU problems and falls back to its PyTorch loop
+`kmeans.py` calls `seed` / `lloyd` / `nearest` here for float32 CPU problems and falls back to its PyTorch loop
 when the library cannot be built (no compiler, build error), saying so once in the log. The library is
 compiled `-O3 -march=native` (no OpenMP: the quantizer runs one thread) into
 `<cache>/kernels/kmeans-<hash>.so`, the hash covering the source, the flags, the compiler and this CPU's
