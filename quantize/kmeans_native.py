@@ -4,8 +4,8 @@
 when the library cannot be built (no compiler, build error), saying so once in the log. The library is
 compiled `-O3 -march=native` (no OpenMP: the quantizer runs one thread) into
 `<cache>/kernels/kmeans-<hash>.so`, the hash covering the source, the flags, the compiler and this CPU's
-feature flags; building takes well under a second. ``ATHENA_KMEANS_NATIVE=0`` turns it off (the
-PyTorch loop then runs, and the log says why).
+feature flags; building takes well under a second. Callers pass ``native=False`` for the PyTorch loop
+(A/B runs, tests).
 """
 
 from __future__ import annotations
@@ -73,8 +73,6 @@ class NativeKMeans:
             raise RuntimeError(self._error)
 
     def _build_and_load(self) -> ctypes.CDLL:
-        if os.environ.get("ATHENA_KMEANS_NATIVE", "1") == "0":
-            raise RuntimeError("ATHENA_KMEANS_NATIVE=0")
         from athena_runtime.format.source import cache_dir
 
         cc = _compiler()
