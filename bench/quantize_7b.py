@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     cos, sin = LlamaRotaryEmbedding(cfg).to(dev)(inps[:1].float(), pos)
     i = torch.arange(args.seqlen, device=dev)
     mask = torch.where(i[:, None] >= i[None, :], 0.0, torch.finfo(torch.float32).min)[None, None]
-    ctx = LayerContext(pos, (cos, sin), {"full_attention": mask}, ["full_attention"])
+    ctx = LayerContext(pos, {"full_attention": (cos, sin)}, {"full_attention": mask}, ["full_attention"])
     d, n, k = (int(v) for v in args.codebook.split(","))
     job = QuantizeJob(
         model="random-7b-layer",

@@ -127,13 +127,39 @@ def main(argv=None) -> int:
     return 0
 
 
-def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args) -> tuple[list[dict], dict]:
-    """The reference's and every configuration's perplexity on `held` for one real model -> (rows, reference)."""
+def config_job(name: str, model: Path, qdir: Path, device: str | None, calib_files: tuple[str, ...] = (), **calib):
+    """The QuantizeJob of CONFIGS[name] for `model` into `qdir` (resuming a partial run there); `calib`:
+    CalibConfig's nsamples / seqlen (default: the device's)."""
     from quantize.allocate import BitBudget
     from quantize.calibration import CalibConfig
-    from quantize.driver import QuantizeJob, run
-    from quantize.evaluate import eval_ppl
+    from quantize.driver import QuantizeJob
     from quantize.recipe import AthenaRecipe, ScalarRecipe
+
+    if name not in CONFIGS:
+        raise ValueError(f"unknown configuration {name!r}: choose from {', '.join(CONFIGS)}")
+    method, opts = CONFIGS[name]
+    opts = dict(opts)
+    budget = BitBudget(opts.pop("target_bits")) if "target_bits" in opts else None
+    recipes = (
+        dict(athena=AthenaRecipe(**opts), budget=budget)
+        if method == "athena"
+        else dict(scalar=ScalarRecipe(method=method, **opts))
+    )
+    return QuantizeJob(
+        model=str(model),
+        out=str(qdir),
+        method=method,
+        calib=CalibConfig(files=tuple(calib_files), **calib),
+        device=device,
+        resume=qdir.exists(),
+        **recipes,
+    )
+
+
+def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args) -> tuple[list[dict], dict]:
+    """The reference's and every configuration's perplexity on `held` for one real model -> (rows, reference)."""
+    from quantize.driver import run
+    from quantize.evaluate import eval_ppl
 
     rows = []
     ref = {"ppl": float("nan"), "tokens": 0}
@@ -150,26 +176,11 @@ def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args)
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    for name, (method, opts) in CONFIGS.items():
+    for name in CONFIGS:
         if args.only and name not in args.only:
             continue
         qdir = out / name
-        opts = dict(opts)
-        budget = BitBudget(opts.pop("target_bits")) if "target_bits" in opts else None
-        recipes = (
-            dict(athena=AthenaRecipe(**opts), budget=budget)
-            if method == "athena"
-            else dict(scalar=ScalarRecipe(method=method, **opts))
-        )
-        job = QuantizeJob(
-            model=str(gguf),
-            out=str(qdir),
-            method=method,
-            calib=CalibConfig(),
-            device=args.device,
-            resume=qdir.exists(),
-            **recipes,
-        )
+        job = config_job(name, gguf, qdir, args.device)
         if (qdir / "athena.json").exists():
             meta = json.loads((qdir / "athena.json").read_text())
         else:

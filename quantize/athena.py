@@ -29,7 +29,7 @@ from torch import Tensor
 
 from athena_runtime.format.layers import AthenaLayer, dequantize_codebook_uint8, quantize_codebook_uint8
 
-from .hessian import inverse_cholesky_upper, proxy_loss
+from .hessian import all_finite, inverse_cholesky_upper, proxy_loss
 from .kmeans import assign, gather_points, kmeans, kmeans_pp_seed_indices
 from .recipe import AthenaRecipe
 
@@ -70,9 +70,9 @@ def _check_inputs(weights: list[Tensor], H: Tensor, recipe: AthenaRecipe) -> int
     if not isinstance(H, Tensor) or tuple(H.shape) != (M, M):
         raise ValueError(f"quantize_athena: H must be [{M}, {M}], got {getattr(H, 'shape', type(H).__name__)}")
     for i, W in enumerate(weights):
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             raise ValueError(f"quantize_athena: weights[{i}] contains NaN or inf")
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         raise ValueError("quantize_athena: H contains NaN or inf")
     return M
 

@@ -20,9 +20,10 @@ def _codebook(text: str) -> tuple[int, int, int]:
 
 def register(sub) -> None:
     from quantize.calibration import CalibConfig
+    from quantize.finetune import FinetuneConfig
     from quantize.recipe import AthenaRecipe, ScalarRecipe
 
-    a, s, c = AthenaRecipe(), ScalarRecipe(), CalibConfig()
+    a, s, c, f = AthenaRecipe(), ScalarRecipe(), CalibConfig(), FinetuneConfig()
     q = sub.add_parser("quantize", help="compress a model (HF folder or GGUF) into an Athena checkpoint")
     q.add_argument(
         "model", nargs="?", help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
@@ -67,6 +68,14 @@ def register(sub) -> None:
         action="store_true",
         help="one fp16 scale per output row; rows are clustered normalized (format version 2, +16/M bits)",
     )
+    q.add_argument(
+        "--finetune",
+        action="store_true",
+        help="after each layer is quantized, train its codebooks, low-rank factors, row scales and norms (indices "
+        "fixed) to reproduce the unquantized layer's outputs on the calibration windows (athena only; off by default)",
+    )
+    q.add_argument("--finetune-steps", type=int, default=f.steps, help="--finetune: Adam steps per layer")
+    q.add_argument("--finetune-lr", type=float, default=f.lr, help="--finetune: Adam learning rate")
     q.add_argument("--kmeans-iters", type=int, default=a.kmeans_iters, help="k-means iterations per column group")
     q.add_argument("--damp", type=float, default=a.damp, help="Hessian dampening, fraction of mean(diag H)")
     q.add_argument("--bits", type=int, default=s.bits, help="rtn/gptq: bits per weight")
@@ -100,6 +109,7 @@ def cmd_quantize(args) -> int:
     from quantize.calibration import CalibConfig
     from quantize.driver import QuantizeJob, run
     from quantize.embedded import default_model_path, embedded_gguf_path
+    from quantize.finetune import FinetuneConfig
     from quantize.recipe import AthenaRecipe, ScalarRecipe
 
     d, n, k = args.codebook
@@ -128,12 +138,20 @@ def cmd_quantize(args) -> int:
         damp=args.damp,
     )
     calib = CalibConfig(files=tuple(args.calib), nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seed=args.seed) if args.finetune else None
     model = args.model or str(embedded_gguf_path())
     if args.out is None:
         if args.model is not None:
             raise ValueError("--out is required when MODEL is given")
         job = QuantizeJob(
-            model=model, out="", method=args.method, athena=athena, scalar=scalar, calib=calib, budget=budget
+            model=model,
+            out="",
+            method=args.method,
+            athena=athena,
+            scalar=scalar,
+            calib=calib,
+            budget=budget,
+            finetune=finetune,
         )
         if job != QuantizeJob(model=model, out="", calib=calib) or args.calib or args.device:
             raise ValueError("--out is required for non-default settings")
@@ -150,6 +168,7 @@ def cmd_quantize(args) -> int:
             device=args.device,
             resume=args.resume,
             budget=budget,
+            finetune=finetune,
         )
         meta = run(job)
         out = Path(args.out)

@@ -27,6 +27,7 @@ from athena_runtime.format.source import load_hf_model, load_tokenizer, resolve_
 from quantize.allocate import BitBudget
 from quantize.athena import quantize_athena
 from quantize.calibration import CalibConfig, calibration_batch
+from quantize.finetune import FinetuneConfig, finetune_block
 from quantize.gptq import quantize_gptq
 from quantize.hessian import HessianAccumulator
 from quantize.recipe import AthenaRecipe, ScalarRecipe
@@ -56,6 +57,7 @@ class QuantizeJob:
     resume: bool = False
     batch_size: int = 8  # calibration samples per forward chunk
     budget: BitBudget | None = None  # --target-bits: per-layer (d, n) from the menu, the rest from `athena`
+    finetune: FinetuneConfig | None = None  # --finetune: block-wise tuning of the continuous parameters
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,6 +66,8 @@ class QuantizeJob:
             raise ValueError("batch_size must be >= 1")
         if self.budget is not None and self.method != "athena":
             raise ValueError("--target-bits allocates Athena recipes: it needs --method athena")
+        if self.finetune is not None and self.method != "athena":
+            raise ValueError("--finetune tunes Athena layers (codebooks, low-rank factors, row scales): needs athena")
 
     def recipe_dict(self) -> dict:
         if self.method != "athena":
@@ -72,6 +76,8 @@ class QuantizeJob:
         if self.budget is not None:  # d and n are per layer (athena.json layers[P])
             recipe = {k: v for k, v in recipe.items() if k not in ("d", "n")}
             recipe["budget"] = dataclasses.asdict(self.budget)
+        if self.finetune is not None:
+            recipe["finetune"] = dataclasses.asdict(self.finetune)
         return recipe
 
     def identity(self) -> dict:
@@ -96,7 +102,7 @@ class LayerContext:
 
     position_ids: torch.Tensor  # [1, S]
     position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> cos, sin (Gemma 3: two RoPEs)
-    masks: dict[str, torch.Tensor]  # layer type -> additive mask [1, 1, S, S]
+    masks: dict[str, torch.Tensor | None]  # layer type -> additive mask [1, 1, S, S]; None: causal (SDPA is_causal)
     layer_types: list[str]
 
 
@@ -124,7 +130,7 @@ def build_context(model, seqlen: int, device, dtype) -> LayerContext:
     i = torch.arange(seqlen, device=device)
     dist = i[:, None] - i[None, :]  # query - key
     neg = torch.finfo(dtype).min
-    masks = {"full_attention": torch.where(dist >= 0, 0.0, neg).to(dtype)[None, None]}
+    masks: dict[str, torch.Tensor | None] = {"full_attention": None}  # SDPA's causal kernel, no [S, S] mask to read
     window = getattr(config, "sliding_window", None)
     if window:
         allowed = (dist >= 0) & (dist < window)
@@ -132,24 +138,30 @@ def build_context(model, seqlen: int, device, dtype) -> LayerContext:
     return LayerContext(pos, rope, masks, types)
 
 
+def _call_layer(layer, index: int, x: torch.Tensor, ctx: LayerContext, params: dict | None = None) -> torch.Tensor:
+    """Decoder layer `index` on one batch x [b, S, H] (in the layer's dtype); `params` (parameter name -> tensor)
+    stand in for the layer's own (torch.func.functional_call), for fine-tuning."""
+    p = next(layer.parameters())
+    mask = ctx.masks[ctx.layer_types[index]]
+    kwargs = dict(
+        attention_mask=None if mask is None else mask.to(p.dtype),
+        position_ids=ctx.position_ids,
+        position_embeddings=tuple(t.to(p.dtype) for t in ctx.position_embeddings[ctx.layer_types[index]]),
+        use_cache=False,
+    )
+    if params is None:
+        y = layer(x.to(p.dtype), **kwargs)
+    else:
+        y = torch.func.functional_call(layer, params, (x.to(p.dtype),), kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
 @torch.no_grad()
 def run_layer(layer, index: int, inps: torch.Tensor, ctx: LayerContext, batch_size: int) -> torch.Tensor:
     """inps [ns, S, H] -> outputs [ns, S, H] of decoder layer `index` (same dtype/device as inps)."""
-    p = next(layer.parameters())
-    mask = ctx.masks[ctx.layer_types[index]]
-    rope = ctx.position_embeddings[ctx.layer_types[index]]
     outs = torch.empty_like(inps)
     for s in range(0, inps.shape[0], batch_size):
-        x = inps[s : s + batch_size].to(p.dtype)
-        y = layer(
-            x,
-            attention_mask=mask.to(p.dtype),
-            position_ids=ctx.position_ids,
-            position_embeddings=tuple(t.to(p.dtype) for t in rope),
-            use_cache=False,
-        )
-        y = y[0] if isinstance(y, tuple) else y
-        outs[s : s + batch_size] = y.to(inps.dtype)
+        outs[s : s + batch_size] = _call_layer(layer, index, inps[s : s + batch_size], ctx).to(inps.dtype)
     return outs
 
 
@@ -168,17 +180,38 @@ def _submodule(layer, name: str):
     return mod
 
 
+class _InputsSeen(Exception):
+    """Raised by the last Hessian hook of a batch: the rest of the layer's forward is not needed."""
+
+
 @torch.no_grad()
 def collect_hessians(layer, index, inps, ctx, batch_size) -> dict[str, HessianAccumulator]:
+    """One Hessian per linear group from the inputs the (unquantized) layer feeds them. Each batch's
+    forward stops at the last group's input (the down projection and what follows it are not run)."""
     accs: dict[str, HessianAccumulator] = {}
     hooks = []
+    last_group = LINEAR_GROUPS[-1]
     for group in LINEAR_GROUPS:
         mod = _submodule(layer, group[0])
         acc = HessianAccumulator(mod.in_features, device=inps.device)
         accs[group[0]] = acc
-        hooks.append(mod.register_forward_hook(lambda m, args, out, acc=acc: acc.add_batch(args[0])))
+
+        def hook(m, args, acc=acc, last=group is last_group):
+            acc.add_batch(args[0])
+            if last:
+                raise _InputsSeen
+
+        hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        run_layer(layer, index, inps, ctx, batch_size)
+        for s in range(0, inps.shape[0], batch_size):
+            x = inps[s : s + batch_size]
+            try:
+                _call_layer(layer, index, x, ctx)
+            except _InputsSeen:
+                pass
+            seen = {name: acc.nsamples for name, acc in accs.items()}
+            if len(set(seen.values())) != 1:  # a group's input came after the last group's: none may be missed
+                raise RuntimeError(f"collect_hessians: layer {index} fed its linear groups unevenly: {seen}")
     finally:
         for h in hooks:
             h.remove()
@@ -252,6 +285,50 @@ def quantize_layer(layer, index: int, prefix: str, inps, ctx, job: QuantizeJob, 
     return tensors, stats
 
 
+@torch.no_grad()
+def finetune_layer(layer, reference, index: int, prefix: str, inps, ctx, job: QuantizeJob, part: dict, stats: dict):
+    """--finetune on one freshly quantized layer (quantize/finetune.py), toward `reference` (the layer before
+    quantization) on the calibration activations; updates the layer, `part` (stored tensors, plus the tuned norm
+    weights) and `stats` (``finetune_rel_err_before`` / ``_after`` / ``_kept`` per linear) in place."""
+    targets = run_layer(reference, index, inps, ctx, job.batch_size)  # [ns, S, H]
+    linears = {name[len(prefix) + 1 :]: layer_from_tensors(name, part, meta) for name, meta in stats.items()}
+    norms = {
+        n: p.detach().clone()
+        for n, p in layer.named_parameters()
+        if n.rsplit(".", 1)[0] not in linears  # the layer's own weights beside its linears: its norms
+    }
+
+    def forward(params, x):
+        named = {(f"{n}.weight" if n in linears else n): v for n, v in params.items()}
+        return _call_layer(layer, index, x, ctx, named)
+
+    with torch.enable_grad(), _cpu_threads(1 if inps.device.type == "cpu" else None):  # small ops: see _cpu_threads
+        tuned, tuned_norms, st = finetune_block(forward, inps, targets, linears, norms, job.finetune)
+    log.info(
+        "layer %d fine-tuned: relative output error %.5f -> %.5f (%s, %.1f s)",
+        index,
+        st["rel_err_before"],
+        st["rel_err_after"],
+        "kept" if st["kept"] else "not better: kept as quantized",
+        st["seconds"],
+    )
+    for name, qlayer in tuned.items():
+        full = f"{prefix}.{name}"
+        part.update({k: v.cpu() for k, v in qlayer.to_tensors(full).items()})
+        stored = layer_from_tensors(full, part, stats[full])
+        mod = _submodule(layer, name)
+        mod.weight.copy_(stored.dequantize().to(mod.weight.dtype))
+        stats[full].update(
+            finetune_rel_err_before=st["rel_err_before"],
+            finetune_rel_err_after=st["rel_err_after"],
+            finetune_kept=st["kept"],
+            seconds=stats[full]["seconds"] + st["seconds"] / len(tuned),
+        )
+    for n, v in tuned_norms.items():
+        layer.get_parameter(n).copy_(v)  # fp16-rounded already: as stored, so a resumed run sees the same layer
+        part[f"{prefix}.{n}"] = v.to(torch.float16).cpu()
+
+
 # ---------------------------------------------------------------- the whole model
 
 
@@ -314,9 +391,17 @@ def run(job: QuantizeJob, stop_after_layers: int | None = None) -> dict:
             for name, meta in part_stats.items():
                 stored = layer_from_tensors(name, part, meta)
                 _submodule(layer, name[len(prefix) + 1 :]).weight.copy_(stored.dequantize())
+            for name, t in part.items():  # fine-tuned norm weights
+                if name.rsplit(".", 1)[0] not in part_stats:
+                    if not name.endswith(".bias"):
+                        layer.get_parameter(name[len(prefix) + 1 :]).copy_(t)
             bar.set_postfix_str(f"layer {i} resumed")
         else:
+            reference = copy.deepcopy(layer) if job.finetune else None
             part, part_stats = quantize_layer(layer, i, prefix, inps, ctx, job, plan)
+            if job.finetune:
+                finetune_layer(layer, reference, i, prefix, inps, ctx, job, part, part_stats)
+                del reference
             checkpoint.write_layer_part(out, i, part, part_stats)
             fresh += 1
             bar.set_postfix_str(f"layer {i}: {time.perf_counter() - t0:.1f}s")

@@ -20,6 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kmeans_native import NativeKMeans
+
+NATIVE = NativeKMeans()  # the compiled Lloyd steps for CPU problems, built on first use, shared by the process
 SEED_GROWTH = 1.25  # seeding rounds add 25% more centres each: 19 rounds for n = 64
 _MAX_DIST_ELEMS = 1 << 26  # distance scratch ([B, K, n] / [B, K, s]) above this is computed in chunks
 
@@ -51,8 +54,11 @@ def _assign(zt: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     return idx, smin
 
 
-def assign(z: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest centroid: z [B, d, K], C [B, d, n] -> (idx int64 [B, K], squared distance - ‖z‖² [B, K])."""
+def assign(z: Tensor, C: Tensor, native: bool = True) -> tuple[Tensor, Tensor]:
+    """Nearest centroid: z [B, d, K], C [B, d, n] -> (idx int64 [B, K], squared distance - ‖z‖² [B, K]).
+    ``native``: use the compiled CPU steps when they apply (float32 CPU tensors); False: PyTorch only."""
+    if native and NATIVE.usable_for(z):
+        return NATIVE.nearest(z, C)
     return _assign(z.transpose(1, 2).contiguous(), C)
 
 
@@ -63,7 +69,12 @@ def gather_points(z: Tensor, idx: Tensor) -> Tensor:
 
 
 def kmeans_pp_seed_indices(
-    z: Tensor, n: int, weight: Tensor, generator: torch.Generator | None = None, growth: float = SEED_GROWTH
+    z: Tensor,
+    n: int,
+    weight: Tensor,
+    generator: torch.Generator | None = None,
+    growth: float = SEED_GROWTH,
+    native: bool = True,
 ) -> Tensor:
     """k-means++-style seeding, batched: z [B, d, K], weight [B, K] -> indices of the seed points [B, n].
 
@@ -72,12 +83,15 @@ def kmeans_pp_seed_indices(
     exponential race (the largest D²/Exp(1) wins). ``growth`` trades rounds for quality: 1 is
     classic k-means++ (n rounds), 2 doubles the centres every round. Points rather than
     coordinates come back, so a caller may seed from a snapshot and start from the points' current
-    values (the quantizer does: one seeding pass per lazy block of column groups).
+    values (the quantizer does: one seeding pass per lazy block of column groups). On the CPU the rounds
+    run compiled (``native=False``: PyTorch).
     """
     B, d, K = z.shape
     sizes = _seed_round_sizes(n, K, growth)
     u = torch.empty(len(sizes), B, K, dtype=z.dtype, device=z.device).uniform_(generator=generator)
     race = weight / u.log_().neg_()  # [rounds, B, K] = weight / Exp(1); padding never wins
+    if native and NATIVE.usable_for(z):  # the same rounds, compiled (CPU)
+        return NATIVE.seed(z, weight, race, sizes)
     step = max(1, _MAX_DIST_ELEMS // (K * max(sizes)))  # problems per chunk: bounded [chunk, K, s] scratch
     if step >= B:
         return _seed_rounds(z, weight, race, sizes)
@@ -122,17 +136,21 @@ def kmeans(
     weight: Tensor | None = None,
     seed_growth: float = SEED_GROWTH,
     init: Tensor | None = None,
+    native: bool = True,
 ) -> Tensor:
     """Euclidean k-means, batched: z [B, d, K] -> centroids C [B, d, n].
 
     Fixed budget: seeding (unless ``init`` [B, d, n] is given) + ``iters`` Lloyd steps (assign,
     then means). A cluster left empty is re-seeded with a point of largest squared error
-    (distinct points for distinct clusters).
+    (distinct points for distinct clusters). On the CPU the Lloyd steps run compiled
+    (`kmeans_native.c`, the same steps; ``native=False`` keeps them in PyTorch).
     """
     B, d, K = z.shape
     if weight is None:
         weight = z.new_ones(B, K)
     C = kmeans_pp_seed(z, n, weight, generator, seed_growth) if init is None else init
+    if native and NATIVE.usable_for(z):
+        return NATIVE.lloyd(z, weight, C, iters)
     zt = z.transpose(1, 2).contiguous()  # [B, K, d]
     aug = torch.cat([z * weight.unsqueeze(1), weight.unsqueeze(1)], 1)  # [B, d+1, K]: weighted coordinates, weights
     idx_shape = (B, d + 1, K)
