@@ -252,25 +252,3 @@ def test_cuda_fold_matches_reference(N, M, d, n, k, rank):
         fold.dequantize_fold_t(qw, cb, geo, A, B, out=big[:M, :N])
         assert_within_ulp(big[:M, :N], ref)
         assert torch.isnan(big[:, N:]).all() and torch.isnan(big[M:]).all()
-
-
-@needs_gpu
-@pytest.mark.parametrize("N,M,d,n,k,rank", GPU_CASES[:3])
-def test_fold_plan_matches_the_wrapper_on_every_call(N, M, d, n, k, rank):
-    """The prepared launch (PQLinear's many-token path) gives the wrapper's bits, a fresh output each call."""
-    from athena_runtime.kernels.tuning import Tuning
-
-    geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank)
-    plan = fold.FoldPlan(qw, cb, geo, A, B, tuning=Tuning.for_device(qw.device))
-    ref = fold.dequantize_fold_t(qw, cb, geo, A, B)
-    first, second = plan(), plan()
-    assert first.data_ptr() != second.data_ptr()
-    assert torch.equal(first, ref) and torch.equal(second, ref)
-
-
-def test_fold_plan_refuses_cpu_tensors():
-    from athena_runtime.kernels.tuning import Tuning
-
-    geo, qw, cb, A, B = make_layer(256, 128, 2, 16, 128, 16, device="cpu")
-    with pytest.raises(ValueError, match="CUDA"):
-        fold.FoldPlan(qw, cb, geo, A, B, tuning=Tuning.for_device(torch.device("cpu")))

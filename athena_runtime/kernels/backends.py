@@ -151,21 +151,9 @@ class Registry:
         _compile(
             [(dequant._kernel, (f, n, self.device.index, smem)) for f, n, smem in dequant.kernel_names(layer.geo, rank)]
         )
-        from athena_runtime.kernels.dequant_matmul import default_lowrank_mode, dequant_matmul
+        from athena_runtime.kernels.dequant_matmul import dequant_matmul
 
         args = layer.kernel_args()
-        if (
-            rank
-            and default_lowrank_mode(layer.geo, "cuda", rank) == "fold"
-            and dequant.fold_supports(layer.geo, rank, layer.codebook.dtype) is None
-        ):  # the default recipe's path, prepared once: (Ŵ + A B)ᵀ by one launch, then one GEMM (+ bias)
-            plan = dequant.FoldPlan(*args[:5], tuning=self.tuning)
-            bias = args[5]
-
-            def fold_mm(x):
-                return x @ plan() if bias is None else torch.addmm(bias.to(x.dtype), x, plan())
-
-            return _unfused_glu(fold_mm)
         return _unfused_glu(lambda x: dequant_matmul(x, *args, dequant="cuda"))
 
     def _bind_triton_gemv(self, layer) -> Matmul:

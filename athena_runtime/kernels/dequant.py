@@ -336,48 +336,6 @@ def dequantize_fold_t(
     return Wt
 
 
-class FoldPlan:
-    """`dequantize_fold_t` of one layer prepared once for the many-token path of PQLinear: the checks, the launch
-    shape, the kernel and its argument array are built here; a call only allocates Ŵᵀ, points the output argument
-    at it and launches (the eager prefill steps are bound by such host work: BENCHMARKS.md §7). The layer's tensors
-    must stay where they are while the plan lives (PQLinear binds after its tensors reached their device); one plan
-    is not for two threads at once (the output argument is shared)."""
-
-    def __init__(self, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, tuning: Tuning):
-        _check_fold(qweight, codebook, geo, lowrank_a, lowrank_b, None)
-        if qweight.device.type != "cuda":
-            raise ValueError("FoldPlan needs CUDA tensors")
-        rank = lowrank_a.shape[1]
-        why = fold_supports(geo, rank, codebook.dtype)
-        if why is not None:
-            raise ValueError(f"dequantize_fold_t: {why}")
-        self.A, self.B = lowrank_a.half().contiguous(), lowrank_b.half().contiguous()  # kept: the kernel reads them
-        self.shape, self.device = (geo.M, geo.N), qweight.device
-        self.smem = fold_smem_bytes(geo.bits, geo.d, rank)
-        self.kernel = _kernel(
-            "fold.cu", f"athena::fold_kernel<{geo.bits}, {geo.d}, {rank // 16}>", qweight.device.index, self.smem
-        )
-        n_row, vals = _geometry_args(qweight, codebook, geo, choose_fold_rows(geo, tuning))
-        self.out = ctypes.c_void_p(0)
-        self.args = vals + [
-            ptr(self.A),
-            ctypes.c_int(self.A.stride(0)),
-            ptr(self.B),
-            ctypes.c_int(self.B.stride(0)),
-            ctypes.c_int(rank),
-            self.out,
-            ctypes.c_longlong(geo.N),
-        ]
-        self.params = nvrtc.param_array(self.args)  # points into self.args: both live as long as the plan
-        self.grid = (n_row, geo.GW // FOLD_SLAB_W)
-
-    def __call__(self) -> torch.Tensor:
-        Wt = torch.empty(self.shape, device=self.device, dtype=torch.float16)
-        self.out.value = Wt.data_ptr()
-        self.kernel.launch(self.grid, self.smem, self.params)
-        return Wt
-
-
 def copy_pad_cols_reference(x, xu, zero_from: int):
     """xu[:, :M] = x, xu[:, zero_from:] = 0 (columns M .. zero_from are left as they are)."""
     _check_copy(x, xu, zero_from)
