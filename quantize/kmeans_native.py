@@ -11,43 +11,20 @@ feature flags; building takes well under a second. Callers pass ``native=False``
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from athena_runtime.format.native_build import build_shared_library
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kmeans_native.c")
 CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 ABI = 2
-COMPILERS = ("cc", "gcc", "clang")
-
-
-def _compiler() -> str | None:
-    for cc in ([os.environ["CC"]] if os.environ.get("CC") else []) + list(COMPILERS):
-        path = shutil.which(cc)
-        if path:
-            return path
-    return None
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 class NativeKMeans:
@@ -73,24 +50,7 @@ class NativeKMeans:
             raise RuntimeError(self._error)
 
     def _build_and_load(self) -> ctypes.CDLL:
-        from athena_runtime.format.source import cache_dir
-
-        cc = _compiler()
-        if cc is None:
-            raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
-        src = SOURCE.read_text()
-        key = hashlib.sha1("\n".join([src, " ".join(CFLAGS), cc, _cpu_flags()]).encode()).hexdigest()[:12]
-        out = cache_dir() / "kernels" / f"kmeans-{key}.so"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, *CFLAGS, str(SOURCE), "-lm", "-o", str(tmp)]
-            log.info("building the compiled k-means: %s", " ".join(cmd))
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            if res.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
-            tmp.replace(out)
+        out = build_shared_library("kmeans", (SOURCE,), (), CFLAGS, what="the compiled k-means", timeout=120)
         lib = ctypes.CDLL(str(out))
         if lib.athena_kmeans_abi() != ABI:
             raise RuntimeError(f"{out}: ABI {lib.athena_kmeans_abi()}, expected {ABI}")

@@ -14,13 +14,11 @@ mismatch); the failure is remembered, so the caller decides its fallback once an
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 import threading
 from pathlib import Path
+
+from athena_runtime.format.native_build import build_shared_library
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +28,6 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ABI = 4  # linear.c's athena_cpu_linear_abi()
 OPS_ABI = 1  # ops.c's athena_cpu_ops_abi()
 LAYER_ABI = 1  # layer.c's athena_cpu_layer_abi() (and its structs: LinearDesc, LayerDesc in layer_desc.py)
-COMPILERS = ("cc", "gcc", "clang")
-
-
-def _compiler() -> str | None:
-    for cc in ([os.environ["CC"]] if os.environ.get("CC") else []) + list(COMPILERS):
-        path = shutil.which(cc)
-        if path:
-            return path
-    return None
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 class CPUKernels:
@@ -79,24 +56,9 @@ class CPUKernels:
     def _build_and_load(self) -> ctypes.CDLL:
         import torch  # noqa: F401 - loads PyTorch's libgomp before ours resolves against it
 
-        from athena_runtime.format.source import cache_dir
-
-        cc = _compiler()
-        if cc is None:
-            raise RuntimeError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
-        src = "\n".join(p.read_text() for p in SOURCES + HEADERS)
-        key = hashlib.sha1("\n".join([src, " ".join(self.cflags), cc, _cpu_flags()]).encode()).hexdigest()[:12]
-        out = cache_dir() / "kernels" / f"cpu_linear-{key}.so"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, *self.cflags, *map(str, SOURCES), "-lm", "-o", str(tmp)]
-            log.info("building the CPU linear kernels: %s", " ".join(cmd))
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
-            tmp.replace(out)
+        out = build_shared_library(
+            "cpu_linear", SOURCES, HEADERS, self.cflags, what="the CPU linear kernels", timeout=300
+        )
         lib = ctypes.CDLL(str(out))
         got = (lib.athena_cpu_linear_abi(), lib.athena_cpu_ops_abi(), lib.athena_cpu_layer_abi())
         if got != (ABI, OPS_ABI, LAYER_ABI):
