@@ -305,39 +305,15 @@ def _check_cases(dev, V, clock, log, cases, cuda_pass, only):
                     continue
                 if name.startswith("cuda") != cuda_pass or not applies(T, L["geo"]):
                     continue
+                case = dict(shape=[N, M], d=d, n=n, k=k, rank=rank, T=T, variant=name)
                 try:
                     poison(dev)
                     y = fn(x, L, True)
                     e = rel_err(y, ref)
                     nan = bool(torch.isnan(y).any())
-                    rows.append(
-                        dict(
-                            shape=[N, M],
-                            d=d,
-                            n=n,
-                            k=k,
-                            rank=rank,
-                            T=T,
-                            variant=name,
-                            rel_err=e,
-                            nan=nan,
-                            ok=(e < TOL and not nan),
-                        )
-                    )
+                    rows.append(dict(case, rel_err=e, nan=nan, ok=(e < TOL and not nan)))
                 except Exception as ex:  # noqa: BLE001
-                    rows.append(
-                        dict(
-                            shape=[N, M],
-                            d=d,
-                            n=n,
-                            k=k,
-                            rank=rank,
-                            T=T,
-                            variant=name,
-                            ok=False,
-                            error=f"{type(ex).__name__}: {ex}"[:300],
-                        )
-                    )
+                    rows.append(dict(case, ok=False, error=f"{type(ex).__name__}: {ex}"[:300]))
                     log(f"CHECK ERROR {name} {N}x{M} T={T}: {ex}")
             if clock.left() < 230:
                 log("checks cut short by the time budget")
