@@ -15,8 +15,10 @@ Order per row (one row = one request):
 4. temperature 0: argmax. Otherwise l / T, then top-k, top-p (smallest set whose probability
    reaches top_p), min-p (drop p < min_p * max p), renormalize, and draw by inverse CDF over the
    probabilities sorted descending with ONE uniform number from the request's own generator.
-   Every row is computed by row-wise ops only, so a seeded request draws the same tokens whatever
-   else is in the batch.
+   The draw is computed among the row's 256 most likely tokens wherever that gives the full sort's
+   token (`_draw_among_candidates`; sorting a 49k vocabulary costs ~5.5 ms a row on a CPU core); the
+   other rows are sorted whole. Every row is computed by row-wise ops only, so a seeded request draws
+   the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from athena_runtime.token_masks import (
 log = logging.getLogger(__name__)
 
 _UNIFORM_BLOCK = 64  # uniform numbers drawn at once from a request's generator
+_CANDIDATES = 256  # most likely tokens a draw is tried among before sorting the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -96,40 +99,93 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
-def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, top-k, top-p, min-p. Returns (probs [B, V] sorted descending, their token ids)."""
-    B, V = logits.shape
-    dev = logits.device
-    settings = _to_device(
-        [
-            [r.params.temperature or 1.0, r.params.top_k if r.params.top_k > 0 else V, r.params.top_p, r.params.min_p]
-            for r in rows
-        ],
-        torch.float64,
-        dev,
-    )  # [B, 4]
-    temp, top_p, min_p = settings[:, 0].float(), settings[:, 2].float(), settings[:, 3].float()
-    top_k = settings[:, 1].long()
-    sorted_logits, sorted_ids = torch.sort(logits.float() / temp[:, None], dim=-1, descending=True, stable=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    rank = torch.arange(V, device=dev)[None, :]
+def _filter_drop(probs: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
+    """Top-k, top-p, min-p over probabilities sorted descending [B, W] (W <= V): the positions to drop.
+    `settings` [B, 4] = temperature, top_k (V when off), top_p, min_p per row."""
+    top_k, top_p, min_p = settings[:, 1].long(), settings[:, 2].float(), settings[:, 3].float()
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
     drop = rank >= top_k[:, None]  # top-k
     drop |= ((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)  # top-p
     drop |= probs < min_p[:, None] * probs[:, :1]  # min-p
     drop[:, 0] = False  # the most likely token always stays
-    return probs.masked_fill(drop, 0.0), sorted_ids
+    return drop
+
+
+def _settings(rows: list[SampleRow], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, 4] float64: temperature (1 for greedy rows), top_k (vocab when off), top_p, min_p."""
+    return _to_device(
+        [
+            [
+                r.params.temperature or 1.0,
+                r.params.top_k if r.params.top_k > 0 else vocab,
+                r.params.top_p,
+                r.params.min_p,
+            ]
+            for r in rows
+        ],
+        torch.float64,
+        device,
+    )
+
+
+def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p, min-p. Returns (probs [B, V] sorted descending, their token ids)."""
+    settings = _settings(rows, logits.shape[1], logits.device)
+    sorted_logits, sorted_ids = torch.sort(
+        logits.float() / settings[:, 0].float()[:, None], dim=-1, descending=True, stable=True
+    )
+    probs = torch.softmax(sorted_logits, dim=-1)
+    return probs.masked_fill(_filter_drop(probs, settings), 0.0), sorted_ids
 
 
 def _any_penalty(params: list[SamplingParams]) -> bool:
     return any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params)
 
 
-def _sorted_probs(logits: torch.Tensor, temperatures: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature only (no filter asked for): (probs [B, V] sorted descending, their token ids)."""
-    if any(t != 1.0 for t in temperatures):
-        logits = logits / _to_device(temperatures, torch.float32, logits.device)[:, None]
-    sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True, stable=True)
-    return torch.softmax(sorted_logits, dim=-1), sorted_ids
+def _inverse_cdf(probs: torch.Tensor, sorted_ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token at the first position where the cumulative (kept) probability exceeds u x the total."""
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+    return sorted_ids.gather(1, pos).squeeze(1)
+
+
+def _draw_among_candidates(
+    logits: torch.Tensor, rows: list[SampleRow], u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_filtered_sorted_probs` then `_inverse_cdf`, computed over a row's `_CANDIDATES` most likely tokens
+    only where that gives the same token: sorting the whole vocabulary costs ~5.5 ms a row on a CPU core
+    (49,152 ids), taking the top candidates ~0.3 ms. Returns (token ids [B], covered [B] bool). A row with a
+    filter is covered when every token the filter keeps is a candidate (top-k within the candidates, top-p
+    reached within them, or min-p cutting above the last one); a row without one when its draw lands within
+    the candidates' share of the whole probability. Rows not covered must be drawn by the full sort. Ties
+    among the candidates are ordered by token id, as the stable full sort orders them; a row whose last candidate
+    ties with the first token left out is not covered. Row-wise only."""
+    B, V = logits.shape
+    settings = _settings(rows, V, logits.device)
+    top_k, top_p, min_p = settings[:, 1], settings[:, 2], settings[:, 3]
+    scaled = logits.float() / settings[:, 0].float()[:, None]
+    K = min(V, _CANDIDATES)
+    values, ids = torch.topk(scaled, min(V, K + 1), dim=-1)
+    # a run of equal values across the cut: topk picks its members arbitrarily, the stable sort by id
+    split_tie = values[:, K - 1] == values[:, K] if V > K else torch.zeros(B, dtype=torch.bool, device=logits.device)
+    values, ids = values[:, :K], ids[:, :K]
+    ids, by_id = ids.sort(dim=-1)
+    order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(1, order)
+    whole_probs = torch.softmax(scaled, dim=-1)  # (torch's CPU logsumexp is ~40x slower than softmax)
+    probs = whole_probs.gather(1, ids)  # each candidate's probability in the whole distribution
+    drop = _filter_drop(probs, settings)
+    cdf = torch.cumsum(probs.masked_fill(drop, 0.0).double(), dim=-1)
+    filtered = (top_k < V) | (top_p < 1.0) | (min_p > 0.0)
+    whole = whole_probs.sum(dim=-1, dtype=torch.float64)  # the unfiltered total
+    target = u * torch.where(filtered, cdf[:, -1], whole)
+    kept_within = drop[:, -1] | (top_k <= probs.shape[-1])  # the last candidate dropped: so is every later token
+    kept_within |= (top_p < 1.0) & (torch.cumsum(probs.double(), dim=-1)[:, -1] >= top_p)
+    kept_within |= probs[:, -1].double() < min_p * probs[:, 0].double()
+    covered = torch.where(filtered, kept_within, target < cdf[:, -1])
+    covered &= ~split_tie | (probs[:, -1] == 0.0)  # a tied token of probability 0 is never drawn
+    pos = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+    return ids.gather(1, pos).squeeze(1), covered
 
 
 class RequestGenerator(torch.Generator):
@@ -204,9 +260,9 @@ class Sampler:
 
         A row is anything with SampleRow's five fields (the engine passes its Sequences). Host work
         is done before the first device sync, and the common cases skip what they do not need: all
-        rows greedy -> one argmax; no penalties -> no penalty ops; no top-k / top-p / min-p -> no
-        filter ops; all temperatures 1 -> no division; no logit_bias / constraint -> no mask ops
-        (each skip leaves the values bit-identical)."""
+        rows greedy -> one argmax; no penalties -> no penalty ops; no logit_bias / constraint -> no
+        mask ops (each skip leaves the values bit-identical); the whole vocabulary is sorted only for
+        the rows whose draw needs it."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} requests")
         if not rows:
@@ -230,14 +286,13 @@ class Sampler:
             # one uniform per sampled row, from that request's generator (greedy rows draw nothing)
             uniform = self._uniform
             u = torch.tensor([0.0 if g else uniform(r.generator) for g, r in zip(greedy, rows)], dtype=torch.float64)
-            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-                probs, sorted_ids = _filtered_sorted_probs(processed, rows)
-            else:
-                probs, sorted_ids = _sorted_probs(processed, [p.temperature or 1.0 for p in params])
             u = u.to(logits.device, non_blocking=True)
-            cdf = torch.cumsum(probs.double(), dim=-1)
-            pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
-            token_ids = sorted_ids.gather(1, pos).squeeze(1)
+            token_ids, covered = _draw_among_candidates(processed, rows, u)
+            rest = [i for i, c in enumerate(covered.tolist()) if not c]
+            if rest:  # rows whose draw needs the whole sorted vocabulary
+                probs, sorted_ids = _filtered_sorted_probs(processed[rest], [rows[i] for i in rest])
+                index = torch.tensor(rest, device=logits.device)
+                token_ids = token_ids.index_copy(0, index, _inverse_cdf(probs, sorted_ids, u[index]))
             if any(greedy):
                 is_greedy = _to_device(greedy, torch.bool, logits.device)
                 token_ids = torch.where(is_greedy, processed.argmax(dim=-1), token_ids)

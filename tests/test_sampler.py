@@ -141,3 +141,51 @@ def test_uniforms_are_the_generators_scalar_draws_in_order():
     sampler, g = Sampler(), RequestGenerator().manual_seed(1)
     sampler._uniform(g)
     assert isinstance(g, RequestGenerator) and len(sampler._uniforms[g]) == 63  # 64 drawn, one handed out
+
+
+def test_draws_among_the_top_candidates_equal_the_full_sort():
+    """The sampler draws among its top `_CANDIDATES` tokens where that gives the full sort's token; the
+    full sort (`_filtered_sorted_probs` + `_inverse_cdf`) is the spec. Peaked and flat rows, every filter,
+    ties (integer logits, ties across the cut), masked tokens; flat rows need the full sort."""
+    from athena_runtime.sampler import _CANDIDATES, _draw_among_candidates, _filtered_sorted_probs, _inverse_cdf
+
+    vocab, g = 1000, torch.Generator().manual_seed(5)
+    settings = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.2, top_p=0.9),
+        SamplingParams(temperature=0.7, top_k=40),
+        SamplingParams(temperature=1.3, top_k=600),
+        SamplingParams(temperature=1.0, min_p=0.05),
+        SamplingParams(temperature=1.0, top_p=0.999),
+        SamplingParams(temperature=0.0),
+    ]
+    covered_seen = set()
+    for case in range(60):
+        scale = (0.3, 3.0, 12.0)[case % 3]  # flat, moderate, peaked
+        logits = torch.randn(len(settings), vocab, generator=g) * scale
+        if case % 4 == 1:
+            logits = logits.round()  # many exact ties, also across the cut
+        if case % 5 == 2:
+            logits[:, torch.randperm(vocab, generator=g)[: vocab - 100]] = float("-inf")  # a grammar mask
+        rows = [SampleRow(p, [1], [], None) for p in settings]
+        u = torch.rand(len(settings), generator=g, dtype=torch.float64)
+        fast, covered = _draw_among_candidates(logits, rows, u)
+        probs, ids = _filtered_sorted_probs(logits, rows)
+        full = _inverse_cdf(probs, ids, u)
+        assert torch.equal(fast[covered], full[covered]), case
+        covered_seen.update(covered.tolist())
+        gens = [RequestGenerator().manual_seed(case * 10 + i) for i in range(len(settings))]
+        sampled = Sampler()(logits, [SampleRow(p, [1], [], gen) for p, gen in zip(settings, gens)])
+        u_same = torch.tensor(
+            [
+                0.0
+                if p.temperature == 0
+                else torch.rand((), generator=torch.Generator().manual_seed(case * 10 + i), dtype=torch.float64).item()
+                for i, p in enumerate(settings)
+            ],
+            dtype=torch.float64,
+        )
+        expect = _inverse_cdf(probs, ids, u_same)
+        expect[-1] = logits[-1].argmax()
+        assert [s.token_id for s in sampled] == expect.tolist(), case
+    assert covered_seen == {True, False} and _CANDIDATES < vocab  # both paths ran
