@@ -265,40 +265,56 @@ def test_fast_path_logits_match_the_reference(models, model, weights, tolerance,
 
 @pytest.mark.parametrize("model,weights,kv", [("athena", "auto", "fp16"), ("mistral", "fp16", "fp32")])
 def test_fused_decode_layer_equals_the_per_module_path(models, model, weights, kv):
-    """A decode step's layers in one compiled call (CPUDecoderLayer) compute exactly what the per-module path does
-    (the same kernels in the same order): logits equal bit for bit, sliding window and PQ8 layers included; a
-    prompt chunk still takes the per-module path."""
+    """A decode step's whole stack in one compiled call (CPUCausalLM), and its layers one call each
+    (CPUDecoderLayer), compute exactly what the per-module path does (the same kernels in the same order): logits
+    equal bit for bit, sliding window and PQ8 layers included; a prompt chunk still takes the per-module path."""
     from athena_runtime.cpu.decoder import CPUDecoderLayer
     from athena_runtime.cpu.layer_desc import LayerDesc
+    from athena_runtime.cpu.stack import CPUCausalLM
 
     prompts = [_tokens(n, seed=n) for n in (3, 9, 14)]
     tables = [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]
     steps = [_tokens(3, seed=100 + i) for i in range(6)]
     kw = dict(kv_format=kv, block_size=4, num_blocks=24, device="cpu", cpu_path=CPUPathSettings("fast", weights))
-    fused = ModelRunner.from_path(models[model], **kw)
-    layers = fused.model.model.layers
-    assert all(type(layer) is CPUDecoderLayer for layer in layers)
-    calls = []
+    calls = {"stack_decode": 0, "layer_decode": 0}
 
-    class Counting:  # the library, counting layer_decode calls
+    class Counting:  # the library, counting the one-call entry points
         def __init__(self, lib):
             self.lib = lib
 
-        def layer_decode(self, *args):
-            calls.append(1)
-            return self.lib.layer_decode(*args)
+        def __getattr__(self, name):
+            fn = getattr(self.lib, name)
+            if name not in calls:
+                return fn
 
-    for layer in layers:
-        layer._ops = Counting(layer._ops)
-    got = _run(fused, prompts, tables, steps)
-    assert all(isinstance(layer._fused, LayerDesc) for layer in layers)
-    assert len(calls) == len(layers) * len(steps)  # every decode step, no prompt chunk
-    per_module = ModelRunner.from_path(models[model], **kw)
-    for layer in per_module.model.model.layers:
-        layer._fused = "off for this test"
-    want = _run(per_module, prompts, tables, steps)
-    for g, w in zip(got, want):
-        assert all(torch.equal(a, b) for a, b in zip(g, w))
+            def counted(*args):
+                calls[name] += 1
+                return fn(*args)
+
+            return counted
+
+    def runner(stack: bool, layer: bool):
+        r = ModelRunner.from_path(models[model], **kw)
+        assert type(r.model) is CPUCausalLM and all(type(x) is CPUDecoderLayer for x in r.model.model.layers)
+        r.model._ops = Counting(r.model._ops)
+        for x in r.model.model.layers:
+            x._ops = Counting(x._ops)
+            if not layer:
+                x._fused = "off for this test"
+        if not stack:
+            r.model._stack = "off for this test"
+        return r
+
+    whole = runner(stack=True, layer=True)
+    got = _run(whole, prompts, tables, steps)
+    assert all(isinstance(d, LayerDesc) for d in whole.model._stack)
+    assert calls == {"stack_decode": len(steps), "layer_decode": 0}  # every decode step, no prompt chunk
+    per_layer = runner(stack=False, layer=True)
+    by_layer = _run(per_layer, prompts, tables, steps)
+    assert calls["layer_decode"] == len(per_layer.model.model.layers) * len(steps)
+    want = _run(runner(stack=False, layer=False), prompts, tables, steps)
+    for g, b, w in zip(got, by_layer, want):
+        assert all(torch.equal(x, z) for x, z in zip(g, w)) and all(torch.equal(y, z) for y, z in zip(b, w))
 
 
 def test_mixed_step_on_the_fast_path(models):

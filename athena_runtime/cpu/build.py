@@ -27,7 +27,7 @@ HEADERS = (Path(__file__).with_name("half.h"),)  # included by both sources
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ABI = 4  # linear.c's athena_cpu_linear_abi()
 OPS_ABI = 1  # ops.c's athena_cpu_ops_abi()
-LAYER_ABI = 1  # layer.c's athena_cpu_layer_abi() (and its structs: LinearDesc, LayerDesc in layer_desc.py)
+LAYER_ABI = 2  # layer.c's athena_cpu_layer_abi() (and its structs: LinearDesc, LayerDesc in layer_desc.py)
 
 
 class CPUKernels:
@@ -102,6 +102,8 @@ class CPUKernels:
         lib.linear_run.restype = ctypes.c_int
         lib.layer_decode.argtypes = [p, p, p, p, p, i64, p, p, p, p, i64, p, p, ctypes.c_int]
         lib.layer_decode.restype = ctypes.c_int
+        lib.stack_decode.argtypes = [p, i64, p, p, i64, p, p, p, p, i64, p, p, ctypes.c_int]
+        lib.stack_decode.restype = ctypes.c_int
         log.info("CPU linear kernels loaded from %s", out)
         return lib
 

@@ -11,6 +11,8 @@ A decode step of a small model on the CPU is op-bound: SmolLM2-135M runs ~50 PyT
     MLP            -> CPUMLP         fused gate/up projection, SiLU(gate)·up in one call
     DecoderLayer   -> CPUDecoderLayer  a decode step's whole layer in one call (layer.c) when all of the above
                                      apply and its linear layers were converted (linear.py)
+    CausalLM       -> CPUCausalLM    a decode step's whole layer stack in one call (stack.py) when every layer
+                                     has its one-call form
 
 Each keeps its class's interface and falls back to the original forward for what it does not cover
 (q/k norms, logit soft-capping, GELU, a quantized or rotated KV cache, unfused projections); which modules
@@ -236,11 +238,14 @@ SWITCH = ((RMSNorm, CPURMSNorm), (Attention, CPUAttention), (MLP, CPUMLP), (Deco
 
 
 def specialize(model: nn.Module, ops) -> dict[str, int]:
-    """Switch the modules of `model` that have a CPU form to it (in place; state and submodules unchanged).
-    Returns {class name: count}."""
+    """Switch the modules of `model` that have a CPU form to it (in place; state and submodules unchanged),
+    the model itself to `stack.CPUCausalLM` (a decode step's layer stack in one call). Returns {class name: count}."""
+    from athena_runtime.cpu.stack import CPUCausalLM
+    from athena_runtime.model import CausalLM
+
     counts: dict[str, int] = {}
     for module in model.modules():
-        for base, fast in SWITCH:
+        for base, fast in SWITCH + ((CausalLM, CPUCausalLM),):
             if type(module) is base:
                 module.__class__ = fast
                 module._ops = ops

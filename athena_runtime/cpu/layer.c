@@ -90,5 +90,19 @@ int layer_decode(const athena_layer *L, const float *h, const float *res, float 
     return linear_run(&L->down, m, T, h_out, threads);
 }
 
+/* A decode step's whole layer stack, Ls[0 .. n), every layer on the same RoPE: h [T, Hd] is layer 0's input and,
+   updated in place, the last layer's output; res [T, Hd] receives the residual stream (layer 0 starts it, no input).
+   One call per step instead of one per layer: no Python, no GIL hand-over between layers. Scratch: the largest
+   layer's (layer_desc.scratch_floats). */
+int stack_decode(const athena_layer *const *Ls, int64_t n, float *h, float *res, int64_t T, const float *cos_,
+                 const float *sin_, const int64_t *slot, const int32_t *tables, int64_t tstride, const int32_t *lens,
+                 float *scratch, int threads) {
+    for (int64_t i = 0; i < n; i++)
+        if (layer_decode(Ls[i], h, i ? res : NULL, h, res, T, cos_, sin_, slot, tables, tstride, lens, scratch,
+                         threads))
+            return 1;
+    return 0;
+}
+
 /* The ABI version build.py checks after loading (bump on any change of the structs or signatures). */
-int athena_cpu_layer_abi(void) { return 1; }
+int athena_cpu_layer_abi(void) { return 2; }
