@@ -99,43 +99,57 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     return logits
 
 
-def _filter_drop(probs: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
-    """Top-k, top-p, min-p over probabilities sorted descending [B, W] (W <= V): the positions to drop.
-    `settings` [B, 4] = temperature, top_k (V when off), top_p, min_p per row."""
-    top_k, top_p, min_p = settings[:, 1].long(), settings[:, 2].float(), settings[:, 3].float()
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    drop = rank >= top_k[:, None]  # top-k
-    drop |= ((torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)  # top-p
-    drop |= probs < min_p[:, None] * probs[:, :1]  # min-p
-    drop[:, 0] = False  # the most likely token always stays
-    return drop
+@dataclass(frozen=True)
+class _Filters:
+    """The per-row filters the batch uses, decided on the host: a tensor [B] only for a filter some row asks for
+    (top_k: V where a row does not filter; top_p: 1; min_p: 0), so a batch without one runs none of its ops."""
+
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    rows: list[bool]  # which rows filter at all
+
+    @staticmethod
+    def of(rows: list[SampleRow], vocab: int, device: torch.device) -> "_Filters":
+        ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+        ps, ms = [r.params.top_p for r in rows], [r.params.min_p for r in rows]
+        return _Filters(
+            _to_device(ks, torch.long, device) if any(k < vocab for k in ks) else None,
+            _to_device(ps, torch.float32, device) if any(p < 1.0 for p in ps) else None,
+            _to_device(ms, torch.float32, device) if any(m > 0.0 for m in ms) else None,
+            [k < vocab or p < 1.0 or m > 0.0 for k, p, m in zip(ks, ps, ms)],
+        )
+
+    def drop(self, probs: torch.Tensor) -> torch.Tensor | None:
+        """Over probabilities sorted descending [B, W] (W <= V): the positions to drop (None: none)."""
+        drop = None
+        if self.top_k is not None:
+            drop = torch.arange(probs.shape[-1], device=probs.device)[None, :] >= self.top_k[:, None]
+        if self.top_p is not None:  # the smallest set whose probability reaches top_p (top_p 1: everything)
+            cut = ((torch.cumsum(probs, dim=-1) - probs) >= self.top_p[:, None]) & (self.top_p[:, None] < 1.0)
+            drop = cut if drop is None else drop | cut
+        if self.min_p is not None:
+            cut = probs < self.min_p[:, None] * probs[:, :1]
+            drop = cut if drop is None else drop | cut
+        if drop is not None:
+            drop[:, 0] = False  # the most likely token always stays
+        return drop
 
 
-def _settings(rows: list[SampleRow], vocab: int, device: torch.device) -> torch.Tensor:
-    """[B, 4] float64: temperature (1 for greedy rows), top_k (vocab when off), top_p, min_p."""
-    return _to_device(
-        [
-            [
-                r.params.temperature or 1.0,
-                r.params.top_k if r.params.top_k > 0 else vocab,
-                r.params.top_p,
-                r.params.min_p,
-            ]
-            for r in rows
-        ],
-        torch.float64,
-        device,
-    )
+def _scaled(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """float32 logits / temperature (1 for greedy rows; no division when every row has 1)."""
+    temps = [r.params.temperature or 1.0 for r in rows]
+    if all(t == 1.0 for t in temps):
+        return logits.float()
+    return logits.float() / _to_device(temps, torch.float32, logits.device)[:, None]
 
 
 def _filtered_sorted_probs(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature, top-k, top-p, min-p. Returns (probs [B, V] sorted descending, their token ids)."""
-    settings = _settings(rows, logits.shape[1], logits.device)
-    sorted_logits, sorted_ids = torch.sort(
-        logits.float() / settings[:, 0].float()[:, None], dim=-1, descending=True, stable=True
-    )
+    sorted_logits, sorted_ids = torch.sort(_scaled(logits, rows), dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    return probs.masked_fill(_filter_drop(probs, settings), 0.0), sorted_ids
+    drop = _Filters.of(rows, logits.shape[1], logits.device).drop(probs)
+    return (probs if drop is None else probs.masked_fill(drop, 0.0)), sorted_ids
 
 
 def _any_penalty(params: list[SamplingParams]) -> bool:
@@ -161,30 +175,43 @@ def _draw_among_candidates(
     among the candidates are ordered by token id, as the stable full sort orders them; a row whose last candidate
     ties with the first token left out is not covered. Row-wise only."""
     B, V = logits.shape
-    settings = _settings(rows, V, logits.device)
-    top_k, top_p, min_p = settings[:, 1], settings[:, 2], settings[:, 3]
-    scaled = logits.float() / settings[:, 0].float()[:, None]
+    dev = logits.device
+    scaled = _scaled(logits, rows)
     K = min(V, _CANDIDATES)
     values, ids = torch.topk(scaled, min(V, K + 1), dim=-1)
     # a run of equal values across the cut: topk picks its members arbitrarily, the stable sort by id
-    split_tie = values[:, K - 1] == values[:, K] if V > K else torch.zeros(B, dtype=torch.bool, device=logits.device)
+    split_tie = values[:, K - 1] == values[:, K] if V > K else None
     values, ids = values[:, :K], ids[:, :K]
     ids, by_id = ids.sort(dim=-1)
-    order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices
-    ids = ids.gather(1, order)
+    ids = ids.gather(1, values.gather(1, by_id).sort(dim=-1, descending=True, stable=True).indices)
     whole_probs = torch.softmax(scaled, dim=-1)  # (torch's CPU logsumexp is ~40x slower than softmax)
     probs = whole_probs.gather(1, ids)  # each candidate's probability in the whole distribution
-    drop = _filter_drop(probs, settings)
-    cdf = torch.cumsum(probs.masked_fill(drop, 0.0).double(), dim=-1)
-    filtered = (top_k < V) | (top_p < 1.0) | (min_p > 0.0)
-    whole = whole_probs.sum(dim=-1, dtype=torch.float64)  # the unfiltered total
-    target = u * torch.where(filtered, cdf[:, -1], whole)
-    kept_within = drop[:, -1] | (top_k <= probs.shape[-1])  # the last candidate dropped: so is every later token
-    kept_within |= (top_p < 1.0) & (torch.cumsum(probs.double(), dim=-1)[:, -1] >= top_p)
-    kept_within |= probs[:, -1].double() < min_p * probs[:, 0].double()
-    covered = torch.where(filtered, kept_within, target < cdf[:, -1])
-    covered &= ~split_tie | (probs[:, -1] == 0.0)  # a tied token of probability 0 is never drawn
-    pos = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+    filters = _Filters.of(rows, V, dev)
+    drop = filters.drop(probs)
+    cdf = torch.cumsum((probs if drop is None else probs.masked_fill(drop, 0.0)).double(), dim=-1)
+    if not all(filters.rows):  # rows without a filter draw from the whole distribution
+        unfiltered_total = whole_probs.sum(dim=-1, dtype=torch.float64)
+    if any(filters.rows):
+        kept_within = drop[:, -1].clone()  # the last candidate dropped: so is every later token
+        if filters.top_k is not None:
+            kept_within |= filters.top_k <= K
+        if filters.top_p is not None:
+            kept_within |= (filters.top_p < 1.0) & (torch.cumsum(probs.double(), dim=-1)[:, -1] >= filters.top_p)
+        if filters.min_p is not None:
+            kept_within |= probs[:, -1] < filters.min_p * probs[:, 0]
+    if all(filters.rows):
+        target = u * cdf[:, -1]
+        covered = kept_within
+    elif not any(filters.rows):
+        target = u * unfiltered_total
+        covered = target < cdf[:, -1]
+    else:
+        filtered = _to_device(filters.rows, torch.bool, dev)
+        target = u * torch.where(filtered, cdf[:, -1], unfiltered_total)
+        covered = torch.where(filtered, kept_within, target < cdf[:, -1])
+    if split_tie is not None:
+        covered &= ~split_tie | (probs[:, -1] == 0.0)  # a tied token of probability 0 is never drawn
+    pos = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=K - 1)
     return ids.gather(1, pos).squeeze(1), covered
 
 
