@@ -315,14 +315,18 @@ class Sampler:
             u = torch.tensor([0.0 if g else uniform(r.generator) for g, r in zip(greedy, rows)], dtype=torch.float64)
             u = u.to(logits.device, non_blocking=True)
             token_ids, covered = _draw_among_candidates(processed, rows, u)
-            rest = [i for i, c in enumerate(covered.tolist()) if not c]
-            if rest:  # rows whose draw needs the whole sorted vocabulary
-                probs, sorted_ids = _filtered_sorted_probs(processed[rest], [rows[i] for i in rest])
-                index = torch.tensor(rest, device=logits.device)
-                token_ids = token_ids.index_copy(0, index, _inverse_cdf(probs, sorted_ids, u[index]))
             if any(greedy):
                 is_greedy = _to_device(greedy, torch.bool, logits.device)
                 token_ids = torch.where(is_greedy, processed.argmax(dim=-1), token_ids)
+                covered = covered | is_greedy
+            chosen, covered_rows = torch.stack((token_ids, covered.long())).tolist()  # the one device sync
+            rest = [i for i, c in enumerate(covered_rows) if not c]
+            if rest:  # rows whose draw needs the whole sorted vocabulary
+                probs, sorted_ids = _filtered_sorted_probs(processed[rest], [rows[i] for i in rest])
+                index = torch.tensor(rest, device=logits.device)
+                for i, t in zip(rest, _inverse_cdf(probs, sorted_ids, u[index]).tolist()):
+                    chosen[i] = t
+            return self._with_logprobs(logits, chosen, rows)
         return self._with_logprobs(logits, token_ids.tolist(), rows)
 
     @staticmethod
