@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks behind BENCHMARKS.md, stage by stage, on the lent GPU machine (device tool):
-#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine engine-steps ttft serve serve-gap serve-schema quantize7b peers breakdown ablation
+#   bash bench/gpu_suite.sh STAGE... ; stages: build gap tests kernels kernelsfam t1 prefillhost frag prefill attention xfer chat-default chat decode families engine engine-steps ttft ttft-stages serve serve-gap serve-schema quantize7b peers breakdown ablation
 # (the kernels without the CUDA toolkit against the toolkit build: bench/nvrtc_check.sh; gap: bench/nvrtc_gap.py)
 # Results go to $OUT (or ./out/gpu). Server stack wheels, when carried in .whl/, are installed first.
 set -uo pipefail
@@ -55,6 +55,9 @@ for stage in "$@"; do
     ttft) need_ckpt   # a lone prompt's first token: wall vs GPU kernel time, and the host's profile
        timeout 300 python3 -m bench.diag.ttft_profile --workdir /tmp/w --profile $OUT/ttft_host.txt \
          --trace $OUT/ttft_kernels.txt 2>&1 | tee $OUT/ttft.txt | tail -30 ;;
+    ttft-stages) need_ckpt   # a lone 170-token request behind the server, stage by stage (where TTFT goes beyond the step)
+       timeout 300 python3 -m bench.diag.ttft_stages --workdir /tmp/w --json 2>$OUT/ttft_stages.err | tee $OUT/ttft_stages.txt | head -24
+       timeout 200 python3 -m bench.diag.ttft_stages --workdir /tmp/w --text 2>>$OUT/ttft_stages.err | tee -a $OUT/ttft_stages.txt | head -20 ;;
     serve-gap) need_ckpt   # issue 17's goals in one table: engine alone vs behind the server, 1 and 64 streams, 170-token TTFT
        timeout 480 python3 -m bench.serve_gap --workdir /tmp/w --json 2>$OUT/serve_gap.err | tee $OUT/serve_gap.txt | tail -8 ;;
     quantize7b) timeout 200 python3 -m bench.quantize_7b --json 2>$OUT/q7b.err | tee $OUT/q7b.txt | tail -2 ;;

@@ -7,7 +7,9 @@
                        [--extra-body JSON] [--json] [--plot FILE.png] [--allow-remote]
                        [--json-schema builtin|FILE [--compare-unconstrained]]
 
-Every request streams (`stream: true`, `stream_options.include_usage`). A level is either a
+Every request streams (`stream: true`, `stream_options.include_usage`). One untimed `GET /v1/models`
+comes first, also with `--model`: it warms the client up, so that the first timed request's TTFT is
+the server's, not the client's own first-request set-up (30-70 ms on a 2-core CPU). A level is either a
 concurrency cap (that many requests always in flight until `--num-prompts` are done) or a mean
 arrival rate (Poisson arrivals, no cap; `inf` sends all at once). Only loopback servers are load
 tested unless `--allow-remote` is given. `--json` prints one JSON object as the last stdout line
@@ -44,7 +46,7 @@ import httpx
 from tqdm import tqdm
 
 from athena_runtime.format.environment import Environment
-from bench.serve_client import Target, list_models, stream_request, v1_base
+from bench.serve_client import Target, list_models, stream_request, v1_base, warm_up
 from bench.serve_metrics import LevelSummary, RequestRecord, summarize
 from bench.serve_prompts import Prompt, dataset_prompts, random_prompts
 
@@ -386,7 +388,11 @@ async def run_bench(settings: ServeBenchSettings, err: TextIO) -> tuple[dict, li
     timeout = httpx.Timeout(settings.timeout_s)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         model = settings.model
-        if model is None:
+        if model is not None:  # (without --model, listing the models warms the client up)
+            failed = await warm_up(client, base, settings.api_key)
+            if failed is not None:
+                print(f"warm-up request to {base}/models failed ({failed}); timing anyway", file=err)
+        else:
             try:
                 ids = await list_models(client, base, settings.api_key)
             except (httpx.HTTPError, ValueError) as exc:
