@@ -29,8 +29,7 @@ class EngineSettings:
 
     A step feeds at most `max_num_batched_tokens` tokens: one per decoding request, then prompt
     chunks. While any request decodes, the prompt tokens of a step are capped at
-    `prefill_chunk_tokens` (times the prompts waiting per decoding request, when they outnumber
-    them: scheduler.py), so a long prompt delays the others' next token by one such chunk.
+    `prefill_chunk_tokens`, so a long prompt delays the others' next token by one such chunk.
     """
 
     kv_cache: KVFormat = setting("fp16", "KV cache format")

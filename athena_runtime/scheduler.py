@@ -7,13 +7,7 @@ Each step builds one batch within `max_num_seqs` sequences and `max_num_batched_
    blocks still in the prefix cache if any);
 2. the next chunk of running sequences still prefilling (chunked prefill: a long prompt takes
    several steps); while 1. scheduled any decode, the prompt tokens of 2. and 3. together stay
-   within `prefill_chunk_tokens`, so a long prompt delays the running streams by one chunk a step.
-   That cap is multiplied by how many times the sequences waiting for their prompt (prefilling, or
-   waiting with a free slot) outnumber the decodes (rounded down, at least 1, within the step budget):
-   a burst of arrivals behind a few running streams is admitted in a few large steps, each delaying
-   those few streams once, instead of many small ones that delay them as much each (on a GPU a prompt
-   step is bound by the host: its cost barely grows with its tokens); one prompt beside one stream
-   still gets one chunk a step;
+   within `prefill_chunk_tokens`, so a long prompt delays the running streams by one chunk a step;
 3. waiting sequences, first come first served, admitted while a sequence slot and KV blocks for
    all their tokens are free. The queue head is never overtaken, so nobody starves. A sequence
    starts on the blocks of its longest cached prefix (`prefix_cache.py`): computed already, and
@@ -81,7 +75,7 @@ class Scheduler:
                 bm.grow(seq.block_table, num_tokens)
             batch.append(ScheduledChunk(seq, 1))
             budget -= 1
-        prefill = min(budget, self.prefill_chunk_tokens * self._prefill_share(len(batch))) if batch else budget
+        prefill = min(budget, self.prefill_chunk_tokens) if batch else budget  # prompt tokens this step
         for seq in self.running:  # 2. prefill chunks in progress
             if seq.num_uncomputed > 1 and prefill > 0:
                 n = min(seq.num_uncomputed, prefill)
@@ -106,13 +100,6 @@ class Scheduler:
             batch.append(ScheduledChunk(seq, n))
             prefill -= n
         return batch
-
-    def _prefill_share(self, decodes: int) -> int:
-        """How many prefill chunks a step with `decodes` decodes may feed: the sequences waiting for their prompt
-        per decode, rounded down, at least 1."""
-        prefilling = sum(1 for seq in self.running if seq.num_uncomputed > 1)
-        admissible = min(len(self.waiting), self.max_num_seqs - len(self.running))
-        return max(1, (prefilling + admissible) // decodes)
 
     def advance(self, batch: list[ScheduledChunk]) -> list[Sequence]:
         """Record that the batch ran; returns the sequences whose next token is now due."""

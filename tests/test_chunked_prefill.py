@@ -131,53 +131,6 @@ def test_prefill_chunk_boundary_while_a_request_decodes(tok, extra):
         assert step_tokens(core.runner.calls)[-1] == [(4, 1), (10, 1)]
 
 
-def test_a_burst_of_arrivals_behind_one_stream_is_admitted_in_one_step(tok):
-    """The server's many-stream ramp: the first request decodes while the others arrive. They were fed
-    `prefill_chunk_tokens` a step (2 of these 8 prompts a step, 4 steps); with 8 prompts waiting per
-    decode the cap is 8 chunks, so all 8 go in the next step beside the decode."""
-    core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
-    core.add_request("first", prompt(3), greedy(20))
-    core.step()
-    for i in range(8):
-        core.add_request(f"p{i}", prompt(5, i + 1), greedy(4))
-    outs = core.step()
-    assert step_tokens(core.runner.calls)[-1] == [(3, 1)] + [(0, 5)] * 8
-    assert [o.request_id for o in outs] == ["first"] + [f"p{i}" for i in range(8)]  # every first token at once
-
-
-@pytest.mark.parametrize("waiting,chunks", [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3)])
-def test_the_prefill_cap_grows_with_prompts_waiting_per_decode(tok, waiting, chunks):
-    """Two decodes: the prompt tokens of the step are prefill_chunk_tokens times (waiting // 2), at least once."""
-    core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
-    for rid in ("a", "b"):
-        core.add_request(rid, prompt(3), greedy(20))
-    core.step()
-    for i in range(waiting):
-        core.add_request(f"p{i}", prompt(30, i + 1), greedy(2))
-    core.step()
-    fed = step_tokens(core.runner.calls)[-1]
-    assert fed[:2] == [(3, 1), (3, 1)] and sum(n for _, n in fed[2:]) == 10 * chunks
-
-
-def test_a_burst_of_long_prompts_never_takes_a_stream_s_token_or_the_step_budget(tok):
-    """However many prompts wait, the running stream gets its token every step and a step stays within
-    max_num_batched_tokens; outputs are those of each request alone."""
-    requests = {"short": (prompt(3), greedy(40))} | {f"long{i}": (prompt(90, i + 1), greedy(3)) for i in range(6)}
-    want = {rid: run(fake_core(tok), {rid: r})[rid] for rid, r in requests.items()}
-    core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
-    core.add_request("short", *requests["short"])
-    outs = [core.step()]
-    for rid, r in requests.items():
-        if rid != "short":
-            core.add_request(rid, *r)
-    while core.has_work():
-        outs.append(core.step())
-    assert [i for i, step in enumerate(outs) if any(o.request_id == "short" for o in step)] == list(range(40))
-    assert max(sum(n for _, n in step) for step in step_tokens(core.runner.calls)) <= 64
-    got = {rid: joined([o for step in outs for o in step if o.request_id == rid]) for rid in want}
-    assert got == want
-
-
 @pytest.mark.parametrize("extra", [0, 1])
 def test_a_lone_prompt_takes_the_whole_step_budget(tok, extra):
     core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
