@@ -131,6 +131,25 @@ def test_prefill_chunk_boundary_while_a_request_decodes(tok, extra):
         assert step_tokens(core.runner.calls)[-1] == [(4, 1), (10, 1)]
 
 
+def test_a_burst_of_long_prompts_never_takes_a_stream_s_token_or_the_step_budget(tok):
+    """However many prompts wait, the running stream gets its token every step and a step stays within
+    max_num_batched_tokens; outputs are those of each request alone."""
+    requests = {"short": (prompt(3), greedy(40))} | {f"long{i}": (prompt(90, i + 1), greedy(3)) for i in range(6)}
+    want = {rid: run(fake_core(tok), {rid: r})[rid] for rid, r in requests.items()}
+    core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
+    core.add_request("short", *requests["short"])
+    outs = [core.step()]
+    for rid, r in requests.items():
+        if rid != "short":
+            core.add_request(rid, *r)
+    while core.has_work():
+        outs.append(core.step())
+    assert [i for i, step in enumerate(outs) if any(o.request_id == "short" for o in step)] == list(range(40))
+    assert max(sum(n for _, n in step) for step in step_tokens(core.runner.calls)) <= 64
+    got = {rid: joined([o for step in outs for o in step if o.request_id == rid]) for rid in want}
+    assert got == want
+
+
 @pytest.mark.parametrize("extra", [0, 1])
 def test_a_lone_prompt_takes_the_whole_step_budget(tok, extra):
     core = fake_core(tok, max_num_batched_tokens=64, prefill_chunk_tokens=10)
