@@ -27,78 +27,13 @@ import logging
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from bench.ttft_client import engine_ttft_ms, server_ttft_in_child
+
 log = logging.getLogger("bench.serve_gap")
-
-
-def engine_ttft_ms(core, prompt_len: int, vocab: int, repeats: int) -> list[float]:
-    from athena_runtime.sampling_params import SamplingParams
-
-    g = torch.Generator().manual_seed(170)
-    times = []
-    for r in range(repeats):
-        core.add_request(
-            f"ttft{r}",
-            torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
-            SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
-        )
-        t0 = time.perf_counter()
-        while core.has_work():
-            core.step()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return times
-
-
-def server_ttft_ms(url: str, model: str, prompt_len: int, vocab: int, repeats: int) -> list[float]:
-    import httpx
-
-    g = torch.Generator().manual_seed(171)
-    times = []
-    with httpx.Client(timeout=60) as http:
-        for _ in range(repeats):
-            body = {
-                "model": model,
-                "prompt": torch.randint(3, vocab, (prompt_len,), generator=g).tolist(),
-                "max_tokens": 1,
-                "temperature": 0,
-                "stream": True,
-            }
-            t0 = time.perf_counter()
-            first = None
-            with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
-                resp.raise_for_status()
-                for line in resp.iter_lines():  # read to [DONE]: the next request starts on an idle server
-                    if first is None and line.startswith("data:"):
-                        first = time.perf_counter()
-            times.append(1e3 * (first - t0))
-    return times
-
-
-def server_ttft_in_child(url: str, model: str, prompt_len: int, vocab: int, repeats: int) -> list[float]:
-    """`server_ttft_ms` in a child process: a client in the server's interpreter would take its GIL."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.serve_gap",
-        "--ttft-client",
-        url,
-        "--model",
-        model,
-        "--ttft-prompt",
-        str(prompt_len),
-        "--vocab",
-        str(vocab),
-        "--repeats",
-        str(repeats),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"the TTFT client exited {done.returncode}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_serve(url: str, model: str, concurrency: int, requests: int, prompt: int, new: int) -> dict:
@@ -152,13 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--ttft-client", default=None, metavar="URL", help=argparse.SUPPRESS)  # the child's role
-    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--vocab", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.ttft_client:
-        print(json.dumps(server_ttft_ms(args.ttft_client, args.model, args.ttft_prompt, args.vocab, args.repeats)))
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(

@@ -44,7 +44,7 @@ from athena_runtime.engine import AsyncEngine, EngineCore
 from athena_runtime.engine_settings import EngineSettings
 from bench.engine import run_level
 from bench.engine_overhead import BLOCK_SIZE, HostRunner, load_tokenizer
-from bench.serve_gap import engine_ttft_ms, server_ttft_in_child
+from bench.ttft_client import engine_ttft_ms, server_ttft_in_child
 
 
 class SleepRunner(HostRunner):

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from athena_runtime.batch import AttentionMetadata
 from athena_runtime.cpu.attention import CPUPagedAttention
-from athena_runtime.cpu.decoder import CPUMLP, CPURMSNorm, plain_cache, specialize
+from athena_runtime.cpu.decoder import CPUMLP, CPURMSNorm, plain_cache
 from athena_runtime.cpu.linear import KERNELS
+from athena_runtime.cpu.specialize import specialize
 from athena_runtime.kernels.fused_ops import add_rmsnorm_reference, rope_reference
 from athena_runtime.kernels.paged_attention import paged_attention_reference
 from athena_runtime.kv_cache import KVCache

@@ -2,7 +2,7 @@
 decode attention done by one compiled call each (`cpu/ops.c`) instead of several PyTorch ops.
 
 A decode step of a small model on the CPU is op-bound: SmolLM2-135M runs ~50 PyTorch ops in each of its
-30 layers, ~5-10 µs apiece. `specialize(model)` switches, in place, the modules that have a fast form:
+30 layers, ~5-10 µs apiece. `specialize.specialize(model)` switches, in place, the modules that have a fast form:
 
     RMSNorm        -> CPURMSNorm     residual add + RMSNorm (float32, no unit offset)
     Attention      -> CPUAttention   fused q/k/v projection, RoPE in place on its output, K/V written into a
@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from torch import nn
 
 from athena_runtime.kv_cache import FP16KVCache
 from athena_runtime.model import MLP, Attention, DecoderLayer, RMSNorm
@@ -232,22 +231,3 @@ class CPUDecoderLayer(DecoderLayer):
         ):
             raise MemoryError("layer_decode: out of memory for a scratch buffer")
         return h_out, r_out
-
-
-SWITCH = ((RMSNorm, CPURMSNorm), (Attention, CPUAttention), (MLP, CPUMLP), (DecoderLayer, CPUDecoderLayer))
-
-
-def specialize(model: nn.Module, ops) -> dict[str, int]:
-    """Switch the modules of `model` that have a CPU form to it (in place; state and submodules unchanged),
-    the model itself to `stack.CPUCausalLM` (a decode step's layer stack in one call). Returns {class name: count}."""
-    from athena_runtime.cpu.stack import CPUCausalLM
-    from athena_runtime.model import CausalLM
-
-    counts: dict[str, int] = {}
-    for module in model.modules():
-        for base, fast in SWITCH + ((CausalLM, CPUCausalLM),):
-            if type(module) is base:
-                module.__class__ = fast
-                module._ops = ops
-                counts[fast.__name__] = counts.get(fast.__name__, 0) + 1
-    return counts

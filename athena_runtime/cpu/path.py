@@ -94,8 +94,8 @@ def apply(model: torch.nn.Module, settings: CPUPathSettings) -> str:
         log.info("CPU path: reference (%s): float32 dequantized weights, per-sequence attention", why)
         return path
     from athena_runtime.cpu.attention import CPUPagedAttention
-    from athena_runtime.cpu.decoder import specialize
     from athena_runtime.cpu.linear import KERNELS, convert_model
+    from athena_runtime.cpu.specialize import specialize
 
     t0 = time.perf_counter()
     stats = convert_model(model, settings.weights)

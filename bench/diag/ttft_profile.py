@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from athena_runtime.engine_settings import EngineSettings
     from athena_runtime.model_runner import ModelRunner
     from bench.random_checkpoint import build
-    from bench.serve_gap import engine_ttft_ms
+    from bench.ttft_client import engine_ttft_ms
 
     ckpt = Path(args.workdir) / "llama7b-athena"
     if not (ckpt / "athena.json").exists():
