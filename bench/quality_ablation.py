@@ -6,6 +6,7 @@ calibration text), with bits per linear weight from the checkpoints' stored byte
     python -m bench.quality_ablation reference --out out/abl            # once: the reference's log-probs
     python -m bench.quality_ablation quantize NAME... --out out/abl [--jobs 5]  # bench.quantize_quality CONFIGS
     python -m bench.quality_ablation eval out/abl/A out/abl/B ... --out out/abl   # one JSON line per checkpoint
+    python -m bench.quality_ablation llama [TYPE ...] --out out/abl     # llama.cpp's quants (bench.llama_quants)
     python -m bench.quality_ablation table --out out/abl                # rows.jsonl -> table.md
     python -m bench.quality_ablation carry --carry .carry               # (here) files for the GPU stage
 
@@ -15,8 +16,13 @@ cuda when available) runs the models and the quantizer there. `--heldout FILE` t
 (the GPU machine has no python3.11-doc: `carry` writes it here); `--calib FILE` quantizes with FILE as the
 calibration text (`carry` writes this Python's default text, so every machine calibrates on the same text).
 `quantize` runs up to `--jobs` quantizations at once, one process each (the quantizer is launch-bound on a GPU,
-so several share one well); each resumes a partial run in its folder. `bash bench/gpu_suite.sh ablation` is the
-whole table on a lent GPU (its comment lists the calls and what they carry).
+so several share one well); each resumes a partial run in its folder. `llama` quantizes the model (`--model` a
+GGUF, default the embedded one) with llama.cpp's `llama-quantize` at each type (default
+bench.llama_quants.DEFAULT_TYPES), its imatrix from `llama-imatrix` on the quantizer's calibration windows (the
+`--calib*` flags and device defaults), and scores each through the GGUF importer like a checkpoint; the tools are a
+CPU build cached under `--build-dir` (built there with `--llama-jobs` compilers if missing) or `--llama-bin`.
+`bash bench/gpu_suite.sh ablation` is the whole table on a lent GPU (its comment lists the calls and what they
+carry).
 """
 
 from __future__ import annotations
