@@ -259,3 +259,18 @@ def test_imatrix_quantize_and_import_on_a_tiny_gguf(tmp_path):
         assert {n: kept[n] for n in tensor_shapes(TINY) if not n.startswith("blk.")} == {
             "token_embd.weight": "F16", "output_norm.weight": "F32", "output.weight": "F16"
         }  # fmt: skip
+
+
+def test_bench_quality_llama_types_and_the_skip_without_tools(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from bench import quantize_quality as qq
+
+    assert qq.llama_types("none") == [] and qq.llama_types("default") == list(lq.DEFAULT_TYPES)
+    assert qq.llama_types("Q4_K_M,IQ2_M") == ["Q4_K_M", "IQ2_M"]
+    monkeypatch.setenv("ATHENA_CACHE_DIR", str(tmp_path / "cache"))  # no cached build there
+    monkeypatch.setattr(llama_build.shutil, "which", lambda name: None)
+    args = argparse.Namespace(llama_bin=None, llama_types=["Q4_0"], device="cpu", seqlen=16, max_tokens=64)
+    assert qq.llama_rows("m", tmp_path / "m.gguf", tmp_path / "ref", tmp_path / "held.txt", tmp_path, args) == []
+    out = capsys.readouterr().out
+    assert "m: llama.cpp rows skipped: cannot build llama-quantize, llama-imatrix (missing cmake" in out
