@@ -222,7 +222,9 @@ def _cached_tools() -> Path | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_cached_tools() is None, reason="no cached CPU build of llama-quantize + llama-imatrix")
+@torch.no_grad()
 def test_imatrix_quantize_and_import_on_a_tiny_gguf(tmp_path):
     """llama-imatrix on text, llama-quantize at a k-quant mix and an i-quant (every row a multiple of 256), bits
     from the files, embeddings and output left F16, and the importer's model of each quantized file close to the
