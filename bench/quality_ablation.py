@@ -181,10 +181,10 @@ def table(out: Path) -> str:
     return text
 
 
-def llama_rows(types: list[str], out: Path, args, device: torch.device, log) -> list[dict]:
+def llama_rows(types: list[str], out: Path, args, device: torch.device, log):
     """llama.cpp's quantizer at each of `types` (bench.llama_quants: imatrix from the quantizer's calibration
     windows, F16 embeddings unless --llama-embeddings llama), each GGUF read by our importer and scored against the
-    cached reference like a checkpoint. One row per type."""
+    cached reference like a checkpoint. Yields one row per type as it is scored."""
     import shutil
 
     from athena_runtime.format.gguf_import import convert_gguf
@@ -208,7 +208,6 @@ def llama_rows(types: list[str], out: Path, args, device: torch.device, log) -> 
         files=(str(args.calib),) if args.calib else (), nsamples=args.calib_windows, seqlen=args.calib_seqlen
     )
     work = out / ("llama.cpp" if s.embeddings == "f16" else f"llama.cpp-embeddings-{s.embeddings}")
-    rows = []
     for q in lq.quantize_types(types, gguf, resolve_source(gguf).path, calib, device.type, work, s, log):
         hf = work / f"{q['type']}-hf"
         shutil.rmtree(hf, ignore_errors=True)
@@ -219,7 +218,7 @@ def llama_rows(types: list[str], out: Path, args, device: torch.device, log) -> 
         del model
         shutil.rmtree(hf)  # the GGUF stays; the fp16 folder is rebuilt in seconds
         suffix = "" if s.embeddings == "f16" else " (llama.cpp's embedding types)"
-        rows.append(
+        yield (
             {
                 "name": f"llama.cpp {q['type']}{suffix}",
                 "path": q["path"],
@@ -238,7 +237,6 @@ def llama_rows(types: list[str], out: Path, args, device: torch.device, log) -> 
                 "device": str(device),
             }
         )
-    return rows
 
 
 def quantize_configs(names: list[str], out: Path, args) -> list[dict]:
@@ -387,8 +385,8 @@ def main(argv=None) -> int:
         from bench.llama_quants import DEFAULT_TYPES
 
         log = lambda m: print(f"[llama] {m}", file=sys.stderr, flush=True)  # noqa: E731
-        rows = llama_rows(args.checkpoints or list(DEFAULT_TYPES), out, args, device, log)
-        _append_rows(out, rows)
+        for row in llama_rows(args.checkpoints or list(DEFAULT_TYPES), out, args, device, log):
+            _append_rows(out, [row])  # each as it is scored: a stopped run keeps what it measured
         return 0
     rows = (
         [cache_reference(out, args.max_tokens, args.seqlen, args.batch, device, args.heldout, args.model)]
