@@ -276,3 +276,34 @@ def test_bench_quality_llama_types_and_the_skip_without_tools(tmp_path, monkeypa
     assert qq.llama_rows("m", tmp_path / "m.gguf", tmp_path / "ref", tmp_path / "held.txt", tmp_path, args) == []
     out = capsys.readouterr().out
     assert "m: llama.cpp rows skipped: cannot build llama-quantize, llama-imatrix (missing cmake" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cached_tools() is None, reason="no cached CPU build of llama-quantize + llama-imatrix")
+def test_quality_ablation_llama_rows_on_a_tiny_gguf(tmp_path, monkeypatch):
+    """`quality_ablation reference` then `llama` on a tiny random GGUF: one row per type, scored against the cached
+    reference, its imatrix from the calibration windows asked for; the table lists the rows with their types."""
+    from tiny_models import write_text
+
+    tools = _cached_tools()  # before the cache moves
+    monkeypatch.setenv("ATHENA_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "tiny.gguf"
+    write_gguf(model, TINY, torch.device("cpu"))
+    held = write_text(tmp_path / "held.txt", (40, 60))
+    calib = write_text(tmp_path / "calib.txt", (0, 30))
+    out = tmp_path / "abl"
+    common = ["--out", str(out), "--device", "cpu", "--seqlen", "64", "--model", str(model)]
+    assert qa.main(["reference", "--heldout", str(held), "--max-tokens", "256", *common]) == 0
+    flags = ["--calib", str(calib), "--calib-windows", "4", "--calib-seqlen", "64", "--llama-bin", str(tools)]
+    assert qa.main(["llama", "Q4_K_M", "IQ3_XXS", *flags, *common]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["reference", "llama.cpp Q4_K_M", "llama.cpp IQ3_XXS"]
+    for r in rows[1:]:
+        assert r["tokens"] == rows[0]["tokens"] and r["kl"] > 0 and 0 < r["top1"] <= 1
+        assert r["calibration"] == {"files": [str(calib)], "nsamples": 4, "seqlen": 64, "seed": 0}
+        assert sum(r["types"].values()) == pytest.approx(1.0) and r["recipe"]["embeddings"] == "f16"
+    assert rows[2]["bits"] < rows[1]["bits"]
+    assert "-c 64 --chunks 4" in " ".join((out / "llama.cpp" / "imatrix.log").read_text().splitlines()[:1])
+    assert not list((out / "llama.cpp").glob("*-hf"))  # the converted folders are removed after scoring
+    assert qa.main(["table", "--out", str(out)]) == 0
+    assert "| llama.cpp IQ3_XXS |" in (out / "table.md").read_text()
