@@ -13,7 +13,8 @@ BENCHMARKS = {
     "quantize-7b": ("bench.quantize_7b", "seconds and peak memory to quantize a 7B-shaped layer (GPU)"),
     "quality": (
         "bench.quantize_quality",
-        "perplexity vs bits: reference, RTN, GPTQ, Athena on both real models (SmolLM2-135M, Gemma-3-270M)",
+        "perplexity vs bits: reference, RTN, GPTQ, Athena, llama.cpp's quants (llama-quantize + imatrix, built "
+        "here) on both real models (SmolLM2-135M, Gemma-3-270M)",
     ),
     "decode": ("bench.decode", "end-to-end batch-1 decode tok/s: PQ vs fp16 vs HF transformers (GPU)"),
     "attention": ("bench.attention", "paged decode attention µs per call: KV format x batch x context x splits (GPU)"),

