@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         raise SystemExit("without CUDA: --stand-in (the CPU stand-in)")
     from athena_runtime.engine import AsyncEngine, EngineCore
-    from bench.ttft_client import engine_ttft_ms
     from bench.serve_overhead import ServerThread
+    from bench.ttft_client import engine_ttft_ms
 
     runner, tokenizer, vocab, settings = build(args)
     core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
