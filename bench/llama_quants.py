@@ -107,8 +107,8 @@ def gguf_bits(path: Path) -> dict:
 
 
 def type_mix(types: dict[str, float]) -> str:
-    """'IQ4_NL 75%, IQ2_XS 25%' (shares of the linear weights)."""
-    return ", ".join(f"{k} {v:.0%}" for k, v in types.items())
+    """'IQ4_NL 75%, IQ2_XS 25%, Q5_1 <1%' (shares of the linear weights)."""
+    return ", ".join(f"{k} {v:.0%}" if v >= 0.005 else f"{k} <1%" for k, v in types.items())
 
 
 def write_source_gguf(src: Path, out: Path) -> dict:

@@ -91,6 +91,7 @@ def test_bits_count_linear_bytes_only(tmp_path):
     assert b["bits"] == pytest.approx((q8 * 8.5 + (n_lin - q8) * 16) / n_lin)
     assert b["types"] == {"F16": pytest.approx(1 - q8 / n_lin), "Q8_0": pytest.approx(q8 / n_lin)}
     assert lq.type_mix(b["types"]) == "F16 70%, Q8_0 30%"
+    assert lq.type_mix({"Q5_0": 0.996, "Q5_1": 0.004}) == "Q5_0 100%, Q5_1 <1%"
 
 
 def test_bits_of_a_file_without_linears_is_refused(tmp_path):
