@@ -40,6 +40,30 @@ def cache_fp16(cache) -> int:
     return int(cache.storage_dtype == torch.float16)
 
 
+def bind_cache(desc, cache, layer: int) -> None:
+    """Point a LayerDesc at `cache`'s K/V of `layer` (its storage format and block size too)."""
+    desc.kc, desc.vc = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
+    desc.fp16, desc.block_size = cache_fp16(cache), cache.block_size
+
+
+def step_tensors(cos, sin, attn) -> tuple:
+    """The step's RoPE and paging tensors as layer.c reads them in place: (cos, sin, slots, tables, lens), contiguous.
+    Keep the tuple alive through the call; `step_pointers` gives its arguments."""
+    return (
+        cos.contiguous(),
+        sin.contiguous(),
+        attn.slot_mapping.contiguous(),
+        attn.block_tables.contiguous(),
+        attn.seq_lens.contiguous(),
+    )
+
+
+def step_pointers(tensors: tuple) -> tuple:
+    """(cos, sin, slot, tables, table stride, lens) arguments of layer_decode / stack_decode."""
+    cos, sin, slots, tables, lens = tensors
+    return cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr()
+
+
 class CPURMSNorm(RMSNorm):
     _ops = None  # the compiled library (cpu/build.py), set per module by specialize
 
@@ -204,13 +228,11 @@ class CPUDecoderLayer(DecoderLayer):
             return super().forward(h, residual, cos, sin, attn)
         from athena_runtime.cpu.layer_desc import scratch_floats
 
-        layer = self.self_attn.layer
-        kc, vc = cache.k[layer], cache.v[layer]
-        desc.kc, desc.vc, desc.fp16, desc.block_size = kc.data_ptr(), vc.data_ptr(), cache_fp16(cache), cache.block_size
+        bind_cache(desc, cache, self.self_attn.layer)
         T = h.shape[0]
-        h, cos, sin = h.contiguous(), cos.contiguous(), sin.contiguous()
+        h = h.contiguous()
         residual = None if residual is None else residual.contiguous()
-        tables, lens, slots = attn.block_tables.contiguous(), attn.seq_lens.contiguous(), attn.slot_mapping.contiguous()
+        step = step_tensors(cos, sin, attn)
         h_out, r_out = torch.empty_like(h), torch.empty_like(h)
         scratch = torch.empty(scratch_floats(desc, T), dtype=torch.float32)
         if self._ops.layer_decode(
@@ -220,12 +242,7 @@ class CPUDecoderLayer(DecoderLayer):
             h_out.data_ptr(),
             r_out.data_ptr(),
             T,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            slots.data_ptr(),
-            tables.data_ptr(),
-            tables.stride(0),
-            lens.data_ptr(),
+            *step_pointers(step),
             scratch.data_ptr(),
             torch.get_num_threads(),
         ):

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from athena_runtime.cpu.decoder import CPUDecoderLayer, plain_cache
+from athena_runtime.cpu.decoder import CPUDecoderLayer, bind_cache, plain_cache, step_pointers, step_tensors
 from athena_runtime.cpu.layer_desc import LayerDesc, scratch_floats
 from athena_runtime.model import CausalLM
 
@@ -53,10 +53,8 @@ class CPUCausalLM(CausalLM):
         """The ctypes array of the layers' descriptors with `cache`'s K/V pointers filled in (kept per cache)."""
         key = (id(cache), cache.k[0].data_ptr())
         if self.__dict__.get("_ptr_key") != key:
-            for i, d in enumerate(descs):
-                layer = self.model.layers[i].self_attn.layer
-                d.kc, d.vc = cache.k[layer].data_ptr(), cache.v[layer].data_ptr()
-                d.fp16, d.block_size = int(cache.storage_dtype == torch.float16), cache.block_size
+            for d, layer in zip(descs, self.model.layers):
+                bind_cache(d, cache, layer.self_attn.layer)
             self._ptrs = (ctypes.POINTER(LayerDesc) * len(descs))(*(ctypes.pointer(d) for d in descs))
             self._ptr_key = key
         return self._ptrs
@@ -71,8 +69,7 @@ class CPUCausalLM(CausalLM):
             return super().forward(input_ids, positions, attn)
         T = h.shape[0]
         h = h.contiguous()
-        cos, sin = (t.contiguous() for t in self.model.rotary_emb(positions, h.dtype))
-        tables, lens, slots = attn.block_tables.contiguous(), attn.seq_lens.contiguous(), attn.slot_mapping.contiguous()
+        step = step_tensors(*self.model.rotary_emb(positions, h.dtype), attn)
         residual = torch.empty_like(h)
         scratch = torch.empty(max(scratch_floats(d, T) for d in descs), dtype=torch.float32)
         if self._ops.stack_decode(
@@ -81,12 +78,7 @@ class CPUCausalLM(CausalLM):
             h.data_ptr(),
             residual.data_ptr(),
             T,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            slots.data_ptr(),
-            tables.data_ptr(),
-            tables.stride(0),
-            lens.data_ptr(),
+            *step_pointers(step),
             scratch.data_ptr(),
             torch.get_num_threads(),
         ):
