@@ -3,8 +3,9 @@
 `execute(chunks)` flattens the chunks into one token batch, runs the decoder over the paged KV cache
 and returns float32 logits of each chunk's last token. On CUDA, decode-only batches (one token per
 chunk) replay a CUDA graph captured for the batch-size bucket (1, 2, 4, ... padded up); padded rows
-feed token 0 at position 0, write to the cache's null block and attend to nothing. Everything else
-(prefill chunks, mixed batches, CPU) runs eagerly.
+feed token 0 at position 0, write to the cache's null block and attend to nothing. A lone prompt's
+prefill (one sequence from position 0, up to 512 tokens) replays a graph of its token-count bucket
+(`prefill_graphs.py`). Everything else (continued chunks, mixed batches, CPU) runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from athena_runtime.kv_cache import KVCache, blocks_for_budget
 from athena_runtime.kv_calibration import calibrate_key_basis, calibration_windows
 from athena_runtime.loader import load_model
 from athena_runtime.model import CausalLM
+from athena_runtime.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +60,26 @@ class ModelRunner:
             self.use_cuda_graphs = False
         self.graph_buckets = tuple(b for b in GRAPH_BUCKETS if b <= max_graph_batch)
         self._graphs: dict[int, _DecodeGraph] = {}
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.use_cuda_graphs:
             self._init_graph_buffers()
+            self.prefill_graphs = PrefillGraphs(
+                model, config, kv_cache, self.device, self.max_model_len, self._graph_pool
+            )
         log.info(
             "model runner: %s, %s, max_model_len %d, CUDA graphs %s",
             self.device,
             kv_cache,
             self.max_model_len,
-            "on" if self.use_cuda_graphs else "off",
+            self._graphs_summary(),
         )
+
+    def _graphs_summary(self) -> str:
+        if not self.use_cuda_graphs:
+            return "off"
+        pg = self.prefill_graphs
+        prefill = f"lone prompts up to {pg.buckets[-1]} tokens" if pg.buckets else "no lone-prompt prefill"
+        return f"on (decode; {prefill}{'; not ' + pg.why_not_all if pg.why_not_all else ''})"
 
     @classmethod
     def from_path(
@@ -148,6 +161,13 @@ class ModelRunner:
                 self._log_once("graph", "decode batches: CUDA graph replay")
                 return self._replay(chunks)
             self._log_once("graph-miss", "decode batch too large or too long for the CUDA graphs: eager")
+        elif self.prefill_graphs is not None and (bucket := self.prefill_graphs.bucket_for(chunks)) is not None:
+            self._log_once(
+                "prefill-graph",
+                "lone-prompt prefill: CUDA graph replay (token buckets %s)",
+                ",".join(map(str, self.prefill_graphs.buckets)),
+            )
+            return self.prefill_graphs.replay(chunks[0], bucket)
         self._log_once(
             "eager",
             "eager forward on %s (%s)",
@@ -169,7 +189,12 @@ class ModelRunner:
         self._tables = torch.full((max_batch, width), self.kv_cache.null_block, dtype=torch.int32, **kw)
         self._seq_lens = torch.zeros(max_batch, dtype=torch.int32, **kw)
         self._query_start = torch.arange(max_batch + 1, dtype=torch.int32, **kw)
-        self._pool = None  # one memory pool shared by all captured buckets
+        self._pool = None  # one memory pool shared by all captured graphs (decode and prefill)
+
+    def _graph_pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
@@ -195,10 +220,8 @@ class ModelRunner:
             for _ in range(2):
                 self._graph_forward(bucket)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._graph_pool()):
             logits = self._graph_forward(bucket)
         log.info("captured the decode CUDA graph for batch size %d", bucket)
         return _DecodeGraph(graph, logits)
@@ -231,9 +254,10 @@ class ModelRunner:
         self._tables[:b, :width].copy_(host[4 * b :].view(b, width).to(torch.int32), non_blocking=True)
 
     @torch.inference_mode()
-    def capture_graphs(self, max_batch: int | None = None) -> int:
+    def capture_graphs(self, max_batch: int | None = None, prefill: bool = True) -> int:
         """Capture the decode graphs of every bucket up to `max_batch` now (a server's start-up), so no
-        request pays a capture (~0.5-5 s per bucket on a 7B model) in the middle of its stream.
+        request pays a capture (~0.5-5 s per bucket on a 7B model) in the middle of its stream, and with
+        `prefill` the lone-prompt prefill graphs of every token bucket.
         Returns how many were captured; a no-op without CUDA graphs."""
         if not self.use_cuda_graphs:
             return 0
@@ -242,14 +266,20 @@ class ModelRunner:
         t0 = time.perf_counter()
         for bucket in todo:
             self._graphs[bucket] = self._capture(bucket)
-        if todo:
+        pg = self.prefill_graphs
+        todo_prefill = [b for b in pg.buckets if b not in pg.graphs] if prefill else []
+        for bucket in todo_prefill:
+            pg.capture(bucket)
+        if todo or todo_prefill:
             log.info(
-                "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+                "captured %d decode CUDA graphs (batch sizes %s) and %d prefill graphs (tokens %s) in %.1f s",
                 len(todo),
-                ",".join(map(str, todo)),
+                ",".join(map(str, todo)) or "-",
+                len(todo_prefill),
+                ",".join(map(str, todo_prefill)) or "-",
                 time.perf_counter() - t0,
             )
-        return len(todo)
+        return len(todo) + len(todo_prefill)
 
     def _replay(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         bucket = self._bucket(len(chunks))

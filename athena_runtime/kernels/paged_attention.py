@@ -234,15 +234,24 @@ def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_
         _masked_prompts(q, out, kv_cache, layer, block_tables, masked, n, qsl, sm_scale, sliding_window, fresh_kv)
 
 
-def _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv=None):
+def _prompt_rows(seqs, qsl, dev):
+    """Rows of `seqs` in the flat batch: a slice when they are contiguous (no host-to-device copy, so a CUDA
+    graph can capture it), else an index tensor."""
+    if all(qsl[a + 1] == qsl[b] for a, b in zip(seqs, seqs[1:])):
+        return slice(qsl[seqs[0]], qsl[seqs[-1] + 1])
+    return torch.tensor([r for s in seqs for r in range(qsl[s], qsl[s + 1])], dtype=torch.long, device=dev)
+
+
+def _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv=None, positions=True):
     """Rows of `seqs` in q, and their keys/values (GQA heads repeated): this step's own (`fresh_kv`, in the
-    cache's basis) or read back from the cache (float32 [T, H, D]); with each token's sequence index and position."""
+    cache's basis) or read back from the cache (float32 [T, H, D]); with each token's sequence index and position
+    (None, None with `positions=False` and `fresh_kv`)."""
     dev, bs = q.device, kv_cache.block_size
-    seq_id = [i for i, s in enumerate(seqs) for _ in range(n[s])]
-    pos = [p for s in seqs for p in range(n[s])]
-    rows = torch.tensor([r for s in seqs for r in range(qsl[s], qsl[s + 1])], dtype=torch.long, device=dev)
-    sid = torch.tensor(seq_id, dtype=torch.long, device=dev)
-    pos_t = torch.tensor(pos, dtype=torch.long, device=dev)
+    rows = _prompt_rows(seqs, qsl, dev)
+    sid = pos_t = None
+    if positions or fresh_kv is None:
+        sid = torch.tensor([i for i, s in enumerate(seqs) for _ in range(n[s])], dtype=torch.long, device=dev)
+        pos_t = torch.tensor([p for s in seqs for p in range(n[s])], dtype=torch.long, device=dev)
     if fresh_kv is not None:
         k, v = kv_cache.fresh_kv(layer, fresh_kv[0][rows], fresh_kv[1][rows])
     else:
@@ -255,7 +264,7 @@ def _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv=None):
 
 def _same_length_prompts(q, out, kv_cache, layer, block_tables, seqs, length, qsl, sm_scale, fresh_kv=None):
     n = {s: length for s in seqs}
-    rows, _, _, k, v = _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv)
+    rows, _, _, k, v = _prompt_kv(q, kv_cache, layer, block_tables, seqs, n, qsl, fresh_kv, positions=False)
     B, H, D = len(seqs), q.shape[1], q.shape[2]
     as_batch = lambda t: t.to(q.dtype).view(B, length, H, D).transpose(1, 2)  # noqa: E731 - [B, H, L, D]
     o = F.scaled_dot_product_attention(as_batch(q[rows]), as_batch(k), as_batch(v), is_causal=True, scale=sm_scale)

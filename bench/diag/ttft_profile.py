@@ -6,7 +6,8 @@
 EngineCore on the random 7B checkpoint (bench.random_checkpoint), as bench.serve_gap builds it. Reports the
 median wall ms of add_request -> output, the GPU kernel ms of the same step (torch profiler, summed kernel time),
 and the host's cProfile of a few such steps (cumulative ms per step, top entries): the gap between wall and
-kernel time is the host's.
+kernel time is the host's. Also an A/B of the step with the lone-prompt prefill CUDA graph (prefill_graphs.py)
+and without it (eager), alternating rounds in one process.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
     core = EngineCore(runner, tokenizer, settings, eos_token_ids=())
     engine_ttft_ms(core, args.prompt, vocab, 3)  # warm-up: kernels compiled and loaded
     wall = engine_ttft_ms(core, args.prompt, vocab, args.repeats)
+    graphs, ab = runner.prefill_graphs, {"graph": [], "eager": []}
+    for _ in range(3):  # alternating rounds: the host's noise falls on both
+        for name in ab:
+            runner.prefill_graphs = graphs if name == "graph" else None
+            ab[name] += engine_ttft_ms(core, args.prompt, vocab, args.repeats)
+    runner.prefill_graphs = graphs
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
         f"(min {min(wall):.1f}); GPU kernels {gpu_ms:.1f} ms in {launches:.0f} launches per step "
         f"({torch.cuda.get_device_name()})"
     )
+    g50, e50 = statistics.median(ab["graph"]), statistics.median(ab["eager"])
+    print(f"A/B, 3 alternating rounds: prefill CUDA graph p50 {g50:.1f} ms, eager p50 {e50:.1f} ms")
     print("\n".join(s.getvalue().splitlines()[:45]))
     return 0
 
