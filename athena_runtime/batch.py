@@ -33,6 +33,9 @@ class AttentionMetadata:
     is_decode: bool  # every sequence feeds exactly one token
     seq_lens_list: list[int] | None = None  # host copies, for the per-sequence (prefill) path;
     query_start_list: list[int] | None = None  # None inside CUDA graphs
+    # one sequence, all rows; keys: every position its block_tables row covers, the first seq_lens[0] real
+    # (paged_attention.one_sequence_attention: no host data, for the prefill CUDA graphs of continued chunks)
+    one_sequence: bool = False
 
 
 @dataclass

@@ -3,9 +3,9 @@
 `execute(chunks)` flattens the chunks into one token batch, runs the decoder over the paged KV cache
 and returns float32 logits of each chunk's last token. On CUDA, decode-only batches (one token per
 chunk) replay a CUDA graph captured for the batch-size bucket (1, 2, 4, ... padded up); padded rows
-feed token 0 at position 0, write to the cache's null block and attend to nothing. A lone prompt's
-prefill (one sequence from position 0, up to 512 tokens) replays a graph of its token-count bucket
-(`prefill_graphs.py`). Everything else (continued chunks, mixed batches, CPU) runs eagerly.
+feed token 0 at position 0, write to the cache's null block and attend to nothing. A step that feeds
+one sequence (a whole prompt up to 512 tokens, or a chunk after a cached prefix) replays a graph of its
+token-count (and context) bucket (`prefill_graphs.py`). Everything else (mixed batches, CPU) runs eagerly.
 """
 
 from __future__ import annotations
@@ -78,8 +78,15 @@ class ModelRunner:
         if not self.use_cuda_graphs:
             return "off"
         pg = self.prefill_graphs
-        prefill = f"lone prompts up to {pg.buckets[-1]} tokens" if pg.buckets else "no lone-prompt prefill"
-        return f"on (decode; {prefill}{'; not ' + pg.why_not_all if pg.why_not_all else ''})"
+        prefill = "; ".join(
+            ([f"whole prompts up to {pg.fresh[-1]} tokens"] if pg.fresh else [])
+            + (
+                [f"chunks up to {pg.chunks[-1]} tokens after a prefix, up to {pg.contexts[-1]} in all"]
+                if pg.chunks
+                else []
+            )
+        )
+        return f"on (decode; {prefill or 'no prefill'}{'; not ' + pg.why_not_all if pg.why_not_all else ''})"
 
     @classmethod
     def from_path(
@@ -161,13 +168,13 @@ class ModelRunner:
                 self._log_once("graph", "decode batches: CUDA graph replay")
                 return self._replay(chunks)
             self._log_once("graph-miss", "decode batch too large or too long for the CUDA graphs: eager")
-        elif self.prefill_graphs is not None and (bucket := self.prefill_graphs.bucket_for(chunks)) is not None:
+        elif self.prefill_graphs is not None and (key := self.prefill_graphs.bucket_for(chunks)) is not None:
             self._log_once(
-                "prefill-graph",
-                "lone-prompt prefill: CUDA graph replay (token buckets %s)",
-                ",".join(map(str, self.prefill_graphs.buckets)),
+                "prefill-graph" + str(bool(key[1])),
+                "one-sequence prefill: CUDA graph replay (%s)",
+                "after a cached prefix" if key[1] else "a whole prompt",
             )
-            return self.prefill_graphs.replay(chunks[0], bucket)
+            return self.prefill_graphs.replay(chunks[0], key)
         self._log_once(
             "eager",
             "eager forward on %s (%s)",
@@ -267,16 +274,16 @@ class ModelRunner:
         for bucket in todo:
             self._graphs[bucket] = self._capture(bucket)
         pg = self.prefill_graphs
-        todo_prefill = [b for b in pg.buckets if b not in pg.graphs] if prefill else []
-        for bucket in todo_prefill:
-            pg.capture(bucket)
+        todo_prefill = [k for k in pg.keys if k not in pg.graphs] if prefill else []
+        for key in todo_prefill:
+            pg.capture(key)
         if todo or todo_prefill:
             log.info(
-                "captured %d decode CUDA graphs (batch sizes %s) and %d prefill graphs (tokens %s) in %.1f s",
+                "captured %d decode CUDA graphs (batch sizes %s) and %d prefill graphs (tokens[/context] %s) in %.1f s",
                 len(todo),
                 ",".join(map(str, todo)) or "-",
                 len(todo_prefill),
-                ",".join(map(str, todo_prefill)) or "-",
+                ",".join(f"{b}/{c}" if c else str(b) for b, c in todo_prefill) or "-",
                 time.perf_counter() - t0,
             )
         return len(todo) + len(todo_prefill)

@@ -53,35 +53,56 @@ def _per_sequence(
     softcap=None,
 ):
     seq_lens_list, qsl = _host_lists(seq_lens, query_start_loc, seq_lens_list, query_start_list)
-    group = q.shape[1] // kv_cache.num_kv_heads
-    bs = kv_cache.block_size
     out = torch.empty_like(q)
     for s, kv_len in enumerate(seq_lens_list):
         q0, q1 = qsl[s], qsl[s + 1]
         pos_k = torch.arange(kv_len, device=q.device)  # [L]
-        slots = block_tables[s, pos_k // bs].long() * bs + pos_k % bs
-        k, v = kv_cache.read(layer, slots, pos_k)  # float32 [L, Hkv, D]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [L, H, D]
         pos_q = torch.arange(kv_len - (q1 - q0), kv_len, device=q.device)  # [n]
-        visible = pos_k[None, :] <= pos_q[:, None]  # [n, L]
-        if sliding_window is not None:
-            visible &= pos_k[None, :] > pos_q[:, None] - sliding_window
-        if use_sdpa and softcap is None:
-            o = F.scaled_dot_product_attention(
-                q[q0:q1].transpose(0, 1),
-                k.to(q.dtype).transpose(0, 1),
-                v.to(q.dtype).transpose(0, 1),
-                attn_mask=visible,
-                scale=sm_scale,
-            )  # [H, n, D]
-            out[q0:q1] = o.transpose(0, 1)
-        else:
-            scores = torch.einsum("nhd,lhd->hnl", q[q0:q1].float(), k) * sm_scale  # [H, n, L]
-            if softcap is not None:
-                scores = torch.tanh(scores / softcap) * softcap
-            p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-            out[q0:q1] = torch.einsum("hnl,lhd->nhd", p, v).to(q.dtype)
+        out[q0:q1] = _attend(
+            q[q0:q1], kv_cache, layer, block_tables[s], pos_k, pos_q, sm_scale, sliding_window, use_sdpa, softcap
+        )
     return out
+
+
+def _attend(q, kv_cache, layer, table, pos_k, pos_q, sm_scale, sliding_window, use_sdpa, softcap, kv_len=None):
+    """Queries q [n, H, D] at positions pos_q [n] of one sequence over its keys at positions pos_k [L], read back
+    through its block table row `table`; with `kv_len` (a device scalar) keys at or past it are zeroed (padding
+    of a CUDA graph: never visible to a real query, but their bytes may be anything)."""
+    bs, group = kv_cache.block_size, q.shape[1] // kv_cache.num_kv_heads
+    slots = table[pos_k // bs].long() * bs + pos_k % bs
+    k, v = kv_cache.read(layer, slots, pos_k)  # float32 [L, Hkv, D]
+    if kv_len is not None:
+        valid = (pos_k < kv_len)[:, None, None]
+        k, v = torch.where(valid, k, 0.0), torch.where(valid, v, 0.0)
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [L, H, D]
+    visible = pos_k[None, :] <= pos_q[:, None]  # [n, L]
+    if sliding_window is not None:
+        visible &= pos_k[None, :] > pos_q[:, None] - sliding_window
+    if use_sdpa and softcap is None:
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.to(q.dtype).transpose(0, 1),
+            v.to(q.dtype).transpose(0, 1),
+            attn_mask=visible,
+            scale=sm_scale,
+        )  # [H, n, D]
+        return o.transpose(0, 1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * sm_scale  # [H, n, L]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hnl,lhd->nhd", p, v).to(q.dtype)
+
+
+def one_sequence_attention(q, kv_cache, layer, block_tables, seq_lens, positions, sm_scale, sliding_window=None):
+    """One sequence's chunk (every row of q, at `positions` [T]) over keys 0 .. block_tables.shape[1]·block_size - 1
+    read back from the cache, of which the first seq_lens[0] are real: no host data, so a CUDA graph can capture it
+    (`prefill_graphs.py`, a chunk after a cached prefix)."""
+    key_len = block_tables.shape[1] * kv_cache.block_size
+    pos_k = torch.arange(key_len, device=q.device)
+    return _attend(
+        q, kv_cache, layer, block_tables[0], pos_k, positions, sm_scale, sliding_window, q.is_cuda, None, seq_lens[0]
+    )
 
 
 def _host_lists(seq_lens, query_start_loc, seq_lens_list, query_start_list) -> tuple[list[int], list[int]]:
@@ -311,6 +332,11 @@ class PagedAttention:
         """`fresh_kv`: this step's k, v [T, Hkv, D] as written to the cache (rows of q's tokens); whole prompts on the
         CUDA mixed path attend over them instead of reading them back (`paged_attention_mixed`). `softcap`: the
         model's attention-score soft-capping (module docstring)."""
+        if attn.one_sequence:
+            self._log("one-sequence", "a chunk after a cached prefix in a prefill CUDA graph")
+            return one_sequence_attention(
+                q, kv_cache, layer, attn.block_tables, attn.seq_lens, attn.positions, sm_scale, sliding_window
+            )
         args = (q, kv_cache, layer, attn.block_tables, attn.seq_lens, attn.query_start_loc, sm_scale, sliding_window)
         if q.is_cuda and attn.is_decode and triton is not None:
             self._log("triton-decode", "CUDA decode batch")
