@@ -48,7 +48,7 @@ class EngineSettings:
     num_blocks: int | None = setting(None, "KV blocks (overrides --kv-budget-bytes)", ge=1)
     max_queue: int = setting(256, "waiting requests before new ones are refused (429)", ge=0)
     device: str | None = setting(None, "torch device (default: cuda if available, else cpu)")
-    use_cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (GPU only)")
+    use_cuda_graphs: bool = setting(True, "replay decode steps and one-sequence prefills as CUDA graphs (GPU only)")
     prefix_cache: bool = setting(
         True,
         "reuse the KV cache blocks of prompt prefixes computed before (shared system prompts, earlier turns of "
