@@ -16,6 +16,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ from athena_runtime.stop_strings import TextStream
 from athena_runtime.token_decoder import TokenDecoder
 
 log = logging.getLogger(__name__)
+# one DEBUG line per step (its shape and wall time) when enabled: a diagnosis of admission under load (bench.serve_gap
+# --step-trace); off, a step pays one isEnabledFor
+step_log = logging.getLogger("athena_runtime.engine.steps")
 
 
 class ContextLengthExceeded(ValueError):
@@ -166,7 +170,25 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
+        if not step_log.isEnabledFor(logging.DEBUG):
+            return self._step()
+        t0 = time.perf_counter()
+        waiting = len(self.scheduler.waiting)
+        outputs = self._step()
+        sizes = [n for _, n in self._last_batch]
+        chunks = [n for n in sizes if n > 1]
+        step_log.debug(
+            "step %.2f ms: %d one-token rows, %d prompt tokens in %d chunks; %d waiting before",
+            1e3 * (time.perf_counter() - t0),
+            len(sizes) - len(chunks),
+            sum(chunks),
+            len(chunks),
+            waiting,
+        )
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
+        batch = self._last_batch = self.scheduler.schedule()
         if not batch:
             return []
         blocks_for = self.block_manager.blocks_for

@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         "--family", default="llama2-7b", help="bench.random_checkpoint family (tiny-llama: a CPU smoke run)"
     )
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--step-trace",
+        default="",
+        metavar="FILE",
+        help="write one line per engine step (shape, wall ms) of the many-stream server levels to FILE",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -143,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     result["engine_1"] = run_level(core, 1, args.prompt, args.new, vocab, seed=1)
     result["engine_n"] = run_level(core, args.streams, args.prompt, args.new, vocab, seed=2)
     del core
+    if args.step_trace:  # only the server levels below are traced
+        trace = logging.FileHandler(args.step_trace, mode="w")
+        trace.setFormatter(logging.Formatter("%(relativeCreated).1f %(threadName)s %(message)s"))
+        step_log = logging.getLogger("athena_runtime.engine.steps")
+        step_log.setLevel(logging.DEBUG)
+        step_log.addHandler(trace)
+        step_log.propagate = False
     engine = AsyncEngine(runner, tokenizer, settings, ckpt.name, eos_token_ids=())
     with ServerThread(engine, None) as server:
         # (the first 2 of the child's requests warm up the server: dropped)

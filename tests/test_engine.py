@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from fake_runner import FakeRunner, drain, joined, tiny_tokenizer
@@ -275,3 +276,22 @@ def test_async_model_error_is_reported_and_serving_continues(tok):
     bad, good = run(main())
     assert bad[-1].finish_reason == "error" and bad[-1].error
     assert good[-1].finish_reason == "length"
+
+
+def test_step_trace_logs_each_step_shape_only_when_enabled(tok, caplog):
+    """athena_runtime.engine.steps at DEBUG: one line per step with its one-token rows, prompt tokens and chunks,
+    and how many requests waited before it (bench.serve_gap --step-trace); nothing at the default level."""
+    core = make_core(tok, max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk_tokens=8)
+    for i in range(3):
+        core.add_request(f"r{i}", prompt(10 + i, salt=i), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    with caplog.at_level(logging.DEBUG, logger="athena_runtime.engine.steps"):
+        core.step()
+        core.step()
+    lines = [r.getMessage() for r in caplog.records if r.name == "athena_runtime.engine.steps"]
+    assert len(lines) == 2
+    assert lines[0].endswith("0 one-token rows, 16 prompt tokens in 2 chunks; 3 waiting before")
+    assert "3 waiting" not in lines[1] and "prompt tokens in" in lines[1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="athena_runtime.engine.steps"):
+        core.step()
+    assert not [r for r in caplog.records if r.name == "athena_runtime.engine.steps"]
