@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     result["engine_n"] = run_level(core, args.streams, args.prompt, args.new, vocab, seed=2)
     del core
     if args.step_trace:  # only the server levels below are traced
-        trace = logging.FileHandler(args.step_trace, mode="w")
+        Path(args.step_trace).write_text("")
+        # mode "a": uvicorn's dictConfig closes every handler; a closed "a" handler reopens on its next record
+        trace = logging.FileHandler(args.step_trace, mode="a")
         trace.setFormatter(logging.Formatter("%(relativeCreated).1f %(threadName)s %(message)s"))
         step_log = logging.getLogger("athena_runtime.engine.steps")
         step_log.setLevel(logging.DEBUG)
