@@ -316,9 +316,8 @@ def _check_cases(dev, V, clock, log, cases, cuda_pass, only):
 
 
 def _check_dequant_exact(dev, log, cases):
-    """pq_dequantize_t_cuda == pq_dequantize_t_reference (a pure gather), every launch shape of the recipe."""
+    """The CUDA dequantize == Ŵᵀ of the reference (a pure gather), every launch shape of the recipe."""
     from athena_runtime.kernels import dequant as cdq
-    from athena_runtime.kernels.dequant_matmul import dequantize_t_reference as pq_dequantize_t_reference
 
     rows = []
     for ci, (N, M, d, n, k, rank, _) in enumerate(cases):
@@ -326,7 +325,7 @@ def _check_dequant_exact(dev, log, cases):
         geo = L["geo"]
         if cdq.supports(geo) is not None:
             continue
-        ref = pq_dequantize_t_reference(L["qweight"], L["codebook"], geo)
+        ref = layout.dequantize_reference(L["qweight"], L["codebook"], geo).t().contiguous()
         for slab in cdq.slab_widths(geo.bits, d):
             for rpc in (None,) + Tuning().dequant_rows:
                 name = f"cuda-dqT-s{slab}-r{rpc or 'auto'}"

@@ -17,7 +17,7 @@ x·H = H_{D/G}·(h·X)·H_G, two broadcast-multiply-sums over ±1 signs computed
 never loaded and costs D·(G + D/G) multiply-adds instead of D². It is the same matrix as the cache's
 `rotation` (checked in the tests), not a general one.
 
-Exactness against the PyTorch reference (the spec, `kv_write_reference`):
+Exactness against the PyTorch reference (the spec, `KVCache.write_reference`):
 - Every step rounds as the reference does: float32 ops one at a time (launched with
   `enable_fp_fusion=False`: no fused multiply-adds), IEEE division (`div_rn`, Triton's `/` is
   approximate), round half to even (torch.round), float16 scale / zero rounded before n is computed,
@@ -340,18 +340,11 @@ def kv_write_unsupported(kv_cache) -> str | None:
     return None
 
 
-def kv_write_reference(
-    kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor
-) -> None:
-    """The spec: the cache's PyTorch write (stored basis, `quantize`, `index_copy_`)."""
-    kv_cache.write_reference(layer, k, v, slot_mapping, positions)
-
-
 def kv_write(
     kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor
 ) -> None:
     """Quantize k, v [T, Hkv, D] (tokens at `positions` [T]) into slots `slot_mapping` [T] of an int8 / int4
-    cache's `layer`, one launch. Same result as `kv_write_reference` (module docstring: exactness)."""
+    cache's `layer`, one launch. Same result as `KVCache.write_reference` (module docstring: exactness)."""
     reason = kv_write_unsupported(kv_cache)
     if reason is not None:
         raise ValueError(f"kv_write cannot write {kv_cache}: {reason}")
