@@ -181,15 +181,8 @@ def dequant_matmul(
 ):
     """Ŵᵀ dequantized by a kernel, then cuBLAS. `dequant`: "triton" (`triton_dequantize_t`) or "cuda"
     (`dequant.dequantize_t`, fp16 only); `tuning` goes to that kernel's wrapper.
-    The low-rank term, by `lowrank_mode` (default: `default_lowrank_mode`):
-    "fold": y = x (Ŵ + A B)ᵀ by one plain GEMM: the Triton dequantize writes (Ŵ + A B)ᵀ (a small
-    tensor-core product per tile), so does the CUDA folding kernel (`dequant.fold_supports`: ranks it serves);
-    "rows": r more inner-dimension rows, [x | u | 0] · [Ŵᵀ ; Aᵀ ; 0] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM,
-    no extra pass over the [T, N] output (inner dimension K = M + r padded to a multiple of 64 with
-    zeros); u is written by cuBLAS straight into its columns of the [T, K] operand, and with the CUDA
-    dequantize [Ŵᵀ; Aᵀ; 0] comes from one launch and [x | · | 0] from one copy kernel;
-    "addmm": y = u Aᵀ (+ bias) first, then y += x Ŵᵀ by the main GEMM with beta = 1: the read of y rides
-    in its epilogue (the old order, y += u Aᵀ after the main GEMM, was a separate read-and-write pass)."""
+    The low-rank term by `lowrank_mode` ("fold", "rows", "addmm"; default `default_lowrank_mode`):
+    docs/ARCHITECTURE.md §10 (dequant_matmul.py)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if dequant not in DEQUANT_KERNELS:
         raise ValueError(f"dequant must be one of {DEQUANT_KERNELS}, got {dequant!r}")
