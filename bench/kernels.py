@@ -179,16 +179,10 @@ def variants(cuda_ok, cuda_dq_ok=lambda: False):
         lambda T, g: T >= 16,
     )
     v["dequant+cublas-rows"] = (lambda x, L, lr: _dmm(x, *layer_args(L, lr), lowrank_mode="rows"), lambda T, g: T >= 16)
-    for nr, st in ((2, 3), (4, 4)):  # the other instantiated fragment-kernel shapes
-        v[f"cuda-frag-nr{nr}-st{st}"] = (
-            lambda x, L, lr, nr=nr, st=st: frag.frag_matmul(x, *layer_args(L, lr), nr=nr, stages=st),
-            lambda T, g, nr=nr, st=st: (
-                cuda_ok()
-                and frag.supports(g, T, torch.float16) is None
-                and (g.Nb == 1 or g.k % (64 * nr) == 0)  # row tiles inside codebook blocks, as the kernel demands
-                and (next(t for t in frag.T_PADS if t >= T), nr, st) in frag.VARIANTS
-            ),
-        )
+    v["cuda-frag-nr2"] = (  # 128-row CTAs (the launch of layers whose codebook blocks split 256-row ones)
+        lambda x, L, lr: frag.frag_matmul(x, *layer_args(L, lr), nr=2),
+        lambda T, g: cuda_ok() and frag.supports(g, T, torch.float16) is None,
+    )
     v.update(dequant_variants(cuda_dq_ok))
     v["PQLinear"] = (lambda x, L, lr: L["linear" if lr else "linear_nolr"](x), lambda T, g: True)
     return v
@@ -287,7 +281,7 @@ def run_checks(dev, V, clock, log, cases=CHECK_CASES, linear_shape=(4096, 4096),
         log,
         cases + FRAG_CHECK_CASES,
         True,
-        {"cuda-lut", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4"},
+        {"cuda-lut", "cuda-frag", "cuda-frag-nr2"},
     )
     rows += _check_linear(dev, log, linear_shape)
     return rows
@@ -322,9 +316,8 @@ def _check_cases(dev, V, clock, log, cases, cuda_pass, only):
 
 
 def _check_dequant_exact(dev, log, cases):
-    """pq_dequantize_t_cuda == pq_dequantize_t_reference (a pure gather), every launch shape of the recipe."""
+    """The CUDA dequantize == Ŵᵀ of the reference (a pure gather), every launch shape of the recipe."""
     from athena_runtime.kernels import dequant as cdq
-    from athena_runtime.kernels.dequant_matmul import dequantize_t_reference as pq_dequantize_t_reference
 
     rows = []
     for ci, (N, M, d, n, k, rank, _) in enumerate(cases):
@@ -332,7 +325,7 @@ def _check_dequant_exact(dev, log, cases):
         geo = L["geo"]
         if cdq.supports(geo) is not None:
             continue
-        ref = pq_dequantize_t_reference(L["qweight"], L["codebook"], geo)
+        ref = layout.dequantize_reference(L["qweight"], L["codebook"], geo).t().contiguous()
         for slab in cdq.slab_widths(geo.bits, d):
             for rpc in (None,) + Tuning().dequant_rows:
                 name = f"cuda-dqT-s{slab}-r{rpc or 'auto'}"
@@ -492,7 +485,7 @@ def plan(smoke, name="full"):
             + [(2048, ["cublas", "PQLinear", "dequant+cublas-rows"], (True, False), True)]
         )
     if name == "frag":  # batches of decode tokens: the fragment-lookup kernel against the others
-        names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2-st3", "cuda-frag-nr4-st4", "cuda-lut"]
+        names = ["cublas", "PQLinear", "cuda-frag", "cuda-frag-nr2", "cuda-lut"]
         return [(t, names, (True,), True) for t in (64, 16, 8, 4, 2, 1, 32)]
     if name == "prefill":  # 2048 tokens: cuBLAS vs the dequantize-then-cuBLAS paths, then the kernels alone
         from athena_runtime.kernels import dequant as cdq

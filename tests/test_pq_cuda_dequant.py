@@ -20,11 +20,12 @@ import cuda_emulation
 import pytest
 import torch
 from nvrtc_check import ptxas_usage, toolchain_or_none
+from pq_dequant_reference import copy_pad_cols_reference, dequantize_fold_t_reference, dequantize_t_reference
 
 from athena_runtime.kernels import dequant as cdq
 from athena_runtime.kernels import layout
+from athena_runtime.kernels.dequant_matmul import default_lowrank_mode
 from athena_runtime.kernels.dequant_matmul import dequant_matmul as pq_dequant_matmul
-from athena_runtime.kernels.dequant_matmul import dequantize_t_reference as pq_dequantize_t_reference
 from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_reference import pq_matmul_reference as pq_gemm_reference
 from athena_runtime.kernels.tuning import Tuning
@@ -56,23 +57,23 @@ def rel_err(y, ref):
 # ----------------------------------------------------------------------------------- CPU: the spec
 def test_reference_writes_top_rows_and_stacked_factor():
     geo, qw, cb, A, _, _ = make_layer(37, 29, 3, 16, 20, rank=5, device="cpu")
-    Wt = pq_dequantize_t_reference(qw, cb, geo)
-    assert torch.equal(cdq.dequantize_t_reference(qw, cb, geo), Wt)
+    Wt = layout.dequantize_reference(qw, cb, geo).t().contiguous()
+    assert torch.equal(dequantize_t_reference(qw, cb, geo), Wt)
     big = torch.full((29 + 3, 37), float("nan"), dtype=torch.float16)
-    cdq.dequantize_t_reference(qw, cb, geo, out=big[:29])
+    dequantize_t_reference(qw, cb, geo, out=big[:29])
     assert torch.equal(big[:29], Wt) and torch.isnan(big[29:]).all()
     big = torch.full((29 + 8, 37), float("nan"), dtype=torch.float16)  # [Ŵᵀ; Aᵀ; 0]
-    cdq.dequantize_t_reference(qw, cb, geo, out=big, stacked_a=A)
+    dequantize_t_reference(qw, cb, geo, out=big, stacked_a=A)
     assert torch.equal(big[:29], Wt) and torch.equal(big[29:34], A.t()) and (big[34:] == 0).all()
 
 
 def test_copy_pad_cols_reference_leaves_the_middle():
     x = torch.randn(3, 5).half()
     xu = torch.full((3, 10), 7.0, dtype=torch.float16)
-    cdq.copy_pad_cols_reference(x, xu, 8)
+    copy_pad_cols_reference(x, xu, 8)
     assert torch.equal(xu[:, :5], x) and (xu[:, 5:8] == 7).all() and (xu[:, 8:] == 0).all()
     with pytest.raises(ValueError, match="copy_pad_cols"):
-        cdq.copy_pad_cols_reference(x, xu, 4)  # zero_from < M
+        copy_pad_cols_reference(x, xu, 4)  # zero_from < M
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_argument_checks(change, match):
     elif change == "stacked_n":
         kw["stacked_a"] = A[:-1]
     dtype = kw.pop("dtype")
-    for fn in (cdq.dequantize_t_reference, cdq.dequantize_t):
+    for fn in (dequantize_t_reference, cdq.dequantize_t):
         with pytest.raises(ValueError, match=match):
             fn(qw, cb, geo, dtype, **kw)
 
@@ -152,13 +153,16 @@ def test_launch_rule_small_layer():
 @pytest.mark.parametrize("mode", ["fold", "rows", "addmm"])
 @pytest.mark.parametrize("N,M,rank,bias", [(130, 50, 16, True), (45, 70, 3, False), (64, 200, 8, True)])
 def test_dequant_matmul_cuda_modes_with_reference_kernels(monkeypatch, mode, N, M, rank, bias):
-    """The low-rank assembly of the CUDA path ((Ŵ + A B)ᵀ or Ŵᵀ += Bᵀ Aᵀ, [x | u | 0] · [Ŵᵀ; Aᵀ; 0], or y += u Aᵀ),
+    """The low-rank assembly of the CUDA path ((Ŵ + A B)ᵀ, [x | u | 0] · [Ŵᵀ; Aᵀ; 0], or y += u Aᵀ),
     with the kernels replaced by their PyTorch references so that it runs on CPU."""
-    monkeypatch.setattr(cdq, "dequantize_t", cdq.dequantize_t_reference)
-    monkeypatch.setattr(cdq, "dequantize_fold_t", cdq.dequantize_fold_t_reference)
-    monkeypatch.setattr(cdq, "copy_pad_cols", cdq.copy_pad_cols_reference)
+    monkeypatch.setattr(cdq, "dequantize_t", dequantize_t_reference)
+    monkeypatch.setattr(cdq, "dequantize_fold_t", dequantize_fold_t_reference)
+    monkeypatch.setattr(cdq, "copy_pad_cols", copy_pad_cols_reference)
     geo, qw, cb, A, B, b = make_layer(N, M, 2, 64, 64, rank, bias, device=DEV)
     x = torch.randn(9, M, generator=torch.Generator().manual_seed(1)).half().to(DEV)
+    if mode == "fold" and cdq.fold_supports(geo, rank) is not None:  # ranks 3, 8: no folding kernel, never "fold"
+        assert default_lowrank_mode(geo, "cuda", rank) != "fold"
+        return
     y = pq_dequant_matmul(x, qw, cb, geo, A, B, b, dequant="cuda", lowrank_mode=mode)
     assert y.shape == (9, N) and y.dtype == torch.float16
     assert rel_err(y, pq_gemm_reference(x, qw, cb, geo, A, B, b)) < TOL16
@@ -262,7 +266,7 @@ def _emulate_dequant(lib, qw, cb, geo, out, slab_w, rows_per_chunk, stacked_a=No
 )
 def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, slab, rows):
     geo, qw, cb, A, _, _ = make_layer(N, M, d, n, k, rank=5, device="cpu")
-    ref = pq_dequantize_t_reference(qw, cb, geo)
+    ref = dequantize_t_reference(qw, cb, geo)
     out = torch.full((M, N), float("nan"), dtype=torch.float16)
     _emulate_dequant(emulated, qw, cb, geo, out, slab, rows)
     assert torch.equal(out, ref)
@@ -280,7 +284,7 @@ def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, slab, rows):
 def test_copy_kernel_emulated_on_cpu(emulated, T, M, zero_from, K):
     x = torch.randn(T, M + 8).half()[:, :M]  # a strided source
     xu = torch.full((T, K), 7.0, dtype=torch.float16)
-    ref = cdq.copy_pad_cols_reference(x, xu.clone(), zero_from)
+    ref = copy_pad_cols_reference(x, xu.clone(), zero_from)
     emulated.run_copy(x.data_ptr(), x.stride(0), xu.data_ptr(), xu.stride(0), T, M, zero_from, K)
     assert torch.equal(xu, ref)
 
@@ -315,7 +319,7 @@ GPU_CASES = [  # N, M, d, n, k: N % 128 != 0, ragged codebook blocks, k % 4 != 0
 @pytest.mark.parametrize("N,M,d,n,k", GPU_CASES)
 def test_cuda_dequantize_is_exact(N, M, d, n, k):
     geo, qw, cb, A, _, _ = make_layer(N, M, d, n, k, rank=5)
-    ref = pq_dequantize_t_reference(qw, cb, geo)
+    ref = dequantize_t_reference(qw, cb, geo)
     slabs = cdq.slab_widths(geo.bits, d)
     for slab in slabs:
         for rows in (None, 1024, 2048, 4096, 12):
@@ -334,7 +338,7 @@ def test_cuda_dequantize_is_exact(N, M, d, n, k):
 def test_cuda_copy_pad_cols_is_exact(T, M, zero_from, K):
     x = torch.randn(T, M, device=DEV).half()
     xu = torch.full((T, K), 7.0, device=DEV, dtype=torch.float16)
-    ref = cdq.copy_pad_cols_reference(x, xu.clone(), zero_from)
+    ref = copy_pad_cols_reference(x, xu.clone(), zero_from)
     assert torch.equal(cdq.copy_pad_cols(x, xu, zero_from), ref)
 
 
@@ -352,5 +356,9 @@ def test_cuda_copy_pad_cols_is_exact(T, M, zero_from, K):
 def test_cuda_dequant_matmul_matches_reference(mode, N, M, k, rank, bias, T):
     geo, qw, cb, A, B, b = make_layer(N, M, 2, 64, k, rank, bias)
     x = torch.randn(T, M, device=DEV).half()
+    if mode == "fold" and rank and cdq.fold_supports(geo, rank) is not None:  # ranks 8, 5: no folding kernel
+        with pytest.raises(ValueError, match="dequantize_fold_t"):
+            pq_dequant_matmul(x, qw, cb, geo, A, B, b, dequant="cuda", lowrank_mode=mode)
+        return
     y = pq_dequant_matmul(x, qw, cb, geo, A, B, b, dequant="cuda", lowrank_mode=mode)
     assert y.shape == (T, N) and rel_err(y, pq_gemm_reference(x, qw, cb, geo, A, B, b)) < TOL16

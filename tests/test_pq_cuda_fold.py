@@ -21,6 +21,7 @@ import cuda_emulation
 import pytest
 import torch
 from nvrtc_check import ptxas_usage, toolchain_or_none
+from pq_dequant_reference import dequantize_fold_t_reference
 
 from athena_runtime.kernels import dequant as fold
 from athena_runtime.kernels import layout
@@ -59,10 +60,10 @@ def assert_within_ulp(out, ref):
 def test_reference_is_dequantize_plus_lowrank_rounded_once():
     geo, qw, cb, A, B = make_layer(37, 29, 3, 16, 20, 16, device="cpu")
     W = layout.dequantize_reference(qw, cb, geo).float() + A.float() @ B.float()
-    Wt = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
+    Wt = dequantize_fold_t_reference(qw, cb, geo, A, B)
     assert Wt.dtype == torch.float16 and torch.equal(Wt, W.t().half())
     big = torch.full((29, 45), float("nan"), dtype=torch.float16)
-    fold.dequantize_fold_t_reference(qw, cb, geo, A, B, out=big[:, :37])
+    dequantize_fold_t_reference(qw, cb, geo, A, B, out=big[:, :37])
     assert torch.equal(big[:, :37], Wt) and torch.isnan(big[:, 37:]).all()
 
 
@@ -89,7 +90,7 @@ def test_argument_checks(change, match):
         args["qweight"] = qw[:, :-4]
     kw = {"out": torch.empty(24, 41, dtype=torch.float16)} if change == "out" else {}
     with pytest.raises(ValueError, match=match):
-        fold.dequantize_fold_t_reference(**args, **kw)
+        dequantize_fold_t_reference(**args, **kw)
     with pytest.raises(ValueError, match=match):
         fold.dequantize_fold_t(**args, **kw)
 
@@ -206,7 +207,7 @@ def test_kernel_source_emulated_on_cpu(emulated, N, M, d, n, k, rank, rows):
     assert (
         fold.fold_supports(geo, rank) is None and fold.fold_smem_bytes(geo.bits, d, rank) <= 128 * 1024
     )  # the emulation's buffer
-    ref = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
+    ref = dequantize_fold_t_reference(qw, cb, geo, A, B)
     for pad in (0, 8, 3):  # row stride N, wider aligned, wider unaligned (every store element-wise)
         guard = torch.full((M + 2, N + pad), float("nan"), dtype=torch.float16)
         _emulate(emulated, qw, cb, geo, A, B, guard[:M, :N], rows)
@@ -244,7 +245,7 @@ GPU_CASES = [  # N, M, d, n, k, rank
 @pytest.mark.parametrize("N,M,d,n,k,rank", GPU_CASES)
 def test_cuda_fold_matches_reference(N, M, d, n, k, rank):
     geo, qw, cb, A, B = make_layer(N, M, d, n, k, rank)
-    ref = fold.dequantize_fold_t_reference(qw, cb, geo, A, B)
+    ref = dequantize_fold_t_reference(qw, cb, geo, A, B)
     for rows in (None, 8, 512, 1024, 2048):
         assert_within_ulp(fold.dequantize_fold_t(qw, cb, geo, A, B, rows_per_chunk=rows), ref)
     for pad in (8, 3):  # a wider row stride (aligned, then unaligned): columns >= N and rows >= M untouched

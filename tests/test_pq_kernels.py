@@ -20,9 +20,6 @@ from athena_runtime.kernels.dequant_matmul import (
     dequant_matmul as pq_dequant_matmul,
 )
 from athena_runtime.kernels.dequant_matmul import (
-    dequantize_t_reference as pq_dequantize_t_reference,
-)
-from athena_runtime.kernels.dequant_matmul import (
     triton_dequantize_t as pq_dequantize_t,
 )
 from athena_runtime.kernels.layout import PQGeometry
@@ -82,7 +79,7 @@ def test_unpack_bits_rejects_wrong_width():
 @pytest.mark.parametrize("N,M,d,n,k", [(37, 29, 3, 16, 20), (130, 50, 2, 64, 64), (200, 130, 2, 64, 64)])
 def test_dequantize_kernel_is_exact(N, M, d, n, k):
     geo, qw, cb, A, B, b, _, _ = make_layer(N, M, d, n, k, 2, True)
-    ref = pq_dequantize_t_reference(qw, cb, geo)
+    ref = layout.dequantize_reference(qw, cb, geo).t().contiguous()
     for bn, bw in ((128, 16), (128, 32), (64, 32)):
         assert torch.equal(pq_dequantize_t(qw, cb, geo, block_n=bn, block_w=bw), ref)
     out = torch.full((M + 3, N), float("nan"), dtype=torch.float16, device=DEV)
@@ -125,7 +122,7 @@ def test_kernels_check_operands():
         pq_dequant_matmul(x, qw, cb, geo, A, None)
     with pytest.raises(ValueError, match="slab_w"):
         pq_gemv(x, qw, cb, geo, slab_w=6)
-    from athena_runtime.kernels.dequant import dequantize_t_reference
+    from pq_dequant_reference import dequantize_t_reference
 
     with pytest.raises(ValueError, match="qweight must be int32"):  # the layer checks shared with the dequantize
         dequantize_t_reference(qw.long(), cb.half(), geo)

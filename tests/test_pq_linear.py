@@ -258,3 +258,30 @@ def test_wrong_input_width():
     layer = PQLinear.from_tensors(PREFIX, t, meta, device="cpu")
     with pytest.raises(ValueError, match=r"\[\.\.\., 12\]"):
         layer(torch.randn(3, 11))
+
+
+def _real_registry(cuda_reason, triton_reason):
+    """The registry's own rules and can_run on a CUDA device whose probes gave these reasons (None: available)."""
+    reg = object.__new__(backends.Registry)
+    reg.device, reg.tuning = torch.device("cuda", 0), Tuning()
+    reg.cuda_reason, reg.triton_reason = cuda_reason, triton_reason
+    return reg
+
+
+def test_registry_fallbacks_say_why():
+    """No NVRTC: the Triton paths, then (no Triton either) the reference, each class naming every backend passed over
+    and why (PQLinear logs that list once at WARNING). With NVRTC, the Triton paths still serve the --target-bits
+    recipes the CUDA kernels are not instantiated for (b = 2, 3, 5, 7: lut and dequant take b in 4/6/8)."""
+    f16, menu_b5 = torch.float16, PQGeometry(4096, 4096, 2, 32, 4096)
+    geo = PQGeometry(4096, 4096, 2, 64, 4096)
+    no_nvrtc = _real_registry("no NVRTC library (test)", None)
+    assert [no_nvrtc.resolve(geo, t, f16)[0] for t in (1, 4, 5, 2048)] == ["triton-gemv"] * 2 + ["triton-dequant"] * 2
+    bare = _real_registry("no NVRTC library (test)", "Triton is not installed")
+    for t in (1, 4, 64, 2048):
+        name, skipped = bare.resolve(geo, t, f16)
+        assert name == "reference" and skipped and all(why for _, why in skipped)
+        assert {n for n, why in skipped if "no NVRTC library" in why} >= {"dequant"}
+        assert any(n.startswith("triton") and "Triton is not installed" in why for n, why in skipped)
+    full = _real_registry(None, None)
+    assert [full.resolve(geo, t, f16)[0] for t in (1, 2, 64, 65)] == ["lut", "frag", "frag", "dequant"]
+    assert [full.resolve(menu_b5, t, f16)[0] for t in (1, 4, 5, 2048)] == ["triton-gemv"] * 2 + ["triton-dequant"] * 2

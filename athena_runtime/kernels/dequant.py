@@ -4,8 +4,8 @@
                        also [Ŵᵀ; Aᵀ; 0] in one launch (the "rows" low-rank GEMM operand of dequant_matmul.py)
     dequantize_fold_t  (Ŵ + A B)ᵀ summed in fp32, rounded once (the low-rank product on tensor cores)
     copy_pad_cols      [x | · | 0]: the other operand of the "rows" GEMM
-The algorithms are described at the top of the .cu files; the `*_reference` functions are the PyTorch spec with the
-same arguments (and checks). Compiled by NVRTC on first use (`nvrtc.py`).
+The algorithms are described at the top of the .cu files; their PyTorch specs, with the same arguments and checks, are
+in tests/pq_dequant_reference.py. Compiled by NVRTC on first use (`nvrtc.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import torch
 
 from athena_runtime.kernels import nvrtc
-from athena_runtime.kernels.layout import PQGeometry, dequantize_reference, row_chunks
+from athena_runtime.kernels.layout import PQGeometry, row_chunks
 from athena_runtime.kernels.nvrtc import ptr
 from athena_runtime.kernels.pq_reference import check_layer_tensors
 from athena_runtime.kernels.tuning import Tuning
@@ -164,7 +164,7 @@ def _geometry_args(qweight, codebook, geo: PQGeometry, rows_per_chunk: int) -> t
 
 
 def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> int:
-    """Argument checks shared by the kernel wrapper and its reference; returns out's row count K."""
+    """`dequantize_t`'s argument checks (its reference in the tests shares them); returns out's row count K."""
     check_layer_tensors(qweight, codebook, geo)
     if dtype != torch.float16 or codebook.dtype != torch.float16:
         raise ValueError(f"dequantize_t writes fp16 from an fp16 codebook, got {dtype} / {codebook.dtype}")
@@ -190,29 +190,6 @@ def check_args(qweight, codebook, geo: PQGeometry, dtype, out, stacked_a) -> int
     if len({t.device for t in (qweight, codebook, out, stacked_a) if t is not None}) != 1:
         raise ValueError("all operands must be on one device")
     return K
-
-
-def dequantize_t_reference(
-    qweight,
-    codebook,
-    geo: PQGeometry,
-    dtype=torch.float16,
-    *,
-    out=None,
-    stacked_a=None,
-    slab_w: int | None = None,
-    rows_per_chunk: int | None = None,
-):
-    """The spec of `dequantize_t` in PyTorch (any device): out[:M] = Ŵᵀ, and with stacked_a = A [N, r] also
-    out[M:M + r] = Aᵀ, out[M + r:] = 0. Launch arguments are accepted and ignored."""
-    K = check_args(qweight, codebook, geo, dtype, out, stacked_a)
-    Wt = torch.empty(K, geo.N, device=qweight.device, dtype=dtype) if out is None else out
-    Wt[: geo.M] = dequantize_reference(qweight, codebook, geo).t().to(dtype)
-    if stacked_a is not None:
-        r = stacked_a.shape[1]
-        Wt[geo.M : geo.M + r] = stacked_a.t().to(dtype)
-        Wt[geo.M + r :] = 0
-    return Wt
 
 
 def dequantize_t(
@@ -266,7 +243,7 @@ def dequantize_t(
     return Wt
 
 
-def _check_fold(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, out):
+def check_fold(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, out):
     check_layer_tensors(qweight, codebook, geo)
     if (
         lowrank_a is None
@@ -288,25 +265,12 @@ def _check_fold(qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, out):
         )
 
 
-def dequantize_fold_t_reference(
-    qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None, rows_per_chunk: int | None = None
-):
-    """The spec in PyTorch (any device): (Ŵ + A B)ᵀ summed in fp32, rounded to fp16 once."""
-    _check_fold(qweight, codebook, geo, lowrank_a, lowrank_b, out)
-    W = dequantize_reference(qweight, codebook, geo).float() + lowrank_a.float() @ lowrank_b.float()
-    Wt = W.t().half()
-    if out is None:
-        return Wt.contiguous()
-    out.copy_(Wt)
-    return out
-
-
 def dequantize_fold_t(
     qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, *, out=None, rows_per_chunk: int | None = None
 ):
     """(Ŵ + A B)ᵀ [M, N] fp16 by the CUDA kernel; `out` an optional row-contiguous destination, `rows_per_chunk` the
     launch shape (default `choose_fold_rows`)."""
-    _check_fold(qweight, codebook, geo, lowrank_a, lowrank_b, out)
+    check_fold(qweight, codebook, geo, lowrank_a, lowrank_b, out)
     if qweight.device.type != "cuda":
         raise ValueError("dequantize_fold_t needs CUDA tensors (the reference runs anywhere)")
     rank = lowrank_a.shape[1]
@@ -336,17 +300,10 @@ def dequantize_fold_t(
     return Wt
 
 
-def copy_pad_cols_reference(x, xu, zero_from: int):
-    """xu[:, :M] = x, xu[:, zero_from:] = 0 (columns M .. zero_from are left as they are)."""
-    _check_copy(x, xu, zero_from)
-    xu[:, : x.shape[1]] = x
-    xu[:, zero_from:] = 0
-    return xu
-
-
 def copy_pad_cols(x, xu, zero_from: int):
-    """`copy_pad_cols_reference` in one CUDA launch (16-byte vectors where rows are aligned)."""
-    _check_copy(x, xu, zero_from)
+    """xu[:, :M] = x, xu[:, zero_from:] = 0 (columns M .. zero_from are left as they are) in one CUDA launch
+    (16-byte vectors where rows are aligned)."""
+    check_copy(x, xu, zero_from)
     if x.device.type != "cuda":
         raise ValueError("copy_pad_cols needs CUDA tensors")
     T = x.shape[0]
@@ -366,7 +323,7 @@ def copy_pad_cols(x, xu, zero_from: int):
     return xu
 
 
-def _check_copy(x, xu, zero_from):
+def check_copy(x, xu, zero_from):
     if x.dim() != 2 or xu.dim() != 2 or x.shape[0] != xu.shape[0] or not x.shape[1] <= zero_from <= xu.shape[1]:
         raise ValueError(
             f"copy_pad_cols: x [T, M] into xu [T, K >= zero_from >= M], got {tuple(x.shape)}, "

@@ -8,17 +8,12 @@ computed first and added by the GEMM's epilogue. `pq_reference.pq_matmul_referen
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from athena_runtime.kernels import dequant as cuda_dq
-from athena_runtime.kernels.layout import PQGeometry, dequantize_reference
+from athena_runtime.kernels.layout import PQGeometry
 from athena_runtime.kernels.pq_reference import check_operands, interpreting
 from athena_runtime.kernels.splitk import next_pow2, triton
-from athena_runtime.log_once import log_once
-
-log = logging.getLogger(__name__)
 
 if triton is not None:
     import triton.language as tl
@@ -95,11 +90,6 @@ if triton is not None:
                 )
 
 
-def dequantize_t_reference(qweight, codebook, geo: PQGeometry, dtype=torch.float16):
-    """Ŵᵀ [M, N] (contiguous): the spec of both dequantize kernels."""
-    return dequantize_reference(qweight, codebook, geo).t().contiguous().to(dtype)
-
-
 def triton_dequantize_t(
     qweight,
     codebook,
@@ -113,7 +103,7 @@ def triton_dequantize_t(
     block_w: int = 16,
     num_warps: int = 4,
 ):
-    """Ŵᵀ [M, N] in `dtype` by a Triton kernel (reference: pq_dequantize_t_reference), or (Ŵ + A B)ᵀ when
+    """Ŵᵀ [M, N] in `dtype` by a Triton kernel (spec: `layout.dequantize_reference`), or (Ŵ + A B)ᵀ when
     the low-rank factors A [N, r], B [r, M] are given. `out`: an [M, N] row-contiguous destination
     (e.g. the top rows of a taller buffer)."""
     if qweight.device.type != "cuda" and not interpreting():
@@ -168,7 +158,7 @@ def default_lowrank_mode(geo: PQGeometry, dequant: str, rank: int | None = None)
     low-rank term costs no extra launch or host work there. Otherwise with the CUDA dequantize: "rows"
     when M < N (copying x [T, M] into the wider GEMM operand costs less than writing u Aᵀ [T, N] first in
     "addmm"), else "addmm" ("fold" by an in-place cuBLAS pass over Ŵᵀ tied only at 4096 x 4096 and was
-    12-19% slower on the larger shapes, H100, BENCHMARKS.md §3)."""
+    12-19% slower on the larger shapes, H100, BENCHMARKS.md §3; that pass is gone)."""
     if dequant == "triton":
         return "fold"
     if rank is not None and cuda_dq.fold_supports(geo, rank) is None:
@@ -191,17 +181,8 @@ def dequant_matmul(
 ):
     """Ŵᵀ dequantized by a kernel, then cuBLAS. `dequant`: "triton" (`triton_dequantize_t`) or "cuda"
     (`dequant.dequantize_t`, fp16 only); `tuning` goes to that kernel's wrapper.
-    The low-rank term, by `lowrank_mode` (default: `default_lowrank_mode`):
-    "fold": y = x (Ŵ + A B)ᵀ by one plain GEMM: the Triton dequantize writes (Ŵ + A B)ᵀ (a small
-    tensor-core product per tile), so does the CUDA folding kernel where it serves the layer's
-    rank; otherwise, after the CUDA dequantize, Ŵᵀ += Bᵀ Aᵀ by cuBLAS in place (a pass over the
-    weight, whose cost does not grow with the tokens);
-    "rows": r more inner-dimension rows, [x | u | 0] · [Ŵᵀ ; Aᵀ ; 0] = x Ŵᵀ + u Aᵀ with u = x Bᵀ: one GEMM,
-    no extra pass over the [T, N] output (inner dimension K = M + r padded to a multiple of 64 with
-    zeros); u is written by cuBLAS straight into its columns of the [T, K] operand, and with the CUDA
-    dequantize [Ŵᵀ; Aᵀ; 0] comes from one launch and [x | · | 0] from one copy kernel;
-    "addmm": y = u Aᵀ (+ bias) first, then y += x Ŵᵀ by the main GEMM with beta = 1: the read of y rides
-    in its epilogue (the old order, y += u Aᵀ after the main GEMM, was a separate read-and-write pass)."""
+    The low-rank term by `lowrank_mode` ("fold", "rows", "addmm"; default `default_lowrank_mode`):
+    docs/ARCHITECTURE.md §10 (dequant_matmul.py)."""
     check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias)
     if dequant not in DEQUANT_KERNELS:
         raise ValueError(f"dequant must be one of {DEQUANT_KERNELS}, got {dequant!r}")
@@ -214,14 +195,12 @@ def dequant_matmul(
         return torch.addmm(bias.to(x.dtype), xu, Wt) if bias is not None else xu @ Wt
     if has_lr and mode == "fold" and dequant == "triton":
         Wt = triton_dequantize_t(qweight, codebook, geo, x.dtype, lowrank_a=lowrank_a, lowrank_b=lowrank_b, **tuning)
-    elif dequant == "cuda" and has_lr and mode == "fold" and _fold_kernel(geo, lowrank_a.shape[1], x.dtype):
+    elif dequant == "cuda" and has_lr and mode == "fold":  # the folding kernel (ValueError where it cannot)
         Wt = cuda_dq.dequantize_fold_t(
             qweight, codebook, geo, lowrank_a, lowrank_b, rows_per_chunk=tuning.get("rows_per_chunk")
         )
     elif dequant == "cuda":
         Wt = cuda_dq.dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
-        if has_lr and mode == "fold":  # Ŵᵀ += Bᵀ Aᵀ: cuBLAS, fp32 accumulation, one rounding per weight
-            Wt.addmm_(lowrank_b.t().to(x.dtype), lowrank_a.t().to(x.dtype))
     else:
         Wt = triton_dequantize_t(qweight, codebook, geo, x.dtype, **tuning)  # [M, N]
     if has_lr and mode == "addmm":  # the small product first; the big GEMM adds it in its epilogue (beta = 1)
@@ -233,24 +212,6 @@ def dequant_matmul(
         )
         return y.addmm_(x, Wt)
     return torch.addmm(bias.to(x.dtype), x, Wt) if bias is not None else x @ Wt
-
-
-def _fold_kernel(geo: PQGeometry, rank: int, dtype) -> bool:
-    """Whether the CUDA "fold" runs the folding kernel (else the cuBLAS pass over Ŵᵀ, logged once)."""
-    why = cuda_dq.fold_supports(geo, rank, dtype)
-    if why is None:
-        return True
-    log_once(
-        log,
-        ("dequant_matmul", "fold-cublas", geo, rank),
-        logging.WARNING,
-        "CUDA fold %dx%d rank %d: folding kernel unavailable (%s); Ŵᵀ += Bᵀ Aᵀ by cuBLAS",
-        geo.N,
-        geo.M,
-        rank,
-        why,
-    )
-    return False
 
 
 def _rows_operands(x, qweight, codebook, geo: PQGeometry, lowrank_a, lowrank_b, dequant: str, tuning: dict):

@@ -22,9 +22,8 @@ from athena_runtime.kernels.tuning import Tuning
 WORDS = 8  # index words per stage
 T_PADS = (16, 32, 64)
 RECIPES = ((6, 2),)  # (bits, d)
-# (T_PAD, NR, STAGES) launched: NR = n8 row tiles per warp (R = 64·NR rows per CTA), STAGES buffers in shared
-# memory (STAGES - 1 requested ahead); (16, 4, 4) and (T, 2, 3) for benchmarks and layers with 128-row blocks
-VARIANTS = tuple((t, nr, 3) for t in T_PADS for nr in (2, 4)) + ((16, 4, 4),)
+# launched: (T_PAD, NR) with NR = n8 row tiles per warp (R = 64·NR rows per CTA; 2 for layers with 128-row blocks),
+# `Tuning.frag_stages` buffers in shared memory (STAGES - 1 requested ahead)
 MAX_TOKENS = T_PADS[-1]
 
 
@@ -104,13 +103,13 @@ def frag_matmul(
     *,
     split: int | None = None,
     nr: int | None = None,
-    stages: int | None = None,
     glu: tuple[int, int] | None = None,
     tuning: Tuning | None = None,
     checked: bool = False,
 ):
     """x [T <= 64, M] fp16 -> y [T, N] fp16 (CUDA, tensor cores fed by codebook lookups); with `glu`,
-    silu(gate) · up from the epilogue. `checked`: the caller (PQLinear) checked the layer once."""
+    silu(gate) · up from the epilogue. `split`, `nr`: launch shape (tests, benchmarks; default the Tuning's).
+    `checked`: the caller (PQLinear) checked the layer once."""
     T = x.shape[0]
     if not checked:
         check_operands(x, qweight, codebook, geo, lowrank_a, lowrank_b, bias, cuda_fp16=True)
@@ -118,11 +117,11 @@ def frag_matmul(
         if why is not None:
             raise ValueError(f"frag_matmul: {why}")
     tuning = tuning or Tuning.for_device(x.device)
-    stages = stages or tuning.frag_stages
+    stages = tuning.frag_stages
     t_pad = next(t for t in T_PADS if t >= T)
     nr = nr or choose_nr(geo, t_pad, stages, tuning)
-    if (t_pad, nr, stages) not in VARIANTS:
-        raise ValueError(f"frag_matmul: no variant T_PAD={t_pad} nr={nr} stages={stages}")
+    if nr not in (2, 4):
+        raise ValueError(f"frag_matmul: no variant nr={nr} (2 or 4)")
     if nr != 2 and geo.Nb > 1 and geo.k % (64 * nr):
         raise ValueError(f"frag_matmul: {64 * nr}-row tiles would straddle codebook blocks of {geo.k} rows")
     x = x.contiguous()

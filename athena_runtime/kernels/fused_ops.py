@@ -1,7 +1,6 @@
 """Fused element-wise kernels of the decoder layer: each replaces a chain of small PyTorch ops.
 
-A 7B decode step runs ~45 kernels per layer when every element-wise op is its own kernel; in a CUDA
-graph each still costs ~2 µs, about as much as all of the layer's PQ matmuls. Three kernels cut that:
+Why and how they round: docs/ARCHITECTURE.md §10 (fused_ops.py).
 
     add_rmsnorm(x, residual, w)   r = x + residual (in x's dtype);  y = w · (r / rms(r))     1 kernel, was ~8
     rope_(q, k, cos, sin)         q, k rotated in place (half-split convention)              1 kernel, was ~10
@@ -10,12 +9,7 @@ graph each still costs ~2 µs, about as much as all of the layer's PQ matmuls. T
     gelu_tanh_mul(gate, up)       gelu_tanh(gate) · up (Gemma)                               1 kernel, was 2
     scatter_rows_pair_(...)       a[idx] = a_src; b[idx] = b_src  (the fp16 KV-cache write)   1 kernel, was 2
 
-Every function has a PyTorch reference with the same signature (`*_reference`), which is the spec
-and the CPU path; the Triton kernels run on CUDA tensors (and on CPU under TRITON_INTERPRET=1 when
-`use_triton=True` is forced, for the tests). Rounding follows transformers' Llama modules: the
-residual sum is rounded to the model dtype, the norm is computed in fp32 and rounded before the
-weight multiply. Gemma's norms (`unit_offset=True`) multiply the float32 norm by (1 + w) in float32 and
-round once, as transformers' Gemma3RMSNorm does.
+Every function has a PyTorch reference with the same signature (`*_reference`: the spec and the CPU path).
 """
 
 from __future__ import annotations

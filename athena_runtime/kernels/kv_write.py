@@ -1,37 +1,7 @@
 """The quantized KV-cache write of one layer (K and V) in one Triton launch.
 
-`KVCache.write` for int8 / int4 (kv_cache.py) is a chain of small PyTorch ops: the stored basis, the
-rotation, the quantizer (for int4 a clip-ratio search: 7 ratios x ~12 ops, for K and V), six
-`index_copy_`. Inside a CUDA-graph decode step that is thousands of tiny kernels per token. Here one
-program per (token t, KV head h, K or V) does all of it for one head vector of D values:
-
-    x̃ = ((x - m - [position = 0]·δ) ⊙ d)·H       (K; m, δ, d only with a key basis; H only if the cache rotates)
-    x̃ = x·H                                       (V)
-    quantize x̃ per group of G like `quantize_symmetric` (int8) / `quantize_asymmetric` (int4, with the
-    clip-ratio search), pack nibbles, store data / scale / zero at row slot_mapping[t] of the layer.
-
-The vector is held as a [D / G, G] tile, one row per quantization group. The rotation uses the
-Kronecker form of the Sylvester-Hadamard matrix, H_D = H_{D/G} ⊗ H_G with entries
-±h (h = fp32(1/√D), the cache's `hadamard_matrix`, sign (-1)^popcount(i & j)): with X the [D/G, G] tile,
-x·H = H_{D/G}·(h·X)·H_G, two broadcast-multiply-sums over ±1 signs computed from the indices, so H is
-never loaded and costs D·(G + D/G) multiply-adds instead of D². It is the same matrix as the cache's
-`rotation` (checked in the tests), not a general one.
-
-Exactness against the PyTorch reference (the spec, `kv_write_reference`):
-- Every step rounds as the reference does: float32 ops one at a time (launched with
-  `enable_fp_fusion=False`: no fused multiply-adds), IEEE division (`div_rn`, Triton's `/` is
-  approximate), round half to even (torch.round), float16 scale / zero rounded before n is computed,
-  strict `<` between clip ratios (the first of equal errors wins). Division by the constants 127 / 15
-  follows the device's PyTorch: CPU divides, CUDA multiplies by the float32 reciprocal (ATen's
-  CPU-scalar rule), so the kernel matches whichever reference runs on the tensors' device.
-- Without rotation (int8 without `hadamard`, key basis or not), data, scales and zeros are bit-identical.
-- With rotation, x·H is a sum whose order differs from the reference's matmul (BLAS / cuBLAS order is
-  not reproducible), so x̃ may differ in its last float32 bits; where the reference rounds x̃ to the input
-  dtype (V, and K without a key basis) that rounding usually absorbs it. Rarely, a value then sits on
-  the other side of a rounding boundary: one n differs by 1, a group's float16 scale / zero by one unit,
-  or (int4) the squared errors of two clip ratios, summed in another order, tie differently and the
-  group takes the other, equally good ratio. The tests bound these cases (tests/test_kv_write.py).
-- Non-finite inputs (NaN / inf) are not specified by either path.
+`KVCache.write` (kv_cache.py) in one program per (token, KV head, K or V); the algorithm and its exactness against
+`KVCache.write_reference` (the spec): docs/ARCHITECTURE.md §10 (kv_write.py).
 
 Launch: one warp for D <= `Tuning.kv_write_one_warp_max_head_dim` (it holds the whole head: no cross-warp
 reductions), else two.
@@ -340,18 +310,11 @@ def kv_write_unsupported(kv_cache) -> str | None:
     return None
 
 
-def kv_write_reference(
-    kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor
-) -> None:
-    """The spec: the cache's PyTorch write (stored basis, `quantize`, `index_copy_`)."""
-    kv_cache.write_reference(layer, k, v, slot_mapping, positions)
-
-
 def kv_write(
     kv_cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor
 ) -> None:
     """Quantize k, v [T, Hkv, D] (tokens at `positions` [T]) into slots `slot_mapping` [T] of an int8 / int4
-    cache's `layer`, one launch. Same result as `kv_write_reference` (module docstring: exactness)."""
+    cache's `layer`, one launch. Same result as `KVCache.write_reference` (module docstring: exactness)."""
     reason = kv_write_unsupported(kv_cache)
     if reason is not None:
         raise ValueError(f"kv_write cannot write {kv_cache}: {reason}")

@@ -1,22 +1,6 @@
 """Load-time repacking of an Athena layer (FORMAT.md) into the layout the PQ kernels read.
 
-Checkpoint (FORMAT.md), for W [N, M] with recipe (d, n, k), b = log2 n, G = ceil(M / d):
-    indices   uint8 [N, ceil(G·b/8)]      row-wise little-endian bit stream of I[N, G]
-    codebook  uint8|fp16 [Nb, G, n, d]    (+ fp16 scale/min [Nb, G, d] when codebook_bits == 8)
-
-Kernel layout (this module), PER_WORD = 32 // b indices per 32-bit word, GW words per row:
-    qweight   int32 [GW, N_pad]           word w of row i sits at qweight[w, i] (rows contiguous)
-    codebook  fp16  [Nb, PER_WORD·GW, d, n]   dequantized, l-major (the n values of one coordinate l
-                                              are contiguous), zero for padding groups
-
-Groups are split into PER_WORD "planes" of GW consecutive groups: slot s (bits s·b … s·b+b−1) of
-word w holds the index of group j = s·GW + w. So one 32-bit load yields PER_WORD indices whose
-groups are each the start of a contiguous column range, and a run of words covers PER_WORD
-contiguous column ranges (tl.dot K-tiles and x loads stay contiguous). Words are stored word-major
-(rows contiguous): kernels put consecutive rows on consecutive lanes, so a warp's loads are
-coalesced and, for one word, all its lanes look up the same group's codebook / table (one 128-byte
-line for n = 64 in fp16). Unused high bits, padding groups (j >= G) and padding rows (i >= N) hold
-index 0.
+The layout and why: docs/ARCHITECTURE.md §10 (layout.py).
 """
 
 from __future__ import annotations

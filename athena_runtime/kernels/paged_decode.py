@@ -22,29 +22,7 @@ _FORMAT_CODES = {"fp16": 0, "int8": 1, "int4": 2}  # the unquantized class may a
 # --------------------------------------------------------------------------------------------
 # Triton decode kernel: flash-decoding, tiles of several pages, the context split across programs
 # --------------------------------------------------------------------------------------------
-#
-# One query token per sequence. Program (seq, kv_head, split) holds all the GQA query heads of its
-# KV head (BLOCK_Q rows) and walks one contiguous share of the sequence's visible keys:
-#
-#   visible keys   [first, seq_len)           first = max(seq_len - W, 0) with a window W, else 0
-#   tiles          [t0, t1) = [first // TILE, cdiv(seq_len, TILE))    TILE = TILE_TOKENS keys
-#   split i        tiles [t0 + i·n, min(t0 + (i + 1)·n, t1))           n = cdiv(t1 - t0, NUM_SPLITS)
-#
-# A loop step reads one tile (64 keys: 4 pages of 16): the physical block of each of its keys from
-# the block table, then K and V dequantized in registers, and updates an online softmax in exp2
-# units (m running max, l sum of 2^(s - m), acc = Σ 2^(s - m)·v). With one split the program writes
-# o = acc / l itself. With several, each writes its (m, l, acc) to fp32 scratch and
-# `_combine_splits_kernel` merges them:
-#
-#   M = max_i m_i      L = Σ_i 2^(m_i - M)·l_i      o = Σ_i 2^(m_i - M)·acc_i / L
-#
-# A split left without tiles (short sequence, padding row) writes m = -1e30, l = 0, acc = 0: weight
-# 2^(m_i - M) times nothing. L = 0 (an empty sequence) gives o = 0.
-# NUM_SPLITS depends on static shapes only (`decode_num_splits`): the call is captured in CUDA
-# graphs and replayed with other seq_lens, so each split finds its tiles in the kernel. Why: one
-# program per (sequence, KV head) walking 16-key pages one after the other is a chain of dependent
-# loads, 18.8 µs per layer at batch 1 (7B, 32 programs, H100); tiles put 4 pages' loads in flight
-# at once and splits put the context's tiles on many SMs.
+# The algorithm (tiles, splits, the combine): docs/ARCHITECTURE.md §10 (paged_decode.py).
 
 if triton is not None:
 

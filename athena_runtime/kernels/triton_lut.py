@@ -1,16 +1,6 @@
 """Triton lookup-table PQ kernel for a few tokens: the portable path where the CUDA one (`lut.py`) cannot run.
 
-For a token x and column group j, the table entry of centroid c is
-    L[t, j, c] = Σ_l C[β, j, c, l] · x[t, d·j + l]
-so one output is y[t, i] = Σ_j L[t, j, I[i, j]]: one table read and one add per index, instead of
-d centroid loads and d FMAs. Each program owns a slab of SLAB_W index words (PER_WORD·SLAB_W groups)
-and a chunk of rows inside one codebook block (β fixed): it builds the slab's table once (fp16,
-tokens innermost, in a per-program scratch area read through L1) and streams ROWS_PER_CHUNK
-rows of packed indices through it. Lanes own rows, so a warp reads one group's table (n fp16 = 128
-bytes for n=64, one cache line) per lookup. Split-K partial sums [S, T, N_pad] (fp32) are finished by
-`splitk.splitk_epilogue`, which also adds the low-rank term (from per-slab partials of u = x Bᵀ, whose
-rank blocks of 16 are spread over the row-chunk programs of each slab) and the bias.
-`pq_reference.pq_matmul_reference` is the spec.
+The algorithm: docs/ARCHITECTURE.md §10 (triton_lut.py). `pq_reference.pq_matmul_reference` is the spec.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class Tuning:
     epi_poll_ns: int = 64  # epilogue back-off between two reads of a counter (0-64 ns within 0.05 µs of best)
     # ---- fragment kernel (frag.py)
     frag_ctas_per_sm: int = 2  # K split so one wave of ~2 CTAs per SM (a few more would add a near-empty wave)
-    frag_stages: int = 3  # shared-memory stages launched (the 4-stage variant is compiled for benchmarks only)
+    frag_stages: int = 3  # shared-memory stages (the template takes others; only 3 is launched)
     # ---- Triton lookup table (triton_lut.py)
     triton_lut_rows: int = 1024  # rows per chunk: tall chunks amortize the table over many rows
     triton_lut_t1_slab_w: int = 8  # one token: best or within 10% of the best on the 7B shapes (kernels.md sweep)
