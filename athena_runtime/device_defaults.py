@@ -20,8 +20,10 @@ DEVICE_DEFAULTS: dict[str, DeviceDefaults] = {
     # CPU: on the embedded model's fp16 reference (2 cores) a 128-token chunk cost about three decode steps, no more
     # than a 64-token one (both overhead-bound); 256 cost 5.5.
     "cpu": DeviceDefaults(prefill_chunk_tokens=128, kv_budget_bytes=1 << 30, kv_reserve_bytes=0),
-    # CUDA: 512 is vLLM's first chunked-prefill default (its best ITL/TTFT balance on an A100); not measured here.
-    "cuda": DeviceDefaults(prefill_chunk_tokens=512, kv_budget_bytes=None, kv_reserve_bytes=2 << 30),
+    # CUDA: a step with prompt tokens is bound by the host (~60-100 ms on a 7B H100 whether it feeds 512 or 2048), so
+    # fewer, larger chunks admit a burst sooner: 64 streams of 128-token prompts behind the server, 7B H100 (03b5bf5,
+    # BENCHMARKS.md §7): 2048 gave 1446 output tok/s (TTFT p50 2.4 s) against 825 (4.8 s) with 512, ITL p50 alike.
+    "cuda": DeviceDefaults(prefill_chunk_tokens=2048, kv_budget_bytes=None, kv_reserve_bytes=2 << 30),
 }
 
 

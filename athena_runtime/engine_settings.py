@@ -41,7 +41,7 @@ class EngineSettings:
     prefill_chunk_tokens: int | None = setting(
         None,
         "prompt tokens per step while requests decode: a long prompt delays their streams by one such chunk a "
-        "step (default: 128 on CPU, 512 on CUDA: device_defaults.py)",
+        "step (default: 128 on CPU, 2048 on CUDA: device_defaults.py)",
         ge=1,
     )
     kv_budget_bytes: int | None = setting(None, "bytes for the KV cache (alternative to --num-blocks)", ge=1)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
         "--prefill-chunks",
-        default="2048",
+        default="512",
         help="also run the many-stream server level with these --prefill-chunk-tokens (comma-separated)",
     )
     ap.add_argument(

@@ -163,7 +163,7 @@ def test_a_lone_prompt_takes_the_whole_step_budget(tok, extra):
 
 
 def test_prefill_chunk_setting_and_device_defaults():
-    assert EngineSettings().prefill_chunk("cpu") == 128 and EngineSettings().prefill_chunk("cuda") == 512
+    assert EngineSettings().prefill_chunk("cpu") == 128 and EngineSettings().prefill_chunk("cuda") == 2048
     assert EngineSettings(max_num_batched_tokens=100).prefill_chunk("cuda") == 100
     assert EngineSettings(prefill_chunk_tokens=7).prefill_chunk("cuda") == 7
     assert EngineSettings(max_num_batched_tokens=100, prefill_chunk_tokens=100).prefill_chunk("cpu") == 100
