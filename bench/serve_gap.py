@@ -13,7 +13,7 @@ One ModelRunner (CUDA graphs captured up front) serves both halves, in this orde
    event, from a client in a child process, median of `--repeats`; then `athena bench serve` in a child process,
    completions, temperature 0,
    `--prompt`/`--new` tokens, at concurrency 1 (8 requests) and `--streams` (`--streams` requests), the latter
-   again with each `--prefill-chunks` value (a new AsyncEngine on the same runner).
+   again with each `--prefill-chunks` value and each `--switch-intervals-ms` (a new AsyncEngine on the same runner).
 Goals (issue 17): server tok/s >= 90% of the engine's at `--streams`; ITL p50 <= 1.5x TPOT at one stream;
 TTFT of the `--ttft-prompt`-token prompt <= 30 ms.
 """
@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         "--prefill-chunks",
         default="512",
         help="also run the many-stream server level with these --prefill-chunk-tokens (comma-separated)",
+    )
+    ap.add_argument(
+        "--switch-intervals-ms",
+        default="0.5",
+        help="also run the many-stream server level with these sys.setswitchinterval values, ms (comma-separated): "
+        "how long the engine thread and the event loop wait for each other's GIL",
     )
     ap.add_argument(
         "--family", default="llama2-7b", help="bench.random_checkpoint family (tiny-llama: a CPU smoke run)"
@@ -177,6 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             result["server_n_by_prefill_chunk"][chunk] = bench_serve(
                 server.url, ckpt.name, args.streams, args.streams, args.prompt, args.new
             )
+    result["server_n_by_switch_interval_ms"] = {}
+    default_interval = sys.getswitchinterval()
+    for ms in [float(v) for v in args.switch_intervals_ms.split(",") if v]:
+        sys.setswitchinterval(ms / 1e3)
+        try:
+            engine = AsyncEngine(runner, tokenizer, settings, ckpt.name, eos_token_ids=())
+            with ServerThread(engine, None) as server:
+                result["server_n_by_switch_interval_ms"][ms] = bench_serve(
+                    server.url, ckpt.name, args.streams, args.streams, args.prompt, args.new
+                )
+        finally:
+            sys.setswitchinterval(default_interval)
     e1, en, s1, sn = result["engine_1"], result["engine_n"], result["server_1"], result["server_n"]
     ttft_e, ttft_s = statistics.median(result["engine_ttft_ms"]), statistics.median(result["server_ttft_ms"])
     ratio = sn["output_tokens_per_s"] / en["tok_s"]
@@ -200,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             for chunk, r in result["server_n_by_prefill_chunk"].items()
         ),
+        *(
+            (
+                f"  the same, switch interval {ms:g} ms",
+                "",
+                f"server {r['output_tokens_per_s']:.0f} ({100 * r['output_tokens_per_s'] / en['tok_s']:.0f}%; "
+                f"TTFT p50 {r['ttft_ms']['p50']:.0f} ms)",
+                ">= 90%",
+                r["output_tokens_per_s"] >= 0.9 * en["tok_s"],
+            )
+            for ms, r in result["server_n_by_switch_interval_ms"].items()
+        ),
         (
             "1 stream: ITL p50 vs TPOT, ms",
             f"engine TPOT {tpot:.2f}",
@@ -222,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'measure':44s} {'engine alone':>16s}   {'behind the server':44s} {'goal':>7s}  met")
     for name, eng, srv, goal, met in rows:
         print(f"{name:44s} {eng:>16s}   {srv:44s} {goal:>7s}  {'yes' if met else 'NO'}")
-    failed = [sn["failed"], s1["failed"], *(r["failed"] for r in result["server_n_by_prefill_chunk"].values())]
+    levels = [*result["server_n_by_prefill_chunk"].values(), *result["server_n_by_switch_interval_ms"].values()]
+    failed = [sn["failed"], s1["failed"], *(r["failed"] for r in levels)]
     print(f"failed server requests: {sum(failed)}")
     if args.json:
         print(json.dumps(result))
