@@ -99,6 +99,8 @@ class EngineCore:
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        # called once a step's model work is queued, before its sampler waits for it (AsyncEngine._run)
+        self.on_launched: Callable[[], None] | None = None
         self.token_decoder = TokenDecoder(tokenizer)
         log.info("detokenizer: %s", self.token_decoder.kind)
         self.settings = settings
@@ -201,6 +203,8 @@ class EngineCore:
         try:
             self.sampler.prepare([batch[i][0] for i in due_rows])  # grammar masks: on a worker, during the forward
             logits = self.runner.execute(chunks)  # [len(chunks), V]
+            if self.on_launched is not None:  # the step's GPU work is queued; the sampler waits for it
+                self.on_launched()
             due = self.scheduler.advance(batch)
             if not due:  # only prompt chunks short of their prompt's end: nothing to sample
                 return []
@@ -330,6 +334,8 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # loop thread only
         self._live: set[str] = set()  # submitted, not finished (loop thread only)
         self._submitted_unseen = 0  # adds not yet taken in by the step thread
+        # a step's outputs are held for the next step's launch when there are more than this many (_run)
+        self.hold_outputs_above = 8
 
     @classmethod
     def from_path(cls, path: str | Path, settings: EngineSettings, model_name: str | None = None) -> "AsyncEngine":
@@ -443,20 +449,40 @@ class AsyncEngine:
         self._wake.set()
 
     def _run(self) -> None:
+        """The step loop. With many outputs a step, they are held until the next step's GPU work is queued
+        (`EngineCore.on_launched`) and handed to the event loop then: its per-output work (queues, detokenized
+        deltas, SSE events) runs while that step computes, instead of taking the GIL from the next step's
+        host work. Held outputs always go before anything newer; with few outputs, or no next step, at once."""
+        held: list[RequestOutput] = []
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                self._deliver_threadsafe(held)
+                held = []
+
+        self.core.on_launched = release
         while True:
             self._wake.clear()
             outputs = self._take_commands()
-            if self._stop:
+            if outputs or self._stop:
+                release()
                 self._deliver_threadsafe(outputs)
+            if self._stop:
                 return
             if self.core.has_work():
                 try:
-                    outputs += self.core.step()
+                    outputs = self.core.step()
                 except Exception as exc:  # a bug outside the model step: fail everything, keep serving
                     log.exception("engine step failed; failing all requests")
-                    outputs += self.core.abort_all("error", f"{type(exc).__name__}: {exc}")
-            self._deliver_threadsafe(outputs)
+                    outputs = self.core.abort_all("error", f"{type(exc).__name__}: {exc}")
+                release()
+                if len(outputs) > self.hold_outputs_above and self.core.has_work():
+                    held = outputs
+                else:
+                    self._deliver_threadsafe(outputs)
             if not self.core.has_work():
+                release()
                 self._wake.wait()
 
     def _take_commands(self) -> list[RequestOutput]:

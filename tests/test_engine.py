@@ -295,3 +295,43 @@ def test_step_trace_logs_each_step_shape_only_when_enabled(tok, caplog):
     with caplog.at_level(logging.INFO, logger="athena_runtime.engine.steps"):
         core.step()
     assert not [r for r in caplog.records if r.name == "athena_runtime.engine.steps"]
+
+
+@pytest.mark.parametrize("streams,held", [(12, True), (8, False)])
+def test_many_outputs_are_handed_over_once_the_next_step_is_launched(tok, streams, held):
+    """With more than `hold_outputs_above` (8) outputs a step, they reach the event loop after the next step's model
+    call (its GPU work queued), so the loop's per-output work overlaps that step; with 8 or fewer, at once. Either
+    way every stream gets all its tokens, in order, and the last outputs are not held when nothing follows."""
+    events: list[str] = []
+    engine = make_engine(tok, max_num_seqs=16, max_num_batched_tokens=64)
+    execute, deliver = engine.core.runner.execute, engine._deliver_threadsafe
+
+    def traced_execute(chunks):
+        events.append("launch")
+        return execute(chunks)
+
+    def traced_deliver(outputs):
+        events.extend(["deliver"] if outputs else [])
+        deliver(outputs)
+
+    engine.core.runner.execute, engine._deliver_threadsafe = traced_execute, traced_deliver
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    requests = [(f"r{i}", prompt(3, salt=i), params) for i in range(streams)]
+    expected = [run_alone(tok, rid, p, sp) for rid, p, sp in requests]
+
+    async def main():
+        await engine.start()
+        streams_ = engine.submit(requests)  # one group: every request in the first step, then in lockstep
+
+        async def drain_stream(stream):
+            return [out async for out in stream]
+
+        got = await asyncio.gather(*(drain_stream(st) for st in streams_))
+        await engine.shutdown()
+        return got
+
+    assert [joined(outs) for outs in run(main())] == expected
+    assert events.count("launch") == 5 and events.count("deliver") == 5  # one step and one hand-over per token
+    # held: step k's outputs go after step k + 1's launch (launch, launch, deliver, launch, deliver, ..., deliver)
+    want = ["launch", "launch"] + ["deliver", "launch"] * 3 + ["deliver", "deliver"]
+    assert events == (want if held else ["launch", "deliver"] * 5)
