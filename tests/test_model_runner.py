@@ -170,8 +170,8 @@ def test_cuda_graph_decode_matches_eager(folders, fmt):
     kw = dict(kv_format=fmt, kv_group_size=16, block_size=4, num_blocks=64, device="cuda")
     graphs = ModelRunner.from_path(folder, use_cuda_graphs=True, **kw)
     eager = ModelRunner.from_path(folder, use_cuda_graphs=False, **kw)
-    assert graphs.capture_graphs(3) == 3 and sorted(graphs._graphs) == [1, 2, 4]  # start-up capture
-    assert graphs.capture_graphs(3) == 0 and eager.capture_graphs(3) == 0
+    assert graphs.capture_graphs(3, prefill=False) == 3 and sorted(graphs._graphs) == [1, 2, 4]  # start-up capture
+    assert graphs.capture_graphs(3, prefill=False) == 0 and eager.capture_graphs(3) == 0
     prompts = [_tokens(n, seed=n) for n in (5, 9, 14)]  # batch of 3 -> bucket 4 (one padded row)
     tables = [list(range(i * 16, i * 16 + 16)) for i in range(3)]
     for runner in (graphs, eager):

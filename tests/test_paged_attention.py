@@ -473,3 +473,27 @@ def test_mixed_batch_soft_capped(monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
     uncapped = pa.paged_attention_reference(q, cache, 0, table, lens, qsl, 0.125, 6)
     assert not torch.allclose(uncapped, want, atol=1e-3)  # the cap really bites at these scores
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("fmt,window,calibrated", [("fp16", None, False), ("int4", None, True), ("int8", 23, False)])
+def test_one_sequence_chunk_kernel_matches_the_reference(fmt, window, calibrated):
+    """A chunk after a cached prefix as the prefill CUDA graphs run it: every query row one 'sequence' of the decode
+    kernel over the shared block table, keys up to its own position, against the PyTorch path and dense attention;
+    padding rows (positions past the real keys, table padded with the null block) stay finite and inside the table."""
+    block_size, num_kv_heads, head_dim, L, T = 4, 2, 32, 61, 9  # 9 real rows at positions 52..60, 7 padding rows
+    cache, table, keys, values = _filled_cache(fmt, [L], num_kv_heads, head_dim, block_size, 5, calibrated=calibrated)
+    table = torch.cat([table, torch.full((1, 5), cache.null_block, dtype=torch.int32, device=DEVICE)], 1)  # 80 keys
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    q = cache.query(0, torch.randn(T + 7, num_kv_heads * 2, head_dim).to(DEVICE, dtype))
+    positions = torch.arange(L - T, L - T + q.shape[0], device=DEVICE)
+    seq_lens = torch.tensor([L], dtype=torch.int32, device=DEVICE)
+    args = (q, cache, 0, table, seq_lens, positions, head_dim**-0.5, window)
+    got = pa.one_sequence_attention(*args, use_kernel=True)
+    want = pa.one_sequence_attention(*args, use_kernel=False)
+    assert torch.isfinite(got).all()
+    tol = 2e-3 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(got[:T].float(), want[:T].float(), rtol=tol, atol=tol)
+    if fmt == "fp16" and not calibrated:  # the cache stores K/V rounded to fp16: the dense spec within that
+        dense = _dense_attention(q[:T].double().cpu(), keys[0].double(), values[0].double(), head_dim**-0.5, window)
+        torch.testing.assert_close(got[:T].double().cpu(), dense, rtol=5e-3, atol=5e-3)

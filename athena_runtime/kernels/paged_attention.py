@@ -94,11 +94,23 @@ def _attend(q, kv_cache, layer, table, pos_k, pos_q, sm_scale, sliding_window, u
     return torch.einsum("hnl,lhd->nhd", p, v).to(q.dtype)
 
 
-def one_sequence_attention(q, kv_cache, layer, block_tables, seq_lens, positions, sm_scale, sliding_window=None):
+def one_sequence_attention(
+    q, kv_cache, layer, block_tables, seq_lens, positions, sm_scale, sliding_window=None, use_kernel=None
+):
     """One sequence's chunk (every row of q, at `positions` [T]) over keys 0 .. block_tables.shape[1]·block_size - 1
-    read back from the cache, of which the first seq_lens[0] are real: no host data, so a CUDA graph can capture it
-    (`prefill_graphs.py`, a chunk after a cached prefix)."""
+    of the cache, of which the first seq_lens[0] are real: no host data, so a CUDA graph can capture it
+    (`prefill_graphs.py`, a chunk after a cached prefix). With Triton (default on CUDA: `use_kernel`) each query row
+    is a "sequence" of the decode kernel over the shared block table, its keys those up to its own position: causal
+    attention read straight from the (quantized) cache, no dequantized copy; else `_attend` (PyTorch, padding keys
+    zeroed and masked)."""
     key_len = block_tables.shape[1] * kv_cache.block_size
+    if use_kernel if use_kernel is not None else (q.is_cuda and triton is not None):
+        T = q.shape[0]
+        lens = torch.clamp(positions + 1, max=key_len).to(torch.int32)  # padding rows stay inside the table
+        starts = torch.arange(T + 1, dtype=torch.int32, device=q.device)
+        return paged_attention_decode(
+            q, kv_cache, layer, block_tables.expand(T, -1), lens, starts, sm_scale, sliding_window
+        )
     pos_k = torch.arange(key_len, device=q.device)
     return _attend(
         q, kv_cache, layer, block_tables[0], pos_k, positions, sm_scale, sliding_window, q.is_cuda, None, seq_lens[0]
