@@ -6,7 +6,7 @@ all tokens of all sequences are concatenated into one flat batch of `T = Σ n_s`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class AttentionMetadata:
     # one sequence, all rows; keys: every position its block_tables row covers, the first seq_lens[0] real
     # (paged_attention.one_sequence_attention: no host data, for the prefill CUDA graphs of continued chunks)
     one_sequence: bool = False
+    # index tensors built from the host lists once a step and shared by every layer (paged_attention_mixed)
+    step_cache: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -497,3 +497,40 @@ def test_one_sequence_chunk_kernel_matches_the_reference(fmt, window, calibrated
     if fmt == "fp16" and not calibrated:  # the cache stores K/V rounded to fp16: the dense spec within that
         dense = _dense_attention(q[:T].double().cpu(), keys[0].double(), values[0].double(), head_dim**-0.5, window)
         torch.testing.assert_close(got[:T].double().cpu(), dense, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.skipif(pa.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("fmt,window,calibrated", [("fp16", None, False), ("int4", 11, True), ("int8", None, False)])
+def test_fresh_prompts_of_unequal_lengths_share_padded_sdpa_calls(fmt, window, calibrated, monkeypatch):
+    """Whole prompts of 12, 11, 10, 12, 9 and 3 tokens among decode tokens and a continued chunk: with the step's k, v
+    they go through padded causal SDPA calls (12, 12, 11, 10, 9 | 3 by the 25% padding rule; with an 11-token window
+    the 12-token prompts go through the masked call: 11, 10, 9 | 3), each row equal to dense attention over its own
+    prompt's exact keys; the per-step index tensors are built once and reused by a second layer's call."""
+    seq_lens = [12, 30, 11, 10, 1, 12, 9, 25, 3]
+    new = [12, 1, 11, 10, 1, 12, 9, 4, 3]  # fresh: 12, 11, 10, 12, 9, 3; decode: 30, 1; continued: 25 (4 new)
+    cache, table, keys, values = _filled_cache(fmt, seq_lens, 2, 64, 16, seed=7, calibrated=calibrated)
+    q = torch.randn(sum(new), 6, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    qsl_list = [0] + torch.tensor(new).cumsum(0).tolist()
+    qsl = torch.tensor(qsl_list, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    fresh, query = _step_kv(keys, values, new), cache.query(0, q)
+    groups = []
+    padded = pa._padded_prompts
+    monkeypatch.setattr(
+        pa, "_padded_prompts", lambda *a, **k: (groups.append(sorted(a[5][s] for s in a[4])), padded(*a, **k))[1]
+    )
+    step_cache: dict = {}
+    args = (query, cache, 0, table, lens, qsl, 0.125, window, seq_lens, qsl_list)
+    got = cache.output(pa.paged_attention_mixed(*args, fresh_kv=fresh, step_cache=step_cache))
+    via_cache = cache.output(pa.paged_attention_mixed(*args))
+    again = cache.output(pa.paged_attention_mixed(*args, fresh_kv=fresh, step_cache=step_cache))  # the next layer
+    assert groups == ([[9, 10, 11, 12, 12]] if window is None else [[9, 10, 11]]) * 2
+    assert ("padded", (0, 5, 2, 3, 6) if window is None else (2, 3, 6)) in step_cache
+    torch.testing.assert_close(again, got)
+    for s, (n_new, length) in enumerate(zip(new, seq_lens)):
+        rows = slice(qsl_list[s], qsl_list[s + 1])
+        if n_new == length > 1:
+            want = _dense_attention(q[rows].cpu(), keys[s], values[s], 0.125, window)
+            torch.testing.assert_close(got[rows].double().cpu(), want, rtol=1e-3, atol=1e-3)
+        else:
+            torch.testing.assert_close(got[rows], via_cache[rows])

@@ -179,6 +179,7 @@ def paged_attention_mixed(
     fresh_kv=None,
     softcap=None,
     tuning: Tuning | None = None,
+    step_cache: dict | None = None,
 ):
     """A batch of prefill chunks and decode tokens (continuous batching): the one-token sequences go
     through the decode kernel in one launch, whole prompts through a few SDPA calls per group of up to
@@ -189,7 +190,10 @@ def paged_attention_mixed(
     With `fresh_kv` (this step's k, v [T, Hkv, D], rows as q's), whole prompts attend over their own keys and values
     as computed (`KVCache.fresh_kv`: the cache's basis, no quantization) instead of reading them back: the same
     result for an fp16 cache, the unquantized one for int8/int4, and no gather or dequantize (a prompt's admission
-    step is host-bound, BENCHMARKS.md §7). Decode tokens and continued chunks still read the cache."""
+    step is host-bound, BENCHMARKS.md §7). Decode tokens and continued chunks still read the cache.
+
+    `step_cache` (a dict that lives for one step: `AttentionMetadata.step_cache`) keeps the index tensors built from
+    the host lists, which are the same for every layer: built and copied to the device once a step, not per layer."""
     seq_lens_list, qsl = _host_lists(seq_lens, query_start_loc, seq_lens_list, query_start_list)
     n = [qsl[s + 1] - qsl[s] for s in range(len(seq_lens_list))]
     dec = [s for s, k in enumerate(n) if k == 1]
@@ -202,22 +206,31 @@ def paged_attention_mixed(
     if len(dec) == 1:
         rest.append(dec.pop())
     if dec:
-        dec_idx = torch.tensor(dec, dtype=torch.long, device=q.device)
-        rows = torch.tensor([qsl[s] for s in dec], dtype=torch.long, device=q.device)
+        dec_idx, rows, starts = _cached(
+            step_cache,
+            ("dec", tuple(dec)),
+            lambda: (
+                torch.tensor(dec, dtype=torch.long, device=q.device),
+                torch.tensor([qsl[s] for s in dec], dtype=torch.long, device=q.device),
+                torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device),
+            ),
+        )
         out[rows] = paged_attention_decode(
             q[rows],
             kv_cache,
             layer,
             block_tables[dec_idx],
             seq_lens[dec_idx],
-            torch.arange(len(dec) + 1, dtype=torch.int32, device=q.device),
+            starts,
             sm_scale,
             sliding_window,
             softcap=softcap,
             tuning=tuning,
         )
     for group in _token_groups(fresh, n, tuning.fresh_sdpa_max_tokens):
-        _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window, fresh_kv)
+        _fresh_prompts_sdpa(
+            q, out, kv_cache, layer, block_tables, group, n, qsl, sm_scale, sliding_window, fresh_kv, step_cache
+        )
     for s in rest:  # each chunk with its own KV length and queries
         q0, q1 = qsl[s], qsl[s + 1]
         out[q0:q1] = paged_attention_prefill(
@@ -247,24 +260,82 @@ def _token_groups(seqs: list[int], n: list[int], limit: int) -> list[list[int]]:
     return groups + ([cur] if cur else [])
 
 
-def _fresh_prompts_sdpa(q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window, fresh_kv=None):
-    """Whole prompts (their keys are exactly their own new tokens), few launches per layer: the prompts
-    of each length go through ONE causal SDPA call as a batch (no mask: the flash kernel, fp16); prompts
-    longer than a sliding window through one call with a block-diagonal causal mask
+def _cached(step_cache: dict | None, key, build):
+    if step_cache is None:
+        return build()
+    if key not in step_cache:
+        step_cache[key] = build()
+    return step_cache[key]
+
+
+FRESH_PAD_WASTE = 1.25  # prompts of unequal lengths share one SDPA call while padded rows stay <= 25% more
+
+
+def _fresh_prompts_sdpa(
+    q, out, kv_cache, layer, block_tables, seqs, n, qsl, sm_scale, sliding_window, fresh_kv=None, step_cache=None
+):
+    """Whole prompts (their keys are exactly their own new tokens), few launches per layer: prompts go through
+    causal SDPA calls as a batch (no mask: the flash kernel, fp16), those of one length as they are and, with
+    `fresh_kv`, prompts of unequal lengths padded at the end to the longest of their group (`_padded_prompts`);
+    prompts longer than a sliding window through one call with a block-diagonal causal mask
     (more FLOPs, T² instead of Σ n², and PyTorch's slower masked kernels). With every prompt in the masked
     call, a 64-stream admission step (16 prompts of 128 tokens) spent ~90% of its 240 ms in the masked
-    fp32 fallback on the H100."""
-    by_len: dict[int, list[int]] = {}
-    for s in seqs:
-        by_len.setdefault(n[s], []).append(s)
-    masked = []
-    for length, group in by_len.items():
-        if sliding_window is not None and length > sliding_window:
-            masked += group
+    fp32 fallback on the H100; with one call per distinct length, 16 text prompts of 145-162 tokens took 500-970 ms
+    a step there (serve-gap step trace, 7B H100)."""
+    masked = [s for s in seqs if sliding_window is not None and n[s] > sliding_window]
+    plain = [s for s in seqs if s not in masked]
+    if fresh_kv is not None:
+        groups = _padded_groups(plain, n)
+    else:
+        by_len: dict[int, list[int]] = {}
+        for s in plain:
+            by_len.setdefault(n[s], []).append(s)
+        groups = list(by_len.values())
+    for group in groups:
+        if len({n[s] for s in group}) == 1:
+            _same_length_prompts(q, out, kv_cache, layer, block_tables, group, n[group[0]], qsl, sm_scale, fresh_kv)
         else:
-            _same_length_prompts(q, out, kv_cache, layer, block_tables, group, length, qsl, sm_scale, fresh_kv)
+            _padded_prompts(q, out, kv_cache, layer, group, n, qsl, sm_scale, fresh_kv, step_cache)
     if masked:
         _masked_prompts(q, out, kv_cache, layer, block_tables, masked, n, qsl, sm_scale, sliding_window, fresh_kv)
+
+
+def _padded_groups(seqs: list[int], n: list[int]) -> list[list[int]]:
+    """Prompts, longest first, in groups whose padded size (members x longest) is <= FRESH_PAD_WASTE x their tokens."""
+    groups: list[list[int]] = []
+    for s in sorted(seqs, key=lambda s: -n[s]):
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * n[g[0]] <= FRESH_PAD_WASTE * (sum(n[t] for t in g) + n[s]):
+            g.append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _padded_prompts(q, out, kv_cache, layer, seqs, n, qsl, sm_scale, fresh_kv, step_cache=None):
+    """Prompts of unequal lengths in one causal SDPA call: each padded at its end to the longest, L, by repeating
+    its last row (a padded key sits after every real query of its prompt, so causal attention never sees it)."""
+    B, L, H, D = len(seqs), max(n[s] for s in seqs), q.shape[1], q.shape[2]
+
+    def build():
+        dev = q.device
+        idx = [qsl[s] + min(i, n[s] - 1) for s in seqs for i in range(L)]  # padded layout -> flat rows
+        real = [b * L + i for b, s in enumerate(seqs) for i in range(n[s])]  # real rows in the padded layout
+        rows = [qsl[s] + i for s in seqs for i in range(n[s])]
+        return tuple(torch.tensor(x, dtype=torch.long, device=dev) for x in (idx, real, rows))
+
+    idx, real, rows = _cached(step_cache, ("padded", tuple(seqs)), build)
+    k, v = kv_cache.fresh_kv(layer, fresh_kv[0][idx], fresh_kv[1][idx])
+    group = H // kv_cache.num_kv_heads
+    as_batch = lambda t: t.to(q.dtype).reshape(B, L, H, D).transpose(1, 2)  # noqa: E731 - [B, H, L, D]
+    o = F.scaled_dot_product_attention(
+        as_batch(q[idx]),
+        as_batch(k.repeat_interleave(group, 1)),
+        as_batch(v.repeat_interleave(group, 1)),
+        is_causal=True,
+        scale=sm_scale,
+    )
+    out[rows] = o.transpose(1, 2).reshape(B * L, H, D)[real]
 
 
 def _prompt_rows(seqs, qsl, dev):
@@ -363,7 +434,12 @@ class PagedAttention:
             else:
                 self._log("mixed", "CUDA batch with prefill: decode kernel for one-token sequences, SDPA for chunks")
             return paged_attention_mixed(
-                *args, attn.seq_lens_list, attn.query_start_list, fresh_kv=fresh_kv, softcap=softcap
+                *args,
+                attn.seq_lens_list,
+                attn.query_start_list,
+                fresh_kv=fresh_kv,
+                softcap=softcap,
+                step_cache=attn.step_cache,
             )
         if q.is_cuda:
             self._log("sdpa-prefill", "CUDA batch, no Triton" + (", soft-capped: einsum" if softcap else ""))
