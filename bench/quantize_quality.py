@@ -53,6 +53,12 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         f"athena-budget-{b}-rowscale": ("athena", {"lowrank": 0.0, "row_scale": True, "target_bits": b})
         for b in (2.5, 3.0, 3.5, 4.0)
     },
+    # --finetune (quantize/finetune.py): "finetune" holds FinetuneConfig's fields ({}: its defaults)
+    "athena-budget-3.0-finetune": ("athena", {"lowrank": 0.0, "target_bits": 3.0, "finetune": {}}),
+    "athena-budget-3.0-rowscale-finetune": (
+        "athena",
+        {"lowrank": 0.0, "row_scale": True, "target_bits": 3.0, "finetune": {}},
+    ),
 }
 
 
@@ -209,6 +215,7 @@ def config_job(name: str, model: Path, qdir: Path, device: str | None, calib_fil
     from quantize.allocate import BitBudget
     from quantize.calibration import CalibConfig
     from quantize.driver import QuantizeJob
+    from quantize.finetune import FinetuneConfig
     from quantize.recipe import AthenaRecipe, ScalarRecipe
 
     if name not in CONFIGS:
@@ -216,8 +223,9 @@ def config_job(name: str, model: Path, qdir: Path, device: str | None, calib_fil
     method, opts = CONFIGS[name]
     opts = dict(opts)
     budget = BitBudget(opts.pop("target_bits")) if "target_bits" in opts else None
+    finetune = FinetuneConfig(**opts.pop("finetune")) if "finetune" in opts else None
     recipes = (
-        dict(athena=AthenaRecipe(**opts), budget=budget)
+        dict(athena=AthenaRecipe(**opts), budget=budget, finetune=finetune)
         if method == "athena"
         else dict(scalar=ScalarRecipe(method=method, **opts))
     )
