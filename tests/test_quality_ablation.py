@@ -102,6 +102,8 @@ def test_finetune_configurations_build_finetune_jobs(tmp_path):
     ft = config_job("athena-budget-3.0-finetune", model, tmp_path / "a", "cpu")
     assert ft.finetune == FinetuneConfig() and ft.budget.target_bits == 3.0 and not ft.athena.row_scale
     assert ft.identity()["recipe"]["finetune"]["steps"] == FinetuneConfig().steps
+    short = config_job("athena-budget-3.0-finetune-20steps", model, tmp_path / "s", "cpu")
+    assert short.finetune == FinetuneConfig(steps=20) and short.budget.target_bits == 3.0
     both = config_job("athena-budget-3.0-rowscale-finetune", model, tmp_path / "b", "cpu")
     assert both.finetune == FinetuneConfig() and both.athena.row_scale and both.budget.target_bits == 3.0
     for name in ("athena-budget-3.0", "athena-budget-3.0-rowscale", "gptq-3b-g128"):
