@@ -170,6 +170,7 @@ def table(out: Path) -> str:
         "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement "
         "| quantize s (device) | llama.cpp linear types |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| reference (the source's weights, fp16) | 16 | {ref['ppl']:.3f} | 1.000x | 0 | 100% | | |",
     ]
     from bench.llama_quants import type_mix
 

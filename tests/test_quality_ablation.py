@@ -58,6 +58,7 @@ def test_quantize_eval_table_on_a_tiny_model(tmp_path, device):
     assert text == 0
     table = (out / "table.md").read_text()
     assert all(f"| {n} |" in table for n in names) and "reference perplexity" in table
+    assert f"| reference (the source's weights, fp16) | 16 | {ref['ppl']:.3f} | 1.000x |" in table
 
 
 def test_unknown_configuration_is_refused(tmp_path):
