@@ -57,6 +57,10 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "athena-budget-3.0-finetune": ("athena", {"lowrank": 0.0, "target_bits": 3.0, "finetune": {}}),
     # a tenth of the default steps: what the shared 2-core CPU affords (~2.5 s a step there, one thread)
     "athena-budget-3.0-finetune-20steps": ("athena", {"lowrank": 0.0, "target_bits": 3.0, "finetune": {"steps": 20}}),
+    "athena-budget-3.0-rowscale-finetune-20steps": (
+        "athena",
+        {"lowrank": 0.0, "row_scale": True, "target_bits": 3.0, "finetune": {"steps": 20}},
+    ),
     "athena-budget-3.0-rowscale-finetune": (
         "athena",
         {"lowrank": 0.0, "row_scale": True, "target_bits": 3.0, "finetune": {}},

@@ -105,6 +105,8 @@ def test_finetune_configurations_build_finetune_jobs(tmp_path):
     assert ft.identity()["recipe"]["finetune"]["steps"] == FinetuneConfig().steps
     short = config_job("athena-budget-3.0-finetune-20steps", model, tmp_path / "s", "cpu")
     assert short.finetune == FinetuneConfig(steps=20) and short.budget.target_bits == 3.0
+    short_both = config_job("athena-budget-3.0-rowscale-finetune-20steps", model, tmp_path / "sb", "cpu")
+    assert short_both.finetune == FinetuneConfig(steps=20) and short_both.athena.row_scale
     both = config_job("athena-budget-3.0-rowscale-finetune", model, tmp_path / "b", "cpu")
     assert both.finetune == FinetuneConfig() and both.athena.row_scale and both.budget.target_bits == 3.0
     for name in ("athena-budget-3.0", "athena-budget-3.0-rowscale", "gptq-3b-g128"):
