@@ -47,8 +47,8 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "athena-2,16,4096-cb8-lr0": ("athena", {"d": 2, "n": 16, "k": 4096, "codebook_bits": 8, "lowrank": 0.0}),
     "athena-3,64,4096-cb8-lr1%": ("athena", {"d": 3, "n": 64, "k": 4096, "codebook_bits": 8, "lowrank": 0.01}),
     "athena-2,64,4096-cb8-lr1%-rowscale": ("athena", {"d": 2, "n": 64, "k": 4096, "lowrank": 0.01, "row_scale": True}),
-    # --target-bits B (quantize/allocate.py): per-layer (d, n), low rank off
-    **{f"athena-budget-{b}": ("athena", {"lowrank": 0.0, "target_bits": b}) for b in (2.5, 3.0, 3.5, 4.0)},
+    # --target-bits B (quantize/allocate.py): per-layer (d, n), low rank off; 4.2: issue 21's line against llama.cpp
+    **{f"athena-budget-{b}": ("athena", {"lowrank": 0.0, "target_bits": b}) for b in (2.5, 3.0, 3.5, 4.0, 4.2)},
     **{
         f"athena-budget-{b}-rowscale": ("athena", {"lowrank": 0.0, "row_scale": True, "target_bits": b})
         for b in (2.5, 3.0, 3.5, 4.0)
