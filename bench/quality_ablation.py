@@ -37,13 +37,16 @@ from pathlib import Path
 
 import torch
 
-# the ablation: Athena at each budget, row scales at 3 bits, and the scalar baselines (bench.quantize_quality.CONFIGS)
+# the ablation: Athena at each budget, row scales and --finetune at 3 bits (alone and together), and the scalar
+# baselines (bench.quantize_quality.CONFIGS)
 ABLATION = (
     "athena-budget-2.5",
     "athena-budget-3.0",
     "athena-budget-3.5",
     "athena-budget-4.0",
     "athena-budget-3.0-rowscale",
+    "athena-budget-3.0-finetune",
+    "athena-budget-3.0-rowscale-finetune",
     "rtn-3b-g128",
     "rtn-4b-g128",
     "gptq-3b-g128",
@@ -167,6 +170,7 @@ def table(out: Path) -> str:
         "| run | bits/linear weight (stored) | perplexity | ratio to reference | KL (nats/token) | top-1 agreement "
         "| quantize s (device) | llama.cpp linear types |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| reference (the source's weights, fp16) | 16 | {ref['ppl']:.3f} | 1.000x | 0 | 100% | | |",
     ]
     from bench.llama_quants import type_mix
 

@@ -47,12 +47,24 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "athena-2,16,4096-cb8-lr0": ("athena", {"d": 2, "n": 16, "k": 4096, "codebook_bits": 8, "lowrank": 0.0}),
     "athena-3,64,4096-cb8-lr1%": ("athena", {"d": 3, "n": 64, "k": 4096, "codebook_bits": 8, "lowrank": 0.01}),
     "athena-2,64,4096-cb8-lr1%-rowscale": ("athena", {"d": 2, "n": 64, "k": 4096, "lowrank": 0.01, "row_scale": True}),
-    # --target-bits B (quantize/allocate.py): per-layer (d, n), low rank off
-    **{f"athena-budget-{b}": ("athena", {"lowrank": 0.0, "target_bits": b}) for b in (2.5, 3.0, 3.5, 4.0)},
+    # --target-bits B (quantize/allocate.py): per-layer (d, n), low rank off; 4.2: issue 21's line against llama.cpp
+    **{f"athena-budget-{b}": ("athena", {"lowrank": 0.0, "target_bits": b}) for b in (2.5, 3.0, 3.5, 4.0, 4.2)},
     **{
         f"athena-budget-{b}-rowscale": ("athena", {"lowrank": 0.0, "row_scale": True, "target_bits": b})
         for b in (2.5, 3.0, 3.5, 4.0)
     },
+    # --finetune (quantize/finetune.py): "finetune" holds FinetuneConfig's fields ({}: its defaults)
+    "athena-budget-3.0-finetune": ("athena", {"lowrank": 0.0, "target_bits": 3.0, "finetune": {}}),
+    # a tenth of the default steps: what the shared 2-core CPU affords (~2.5 s a step there, one thread)
+    "athena-budget-3.0-finetune-20steps": ("athena", {"lowrank": 0.0, "target_bits": 3.0, "finetune": {"steps": 20}}),
+    "athena-budget-3.0-rowscale-finetune-20steps": (
+        "athena",
+        {"lowrank": 0.0, "row_scale": True, "target_bits": 3.0, "finetune": {"steps": 20}},
+    ),
+    "athena-budget-3.0-rowscale-finetune": (
+        "athena",
+        {"lowrank": 0.0, "row_scale": True, "target_bits": 3.0, "finetune": {}},
+    ),
 }
 
 
@@ -209,6 +221,7 @@ def config_job(name: str, model: Path, qdir: Path, device: str | None, calib_fil
     from quantize.allocate import BitBudget
     from quantize.calibration import CalibConfig
     from quantize.driver import QuantizeJob
+    from quantize.finetune import FinetuneConfig
     from quantize.recipe import AthenaRecipe, ScalarRecipe
 
     if name not in CONFIGS:
@@ -216,8 +229,9 @@ def config_job(name: str, model: Path, qdir: Path, device: str | None, calib_fil
     method, opts = CONFIGS[name]
     opts = dict(opts)
     budget = BitBudget(opts.pop("target_bits")) if "target_bits" in opts else None
+    finetune = FinetuneConfig(**opts.pop("finetune")) if "finetune" in opts else None
     recipes = (
-        dict(athena=AthenaRecipe(**opts), budget=budget)
+        dict(athena=AthenaRecipe(**opts), budget=budget, finetune=finetune)
         if method == "athena"
         else dict(scalar=ScalarRecipe(method=method, **opts))
     )

@@ -191,9 +191,11 @@ def test_table_sorts_by_bits_and_gives_llama_types(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = qa.table(tmp_path)
     body = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [line.split(" | ")[0] for line in body] == ["| llama.cpp IQ2_M", "| gptq-4b-g128"]
-    assert body[0].endswith("| IQ4_NL 75%, IQ2_S 25% |") and "1.370x" in body[0]
-    assert body[1].endswith("|  |") and "model Smol" in text and "embeddings, norms, biases and lm_head" in text
+    names = [line.split(" | ")[0] for line in body]
+    assert names == ["| reference (the source's weights, fp16)", "| llama.cpp IQ2_M", "| gptq-4b-g128"]
+    assert body[0].startswith("| reference (the source's weights, fp16) | 16 | 10.000 | 1.000x |")
+    assert body[1].endswith("| IQ4_NL 75%, IQ2_S 25% |") and "1.370x" in body[1]
+    assert body[2].endswith("|  |") and "model Smol" in text and "embeddings, norms, biases and lm_head" in text
 
 
 def test_llama_refuses_a_model_that_is_not_a_gguf(tmp_path):

@@ -58,6 +58,7 @@ def test_quantize_eval_table_on_a_tiny_model(tmp_path, device):
     assert text == 0
     table = (out / "table.md").read_text()
     assert all(f"| {n} |" in table for n in names) and "reference perplexity" in table
+    assert f"| reference (the source's weights, fp16) | 16 | {ref['ppl']:.3f} | 1.000x |" in table
 
 
 def test_unknown_configuration_is_refused(tmp_path):
@@ -89,3 +90,25 @@ def test_carry_writes_parts_that_rebuild_the_gguf(tmp_path, monkeypatch):
     assert (carry / "abl" / "heldout.txt").read_text().startswith("held-out")
     assert len((carry / "abl" / "calib.txt").read_text()) > 100_000
     assert any(Path(p).name.startswith("gguf-") and Path(p).suffix == ".whl" for p in written)
+
+
+def test_finetune_configurations_build_finetune_jobs(tmp_path):
+    """The ablation's --finetune rows quantize at budget 3.0 with FinetuneConfig's defaults (recorded in the job's
+    identity, so a resumed run of another configuration cannot continue them); the rows without it stay plain."""
+    from bench.quantize_quality import CONFIGS, config_job
+    from quantize.finetune import FinetuneConfig
+
+    assert all(name in CONFIGS for name in qa.ABLATION)
+    model = tmp_path / "model.gguf"
+    ft = config_job("athena-budget-3.0-finetune", model, tmp_path / "a", "cpu")
+    assert ft.finetune == FinetuneConfig() and ft.budget.target_bits == 3.0 and not ft.athena.row_scale
+    assert ft.identity()["recipe"]["finetune"]["steps"] == FinetuneConfig().steps
+    short = config_job("athena-budget-3.0-finetune-20steps", model, tmp_path / "s", "cpu")
+    assert short.finetune == FinetuneConfig(steps=20) and short.budget.target_bits == 3.0
+    short_both = config_job("athena-budget-3.0-rowscale-finetune-20steps", model, tmp_path / "sb", "cpu")
+    assert short_both.finetune == FinetuneConfig(steps=20) and short_both.athena.row_scale
+    both = config_job("athena-budget-3.0-rowscale-finetune", model, tmp_path / "b", "cpu")
+    assert both.finetune == FinetuneConfig() and both.athena.row_scale and both.budget.target_bits == 3.0
+    for name in ("athena-budget-3.0", "athena-budget-3.0-rowscale", "gptq-3b-g128"):
+        job = config_job(name, model, tmp_path / name, "cpu")
+        assert job.finetune is None and "finetune" not in job.identity()["recipe"]
