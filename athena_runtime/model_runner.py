@@ -13,13 +13,13 @@ from __future__ import annotations
 import array
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from athena_runtime.batch import AttentionMetadata, SequenceChunk, check_chunks, prepare_batch
 from athena_runtime.device_defaults import device_defaults
 from athena_runtime.format.config import ModelConfig
+from athena_runtime.graph_capture import CapturedGraph, capture_graph
 from athena_runtime.kernels import paged_attention
 from athena_runtime.kv_cache import KVCache, blocks_for_budget
 from athena_runtime.kv_calibration import calibrate_key_basis, calibration_windows
@@ -30,12 +30,6 @@ from athena_runtime.prefill_graphs import PrefillGraphs
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-@dataclass
-class _DecodeGraph:
-    graph: "torch.cuda.CUDAGraph"
-    logits: torch.Tensor  # [bucket, vocab] float32, written by each replay
 
 
 class ModelRunner:
@@ -59,7 +53,7 @@ class ModelRunner:
             log.warning("CUDA graphs disabled: Triton is missing, decode runs the eager SDPA path")
             self.use_cuda_graphs = False
         self.graph_buckets = tuple(b for b in GRAPH_BUCKETS if b <= max_graph_batch)
-        self._graphs: dict[int, _DecodeGraph] = {}
+        self._graphs: dict[int, CapturedGraph] = {}
         self.prefill_graphs: PrefillGraphs | None = None
         if self.use_cuda_graphs:
             self._init_graph_buffers()
@@ -219,19 +213,11 @@ class ModelRunner:
         hidden = self.model(self._ids[:bucket], self._positions[:bucket], attn)
         return self.model.compute_logits(hidden).float()
 
-    def _capture(self, bucket: int) -> _DecodeGraph:
+    def _capture(self, bucket: int) -> CapturedGraph:
         self._fill([], bucket)  # all rows padding: warm-up and capture write only to the null block
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm up (Triton compilation, allocator) off the capture
-            for _ in range(2):
-                self._graph_forward(bucket)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool()):
-            logits = self._graph_forward(bucket)
+        entry = capture_graph(lambda: self._graph_forward(bucket), self.device, self._graph_pool())
         log.info("captured the decode CUDA graph for batch size %d", bucket)
-        return _DecodeGraph(graph, logits)
+        return entry
 
     def _fill(self, chunks: list[SequenceChunk], bucket: int) -> None:
         """Copy the batch into the static buffers; rows past len(chunks) become padding.

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import array
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from athena_runtime.batch import AttentionMetadata, SequenceChunk
 from athena_runtime.format.config import ModelConfig
+from athena_runtime.graph_capture import CapturedGraph, capture_graph
 from athena_runtime.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 FRESH_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512)
 CHUNK_BUCKETS = (32, 64, 128, 256, 512)
 CONTEXT_BUCKETS = (512, 1024, 2048, 4096)
-
-
-@dataclass
-class _Graph:
-    graph: "torch.cuda.CUDAGraph"
-    logits: torch.Tensor  # [1, vocab] float32, written by each replay
 
 
 def usable_buckets(config: ModelConfig, max_model_len: int) -> tuple[list[tuple[int, int]], str]:
@@ -65,7 +59,7 @@ class PrefillGraphs:
         self.chunks = sorted({b for b, c in self.keys if c})
         self.contexts = sorted({c for _, c in self.keys if c})
         self._pool = pool  # () -> the memory pool shared with the decode graphs
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int], CapturedGraph] = {}
         top = max([b for b, _ in self.keys], default=1)
         bs = kv_cache.block_size
         width = max([-(-top // bs)] + [-(-c // bs) for c in self.contexts])
@@ -138,16 +132,7 @@ class PrefillGraphs:
 
     def capture(self, key: tuple[int, int]) -> None:
         self.fill(None, key)  # warm-up and capture write only to the null block
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm up (Triton compilation, cuBLAS handles) off the capture
-            for _ in range(2):
-                self.forward(key)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool()):
-            logits = self.forward(key)
-        self.graphs[key] = _Graph(graph, logits)
+        self.graphs[key] = capture_graph(lambda: self.forward(key), self.device, self._pool())
 
     def replay(self, chunk: SequenceChunk, key: tuple[int, int]) -> torch.Tensor:
         if key not in self.graphs:
