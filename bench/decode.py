@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.random_checkpoint import LLAMA2_7B, build
+from bench.random_checkpoint import LLAMA2_7B, checkpoint
 
 log = logging.getLogger("bench.decode")
 
@@ -271,10 +271,8 @@ def main(argv=None) -> int:
 
     dev = torch.device("cuda")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="athena-decode-"))
-    ckpt = work / "llama7b-athena"
     t0 = time.perf_counter()
-    if not (ckpt / "athena.json").exists():
-        build(ckpt, layers=args.layers)
+    ckpt = checkpoint(work, layers=args.layers)
     log.info("random checkpoint ready in %.1fs", time.perf_counter() - t0)
     cfg = dict(LLAMA2_7B, num_hidden_layers=args.layers)
     bw = copy_bandwidth(dev)

@@ -81,12 +81,10 @@ def main(argv=None) -> int:
     from athena_runtime.engine_settings import EngineSettings
     from athena_runtime.model_runner import ModelRunner
     from bench.decode import weight_bytes
-    from bench.random_checkpoint import build
+    from bench.random_checkpoint import checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="athena-engine-"))
-    ckpt = work / "llama7b-athena"
-    if not (ckpt / "athena.json").exists():
-        build(ckpt, layers=args.layers)
+    ckpt = checkpoint(work, layers=args.layers)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     levels = [int(s) for s in args.streams.split(",")]
     result = {"device": torch.cuda.get_device_name(), "prompt": args.prompt, "new_tokens": args.new, "formats": {}}

@@ -31,12 +31,9 @@ def model_path(name: str, workdir: str | None) -> Path:
 
         return default_model_path()
     if name == "random-7b":
-        from bench.random_checkpoint import build
+        from bench.random_checkpoint import checkpoint
 
-        folder = Path(workdir or tempfile.mkdtemp(prefix="athena-prefix-")) / "llama7b-athena"
-        if not (folder / "athena.json").exists():
-            build(folder)
-        return folder
+        return checkpoint(workdir or tempfile.mkdtemp(prefix="athena-prefix-"))
     return Path(name)
 
 

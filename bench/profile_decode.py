@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.random_checkpoint import build
+from bench.random_checkpoint import checkpoint
 
 
 @torch.inference_mode()
@@ -42,9 +42,7 @@ def main(argv=None) -> int:
     from athena_runtime.model_runner import ModelRunner
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="athena-prof-"))
-    ckpt = work / "llama7b-athena"
-    if not (ckpt / "athena.json").exists():
-        build(ckpt)
+    ckpt = checkpoint(work)
     bs, prompt_len = 16, 128
     runner = ModelRunner.from_path(
         ckpt,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 
 from bench.tiny_shape import TINY
+
+log = logging.getLogger("bench.random_checkpoint")
 
 LLAMA2_7B = dict(
     architectures=["LlamaForCausalLM"],
@@ -357,6 +360,35 @@ def build(
         (fp16_out / "config.json").write_text(json.dumps(cfg, indent=1))
         _tokenizer(fp16_out, cfg["vocab_size"])
     return meta
+
+
+def checkpoint(workdir, family: str = "llama2-7b", layers: int | None = None) -> Path:
+    """The random checkpoint of `family` in `workdir` (`llama7b-athena` for Llama-2-7B, else `<family>-athena`),
+    written first when it is missing."""
+    folder = Path(workdir) / ("llama7b-athena" if family == "llama2-7b" else f"{family}-athena")
+    if not (folder / "athena.json").exists():
+        build(folder, layers=layers, family=family)
+    return folder
+
+
+def open_checkpoint(workdir, family: str = "llama2-7b"):
+    """(folder, tokenizer, vocabulary size) of `checkpoint`. A stand-in tokenizer with fewer ids than the model's
+    vocabulary (written before it covered the vocabulary: ids without text stream no chunk) is rewritten, loudly."""
+    from transformers import AutoTokenizer
+
+    folder = checkpoint(workdir, family)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    if len(tokenizer) < vocab:
+        log.warning(
+            "%s: the tokenizer has %d of the model's %d ids (ids without text stream no chunk): rewriting it",
+            folder,
+            len(tokenizer),
+            vocab,
+        )
+        _tokenizer(folder, vocab)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return folder, tokenizer, vocab
 
 
 def main(argv=None) -> int:

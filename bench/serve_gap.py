@@ -119,29 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             "bench.serve_gap measures on a CUDA GPU (--device cpu --family tiny-llama: a smoke run; "
             "bench.serve_overhead: the CPU stand-in)"
         )
-    from transformers import AutoTokenizer
-
     from athena_runtime.engine import AsyncEngine, EngineCore
     from athena_runtime.engine_settings import EngineSettings
     from athena_runtime.model_runner import ModelRunner
     from bench.engine import run_level
-    from bench.random_checkpoint import _tokenizer, build
+    from bench.random_checkpoint import open_checkpoint
     from bench.serve_overhead import ServerThread
 
-    ckpt = Path(args.workdir) / ("llama7b-athena" if args.family == "llama2-7b" else f"{args.family}-athena")
-    if not (ckpt / "athena.json").exists():
-        build(ckpt, family=args.family)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-    if len(tokenizer) < vocab:  # a checkpoint written before the stand-in tokenizer covered the vocabulary
-        log.warning(
-            "%s: the tokenizer has %d of the model's %d ids (ids without text stream no chunk): rewriting it",
-            ckpt,
-            len(tokenizer),
-            vocab,
-        )
-        _tokenizer(ckpt, vocab)
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    ckpt, tokenizer, vocab = open_checkpoint(args.workdir, args.family)
     blocks = 2 * args.streams * -(-(max(args.prompt, args.ttft_prompt) + args.new + 64) // 16) + 8
     runner = ModelRunner.from_path(
         ckpt, kv_format=args.kv_cache, block_size=16, num_blocks=blocks, device=args.device, max_model_len=4096

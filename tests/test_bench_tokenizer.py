@@ -28,3 +28,21 @@ def test_every_id_decodes_to_text_and_encoding_uses_trained_tokens(tmp_path):
     rng = random.Random(0)
     seq = [rng.randrange(3, vocab) for _ in range(50)]
     assert decoder.decode(seq) == tok.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_open_checkpoint_builds_once_and_rewrites_a_short_tokenizer(tmp_path, caplog):
+    """bench.random_checkpoint.open_checkpoint: the family's folder, written when missing and reused after; a stand-in
+    tokenizer with fewer ids than the vocabulary (an old checkpoint's) is rewritten with a WARNING."""
+    import logging
+
+    from bench.random_checkpoint import checkpoint, open_checkpoint
+
+    folder, tok, vocab = open_checkpoint(tmp_path, "tiny-llama")
+    assert folder == tmp_path / "tiny-llama-athena" and len(tok) == vocab
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert checkpoint(tmp_path, "tiny-llama") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written  # not rebuilt
+    _tokenizer(folder, vocab - 5)  # as a checkpoint from before the tokenizer covered the vocabulary
+    with caplog.at_level(logging.WARNING, logger="bench.random_checkpoint"):
+        _, tok, _ = open_checkpoint(tmp_path, "tiny-llama")
+    assert len(tok) == vocab and "rewriting it" in caplog.text

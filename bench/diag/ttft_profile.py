@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import statistics
 from pathlib import Path
@@ -32,19 +31,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="", help="cProfile stats of 3 steps, written here")
     ap.add_argument("--trace", default="", help="the torch profiler's kernel table, written here")
     args = ap.parse_args(argv)
-    from transformers import AutoTokenizer
-
     from athena_runtime.engine import EngineCore
     from athena_runtime.engine_settings import EngineSettings
     from athena_runtime.model_runner import ModelRunner
-    from bench.random_checkpoint import build
+    from bench.random_checkpoint import open_checkpoint
     from bench.ttft_client import engine_ttft_ms
 
-    ckpt = Path(args.workdir) / "llama7b-athena"
-    if not (ckpt / "athena.json").exists():
-        build(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    ckpt, tokenizer, vocab = open_checkpoint(args.workdir)
     runner = ModelRunner.from_path(
         ckpt, kv_format=args.kv_cache, block_size=16, num_blocks=512, device="cuda", max_model_len=4096
     )

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -181,16 +180,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, int, Any]:
         tokenizer, vocab = load_tokenizer(args.tokenizer)
         runner = SleepRunner(vocab, 256, 4, args.gpu_ms, 0.0, args.prefill_host_ms, args.gpu_ms_per_prompt_token)
     else:
-        from transformers import AutoTokenizer
-
         from athena_runtime.model_runner import ModelRunner
-        from bench.random_checkpoint import build as build_checkpoint
+        from bench.random_checkpoint import open_checkpoint
 
-        ckpt = Path(args.workdir) / "llama7b-athena"
-        if not (ckpt / "athena.json").exists():
-            build_checkpoint(ckpt)
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
-        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+        ckpt, tokenizer, vocab = open_checkpoint(args.workdir)
         runner = ModelRunner.from_path(
             ckpt, kv_format=args.kv_cache, block_size=16, num_blocks=256, device="cuda", max_model_len=4096
         )
